@@ -1,0 +1,42 @@
+//! The embedded kernel modules (see build.rs) and how they are loaded: the nvcc fatbin when there
+//! is one and it loads on this GPU, else NVRTC compiles the embedded source for the device's arch,
+//! once per process.
+
+use anyhow::{anyhow, Context, Result};
+use cudarc::driver::{CudaContext, CudaModule};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+use std::sync::Arc;
+
+pub struct KernelModule {
+    pub name: &'static str,
+    pub source: &'static str,
+    pub fatbin: Option<&'static [u8]>,
+}
+
+include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+
+pub fn find(name: &str) -> Result<&'static KernelModule> {
+    KERNEL_MODULES.iter().find(|m| m.name == name).ok_or_else(|| anyhow!("no kernel module named {name}"))
+}
+
+pub fn load(ctx: &Arc<CudaContext>, name: &'static str) -> Result<Arc<CudaModule>> {
+    let m = find(name)?;
+    if let Some(fb) = m.fatbin {
+        match ctx.load_module(Ptx::from_binary(fb.to_vec())) {
+            Ok(module) => return Ok(module),
+            Err(e) => eprintln!("am3: fatbin for {name} did not load ({e}); compiling it with NVRTC"),
+        }
+    }
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(anyhow!("kernel module {name}: no usable fatbin and libnvrtc is not present"));
+    }
+    let (maj, min) = ctx.compute_capability().context("reading the compute capability")?;
+    let arch: &'static str = Box::leak(format!("sm_{maj}{min}").into_boxed_str());
+    let opts = CompileOptions {
+        arch: Some(arch),
+        options: vec!["-std=c++17".into(), "--expt-relaxed-constexpr".into(), "-default-device".into()],
+        ..Default::default()
+    };
+    let ptx = compile_ptx_with_opts(m.source, opts).map_err(|e| anyhow!("NVRTC failed on kernel module {name}: {e}"))?;
+    ctx.load_module(ptx).with_context(|| format!("loading the NVRTC module {name}"))
+}

@@ -1,0 +1,176 @@
+//! The CUDA runtime: one context and one stream, lazily loaded kernel modules, typed launches.
+//! cudarc's multi-stream event tracking is switched off: everything runs in order on one stream,
+//! so kernels take raw device pointers (which also makes sub-buffer offsets free).
+
+pub mod blas;
+pub mod kernels;
+
+use anyhow::{anyhow, bail, Context, Result};
+use cudarc::driver::{
+    sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// A kernel argument: device pointers travel as u64, scalars by value.
+#[derive(Clone, Copy, Debug)]
+pub enum Arg {
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+}
+
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub blas: blas::Blas,
+    pub name: String,
+    pub sm_count: u32,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    funcs: Mutex<HashMap<(&'static str, String), CudaFunction>>,
+}
+
+impl Gpu {
+    /// Opens device 0, or returns Ok(None) when no driver library or no device is present.
+    /// (cudarc panics when a library is missing, so presence is checked first.)
+    pub fn open() -> Result<Option<Arc<Gpu>>> {
+        // SAFETY: only probes whether the shared library loads.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Ok(None);
+        }
+        if std::env::var("AM3_FORCE_CPU").is_ok_and(|v| v == "1") {
+            return Ok(None);
+        }
+        match CudaContext::device_count() {
+            Ok(n) if n > 0 => {}
+            _ => return Ok(None),
+        }
+        // SAFETY: probes the cuBLAS library before cudarc would panic on it.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            bail!("a CUDA device is present but libcublas could not be loaded (add CUDA's lib64 to LD_LIBRARY_PATH)");
+        }
+        let ctx = CudaContext::new(0).context("creating the CUDA context on device 0")?;
+        // SAFETY: we use a single stream, so cross-stream event tracking is not needed.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let blas = blas::Blas::new(stream.clone())?;
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let sm_count = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .unwrap_or(1) as u32;
+        Ok(Some(Arc::new(Gpu {
+            ctx,
+            stream,
+            blas,
+            name,
+            sm_count,
+            modules: Mutex::new(HashMap::new()),
+            funcs: Mutex::new(HashMap::new()),
+        })))
+    }
+
+    fn module(&self, name: &'static str) -> Result<Arc<CudaModule>> {
+        let mut mods = self.modules.lock().map_err(|_| anyhow!("module cache poisoned"))?;
+        if let Some(m) = mods.get(name) {
+            return Ok(m.clone());
+        }
+        let m = kernels::load(&self.ctx, name)?;
+        mods.insert(name, m.clone());
+        Ok(m)
+    }
+
+    pub fn func(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
+        let key = (module, name.to_string());
+        if let Some(f) = self.funcs.lock().map_err(|_| anyhow!("function cache poisoned"))?.get(&key) {
+            return Ok(f.clone());
+        }
+        let f = self
+            .module(module)?
+            .load_function(name)
+            .with_context(|| format!("kernel {name} not found in module {module}"))?;
+        self.funcs.lock().map_err(|_| anyhow!("function cache poisoned"))?.insert(key, f.clone());
+        Ok(f)
+    }
+
+    /// Launches `module::name` on the stream. Errors name the kernel.
+    pub fn launch(&self, module: &'static str, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        let f = self.func(module, name)?;
+        if cfg.shared_mem_bytes > 48 * 1024 {
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                cfg.shared_mem_bytes as i32,
+            )
+            .with_context(|| format!("raising the shared-memory limit of {name}"))?;
+        }
+        let mut b = self.stream.launch_builder(&f);
+        for a in args {
+            match a {
+                Arg::Ptr(p) => b.arg(p),
+                Arg::I32(v) => b.arg(v),
+                Arg::I64(v) => b.arg(v),
+                Arg::F32(v) => b.arg(v),
+            };
+        }
+        // SAFETY: every kernel's argument list is documented beside its launcher in src/ops,
+        // which passes pointers to live buffers whose sizes it has checked.
+        unsafe { b.launch(cfg) }.with_context(|| format!("launching {module}::{name}"))?;
+        Ok(())
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.stream.synchronize().context("CUDA stream synchronize (an earlier kernel failed)")
+    }
+
+    pub fn alloc<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| oom_error(self, n * std::mem::size_of::<T>(), e))
+    }
+
+    pub fn upload<T: DeviceRepr + ValidAsZeroBits>(&self, v: &[T]) -> Result<CudaSlice<T>> {
+        let mut d = self.alloc::<T>(v.len())?;
+        if !v.is_empty() {
+            self.stream.memcpy_htod(v, &mut d).context("host-to-device copy")?;
+        }
+        Ok(d)
+    }
+
+    pub fn download<T: DeviceRepr + Default + Clone>(&self, d: &CudaSlice<T>, n: usize) -> Result<Vec<T>> {
+        let mut v = vec![T::default(); d.len()];
+        self.stream.memcpy_dtoh(d, &mut v).context("device-to-host copy")?;
+        self.sync()?;
+        v.truncate(n);
+        Ok(v)
+    }
+
+    pub fn mem_info(&self) -> (usize, usize) {
+        self.ctx.mem_get_info().unwrap_or((0, 0))
+    }
+}
+
+/// The raw device address of a slice (no event tracking: see the module doc).
+pub fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    let (p, _sync) = s.device_ptr(stream);
+    p
+}
+
+fn oom_error(gpu: &Gpu, bytes: usize, e: cudarc::driver::DriverError) -> anyhow::Error {
+    let (free, total) = gpu.mem_info();
+    anyhow!(
+        "GPU allocation of {:.1} MiB failed ({e}); {:.1} of {:.1} GiB free on {}",
+        bytes as f64 / (1 << 20) as f64,
+        free as f64 / (1u64 << 30) as f64,
+        total as f64 / (1u64 << 30) as f64,
+        gpu.name
+    )
+}
+
+/// Grid of ceil(n / block) blocks of `block` threads.
+pub fn cfg_1d(n: usize, block: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: ((n as u32).div_ceil(block).max(1), 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// One block per row.
+pub fn cfg_rows(rows: usize, block: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: smem }
+}

@@ -1,0 +1,88 @@
+//! Shared test helpers: seeded inputs, error norms, finite differences, the GPU skip rule.
+#![allow(dead_code)]
+
+pub use am3safety::rng::Rng;
+use am3safety::tensor::Device;
+
+/// ‖a − b‖ / ‖b‖ (with a floor on ‖b‖ so all-zero references compare absolutely).
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        if !x.is_finite() {
+            return f64::INFINITY;
+        }
+        num += (x as f64 - y as f64).powi(2);
+        den += (y as f64).powi(2);
+    }
+    num.sqrt() / den.sqrt().max(1e-30)
+}
+
+pub fn rel_err64(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    if a.iter().any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    num.sqrt() / den.sqrt().max(1e-300)
+}
+
+pub fn max_abs(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max)
+}
+
+/// Rounds f32 values through bf16, as an upload to the GPU does.
+pub fn bf16_round(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
+}
+
+pub fn to64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// The GPU for GPU-vs-CPU tests, or None after printing the one skip line.
+pub fn cuda_or_skip(test: &str) -> Option<Device> {
+    match Device::cuda_if_present() {
+        Some(d) => Some(d),
+        None => {
+            println!("{test}: skipped: no CUDA device");
+            None
+        }
+    }
+}
+
+/// Central finite differences in f64: checks d(loss)/d(x) = `analytic` for the scalar loss
+/// `f(x)`, at a sample of up to `max_points` coordinates. Returns the worst relative error.
+pub fn gradcheck(name: &str, x: &[f64], analytic: &[f64], f: &mut dyn FnMut(&[f64]) -> f64, max_points: usize, tol: f64) {
+    assert_eq!(x.len(), analytic.len(), "{name}: gradient length");
+    let h = 1e-6;
+    let step = (x.len() / max_points.max(1)).max(1);
+    let mut xp = x.to_vec();
+    let mut worst = 0f64;
+    let scale = analytic.iter().fold(0f64, |a, g| a.max(g.abs())).max(1e-8);
+    for i in (0..x.len()).step_by(step) {
+        xp[i] = x[i] + h;
+        let fp = f(&xp);
+        xp[i] = x[i] - h;
+        let fm = f(&xp);
+        xp[i] = x[i];
+        let num = (fp - fm) / (2.0 * h);
+        let err = (num - analytic[i]).abs() / (num.abs().max(analytic[i].abs()).max(1e-3 * scale));
+        worst = worst.max(err);
+        assert!(err < tol, "{name}[{i}]: finite difference {num:.9e} vs analytic {:.9e} (rel err {err:.2e})", analytic[i]);
+    }
+    println!("gradcheck {name}: {} points, worst rel err {worst:.2e}", x.len().div_ceil(step));
+}
+
+/// Deterministic weights for the scalar loss Σ out·g used by gradchecks.
+pub fn probe(rng: &mut Rng, n: usize) -> Vec<f64> {
+    (0..n).map(|_| rng.normal()).collect()
+}
+
+pub fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Odd and even shapes used by the op tests: (rows, cols).
+pub const ROW_SHAPES: &[(usize, usize)] = &[(1, 1), (3, 7), (5, 64), (17, 80), (33, 129), (64, 1000), (7, 3584)];

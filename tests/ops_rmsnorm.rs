@@ -1,0 +1,60 @@
+//! RMSNorm: CPU backward vs finite differences (f64); CUDA (bf16 and f32) vs the CPU.
+mod common;
+use am3safety::ops::rmsnorm::{self, cpu};
+use am3safety::tensor::{DType, Device};
+use common::*;
+
+#[test]
+fn rmsnorm_cpu_gradcheck() {
+    let mut rng = Rng::new(1);
+    for &(rows, cols) in &[(1usize, 1usize), (3, 7), (4, 33)] {
+        let x: Vec<f64> = probe(&mut rng, rows * cols);
+        let w: Vec<f64> = (0..cols).map(|_| 1.0 + 0.3 * rng.normal()).collect();
+        let g = probe(&mut rng, rows * cols);
+        let eps = 1e-6;
+        let loss = |x: &[f64], w: &[f64]| {
+            let (mut y, mut r) = (vec![0.0; rows * cols], vec![0.0; rows]);
+            cpu::fwd(&mut y, &mut r, x, w, rows, cols, eps);
+            dot(&y, &g)
+        };
+        let (mut y, mut r) = (vec![0.0; rows * cols], vec![0.0; rows]);
+        cpu::fwd(&mut y, &mut r, &x, &w, rows, cols, eps);
+        let (mut dx, mut dw) = (vec![0.0; rows * cols], vec![0.0; cols]);
+        cpu::bwd(&mut dx, &mut dw, &g, &x, &w, &r, rows, cols);
+        gradcheck("rmsnorm dx", &x, &dx, &mut |xp| loss(xp, &w), 64, 1e-6);
+        gradcheck("rmsnorm dw", &w, &dw, &mut |wp| loss(&x, wp), 64, 1e-6);
+    }
+}
+
+#[test]
+fn rmsnorm_cuda_matches_cpu() {
+    let Some(gpu) = cuda_or_skip("rmsnorm_cuda_matches_cpu") else { return };
+    let cpu_dev = Device::Cpu;
+    let mut rng = Rng::new(2);
+    for &dt in &[DType::BF16, DType::F32] {
+        for &(rows, cols) in ROW_SHAPES {
+            let round = |v: Vec<f32>| if dt == DType::BF16 { bf16_round(&v) } else { v };
+            let x = round(rng.normal_vec(rows * cols, 1.0));
+            let w = round(rng.uniform_vec(cols, 0.5, 1.5));
+            let dy = round(rng.normal_vec(rows * cols, 1.0));
+            let run = |dev: &Device, dt: DType| -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+                let (xb, wb, dyb) = (dev.upload(&x, dt).unwrap(), dev.upload(&w, dt).unwrap(), dev.upload(&dy, dt).unwrap());
+                let mut y = dev.upload(&vec![f32::NAN; rows * cols], dt).unwrap();
+                let mut r = dev.upload(&vec![f32::NAN; rows], DType::F32).unwrap();
+                rmsnorm::fwd(dev, &mut y, &mut r, &xb, &wb, rows, cols, 1e-6).unwrap();
+                let mut dx = dev.upload(&vec![f32::NAN; rows * cols], dt).unwrap();
+                let mut dw = dev.zeros_f32(cols).unwrap();
+                rmsnorm::bwd(dev, &mut dx, &mut dw, &dyb, &xb, &wb, &r, rows, cols).unwrap();
+                (dev.to_vec(&y).unwrap(), dev.to_vec(&dx).unwrap(), dev.to_vec(&dw).unwrap())
+            };
+            let (y0, dx0, dw0) = run(&cpu_dev, DType::F32);
+            let (y1, dx1, dw1) = run(&gpu, dt);
+            let tol = if dt == DType::BF16 { 1e-2 } else { 1e-5 };
+            for (name, a, b) in [("y", &y1, &y0), ("dx", &dx1, &dx0), ("dw", &dw1, &dw0)] {
+                let e = rel_err(a, b);
+                println!("rmsnorm {name} {} [{rows}x{cols}]: rel err {e:.2e}", dt.suffix());
+                assert!(e <= tol, "rmsnorm {name} {} [{rows}x{cols}]: rel err {e:.2e} > {tol:.0e}", dt.suffix());
+            }
+        }
+    }
+}
