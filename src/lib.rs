@@ -1,6 +1,7 @@
 //! am3safety: AM3Safety (arXiv 2601.04736) training for vision-language models.
 //! Hand-written CUDA kernels with a complete plain-Rust CPU reference backend.
 
+pub mod bench; // defines: bench harness (CUDA-event timing, GB/s and TFLOP/s table), suites per area
 pub mod cuda; // defines: Gpu (context, stream, module cache, launch), blas (cuBLAS GEMM), kernels (embedded modules)
 pub mod ops; // defines: one file per op, CPU reference + CUDA launcher side by side
 pub mod real; // defines: Real (f32/f64 for the CPU references), erf

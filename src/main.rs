@@ -1,1 +1,73 @@
-fn main() {}
+//! `am3`: the command-line entry point. Subcommands:
+//!   info    — which backend would run, the GPU and the embedded kernel modules
+//!   bench   — kernel benchmarks (GB/s and TFLOP/s against the H200 ceilings)
+//!   sft     — cold-start refusal SFT (the main job; lands with the SFT issue)
+
+use am3safety::bench::{format_table, run_suites};
+use am3safety::cuda::kernels::{BUILD_ARCH, BUILT_WITH_NVCC, KERNEL_MODULES};
+use am3safety::tensor::{Device, DevicePref};
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "am3", version, about = "AM3Safety trainer for vision-language models (CUDA kernels, CPU reference backend)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Show the backend that would run, the GPU, and the embedded kernels.
+    Info {
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DevicePref,
+    },
+    /// Run the kernel benchmarks on the GPU and print a table.
+    Bench {
+        /// Smaller sizes.
+        #[arg(long)]
+        quick: bool,
+        /// Only these suites (default: all).
+        suites: Vec<String>,
+    },
+    /// Cold-start refusal SFT (not yet available: see the README's status section).
+    Sft {},
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Info { device } => {
+            let dev = Device::pick(device)?;
+            println!("backend: {}", dev.name());
+            if let Some(g) = dev.gpu() {
+                let (free, total) = g.mem_info();
+                println!("gpu: {} ({} SMs), {:.1} of {:.1} GiB free", g.name, g.sm_count, free as f64 / 1073741824.0, total as f64 / 1073741824.0);
+            }
+            let how = if BUILT_WITH_NVCC { format!("nvcc fatbins (sm_{BUILD_ARCH} + PTX)") } else { "sources for NVRTC".to_string() };
+            println!("kernels: {} modules embedded as {how}", KERNEL_MODULES.len());
+            for m in KERNEL_MODULES {
+                println!("  {}", m.name);
+            }
+            Ok(())
+        }
+        Cmd::Bench { quick, suites } => {
+            let dev = Device::pick(DevicePref::Auto)?;
+            if !dev.is_cuda() {
+                println!("bench: skipped: no CUDA device");
+                return Ok(());
+            }
+            println!("device: {}", dev.name());
+            print!("{}", format_table(&run_suites(&dev, quick, &suites)?));
+            Ok(())
+        }
+        Cmd::Sft {} => bail!("`am3 sft` is not implemented yet (the SFT issue is open); see README.md"),
+    }
+}

@@ -5,7 +5,11 @@
 //! Gradient convention (llm.c): activation gradients are written (`=`); parameter gradients are
 //! f32 and accumulated (`+=`), so gradient accumulation across micro-batches is free.
 
+pub mod patch_embed;
+pub mod embedding;
+pub mod layernorm;
 pub mod rmsnorm;
+pub mod rope;
 
 use crate::tensor::{Buf, DType};
 use anyhow::{bail, Result};

@@ -1,0 +1,182 @@
+// LayerNorm forward/backward (CLIP): y = (x - mean) * rstd * w + b with the population variance,
+// one block per row. Forward saves mean and rstd [rows] (f32). Backward writes dx (=) and
+// accumulates dw, db (+=, f32) through per-block partial sums that a second kernel reduces in a
+// fixed order, so the result is deterministic and no float atomics race.
+#include "common.cuh"
+
+// Two passes for the statistics (mean, then the centred sum of squares: stable when |mean| >>
+// std), a third writes y. The second and third reads of the row hit L1/L2.
+template <typename T>
+__device__ void layernorm_fwd(T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                              const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
+                              int rows, int cols, float eps) {
+    __shared__ float scratch[32];
+    int row = blockIdx.x;
+    if (row >= rows) return;
+    const T* xr = x + (long)row * cols;
+    T* yr = y + (long)row * cols;
+    constexpr int N = V16<T>::N;
+    bool vec = (cols % N == 0) && aligned16(xr) && aligned16(yr) && aligned16(w) && aligned16(b);
+    float s = 0.f;
+    if (vec) {
+        for (int c = threadIdx.x * N; c < cols; c += blockDim.x * N) {
+            float v[N]; ld16(xr + c, v);
+#pragma unroll
+            for (int i = 0; i < N; i++) s += v[i];
+        }
+    } else {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) s += ld(xr, c);
+    }
+    float mu = block_sum(s, scratch) / cols;
+    float ss = 0.f;
+    if (vec) {
+        for (int c = threadIdx.x * N; c < cols; c += blockDim.x * N) {
+            float v[N]; ld16(xr + c, v);
+#pragma unroll
+            for (int i = 0; i < N; i++) { float d = v[i] - mu; ss += d * d; }
+        }
+    } else {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) { float d = ld(xr, c) - mu; ss += d * d; }
+    }
+    float r = rsqrtf(block_sum(ss, scratch) / cols + eps);
+    if (threadIdx.x == 0) { mean_out[row] = mu; rstd_out[row] = r; }
+    if (vec) {
+        for (int c = threadIdx.x * N; c < cols; c += blockDim.x * N) {
+            float v[N], g[N], bb[N]; ld16(xr + c, v); ld16(w + c, g); ld16(b + c, bb);
+#pragma unroll
+            for (int i = 0; i < N; i++) v[i] = (v[i] - mu) * r * g[i] + bb[i];
+            st16(yr + c, v);
+        }
+    } else {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) st(yr, c, (ld(xr, c) - mu) * r * ld(w, c) + ld(b, c));
+    }
+}
+
+// N consecutive f32 accumulators (N a multiple of 4, 16-byte aligned) as float4 accesses: in
+// shared memory a float4 per thread is conflict-free, where N scalar strided accesses are not.
+template <int N> __device__ __forceinline__ void ld_f32(const float* p, float* v) {
+#pragma unroll
+    for (int k = 0; k < N; k += 4) ld16<float>(p + k, v + k);
+}
+template <int N> __device__ __forceinline__ void st_f32(float* p, const float* v) {
+#pragma unroll
+    for (int k = 0; k < N; k += 4) st16<float>(p + k, v + k);
+}
+template <int N> __device__ __forceinline__ void add_f32(float* p, const float* v) {
+    float a[N];
+    ld_f32<N>(p, a);
+#pragma unroll
+    for (int i = 0; i < N; i++) a[i] += v[i];
+    st_f32<N>(p, a);
+}
+
+// With xh = (x - mean) * rstd and g = dy * w:
+//   dx = rstd * (g - mean(g) - xh * mean(g * xh)),  dw += dy * xh,  db += dy.
+// Block b owns rows [b*rpb, (b+1)*rpb) and writes part[b] = [dw partial (cols), db partial (cols)].
+// The running column sums live in dynamic shared memory (2*cols floats) when the launcher gives it
+// (use_smem = 1), else directly in part[b] (global, L2-resident). Each thread owns a fixed set of
+// columns for the whole kernel, so neither needs atomics or extra barriers.
+template <typename T>
+__device__ void layernorm_bwd(T* __restrict__ dx, float* __restrict__ part, const T* __restrict__ dy,
+                              const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ mean,
+                              const float* __restrict__ rstd, int rows, int cols, int rows_per_block, int use_smem) {
+    __shared__ float scratch[32];
+    extern __shared__ __align__(16) float smem_acc[];
+    constexpr int N = V16<T>::N;
+    int r0 = blockIdx.x * rows_per_block;
+    int r1 = min(rows, r0 + rows_per_block);
+    float* pout = part + (long)blockIdx.x * 2 * cols;
+    float* acc = use_smem ? smem_acc : pout;   // [dw (cols), db (cols)]
+    // Uniform for the whole block (row starts stay aligned when cols % N == 0).
+    bool vec = (cols % N == 0) && aligned16(x) && aligned16(dy) && aligned16(dx) && aligned16(w);
+    if (vec) {
+        float z[N] = {};
+        for (int c = threadIdx.x * N; c < cols; c += blockDim.x * N) { st_f32<N>(acc + c, z); st_f32<N>(acc + cols + c, z); }
+    } else {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) { acc[c] = 0.f; acc[cols + c] = 0.f; }
+    }
+    for (int row = r0; row < r1; row++) {
+        const T* xr = x + (long)row * cols;
+        const T* dyr = dy + (long)row * cols;
+        T* dxr = dx + (long)row * cols;
+        float mu = mean[row], r = rstd[row];
+        float sg = 0.f, sgx = 0.f;
+        if (vec) {
+            for (int c = threadIdx.x * N; c < cols; c += blockDim.x * N) {
+                float xv[N], gv[N], wv[N]; ld16(xr + c, xv); ld16(dyr + c, gv); ld16(w + c, wv);
+#pragma unroll
+                for (int i = 0; i < N; i++) {
+                    float g = gv[i] * wv[i];
+                    sg += g;
+                    sgx += g * (xv[i] - mu) * r;
+                }
+            }
+        } else {
+            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+                float g = ld(dyr, c) * ld(w, c);
+                sg += g;
+                sgx += g * (ld(xr, c) - mu) * r;
+            }
+        }
+        // block_sum begins with a barrier, so back-to-back calls may share `scratch`.
+        float mg = block_sum(sg, scratch) / cols;
+        float mgx = block_sum(sgx, scratch) / cols;
+        if (vec) {
+            for (int c = threadIdx.x * N; c < cols; c += blockDim.x * N) {
+                float xv[N], gv[N], wv[N], o[N]; ld16(xr + c, xv); ld16(dyr + c, gv); ld16(w + c, wv);
+                float dwv[N];
+#pragma unroll
+                for (int i = 0; i < N; i++) {
+                    float xh = (xv[i] - mu) * r;
+                    o[i] = r * (gv[i] * wv[i] - mg - xh * mgx);
+                    dwv[i] = gv[i] * xh;
+                }
+                st16(dxr + c, o);
+                add_f32<N>(acc + c, dwv);
+                add_f32<N>(acc + cols + c, gv);
+            }
+        } else {
+            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+                float gy = ld(dyr, c);
+                float xh = (ld(xr, c) - mu) * r;
+                st(dxr, c, r * (gy * ld(w, c) - mg - xh * mgx));
+                acc[c] += gy * xh;
+                acc[cols + c] += gy;
+            }
+        }
+    }
+    if (use_smem) {   // same ownership as above: each thread copies only its own columns
+        if (vec) {
+            for (int c = threadIdx.x * N; c < cols; c += blockDim.x * N) {
+                float v[N];
+                ld_f32<N>(acc + c, v); st_f32<N>(pout + c, v);
+                ld_f32<N>(acc + cols + c, v); st_f32<N>(pout + cols + c, v);
+            }
+        } else {
+            for (int c = threadIdx.x; c < cols; c += blockDim.x) { pout[c] = acc[c]; pout[cols + c] = acc[cols + c]; }
+        }
+    }
+}
+
+// dw[c] += sum_b part[b][0][c];  db[c] += sum_b part[b][1][c]  (one thread per entry of [dw; db]).
+extern "C" __global__ void layernorm_param_reduce(float* __restrict__ dw, float* __restrict__ db,
+                                                  const float* __restrict__ part, int nparts, int cols) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;   // in [0, 2*cols)
+    if (j >= 2 * cols) return;
+    float s = 0.f;
+    for (int b = 0; b < nparts; b++) s += part[(long)b * 2 * cols + j];
+    if (j < cols) dw[j] += s;
+    else db[j - cols] += s;
+}
+
+#define LAYERNORM_ENTRY(T, S)                                                                           \
+    extern "C" __global__ void layernorm_fwd_##S(T* y, float* mean, float* rstd, const T* x, const T* w, \
+                                                  const T* b, int rows, int cols, float eps) {            \
+        layernorm_fwd<T>(y, mean, rstd, x, w, b, rows, cols, eps);                                        \
+    }                                                                                                     \
+    extern "C" __global__ void layernorm_bwd_##S(T* dx, float* part, const T* dy, const T* x, const T* w, \
+                                                  const float* mean, const float* rstd, int rows,         \
+                                                  int cols, int rows_per_block, int use_smem) {           \
+        layernorm_bwd<T>(dx, part, dy, x, w, mean, rstd, rows, cols, rows_per_block, use_smem);           \
+    }
+AM3_BOTH_DTYPES(LAYERNORM_ENTRY)

@@ -1,0 +1,274 @@
+//! Elementwise ops on flat buffers: bias add and its column-sum backward, residual adds, scaling,
+//! fill, f32 ↔ bf16 casts (round to nearest even) and element-range copies. Kernels:
+//! kernels/elementwise.cu. `cfg_stream` is the grid shape of every streaming kernel (act, adamw too).
+
+use super::{check, check_dtype, kname, same_float_dtype};
+use crate::cuda::{cfg_1d, Arg, Gpu};
+use crate::tensor::{Buf, DType, Device};
+use anyhow::{anyhow, bail, Result};
+use cudarc::driver::LaunchConfig;
+
+/// Threads per block of the streaming kernels.
+pub const BLOCK: u32 = 256;
+/// Elements per thread per loop trip (the kernels' 8-element vectors).
+pub const PER_THREAD: usize = 8;
+
+/// Grid-stride launch over `n` elements: enough blocks to cover n once, capped at one full wave
+/// (8 blocks of 256 threads per SM); the kernels loop over the rest.
+pub fn cfg_stream(g: &Gpu, n: usize) -> LaunchConfig {
+    let want = n.div_ceil(PER_THREAD * BLOCK as usize).max(1);
+    let cap = (g.sm_count as usize * 8).max(1);
+    LaunchConfig { grid_dim: (want.min(cap) as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// A size as the kernels' 64-bit count.
+pub fn i64_arg(n: usize) -> Arg {
+    Arg::I64(n as i64)
+}
+
+/// A size that a kernel takes as `int`; an error, not a wrap-around, when it does not fit.
+pub fn i32_arg(x: usize, op: &str, what: &str) -> Result<Arg> {
+    i32::try_from(x).map(Arg::I32).map_err(|_| anyhow!("{op}: {what} = {x} exceeds the kernel's 32-bit range"))
+}
+
+/// rows · cols without silent overflow.
+pub fn numel(rows: usize, cols: usize, op: &str) -> Result<usize> {
+    rows.checked_mul(cols).ok_or_else(|| anyhow!("{op}: {rows} x {cols} overflows"))
+}
+
+/// y [rows, cols] += b [cols] (in place).
+pub fn bias_add(dev: &Device, y: &mut Buf, b: &Buf, rows: usize, cols: usize) -> Result<()> {
+    let op = "bias_add";
+    let n = numel(rows, cols, op)?;
+    check(y, n, op, "y")?;
+    check(b, cols, op, "b")?;
+    match dev {
+        Device::Cpu => {
+            cpu::bias_add(y.host_mut()?, b.host()?, rows, cols);
+            Ok(())
+        }
+        Device::Cuda(g) => {
+            let dt = same_float_dtype(op, &[y, b])?;
+            if n == 0 {
+                return Ok(());
+            }
+            let args = [Arg::Ptr(y.ptr(g)?), Arg::Ptr(b.ptr(g)?), i64_arg(n), i32_arg(cols, op, "cols")?];
+            g.launch("elementwise", &kname(op, dt), cfg_stream(g, n), &args)
+        }
+    }
+}
+
+/// db [cols] (f32, +=) += column sums of dy [rows, cols]. On the GPU: per-chunk partial sums,
+/// then an in-order reduction over chunks, so the result is deterministic.
+pub fn bias_bwd(dev: &Device, db: &mut Buf, dy: &Buf, rows: usize, cols: usize) -> Result<()> {
+    let op = "bias_bwd";
+    check(dy, numel(rows, cols, op)?, op, "dy")?;
+    check(db, cols, op, "db")?;
+    check_dtype(db, DType::F32, op, "db")?;
+    match dev {
+        Device::Cpu => {
+            cpu::bias_bwd(db.host_mut()?, dy.host()?, rows, cols);
+            Ok(())
+        }
+        Device::Cuda(g) => {
+            let dt = same_float_dtype(op, &[dy])?;
+            if rows == 0 || cols == 0 {
+                return Ok(());
+            }
+            // Column tiles of 32 × row chunks: about one wave of 256-thread blocks, and each
+            // chunk at least 8 rows (one per row lane) so the partial buffer stays small.
+            let tiles = cols.div_ceil(32);
+            let target = g.sm_count as usize * 8;
+            let chunks = (target / tiles).clamp(1, rows.div_ceil(8).clamp(1, 65535));
+            let rpc = rows.div_ceil(chunks);
+            let chunks = rows.div_ceil(rpc);
+            let part = dev.zeros_f32(chunks * cols)?; // [chunks, cols]
+            let cfg = LaunchConfig {
+                grid_dim: (u32::try_from(tiles).map_err(|_| anyhow!("{op}: cols = {cols} too large"))?, chunks as u32, 1),
+                block_dim: (32, 8, 1),
+                shared_mem_bytes: 0,
+            };
+            let args = [
+                Arg::Ptr(part.ptr(g)?),
+                Arg::Ptr(dy.ptr(g)?),
+                i32_arg(rows, op, "rows")?,
+                i32_arg(cols, op, "cols")?,
+                i32_arg(rpc, op, "rows per chunk")?,
+            ];
+            g.launch("elementwise", &kname(op, dt), cfg, &args)?;
+            let args = [Arg::Ptr(db.ptr(g)?), Arg::Ptr(part.ptr(g)?), i32_arg(chunks, op, "chunks")?, i32_arg(cols, op, "cols")?];
+            g.launch("elementwise", "bias_bwd_reduce", cfg_1d(cols, 256), &args)
+        }
+    }
+}
+
+/// y += x (the residual stream).
+pub fn add_inplace(dev: &Device, y: &mut Buf, x: &Buf, n: usize) -> Result<()> {
+    let op = "add_inplace";
+    check(y, n, op, "y")?;
+    check(x, n, op, "x")?;
+    match dev {
+        Device::Cpu => {
+            for (a, b) in y.host_mut()?.iter_mut().zip(x.host()?) {
+                *a += *b;
+            }
+            Ok(())
+        }
+        Device::Cuda(g) => {
+            let dt = same_float_dtype(op, &[y, x])?;
+            if n == 0 {
+                return Ok(());
+            }
+            g.launch("elementwise", &kname(op, dt), cfg_stream(g, n), &[Arg::Ptr(y.ptr(g)?), Arg::Ptr(x.ptr(g)?), i64_arg(n)])
+        }
+    }
+}
+
+/// out = a + b.
+pub fn add_into(dev: &Device, out: &mut Buf, a: &Buf, b: &Buf, n: usize) -> Result<()> {
+    let op = "add_into";
+    check(out, n, op, "out")?;
+    check(a, n, op, "a")?;
+    check(b, n, op, "b")?;
+    match dev {
+        Device::Cpu => {
+            for ((o, x), y) in out.host_mut()?.iter_mut().zip(a.host()?).zip(b.host()?) {
+                *o = *x + *y;
+            }
+            Ok(())
+        }
+        Device::Cuda(g) => {
+            let dt = same_float_dtype(op, &[out, a, b])?;
+            if n == 0 {
+                return Ok(());
+            }
+            let args = [Arg::Ptr(out.ptr(g)?), Arg::Ptr(a.ptr(g)?), Arg::Ptr(b.ptr(g)?), i64_arg(n)];
+            g.launch("elementwise", &kname(op, dt), cfg_stream(g, n), &args)
+        }
+    }
+}
+
+/// y *= s.
+pub fn scale_inplace(dev: &Device, y: &mut Buf, s: f32, n: usize) -> Result<()> {
+    let op = "scale_inplace";
+    check(y, n, op, "y")?;
+    match dev {
+        Device::Cpu => {
+            for a in y.host_mut()? {
+                *a *= s;
+            }
+            Ok(())
+        }
+        Device::Cuda(g) => {
+            let dt = same_float_dtype(op, &[y])?;
+            if n == 0 {
+                return Ok(());
+            }
+            g.launch("elementwise", &kname(op, dt), cfg_stream(g, n), &[Arg::Ptr(y.ptr(g)?), Arg::F32(s), i64_arg(n)])
+        }
+    }
+}
+
+/// y[..] = value (fill with 0.0 to zero a gradient buffer).
+pub fn fill(dev: &Device, y: &mut Buf, value: f32, n: usize) -> Result<()> {
+    let op = "fill";
+    check(y, n, op, "y")?;
+    match dev {
+        Device::Cpu => {
+            y.host_mut()?.fill(value);
+            Ok(())
+        }
+        Device::Cuda(g) => {
+            let dt = same_float_dtype(op, &[y])?;
+            if n == 0 {
+                return Ok(());
+            }
+            g.launch("elementwise", &kname(op, dt), cfg_stream(g, n), &[Arg::Ptr(y.ptr(g)?), Arg::F32(value), i64_arg(n)])
+        }
+    }
+}
+
+/// dst = src converted to dst's dtype: f32 → bf16 rounds to nearest even (as PyTorch), bf16 → f32
+/// is exact, and equal dtypes copy. On the CPU every float buffer is f32, so this is a copy.
+pub fn cast(dev: &Device, dst: &mut Buf, src: &Buf, n: usize) -> Result<()> {
+    let op = "cast";
+    check(dst, n, op, "dst")?;
+    check(src, n, op, "src")?;
+    match dev {
+        Device::Cpu => {
+            dst.host_mut()?.copy_from_slice(src.host()?);
+            Ok(())
+        }
+        Device::Cuda(g) => {
+            let name = match (src.dtype(), dst.dtype()) {
+                (DType::F32, DType::BF16) => "cast_f32_bf16",
+                (DType::BF16, DType::F32) => "cast_bf16_f32",
+                (s, d) if s == d && s != DType::I32 => return dtod(g, dst, 0, src, 0, n),
+                (s, d) => bail!("{op}: no cast from {} to {}", s.suffix(), d.suffix()),
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            g.launch("elementwise", name, cfg_stream(g, n), &[Arg::Ptr(dst.ptr(g)?), Arg::Ptr(src.ptr(g)?), i64_arg(n)])
+        }
+    }
+}
+
+/// dst[dst_off .. dst_off + n] = src[src_off .. src_off + n] (same dtype; i32 too).
+pub fn copy_rows(dev: &Device, dst: &mut Buf, dst_off: usize, src: &Buf, src_off: usize, n: usize) -> Result<()> {
+    let op = "copy_rows";
+    for (b, off, what) in [(&*dst, dst_off, "dst"), (src, src_off, "src")] {
+        match off.checked_add(n) {
+            Some(end) if end <= b.len() => {}
+            _ => bail!("{op}: {what} range {off}..{off}+{n} exceeds its {} elements", b.len()),
+        }
+    }
+    if dst.dtype() != src.dtype() {
+        bail!("{op}: dst is {} but src is {} (use cast)", dst.dtype().suffix(), src.dtype().suffix());
+    }
+    match dev {
+        Device::Cpu => {
+            if dst.dtype() == DType::I32 {
+                dst.host_i32_mut()?[dst_off..dst_off + n].copy_from_slice(&src.host_i32()?[src_off..src_off + n]);
+            } else {
+                dst.host_mut()?[dst_off..dst_off + n].copy_from_slice(&src.host()?[src_off..src_off + n]);
+            }
+            Ok(())
+        }
+        Device::Cuda(g) => dtod(g, dst, dst_off, src, src_off, n),
+    }
+}
+
+/// Device-to-device copy of n elements on the stream (caller checked ranges and dtypes).
+fn dtod(g: &Gpu, dst: &mut Buf, dst_off: usize, src: &Buf, src_off: usize, n: usize) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let (d, s) = (dst.ptr_at(g, dst_off)?, src.ptr_at(g, src_off)?);
+    // SAFETY: both ranges were checked to lie inside live device buffers of the same dtype, and
+    // `dst` is borrowed mutably, so the two ranges cannot overlap.
+    unsafe { cudarc::driver::result::memcpy_dtod_async(d, s, n * src.dtype().size(), g.stream.cu_stream()) }
+        .map_err(|e| anyhow!("device-to-device copy of {n} elements: {e}"))
+}
+
+pub mod cpu {
+    use crate::real::Real;
+
+    /// y [rows, cols] += b [cols].
+    pub fn bias_add<R: Real>(y: &mut [R], b: &[R], rows: usize, cols: usize) {
+        for r in 0..rows {
+            for c in 0..cols {
+                y[r * cols + c] += b[c];
+            }
+        }
+    }
+
+    /// db [cols] += Σ_r dy [r, cols].
+    pub fn bias_bwd<R: Real>(db: &mut [R], dy: &[R], rows: usize, cols: usize) {
+        for r in 0..rows {
+            for c in 0..cols {
+                db[c] += dy[r * cols + c];
+            }
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! LayerNorm with weight and bias (CLIP in LLaVA-NeXT): y = (x − mean)·rstd·w + b, where
+//! rstd = 1/sqrt(var + eps) and var is the population (biased) variance, as `nn.LayerNorm`.
+//! Forward saves mean and rstd [rows] (f32). Kernel: kernels/layernorm.cu.
+
+use super::{check, check_dtype, kname, same_float_dtype};
+use crate::cuda::{cfg_1d, cfg_rows, Arg};
+use crate::tensor::{Buf, DType, Device};
+use anyhow::Result;
+
+/// Largest row that keeps the backward's dw/db running sums in shared memory (2·cols f32 per
+/// block, ≤ 96 KiB so two blocks still fit on an SM); longer rows accumulate in global memory.
+const SMEM_MAX_COLS: usize = 12 * 1024;
+
+/// y [rows, cols], mean [rows] (f32), rstd [rows] (f32) = layernorm(x [rows, cols], w [cols], b [cols]).
+#[allow(clippy::too_many_arguments)]
+pub fn fwd(
+    dev: &Device,
+    y: &mut Buf,
+    mean: &mut Buf,
+    rstd: &mut Buf,
+    x: &Buf,
+    w: &Buf,
+    b: &Buf,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> Result<()> {
+    let op = "layernorm_fwd";
+    for (buf, n, a) in [(&*y, rows * cols, "y"), (x, rows * cols, "x"), (w, cols, "w"), (b, cols, "b"), (&*mean, rows, "mean"), (&*rstd, rows, "rstd")] {
+        check(buf, n, op, a)?;
+    }
+    check_dtype(mean, DType::F32, op, "mean")?;
+    check_dtype(rstd, DType::F32, op, "rstd")?;
+    if rows == 0 || cols == 0 {
+        // Nothing to normalise (an empty row has no mean); leave the outputs as they are.
+        return Ok(());
+    }
+    match dev {
+        Device::Cpu => {
+            cpu::fwd(y.host_mut()?, mean.host_mut()?, rstd.host_mut()?, x.host()?, w.host()?, b.host()?, rows, cols, eps);
+            Ok(())
+        }
+        Device::Cuda(g) => {
+            let dt = same_float_dtype(op, &[y, x, w, b])?;
+            let args = [
+                Arg::Ptr(y.ptr(g)?),
+                Arg::Ptr(mean.ptr(g)?),
+                Arg::Ptr(rstd.ptr(g)?),
+                Arg::Ptr(x.ptr(g)?),
+                Arg::Ptr(w.ptr(g)?),
+                Arg::Ptr(b.ptr(g)?),
+                Arg::I32(rows as i32),
+                Arg::I32(cols as i32),
+                Arg::F32(eps),
+            ];
+            g.launch("layernorm", &kname(op, dt), cfg_rows(rows, block_for(cols, dt), 0), &args)
+        }
+    }
+}
+
+/// dx [rows, cols] (=), dw [cols] and db [cols] (f32, +=) from dy, x, w and the saved mean, rstd.
+#[allow(clippy::too_many_arguments)]
+pub fn bwd(
+    dev: &Device,
+    dx: &mut Buf,
+    dw: &mut Buf,
+    db: &mut Buf,
+    dy: &Buf,
+    x: &Buf,
+    w: &Buf,
+    mean: &Buf,
+    rstd: &Buf,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
+    let op = "layernorm_bwd";
+    for (buf, n, a) in [
+        (&*dx, rows * cols, "dx"),
+        (dy, rows * cols, "dy"),
+        (x, rows * cols, "x"),
+        (w, cols, "w"),
+        (mean, rows, "mean"),
+        (rstd, rows, "rstd"),
+        (&*dw, cols, "dw"),
+        (&*db, cols, "db"),
+    ] {
+        check(buf, n, op, a)?;
+    }
+    for (buf, a) in [(mean, "mean"), (rstd, "rstd"), (&*dw, "dw"), (&*db, "db")] {
+        check_dtype(buf, DType::F32, op, a)?;
+    }
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    match dev {
+        Device::Cpu => {
+            cpu::bwd(dx.host_mut()?, dw.host_mut()?, db.host_mut()?, dy.host()?, x.host()?, w.host()?, mean.host()?, rstd.host()?, rows, cols);
+            Ok(())
+        }
+        Device::Cuda(g) => {
+            let dt = same_float_dtype(op, &[dx, dy, x, w])?;
+            // Enough blocks to fill the GPU; each owns a run of rows and writes one partial [dw; db] row.
+            let nblocks = rows.clamp(1, 2 * g.sm_count as usize);
+            let rpb = rows.div_ceil(nblocks).max(1);
+            let nblocks = rows.div_ceil(rpb).max(1);
+            let part = dev.zeros_f32(nblocks * 2 * cols)?; // [nblocks, 2, cols]
+            let use_smem = cols <= SMEM_MAX_COLS;
+            let smem = if use_smem { (2 * cols * 4) as u32 } else { 0 };
+            let args = [
+                Arg::Ptr(dx.ptr(g)?),
+                Arg::Ptr(part.ptr(g)?),
+                Arg::Ptr(dy.ptr(g)?),
+                Arg::Ptr(x.ptr(g)?),
+                Arg::Ptr(w.ptr(g)?),
+                Arg::Ptr(mean.ptr(g)?),
+                Arg::Ptr(rstd.ptr(g)?),
+                Arg::I32(rows as i32),
+                Arg::I32(cols as i32),
+                Arg::I32(rpb as i32),
+                Arg::I32(use_smem as i32),
+            ];
+            g.launch("layernorm", &kname(op, dt), cfg_rows(nblocks, block_for(cols, dt), smem), &args)?;
+            let args = [Arg::Ptr(dw.ptr(g)?), Arg::Ptr(db.ptr(g)?), Arg::Ptr(part.ptr(g)?), Arg::I32(nblocks as i32), Arg::I32(cols as i32)];
+            g.launch("layernorm", "layernorm_param_reduce", cfg_1d(2 * cols, 256), &args)
+        }
+    }
+}
+
+/// Threads per row: enough 16-byte lanes to cover the row once, within [32, 1024].
+fn block_for(cols: usize, dt: DType) -> u32 {
+    let lanes = cols.div_ceil(16 / dt.size());
+    (lanes.next_power_of_two().clamp(32, 1024)) as u32
+}
+
+pub mod cpu {
+    use crate::real::Real;
+
+    /// Two-pass statistics (mean, then the centred sum of squares), as the kernel does.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fwd<R: Real>(y: &mut [R], mean: &mut [R], rstd: &mut [R], x: &[R], w: &[R], b: &[R], rows: usize, cols: usize, eps: f32) {
+        let n = R::from_f64(cols as f64);
+        for r in 0..rows {
+            let xr = &x[r * cols..(r + 1) * cols];
+            let mu = xr.iter().fold(R::ZERO, |a, &v| a + v) / n;
+            let var = xr.iter().fold(R::ZERO, |a, &v| a + (v - mu) * (v - mu)) / n;
+            let rs = R::ONE / (var + R::from_f64(eps as f64)).sqrt();
+            mean[r] = mu;
+            rstd[r] = rs;
+            for c in 0..cols {
+                y[r * cols + c] = (xr[c] - mu) * rs * w[c] + b[c];
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn bwd<R: Real>(
+        dx: &mut [R],
+        dw: &mut [R],
+        db: &mut [R],
+        dy: &[R],
+        x: &[R],
+        w: &[R],
+        mean: &[R],
+        rstd: &[R],
+        rows: usize,
+        cols: usize,
+    ) {
+        let n = R::from_f64(cols as f64);
+        for r in 0..rows {
+            let o = r * cols;
+            let (mu, rs) = (mean[r], rstd[r]);
+            let (mut sg, mut sgx) = (R::ZERO, R::ZERO);
+            for c in 0..cols {
+                let g = dy[o + c] * w[c];
+                sg += g;
+                sgx += g * (x[o + c] - mu) * rs;
+            }
+            let (mg, mgx) = (sg / n, sgx / n);
+            for c in 0..cols {
+                let xh = (x[o + c] - mu) * rs;
+                dx[o + c] = rs * (dy[o + c] * w[c] - mg - xh * mgx);
+                dw[c] += dy[o + c] * xh;
+                db[c] += dy[o + c];
+            }
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! The Qwen2.5-VL vision patch embedding: Conv3d(3→D, kernel = stride = (2, 14, 14), no bias).
+//! Because stride = kernel, it is a GEMM over flattened patches: `y = x[perm] · Wᵀ` with
+//! x [patches, 3·2·14·14] (the processor's (c, t, py, px) row order, f32) and W [D, 1176].
+//! `perm` fuses the vision tower's window reordering into the same pass: output row i is patch
+//! `perm[i]`. On CUDA a gather kernel (kernels/patch_embed.cu) builds the window-ordered operand in
+//! the GEMM dtype, then cuBLAS multiplies; backward regathers and accumulates dW (f32, +=).
+//! Pixels are not trainable, so there is no dx.
+
+use super::{check, check_dtype, kname, same_float_dtype};
+use crate::cuda::blas::{Gemm, GemmType};
+use crate::cuda::{cfg_rows, Arg, Gpu};
+use crate::tensor::{Buf, DType, Device};
+use anyhow::{bail, Result};
+
+/// A validated row permutation (output row i reads source row `perm[i]`), on the host and on the device.
+pub struct RowPerm {
+    pub host: Vec<i32>, // [n]
+    pub dev: Buf,       // [n] i32
+    pub n_src: usize,
+}
+
+impl RowPerm {
+    pub fn new(dev: &Device, perm: &[usize], n_src: usize) -> Result<Self> {
+        let mut host = Vec::with_capacity(perm.len());
+        for (i, &p) in perm.iter().enumerate() {
+            if p >= n_src {
+                bail!("patch_embed: perm[{i}] = {p} is out of range for {n_src} patches");
+            }
+            host.push(p as i32);
+        }
+        Ok(Self { dev: dev.upload_i32(&host)?, host, n_src })
+    }
+    pub fn len(&self) -> usize {
+        self.host.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.host.is_empty()
+    }
+}
+
+/// y [n, d] = x[perm] · wᵀ, with x [n_src, k] f32 pixel rows (n_src = n without perm), w [d, k].
+#[allow(clippy::too_many_arguments)]
+pub fn fwd(dev: &Device, y: &mut Buf, x: &Buf, w: &Buf, perm: Option<&RowPerm>, n: usize, k: usize, d: usize) -> Result<()> {
+    let op = "patch_embed_fwd";
+    let n_src = check_inputs(op, x, perm, n, k)?;
+    check(y, n * d, op, "y")?;
+    check(w, d * k, op, "w")?;
+    match dev {
+        Device::Cpu => {
+            cpu::fwd(y.host_mut()?, x.host()?, w.host()?, perm.map(|p| p.host.as_slice()), n, k, d);
+            Ok(())
+        }
+        Device::Cuda(g) => {
+            let dt = same_float_dtype(op, &[y, w])?;
+            let xg = gather(dev, g, x, perm, n, n_src, k, dt)?;
+            g.blas.gemm(&Gemm {
+                m: n,
+                n: d,
+                k,
+                trans_a: false,
+                trans_b: true,
+                alpha: 1.0,
+                beta: 0.0,
+                a: xg.ptr(g)?,
+                b: w.ptr(g)?,
+                c: y.ptr(g)?,
+                ab_type: gemm_type(dt),
+                c_type: gemm_type(dt),
+                batch: (1, 0, 0, 0),
+            })
+        }
+    }
+}
+
+/// dw [d, k] (f32, +=) = dyᵀ · x[perm], dy [n, d].
+#[allow(clippy::too_many_arguments)]
+pub fn bwd(dev: &Device, dw: &mut Buf, dy: &Buf, x: &Buf, perm: Option<&RowPerm>, n: usize, k: usize, d: usize) -> Result<()> {
+    let op = "patch_embed_bwd";
+    let n_src = check_inputs(op, x, perm, n, k)?;
+    check(dy, n * d, op, "dy")?;
+    check(dw, d * k, op, "dw")?;
+    check_dtype(dw, DType::F32, op, "dw")?;
+    match dev {
+        Device::Cpu => {
+            cpu::bwd(dw.host_mut()?, dy.host()?, x.host()?, perm.map(|p| p.host.as_slice()), n, k, d);
+            Ok(())
+        }
+        Device::Cuda(g) => {
+            let dt = dy.dtype();
+            if dt == DType::I32 {
+                bail!("{op}: dy must be a float buffer");
+            }
+            let xg = gather(dev, g, x, perm, n, n_src, k, dt)?;
+            g.blas.gemm(&Gemm {
+                m: d,
+                n: k,
+                k: n,
+                trans_a: true,
+                trans_b: false,
+                alpha: 1.0,
+                beta: 1.0,
+                a: dy.ptr(g)?,
+                b: xg.ptr(g)?,
+                c: dw.ptr(g)?,
+                ab_type: gemm_type(dt),
+                c_type: GemmType::F32,
+                batch: (1, 0, 0, 0),
+            })
+        }
+    }
+}
+
+/// Checks x (f32 [n_src, k]) and perm (n long); returns n_src.
+fn check_inputs(op: &str, x: &Buf, perm: Option<&RowPerm>, n: usize, k: usize) -> Result<usize> {
+    check_dtype(x, DType::F32, op, "x")?;
+    let n_src = match perm {
+        Some(p) => {
+            if p.len() != n {
+                bail!("{op}: perm has {} entries, expected {n}", p.len());
+            }
+            p.n_src
+        }
+        None => n,
+    };
+    check(x, n_src * k, op, "x")?;
+    Ok(n_src)
+}
+
+fn gemm_type(dt: DType) -> GemmType {
+    if dt == DType::BF16 {
+        GemmType::Bf16
+    } else {
+        GemmType::F32
+    }
+}
+
+/// The window-ordered GEMM operand [n, k] in `dt`.
+#[allow(clippy::too_many_arguments)]
+fn gather(dev: &Device, g: &Gpu, x: &Buf, perm: Option<&RowPerm>, n: usize, n_src: usize, k: usize, dt: DType) -> Result<Buf> {
+    let out = dev.zeros(dt, n * k)?;
+    let pptr = match perm {
+        Some(p) => p.dev.ptr(g)?,
+        None => 0,
+    };
+    let args = [Arg::Ptr(out.ptr(g)?), Arg::Ptr(x.ptr(g)?), Arg::Ptr(pptr), Arg::I32(n as i32), Arg::I32(n_src as i32), Arg::I32(k as i32)];
+    g.launch("patch_embed", &kname("patch_embed_gather", dt), cfg_rows(n, 256, 0), &args)?;
+    Ok(out)
+}
+
+pub mod cpu {
+    use crate::real::Real;
+
+    fn src(perm: Option<&[i32]>, i: usize) -> usize {
+        perm.map_or(i, |p| p[i] as usize)
+    }
+
+    /// y [n, d] = x[perm] [n, k] · w [d, k]ᵀ.
+    pub fn fwd<R: Real>(y: &mut [R], x: &[R], w: &[R], perm: Option<&[i32]>, n: usize, k: usize, d: usize) {
+        for i in 0..n {
+            let xr = &x[src(perm, i) * k..][..k];
+            for o in 0..d {
+                let wr = &w[o * k..][..k];
+                y[i * d + o] = xr.iter().zip(wr).fold(R::ZERO, |a, (&p, &q)| a + p * q);
+            }
+        }
+    }
+
+    /// dw [d, k] += dy [n, d]ᵀ · x[perm] [n, k].
+    pub fn bwd<R: Real>(dw: &mut [R], dy: &[R], x: &[R], perm: Option<&[i32]>, n: usize, k: usize, d: usize) {
+        for i in 0..n {
+            let xr = &x[src(perm, i) * k..][..k];
+            for o in 0..d {
+                let g = dy[i * d + o];
+                for (a, &p) in dw[o * k..][..k].iter_mut().zip(xr) {
+                    *a += g * p;
+                }
+            }
+        }
+    }
+}

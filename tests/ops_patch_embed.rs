@@ -1,0 +1,137 @@
+//! Vision patch embedding (window-order gather + GEMM): CPU dW vs finite differences (f64), the
+//! CPU forward vs a direct Conv3d over an image, and CUDA (bf16, f32) vs the CPU with and without
+//! a permutation.
+mod common;
+use am3safety::ops::patch_embed::{self, cpu, RowPerm};
+use am3safety::tensor::{DType, Device};
+use common::*;
+
+fn shuffled(rng: &mut Rng, n: usize) -> Vec<usize> {
+    let mut p: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        p.swap(i, rng.below(i + 1));
+    }
+    p
+}
+
+#[test]
+fn patch_embed_cpu_gradcheck() {
+    let mut rng = Rng::new(11);
+    for &(n, k, d) in &[(1usize, 1usize, 1usize), (5, 7, 3), (8, 12, 5)] {
+        let x = probe(&mut rng, n * k);
+        let w = probe(&mut rng, d * k);
+        let g = probe(&mut rng, n * d);
+        let perm: Vec<i32> = shuffled(&mut rng, n).into_iter().map(|p| p as i32).collect();
+        let loss = |w: &[f64]| {
+            let mut y = vec![0.0; n * d];
+            cpu::fwd(&mut y, &x, w, Some(&perm), n, k, d);
+            dot(&y, &g)
+        };
+        let mut dw = vec![0.0; d * k];
+        cpu::bwd(&mut dw, &g, &x, Some(&perm), n, k, d);
+        gradcheck(&format!("patch_embed dw [{n}x{k}->{d}]"), &w, &dw, &mut |wp| loss(wp), 64, 1e-6);
+    }
+}
+
+/// The GEMM over processor-ordered rows equals a stride-14 Conv3d over a 2-frame image.
+#[test]
+fn patch_embed_matches_conv3d() {
+    let (ps, tp, c, gh, gw, d) = (14usize, 2usize, 3usize, 4usize, 6usize, 5usize);
+    let (h, w) = (gh * ps, gw * ps);
+    let k = c * tp * ps * ps;
+    let mut rng = Rng::new(12);
+    let img: Vec<f64> = probe(&mut rng, c * tp * h * w); // [c, t, h, w]
+    let wt: Vec<f64> = probe(&mut rng, d * k); // [d, c, t, 14, 14]
+    // Processor row order: 2x2 merge blocks in raster order, (c, t, py, px) inside a row.
+    let mut rows = Vec::new();
+    let mut coords = Vec::new();
+    for bh in 0..gh / 2 {
+        for bw in 0..gw / 2 {
+            for ih in 0..2 {
+                for iw in 0..2 {
+                    let (r, col) = (bh * 2 + ih, bw * 2 + iw);
+                    coords.push((r, col));
+                    for ci in 0..c {
+                        for t in 0..tp {
+                            for py in 0..ps {
+                                for px in 0..ps {
+                                    rows.push(img[((ci * tp + t) * h + r * ps + py) * w + col * ps + px]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let n = gh * gw;
+    let mut y = vec![0.0; n * d];
+    cpu::fwd(&mut y, &rows, &wt, None, n, k, d);
+    let mut want = vec![0.0; n * d];
+    for (i, &(r, col)) in coords.iter().enumerate() {
+        for o in 0..d {
+            let mut s = 0.0;
+            for ci in 0..c {
+                for t in 0..tp {
+                    for py in 0..ps {
+                        for px in 0..ps {
+                            s += img[((ci * tp + t) * h + r * ps + py) * w + col * ps + px] * wt[(((o * c + ci) * tp + t) * ps + py) * ps + px];
+                        }
+                    }
+                }
+            }
+            want[i * d + o] = s;
+        }
+    }
+    let e = rel_err64(&y, &want);
+    println!("patch_embed vs conv3d: rel err {e:.2e}");
+    assert!(e < 1e-12);
+}
+
+#[test]
+fn patch_embed_cuda_matches_cpu() {
+    let Some(gpu) = cuda_or_skip("patch_embed_cuda_matches_cpu") else { return };
+    let cpu_dev = Device::Cpu;
+    let mut rng = Rng::new(13);
+    let shapes: &[(usize, usize, usize)] = &[(1, 1, 1), (3, 7, 5), (17, 1176, 32), (64, 1176, 80), (333, 1176, 1280), (1024, 1176, 1280)];
+    for &dt in &[DType::BF16, DType::F32] {
+        for &(n, k, d) in shapes {
+            for use_perm in [false, true] {
+                let x = rng.normal_vec(n * k, 1.0);
+                let w = rng.normal_vec(d * k, 0.05);
+                let dy = rng.normal_vec(n * d, 1.0);
+                let dw0 = rng.normal_vec(d * k, 1.0); // dw accumulates onto this
+                let order = shuffled(&mut rng, n);
+                let run = |dev: &Device, dt: DType| -> (Vec<f32>, Vec<f32>) {
+                    let perm = use_perm.then(|| RowPerm::new(dev, &order, n).unwrap());
+                    let xb = dev.upload(&x, DType::F32).unwrap();
+                    let (wb, dyb) = (dev.upload(&w, dt).unwrap(), dev.upload(&dy, dt).unwrap());
+                    let mut y = dev.upload(&vec![f32::NAN; n * d], dt).unwrap();
+                    patch_embed::fwd(dev, &mut y, &xb, &wb, perm.as_ref(), n, k, d).unwrap();
+                    let mut dw = dev.upload(&dw0, DType::F32).unwrap();
+                    patch_embed::bwd(dev, &mut dw, &dyb, &xb, perm.as_ref(), n, k, d).unwrap();
+                    (dev.to_vec(&y).unwrap(), dev.to_vec(&dw).unwrap())
+                };
+                // The CPU reference sees what the GPU sees: bf16-rounded weights, pixels and dy.
+                let (y0, dw_0) = if dt == DType::BF16 {
+                    let (xr, wr, dyr) = (bf16_round(&x), bf16_round(&w), bf16_round(&dy));
+                    let perm: Option<Vec<i32>> = use_perm.then(|| order.iter().map(|&p| p as i32).collect());
+                    let mut y = vec![0f32; n * d];
+                    cpu::fwd(&mut y, &xr, &wr, perm.as_deref(), n, k, d);
+                    let mut dw = dw0.clone();
+                    cpu::bwd(&mut dw, &dyr, &xr, perm.as_deref(), n, k, d);
+                    (y, dw)
+                } else {
+                    run(&cpu_dev, DType::F32)
+                };
+                let (y1, dw1) = run(&gpu, dt);
+                let tol = if dt == DType::BF16 { 1e-2 } else { 1e-5 };
+                for (name, a, b) in [("y", &y1, &y0), ("dw", &dw1, &dw_0)] {
+                    let e = rel_err(a, b);
+                    println!("patch_embed {name} {} [{n}x{k}->{d}] perm={use_perm}: rel err {e:.2e}", dt.suffix());
+                    assert!(e <= tol, "patch_embed {name} {} [{n}x{k}->{d}] perm={use_perm}: rel err {e:.2e} > {tol:.0e}", dt.suffix());
+                }
+            }
+        }
+    }
+}

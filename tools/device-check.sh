@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# GPU checks in one call. Two halves:
+#   tools/device-check.sh build   (here, with Rust): builds the test and bench binaries in release
+#                                 and copies them, the am3 binary and the fixtures into .device/
+#   tools/device-check.sh run     (on the GPU machine, no Rust needed): runs every test binary,
+#                                 then the kernel benches, and prints a short table last.
+# Typical device call:  carry [".device"], command: bash tools/device-check.sh run
+set -uo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+mode="${1:-run}"
+dst="$root/.device"
+
+if [ "$mode" = build ]; then
+  set -e
+  rm -rf "$dst"; mkdir -p "$dst/bin" "$dst/fixtures"
+  cargo build --release --bins --benches >&2
+  # --message-format=json lists the test executables cargo produced.
+  cargo test --release --no-run --message-format=json 2>/dev/null \
+    | python3 -c 'import sys,json
+for l in sys.stdin:
+    try: m=json.loads(l)
+    except Exception: continue
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        print(m["target"]["kind"][0], m["target"]["name"], m["executable"])' > "$dst/tests.txt"
+  while read -r kind name exe; do cp "$exe" "$dst/bin/test-$kind-$name"; done < "$dst/tests.txt"
+  cp target/release/am3 "$dst/bin/am3"
+  bench=$(ls -t target/release/deps/kernels-* 2>/dev/null | grep -v '\.d$' | head -1)
+  [ -n "$bench" ] && cp "$bench" "$dst/bin/bench-kernels"
+  cp -r ../shared/fixtures/. "$dst/fixtures/"
+  du -sh "$dst" >&2
+  exit 0
+fi
+
+# --- run (on the device) ---
+export AM3_FIXTURES="$dst/fixtures/qwen2_5_vl_tiny"
+export AM3_LLAVA_FIXTURES="$dst/fixtures/llava_next_tiny"
+export AM3_GRPO_VECTORS="$dst/fixtures/grpo_vectors.safetensors"
+export AM3_SHARED_FIXTURES="$dst/fixtures"
+export LD_LIBRARY_PATH="/usr/local/cuda-13.0/lib64:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+out="${OUT:-/tmp/am3-out}"; mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader 2>&1 | head -1
+summary=""
+fail=0
+for t in "$dst"/bin/test-*; do
+  n=$(basename "$t")
+  log="$out/$n.log"
+  timeout 300 "$t" --test-threads=1 --nocapture > "$log" 2>&1
+  rc=$?
+  res=$(grep -E "^test result" "$log" | tail -1 | sed 's/test result: //')
+  [ $rc -ne 0 ] && fail=1
+  summary+=$(printf "%-34s rc=%-3s %s" "$n" "$rc" "$res")$'\n'
+done
+# The per-shape errors the GPU tests printed (for the note), then failures in full.
+cat "$out"/test-*.log | grep -E "rel err|max abs|skipped" | grep -v "^gradcheck" > "$out/errors.txt" || true
+for t in "$out"/test-*.log; do
+  if grep -qE "FAILED|panicked" "$t"; then echo "=== $(basename "$t")"; grep -E "panicked|FAILED|assert|Error" -A4 "$t" | head -40; fi
+done
+if [ -x "$dst/bin/bench-kernels" ] && [ "${AM3_SKIP_BENCH:-0}" != 1 ]; then
+  timeout 400 "$dst/bin/bench-kernels" ${AM3_BENCH_ARGS:-} > "$out/bench.txt" 2>&1
+  echo "bench rc=$?"
+fi
+echo "=== GPU errors (worst per line, see errors.txt)"; sort -t: -k2 "$out/errors.txt" | tail -25
+echo "=== tests"; printf "%s" "$summary"
+echo "=== bench"; cat "$out/bench.txt" 2>/dev/null | tail -60
+exit $fail
