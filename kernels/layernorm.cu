@@ -5,7 +5,8 @@
 #include "common.cuh"
 
 // Two passes for the statistics (mean, then the centred sum of squares: stable when |mean| >>
-// std), a third writes y. The second and third reads of the row hit L1/L2.
+// std), a third writes y. Rows of at most one 16-byte vector per thread keep x in registers;
+// longer rows re-read it (L1/L2 hits).
 template <typename T>
 __device__ void layernorm_fwd(T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out,
                               const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
@@ -17,6 +18,34 @@ __device__ void layernorm_fwd(T* __restrict__ y, float* __restrict__ mean_out, f
     T* yr = y + (long)row * cols;
     constexpr int N = V16<T>::N;
     bool vec = (cols % N == 0) && aligned16(xr) && aligned16(yr) && aligned16(w) && aligned16(b);
+    if (vec && cols <= (int)blockDim.x * N) {
+        // Register path: the row fits one 16-byte vector per thread, so x is read from HBM once
+        // and stays in registers across both reductions.
+        int c = threadIdx.x * N;
+        bool act = c < cols;
+        float v[N];
+        if (act) ld16(xr + c, v);
+        else
+#pragma unroll
+            for (int i = 0; i < N; i++) v[i] = 0.f;
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < N; i++) s += v[i];
+        float mu = block_sum(s, scratch) / cols;
+        float ss = 0.f;
+        if (act)
+#pragma unroll
+            for (int i = 0; i < N; i++) { float d = v[i] - mu; ss += d * d; }
+        float r = rsqrtf(block_sum(ss, scratch) / cols + eps);
+        if (threadIdx.x == 0) { mean_out[row] = mu; rstd_out[row] = r; }
+        if (act) {
+            float g[N], bb[N]; ld16(w + c, g); ld16(b + c, bb);
+#pragma unroll
+            for (int i = 0; i < N; i++) v[i] = (v[i] - mu) * r * g[i] + bb[i];
+            st16(yr + c, v);
+        }
+        return;
+    }
     float s = 0.f;
     if (vec) {
         for (int c = threadIdx.x * N; c < cols; c += blockDim.x * N) {
@@ -70,12 +99,20 @@ template <int N> __device__ __forceinline__ void add_f32(float* p, const float* 
     st_f32<N>(p, a);
 }
 
+// A raw 16-byte load, unpacked later (N values of T).
+template <typename T> __device__ __forceinline__ Vec16 ld_raw(const T* p) { return *reinterpret_cast<const Vec16*>(p); }
+// Element i of a packed 16-byte vector of T, as f32 (i must be a compile-time constant after unrolling).
+template <typename T> __device__ __forceinline__ float elem(const Vec16& v, int i);
+template <> __device__ __forceinline__ float elem<bf16>(const Vec16& v, int i) { return (i & 1) ? bf_hi(v.w[i >> 1]) : bf_lo(v.w[i >> 1]); }
+template <> __device__ __forceinline__ float elem<float>(const Vec16& v, int i) { return __uint_as_float(v.w[i]); }
+
 // With xh = (x - mean) * rstd and g = dy * w:
 //   dx = rstd * (g - mean(g) - xh * mean(g * xh)),  dw += dy * xh,  db += dy.
 // Block b owns rows [b*rpb, (b+1)*rpb) and writes part[b] = [dw partial (cols), db partial (cols)].
-// The running column sums live in dynamic shared memory (2*cols floats) when the launcher gives it
-// (use_smem = 1), else directly in part[b] (global, L2-resident). Each thread owns a fixed set of
-// columns for the whole kernel, so neither needs atomics or extra barriers.
+// Each thread owns a fixed set of columns for the whole kernel, so its running column sums need
+// no atomics or extra barriers. They live in registers when the row is at most one 16-byte vector
+// per thread; otherwise in dynamic shared memory (2*cols floats) when the launcher gives it
+// (use_smem = 1), else directly in part[b] (global, L2-resident). Launch with <= 512 threads.
 template <typename T>
 __device__ void layernorm_bwd(T* __restrict__ dx, float* __restrict__ part, const T* __restrict__ dy,
                               const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ mean,
@@ -89,6 +126,49 @@ __device__ void layernorm_bwd(T* __restrict__ dx, float* __restrict__ part, cons
     float* acc = use_smem ? smem_acc : pout;   // [dw (cols), db (cols)]
     // Uniform for the whole block (row starts stay aligned when cols % N == 0).
     bool vec = (cols % N == 0) && aligned16(x) && aligned16(dy) && aligned16(dx) && aligned16(w);
+    if (vec && cols <= (int)blockDim.x * N) {
+        // Register path: each thread owns one 16-byte vector of columns, so w and the dw/db
+        // sums live in registers, and the next row's x and dy are loaded before this row's
+        // reductions so their latency overlaps the barriers.
+        int c = threadIdx.x * N;
+        bool act = c < cols;
+        // w and the prefetched row stay packed (4 registers each) to keep the kernel at <= 64
+        // registers, i.e. two 512-thread blocks per SM.
+        Vec16 wp = {}, xp = {}, gp = {};
+        float dwa[N], dba[N];
+#pragma unroll
+        for (int i = 0; i < N; i++) { dwa[i] = 0.f; dba[i] = 0.f; }
+        if (act) wp = ld_raw(w + c);
+        if (act && r0 < r1) { xp = ld_raw(x + (long)r0 * cols + c); gp = ld_raw(dy + (long)r0 * cols + c); }
+        for (int row = r0; row < r1; row++) {
+            Vec16 xc = xp, gc = gp;   // this row, packed; unpacked element by element on use
+            if (act && row + 1 < r1) { xp = ld_raw(x + (long)(row + 1) * cols + c); gp = ld_raw(dy + (long)(row + 1) * cols + c); }
+            float mu = mean[row], r = rstd[row];
+            float sg = 0.f, sgx = 0.f;
+#pragma unroll
+            for (int i = 0; i < N; i++) {   // inactive lanes hold zeros and add nothing
+                float g = elem<T>(gc, i) * elem<T>(wp, i);
+                sg += g;
+                sgx += g * (elem<T>(xc, i) - mu) * r;
+            }
+            float mg = block_sum(sg, scratch) / cols;
+            float mgx = block_sum(sgx, scratch) / cols;
+            if (act) {
+                float o[N];
+#pragma unroll
+                for (int i = 0; i < N; i++) {
+                    float gy = elem<T>(gc, i);
+                    float xh = (elem<T>(xc, i) - mu) * r;
+                    o[i] = r * (gy * elem<T>(wp, i) - mg - xh * mgx);
+                    dwa[i] += gy * xh;
+                    dba[i] += gy;
+                }
+                st16(dx + (long)row * cols + c, o);
+            }
+        }
+        if (act) { st_f32<N>(pout + c, dwa); st_f32<N>(pout + cols + c, dba); }
+        return;
+    }
     if (vec) {
         float z[N] = {};
         for (int c = threadIdx.x * N; c < cols; c += blockDim.x * N) { st_f32<N>(acc + c, z); st_f32<N>(acc + cols + c, z); }
@@ -174,7 +254,7 @@ extern "C" __global__ void layernorm_param_reduce(float* __restrict__ dw, float*
                                                   const T* b, int rows, int cols, float eps) {            \
         layernorm_fwd<T>(y, mean, rstd, x, w, b, rows, cols, eps);                                        \
     }                                                                                                     \
-    extern "C" __global__ void layernorm_bwd_##S(T* dx, float* part, const T* dy, const T* x, const T* w, \
+    extern "C" __global__ void __launch_bounds__(512, 2) layernorm_bwd_##S(T* dx, float* part, const T* dy, const T* x, const T* w, \
                                                   const float* mean, const float* rstd, int rows,         \
                                                   int cols, int rows_per_block, int use_smem) {           \
         layernorm_bwd<T>(dx, part, dy, x, w, mean, rstd, rows, cols, rows_per_block, use_smem);           \

@@ -2,8 +2,12 @@
 //! Hand-written CUDA kernels with a complete plain-Rust CPU reference backend.
 
 pub mod bench; // defines: bench harness (CUDA-event timing, GB/s and TFLOP/s table), suites per area
+pub mod checkpoint; // defines: Checkpoint (memory-mapped safetensors model dirs), atomic sharded saving, fixture reading
 pub mod cuda; // defines: Gpu (context, stream, module cache, launch), blas (cuBLAS GEMM), kernels (embedded modules)
+pub mod data; // defines: image decoding and Pillow-compatible bicubic resize (datasets follow)
+pub mod models; // defines: model families (qwen2_5_vl: config, processor, positions, chat), JSON config field reader
 pub mod ops; // defines: one file per op, CPU reference + CUDA launcher side by side
 pub mod real; // defines: Real (f32/f64 for the CPU references), erf
 pub mod rng; // defines: Rng (SplitMix64)
 pub mod tensor; // defines: Device, Buf, DType
+pub mod train; // defines: LR schedule, metrics JSONL, atomic file/dir writes, progress display

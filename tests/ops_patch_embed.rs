@@ -1,8 +1,8 @@
 //! Vision patch embedding (window-order gather + GEMM): CPU dW vs finite differences (f64), the
 //! CPU forward vs a direct Conv3d over an image, and CUDA (bf16, f32) vs the CPU with and without
-//! a permutation.
+//! a permutation; the row moves (gather / scatter / take) on both devices.
 mod common;
-use am3safety::ops::patch_embed::{self, cpu, RowPerm};
+use am3safety::ops::patch_embed::{self, cpu, gather_rows, scatter_rows, take_rows, RowIndex};
 use am3safety::tensor::{DType, Device};
 use common::*;
 
@@ -103,7 +103,7 @@ fn patch_embed_cuda_matches_cpu() {
                 let dw0 = rng.normal_vec(d * k, 1.0); // dw accumulates onto this
                 let order = shuffled(&mut rng, n);
                 let run = |dev: &Device, dt: DType| -> (Vec<f32>, Vec<f32>) {
-                    let perm = use_perm.then(|| RowPerm::new(dev, &order, n).unwrap());
+                    let perm = use_perm.then(|| RowIndex::new(dev, &order, n).unwrap());
                     let xb = dev.upload(&x, DType::F32).unwrap();
                     let (wb, dyb) = (dev.upload(&w, dt).unwrap(), dev.upload(&dy, dt).unwrap());
                     let mut y = dev.upload(&vec![f32::NAN; n * d], dt).unwrap();
@@ -131,6 +131,56 @@ fn patch_embed_cuda_matches_cpu() {
                     println!("patch_embed {name} {} [{n}x{k}->{d}] perm={use_perm}: rel err {e:.2e}", dt.suffix());
                     assert!(e <= tol, "patch_embed {name} {} [{n}x{k}->{d}] perm={use_perm}: rel err {e:.2e} > {tol:.0e}", dt.suffix());
                 }
+            }
+        }
+    }
+}
+
+/// gather, take and scatter on `dev`: returns (gathered, x after take, out after scatter).
+fn row_moves(dev: &Device, dt: DType, x: &[f32], base: &[f32], idx: &[usize], bound: usize, cols: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let n = idx.len();
+    let ri = RowIndex::new(dev, idx, bound).unwrap();
+    let xb = dev.upload(x, dt).unwrap();
+    let mut g = dev.upload(&vec![f32::NAN; n * cols], dt).unwrap();
+    gather_rows(dev, &mut g, &xb, &ri, cols).unwrap();
+    let mut xt = dev.upload(x, dt).unwrap();
+    let mut t = dev.upload(&vec![f32::NAN; n * cols], dt).unwrap();
+    take_rows(dev, &mut t, &mut xt, &ri, cols).unwrap();
+    assert_eq!(dev.to_vec(&t).unwrap(), dev.to_vec(&g).unwrap(), "take_rows and gather_rows disagree");
+    let src = dev.upload(&x[..n * cols], dt).unwrap();
+    let mut out = dev.upload(base, dt).unwrap();
+    scatter_rows(dev, &mut out, &src, &ri, cols).unwrap();
+    (dev.to_vec(&g).unwrap(), dev.to_vec(&xt).unwrap(), dev.to_vec(&out).unwrap())
+}
+
+#[test]
+fn row_moves_cpu() {
+    let (bound, cols) = (5usize, 3usize);
+    let x: Vec<f32> = (0..bound * cols).map(|i| i as f32 + 1.0).collect();
+    let base = vec![-1.0f32; bound * cols];
+    let (g, xt, out) = row_moves(&Device::Cpu, DType::F32, &x, &base, &[3, 0], bound, cols);
+    assert_eq!(g, vec![10.0, 11.0, 12.0, 1.0, 2.0, 3.0]);
+    assert_eq!(xt, vec![0.0, 0.0, 0.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 0.0, 0.0, 0.0, 13.0, 14.0, 15.0]);
+    assert_eq!(out, vec![4.0, 5.0, 6.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0, 1.0, 2.0, 3.0, -1.0, -1.0, -1.0]);
+    assert!(RowIndex::new(&Device::Cpu, &[1, 1], 3).is_err(), "duplicate rows must be rejected");
+    assert!(RowIndex::new(&Device::Cpu, &[3], 3).is_err(), "out-of-range rows must be rejected");
+}
+
+#[test]
+fn row_moves_cuda_match_cpu() {
+    let Some(gpu) = cuda_or_skip("row_moves_cuda_match_cpu") else { return };
+    let mut rng = Rng::new(14);
+    for &dt in &[DType::BF16, DType::F32] {
+        for &(bound, n, cols) in &[(1usize, 1usize, 1usize), (7, 3, 5), (40, 40, 64), (333, 100, 3584), (90, 17, 1280)] {
+            let x = bf16_round(&rng.normal_vec(bound * cols, 1.0));
+            let base = bf16_round(&rng.normal_vec(bound * cols, 1.0));
+            let idx: Vec<usize> = shuffled(&mut rng, bound).into_iter().take(n).collect();
+            let want = row_moves(&Device::Cpu, DType::F32, &x, &base, &idx, bound, cols);
+            let got = row_moves(&gpu, dt, &x, &base, &idx, bound, cols);
+            for (name, a, b) in [("gather", &got.0, &want.0), ("take", &got.1, &want.1), ("scatter", &got.2, &want.2)] {
+                let e = rel_err(a, b);
+                println!("rows {name} {} [bound {bound}, n {n}, cols {cols}]: rel err {e:.2e}", dt.suffix());
+                assert!(e == 0.0, "rows {name} {} [bound {bound}, n {n}, cols {cols}]: rel err {e:.2e} (moves must be exact)", dt.suffix());
             }
         }
     }

@@ -4,6 +4,9 @@
 //! Each area adds a `src/bench/<area>.rs` with `pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>>`
 //! and one line in `SUITES`.
 
+pub mod elementwise;
+pub mod norms;
+
 use crate::cuda::Gpu;
 use crate::tensor::Device;
 use anyhow::{Context, Result};
@@ -73,7 +76,10 @@ pub fn time_cpu(warmup: usize, iters: usize, f: &mut dyn FnMut() -> Result<()>) 
 pub type Suite = (&'static str, fn(&Device, bool) -> Result<Vec<BenchRow>>);
 
 /// Every bench suite, by area.
-pub const SUITES: &[Suite] = &[];
+pub const SUITES: &[Suite] = &[
+    ("norms", norms::run),
+    ("elementwise", elementwise::run),
+];
 
 pub fn format_table(rows: &[BenchRow]) -> String {
     let mut s = format!(

@@ -1,7 +1,9 @@
 //! The model families, one folder each, plus `Fields`: typed reads of Hugging Face JSON config
 //! objects whose errors name the file and the full field path (`text_config.hidden_size`).
 
+pub mod common;
 pub mod qwen2_5_vl;
+pub mod llava_next;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{Map, Value};

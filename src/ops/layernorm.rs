@@ -10,6 +10,8 @@ use anyhow::Result;
 /// Largest row that keeps the backward's dw/db running sums in shared memory (2·cols f32 per
 /// block, ≤ 96 KiB so two blocks still fit on an SM); longer rows accumulate in global memory.
 const SMEM_MAX_COLS: usize = 12 * 1024;
+/// `__launch_bounds__` of the backward kernel.
+const BWD_MAX_THREADS: u32 = 512;
 
 /// y [rows, cols], mean [rows] (f32), rstd [rows] (f32) = layernorm(x [rows, cols], w [cols], b [cols]).
 #[allow(clippy::too_many_arguments)]
@@ -104,7 +106,13 @@ pub fn bwd(
             let rpb = rows.div_ceil(nblocks).max(1);
             let nblocks = rows.div_ceil(rpb).max(1);
             let part = dev.zeros_f32(nblocks * 2 * cols)?; // [nblocks, 2, cols]
-            let use_smem = cols <= SMEM_MAX_COLS;
+            // The kernel is built for <= 512 threads (two blocks per SM at <= 64 registers).
+            let block = block_for(cols, dt).min(BWD_MAX_THREADS);
+            // Rows of at most one 16-byte vector per thread take the kernel's register path
+            // (sums in registers); others keep them in shared memory when they fit.
+            let lane = 16 / dt.size();
+            let reg_path = cols % lane == 0 && cols <= block as usize * lane;
+            let use_smem = !reg_path && cols <= SMEM_MAX_COLS;
             let smem = if use_smem { (2 * cols * 4) as u32 } else { 0 };
             let args = [
                 Arg::Ptr(dx.ptr(g)?),
@@ -119,7 +127,7 @@ pub fn bwd(
                 Arg::I32(rpb as i32),
                 Arg::I32(use_smem as i32),
             ];
-            g.launch("layernorm", &kname(op, dt), cfg_rows(nblocks, block_for(cols, dt), smem), &args)?;
+            g.launch("layernorm", &kname(op, dt), cfg_rows(nblocks, block, smem), &args)?;
             let args = [Arg::Ptr(dw.ptr(g)?), Arg::Ptr(db.ptr(g)?), Arg::Ptr(part.ptr(g)?), Arg::I32(nblocks as i32), Arg::I32(cols as i32)];
             g.launch("layernorm", "layernorm_param_reduce", cfg_1d(2 * cols, 256), &args)
         }

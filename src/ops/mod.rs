@@ -6,9 +6,16 @@
 //! f32 and accumulated (`+=`), so gradient accumulation across micro-batches is free.
 
 pub mod patch_embed;
+pub mod act;
+pub mod adamw;
+pub mod attention;
+pub mod elementwise;
 pub mod embedding;
 pub mod layernorm;
+pub mod matmul;
 pub mod rmsnorm;
+pub mod logprob;
+pub mod grpo;
 pub mod rope;
 
 use crate::tensor::{Buf, DType};

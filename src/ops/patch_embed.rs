@@ -5,6 +5,8 @@
 //! `perm[i]`. On CUDA a gather kernel (kernels/patch_embed.cu) builds the window-ordered operand in
 //! the GEMM dtype, then cuBLAS multiplies; backward regathers and accumulates dW (f32, +=).
 //! Pixels are not trainable, so there is no dx.
+//! Also the row moves that carry vision rows around (window order ↔ image order ↔ the
+//! `<|image_pad|>` positions of the text): `gather_rows`, `scatter_rows` and `take_rows`.
 
 use super::{check, check_dtype, kname, same_float_dtype};
 use crate::cuda::blas::{Gemm, GemmType};
@@ -12,23 +14,28 @@ use crate::cuda::{cfg_rows, Arg, Gpu};
 use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
 
-/// A validated row permutation (output row i reads source row `perm[i]`), on the host and on the device.
-pub struct RowPerm {
+/// A validated row index list: entry i names a row of a buffer with `bound` rows. Entries are
+/// distinct (a permutation, or the `<|image_pad|>` positions), kept on the host and the device.
+pub struct RowIndex {
     pub host: Vec<i32>, // [n]
     pub dev: Buf,       // [n] i32
-    pub n_src: usize,
+    pub bound: usize,
 }
 
-impl RowPerm {
-    pub fn new(dev: &Device, perm: &[usize], n_src: usize) -> Result<Self> {
-        let mut host = Vec::with_capacity(perm.len());
-        for (i, &p) in perm.iter().enumerate() {
-            if p >= n_src {
-                bail!("patch_embed: perm[{i}] = {p} is out of range for {n_src} patches");
+impl RowIndex {
+    pub fn new(dev: &Device, idx: &[usize], bound: usize) -> Result<Self> {
+        let mut seen = vec![false; bound];
+        let mut host = Vec::with_capacity(idx.len());
+        for (i, &p) in idx.iter().enumerate() {
+            if p >= bound {
+                bail!("row index: entry {i} = {p} is out of range for {bound} rows");
+            }
+            if std::mem::replace(&mut seen[p], true) {
+                bail!("row index: row {p} is named twice (entry {i})");
             }
             host.push(p as i32);
         }
-        Ok(Self { dev: dev.upload_i32(&host)?, host, n_src })
+        Ok(Self { dev: dev.upload_i32(&host)?, host, bound })
     }
     pub fn len(&self) -> usize {
         self.host.len()
@@ -40,7 +47,7 @@ impl RowPerm {
 
 /// y [n, d] = x[perm] · wᵀ, with x [n_src, k] f32 pixel rows (n_src = n without perm), w [d, k].
 #[allow(clippy::too_many_arguments)]
-pub fn fwd(dev: &Device, y: &mut Buf, x: &Buf, w: &Buf, perm: Option<&RowPerm>, n: usize, k: usize, d: usize) -> Result<()> {
+pub fn fwd(dev: &Device, y: &mut Buf, x: &Buf, w: &Buf, perm: Option<&RowIndex>, n: usize, k: usize, d: usize) -> Result<()> {
     let op = "patch_embed_fwd";
     let n_src = check_inputs(op, x, perm, n, k)?;
     check(y, n * d, op, "y")?;
@@ -74,7 +81,7 @@ pub fn fwd(dev: &Device, y: &mut Buf, x: &Buf, w: &Buf, perm: Option<&RowPerm>, 
 
 /// dw [d, k] (f32, +=) = dyᵀ · x[perm], dy [n, d].
 #[allow(clippy::too_many_arguments)]
-pub fn bwd(dev: &Device, dw: &mut Buf, dy: &Buf, x: &Buf, perm: Option<&RowPerm>, n: usize, k: usize, d: usize) -> Result<()> {
+pub fn bwd(dev: &Device, dw: &mut Buf, dy: &Buf, x: &Buf, perm: Option<&RowIndex>, n: usize, k: usize, d: usize) -> Result<()> {
     let op = "patch_embed_bwd";
     let n_src = check_inputs(op, x, perm, n, k)?;
     check(dy, n * d, op, "dy")?;
@@ -111,14 +118,14 @@ pub fn bwd(dev: &Device, dw: &mut Buf, dy: &Buf, x: &Buf, perm: Option<&RowPerm>
 }
 
 /// Checks x (f32 [n_src, k]) and perm (n long); returns n_src.
-fn check_inputs(op: &str, x: &Buf, perm: Option<&RowPerm>, n: usize, k: usize) -> Result<usize> {
+fn check_inputs(op: &str, x: &Buf, perm: Option<&RowIndex>, n: usize, k: usize) -> Result<usize> {
     check_dtype(x, DType::F32, op, "x")?;
     let n_src = match perm {
         Some(p) => {
             if p.len() != n {
                 bail!("{op}: perm has {} entries, expected {n}", p.len());
             }
-            p.n_src
+            p.bound
         }
         None => n,
     };
@@ -136,7 +143,7 @@ fn gemm_type(dt: DType) -> GemmType {
 
 /// The window-ordered GEMM operand [n, k] in `dt`.
 #[allow(clippy::too_many_arguments)]
-fn gather(dev: &Device, g: &Gpu, x: &Buf, perm: Option<&RowPerm>, n: usize, n_src: usize, k: usize, dt: DType) -> Result<Buf> {
+fn gather(dev: &Device, g: &Gpu, x: &Buf, perm: Option<&RowIndex>, n: usize, n_src: usize, k: usize, dt: DType) -> Result<Buf> {
     let out = dev.zeros(dt, n * k)?;
     let pptr = match perm {
         Some(p) => p.dev.ptr(g)?,
@@ -145,6 +152,80 @@ fn gather(dev: &Device, g: &Gpu, x: &Buf, perm: Option<&RowPerm>, n: usize, n_sr
     let args = [Arg::Ptr(out.ptr(g)?), Arg::Ptr(x.ptr(g)?), Arg::Ptr(pptr), Arg::I32(n as i32), Arg::I32(n_src as i32), Arg::I32(k as i32)];
     g.launch("patch_embed", &kname("patch_embed_gather", dt), cfg_rows(n, 256, 0), &args)?;
     Ok(out)
+}
+
+/// out [n, cols] (=) = x [idx.bound, cols] rows at idx.
+pub fn gather_rows(dev: &Device, out: &mut Buf, x: &Buf, idx: &RowIndex, cols: usize) -> Result<()> {
+    let op = "gather_rows";
+    check(out, idx.len() * cols, op, "out")?;
+    check(x, idx.bound * cols, op, "x")?;
+    match dev {
+        Device::Cpu => {
+            let (o, x) = (out.host_mut()?, x.host()?);
+            for (i, &r) in idx.host.iter().enumerate() {
+                o[i * cols..][..cols].copy_from_slice(&x[r as usize * cols..][..cols]);
+            }
+            Ok(())
+        }
+        Device::Cuda(g) => rows_launch(g, "rows_gather", out, x, idx, cols, Some(0)),
+    }
+}
+
+/// As `gather_rows`, then zeroes the gathered rows of x: the backward of `scatter_rows`, which
+/// overwrote those rows (their earlier values get no gradient).
+pub fn take_rows(dev: &Device, out: &mut Buf, x: &mut Buf, idx: &RowIndex, cols: usize) -> Result<()> {
+    let op = "take_rows";
+    check(out, idx.len() * cols, op, "out")?;
+    check(x, idx.bound * cols, op, "x")?;
+    match dev {
+        Device::Cpu => {
+            let (o, x) = (out.host_mut()?, x.host_mut()?);
+            for (i, &r) in idx.host.iter().enumerate() {
+                let src = &mut x[r as usize * cols..][..cols];
+                o[i * cols..][..cols].copy_from_slice(src);
+                src.fill(0.0);
+            }
+            Ok(())
+        }
+        Device::Cuda(g) => rows_launch(g, "rows_gather", out, x, idx, cols, Some(1)),
+    }
+}
+
+/// out [idx.bound, cols] rows at idx (=) x [n, cols]; the other rows of out are kept.
+pub fn scatter_rows(dev: &Device, out: &mut Buf, x: &Buf, idx: &RowIndex, cols: usize) -> Result<()> {
+    let op = "scatter_rows";
+    check(out, idx.bound * cols, op, "out")?;
+    check(x, idx.len() * cols, op, "x")?;
+    match dev {
+        Device::Cpu => {
+            let (o, x) = (out.host_mut()?, x.host()?);
+            for (i, &r) in idx.host.iter().enumerate() {
+                o[r as usize * cols..][..cols].copy_from_slice(&x[i * cols..][..cols]);
+            }
+            Ok(())
+        }
+        Device::Cuda(g) => rows_launch(g, "rows_scatter", out, x, idx, cols, None),
+    }
+}
+
+/// Launches rows_gather (`zero_src` Some) or rows_scatter (None): one block per moved row.
+fn rows_launch(g: &Gpu, base: &str, out: &Buf, x: &Buf, idx: &RowIndex, cols: usize, zero_src: Option<i32>) -> Result<()> {
+    let dt = same_float_dtype(base, &[out, x])?;
+    if idx.is_empty() || cols == 0 {
+        return Ok(());
+    }
+    let mut args = vec![
+        Arg::Ptr(out.ptr(g)?),
+        Arg::Ptr(x.ptr(g)?),
+        Arg::Ptr(idx.dev.ptr(g)?),
+        Arg::I32(idx.len() as i32),
+        Arg::I32(idx.bound as i32),
+        Arg::I32(cols as i32),
+    ];
+    if let Some(z) = zero_src {
+        args.push(Arg::I32(z));
+    }
+    g.launch("patch_embed", &kname(base, dt), cfg_rows(idx.len(), 128, 0), &args)
 }
 
 pub mod cpu {

@@ -1,0 +1,124 @@
+//! Bench suite "norms": the memory-bound row ops — RMSNorm and LayerNorm forward and backward,
+//! RoPE forward and the embedding gather — at LLM sizes in bf16 (≥ 64 MB of traffic each).
+//! Floor bytes count each input read once and each output written once (parameter gradients as
+//! a read plus a write, since they accumulate). Each row also reports the relative error of the
+//! first few output rows against the CPU reference (for the backward ops, of dx).
+
+use super::{time_gpu, BenchRow};
+use crate::ops::{embedding, layernorm, rmsnorm, rope};
+use crate::rng::Rng;
+use crate::tensor::{DType, Device};
+use anyhow::Result;
+
+/// Leading rows compared with the CPU reference.
+const CHECK_ROWS: usize = 8;
+const BF: f64 = 2.0; // bytes per bf16
+const F4: f64 = 4.0; // bytes per f32 / i32
+
+pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
+    let Device::Cuda(g) = dev else { return Ok(Vec::new()) };
+    // 16384 x 4096 bf16 = 128 MiB per activation tensor.
+    let (rows, cols) = (if quick { 4096 } else { 16384 }, 4096usize);
+    let (warm, iters) = if quick { (2, 5) } else { (5, 20) };
+    let n = rows * cols;
+    let k = CHECK_ROWS.min(rows);
+    let mut rng = Rng::new(0x6e6f726d);
+    // Random non-zero inputs, rounded to bf16 as the upload does so the CPU check sees the same values.
+    let x = bf16_round(&rng.uniform_vec(n, -2.0, 2.0));
+    let dy = bf16_round(&rng.uniform_vec(n, -1.0, 1.0));
+    let w = bf16_round(&rng.uniform_vec(cols, 0.5, 1.5));
+    let b = bf16_round(&rng.uniform_vec(cols, -0.5, 0.5));
+    let bf = DType::BF16;
+    let (xb, dyb, wb, bb) = (dev.upload(&x, bf)?, dev.upload(&dy, bf)?, dev.upload(&w, bf)?, dev.upload(&b, bf)?);
+    let (xk, dyk) = (&x[..k * cols], &dy[..k * cols]);
+    let shape = format!("[{rows}x{cols}] bf16");
+    let (r, c) = (rows as f64, cols as f64);
+    let mut out = Vec::new();
+
+    // RMSNorm.
+    let mut y = dev.zeros(bf, n)?;
+    let mut rstd = dev.zeros_f32(rows)?;
+    let ms = time_gpu(g, warm, iters, &mut || rmsnorm::fwd(dev, &mut y, &mut rstd, &xb, &wb, rows, cols, 1e-6))?;
+    let (mut yr, mut rr) = (vec![0f32; k * cols], vec![0f32; k]);
+    rmsnorm::cpu::fwd(&mut yr, &mut rr, xk, &w, k, cols, 1e-6);
+    let err = rel_err(&dev.to_vec(&y)?[..k * cols], &yr);
+    out.push(row("rmsnorm_fwd", &shape, ms, 2.0 * BF * r * c + BF * c + F4 * r, err));
+
+    let mut dx = dev.zeros(bf, n)?;
+    let mut dw = dev.zeros_f32(cols)?;
+    let ms = time_gpu(g, warm, iters, &mut || rmsnorm::bwd(dev, &mut dx, &mut dw, &dyb, &xb, &wb, &rstd, rows, cols))?;
+    let (mut dxr, mut dwr) = (vec![0f32; k * cols], vec![0f32; cols]);
+    rmsnorm::cpu::bwd(&mut dxr, &mut dwr, dyk, xk, &w, &rr, k, cols);
+    let err = rel_err(&dev.to_vec(&dx)?[..k * cols], &dxr);
+    out.push(row("rmsnorm_bwd", &shape, ms, 3.0 * BF * r * c + BF * c + F4 * r + 2.0 * F4 * c, err));
+
+    // LayerNorm.
+    let mut mean = dev.zeros_f32(rows)?;
+    let ms = time_gpu(g, warm, iters, &mut || layernorm::fwd(dev, &mut y, &mut mean, &mut rstd, &xb, &wb, &bb, rows, cols, 1e-5))?;
+    let (mut yr, mut mr, mut rr) = (vec![0f32; k * cols], vec![0f32; k], vec![0f32; k]);
+    layernorm::cpu::fwd(&mut yr, &mut mr, &mut rr, xk, &w, &b, k, cols, 1e-5);
+    let err = rel_err(&dev.to_vec(&y)?[..k * cols], &yr);
+    out.push(row("layernorm_fwd", &shape, ms, 2.0 * BF * r * c + 2.0 * BF * c + 2.0 * F4 * r, err));
+
+    let mut db = dev.zeros_f32(cols)?;
+    let ms = time_gpu(g, warm, iters, &mut || layernorm::bwd(dev, &mut dx, &mut dw, &mut db, &dyb, &xb, &wb, &mean, &rstd, rows, cols))?;
+    let (mut dxr, mut dwr, mut dbr) = (vec![0f32; k * cols], vec![0f32; cols], vec![0f32; cols]);
+    layernorm::cpu::bwd(&mut dxr, &mut dwr, &mut dbr, dyk, xk, &w, &mr, &rr, k, cols);
+    let err = rel_err(&dev.to_vec(&dx)?[..k * cols], &dxr);
+    out.push(row("layernorm_bwd", &shape, ms, 3.0 * BF * r * c + BF * c + 2.0 * F4 * r + 4.0 * F4 * c, err));
+    drop((y, dx));
+
+    // RoPE on q-like activations [tokens, 32 heads, 128], in place (x is overwritten each call:
+    // the check below reruns one call on a fresh copy).
+    let (heads, hd) = (32usize, 128usize);
+    let tokens = n / (heads * hd);
+    let pos: Vec<i32> = (0..tokens as i32).collect();
+    let (cos, sin) = rope::table_1d(&pos, hd, 1e6)?;
+    let (cb, sb) = rope::upload_table(dev, &cos, &sin)?;
+    let mut q = dev.upload(&x, bf)?;
+    let ms = time_gpu(g, warm, iters, &mut || rope::fwd(dev, &mut q, &cb, &sb, tokens, heads, hd))?;
+    let mut q = dev.upload(&x, bf)?;
+    rope::fwd(dev, &mut q, &cb, &sb, tokens, heads, hd)?;
+    let kt = k.min(tokens);
+    let mut qr = x[..kt * heads * hd].to_vec();
+    rope::cpu::fwd(&mut qr, &cos[..kt * hd / 2], &sin[..kt * hd / 2], kt, heads, hd);
+    let err = rel_err(&dev.to_vec(&q)?[..kt * heads * hd], &qr);
+    let (t, h, d) = (tokens as f64, heads as f64, hd as f64);
+    out.push(row("rope_fwd", &format!("[{tokens}x{heads}x{hd}] bf16"), ms, 2.0 * BF * t * h * d + 2.0 * F4 * t * d / 2.0, err));
+    drop(q);
+
+    // Embedding gather from a LLaVA-sized vocabulary.
+    let vocab = 32064usize;
+    let table = bf16_round(&rng.uniform_vec(vocab * cols, -1.0, 1.0));
+    let tb = dev.upload(&table, bf)?;
+    let ids: Vec<i32> = (0..rows).map(|_| rng.below(vocab) as i32).collect();
+    let idb = dev.upload_i32(&ids)?;
+    let mut e = dev.zeros(bf, n)?;
+    let ms = time_gpu(g, warm, iters, &mut || embedding::fwd(dev, &mut e, &tb, &idb, Some(&ids), rows, cols, vocab))?;
+    let mut er = vec![0f32; k * cols];
+    embedding::cpu::fwd(&mut er, &table, &ids[..k], k, cols);
+    let err = rel_err(&dev.to_vec(&e)?[..k * cols], &er);
+    out.push(row("embedding_fwd", &format!("[{rows}x{cols}] V={vocab} bf16"), ms, 2.0 * BF * r * c + F4 * r, err));
+    Ok(out)
+}
+
+fn row(op: &str, shape: &str, ms: f64, bytes: f64, err: f64) -> BenchRow {
+    BenchRow { op: op.into(), shape: shape.into(), ms, bytes, flops: 0.0, rel_err: Some(err), note: String::new() }
+}
+
+fn bf16_round(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
+}
+
+/// ‖a − b‖ / ‖b‖; infinite when `a` has a non-finite entry.
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        if !x.is_finite() {
+            return f64::INFINITY;
+        }
+        num += (x as f64 - y as f64).powi(2);
+        den += (y as f64).powi(2);
+    }
+    num.sqrt() / den.sqrt().max(1e-30)
+}

@@ -1,0 +1,393 @@
+//! The pre-norm transformer block shared by the Qwen2 / Llama / Mistral text decoders and the
+//! Qwen2.5-VL vision tower (model-spec A4.6, A7, B7), forward and explicit backward (llm.c style):
+//!
+//! ```text
+//! y1 = RMSNorm(x; ln1)                q = y1·Wqᵀ(+bq)  k = y1·Wkᵀ(+bk)  v = y1·Wvᵀ(+bv)
+//! q, k rotated (RoPE table given)     a = attention(q, k, v) over segments (causal or not, GQA)
+//! m  = x + a·Woᵀ(+bo)                 y2 = RMSNorm(m; ln2)
+//! out = m + (silu(y2·Wgᵀ(+bg)) · (y2·Wuᵀ(+bu)))·Wdᵀ(+bd)
+//! ```
+//! Flags choose the biases (Qwen2 text: q/k/v only; Qwen vision: all; Llama/Mistral: none); the
+//! RoPE kind only changes the cos/sin table (`RopeKind::table`). The forward keeps what the
+//! backward needs in `LayerActs`; a caller that checkpoints keeps only the layer input and calls
+//! `forward` again before `backward`. Incremental decoding (`forward_cached`) appends k, v to the
+//! layer's `attention::KvCache` and attends over the whole cache.
+
+use crate::ops::attention::{self, AttnShape, KvCache, Varlen};
+use crate::ops::{act, elementwise, matmul, rmsnorm, rope};
+use crate::tensor::{Buf, Device};
+use anyhow::{bail, Result};
+
+/// Sizes of one block.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LayerDims {
+    pub d: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub inter: usize,
+    pub eps: f32,
+}
+
+impl LayerDims {
+    pub fn q_dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+}
+
+/// Which linear layers carry a bias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerFlags {
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+}
+
+/// How positions become RoPE angles (all rotate pairs (i, i + D/2); see ops::rope).
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeKind {
+    /// Llama / Mistral / Qwen2 text: `pos` is [T].
+    Text1d { theta: f32 },
+    /// Qwen2.5-VL text: `pos` is [3, T] (t, h, w rows), frequencies split by `sections`.
+    MRope { theta: f32, sections: Vec<usize> },
+    /// Qwen2.5-VL vision: `pos` is [2, T] (h row, then w row).
+    Vision2d { theta: f32 },
+}
+
+impl RopeKind {
+    /// (cos, sin) host tables [tokens, head_dim/2] for `pos` laid out as the variant says.
+    pub fn table(&self, pos: &[i32], tokens: usize, head_dim: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let rows = match self {
+            RopeKind::Text1d { .. } => 1,
+            RopeKind::MRope { .. } => 3,
+            RopeKind::Vision2d { .. } => 2,
+        };
+        if pos.len() != rows * tokens {
+            bail!("rope positions: {} entries, expected {rows} x {tokens}", pos.len());
+        }
+        match self {
+            RopeKind::Text1d { theta } => rope::table_1d(pos, head_dim, *theta),
+            RopeKind::MRope { theta, sections } => rope::table_mrope(pos, tokens, head_dim, *theta, sections),
+            RopeKind::Vision2d { theta } => rope::table_vision_2d(&pos[..tokens], &pos[tokens..], head_dim, *theta),
+        }
+    }
+
+    /// The table uploaded to `dev` (f32).
+    pub fn upload(&self, dev: &Device, pos: &[i32], tokens: usize, head_dim: usize) -> Result<RopeTable> {
+        let (c, s) = self.table(pos, tokens, head_dim)?;
+        let (cos, sin) = rope::upload_table(dev, &c, &s)?;
+        Ok(RopeTable { cos, sin })
+    }
+}
+
+/// cos, sin [tokens, head_dim/2] (f32) on the device.
+pub struct RopeTable {
+    pub cos: Buf,
+    pub sin: Buf,
+}
+
+/// A block's parameters, or their f32 gradients (same shapes; absent biases are None).
+pub struct LayerParams {
+    pub ln1: Buf,        // [D]
+    pub wq: Buf,         // [Hq·hd, D]
+    pub bq: Option<Buf>, // [Hq·hd]
+    pub wk: Buf,         // [Hkv·hd, D]
+    pub bk: Option<Buf>, // [Hkv·hd]
+    pub wv: Buf,         // [Hkv·hd, D]
+    pub bv: Option<Buf>, // [Hkv·hd]
+    pub wo: Buf,         // [D, Hq·hd]
+    pub bo: Option<Buf>, // [D]
+    pub ln2: Buf,        // [D]
+    pub wg: Buf,         // [I, D]
+    pub bg: Option<Buf>, // [I]
+    pub wu: Buf,         // [I, D]
+    pub bu: Option<Buf>, // [I]
+    pub wd: Buf,         // [D, I]
+    pub bd: Option<Buf>, // [D]
+}
+
+/// Names the tensors of a block (models map them to checkpoint names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Slot {
+    Ln1,
+    Wq,
+    Bq,
+    Wk,
+    Bk,
+    Wv,
+    Bv,
+    Wo,
+    Bo,
+    Ln2,
+    Wg,
+    Bg,
+    Wu,
+    Bu,
+    Wd,
+    Bd,
+}
+
+impl LayerParams {
+    /// The slots present under `flags`, with their shapes, in a fixed order.
+    pub fn shapes(dims: &LayerDims, flags: LayerFlags) -> Vec<(Slot, Vec<usize>)> {
+        let (d, q, kv, i) = (dims.d, dims.q_dim(), dims.kv_dim(), dims.inter);
+        let mut v = vec![(Slot::Ln1, vec![d]), (Slot::Wq, vec![q, d])];
+        if flags.qkv_bias {
+            v.push((Slot::Bq, vec![q]));
+        }
+        v.push((Slot::Wk, vec![kv, d]));
+        if flags.qkv_bias {
+            v.push((Slot::Bk, vec![kv]));
+        }
+        v.push((Slot::Wv, vec![kv, d]));
+        if flags.qkv_bias {
+            v.push((Slot::Bv, vec![kv]));
+        }
+        v.push((Slot::Wo, vec![d, q]));
+        if flags.o_bias {
+            v.push((Slot::Bo, vec![d]));
+        }
+        v.push((Slot::Ln2, vec![d]));
+        for (w, b, shape) in [(Slot::Wg, Slot::Bg, vec![i, d]), (Slot::Wu, Slot::Bu, vec![i, d]), (Slot::Wd, Slot::Bd, vec![d, i])] {
+            let rows = shape[0];
+            v.push((w, shape));
+            if flags.mlp_bias {
+                v.push((b, vec![rows]));
+            }
+        }
+        v
+    }
+
+    /// Builds every present slot with `make(slot, shape)`.
+    pub fn build(dims: &LayerDims, flags: LayerFlags, make: &mut dyn FnMut(Slot, &[usize]) -> Result<Buf>) -> Result<Self> {
+        let mut got: Vec<(Slot, Buf)> = Vec::new();
+        for (s, shape) in Self::shapes(dims, flags) {
+            got.push((s, make(s, &shape)?));
+        }
+        let req = |got: &mut Vec<(Slot, Buf)>, s: Slot| take_opt(got, s).ok_or_else(|| anyhow::anyhow!("layer tensor {s:?} missing"));
+        Ok(LayerParams {
+            ln1: req(&mut got, Slot::Ln1)?,
+            wq: req(&mut got, Slot::Wq)?,
+            bq: take_opt(&mut got, Slot::Bq),
+            wk: req(&mut got, Slot::Wk)?,
+            bk: take_opt(&mut got, Slot::Bk),
+            wv: req(&mut got, Slot::Wv)?,
+            bv: take_opt(&mut got, Slot::Bv),
+            wo: req(&mut got, Slot::Wo)?,
+            bo: take_opt(&mut got, Slot::Bo),
+            ln2: req(&mut got, Slot::Ln2)?,
+            wg: req(&mut got, Slot::Wg)?,
+            bg: take_opt(&mut got, Slot::Bg),
+            wu: req(&mut got, Slot::Wu)?,
+            bu: take_opt(&mut got, Slot::Bu),
+            wd: req(&mut got, Slot::Wd)?,
+            bd: take_opt(&mut got, Slot::Bd),
+        })
+    }
+
+    /// f32 zeros of every present slot (a gradient accumulator).
+    pub fn zeros_f32(dev: &Device, dims: &LayerDims, flags: LayerFlags) -> Result<Self> {
+        Self::build(dims, flags, &mut |_, shape| dev.zeros_f32(shape.iter().product()))
+    }
+
+    /// Every present tensor, in `shapes` order.
+    pub fn all(&self) -> Vec<(Slot, &Buf)> {
+        let p = self;
+        let v = [
+            (Slot::Ln1, Some(&p.ln1)),
+            (Slot::Wq, Some(&p.wq)),
+            (Slot::Bq, p.bq.as_ref()),
+            (Slot::Wk, Some(&p.wk)),
+            (Slot::Bk, p.bk.as_ref()),
+            (Slot::Wv, Some(&p.wv)),
+            (Slot::Bv, p.bv.as_ref()),
+            (Slot::Wo, Some(&p.wo)),
+            (Slot::Bo, p.bo.as_ref()),
+            (Slot::Ln2, Some(&p.ln2)),
+            (Slot::Wg, Some(&p.wg)),
+            (Slot::Bg, p.bg.as_ref()),
+            (Slot::Wu, Some(&p.wu)),
+            (Slot::Bu, p.bu.as_ref()),
+            (Slot::Wd, Some(&p.wd)),
+            (Slot::Bd, p.bd.as_ref()),
+        ];
+        v.into_iter().filter_map(|(s, b)| b.map(|b| (s, b))).collect()
+    }
+
+    /// Every present tensor, mutably, in `shapes` order (for the optimizer and zeroing).
+    pub fn all_mut(&mut self) -> Vec<(Slot, &mut Buf)> {
+        let LayerParams { ln1, wq, bq, wk, bk, wv, bv, wo, bo, ln2, wg, bg, wu, bu, wd, bd } = self;
+        let v = [
+            (Slot::Ln1, Some(ln1)),
+            (Slot::Wq, Some(wq)),
+            (Slot::Bq, bq.as_mut()),
+            (Slot::Wk, Some(wk)),
+            (Slot::Bk, bk.as_mut()),
+            (Slot::Wv, Some(wv)),
+            (Slot::Bv, bv.as_mut()),
+            (Slot::Wo, Some(wo)),
+            (Slot::Bo, bo.as_mut()),
+            (Slot::Ln2, Some(ln2)),
+            (Slot::Wg, Some(wg)),
+            (Slot::Bg, bg.as_mut()),
+            (Slot::Wu, Some(wu)),
+            (Slot::Bu, bu.as_mut()),
+            (Slot::Wd, Some(wd)),
+            (Slot::Bd, bd.as_mut()),
+        ];
+        v.into_iter().filter_map(|(s, b)| b.map(|b| (s, b))).collect()
+    }
+}
+
+fn take_opt(got: &mut Vec<(Slot, Buf)>, s: Slot) -> Option<Buf> {
+    got.iter().position(|(x, _)| *x == s).map(|i| got.swap_remove(i).1)
+}
+
+/// What a block's forward keeps for its backward (the block input is kept by the caller).
+pub struct LayerActs {
+    rstd1: Buf, // [T] f32
+    y1: Buf,    // [T, D]
+    q: Buf,     // [T, Hq·hd] after RoPE
+    k: Buf,     // [T, Hkv·hd] after RoPE
+    v: Buf,     // [T, Hkv·hd]
+    att: Buf,   // [T, Hq·hd]
+    lse: Buf,   // [Hq, T] f32
+    mid: Buf,   // [T, D] residual after attention
+    rstd2: Buf, // [T] f32
+    y2: Buf,    // [T, D]
+    gate: Buf,  // [T, I]
+    up: Buf,    // [T, I]
+    h: Buf,     // [T, I] silu(gate)·up
+}
+
+impl LayerActs {
+    pub fn new(dev: &Device, dims: &LayerDims, t: usize) -> Result<Self> {
+        let a = |n: usize| dev.zeros_act(n);
+        Ok(LayerActs {
+            rstd1: dev.zeros_f32(t)?,
+            y1: a(t * dims.d)?,
+            q: a(t * dims.q_dim())?,
+            k: a(t * dims.kv_dim())?,
+            v: a(t * dims.kv_dim())?,
+            att: a(t * dims.q_dim())?,
+            lse: dev.zeros_f32(dims.heads * t)?,
+            mid: a(t * dims.d)?,
+            rstd2: dev.zeros_f32(t)?,
+            y2: a(t * dims.d)?,
+            gate: a(t * dims.inter)?,
+            up: a(t * dims.inter)?,
+            h: a(t * dims.inter)?,
+        })
+    }
+}
+
+/// One block's shapes, weights, RoPE table and attention segments, for the calls below.
+pub struct Block<'a> {
+    pub dims: &'a LayerDims,
+    pub w: &'a LayerParams,
+    pub rope: &'a RopeTable,
+    /// The packed sequences (text) or windows / images (vision) attention stays within.
+    pub segs: &'a Varlen,
+    pub causal: bool,
+}
+
+impl Block<'_> {
+    fn shape(&self) -> AttnShape {
+        AttnShape::new(self.dims.heads, self.dims.kv_heads, self.dims.head_dim, self.causal)
+    }
+
+    /// out [T, D] = block(x [T, D]); fills `acts`.
+    pub fn forward(&self, dev: &Device, out: &mut Buf, x: &Buf, acts: &mut LayerActs) -> Result<()> {
+        let (d, w, t) = (self.dims, self.w, self.segs.total());
+        self.qkv(dev, x, &mut acts.rstd1, &mut acts.y1, &mut acts.q, &mut acts.k, &mut acts.v, t)?;
+        attention::fwd(dev, &mut acts.att, &mut acts.lse, &acts.q, &acts.k, &acts.v, self.segs, &self.shape())?;
+        let mut tmp = dev.zeros_act(t * d.d)?;
+        matmul::linear_fwd(dev, &mut tmp, &acts.att, &w.wo, w.bo.as_ref(), t, d.q_dim(), d.d)?;
+        elementwise::add_into(dev, &mut acts.mid, x, &tmp, t * d.d)?;
+        self.mlp(dev, out, &acts.mid, &mut acts.rstd2, &mut acts.y2, &mut acts.gate, &mut acts.up, &mut acts.h, t)
+    }
+
+    /// dx [T, D] (=) from dout [T, D]; parameter gradients accumulate into `g`.
+    pub fn backward(&self, dev: &Device, dx: &mut Buf, g: &mut LayerParams, dout: &Buf, x: &Buf, a: &LayerActs) -> Result<()> {
+        let (d, w, t) = (self.dims, self.w, self.segs.total());
+        // MLP.
+        let mut dh = dev.zeros_act(t * d.inter)?;
+        matmul::linear_bwd(dev, Some(&mut dh), &mut g.wd, g.bd.as_mut(), dout, &a.h, &w.wd, t, d.inter, d.d)?;
+        let (mut dgate, mut dup) = (dev.zeros_act(t * d.inter)?, dev.zeros_act(t * d.inter)?);
+        act::swiglu_bwd(dev, &mut dgate, &mut dup, &dh, &a.gate, &a.up, t * d.inter)?;
+        drop(dh);
+        let (mut dy, mut dy_b) = (dev.zeros_act(t * d.d)?, dev.zeros_act(t * d.d)?);
+        matmul::linear_bwd(dev, Some(&mut dy), &mut g.wg, g.bg.as_mut(), &dgate, &a.y2, &w.wg, t, d.d, d.inter)?;
+        matmul::linear_bwd(dev, Some(&mut dy_b), &mut g.wu, g.bu.as_mut(), &dup, &a.y2, &w.wu, t, d.d, d.inter)?;
+        elementwise::add_inplace(dev, &mut dy, &dy_b, t * d.d)?;
+        let mut dmid = dev.zeros_act(t * d.d)?;
+        rmsnorm::bwd(dev, &mut dmid, &mut g.ln2, &dy, &a.mid, &w.ln2, &a.rstd2, t, d.d)?;
+        elementwise::add_inplace(dev, &mut dmid, dout, t * d.d)?;
+        // Attention.
+        let mut datt = dev.zeros_act(t * d.q_dim())?;
+        matmul::linear_bwd(dev, Some(&mut datt), &mut g.wo, g.bo.as_mut(), &dmid, &a.att, &w.wo, t, d.q_dim(), d.d)?;
+        let mut dq = dev.zeros_act(t * d.q_dim())?;
+        let (mut dk, mut dv) = (dev.zeros_act(t * d.kv_dim())?, dev.zeros_act(t * d.kv_dim())?);
+        attention::bwd(dev, &mut dq, &mut dk, &mut dv, &datt, &a.q, &a.k, &a.v, &a.att, &a.lse, self.segs, &self.shape())?;
+        rope::bwd(dev, &mut dq, &self.rope.cos, &self.rope.sin, t, d.heads, d.head_dim)?;
+        rope::bwd(dev, &mut dk, &self.rope.cos, &self.rope.sin, t, d.kv_heads, d.head_dim)?;
+        matmul::linear_bwd(dev, Some(&mut dy), &mut g.wq, g.bq.as_mut(), &dq, &a.y1, &w.wq, t, d.d, d.q_dim())?;
+        matmul::linear_bwd(dev, Some(&mut dy_b), &mut g.wk, g.bk.as_mut(), &dk, &a.y1, &w.wk, t, d.d, d.kv_dim())?;
+        elementwise::add_inplace(dev, &mut dy, &dy_b, t * d.d)?;
+        matmul::linear_bwd(dev, Some(&mut dy_b), &mut g.wv, g.bv.as_mut(), &dv, &a.y1, &w.wv, t, d.d, d.kv_dim())?;
+        elementwise::add_inplace(dev, &mut dy, &dy_b, t * d.d)?;
+        rmsnorm::bwd(dev, dx, &mut g.ln1, &dy, x, &w.ln1, &a.rstd1, t, d.d)?;
+        elementwise::add_inplace(dev, dx, &dmid, t * d.d)
+    }
+
+    /// Inference step for `cache.batch` sequences of `n_new` new tokens each: out, x
+    /// [batch·n_new, D] (sequence-major); the new keys and values are appended to `cache` and the
+    /// queries attend causally to everything cached. `self.rope` covers the new tokens;
+    /// `self.segs` is not used.
+    pub fn forward_cached(&self, dev: &Device, out: &mut Buf, x: &Buf, cache: &mut KvCache, n_new: usize) -> Result<()> {
+        let (d, w) = (self.dims, self.w);
+        let t = cache.batch * n_new;
+        let mut rstd = dev.zeros_f32(t)?;
+        let mut y = dev.zeros_act(t * d.d)?;
+        let mut q = dev.zeros_act(t * d.q_dim())?;
+        let (mut k, mut v) = (dev.zeros_act(t * d.kv_dim())?, dev.zeros_act(t * d.kv_dim())?);
+        self.qkv(dev, x, &mut rstd, &mut y, &mut q, &mut k, &mut v, t)?;
+        cache.append(dev, &k, &v, n_new)?;
+        let mut att = dev.zeros_act(t * d.q_dim())?;
+        attention::decode(dev, &mut att, &q, cache, n_new, &self.shape())?;
+        let mut tmp = dev.zeros_act(t * d.d)?;
+        matmul::linear_fwd(dev, &mut tmp, &att, &w.wo, w.bo.as_ref(), t, d.q_dim(), d.d)?;
+        let mut mid = dev.zeros_act(t * d.d)?;
+        elementwise::add_into(dev, &mut mid, x, &tmp, t * d.d)?;
+        let mut rstd2 = dev.zeros_f32(t)?;
+        let (mut y2, mut gate, mut up, mut h) = (dev.zeros_act(t * d.d)?, dev.zeros_act(t * d.inter)?, dev.zeros_act(t * d.inter)?, dev.zeros_act(t * d.inter)?);
+        self.mlp(dev, out, &mid, &mut rstd2, &mut y2, &mut gate, &mut up, &mut h, t)
+    }
+
+    /// Norm, q/k/v projections and RoPE on q and k.
+    #[allow(clippy::too_many_arguments)]
+    fn qkv(&self, dev: &Device, x: &Buf, rstd: &mut Buf, y: &mut Buf, q: &mut Buf, k: &mut Buf, v: &mut Buf, t: usize) -> Result<()> {
+        let (d, w) = (self.dims, self.w);
+        rmsnorm::fwd(dev, y, rstd, x, &w.ln1, t, d.d, d.eps)?;
+        matmul::linear_fwd(dev, q, y, &w.wq, w.bq.as_ref(), t, d.d, d.q_dim())?;
+        matmul::linear_fwd(dev, k, y, &w.wk, w.bk.as_ref(), t, d.d, d.kv_dim())?;
+        matmul::linear_fwd(dev, v, y, &w.wv, w.bv.as_ref(), t, d.d, d.kv_dim())?;
+        rope::fwd(dev, q, &self.rope.cos, &self.rope.sin, t, d.heads, d.head_dim)?;
+        rope::fwd(dev, k, &self.rope.cos, &self.rope.sin, t, d.kv_heads, d.head_dim)
+    }
+
+    /// out = mid + down(silu(gate(y2)) · up(y2)), y2 = RMSNorm(mid; ln2).
+    #[allow(clippy::too_many_arguments)]
+    fn mlp(&self, dev: &Device, out: &mut Buf, mid: &Buf, rstd2: &mut Buf, y2: &mut Buf, gate: &mut Buf, up: &mut Buf, h: &mut Buf, t: usize) -> Result<()> {
+        let (d, w) = (self.dims, self.w);
+        rmsnorm::fwd(dev, y2, rstd2, mid, &w.ln2, t, d.d, d.eps)?;
+        matmul::linear_fwd(dev, gate, y2, &w.wg, w.bg.as_ref(), t, d.d, d.inter)?;
+        matmul::linear_fwd(dev, up, y2, &w.wu, w.bu.as_ref(), t, d.d, d.inter)?;
+        act::swiglu_fwd(dev, h, gate, up, t * d.inter)?;
+        matmul::linear_fwd(dev, out, h, &w.wd, w.bd.as_ref(), t, d.inter, d.d)?;
+        elementwise::add_inplace(dev, out, mid, t * d.d)
+    }
+}

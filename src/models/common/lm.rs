@@ -1,0 +1,288 @@
+//! The decoder-only language model shared by Qwen2.5-VL's Qwen2 and LLaVA-NeXT's Mistral / Llama
+//! (model-spec A5, A7, B7): token embedding, vision rows written over the image-placeholder
+//! positions, `n_layers` blocks (common::decoder), final RMSNorm and an lm_head (untied, or tied
+//! to the embedding). Forward and explicit backward over packed sequences (`cu_seqlens`), with a
+//! per-layer activation-checkpointing switch, plus incremental prefill / decode over per-layer
+//! KV caches for rollouts.
+//!
+//! The head is left to the caller: `final_hidden` [S, D] feeds `ops::logprob` (log p(target)
+//! without [S, V] logits, and its fused backward) or `logits` (a plain lm_head GEMM); the caller
+//! then passes d final_hidden to `backward`.
+
+use super::decoder::{Block, LayerActs, LayerDims, LayerFlags, LayerParams, RopeKind, RopeTable, Slot};
+use super::params::ParamRef;
+use crate::ops::attention::{KvCache, Varlen};
+use crate::ops::patch_embed::{scatter_rows, take_rows, RowIndex};
+use crate::ops::{embedding, matmul, rmsnorm};
+use crate::tensor::{Buf, Device};
+use anyhow::{bail, Result};
+
+/// Sizes, biases and RoPE of a decoder LM.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LmDims {
+    pub layer: LayerDims,
+    pub flags: LayerFlags,
+    pub n_layers: usize,
+    pub vocab: usize,
+    pub rope: RopeKind,
+    /// lm_head shares the embedding matrix (no `lm_head.weight` in the checkpoint).
+    pub tied: bool,
+}
+
+/// Checkpoint names: `{prefix}embed_tokens.weight`, `{prefix}layers.{i}.…`, `{prefix}norm.weight`
+/// and the lm_head's full name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LmNames {
+    pub prefix: String,
+    pub lm_head: String,
+}
+
+impl LmNames {
+    fn layer(&self, dims: &LmDims, i: usize, s: Slot) -> ParamRef {
+        let (d, q, kv, inter) = (dims.layer.d, dims.layer.q_dim(), dims.layer.kv_dim(), dims.layer.inter);
+        let p = format!("{}layers.{i}.", self.prefix);
+        let (suffix, shape): (&str, Vec<usize>) = match s {
+            Slot::Ln1 => ("input_layernorm.weight", vec![d]),
+            Slot::Ln2 => ("post_attention_layernorm.weight", vec![d]),
+            Slot::Wq => ("self_attn.q_proj.weight", vec![q, d]),
+            Slot::Bq => ("self_attn.q_proj.bias", vec![q]),
+            Slot::Wk => ("self_attn.k_proj.weight", vec![kv, d]),
+            Slot::Bk => ("self_attn.k_proj.bias", vec![kv]),
+            Slot::Wv => ("self_attn.v_proj.weight", vec![kv, d]),
+            Slot::Bv => ("self_attn.v_proj.bias", vec![kv]),
+            Slot::Wo => ("self_attn.o_proj.weight", vec![d, q]),
+            Slot::Bo => ("self_attn.o_proj.bias", vec![d]),
+            Slot::Wg => ("mlp.gate_proj.weight", vec![inter, d]),
+            Slot::Bg => ("mlp.gate_proj.bias", vec![inter]),
+            Slot::Wu => ("mlp.up_proj.weight", vec![inter, d]),
+            Slot::Bu => ("mlp.up_proj.bias", vec![inter]),
+            Slot::Wd => ("mlp.down_proj.weight", vec![d, inter]),
+            Slot::Bd => ("mlp.down_proj.bias", vec![d]),
+        };
+        ParamRef::whole(&format!("{p}{suffix}"), &shape)
+    }
+    /// embed, norm, lm_head.
+    fn outer(&self, dims: &LmDims) -> [ParamRef; 3] {
+        let (v, d) = (dims.vocab, dims.layer.d);
+        [
+            ParamRef::whole(&format!("{}embed_tokens.weight", self.prefix), &[v, d]),
+            ParamRef::whole(&format!("{}norm.weight", self.prefix), &[d]),
+            ParamRef::whole(&self.lm_head, &[v, d]),
+        ]
+    }
+}
+
+/// The LM's parameters (or their f32 gradients).
+pub struct LmParams {
+    pub embed: Buf, // [V, D]
+    pub layers: Vec<LayerParams>,
+    pub norm: Buf,            // [D]
+    pub lm_head: Option<Buf>, // [V, D]; None when tied
+}
+
+impl LmParams {
+    pub fn build(dims: &LmDims, names: &LmNames, make: &mut dyn FnMut(&ParamRef) -> Result<Buf>) -> Result<Self> {
+        let [r_embed, r_norm, r_head] = names.outer(dims);
+        let embed = make(&r_embed)?;
+        let mut layers = Vec::with_capacity(dims.n_layers);
+        for i in 0..dims.n_layers {
+            layers.push(LayerParams::build(&dims.layer, dims.flags, &mut |s, _| make(&names.layer(dims, i, s)))?);
+        }
+        let norm = make(&r_norm)?;
+        let lm_head = if dims.tied { None } else { Some(make(&r_head)?) };
+        Ok(LmParams { embed, layers, norm, lm_head })
+    }
+
+    /// The lm_head matrix [V, D] (the embedding when tied).
+    pub fn head(&self) -> &Buf {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+    pub fn head_mut(&mut self) -> &mut Buf {
+        self.lm_head.as_mut().unwrap_or(&mut self.embed)
+    }
+
+    pub fn entries(&self, dims: &LmDims, names: &LmNames) -> Vec<(ParamRef, &Buf)> {
+        let [r_embed, r_norm, r_head] = names.outer(dims);
+        let mut v = vec![(r_embed, &self.embed)];
+        for (i, l) in self.layers.iter().enumerate() {
+            v.extend(l.all().into_iter().map(|(s, b)| (names.layer(dims, i, s), b)));
+        }
+        v.push((r_norm, &self.norm));
+        if let Some(h) = &self.lm_head {
+            v.push((r_head, h));
+        }
+        v
+    }
+
+    pub fn entries_mut(&mut self, dims: &LmDims, names: &LmNames) -> Vec<(ParamRef, &mut Buf)> {
+        let [r_embed, r_norm, r_head] = names.outer(dims);
+        let LmParams { embed, layers, norm, lm_head } = self;
+        let mut v = vec![(r_embed, embed)];
+        for (i, l) in layers.iter_mut().enumerate() {
+            v.extend(l.all_mut().into_iter().map(|(s, b)| (names.layer(dims, i, s), b)));
+        }
+        v.push((r_norm, norm));
+        if let Some(h) = lm_head.as_mut() {
+            v.push((r_head, h));
+        }
+        v
+    }
+}
+
+/// Rows written over placeholder positions: `rows` [n, D] go to token positions `at`.
+pub struct Inject<'a> {
+    pub rows: &'a Buf,
+    pub at: &'a [usize],
+}
+
+/// What the LM forward keeps for its backward.
+pub struct LmFwd {
+    ids: Buf, // [S] i32
+    ids_host: Vec<i32>,
+    seqs: Varlen,
+    rope: RopeTable,
+    inject: Option<RowIndex>,
+    hs: Vec<Buf>, // n_layers + 1 residual streams [S, D]
+    acts: Vec<Option<LayerActs>>, // None: recompute in backward
+    rstd_f: Buf, // [S] f32
+    xf: Buf,     // [S, D] after the final norm
+}
+
+impl LmFwd {
+    /// Tokens in the batch.
+    pub fn tokens(&self) -> usize {
+        self.ids_host.len()
+    }
+    /// The final-norm hidden states [S, D] that the lm_head reads.
+    pub fn final_hidden(&self) -> &Buf {
+        &self.xf
+    }
+    fn block<'a>(&'a self, dims: &'a LmDims, p: &'a LmParams, i: usize) -> Block<'a> {
+        Block { dims: &dims.layer, w: &p.layers[i], rope: &self.rope, segs: &self.seqs, causal: true }
+    }
+}
+
+/// Embeds `ids` [S] and writes `inject` rows over their positions (placeholder tokens).
+fn embed(dev: &Device, dims: &LmDims, p: &LmParams, ids: &Buf, ids_host: &[i32], inject: Option<(&Buf, &RowIndex)>) -> Result<Buf> {
+    let (s, d) = (ids_host.len(), dims.layer.d);
+    let mut x = dev.zeros_act(s * d)?;
+    embedding::fwd(dev, &mut x, &p.embed, ids, Some(ids_host), s, d, dims.vocab)?;
+    if let Some((rows, at)) = inject {
+        scatter_rows(dev, &mut x, rows, at, d)?;
+    }
+    Ok(x)
+}
+
+fn inject_index(dev: &Device, inject: &Option<Inject>, s: usize) -> Result<Option<RowIndex>> {
+    inject.as_ref().map(|i| RowIndex::new(dev, i.at, s)).transpose()
+}
+
+/// Forward over packed sequences: ids [S], RoPE positions `pos` (layout per `dims.rope`),
+/// `cu_seqlens` [nseq + 1]. `recompute[l]` (missing = false) keeps only layer l's input.
+pub fn forward(dev: &Device, dims: &LmDims, p: &LmParams, ids: &[i32], pos: &[i32], cu_seqlens: &[i32], inject: Option<Inject>, recompute: &[bool]) -> Result<LmFwd> {
+    let (s, d) = (ids.len(), dims.layer.d);
+    let seqs = Varlen::new(dev, cu_seqlens)?;
+    if seqs.total() != s {
+        bail!("LM forward: cu_seqlens covers {} tokens, ids has {s}", seqs.total());
+    }
+    let rope = dims.rope.upload(dev, pos, s, dims.layer.head_dim)?;
+    let inject_idx = inject_index(dev, &inject, s)?;
+    let ids_buf = dev.upload_i32(ids)?;
+    let x0 = embed(dev, dims, p, &ids_buf, ids, inject.as_ref().zip(inject_idx.as_ref()).map(|(i, r)| (i.rows, r)))?;
+    let mut f = LmFwd { ids: ids_buf, ids_host: ids.to_vec(), seqs, rope, inject: inject_idx, hs: vec![x0], acts: Vec::new(), rstd_f: dev.zeros_f32(s)?, xf: dev.zeros_act(s * d)? };
+    for l in 0..dims.n_layers {
+        let mut acts = LayerActs::new(dev, &dims.layer, s)?;
+        let mut out = dev.zeros_act(s * d)?;
+        f.block(dims, p, l).forward(dev, &mut out, &f.hs[l], &mut acts)?;
+        f.hs.push(out);
+        f.acts.push(if recompute.get(l).copied().unwrap_or(false) { None } else { Some(acts) });
+    }
+    rmsnorm::fwd(dev, &mut f.xf, &mut f.rstd_f, &f.hs[dims.n_layers], &p.norm, s, d, dims.layer.eps)?;
+    Ok(f)
+}
+
+/// logits [t, V] = hidden [t, D] · lm_headᵀ (f32 on the CPU, the activation dtype on CUDA).
+pub fn logits(dev: &Device, dims: &LmDims, p: &LmParams, hidden: &Buf, t: usize) -> Result<Buf> {
+    let mut out = dev.zeros_act(t * dims.vocab)?;
+    matmul::linear_fwd(dev, &mut out, hidden, p.head(), None, t, dims.layer.d, dims.vocab)?;
+    Ok(out)
+}
+
+/// Accumulates every parameter gradient into `g` from d final_hidden [S, D]; returns the
+/// gradient of the injected rows [n, D] (None without injection). The lm_head's own gradient
+/// comes from the head op (e.g. `ops::logprob::bwd` into `g.head_mut()`).
+pub fn backward(dev: &Device, dims: &LmDims, p: &LmParams, g: &mut LmParams, f: &LmFwd, dxf: &Buf) -> Result<Option<Buf>> {
+    let (s, d) = (f.tokens(), dims.layer.d);
+    let mut dx = dev.zeros_act(s * d)?;
+    rmsnorm::bwd(dev, &mut dx, &mut g.norm, dxf, &f.hs[dims.n_layers], &p.norm, &f.rstd_f, s, d)?;
+    let mut din = dev.zeros_act(s * d)?;
+    for l in (0..dims.n_layers).rev() {
+        let blk = f.block(dims, p, l);
+        let recomputed;
+        let acts = match &f.acts[l] {
+            Some(a) => a,
+            None => {
+                let mut a = LayerActs::new(dev, &dims.layer, s)?;
+                let mut scratch = dev.zeros_act(s * d)?;
+                blk.forward(dev, &mut scratch, &f.hs[l], &mut a)?;
+                recomputed = a;
+                &recomputed
+            }
+        };
+        blk.backward(dev, &mut din, &mut g.layers[l], &dx, &f.hs[l], acts)?;
+        std::mem::swap(&mut dx, &mut din);
+    }
+    // Injected rows replaced their token embeddings: their gradient goes to the vision side only.
+    let d_inject = match &f.inject {
+        Some(at) => {
+            let mut rows = dev.zeros_act(at.len() * d)?;
+            take_rows(dev, &mut rows, &mut dx, at, d)?;
+            Some(rows)
+        }
+        None => None,
+    };
+    embedding::bwd(dev, &mut g.embed, &dx, &f.ids, Some(&f.ids_host), s, d, dims.vocab)?;
+    Ok(d_inject)
+}
+
+/// Per-layer KV caches of `batch` sequences for incremental decoding.
+pub struct LmCache {
+    pub layers: Vec<KvCache>,
+    pub batch: usize,
+}
+
+impl LmCache {
+    pub fn new(dev: &Device, dims: &LmDims, batch: usize, max_len: usize) -> Result<Self> {
+        let l = &dims.layer;
+        let layers = (0..dims.n_layers).map(|_| KvCache::new(dev, batch, max_len, l.kv_heads, l.head_dim)).collect::<Result<Vec<_>>>()?;
+        Ok(LmCache { layers, batch })
+    }
+    /// Tokens cached per sequence.
+    pub fn lens(&self) -> &[i32] {
+        self.layers.first().map_or(&[], |c| c.lens())
+    }
+}
+
+/// Runs `n_new` new tokens of each cached sequence (ids [batch·n_new], sequence-major, with
+/// RoPE positions `pos` for them) through the LM, appending their keys and values; returns the
+/// final-norm hidden states [batch·n_new, D]. Used for prefill, appended turns and decoding.
+pub fn extend(dev: &Device, dims: &LmDims, p: &LmParams, cache: &mut LmCache, ids: &[i32], pos: &[i32], n_new: usize, inject: Option<Inject>) -> Result<Buf> {
+    let (t, d) = (ids.len(), dims.layer.d);
+    if n_new == 0 || t != cache.batch * n_new {
+        bail!("LM extend: {t} ids for {} sequences of {n_new} new tokens", cache.batch);
+    }
+    let rope = dims.rope.upload(dev, pos, t, dims.layer.head_dim)?;
+    let inject_idx = inject_index(dev, &inject, t)?;
+    let ids_buf = dev.upload_i32(ids)?;
+    let mut x = embed(dev, dims, p, &ids_buf, ids, inject.as_ref().zip(inject_idx.as_ref()).map(|(i, r)| (i.rows, r)))?;
+    let no_segs = Varlen::new(dev, &[0, t as i32])?;
+    let mut out = dev.zeros_act(t * d)?;
+    for (l, kv) in cache.layers.iter_mut().enumerate() {
+        let blk = Block { dims: &dims.layer, w: &p.layers[l], rope: &rope, segs: &no_segs, causal: true };
+        blk.forward_cached(dev, &mut out, &x, kv, n_new)?;
+        std::mem::swap(&mut x, &mut out);
+    }
+    let mut rstd = dev.zeros_f32(t)?;
+    rmsnorm::fwd(dev, &mut out, &mut rstd, &x, &p.norm, t, d, dims.layer.eps)?;
+    Ok(out)
+}

@@ -1,0 +1,6 @@
+//! Building blocks shared by the model families: the pre-norm transformer block (Qwen2 / Llama /
+//! Mistral decoders and the Qwen2.5-VL vision tower) with its explicit backward.
+
+pub mod decoder; // defines: LayerDims, LayerFlags, RopeKind, LayerParams (+ Slot), LayerActs, Block (fwd, bwd, cached fwd)
+pub mod lm; // defines: LmDims, LmNames, LmParams, LmFwd, forward / backward / logits, LmCache + extend (KV-cached prefill/decode)
+pub mod params; // defines: ParamRef (a checkpoint tensor or row range of one), read_piece, assemble (gradients by name)

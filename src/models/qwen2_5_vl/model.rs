@@ -1,0 +1,262 @@
+//! `QwenVl`: Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`) as one object: parameters keyed by
+//! checkpoint name (model-spec A8) with lazily allocated f32 gradients, the training forward
+//! (vision tower → rows scattered into the `<|image_pad|>` positions → text decoder → final
+//! hidden states), the head (logits, or fused log-probs of target ids), the explicit backward,
+//! and KV-cached incremental decoding for rollouts (`Session`: prefill, appended turns with
+//! images, decode).
+//!
+//! Batches are packed: several sequences back to back, delimited by `cu_seqlens`, with M-RoPE
+//! positions [3, S] from `positions::mrope_positions` (one sequence at a time, concatenated).
+
+use super::config::QwenVlConfig;
+use super::text::{aliases, image_positions, lm_dims, lm_names};
+use super::vision::{self, VisionDims, VisionFwd, VisionParams};
+use crate::checkpoint::Checkpoint;
+use crate::models::common::lm::{self, Inject, LmCache, LmDims, LmFwd, LmNames, LmParams};
+use crate::models::common::params::{assemble, read_piece, ParamRef};
+use crate::ops::logprob;
+use crate::ops::patch_embed::{gather_rows, RowIndex};
+use crate::tensor::{Buf, Device};
+use anyhow::{bail, Result};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// All parameters (or all f32 gradients) of the model.
+pub struct QwenParams {
+    pub vision: VisionParams,
+    pub text: LmParams,
+}
+
+/// Activation checkpointing: recompute a layer's forward during backward instead of keeping it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Recompute {
+    /// Per text layer (missing entries: keep).
+    pub text: Vec<bool>,
+    /// Every vision block.
+    pub vision: bool,
+}
+
+impl Recompute {
+    /// Recompute every layer (least memory, one extra forward).
+    pub fn all(n_text_layers: usize) -> Self {
+        Recompute { text: vec![true; n_text_layers], vision: true }
+    }
+}
+
+/// One packed training batch.
+pub struct Batch<'a> {
+    pub ids: &'a [i32],        // [S]
+    pub cu_seqlens: &'a [i32], // [nseq + 1]
+    pub pos3: &'a [i32],       // [3, S] M-RoPE rows t, h, w
+    pub pixels: &'a [f32],     // [N, patch_dim], every image of the batch in order
+    pub grids: &'a [[usize; 3]],
+}
+
+/// What the forward keeps for the head and the backward.
+pub struct QwenFwd {
+    vision: Option<VisionFwd>,
+    pub text: LmFwd,
+}
+
+impl QwenFwd {
+    pub fn final_hidden(&self) -> &Buf {
+        self.text.final_hidden()
+    }
+    pub fn tokens(&self) -> usize {
+        self.text.tokens()
+    }
+}
+
+/// KV caches of `batch` sequences being generated.
+pub struct Session {
+    pub lm: LmCache,
+}
+
+pub struct QwenVl {
+    pub cfg: QwenVlConfig,
+    pub vdims: VisionDims,
+    pub tdims: LmDims,
+    pub names: LmNames,
+    /// The checkpoint's Conv3d shape [D, C, T, P, P].
+    pub patch_shape: Vec<usize>,
+    pub params: QwenParams,
+    grads: Option<QwenParams>,
+}
+
+impl QwenVl {
+    /// Loads `dir/config.json` and the checkpoint in `dir`.
+    pub fn load(dev: &Device, dir: impl AsRef<Path>) -> Result<Self> {
+        let cfg = QwenVlConfig::load(&dir)?;
+        let ckpt = Checkpoint::open(&dir)?;
+        Self::from_checkpoint(dev, cfg, &ckpt)
+    }
+
+    /// Weights from `ckpt`, in the device's activation dtype (bf16 on CUDA, f32 on the CPU).
+    pub fn from_checkpoint(dev: &Device, cfg: QwenVlConfig, ckpt: &Checkpoint) -> Result<Self> {
+        Self::build(cfg, &mut |r| dev.upload_act(&read_piece(ckpt, r, &aliases)?))
+    }
+
+    /// Builds every tensor with `make` (e.g. random init for tests).
+    pub fn build(cfg: QwenVlConfig, make: &mut dyn FnMut(&ParamRef) -> Result<Buf>) -> Result<Self> {
+        let v = &cfg.vision;
+        let vdims = VisionDims::new(v)?;
+        let tdims = lm_dims(&cfg.text)?;
+        let names = lm_names();
+        let patch_shape = vec![v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size];
+        let params = QwenParams { vision: VisionParams::build(&vdims, &patch_shape, make)?, text: LmParams::build(&tdims, &names, make)? };
+        Ok(QwenVl { cfg, vdims, tdims, names, patch_shape, params, grads: None })
+    }
+
+    /// Every parameter tensor with its checkpoint name (and row range).
+    pub fn param_entries(&self) -> Vec<(ParamRef, &Buf)> {
+        entries(&self.params, &self.vdims, &self.patch_shape, &self.tdims, &self.names)
+    }
+
+    /// Every parameter tensor, mutably, with the matching f32 gradient (for the optimizer).
+    /// Empty before the first backward.
+    pub fn params_and_grads(&mut self) -> Vec<(ParamRef, &mut Buf, &Buf)> {
+        let Some(g) = &self.grads else { return Vec::new() };
+        let gs = entries(g, &self.vdims, &self.patch_shape, &self.tdims, &self.names);
+        let QwenParams { vision, text } = &mut self.params;
+        let mut ps = vision.entries_mut(&self.vdims, &self.patch_shape);
+        ps.extend(text.entries_mut(&self.tdims, &self.names));
+        ps.into_iter().zip(gs).map(|((r, p), (_, g))| (r, p, g)).collect()
+    }
+
+    /// The gradients as full checkpoint tensors: name → (shape, values). Empty before a backward.
+    pub fn grads_by_name(&self, dev: &Device) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+        match &self.grads {
+            Some(g) => assemble(dev, entries(g, &self.vdims, &self.patch_shape, &self.tdims, &self.names)),
+            None => Ok(BTreeMap::new()),
+        }
+    }
+
+    /// Zeroes the gradients (allocating them on first use).
+    pub fn zero_grads(&mut self, dev: &Device) -> Result<()> {
+        self.grads = Some(self.zeros_like(dev)?);
+        Ok(())
+    }
+
+    fn zeros_like(&self, dev: &Device) -> Result<QwenParams> {
+        let mut z = |r: &ParamRef| dev.zeros_f32(r.numel());
+        Ok(QwenParams { vision: VisionParams::build(&self.vdims, &self.patch_shape, &mut z)?, text: LmParams::build(&self.tdims, &self.names, &mut z)? })
+    }
+
+    /// Vision tower alone: image embeddings [tokens, out_hidden] in image order.
+    pub fn image_embeds(&self, dev: &Device, pixels: &[f32], grids: &[[usize; 3]]) -> Result<Buf> {
+        Ok(vision::forward(dev, &self.vdims, &self.params.vision, pixels, grids, true)?.0)
+    }
+
+    /// Placeholder positions of `ids`, checked against the images' token count.
+    fn placeholders(&self, ids: &[i32], grids: &[[usize; 3]]) -> Result<Vec<usize>> {
+        if ids.iter().any(|&i| i as i64 == self.cfg.video_token_id as i64) {
+            bail!("Qwen2.5-VL: video tokens are not supported");
+        }
+        let at = image_positions(ids, self.cfg.image_token_id);
+        let unit = self.vdims.unit();
+        let want: usize = grids.iter().map(|g| g[0] * g[1] * g[2] / unit).sum();
+        if at.len() != want {
+            bail!("Qwen2.5-VL: {} image placeholder tokens, but the {} image(s) give {want} features", at.len(), grids.len());
+        }
+        Ok(at)
+    }
+
+    /// The training forward up to the final hidden states.
+    pub fn forward(&self, dev: &Device, b: &Batch, rc: &Recompute) -> Result<QwenFwd> {
+        let at = self.placeholders(b.ids, b.grids)?;
+        let (embeds, vfwd) = if b.grids.is_empty() {
+            (None, None)
+        } else {
+            let (e, f) = vision::forward(dev, &self.vdims, &self.params.vision, b.pixels, b.grids, rc.vision)?;
+            (Some(e), Some(f))
+        };
+        let inject = embeds.as_ref().map(|rows| Inject { rows, at: &at });
+        let text = lm::forward(dev, &self.tdims, &self.params.text, b.ids, b.pos3, b.cu_seqlens, inject, &rc.text)?;
+        Ok(QwenFwd { vision: vfwd, text })
+    }
+
+    /// logits [S, V] of every position (a plain lm_head GEMM).
+    pub fn logits(&self, dev: &Device, f: &QwenFwd) -> Result<Buf> {
+        lm::logits(dev, &self.tdims, &self.params.text, f.final_hidden(), f.tokens())
+    }
+
+    /// (logp, lse), each [S] f32: log p(targets[t]) at every position with mask[t] ≠ 0 (0
+    /// elsewhere), without materialising the logits. `targets` [S] i32, mask [S] f32.
+    pub fn logprobs(&self, dev: &Device, f: &QwenFwd, targets: &Buf, mask: Option<&Buf>) -> Result<(Buf, Buf)> {
+        let (s, d, v) = (f.tokens(), self.tdims.layer.d, self.tdims.vocab);
+        let (mut logp, mut lse) = (dev.zeros_f32(s)?, dev.zeros_f32(s)?);
+        logprob::fwd(dev, &mut logp, &mut lse, None, f.final_hidden(), self.params.text.head(), targets, mask, s, d, v)?;
+        Ok((logp, lse))
+    }
+
+    /// Backward from d objective / d logp [S] (f32) of `logprobs`: accumulates every gradient.
+    pub fn backward_logprobs(&mut self, dev: &Device, f: &QwenFwd, targets: &Buf, lse: &Buf, dlogp: &Buf) -> Result<()> {
+        let (s, d, v) = (f.tokens(), self.tdims.layer.d, self.tdims.vocab);
+        if self.grads.is_none() {
+            self.zero_grads(dev)?;
+        }
+        let mut dxf = dev.zeros_act(s * d)?;
+        if let Some(g) = self.grads.as_mut() {
+            logprob::bwd(dev, &mut dxf, g.text.head_mut(), dlogp, f.final_hidden(), self.params.text.head(), targets, lse, s, d, v)?;
+        }
+        self.backward(dev, f, &dxf)
+    }
+
+    /// Backward from d final_hidden [S, D] (the head's own gradient is the caller's, e.g.
+    /// `ops::logprob::fwd_bwd` into `lm_head_grad`): accumulates every other gradient.
+    pub fn backward(&mut self, dev: &Device, f: &QwenFwd, dxf: &Buf) -> Result<()> {
+        if self.grads.is_none() {
+            self.zero_grads(dev)?;
+        }
+        let Some(g) = self.grads.as_mut() else { bail!("gradients not allocated") };
+        let d_img = lm::backward(dev, &self.tdims, &self.params.text, &mut g.text, &f.text, dxf)?;
+        if let (Some(vf), Some(d_img)) = (&f.vision, d_img) {
+            vision::backward(dev, &self.vdims, &self.params.vision, &mut g.vision, vf, &d_img)?;
+        }
+        Ok(())
+    }
+
+    /// The lm_head gradient [V, D] (the embedding's when tied), allocating gradients if needed.
+    pub fn lm_head_grad(&mut self, dev: &Device) -> Result<&mut Buf> {
+        if self.grads.is_none() {
+            self.zero_grads(dev)?;
+        }
+        match self.grads.as_mut() {
+            Some(g) => Ok(g.text.head_mut()),
+            None => bail!("gradients not allocated"),
+        }
+    }
+
+    /// Empty KV caches for `batch` sequences of up to `max_len` tokens.
+    pub fn new_session(&self, dev: &Device, batch: usize, max_len: usize) -> Result<Session> {
+        Ok(Session { lm: LmCache::new(dev, &self.tdims, batch, max_len)? })
+    }
+
+    /// Feeds `n_new` tokens of each session sequence (ids [batch·n_new], sequence-major; M-RoPE
+    /// positions `pos3` [3, batch·n_new], e.g. from `positions::MropeState::append`, which
+    /// continues after earlier turns and images). Images of the new tokens come as pixels and
+    /// grids. Returns logits [batch·n_new, V], or with `last_only` [batch, V] for each sequence's
+    /// last new token (sampling).
+    #[allow(clippy::too_many_arguments)]
+    pub fn extend(&self, dev: &Device, s: &mut Session, ids: &[i32], pos3: &[i32], n_new: usize, pixels: &[f32], grids: &[[usize; 3]], last_only: bool) -> Result<Buf> {
+        let at = self.placeholders(ids, grids)?;
+        let embeds = if grids.is_empty() { None } else { Some(self.image_embeds(dev, pixels, grids)?) };
+        let inject = embeds.as_ref().map(|rows| Inject { rows, at: &at });
+        let hidden = lm::extend(dev, &self.tdims, &self.params.text, &mut s.lm, ids, pos3, n_new, inject)?;
+        let (t, d) = (ids.len(), self.tdims.layer.d);
+        if !last_only {
+            return lm::logits(dev, &self.tdims, &self.params.text, &hidden, t);
+        }
+        let last: Vec<usize> = (0..s.lm.batch).map(|b| b * n_new + n_new - 1).collect();
+        let idx = RowIndex::new(dev, &last, t)?;
+        let mut rows = dev.zeros_act(last.len() * d)?;
+        gather_rows(dev, &mut rows, &hidden, &idx, d)?;
+        lm::logits(dev, &self.tdims, &self.params.text, &rows, last.len())
+    }
+}
+
+fn entries<'a>(p: &'a QwenParams, vd: &VisionDims, ps: &[usize], td: &LmDims, names: &LmNames) -> Vec<(ParamRef, &'a Buf)> {
+    let mut v = p.vision.entries(vd, ps);
+    v.extend(p.text.entries(td, names));
+    v
+}

@@ -1,0 +1,181 @@
+//! Fused AdamW step with f32 master weights (torch.optim.AdamW semantics: decoupled weight decay,
+//! bias-corrected moments), plus the sum of squares behind global-norm gradient clipping.
+//! Kernel: kernels/adamw.cu. Zeroing a gradient buffer is `elementwise::fill(.., 0.0, ..)`.
+
+use super::elementwise::{cfg_stream, i64_arg};
+use super::{check, check_dtype, kname, same_float_dtype};
+use crate::cuda::{dptr, Arg};
+use crate::tensor::{Buf, DType, Device};
+use anyhow::{bail, Result};
+
+/// AdamW hyper-parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+impl Default for AdamW {
+    /// PyTorch's defaults.
+    fn default() -> Self {
+        AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 }
+    }
+}
+
+/// Step-dependent scalars, computed in f64 as PyTorch does in Python.
+#[derive(Clone, Copy, Debug)]
+pub struct StepScalars {
+    /// 1 − lr·wd.
+    pub decay: f64,
+    /// lr / (1 − β1^t).
+    pub step_size: f64,
+    /// √(1 − β2^t).
+    pub sqrt_bc2: f64,
+}
+
+impl AdamW {
+    pub fn scalars(&self, step: u64) -> Result<StepScalars> {
+        if step == 0 {
+            bail!("adamw step: step is 1-based (bias correction divides by 1 - beta1^step)");
+        }
+        let t = step.min(i32::MAX as u64) as i32;
+        let (lr, b1, b2) = (self.lr as f64, self.beta1 as f64, self.beta2 as f64);
+        Ok(StepScalars {
+            decay: 1.0 - lr * self.weight_decay as f64,
+            step_size: lr / (1.0 - b1.powi(t)),
+            sqrt_bc2: (1.0 - b2.powi(t)).sqrt(),
+        })
+    }
+}
+
+/// One AdamW step on n parameters. grad (f32) is multiplied by `grad_scale` first (clipping and
+/// accumulation averaging); master, m, v (f32) are updated in place, and `param` (bf16 on the GPU,
+/// or f32; f32 on the CPU) receives the new master rounded to its dtype. `step` is 1-based.
+#[allow(clippy::too_many_arguments)]
+pub fn step(
+    dev: &Device,
+    param: &mut Buf,
+    master: &mut Buf,
+    grad: &Buf,
+    m: &mut Buf,
+    v: &mut Buf,
+    n: usize,
+    hp: &AdamW,
+    step: u64,
+    grad_scale: f32,
+) -> Result<()> {
+    let op = "adamw_step";
+    for (b, a) in [(&*param, "param"), (&*master, "master"), (grad, "grad"), (&*m, "m"), (&*v, "v")] {
+        check(b, n, op, a)?;
+    }
+    for (b, a) in [(&*master, "master"), (grad, "grad"), (&*m, "m"), (&*v, "v")] {
+        check_dtype(b, DType::F32, op, a)?;
+    }
+    let sc = hp.scalars(step)?;
+    match dev {
+        Device::Cpu => {
+            let hp64 = Hp64::new(hp, &sc, grad_scale);
+            cpu::step(param.host_mut()?, master.host_mut()?, grad.host()?, m.host_mut()?, v.host_mut()?, &hp64);
+            Ok(())
+        }
+        Device::Cuda(g) => {
+            let dt = same_float_dtype(op, &[param])?;
+            if n == 0 {
+                return Ok(());
+            }
+            let args = [
+                Arg::Ptr(param.ptr(g)?),
+                Arg::Ptr(master.ptr(g)?),
+                Arg::Ptr(grad.ptr(g)?),
+                Arg::Ptr(m.ptr(g)?),
+                Arg::Ptr(v.ptr(g)?),
+                i64_arg(n),
+                Arg::F32(hp.beta1),
+                Arg::F32(hp.beta2),
+                Arg::F32(hp.eps),
+                Arg::F32(sc.decay as f32),
+                Arg::F32(sc.step_size as f32),
+                Arg::F32(sc.sqrt_bc2 as f32),
+                Arg::F32(grad_scale),
+            ];
+            g.launch("adamw", &kname(op, dt), cfg_stream(g, n), &args)
+        }
+    }
+}
+
+/// Σ x² over n elements, in f64 (for the global gradient norm). Deterministic: on the GPU each
+/// block writes a double partial and the host sums them in order.
+pub fn sum_squares(dev: &Device, x: &Buf, n: usize) -> Result<f64> {
+    let op = "sum_squares";
+    check(x, n, op, "x")?;
+    match dev {
+        Device::Cpu => Ok(cpu::sum_squares(x.host()?)),
+        Device::Cuda(g) => {
+            let dt = same_float_dtype(op, &[x])?;
+            if n == 0 {
+                return Ok(0.0);
+            }
+            let cfg = cfg_stream(g, n);
+            let nblocks = cfg.grid_dim.0 as usize;
+            let part = g.alloc::<f64>(nblocks)?; // [nblocks]
+            let args = [Arg::Ptr(dptr(&part, &g.stream)), Arg::Ptr(x.ptr(g)?), i64_arg(n)];
+            g.launch("adamw", &kname(op, dt), cfg, &args)?;
+            Ok(g.download(&part, nblocks)?.iter().sum())
+        }
+    }
+}
+
+/// The hyper-parameters as the CPU reference takes them (any `Real`).
+#[derive(Clone, Copy, Debug)]
+pub struct Hp64 {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub decay: f64,
+    pub step_size: f64,
+    pub sqrt_bc2: f64,
+    pub grad_scale: f64,
+}
+
+impl Hp64 {
+    pub fn new(hp: &AdamW, sc: &StepScalars, grad_scale: f32) -> Hp64 {
+        Hp64 {
+            beta1: hp.beta1 as f64,
+            beta2: hp.beta2 as f64,
+            eps: hp.eps as f64,
+            decay: sc.decay,
+            step_size: sc.step_size,
+            sqrt_bc2: sc.sqrt_bc2,
+            grad_scale: grad_scale as f64,
+        }
+    }
+}
+
+pub mod cpu {
+    use super::Hp64;
+    use crate::real::Real;
+
+    /// The kernel's arithmetic, in `R`: decay, moments (m by lerp as torch), bias-corrected update.
+    pub fn step<R: Real>(param: &mut [R], master: &mut [R], grad: &[R], m: &mut [R], v: &mut [R], hp: &Hp64) {
+        let f = R::from_f64;
+        let (b1, b2, eps, decay, step_size, sqrt_bc2, gs) =
+            (f(hp.beta1), f(hp.beta2), f(hp.eps), f(hp.decay), f(hp.step_size), f(hp.sqrt_bc2), f(hp.grad_scale));
+        for i in 0..master.len() {
+            let g = grad[i] * gs;
+            let mut p = master[i] * decay;
+            m[i] += (R::ONE - b1) * (g - m[i]);
+            v[i] = b2 * v[i] + (R::ONE - b2) * g * g;
+            let denom = v[i].sqrt() / sqrt_bc2 + eps;
+            p -= step_size * (m[i] / denom);
+            master[i] = p;
+            param[i] = p;
+        }
+    }
+
+    pub fn sum_squares(x: &[f32]) -> f64 {
+        x.iter().map(|&v| v as f64 * v as f64).sum()
+    }
+}

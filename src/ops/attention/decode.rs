@@ -1,0 +1,242 @@
+//! Decode attention for rollouts: `KvCache` (one per layer) keeps every sequence's keys and
+//! values on the device across turns; `decode` lets the newest n_new tokens of each sequence
+//! (one while sampling, a few for an appended user turn) attend causally to its cache.
+//!
+//! CUDA: bf16 with d ∈ {64, 80, 128} runs split-K on tensor cores (kernels/attention_decode.cu):
+//! each block takes one (sequence, kv head, 64-row query tile) and one chunk of the cache, so a
+//! long cache spreads over the GPU; a combine kernel merges the chunks' (max, sum, unnormalised
+//! output). Otherwise one warp per query row (kernels/attention_simple.cu).
+
+use super::{aligned16, cpu, kname, tc_enabled, tc_head_dim, AttnShape, Varlen, TILE};
+use crate::cuda::{cfg_1d, cfg_rows, Arg};
+use crate::ops::{check, check_dtype, same_float_dtype};
+use crate::tensor::{Buf, DType, Device};
+use anyhow::{bail, Result};
+use cudarc::driver::LaunchConfig;
+
+/// One layer's KV cache: k, v [batch, max_len, hkv, d]; sequence b holds lens[b] tokens.
+pub struct KvCache {
+    pub k: Buf, // [batch, max_len, hkv, d]
+    pub v: Buf, // [batch, max_len, hkv, d]
+    pub batch: usize,
+    pub max_len: usize,
+    pub hkv: usize,
+    pub d: usize,
+    lens: Vec<i32>, // [batch], the host copy
+    lens_buf: Buf,  // [batch] i32, the device copy the kernels read
+}
+
+impl KvCache {
+    /// An empty cache in the device's activation dtype.
+    pub fn new(dev: &Device, batch: usize, max_len: usize, hkv: usize, d: usize) -> Result<Self> {
+        Self::with_dtype(dev, dev.act_dtype(), batch, max_len, hkv, d)
+    }
+
+    pub fn with_dtype(dev: &Device, dtype: DType, batch: usize, max_len: usize, hkv: usize, d: usize) -> Result<Self> {
+        if batch == 0 || max_len == 0 || hkv == 0 || d == 0 {
+            bail!("KvCache: batch, max_len, hkv and d must be positive (got {batch}, {max_len}, {hkv}, {d})");
+        }
+        if batch * max_len * hkv * d >= i32::MAX as usize || max_len >= i32::MAX as usize {
+            bail!("KvCache: {batch}×{max_len}×{hkv}×{d} elements exceed what the kernels index");
+        }
+        let n = batch * max_len * hkv * d;
+        Ok(Self {
+            k: dev.zeros(dtype, n)?,
+            v: dev.zeros(dtype, n)?,
+            batch,
+            max_len,
+            hkv,
+            d,
+            lens: vec![0; batch],
+            lens_buf: dev.zeros(DType::I32, batch)?,
+        })
+    }
+
+    /// Tokens held per sequence.
+    pub fn lens(&self) -> &[i32] {
+        &self.lens
+    }
+
+    /// Appends n_new rows per sequence: k_new, v_new [batch, n_new, hkv, d].
+    pub fn append(&mut self, dev: &Device, k_new: &Buf, v_new: &Buf, n_new: usize) -> Result<()> {
+        let cu: Vec<i32> = (0..=self.batch).map(|b| (b * n_new) as i32).collect();
+        self.append_rows(dev, k_new, v_new, &cu, None, n_new)
+    }
+
+    /// Appends packed rows k_new, v_new [T, hkv, d]: sequence b gets rows seqs[b]..seqs[b+1]
+    /// (a prefill of prompts of different lengths). seqs must have `batch` sequences.
+    pub fn append_varlen(&mut self, dev: &Device, k_new: &Buf, v_new: &Buf, seqs: &Varlen) -> Result<()> {
+        if seqs.nseq() != self.batch {
+            bail!("KvCache::append_varlen: {} sequences for a cache of batch {}", seqs.nseq(), self.batch);
+        }
+        self.append_rows(dev, k_new, v_new, &seqs.host, Some(&seqs.buf), 0)
+    }
+
+    /// Empties every sequence (the buffers keep their contents; lengths go to 0).
+    pub fn clear(&mut self, dev: &Device) -> Result<()> {
+        self.lens.fill(0);
+        self.upload_lens(dev)
+    }
+
+    /// Shortens sequence b to `len` tokens (drops the rest, e.g. a rejected turn).
+    pub fn truncate(&mut self, dev: &Device, b: usize, len: usize) -> Result<()> {
+        if b >= self.batch || len > self.lens[b] as usize {
+            bail!("KvCache::truncate: sequence {b} (batch {}) to {len} tokens: out of range", self.batch);
+        }
+        self.lens[b] = len as i32;
+        self.upload_lens(dev)
+    }
+
+    /// `uniform_n` > 0: sequence b owns rows b·n..(b+1)·n (the kernel needs no offsets);
+    /// else `cu_buf` holds the offsets on the device.
+    fn append_rows(&mut self, dev: &Device, k_new: &Buf, v_new: &Buf, cu: &[i32], cu_buf: Option<&Buf>, uniform_n: usize) -> Result<()> {
+        let op = "kv_append";
+        let row = self.hkv * self.d;
+        let total = *cu.last().unwrap_or(&0) as usize;
+        check(k_new, total * row, op, "k_new")?;
+        check(v_new, total * row, op, "v_new")?;
+        for (b, w) in cu.windows(2).enumerate() {
+            let n = (w[1] - w[0]) as usize;
+            if self.lens[b] as usize + n > self.max_len {
+                bail!("{op}: sequence {b} holds {} tokens; {n} more exceed max_len {}", self.lens[b], self.max_len);
+            }
+        }
+        match dev {
+            Device::Cpu => {
+                let (kc, vc) = (self.k.host_mut()?, self.v.host_mut()?);
+                cpu::kv_append(kc, vc, &self.lens, k_new.host()?, v_new.host()?, cu, self.max_len, row);
+            }
+            Device::Cuda(g) => {
+                let dt = same_float_dtype(op, &[&self.k, &self.v, k_new, v_new])?;
+                if total > 0 {
+                    let cu_ptr = match cu_buf {
+                        Some(b) => b.ptr(g)?,
+                        None => self.lens_buf.ptr(g)?, // unused when uniform_n > 0
+                    };
+                    let args = [
+                        Arg::Ptr(self.k.ptr(g)?),
+                        Arg::Ptr(self.v.ptr(g)?),
+                        Arg::Ptr(self.lens_buf.ptr(g)?),
+                        Arg::Ptr(k_new.ptr(g)?),
+                        Arg::Ptr(v_new.ptr(g)?),
+                        Arg::Ptr(cu_ptr),
+                        Arg::I32(self.batch as i32),
+                        Arg::I32(uniform_n as i32),
+                        Arg::I32(self.max_len as i32),
+                        Arg::I32(row as i32),
+                    ];
+                    g.launch("attention_simple", &kname("attention_kv_append", dt), cfg_rows(total, 128, 0), &args)?;
+                }
+            }
+        }
+        for (b, w) in cu.windows(2).enumerate() {
+            self.lens[b] += w[1] - w[0];
+        }
+        self.upload_lens(dev)
+    }
+
+    /// Copies the host lengths to the device copy (stream-ordered after earlier kernels).
+    fn upload_lens(&mut self, dev: &Device) -> Result<()> {
+        match (&mut self.lens_buf, dev) {
+            (Buf::HostI32(v), _) => v.copy_from_slice(&self.lens),
+            (Buf::DevI32(s, _), Device::Cuda(g)) => g.stream.memcpy_htod(&self.lens, s)?,
+            (b, _) => bail!("KvCache: lengths buffer {b:?} does not match device {}", dev.name()),
+        }
+        Ok(())
+    }
+}
+
+/// out [batch, n_new, hq, d] (=): the last n_new tokens of each cached sequence (queries
+/// q [batch, n_new, hq, d], already appended to `cache`) attend to the cache; causal: new token
+/// i sits at position lens[b] − n_new + i and sees positions 0..=that.
+pub fn decode(dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, n_new: usize, s: &AttnShape) -> Result<()> {
+    let op = "attention_decode";
+    s.validate(op)?;
+    if s.hkv != cache.hkv || s.d != cache.d {
+        bail!("{op}: shape has hkv {} d {}, the cache hkv {} d {}", s.hkv, s.d, cache.hkv, cache.d);
+    }
+    if n_new == 0 {
+        bail!("{op}: n_new must be at least 1");
+    }
+    if s.d > 256 {
+        bail!("{op}: head dim {} > 256 is not supported", s.d);
+    }
+    let (b, hq, d) = (cache.batch, s.hq, s.d);
+    let rows = b * n_new * hq; // query rows
+    check(q, rows * d, op, "q")?;
+    check(out, rows * d, op, "out")?;
+    if rows * d >= i32::MAX as usize {
+        bail!("{op}: {rows} query rows × {d} exceed the 2^31 elements the kernels index");
+    }
+    for (i, &l) in cache.lens.iter().enumerate() {
+        if (l as usize) < n_new {
+            bail!("{op}: sequence {i} holds {l} tokens, fewer than the {n_new} new ones (append them first)");
+        }
+    }
+    match dev {
+        Device::Cpu => {
+            cpu::decode(out.host_mut()?, q.host()?, cache.k.host()?, cache.v.host()?, &cache.lens, cache.max_len, n_new, s);
+            Ok(())
+        }
+        Device::Cuda(g) => {
+            let dt = same_float_dtype(op, &[out, q, &cache.k, &cache.v])?;
+            check_dtype(&cache.lens_buf, DType::I32, op, "lens")?;
+            let grp = hq / s.hkv;
+            let tc = dt == DType::BF16 && tc_head_dim(d) && tc_enabled() && aligned16(g, &[out, q, &cache.k, &cache.v])?;
+            if !tc {
+                let args = [
+                    Arg::Ptr(out.ptr(g)?),
+                    Arg::Ptr(q.ptr(g)?),
+                    Arg::Ptr(cache.k.ptr(g)?),
+                    Arg::Ptr(cache.v.ptr(g)?),
+                    Arg::Ptr(cache.lens_buf.ptr(g)?),
+                    Arg::I32(b as i32),
+                    Arg::I32(n_new as i32),
+                    Arg::I32(hq as i32),
+                    Arg::I32(s.hkv as i32),
+                    Arg::I32(d as i32),
+                    Arg::I32(cache.max_len as i32),
+                    Arg::F32(s.scale),
+                    Arg::I32(s.causal as i32),
+                ];
+                return g.launch("attention_simple", &kname("attention_simple_decode", dt), cfg_1d(rows * 32, 128), &args);
+            }
+            // Split the longest cache so that the grid covers the GPU about three times.
+            let mtiles = (n_new * grp).div_ceil(TILE);
+            let base = b * s.hkv * mtiles;
+            let longest = cache.lens.iter().copied().max().unwrap_or(1).max(1) as usize;
+            let want = (3 * g.sm_count as usize).div_ceil(base).clamp(1, longest.div_ceil(TILE));
+            let chunk = longest.div_ceil(want).div_ceil(TILE) * TILE;
+            let nsplit = longest.div_ceil(chunk);
+            if s.hkv * mtiles > 65535 || b > 65535 {
+                bail!("{op}: grid of {} kv-head tiles × {b} sequences exceeds the launch limits", s.hkv * mtiles);
+            }
+            let part_o = dev.zeros_f32(nsplit * rows * d)?; // [nsplit, rows, d] unnormalised outputs
+            let part_ml = dev.zeros_f32(nsplit * rows * 2)?; // [nsplit, rows, (max, sum)] in log2 units
+            let args = [
+                Arg::Ptr(part_o.ptr(g)?),
+                Arg::Ptr(part_ml.ptr(g)?),
+                Arg::Ptr(q.ptr(g)?),
+                Arg::Ptr(cache.k.ptr(g)?),
+                Arg::Ptr(cache.v.ptr(g)?),
+                Arg::Ptr(cache.lens_buf.ptr(g)?),
+                Arg::I32(n_new as i32),
+                Arg::I32(hq as i32),
+                Arg::I32(s.hkv as i32),
+                Arg::I32(cache.max_len as i32),
+                Arg::I32(chunk as i32),
+                Arg::I32(nsplit as i32),
+                Arg::F32(s.scale * std::f32::consts::LOG2_E),
+                Arg::I32(s.causal as i32),
+            ];
+            let cfg = LaunchConfig {
+                grid_dim: (nsplit as u32, (s.hkv * mtiles) as u32, b as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: (3 * TILE * (d + 8) * 2) as u32,
+            };
+            g.launch("attention_decode", &format!("attention_decode_bf16_d{d}"), cfg, &args)?;
+            let args = [Arg::Ptr(out.ptr(g)?), Arg::Ptr(part_o.ptr(g)?), Arg::Ptr(part_ml.ptr(g)?), Arg::I32(rows as i32), Arg::I32(nsplit as i32), Arg::I32(d as i32)];
+            g.launch("attention_decode", "attention_decode_combine_bf16", cfg_rows(rows, 128, 0), &args)
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! Fused attention (FlashAttention-style: online softmax, no S×S matrix in memory) for training
+//! and the vision tower's windows, over variable-length packed sequences; decode over a KV cache
+//! lives in `decode`. CPU reference in `cpu`.
+//!
+//! Layouts: q/out [T, hq, d], k/v [T, hkv, d] (the tokens of all sequences packed, row-major),
+//! lse [hq, T] f32 (natural log, saved for backward). Sequence b owns tokens
+//! cu[b]..cu[b+1] (`Varlen`). Causal: token i of a sequence attends to tokens 0..=i of the same
+//! sequence; non-causal (vision windows): to every token of its sequence. GQA: query head h
+//! reads kv head h / (hq/hkv).
+//!
+//! CUDA paths:
+//! - bf16 with d ∈ {64, 80, 128}: tensor-core kernels (kernels/attention.cu; mma.sync m16n8k16,
+//!   f32 accumulate). Backward FA2-style: dK/dV per KV tile in registers, dQ by f32 atomics.
+//! - anything else (f32, other head dims, or `AM3_ATTN_SIMPLE=1`): one-warp-per-row kernels
+//!   on CUDA cores (kernels/attention_simple.cu), exact f32 math, used by the f32 tests.
+
+pub mod cpu;
+pub mod decode;
+
+pub use decode::{decode, KvCache};
+
+use super::{check, check_dtype, kname, same_float_dtype};
+use crate::cuda::{cfg_1d, Arg, Gpu};
+use crate::tensor::{Buf, DType, Device};
+use anyhow::{bail, Result};
+use cudarc::driver::LaunchConfig;
+
+/// Head count, head dim, masking and softmax scale (usually 1/√d).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnShape {
+    pub hq: usize,
+    pub hkv: usize,
+    pub d: usize,
+    pub causal: bool,
+    pub scale: f32,
+}
+
+impl AttnShape {
+    /// The usual scale 1/√d.
+    pub fn new(hq: usize, hkv: usize, d: usize, causal: bool) -> Self {
+        Self { hq, hkv, d, causal, scale: 1.0 / (d as f32).sqrt() }
+    }
+
+    fn validate(&self, op: &str) -> Result<()> {
+        if self.hq == 0 || self.hkv == 0 || self.d == 0 {
+            bail!("{op}: hq, hkv and d must be positive (got {self:?})");
+        }
+        if self.hq % self.hkv != 0 {
+            bail!("{op}: hq = {} is not a multiple of hkv = {}", self.hq, self.hkv);
+        }
+        if !(self.scale.is_finite() && self.scale > 0.0) {
+            bail!("{op}: scale must be finite and positive (got {})", self.scale);
+        }
+        Ok(())
+    }
+}
+
+/// Cumulative sequence offsets of a packed batch, on the host (validation, launch sizing) and
+/// on the device (the kernels): sequence b owns tokens host[b]..host[b+1].
+pub struct Varlen {
+    pub host: Vec<i32>, // [nseq + 1]
+    pub buf: Buf,       // [nseq + 1] i32
+    pub max_len: usize,
+}
+
+impl Varlen {
+    /// Checks cu_seqlens: at least one sequence, cu[0] = 0, non-decreasing (empty sequences are allowed).
+    pub fn new(dev: &Device, cu: &[i32]) -> Result<Varlen> {
+        if cu.len() < 2 {
+            bail!("cu_seqlens needs at least 2 entries (one sequence), got {}", cu.len());
+        }
+        if cu[0] != 0 {
+            bail!("cu_seqlens[0] must be 0, got {}", cu[0]);
+        }
+        let mut max_len = 0usize;
+        for (i, w) in cu.windows(2).enumerate() {
+            if w[1] < w[0] {
+                bail!("cu_seqlens is not monotone: cu[{}] = {} > cu[{}] = {}", i, w[0], i + 1, w[1]);
+            }
+            max_len = max_len.max((w[1] - w[0]) as usize);
+        }
+        Ok(Varlen { host: cu.to_vec(), buf: dev.upload_i32(cu)?, max_len })
+    }
+
+    /// Equal-length sequences: nseq sequences of len tokens.
+    pub fn uniform(dev: &Device, nseq: usize, len: usize) -> Result<Varlen> {
+        let cu: Vec<i32> = (0..=nseq).map(|i| (i * len) as i32).collect();
+        Varlen::new(dev, &cu)
+    }
+
+    pub fn nseq(&self) -> usize {
+        self.host.len() - 1
+    }
+
+    /// Total tokens T.
+    pub fn total(&self) -> usize {
+        *self.host.last().unwrap_or(&0) as usize
+    }
+}
+
+/// Rows per tile of the tensor-core kernels (queries per forward block, keys per backward block).
+const TILE: usize = 64;
+
+/// The head dims with tensor-core kernels.
+fn tc_head_dim(d: usize) -> bool {
+    matches!(d, 64 | 80 | 128)
+}
+
+/// Whether the bf16 tensor-core path is allowed (`AM3_ATTN_SIMPLE=1` forces the simple kernels).
+fn tc_enabled() -> bool {
+    !std::env::var("AM3_ATTN_SIMPLE").is_ok_and(|v| v == "1")
+}
+
+/// Every pointer 16-byte aligned (cp.async and 16-byte vector loads need it).
+fn aligned16(g: &Gpu, bufs: &[&Buf]) -> Result<bool> {
+    for b in bufs {
+        if b.ptr(g)? % 16 != 0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Shared memory of the tensor-core forward: Q, K, V tiles of 64 rows, rows padded by 8 elements.
+fn fwd_smem(d: usize) -> u32 {
+    (3 * TILE * (d + 8) * 2) as u32
+}
+
+/// Shared memory of the tensor-core backward: K, V, Q, dO tiles, the dSᵀ tile and lse/D rows.
+fn bwd_smem(d: usize) -> u32 {
+    (4 * TILE * (d + 8) * 2 + TILE * (TILE + 8) * 2 + 2 * TILE * 4) as u32
+}
+
+/// Warp-per-row launch: `rows` warps in blocks of 4 warps.
+fn cfg_warps(rows: usize) -> LaunchConfig {
+    cfg_1d(rows * 32, 128)
+}
+
+/// Checks the packed-batch buffers shared by fwd and bwd; returns T.
+fn check_packed(op: &str, q: &Buf, k: &Buf, v: &Buf, seqs: &Varlen, s: &AttnShape) -> Result<usize> {
+    s.validate(op)?;
+    let t = seqs.total();
+    check(q, t * s.hq * s.d, op, "q")?;
+    check(k, t * s.hkv * s.d, op, "k")?;
+    check(v, t * s.hkv * s.d, op, "v")?;
+    check(&seqs.buf, seqs.host.len(), op, "cu_seqlens buf")?;
+    check_dtype(&seqs.buf, DType::I32, op, "cu_seqlens buf")?;
+    if s.d > 256 {
+        bail!("{op}: head dim {} > 256 is not supported", s.d);
+    }
+    if t * s.hq * s.d >= i32::MAX as usize {
+        bail!("{op}: {t} tokens × {} heads × {} exceed the 2^31 elements the kernels index", s.hq, s.d);
+    }
+    Ok(t)
+}
+
+/// out [T, hq, d] (=), lse [hq, T] (f32, =) = softmax(q·kᵀ·scale)·v over each sequence of `seqs`.
+#[allow(clippy::too_many_arguments)]
+pub fn fwd(dev: &Device, out: &mut Buf, lse: &mut Buf, q: &Buf, k: &Buf, v: &Buf, seqs: &Varlen, s: &AttnShape) -> Result<()> {
+    let op = "attention_fwd";
+    let t = check_packed(op, q, k, v, seqs, s)?;
+    check(out, t * s.hq * s.d, op, "out")?;
+    check(lse, s.hq * t, op, "lse")?;
+    check_dtype(lse, DType::F32, op, "lse")?;
+    match dev {
+        Device::Cpu => {
+            cpu::fwd(out.host_mut()?, lse.host_mut()?, q.host()?, k.host()?, v.host()?, &seqs.host, s);
+            Ok(())
+        }
+        Device::Cuda(g) => {
+            let dt = same_float_dtype(op, &[out, q, k, v])?;
+            if t == 0 {
+                return Ok(());
+            }
+            let nseq = seqs.nseq();
+            let base = [Arg::Ptr(out.ptr(g)?), Arg::Ptr(lse.ptr(g)?), Arg::Ptr(q.ptr(g)?), Arg::Ptr(k.ptr(g)?), Arg::Ptr(v.ptr(g)?), Arg::Ptr(seqs.buf.ptr(g)?)];
+            if use_tc(g, dt, s.d, &[out, q, k, v])? {
+                check_grid(op, seqs, s)?;
+                let cfg = LaunchConfig {
+                    grid_dim: (seqs.max_len.div_ceil(TILE) as u32, s.hq as u32, nseq as u32),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: fwd_smem(s.d),
+                };
+                let mut args = base.to_vec();
+                args.extend([Arg::I32(t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32), Arg::F32(s.scale * std::f32::consts::LOG2_E), Arg::I32(s.causal as i32)]);
+                g.launch("attention", &format!("attention_fwd_bf16_d{}", s.d), cfg, &args)
+            } else {
+                let mut args = base.to_vec();
+                args.extend(simple_dims(nseq, t, s));
+                g.launch("attention_simple", &kname("attention_simple_fwd", dt), cfg_warps(t * s.hq), &args)
+            }
+        }
+    }
+}
+
+/// dq [T, hq, d], dk, dv [T, hkv, d] (all activation dtype, =) from dout and the forward's out and lse.
+#[allow(clippy::too_many_arguments)]
+pub fn bwd(
+    dev: &Device,
+    dq: &mut Buf,
+    dk: &mut Buf,
+    dv: &mut Buf,
+    dout: &Buf,
+    q: &Buf,
+    k: &Buf,
+    v: &Buf,
+    out: &Buf,
+    lse: &Buf,
+    seqs: &Varlen,
+    s: &AttnShape,
+) -> Result<()> {
+    let op = "attention_bwd";
+    let t = check_packed(op, q, k, v, seqs, s)?;
+    for (b, n, a) in [(&*dq, t * s.hq * s.d, "dq"), (&*dk, t * s.hkv * s.d, "dk"), (&*dv, t * s.hkv * s.d, "dv"), (dout, t * s.hq * s.d, "dout"), (out, t * s.hq * s.d, "out"), (lse, s.hq * t, "lse")] {
+        check(b, n, op, a)?;
+    }
+    check_dtype(lse, DType::F32, op, "lse")?;
+    match dev {
+        Device::Cpu => {
+            let (q, k, v, o, l, d_o) = (q.host()?, k.host()?, v.host()?, out.host()?, lse.host()?, dout.host()?);
+            cpu::bwd(dq.host_mut()?, dk.host_mut()?, dv.host_mut()?, d_o, q, k, v, o, l, &seqs.host, s);
+            Ok(())
+        }
+        Device::Cuda(g) => {
+            let dt = same_float_dtype(op, &[dq, dk, dv, dout, q, k, v, out])?;
+            if t == 0 {
+                return Ok(());
+            }
+            let nseq = seqs.nseq();
+            // D[h, t] = dout·out per row, the softmax-backward correction term.
+            let dvec = dev.zeros_f32(s.hq * t)?;
+            let args = [Arg::Ptr(dvec.ptr(g)?), Arg::Ptr(dout.ptr(g)?), Arg::Ptr(out.ptr(g)?), Arg::I32(t as i32), Arg::I32(s.hq as i32), Arg::I32(s.d as i32)];
+            g.launch("attention_simple", &kname("attention_bwd_dot", dt), cfg_warps(t * s.hq), &args)?;
+            let inputs = [Arg::Ptr(q.ptr(g)?), Arg::Ptr(k.ptr(g)?), Arg::Ptr(v.ptr(g)?), Arg::Ptr(dout.ptr(g)?), Arg::Ptr(lse.ptr(g)?), Arg::Ptr(dvec.ptr(g)?), Arg::Ptr(seqs.buf.ptr(g)?)];
+            if use_tc(g, dt, s.d, &[dq, dk, dv, dout, q, k, v])? {
+                check_grid(op, seqs, s)?;
+                let grp = s.hq / s.hkv;
+                // dQ accumulates in f32 across KV blocks; with GQA each q head writes its own
+                // dK/dV partial [T, hq, d] (f32) and the finish kernel sums the group.
+                let dq_acc = dev.zeros_f32(t * s.hq * s.d)?;
+                let parts = if grp > 1 { Some((dev.zeros_f32(t * s.hq * s.d)?, dev.zeros_f32(t * s.hq * s.d)?)) } else { None };
+                let (dk_dst, dv_dst) = match &parts {
+                    Some((a, b)) => (a.ptr(g)?, b.ptr(g)?),
+                    None => (dk.ptr(g)?, dv.ptr(g)?),
+                };
+                let mut args = vec![Arg::Ptr(dq_acc.ptr(g)?), Arg::Ptr(dk_dst), Arg::Ptr(dv_dst)];
+                args.extend(inputs);
+                args.extend([Arg::I32(t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32), Arg::F32(s.scale), Arg::F32(s.scale * std::f32::consts::LOG2_E), Arg::I32(s.causal as i32)]);
+                let cfg = LaunchConfig {
+                    grid_dim: (seqs.max_len.div_ceil(TILE) as u32, s.hq as u32, nseq as u32),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: bwd_smem(s.d),
+                };
+                g.launch("attention", &format!("attention_bwd_bf16_d{}", s.d), cfg, &args)?;
+                let (pk, pv) = match &parts {
+                    Some((a, b)) => (a.ptr(g)?, b.ptr(g)?),
+                    None => (0, 0),
+                };
+                let args = [
+                    Arg::Ptr(dq.ptr(g)?),
+                    Arg::Ptr(dk.ptr(g)?),
+                    Arg::Ptr(dv.ptr(g)?),
+                    Arg::Ptr(dq_acc.ptr(g)?),
+                    Arg::Ptr(pk),
+                    Arg::Ptr(pv),
+                    Arg::I32(t as i32),
+                    Arg::I32(s.hq as i32),
+                    Arg::I32(s.hkv as i32),
+                    Arg::I32(s.d as i32),
+                    Arg::I32(parts.is_some() as i32),
+                ];
+                g.launch("attention", "attention_bwd_finish_bf16", cfg_1d(t * s.hq * s.d, 256), &args)
+            } else {
+                let mut args = vec![Arg::Ptr(dq.ptr(g)?)];
+                args.extend(inputs);
+                args.extend(simple_dims(nseq, t, s));
+                g.launch("attention_simple", &kname("attention_simple_bwd_dq", dt), cfg_warps(t * s.hq), &args)?;
+                let mut args = vec![Arg::Ptr(dk.ptr(g)?), Arg::Ptr(dv.ptr(g)?)];
+                args.extend(inputs);
+                args.extend(simple_dims(nseq, t, s));
+                g.launch("attention_simple", &kname("attention_simple_bwd_dkv", dt), cfg_warps(t * s.hkv), &args)
+            }
+        }
+    }
+}
+
+/// The trailing scalar arguments of the simple kernels: nseq, T, hq, hkv, d, scale, causal.
+fn simple_dims(nseq: usize, t: usize, s: &AttnShape) -> [Arg; 7] {
+    [Arg::I32(nseq as i32), Arg::I32(t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32), Arg::I32(s.d as i32), Arg::F32(s.scale), Arg::I32(s.causal as i32)]
+}
+
+/// Whether this call takes the bf16 tensor-core kernels.
+fn use_tc(g: &Gpu, dt: DType, d: usize, bufs: &[&Buf]) -> Result<bool> {
+    Ok(dt == DType::BF16 && tc_head_dim(d) && tc_enabled() && aligned16(g, bufs)?)
+}
+
+/// Grid limits of the tensor-core launches (y = heads, z = sequences).
+fn check_grid(op: &str, seqs: &Varlen, s: &AttnShape) -> Result<()> {
+    if seqs.nseq() > 65535 || s.hq > 65535 {
+        bail!("{op}: {} sequences × {} heads exceed the grid limits (65535 each)", seqs.nseq(), s.hq);
+    }
+    Ok(())
+}

@@ -1,0 +1,467 @@
+//! Turn-aware GRPO (AM3Safety): the per-turn reward and group advantage, and the clipped
+//! surrogate + k3-KL loss with its gradient d loss / d logp, on the CPU (generic over `Real`, so
+//! the reference vectors check in f64) and on CUDA (kernels/grpo.cu, f32).
+//!
+//! Reward, for P dialogues × N rollouts × T assistant turns with judge scores safe, help [P, N, T]:
+//!   m_t = mean_n safe, Var_t = population variance over the N rollouts,
+//!   U_t = Var_t + λ·max(0, τ − m_t), α = softmax_t(U), r = Σ_t α_t (β_help·help + safe),
+//!   A = (r − mean_n r) / (unbiased std_n r + ε_adv) per dialogue (A = 0 when N = 1).
+//! Loss per masked token, with ρ = e^(logp − old):
+//!   −(min(ρA, clip(ρ, 1 − ε_low, 1 + ε_high)·A) − β_kl·k3),  k3 = e^(ref − logp) − (ref − logp) − 1,
+//! averaged over all masked tokens (`TokenMean`) or per sequence then over the sequences that have
+//! masked tokens (`SeqMean`). `fused_loss` runs it inside the lm_head log-prob op, so the policy's
+//! [tokens × vocab] logits never exist.
+
+use super::logprob::{self, GradChunk, Tuning};
+use super::{check, check_dtype};
+use crate::cuda::{cfg_1d, cfg_rows, Arg, Gpu};
+use crate::tensor::{Buf, DType, Device};
+use anyhow::{anyhow, bail, Context, Result};
+use std::collections::HashMap;
+
+const MODULE: &str = "grpo";
+
+/// The method's hyper-parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GrpoHyper {
+    /// λ: weight of the safety shortfall max(0, τ − m_t) in the turn importance.
+    pub lambda: f64,
+    /// τ: the safety level below which a turn gains importance.
+    pub tau: f64,
+    /// β_help: weight of helpfulness in the reward.
+    pub beta_help: f64,
+    /// Clip range of the ratio: [1 − eps_low, 1 + eps_high].
+    pub eps_low: f64,
+    pub eps_high: f64,
+    /// β_kl: weight of the k3 KL estimate against the reference policy.
+    pub beta_kl: f64,
+    /// ε added to the advantage's standard deviation.
+    pub adv_eps: f64,
+}
+
+impl GrpoHyper {
+    /// Reads the hyper-parameters from a safetensors metadata header (keys `lam` or `lambda`,
+    /// `tau`, `beta_help`, `eps_low`, `eps_high`, `beta_kl`, `adv_eps`).
+    pub fn from_metadata(m: &HashMap<String, String>) -> Result<Self> {
+        let get = |keys: &[&str]| -> Result<f64> {
+            let (k, s) = keys
+                .iter()
+                .find_map(|k| m.get(*k).map(|s| (*k, s)))
+                .ok_or_else(|| anyhow!("GRPO hyper-parameters: metadata has no `{}`", keys[0]))?;
+            s.trim().parse::<f64>().with_context(|| format!("GRPO hyper-parameters: `{k}` = {s:?} is not a number"))
+        };
+        Ok(Self {
+            lambda: get(&["lambda", "lam"])?,
+            tau: get(&["tau"])?,
+            beta_help: get(&["beta_help"])?,
+            eps_low: get(&["eps_low"])?,
+            eps_high: get(&["eps_high"])?,
+            beta_kl: get(&["beta_kl"])?,
+            adv_eps: get(&["adv_eps"])?,
+        })
+    }
+}
+
+/// How per-token losses are averaged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Aggregation {
+    /// Mean over every masked token of the batch.
+    TokenMean,
+    /// Mean over each sequence's masked tokens, then over the sequences that have any.
+    SeqMean,
+}
+
+/// The loss and two statistics for logging.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LossStats {
+    /// The aggregated loss.
+    pub loss: f64,
+    /// Fraction of masked tokens where the clipped branch won (their surrogate gradient is 0).
+    pub clip_frac: f64,
+    /// Mean of k3 over the masked tokens.
+    pub mean_kl: f64,
+}
+
+/// The reward's intermediates and results; [P, T] and [P, N], row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TurnRewards<R> {
+    pub turn_mean: Vec<R>,
+    pub turn_var: Vec<R>,
+    pub turn_importance: Vec<R>,
+    pub turn_weight: Vec<R>,
+    pub reward: Vec<R>,
+    pub advantage: Vec<R>,
+}
+
+/// Device buffers for `rewards` (f32): turn_* [P, T], reward and advantage [P, N].
+pub struct RewardBufs {
+    pub turn_mean: Buf,
+    pub turn_var: Buf,
+    pub turn_importance: Buf,
+    pub turn_weight: Buf,
+    pub reward: Buf,
+    pub advantage: Buf,
+}
+
+impl RewardBufs {
+    pub fn new(dev: &Device, p: usize, n: usize, t: usize) -> Result<Self> {
+        Ok(Self {
+            turn_mean: dev.zeros_f32(p * t)?,
+            turn_var: dev.zeros_f32(p * t)?,
+            turn_importance: dev.zeros_f32(p * t)?,
+            turn_weight: dev.zeros_f32(p * t)?,
+            reward: dev.zeros_f32(p * n)?,
+            advantage: dev.zeros_f32(p * n)?,
+        })
+    }
+}
+
+/// Turn rewards and group advantages from safe, help [p, n, t] (f32) into `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn rewards(dev: &Device, out: &mut RewardBufs, safe: &Buf, help: &Buf, p: usize, n: usize, t: usize, hp: &GrpoHyper) -> Result<()> {
+    let op = "grpo_rewards";
+    if n == 0 || t == 0 {
+        bail!("{op}: need at least one rollout and one turn (n={n}, t={t})");
+    }
+    for (b, len, a) in [
+        (safe, p * n * t, "safe"),
+        (help, p * n * t, "help"),
+        (&out.turn_mean, p * t, "turn_mean"),
+        (&out.turn_var, p * t, "turn_var"),
+        (&out.turn_importance, p * t, "turn_importance"),
+        (&out.turn_weight, p * t, "turn_weight"),
+        (&out.reward, p * n, "reward"),
+        (&out.advantage, p * n, "advantage"),
+    ] {
+        check(b, len, op, a)?;
+        check_dtype(b, DType::F32, op, a)?;
+    }
+    match dev {
+        Device::Cpu => {
+            let r = cpu::turn_rewards::<f32>(safe.host()?, help.host()?, p, n, t, hp)?;
+            out.turn_mean.host_mut()?.copy_from_slice(&r.turn_mean);
+            out.turn_var.host_mut()?.copy_from_slice(&r.turn_var);
+            out.turn_importance.host_mut()?.copy_from_slice(&r.turn_importance);
+            out.turn_weight.host_mut()?.copy_from_slice(&r.turn_weight);
+            out.reward.host_mut()?.copy_from_slice(&r.reward);
+            out.advantage.host_mut()?.copy_from_slice(&r.advantage);
+            Ok(())
+        }
+        Device::Cuda(g) => {
+            if p == 0 {
+                return Ok(());
+            }
+            let args = [
+                Arg::Ptr(out.turn_mean.ptr(g)?),
+                Arg::Ptr(out.turn_var.ptr(g)?),
+                Arg::Ptr(out.turn_importance.ptr(g)?),
+                Arg::Ptr(out.turn_weight.ptr(g)?),
+                Arg::Ptr(out.reward.ptr(g)?),
+                Arg::Ptr(out.advantage.ptr(g)?),
+                Arg::Ptr(safe.ptr(g)?),
+                Arg::Ptr(help.ptr(g)?),
+                Arg::I32(p as i32),
+                Arg::I32(n as i32),
+                Arg::I32(t as i32),
+                Arg::F32(hp.lambda as f32),
+                Arg::F32(hp.tau as f32),
+                Arg::F32(hp.beta_help as f32),
+                Arg::F32(hp.adv_eps as f32),
+            ];
+            g.launch(MODULE, "grpo_rewards_f32", cfg_rows(p, 128, 0), &args)
+        }
+    }
+}
+
+/// The loss over logp, old_logp, ref_logp, mask [rows, l] and adv [rows] (all f32); writes
+/// dlogp [rows, l] = d loss / d logp (0 on masked tokens).
+#[allow(clippy::too_many_arguments)]
+pub fn loss_fwd_bwd(dev: &Device, dlogp: &mut Buf, logp: &Buf, old_logp: &Buf, ref_logp: &Buf, mask: &Buf, adv: &Buf, rows: usize, l: usize, hp: &GrpoHyper, agg: Aggregation) -> Result<LossStats> {
+    let op = "grpo_loss";
+    check_loss_inputs(op, old_logp, ref_logp, mask, adv, rows, l)?;
+    for (b, a) in [(&*dlogp, "dlogp"), (logp, "logp")] {
+        check(b, rows * l, op, a)?;
+        check_dtype(b, DType::F32, op, a)?;
+    }
+    match dev {
+        Device::Cpu => {
+            let s = cpu::loss_fwd_bwd::<f32>(dlogp.host_mut()?, logp.host()?, old_logp.host()?, ref_logp.host()?, mask.host()?, adv.host()?, rows, l, hp, agg);
+            Ok(s)
+        }
+        Device::Cuda(g) => {
+            let plan = GpuLoss::new(g, dev, mask, rows, l, agg)?;
+            plan.tokens(g, dlogp, logp, None, 0, rows * l, old_logp, ref_logp, mask, adv, l, hp)?;
+            plan.finish(g, dev)
+        }
+    }
+}
+
+/// What the fused GRPO loss reads besides the lm_head op's own inputs.
+#[derive(Clone, Copy)]
+pub struct GrpoBatch<'a> {
+    /// [rows, l] f32: the sampling policy's and the frozen reference's log-probs.
+    pub old_logp: &'a Buf,
+    pub ref_logp: &'a Buf,
+    /// [rows, l] f32: 1 on the completion tokens that enter the loss.
+    pub mask: &'a Buf,
+    /// [rows] f32: the advantage of each rollout.
+    pub adv: &'a Buf,
+    pub rows: usize,
+    pub l: usize,
+}
+
+/// The GRPO step on the policy, fused with the lm_head: from hidden [rows·l, h], lm_head [v, h]
+/// and targets [rows·l] (i32), writes logp [rows·l] (f32, 0 on masked tokens), dhidden
+/// [rows·l, h] (=) and dlm_head [v, h] (f32, +=) and returns the loss statistics. Masked tokens
+/// cost no GEMM work. Three GEMMs of 2·T·H·V in all.
+#[allow(clippy::too_many_arguments)]
+pub fn fused_loss(dev: &Device, logp: &mut Buf, dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, batch: &GrpoBatch, h: usize, v: usize, hp: &GrpoHyper, agg: Aggregation) -> Result<LossStats> {
+    fused_loss_with(dev, &Tuning::default(), logp, dhidden, dlm_head, hidden, lm_head, targets, batch, h, v, hp, agg)
+}
+
+/// `fused_loss` with explicit chunk sizes for the lm_head op.
+#[allow(clippy::too_many_arguments)]
+pub fn fused_loss_with(dev: &Device, tune: &Tuning, logp: &mut Buf, dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, batch: &GrpoBatch, h: usize, v: usize, hp: &GrpoHyper, agg: Aggregation) -> Result<LossStats> {
+    let op = "grpo_fused_loss";
+    let GrpoBatch { old_logp, ref_logp, mask, adv, rows, l } = *batch;
+    check_loss_inputs(op, old_logp, ref_logp, mask, adv, rows, l)?;
+    let t = rows * l;
+    match dev {
+        Device::Cpu => {
+            let (old, rf, mk, ad) = (old_logp.host()?, ref_logp.host()?, mask.host()?, adv.host()?);
+            let wrow = cpu::row_weights::<f32>(mk, rows, l, agg);
+            let mut acc = [0f32; 3];
+            let mut grad = |c: GradChunk<'_>| -> Result<()> {
+                let idx = match c.idx {
+                    Some(b) => Some(b.host_i32()?),
+                    None => None,
+                };
+                cpu::loss_tokens(c.dlogp.host_mut()?, &mut acc, c.logp.host()?, idx, c.p0, c.n, old, rf, mk, ad, &wrow.0, l, hp);
+                Ok(())
+            };
+            logprob::fwd_bwd_with(dev, tune, logp, None, dhidden, dlm_head, hidden, lm_head, targets, Some(mask), t, h, v, &mut grad)?;
+            Ok(cpu::stats(&acc, wrow.1))
+        }
+        Device::Cuda(g) => {
+            let plan = GpuLoss::new(g, dev, mask, rows, l, agg)?;
+            let mut grad = |c: GradChunk<'_>| -> Result<()> { plan.tokens(g, c.dlogp, c.logp, c.idx, c.p0, c.n, old_logp, ref_logp, mask, adv, l, hp) };
+            logprob::fwd_bwd_with(dev, tune, logp, None, dhidden, dlm_head, hidden, lm_head, targets, Some(mask), t, h, v, &mut grad)?;
+            logprob::add_scratch_bytes(plan.bytes);
+            plan.finish(g, dev)
+        }
+    }
+}
+
+fn check_loss_inputs(op: &str, old_logp: &Buf, ref_logp: &Buf, mask: &Buf, adv: &Buf, rows: usize, l: usize) -> Result<()> {
+    if l == 0 {
+        bail!("{op}: sequence length must be positive");
+    }
+    if rows * l > i32::MAX as usize {
+        bail!("{op}: {rows} × {l} tokens is too many for 32-bit kernel indices");
+    }
+    for (b, n, a) in [(old_logp, rows * l, "old_logp"), (ref_logp, rows * l, "ref_logp"), (mask, rows * l, "mask"), (adv, rows, "adv")] {
+        check(b, n, op, a)?;
+        check_dtype(b, DType::F32, op, a)?;
+    }
+    Ok(())
+}
+
+/// The GPU loss: row weights from the mask, per-token loss terms [rows·l] (token order), and the
+/// final reduction to `LossStats`.
+struct GpuLoss {
+    wrow: Buf,
+    total: Buf,
+    tok_loss: Buf,
+    tok_clip: Buf,
+    tok_kl: Buf,
+    /// Bytes allocated here.
+    bytes: usize,
+}
+
+impl GpuLoss {
+    fn new(g: &Gpu, dev: &Device, mask: &Buf, rows: usize, l: usize, agg: Aggregation) -> Result<Self> {
+        let t = rows * l;
+        let s = Self {
+            wrow: dev.zeros_f32(rows)?,
+            total: dev.zeros_f32(1)?,
+            tok_loss: dev.zeros_f32(t)?,
+            tok_clip: dev.zeros_f32(t)?,
+            tok_kl: dev.zeros_f32(t)?,
+            bytes: 4 * (rows.max(1) + 1 + 3 * t.max(1)),
+        };
+        let args = [Arg::Ptr(s.wrow.ptr(g)?), Arg::Ptr(s.total.ptr(g)?), Arg::Ptr(mask.ptr(g)?), Arg::I32(rows as i32), Arg::I32(l as i32), Arg::I32((agg == Aggregation::SeqMean) as i32)];
+        g.launch(MODULE, "grpo_weights_f32", cfg_rows(1, 1024, 0), &args)?;
+        Ok(s)
+    }
+
+    /// Packed tokens p0 .. p0 + n: dlogp[p] and the per-token terms of token idx[p] (or p).
+    #[allow(clippy::too_many_arguments)]
+    fn tokens(&self, g: &Gpu, dlogp: &Buf, logp: &Buf, idx: Option<&Buf>, p0: usize, n: usize, old_logp: &Buf, ref_logp: &Buf, mask: &Buf, adv: &Buf, l: usize, hp: &GrpoHyper) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        if p0 + n > dlogp.len() || p0 + n > logp.len() {
+            bail!("grpo_loss: packed rows {p0}..{} past the end of logp ({}) or dlogp ({})", p0 + n, logp.len(), dlogp.len());
+        }
+        let args = [
+            Arg::Ptr(dlogp.ptr(g)?),
+            Arg::Ptr(self.tok_loss.ptr(g)?),
+            Arg::Ptr(self.tok_clip.ptr(g)?),
+            Arg::Ptr(self.tok_kl.ptr(g)?),
+            Arg::Ptr(logp.ptr(g)?),
+            Arg::Ptr(old_logp.ptr(g)?),
+            Arg::Ptr(ref_logp.ptr(g)?),
+            Arg::Ptr(mask.ptr(g)?),
+            Arg::Ptr(adv.ptr(g)?),
+            Arg::Ptr(self.wrow.ptr(g)?),
+            Arg::Ptr(match idx {
+                Some(b) => b.ptr(g)?,
+                None => 0,
+            }),
+            Arg::I32(p0 as i32),
+            Arg::I32(n as i32),
+            Arg::I32(l as i32),
+            Arg::F32(hp.eps_low as f32),
+            Arg::F32(hp.eps_high as f32),
+            Arg::F32(hp.beta_kl as f32),
+        ];
+        g.launch(MODULE, "grpo_loss_f32", cfg_1d(n, 256), &args)
+    }
+
+    fn finish(&self, g: &Gpu, dev: &Device) -> Result<LossStats> {
+        let stats = dev.zeros_f32(3)?;
+        let args = [
+            Arg::Ptr(stats.ptr(g)?),
+            Arg::Ptr(self.tok_loss.ptr(g)?),
+            Arg::Ptr(self.tok_clip.ptr(g)?),
+            Arg::Ptr(self.tok_kl.ptr(g)?),
+            Arg::Ptr(self.total.ptr(g)?),
+            Arg::I32(self.tok_loss.len() as i32),
+        ];
+        g.launch(MODULE, "grpo_stats_f32", cfg_rows(1, 1024, 0), &args)?;
+        let s = dev.to_vec(&stats)?;
+        Ok(LossStats { loss: s[0] as f64, clip_frac: s[1] as f64, mean_kl: s[2] as f64 })
+    }
+}
+
+pub mod cpu {
+    //! The references, in `R` (f64 for the reference vectors).
+    use super::{Aggregation, GrpoHyper, LossStats, TurnRewards};
+    use crate::real::Real;
+    use anyhow::{bail, Result};
+
+    /// Turn statistics, weights, rewards and advantages from safe, help [p, n, t].
+    pub fn turn_rewards<R: Real>(safe: &[R], help: &[R], p: usize, n: usize, t: usize, hp: &GrpoHyper) -> Result<TurnRewards<R>> {
+        if safe.len() != p * n * t || help.len() != p * n * t {
+            bail!("grpo turn_rewards: safe/help have {}/{} elements, expected {p}×{n}×{t}", safe.len(), help.len());
+        }
+        if n == 0 || t == 0 {
+            bail!("grpo turn_rewards: need at least one rollout and one turn (n={n}, t={t})");
+        }
+        let f = R::from_f64;
+        let (nn, zero) = (f(n as f64), R::ZERO);
+        let mut out = TurnRewards {
+            turn_mean: vec![zero; p * t],
+            turn_var: vec![zero; p * t],
+            turn_importance: vec![zero; p * t],
+            turn_weight: vec![zero; p * t],
+            reward: vec![zero; p * n],
+            advantage: vec![zero; p * n],
+        };
+        for d in 0..p {
+            let s = |k: usize, j: usize| safe[(d * n + k) * t + j];
+            for j in 0..t {
+                let m = (0..n).fold(zero, |a, k| a + s(k, j)) / nn;
+                let var = (0..n).fold(zero, |a, k| a + (s(k, j) - m) * (s(k, j) - m)) / nn;
+                out.turn_mean[d * t + j] = m;
+                out.turn_var[d * t + j] = var;
+                out.turn_importance[d * t + j] = var + f(hp.lambda) * (f(hp.tau) - m).max(zero);
+            }
+            let u = &out.turn_importance[d * t..(d + 1) * t];
+            let mx = u.iter().fold(u[0], |a, &b| a.max(b));
+            let z = u.iter().fold(zero, |a, &x| a + (x - mx).exp());
+            for j in 0..t {
+                out.turn_weight[d * t + j] = (out.turn_importance[d * t + j] - mx).exp() / z;
+            }
+            for k in 0..n {
+                out.reward[d * n + k] = (0..t).fold(zero, |a, j| a + out.turn_weight[d * t + j] * (f(hp.beta_help) * help[(d * n + k) * t + j] + s(k, j)));
+            }
+            let r = &out.reward[d * n..(d + 1) * n];
+            let mean = r.iter().fold(zero, |a, &x| a + x) / nn;
+            let std = if n > 1 { (r.iter().fold(zero, |a, &x| a + (x - mean) * (x - mean)) / f((n - 1) as f64)).sqrt() } else { zero };
+            for k in 0..n {
+                out.advantage[d * n + k] = if n > 1 { (out.reward[d * n + k] - mean) / (std + f(hp.adv_eps)) } else { zero };
+            }
+        }
+        Ok(out)
+    }
+
+    /// The weight of each masked token of a row in the aggregated loss, and Σ mask.
+    pub fn row_weights<R: Real>(mask: &[R], rows: usize, l: usize, agg: Aggregation) -> (Vec<R>, R) {
+        let counts: Vec<R> = (0..rows).map(|r| mask[r * l..(r + 1) * l].iter().fold(R::ZERO, |a, &m| a + m)).collect();
+        let total = counts.iter().fold(R::ZERO, |a, &c| a + c);
+        let nonempty = R::from_f64(counts.iter().filter(|&&c| c != R::ZERO).count() as f64);
+        let w = counts
+            .iter()
+            .map(|&c| match agg {
+                Aggregation::TokenMean if total != R::ZERO => R::ONE / total,
+                Aggregation::SeqMean if c != R::ZERO => R::ONE / (c * nonempty),
+                _ => R::ZERO,
+            })
+            .collect();
+        (w, total)
+    }
+
+    /// One token's (loss, d loss / d logp, clipped, k3), before the mask and aggregation weight.
+    pub fn token<R: Real>(logp: R, old: R, rf: R, a: R, hp: &GrpoHyper) -> (R, R, bool, R) {
+        let f = R::from_f64;
+        let rho = (logp - old).exp();
+        let c = rho.max(R::ONE - f(hp.eps_low)).min(R::ONE + f(hp.eps_high));
+        let (s1, s2) = (rho * a, c * a);
+        let clipped = s2 < s1;
+        let (sur, dsur) = if clipped { (s2, R::ZERO) } else { (s1, s1) };
+        let d = rf - logp;
+        let ed = d.exp();
+        let k3 = ed - d - R::ONE;
+        let dk3 = R::ONE - ed;
+        (-(sur - f(hp.beta_kl) * k3), -(dsur - f(hp.beta_kl) * dk3), clipped, k3)
+    }
+
+    /// Packed tokens p0 .. p0 + n (token idx[p], or p): writes dlogp[p] and adds
+    /// [weighted loss, clipped mask, mask · k3] into `acc`. old, rf, mask: [rows, l]; adv, wrow: [rows].
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_tokens<R: Real>(dlogp: &mut [R], acc: &mut [R; 3], logp: &[R], idx: Option<&[i32]>, p0: usize, n: usize, old: &[R], rf: &[R], mask: &[R], adv: &[R], wrow: &[R], l: usize, hp: &GrpoHyper) {
+        for p in p0..p0 + n {
+            let tok = idx.map_or(p, |ix| ix[p] as usize);
+            let m = mask[tok];
+            if m == R::ZERO {
+                dlogp[p] = R::ZERO;
+                continue;
+            }
+            let row = tok / l;
+            let (loss, dl, clipped, k3) = token(logp[p], old[tok], rf[tok], adv[row], hp);
+            let w = m * wrow[row];
+            dlogp[p] = w * dl;
+            acc[0] += w * loss;
+            if clipped {
+                acc[1] += m;
+            }
+            acc[2] += m * k3;
+        }
+    }
+
+    pub fn stats<R: Real>(acc: &[R; 3], total: R) -> LossStats {
+        let t = total.to_f64();
+        let per = |x: R| if t != 0.0 { x.to_f64() / t } else { 0.0 };
+        LossStats { loss: acc[0].to_f64(), clip_frac: per(acc[1]), mean_kl: per(acc[2]) }
+    }
+
+    /// The whole loss over [rows, l]: dlogp (=) and the statistics.
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_fwd_bwd<R: Real>(dlogp: &mut [R], logp: &[R], old: &[R], rf: &[R], mask: &[R], adv: &[R], rows: usize, l: usize, hp: &GrpoHyper, agg: Aggregation) -> LossStats {
+        let (wrow, total) = row_weights(mask, rows, l, agg);
+        let mut acc = [R::ZERO; 3];
+        loss_tokens(dlogp, &mut acc, logp, None, 0, rows * l, old, rf, mask, adv, &wrow, l, hp);
+        stats(&acc, total)
+    }
+}

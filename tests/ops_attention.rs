@@ -1,0 +1,312 @@
+//! Fused attention: CPU backward vs finite differences (f64); CPU packing and decode consistency;
+//! input validation; CUDA (bf16 tensor cores, f32 and other head dims on CUDA cores) vs the CPU
+//! for forward, backward and decode over a KV cache, outputs poisoned with NaN before each run.
+mod common;
+use am3safety::ops::attention::{self, cpu, AttnShape, KvCache, Varlen};
+use am3safety::tensor::{DType, Device};
+use common::*;
+
+fn shape(hq: usize, hkv: usize, d: usize, causal: bool) -> AttnShape {
+    AttnShape::new(hq, hkv, d, causal)
+}
+
+/// Σ out·g for the gradchecks.
+fn loss64(q: &[f64], k: &[f64], v: &[f64], g: &[f64], cu: &[i32], s: &AttnShape) -> f64 {
+    let t = *cu.last().unwrap() as usize;
+    let (mut out, mut lse) = (vec![0.0; t * s.hq * s.d], vec![0.0; s.hq * t]);
+    cpu::fwd(&mut out, &mut lse, q, k, v, cu, s);
+    dot(&out, g)
+}
+
+#[test]
+fn attention_cpu_gradcheck() {
+    let mut rng = Rng::new(11);
+    let cases: &[(&[i32], usize, usize, usize, bool)] = &[
+        (&[0, 1], 1, 1, 3, true),
+        (&[0, 3, 8], 4, 2, 5, true),
+        (&[0, 3, 8], 4, 2, 5, false),
+        (&[0, 0, 4, 6], 3, 1, 4, true), // an empty sequence, GQA 3
+        (&[0, 7], 2, 2, 1, false),
+    ];
+    for &(cu, hq, hkv, d, causal) in cases {
+        let s = shape(hq, hkv, d, causal);
+        let t = *cu.last().unwrap() as usize;
+        let q = probe(&mut rng, t * hq * d);
+        let k = probe(&mut rng, t * hkv * d);
+        let v = probe(&mut rng, t * hkv * d);
+        let g = probe(&mut rng, t * hq * d);
+        let (mut out, mut lse) = (vec![0.0; t * hq * d], vec![0.0; hq * t]);
+        cpu::fwd(&mut out, &mut lse, &q, &k, &v, cu, &s);
+        let (mut dq, mut dk, mut dv) = (vec![9.0; q.len()], vec![9.0; k.len()], vec![9.0; v.len()]);
+        cpu::bwd(&mut dq, &mut dk, &mut dv, &g, &q, &k, &v, &out, &lse, cu, &s);
+        let tag = format!("cu {cu:?} hq {hq} hkv {hkv} d {d} causal {causal}");
+        gradcheck(&format!("attention dq [{tag}]"), &q, &dq, &mut |x| loss64(x, &k, &v, &g, cu, &s), 64, 1e-6);
+        gradcheck(&format!("attention dk [{tag}]"), &k, &dk, &mut |x| loss64(&q, x, &v, &g, cu, &s), 64, 1e-6);
+        gradcheck(&format!("attention dv [{tag}]"), &v, &dv, &mut |x| loss64(&q, &k, x, &g, cu, &s), 64, 1e-6);
+    }
+}
+
+/// The lse the forward saves is log Σ exp(scale·q·k) and the output is a convex combination of v.
+#[test]
+fn attention_cpu_lse_and_single_key() {
+    let s = shape(2, 1, 3, true);
+    let q = [1.0f64, 2.0, 0.5, -1.0, 0.0, 3.0, 0.3, 0.2, 0.1, 0.0, 0.0, 0.0];
+    let k = [0.5f64, -0.5, 1.0, 2.0, 1.0, 0.0];
+    let v = [1.0f64, 2.0, 3.0, -3.0, -2.0, -1.0];
+    let cu = [0, 2];
+    let (mut out, mut lse) = (vec![0.0; 12], vec![0.0; 4]);
+    cpu::fwd(&mut out, &mut lse, &q, &k, &v, &cu, &s);
+    // Token 0 sees only key 0: out = v_0 exactly, lse = scale·q·k_0.
+    let sc = s.scale as f64;
+    assert!((lse[0] - sc * (0.5 - 1.0 + 0.5)).abs() < 1e-12);
+    assert_eq!(&out[0..3], &v[0..3]);
+    // Token 1, head 1 (q = 0): uniform over both keys.
+    let want: Vec<f64> = (0..3).map(|c| 0.5 * (v[c] + v[3 + c])).collect();
+    assert!(rel_err64(&out[9..12], &want) < 1e-12);
+    assert!((lse[3] - 2f64.ln()).abs() < 1e-12);
+}
+
+/// Packing sequences back to back gives each sequence exactly what it gets alone.
+#[test]
+fn attention_cpu_varlen_is_per_sequence() {
+    let mut rng = Rng::new(12);
+    let (hq, hkv, d) = (4, 2, 6);
+    let lens = [5usize, 1, 9];
+    for causal in [true, false] {
+        let s = shape(hq, hkv, d, causal);
+        let mut cu = vec![0i32];
+        for l in lens {
+            cu.push(cu.last().unwrap() + l as i32);
+        }
+        let t = *cu.last().unwrap() as usize;
+        let (q, k, v) = (probe(&mut rng, t * hq * d), probe(&mut rng, t * hkv * d), probe(&mut rng, t * hkv * d));
+        let (mut out, mut lse) = (vec![0.0; t * hq * d], vec![0.0; hq * t]);
+        cpu::fwd(&mut out, &mut lse, &q, &k, &v, &cu, &s);
+        for (b, w) in cu.windows(2).enumerate() {
+            let (a, n) = (w[0] as usize, (w[1] - w[0]) as usize);
+            let (mut o1, mut l1) = (vec![0.0; n * hq * d], vec![0.0; hq * n]);
+            cpu::fwd(&mut o1, &mut l1, &q[a * hq * d..(a + n) * hq * d], &k[a * hkv * d..(a + n) * hkv * d], &v[a * hkv * d..(a + n) * hkv * d], &[0, n as i32], &s);
+            assert_eq!(&out[a * hq * d..(a + n) * hq * d], &o1[..], "sequence {b} out (causal {causal})");
+            for h in 0..hq {
+                assert_eq!(&lse[h * t + a..h * t + a + n], &l1[h * n..(h + 1) * n], "sequence {b} lse head {h}");
+            }
+        }
+    }
+}
+
+/// Decode over a cache = the causal forward's last rows; checked through the public API on the CPU.
+#[test]
+fn attention_cpu_decode_matches_fwd() {
+    let dev = Device::Cpu;
+    let mut rng = Rng::new(13);
+    let (hq, hkv, d) = (6, 2, 8);
+    let s = shape(hq, hkv, d, true);
+    let prompt = [4usize, 1, 7];
+    let (b, n_new, max_len) = (prompt.len(), 3usize, 16usize);
+    let mut cache = KvCache::new(&dev, b, max_len, hkv, d).unwrap();
+    // Full sequences: prompt then n_new tokens; k/v/q per sequence [len, h, d].
+    let full: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = prompt
+        .iter()
+        .map(|&p| {
+            let n = p + n_new;
+            (rng.normal_vec(n * hq * d, 1.0), rng.normal_vec(n * hkv * d, 1.0), rng.normal_vec(n * hkv * d, 1.0))
+        })
+        .collect();
+    // Prefill the prompts (varlen append), then the new tokens (uniform append).
+    let mut cu = vec![0i32];
+    let (mut kp, mut vp) = (vec![], vec![]);
+    for (i, &p) in prompt.iter().enumerate() {
+        kp.extend_from_slice(&full[i].1[..p * hkv * d]);
+        vp.extend_from_slice(&full[i].2[..p * hkv * d]);
+        cu.push(cu.last().unwrap() + p as i32);
+    }
+    let seqs = Varlen::new(&dev, &cu).unwrap();
+    cache.append_varlen(&dev, &dev.upload_act(&kp).unwrap(), &dev.upload_act(&vp).unwrap(), &seqs).unwrap();
+    let (mut kn, mut vn, mut qn) = (vec![], vec![], vec![]);
+    for (i, &p) in prompt.iter().enumerate() {
+        kn.extend_from_slice(&full[i].1[p * hkv * d..]);
+        vn.extend_from_slice(&full[i].2[p * hkv * d..]);
+        qn.extend_from_slice(&full[i].0[p * hq * d..]);
+    }
+    cache.append(&dev, &dev.upload_act(&kn).unwrap(), &dev.upload_act(&vn).unwrap(), n_new).unwrap();
+    assert_eq!(cache.lens(), &[7, 4, 10]);
+    let mut out = dev.upload_act(&vec![f32::NAN; b * n_new * hq * d]).unwrap();
+    attention::decode(&dev, &mut out, &dev.upload_act(&qn).unwrap(), &cache, n_new, &s).unwrap();
+    let out = dev.to_vec(&out).unwrap();
+    for (i, &p) in prompt.iter().enumerate() {
+        let n = p + n_new;
+        let (mut o, mut l) = (vec![0f32; n * hq * d], vec![0f32; hq * n]);
+        cpu::fwd(&mut o, &mut l, &full[i].0, &full[i].1, &full[i].2, &[0, n as i32], &s);
+        let got = &out[i * n_new * hq * d..(i + 1) * n_new * hq * d];
+        let e = rel_err(got, &o[p * hq * d..]);
+        println!("decode vs fwd, sequence {i}: rel err {e:.2e}");
+        assert!(e < 1e-6, "decode vs fwd, sequence {i}: rel err {e:.2e}");
+    }
+    // Truncate and clear keep the lengths consistent.
+    cache.truncate(&dev, 1, 2).unwrap();
+    assert_eq!(cache.lens(), &[7, 2, 10]);
+    cache.clear(&dev).unwrap();
+    assert_eq!(cache.lens(), &[0, 0, 0]);
+}
+
+#[test]
+fn attention_rejects_bad_input() {
+    let dev = Device::Cpu;
+    assert!(Varlen::new(&dev, &[0, 5, 3]).is_err(), "non-monotone cu_seqlens");
+    assert!(Varlen::new(&dev, &[1, 5]).is_err(), "cu_seqlens[0] != 0");
+    assert!(Varlen::new(&dev, &[0]).is_err(), "no sequence");
+    let seqs = Varlen::new(&dev, &[0, 2, 5]).unwrap();
+    assert_eq!((seqs.nseq(), seqs.total(), seqs.max_len), (2, 5, 3));
+    let s = shape(4, 2, 8, true);
+    let q = dev.zeros_act(5 * 4 * 8).unwrap();
+    let kv = dev.zeros_act(5 * 2 * 8).unwrap();
+    let mut out = dev.zeros_act(5 * 4 * 8).unwrap();
+    let mut lse = dev.zeros_f32(4 * 5).unwrap();
+    let e = attention::fwd(&dev, &mut out, &mut lse, &q, &q, &kv, &seqs, &s).unwrap_err();
+    assert!(format!("{e}").contains("attention_fwd: k"), "{e}");
+    let bad = shape(4, 3, 8, true);
+    assert!(attention::fwd(&dev, &mut out, &mut lse, &q, &kv, &kv, &seqs, &bad).is_err(), "hq not a multiple of hkv");
+    let mut short_lse = dev.zeros_f32(3).unwrap();
+    assert!(attention::fwd(&dev, &mut out, &mut short_lse, &q, &kv, &kv, &seqs, &s).is_err(), "short lse");
+    attention::fwd(&dev, &mut out, &mut lse, &q, &kv, &kv, &seqs, &s).unwrap();
+    let mut cache = KvCache::new(&dev, 2, 4, 2, 8).unwrap();
+    let one = dev.zeros_act(2 * 2 * 8).unwrap();
+    let mut o = dev.zeros_act(2 * 4 * 8).unwrap();
+    let q1 = dev.zeros_act(2 * 4 * 8).unwrap();
+    assert!(attention::decode(&dev, &mut o, &q1, &cache, 1, &s).is_err(), "decode before append");
+    cache.append(&dev, &one, &one, 1).unwrap();
+    attention::decode(&dev, &mut o, &q1, &cache, 1, &s).unwrap();
+    let five = dev.zeros_act(2 * 5 * 2 * 8).unwrap();
+    assert!(cache.append(&dev, &five, &five, 5).is_err(), "append past max_len");
+    assert_eq!(cache.lens(), &[1, 1], "a failed append must not change the lengths");
+}
+
+/// One forward + backward on `dev` in `dt`: (out, lse, dq, dk, dv), every output NaN-poisoned first.
+#[allow(clippy::too_many_arguments)]
+fn run_fwd_bwd(dev: &Device, dt: DType, q: &[f32], k: &[f32], v: &[f32], dout: &[f32], cu: &[i32], s: &AttnShape) -> [Vec<f32>; 5] {
+    let t = *cu.last().unwrap() as usize;
+    let seqs = Varlen::new(dev, cu).unwrap();
+    let up = |x: &[f32]| dev.upload(x, dt).unwrap();
+    let nan = |n: usize, dt: DType| dev.upload(&vec![f32::NAN; n], dt).unwrap();
+    let (qb, kb, vb, dob) = (up(q), up(k), up(v), up(dout));
+    let mut out = nan(q.len(), dt);
+    let mut lse = nan(s.hq * t, DType::F32);
+    attention::fwd(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, s).unwrap();
+    let (mut dq, mut dk, mut dv) = (nan(q.len(), dt), nan(k.len(), dt), nan(v.len(), dt));
+    attention::bwd(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, s).unwrap();
+    [&out, &lse, &dq, &dk, &dv].map(|b| dev.to_vec(b).unwrap())
+}
+
+fn cu_of(lens: &[usize]) -> Vec<i32> {
+    let mut cu = vec![0i32];
+    for &l in lens {
+        cu.push(cu.last().unwrap() + l as i32);
+    }
+    cu
+}
+
+#[test]
+fn attention_cuda_matches_cpu() {
+    let Some(gpu) = cuda_or_skip("attention_cuda_matches_cpu") else { return };
+    let mut rng = Rng::new(14);
+    // (sequence lengths, hq, hkv, causal): length 1, odd lengths around the 64-row tiles, GQA 1/4/7,
+    // an empty sequence, non-causal packing, and vision-style windows of 64 tokens.
+    let windows = vec![64usize; 12];
+    let cases: Vec<(Vec<usize>, usize, usize, bool)> = vec![
+        (vec![1], 4, 4, true),
+        (vec![17], 4, 1, true),
+        (vec![63, 64, 65, 1, 129], 7, 1, true),
+        (vec![130, 0, 203], 2, 2, false),
+        (vec![300], 8, 2, true),
+        (vec![5, 77], 14, 2, false),
+        (windows, 16, 16, false),
+    ];
+    for &d in &[64usize, 80, 128, 32] {
+        for (lens, hq, hkv, causal) in &cases {
+            let (hq, hkv, causal) = (*hq, *hkv, *causal);
+            let cu = cu_of(lens);
+            let t = *cu.last().unwrap() as usize;
+            let s = shape(hq, hkv, d, causal);
+            let q = bf16_round(&rng.normal_vec(t * hq * d, 1.0));
+            let k = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
+            let v = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
+            let dout = bf16_round(&rng.normal_vec(t * hq * d, 1.0));
+            let want = run_fwd_bwd(&Device::Cpu, DType::F32, &q, &k, &v, &dout, &cu, &s);
+            for &dt in &[DType::BF16, DType::F32] {
+                let got = run_fwd_bwd(&gpu, dt, &q, &k, &v, &dout, &cu, &s);
+                let tol = if dt == DType::BF16 { 1e-2 } else { 1e-5 };
+                let path = if dt == DType::BF16 && matches!(d, 64 | 80 | 128) { "tensor cores" } else { "cuda cores" };
+                for (i, name) in ["out", "lse", "dq", "dk", "dv"].iter().enumerate() {
+                    let e = rel_err(&got[i], &want[i]);
+                    let tag = format!("attention {name} {} ({path}) d {d} hq {hq} hkv {hkv} causal {causal} lens {lens:?}", dt.suffix());
+                    println!("{tag}: rel err {e:.2e}");
+                    assert!(e <= tol, "{tag}: rel err {e:.2e} > {tol:.0e} (inf = an element left unwritten or non-finite)");
+                }
+            }
+        }
+    }
+}
+
+/// Decode on `dev` in `dt` through a prefill (varlen append), then two turns: n_new tokens and
+/// then one more; returns both turns' outputs (NaN-poisoned before each).
+#[allow(clippy::too_many_arguments)]
+fn run_decode(dev: &Device, dt: DType, prompt: &[usize], kp: &[f32], vp: &[f32], turns: &[(Vec<f32>, Vec<f32>, Vec<f32>, usize)], max_len: usize, s: &AttnShape) -> Vec<Vec<f32>> {
+    let mut cache = KvCache::with_dtype(dev, dt, prompt.len(), max_len, s.hkv, s.d).unwrap();
+    let seqs = Varlen::new(dev, &cu_of(prompt)).unwrap();
+    cache.append_varlen(dev, &dev.upload(kp, dt).unwrap(), &dev.upload(vp, dt).unwrap(), &seqs).unwrap();
+    let mut outs = vec![];
+    for (q, k, v, n_new) in turns {
+        cache.append(dev, &dev.upload(k, dt).unwrap(), &dev.upload(v, dt).unwrap(), *n_new).unwrap();
+        let mut out = dev.upload(&vec![f32::NAN; q.len()], dt).unwrap();
+        attention::decode(dev, &mut out, &dev.upload(q, dt).unwrap(), &cache, *n_new, s).unwrap();
+        outs.push(dev.to_vec(&out).unwrap());
+    }
+    outs
+}
+
+#[test]
+fn attention_cuda_decode_matches_cpu() {
+    let Some(gpu) = cuda_or_skip("attention_cuda_decode_matches_cpu") else { return };
+    let mut rng = Rng::new(15);
+    // (prompt lengths, hq, hkv, n_new of the first turn, causal): a one-token prompt, prompts
+    // long enough to split the cache into many chunks, GQA 7/4/1, a user turn of 20 tokens
+    // (140 query rows per kv head: three 64-row tiles).
+    let cases: Vec<(Vec<usize>, usize, usize, usize, bool)> = vec![
+        (vec![1, 70, 300, 1500], 7, 1, 1, true),
+        (vec![33, 2], 8, 2, 3, true),
+        (vec![129, 64, 1000], 4, 4, 1, true),
+        (vec![200, 31], 28, 4, 20, true),
+        (vec![90, 7], 4, 2, 2, false),
+    ];
+    for &d in &[64usize, 80, 128, 32] {
+        for (prompt, hq, hkv, n_new, causal) in &cases {
+            let (hq, hkv, n_new, causal) = (*hq, *hkv, *n_new, *causal);
+            let s = shape(hq, hkv, d, causal);
+            let b = prompt.len();
+            let tp: usize = prompt.iter().sum();
+            let max_len = prompt.iter().max().unwrap() + n_new + 1;
+            let kp = bf16_round(&rng.normal_vec(tp * hkv * d, 1.0));
+            let vp = bf16_round(&rng.normal_vec(tp * hkv * d, 1.0));
+            let turns: Vec<(Vec<f32>, Vec<f32>, Vec<f32>, usize)> = [n_new, 1]
+                .iter()
+                .map(|&n| {
+                    let q = bf16_round(&rng.normal_vec(b * n * hq * d, 1.0));
+                    let k = bf16_round(&rng.normal_vec(b * n * hkv * d, 1.0));
+                    let v = bf16_round(&rng.normal_vec(b * n * hkv * d, 1.0));
+                    (q, k, v, n)
+                })
+                .collect();
+            let want = run_decode(&Device::Cpu, DType::F32, prompt, &kp, &vp, &turns, max_len, &s);
+            for &dt in &[DType::BF16, DType::F32] {
+                let got = run_decode(&gpu, dt, prompt, &kp, &vp, &turns, max_len, &s);
+                let tol = if dt == DType::BF16 { 1e-2 } else { 1e-5 };
+                for (turn, (a, w)) in got.iter().zip(&want).enumerate() {
+                    let e = rel_err(a, w);
+                    let tag = format!("decode {} d {d} hq {hq} hkv {hkv} prompts {prompt:?} turn {turn} (n_new {}) causal {causal}", dt.suffix(), turns[turn].3);
+                    println!("{tag}: rel err {e:.2e}");
+                    assert!(e <= tol, "{tag}: rel err {e:.2e} > {tol:.0e} (inf = an element left unwritten or non-finite)");
+                }
+            }
+        }
+    }
+}

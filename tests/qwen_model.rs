@@ -1,0 +1,267 @@
+//! Qwen2.5-VL model math against the transformers fixtures (../shared/fixtures/qwen2_5_vl_tiny,
+//! or $AM3_FIXTURES/qwen2_5_vl_tiny): vision embeddings, logits, token log-probs, the objective
+//! Σ_t loss_mask[t+1]·logp[t] and every parameter gradient, on the CPU in f32; activation
+//! checkpointing; KV-cached prefill + appended turn + decode vs the full forward; and the same
+//! checks on CUDA in bf16 (skipped without a GPU). Every size is read from the files.
+mod common;
+use am3safety::checkpoint::{read_tensor_file, Checkpoint};
+use am3safety::models::qwen2_5_vl::config::QwenVlConfig;
+use am3safety::models::qwen2_5_vl::model::{Batch, QwenVl, Recompute};
+use am3safety::models::qwen2_5_vl::positions::{mrope_positions, MropeState};
+use am3safety::models::qwen2_5_vl::vision::VisionLayout;
+use am3safety::tensor::Device;
+use common::*;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+type Tensors = HashMap<String, (Vec<usize>, Vec<f64>)>;
+
+fn fixture_dir() -> PathBuf {
+    let base = std::env::var("AM3_FIXTURES").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"));
+    base.join("qwen2_5_vl_tiny")
+}
+
+struct Fixture {
+    dir: PathBuf,
+    cfg: QwenVlConfig,
+    inputs: Tensors,
+    reference: Tensors,
+}
+
+impl Fixture {
+    fn load() -> Fixture {
+        let dir = fixture_dir();
+        let read = |f: &str| read_tensor_file(dir.join(f)).unwrap_or_else(|e| panic!("reading {f} in {}: {e:#}", dir.display()));
+        Fixture { cfg: QwenVlConfig::load(&dir).unwrap(), inputs: read("inputs.safetensors"), reference: read("reference.safetensors"), dir }
+    }
+    fn ints(t: &Tensors, name: &str) -> Vec<i32> {
+        t[name].1.iter().map(|&x| x as i32).collect()
+    }
+    fn ids(&self) -> Vec<i32> {
+        Self::ints(&self.inputs, "input_ids")
+    }
+    fn grids(&self) -> Vec<[usize; 3]> {
+        self.inputs["image_grid_thw"].1.chunks(3).map(|g| [g[0] as usize, g[1] as usize, g[2] as usize]).collect()
+    }
+    fn pixels(&self) -> Vec<f32> {
+        self.inputs["pixel_values"].1.iter().map(|&x| x as f32).collect()
+    }
+    fn reference(&self, name: &str) -> Vec<f32> {
+        self.reference[name].1.iter().map(|&x| x as f32).collect()
+    }
+    fn model(&self, dev: &Device) -> QwenVl {
+        QwenVl::from_checkpoint(dev, self.cfg.clone(), &Checkpoint::open(&self.dir).unwrap()).unwrap()
+    }
+}
+
+/// Everything measured in one forward + backward.
+struct Run {
+    logits: Vec<f32>,
+    logp: Vec<f32>, // [S - 1]
+    objective: f64,
+    grads: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+}
+
+fn run(fx: &Fixture, dev: &Device, model: &mut QwenVl, rc: &Recompute) -> Run {
+    let (ids, grids, pixels) = (fx.ids(), fx.grids(), fx.pixels());
+    let s = ids.len();
+    let (pos3, _) = mrope_positions(&ids, &grids, &fx.cfg).unwrap();
+    let batch = Batch { ids: &ids, cu_seqlens: &[0, s as i32], pos3: &pos3, pixels: &pixels, grids: &grids };
+    let f = model.forward(dev, &batch, rc).unwrap();
+    let logits = dev.to_vec(&model.logits(dev, &f).unwrap()).unwrap();
+    // Position t predicts ids[t + 1]; the last position has no target.
+    let loss_mask = Fixture::ints(&fx.inputs, "loss_mask");
+    let mut targets: Vec<i32> = ids[1..].to_vec();
+    targets.push(0);
+    let mut mask = vec![1f32; s];
+    mask[s - 1] = 0.0;
+    let (tb, mb) = (dev.upload_i32(&targets).unwrap(), dev.upload(&mask, am3safety::tensor::DType::F32).unwrap());
+    let (logp, lse) = model.logprobs(dev, &f, &tb, Some(&mb)).unwrap();
+    let logp = dev.to_vec(&logp).unwrap();
+    let objective: f64 = (0..s - 1).map(|t| loss_mask[t + 1] as f64 * logp[t] as f64).sum();
+    let mut dlogp: Vec<f32> = (0..s - 1).map(|t| loss_mask[t + 1] as f32).collect();
+    dlogp.push(0.0);
+    model.zero_grads(dev).unwrap();
+    model.backward_logprobs(dev, &f, &tb, &lse, &dev.upload(&dlogp, am3safety::tensor::DType::F32).unwrap()).unwrap();
+    Run { logits, logp: logp[..s - 1].to_vec(), objective, grads: model.grads_by_name(dev).unwrap() }
+}
+
+/// Compares every gradient with grads.safetensors; returns the worst relative error.
+fn check_grads(fx: &Fixture, got: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, tol: f64, tag: &str) -> f64 {
+    let want = read_tensor_file(fx.dir.join("grads.safetensors")).unwrap();
+    let mut worst = 0f64;
+    let mut failed = Vec::new();
+    for (name, (shape, w)) in &want {
+        let Some((gs, g)) = got.get(name) else {
+            failed.push(format!("{name}: no gradient"));
+            continue;
+        };
+        assert_eq!(gs, shape, "{tag} grad {name}: shape");
+        let w32: Vec<f32> = w.iter().map(|&x| x as f32).collect();
+        let e = rel_err(g, &w32);
+        println!("{tag} grad {name} {shape:?}: rel err {e:.2e}");
+        worst = worst.max(e);
+        if e > tol {
+            failed.push(format!("{name}: {e:.2e}"));
+        }
+    }
+    // Parameters the reference gives no gradient must get none here either.
+    for (name, (_, g)) in got {
+        if !want.contains_key(name) {
+            let n = g.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+            println!("{tag} grad {name}: not in the reference, norm {n:.2e}");
+            if n > 0.0 {
+                failed.push(format!("{name}: nonzero gradient {n:.2e} where the reference has none"));
+            }
+        }
+    }
+    println!("{tag} grads: {} tensors, worst rel err {worst:.2e} (tol {tol:.0e})", want.len());
+    assert!(failed.is_empty(), "{tag} gradients over {tol:.0e}: {failed:?}");
+    worst
+}
+
+fn report(tag: &str, what: &str, e: f64, tol: f64) {
+    println!("{tag} {what}: rel err {e:.2e} (tol {tol:.0e})");
+    assert!(e <= tol, "{tag} {what}: rel err {e:.2e} > {tol:.0e}");
+}
+
+#[test]
+fn vision_layout_matches_spec_example() {
+    // model-spec A4.3: grid 18×24 patches, 4×4 merged tokens per window.
+    let l = VisionLayout::new(&[[1, 18, 24]], 2, 4).unwrap();
+    assert_eq!(&l.window_index[..18], &[0, 1, 2, 3, 12, 13, 14, 15, 24, 25, 26, 27, 36, 37, 38, 39, 4, 5]);
+    assert_eq!(l.cu_window, vec![0, 64, 128, 192, 256, 320, 384, 400, 416, 432]);
+    assert_eq!(l.cu_full, vec![0, 432]);
+    // Two images: the second one's windows follow, offset by the first one's tokens.
+    let l2 = VisionLayout::new(&[[1, 4, 4], [1, 16, 16]], 2, 4).unwrap();
+    assert_eq!(&l2.window_index[..5], &[0, 1, 2, 3, 4]);
+    assert_eq!(l2.cu_full, vec![0, 16, 272]);
+    assert_eq!(l2.cu_window, vec![0, 16, 80, 144, 208, 272]);
+    assert!(VisionLayout::new(&[[1, 5, 4]], 2, 4).is_err(), "odd grids must be rejected");
+}
+
+#[test]
+fn qwen_cpu_vision_embeds() {
+    let fx = Fixture::load();
+    let dev = Device::Cpu;
+    let model = fx.model(&dev);
+    let want: Vec<f32> = read_tensor_file(fx.dir.join("vision_reference.safetensors")).unwrap()["image_embeds"].1.iter().map(|&x| x as f32).collect();
+    let got = dev.to_vec(&model.image_embeds(&dev, &fx.pixels(), &fx.grids()).unwrap()).unwrap();
+    report("cpu f32", "vision image_embeds", rel_err(&got, &want), 1e-4);
+}
+
+#[test]
+fn qwen_cpu_matches_transformers() {
+    let fx = Fixture::load();
+    let dev = Device::Cpu;
+    let (pos3, _) = mrope_positions(&fx.ids(), &fx.grids(), &fx.cfg).unwrap();
+    assert_eq!(pos3, Fixture::ints(&fx.reference, "position_ids"), "M-RoPE positions differ from the reference");
+    let mut model = fx.model(&dev);
+    let r = run(&fx, &dev, &mut model, &Recompute::default());
+    report("cpu f32", "logits", rel_err(&r.logits, &fx.reference("logits")), 1e-4);
+    report("cpu f32", "token log-probs", rel_err(&r.logp, &fx.reference("token_logprobs")), 1e-4);
+    let want = fx.reference["objective"].1[0];
+    report("cpu f32", &format!("objective ({:.6} vs {want:.6})", r.objective), ((r.objective - want) / want).abs(), 1e-5);
+    check_grads(&fx, &r.grads, 1e-3, "cpu f32");
+
+    // Activation checkpointing recomputes the same numbers.
+    let mut model2 = fx.model(&dev);
+    let r2 = run(&fx, &dev, &mut model2, &Recompute::all(fx.cfg.text.num_hidden_layers));
+    let mut worst = 0f64;
+    for (name, (_, g)) in &r.grads {
+        worst = worst.max(rel_err(&r2.grads[name].1, g));
+    }
+    report("cpu f32", "recompute-all grads vs kept activations (worst tensor)", worst, 1e-6);
+    report("cpu f32", "recompute-all logits vs kept", rel_err(&r2.logits, &r.logits), 1e-7);
+}
+
+/// Splits the dialogue into a prefix (through the first image and a few tokens), an appended
+/// chunk (holding the second image) and single-token decode steps; the cached logits must equal
+/// the full forward's rows.
+fn kv_cache_check(dev: &Device, tol: f64, tag: &str) {
+    let fx = Fixture::load();
+    let model = fx.model(dev);
+    let (ids, grids, pixels) = (fx.ids(), fx.grids(), fx.pixels());
+    let s = ids.len();
+    let (pos_full, _) = mrope_positions(&ids, &grids, &fx.cfg).unwrap();
+    let f = model.forward(dev, &Batch { ids: &ids, cu_seqlens: &[0, s as i32], pos3: &pos_full, pixels: &pixels, grids: &grids }, &Recompute::default()).unwrap();
+    let full = dev.to_vec(&model.logits(dev, &f).unwrap()).unwrap();
+    let v = fx.cfg.text.vocab_size;
+    // Image runs: [start, end) of consecutive image tokens.
+    let img = fx.cfg.image_token_id as i32;
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < s {
+        if ids[i] == img {
+            let st = i;
+            while i < s && ids[i] == img {
+                i += 1;
+            }
+            runs.push((st, i));
+        } else {
+            i += 1;
+        }
+    }
+    assert!(runs.len() >= 2, "the fixture should have two images");
+    let split1 = runs[0].1 + 2;
+    let n_decode = 3;
+    let split2 = s - n_decode;
+    assert!(split1 < runs[1].0 && runs[1].1 <= split2, "split points must not cut an image");
+    let per_img: Vec<usize> = grids.iter().map(|g| g[0] * g[1] * g[2]).collect();
+    let patch_dim = pixels.len() / per_img.iter().sum::<usize>();
+    let mut sess = model.new_session(dev, 1, s + 4).unwrap();
+    let mut st = MropeState::new(&fx.cfg);
+    let mut got = Vec::new();
+    // Prefill: image 0; append: image 1; then decode one token at a time.
+    let chunks: Vec<(usize, usize, Vec<usize>)> = {
+        let mut c = vec![(0, split1, vec![0]), (split1, split2, vec![1])];
+        c.extend((split2..s).map(|t| (t, t + 1, vec![])));
+        c
+    };
+    for (a, b, imgs) in chunks {
+        let g: Vec<[usize; 3]> = imgs.iter().map(|&k| grids[k]).collect();
+        let px: Vec<f32> = imgs.iter().flat_map(|&k| {
+            let off: usize = per_img[..k].iter().sum();
+            pixels[off * patch_dim..(off + per_img[k]) * patch_dim].to_vec()
+        }).collect();
+        let pos = st.append(&ids[a..b], &g).unwrap();
+        let n = b - a;
+        for r in 0..3 {
+            assert_eq!(&pos[r * n..(r + 1) * n], &pos_full[r * s + a..r * s + b], "chunk {a}..{b}: positions row {r}");
+        }
+        let logits = dev.to_vec(&model.extend(dev, &mut sess, &ids[a..b], &pos, n, &px, &g, false).unwrap()).unwrap();
+        let e = rel_err(&logits, &full[a * v..b * v]);
+        println!("{tag} kv-cache chunk {a}..{b} ({} image): logits rel err {e:.2e}", g.len());
+        got.extend(logits);
+        if b - a == 1 {
+            // last_only gives the same row.
+        }
+    }
+    report(tag, "kv-cache prefill + append + decode logits vs full forward", rel_err(&got, &full), tol);
+    // Sampling path: only the last row.
+    let mut sess2 = model.new_session(dev, 1, s).unwrap();
+    let last = dev.to_vec(&model.extend(dev, &mut sess2, &ids, &pos_full, s, &pixels, &grids, true).unwrap()).unwrap();
+    report(tag, "last_only logits vs full forward's last row", rel_err(&last, &full[(s - 1) * v..]), tol);
+}
+
+#[test]
+fn qwen_cpu_kv_cache_matches_full_forward() {
+    kv_cache_check(&Device::Cpu, 1e-5, "cpu f32");
+}
+
+#[test]
+fn qwen_cuda_bf16_matches_transformers() {
+    let Some(gpu) = cuda_or_skip("qwen_cuda_bf16_matches_transformers") else { return };
+    let fx = Fixture::load();
+    let mut model = fx.model(&gpu);
+    let r = run(&fx, &gpu, &mut model, &Recompute::default());
+    report("cuda bf16", "logits", rel_err(&r.logits, &fx.reference("logits")), 3e-2);
+    report("cuda bf16", "token log-probs", rel_err(&r.logp, &fx.reference("token_logprobs")), 3e-2);
+    let want = fx.reference["objective"].1[0];
+    report("cuda bf16", &format!("objective ({:.5} vs {want:.5})", r.objective), ((r.objective - want) / want).abs(), 3e-2);
+    check_grads(&fx, &r.grads, 5e-2, "cuda bf16");
+    let want_v: Vec<f32> = read_tensor_file(fx.dir.join("vision_reference.safetensors")).unwrap()["image_embeds"].1.iter().map(|&x| x as f32).collect();
+    let got_v = gpu.to_vec(&model.image_embeds(&gpu, &fx.pixels(), &fx.grids()).unwrap()).unwrap();
+    report("cuda bf16", "vision image_embeds", rel_err(&got_v, &want_v), 3e-2);
+    kv_cache_check(&gpu, 3e-2, "cuda bf16");
+}
