@@ -4,7 +4,7 @@
 //
 // Forward: one block = 64 query rows of one (sequence, head), 4 warps of 16 rows; K/V tiles of
 // 64 keys stream through shared memory (V[j] loads while S = QKᵀ runs, K[j+1] while O += PV
-// runs), online softmax in registers, lse saved (natural log).
+// runs; V[0] with Q and K[0]), online softmax in registers, lse saved (natural log).
 // Backward: one block = 64 keys of one (sequence, q head), 4 warps of 16 keys; loops over the
 // query tiles that see them, recomputes P from lse, accumulates dK, dV in registers and adds
 // dQ = dS·K into an f32 buffer with atomics. With GQA each q head writes its own f32 dK/dV
@@ -46,6 +46,8 @@ __device__ __forceinline__ void fwd_body(bf16* __restrict__ out, float* __restri
     load_rows<D, BM>(sQ, q + (long)(start + m0) * qs + h * D, qs, min(BM, len - m0));
     load_rows<D, BN>(sK, kg, ks, min(BN, len));
     cp_commit();
+    load_rows<D, BN>(sV, vg, ks, min(BN, len));  // V[0] too, so short sequences overlap all three loads
+    cp_commit();
 
     u32 qf[KS][4];
     float o[ND][4];
@@ -56,14 +58,16 @@ __device__ __forceinline__ void fwd_body(bf16* __restrict__ out, float* __restri
 
     for (int j = 0; j < ntiles; j++) {
         const int n0 = j * BN;
-        cp_wait_all();
+        if (j == 0) cp_wait_group<1>();  // Q and K[0] landed; V[0] may still be in flight
+        else cp_wait_all();
         __syncthreads();  // K[j] (and Q) visible; every warp is done with V[j-1]
         if (j == 0) {
 #pragma unroll
             for (int kk = 0; kk < KS; kk++) ldsm4(a_addr(sQ, LD, warp * 16, kk * 16, lane), qf[kk]);
+        } else {
+            load_rows<D, BN>(sV, vg + n0 * ks, ks, min(BN, len - n0));
+            cp_commit();
         }
-        load_rows<D, BN>(sV, vg + n0 * ks, ks, min(BN, len - n0));
-        cp_commit();
 
         float s[NB][4];
         qk_tile<D, NB>(s, qf, sK, lane);

@@ -4,9 +4,10 @@
 //
 // One block = one (sequence b, kv head hk, 64-row query tile, key chunk). A tile's rows are the
 // (new token i, q head of the group) pairs, row r = i * grp + j, so one pass over the cache
-// serves every q head that shares it. Same loop as the training forward (online softmax, K/V
-// tiles of 64 keys through shared memory); each block writes its unnormalised output and
-// (max, sum) per row, and attention_decode_combine merges the chunks.
+// serves every q head that shares it. Online softmax as in the training forward, with K/V tiles
+// of 64 keys double-buffered in shared memory (the next tile loads while this one is used);
+// warps whose 16 rows are all padding only help load. Each block writes its unnormalised output
+// and (max, sum) per row, and attention_decode_combine merges the chunks.
 #include "attention_mma.cuh"
 
 template <int D>
@@ -17,8 +18,7 @@ __device__ __forceinline__ void decode_body(float* __restrict__ part_o, float* _
     constexpr int BM = ATT_TILE, BN = ATT_TILE, LD = D + 8, KS = D / 16, ND = D / 8, NB = BN / 8, CH = D / 8;
     extern __shared__ __align__(16) unsigned char att_smem[];
     bf16* sQ = reinterpret_cast<bf16*>(att_smem);  // [BM][LD]
-    bf16* sK = sQ + BM * LD;                        // [BN][LD]
-    bf16* sV = sK + BN * LD;                        // [BN][LD]
+    bf16* sKV = sQ + BM * LD;                       // two stages of K [BN][LD] then V [BN][LD]
 
     const int split = blockIdx.x, hk = blockIdx.y % hkv, mt = blockIdx.y / hkv, b = blockIdx.z;
     const int grp = hq / hkv, R = n_new * grp;  // query rows per (sequence, kv head)
@@ -33,6 +33,13 @@ __device__ __forceinline__ void decode_body(float* __restrict__ part_o, float* _
     const long ks = (long)hkv * D;
     const bf16* kg = kc + (long)b * max_len * ks + hk * D;  // key j at kg + j * ks
     const bf16* vg = vc + (long)b * max_len * ks + hk * D;
+    // Tile t (keys k0 + 64t..) into stage t & 1.
+    auto load_kv = [&](int t) {
+        int n0 = k0 + t * BN;
+        bf16* st = sKV + (t & 1) * 2 * BN * LD;
+        load_rows<D, BN>(st, kg + (long)n0 * ks, ks, min(BN, k1 - n0));
+        load_rows<D, BN>(st + BN * LD, vg + (long)n0 * ks, ks, min(BN, k1 - n0));
+    };
 
     // Q rows: gathered (row r -> token i = r / grp, head hk * grp + r % grp), zero past R.
     for (int c = threadIdx.x; c < BM * CH; c += ATT_THREADS) {
@@ -41,7 +48,7 @@ __device__ __forceinline__ void decode_body(float* __restrict__ part_o, float* _
         const bf16* src = ok ? q + (((long)b * n_new + gr / grp) * hq + hk * grp + gr % grp) * D + e : q;
         cp_async16(smem_u32(sQ + r * LD + e), src, ok ? 16 : 0);
     }
-    if (ntiles > 0) load_rows<D, BN>(sK, kg + (long)k0 * ks, ks, min(BN, k1 - k0));
+    if (ntiles > 0) load_kv(0);
     cp_commit();
 
     // Last key each of this thread's rows sees (-1 for padding rows: all masked).
@@ -56,18 +63,20 @@ __device__ __forceinline__ void decode_body(float* __restrict__ part_o, float* _
     for (int dn = 0; dn < ND; dn++) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.f;
     float mrow[2] = {NEG_INF, NEG_INF}, lrow[2] = {0.f, 0.f};
 
+    // Two-stage pipeline: tile j+1 loads while tile j is used (decode is bound by these loads).
     for (int j = 0; j < ntiles; j++) {
-        const int n0 = k0 + j * BN;
-        cp_wait_all();
-        __syncthreads();  // K tile (and Q) visible; every warp is done with the previous V tile
-        if (j == 0 && active) {
-#pragma unroll
-            for (int kk = 0; kk < KS; kk++) ldsm4(a_addr(sQ, LD, warp * 16, kk * 16, lane), qf[kk]);
-        }
-        load_rows<D, BN>(sV, vg + (long)n0 * ks, ks, min(BN, k1 - n0));
-        cp_commit();
-        float s[NB][4];
+        if (j + 1 < ntiles) load_kv(j + 1);
+        cp_commit();  // possibly empty: keeps one group per iteration
+        cp_wait_group<1>();
+        __syncthreads();  // tile j (and Q) visible
         if (active) {
+            if (j == 0) {
+#pragma unroll
+                for (int kk = 0; kk < KS; kk++) ldsm4(a_addr(sQ, LD, warp * 16, kk * 16, lane), qf[kk]);
+            }
+            const bf16* sK = sKV + (j & 1) * 2 * BN * LD;
+            const int n0 = k0 + j * BN;
+            float s[NB][4];
             qk_tile<D, NB>(s, qf, sK, lane);
 #pragma unroll
             for (int nb = 0; nb < NB; nb++)
@@ -78,14 +87,9 @@ __device__ __forceinline__ void decode_body(float* __restrict__ part_o, float* _
                     if (col >= k1 || col > lim) s[nb][e] = NEG_INF;
                 }
             softmax_step<NB, ND>(s, o, mrow, lrow, sl2);
+            pv_tile<D, NB>(o, s, sK + BN * LD, lane);
         }
-        cp_wait_all();
-        __syncthreads();  // V tile visible; every warp is done with the K tile
-        if (j + 1 < ntiles) {
-            load_rows<D, BN>(sK, kg + (long)(n0 + BN) * ks, ks, min(BN, k1 - n0 - BN));
-            cp_commit();
-        }
-        if (active) pv_tile<D, NB>(o, s, sV, lane);
+        __syncthreads();  // every warp is done with stage j & 1 before tile j + 2 overwrites it
     }
     cp_wait_all();  // no copy may be in flight when the block exits (ntiles = 0 still loaded Q)
 

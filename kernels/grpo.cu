@@ -100,6 +100,17 @@ extern "C" __global__ void grpo_weights_f32(float* __restrict__ wrow, float* __r
     if (threadIdx.x == 0) total[0] = tot;
 }
 
+// k3 = e^d - d - 1 without the cancellation that loses its relative precision for small |d|
+// (the mean KL is mostly such tokens): Taylor series d^2/2! + ... + d^10/10! below |d| = 0.5.
+__device__ __forceinline__ float k3_of(float d) {
+    if (fabsf(d) >= 0.5f) return expf(d) - d - 1.f;
+    float s = 1.f / 3628800.f;                // 1/10!
+    const float inv[8] = {1.f / 362880.f, 1.f / 40320.f, 1.f / 5040.f, 1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f};
+#pragma unroll
+    for (int i = 0; i < 8; i++) s = s * d + inv[i];
+    return s * d * d;
+}
+
 // One thread per packed token p in [p0, p0 + n). logp, dlogp: packed; old, ref, mask, tok_*:
 // [rows, L] token order; adv, wrow: [rows].
 //   rho = e^(logp - old); surrogate = min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)
@@ -133,9 +144,9 @@ extern "C" __global__ void grpo_loss_f32(float* __restrict__ dlogp, float* __res
     bool clipped = s2 < s1;
     float sur = clipped ? s2 : s1;
     float dsur = clipped ? 0.f : s1;          // d(rho A)/d logp = rho A
-    float d = ref_logp[tok] - lp, ed = expf(d);
-    float k3 = ed - d - 1.f;
-    float dk3 = 1.f - ed;                     // d k3 / d logp
+    float d = ref_logp[tok] - lp;
+    float k3 = k3_of(d);
+    float dk3 = -expm1f(d);                   // d k3 / d logp = 1 - e^d
     float w = m * wrow[row];
     dlogp[p] = -w * (dsur - beta_kl * dk3);
     tok_loss[tok] = -w * (sur - beta_kl * k3);
@@ -143,20 +154,35 @@ extern "C" __global__ void grpo_loss_f32(float* __restrict__ dlogp, float* __res
     tok_kl[tok] = m * k3;
 }
 
-// One block (1024 threads): stats = [sum tok_loss, sum tok_clip / total, sum tok_kl / total].
+// Block sum in double (every thread gets it); scratch holds >= 32 doubles.
+__device__ __forceinline__ double block_sum_d(double v, double* scratch) {
+    int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = CEIL_DIV(blockDim.x, WARP);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (lane == 0) scratch[wid] = v;
+    __syncthreads();
+    v = lane < nw ? scratch[lane] : 0.0;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// One block (1024 threads): stats = [sum tok_loss, sum tok_clip / total, sum tok_kl / total],
+// summed in double (the loss is a small difference of many terms).
 extern "C" __global__ void grpo_stats_f32(float* __restrict__ stats, const float* __restrict__ tok_loss,
                                           const float* __restrict__ tok_clip, const float* __restrict__ tok_kl,
                                           const float* __restrict__ total, int n) {
-    __shared__ float scratch[32];
-    float a = 0.f, b = 0.f, c = 0.f;
+    __shared__ double scratch[32];
+    double a = 0.0, b = 0.0, c = 0.0;
     for (int i = threadIdx.x; i < n; i += blockDim.x) { a += tok_loss[i]; b += tok_clip[i]; c += tok_kl[i]; }
-    a = block_sum(a, scratch);
-    b = block_sum(b, scratch);
-    c = block_sum(c, scratch);
+    a = block_sum_d(a, scratch);
+    b = block_sum_d(b, scratch);
+    c = block_sum_d(c, scratch);
     if (threadIdx.x == 0) {
-        float tot = total[0];
-        stats[0] = a;
-        stats[1] = tot != 0.f ? b / tot : 0.f;
-        stats[2] = tot != 0.f ? c / tot : 0.f;
+        double tot = total[0];
+        stats[0] = (float)a;
+        stats[1] = tot != 0.0 ? (float)(b / tot) : 0.f;
+        stats[2] = tot != 0.0 ? (float)(c / tot) : 0.f;
     }
 }

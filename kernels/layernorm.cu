@@ -23,19 +23,17 @@ __device__ void layernorm_fwd(T* __restrict__ y, float* __restrict__ mean_out, f
         // and stays in registers across both reductions.
         int c = threadIdx.x * N;
         bool act = c < cols;
-        float v[N];
+        float v[N] = {};
         if (act) ld16(xr + c, v);
-        else
-#pragma unroll
-            for (int i = 0; i < N; i++) v[i] = 0.f;
         float s = 0.f;
 #pragma unroll
         for (int i = 0; i < N; i++) s += v[i];
         float mu = block_sum(s, scratch) / cols;
         float ss = 0.f;
-        if (act)
+        if (act) {
 #pragma unroll
             for (int i = 0; i < N; i++) { float d = v[i] - mu; ss += d * d; }
+        }
         float r = rsqrtf(block_sum(ss, scratch) / cols + eps);
         if (threadIdx.x == 0) { mean_out[row] = mu; rstd_out[row] = r; }
         if (act) {
@@ -108,67 +106,69 @@ template <> __device__ __forceinline__ float elem<float>(const Vec16& v, int i) 
 
 // With xh = (x - mean) * rstd and g = dy * w:
 //   dx = rstd * (g - mean(g) - xh * mean(g * xh)),  dw += dy * xh,  db += dy.
-// Block b owns rows [b*rpb, (b+1)*rpb) and writes part[b] = [dw partial (cols), db partial (cols)].
-// Each thread owns a fixed set of columns for the whole kernel, so its running column sums need
-// no atomics or extra barriers. They live in registers when the row is at most one 16-byte vector
-// per thread; otherwise in dynamic shared memory (2*cols floats) when the launcher gives it
-// (use_smem = 1), else directly in part[b] (global, L2-resident). Launch with <= 512 threads.
+// Block b owns rows [r0, r1) and writes part[b] = [dw partial (cols), db partial (cols)]. Each
+// thread owns a fixed set of columns for the whole kernel, so its running column sums `acc`
+// ([dw; db], 2*cols floats) need no atomics or extra barriers. `acc` is dynamic shared memory
+// when the launcher gives it (use_smem = 1), else part[b] itself (global, L2-resident).
+// Launch with <= 512 threads (__launch_bounds__ below).
+
+// Single-vector path, for rows of at most one 16-byte vector per thread (cols <= blockDim * N).
 template <typename T>
-__device__ void layernorm_bwd(T* __restrict__ dx, float* __restrict__ part, const T* __restrict__ dy,
-                              const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ mean,
-                              const float* __restrict__ rstd, int rows, int cols, int rows_per_block, int use_smem) {
-    __shared__ float scratch[32];
-    extern __shared__ __align__(16) float smem_acc[];
+__device__ void layernorm_bwd_vec1(T* __restrict__ dx, float* acc, const T* __restrict__ dy, const T* __restrict__ x,
+                                   const T* __restrict__ w, const float* __restrict__ mean, const float* __restrict__ rstd,
+                                   int r0, int r1, int cols, float* scratch) {
     constexpr int N = V16<T>::N;
-    int r0 = blockIdx.x * rows_per_block;
-    int r1 = min(rows, r0 + rows_per_block);
-    float* pout = part + (long)blockIdx.x * 2 * cols;
-    float* acc = use_smem ? smem_acc : pout;   // [dw (cols), db (cols)]
-    // Uniform for the whole block (row starts stay aligned when cols % N == 0).
-    bool vec = (cols % N == 0) && aligned16(x) && aligned16(dy) && aligned16(dx) && aligned16(w);
-    if (vec && cols <= (int)blockDim.x * N) {
-        // Register path: each thread owns one 16-byte vector of columns, so w and the dw/db
-        // sums live in registers, and the next row's x and dy are loaded before this row's
-        // reductions so their latency overlaps the barriers.
-        int c = threadIdx.x * N;
-        bool act = c < cols;
-        // w and the prefetched row stay packed (4 registers each) to keep the kernel at <= 64
-        // registers, i.e. two 512-thread blocks per SM.
-        Vec16 wp = {}, xp = {}, gp = {};
-        float dwa[N], dba[N];
-#pragma unroll
-        for (int i = 0; i < N; i++) { dwa[i] = 0.f; dba[i] = 0.f; }
-        if (act) wp = ld_raw(w + c);
-        if (act && r0 < r1) { xp = ld_raw(x + (long)r0 * cols + c); gp = ld_raw(dy + (long)r0 * cols + c); }
-        for (int row = r0; row < r1; row++) {
-            Vec16 xc = xp, gc = gp;   // this row, packed; unpacked element by element on use
-            if (act && row + 1 < r1) { xp = ld_raw(x + (long)(row + 1) * cols + c); gp = ld_raw(dy + (long)(row + 1) * cols + c); }
-            float mu = mean[row], r = rstd[row];
-            float sg = 0.f, sgx = 0.f;
-#pragma unroll
-            for (int i = 0; i < N; i++) {   // inactive lanes hold zeros and add nothing
-                float g = elem<T>(gc, i) * elem<T>(wp, i);
-                sg += g;
-                sgx += g * (elem<T>(xc, i) - mu) * r;
-            }
-            float mg = block_sum(sg, scratch) / cols;
-            float mgx = block_sum(sgx, scratch) / cols;
-            if (act) {
-                float o[N];
-#pragma unroll
-                for (int i = 0; i < N; i++) {
-                    float gy = elem<T>(gc, i);
-                    float xh = (elem<T>(xc, i) - mu) * r;
-                    o[i] = r * (gy * elem<T>(wp, i) - mg - xh * mgx);
-                    dwa[i] += gy * xh;
-                    dba[i] += gy;
-                }
-                st16(dx + (long)row * cols + c, o);
-            }
-        }
-        if (act) { st_f32<N>(pout + c, dwa); st_f32<N>(pout + cols + c, dba); }
-        return;
+    // Each thread owns one 16-byte vector of columns: x and dy are read from HBM once per row and
+    // kept in registers, w stays in registers, and the next row's x and dy are loaded before this
+    // row's reductions so their latency overlaps the barriers. Everything stays packed to fit 64
+    // registers (two 512-thread blocks per SM); the column sums go to `acc` (shared memory).
+    int c = threadIdx.x * N;
+    bool act = c < cols;
+    Vec16 wp = {}, xp = {}, gp = {};
+    if (act) {
+        float z[N] = {};
+        st_f32<N>(acc + c, z);
+        st_f32<N>(acc + cols + c, z);
+        wp = ld_raw(w + c);
+        if (r0 < r1) { xp = ld_raw(x + (long)r0 * cols + c); gp = ld_raw(dy + (long)r0 * cols + c); }
     }
+    for (int row = r0; row < r1; row++) {
+        Vec16 xc = xp, gc = gp;   // this row, packed; unpacked element by element on use
+        if (act && row + 1 < r1) { xp = ld_raw(x + (long)(row + 1) * cols + c); gp = ld_raw(dy + (long)(row + 1) * cols + c); }
+        float mu = mean[row], r = rstd[row];
+        float sg = 0.f, sgx = 0.f;
+#pragma unroll
+        for (int i = 0; i < N; i++) {   // inactive lanes hold zeros and add nothing
+            float g = elem<T>(gc, i) * elem<T>(wp, i);
+            sg += g;
+            sgx += g * (elem<T>(xc, i) - mu) * r;
+        }
+        float mg = block_sum(sg, scratch) / cols;
+        float mgx = block_sum(sgx, scratch) / cols;
+        if (act) {
+            float o[N], dwv[N], dbv[N];
+#pragma unroll
+            for (int i = 0; i < N; i++) {
+                float gy = elem<T>(gc, i);
+                float xh = (elem<T>(xc, i) - mu) * r;
+                o[i] = r * (gy * elem<T>(wp, i) - mg - xh * mgx);
+                dwv[i] = gy * xh;
+                dbv[i] = gy;
+            }
+            st16(dx + (long)row * cols + c, o);
+            add_f32<N>(acc + c, dwv);
+            add_f32<N>(acc + cols + c, dbv);
+        }
+    }
+}
+
+// General path: any cols, 16-byte vectors when `vec`, else scalars; x and dy are read twice per
+// row (the second read hits L1/L2).
+template <typename T>
+__device__ void layernorm_bwd_general(T* __restrict__ dx, float* acc, const T* __restrict__ dy, const T* __restrict__ x,
+                                      const T* __restrict__ w, const float* __restrict__ mean, const float* __restrict__ rstd,
+                                      int r0, int r1, int cols, bool vec, float* scratch) {
+    constexpr int N = V16<T>::N;
     if (vec) {
         float z[N] = {};
         for (int c = threadIdx.x * N; c < cols; c += blockDim.x * N) { st_f32<N>(acc + c, z); st_f32<N>(acc + cols + c, z); }
@@ -225,7 +225,26 @@ __device__ void layernorm_bwd(T* __restrict__ dx, float* __restrict__ part, cons
             }
         }
     }
-    if (use_smem) {   // same ownership as above: each thread copies only its own columns
+}
+
+template <typename T>
+__device__ void layernorm_bwd(T* __restrict__ dx, float* __restrict__ part, const T* __restrict__ dy,
+                              const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ mean,
+                              const float* __restrict__ rstd, int rows, int cols, int rows_per_block, int use_smem) {
+    __shared__ float scratch[32];
+    extern __shared__ __align__(16) float smem_acc[];
+    constexpr int N = V16<T>::N;
+    int r0 = blockIdx.x * rows_per_block;
+    int r1 = min(rows, r0 + rows_per_block);
+    float* pout = part + (long)blockIdx.x * 2 * cols;
+    float* acc = use_smem ? smem_acc : pout;   // [dw (cols), db (cols)]
+    // Uniform for the whole block (row starts stay aligned when cols % N == 0).
+    bool vec = (cols % N == 0) && aligned16(x) && aligned16(dy) && aligned16(dx) && aligned16(w);
+    if (vec && cols <= (int)blockDim.x * N)
+        layernorm_bwd_vec1<T>(dx, acc, dy, x, w, mean, rstd, r0, r1, cols, scratch);
+    else
+        layernorm_bwd_general<T>(dx, acc, dy, x, w, mean, rstd, r0, r1, cols, vec, scratch);
+    if (use_smem) {   // the same column ownership as both paths: each thread copies only its own
         if (vec) {
             for (int c = threadIdx.x * N; c < cols; c += blockDim.x * N) {
                 float v[N];

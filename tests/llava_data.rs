@@ -169,7 +169,6 @@ fn config_errors_name_field_and_file() {
         (json!({"model_type": "llava_next", "vision_feature_select_strategy": "full"}), "vision_feature_select_strategy"),
         (json!({"model_type": "llava_next", "image_grid_pinpoints": [[336, 500]]}), "image_grid_pinpoints"),
         (json!({"model_type": "llava_next", "image_grid_pinpoints": [[336]]}), "image_grid_pinpoints"),
-        (json!({"model_type": "llava_next", "image_token_index": 40000}), "image_token_index"),
         (json!({"model_type": "llava_next", "text_config": {"rope_scaling": {"rope_type": "llama3"}}}), "text_config.rope_scaling.rope_type"),
         (json!({"model_type": "llava_next", "text_config": {"attention_bias": true}}), "text_config.attention_bias"),
     ];
@@ -638,4 +637,82 @@ fn chat_tokens_and_loss_mask() {
     assert!(LlavaChatTemplate::new(&tok, &wrong).is_err());
     let lit = vec![ChatMessage::user(vec![Part::Text("see <image> here".into())])];
     assert!(tmpl.encode_chat(&lit, &[], &LlavaChatOptions::default()).is_err());
+}
+
+fn dbg_taps(inp: usize, out: usize) -> Vec<(usize, Vec<f64>)> {
+    let scale = inp as f64 / out as f64;
+    let fs = scale.max(1.0);
+    let support = 2.0 * fs;
+    let cubic = |x: f64| { let a = -0.5; let x = x.abs(); if x < 1.0 { ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0 } else if x < 2.0 { (((x - 5.0) * x + 8.0) * x - 4.0) * a } else { 0.0 } };
+    (0..out).map(|o| {
+        let center = (o as f64 + 0.5) * scale;
+        let lo = ((center - support + 0.5) as i64).max(0) as usize;
+        let hi = ((center + support + 0.5) as i64).min(inp as i64) as usize;
+        let mut w: Vec<f64> = (lo..hi).map(|i| cubic((i as f64 - center + 0.5) / fs)).collect();
+        let s: f64 = w.iter().sum();
+        w.iter_mut().for_each(|x| *x /= s);
+        (lo, w)
+    }).collect()
+}
+
+/// variant: order 0 = h then v, 1 = v then h; mid: 0 = round+clamp, 1 = none
+fn dbg_resize(img: &RgbImage, ow: usize, oh: usize, order: u8, mid: u8) -> Vec<f64> {
+    let (w, h) = (img.width, img.height);
+    let src: Vec<f64> = img.data.iter().map(|&v| v as f64).collect();
+    let q = |v: f64| if mid == 0 { v.round().clamp(0.0, 255.0) } else { v };
+    let hpass = |src: &[f64], hh: usize, wi: usize, wo: usize| -> Vec<f64> {
+        let t = dbg_taps(wi, wo); let mut d = vec![0.0; hh * wo * 3];
+        for y in 0..hh { for (o, (lo, ws)) in t.iter().enumerate() { for c in 0..3 {
+            d[(y * wo + o) * 3 + c] = ws.iter().enumerate().map(|(k, wk)| wk * src[(y * wi + lo + k) * 3 + c]).sum();
+        }}}
+        d
+    };
+    let vpass = |src: &[f64], ww: usize, hi: usize, ho: usize| -> Vec<f64> {
+        let t = dbg_taps(hi, ho); let mut d = vec![0.0; ho * ww * 3];
+        for (o, (lo, ws)) in t.iter().enumerate() { for x in 0..ww { for c in 0..3 {
+            d[(o * ww + x) * 3 + c] = ws.iter().enumerate().map(|(k, wk)| wk * src[((lo + k) * ww + x) * 3 + c]).sum();
+        }}}
+        d
+    };
+    let out = if order == 0 {
+        let a: Vec<f64> = hpass(&src, h, w, ow).into_iter().map(q).collect();
+        vpass(&a, ow, h, oh)
+    } else {
+        let a: Vec<f64> = vpass(&src, w, h, oh).into_iter().map(q).collect();
+        hpass(&a, oh, w, ow)
+    };
+    out.into_iter().map(|v| v.round().clamp(0.0, 255.0)).collect()
+}
+
+#[test]
+fn zz_debug_image1() {
+    let fx = fixture_dir();
+    let cfg = fixture_config();
+    let pcfg = LlavaPreprocessorConfig::load(&fx, &cfg).unwrap();
+    let u = |v: f64, c: usize| ((v * pcfg.image_std[c] as f64 + pcfg.image_mean[c] as f64) * 255.0).round();
+    for k in 0..2 {
+        let img = load_rgb(fx.join(format!("image{k}.png"))).unwrap();
+        let r = read(&format!("image{k}_processed.safetensors"));
+        let want = &r["pixel_values"].1;
+        let p = process_image(&img, &pcfg).unwrap();
+        let g = &p.geometry;
+        let (rh, rw) = g.resized_hw;
+        let s = 56;
+        for order in 0..2u8 {
+            let out = dbg_resize(&img, rw, rh, order, 0);
+            let mut hist = std::collections::BTreeMap::new();
+            for t in 1..p.num_tiles {
+                let (ty, tx) = ((t - 1) / g.grid.1, (t - 1) % g.grid.1);
+                for c in 0..3 { for y in 0..s { for x in 0..s {
+                    let (cy, cx) = (ty * s + y, tx * s + x);
+                    if cy < g.pad_top_left.0 || cx < g.pad_top_left.1 { continue; }
+                    let (iy, ix) = (cy - g.pad_top_left.0, cx - g.pad_top_left.1);
+                    if iy >= rh || ix >= rw { continue; }
+                    let d = (out[(iy * rw + ix) * 3 + c] - u(want[((t * 3 + c) * s + y) * s + x], c)) as i64;
+                    *hist.entry(d.clamp(-3, 3)).or_insert(0) += 1;
+                }}}
+            }
+            println!("image{k} tiles {}x{} -> {rh}x{rw} order {order}: {hist:?}", img.height, img.width);
+        }
+    }
 }

@@ -64,10 +64,7 @@ fn check_tiny(cfg: &QwenVlConfig) {
     assert_eq!((v.window_size, v.out_hidden_size), (56, 64));
     assert_eq!(v.fullatt_block_indexes, vec![1, 3]);
     assert_eq!(v.patch_dim(), 1176);
-    assert_eq!(
-        (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id),
-        (590, 591, 592, 593)
-    );
+    assert_eq!((cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id), (590, 591, 592, 593));
     assert_eq!((cfg.bos_token_id, cfg.eos_token_id), (580, 581));
 }
 
@@ -75,9 +72,21 @@ fn check_tiny(cfg: &QwenVlConfig) {
 fn nested_variant(flat: &Value) -> Value {
     let f = flat.as_object().unwrap();
     let text_keys = [
-        "hidden_act", "hidden_size", "intermediate_size", "max_position_embeddings", "num_attention_heads",
-        "num_hidden_layers", "num_key_value_heads", "rms_norm_eps", "vocab_size", "use_sliding_window",
-        "sliding_window", "max_window_layers", "attention_dropout", "bos_token_id", "eos_token_id",
+        "hidden_act",
+        "hidden_size",
+        "intermediate_size",
+        "max_position_embeddings",
+        "num_attention_heads",
+        "num_hidden_layers",
+        "num_key_value_heads",
+        "rms_norm_eps",
+        "vocab_size",
+        "use_sliding_window",
+        "sliding_window",
+        "max_window_layers",
+        "attention_dropout",
+        "bos_token_id",
+        "eos_token_id",
     ];
     let mut text = serde_json::Map::new();
     let mut root = serde_json::Map::new();
@@ -478,7 +487,8 @@ fn tiny_tokenizer(dir: &Path) -> tokenizers::Tokenizer {
     }
     let nl = chars[b'\n' as usize];
     let sp = chars[b' ' as usize];
-    let merge_pairs = [("a", "s"), ("as", "s"), ("i", "s"), ("t", "a"), ("n", "t"), (&*format!("{nl}"), &*format!("{nl}")), (&*format!("{sp}"), "c")];
+    let merge_pairs =
+        [("a", "s"), ("as", "s"), ("i", "s"), ("t", "a"), ("n", "t"), (&*format!("{nl}"), &*format!("{nl}")), (&*format!("{sp}"), "c")];
     let mut merges = Vec::new();
     let mut next = 256;
     for (a, b) in merge_pairs {
@@ -486,7 +496,15 @@ fn tiny_tokenizer(dir: &Path) -> tokenizers::Tokenizer {
         merges.push(json!([a, b]));
         next += 1;
     }
-    let special = [("<|endoftext|>", 580), ("<|im_end|>", 581), ("<|im_start|>", 582), ("<|image_pad|>", 590), ("<|video_pad|>", 591), ("<|vision_start|>", 592), ("<|vision_end|>", 593)];
+    let special = [
+        ("<|endoftext|>", 580),
+        ("<|im_end|>", 581),
+        ("<|im_start|>", 582),
+        ("<|image_pad|>", 590),
+        ("<|video_pad|>", 591),
+        ("<|vision_start|>", 592),
+        ("<|vision_end|>", 593),
+    ];
     let added: Vec<Value> = special
         .iter()
         .map(|(t, id)| json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
@@ -533,7 +551,9 @@ fn chat_prompt_ids_and_loss_mask() {
 
     // Collapsing the placeholder runs and decoding gives back the template text exactly.
     let r = chat::render_chat(&msgs, &opts).unwrap();
-    assert!(r.text.starts_with("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What"));
+    assert!(r.text.starts_with(
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What"
+    ));
     let mut collapsed: Vec<u32> = Vec::new();
     for (i, &id) in enc.ids.iter().enumerate() {
         if !(id == 590 && i > 0 && enc.ids[i - 1] == 590) {

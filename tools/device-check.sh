@@ -13,7 +13,7 @@ dst="$root/.device"
 
 if [ "$mode" = build ]; then
   set -e
-  rm -rf "$dst"; mkdir -p "$dst/bin" "$dst/fixtures"
+  stage="$(mktemp -d)"; mkdir -p "$stage/bin" "$stage/fixtures"
   cargo build --release --bins --benches >&2
   # --message-format=json lists the test executables cargo produced.
   cargo test --release --no-run --message-format=json 2>/dev/null \
@@ -22,18 +22,29 @@ for l in sys.stdin:
     try: m=json.loads(l)
     except Exception: continue
     if m.get("reason")=="compiler-artifact" and m.get("executable") and m["profile"]["test"]:
-        print(m["target"]["kind"][0], m["target"]["name"], m["executable"])' > "$dst/tests.txt"
-  while read -r kind name exe; do cp "$exe" "$dst/bin/test-$kind-$name"; done < "$dst/tests.txt"
-  cp target/release/am3 "$dst/bin/am3"
+        print(m["target"]["kind"][0], m["target"]["name"], m["executable"])' > "$stage/tests.txt"
+  while read -r kind name exe; do cp "$exe" "$stage/bin/test-$kind-$name"; done < "$stage/tests.txt"
+  cp target/release/am3 "$stage/bin/am3"
   bench=$(ls -t target/release/deps/kernels-* 2>/dev/null | grep -v '\.d$' | head -1)
-  [ -n "$bench" ] && cp "$bench" "$dst/bin/bench-kernels"
-  cp -r ../shared/fixtures/. "$dst/fixtures/"
+  [ -n "$bench" ] && cp "$bench" "$stage/bin/bench-kernels"
+  strip "$stage"/bin/* 2>/dev/null || true
+  cp -r ../shared/fixtures/. "$stage/fixtures/"
+  # One xz stream over all binaries: they share the embedded kernels and most code, which the
+  # large dictionary dedups, so the carried folder stays far under the 64 MiB limit.
+  rm -rf "$dst"; mkdir -p "$dst"
+  tar -C "$stage" -cf - . | xz -9e -T2 --lzma2=dict=192MiB > "$dst/bundle.tar.xz"
+  rm -rf "$stage"
   du -sh "$dst" >&2
   exit 0
 fi
 
 # --- run (on the device) ---
-export AM3_FIXTURES="$dst/fixtures/qwen2_5_vl_tiny"
+if [ -f "$dst/bundle.tar.xz" ]; then
+  work=/tmp/am3-device; rm -rf "$work"; mkdir -p "$work"
+  xz -dc "$dst/bundle.tar.xz" | tar -C "$work" -xf - || { echo "unpacking the bundle failed"; exit 2; }
+  dst="$work"
+fi
+export AM3_FIXTURES="$dst/fixtures"
 export AM3_LLAVA_FIXTURES="$dst/fixtures/llava_next_tiny"
 export AM3_GRPO_VECTORS="$dst/fixtures/grpo_vectors.safetensors"
 export AM3_SHARED_FIXTURES="$dst/fixtures"

@@ -4,12 +4,15 @@
 //! Each area adds a `src/bench/<area>.rs` with `pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>>`
 //! and one line in `SUITES`.
 
+pub mod attention;
 pub mod elementwise;
 pub mod norms;
+pub mod patch_embed;
 
 use crate::cuda::Gpu;
 use crate::tensor::Device;
 use anyhow::{Context, Result};
+use cudarc::driver::sys;
 
 pub const HBM_BYTES_PER_S: f64 = 4.2e12;
 pub const BF16_FLOP_PER_S: f64 = 770e12;
@@ -46,8 +49,8 @@ pub fn time_gpu(gpu: &Gpu, warmup: usize, iters: usize, f: &mut dyn FnMut() -> R
     gpu.sync()?;
     let mut times = Vec::with_capacity(iters);
     for _ in 0..iters {
-        let start = gpu.ctx.new_event(None).context("creating a CUDA event")?;
-        let stop = gpu.ctx.new_event(None).context("creating a CUDA event")?;
+        let start = gpu.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).context("creating a CUDA event")?;
+        let stop = gpu.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).context("creating a CUDA event")?;
         start.record(&gpu.stream)?;
         f()?;
         stop.record(&gpu.stream)?;
@@ -79,6 +82,8 @@ pub type Suite = (&'static str, fn(&Device, bool) -> Result<Vec<BenchRow>>);
 pub const SUITES: &[Suite] = &[
     ("norms", norms::run),
     ("elementwise", elementwise::run),
+    ("attention", attention::run),
+    ("patch_embed", patch_embed::run),
 ];
 
 pub fn format_table(rows: &[BenchRow]) -> String {

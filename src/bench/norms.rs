@@ -24,10 +24,10 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     let k = CHECK_ROWS.min(rows);
     let mut rng = Rng::new(0x6e6f726d);
     // Random non-zero inputs, rounded to bf16 as the upload does so the CPU check sees the same values.
-    let x = bf16_round(&rng.uniform_vec(n, -2.0, 2.0));
-    let dy = bf16_round(&rng.uniform_vec(n, -1.0, 1.0));
-    let w = bf16_round(&rng.uniform_vec(cols, 0.5, 1.5));
-    let b = bf16_round(&rng.uniform_vec(cols, -0.5, 0.5));
+    let x = bf16_round(rng.uniform_vec(n, -2.0, 2.0));
+    let dy = bf16_round(rng.uniform_vec(n, -1.0, 1.0));
+    let w = bf16_round(rng.uniform_vec(cols, 0.5, 1.5));
+    let b = bf16_round(rng.uniform_vec(cols, -0.5, 0.5));
     let bf = DType::BF16;
     let (xb, dyb, wb, bb) = (dev.upload(&x, bf)?, dev.upload(&dy, bf)?, dev.upload(&w, bf)?, dev.upload(&b, bf)?);
     let (xk, dyk) = (&x[..k * cols], &dy[..k * cols]);
@@ -89,7 +89,7 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
 
     // Embedding gather from a LLaVA-sized vocabulary.
     let vocab = 32064usize;
-    let table = bf16_round(&rng.uniform_vec(vocab * cols, -1.0, 1.0));
+    let table = bf16_round(rng.uniform_vec(vocab * cols, -1.0, 1.0));
     let tb = dev.upload(&table, bf)?;
     let ids: Vec<i32> = (0..rows).map(|_| rng.below(vocab) as i32).collect();
     let idb = dev.upload_i32(&ids)?;
@@ -106,8 +106,9 @@ fn row(op: &str, shape: &str, ms: f64, bytes: f64, err: f64) -> BenchRow {
     BenchRow { op: op.into(), shape: shape.into(), ms, bytes, flops: 0.0, rel_err: Some(err), note: String::new() }
 }
 
-fn bf16_round(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
+/// Rounds through bf16 in place (the collect reuses the allocation).
+fn bf16_round(v: Vec<f32>) -> Vec<f32> {
+    v.into_iter().map(|x| half::bf16::from_f32(x).to_f32()).collect()
 }
 
 /// ‖a − b‖ / ‖b‖; infinite when `a` has a non-finite entry.

@@ -7,8 +7,8 @@
 pub mod safetensors_io;
 
 pub use safetensors_io::{
-    read_tensor_file, read_tensor_file_with_metadata, save_sharded, save_sharded_with, write_atomic, SaveDtype, StDtype,
-    INDEX_FILE, SINGLE_FILE,
+    read_tensor_file, read_tensor_file_with_metadata, save_sharded, save_sharded_with, write_atomic, SaveDtype, StDtype, INDEX_FILE,
+    SINGLE_FILE,
 };
 
 use anyhow::{bail, Context, Result};
@@ -68,12 +68,9 @@ impl Checkpoint {
             bail!("checkpoint {}: neither {SINGLE_FILE} nor {INDEX_FILE} is present", path.display());
         }
         let text = fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", index.display()))?;
-        let wm = json
-            .get("weight_map")
-            .and_then(|v| v.as_object())
-            .with_context(|| format!("{}: no `weight_map` object", index.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", index.display()))?;
+        let wm =
+            json.get("weight_map").and_then(|v| v.as_object()).with_context(|| format!("{}: no `weight_map` object", index.display()))?;
         let mut weight_map = HashMap::with_capacity(wm.len());
         let mut files: Vec<PathBuf> = Vec::new();
         for (name, f) in wm {
@@ -114,12 +111,9 @@ impl Checkpoint {
             for (name, p) in wm {
                 match tensors.get(name) {
                     Some((fi, _)) if &files[*fi].0 == p => {}
-                    Some((fi, _)) => bail!(
-                        "{}: says tensor `{name}` is in {}, but it is in {}",
-                        ix.display(),
-                        p.display(),
-                        files[*fi].0.display()
-                    ),
+                    Some((fi, _)) => {
+                        bail!("{}: says tensor `{name}` is in {}, but it is in {}", ix.display(), p.display(), files[*fi].0.display())
+                    }
                     None => bail!("{}: lists tensor `{name}` in {}, but that file does not contain it", ix.display(), p.display()),
                 }
             }
@@ -160,7 +154,11 @@ impl Checkpoint {
 
     fn entry(&self, name: &str) -> Result<(&Path, &TensorEntry, &[u8])> {
         let Some((fi, e)) = self.tensors.get(name) else {
-            let files: Vec<String> = self.files.iter().map(|(p, _)| p.file_name().map_or_else(|| p.display().to_string(), |f| f.to_string_lossy().into_owned())).collect();
+            let files: Vec<String> = self
+                .files
+                .iter()
+                .map(|(p, _)| p.file_name().map_or_else(|| p.display().to_string(), |f| f.to_string_lossy().into_owned()))
+                .collect();
             bail!(
                 "checkpoint {}: tensor `{name}` not found (searched {} tensors in {})",
                 self.dir.display(),

@@ -121,16 +121,13 @@ pub fn parse_header(bytes: &[u8], file: &Path) -> Result<Header> {
     len8.copy_from_slice(&bytes[..8]);
     let n = u64::from_le_bytes(len8);
     if n > MAX_HEADER_BYTES || n > (bytes.len() - 8) as u64 {
-        bail!(
-            "{f}: header length {n} does not fit in the file's {} bytes (truncated or not a safetensors file)",
-            bytes.len()
-        );
+        bail!("{f}: header length {n} does not fit in the file's {} bytes (truncated or not a safetensors file)", bytes.len());
     }
     let n = n as usize;
     let data_start = 8 + n;
     let data_len = bytes.len() - data_start;
-    let json: Value = serde_json::from_slice(&bytes[8..data_start])
-        .with_context(|| format!("{f}: the header is not valid JSON (corrupt file?)"))?;
+    let json: Value =
+        serde_json::from_slice(&bytes[8..data_start]).with_context(|| format!("{f}: the header is not valid JSON (corrupt file?)"))?;
     let Value::Object(obj) = json else { bail!("{f}: the header is not a JSON object (corrupt file?)") };
 
     let mut tensors = Vec::with_capacity(obj.len());
@@ -163,10 +160,7 @@ pub fn parse_header(bytes: &[u8], file: &Path) -> Result<Header> {
         }
         let s = offs[0].as_u64().ok_or_else(|| bad("non-integer data_offsets"))? as usize;
         let e = offs[1].as_u64().ok_or_else(|| bad("non-integer data_offsets"))? as usize;
-        let nbytes = shape
-            .iter()
-            .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| bad("shape overflows"))?;
+        let nbytes = shape.iter().try_fold(dtype.size(), |acc, &d| acc.checked_mul(d)).ok_or_else(|| bad("shape overflows"))?;
         if e < s || e - s != nbytes {
             return Err(bad(&format!(
                 "shape {shape:?} of {dt_str} needs {nbytes} bytes but data_offsets [{s}, {e}] span {}",
@@ -174,9 +168,7 @@ pub fn parse_header(bytes: &[u8], file: &Path) -> Result<Header> {
             )));
         }
         if e > data_len {
-            bail!(
-                "{f}: tensor `{name}` ends at data byte {e} but the file's data section has only {data_len} bytes (truncated file?)"
-            );
+            bail!("{f}: tensor `{name}` ends at data byte {e} but the file's data section has only {data_len} bytes (truncated file?)");
         }
         tensors.push(TensorEntry { name, dtype, shape, start: data_start + s, end: data_start + e });
     }
@@ -195,11 +187,7 @@ pub fn decode_f32(dtype: StDtype, raw: &[u8], name: &str, file: &Path) -> Result
         StDtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
         StDtype::BF16 => raw.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect(),
         StDtype::F16 => raw.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
-        other => bail!(
-            "{}: tensor `{name}` has dtype {}, but model weights must be BF16, F16 or F32",
-            file.display(),
-            other.name()
-        ),
+        other => bail!("{}: tensor `{name}` has dtype {}, but model weights must be BF16, F16 or F32", file.display(), other.name()),
     })
 }
 
@@ -375,7 +363,12 @@ fn is_shard_name(name: &str) -> bool {
 /// Saves named f32 tensors `(name, shape, values)` as a Hugging Face checkpoint in `dir`
 /// (created if needed), stored as `dtype`, in shards of at most `max_shard_bytes` (a tensor
 /// larger than that gets a shard of its own). One shard is written as `model.safetensors`.
-pub fn save_sharded(dir: impl AsRef<Path>, tensors: &[(String, Vec<usize>, Vec<f32>)], dtype: SaveDtype, max_shard_bytes: usize) -> Result<()> {
+pub fn save_sharded(
+    dir: impl AsRef<Path>,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    dtype: SaveDtype,
+    max_shard_bytes: usize,
+) -> Result<()> {
     let specs: Vec<(String, Vec<usize>)> = tensors.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect();
     save_sharded_with(dir, &specs, dtype, max_shard_bytes, |i| Ok(tensors[i].2.clone()))
 }

@@ -56,6 +56,14 @@ impl Role {
             Role::Assistant => "assistant",
         }
     }
+    /// "a system", "a user", "an assistant" (for messages).
+    fn with_article(self) -> &'static str {
+        match self {
+            Role::System => "a system",
+            Role::User => "a user",
+            Role::Assistant => "an assistant",
+        }
+    }
     fn parse(s: &str) -> Option<Role> {
         match s {
             "system" => Some(Role::System),
@@ -224,7 +232,10 @@ fn parse_lines(bytes: &[u8], file: &Path, base: &Path) -> (Vec<Sample>, Vec<Line
         let value: Value = match serde_json::from_str(text) {
             Ok(v) => v,
             Err(e) => {
-                err(format!("bad JSON: {e}"));
+                // serde's own "at line 1 column N" would clash with the file's line number.
+                let msg = e.to_string();
+                let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+                err(format!("bad JSON at column {}: {msg}", e.column()));
                 continue;
             }
         };
@@ -426,13 +437,13 @@ fn check_turns(msgs: &[Message], bad: &mut Vec<String>) {
                 bad.push(format!("message {n}: a system message may only come first"));
             }
         } else if m.role != expect {
-            bad.push(format!("message {n}: expected a {} turn, got {} (turns must alternate user, assistant)", expect.as_str(), m.role.as_str()));
+            bad.push(format!("message {n}: expected {} turn, got {} (turns must alternate user, assistant)", expect.with_article(), m.role.as_str()));
             return;
         } else {
             expect = if expect == Role::User { Role::Assistant } else { Role::User };
         }
         if m.role != Role::User && count_markers(&m.content) > 0 {
-            bad.push(format!("message {n}: {IMAGE_MARKER} marker in a {} turn (images go in user turns)", m.role.as_str()));
+            bad.push(format!("message {n}: {IMAGE_MARKER} marker in {} turn (images go in user turns)", m.role.with_article()));
         }
         if m.role == Role::Assistant && m.content.trim().is_empty() {
             bad.push(format!("message {n}: empty assistant turn"));

@@ -108,11 +108,8 @@ pub fn bwd(
             let part = dev.zeros_f32(nblocks * 2 * cols)?; // [nblocks, 2, cols]
             // The kernel is built for <= 512 threads (two blocks per SM at <= 64 registers).
             let block = block_for(cols, dt).min(BWD_MAX_THREADS);
-            // Rows of at most one 16-byte vector per thread take the kernel's register path
-            // (sums in registers); others keep them in shared memory when they fit.
-            let lane = 16 / dt.size();
-            let reg_path = cols % lane == 0 && cols <= block as usize * lane;
-            let use_smem = !reg_path && cols <= SMEM_MAX_COLS;
+            // Running dw/db column sums in shared memory when they fit, else in `part` itself.
+            let use_smem = cols <= SMEM_MAX_COLS;
             let smem = if use_smem { (2 * cols * 4) as u32 } else { 0 };
             let args = [
                 Arg::Ptr(dx.ptr(g)?),

@@ -86,3 +86,55 @@ pub fn dot(a: &[f64], b: &[f64]) -> f64 {
 
 /// Odd and even shapes used by the op tests: (rows, cols).
 pub const ROW_SHAPES: &[(usize, usize)] = &[(1, 1), (3, 7), (5, 64), (17, 80), (33, 129), (64, 1000), (7, 3584)];
+
+/// A model's fixture directory: `$AM3_FIXTURES` when it is that model's directory (it holds
+/// config.json), `$AM3_FIXTURES/<name>` when it is a fixture-set root, else
+/// `../shared/fixtures/<name>`. `model` is "qwen2_5_vl_tiny" or "llava_next_tiny".
+pub fn fixture_dir(model: &str) -> std::path::PathBuf {
+    use std::path::PathBuf;
+    let specific = if model.starts_with("llava") { "AM3_LLAVA_FIXTURES" } else { "AM3_QWEN_FIXTURES" };
+    for var in [specific, "AM3_FIXTURES"] {
+        if let Ok(p) = std::env::var(var) {
+            let p = PathBuf::from(p);
+            if p.join("config.json").is_file() && (var == specific || p.ends_with(model)) {
+                return p;
+            }
+            if p.join(model).join("config.json").is_file() {
+                return p.join(model);
+            }
+        }
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures").join(model)
+}
+
+/// The GRPO vectors file: `$AM3_GRPO_VECTORS`, else `$AM3_FIXTURES/grpo_vectors.safetensors`
+/// when that exists, else the shared fixtures.
+pub fn grpo_vectors_path() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    if let Ok(p) = std::env::var("AM3_GRPO_VECTORS") {
+        return PathBuf::from(p);
+    }
+    if let Ok(p) = std::env::var("AM3_FIXTURES") {
+        let f = PathBuf::from(p).join("grpo_vectors.safetensors");
+        if f.is_file() {
+            return f;
+        }
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/grpo_vectors.safetensors")
+}
+
+/// ‖a − b‖ / max(‖b‖, scale): for outputs that cancel to ~0 (e.g. a norm's dx when a row has
+/// one element), where the error must be judged against the size of the terms that cancelled.
+pub fn rel_err_scaled(a: &[f32], b: &[f32], scale: f64) -> f64 {
+    let e = rel_err(a, b);
+    let nb = b.iter().map(|&y| (y as f64).powi(2)).sum::<f64>().sqrt();
+    if !e.is_finite() {
+        return e;
+    }
+    e * nb.max(1e-30) / nb.max(scale).max(1e-30)
+}
+
+/// ‖v‖₂ in f64.
+pub fn norm2(v: &[f32]) -> f64 {
+    v.iter().map(|&y| (y as f64).powi(2)).sum::<f64>().sqrt()
+}

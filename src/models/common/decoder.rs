@@ -15,7 +15,7 @@
 
 use crate::ops::attention::{self, AttnShape, KvCache, Varlen};
 use crate::ops::{act, elementwise, matmul, rmsnorm, rope};
-use crate::tensor::{Buf, Device};
+use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
 
 /// Sizes of one block.
@@ -264,8 +264,9 @@ pub struct LayerActs {
 }
 
 impl LayerActs {
-    pub fn new(dev: &Device, dims: &LayerDims, t: usize) -> Result<Self> {
-        let a = |n: usize| dev.zeros_act(n);
+    /// Zeroed buffers for `t` tokens; activations in `dt` (the weights' dtype).
+    pub fn new(dev: &Device, dims: &LayerDims, t: usize, dt: DType) -> Result<Self> {
+        let a = |n: usize| dev.zeros(dt, n);
         Ok(LayerActs {
             rstd1: dev.zeros_f32(t)?,
             y1: a(t * dims.d)?,
@@ -295,16 +296,21 @@ pub struct Block<'a> {
 }
 
 impl Block<'_> {
+    /// Activations take the weights' dtype (bf16 on CUDA in training; f32 for checks).
+    fn dt(&self) -> DType {
+        self.w.wq.dtype()
+    }
+
     fn shape(&self) -> AttnShape {
         AttnShape::new(self.dims.heads, self.dims.kv_heads, self.dims.head_dim, self.causal)
     }
 
     /// out [T, D] = block(x [T, D]); fills `acts`.
     pub fn forward(&self, dev: &Device, out: &mut Buf, x: &Buf, acts: &mut LayerActs) -> Result<()> {
-        let (d, w, t) = (self.dims, self.w, self.segs.total());
+        let (d, w, t, dt) = (self.dims, self.w, self.segs.total(), self.dt());
         self.qkv(dev, x, &mut acts.rstd1, &mut acts.y1, &mut acts.q, &mut acts.k, &mut acts.v, t)?;
         attention::fwd(dev, &mut acts.att, &mut acts.lse, &acts.q, &acts.k, &acts.v, self.segs, &self.shape())?;
-        let mut tmp = dev.zeros_act(t * d.d)?;
+        let mut tmp = dev.zeros(dt, t * d.d)?;
         matmul::linear_fwd(dev, &mut tmp, &acts.att, &w.wo, w.bo.as_ref(), t, d.q_dim(), d.d)?;
         elementwise::add_into(dev, &mut acts.mid, x, &tmp, t * d.d)?;
         self.mlp(dev, out, &acts.mid, &mut acts.rstd2, &mut acts.y2, &mut acts.gate, &mut acts.up, &mut acts.h, t)
@@ -312,25 +318,25 @@ impl Block<'_> {
 
     /// dx [T, D] (=) from dout [T, D]; parameter gradients accumulate into `g`.
     pub fn backward(&self, dev: &Device, dx: &mut Buf, g: &mut LayerParams, dout: &Buf, x: &Buf, a: &LayerActs) -> Result<()> {
-        let (d, w, t) = (self.dims, self.w, self.segs.total());
+        let (d, w, t, dt) = (self.dims, self.w, self.segs.total(), self.dt());
         // MLP.
-        let mut dh = dev.zeros_act(t * d.inter)?;
+        let mut dh = dev.zeros(dt, t * d.inter)?;
         matmul::linear_bwd(dev, Some(&mut dh), &mut g.wd, g.bd.as_mut(), dout, &a.h, &w.wd, t, d.inter, d.d)?;
-        let (mut dgate, mut dup) = (dev.zeros_act(t * d.inter)?, dev.zeros_act(t * d.inter)?);
+        let (mut dgate, mut dup) = (dev.zeros(dt, t * d.inter)?, dev.zeros(dt, t * d.inter)?);
         act::swiglu_bwd(dev, &mut dgate, &mut dup, &dh, &a.gate, &a.up, t * d.inter)?;
         drop(dh);
-        let (mut dy, mut dy_b) = (dev.zeros_act(t * d.d)?, dev.zeros_act(t * d.d)?);
+        let (mut dy, mut dy_b) = (dev.zeros(dt, t * d.d)?, dev.zeros(dt, t * d.d)?);
         matmul::linear_bwd(dev, Some(&mut dy), &mut g.wg, g.bg.as_mut(), &dgate, &a.y2, &w.wg, t, d.d, d.inter)?;
         matmul::linear_bwd(dev, Some(&mut dy_b), &mut g.wu, g.bu.as_mut(), &dup, &a.y2, &w.wu, t, d.d, d.inter)?;
         elementwise::add_inplace(dev, &mut dy, &dy_b, t * d.d)?;
-        let mut dmid = dev.zeros_act(t * d.d)?;
+        let mut dmid = dev.zeros(dt, t * d.d)?;
         rmsnorm::bwd(dev, &mut dmid, &mut g.ln2, &dy, &a.mid, &w.ln2, &a.rstd2, t, d.d)?;
         elementwise::add_inplace(dev, &mut dmid, dout, t * d.d)?;
         // Attention.
-        let mut datt = dev.zeros_act(t * d.q_dim())?;
+        let mut datt = dev.zeros(dt, t * d.q_dim())?;
         matmul::linear_bwd(dev, Some(&mut datt), &mut g.wo, g.bo.as_mut(), &dmid, &a.att, &w.wo, t, d.q_dim(), d.d)?;
-        let mut dq = dev.zeros_act(t * d.q_dim())?;
-        let (mut dk, mut dv) = (dev.zeros_act(t * d.kv_dim())?, dev.zeros_act(t * d.kv_dim())?);
+        let mut dq = dev.zeros(dt, t * d.q_dim())?;
+        let (mut dk, mut dv) = (dev.zeros(dt, t * d.kv_dim())?, dev.zeros(dt, t * d.kv_dim())?);
         attention::bwd(dev, &mut dq, &mut dk, &mut dv, &datt, &a.q, &a.k, &a.v, &a.att, &a.lse, self.segs, &self.shape())?;
         rope::bwd(dev, &mut dq, &self.rope.cos, &self.rope.sin, t, d.heads, d.head_dim)?;
         rope::bwd(dev, &mut dk, &self.rope.cos, &self.rope.sin, t, d.kv_heads, d.head_dim)?;
@@ -348,22 +354,22 @@ impl Block<'_> {
     /// queries attend causally to everything cached. `self.rope` covers the new tokens;
     /// `self.segs` is not used.
     pub fn forward_cached(&self, dev: &Device, out: &mut Buf, x: &Buf, cache: &mut KvCache, n_new: usize) -> Result<()> {
-        let (d, w) = (self.dims, self.w);
+        let (d, w, dt) = (self.dims, self.w, self.dt());
         let t = cache.batch * n_new;
         let mut rstd = dev.zeros_f32(t)?;
-        let mut y = dev.zeros_act(t * d.d)?;
-        let mut q = dev.zeros_act(t * d.q_dim())?;
-        let (mut k, mut v) = (dev.zeros_act(t * d.kv_dim())?, dev.zeros_act(t * d.kv_dim())?);
+        let mut y = dev.zeros(dt, t * d.d)?;
+        let mut q = dev.zeros(dt, t * d.q_dim())?;
+        let (mut k, mut v) = (dev.zeros(dt, t * d.kv_dim())?, dev.zeros(dt, t * d.kv_dim())?);
         self.qkv(dev, x, &mut rstd, &mut y, &mut q, &mut k, &mut v, t)?;
         cache.append(dev, &k, &v, n_new)?;
-        let mut att = dev.zeros_act(t * d.q_dim())?;
+        let mut att = dev.zeros(dt, t * d.q_dim())?;
         attention::decode(dev, &mut att, &q, cache, n_new, &self.shape())?;
-        let mut tmp = dev.zeros_act(t * d.d)?;
+        let mut tmp = dev.zeros(dt, t * d.d)?;
         matmul::linear_fwd(dev, &mut tmp, &att, &w.wo, w.bo.as_ref(), t, d.q_dim(), d.d)?;
-        let mut mid = dev.zeros_act(t * d.d)?;
+        let mut mid = dev.zeros(dt, t * d.d)?;
         elementwise::add_into(dev, &mut mid, x, &tmp, t * d.d)?;
         let mut rstd2 = dev.zeros_f32(t)?;
-        let (mut y2, mut gate, mut up, mut h) = (dev.zeros_act(t * d.d)?, dev.zeros_act(t * d.inter)?, dev.zeros_act(t * d.inter)?, dev.zeros_act(t * d.inter)?);
+        let (mut y2, mut gate, mut up, mut h) = (dev.zeros(dt, t * d.d)?, dev.zeros(dt, t * d.inter)?, dev.zeros(dt, t * d.inter)?, dev.zeros(dt, t * d.inter)?);
         self.mlp(dev, out, &mid, &mut rstd2, &mut y2, &mut gate, &mut up, &mut h, t)
     }
 

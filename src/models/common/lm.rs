@@ -14,7 +14,7 @@ use super::params::ParamRef;
 use crate::ops::attention::{KvCache, Varlen};
 use crate::ops::patch_embed::{scatter_rows, take_rows, RowIndex};
 use crate::ops::{embedding, matmul, rmsnorm};
-use crate::tensor::{Buf, Device};
+use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
 
 /// Sizes, biases and RoPE of a decoder LM.
@@ -164,8 +164,8 @@ impl LmFwd {
 
 /// Embeds `ids` [S] and writes `inject` rows over their positions (placeholder tokens).
 fn embed(dev: &Device, dims: &LmDims, p: &LmParams, ids: &Buf, ids_host: &[i32], inject: Option<(&Buf, &RowIndex)>) -> Result<Buf> {
-    let (s, d) = (ids_host.len(), dims.layer.d);
-    let mut x = dev.zeros_act(s * d)?;
+    let (s, d, dt) = (ids_host.len(), dims.layer.d, p.embed.dtype());
+    let mut x = dev.zeros(dt, s * d)?;
     embedding::fwd(dev, &mut x, &p.embed, ids, Some(ids_host), s, d, dims.vocab)?;
     if let Some((rows, at)) = inject {
         scatter_rows(dev, &mut x, rows, at, d)?;
@@ -180,7 +180,7 @@ fn inject_index(dev: &Device, inject: &Option<Inject>, s: usize) -> Result<Optio
 /// Forward over packed sequences: ids [S], RoPE positions `pos` (layout per `dims.rope`),
 /// `cu_seqlens` [nseq + 1]. `recompute[l]` (missing = false) keeps only layer l's input.
 pub fn forward(dev: &Device, dims: &LmDims, p: &LmParams, ids: &[i32], pos: &[i32], cu_seqlens: &[i32], inject: Option<Inject>, recompute: &[bool]) -> Result<LmFwd> {
-    let (s, d) = (ids.len(), dims.layer.d);
+    let (s, d, dt) = (ids.len(), dims.layer.d, p.embed.dtype());
     let seqs = Varlen::new(dev, cu_seqlens)?;
     if seqs.total() != s {
         bail!("LM forward: cu_seqlens covers {} tokens, ids has {s}", seqs.total());
@@ -189,10 +189,10 @@ pub fn forward(dev: &Device, dims: &LmDims, p: &LmParams, ids: &[i32], pos: &[i3
     let inject_idx = inject_index(dev, &inject, s)?;
     let ids_buf = dev.upload_i32(ids)?;
     let x0 = embed(dev, dims, p, &ids_buf, ids, inject.as_ref().zip(inject_idx.as_ref()).map(|(i, r)| (i.rows, r)))?;
-    let mut f = LmFwd { ids: ids_buf, ids_host: ids.to_vec(), seqs, rope, inject: inject_idx, hs: vec![x0], acts: Vec::new(), rstd_f: dev.zeros_f32(s)?, xf: dev.zeros_act(s * d)? };
+    let mut f = LmFwd { ids: ids_buf, ids_host: ids.to_vec(), seqs, rope, inject: inject_idx, hs: vec![x0], acts: Vec::new(), rstd_f: dev.zeros_f32(s)?, xf: dev.zeros(dt, s * d)? };
     for l in 0..dims.n_layers {
-        let mut acts = LayerActs::new(dev, &dims.layer, s)?;
-        let mut out = dev.zeros_act(s * d)?;
+        let mut acts = LayerActs::new(dev, &dims.layer, s, dt)?;
+        let mut out = dev.zeros(dt, s * d)?;
         f.block(dims, p, l).forward(dev, &mut out, &f.hs[l], &mut acts)?;
         f.hs.push(out);
         f.acts.push(if recompute.get(l).copied().unwrap_or(false) { None } else { Some(acts) });
@@ -203,7 +203,7 @@ pub fn forward(dev: &Device, dims: &LmDims, p: &LmParams, ids: &[i32], pos: &[i3
 
 /// logits [t, V] = hidden [t, D] · lm_headᵀ (f32 on the CPU, the activation dtype on CUDA).
 pub fn logits(dev: &Device, dims: &LmDims, p: &LmParams, hidden: &Buf, t: usize) -> Result<Buf> {
-    let mut out = dev.zeros_act(t * dims.vocab)?;
+    let mut out = dev.zeros(hidden.dtype(), t * dims.vocab)?;
     matmul::linear_fwd(dev, &mut out, hidden, p.head(), None, t, dims.layer.d, dims.vocab)?;
     Ok(out)
 }
@@ -212,18 +212,18 @@ pub fn logits(dev: &Device, dims: &LmDims, p: &LmParams, hidden: &Buf, t: usize)
 /// gradient of the injected rows [n, D] (None without injection). The lm_head's own gradient
 /// comes from the head op (e.g. `ops::logprob::bwd` into `g.head_mut()`).
 pub fn backward(dev: &Device, dims: &LmDims, p: &LmParams, g: &mut LmParams, f: &LmFwd, dxf: &Buf) -> Result<Option<Buf>> {
-    let (s, d) = (f.tokens(), dims.layer.d);
-    let mut dx = dev.zeros_act(s * d)?;
+    let (s, d, dt) = (f.tokens(), dims.layer.d, p.embed.dtype());
+    let mut dx = dev.zeros(dt, s * d)?;
     rmsnorm::bwd(dev, &mut dx, &mut g.norm, dxf, &f.hs[dims.n_layers], &p.norm, &f.rstd_f, s, d)?;
-    let mut din = dev.zeros_act(s * d)?;
+    let mut din = dev.zeros(dt, s * d)?;
     for l in (0..dims.n_layers).rev() {
         let blk = f.block(dims, p, l);
         let recomputed;
         let acts = match &f.acts[l] {
             Some(a) => a,
             None => {
-                let mut a = LayerActs::new(dev, &dims.layer, s)?;
-                let mut scratch = dev.zeros_act(s * d)?;
+                let mut a = LayerActs::new(dev, &dims.layer, s, dt)?;
+                let mut scratch = dev.zeros(dt, s * d)?;
                 blk.forward(dev, &mut scratch, &f.hs[l], &mut a)?;
                 recomputed = a;
                 &recomputed
@@ -235,7 +235,7 @@ pub fn backward(dev: &Device, dims: &LmDims, p: &LmParams, g: &mut LmParams, f: 
     // Injected rows replaced their token embeddings: their gradient goes to the vision side only.
     let d_inject = match &f.inject {
         Some(at) => {
-            let mut rows = dev.zeros_act(at.len() * d)?;
+            let mut rows = dev.zeros(dt, at.len() * d)?;
             take_rows(dev, &mut rows, &mut dx, at, d)?;
             Some(rows)
         }
@@ -252,9 +252,10 @@ pub struct LmCache {
 }
 
 impl LmCache {
-    pub fn new(dev: &Device, dims: &LmDims, batch: usize, max_len: usize) -> Result<Self> {
+    /// Caches in `dt` (the weights' dtype).
+    pub fn new(dev: &Device, dims: &LmDims, dt: DType, batch: usize, max_len: usize) -> Result<Self> {
         let l = &dims.layer;
-        let layers = (0..dims.n_layers).map(|_| KvCache::new(dev, batch, max_len, l.kv_heads, l.head_dim)).collect::<Result<Vec<_>>>()?;
+        let layers = (0..dims.n_layers).map(|_| KvCache::with_dtype(dev, dt, batch, max_len, l.kv_heads, l.head_dim)).collect::<Result<Vec<_>>>()?;
         Ok(LmCache { layers, batch })
     }
     /// Tokens cached per sequence.
@@ -267,7 +268,7 @@ impl LmCache {
 /// RoPE positions `pos` for them) through the LM, appending their keys and values; returns the
 /// final-norm hidden states [batch·n_new, D]. Used for prefill, appended turns and decoding.
 pub fn extend(dev: &Device, dims: &LmDims, p: &LmParams, cache: &mut LmCache, ids: &[i32], pos: &[i32], n_new: usize, inject: Option<Inject>) -> Result<Buf> {
-    let (t, d) = (ids.len(), dims.layer.d);
+    let (t, d, dt) = (ids.len(), dims.layer.d, p.embed.dtype());
     if n_new == 0 || t != cache.batch * n_new {
         bail!("LM extend: {t} ids for {} sequences of {n_new} new tokens", cache.batch);
     }
@@ -276,7 +277,7 @@ pub fn extend(dev: &Device, dims: &LmDims, p: &LmParams, cache: &mut LmCache, id
     let ids_buf = dev.upload_i32(ids)?;
     let mut x = embed(dev, dims, p, &ids_buf, ids, inject.as_ref().zip(inject_idx.as_ref()).map(|(i, r)| (i.rows, r)))?;
     let no_segs = Varlen::new(dev, &[0, t as i32])?;
-    let mut out = dev.zeros_act(t * d)?;
+    let mut out = dev.zeros(dt, t * d)?;
     for (l, kv) in cache.layers.iter_mut().enumerate() {
         let blk = Block { dims: &dims.layer, w: &p.layers[l], rope: &rope, segs: &no_segs, causal: true };
         blk.forward_cached(dev, &mut out, &x, kv, n_new)?;

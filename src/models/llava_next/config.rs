@@ -108,6 +108,8 @@ pub struct LlavaNextConfig {
     pub text: TextConfig,
     pub vision: VisionConfig,
     /// The `<image>` placeholder id (32000 for 7B; `image_token_id` is accepted as an alias).
+    /// It may be ≥ the vocabulary size: the model must not look its embedding up (transformers
+    /// embeds id 0 there and then overwrites those rows with the image features).
     pub image_token_index: u32,
     /// Hidden-state indices as written (−2 = the output of the second-to-last layer); several
     /// are concatenated along channels (their count multiplies the projector's input width).
@@ -158,9 +160,8 @@ impl LlavaNextConfig {
             Some(id) => id,
             None => root.opt_token_id("image_token_id")?.unwrap_or(32000),
         };
-        if image_token_index as usize >= text.vocab_size {
-            return Err(root.err("image_token_index", format!("{image_token_index} is outside the vocabulary of {}", text.vocab_size)));
-        }
+        // The id may lie past the embedding (the class defaults pair 32000 with a 32000-row
+        // vocabulary): transformers never embeds placeholder ids, it overwrites their rows.
 
         let vision_feature_layer = parse_feature_layers(root, vision.num_hidden_layers)?;
         let vision_feature_select_strategy = match root.opt_str("vision_feature_select_strategy")?.unwrap_or("default") {

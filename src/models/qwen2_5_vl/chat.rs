@@ -171,7 +171,8 @@ impl<'a> ChatTemplate<'a> {
                 bail!("the tokenizer has no {t} token (not a Qwen chat tokenizer)");
             }
         }
-        for (t, want) in [(IMAGE_PAD, cfg.image_token_id), (VISION_START, cfg.vision_start_token_id), (VISION_END, cfg.vision_end_token_id)] {
+        for (t, want) in [(IMAGE_PAD, cfg.image_token_id), (VISION_START, cfg.vision_start_token_id), (VISION_END, cfg.vision_end_token_id)]
+        {
             match tok.token_to_id(t) {
                 Some(id) if id == want => {}
                 Some(id) => bail!("the tokenizer maps {t} to {id} but the model config says {want}"),
@@ -206,7 +207,9 @@ impl<'a> ChatTemplate<'a> {
         }
         let mut grids = Vec::with_capacity(r.image_order.len());
         for &idx in &r.image_order {
-            let g = *image_grids.get(idx).with_context(|| format!("chat refers to image {idx} but only {} grids were given", image_grids.len()))?;
+            let g = *image_grids
+                .get(idx)
+                .with_context(|| format!("chat refers to image {idx} but only {} grids were given", image_grids.len()))?;
             if g.contains(&0) || g[1] % self.merge != 0 || g[2] % self.merge != 0 {
                 bail!("image {idx}: grid {g:?} is not a positive multiple of the merge size {}", self.merge);
             }

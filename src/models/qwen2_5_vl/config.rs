@@ -92,7 +92,9 @@ impl QwenVlConfig {
         let root = Fields::new(root_object(v, file)?, "", file);
         match root.opt_str("model_type")? {
             Some("qwen2_5_vl") => {}
-            Some(other) => return Err(root.err("model_type", format!("expected \"qwen2_5_vl\", got {other:?} (not a Qwen2.5-VL checkpoint)"))),
+            Some(other) => {
+                return Err(root.err("model_type", format!("expected \"qwen2_5_vl\", got {other:?} (not a Qwen2.5-VL checkpoint)")))
+            }
             None => {
                 let archs = root.get("architectures").map(|a| a.to_string()).unwrap_or_default();
                 if !archs.contains("Qwen2_5_VLForConditionalGeneration") {
@@ -222,7 +224,9 @@ fn parse_text(root: Fields, t: Fields) -> Result<TextConfig> {
         return Err(t.err("num_attention_heads", format!("{num_attention_heads} does not divide hidden_size {hidden_size}")));
     }
     if num_attention_heads % num_key_value_heads != 0 {
-        return Err(t.err("num_key_value_heads", format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}")));
+        return Err(
+            t.err("num_key_value_heads", format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"))
+        );
     }
     let head_dim = hidden_size / num_attention_heads;
     if head_dim % 2 != 0 {
@@ -246,7 +250,9 @@ fn parse_text(root: Fields, t: Fields) -> Result<TextConfig> {
     // level of the text fields.
     let rope_obj = match t.object("rope_parameters")? {
         Some(m) => Some(Fields::new(m, if t.prefix.is_empty() { "rope_parameters" } else { "text_config.rope_parameters" }, t.file)),
-        None => t.object("rope_scaling")?.map(|m| Fields::new(m, if t.prefix.is_empty() { "rope_scaling" } else { "text_config.rope_scaling" }, t.file)),
+        None => t
+            .object("rope_scaling")?
+            .map(|m| Fields::new(m, if t.prefix.is_empty() { "rope_scaling" } else { "text_config.rope_scaling" }, t.file)),
     };
     let mut rope_theta = t.opt_f64("rope_theta")?;
     let mut mrope_section = None;
@@ -268,10 +274,7 @@ fn parse_text(root: Fields, t: Fields) -> Result<TextConfig> {
     let mrope_section = mrope_section.unwrap_or_else(|| vec![16, 24, 24]);
     if mrope_section.len() != 3 || mrope_section.iter().sum::<usize>() != head_dim / 2 {
         let r = rope_obj.unwrap_or(t);
-        return Err(r.err(
-            "mrope_section",
-            format!("{mrope_section:?} must have 3 entries summing to head_dim/2 = {}", head_dim / 2),
-        ));
+        return Err(r.err("mrope_section", format!("{mrope_section:?} must have 3 entries summing to head_dim/2 = {}", head_dim / 2)));
     }
 
     // tie_word_embeddings: top level (both layouts) or text_config; they must agree if both say.
@@ -311,7 +314,9 @@ fn parse_vision(v: Fields) -> Result<VisionConfig> {
     let hidden_size = v.pos_usize("hidden_size", 3584)?;
     let num_heads = v.pos_usize("num_heads", 16)?;
     if hidden_size % num_heads != 0 || (hidden_size / num_heads) % 4 != 0 {
-        return Err(v.err("num_heads", format!("{num_heads} must divide hidden_size {hidden_size} into heads of a multiple of 4 (2-D RoPE)")));
+        return Err(
+            v.err("num_heads", format!("{num_heads} must divide hidden_size {hidden_size} into heads of a multiple of 4 (2-D RoPE)"))
+        );
     }
     let in_channels = match v.opt_usize("in_channels")? {
         Some(c) => c,
@@ -324,7 +329,10 @@ fn parse_vision(v: Fields) -> Result<VisionConfig> {
     let spatial_merge_size = v.pos_usize("spatial_merge_size", 2)?;
     let window_size = v.pos_usize("window_size", 112)?;
     if window_size % (patch_size * spatial_merge_size) != 0 {
-        return Err(v.err("window_size", format!("{window_size} is not a multiple of patch_size·spatial_merge_size = {}", patch_size * spatial_merge_size)));
+        return Err(v.err(
+            "window_size",
+            format!("{window_size} is not a multiple of patch_size·spatial_merge_size = {}", patch_size * spatial_merge_size),
+        ));
     }
     let fullatt_block_indexes = v.opt_usize_list("fullatt_block_indexes")?.unwrap_or_else(|| vec![7, 15, 23, 31]);
     if let Some(&bad) = fullatt_block_indexes.iter().find(|&&i| i >= depth) {

@@ -16,7 +16,7 @@ use crate::models::common::lm::{self, Inject, LmCache, LmDims, LmFwd, LmNames, L
 use crate::models::common::params::{assemble, read_piece, ParamRef};
 use crate::ops::logprob;
 use crate::ops::patch_embed::{gather_rows, RowIndex};
-use crate::tensor::{Buf, Device};
+use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -93,7 +93,18 @@ impl QwenVl {
 
     /// Weights from `ckpt`, in the device's activation dtype (bf16 on CUDA, f32 on the CPU).
     pub fn from_checkpoint(dev: &Device, cfg: QwenVlConfig, ckpt: &Checkpoint) -> Result<Self> {
-        Self::build(cfg, &mut |r| dev.upload_act(&read_piece(ckpt, r, &aliases)?))
+        Self::from_checkpoint_as(dev, cfg, ckpt, dev.act_dtype())
+    }
+
+    /// Weights from `ckpt` in `dtype`; activations follow the weights' dtype, so f32 on CUDA runs
+    /// the whole model in f32 (a check of the kernels without bf16 rounding).
+    pub fn from_checkpoint_as(dev: &Device, cfg: QwenVlConfig, ckpt: &Checkpoint, dtype: DType) -> Result<Self> {
+        Self::build(cfg, &mut |r| dev.upload(&read_piece(ckpt, r, &aliases)?, dtype))
+    }
+
+    /// The dtype of weights and activations.
+    pub fn dtype(&self) -> DType {
+        self.params.text.embed.dtype()
     }
 
     /// Builds every tensor with `make` (e.g. random init for tests).
@@ -191,11 +202,11 @@ impl QwenVl {
 
     /// Backward from d objective / d logp [S] (f32) of `logprobs`: accumulates every gradient.
     pub fn backward_logprobs(&mut self, dev: &Device, f: &QwenFwd, targets: &Buf, lse: &Buf, dlogp: &Buf) -> Result<()> {
-        let (s, d, v) = (f.tokens(), self.tdims.layer.d, self.tdims.vocab);
+        let (s, d, v, dt) = (f.tokens(), self.tdims.layer.d, self.tdims.vocab, self.dtype());
         if self.grads.is_none() {
             self.zero_grads(dev)?;
         }
-        let mut dxf = dev.zeros_act(s * d)?;
+        let mut dxf = dev.zeros(dt, s * d)?;
         if let Some(g) = self.grads.as_mut() {
             logprob::bwd(dev, &mut dxf, g.text.head_mut(), dlogp, f.final_hidden(), self.params.text.head(), targets, lse, s, d, v)?;
         }
@@ -229,7 +240,7 @@ impl QwenVl {
 
     /// Empty KV caches for `batch` sequences of up to `max_len` tokens.
     pub fn new_session(&self, dev: &Device, batch: usize, max_len: usize) -> Result<Session> {
-        Ok(Session { lm: LmCache::new(dev, &self.tdims, batch, max_len)? })
+        Ok(Session { lm: LmCache::new(dev, &self.tdims, self.dtype(), batch, max_len)? })
     }
 
     /// Feeds `n_new` tokens of each session sequence (ids [batch·n_new], sequence-major; M-RoPE
@@ -243,13 +254,13 @@ impl QwenVl {
         let embeds = if grids.is_empty() { None } else { Some(self.image_embeds(dev, pixels, grids)?) };
         let inject = embeds.as_ref().map(|rows| Inject { rows, at: &at });
         let hidden = lm::extend(dev, &self.tdims, &self.params.text, &mut s.lm, ids, pos3, n_new, inject)?;
-        let (t, d) = (ids.len(), self.tdims.layer.d);
+        let (t, d, dt) = (ids.len(), self.tdims.layer.d, self.dtype());
         if !last_only {
             return lm::logits(dev, &self.tdims, &self.params.text, &hidden, t);
         }
         let last: Vec<usize> = (0..s.lm.batch).map(|b| b * n_new + n_new - 1).collect();
         let idx = RowIndex::new(dev, &last, t)?;
-        let mut rows = dev.zeros_act(last.len() * d)?;
+        let mut rows = dev.zeros(dt, last.len() * d)?;
         gather_rows(dev, &mut rows, &hidden, &idx, d)?;
         lm::logits(dev, &self.tdims, &self.params.text, &rows, last.len())
     }

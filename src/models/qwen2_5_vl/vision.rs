@@ -280,14 +280,14 @@ pub fn forward(dev: &Device, dims: &VisionDims, p: &VisionParams, pixels: &[f32]
     if pixels.len() != n * dims.patch_dim {
         bail!("vision: pixel_values has {} values; the grids {grids:?} need {n} patches × {}", pixels.len(), dims.patch_dim);
     }
-    let bd = &dims.block;
+    let (bd, dt) = (&dims.block, p.patch.dtype());
     let pixels = dev.upload(pixels, crate::tensor::DType::F32)?;
     let patch_perm = RowIndex::new(dev, &layout.patch_perm(unit), n)?;
     let to_window = RowIndex::new(dev, &layout.window_index, nm)?;
     let to_image = RowIndex::new(dev, &layout.unpermute(), nm)?;
     let rope = RopeKind::Vision2d { theta: VISION_ROPE_THETA }.upload(dev, &layout.pos, n, bd.head_dim)?;
     let (win, full) = (Varlen::new(dev, &layout.cu_window)?, Varlen::new(dev, &layout.cu_full)?);
-    let mut h0 = dev.zeros_act(n * d)?;
+    let mut h0 = dev.zeros(dt, n * d)?;
     patch_embed::fwd(dev, &mut h0, &pixels, &p.patch, Some(&patch_perm), n, dims.patch_dim, d)?;
     let mut f = VisionFwd {
         layout,
@@ -300,13 +300,13 @@ pub fn forward(dev: &Device, dims: &VisionDims, p: &VisionParams, pixels: &[f32]
         hs: vec![h0],
         acts: Vec::new(),
         rstd_q: dev.zeros_f32(n)?,
-        yq: dev.zeros_act(n * d)?,
-        h1: dev.zeros_act(nm * dims.merged_dim())?,
-        g1: dev.zeros_act(nm * dims.merged_dim())?,
+        yq: dev.zeros(dt, n * d)?,
+        h1: dev.zeros(dt, nm * dims.merged_dim())?,
+        g1: dev.zeros(dt, nm * dims.merged_dim())?,
     };
     for i in 0..dims.depth {
-        let mut acts = LayerActs::new(dev, bd, n)?;
-        let mut out = dev.zeros_act(n * d)?;
+        let mut acts = LayerActs::new(dev, bd, n, dt)?;
+        let mut out = dev.zeros(dt, n * d)?;
         f.block(dims, p, i).forward(dev, &mut out, &f.hs[i], &mut acts)?;
         f.hs.push(out);
         f.acts.push(if recompute { None } else { Some(acts) });
@@ -316,9 +316,9 @@ pub fn forward(dev: &Device, dims: &VisionDims, p: &VisionParams, pixels: &[f32]
     rmsnorm::fwd(dev, &mut f.yq, &mut f.rstd_q, &f.hs[dims.depth], &p.ln_q, n, d, VISION_EPS)?;
     matmul::linear_fwd(dev, &mut f.h1, &f.yq, &p.mlp0_w, Some(&p.mlp0_b), nm, md, md)?;
     act::gelu_fwd(dev, &mut f.g1, &f.h1, nm * md, Gelu::Erf)?;
-    let mut merged = dev.zeros_act(nm * dims.out)?;
+    let mut merged = dev.zeros(dt, nm * dims.out)?;
     matmul::linear_fwd(dev, &mut merged, &f.g1, &p.mlp2_w, Some(&p.mlp2_b), nm, md, dims.out)?;
-    let mut embeds = dev.zeros_act(nm * dims.out)?;
+    let mut embeds = dev.zeros(dt, nm * dims.out)?;
     patch_embed::gather_rows(dev, &mut embeds, &merged, &to_image, dims.out)?;
     Ok((embeds, f))
 }
@@ -326,16 +326,16 @@ pub fn forward(dev: &Device, dims: &VisionDims, p: &VisionParams, pixels: &[f32]
 /// Accumulates the tower's parameter gradients into `g` from d(image embeddings) [Nm, out]
 /// (image order).
 pub fn backward(dev: &Device, dims: &VisionDims, p: &VisionParams, g: &mut VisionParams, f: &VisionFwd, d_embeds: &Buf) -> Result<()> {
-    let (n, nm, d, md) = (f.layout.n_patches, f.layout.n_merged, dims.block.d, dims.merged_dim());
-    let mut dmerged = dev.zeros_act(nm * dims.out)?;
+    let (n, nm, d, md, dt) = (f.layout.n_patches, f.layout.n_merged, dims.block.d, dims.merged_dim(), p.patch.dtype());
+    let mut dmerged = dev.zeros(dt, nm * dims.out)?;
     patch_embed::gather_rows(dev, &mut dmerged, d_embeds, &f.to_window, dims.out)?;
-    let mut dg1 = dev.zeros_act(nm * md)?;
+    let mut dg1 = dev.zeros(dt, nm * md)?;
     matmul::linear_bwd(dev, Some(&mut dg1), &mut g.mlp2_w, Some(&mut g.mlp2_b), &dmerged, &f.g1, &p.mlp2_w, nm, md, dims.out)?;
-    let mut dh1 = dev.zeros_act(nm * md)?;
+    let mut dh1 = dev.zeros(dt, nm * md)?;
     act::gelu_bwd(dev, &mut dh1, &dg1, &f.h1, nm * md, Gelu::Erf)?;
     let mut dyq = dg1; // reuse: [Nm, 4D] = [N, D]
     matmul::linear_bwd(dev, Some(&mut dyq), &mut g.mlp0_w, Some(&mut g.mlp0_b), &dh1, &f.yq, &p.mlp0_w, nm, md, md)?;
-    let mut dx = dev.zeros_act(n * d)?;
+    let mut dx = dev.zeros(dt, n * d)?;
     rmsnorm::bwd(dev, &mut dx, &mut g.ln_q, &dyq, &f.hs[dims.depth], &p.ln_q, &f.rstd_q, n, d)?;
     let mut din = dh1; // reuse as the block-input gradient (same size n·d)
     for i in (0..dims.depth).rev() {
@@ -344,8 +344,8 @@ pub fn backward(dev: &Device, dims: &VisionDims, p: &VisionParams, g: &mut Visio
         let acts = match &f.acts[i] {
             Some(a) => a,
             None => {
-                let mut a = LayerActs::new(dev, &dims.block, n)?;
-                let mut scratch = dev.zeros_act(n * d)?;
+                let mut a = LayerActs::new(dev, &dims.block, n, dt)?;
+                let mut scratch = dev.zeros(dt, n * d)?;
                 blk.forward(dev, &mut scratch, &f.hs[i], &mut a)?;
                 recomputed = a;
                 &recomputed

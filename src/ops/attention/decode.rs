@@ -232,7 +232,8 @@ pub fn decode(dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, n_new: usiz
             let cfg = LaunchConfig {
                 grid_dim: (nsplit as u32, (s.hkv * mtiles) as u32, b as u32),
                 block_dim: (128, 1, 1),
-                shared_mem_bytes: (3 * TILE * (d + 8) * 2) as u32,
+                // Q tile plus two stages of K and V tiles, rows padded by 8.
+                shared_mem_bytes: (5 * TILE * (d + 8) * 2) as u32,
             };
             g.launch("attention_decode", &format!("attention_decode_bf16_d{d}"), cfg, &args)?;
             let args = [Arg::Ptr(out.ptr(g)?), Arg::Ptr(part_o.ptr(g)?), Arg::Ptr(part_ml.ptr(g)?), Arg::I32(rows as i32), Arg::I32(nsplit as i32), Arg::I32(d as i32)];

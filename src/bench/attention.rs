@@ -1,0 +1,149 @@
+//! Bench suite "attention": the fused attention kernels at the shapes, bf16.
+//! - Training: causal GQA 28/4 heads, d 128, sequences of 4096 (Qwen2.5-VL-7B's LLM), forward,
+//!   backward and both; FLOPs are 4·S²·d·hq per sequence forward, halved when causal, and 2.5×
+//!   that for backward (the convention of the FlashAttention papers and torch benchmarks).
+//! - Vision windows: 64 windows of 64 tokens, 16 heads, d 80, non-causal (the Qwen2.5-VL tower).
+//! - Decode: one new token (and a user turn of 16) per sequence against a long KV cache, GQA 28/4,
+//!   d 128; bytes are the KV cache read once plus q and out, against 4.2 TB/s.
+//! Each row checks a slice against the CPU reference: the first 64 tokens of sequence 0 for the
+//! causal forward (out) and backward (dq) — exact, since causal rows see only earlier tokens —,
+//! the first window, and sequence 0 of the decode batch.
+
+use super::{time_gpu, BenchRow};
+use crate::ops::attention::{self, cpu, AttnShape, KvCache, Varlen};
+use crate::rng::Rng;
+use crate::tensor::{DType, Device};
+use anyhow::Result;
+
+const BF: f64 = 2.0; // bytes per bf16
+const F4: f64 = 4.0; // bytes per f32
+
+pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
+    let Device::Cuda(g) = dev else { return Ok(Vec::new()) };
+    let it = if quick { (1, 3) } else { (3, 10) };
+    let mut rows = Vec::new();
+    let (nseq, len) = if quick { (2, 1024) } else { (4, 4096) };
+    let note = "SDPA flash: fwd 242, fwd+bwd 227; cuDNN 450/415 TFLOP/s";
+    rows.extend(train_case(dev, g, it, nseq, len, AttnShape::new(28, 4, 128, true), note)?);
+    let note = "SDPA flash fwd 25 TFLOP/s; goal >= 100";
+    rows.extend(train_case(dev, g, it, 64, 64, AttnShape::new(16, 16, 80, false), note)?);
+    let cases: &[(usize, usize, usize)] = if quick { &[(4, 4096, 1)] } else { &[(16, 8192, 1), (4, 32768, 1), (16, 8192, 16)] };
+    for &(b, l, n_new) in cases {
+        rows.push(decode_case(dev, g, it, b, l, n_new, AttnShape::new(28, 4, 128, true))?);
+    }
+    Ok(rows)
+}
+
+/// Forward, backward and forward+backward over `nseq` packed sequences of `len` tokens.
+#[allow(clippy::too_many_arguments)]
+fn train_case(dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize), nseq: usize, len: usize, s: AttnShape, note: &str) -> Result<Vec<BenchRow>> {
+    let t = nseq * len;
+    let (nq, nkv) = (t * s.hq * s.d, t * s.hkv * s.d);
+    let mut rng = Rng::new(0xa77e);
+    let q = bf16_round(&rng.normal_vec(nq, 1.0));
+    let k = bf16_round(&rng.normal_vec(nkv, 1.0));
+    let v = bf16_round(&rng.normal_vec(nkv, 1.0));
+    let dout = bf16_round(&rng.normal_vec(nq, 1.0));
+    let bf = DType::BF16;
+    let (qb, kb, vb, dob) = (dev.upload(&q, bf)?, dev.upload(&k, bf)?, dev.upload(&v, bf)?, dev.upload(&dout, bf)?);
+    let seqs = Varlen::uniform(dev, nseq, len)?;
+    let mut out = dev.zeros(bf, nq)?;
+    let mut lse = dev.zeros_f32(s.hq * t)?;
+    let (mut dq, mut dk, mut dv) = (dev.zeros(bf, nq)?, dev.zeros(bf, nkv)?, dev.zeros(bf, nkv)?);
+
+    let fwd_ms = time_gpu(g, warm, iters, &mut || attention::fwd(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s))?;
+    let bwd_ms = time_gpu(g, warm, iters, &mut || attention::bwd(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s))?;
+    let both_ms = time_gpu(g, warm, iters, &mut || {
+        attention::fwd(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s)?;
+        attention::bwd(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s)
+    })?;
+
+    // CPU check on the first min(64, len) tokens of sequence 0.
+    let c = len.min(64);
+    let cs = [0, c as i32];
+    let (cq, ckv) = (c * s.hq * s.d, c * s.hkv * s.d);
+    let (mut o_ref, mut l_ref) = (vec![0f32; cq], vec![0f32; s.hq * c]);
+    cpu::fwd(&mut o_ref, &mut l_ref, &q[..cq], &k[..ckv], &v[..ckv], &cs, &s);
+    let out_err = rel_err(&dev.to_vec(&out)?[..cq], &o_ref);
+    let mut dq_err = None;
+    if s.causal {
+        let (mut dq_ref, mut dk_ref, mut dv_ref) = (vec![0f32; cq], vec![0f32; ckv], vec![0f32; ckv]);
+        cpu::bwd(&mut dq_ref, &mut dk_ref, &mut dv_ref, &dout[..cq], &q[..cq], &k[..ckv], &v[..ckv], &o_ref, &l_ref, &cs, &s);
+        dq_err = Some(rel_err(&dev.to_vec(&dq)?[..cq], &dq_ref));
+    }
+
+    let fl = nseq as f64 * 4.0 * (len * len) as f64 * (s.d * s.hq) as f64 * if s.causal { 0.5 } else { 1.0 };
+    let (tq, tkv) = ((t * s.hq * s.d) as f64 * BF, (t * s.hkv * s.d) as f64 * BF); // one q-like / kv-like tensor
+    let lse_b = (s.hq * t) as f64 * F4;
+    let kind = if s.causal { "causal" } else { "non-causal" };
+    let shape = format!("{nseq}x{len} {kind} h{}/{} d{}", s.hq, s.hkv, s.d);
+    let row = |op: &str, ms: f64, bytes: f64, flops: f64, err: Option<f64>| BenchRow {
+        op: op.into(),
+        shape: shape.clone(),
+        ms,
+        bytes,
+        flops,
+        rel_err: err,
+        note: note.into(),
+    };
+    Ok(vec![
+        row("attention_fwd", fwd_ms, 2.0 * tq + 2.0 * tkv + lse_b, fl, Some(out_err)),
+        row("attention_bwd", bwd_ms, 4.0 * tq + 4.0 * tkv + 2.0 * lse_b, 2.5 * fl, dq_err),
+        row("attention_fwd+bwd", both_ms, 5.0 * tq + 4.0 * tkv + lse_b, 3.5 * fl, dq_err),
+    ])
+}
+
+/// Decode of n_new tokens per sequence against caches of `len` tokens (the new ones included).
+#[allow(clippy::too_many_arguments)]
+fn decode_case(dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize), b: usize, len: usize, n_new: usize, s: AttnShape) -> Result<BenchRow> {
+    let row = s.hkv * s.d;
+    let mut rng = Rng::new(0xdec0);
+    // Cache contents: a 1 Mi-element random block tiled over the cache (values do not change the speed).
+    let block = bf16_round(&rng.normal_vec(1 << 20, 1.0));
+    let tile = |n: usize, off: usize| -> Vec<f32> { (0..n).map(|i| block[(i + off) % block.len()]).collect() };
+    let kc = tile(b * len * row, 0);
+    let vc = tile(b * len * row, 7919);
+    let q = bf16_round(&rng.normal_vec(b * n_new * s.hq * s.d, 1.0));
+    let mut cache = KvCache::new(dev, b, len, s.hkv, s.d)?;
+    let seqs = Varlen::uniform(dev, b, len)?;
+    cache.append_varlen(dev, &dev.upload(&kc, DType::BF16)?, &dev.upload(&vc, DType::BF16)?, &seqs)?;
+    let qb = dev.upload(&q, DType::BF16)?;
+    let mut out = dev.zeros(DType::BF16, q.len())?;
+    let ms = time_gpu(g, warm, iters, &mut || attention::decode(dev, &mut out, &qb, &cache, n_new, &s))?;
+
+    // CPU check of sequence 0.
+    let per = n_new * s.hq * s.d;
+    let mut o_ref = vec![0f32; per];
+    cpu::decode(&mut o_ref, &q[..per], &kc[..len * row], &vc[..len * row], &[len as i32], len, n_new, &s);
+    let err = rel_err(&dev.to_vec(&out)?[..per], &o_ref);
+
+    let kv_bytes = (2 * b * len * row) as f64 * BF;
+    let qo_bytes = 2.0 * q.len() as f64 * BF;
+    let flops = 4.0 * (b * n_new * len * s.hq * s.d) as f64;
+    Ok(BenchRow {
+        op: "attention_decode".into(),
+        shape: format!("b{b} cache {len} new {n_new} h{}/{} d{}", s.hq, s.hkv, s.d),
+        ms,
+        bytes: kv_bytes + qo_bytes,
+        flops,
+        rel_err: Some(err),
+        note: "GB/s = KV cache read once; goal >= 70% of 4.2 TB/s".into(),
+    })
+}
+
+fn bf16_round(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
+}
+
+/// ‖a − b‖ / ‖b‖; infinite when a holds a non-finite value.
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        if !x.is_finite() {
+            return f64::INFINITY;
+        }
+        num += (x as f64 - y as f64).powi(2);
+        den += (y as f64).powi(2);
+    }
+    num.sqrt() / den.sqrt().max(1e-30)
+}
