@@ -8,6 +8,7 @@ pub mod data; // defines: image decoding and Pillow-compatible bicubic resize (d
 pub mod models; // defines: model families (qwen2_5_vl: config, processor, positions, chat), JSON config field reader
 pub mod ops; // defines: one file per op, CPU reference + CUDA launcher side by side
 pub mod real; // defines: Real (f32/f64 for the CPU references), erf
-pub mod rng; // defines: Rng (SplitMix64)
+pub mod rng;
+pub mod stages; // defines: training stages (sft), examples and packing // defines: Rng (SplitMix64)
 pub mod tensor; // defines: Device, Buf, DType
 pub mod train; // defines: LR schedule, metrics JSONL, atomic file/dir writes, progress display

@@ -1,12 +1,12 @@
 //! `am3`: the command-line entry point. Subcommands:
 //!   info    — which backend would run, the GPU and the embedded kernel modules
 //!   bench   — kernel benchmarks (GB/s and TFLOP/s against the H200 ceilings)
-//!   sft     — cold-start refusal SFT (the main job; lands with the SFT issue)
+//!   sft     — cold-start refusal SFT (the main job)
 
 use am3safety::bench::{format_table, run_suites};
 use am3safety::cuda::kernels::{BUILD_ARCH, BUILT_WITH_NVCC, KERNEL_MODULES};
 use am3safety::tensor::{Device, DevicePref};
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -31,8 +31,8 @@ enum Cmd {
         /// Only these suites (default: all).
         suites: Vec<String>,
     },
-    /// Cold-start refusal SFT (not yet available: see the README's status section).
-    Sft {},
+    /// Cold-start refusal SFT. With no arguments: the embedded tiny model on the bundled demo data.
+    Sft(am3safety::stages::sft::SftArgs),
 }
 
 fn main() {
@@ -68,6 +68,10 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", format_table(&run_suites(&dev, quick, &suites)?));
             Ok(())
         }
-        Cmd::Sft {} => bail!("`am3 sft` is not implemented yet (the SFT issue is open); see README.md"),
+        Cmd::Sft(args) => {
+            let ck = am3safety::stages::sft::run(args)?;
+            println!("checkpoint: {}", ck.display());
+            Ok(())
+        }
     }
 }

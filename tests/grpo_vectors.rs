@@ -33,12 +33,12 @@ impl Vectors {
 }
 
 fn load() -> Vectors {
-    let path = std::env::var("AM3_GRPO_VECTORS").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/grpo_vectors.safetensors").to_string());
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("reading the GRPO reference vectors {path}: {e} (set AM3_GRPO_VECTORS)"));
+    let path = grpo_vectors_path();
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("reading the GRPO reference vectors {}: {e} (set AM3_GRPO_VECTORS)", path.display()));
     let (_, meta) = SafeTensors::read_metadata(&bytes).expect("grpo vectors: bad safetensors header");
     let meta = meta.metadata().clone().expect("grpo vectors: no metadata header");
     let hp = GrpoHyper::from_metadata(&meta).expect("grpo vectors: hyper-parameters");
-    println!("grpo vectors {path}: {hp:?}");
+    println!("grpo vectors {}: {hp:?}", path.display());
     let st = SafeTensors::deserialize(&bytes).expect("grpo vectors: bad safetensors file");
     let mut t = HashMap::new();
     for (name, view) in st.tensors() {
@@ -167,7 +167,7 @@ fn grpo_loss_cpu_gradcheck() {
         let mut d = vec![0f64; rows * l];
         cpu::loss_fwd_bwd::<f64>(&mut d, vx.get("logp"), old, rf, mask, adv, rows, l, &vx.hp, agg);
         let mut scratch = vec![0f64; rows * l];
-        gradcheck(&format!("grpo loss {what} dlogp"), vx.get("logp"), &d, &mut |lp| cpu::loss_fwd_bwd::<f64>(&mut scratch, lp, old, rf, mask, adv, rows, l, &vx.hp, agg).loss, 400, 1e-6);
+        gradcheck(&format!("grpo loss {what} dlogp"), vx.get("logp"), &d, &mut |lp| cpu::loss_fwd_bwd::<f64>(&mut scratch, lp, old, rf, mask, adv, rows, l, &vx.hp, agg).loss, 400, 1e-4);
     }
 }
 

@@ -270,9 +270,9 @@ fn weight_names_v5_layout_and_llama() {
 // ---------------------------------------------------------------------------------------------
 // Preprocessing.
 
-/// Compares our pixel_values for imageK with the fixture's, printing the errors: over pixels
-/// that are not resampled (the canvas padding), which must match exactly, and over resampled
-/// ones, where Pillow's and torchvision's bicubic may differ by one uint8 level.
+/// Compares our pixel_values for imageK with the fixture's, printing the errors over pixels
+/// that are not resampled (the canvas padding) and over resampled ones. image1's base image
+/// (130x90 -> 56x56) needs Pillow 13's vertical-first pass order to match.
 #[test]
 fn preprocess_matches_fixtures() {
     let fx = fixture_dir();
@@ -324,7 +324,9 @@ fn preprocess_matches_fixtures() {
         );
         assert!(n_pad > 0, "image{k}: expected some padding");
         assert!(pad_err <= 1e-5, "image{k}: padding differs by {pad_err:e}");
-        assert!(res_err <= 2e-2, "image{k}: resampled values differ by {res_err:e}");
+        // Pillow 13's bicubic (pass order included) reproduces the fixtures bit for bit, so the
+        // no-resize bound holds everywhere (the target for resampled values is 2e-2).
+        assert!(res_err <= 1e-5, "image{k}: resampled values differ by {res_err:e}");
         processed.push(p);
     }
     // The batch matches inputs.safetensors (both images stacked, no tile padding needed here).
@@ -336,7 +338,7 @@ fn preprocess_matches_fixtures() {
     assert_eq!(sizes, b.image_sizes.iter().flat_map(|&(h, w)| [h, w]).collect::<Vec<_>>());
     let err = max_abs(&b.pixel_values, &want.iter().map(|&x| x as f32).collect::<Vec<_>>());
     println!("preprocess batch vs inputs.safetensors pixel_values: max abs err {err:.3e}");
-    assert!(err <= 2e-2);
+    assert!(err <= 1e-5);
 }
 
 /// Images that need no resampling at all: every value must match the plain formula.
@@ -398,7 +400,7 @@ fn token_counts_match_fixture_input_ids() {
     assert_eq!(runs.len() * 2, sizes.len(), "one placeholder run per image");
     for (k, &n) in counts.iter().enumerate() {
         let hw = (sizes[2 * k], sizes[2 * k + 1]);
-        let geo = AnyresGeometry::new(hw, &cfg.image_grid_pinpoints, cfg.vision.image_size, cfg.vision.patch_size).unwrap();
+        let geo = AnyresGeometry::for_config(hw, &cfg).unwrap();
         println!(
             "image{k} {hw:?}: canvas {:?}, grid {:?}, kept rows {:?} cols {:?} -> {} tokens (input_ids hold {n})",
             geo.best_hw, geo.grid, geo.keep_rows, geo.keep_cols, geo.num_tokens()
@@ -637,82 +639,4 @@ fn chat_tokens_and_loss_mask() {
     assert!(LlavaChatTemplate::new(&tok, &wrong).is_err());
     let lit = vec![ChatMessage::user(vec![Part::Text("see <image> here".into())])];
     assert!(tmpl.encode_chat(&lit, &[], &LlavaChatOptions::default()).is_err());
-}
-
-fn dbg_taps(inp: usize, out: usize) -> Vec<(usize, Vec<f64>)> {
-    let scale = inp as f64 / out as f64;
-    let fs = scale.max(1.0);
-    let support = 2.0 * fs;
-    let cubic = |x: f64| { let a = -0.5; let x = x.abs(); if x < 1.0 { ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0 } else if x < 2.0 { (((x - 5.0) * x + 8.0) * x - 4.0) * a } else { 0.0 } };
-    (0..out).map(|o| {
-        let center = (o as f64 + 0.5) * scale;
-        let lo = ((center - support + 0.5) as i64).max(0) as usize;
-        let hi = ((center + support + 0.5) as i64).min(inp as i64) as usize;
-        let mut w: Vec<f64> = (lo..hi).map(|i| cubic((i as f64 - center + 0.5) / fs)).collect();
-        let s: f64 = w.iter().sum();
-        w.iter_mut().for_each(|x| *x /= s);
-        (lo, w)
-    }).collect()
-}
-
-/// variant: order 0 = h then v, 1 = v then h; mid: 0 = round+clamp, 1 = none
-fn dbg_resize(img: &RgbImage, ow: usize, oh: usize, order: u8, mid: u8) -> Vec<f64> {
-    let (w, h) = (img.width, img.height);
-    let src: Vec<f64> = img.data.iter().map(|&v| v as f64).collect();
-    let q = |v: f64| if mid == 0 { v.round().clamp(0.0, 255.0) } else { v };
-    let hpass = |src: &[f64], hh: usize, wi: usize, wo: usize| -> Vec<f64> {
-        let t = dbg_taps(wi, wo); let mut d = vec![0.0; hh * wo * 3];
-        for y in 0..hh { for (o, (lo, ws)) in t.iter().enumerate() { for c in 0..3 {
-            d[(y * wo + o) * 3 + c] = ws.iter().enumerate().map(|(k, wk)| wk * src[(y * wi + lo + k) * 3 + c]).sum();
-        }}}
-        d
-    };
-    let vpass = |src: &[f64], ww: usize, hi: usize, ho: usize| -> Vec<f64> {
-        let t = dbg_taps(hi, ho); let mut d = vec![0.0; ho * ww * 3];
-        for (o, (lo, ws)) in t.iter().enumerate() { for x in 0..ww { for c in 0..3 {
-            d[(o * ww + x) * 3 + c] = ws.iter().enumerate().map(|(k, wk)| wk * src[((lo + k) * ww + x) * 3 + c]).sum();
-        }}}
-        d
-    };
-    let out = if order == 0 {
-        let a: Vec<f64> = hpass(&src, h, w, ow).into_iter().map(q).collect();
-        vpass(&a, ow, h, oh)
-    } else {
-        let a: Vec<f64> = vpass(&src, w, h, oh).into_iter().map(q).collect();
-        hpass(&a, oh, w, ow)
-    };
-    out.into_iter().map(|v| v.round().clamp(0.0, 255.0)).collect()
-}
-
-#[test]
-fn zz_debug_image1() {
-    let fx = fixture_dir();
-    let cfg = fixture_config();
-    let pcfg = LlavaPreprocessorConfig::load(&fx, &cfg).unwrap();
-    let u = |v: f64, c: usize| ((v * pcfg.image_std[c] as f64 + pcfg.image_mean[c] as f64) * 255.0).round();
-    for k in 0..2 {
-        let img = load_rgb(fx.join(format!("image{k}.png"))).unwrap();
-        let r = read(&format!("image{k}_processed.safetensors"));
-        let want = &r["pixel_values"].1;
-        let p = process_image(&img, &pcfg).unwrap();
-        let g = &p.geometry;
-        let (rh, rw) = g.resized_hw;
-        let s = 56;
-        for order in 0..2u8 {
-            let out = dbg_resize(&img, rw, rh, order, 0);
-            let mut hist = std::collections::BTreeMap::new();
-            for t in 1..p.num_tiles {
-                let (ty, tx) = ((t - 1) / g.grid.1, (t - 1) % g.grid.1);
-                for c in 0..3 { for y in 0..s { for x in 0..s {
-                    let (cy, cx) = (ty * s + y, tx * s + x);
-                    if cy < g.pad_top_left.0 || cx < g.pad_top_left.1 { continue; }
-                    let (iy, ix) = (cy - g.pad_top_left.0, cx - g.pad_top_left.1);
-                    if iy >= rh || ix >= rw { continue; }
-                    let d = (out[(iy * rw + ix) * 3 + c] - u(want[((t * 3 + c) * s + y) * s + x], c)) as i64;
-                    *hist.entry(d.clamp(-3, 3)).or_insert(0) += 1;
-                }}}
-            }
-            println!("image{k} tiles {}x{} -> {rh}x{rw} order {order}: {hist:?}", img.height, img.width);
-        }
-    }
 }

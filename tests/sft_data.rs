@@ -117,7 +117,11 @@ fn demo_generator_is_reproducible() {
             let (ia, ib) = (am3safety::data::image::load_rgb(&a).unwrap(), am3safety::data::image::load_rgb(&b).unwrap());
             assert_eq!(ia, ib, "{} differs from the committed file", rel.display());
         } else {
-            assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(), "{} differs from the committed file (rerun tools/make-demo-data.sh?)", rel.display());
+            assert!(
+                std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+                "{} differs from the committed file (rerun tools/make-demo-data.sh?)",
+                rel.display()
+            );
         }
     }
     let _ = std::fs::remove_dir_all(out.parent().unwrap());
@@ -251,10 +255,14 @@ fn demo_tokenizer_round_trip_and_special_tokens() {
         let enc = tok.encode(format!("text{t}text"), false).unwrap();
         assert!(enc.get_ids().contains(&id), "{t} inside text");
     }
-    println!("<|im_start|> {} <|im_end|> {} <|vision_start|> {} <|vision_end|> {} <|image_pad|> {}",
-        tok.token_to_id("<|im_start|>").unwrap(), tok.token_to_id("<|im_end|>").unwrap(),
-        tok.token_to_id("<|vision_start|>").unwrap(), tok.token_to_id("<|vision_end|>").unwrap(),
-        tok.token_to_id("<|image_pad|>").unwrap());
+    println!(
+        "<|im_start|> {} <|im_end|> {} <|vision_start|> {} <|vision_end|> {} <|image_pad|> {}",
+        tok.token_to_id("<|im_start|>").unwrap(),
+        tok.token_to_id("<|im_end|>").unwrap(),
+        tok.token_to_id("<|vision_start|>").unwrap(),
+        tok.token_to_id("<|vision_end|>").unwrap(),
+        tok.token_to_id("<|image_pad|>").unwrap()
+    );
 
     let im_start = tok.token_to_id("<|im_start|>").unwrap();
     let pad = tok.token_to_id("<|image_pad|>").unwrap();
@@ -447,7 +455,15 @@ fn metrics_jsonl_lines() {
     let p = d.join("run/metrics.jsonl");
     let mut w = MetricsWriter::create(&p).unwrap();
     for step in 0..3u64 {
-        let mut m = StepMetrics { step, loss: 2.0 - step as f64 * 0.5, lr: 1e-4, grad_norm: 0.7, tokens_per_s: 1234.5, memory_bytes: Some(1 << 30), ..Default::default() };
+        let mut m = StepMetrics {
+            step,
+            loss: 2.0 - step as f64 * 0.5,
+            lr: 1e-4,
+            grad_norm: 0.7,
+            tokens_per_s: 1234.5,
+            memory_bytes: Some(1 << 30),
+            ..Default::default()
+        };
         m.extra.insert("epoch".into(), serde_json::json!(0));
         w.write(&m).unwrap();
         // Each record is on disk as a complete line as soon as write returns.

@@ -8,6 +8,7 @@ pub mod attention;
 pub mod elementwise;
 pub mod norms;
 pub mod patch_embed;
+pub mod logprob;
 
 use crate::cuda::Gpu;
 use crate::tensor::Device;
@@ -84,6 +85,7 @@ pub const SUITES: &[Suite] = &[
     ("elementwise", elementwise::run),
     ("attention", attention::run),
     ("patch_embed", patch_embed::run),
+    ("logprob", logprob::run),
 ];
 
 pub fn format_table(rows: &[BenchRow]) -> String {

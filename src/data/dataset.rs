@@ -437,7 +437,11 @@ fn check_turns(msgs: &[Message], bad: &mut Vec<String>) {
                 bad.push(format!("message {n}: a system message may only come first"));
             }
         } else if m.role != expect {
-            bad.push(format!("message {n}: expected {} turn, got {} (turns must alternate user, assistant)", expect.with_article(), m.role.as_str()));
+            bad.push(format!(
+                "message {n}: expected {} turn, got {} (turns must alternate user, assistant)",
+                expect.with_article(),
+                m.role.as_str()
+            ));
             return;
         } else {
             expect = if expect == Role::User { Role::Assistant } else { Role::User };

@@ -166,12 +166,8 @@ impl Picture {
 
     /// A shape that appears exactly once (so "what colour is the X" has one answer).
     fn unique_item(&self, rng: &mut Rng) -> Option<Item> {
-        let uniq: Vec<Item> = self
-            .items
-            .iter()
-            .filter(|a| self.items.iter().filter(|b| b.shape == a.shape).count() == 1)
-            .copied()
-            .collect();
+        let uniq: Vec<Item> =
+            self.items.iter().filter(|a| self.items.iter().filter(|b| b.shape == a.shape).count() == 1).copied().collect();
         (!uniq.is_empty()).then(|| uniq[rng.below(uniq.len())])
     }
 }
@@ -211,10 +207,9 @@ fn general_qa(rng: &mut Rng, pic: &Picture) -> (String, String) {
             (q, a)
         }
         2 => match pic.unique_item(rng) {
-            Some(it) => (
-                format!("What colour is the {}?", it.shape.name()),
-                format!("The {} is {}.", it.shape.name(), COLOURS[it.colour].0),
-            ),
+            Some(it) => {
+                (format!("What colour is the {}?", it.shape.name()), format!("The {} is {}.", it.shape.name(), COLOURS[it.colour].0))
+            }
             None => ("Describe this image.".to_string(), format!("The image shows {} on a white background.", pic.list())),
         },
         3 => {
@@ -350,9 +345,25 @@ fn make_split(rng: &mut Rng, dir: &Path, split: &str, mix: [usize; 4]) -> Result
                 } else {
                     let (n0, n1) = (pics[0].items.len(), pics[1].items.len());
                     let a = match n1.cmp(&n0) {
-                        std::cmp::Ordering::Greater => format!("Yes. This image has {} shapes ({}), the first had {}.", pics[1].count_word(), pics[1].list(), pics[0].count_word()),
-                        std::cmp::Ordering::Equal => format!("No, both images have {} shape{}. This one shows {}.", pics[1].count_word(), if n1 == 1 { "" } else { "s" }, pics[1].list()),
-                        std::cmp::Ordering::Less => format!("No. This image has {} shape{} ({}), the first had {}.", pics[1].count_word(), if n1 == 1 { "" } else { "s" }, pics[1].list(), pics[0].count_word()),
+                        std::cmp::Ordering::Greater => format!(
+                            "Yes. This image has {} shapes ({}), the first had {}.",
+                            pics[1].count_word(),
+                            pics[1].list(),
+                            pics[0].count_word()
+                        ),
+                        std::cmp::Ordering::Equal => format!(
+                            "No, both images have {} shape{}. This one shows {}.",
+                            pics[1].count_word(),
+                            if n1 == 1 { "" } else { "s" },
+                            pics[1].list()
+                        ),
+                        std::cmp::Ordering::Less => format!(
+                            "No. This image has {} shape{} ({}), the first had {}.",
+                            pics[1].count_word(),
+                            if n1 == 1 { "" } else { "s" },
+                            pics[1].list(),
+                            pics[0].count_word()
+                        ),
                     };
                     ("Does this image have more shapes than the first one?".to_string(), a)
                 };

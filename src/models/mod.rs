@@ -4,6 +4,7 @@
 pub mod common;
 pub mod qwen2_5_vl;
 pub mod llava_next;
+pub mod tiny; // defines: the embedded default model (tiny Qwen2.5-VL config + demo tokenizer)
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{Map, Value};

@@ -79,8 +79,7 @@ impl StagedFile {
 
     /// Step two: rename over the destination and sync the directory.
     pub fn commit(mut self) -> Result<()> {
-        fs::rename(&self.tmp, &self.dest)
-            .with_context(|| format!("renaming {} to {}", self.tmp.display(), self.dest.display()))?;
+        fs::rename(&self.tmp, &self.dest).with_context(|| format!("renaming {} to {}", self.tmp.display(), self.dest.display()))?;
         self.committed = true;
         if let Ok((dir, _)) = split(&self.dest) {
             sync_dir(&dir);
@@ -206,9 +205,7 @@ fn sync_tree(dir: &Path) -> Result<()> {
         if ty.is_dir() {
             sync_tree(&p)?;
         } else if ty.is_file() {
-            fs::File::open(&p)
-                .and_then(|f| f.sync_all())
-                .with_context(|| format!("syncing {}", p.display()))?;
+            fs::File::open(&p).and_then(|f| f.sync_all()).with_context(|| format!("syncing {}", p.display()))?;
         }
     }
     sync_dir(dir);

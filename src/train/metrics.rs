@@ -53,11 +53,8 @@ impl MetricsWriter {
     }
 
     fn open_append(path: PathBuf) -> Result<MetricsWriter> {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("opening metrics log {}", path.display()))?;
+        let file =
+            OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening metrics log {}", path.display()))?;
         Ok(MetricsWriter { file, path })
     }
 
@@ -65,16 +62,21 @@ impl MetricsWriter {
         &self.path
     }
 
+    /// Appends one step's record (fields in declaration order, then the extras).
     pub fn write(&mut self, m: &StepMetrics) -> Result<()> {
-        self.write_value(&serde_json::to_value(m)?)
+        self.write_line(serde_json::to_vec(m)?)
     }
 
-    /// Appends any JSON object as one line (one `write` system call) and flushes it.
+    /// Appends any JSON object as one line.
     pub fn write_value(&mut self, v: &Value) -> Result<()> {
         if !v.is_object() {
             bail!("metrics record must be a JSON object, got {v}");
         }
-        let mut line = serde_json::to_vec(v)?;
+        self.write_line(serde_json::to_vec(v)?)
+    }
+
+    /// One `write` call of the whole line on the O_APPEND file, then a flush.
+    fn write_line(&mut self, mut line: Vec<u8>) -> Result<()> {
         line.push(b'\n');
         self.file.write_all(&line).with_context(|| format!("appending to {}", self.path.display()))?;
         self.file.flush().with_context(|| format!("flushing {}", self.path.display()))
@@ -142,10 +144,8 @@ pub fn truncate_after(path: impl AsRef<Path>, last_step: u64) -> Result<()> {
     if !path.exists() {
         return Ok(());
     }
-    let kept: Vec<Value> = read_metrics(path)?
-        .into_iter()
-        .filter(|v| v.get("step").and_then(Value::as_u64).is_none_or(|s| s <= last_step))
-        .collect();
+    let kept: Vec<Value> =
+        read_metrics(path)?.into_iter().filter(|v| v.get("step").and_then(Value::as_u64).is_none_or(|s| s <= last_step)).collect();
     super::atomic::write_file_with(path, |w| {
         for v in &kept {
             serde_json::to_writer(&mut *w, v)?;

@@ -5,3 +5,4 @@ pub mod atomic; // defines: write_file, write_dir, StagedFile, StagedDir, recove
 pub mod metrics; // defines: StepMetrics, MetricsWriter (JSONL, one flushed line per step), read_metrics
 pub mod progress; // defines: Progress (indicatif bar on a terminal, plain log lines otherwise)
 pub mod schedule; // defines: LrSchedule, LrKind (constant / linear / cosine with warm-up)
+pub mod optim; // defines: Optimizer (AdamW with f32 masters, clipping, state save/load)

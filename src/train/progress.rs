@@ -10,7 +10,11 @@ use std::time::{Duration, Instant};
 enum Sink {
     Bar(ProgressBar),
     /// Plain lines to a writer (stderr, or a buffer in tests), at most one per `every`.
-    Lines { out: Mutex<Box<dyn Write + Send>>, every: Duration, last: Mutex<Option<Instant>> },
+    Lines {
+        out: Mutex<Box<dyn Write + Send>>,
+        every: Duration,
+        last: Mutex<Option<Instant>>,
+    },
 }
 
 pub struct Progress {

@@ -356,21 +356,14 @@ impl Block<'_> {
     pub fn forward_cached(&self, dev: &Device, out: &mut Buf, x: &Buf, cache: &mut KvCache, n_new: usize) -> Result<()> {
         let (d, w, dt) = (self.dims, self.w, self.dt());
         let t = cache.batch * n_new;
-        let mut rstd = dev.zeros_f32(t)?;
-        let mut y = dev.zeros(dt, t * d.d)?;
-        let mut q = dev.zeros(dt, t * d.q_dim())?;
-        let (mut k, mut v) = (dev.zeros(dt, t * d.kv_dim())?, dev.zeros(dt, t * d.kv_dim())?);
-        self.qkv(dev, x, &mut rstd, &mut y, &mut q, &mut k, &mut v, t)?;
-        cache.append(dev, &k, &v, n_new)?;
-        let mut att = dev.zeros(dt, t * d.q_dim())?;
-        attention::decode(dev, &mut att, &q, cache, n_new, &self.shape())?;
+        let mut a = LayerActs::new(dev, d, t, dt)?; // scratch: nothing is kept for a backward
+        self.qkv(dev, x, &mut a.rstd1, &mut a.y1, &mut a.q, &mut a.k, &mut a.v, t)?;
+        cache.append(dev, &a.k, &a.v, n_new)?;
+        attention::decode(dev, &mut a.att, &a.q, cache, n_new, &self.shape())?;
         let mut tmp = dev.zeros(dt, t * d.d)?;
-        matmul::linear_fwd(dev, &mut tmp, &att, &w.wo, w.bo.as_ref(), t, d.q_dim(), d.d)?;
-        let mut mid = dev.zeros(dt, t * d.d)?;
-        elementwise::add_into(dev, &mut mid, x, &tmp, t * d.d)?;
-        let mut rstd2 = dev.zeros_f32(t)?;
-        let (mut y2, mut gate, mut up, mut h) = (dev.zeros(dt, t * d.d)?, dev.zeros(dt, t * d.inter)?, dev.zeros(dt, t * d.inter)?, dev.zeros(dt, t * d.inter)?);
-        self.mlp(dev, out, &mid, &mut rstd2, &mut y2, &mut gate, &mut up, &mut h, t)
+        matmul::linear_fwd(dev, &mut tmp, &a.att, &w.wo, w.bo.as_ref(), t, d.q_dim(), d.d)?;
+        elementwise::add_into(dev, &mut a.mid, x, &tmp, t * d.d)?;
+        self.mlp(dev, out, &a.mid, &mut a.rstd2, &mut a.y2, &mut a.gate, &mut a.up, &mut a.h, t)
     }
 
     /// Norm, q/k/v projections and RoPE on q and k.

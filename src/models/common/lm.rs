@@ -179,6 +179,7 @@ fn inject_index(dev: &Device, inject: &Option<Inject>, s: usize) -> Result<Optio
 
 /// Forward over packed sequences: ids [S], RoPE positions `pos` (layout per `dims.rope`),
 /// `cu_seqlens` [nseq + 1]. `recompute[l]` (missing = false) keeps only layer l's input.
+#[allow(clippy::too_many_arguments)]
 pub fn forward(dev: &Device, dims: &LmDims, p: &LmParams, ids: &[i32], pos: &[i32], cu_seqlens: &[i32], inject: Option<Inject>, recompute: &[bool]) -> Result<LmFwd> {
     let (s, d, dt) = (ids.len(), dims.layer.d, p.embed.dtype());
     let seqs = Varlen::new(dev, cu_seqlens)?;
@@ -267,6 +268,7 @@ impl LmCache {
 /// Runs `n_new` new tokens of each cached sequence (ids [batch·n_new], sequence-major, with
 /// RoPE positions `pos` for them) through the LM, appending their keys and values; returns the
 /// final-norm hidden states [batch·n_new, D]. Used for prefill, appended turns and decoding.
+#[allow(clippy::too_many_arguments)]
 pub fn extend(dev: &Device, dims: &LmDims, p: &LmParams, cache: &mut LmCache, ids: &[i32], pos: &[i32], n_new: usize, inject: Option<Inject>) -> Result<Buf> {
     let (t, d, dt) = (ids.len(), dims.layer.d, p.embed.dtype());
     if n_new == 0 || t != cache.batch * n_new {

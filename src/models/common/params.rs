@@ -8,6 +8,9 @@ use crate::tensor::{Buf, Device};
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;
 
+/// Full tensors by checkpoint name: name → (shape, f32 values).
+pub type NamedTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// Rows `row0 .. row0 + rows` (along dim 0) of the checkpoint tensor `name` of shape `full_shape`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParamRef {
@@ -52,8 +55,8 @@ pub fn read_piece(ckpt: &Checkpoint, r: &ParamRef, aliases: &dyn Fn(&str) -> Vec
 }
 
 /// Full tensors (name → (shape, f32 values)) from pieces; every row of each tensor must be covered.
-pub fn assemble(dev: &Device, pieces: Vec<(ParamRef, &Buf)>) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
-    let mut out: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
+pub fn assemble(dev: &Device, pieces: Vec<(ParamRef, &Buf)>) -> Result<NamedTensors> {
+    let mut out = NamedTensors::new();
     let mut covered: BTreeMap<String, usize> = BTreeMap::new();
     for (r, buf) in pieces {
         if buf.len() != r.numel() {

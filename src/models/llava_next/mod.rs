@@ -5,3 +5,5 @@ pub mod chat;
 pub mod config;
 pub mod packing;
 pub mod processor;
+pub mod vision;
+pub mod model;

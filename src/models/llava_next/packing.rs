@@ -9,6 +9,7 @@
 //! in the pinpoint choice, `ceil` in the patching size, and the unpadding's float scale rounded
 //! to 7 decimals before truncation, with the crop applied symmetrically.
 
+use super::config::LlavaNextConfig;
 use anyhow::{bail, Result};
 use std::ops::Range;
 
@@ -145,6 +146,11 @@ impl AnyresGeometry {
     pub fn new(orig_hw: (usize, usize), pinpoints: &[(usize, usize)], tile_px: usize, patch_px: usize) -> Result<AnyresGeometry> {
         let best = select_best_resolution(orig_hw, pinpoints)?;
         Self::with_canvas(orig_hw, best, tile_px, patch_px)
+    }
+
+    /// The layout of an image of `orig_hw` for a model: its pinpoints, tile and patch size.
+    pub fn for_config(orig_hw: (usize, usize), cfg: &LlavaNextConfig) -> Result<AnyresGeometry> {
+        Self::new(orig_hw, &cfg.image_grid_pinpoints, cfg.vision.image_size, cfg.vision.patch_size)
     }
 
     /// The layout for an already chosen canvas `best_hw`.

@@ -5,9 +5,10 @@
 //! The geometry lives in `packing` (shared with the token count and the model's packing); the
 //! decoding and the Pillow-compatible bicubic resize in `crate::data::image`.
 //!
-//! transformers 5's default backend resizes with torchvision's antialiased bicubic, which can
-//! differ from Pillow's by one uint8 level; pixels that are not resampled (the padding, images
-//! already at their target size) match exactly.
+//! The fixtures' resizes are reproduced exactly by Pillow 13's bicubic, including its choice of
+//! which pass runs first ([`resize_bicubic_pillow`]); torchvision's antialiased bicubic (another
+//! transformers backend) can differ by one uint8 level. Pixels that are not resampled (the
+//! padding, images already at their target size) match either exactly.
 
 use super::config::LlavaPreprocessorConfig;
 use super::packing::AnyresGeometry;
@@ -35,6 +36,20 @@ impl ProcessedImage {
     pub fn tile_len(&self) -> usize {
         3 * self.tile_size * self.tile_size
     }
+}
+
+/// Pillow's `Image.resize(BICUBIC)` with the pass order of Pillow 13 (which made the
+/// fixtures): the vertical pass runs first when the height shrinks by more than twice as many
+/// pixels as the width, (h − H) > 2·(w − W) with h − H > 0; otherwise horizontal first. Each
+/// pass rounds to uint8, so the order changes pixels (by up to ~15 levels on high-contrast
+/// images). Built from single-axis calls of `resize_bicubic`, each exactly one Pillow pass.
+pub fn resize_bicubic_pillow(img: &RgbImage, new_w: usize, new_h: usize) -> Result<RgbImage> {
+    let (w, h) = (img.width as i64, img.height as i64);
+    let dh = h - new_h as i64;
+    let vertical_first = dh > 0 && dh > (w - new_w as i64) * 2;
+    // One axis per call, so the order is ours whatever `resize_bicubic` does with two.
+    let first = if vertical_first { resize_bicubic(img, img.width, new_h)? } else { resize_bicubic(img, new_w, img.height)? };
+    resize_bicubic(&first, new_w, new_h)
 }
 
 /// Per-channel map u8 → normalised value (computed in f64, rounded once to f32), `[3][256]`.
@@ -91,7 +106,7 @@ pub fn process_image(img: &RgbImage, cfg: &LlavaPreprocessorConfig) -> Result<Pr
     let base = if (img.height, img.width) == (s, s) {
         img
     } else {
-        base_img = resize_bicubic(img, s, s)?;
+        base_img = resize_bicubic_pillow(img, s, s)?;
         &base_img
     };
     write_tile(&mut pv[..tile_len], base, (0, 0), 0, 0, s, &lut);
@@ -102,7 +117,7 @@ pub fn process_image(img: &RgbImage, cfg: &LlavaPreprocessorConfig) -> Result<Pr
     let resized = if (rh, rw) == (img.height, img.width) {
         img
     } else {
-        resized_img = resize_bicubic(img, rw, rh)?;
+        resized_img = resize_bicubic_pillow(img, rw, rh)?;
         &resized_img
     };
     for ty in 0..geo.grid.0 {

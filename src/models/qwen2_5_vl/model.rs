@@ -13,12 +13,11 @@ use super::text::{aliases, image_positions, lm_dims, lm_names};
 use super::vision::{self, VisionDims, VisionFwd, VisionParams};
 use crate::checkpoint::Checkpoint;
 use crate::models::common::lm::{self, Inject, LmCache, LmDims, LmFwd, LmNames, LmParams};
-use crate::models::common::params::{assemble, read_piece, ParamRef};
+use crate::models::common::params::{assemble, read_piece, NamedTensors, ParamRef};
 use crate::ops::logprob;
 use crate::ops::patch_embed::{gather_rows, RowIndex};
 use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
-use std::collections::BTreeMap;
 use std::path::Path;
 
 /// All parameters (or all f32 gradients) of the model.
@@ -135,10 +134,10 @@ impl QwenVl {
     }
 
     /// The gradients as full checkpoint tensors: name → (shape, values). Empty before a backward.
-    pub fn grads_by_name(&self, dev: &Device) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+    pub fn grads_by_name(&self, dev: &Device) -> Result<NamedTensors> {
         match &self.grads {
             Some(g) => assemble(dev, entries(g, &self.vdims, &self.patch_shape, &self.tdims, &self.names)),
-            None => Ok(BTreeMap::new()),
+            None => Ok(NamedTensors::new()),
         }
     }
 

@@ -44,7 +44,7 @@ pub const VISION_FLAGS: LayerFlags = LayerFlags { qkv_bias: true, o_bias: true, 
 
 impl VisionDims {
     pub fn new(c: &VisionConfig) -> Result<Self> {
-        if c.num_heads == 0 || c.hidden_size % c.num_heads != 0 {
+        if c.num_heads == 0 || !c.hidden_size.is_multiple_of(c.num_heads) {
             bail!("vision: hidden_size {} is not a multiple of num_heads {}", c.hidden_size, c.num_heads);
         }
         let vws = c.window_size / c.spatial_merge_size.max(1) / c.patch_size.max(1);

@@ -1,0 +1,492 @@
+//! `LlavaNext`: LLaVA-NeXT (`LlavaNextForConditionalGeneration`) as one object: parameters keyed
+//! by their canonical llava-hf checkpoint names (any spelling `config::spellings` knows loads),
+//! lazily allocated f32 gradients, the training forward (CLIP tower → projector → anyres packing
+//! → rows scattered into the `<image>` positions → Mistral / Llama decoder → final hidden
+//! states), the head (logits, or fused log-probs of target ids), the explicit backward, and
+//! KV-cached incremental decoding for rollouts (`Session`).
+//!
+//! The decoder is the shared `models::common::lm` with 1-D RoPE (θ from the config), no biases,
+//! GQA for Mistral and MHA for Llama. Packing (model-spec B6): each image's features are the
+//! base tile's g² patches, then the anyres tile grid unpadded to the image's aspect ratio with
+//! `image_newline` closing every row (`packing::AnyresGeometry::plan`); its backward scatters the
+//! gradients back to the tile features and sums those of the newline rows into `image_newline`.
+//!
+//! Pixels come compact: the real tiles of every image in order, `[Σ tiles, 3, S, S]`
+//! (`strip_tile_padding` drops a processor batch's padding tiles).
+
+use super::config::{spellings, LlavaNextConfig};
+use super::packing::AnyresGeometry;
+use super::vision::{self, ClipDims, ClipFwd, ClipParams};
+use crate::checkpoint::Checkpoint;
+use crate::models::common::decoder::{LayerDims, LayerFlags, RopeKind};
+use crate::models::common::lm::{self, Inject, LmCache, LmDims, LmFwd, LmNames, LmParams};
+use crate::models::common::params::{assemble, read_piece, ParamRef};
+use crate::ops::act::{self, Gelu};
+use crate::ops::patch_embed::{gather_rows, scatter_rows, RowIndex};
+use crate::ops::{elementwise, logprob, matmul};
+use crate::tensor::{Buf, DType, Device};
+use anyhow::{bail, Result};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+pub use crate::models::qwen2_5_vl::model::Recompute;
+
+/// Mistral / Llama: no biases anywhere in the decoder.
+pub const TEXT_FLAGS: LayerFlags = LayerFlags { qkv_bias: false, o_bias: false, mlp_bias: false };
+
+/// The projector `linear_1 → GELU → linear_2` (biases per `multimodal_projector_bias`).
+pub struct Projector {
+    pub w1: Buf,         // [Dt, Dv]
+    pub b1: Option<Buf>, // [Dt]
+    pub w2: Buf,         // [Dt, Dt]
+    pub b2: Option<Buf>, // [Dt]
+}
+
+/// All parameters (or all f32 gradients) of the model.
+pub struct LlavaParams {
+    pub vision: ClipParams,
+    pub proj: Projector,
+    pub newline: Buf, // [Dt]
+    pub text: LmParams,
+}
+
+/// One packed training batch.
+pub struct Batch<'a> {
+    pub ids: &'a [i32],        // [S]
+    pub cu_seqlens: &'a [i32], // [nseq + 1]
+    /// [Σ tiles, 3, S, S]: every image's real tiles (base first), images in token order.
+    pub pixels: &'a [f32],
+    /// Original (height, width) per image.
+    pub image_sizes: &'a [(usize, usize)],
+}
+
+/// Where each packed image row comes from: row `dst[i]` of the packed features copies projector
+/// row `src[i]`; rows `newline` are `image_newline`.
+struct Packing {
+    src: RowIndex,     // bound Σ tiles·g²
+    dst: RowIndex,     // bound `tokens`
+    newline: RowIndex, // bound `tokens`
+    tokens: usize,
+}
+
+/// What the image path's forward keeps for its backward.
+struct ImageFwd {
+    clip: ClipFwd,
+    feats: Buf, // [n, Dv] CLS-free tile features
+    h1: Buf,    // [n, Dt] linear_1 output
+    a1: Buf,    // [n, Dt] GELU(h1)
+    pack: Packing,
+}
+
+/// What the forward keeps for the head and the backward.
+pub struct LlavaFwd {
+    image: Option<ImageFwd>,
+    pub text: LmFwd,
+}
+
+impl LlavaFwd {
+    pub fn final_hidden(&self) -> &Buf {
+        self.text.final_hidden()
+    }
+    pub fn tokens(&self) -> usize {
+        self.text.tokens()
+    }
+}
+
+/// KV caches of `batch` sequences being generated.
+pub struct Session {
+    pub lm: LmCache,
+}
+
+pub struct LlavaNext {
+    pub cfg: LlavaNextConfig,
+    pub vdims: ClipDims,
+    pub tdims: LmDims,
+    pub names: LmNames,
+    pub params: LlavaParams,
+    gelu: Gelu,
+    grads: Option<LlavaParams>,
+}
+
+/// Decoder sizes from the config.
+pub fn lm_dims(cfg: &LlavaNextConfig) -> Result<LmDims> {
+    let c = &cfg.text;
+    if c.num_attention_heads == 0 || c.num_key_value_heads == 0 || c.num_attention_heads % c.num_key_value_heads != 0 {
+        bail!("text_config: num_attention_heads {} must be a positive multiple of num_key_value_heads {}", c.num_attention_heads, c.num_key_value_heads);
+    }
+    Ok(LmDims {
+        layer: LayerDims {
+            d: c.hidden_size,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            inter: c.intermediate_size,
+            eps: c.rms_norm_eps as f32,
+        },
+        flags: TEXT_FLAGS,
+        n_layers: c.num_hidden_layers,
+        vocab: c.vocab_size,
+        rope: RopeKind::Text1d { theta: c.rope_theta as f32 },
+        tied: c.tie_word_embeddings,
+    })
+}
+
+/// Canonical names of the decoder (`language_model.model.*`, `language_model.lm_head.weight`).
+pub fn lm_names() -> LmNames {
+    LmNames { prefix: "language_model.model.".into(), lm_head: "language_model.lm_head.weight".into() }
+}
+
+/// The other accepted spellings of a canonical name (for `read_piece`).
+fn aliases(name: &str) -> Vec<String> {
+    spellings(name).into_iter().filter(|s| s != name).collect()
+}
+
+/// [images, max_tiles, 3, S, S] (a processor batch, padded along the tile axis) → the compact
+/// `[Σ tiles, 3, S, S]` the model takes, keeping `num_tiles[i]` tiles of image i.
+pub fn strip_tile_padding(pixels: &[f32], max_tiles: usize, num_tiles: &[usize], tile_len: usize) -> Result<Vec<f32>> {
+    if pixels.len() != num_tiles.len() * max_tiles * tile_len {
+        bail!("pixel_values has {} values, expected {} images × {max_tiles} tiles × {tile_len}", pixels.len(), num_tiles.len());
+    }
+    if let Some(&n) = num_tiles.iter().find(|&&n| n > max_tiles) {
+        bail!("an image has {n} tiles, more than the batch's {max_tiles}");
+    }
+    Ok(num_tiles.iter().enumerate().flat_map(|(i, &n)| pixels[i * max_tiles * tile_len..][..n * tile_len].iter().copied()).collect())
+}
+
+impl LlavaNext {
+    /// Loads `dir/config.json` and the checkpoint in `dir`.
+    pub fn load(dev: &Device, dir: impl AsRef<Path>) -> Result<Self> {
+        let cfg = LlavaNextConfig::load(&dir)?;
+        let ckpt = Checkpoint::open(&dir)?;
+        Self::from_checkpoint(dev, cfg, &ckpt)
+    }
+
+    /// Weights from `ckpt`, in the device's activation dtype (bf16 on CUDA, f32 on the CPU).
+    pub fn from_checkpoint(dev: &Device, cfg: LlavaNextConfig, ckpt: &Checkpoint) -> Result<Self> {
+        Self::from_checkpoint_as(dev, cfg, ckpt, dev.act_dtype())
+    }
+
+    /// Weights from `ckpt` in `dtype` (activations follow the weights' dtype).
+    pub fn from_checkpoint_as(dev: &Device, cfg: LlavaNextConfig, ckpt: &Checkpoint, dtype: DType) -> Result<Self> {
+        Self::build(cfg, &mut |r| dev.upload(&read_piece(ckpt, r, &aliases)?, dtype))
+    }
+
+    /// Builds every tensor with `make` (e.g. random init for tests).
+    pub fn build(cfg: LlavaNextConfig, make: &mut dyn FnMut(&ParamRef) -> Result<Buf>) -> Result<Self> {
+        let vdims = ClipDims::new(&cfg)?;
+        let tdims = lm_dims(&cfg)?;
+        let names = lm_names();
+        let gelu = Gelu::from_hf(&cfg.projector_hidden_act)?;
+        let params = build_params(&cfg, &vdims, &tdims, &names, false, make)?;
+        Ok(LlavaNext { cfg, vdims, tdims, names, params, gelu, grads: None })
+    }
+
+    /// The dtype of weights and activations.
+    pub fn dtype(&self) -> DType {
+        self.params.text.embed.dtype()
+    }
+
+    /// Every parameter tensor with its canonical checkpoint name (frozen ones included).
+    pub fn param_entries(&self) -> Vec<(ParamRef, &Buf)> {
+        entries(&self.params, &self.cfg, &self.vdims, &self.tdims, &self.names)
+    }
+
+    /// Every parameter that gets a gradient, mutably, with that gradient (for the optimizer).
+    /// The vision layers past the feature layer and post_layernorm are left out. Empty before
+    /// the first backward.
+    pub fn params_and_grads(&mut self) -> Vec<(ParamRef, &mut Buf, &Buf)> {
+        let Some(g) = &self.grads else { return Vec::new() };
+        let (cfg, vd, td, names) = (&self.cfg, &self.vdims, &self.tdims, &self.names);
+        let LlavaParams { vision, proj, newline, text } = &mut self.params;
+        // The gradient set's vision list is a prefix of the parameters' (see ClipParams::entries).
+        let mut out: Vec<(ParamRef, &mut Buf, &Buf)> = vision.entries_mut(vd).into_iter().zip(g.vision.entries(vd)).map(|((r, p), (_, g))| (r, p, g)).collect();
+        let rest_g = head_entries(&g.proj, &g.newline, cfg).into_iter().chain(g.text.entries(td, names));
+        let rest_p = head_entries_mut(proj, newline, cfg).into_iter().chain(text.entries_mut(td, names));
+        out.extend(rest_p.zip(rest_g).map(|((r, p), (_, g))| (r, p, g)));
+        out
+    }
+
+    /// The gradients as full checkpoint tensors: canonical name → (shape, values).
+    pub fn grads_by_name(&self, dev: &Device) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+        match &self.grads {
+            Some(g) => assemble(dev, entries(g, &self.cfg, &self.vdims, &self.tdims, &self.names)),
+            None => Ok(BTreeMap::new()),
+        }
+    }
+
+    /// Zeroes the gradients (allocating them on first use).
+    pub fn zero_grads(&mut self, dev: &Device) -> Result<()> {
+        let mut z = |r: &ParamRef| dev.zeros_f32(r.numel());
+        self.grads = Some(build_params(&self.cfg, &self.vdims, &self.tdims, &self.names, true, &mut z)?);
+        Ok(())
+    }
+
+    /// Anyres layout of each image.
+    pub fn geometries(&self, image_sizes: &[(usize, usize)]) -> Result<Vec<AnyresGeometry>> {
+        let v = &self.cfg.vision;
+        image_sizes.iter().map(|&hw| AnyresGeometry::new(hw, &self.cfg.image_grid_pinpoints, v.image_size, v.patch_size)).collect()
+    }
+
+    /// Packed image features [Σ tokens, Dt] (what replaces the `<image>` tokens), images in order.
+    pub fn image_embeds(&self, dev: &Device, pixels: &[f32], image_sizes: &[(usize, usize)]) -> Result<Buf> {
+        Ok(self.image_forward(dev, pixels, image_sizes, false)?.0)
+    }
+
+    fn image_forward(&self, dev: &Device, pixels: &[f32], image_sizes: &[(usize, usize)], recompute: bool) -> Result<(Buf, ImageFwd)> {
+        let (vd, dt) = (&self.vdims, self.dtype());
+        let geos = self.geometries(image_sizes)?;
+        let tiles: usize = geos.iter().map(|g| g.num_tiles()).sum();
+        if pixels.len() != tiles * vd.tile_len() {
+            bail!("LLaVA-NeXT: pixel_values has {} values; the {} image(s) of sizes {image_sizes:?} need {tiles} tiles × {}", pixels.len(), geos.len(), vd.tile_len());
+        }
+        let (feats, clip) = vision::forward(dev, vd, &self.params.vision, pixels, tiles, recompute)?;
+        let (n, dv, dtx) = (tiles * vd.g * vd.g, vd.d, self.tdims.layer.d);
+        let p = &self.params.proj;
+        let (mut h1, mut a1, mut proj) = (dev.zeros(dt, n * dtx)?, dev.zeros(dt, n * dtx)?, dev.zeros(dt, n * dtx)?);
+        matmul::linear_fwd(dev, &mut h1, &feats, &p.w1, p.b1.as_ref(), n, dv, dtx)?;
+        act::gelu_fwd(dev, &mut a1, &h1, n * dtx, self.gelu)?;
+        matmul::linear_fwd(dev, &mut proj, &a1, &p.w2, p.b2.as_ref(), n, dtx, dtx)?;
+        let pack = packing(dev, &geos, vd.g, n)?;
+        let mut out = dev.zeros(dt, pack.tokens * dtx)?;
+        let mut sel = dev.zeros(dt, pack.src.len() * dtx)?;
+        gather_rows(dev, &mut sel, &proj, &pack.src, dtx)?;
+        scatter_rows(dev, &mut out, &sel, &pack.dst, dtx)?;
+        let mut nl = dev.zeros(dt, pack.newline.len() * dtx)?;
+        elementwise::bias_add(dev, &mut nl, &self.params.newline, pack.newline.len(), dtx)?;
+        scatter_rows(dev, &mut out, &nl, &pack.newline, dtx)?;
+        Ok((out, ImageFwd { clip, feats, h1, a1, pack }))
+    }
+
+    /// Backward of `image_forward` from d packed features [Σ tokens, Dt].
+    fn image_backward(&self, dev: &Device, g: &mut LlavaParams, f: &ImageFwd, dout: &Buf) -> Result<()> {
+        let (vd, dt, dtx) = (&self.vdims, self.dtype(), self.tdims.layer.d);
+        let (pk, n, p) = (&f.pack, f.pack.src.bound, &self.params.proj);
+        let mut dsel = dev.zeros(dt, pk.dst.len() * dtx)?;
+        gather_rows(dev, &mut dsel, dout, &pk.dst, dtx)?;
+        let mut dproj = dev.zeros(dt, n * dtx)?; // rows the unpadding cropped get 0
+        scatter_rows(dev, &mut dproj, &dsel, &pk.src, dtx)?;
+        let mut dnl = dev.zeros(dt, pk.newline.len() * dtx)?;
+        gather_rows(dev, &mut dnl, dout, &pk.newline, dtx)?;
+        elementwise::bias_bwd(dev, &mut g.newline, &dnl, pk.newline.len(), dtx)?;
+        let mut da1 = dev.zeros(dt, n * dtx)?;
+        matmul::linear_bwd(dev, Some(&mut da1), &mut g.proj.w2, g.proj.b2.as_mut(), &dproj, &f.a1, &p.w2, n, dtx, dtx)?;
+        let mut dh1 = dproj; // reuse [n, Dt]
+        act::gelu_bwd(dev, &mut dh1, &da1, &f.h1, n * dtx, self.gelu)?;
+        let mut dfeat = dev.zeros(dt, n * vd.d)?;
+        matmul::linear_bwd(dev, Some(&mut dfeat), &mut g.proj.w1, g.proj.b1.as_mut(), &dh1, &f.feats, &p.w1, n, vd.d, dtx)?;
+        vision::backward(dev, vd, &self.params.vision, &mut g.vision, &f.clip, &dfeat)
+    }
+
+    /// Placeholder positions of `ids`, checked against the images' token count, and the ids the
+    /// embedding reads (placeholders → 0: their rows are overwritten, and the id may lie past the
+    /// vocabulary).
+    fn placeholders(&self, ids: &[i32], image_sizes: &[(usize, usize)]) -> Result<(Vec<usize>, Vec<i32>)> {
+        let img = self.cfg.image_token_index as i64;
+        let at: Vec<usize> = ids.iter().enumerate().filter(|(_, &id)| id as i64 == img).map(|(i, _)| i).collect();
+        let want: usize = self.geometries(image_sizes)?.iter().map(|g| g.num_tokens()).sum();
+        if at.len() != want {
+            bail!("LLaVA-NeXT: {} <image> tokens, but the {} image(s) of sizes {image_sizes:?} give {want} features", at.len(), image_sizes.len());
+        }
+        let ids = ids.iter().map(|&id| if id as i64 == img { 0 } else { id }).collect();
+        Ok((at, ids))
+    }
+
+    /// Mistral's sliding window (if set) must cover every sequence: it is not applied.
+    fn check_window(&self, len: usize) -> Result<()> {
+        match self.cfg.text.sliding_window {
+            Some(w) if len > w => bail!("LLaVA-NeXT: a sequence of {len} tokens exceeds Mistral's sliding_window {w}, which is not implemented"),
+            _ => Ok(()),
+        }
+    }
+
+    /// The training forward up to the final hidden states (positions restart at 0 in every
+    /// sequence of `cu_seqlens`).
+    pub fn forward(&self, dev: &Device, b: &Batch, rc: &Recompute) -> Result<LlavaFwd> {
+        let (at, ids) = self.placeholders(b.ids, b.image_sizes)?;
+        let mut pos = vec![0i32; ids.len()];
+        for w in b.cu_seqlens.windows(2) {
+            let (a, e) = (w[0].max(0) as usize, (w[1].max(0) as usize).min(ids.len()));
+            self.check_window(e.saturating_sub(a))?;
+            for (i, p) in pos.iter_mut().enumerate().take(e).skip(a) {
+                *p = (i - a) as i32;
+            }
+        }
+        let (embeds, image) = if b.image_sizes.is_empty() {
+            (None, None)
+        } else {
+            let (e, f) = self.image_forward(dev, b.pixels, b.image_sizes, rc.vision)?;
+            (Some(e), Some(f))
+        };
+        let inject = embeds.as_ref().map(|rows| Inject { rows, at: &at });
+        let text = lm::forward(dev, &self.tdims, &self.params.text, &ids, &pos, b.cu_seqlens, inject, &rc.text)?;
+        Ok(LlavaFwd { image, text })
+    }
+
+    /// logits [S, V] of every position (a plain lm_head GEMM).
+    pub fn logits(&self, dev: &Device, f: &LlavaFwd) -> Result<Buf> {
+        lm::logits(dev, &self.tdims, &self.params.text, f.final_hidden(), f.tokens())
+    }
+
+    /// (logp, lse), each [S] f32: log p(targets[t]) where mask[t] ≠ 0 (0 elsewhere).
+    pub fn logprobs(&self, dev: &Device, f: &LlavaFwd, targets: &Buf, mask: Option<&Buf>) -> Result<(Buf, Buf)> {
+        let (s, d, v) = (f.tokens(), self.tdims.layer.d, self.tdims.vocab);
+        let (mut logp, mut lse) = (dev.zeros_f32(s)?, dev.zeros_f32(s)?);
+        logprob::fwd(dev, &mut logp, &mut lse, None, f.final_hidden(), self.params.text.head(), targets, mask, s, d, v)?;
+        Ok((logp, lse))
+    }
+
+    /// Backward from d objective / d logp [S] (f32) of `logprobs`: accumulates every gradient.
+    pub fn backward_logprobs(&mut self, dev: &Device, f: &LlavaFwd, targets: &Buf, lse: &Buf, dlogp: &Buf) -> Result<()> {
+        let (s, d, v) = (f.tokens(), self.tdims.layer.d, self.tdims.vocab);
+        if self.grads.is_none() {
+            self.zero_grads(dev)?;
+        }
+        let mut dxf = dev.zeros(self.dtype(), s * d)?;
+        if let Some(g) = self.grads.as_mut() {
+            logprob::bwd(dev, &mut dxf, g.text.head_mut(), dlogp, f.final_hidden(), self.params.text.head(), targets, lse, s, d, v)?;
+        }
+        self.backward(dev, f, &dxf)
+    }
+
+    /// Backward from d final_hidden [S, D] (the lm_head's own gradient is the caller's, e.g.
+    /// `ops::logprob::fwd_bwd` into `lm_head_grad`): accumulates every other gradient.
+    pub fn backward(&mut self, dev: &Device, f: &LlavaFwd, dxf: &Buf) -> Result<()> {
+        if self.grads.is_none() {
+            self.zero_grads(dev)?;
+        }
+        let Some(mut g) = self.grads.take() else { bail!("gradients not allocated") };
+        let r = self.backward_into(dev, &mut g, f, dxf);
+        self.grads = Some(g);
+        r
+    }
+
+    fn backward_into(&self, dev: &Device, g: &mut LlavaParams, f: &LlavaFwd, dxf: &Buf) -> Result<()> {
+        let d_img = lm::backward(dev, &self.tdims, &self.params.text, &mut g.text, &f.text, dxf)?;
+        match (&f.image, d_img) {
+            (Some(img), Some(d_img)) => self.image_backward(dev, g, img, &d_img),
+            _ => Ok(()),
+        }
+    }
+
+    /// The lm_head gradient [V, D] (the embedding's when tied), allocating gradients if needed.
+    pub fn lm_head_grad(&mut self, dev: &Device) -> Result<&mut Buf> {
+        if self.grads.is_none() {
+            self.zero_grads(dev)?;
+        }
+        match self.grads.as_mut() {
+            Some(g) => Ok(g.text.head_mut()),
+            None => bail!("gradients not allocated"),
+        }
+    }
+
+    /// Empty KV caches for `batch` sequences of up to `max_len` tokens.
+    pub fn new_session(&self, dev: &Device, batch: usize, max_len: usize) -> Result<Session> {
+        Ok(Session { lm: LmCache::new(dev, &self.tdims, self.dtype(), batch, max_len)? })
+    }
+
+    /// Feeds `n_new` tokens of each session sequence (ids [batch·n_new], sequence-major; their
+    /// positions continue each sequence's cache). Images of the new tokens come as compact
+    /// pixels and sizes. Returns logits [batch·n_new, V], or with `last_only` [batch, V] for
+    /// each sequence's last new token (sampling).
+    #[allow(clippy::too_many_arguments)]
+    pub fn extend(&self, dev: &Device, s: &mut Session, ids: &[i32], n_new: usize, pixels: &[f32], image_sizes: &[(usize, usize)], last_only: bool) -> Result<Buf> {
+        let (at, ids) = self.placeholders(ids, image_sizes)?;
+        let lens = s.lm.lens().to_vec();
+        if n_new == 0 || ids.len() != lens.len() * n_new {
+            bail!("LLaVA-NeXT extend: {} ids for {} sequences of {n_new} new tokens", ids.len(), lens.len());
+        }
+        let mut pos = Vec::with_capacity(ids.len());
+        for &l in &lens {
+            self.check_window(l as usize + n_new)?;
+            pos.extend((0..n_new as i32).map(|j| l + j));
+        }
+        let embeds = if image_sizes.is_empty() { None } else { Some(self.image_embeds(dev, pixels, image_sizes)?) };
+        let inject = embeds.as_ref().map(|rows| Inject { rows, at: &at });
+        let hidden = lm::extend(dev, &self.tdims, &self.params.text, &mut s.lm, &ids, &pos, n_new, inject)?;
+        let (t, d) = (ids.len(), self.tdims.layer.d);
+        if !last_only {
+            return lm::logits(dev, &self.tdims, &self.params.text, &hidden, t);
+        }
+        let last: Vec<usize> = (0..lens.len()).map(|b| b * n_new + n_new - 1).collect();
+        let idx = RowIndex::new(dev, &last, t)?;
+        let mut rows = dev.zeros(self.dtype(), last.len() * d)?;
+        gather_rows(dev, &mut rows, &hidden, &idx, d)?;
+        lm::logits(dev, &self.tdims, &self.params.text, &rows, last.len())
+    }
+}
+
+/// The pack plan of every image as global row indices (images back to back).
+fn packing(dev: &Device, geos: &[AnyresGeometry], g: usize, n_feat: usize) -> Result<Packing> {
+    let (mut src, mut dst, mut newline) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut feat_off, mut tok_off) = (0usize, 0usize);
+    for geo in geos {
+        if geo.g != g {
+            bail!("anyres geometry has {} patches per side, the tower {g}", geo.g);
+        }
+        for (j, s) in geo.plan().iter().enumerate() {
+            match s.feature_row(g) {
+                Some(r) => {
+                    src.push(feat_off + r);
+                    dst.push(tok_off + j);
+                }
+                None => newline.push(tok_off + j),
+            }
+        }
+        feat_off += geo.num_tiles() * g * g;
+        tok_off += geo.num_tokens();
+    }
+    Ok(Packing { src: RowIndex::new(dev, &src, n_feat)?, dst: RowIndex::new(dev, &dst, tok_off)?, newline: RowIndex::new(dev, &newline, tok_off)?, tokens: tok_off })
+}
+
+/// Projector (w1, b1, w2, b2) and image_newline names; biases per the config.
+fn head_refs(cfg: &LlavaNextConfig) -> [ParamRef; 5] {
+    let (dv, d) = (cfg.projector_in(), cfg.text.hidden_size);
+    [
+        ParamRef::whole("multi_modal_projector.linear_1.weight", &[d, dv]),
+        ParamRef::whole("multi_modal_projector.linear_1.bias", &[d]),
+        ParamRef::whole("multi_modal_projector.linear_2.weight", &[d, d]),
+        ParamRef::whole("multi_modal_projector.linear_2.bias", &[d]),
+        ParamRef::whole("image_newline", &[d]),
+    ]
+}
+
+fn build_params(cfg: &LlavaNextConfig, vd: &ClipDims, td: &LmDims, names: &LmNames, grads: bool, make: &mut dyn FnMut(&ParamRef) -> Result<Buf>) -> Result<LlavaParams> {
+    let vision = ClipParams::build(vd, grads, make)?;
+    let [rw1, rb1, rw2, rb2, rnl] = head_refs(cfg);
+    let bias = cfg.multimodal_projector_bias;
+    let w1 = make(&rw1)?;
+    let b1 = if bias { Some(make(&rb1)?) } else { None };
+    let w2 = make(&rw2)?;
+    let b2 = if bias { Some(make(&rb2)?) } else { None };
+    let newline = make(&rnl)?;
+    let text = LmParams::build(td, names, make)?;
+    Ok(LlavaParams { vision, proj: Projector { w1, b1, w2, b2 }, newline, text })
+}
+
+fn head_entries<'a>(p: &'a Projector, newline: &'a Buf, cfg: &LlavaNextConfig) -> Vec<(ParamRef, &'a Buf)> {
+    let [rw1, rb1, rw2, rb2, rnl] = head_refs(cfg);
+    let mut v = vec![(rw1, &p.w1)];
+    v.extend(p.b1.as_ref().map(|b| (rb1, b)));
+    v.push((rw2, &p.w2));
+    v.extend(p.b2.as_ref().map(|b| (rb2, b)));
+    v.push((rnl, newline));
+    v
+}
+
+fn head_entries_mut<'a>(p: &'a mut Projector, newline: &'a mut Buf, cfg: &LlavaNextConfig) -> Vec<(ParamRef, &'a mut Buf)> {
+    let [rw1, rb1, rw2, rb2, rnl] = head_refs(cfg);
+    let Projector { w1, b1, w2, b2 } = p;
+    let mut v = vec![(rw1, w1)];
+    v.extend(b1.as_mut().map(|b| (rb1, b)));
+    v.push((rw2, w2));
+    v.extend(b2.as_mut().map(|b| (rb2, b)));
+    v.push((rnl, newline));
+    v
+}
+
+fn entries<'a>(p: &'a LlavaParams, cfg: &LlavaNextConfig, vd: &ClipDims, td: &LmDims, names: &LmNames) -> Vec<(ParamRef, &'a Buf)> {
+    let mut v = p.vision.entries(vd);
+    v.extend(head_entries(&p.proj, &p.newline, cfg));
+    v.extend(p.text.entries(td, names));
+    v
+}

@@ -1,0 +1,4 @@
+//! Training stages: each drives a model through the ops; none touches kernels directly.
+
+pub mod examples; // defines: Example (encoded sample), Packed (varlen batch), pack, micro_batches
+pub mod sft; // defines: SftArgs, run (cold-start refusal SFT), checkpoints and resume

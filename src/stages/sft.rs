@@ -1,0 +1,445 @@
+//! Cold-start refusal SFT (`am3 sft`): supervised fine-tuning of Qwen2.5-VL on refusal VQA
+//! samples mixed with general ones. The loss is the mean NLL of the assistant tokens of a step
+//! (token-mean over every micro-batch of the step), computed by the fused log-prob op, so no
+//! [tokens × vocab] logits tensor is ever held.
+//!
+//! Exact choices: AdamW with f32 master weights and decoupled weight decay on every trainable
+//! tensor; global-norm clipping of the token-averaged gradient; warm-up then linear/cosine decay;
+//! a fixed, seed-determined plan of micro-batches, so `--resume` continues bit for bit on the CPU.
+//! Checkpoints (HF layout + `train_state/`) are written atomically every `save_every` steps and at
+//! the end; `latest` names the newest complete one.
+
+use super::examples::{encode, micro_batches, pack, Example, Packed};
+use crate::data::dataset::{load_jsonl, Kind};
+use crate::models::common::params::assemble;
+use crate::models::qwen2_5_vl::chat::{load_tokenizer, ChatTemplate};
+use crate::models::qwen2_5_vl::config::{QwenPreprocessorConfig, QwenVlConfig};
+use crate::models::qwen2_5_vl::model::{QwenVl, Recompute};
+use crate::models::tiny;
+use crate::ops::adamw::AdamW;
+use crate::checkpoint::safetensors_io::{save_sharded_with, write_atomic, SaveDtype};
+use crate::rng::Rng;
+use crate::tensor::{Device, DevicePref};
+use crate::train::metrics::{truncate_after, MetricsWriter, StepMetrics};
+use crate::train::optim::Optimizer;
+use crate::train::progress::Progress;
+use crate::train::schedule::{LrKind, LrSchedule};
+use crate::train::atomic;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tokenizers::Tokenizer;
+
+/// Every SFT setting. Flags override `--config FILE.toml`, which overrides these defaults.
+#[derive(clap::Args, Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SftArgs {
+    /// Model directory (HF layout). Default: the embedded tiny Qwen2.5-VL, randomly initialised.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Training data (JSON Lines; see README "Dataset format"). Default: the bundled demo set.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Output directory: checkpoints, metrics.jsonl. Default: runs/sft.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    #[serde(skip)]
+    pub device: Option<DevicePref>,
+    /// TOML file with any of these settings (same names, with underscores).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Optimizer steps (default: 60).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Peak learning rate (default 2e-3 for the tiny default model, else 1e-5).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Warm-up steps (default: 5% of the steps).
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    /// constant | linear | cosine (default cosine).
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// Final LR as a fraction of the peak (default 0.1).
+    #[arg(long)]
+    pub min_lr_ratio: Option<f64>,
+    /// Tokens per micro-batch (packed, default 1024).
+    #[arg(long)]
+    pub batch_tokens: Option<usize>,
+    /// Micro-batches per optimizer step (default 1).
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Global gradient-norm clip (default 1.0; 0 turns it off).
+    #[arg(long)]
+    pub clip: Option<f64>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    #[arg(long)]
+    pub beta1: Option<f64>,
+    #[arg(long)]
+    pub beta2: Option<f64>,
+    /// Seed for the data order and the tiny model's init (default 0).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Save a checkpoint every K steps (default: 20; the last step always saves).
+    #[arg(long)]
+    pub save_every: Option<u64>,
+    /// Recompute every layer's activations in backward (less memory, one extra forward).
+    #[arg(long)]
+    pub recompute: Option<bool>,
+    /// Do not update the vision tower.
+    #[arg(long)]
+    pub freeze_vision: Option<bool>,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long)]
+    #[serde(skip)]
+    pub resume: bool,
+    /// Stop after this many steps of this run (for tests and time-boxed jobs).
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub stop_after: Option<u64>,
+}
+
+/// Resolved settings.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SftPlan {
+    pub steps: u64,
+    pub lr: f64,
+    pub warmup: u64,
+    pub schedule: String,
+    pub min_lr_ratio: f64,
+    pub batch_tokens: usize,
+    pub grad_accum: usize,
+    pub clip: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub seed: u64,
+    pub save_every: u64,
+    pub recompute: bool,
+    pub freeze_vision: bool,
+}
+
+impl SftArgs {
+    /// Flags over the TOML file over the defaults.
+    pub fn resolve(mut self) -> Result<(SftArgs, SftPlan)> {
+        if let Some(path) = &self.config {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let file: SftArgs = toml::from_str(&text).with_context(|| format!("{}: bad SFT config", path.display()))?;
+            macro_rules! merge { ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f.clone(); } )* } }
+            merge!(model, data, out, steps, lr, warmup, schedule, min_lr_ratio, batch_tokens, grad_accum, clip, weight_decay, beta1, beta2, seed, save_every, recompute, freeze_vision);
+        }
+        let steps = self.steps.unwrap_or(60);
+        if steps == 0 {
+            bail!("--steps must be positive");
+        }
+        let plan = SftPlan {
+            steps,
+            lr: self.lr.unwrap_or(if self.model.is_none() { 2e-3 } else { 1e-5 }),
+            warmup: self.warmup.unwrap_or(steps / 20),
+            schedule: self.schedule.clone().unwrap_or_else(|| "cosine".into()),
+            min_lr_ratio: self.min_lr_ratio.unwrap_or(0.1),
+            batch_tokens: self.batch_tokens.unwrap_or(1024),
+            grad_accum: self.grad_accum.unwrap_or(1).max(1),
+            clip: self.clip.unwrap_or(1.0),
+            weight_decay: self.weight_decay.unwrap_or(0.0),
+            beta1: self.beta1.unwrap_or(0.9),
+            beta2: self.beta2.unwrap_or(0.95),
+            seed: self.seed.unwrap_or(0),
+            save_every: self.save_every.unwrap_or(20).max(1),
+            recompute: self.recompute.unwrap_or(false),
+            freeze_vision: self.freeze_vision.unwrap_or(false),
+        };
+        Ok((self, plan))
+    }
+}
+
+/// Where the demo data lives in a checkout.
+pub fn demo_data() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/demo/train.jsonl")
+}
+
+/// The model, tokenizer and processor settings to train.
+pub struct Loaded {
+    pub model: QwenVl,
+    pub tok: Tokenizer,
+    pub pp: QwenPreprocessorConfig,
+    /// Where the tokenizer/processor files came from (copied into checkpoints), if a directory.
+    pub src_dir: Option<PathBuf>,
+}
+
+pub fn load_model(dev: &Device, dir: Option<&Path>, seed: u64) -> Result<Loaded> {
+    match dir {
+        None => {
+            let tok = tiny::tokenizer()?;
+            let cfg = tiny::config(&tok)?;
+            let model = tiny::build(dev, cfg, tiny::INIT_SEED ^ seed)?;
+            Ok(Loaded { model, tok, pp: tiny::preprocessor()?, src_dir: None })
+        }
+        Some(d) => {
+            if !d.join("config.json").is_file() {
+                bail!("{}: not a model directory (no config.json)", d.display());
+            }
+            let model = QwenVl::load(dev, d)?;
+            let tok = load_tokenizer(d)?.with_context(|| format!("{}: no tokenizer.json", d.display()))?;
+            let pp = QwenPreprocessorConfig::load(d)?;
+            Ok(Loaded { model, tok, pp, src_dir: Some(d.to_path_buf()) })
+        }
+    }
+}
+
+/// Loads and encodes a JSONL file (every bad line reported with file:line).
+pub fn load_examples(path: &Path, tok: &Tokenizer, cfg: &QwenVlConfig, pp: &QwenPreprocessorConfig) -> Result<Vec<Example>> {
+    let samples = load_jsonl(path)?;
+    if samples.is_empty() {
+        bail!("{}: no samples", path.display());
+    }
+    let tmpl = ChatTemplate::new(tok, cfg)?;
+    samples.iter().map(|s| encode(s, &tmpl, cfg, pp)).collect()
+}
+
+/// The whole run's micro-batches, fixed by the seed: epoch k visits the examples in a
+/// seed-and-k shuffled order.
+pub fn plan_micro_batches(examples: &[Example], plan: &SftPlan) -> Vec<Vec<usize>> {
+    let lens: Vec<usize> = examples.iter().map(|e| e.len()).collect();
+    let need = plan.steps as usize * plan.grad_accum;
+    let mut out = Vec::with_capacity(need);
+    let mut epoch = 0u64;
+    while out.len() < need {
+        let mut order: Vec<usize> = (0..examples.len()).collect();
+        let mut rng = Rng::new(plan.seed.wrapping_mul(1_000_003).wrapping_add(epoch));
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        out.extend(micro_batches(&order, &lens, plan.batch_tokens));
+        epoch += 1;
+    }
+    out.truncate(need);
+    out
+}
+
+/// Σ −w·log p(target) over a packed micro-batch, and its backward when `train`.
+/// Returns (summed NLL, target count).
+pub fn nll_micro_batch(dev: &Device, model: &mut QwenVl, p: &Packed, rc: &Recompute, train: bool) -> Result<(f64, f64)> {
+    let fwd = model.forward(dev, &p.batch(), rc)?;
+    let targets = dev.upload_i32(&p.targets)?;
+    let w = dev.upload(&p.weights, crate::tensor::DType::F32)?;
+    let (logp, lse) = model.logprobs(dev, &fwd, &targets, Some(&w))?;
+    let lp = dev.to_vec(&logp)?;
+    let nll: f64 = lp.iter().zip(&p.weights).map(|(&l, &w)| -(l as f64) * w as f64).sum();
+    let n: f64 = p.weights.iter().map(|&w| w as f64).sum();
+    if train {
+        let neg: Vec<f32> = p.weights.iter().map(|&w| -w).collect();
+        let dlogp = dev.upload(&neg, crate::tensor::DType::F32)?;
+        model.backward_logprobs(dev, &fwd, &targets, &lse, &dlogp)?;
+    }
+    Ok((nll, n))
+}
+
+/// Mean NLL per assistant token over `examples` of `kind` (all kinds when None), no gradients.
+pub fn eval_nll(dev: &Device, model: &mut QwenVl, examples: &[Example], kind: Option<Kind>, batch_tokens: usize) -> Result<f64> {
+    let idx: Vec<usize> = (0..examples.len()).filter(|&i| kind.is_none_or(|k| examples[i].kind == k)).collect();
+    let lens: Vec<usize> = examples.iter().map(|e| e.len()).collect();
+    let (mut s, mut n) = (0.0, 0.0);
+    for mb in micro_batches(&idx, &lens, batch_tokens) {
+        let refs: Vec<&Example> = mb.iter().map(|&i| &examples[i]).collect();
+        let (a, b) = nll_micro_batch(dev, model, &pack(&refs), &Recompute::default(), false)?;
+        s += a;
+        n += b;
+    }
+    Ok(if n > 0.0 { s / n } else { f64::NAN })
+}
+
+#[derive(Serialize, Deserialize)]
+struct TrainerState {
+    step: u64,
+    plan: SftPlan,
+    data: PathBuf,
+    model: Option<PathBuf>,
+}
+
+/// Runs SFT; returns the final checkpoint directory.
+pub fn run(args: SftArgs) -> Result<PathBuf> {
+    let (args, plan) = args.resolve()?;
+    let dev = Device::pick(args.device.unwrap_or(DevicePref::Auto))?;
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs/sft"));
+    let data = args.data.clone().unwrap_or_else(demo_data);
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+
+    let mut l = load_model(&dev, args.model.as_deref(), plan.seed)?;
+    let examples = load_examples(&data, &l.tok, &l.model.cfg, &l.pp)?;
+    let mbs = plan_micro_batches(&examples, &plan);
+    let kind: LrKind = plan.schedule.parse()?;
+    let sched = LrSchedule::new(kind, plan.lr, plan.warmup, plan.steps, plan.min_lr_ratio)?;
+    let rc = if plan.recompute { Recompute::all(l.model.tdims.n_layers) } else { Recompute::default() };
+    let hp = AdamW { lr: plan.lr as f32, beta1: plan.beta1 as f32, beta2: plan.beta2 as f32, eps: 1e-8, weight_decay: plan.weight_decay as f32 };
+    let freeze = plan.freeze_vision;
+    let trainable = move |r: &crate::models::common::params::ParamRef| !(freeze && r.name.starts_with("visual."));
+    let mut opt = Optimizer::new(&dev, hp, &l.model.param_entries(), &trainable)?;
+
+    let metrics_path = out.join("metrics.jsonl");
+    let mut start = 0u64;
+    if args.resume {
+        match latest_checkpoint(&out)? {
+            Some(ck) => {
+                let st: TrainerState = serde_json::from_str(&std::fs::read_to_string(ck.join("trainer_state.json"))?)
+                    .with_context(|| format!("{}: bad trainer_state.json", ck.display()))?;
+                if st.plan != plan {
+                    bail!("--resume: the settings differ from the run in {} (saved: {:?})", out.display(), st.plan);
+                }
+                l.model.zero_grads(&dev)?;
+                let params = l.model.params_and_grads().into_iter().map(|(r, p, _)| (r, p)).collect();
+                opt.load(&dev, &ck.join("train_state"), params, st.step)?;
+                start = st.step;
+                truncate_after(&metrics_path, start)?;
+                eprintln!("am3 sft: resuming from {} (step {start})", ck.display());
+            }
+            None => eprintln!("am3 sft: --resume: no checkpoint in {}; starting fresh", out.display()),
+        }
+    }
+    let mut metrics = if start > 0 { MetricsWriter::append(&metrics_path)? } else { MetricsWriter::create(&metrics_path)? };
+    let n_params: usize = l.model.param_entries().iter().map(|(r, _)| r.numel()).sum();
+    eprintln!(
+        "am3 sft: {} examples from {}, {} steps, {:.2}M parameters ({:.2}M trainable) on {}",
+        examples.len(),
+        data.display(),
+        plan.steps,
+        n_params as f64 / 1e6,
+        opt.num_params() as f64 / 1e6,
+        dev.name()
+    );
+    if start == 0 {
+        let r0 = eval_nll(&dev, &mut l.model, &examples, Some(Kind::Refusal), plan.batch_tokens)?;
+        metrics.write_value(&serde_json::json!({"step": 0, "refusal_loss": r0}))?;
+    }
+
+    let bar = Progress::new(plan.steps, "sft");
+    let end = args.stop_after.map_or(plan.steps, |k| (start + k).min(plan.steps));
+    let mut last_ck = None;
+    for step in start..end {
+        let t0 = Instant::now();
+        l.model.zero_grads(&dev)?;
+        let (mut nll, mut ntok, mut tokens) = (0.0, 0.0, 0usize);
+        let group = &mbs[step as usize * plan.grad_accum..(step as usize + 1) * plan.grad_accum];
+        let n_step: f64 = group.iter().flatten().map(|&i| examples[i].n_targets() as f64).sum();
+        for mb in group {
+            let refs: Vec<&Example> = mb.iter().map(|&i| &examples[i]).collect();
+            let p = pack(&refs);
+            tokens += p.tokens();
+            let (a, b) = nll_micro_batch(&dev, &mut l.model, &p, &rc, true)?;
+            nll += a;
+            ntok += b;
+        }
+        let lr = sched.lr(step);
+        let rep = opt.step(&dev, l.model.params_and_grads(), lr, 1.0 / n_step.max(1.0), plan.clip)?;
+        dev.sync()?;
+        let dt = t0.elapsed().as_secs_f64();
+        let loss = nll / ntok.max(1.0);
+        metrics.write(&StepMetrics {
+            step: step + 1,
+            loss,
+            lr,
+            grad_norm: rep.grad_norm,
+            tokens_per_s: tokens as f64 / dt,
+            memory_bytes: memory_in_use(&dev),
+            extra: Default::default(),
+        })?;
+        bar.update(step + 1, &format!("loss {loss:.4} lr {lr:.2e} |g| {:.3}", rep.grad_norm));
+        if (step + 1) % plan.save_every == 0 || step + 1 == plan.steps {
+            last_ck = Some(save_checkpoint(&dev, &out, step + 1, &l, &opt, &plan, &data, args.model.as_deref())?);
+        }
+    }
+    if end == plan.steps {
+        let r1 = eval_nll(&dev, &mut l.model, &examples, Some(Kind::Refusal), plan.batch_tokens)?;
+        metrics.write_value(&serde_json::json!({"step": plan.steps, "refusal_loss": r1}))?;
+        bar.finish(&format!("done: refusal loss {r1:.4}"));
+    } else {
+        bar.finish("stopped");
+    }
+    metrics.sync()?;
+    match last_ck {
+        Some(c) => Ok(c),
+        None => latest_checkpoint(&out)?.with_context(|| format!("no checkpoint was written to {}", out.display())),
+    }
+}
+
+fn memory_in_use(dev: &Device) -> Option<u64> {
+    match dev {
+        Device::Cuda(g) => {
+            let (free, total) = g.mem_info();
+            Some((total - free) as u64)
+        }
+        Device::Cpu => {
+            let s = std::fs::read_to_string("/proc/self/status").ok()?;
+            let kb: u64 = s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kb * 1024)
+        }
+    }
+}
+
+/// The newest complete checkpoint named by `out/latest` (or found by scanning).
+pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
+    let named = std::fs::read_to_string(out.join("latest")).ok().map(|s| out.join(s.trim()));
+    if let Some(d) = named.filter(|d| d.join("trainer_state.json").is_file()) {
+        return Ok(Some(d));
+    }
+    let mut best: Option<PathBuf> = None;
+    if let Ok(rd) = std::fs::read_dir(out) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().to_string();
+            if n.starts_with("checkpoint-") && e.path().join("trainer_state.json").is_file() && best.as_ref().is_none_or(|b| e.path() > *b) {
+                best = Some(e.path());
+            }
+        }
+    }
+    Ok(best)
+}
+
+/// Writes `out/checkpoint-NNNNNN` atomically: the HF layout (sharded safetensors + index,
+/// config, tokenizer and processor files) plus `train_state/` and `trainer_state.json`; then
+/// points `out/latest` at it.
+#[allow(clippy::too_many_arguments)]
+fn save_checkpoint(dev: &Device, out: &Path, step: u64, l: &Loaded, opt: &Optimizer, plan: &SftPlan, data: &Path, model_dir: Option<&Path>) -> Result<PathBuf> {
+    let name = format!("checkpoint-{step:06}");
+    let dir = out.join(&name);
+    atomic::write_dir(&dir, |tmp| {
+        save_model(dev, &l.model, tmp, if dev.is_cuda() { SaveDtype::BF16 } else { SaveDtype::F32 })?;
+        save_side_files(l, tmp)?;
+        opt.save(dev, &tmp.join("train_state"))?;
+        let st = TrainerState { step, plan: plan.clone(), data: data.to_path_buf(), model: model_dir.map(Path::to_path_buf) };
+        write_atomic(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(&st)?.as_bytes())
+    })?;
+    write_atomic(&out.join("latest"), name.as_bytes())?;
+    Ok(dir)
+}
+
+/// The model's weights as HF checkpoint tensors, in `dtype`, shards of at most 5 GB.
+pub fn save_model(dev: &Device, model: &QwenVl, dir: &Path, dtype: SaveDtype) -> Result<()> {
+    let full = assemble(dev, model.param_entries())?;
+    let specs: Vec<(String, Vec<usize>)> = full.iter().map(|(n, (s, _))| (n.clone(), s.clone())).collect();
+    let vals: Vec<&Vec<f32>> = full.values().map(|(_, v)| v).collect();
+    save_sharded_with(dir, &specs, dtype, 5 << 30, |i| Ok(vals[i].clone()))?;
+    model.cfg.save(dir)
+}
+
+fn save_side_files(l: &Loaded, dir: &Path) -> Result<()> {
+    l.tok.save(dir.join("tokenizer.json"), false).map_err(|e| anyhow::anyhow!("saving tokenizer.json: {e}"))?;
+    match &l.src_dir {
+        Some(src) => {
+            for f in ["preprocessor_config.json", "tokenizer_config.json", "generation_config.json", "chat_template.json", "special_tokens_map.json", "vocab.json", "merges.txt"] {
+                if src.join(f).is_file() {
+                    std::fs::copy(src.join(f), dir.join(f)).with_context(|| format!("copying {f}"))?;
+                }
+            }
+        }
+        None => {
+            std::fs::write(dir.join("preprocessor_config.json"), tiny::PREPROCESSOR_JSON)?;
+            let gen = serde_json::json!({"bos_token_id": l.model.cfg.bos_token_id, "eos_token_id": l.model.cfg.eos_token_id, "do_sample": false});
+            std::fs::write(dir.join("generation_config.json"), serde_json::to_string_pretty(&gen)?)?;
+        }
+    }
+    Ok(())
+}

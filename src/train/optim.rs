@@ -1,0 +1,146 @@
+//! AdamW over a model's parameters with f32 master weights, global-norm gradient clipping,
+//! and its state on disk (for `--resume`).
+//!
+//! State per parameter tensor (keyed by checkpoint name and first row, since a model may keep
+//! one checkpoint tensor as several pieces): master [n] f32, exp_avg [n], exp_avg_sq [n].
+//! The model's own parameter buffer (bf16 on the GPU) receives the rounded master after a step.
+
+use crate::checkpoint::safetensors_io::{save_sharded_with, SaveDtype};
+use crate::checkpoint::Checkpoint;
+use crate::models::common::params::ParamRef;
+use crate::ops::{adamw, elementwise};
+use crate::tensor::{Buf, Device};
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+
+struct Slot {
+    key: String,
+    master: Buf,
+    m: Buf,
+    v: Buf,
+    n: usize,
+}
+
+pub struct Optimizer {
+    pub hp: adamw::AdamW,
+    /// Completed optimizer steps (AdamW's bias correction uses step + 1 next).
+    pub step: u64,
+    slots: Vec<Slot>,
+}
+
+/// The key of a parameter piece in the optimizer state.
+pub fn slot_key(r: &ParamRef) -> String {
+    if r.is_whole() {
+        r.name.clone()
+    } else {
+        format!("{}@{}", r.name, r.row0)
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Copy, Debug)]
+pub struct StepReport {
+    /// Global L2 norm of the (already averaged) gradient, before clipping.
+    pub grad_norm: f64,
+    /// The factor the gradient was scaled by (1 unless clipped).
+    pub clip_scale: f64,
+}
+
+impl Optimizer {
+    /// Fresh state for `params` (their current values become the masters). `trainable` picks the
+    /// tensors to update (e.g. everything but a frozen vision tower).
+    pub fn new(dev: &Device, hp: adamw::AdamW, params: &[(ParamRef, &Buf)], trainable: &dyn Fn(&ParamRef) -> bool) -> Result<Self> {
+        let mut slots = Vec::new();
+        for (r, p) in params.iter().filter(|(r, _)| trainable(r)) {
+            let n = r.numel();
+            let mut master = dev.zeros_f32(n)?;
+            elementwise::cast(dev, &mut master, p, n)?;
+            slots.push(Slot { key: slot_key(r), master, m: dev.zeros_f32(n)?, v: dev.zeros_f32(n)?, n });
+        }
+        Ok(Optimizer { hp, step: 0, slots })
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.slots.iter().map(|s| s.n).sum()
+    }
+
+    /// Global gradient norm over the trainable tensors, with `grad_scale` applied first.
+    pub fn grad_norm(&self, dev: &Device, pg: &[(ParamRef, &mut Buf, &Buf)], grad_scale: f64) -> Result<f64> {
+        let mut ss = 0f64;
+        for (r, _, g) in pg {
+            if self.find(&slot_key(r)).is_some() {
+                ss += adamw::sum_squares(dev, g, r.numel())?;
+            }
+        }
+        Ok(ss.sqrt() * grad_scale)
+    }
+
+    /// One AdamW step at learning rate `lr`. `grad_scale` averages accumulated gradients
+    /// (1/tokens, say); `clip` > 0 clips the global norm of the scaled gradient to it.
+    pub fn step(&mut self, dev: &Device, pg: Vec<(ParamRef, &mut Buf, &Buf)>, lr: f64, grad_scale: f64, clip: f64) -> Result<StepReport> {
+        let grad_norm = self.grad_norm(dev, &pg, grad_scale)?;
+        if !grad_norm.is_finite() {
+            bail!("the gradient norm is {grad_norm} at step {}: the loss diverged (lower the learning rate)", self.step + 1);
+        }
+        let clip_scale = if clip > 0.0 && grad_norm > clip { clip / grad_norm } else { 1.0 };
+        self.step += 1;
+        let hp = adamw::AdamW { lr: lr as f32, ..self.hp };
+        let mut seen = 0;
+        for (r, p, g) in pg {
+            let Some(i) = self.find(&slot_key(&r)) else { continue };
+            let s = &mut self.slots[i];
+            adamw::step(dev, p, &mut s.master, g, &mut s.m, &mut s.v, s.n, &hp, self.step, (grad_scale * clip_scale) as f32)
+                .with_context(|| format!("AdamW step on `{}`", r.name))?;
+            seen += 1;
+        }
+        if seen != self.slots.len() {
+            bail!("optimizer: {} of {} parameter tensors had gradients", seen, self.slots.len());
+        }
+        Ok(StepReport { grad_norm, clip_scale })
+    }
+
+    fn find(&self, key: &str) -> Option<usize> {
+        self.slots.iter().position(|s| s.key == key)
+    }
+
+    /// The f32 master copy of each trainable tensor, by slot key (exact weights for saving).
+    pub fn masters(&self) -> impl Iterator<Item = (&str, &Buf)> {
+        self.slots.iter().map(|s| (s.key.as_str(), &s.master))
+    }
+
+    /// Writes master, exp_avg and exp_avg_sq of every tensor (f32) into `dir/state.safetensors`.
+    pub fn save(&self, dev: &Device, dir: &Path) -> Result<()> {
+        let mut specs = Vec::new();
+        for s in &self.slots {
+            for part in ["master", "exp_avg", "exp_avg_sq"] {
+                specs.push((format!("{}.{part}", s.key), vec![s.n]));
+            }
+        }
+        save_sharded_with(dir, &specs, SaveDtype::F32, usize::MAX, |i| {
+            let s = &self.slots[i / 3];
+            dev.to_vec(match i % 3 {
+                0 => &s.master,
+                1 => &s.m,
+                _ => &s.v,
+            })
+        })
+    }
+
+    /// Restores the state written by `save` and copies the masters into the model's parameters.
+    pub fn load(&mut self, dev: &Device, dir: &Path, params: Vec<(ParamRef, &mut Buf)>, step: u64) -> Result<()> {
+        let ck = Checkpoint::open(dir).with_context(|| format!("reading the optimizer state in {}", dir.display()))?;
+        for s in &mut self.slots {
+            for (part, buf) in [("master", &mut s.master), ("exp_avg", &mut s.m), ("exp_avg_sq", &mut s.v)] {
+                let v = ck.get_f32(&format!("{}.{part}", s.key), &[s.n])?;
+                *buf = dev.upload(&v, crate::tensor::DType::F32)?;
+            }
+        }
+        for (r, p) in params {
+            if let Some(i) = self.find(&slot_key(&r)) {
+                elementwise::cast(dev, p, &self.slots[i].master, r.numel())?;
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+}

@@ -1,0 +1,367 @@
+//! Grouped log-prob fused with the lm_head: the CPU backward against finite differences (f64),
+//! the CPU forward against a direct formula, the fused path against fwd + bwd, and CUDA (bf16 at
+//! 1e-2, f32 at 1e-5) against the naive f64 computation at odd T, H, V (V = 152,064 included), with
+//! default and tiny chunk sizes so every tile / chunk / vector-or-scalar path runs. Also the fused
+//! GRPO loss on the GPU against the CPU.
+mod common;
+use am3safety::ops::grpo::{self, Aggregation, GrpoBatch, GrpoHyper};
+use am3safety::ops::logprob::{self, cpu, GradChunk, Tuning};
+use am3safety::tensor::{Buf, DType, Device};
+use common::*;
+
+/// A random problem: hidden [t, h], w [v, h] (logits of spread ~`scale`), targets, mask, dlogp.
+struct Problem {
+    t: usize,
+    h: usize,
+    v: usize,
+    x: Vec<f32>,
+    w: Vec<f32>,
+    tg: Vec<i32>,
+    mask: Vec<f32>,
+    g: Vec<f32>,
+}
+
+/// Logit spread: peaked for real vocabularies, mild for tiny ones, where a confident correct
+/// prediction (p ≈ 1) would make 1 − p, and so every gradient, a cancellation that f32 cannot
+/// resolve to 1e-5 relative.
+fn logit_scale(v: usize) -> f64 {
+    if v < 64 {
+        1.0
+    } else {
+        4.0
+    }
+}
+
+fn problem(rng: &mut Rng, t: usize, h: usize, v: usize, scale: f64) -> Problem {
+    let x = rng.normal_vec(t * h, 1.0);
+    let w = rng.normal_vec(v * h, scale / (h as f64).sqrt());
+    let tg = (0..t).map(|_| rng.below(v) as i32).collect();
+    // Mask about a third of the tokens, never all of them (unless t = 1).
+    let mask = (0..t).map(|i| if i == 0 || rng.uniform() > 0.35 { 1.0 } else { 0.0 }).collect();
+    let g = (0..t).map(|i| if i % 5 == 3 { 0.0 } else { rng.normal() as f32 }).collect();
+    Problem { t, h, v, x, w, tg, mask, g }
+}
+
+impl Problem {
+    fn rounded(&self, dt: DType) -> Problem {
+        let r = |v: &Vec<f32>| if dt == DType::BF16 { bf16_round(v) } else { v.clone() };
+        Problem { x: r(&self.x), w: r(&self.w), tg: self.tg.clone(), mask: self.mask.clone(), g: self.g.clone(), ..*self }
+    }
+}
+
+/// The naive f64 reference: logp, lse, entropy and (for dlogp = g · mask) dhidden and dW (from dw0).
+struct Ref {
+    logp: Vec<f32>,
+    lse: Vec<f32>,
+    ent: Vec<f32>,
+    dh: Vec<f32>,
+    dw: Vec<f32>,
+}
+
+fn reference(p: &Problem, masked: bool, dw0: &[f32]) -> Ref {
+    let (t, h, v) = (p.t, p.h, p.v);
+    let (x, w) = (to64(&p.x), to64(&p.w));
+    let m64 = to64(&p.mask);
+    let mask = if masked { Some(&m64[..]) } else { None };
+    let (mut logp, mut lse, mut ent) = (vec![0f64; t], vec![0f64; t], vec![0f64; t]);
+    cpu::fwd(&mut logp, &mut lse, Some(&mut ent), &x, &w, &p.tg, mask, t, h, v).unwrap();
+    let g: Vec<f64> = (0..t).map(|i| if masked && p.mask[i] == 0.0 { 0.0 } else { p.g[i] as f64 }).collect();
+    let mut dh = vec![0f64; t * h];
+    let mut dw = to64(dw0);
+    cpu::bwd(&mut dh, &mut dw, &g, &x, &w, &p.tg, &lse, t, h, v).unwrap();
+    let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+    Ref { logp: f(logp), lse: f(lse), ent: f(ent), dh: f(dh), dw: f(dw) }
+}
+
+/// A starting dlm_head for the += check: a fixed pattern a tenth the size of the gradient `delta`,
+/// so a kernel that overwrote instead of accumulating would miss by 10%. Compare got − dw0 with delta.
+fn dw_start(delta: &[f32]) -> Vec<f32> {
+    let norm = delta.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let n = delta.len().max(1) as f64;
+    let scale = if norm > 0.0 { 0.1 * norm / n.sqrt() } else { 0.1 };
+    (0..delta.len()).map(|i| (((i % 7) as f64 - 3.0) / 2.0 * scale) as f32).collect()
+}
+
+/// ‖a − b‖ / max(‖b‖, floor); infinite if `a` has a non-finite value.
+fn rel_err_floor(a: &[f32], b: &[f32], floor: f64) -> f64 {
+    let e = rel_err(a, b);
+    let nb = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    if !e.is_finite() || nb >= floor {
+        e
+    } else {
+        e * nb.max(1e-30) / floor
+    }
+}
+
+fn minus(a: &[f32], b: &[f32]) -> Vec<f32> {
+    a.iter().zip(b).map(|(x, y)| x - y).collect()
+}
+
+#[test]
+fn logprob_cpu_gradcheck() {
+    let mut rng = Rng::new(1);
+    for &(t, h, v) in &[(1usize, 1usize, 1usize), (1, 3, 2), (3, 5, 7), (4, 9, 13)] {
+        let p = problem(&mut rng, t, h, v, 2.0);
+        let (x, w) = (to64(&p.x), to64(&p.w));
+        let m64 = to64(&p.mask);
+        let g: Vec<f64> = (0..t).map(|i| p.g[i] as f64 * m64[i]).collect();
+        let loss = |x: &[f64], w: &[f64]| {
+            let (mut lp, mut ls) = (vec![0.0; t], vec![0.0; t]);
+            cpu::fwd(&mut lp, &mut ls, None, x, w, &p.tg, Some(&m64), t, h, v).unwrap();
+            dot(&lp, &g)
+        };
+        let (mut lp, mut ls) = (vec![0.0; t], vec![0.0; t]);
+        cpu::fwd(&mut lp, &mut ls, None, &x, &w, &p.tg, Some(&m64), t, h, v).unwrap();
+        let mut dh = vec![f64::NAN; t * h];
+        let mut dw = vec![0.0; v * h];
+        cpu::bwd(&mut dh, &mut dw, &g, &x, &w, &p.tg, &ls, t, h, v).unwrap();
+        gradcheck(&format!("logprob dhidden [{t}x{h}x{v}]"), &x, &dh, &mut |xp| loss(xp, &w), 64, 1e-6);
+        gradcheck(&format!("logprob dlm_head [{t}x{h}x{v}]"), &w, &dw, &mut |wp| loss(&x, wp), 64, 1e-6);
+    }
+}
+
+#[test]
+fn logprob_cpu_forward_matches_formula() {
+    let mut rng = Rng::new(2);
+    let (t, h, v) = (6, 5, 11);
+    let p = problem(&mut rng, t, h, v, 3.0);
+    let (x, w) = (to64(&p.x), to64(&p.w));
+    let (mut lp, mut ls, mut en) = (vec![0.0; t], vec![0.0; t], vec![0.0; t]);
+    cpu::fwd(&mut lp, &mut ls, Some(&mut en), &x, &w, &p.tg, None, t, h, v).unwrap();
+    let mut worst = 0f64;
+    for i in 0..t {
+        let logits: Vec<f64> = (0..v).map(|j| (0..h).map(|k| x[i * h + k] * w[j * h + k]).sum()).collect();
+        let z: f64 = logits.iter().map(|l| l.exp()).sum();
+        let probs: Vec<f64> = logits.iter().map(|l| l.exp() / z).collect();
+        let want_lp = probs[p.tg[i] as usize].ln();
+        let want_ent: f64 = -probs.iter().map(|q| q * q.ln()).sum::<f64>();
+        worst = worst.max((lp[i] - want_lp).abs()).max((en[i] - want_ent).abs()).max((ls[i] - z.ln()).abs());
+    }
+    println!("logprob cpu forward vs direct formula: worst abs err {worst:.2e}");
+    assert!(worst < 1e-12);
+    // Masked tokens read as 0; a bad target on an active token is an error naming it.
+    let m = vec![0.0; t];
+    cpu::fwd(&mut lp, &mut ls, Some(&mut en), &x, &w, &p.tg, Some(&m), t, h, v).unwrap();
+    assert!(lp.iter().chain(&ls).chain(&en).all(|&z| z == 0.0));
+    let mut bad = p.tg.clone();
+    bad[2] = v as i32;
+    let e = cpu::fwd(&mut lp, &mut ls, None, &x, &w, &bad, None, t, h, v).unwrap_err().to_string();
+    assert!(e.contains("token 2"), "{e}");
+    // Shape errors name the op and argument.
+    let dev = Device::Cpu;
+    let z = |n| dev.zeros_f32(n).unwrap();
+    let e = logprob::fwd(&dev, &mut z(t), &mut z(t), None, &z(t * h), &z(v * h + 1), &dev.upload_i32(&p.tg).unwrap(), None, t, h, v).unwrap_err().to_string();
+    assert!(e.contains("logprob_fwd") && e.contains("lm_head"), "{e}");
+}
+
+/// `fwd_bwd` on the CPU backend equals `fwd` + `bwd`, and the callback sees the packed tokens.
+#[test]
+fn logprob_cpu_fused_matches_split() {
+    let mut rng = Rng::new(3);
+    let dev = Device::Cpu;
+    for masked in [false, true] {
+        let p = problem(&mut rng, 9, 6, 17, 2.0);
+        let (t, h, v) = (p.t, p.h, p.v);
+        let r = reference(&p, masked, &vec![0.0; v * h]);
+        let dw0 = dw_start(&r.dw);
+        let (x, w, tg, mk, g) = (dev.upload_act(&p.x).unwrap(), dev.upload_act(&p.w).unwrap(), dev.upload_i32(&p.tg).unwrap(), dev.upload(&p.mask, DType::F32).unwrap(), dev.upload(&p.g, DType::F32).unwrap());
+        let (mut lp, mut en, mut dh) = (dev.zeros_f32(t).unwrap(), dev.zeros_f32(t).unwrap(), dev.zeros_act(t * h).unwrap());
+        let mut dw = dev.upload(&dw0, DType::F32).unwrap();
+        let mut calls = 0;
+        let mut grad = |c: GradChunk<'_>| {
+            calls += 1;
+            assert_eq!(c.idx.is_some(), masked && p.mask.contains(&0.0));
+            logprob::gather_scaled(&dev, c.dlogp, &g, c.idx, c.p0, c.n, 1.0)
+        };
+        logprob::fwd_bwd(&dev, &mut lp, Some(&mut en), &mut dh, &mut dw, &x, &w, &tg, masked.then_some(&mk), t, h, v, &mut grad).unwrap();
+        assert_eq!(calls, 1);
+        let dw_delta = minus(dw.host().unwrap(), &dw0);
+        for (name, a, b) in [("logp", lp.host().unwrap(), &r.logp), ("entropy", en.host().unwrap(), &r.ent), ("dhidden", dh.host().unwrap(), &r.dh), ("dlm_head", &dw_delta[..], &r.dw)] {
+            let e = rel_err(a, b);
+            println!("logprob cpu fused (masked={masked}) {name}: rel err {e:.2e}");
+            assert!(e < 1e-5, "logprob cpu fused {name}: {e:.2e}");
+        }
+    }
+}
+
+fn tunings(v: usize, dt: DType) -> Vec<(&'static str, Tuning)> {
+    // Tiles scale with V so the launch count stays modest.
+    let k = if v <= 1000 { 1 } else { 32 };
+    vec![
+        ("default", Tuning::default()),
+        // Several token chunks and vocab tiles, 8-aligned: the vector paths.
+        ("tiny", Tuning { fwd_tokens: 3, fwd_vocab: 64 * k, bwd_tokens: 4, bwd_vocab: 40 * k, fused_bytes: 5 * v * dt.size(), fused_vocab: 48 * k }),
+        // Odd tile widths: the scalar paths and partial last tiles.
+        ("odd", Tuning { fwd_tokens: 2, fwd_vocab: 13 * k, bwd_tokens: 7, bwd_vocab: 13 * k, fused_bytes: 2 * v * dt.size(), fused_vocab: 13 * k }),
+    ]
+}
+
+/// Runs fwd (masked and not, with entropy), bwd and fwd_bwd on `gpu` and compares every output
+/// with the f64 reference; returns the failures.
+fn check_gpu(gpu: &Device, base: &Problem, dt: DType, tunes: &[(&str, Tuning)], tol: f64) -> Vec<String> {
+    let p = base.rounded(dt);
+    let (t, h, v) = (p.t, p.h, p.v);
+    let zeros = vec![0f32; v * h];
+    let refs = [reference(&p, false, &zeros), reference(&p, true, &zeros)];
+    let up = |x: &[f32], d: DType| gpu.upload(x, d).unwrap();
+    let nan = |n: usize, d: DType| gpu.upload(&vec![f32::NAN; n], d).unwrap();
+    let (x, w, tg, mk, g) = (up(&p.x, dt), up(&p.w, dt), gpu.upload_i32(&p.tg).unwrap(), up(&p.mask, DType::F32), up(&p.g, DType::F32));
+    let dl = |b: &Buf| gpu.to_vec(b).unwrap();
+    let mut fails = Vec::new();
+    // Log-probs, lse and entropies are known to f32's absolute precision: their norm is floored
+    // at 0.1 per token. All-zero references (masked everything, V = 1) compare absolutely.
+    let mut cmp = |what: String, a: Vec<f32>, want: &[f32]| {
+        let floor = if what.contains("dhidden") || what.contains("dlm_head") { 0.0 } else { 0.1 * (want.len() as f64).sqrt() };
+        let e = if want.iter().all(|&z| z == 0.0) { max_abs(&a, want) } else { rel_err_floor(&a, want, floor) };
+        println!("logprob {what}: rel err {e:.2e}");
+        if e.is_nan() || e > tol {
+            fails.push(format!("{what}: {e:.2e}"));
+        }
+    };
+    for (tn, tune) in tunes {
+        let shape = format!("{} [t={t} h={h} v={v}] {tn}", dt.suffix());
+        for (mi, masked) in [false, true].into_iter().enumerate() {
+            let r = &refs[mi];
+            let dw0 = dw_start(&r.dw);
+            let mask = masked.then_some(&mk);
+            // Forward.
+            let (mut lp, mut ls, mut en) = (nan(t, DType::F32), nan(t, DType::F32), nan(t, DType::F32));
+            logprob::fwd_with(gpu, tune, &mut lp, &mut ls, Some(&mut en), &x, &w, &tg, mask, t, h, v).unwrap();
+            cmp(format!("fwd logp {shape} masked={masked}"), dl(&lp), &r.logp);
+            cmp(format!("fwd lse {shape} masked={masked}"), dl(&ls), &r.lse);
+            cmp(format!("fwd entropy {shape} masked={masked}"), dl(&en), &r.ent);
+            // Backward from the GPU's own lse, dlogp = g · mask (zeros are skipped).
+            let gm: Vec<f32> = (0..t).map(|i| if masked && p.mask[i] == 0.0 { 0.0 } else { p.g[i] }).collect();
+            let mut dh = nan(t * h, dt);
+            let mut dw = up(&dw0, DType::F32);
+            logprob::bwd_with(gpu, tune, &mut dh, &mut dw, &up(&gm, DType::F32), &x, &w, &tg, &ls, t, h, v).unwrap();
+            cmp(format!("bwd dhidden {shape} masked={masked}"), dl(&dh), &r.dh);
+            cmp(format!("bwd dlm_head {shape} masked={masked}"), minus(&dl(&dw), &dw0), &r.dw);
+            // Fused, the callback gathering g for the packed tokens.
+            let (mut lp2, mut en2, mut dh2) = (nan(t, DType::F32), nan(t, DType::F32), nan(t * h, dt));
+            let mut dw2 = up(&dw0, DType::F32);
+            let mut chunks = 0usize;
+            let mut grad = |c: GradChunk<'_>| {
+                chunks += 1;
+                logprob::gather_scaled(gpu, c.dlogp, &g, c.idx, c.p0, c.n, 1.0)
+            };
+            logprob::fwd_bwd_with(gpu, tune, &mut lp2, Some(&mut en2), &mut dh2, &mut dw2, &x, &w, &tg, mask, t, h, v, &mut grad).unwrap();
+            println!("logprob fused {shape} masked={masked}: {chunks} chunk(s), scratch {} bytes", logprob::last_scratch_bytes());
+            cmp(format!("fused logp {shape} masked={masked}"), dl(&lp2), &r.logp);
+            cmp(format!("fused entropy {shape} masked={masked}"), dl(&en2), &r.ent);
+            cmp(format!("fused dhidden {shape} masked={masked}"), dl(&dh2), &r.dh);
+            cmp(format!("fused dlm_head {shape} masked={masked}"), minus(&dl(&dw2), &dw0), &r.dw);
+        }
+    }
+    fails
+}
+
+const SHAPES: &[(usize, usize, usize)] = &[(1, 1, 1), (1, 8, 3), (3, 7, 5), (17, 33, 129), (37, 64, 1000), (64, 128, 4099), (130, 96, 8200)];
+
+#[test]
+fn logprob_cuda_matches_cpu() {
+    let Some(gpu) = cuda_or_skip("logprob_cuda_matches_cpu") else { return };
+    let mut rng = Rng::new(4);
+    let mut fails = Vec::new();
+    for &(t, h, v) in SHAPES {
+        let p = problem(&mut rng, t, h, v, logit_scale(v));
+        for (dt, tol) in [(DType::BF16, 1e-2), (DType::F32, 1e-5)] {
+            fails.extend(check_gpu(&gpu, &p, dt, &tunings(v, dt), tol));
+        }
+    }
+    assert!(fails.is_empty(), "logprob cuda vs cpu: {} failure(s):\n{}", fails.len(), fails.join("\n"));
+}
+
+/// Qwen2.5's vocabulary, 152,064: default tiles (a partial last one) and a chunked fused pass.
+#[test]
+fn logprob_cuda_full_vocab() {
+    let Some(gpu) = cuda_or_skip("logprob_cuda_full_vocab") else { return };
+    let mut rng = Rng::new(5);
+    let mut fails = Vec::new();
+    for &(t, h) in &[(5usize, 64usize), (19, 40)] {
+        let v = 152_064;
+        let p = problem(&mut rng, t, h, v, 6.0);
+        for (dt, tol) in [(DType::BF16, 1e-2), (DType::F32, 1e-5)] {
+            let tunes = [("default", Tuning::default()), ("chunked", Tuning { fused_bytes: 3 * v * dt.size(), bwd_tokens: 8, fwd_tokens: 4, ..Tuning::default() })];
+            fails.extend(check_gpu(&gpu, &p, dt, &tunes, tol));
+        }
+    }
+    assert!(fails.is_empty(), "logprob cuda full vocab: {} failure(s):\n{}", fails.len(), fails.join("\n"));
+}
+
+/// The fused GRPO loss on `dev` against fwd → loss → bwd composed from the f64 references.
+fn check_grpo_fused(dev: &Device, dtypes: &[(DType, f64)]) -> Vec<String> {
+    let hp = GrpoHyper { lambda: 1.0, tau: 0.5, beta_help: 0.5, eps_low: 0.2, eps_high: 0.28, beta_kl: 0.04, adv_eps: 1e-4 };
+    let mut rng = Rng::new(6);
+    let mut fails = Vec::new();
+    for &(rows, l, h, v) in &[(1usize, 1usize, 8usize, 3usize), (3, 7, 33, 1000), (4, 50, 64, 4099), (2, 3, 64, 152_064)] {
+        let t = rows * l;
+        for &(dt, tol) in dtypes {
+            let p = problem(&mut rng, t, h, v, logit_scale(v)).rounded(dt);
+            let mut mask = p.mask.clone();
+            if rows > 2 {
+                mask[l..2 * l].iter_mut().for_each(|m| *m = 0.0);
+            }
+            // Reference log-probs first, so the ratios can be placed away from the clip edges.
+            let (x64, w64) = (to64(&p.x), to64(&p.w));
+            let (mut lp, mut ls) = (vec![0f64; t], vec![0f64; t]);
+            let m64 = to64(&mask);
+            logprob::cpu::fwd(&mut lp, &mut ls, None, &x64, &w64, &p.tg, Some(&m64), t, h, v).unwrap();
+            let old: Vec<f64> = lp.iter().map(|&x| x - [0.0, 0.05, -0.05, 0.6, -0.6][rng.below(5)]).collect();
+            let rf: Vec<f64> = lp.iter().map(|&x| x + rng.range(-0.5, 0.5)).collect();
+            let adv: Vec<f64> = (0..rows).map(|_| rng.normal()).collect();
+            // Round the inputs through f32 first: that is what the device sees.
+            let r32 = |v: &[f64]| v.iter().map(|&x| x as f32 as f64).collect::<Vec<f64>>();
+            let (old, rf, adv) = (r32(&old), r32(&rf), r32(&adv));
+            for agg in [Aggregation::TokenMean, Aggregation::SeqMean] {
+                let mut dl = vec![0f64; t];
+                let s64 = grpo::cpu::loss_fwd_bwd::<f64>(&mut dl, &lp, &old, &rf, &m64, &adv, rows, l, &hp, agg);
+                let mut dh = vec![0f64; t * h];
+                let mut dw = vec![0f64; v * h];
+                logprob::cpu::bwd(&mut dh, &mut dw, &dl, &x64, &w64, &p.tg, &ls, t, h, v).unwrap();
+                let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+                let dw0 = dw_start(&f(&dw));
+                let up = |x: &[f32], d: DType| dev.upload(x, d).unwrap();
+                let (bx, bw, btg) = (up(&p.x, dt), up(&p.w, dt), dev.upload_i32(&p.tg).unwrap());
+                let (bo, br, bm, ba) = (up(&f(&old), DType::F32), up(&f(&rf), DType::F32), up(&mask, DType::F32), up(&f(&adv), DType::F32));
+                let batch = GrpoBatch { old_logp: &bo, ref_logp: &br, mask: &bm, adv: &ba, rows, l };
+                let mut blp = up(&vec![f32::NAN; t], DType::F32);
+                let mut bdh = up(&vec![f32::NAN; t * h], dt);
+                let mut bdw = up(&dw0, DType::F32);
+                let tune = Tuning { fused_bytes: 3 * v * dt.size(), fused_vocab: 1000, ..Tuning::default() };
+                let s = grpo::fused_loss_with(dev, &tune, &mut blp, &mut bdh, &mut bdw, &bx, &bw, &btg, &batch, h, v, &hp, agg).unwrap();
+                let what = format!("grpo fused {} {} [rows={rows} l={l} h={h} v={v}] {agg:?}", dev.name(), dt.suffix());
+                let mut errs = vec![
+                    ("logp", rel_err_floor(&dev.to_vec(&blp).unwrap(), &f(&lp), 0.1 * (t as f64).sqrt())),
+                    ("dhidden", rel_err(&dev.to_vec(&bdh).unwrap(), &f(&dh))),
+                    ("dlm_head", rel_err(&minus(&dev.to_vec(&bdw).unwrap(), &dw0), &f(&dw))),
+                    ("clip_frac (abs)", (s.clip_frac - s64.clip_frac).abs()),
+                ];
+                // The loss relative to its own size, floored by 1e-3 (it can cancel to ~0).
+                errs.push(("loss", (s.loss - s64.loss).abs() / s64.loss.abs().max(1e-3)));
+                errs.push(("mean_kl", (s.mean_kl - s64.mean_kl).abs() / s64.mean_kl.abs().max(1e-3)));
+                println!("{what}: loss {:.6} vs {:.6}; scratch {} bytes", s.loss, s64.loss, logprob::last_scratch_bytes());
+                for (name, e) in errs {
+                    println!("{what} {name}: rel err {e:.2e}");
+                    if e.is_nan() || e > tol {
+                        fails.push(format!("{what} {name}: {e:.2e}"));
+                    }
+                }
+            }
+        }
+    }
+    fails
+}
+
+#[test]
+fn grpo_fused_cpu_matches_reference() {
+    let fails = check_grpo_fused(&Device::Cpu, &[(DType::F32, 1e-5)]);
+    assert!(fails.is_empty(), "grpo fused cpu: {} failure(s):\n{}", fails.len(), fails.join("\n"));
+}
+
+#[test]
+fn grpo_fused_cuda_matches_cpu() {
+    let Some(gpu) = cuda_or_skip("grpo_fused_cuda_matches_cpu") else { return };
+    let fails = check_grpo_fused(&gpu, &[(DType::BF16, 1e-2), (DType::F32, 1e-5)]);
+    assert!(fails.is_empty(), "grpo fused cuda vs cpu: {} failure(s):\n{}", fails.len(), fails.join("\n"));
+}
