@@ -1,9 +1,9 @@
 //! RGB images for the image processors: PNG/JPEG decoding (`image` crate) to 8-bit RGB as
 //! `PIL.Image.open(f).convert("RGB")` gives it (alpha dropped, no EXIF rotation, 16-bit samples
 //! truncated to their high byte), and a bicubic resize that reproduces Pillow's `Image.resize(...,
-//! BICUBIC)`: separable passes (horizontal, then vertical), the a = −0.5 cubic kernel widened by
+//! BICUBIC)`: separable passes (in Pillow's order), the a = −0.5 cubic kernel widened by
 //! the scale when downsampling (antialiasing), weights normalised and quantised to 22-bit fixed
-//! point, and each pass rounded and clamped to uint8.
+//! point, and each pass rounded and clamped to uint8 (checked bit-exact against Pillow 13.0).
 
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -168,19 +168,32 @@ fn pass_vertical(src: &[u8], w: usize, h_in: usize, h_out: usize) -> Vec<u8> {
 
 /// Resizes to `new_w`×`new_h` exactly as Pillow's `Image.resize((new_w, new_h), BICUBIC)` does
 /// for an RGB image. An axis whose size does not change is not resampled (so a same-size resize
-/// is the identity).
+/// is the identity). Pass order follows Pillow 13: horizontal first, unless the height loses
+/// more than twice as many pixels as the width, then vertical first (Pillow ≤ 12 always ran
+/// horizontal first; the two differ by a few levels only in that case).
 pub fn resize_bicubic(img: &RgbImage, new_w: usize, new_h: usize) -> Result<RgbImage> {
     if new_w == 0 || new_h == 0 {
         bail!("resize_bicubic: target size {new_w}x{new_h} must be positive");
     }
+    let (w, h) = (img.width, img.height);
+    let shrink_h = h as i64 - new_h as i64;
+    let shrink_w = w as i64 - new_w as i64;
+    let vertical_first = shrink_h > 0 && shrink_h > 2 * shrink_w;
     let mut data = img.data.clone();
-    let mut w = img.width;
-    if new_w != w {
-        data = pass_horizontal(&data, img.height, w, new_w);
-        w = new_w;
-    }
-    if new_h != img.height {
-        data = pass_vertical(&data, w, img.height, new_h);
+    if vertical_first {
+        if new_h != h {
+            data = pass_vertical(&data, w, h, new_h);
+        }
+        if new_w != w {
+            data = pass_horizontal(&data, new_h, w, new_w);
+        }
+    } else {
+        if new_w != w {
+            data = pass_horizontal(&data, h, w, new_w);
+        }
+        if new_h != h {
+            data = pass_vertical(&data, new_w, h, new_h);
+        }
     }
     RgbImage::new(new_w, new_h, data)
 }

@@ -1,4 +1,5 @@
 //! Training stages: each drives a model through the ops; none touches kernels directly.
 
 pub mod examples; // defines: Example (encoded sample), Packed (varlen batch), pack, micro_batches
+pub mod forward; // defines: am3 forward (logits, log-probs, objective, grads of an inputs file)
 pub mod sft; // defines: SftArgs, run (cold-start refusal SFT), checkpoints and resume

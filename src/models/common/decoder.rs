@@ -307,13 +307,10 @@ impl Block<'_> {
 
     /// out [T, D] = block(x [T, D]); fills `acts`.
     pub fn forward(&self, dev: &Device, out: &mut Buf, x: &Buf, acts: &mut LayerActs) -> Result<()> {
-        let (d, w, t, dt) = (self.dims, self.w, self.segs.total(), self.dt());
-        self.qkv(dev, x, &mut acts.rstd1, &mut acts.y1, &mut acts.q, &mut acts.k, &mut acts.v, t)?;
+        let t = self.segs.total();
+        self.qkv(dev, x, acts, t)?;
         attention::fwd(dev, &mut acts.att, &mut acts.lse, &acts.q, &acts.k, &acts.v, self.segs, &self.shape())?;
-        let mut tmp = dev.zeros(dt, t * d.d)?;
-        matmul::linear_fwd(dev, &mut tmp, &acts.att, &w.wo, w.bo.as_ref(), t, d.q_dim(), d.d)?;
-        elementwise::add_into(dev, &mut acts.mid, x, &tmp, t * d.d)?;
-        self.mlp(dev, out, &acts.mid, &mut acts.rstd2, &mut acts.y2, &mut acts.gate, &mut acts.up, &mut acts.h, t)
+        self.finish(dev, out, x, acts, t)
     }
 
     /// dx [T, D] (=) from dout [T, D]; parameter gradients accumulate into `g`.
@@ -354,39 +351,83 @@ impl Block<'_> {
     /// queries attend causally to everything cached. `self.rope` covers the new tokens;
     /// `self.segs` is not used.
     pub fn forward_cached(&self, dev: &Device, out: &mut Buf, x: &Buf, cache: &mut KvCache, n_new: usize) -> Result<()> {
-        let (d, w, dt) = (self.dims, self.w, self.dt());
         let t = cache.batch * n_new;
-        let mut a = LayerActs::new(dev, d, t, dt)?; // scratch: nothing is kept for a backward
-        self.qkv(dev, x, &mut a.rstd1, &mut a.y1, &mut a.q, &mut a.k, &mut a.v, t)?;
+        let mut a = LayerActs::new(dev, self.dims, t, self.dt())?; // scratch: no backward follows
+        self.qkv(dev, x, &mut a, t)?;
         cache.append(dev, &a.k, &a.v, n_new)?;
         attention::decode(dev, &mut a.att, &a.q, cache, n_new, &self.shape())?;
-        let mut tmp = dev.zeros(dt, t * d.d)?;
+        self.finish(dev, out, x, &mut a, t)
+    }
+
+    /// y1 = RMSNorm(x), q/k/v projections, RoPE on q and k.
+    fn qkv(&self, dev: &Device, x: &Buf, a: &mut LayerActs, t: usize) -> Result<()> {
+        let (d, w) = (self.dims, self.w);
+        rmsnorm::fwd(dev, &mut a.y1, &mut a.rstd1, x, &w.ln1, t, d.d, d.eps)?;
+        matmul::linear_fwd(dev, &mut a.q, &a.y1, &w.wq, w.bq.as_ref(), t, d.d, d.q_dim())?;
+        matmul::linear_fwd(dev, &mut a.k, &a.y1, &w.wk, w.bk.as_ref(), t, d.d, d.kv_dim())?;
+        matmul::linear_fwd(dev, &mut a.v, &a.y1, &w.wv, w.bv.as_ref(), t, d.d, d.kv_dim())?;
+        rope::fwd(dev, &mut a.q, &self.rope.cos, &self.rope.sin, t, d.heads, d.head_dim)?;
+        rope::fwd(dev, &mut a.k, &self.rope.cos, &self.rope.sin, t, d.kv_heads, d.head_dim)
+    }
+
+    /// From the attention output on: mid = x + o_proj(att); out = mid + down(silu(gate(y2)) ·
+    /// up(y2)) with y2 = RMSNorm(mid).
+    fn finish(&self, dev: &Device, out: &mut Buf, x: &Buf, a: &mut LayerActs, t: usize) -> Result<()> {
+        let (d, w) = (self.dims, self.w);
+        let mut tmp = dev.zeros(self.dt(), t * d.d)?;
         matmul::linear_fwd(dev, &mut tmp, &a.att, &w.wo, w.bo.as_ref(), t, d.q_dim(), d.d)?;
         elementwise::add_into(dev, &mut a.mid, x, &tmp, t * d.d)?;
-        self.mlp(dev, out, &a.mid, &mut a.rstd2, &mut a.y2, &mut a.gate, &mut a.up, &mut a.h, t)
+        rmsnorm::fwd(dev, &mut a.y2, &mut a.rstd2, &a.mid, &w.ln2, t, d.d, d.eps)?;
+        matmul::linear_fwd(dev, &mut a.gate, &a.y2, &w.wg, w.bg.as_ref(), t, d.d, d.inter)?;
+        matmul::linear_fwd(dev, &mut a.up, &a.y2, &w.wu, w.bu.as_ref(), t, d.d, d.inter)?;
+        act::swiglu_fwd(dev, &mut a.h, &a.gate, &a.up, t * d.inter)?;
+        matmul::linear_fwd(dev, out, &a.h, &w.wd, w.bd.as_ref(), t, d.inter, d.d)?;
+        elementwise::add_inplace(dev, out, &a.mid, t * d.d)
     }
+}
 
-    /// Norm, q/k/v projections and RoPE on q and k.
-    #[allow(clippy::too_many_arguments)]
-    fn qkv(&self, dev: &Device, x: &Buf, rstd: &mut Buf, y: &mut Buf, q: &mut Buf, k: &mut Buf, v: &mut Buf, t: usize) -> Result<()> {
-        let (d, w) = (self.dims, self.w);
-        rmsnorm::fwd(dev, y, rstd, x, &w.ln1, t, d.d, d.eps)?;
-        matmul::linear_fwd(dev, q, y, &w.wq, w.bq.as_ref(), t, d.d, d.q_dim())?;
-        matmul::linear_fwd(dev, k, y, &w.wk, w.bk.as_ref(), t, d.d, d.kv_dim())?;
-        matmul::linear_fwd(dev, v, y, &w.wv, w.bv.as_ref(), t, d.d, d.kv_dim())?;
-        rope::fwd(dev, q, &self.rope.cos, &self.rope.sin, t, d.heads, d.head_dim)?;
-        rope::fwd(dev, k, &self.rope.cos, &self.rope.sin, t, d.kv_heads, d.head_dim)
+/// Runs blocks 0..n in order: `hs[0]` is the input and each output is pushed onto `hs` (so
+/// hs[l] is block l's input). Returns each block's activations, None where `recompute(l)`:
+/// `stack_backward` reruns those blocks from hs[l].
+pub fn stack_forward<'a>(dev: &Device, n: usize, block: &dyn Fn(usize) -> Block<'a>, hs: &mut Vec<Buf>, recompute: &dyn Fn(usize) -> bool) -> Result<Vec<Option<LayerActs>>> {
+    let mut acts = Vec::with_capacity(n);
+    for l in 0..n {
+        let blk = block(l);
+        let (t, dt) = (blk.segs.total(), blk.dt());
+        let mut a = LayerActs::new(dev, blk.dims, t, dt)?;
+        let mut out = dev.zeros(dt, t * blk.dims.d)?;
+        blk.forward(dev, &mut out, &hs[l], &mut a)?;
+        hs.push(out);
+        acts.push(if recompute(l) { None } else { Some(a) });
     }
+    Ok(acts)
+}
 
-    /// out = mid + down(silu(gate(y2)) · up(y2)), y2 = RMSNorm(mid; ln2).
-    #[allow(clippy::too_many_arguments)]
-    fn mlp(&self, dev: &Device, out: &mut Buf, mid: &Buf, rstd2: &mut Buf, y2: &mut Buf, gate: &mut Buf, up: &mut Buf, h: &mut Buf, t: usize) -> Result<()> {
-        let (d, w) = (self.dims, self.w);
-        rmsnorm::fwd(dev, y2, rstd2, mid, &w.ln2, t, d.d, d.eps)?;
-        matmul::linear_fwd(dev, gate, y2, &w.wg, w.bg.as_ref(), t, d.d, d.inter)?;
-        matmul::linear_fwd(dev, up, y2, &w.wu, w.bu.as_ref(), t, d.d, d.inter)?;
-        act::swiglu_fwd(dev, h, gate, up, t * d.inter)?;
-        matmul::linear_fwd(dev, out, h, &w.wd, w.bd.as_ref(), t, d.inter, d.d)?;
-        elementwise::add_inplace(dev, out, mid, t * d.d)
+/// Backward through the blocks of `stack_forward`, last to first, from d(output of block n−1);
+/// accumulates `grads[l]` and returns d(hs[0]).
+pub fn stack_backward<'a>(dev: &Device, block: &dyn Fn(usize) -> Block<'a>, hs: &[Buf], acts: &[Option<LayerActs>], grads: &mut [LayerParams], dout: Buf) -> Result<Buf> {
+    let mut dx = dout;
+    let mut din: Option<Buf> = None;
+    for l in (0..acts.len()).rev() {
+        let blk = block(l);
+        let (t, dt) = (blk.segs.total(), blk.dt());
+        let recomputed;
+        let a = match &acts[l] {
+            Some(a) => a,
+            None => {
+                let mut a = LayerActs::new(dev, blk.dims, t, dt)?;
+                let mut scratch = dev.zeros(dt, t * blk.dims.d)?;
+                blk.forward(dev, &mut scratch, &hs[l], &mut a)?;
+                recomputed = a;
+                &recomputed
+            }
+        };
+        let mut next = match din.take() {
+            Some(b) => b,
+            None => dev.zeros(dt, t * blk.dims.d)?,
+        };
+        blk.backward(dev, &mut next, &mut grads[l], &dx, &hs[l], a)?;
+        din = Some(std::mem::replace(&mut dx, next));
     }
+    Ok(dx)
 }

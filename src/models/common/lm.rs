@@ -9,7 +9,7 @@
 //! without [S, V] logits, and its fused backward) or `logits` (a plain lm_head GEMM); the caller
 //! then passes d final_hidden to `backward`.
 
-use super::decoder::{Block, LayerActs, LayerDims, LayerFlags, LayerParams, RopeKind, RopeTable, Slot};
+use super::decoder::{stack_backward, stack_forward, Block, LayerActs, LayerDims, LayerFlags, LayerParams, RopeKind, RopeTable, Slot};
 use super::params::ParamRef;
 use crate::ops::attention::{KvCache, Varlen};
 use crate::ops::patch_embed::{scatter_rows, take_rows, RowIndex};
@@ -157,8 +157,6 @@ impl LmFwd {
     pub fn final_hidden(&self) -> &Buf {
         &self.xf
     }
-    fn block<'a>(&'a self, dims: &'a LmDims, p: &'a LmParams, i: usize) -> Block<'a> {
-        Block { dims: &dims.layer, w: &p.layers[i], rope: &self.rope, segs: &self.seqs, causal: true }
     }
 }
 
@@ -191,13 +189,9 @@ pub fn forward(dev: &Device, dims: &LmDims, p: &LmParams, ids: &[i32], pos: &[i3
     let ids_buf = dev.upload_i32(ids)?;
     let x0 = embed(dev, dims, p, &ids_buf, ids, inject.as_ref().zip(inject_idx.as_ref()).map(|(i, r)| (i.rows, r)))?;
     let mut f = LmFwd { ids: ids_buf, ids_host: ids.to_vec(), seqs, rope, inject: inject_idx, hs: vec![x0], acts: Vec::new(), rstd_f: dev.zeros_f32(s)?, xf: dev.zeros(dt, s * d)? };
-    for l in 0..dims.n_layers {
-        let mut acts = LayerActs::new(dev, &dims.layer, s, dt)?;
-        let mut out = dev.zeros(dt, s * d)?;
-        f.block(dims, p, l).forward(dev, &mut out, &f.hs[l], &mut acts)?;
-        f.hs.push(out);
-        f.acts.push(if recompute.get(l).copied().unwrap_or(false) { None } else { Some(acts) });
-    }
+    let (rope, segs) = (&f.rope, &f.seqs);
+    let block = |l: usize| Block { dims: &dims.layer, w: &p.layers[l], rope, segs, causal: true };
+    f.acts = stack_forward(dev, dims.n_layers, &block, &mut f.hs, &|l| recompute.get(l).copied().unwrap_or(false))?;
     rmsnorm::fwd(dev, &mut f.xf, &mut f.rstd_f, &f.hs[dims.n_layers], &p.norm, s, d, dims.layer.eps)?;
     Ok(f)
 }
@@ -216,23 +210,8 @@ pub fn backward(dev: &Device, dims: &LmDims, p: &LmParams, g: &mut LmParams, f: 
     let (s, d, dt) = (f.tokens(), dims.layer.d, p.embed.dtype());
     let mut dx = dev.zeros(dt, s * d)?;
     rmsnorm::bwd(dev, &mut dx, &mut g.norm, dxf, &f.hs[dims.n_layers], &p.norm, &f.rstd_f, s, d)?;
-    let mut din = dev.zeros(dt, s * d)?;
-    for l in (0..dims.n_layers).rev() {
-        let blk = f.block(dims, p, l);
-        let recomputed;
-        let acts = match &f.acts[l] {
-            Some(a) => a,
-            None => {
-                let mut a = LayerActs::new(dev, &dims.layer, s, dt)?;
-                let mut scratch = dev.zeros(dt, s * d)?;
-                blk.forward(dev, &mut scratch, &f.hs[l], &mut a)?;
-                recomputed = a;
-                &recomputed
-            }
-        };
-        blk.backward(dev, &mut din, &mut g.layers[l], &dx, &f.hs[l], acts)?;
-        std::mem::swap(&mut dx, &mut din);
-    }
+    let block = |l: usize| Block { dims: &dims.layer, w: &p.layers[l], rope: &f.rope, segs: &f.seqs, causal: true };
+    let mut dx = stack_backward(dev, &block, &f.hs, &f.acts, &mut g.layers, dx)?;
     // Injected rows replaced their token embeddings: their gradient goes to the vision side only.
     let d_inject = match &f.inject {
         Some(at) => {

@@ -1,0 +1,139 @@
+//! `am3 forward`: one forward (and optionally backward) of a model on an inputs file laid out
+//! like the fixtures' `inputs.safetensors`, for comparing against other implementations.
+//!
+//! Inputs: `input_ids` [1, S] (any int or float dtype), `loss_mask` [1, S] (optional; default all
+//! ones), and for Qwen2.5-VL `pixel_values` [patches, patch_dim] with `image_grid_thw` [n, 3].
+//! Outputs (f32 unless noted): `logits` [S, V]; `token_logprobs` [S−1] = log p(ids[t+1] | ids[..=t]);
+//! `objective` [1] = Σ_t loss_mask[t+1]·token_logprobs[t]; `position_ids` [3, S] (i64, M-RoPE);
+//! with `--grads`, d objective / d parameter for every parameter, keyed by checkpoint name.
+
+use crate::checkpoint::read_tensor_file;
+use crate::models::qwen2_5_vl::model::{Batch, QwenVl, Recompute};
+use crate::models::qwen2_5_vl::positions::mrope_positions;
+use crate::checkpoint::safetensors_io::write_atomic;
+use crate::tensor::{DType, Device, DevicePref};
+use anyhow::{bail, Context, Result};
+use safetensors::tensor::{Dtype, TensorView};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct ForwardArgs {
+    /// Model directory (HF layout: config.json + safetensors).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Inputs file (safetensors, laid out like the fixtures' inputs.safetensors).
+    #[arg(long)]
+    pub inputs: PathBuf,
+    /// Output safetensors file (written atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DevicePref,
+    /// Also write the gradient of `objective` for every parameter.
+    #[arg(long)]
+    pub grads: bool,
+}
+
+type Tensors = HashMap<String, (Vec<usize>, Vec<f64>)>;
+
+fn take<'a>(t: &'a Tensors, name: &str, file: &Path) -> Result<&'a (Vec<usize>, Vec<f64>)> {
+    t.get(name).with_context(|| format!("{}: no tensor `{name}`", file.display()))
+}
+
+pub fn run(a: &ForwardArgs) -> Result<()> {
+    let dev = Device::pick(a.device)?;
+    let inputs = read_tensor_file(&a.inputs)?;
+    let (shape, ids) = take(&inputs, "input_ids", &a.inputs)?;
+    if shape.len() != 2 || shape[0] != 1 {
+        bail!("{}: input_ids has shape {shape:?}, expected [1, S] (batch 1)", a.inputs.display());
+    }
+    let ids: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
+    let s = ids.len();
+    if s < 2 {
+        bail!("{}: input_ids needs at least 2 tokens", a.inputs.display());
+    }
+    let loss_mask: Vec<f32> = match inputs.get("loss_mask") {
+        Some((sh, v)) if v.len() == s => v.iter().map(|&x| x as f32).collect(),
+        Some((sh, _)) => bail!("{}: loss_mask has shape {sh:?}, expected [1, {s}]", a.inputs.display()),
+        None => vec![1.0; s],
+    };
+    let cfg_text = std::fs::read_to_string(a.model.join("config.json")).with_context(|| format!("reading {}/config.json", a.model.display()))?;
+    let model_type = serde_json::from_str::<serde_json::Value>(&cfg_text)
+        .with_context(|| format!("{}/config.json is not JSON", a.model.display()))?
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
+        .to_string();
+    let mut out: Vec<(String, Vec<usize>, OutData)> = Vec::new();
+    match model_type.as_str() {
+        "qwen2_5_vl" | "" => {
+            let mut model = QwenVl::load(&dev, &a.model)?;
+            let (pixels, grids) = match (inputs.get("pixel_values"), inputs.get("image_grid_thw")) {
+                (Some((_, p)), Some((gs, g))) => {
+                    if gs.len() != 2 || gs[1] != 3 {
+                        bail!("{}: image_grid_thw has shape {gs:?}, expected [n, 3]", a.inputs.display());
+                    }
+                    (p.iter().map(|&x| x as f32).collect(), g.chunks(3).map(|c| [c[0] as usize, c[1] as usize, c[2] as usize]).collect())
+                }
+                (None, None) => (Vec::new(), Vec::new()),
+                _ => bail!("{}: pixel_values and image_grid_thw must come together", a.inputs.display()),
+            };
+            let (pos3, _) = mrope_positions(&ids, &grids, &model.cfg)?;
+            let cu = [0, s as i32];
+            let batch = Batch { ids: &ids, cu_seqlens: &cu, pos3: &pos3, pixels: &pixels, grids: &grids };
+            let f = model.forward(&dev, &batch, &Recompute::default())?;
+            let logits = dev.to_vec(&model.logits(&dev, &f)?)?;
+            let mut targets: Vec<i32> = ids[1..].to_vec();
+            targets.push(0);
+            let mut valid = vec![1f32; s];
+            valid[s - 1] = 0.0;
+            let (tb, vb) = (dev.upload_i32(&targets)?, dev.upload(&valid, DType::F32)?);
+            let (logp, lse) = model.logprobs(&dev, &f, &tb, Some(&vb))?;
+            let logp = dev.to_vec(&logp)?;
+            let dlogp: Vec<f32> = (0..s).map(|t| if t + 1 < s { loss_mask[t + 1] } else { 0.0 }).collect();
+            let objective: f64 = (0..s).map(|t| dlogp[t] as f64 * logp[t] as f64).sum();
+            out.push(("logits".into(), vec![s, logits.len() / s], OutData::F32(logits)));
+            out.push(("token_logprobs".into(), vec![s - 1], OutData::F32(logp[..s - 1].to_vec())));
+            out.push(("objective".into(), vec![1], OutData::F32(vec![objective as f32])));
+            out.push(("position_ids".into(), vec![3, s], OutData::I64(pos3.iter().map(|&x| x as i64).collect())));
+            if a.grads {
+                model.zero_grads(&dev)?;
+                model.backward_logprobs(&dev, &f, &tb, &lse, &dev.upload(&dlogp, DType::F32)?)?;
+                for (name, (shape, g)) in model.grads_by_name(&dev)? {
+                    out.push((name, shape, OutData::F32(g)));
+                }
+            }
+        }
+        other => bail!("{}/config.json: model_type {other:?} is not supported by `am3 forward` (qwen2_5_vl)", a.model.display()),
+    }
+    write_tensors(&a.out, &out)?;
+    eprintln!("am3 forward: wrote {} tensors to {}", out.len(), a.out.display());
+    Ok(())
+}
+
+pub enum OutData {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
+}
+
+/// Writes named tensors as one safetensors file, atomically.
+pub fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, OutData)]) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, d)| match d {
+            OutData::F32(v) => bytemuck::cast_slice(v).to_vec(),
+            OutData::I64(v) => bytemuck::cast_slice(v).to_vec(),
+        })
+        .collect();
+    let mut views = BTreeMap::new();
+    for ((name, shape, d), b) in tensors.iter().zip(&bytes) {
+        let dt = match d {
+            OutData::F32(_) => Dtype::F32,
+            OutData::I64(_) => Dtype::I64,
+        };
+        views.insert(name.clone(), TensorView::new(dt, shape.clone(), b).with_context(|| format!("tensor {name}: shape {shape:?}"))?);
+    }
+    let data = safetensors::serialize(&views, None).context("serializing the outputs")?;
+    write_atomic(path, &data)
+}
