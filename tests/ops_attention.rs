@@ -287,13 +287,15 @@ fn attention_cuda_decode_matches_cpu() {
     let mut rng = Rng::new(15);
     // (prompt lengths, hq, hkv, n_new of the first turn, causal): a one-token prompt, prompts
     // long enough to split the cache into many chunks, GQA 7/4/1, a user turn of 20 tokens
-    // (140 query rows per kv head: three 64-row tiles).
+    // (140 query rows per kv head: three 64-row tiles), chunks of several tiles.
     let cases: Vec<(Vec<usize>, usize, usize, usize, bool)> = vec![
         (vec![1, 70, 300, 1500], 7, 1, 1, true),
         (vec![33, 2], 8, 2, 3, true),
         (vec![129, 64, 1000], 4, 4, 1, true),
         (vec![200, 31], 28, 4, 20, true),
         (vec![90, 7], 4, 2, 2, false),
+        // 64 (sequence, kv head) pairs: the split leaves several 64-key tiles per chunk (on 132 SMs).
+        (vec![1500, 700, 64, 1, 1000, 333, 90, 1200], 8, 8, 1, true),
     ];
     for &d in &[64usize, 80, 128, 32] {
         for (prompt, hq, hkv, n_new, causal) in &cases {

@@ -9,6 +9,7 @@ pub mod elementwise;
 pub mod norms;
 pub mod patch_embed;
 pub mod logprob;
+pub mod train7b;
 
 use crate::cuda::Gpu;
 use crate::tensor::Device;
@@ -86,6 +87,7 @@ pub const SUITES: &[Suite] = &[
     ("attention", attention::run),
     ("patch_embed", patch_embed::run),
     ("logprob", logprob::run),
+    ("train7b", train7b::run),
 ];
 
 pub fn format_table(rows: &[BenchRow]) -> String {

@@ -326,22 +326,15 @@ fn write_file(
             if vals.len() != numel {
                 bail!("saving {}: tensor `{name}` has {} values, its shape {shape:?} needs {numel}", path.display(), vals.len());
             }
-            buf.clear();
-            match dtype {
-                SaveDtype::F32 => {
-                    buf.reserve(numel * 4);
-                    for v in &vals {
-                        buf.extend_from_slice(&v.to_le_bytes());
-                    }
+            // Converted in slices so a multi-GB tensor never needs a second full-size copy.
+            for chunk in vals.chunks(1 << 20) {
+                buf.clear();
+                match dtype {
+                    SaveDtype::F32 => chunk.iter().for_each(|v| buf.extend_from_slice(&v.to_le_bytes())),
+                    SaveDtype::BF16 => chunk.iter().for_each(|v| buf.extend_from_slice(&half::bf16::from_f32(*v).to_bits().to_le_bytes())),
                 }
-                SaveDtype::BF16 => {
-                    buf.reserve(numel * 2);
-                    for v in &vals {
-                        buf.extend_from_slice(&half::bf16::from_f32(*v).to_bits().to_le_bytes());
-                    }
-                }
+                w.write_all(&buf).with_context(|| format!("writing {}", path.display()))?;
             }
-            w.write_all(&buf).with_context(|| format!("writing {}", path.display()))?;
         }
         Ok(())
     })

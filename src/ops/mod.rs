@@ -11,6 +11,7 @@ pub mod adamw;
 pub mod attention;
 pub mod elementwise;
 pub mod embedding;
+pub mod init;
 pub mod layernorm;
 pub mod matmul;
 pub mod rmsnorm;

@@ -9,9 +9,10 @@
 //! ```
 //! Flags choose the biases (Qwen2 text: q/k/v only; Qwen vision: all; Llama/Mistral: none); the
 //! RoPE kind only changes the cos/sin table (`RopeKind::table`). The forward keeps what the
-//! backward needs in `LayerActs`; a caller that checkpoints keeps only the layer input and calls
-//! `forward` again before `backward`. Incremental decoding (`forward_cached`) appends k, v to the
-//! layer's `attention::KvCache` and attends over the whole cache.
+//! backward needs in `LayerActs`; `stack_forward` / `stack_backward` run a stack of blocks with a
+//! per-layer activation-checkpointing switch (keep only the layer input, rerun the forward
+//! before its backward). Activations take the weights' dtype. Incremental decoding
+//! (`forward_cached`) appends k, v to the layer's `attention::KvCache` and attends over it.
 
 use crate::ops::attention::{self, AttnShape, KvCache, Varlen};
 use crate::ops::{act, elementwise, matmul, rmsnorm, rope};

@@ -157,7 +157,6 @@ impl LmFwd {
     pub fn final_hidden(&self) -> &Buf {
         &self.xf
     }
-    }
 }
 
 /// Embeds `ids` [S] and writes `inject` rows over their positions (placeholder tokens).

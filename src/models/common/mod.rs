@@ -1,6 +1,7 @@
 //! Building blocks shared by the model families: the pre-norm transformer block (Qwen2 / Llama /
-//! Mistral decoders and the Qwen2.5-VL vision tower) with its explicit backward.
+//! Mistral decoders and the Qwen2.5-VL vision tower) with its explicit backward, the decoder-only
+//! LM built from it, and parameters keyed by checkpoint name.
 
-pub mod decoder; // defines: LayerDims, LayerFlags, RopeKind, LayerParams (+ Slot), LayerActs, Block (fwd, bwd, cached fwd)
+pub mod decoder; // defines: LayerDims, LayerFlags, RopeKind, LayerParams (+ Slot), LayerActs, Block (fwd, bwd, cached fwd), stack_forward / stack_backward (with recompute)
 pub mod lm; // defines: LmDims, LmNames, LmParams, LmFwd, forward / backward / logits, LmCache + extend (KV-cached prefill/decode)
-pub mod params; // defines: ParamRef (a checkpoint tensor or row range of one), read_piece, assemble (gradients by name)
+pub mod params; // defines: ParamRef (a checkpoint tensor or row range of one), read_piece, assemble (gradients by name), NamedTensors

@@ -14,12 +14,12 @@
 
 use super::config::VisionConfig;
 use crate::models::common::params::ParamRef;
-use crate::models::common::decoder::{Block, LayerActs, LayerDims, LayerFlags, LayerParams, RopeKind, RopeTable, Slot};
+use crate::models::common::decoder::{stack_backward, stack_forward, Block, LayerActs, LayerDims, LayerFlags, LayerParams, RopeKind, RopeTable, Slot};
 use crate::ops::act::{self, Gelu};
 use crate::ops::attention::Varlen;
 use crate::ops::patch_embed::{self, RowIndex};
 use crate::ops::{matmul, rmsnorm};
-use crate::tensor::{Buf, Device};
+use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
 
 const VISION_EPS: f32 = 1e-6;
@@ -264,11 +264,10 @@ pub struct VisionFwd {
     g1: Buf,               // [Nm, 4D] after GELU
 }
 
-impl VisionFwd {
-    fn block<'a>(&'a self, dims: &'a VisionDims, p: &'a VisionParams, i: usize) -> Block<'a> {
-        let segs = if dims.fullatt.contains(&i) { &self.full } else { &self.win };
-        Block { dims: &dims.block, w: &p.blocks[i], rope: &self.rope, segs, causal: false }
-    }
+/// Block i of the tower: window attention, or whole-frame attention on `fullatt` blocks.
+fn block<'a>(dims: &'a VisionDims, p: &'a VisionParams, rope: &'a RopeTable, win: &'a Varlen, full: &'a Varlen, i: usize) -> Block<'a> {
+    let segs = if dims.fullatt.contains(&i) { full } else { win };
+    Block { dims: &dims.block, w: &p.blocks[i], rope, segs, causal: false }
 }
 
 /// Image embeddings [Nm, out] in image order (what replaces the `<|image_pad|>` tokens), and the
@@ -281,7 +280,7 @@ pub fn forward(dev: &Device, dims: &VisionDims, p: &VisionParams, pixels: &[f32]
         bail!("vision: pixel_values has {} values; the grids {grids:?} need {n} patches × {}", pixels.len(), dims.patch_dim);
     }
     let (bd, dt) = (&dims.block, p.patch.dtype());
-    let pixels = dev.upload(pixels, crate::tensor::DType::F32)?;
+    let pixels = dev.upload(pixels, DType::F32)?;
     let patch_perm = RowIndex::new(dev, &layout.patch_perm(unit), n)?;
     let to_window = RowIndex::new(dev, &layout.window_index, nm)?;
     let to_image = RowIndex::new(dev, &layout.unpermute(), nm)?;
@@ -304,13 +303,8 @@ pub fn forward(dev: &Device, dims: &VisionDims, p: &VisionParams, pixels: &[f32]
         h1: dev.zeros(dt, nm * dims.merged_dim())?,
         g1: dev.zeros(dt, nm * dims.merged_dim())?,
     };
-    for i in 0..dims.depth {
-        let mut acts = LayerActs::new(dev, bd, n, dt)?;
-        let mut out = dev.zeros(dt, n * d)?;
-        f.block(dims, p, i).forward(dev, &mut out, &f.hs[i], &mut acts)?;
-        f.hs.push(out);
-        f.acts.push(if recompute { None } else { Some(acts) });
-    }
+    let (rope, win, full) = (&f.rope, &f.win, &f.full);
+    f.acts = stack_forward(dev, dims.depth, &|i| block(dims, p, rope, win, full, i), &mut f.hs, &|_| recompute)?;
     // Merger, in window order; then rows back to image order.
     let md = dims.merged_dim();
     rmsnorm::fwd(dev, &mut f.yq, &mut f.rstd_q, &f.hs[dims.depth], &p.ln_q, n, d, VISION_EPS)?;
@@ -337,22 +331,6 @@ pub fn backward(dev: &Device, dims: &VisionDims, p: &VisionParams, g: &mut Visio
     matmul::linear_bwd(dev, Some(&mut dyq), &mut g.mlp0_w, Some(&mut g.mlp0_b), &dh1, &f.yq, &p.mlp0_w, nm, md, md)?;
     let mut dx = dev.zeros(dt, n * d)?;
     rmsnorm::bwd(dev, &mut dx, &mut g.ln_q, &dyq, &f.hs[dims.depth], &p.ln_q, &f.rstd_q, n, d)?;
-    let mut din = dh1; // reuse as the block-input gradient (same size n·d)
-    for i in (0..dims.depth).rev() {
-        let blk = f.block(dims, p, i);
-        let recomputed;
-        let acts = match &f.acts[i] {
-            Some(a) => a,
-            None => {
-                let mut a = LayerActs::new(dev, &dims.block, n, dt)?;
-                let mut scratch = dev.zeros(dt, n * d)?;
-                blk.forward(dev, &mut scratch, &f.hs[i], &mut a)?;
-                recomputed = a;
-                &recomputed
-            }
-        };
-        blk.backward(dev, &mut din, &mut g.blocks[i], &dx, &f.hs[i], acts)?;
-        std::mem::swap(&mut dx, &mut din);
-    }
+    let dx = stack_backward(dev, &|i| block(dims, p, &f.rope, &f.win, &f.full, i), &f.hs, &f.acts, &mut g.blocks, dx)?;
     patch_embed::bwd(dev, &mut g.patch, &dx, &f.pixels, Some(&f.patch_perm), n, dims.patch_dim, d)
 }
