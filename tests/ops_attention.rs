@@ -264,10 +264,13 @@ fn attention_cuda_matches_cpu() {
     }
 }
 
+/// One decode turn: (q, k_new, v_new, n_new), q [B, n_new, hq, d], k/v [B, n_new, hkv, d].
+type Turn = (Vec<f32>, Vec<f32>, Vec<f32>, usize);
+
 /// Decode on `dev` in `dt` through a prefill (varlen append), then two turns: n_new tokens and
 /// then one more; returns both turns' outputs (NaN-poisoned before each).
 #[allow(clippy::too_many_arguments)]
-fn run_decode(dev: &Device, dt: DType, prompt: &[usize], kp: &[f32], vp: &[f32], turns: &[(Vec<f32>, Vec<f32>, Vec<f32>, usize)], max_len: usize, s: &AttnShape) -> Vec<Vec<f32>> {
+fn run_decode(dev: &Device, dt: DType, prompt: &[usize], kp: &[f32], vp: &[f32], turns: &[Turn], max_len: usize, s: &AttnShape) -> Vec<Vec<f32>> {
     let mut cache = KvCache::with_dtype(dev, dt, prompt.len(), max_len, s.hkv, s.d).unwrap();
     let seqs = Varlen::new(dev, &cu_of(prompt)).unwrap();
     cache.append_varlen(dev, &dev.upload(kp, dt).unwrap(), &dev.upload(vp, dt).unwrap(), &seqs).unwrap();
@@ -306,7 +309,7 @@ fn attention_cuda_decode_matches_cpu() {
             let max_len = prompt.iter().max().unwrap() + n_new + 1;
             let kp = bf16_round(&rng.normal_vec(tp * hkv * d, 1.0));
             let vp = bf16_round(&rng.normal_vec(tp * hkv * d, 1.0));
-            let turns: Vec<(Vec<f32>, Vec<f32>, Vec<f32>, usize)> = [n_new, 1]
+            let turns: Vec<Turn> = [n_new, 1]
                 .iter()
                 .map(|&n| {
                     let q = bf16_round(&rng.normal_vec(b * n * hq * d, 1.0));

@@ -114,8 +114,13 @@ fn layernorm_cuda_matches_cpu() {
             let want = run(&cpu_dev, DType::F32);
             let got = run(&gpu, dt);
             let tol = if dt == DType::BF16 { 1e-2 } else { 1e-5 };
+            // dx = rstd·(g − mean(g) − x̂·mean(g·x̂)) with g = dy·w cancels to ~0 when a row has one
+            // element: judge it against the size of rstd·g, the term that cancelled.
+            let rstd = &want[2];
+            let term: Vec<f32> = (0..rows * cols).map(|i| rstd[i / cols] * dy[i] * w[i % cols]).collect();
+            let dx_scale = norm2(&term);
             for (k, name) in ["y", "mean", "rstd", "dx", "dw", "db"].iter().enumerate() {
-                let e = rel_err(&got[k], &want[k]);
+                let e = if *name == "dx" { rel_err_scaled(&got[k], &want[k], dx_scale) } else { rel_err(&got[k], &want[k]) };
                 println!("layernorm {name} {} [{rows}x{cols}]: rel err {e:.2e} (max abs {:.2e})", dt.suffix(), max_abs(&got[k], &want[k]));
                 assert!(e <= tol, "layernorm {name} {} [{rows}x{cols}]: rel err {e:.2e} > {tol:.0e}", dt.suffix());
             }

@@ -5,6 +5,7 @@
 //! - Vision windows: 64 windows of 64 tokens, 16 heads, d 80, non-causal (the Qwen2.5-VL tower).
 //! - Decode: one new token (and a user turn of 16) per sequence against a long KV cache, GQA 28/4,
 //!   d 128; bytes are the KV cache read once plus q and out, against 4.2 TB/s.
+//!
 //! Each row checks a slice against the CPU reference: the first 64 tokens of sequence 0 for the
 //! causal forward (out) and backward (dq) — exact, since causal rows see only earlier tokens —,
 //! the first window, and sequence 0 of the decode batch.

@@ -45,7 +45,7 @@ impl AttnShape {
         if self.hq == 0 || self.hkv == 0 || self.d == 0 {
             bail!("{op}: hq, hkv and d must be positive (got {self:?})");
         }
-        if self.hq % self.hkv != 0 {
+        if !self.hq.is_multiple_of(self.hkv) {
             bail!("{op}: hq = {} is not a multiple of hkv = {}", self.hq, self.hkv);
         }
         if !(self.scale.is_finite() && self.scale > 0.0) {
