@@ -6,7 +6,7 @@ use common::*;
 use std::process::Command;
 
 fn am3(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_am3")).args(args).output().unwrap()
+    Command::new(am3_bin()).args(args).output().unwrap()
 }
 
 fn f32s(v: &[f64]) -> Vec<f32> {

@@ -186,7 +186,7 @@ fn rope_table_vision_2d_hand_computed() {
 /// with the fixture config's rope settings.
 #[test]
 fn rope_mrope_fixture_positions() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/qwen2_5_vl_tiny");
+    let dir = fixture_dir("qwen2_5_vl_tiny");
     let bytes = match std::fs::read(dir.join("reference.safetensors")) {
         Ok(b) => b,
         Err(e) => {

@@ -2,6 +2,7 @@
 //! or $AM3_FIXTURES): config in both layouts, checkpoint loading and its errors, sharded saving,
 //! image preprocessing, M-RoPE position ids, and ChatML prompts with loss masks.
 mod common;
+use common::fixture_dir;
 
 use am3safety::checkpoint::{read_tensor_file, save_sharded, Checkpoint, SaveDtype, INDEX_FILE, SINGLE_FILE};
 use am3safety::data::image::{load_rgb, resize_bicubic, RgbImage};
@@ -14,10 +15,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 fn fixtures() -> PathBuf {
-    let dir = match std::env::var("AM3_FIXTURES") {
-        Ok(d) => PathBuf::from(d),
-        Err(_) => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/qwen2_5_vl_tiny"),
-    };
+    let dir = fixture_dir("qwen2_5_vl_tiny");
     assert!(dir.join("config.json").is_file(), "Qwen fixtures not found at {} (set AM3_FIXTURES)", dir.display());
     dir
 }

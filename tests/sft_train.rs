@@ -92,7 +92,7 @@ fn resume_is_bit_for_bit() {
 #[test]
 fn kill_leaves_last_checkpoint_intact() {
     let out = tmp("kill");
-    let exe = env!("CARGO_BIN_EXE_am3");
+    let exe = am3_bin();
     let mut killed_after_ck = 0;
     for round in 0..4u64 {
         let mut child = std::process::Command::new(exe)

@@ -48,6 +48,7 @@ export AM3_FIXTURES="$dst/fixtures"
 export AM3_LLAVA_FIXTURES="$dst/fixtures/llava_next_tiny"
 export AM3_GRPO_VECTORS="$dst/fixtures/grpo_vectors.safetensors"
 export AM3_SHARED_FIXTURES="$dst/fixtures"
+export AM3_BIN="$dst/bin/am3"
 export LD_LIBRARY_PATH="/usr/local/cuda-13.0/lib64:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 out="${OUT:-/tmp/am3-out}"; mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader 2>&1 | head -1

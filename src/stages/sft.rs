@@ -157,8 +157,16 @@ impl SftArgs {
     }
 }
 
-/// Where the demo data lives in a checkout.
+/// The bundled demo data: `$AM3_DEMO_DATA`, else `data/demo/train.jsonl` under the current
+/// directory, else in the checkout this binary was built from.
 pub fn demo_data() -> PathBuf {
+    if let Ok(p) = std::env::var("AM3_DEMO_DATA") {
+        return PathBuf::from(p);
+    }
+    let local = PathBuf::from("data/demo/train.jsonl");
+    if local.is_file() {
+        return local;
+    }
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/demo/train.jsonl")
 }
 

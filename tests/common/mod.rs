@@ -138,3 +138,8 @@ pub fn rel_err_scaled(a: &[f32], b: &[f32], scale: f64) -> f64 {
 pub fn norm2(v: &[f32]) -> f64 {
     v.iter().map(|&y| (y as f64).powi(2)).sum::<f64>().sqrt()
 }
+
+/// The `am3` binary: `$AM3_BIN` (binaries carried to another machine), else cargo's.
+pub fn am3_bin() -> std::path::PathBuf {
+    std::env::var("AM3_BIN").map(std::path::PathBuf::from).unwrap_or_else(|_| env!("CARGO_BIN_EXE_am3").into())
+}
