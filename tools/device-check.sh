@@ -50,7 +50,8 @@ export AM3_GRPO_VECTORS="$dst/fixtures/grpo_vectors.safetensors"
 export AM3_SHARED_FIXTURES="$dst/fixtures"
 export AM3_BIN="$dst/bin/am3"
 export LD_LIBRARY_PATH="/usr/local/cuda-13.0/lib64:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
-out="${OUT:-/tmp/am3-out}"; mkdir -p "$out"
+res="${OUT:-/tmp/am3-out}"; mkdir -p "$res"
+out=/tmp/am3-logs; rm -rf "$out"; mkdir -p "$out"   # per-test logs; tarred into $OUT at the end
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader 2>&1 | head -1
 summary=""
 fail=0
@@ -68,11 +69,23 @@ cat "$out"/test-*.log | grep -E "rel err|max abs|skipped" | grep -v "^gradcheck"
 for t in "$out"/test-*.log; do
   if grep -qE "FAILED|panicked" "$t"; then echo "=== $(basename "$t")"; grep -E "panicked|FAILED|assert|Error" -A4 "$t" | head -40; fi
 done
+# The NVRTC path (what a build without nvcc runs): the same binaries with the fatbins ignored.
+nvrtc=""
+for t in test-test-ops_rmsnorm test-test-ops_attention test-test-ops_logprob test-test-ops_elementwise test-test-qwen_model; do
+  [ -x "$dst/bin/$t" ] || continue
+  AM3_FORCE_NVRTC=1 timeout 300 "$dst/bin/$t" --test-threads=1 --nocapture > "$out/nvrtc-$t.log" 2>&1
+  rc=$?; [ $rc -ne 0 ] && fail=1
+  nvrtc+=$(printf "%-34s rc=%-3s %s" "nvrtc $t" "$rc" "$(grep -E '^test result' "$out/nvrtc-$t.log" | tail -1 | sed 's/test result: //')")$'\n'
+done
 if [ -x "$dst/bin/bench-kernels" ] && [ "${AM3_SKIP_BENCH:-0}" != 1 ]; then
   timeout 400 "$dst/bin/bench-kernels" ${AM3_BENCH_ARGS:-} > "$out/bench.txt" 2>&1
   echo "bench rc=$?"
 fi
-echo "=== GPU errors (worst per line, see errors.txt)"; sort -t: -k2 "$out/errors.txt" | tail -25
-echo "=== tests"; printf "%s" "$summary"
+cp "$out/bench.txt" "$out/errors.txt" "$res/" 2>/dev/null
+tar -C "$out" -czf "$res/logs.tgz" . 2>/dev/null
+echo "=== largest GPU errors printed by the tests (all lines in errors.txt)"
+grep -E "cuda|gpu|bf16" "$out/errors.txt" | sed 's/^test [a-z_0-9]* \.\.\. //' \
+  | awk '{for(i=1;i<NF;i++) if($i=="err"){v=$(i+1); sub(/[^0-9.e+-].*/,"",v); print v"\t"$0; break}}' | sort -g -r | head -12 | cut -f2
+echo "=== tests"; printf "%s" "$summary"; printf "%s" "$nvrtc"
 echo "=== bench"; cat "$out/bench.txt" 2>/dev/null | tail -60
 exit $fail

@@ -21,7 +21,9 @@ pub fn find(name: &str) -> Result<&'static KernelModule> {
 
 pub fn load(ctx: &Arc<CudaContext>, name: &'static str) -> Result<Arc<CudaModule>> {
     let m = find(name)?;
-    if let Some(fb) = m.fatbin {
+    // AM3_FORCE_NVRTC=1 skips the fatbins: the path a build without nvcc takes (tested on the GPU).
+    let force_nvrtc = std::env::var("AM3_FORCE_NVRTC").is_ok_and(|v| v == "1");
+    if let Some(fb) = m.fatbin.filter(|_| !force_nvrtc) {
         match ctx.load_module(Ptx::from_binary(fb.to_vec())) {
             Ok(module) => return Ok(module),
             Err(e) => eprintln!("am3: fatbin for {name} did not load ({e}); compiling it with NVRTC"),
