@@ -102,3 +102,44 @@ __device__ void sum_squares(double* __restrict__ part, const T* __restrict__ x, 
     }                                                                                                   \
     extern "C" __global__ void sum_squares_##S(double* part, const T* x, long n) { sum_squares<T>(part, x, n); }
 AM3_BOTH_DTYPES(AW_ENTRY)
+
+// ---- V2 sum of squares (perf round 3) ----------------------------------------------------------
+// As sum_squares, with two vectors per thread per trip whose loads are issued together (64 bytes
+// in flight per thread for f32). Per-thread order is fixed, so the result is deterministic.
+template <typename T>
+__device__ void sum_squares_v2(double* __restrict__ part, const T* __restrict__ x, long n) {
+    __shared__ double scratch[32];
+    double acc = 0.0;
+    long nv = aligned16(x) ? n / AW_VEC : 0;
+    long stride = aw_stride();
+    for (long i = aw_tid(); i < nv; i += 2 * stride) {
+        float a[AW_VEC], b[AW_VEC];
+        bool has1 = i + stride < nv;
+        aw_ld8(x + i * AW_VEC, a);
+        if (has1) aw_ld8(x + (i + stride) * AW_VEC, b);
+#pragma unroll
+        for (int k = 0; k < AW_VEC; k++) acc += (double)a[k] * (double)a[k];
+        if (has1) {
+#pragma unroll
+            for (int k = 0; k < AW_VEC; k++) acc += (double)b[k] * (double)b[k];
+        }
+    }
+    for (long i = nv * AW_VEC + aw_tid(); i < n; i += stride) {
+        double t = ld(x, i);
+        acc += t * t;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = CEIL_DIV(blockDim.x, WARP);
+    if (lane == 0) scratch[wid] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double t = 0.0;
+        for (int w = 0; w < nw; w++) t += scratch[w];
+        part[blockIdx.x] = t;
+    }
+}
+
+#define AW_V2_ENTRY(T, S)                                                                               \
+    extern "C" __global__ void sum_squares_v2_##S(double* part, const T* x, long n) { sum_squares_v2<T>(part, x, n); }
+AM3_BOTH_DTYPES(AW_V2_ENTRY)

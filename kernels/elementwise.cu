@@ -133,3 +133,94 @@ AM3_BOTH_DTYPES(EW_ENTRY)
 // Casts; f2bf rounds to nearest even (cvt.rn), as PyTorch's .to(torch.bfloat16) does.
 extern "C" __global__ void cast_f32_bf16(bf16* dst, const float* src, long n) { ew_map1(dst, src, n, EwIdent()); }
 extern "C" __global__ void cast_bf16_f32(float* dst, const bf16* src, long n) { ew_map1(dst, src, n, EwIdent()); }
+
+// ---- V2 (perf round 3) -------------------------------------------------------------------------
+// out[i] = f(a[i]) with U vectors per thread per trip: the U loads are issued together, so a
+// thread keeps U * 16 bytes (bf16) in flight instead of 16. In place (out == a) is safe: each
+// element is read before it is written, by the same thread.
+template <int U, typename TO, typename TA, typename F>
+__device__ __forceinline__ void ew_map1_u(TO* out, const TA* a, long n, F f) {
+    bool vec = aligned16(out) && aligned16(a);
+    long nv = vec ? n / EW_VEC : 0;
+    long stride = ew_stride();
+    for (long i = ew_tid(); i < nv; i += U * stride) {
+        float x[U][EW_VEC];
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (i + u * stride < nv) ew_ld8(a + (i + u * stride) * EW_VEC, x[u]);
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (i + u * stride < nv) {
+#pragma unroll
+                for (int k = 0; k < EW_VEC; k++) x[u][k] = f(x[u][k]);
+                ew_st8(out + (i + u * stride) * EW_VEC, x[u]);
+            }
+        }
+    }
+    for (long i = nv * EW_VEC + ew_tid(); i < n; i += stride) st(out, i, f(ld(a, i)));
+}
+
+// bf16 -> f32 reads 16 bytes and writes 32 per vector: 4 vectors per trip keep 64 bytes of loads
+// in flight per thread.
+extern "C" __global__ void __launch_bounds__(256, 4) cast_bf16_f32_v2(float* dst, const bf16* src, long n) { ew_map1_u<4>(dst, src, n, EwIdent()); }
+
+// Bias gradient pass 1, V2: 16-byte loads. Grid (ceil(cols / N / 32), nchunks), block (32, 8):
+// thread (x, y) owns the column vector cv = blockIdx.x * 32 + x (N columns) and the rows
+// r0 + y, r0 + y + 8, ... of its chunk, four rows per trip with their loads issued together; the
+// 8 row lanes are then added in a fixed order (deterministic). Needs cols % N == 0 and an
+// aligned dy (the launcher checks). part [nchunks, cols].
+template <typename T>
+__device__ void bias_bwd_part_v2(float* __restrict__ part, const T* __restrict__ dy, int rows, int cols, int rpc) {
+    constexpr int N = V16<T>::N;
+    __shared__ __align__(16) float s[8][32 * N];
+    int cv = blockIdx.x * 32 + threadIdx.x;
+    int nvec = cols / N;
+    int r0 = blockIdx.y * rpc;
+    int r1 = min(rows, r0 + rpc);
+    float acc[N];
+#pragma unroll
+    for (int i = 0; i < N; i++) acc[i] = 0.f;
+    if (cv < nvec) {
+        const T* p = dy + (long)cv * N;
+        int r = r0 + threadIdx.y;
+        for (; r + 24 < r1; r += 32) {
+            float a[4][N];
+#pragma unroll
+            for (int u = 0; u < 4; u++) ld16(p + (long)(r + 8 * u) * cols, a[u]);
+#pragma unroll
+            for (int u = 0; u < 4; u++)
+#pragma unroll
+                for (int i = 0; i < N; i++) acc[i] += a[u][i];
+        }
+        for (; r < r1; r += 8) {
+            float a[N];
+            ld16(p + (long)r * cols, a);
+#pragma unroll
+            for (int i = 0; i < N; i++) acc[i] += a[i];
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < N; i += 4) st16<float>(&s[threadIdx.y][threadIdx.x * N + i], &acc[i]);
+    __syncthreads();
+    if (threadIdx.y == 0 && cv < nvec) {
+        float t[N];
+#pragma unroll
+        for (int i = 0; i < N; i++) t[i] = 0.f;
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            float v[N];
+#pragma unroll
+            for (int i = 0; i < N; i += 4) ld16<float>(&s[k][threadIdx.x * N + i], &v[i]);
+#pragma unroll
+            for (int i = 0; i < N; i++) t[i] += v[i];
+        }
+#pragma unroll
+        for (int i = 0; i < N; i += 4) st16<float>(part + (long)blockIdx.y * cols + (long)cv * N + i, &t[i]);
+    }
+}
+
+#define EW_V2_ENTRY(T, S)                                                                                    \
+    extern "C" __global__ void bias_bwd_v2_##S(float* part, const T* dy, int rows, int cols, int rpc) {     \
+        bias_bwd_part_v2<T>(part, dy, rows, cols, rpc);                                                      \
+    }
+AM3_BOTH_DTYPES(EW_V2_ENTRY)

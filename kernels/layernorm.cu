@@ -279,3 +279,195 @@ extern "C" __global__ void layernorm_param_reduce(float* __restrict__ dw, float*
         layernorm_bwd<T>(dx, part, dy, x, w, mean, rstd, rows, cols, rows_per_block, use_smem);           \
     }
 AM3_BOTH_DTYPES(LAYERNORM_ENTRY)
+
+// ---- V2 forward and backward (perf round 3) ----------------------------------------------------
+// Persistent blocks: block b handles rows b, b + gridDim, ...; thread t owns the 16-byte column
+// vectors j = t + k * blockDim (k < VPT) for the whole kernel, so x (and dy) are read from HBM
+// once per row and held packed in registers; the next row's are loaded before this row's
+// reductions so their latency overlaps the barriers; w (and b) are loaded once. Needs cols % N
+// == 0, 16-byte aligned pointers and cols <= VPT * blockDim * N (the launcher checks).
+
+// Both sums of a pair over the block with one pair of barriers; `scratch` holds >= 32 float2.
+__device__ __forceinline__ float2 ln_block_sum2(float a, float b, float2* scratch) {
+    int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = CEIL_DIV(blockDim.x, WARP);
+    a = warp_sum(a);
+    b = warp_sum(b);
+    __syncthreads();
+    if (lane == 0) scratch[wid] = make_float2(a, b);
+    __syncthreads();
+    float2 v = lane < nw ? scratch[lane] : make_float2(0.f, 0.f);
+    return make_float2(warp_sum(v.x), warp_sum(v.y));
+}
+
+template <typename T, int VPT>
+__device__ void layernorm_fwd_v2(T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                                 const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
+                                 int rows, int cols, float eps) {
+    __shared__ float scratch[32];
+    constexpr int N = V16<T>::N;
+    const int nvec = cols / N;
+    Vec16 wp[VPT], bp[VPT], xp[VPT];
+#pragma unroll
+    for (int k = 0; k < VPT; k++) {
+        int j = threadIdx.x + k * blockDim.x;
+        wp[k] = Vec16{}; bp[k] = Vec16{}; xp[k] = Vec16{};
+        if (j < nvec) { wp[k] = ld_raw(w + (long)j * N); bp[k] = ld_raw(b + (long)j * N); }
+    }
+    int row = blockIdx.x;
+    if (row < rows) {
+#pragma unroll
+        for (int k = 0; k < VPT; k++) {
+            int j = threadIdx.x + k * blockDim.x;
+            if (j < nvec) xp[k] = ld_raw(x + (long)row * cols + (long)j * N);
+        }
+    }
+    for (; row < rows; row += gridDim.x) {
+        float v[VPT][N];
+#pragma unroll
+        for (int k = 0; k < VPT; k++)
+#pragma unroll
+            for (int i = 0; i < N; i++) v[k][i] = elem<T>(xp[k], i);
+        int nxt = row + gridDim.x;
+        if (nxt < rows) {
+#pragma unroll
+            for (int k = 0; k < VPT; k++) {
+                int j = threadIdx.x + k * blockDim.x;
+                if (j < nvec) xp[k] = ld_raw(x + (long)nxt * cols + (long)j * N);
+            }
+        }
+        float s = 0.f;   // inactive vectors hold zeros
+#pragma unroll
+        for (int k = 0; k < VPT; k++)
+#pragma unroll
+            for (int i = 0; i < N; i++) s += v[k][i];
+        float mu = block_sum(s, scratch) / cols;
+        float ss = 0.f;
+#pragma unroll
+        for (int k = 0; k < VPT; k++) {
+            int j = threadIdx.x + k * blockDim.x;
+            if (j < nvec) {
+#pragma unroll
+                for (int i = 0; i < N; i++) { float d = v[k][i] - mu; ss += d * d; }
+            }
+        }
+        float r = rsqrtf(block_sum(ss, scratch) / cols + eps);
+        if (threadIdx.x == 0) { mean_out[row] = mu; rstd_out[row] = r; }
+#pragma unroll
+        for (int k = 0; k < VPT; k++) {
+            int j = threadIdx.x + k * blockDim.x;
+            if (j < nvec) {
+#pragma unroll
+                for (int i = 0; i < N; i++) v[k][i] = (v[k][i] - mu) * r * elem<T>(wp[k], i) + elem<T>(bp[k], i);
+                st16(y + (long)row * cols + (long)j * N, v[k]);
+            }
+        }
+    }
+}
+
+// dx = rstd * (g - mean(g) - xh * mean(g * xh)) with g = dy * w, xh = (x - mean) * rstd;
+// part[b] = [dw partial (cols), db partial (cols)], the sums over block b's rows of dy * xh, dy.
+// The dw sums stay in registers; the db sums live in dynamic shared memory (cols floats, each
+// thread touching only its own vectors, so no barriers) to stay within 80 registers.
+template <typename T, int VPT>
+__device__ void layernorm_bwd_v2(T* __restrict__ dx, float* __restrict__ part, const T* __restrict__ dy,
+                                 const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ mean,
+                                 const float* __restrict__ rstd, int rows, int cols) {
+    __shared__ float2 scratch2[32];
+    constexpr int N = V16<T>::N;
+    const int nvec = cols / N;
+    Vec16 wp[VPT], xp[VPT], gp[VPT];
+    extern __shared__ __align__(16) float sdb[];   // [cols]
+    float adw[VPT][N];
+#pragma unroll
+    for (int k = 0; k < VPT; k++) {
+        int j = threadIdx.x + k * blockDim.x;
+        wp[k] = Vec16{}; xp[k] = Vec16{}; gp[k] = Vec16{};
+        if (j < nvec) {
+            wp[k] = ld_raw(w + (long)j * N);
+            float z[N] = {};
+            st_f32<N>(sdb + j * N, z);
+        }
+#pragma unroll
+        for (int i = 0; i < N; i++) adw[k][i] = 0.f;
+    }
+    int row = blockIdx.x;
+    if (row < rows) {
+#pragma unroll
+        for (int k = 0; k < VPT; k++) {
+            int j = threadIdx.x + k * blockDim.x;
+            if (j < nvec) { xp[k] = ld_raw(x + (long)row * cols + (long)j * N); gp[k] = ld_raw(dy + (long)row * cols + (long)j * N); }
+        }
+    }
+    for (; row < rows; row += gridDim.x) {
+        Vec16 xc[VPT], gc[VPT];
+#pragma unroll
+        for (int k = 0; k < VPT; k++) { xc[k] = xp[k]; gc[k] = gp[k]; }
+        int nxt = row + gridDim.x;
+        if (nxt < rows) {
+#pragma unroll
+            for (int k = 0; k < VPT; k++) {
+                int j = threadIdx.x + k * blockDim.x;
+                if (j < nvec) { xp[k] = ld_raw(x + (long)nxt * cols + (long)j * N); gp[k] = ld_raw(dy + (long)nxt * cols + (long)j * N); }
+            }
+        }
+        float mu = mean[row], r = rstd[row];
+        float sg = 0.f, sgx = 0.f;
+#pragma unroll
+        for (int k = 0; k < VPT; k++) {
+            int j = threadIdx.x + k * blockDim.x;
+            if (j < nvec) {   // (x - mu) of an inactive zero vector is not zero: skip it
+#pragma unroll
+                for (int i = 0; i < N; i++) {
+                    float g = elem<T>(gc[k], i) * elem<T>(wp[k], i);
+                    sg += g;
+                    sgx += g * (elem<T>(xc[k], i) - mu) * r;
+                }
+            }
+        }
+        float2 red = ln_block_sum2(sg, sgx, scratch2);
+        float mg = red.x / cols, mgx = red.y / cols;
+#pragma unroll
+        for (int k = 0; k < VPT; k++) {
+            int j = threadIdx.x + k * blockDim.x;
+            if (j < nvec) {
+                float o[N], gv[N];
+#pragma unroll
+                for (int i = 0; i < N; i++) {
+                    float gy = elem<T>(gc[k], i);
+                    float xh = (elem<T>(xc[k], i) - mu) * r;
+                    o[i] = r * (gy * elem<T>(wp[k], i) - mg - xh * mgx);
+                    adw[k][i] += gy * xh;
+                    gv[i] = gy;
+                }
+                st16(dx + (long)row * cols + (long)j * N, o);
+                add_f32<N>(sdb + j * N, gv);
+            }
+        }
+    }
+    float* pb = part + (long)blockIdx.x * 2 * cols;
+#pragma unroll
+    for (int k = 0; k < VPT; k++) {
+        int j = threadIdx.x + k * blockDim.x;
+        if (j < nvec) {
+            float db[N];
+            ld_f32<N>(sdb + j * N, db);
+            st_f32<N>(pb + (long)j * N, adw[k]);
+            st_f32<N>(pb + cols + (long)j * N, db);
+        }
+    }
+}
+
+// __launch_bounds__: forward 4 blocks of 256 per SM (<= 64 registers) for VPT <= 2, backward 3
+// (<= 80); VPT = 4 keeps its registers at one block per SM rather than spill (src/ops/layernorm.rs
+// sizes the grids to match).
+#define LAYERNORM_V2_VPT(T, S, V, MINF, MINB)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256, MINF) layernorm_fwd_v2x##V##_##S(T* y, float* mean, float* rstd, \
+        const T* x, const T* w, const T* b, int rows, int cols, float eps) {                                          \
+        layernorm_fwd_v2<T, V>(y, mean, rstd, x, w, b, rows, cols, eps);                                               \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(256, MINB) layernorm_bwd_v2x##V##_##S(T* dx, float* part, const T* dy, \
+        const T* x, const T* w, const float* mean, const float* rstd, int rows, int cols) {                           \
+        layernorm_bwd_v2<T, V>(dx, part, dy, x, w, mean, rstd, rows, cols);                                            \
+    }
+#define LAYERNORM_V2_ENTRY(T, S) LAYERNORM_V2_VPT(T, S, 1, 4, 3) LAYERNORM_V2_VPT(T, S, 2, 4, 3) LAYERNORM_V2_VPT(T, S, 4, 1, 1)
+AM3_BOTH_DTYPES(LAYERNORM_V2_ENTRY)

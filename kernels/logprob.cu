@@ -313,3 +313,269 @@ extern "C" __global__ void logprob_expand_vec_f32(float* __restrict__ dst, const
     int q = pos[t];
     dst[t] = q >= 0 ? src[q] : 0.f;
 }
+
+// ---- Variant 2 of the fused pass (Tuning::fused_v2) ----
+// cuBLAS writes the chunk's logits [n, V] straight into the kept buffer at the storage type (no
+// f32 tile); one single-pass kernel per chunk folds each whole row; the backward reuses
+// logprob_dlogits_stored with nsub = 1 and a zero offset row.
+
+// Online log-sum-exp state of one thread: m = max, s = sum e^(x - m), u = sum e^(x - m) (x - m).
+// Merges (m2, s2, u2) into (m, s, u). An empty side (s == 0) is skipped, so -inf maxima never
+// meet; a NaN s propagates.
+__device__ __forceinline__ void lse_merge(float& m, float& s, float& u, float m2, float s2, float u2) {
+    float mn = fmaxf(m, m2);
+    float sn = 0.f, un = 0.f;
+    if (s != 0.f) { float d = m - mn, a = expf(d); sn += a * s; un += a * (u + d * s); }
+    if (s2 != 0.f) { float d = m2 - mn, a = expf(d); sn += a * s2; un += a * (u2 + d * s2); }
+    m = mn;
+    s = sn;
+    u = un;
+}
+
+// Folds K values into the thread's state: one rescale per group at most, one expf per value.
+template <int K>
+__device__ __forceinline__ void lse_fold_group(const float* x, float& m, float& s, float& u) {
+    float g = x[0];
+#pragma unroll
+    for (int i = 1; i < K; i++) g = fmaxf(g, x[i]);
+    if (g > m) {
+        if (s != 0.f) { float d = m - g, a = expf(d); u = a * (u + d * s); s = a * s; }
+        m = g;
+    }
+    if (m == NEG_INF) return;   // only -inf (or NaN-free empty) so far
+#pragma unroll
+    for (int i = 0; i < K; i++) {
+        float d = x[i] - m, e = expf(d);
+        s += e;
+        u += e == 0.f ? 0.f : e * d;   // e^(-inf) * (-inf) would be NaN
+    }
+}
+
+// One block per row: folds the whole row logits[row, 0 .. V) (storage type) into
+// stats[row] = {m, s, u, target logit}, reading each value once (two 16-byte loads in flight per
+// thread). A target outside [0, V) leaves NaN, so its logp is NaN.
+template <typename T>
+__device__ void logprob_fold_full(float* __restrict__ stats, const T* __restrict__ logits,
+                                  const int* __restrict__ targets, int n, int V) {
+    __shared__ float sm[32], ss[32], su[32];
+    int row = blockIdx.x;
+    if (row >= n) return;
+    const T* lr = logits + (long)row * V;
+    float m = NEG_INF, s = 0.f, u = 0.f;
+    constexpr int N = V16<T>::N;
+    if ((V % N == 0) && aligned16(lr)) {
+        int nvec = V / N, stride = blockDim.x;
+        int i = threadIdx.x;
+        for (; i + stride < nvec; i += 2 * stride) {
+            float a[N], b[N];
+            ld16<T>(lr + (long)i * N, a);
+            ld16<T>(lr + (long)(i + stride) * N, b);
+            lse_fold_group<N>(a, m, s, u);
+            lse_fold_group<N>(b, m, s, u);
+        }
+        if (i < nvec) {
+            float a[N];
+            ld16<T>(lr + (long)i * N, a);
+            lse_fold_group<N>(a, m, s, u);
+        }
+    } else {
+        for (int c = threadIdx.x; c < V; c += blockDim.x) {
+            float a[1] = {ld(lr, c)};
+            lse_fold_group<1>(a, m, s, u);
+        }
+    }
+    // Warp butterfly, then the warps' partial states through shared memory.
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+        float s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        float u2 = __shfl_xor_sync(0xffffffffu, u, o);
+        lse_merge(m, s, u, m2, s2, u2);
+    }
+    int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = CEIL_DIV(blockDim.x, WARP);
+    if (lane == 0) { sm[wid] = m; ss[wid] = s; su[wid] = u; }
+    __syncthreads();
+    if (wid == 0) {
+        m = lane < nw ? sm[lane] : NEG_INF;
+        s = lane < nw ? ss[lane] : 0.f;
+        u = lane < nw ? su[lane] : 0.f;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+            float s2 = __shfl_xor_sync(0xffffffffu, s, o);
+            float u2 = __shfl_xor_sync(0xffffffffu, u, o);
+            lse_merge(m, s, u, m2, s2, u2);
+        }
+        if (lane == 0) {
+            int tg = targets[row];
+            float* st = stats + (long)row * 4;
+            st[0] = m;
+            st[1] = s;
+            st[2] = u;
+            st[3] = (tg >= 0 && tg < V) ? ld(lr, tg) : NAN_F;
+        }
+    }
+}
+
+#define LOGPROB_V2_ENTRY(T, S)                                                                       \
+    extern "C" __global__ void logprob_fold_full_##S(float* stats, const T* logits, const int* targets, \
+                                                     int n, int V) {                                  \
+        logprob_fold_full<T>(stats, logits, targets, n, V);                                           \
+    }
+AM3_BOTH_DTYPES(LOGPROB_V2_ENTRY)
+
+// ---- Variant 3 (Tuning::fused_v3): variant 2's GEMM, then fold and dlogits in one kernel ----
+// dlogits = g * u with u = onehot(target) - softmax, which does not depend on g = dlogp: one
+// kernel per chunk folds each row, finishes lse / logp / entropy, and overwrites the row with u
+// (storage type). The caller applies g after: dhidden = diag(g) (U W) in the scatter and
+// dW += U^T (diag(g) hidden). One block per row; the first `cache` values of the row are kept in
+// dynamic shared memory between the two passes, the rest are re-read (from L2 when few rows are
+// in flight: one 1024-thread block per SM).
+
+template <typename T>
+__device__ void logprob_fold_u(T* __restrict__ buf, float* __restrict__ logp, float* __restrict__ lse_out,
+                               float* __restrict__ ent, const int* __restrict__ targets, int n, int V, int cache) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* cached = reinterpret_cast<T*>(smem_raw);   // [cache]
+    __shared__ float sm[32], ss[32], su[32];
+    __shared__ float s_lse;
+    int row = blockIdx.x;
+    if (row >= n) return;
+    T* br = buf + (long)row * V;
+    float m = NEG_INF, s = 0.f, u = 0.f;
+    constexpr int N = V16<T>::N;
+    bool vec = (V % N == 0) && (cache % N == 0) && aligned16(br);
+    if (vec) {
+        int nvec = V / N, ncache = cache / N;
+        for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+            float a[N];
+            ld16<T>(br + (long)i * N, a);
+            if (i < ncache) *reinterpret_cast<Vec16*>(cached + (long)i * N) = *reinterpret_cast<const Vec16*>(br + (long)i * N);
+            lse_fold_group<N>(a, m, s, u);
+        }
+    } else {
+        for (int c = threadIdx.x; c < V; c += blockDim.x) {
+            float a[1] = {ld(br, c)};
+            if (c < cache) cached[c] = br[c];
+            lse_fold_group<1>(a, m, s, u);
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+        float s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        float u2 = __shfl_xor_sync(0xffffffffu, u, o);
+        lse_merge(m, s, u, m2, s2, u2);
+    }
+    int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = CEIL_DIV(blockDim.x, WARP);
+    if (lane == 0) { sm[wid] = m; ss[wid] = s; su[wid] = u; }
+    __syncthreads();
+    int tg = targets[row];
+    if (wid == 0) {
+        m = lane < nw ? sm[lane] : NEG_INF;
+        s = lane < nw ? ss[lane] : 0.f;
+        u = lane < nw ? su[lane] : 0.f;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+            float s2 = __shfl_xor_sync(0xffffffffu, s, o);
+            float u2 = __shfl_xor_sync(0xffffffffu, u, o);
+            lse_merge(m, s, u, m2, s2, u2);
+        }
+        if (lane == 0) {
+            float ls = logf(s);
+            float L = m + ls;
+            float tl = (tg >= 0 && tg < V) ? ld(br, tg) : NAN_F;
+            lse_out[row] = L;
+            logp[row] = tl - L;
+            if (ent) ent[row] = ls - u / s;
+            s_lse = L;
+        }
+    }
+    __syncthreads();   // every read of pass 1 (and the target logit) is done before pass 2 writes
+    float L = s_lse;
+    if (vec) {
+        int nvec = V / N, ncache = cache / N;
+        for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+            float a[N];
+            if (i < ncache) ld16<T>(cached + (long)i * N, a);
+            else ld16<T>(br + (long)i * N, a);
+            long c0 = (long)i * N;
+#pragma unroll
+            for (int k = 0; k < N; k++) a[k] = (c0 + k == tg ? 1.f : 0.f) - expf(a[k] - L);
+            st16<T>(br + c0, a);
+        }
+    } else {
+        for (int c = threadIdx.x; c < V; c += blockDim.x) {
+            float x = c < cache ? ld(cached, c) : ld(br, c);
+            st(br, c, (c == tg ? 1.f : 0.f) - expf(x - L));
+        }
+    }
+}
+
+// One block per row: dst[i, :] = g[i] * src[i, :] (storage type), i < n.
+template <typename T>
+__device__ void logprob_scale_rows(T* __restrict__ dst, const T* __restrict__ src, const float* __restrict__ g,
+                                   int n, int cols) {
+    int i = blockIdx.x;
+    if (i >= n) return;
+    float gi = g[i];
+    const T* s = src + (long)i * cols;
+    T* d = dst + (long)i * cols;
+    constexpr int N = V16<T>::N;
+    if ((cols % N == 0) && aligned16(s) && aligned16(d)) {
+        for (int c = threadIdx.x * N; c < cols; c += blockDim.x * N) {
+            float x[N];
+            ld16<T>(s + c, x);
+#pragma unroll
+            for (int k = 0; k < N; k++) x[k] *= gi;
+            st16<T>(d + c, x);
+        }
+    } else {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) st(d, c, gi * ld(s, c));
+    }
+}
+
+// One block per packed row: dst[r, :] = g[i] * src[i, :] (f32 -> storage type), r = idx[i], or
+// row0 + i when idx is null. g: [n], the chunk's dlogp.
+template <typename T>
+__device__ void logprob_scatter_rows_scaled(T* __restrict__ dst, const float* __restrict__ src,
+                                            const float* __restrict__ g, const int* __restrict__ idx,
+                                            int row0, int n, int cols) {
+    int i = blockIdx.x;
+    if (i >= n) return;
+    long r = idx ? (long)idx[i] : (long)row0 + i;
+    float gi = g[i];
+    const float* s = src + (long)i * cols;
+    T* d = dst + r * cols;
+    constexpr int N = V16<T>::N;
+    if ((cols % N == 0) && aligned16(s) && aligned16(d)) {
+        for (int c = threadIdx.x * N; c < cols; c += blockDim.x * N) {
+            float x[N];
+#pragma unroll
+            for (int j = 0; j < N; j += 4) ld16<float>(s + c + j, x + j);
+#pragma unroll
+            for (int j = 0; j < N; j++) x[j] *= gi;
+            st16<T>(d + c, x);
+        }
+    } else {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) st(d, c, gi * s[c]);
+    }
+}
+
+#define LOGPROB_V3_ENTRY(T, S)                                                                       \
+    extern "C" __global__ void __launch_bounds__(1024) logprob_fold_u_##S(T* buf, float* logp, float* lse, \
+                                                     float* ent, const int* targets, int n, int V,    \
+                                                     int cache) {                                     \
+        logprob_fold_u<T>(buf, logp, lse, ent, targets, n, V, cache);                                 \
+    }                                                                                                 \
+    extern "C" __global__ void logprob_scale_rows_##S(T* dst, const T* src, const float* g, int n,    \
+                                                      int cols) {                                     \
+        logprob_scale_rows<T>(dst, src, g, n, cols);                                                  \
+    }                                                                                                 \
+    extern "C" __global__ void logprob_scatter_rows_scaled_##S(T* dst, const float* src, const float* g, \
+                                                               const int* idx, int row0, int n,       \
+                                                               int cols) {                            \
+        logprob_scatter_rows_scaled<T>(dst, src, g, idx, row0, n, cols);                              \
+    }
+AM3_BOTH_DTYPES(LOGPROB_V3_ENTRY)

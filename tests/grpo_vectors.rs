@@ -280,3 +280,77 @@ fn grpo_cuda_matches_cpu_random() {
     }
     assert!(fails.is_empty(), "grpo cuda vs cpu above 1e-5: {fails:?}");
 }
+
+/// The fused GRPO loss (lm_head + log-prob + loss in one pass), current path and variants 2 and 3
+/// (`Tuning::fused_v2` / `fused_v3`), on the GPU: each variant's loss statistics against the f64 loss of its
+/// own log-probs (1e-5: the callback wiring), and the variants against each other — in f32 to
+/// 1e-5 (same math, other order); in bf16 variants 2 and 3 round the logits to bf16, so they differ
+/// from the current pass by that rounding (printed, held to 5e-2 to catch indexing bugs).
+#[test]
+fn grpo_fused_variants_cuda() {
+    use am3safety::ops::grpo::GrpoBatch;
+    use am3safety::ops::logprob::{self, Tuning};
+    let Some(gpu) = cuda_or_skip("grpo_fused_variants_cuda") else { return };
+    let hp = hyper();
+    let mut rng = Rng::new(12);
+    let mut fails = Vec::new();
+    for &(rows, l, h, v) in &[(4usize, 37usize, 48usize, 1000usize), (2, 5, 40, 152_064)] {
+        let t = rows * l;
+        let x = rng.normal_vec(t * h, 1.0);
+        let w = rng.normal_vec(v * h, 4.0 / (h as f64).sqrt());
+        let tg: Vec<i32> = (0..t).map(|_| rng.below(v) as i32).collect();
+        let mut mask: Vec<f32> = (0..t).map(|i| (i == 0 || rng.uniform() < 0.7) as u8 as f32).collect();
+        if rows > 2 {
+            mask[l..2 * l].iter_mut().for_each(|m| *m = 0.0);
+        }
+        let adv: Vec<f32> = (0..rows).map(|_| rng.normal() as f32).collect();
+        let offs: Vec<f32> = (0..t).map(|_| [0.0f32, 0.05, -0.05, 0.6, -0.6][rng.below(5)]).collect();
+        let kl: Vec<f32> = (0..t).map(|_| rng.range(-0.5, 0.5) as f32).collect();
+        for (dt, tol) in [(DType::F32, 1e-5f64), (DType::BF16, 5e-2)] {
+            let up = |v: &[f32], d: DType| gpu.upload(v, d).unwrap();
+            let (bx, bw, btg, bm, ba) = (up(&x, dt), up(&w, dt), gpu.upload_i32(&tg).unwrap(), up(&mask, DType::F32), up(&adv, DType::F32));
+            // Old / reference log-probs near the policy's (from the split forward).
+            let (mut lp0, mut ls0) = (up(&vec![0.0; t], DType::F32), up(&vec![0.0; t], DType::F32));
+            logprob::fwd(&gpu, &mut lp0, &mut ls0, None, &bx, &bw, &btg, None, t, h, v).unwrap();
+            let lp0 = gpu.to_vec(&lp0).unwrap();
+            let old: Vec<f32> = lp0.iter().zip(&offs).map(|(a, b)| a - b).collect();
+            let rf: Vec<f32> = lp0.iter().zip(&kl).map(|(a, b)| a + b).collect();
+            let (bo, br) = (up(&old, DType::F32), up(&rf, DType::F32));
+            let batch = GrpoBatch { old_logp: &bo, ref_logp: &br, mask: &bm, adv: &ba, rows, l };
+            for agg in [Aggregation::TokenMean, Aggregation::SeqMean] {
+                let mut outs = Vec::new();
+                for var in [1u8, 2, 3] {
+                    let tune = Tuning { fused_bytes: 3 * v * dt.size(), fused_v2: var == 2, fused_v3: var == 3, ..Tuning::default() };
+                    let (mut blp, mut bdh, mut bdw) = (up(&vec![f32::NAN; t], DType::F32), up(&vec![f32::NAN; t * h], dt), up(&vec![0.0; v * h], DType::F32));
+                    let s = grpo::fused_loss_with(&gpu, &tune, &mut blp, &mut bdh, &mut bdw, &bx, &bw, &btg, &batch, h, v, &hp, agg).unwrap();
+                    let got_lp = gpu.to_vec(&blp).unwrap();
+                    let mut d64 = vec![0f64; t];
+                    let s64 = cpu::loss_fwd_bwd::<f64>(&mut d64, &to64(&got_lp), &to64(&old), &to64(&rf), &to64(&mask), &to64(&adv), rows, l, &hp, agg);
+                    let el = (s.loss - s64.loss).abs() / loss_scale(&got_lp, &old, &rf, &mask, &adv, rows, l, &hp, agg).max(1e-30);
+                    let ec = (s.clip_frac - s64.clip_frac).abs();
+                    let ek = rel_scalar(s.mean_kl, s64.mean_kl);
+                    let what = format!("grpo fused v{var} cuda {} [rows={rows} l={l} h={h} v={v}] {agg:?}", dt.suffix());
+                    println!("{what}: loss {:.6} rel {el:.2e}, clip frac {:.4} vs {:.4}, kl rel {ek:.2e}", s.loss, s.clip_frac, s64.clip_frac);
+                    for (nm, e) in [("loss", el), ("clip_frac", ec), ("mean_kl", ek)] {
+                        if e.is_nan() || e > 1e-5 {
+                            fails.push(format!("{what} {nm} vs its own logp: {e:.2e}"));
+                        }
+                    }
+                    outs.push((got_lp, gpu.to_vec(&bdh).unwrap(), gpu.to_vec(&bdw).unwrap()));
+                }
+                // v2 and v3 against the current pass; v3 against v2 (same logits: bf16 rounding differs
+                // only in where dlogp is applied, so 1e-2 even in bf16).
+                for (i, j, tl) in [(1usize, 0usize, tol), (2, 0, tol), (2, 1, if dt == DType::BF16 { 1e-2 } else { tol })] {
+                    let (a, b) = (&outs[j], &outs[i]);
+                    for (nm, e) in [("logp", rel_err(&b.0, &a.0)), ("dhidden", rel_err(&b.1, &a.1)), ("dlm_head", rel_err(&b.2, &a.2))] {
+                        println!("grpo fused v{} vs v{} cuda {} [rows={rows} l={l} h={h} v={v}] {agg:?} {nm}: rel diff {e:.2e}", i + 1, j + 1, dt.suffix());
+                        if e.is_nan() || e > tl {
+                            fails.push(format!("v{} vs v{} {} [{rows}x{l}x{h}x{v}] {agg:?} {nm}: {e:.2e}", i + 1, j + 1, dt.suffix()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(fails.is_empty(), "grpo fused variants: {} failure(s):\n{}", fails.len(), fails.join("\n"));
+}

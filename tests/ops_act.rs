@@ -1,6 +1,7 @@
 //! Activations: SwiGLU and the three GELUs. CPU backward vs finite differences (f64), CPU forward
 //! vs known values, the HF name mapping, and CUDA (bf16 and f32) vs the CPU.
 mod common;
+use am3safety::ops::elementwise::with_v2;
 use am3safety::ops::act::{self, cpu, Gelu};
 use am3safety::tensor::{DType, Device};
 use common::*;
@@ -143,27 +144,33 @@ fn swiglu_cuda_matches_cpu() {
 #[test]
 fn gelu_cuda_matches_cpu() {
     let Some(gpu) = cuda_or_skip("gelu_cuda_matches_cpu") else { return };
-    let mut rng = Rng::new(14);
-    for kind in GELUS {
-        for &dt in &[DType::BF16, DType::F32] {
-            for &n in SIZES {
-                let round = |v: Vec<f32>| if dt == DType::BF16 { bf16_round(&v) } else { v };
-                let x = round(rng.normal_vec(n, 3.0));
-                let dout = round(rng.normal_vec(n, 1.0));
-                let run = |dev: &Device, dt: DType| -> (Vec<f32>, Vec<f32>) {
-                    let (xb, db) = (dev.upload(&x, dt).unwrap(), dev.upload(&dout, dt).unwrap());
-                    let nan = vec![f32::NAN; n];
-                    let mut o = dev.upload(&nan, dt).unwrap();
-                    act::gelu_fwd(dev, &mut o, &xb, n, kind).unwrap();
-                    let mut dx = dev.upload(&nan, dt).unwrap();
-                    act::gelu_bwd(dev, &mut dx, &db, &xb, n, kind).unwrap();
-                    (dev.to_vec(&o).unwrap(), dev.to_vec(&dx).unwrap())
-                };
-                let (o0, dx0) = run(&Device::Cpu, DType::F32);
-                let (o1, dx1) = run(&gpu, dt);
-                check_close(&format!("gelu {kind:?} out"), dt, n, &o1, &o0);
-                check_close(&format!("gelu {kind:?} dx"), dt, n, &dx1, &dx0);
+    // Both kernel variants: V1 (verified) and V2 (AM3_V2), the same checks.
+    for v2 in [false, true] {
+        println!("gelu: variant {}", if v2 { "V2" } else { "V1" });
+        with_v2(v2, || {
+            let mut rng = Rng::new(14);
+            for kind in GELUS {
+                for &dt in &[DType::BF16, DType::F32] {
+                    for &n in SIZES {
+                        let round = |v: Vec<f32>| if dt == DType::BF16 { bf16_round(&v) } else { v };
+                        let x = round(rng.normal_vec(n, 3.0));
+                        let dout = round(rng.normal_vec(n, 1.0));
+                        let run = |dev: &Device, dt: DType| -> (Vec<f32>, Vec<f32>) {
+                            let (xb, db) = (dev.upload(&x, dt).unwrap(), dev.upload(&dout, dt).unwrap());
+                            let nan = vec![f32::NAN; n];
+                            let mut o = dev.upload(&nan, dt).unwrap();
+                            act::gelu_fwd(dev, &mut o, &xb, n, kind).unwrap();
+                            let mut dx = dev.upload(&nan, dt).unwrap();
+                            act::gelu_bwd(dev, &mut dx, &db, &xb, n, kind).unwrap();
+                            (dev.to_vec(&o).unwrap(), dev.to_vec(&dx).unwrap())
+                        };
+                        let (o0, dx0) = run(&Device::Cpu, DType::F32);
+                        let (o1, dx1) = run(&gpu, dt);
+                        check_close(&format!("gelu {kind:?} out"), dt, n, &o1, &o0);
+                        check_close(&format!("gelu {kind:?} dx"), dt, n, &dx1, &dx0);
+                    }
+                }
             }
-        }
+        });
     }
 }

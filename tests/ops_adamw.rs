@@ -2,6 +2,7 @@
 //! decoupled decay, grad scaling), the sum of squares, error paths, and CUDA vs the CPU (param
 //! must equal bf16(master) bit for bit).
 mod common;
+use am3safety::ops::elementwise::with_v2;
 use am3safety::ops::adamw::{self, AdamW};
 use am3safety::tensor::{DType, Device};
 use common::*;
@@ -152,18 +153,24 @@ fn adamw_cuda_matches_cpu() {
 #[test]
 fn sum_squares_cuda_matches_cpu() {
     let Some(gpu) = cuda_or_skip("sum_squares_cuda_matches_cpu") else { return };
-    let mut rng = Rng::new(33);
-    for &dt in &[DType::F32, DType::BF16] {
-        for &n in &[1usize, 7, 8, 9, 1000, 100_003, 2_000_001, 20_000_001] {
-            let x = bf16_round(&rng.normal_vec(n, 0.01));
-            let want = adamw::sum_squares(&Device::Cpu, &Device::Cpu.upload(&x, DType::F32).unwrap(), n).unwrap();
-            let xb = gpu.upload(&x, dt).unwrap();
-            let got = adamw::sum_squares(&gpu, &xb, n).unwrap();
-            let again = adamw::sum_squares(&gpu, &xb, n).unwrap();
-            let e = (got - want).abs() / want.abs().max(1e-300);
-            println!("sum_squares {} n={n}: {got:.12e} vs cpu {want:.12e}, rel err {e:.2e}", dt.suffix());
-            assert!(e < 1e-12, "sum_squares {} n={n}: rel err {e:.2e}", dt.suffix());
-            assert_eq!(got.to_bits(), again.to_bits(), "sum_squares {} n={n} not deterministic", dt.suffix());
-        }
+    // Both kernel variants: V1 (verified) and V2 (AM3_V2), the same checks.
+    for v2 in [false, true] {
+        println!("sum_squares: variant {}", if v2 { "V2" } else { "V1" });
+        with_v2(v2, || {
+            let mut rng = Rng::new(33);
+            for &dt in &[DType::F32, DType::BF16] {
+                for &n in &[1usize, 7, 8, 9, 1000, 100_003, 2_000_001, 20_000_001] {
+                    let x = bf16_round(&rng.normal_vec(n, 0.01));
+                    let want = adamw::sum_squares(&Device::Cpu, &Device::Cpu.upload(&x, DType::F32).unwrap(), n).unwrap();
+                    let xb = gpu.upload(&x, dt).unwrap();
+                    let got = adamw::sum_squares(&gpu, &xb, n).unwrap();
+                    let again = adamw::sum_squares(&gpu, &xb, n).unwrap();
+                    let e = (got - want).abs() / want.abs().max(1e-300);
+                    println!("sum_squares {} n={n}: {got:.12e} vs cpu {want:.12e}, rel err {e:.2e}", dt.suffix());
+                    assert!(e < 1e-12, "sum_squares {} n={n}: rel err {e:.2e}", dt.suffix());
+                    assert_eq!(got.to_bits(), again.to_bits(), "sum_squares {} n={n} not deterministic", dt.suffix());
+                }
+            }
+        });
     }
 }

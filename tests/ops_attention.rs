@@ -1,8 +1,9 @@
 //! Fused attention: CPU backward vs finite differences (f64); CPU packing and decode consistency;
 //! input validation; CUDA (bf16 tensor cores, f32 and other head dims on CUDA cores) vs the CPU
-//! for forward, backward and decode over a KV cache, outputs poisoned with NaN before each run.
+//! for forward, backward and decode over a KV cache, outputs poisoned with NaN before each run;
+//! the bf16 GPU checks run every kernel variant (`Variant::V1`, `Variant::V2`).
 mod common;
-use am3safety::ops::attention::{self, cpu, AttnShape, KvCache, Varlen};
+use am3safety::ops::attention::{self, cpu, AttnShape, KvCache, Variant, Varlen};
 use am3safety::tensor::{DType, Device};
 use common::*;
 
@@ -183,7 +184,7 @@ fn attention_rejects_bad_input() {
 
 /// One forward + backward on `dev` in `dt`: (out, lse, dq, dk, dv), every output NaN-poisoned first.
 #[allow(clippy::too_many_arguments)]
-fn run_fwd_bwd(dev: &Device, dt: DType, q: &[f32], k: &[f32], v: &[f32], dout: &[f32], cu: &[i32], s: &AttnShape) -> [Vec<f32>; 5] {
+fn run_fwd_bwd(dev: &Device, dt: DType, q: &[f32], k: &[f32], v: &[f32], dout: &[f32], cu: &[i32], s: &AttnShape, variant: Variant) -> [Vec<f32>; 5] {
     let t = *cu.last().unwrap() as usize;
     let seqs = Varlen::new(dev, cu).unwrap();
     let up = |x: &[f32]| dev.upload(x, dt).unwrap();
@@ -191,9 +192,9 @@ fn run_fwd_bwd(dev: &Device, dt: DType, q: &[f32], k: &[f32], v: &[f32], dout: &
     let (qb, kb, vb, dob) = (up(q), up(k), up(v), up(dout));
     let mut out = nan(q.len(), dt);
     let mut lse = nan(s.hq * t, DType::F32);
-    attention::fwd(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, s).unwrap();
+    attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, s, variant).unwrap();
     let (mut dq, mut dk, mut dv) = (nan(q.len(), dt), nan(k.len(), dt), nan(v.len(), dt));
-    attention::bwd(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, s).unwrap();
+    attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, s, variant).unwrap();
     [&out, &lse, &dq, &dk, &dv].map(|b| dev.to_vec(b).unwrap())
 }
 
@@ -226,6 +227,9 @@ fn attention_cuda_matches_cpu() {
     // (sequence lengths, hq, hkv, causal): length 1, odd lengths around the 64-row tiles, GQA 1/4/7,
     // an empty sequence, non-causal packing, and vision-style windows of 64 tokens.
     let windows = vec![64usize; 12];
+    // More (window, head) items than V2's persistent window kernel has blocks (≤ 3 per SM), so
+    // each block walks several items through its prefetch buffers; ragged and empty windows.
+    let many: Vec<usize> = (0..44).map(|i| [64, 64, 33, 64, 1, 64, 0, 50][i % 8]).collect();
     let cases: Vec<(Vec<usize>, usize, usize, bool)> = vec![
         (vec![1], 4, 4, true),
         (vec![17], 4, 1, true),
@@ -234,6 +238,11 @@ fn attention_cuda_matches_cpu() {
         (vec![300], 8, 2, true),
         (vec![5, 77], 14, 2, false),
         (windows, 16, 16, false),
+        // several 128-row tiles of the V2 forward with ragged ends, causal and not
+        (vec![383, 128, 2], 4, 2, true),
+        (vec![257, 129], 2, 1, false),
+        (many.clone(), 16, 8, false),
+        (many, 12, 4, true),
     ];
     for &d in &[64usize, 80, 128, 32] {
         for (lens, hq, hkv, causal) in &cases {
@@ -245,11 +254,11 @@ fn attention_cuda_matches_cpu() {
             let k = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
             let v = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
             let dout = bf16_round(&rng.normal_vec(t * hq * d, 1.0));
-            let want = run_fwd_bwd(&Device::Cpu, DType::F32, &q, &k, &v, &dout, &cu, &s);
-            for &dt in &[DType::BF16, DType::F32] {
-                let got = run_fwd_bwd(&gpu, dt, &q, &k, &v, &dout, &cu, &s);
+            let want = run_fwd_bwd(&Device::Cpu, DType::F32, &q, &k, &v, &dout, &cu, &s, Variant::V1);
+            for &(dt, variant) in &[(DType::BF16, Variant::V1), (DType::BF16, Variant::V2), (DType::F32, Variant::V1)] {
+                let got = run_fwd_bwd(&gpu, dt, &q, &k, &v, &dout, &cu, &s, variant);
                 let tol = if dt == DType::BF16 { 1e-2 } else { 1e-5 };
-                let path = if dt == DType::BF16 && matches!(d, 64 | 80 | 128) { "tensor cores" } else { "cuda cores" };
+                let path = if dt == DType::BF16 && matches!(d, 64 | 80 | 128) { format!("tensor cores {variant:?}") } else { "cuda cores".to_string() };
                 for (i, name) in ["out", "lse", "dq", "dk", "dv"].iter().enumerate() {
                     // dq and dk vanish where every row sees a single key (p = 1, so dS = 0): their
                     // error is measured against the gradient scale ‖dv‖ as well.
@@ -270,7 +279,7 @@ type Turn = (Vec<f32>, Vec<f32>, Vec<f32>, usize);
 /// Decode on `dev` in `dt` through a prefill (varlen append), then two turns: n_new tokens and
 /// then one more; returns both turns' outputs (NaN-poisoned before each).
 #[allow(clippy::too_many_arguments)]
-fn run_decode(dev: &Device, dt: DType, prompt: &[usize], kp: &[f32], vp: &[f32], turns: &[Turn], max_len: usize, s: &AttnShape) -> Vec<Vec<f32>> {
+fn run_decode(dev: &Device, dt: DType, prompt: &[usize], kp: &[f32], vp: &[f32], turns: &[Turn], max_len: usize, s: &AttnShape, variant: Variant) -> Vec<Vec<f32>> {
     let mut cache = KvCache::with_dtype(dev, dt, prompt.len(), max_len, s.hkv, s.d).unwrap();
     let seqs = Varlen::new(dev, &cu_of(prompt)).unwrap();
     cache.append_varlen(dev, &dev.upload(kp, dt).unwrap(), &dev.upload(vp, dt).unwrap(), &seqs).unwrap();
@@ -278,7 +287,7 @@ fn run_decode(dev: &Device, dt: DType, prompt: &[usize], kp: &[f32], vp: &[f32],
     for (q, k, v, n_new) in turns {
         cache.append(dev, &dev.upload(k, dt).unwrap(), &dev.upload(v, dt).unwrap(), *n_new).unwrap();
         let mut out = dev.upload(&vec![f32::NAN; q.len()], dt).unwrap();
-        attention::decode(dev, &mut out, &dev.upload(q, dt).unwrap(), &cache, *n_new, s).unwrap();
+        attention::decode_with(dev, &mut out, &dev.upload(q, dt).unwrap(), &cache, *n_new, s, variant).unwrap();
         outs.push(dev.to_vec(&out).unwrap());
     }
     outs
@@ -299,6 +308,10 @@ fn attention_cuda_decode_matches_cpu() {
         (vec![90, 7], 4, 2, 2, false),
         // 64 (sequence, kv head) pairs: the split leaves several 64-key tiles per chunk (on 132 SMs).
         (vec![1500, 700, 64, 1, 1000, 333, 90, 1200], 8, 8, 1, true),
+        // V2's 16-row kernel at its limit (16 rows: 2 new tokens × GQA 8), a long cache split
+        // into multi-tile chunks (three-stage ring), and one kv head for the wave sizing.
+        (vec![5000, 3], 8, 1, 2, true),
+        (vec![2100], 16, 1, 1, false),
     ];
     for &d in &[64usize, 80, 128, 32] {
         for (prompt, hq, hkv, n_new, causal) in &cases {
@@ -318,13 +331,13 @@ fn attention_cuda_decode_matches_cpu() {
                     (q, k, v, n)
                 })
                 .collect();
-            let want = run_decode(&Device::Cpu, DType::F32, prompt, &kp, &vp, &turns, max_len, &s);
-            for &dt in &[DType::BF16, DType::F32] {
-                let got = run_decode(&gpu, dt, prompt, &kp, &vp, &turns, max_len, &s);
+            let want = run_decode(&Device::Cpu, DType::F32, prompt, &kp, &vp, &turns, max_len, &s, Variant::V1);
+            for &(dt, variant) in &[(DType::BF16, Variant::V1), (DType::BF16, Variant::V2), (DType::F32, Variant::V1)] {
+                let got = run_decode(&gpu, dt, prompt, &kp, &vp, &turns, max_len, &s, variant);
                 let tol = if dt == DType::BF16 { 1e-2 } else { 1e-5 };
                 for (turn, (a, w)) in got.iter().zip(&want).enumerate() {
                     let e = rel_err(a, w);
-                    let tag = format!("decode {} d {d} hq {hq} hkv {hkv} prompts {prompt:?} turn {turn} (n_new {}) causal {causal}", dt.suffix(), turns[turn].3);
+                    let tag = format!("decode {} {variant:?} d {d} hq {hq} hkv {hkv} prompts {prompt:?} turn {turn} (n_new {}) causal {causal}", dt.suffix(), turns[turn].3);
                     println!("{tag}: rel err {e:.2e}");
                     assert!(e <= tol, "{tag}: rel err {e:.2e} > {tol:.0e} (inf = an element left unwritten or non-finite)");
                 }

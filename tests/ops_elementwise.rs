@@ -2,6 +2,7 @@
 //! CPU semantics and error paths, and CUDA (bf16 and f32) vs the CPU, with the casts checked bit
 //! for bit against round-to-nearest-even.
 mod common;
+use am3safety::ops::elementwise::with_v2;
 use am3safety::ops::elementwise::{self as ew, cpu};
 use am3safety::tensor::{Buf, DType, Device};
 use common::*;
@@ -95,57 +96,72 @@ fn check_close(what: &str, dt: DType, shape: &str, got: &[f32], want: &[f32]) {
 #[test]
 fn bias_cuda_matches_cpu() {
     let Some(gpu) = cuda_or_skip("bias_cuda_matches_cpu") else { return };
-    let mut rng = Rng::new(22);
-    let shapes: Vec<(usize, usize)> = ROW_SHAPES.iter().copied().chain([(4096, 1), (3000, 3), (2048, 1024), (1, 18944)]).collect();
-    for &dt in &[DType::BF16, DType::F32] {
-        for &(rows, cols) in &shapes {
-            let round = |v: Vec<f32>| if dt == DType::BF16 { bf16_round(&v) } else { v };
-            let y = round(rng.normal_vec(rows * cols, 1.0));
-            let b = round(rng.normal_vec(cols, 1.0));
-            let db0: Vec<f32> = rng.normal_vec(cols, 1.0); // db accumulates onto this
-            let run = |dev: &Device, dt: DType| -> (Vec<f32>, Vec<f32>) {
-                let mut yb = dev.upload(&y, dt).unwrap();
-                ew::bias_add(dev, &mut yb, &dev.upload(&b, dt).unwrap(), rows, cols).unwrap();
-                let mut db = dev.upload(&db0, DType::F32).unwrap();
-                // The backward of y's sum: column sums of the (biased) y.
-                ew::bias_bwd(dev, &mut db, &yb, rows, cols).unwrap();
-                (dev.to_vec(&yb).unwrap(), dev.to_vec(&db).unwrap())
-            };
-            let (y0, d0) = run(&Device::Cpu, DType::F32);
-            let (y1, d1) = run(&gpu, dt);
-            let shape = format!("[{rows}x{cols}]");
-            check_close("bias_add y", dt, &shape, &y1, &y0);
-            // The GPU sums the bf16-rounded y; compare against the CPU on those values.
-            let want = if dt == DType::BF16 {
-                let yr = bf16_round(&y0);
-                let mut db = db0.clone();
-                cpu::bias_bwd(&mut db, &yr, rows, cols);
-                db
-            } else {
-                d0
-            };
-            check_close("bias_bwd db", dt, &shape, &d1, &want);
-        }
+    // Both kernel variants: V1 (verified) and V2 (AM3_V2), the same checks.
+    for v2 in [false, true] {
+        println!("bias_add/bias_bwd: variant {}", if v2 { "V2" } else { "V1" });
+        with_v2(v2, || {
+            let mut rng = Rng::new(22);
+            // (3000, 4096): V2 with several row chunks and a ragged last chunk.
+            let shapes: Vec<(usize, usize)> = ROW_SHAPES.iter().copied().chain([(4096, 1), (3000, 3), (2048, 1024), (1, 18944), (3000, 4096)]).collect();
+            for &dt in &[DType::BF16, DType::F32] {
+                for &(rows, cols) in &shapes {
+                    let round = |v: Vec<f32>| if dt == DType::BF16 { bf16_round(&v) } else { v };
+                    let y = round(rng.normal_vec(rows * cols, 1.0));
+                    let b = round(rng.normal_vec(cols, 1.0));
+                    let db0: Vec<f32> = rng.normal_vec(cols, 1.0); // db accumulates onto this
+                    let run = |dev: &Device, dt: DType| -> (Vec<f32>, Vec<f32>) {
+                        let mut yb = dev.upload(&y, dt).unwrap();
+                        ew::bias_add(dev, &mut yb, &dev.upload(&b, dt).unwrap(), rows, cols).unwrap();
+                        let mut db = dev.upload(&db0, DType::F32).unwrap();
+                        // The backward of y's sum: column sums of the (biased) y.
+                        ew::bias_bwd(dev, &mut db, &yb, rows, cols).unwrap();
+                        (dev.to_vec(&yb).unwrap(), dev.to_vec(&db).unwrap())
+                    };
+                    let (y0, d0) = run(&Device::Cpu, DType::F32);
+                    let (y1, d1) = run(&gpu, dt);
+                    let shape = format!("[{rows}x{cols}]");
+                    check_close("bias_add y", dt, &shape, &y1, &y0);
+                    // The GPU sums the bf16-rounded y; compare against the CPU on those values.
+                    let want = if dt == DType::BF16 {
+                        let yr = bf16_round(&y0);
+                        let mut db = db0.clone();
+                        cpu::bias_bwd(&mut db, &yr, rows, cols);
+                        db
+                    } else {
+                        d0
+                    };
+                    check_close("bias_bwd db", dt, &shape, &d1, &want);
+                }
+            }
+        });
     }
 }
 
 #[test]
 fn bias_bwd_cuda_is_deterministic() {
     let Some(gpu) = cuda_or_skip("bias_bwd_cuda_is_deterministic") else { return };
-    let mut rng = Rng::new(23);
-    let (rows, cols) = (4099, 257);
-    let dy = gpu.upload(&rng.normal_vec(rows * cols, 1.0), DType::BF16).unwrap();
-    let once = || {
-        let mut db = gpu.zeros_f32(cols).unwrap();
-        ew::bias_bwd(&gpu, &mut db, &dy, rows, cols).unwrap();
-        gpu.to_vec(&db).unwrap()
-    };
-    let a = once();
-    for _ in 0..3 {
-        let b = once();
-        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "bias_bwd is not bit-reproducible");
+    // Both kernel variants: V1 (verified) and V2 (AM3_V2), the same checks.
+    for v2 in [false, true] {
+        println!("bias_bwd determinism: variant {}", if v2 { "V2" } else { "V1" });
+        with_v2(v2, || {
+            let mut rng = Rng::new(23);
+            // 257 columns are not whole 16-byte vectors (V1 even when V2 is on); 1024 are.
+            for (rows, cols) in [(4099, 257), (4099, 1024)] {
+                let dy = gpu.upload(&rng.normal_vec(rows * cols, 1.0), DType::BF16).unwrap();
+                let once = || {
+                    let mut db = gpu.zeros_f32(cols).unwrap();
+                    ew::bias_bwd(&gpu, &mut db, &dy, rows, cols).unwrap();
+                    gpu.to_vec(&db).unwrap()
+                };
+                let a = once();
+                for _ in 0..3 {
+                    let b = once();
+                    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "bias_bwd [{rows}x{cols}] is not bit-reproducible");
+                }
+                println!("bias_bwd [{rows}x{cols}]: 4 runs bit-identical");
+            }
+        });
     }
-    println!("bias_bwd [{rows}x{cols}]: 4 runs bit-identical");
 }
 
 #[test]
@@ -213,34 +229,40 @@ fn cast_inputs(rng: &mut Rng, n: usize) -> Vec<f32> {
 #[test]
 fn cast_cuda_rounds_to_nearest_even() {
     let Some(gpu) = cuda_or_skip("cast_cuda_rounds_to_nearest_even") else { return };
-    let mut rng = Rng::new(25);
-    for &n in SIZES {
-        let x = cast_inputs(&mut rng, n);
-        let src = gpu.upload(&x, DType::F32).unwrap();
-        // f32 -> bf16: bits must equal half's round-to-nearest-even.
-        let mut h = poisoned(&gpu, n, DType::BF16);
-        ew::cast(&gpu, &mut h, &src, n).unwrap();
-        let got = gpu.to_vec(&h).unwrap();
-        let want = bf16_round(&x);
-        let bad = got.iter().zip(&want).position(|(g, w)| g.to_bits() != w.to_bits());
-        if let Some(i) = bad {
-            panic!("cast f32->bf16 n={n}: element {i}: {:e} ({:#010x}) -> {:e} ({:#010x}), want {:e} ({:#010x})",
-                x[i], x[i].to_bits(), got[i], got[i].to_bits(), want[i], want[i].to_bits());
-        }
-        // bf16 -> f32 is exact.
-        let mut f = poisoned(&gpu, n, DType::F32);
-        ew::cast(&gpu, &mut f, &h, n).unwrap();
-        let back = gpu.to_vec(&f).unwrap();
-        assert!(back.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()), "cast bf16->f32 n={n} not exact");
-        // Same-dtype cast copies.
-        for dt in [DType::F32, DType::BF16] {
-            let s = gpu.upload(&x, dt).unwrap();
-            let mut c = poisoned(&gpu, n, dt);
-            ew::cast(&gpu, &mut c, &s, n).unwrap();
-            let (g, w) = (gpu.to_vec(&c).unwrap(), gpu.to_vec(&s).unwrap());
-            assert!(g.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits()), "cast {0}->{0} n={n} not a copy", dt.suffix());
-        }
-        println!("cast n={n}: f32->bf16 bit-exact (RNE), bf16->f32 exact, same-dtype copies exact");
+    // Both kernel variants: V1 (verified) and V2 (AM3_V2), the same checks.
+    for v2 in [false, true] {
+        println!("cast: variant {}", if v2 { "V2" } else { "V1" });
+        with_v2(v2, || {
+            let mut rng = Rng::new(25);
+            for &n in SIZES {
+                let x = cast_inputs(&mut rng, n);
+                let src = gpu.upload(&x, DType::F32).unwrap();
+                // f32 -> bf16: bits must equal half's round-to-nearest-even.
+                let mut h = poisoned(&gpu, n, DType::BF16);
+                ew::cast(&gpu, &mut h, &src, n).unwrap();
+                let got = gpu.to_vec(&h).unwrap();
+                let want = bf16_round(&x);
+                let bad = got.iter().zip(&want).position(|(g, w)| g.to_bits() != w.to_bits());
+                if let Some(i) = bad {
+                    panic!("cast f32->bf16 n={n}: element {i}: {:e} ({:#010x}) -> {:e} ({:#010x}), want {:e} ({:#010x})",
+                        x[i], x[i].to_bits(), got[i], got[i].to_bits(), want[i], want[i].to_bits());
+                }
+                // bf16 -> f32 is exact.
+                let mut f = poisoned(&gpu, n, DType::F32);
+                ew::cast(&gpu, &mut f, &h, n).unwrap();
+                let back = gpu.to_vec(&f).unwrap();
+                assert!(back.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()), "cast bf16->f32 n={n} not exact");
+                // Same-dtype cast copies.
+                for dt in [DType::F32, DType::BF16] {
+                    let s = gpu.upload(&x, dt).unwrap();
+                    let mut c = poisoned(&gpu, n, dt);
+                    ew::cast(&gpu, &mut c, &s, n).unwrap();
+                    let (g, w) = (gpu.to_vec(&c).unwrap(), gpu.to_vec(&s).unwrap());
+                    assert!(g.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits()), "cast {0}->{0} n={n} not a copy", dt.suffix());
+                }
+                println!("cast n={n}: f32->bf16 bit-exact (RNE), bf16->f32 exact, same-dtype copies exact");
+            }
+        });
     }
 }
 

@@ -2,6 +2,7 @@
 //! errors, and CUDA (bf16 and f32) vs the CPU, including the shared-memory (> 48 KiB) and
 //! global-memory accumulation paths of the backward and non-zero starting dw/db (+=).
 mod common;
+use am3safety::ops::elementwise::with_v2;
 use am3safety::ops::layernorm::{self, cpu};
 use am3safety::tensor::{DType, Device};
 use common::*;
@@ -82,6 +83,13 @@ fn layernorm_bad_arguments_are_errors() {
 #[test]
 fn layernorm_cuda_matches_cpu() {
     let Some(gpu) = cuda_or_skip("layernorm_cuda_matches_cpu") else { return };
+    // Both kernel variants: V1 (verified) and V2 (AM3_V2), the same checks.
+    for v2 in [false, true] {
+        with_v2(v2, || check_cuda(&gpu, if v2 { " v2" } else { "" }));
+    }
+}
+
+fn check_cuda(gpu: &Device, var: &str) {
     let cpu_dev = Device::Cpu;
     let mut rng = Rng::new(12);
     // ROW_SHAPES plus: 8000 cols (64 KB of shared accumulators, above the 48 KB default),
@@ -89,6 +97,9 @@ fn layernorm_cuda_matches_cpu() {
     // 12800 cols (global accumulation, vector path), 4000 rows (several rows per block).
     let mut shapes: Vec<(usize, usize)> = ROW_SHAPES.to_vec();
     shapes.extend_from_slice(&[(5, 8000), (3, 12289), (4, 12800), (4000, 96), (600, 1024)]);
+    // V2: many rows per block (prefetch; 2 vectors per thread in bf16, 4 in f32) and 4 vectors
+    // per thread with partly inactive lanes.
+    shapes.extend_from_slice(&[(1000, 4096), (2, 4104)]);
     for &dt in &[DType::BF16, DType::F32] {
         for &(rows, cols) in &shapes {
             let round = |v: Vec<f32>| if dt == DType::BF16 { bf16_round(&v) } else { v };
@@ -112,7 +123,7 @@ fn layernorm_cuda_matches_cpu() {
                 [&y, &m, &r, &dx, &dw, &db].map(|b| dev.to_vec(b).unwrap())
             };
             let want = run(&cpu_dev, DType::F32);
-            let got = run(&gpu, dt);
+            let got = run(gpu, dt);
             let tol = if dt == DType::BF16 { 1e-2 } else { 1e-5 };
             // dx = rstd·(g − mean(g) − x̂·mean(g·x̂)) with g = dy·w cancels to ~0 when a row has one
             // element: judge it against the size of rstd·g, the term that cancelled.
@@ -121,8 +132,8 @@ fn layernorm_cuda_matches_cpu() {
             let dx_scale = norm2(&term);
             for (k, name) in ["y", "mean", "rstd", "dx", "dw", "db"].iter().enumerate() {
                 let e = if *name == "dx" { rel_err_scaled(&got[k], &want[k], dx_scale) } else { rel_err(&got[k], &want[k]) };
-                println!("layernorm {name} {} [{rows}x{cols}]: rel err {e:.2e} (max abs {:.2e})", dt.suffix(), max_abs(&got[k], &want[k]));
-                assert!(e <= tol, "layernorm {name} {} [{rows}x{cols}]: rel err {e:.2e} > {tol:.0e}", dt.suffix());
+                println!("layernorm{var} {name} {} [{rows}x{cols}]: rel err {e:.2e} (max abs {:.2e})", dt.suffix(), max_abs(&got[k], &want[k]));
+                assert!(e <= tol, "layernorm{var} {name} {} [{rows}x{cols}]: rel err {e:.2e} > {tol:.0e}", dt.suffix());
             }
         }
     }

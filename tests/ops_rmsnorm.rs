@@ -1,5 +1,6 @@
 //! RMSNorm: CPU backward vs finite differences (f64); CUDA (bf16 and f32) vs the CPU.
 mod common;
+use am3safety::ops::elementwise::with_v2;
 use am3safety::ops::rmsnorm::{self, cpu};
 use am3safety::tensor::{DType, Device};
 use common::*;
@@ -29,10 +30,22 @@ fn rmsnorm_cpu_gradcheck() {
 #[test]
 fn rmsnorm_cuda_matches_cpu() {
     let Some(gpu) = cuda_or_skip("rmsnorm_cuda_matches_cpu") else { return };
+    // Both kernel variants: V1 (verified) and V2 (AM3_V2), the same checks.
+    for v2 in [false, true] {
+        with_v2(v2, || check_cuda(&gpu, if v2 { " v2" } else { "" }));
+    }
+}
+
+/// ROW_SHAPES plus V2's cases: many rows per block with the next-row prefetch (1000 x 4096:
+/// 2 vectors per thread in bf16, 4 in f32), the Qwen vision width, 4 vectors per thread with
+/// partly inactive lanes (4104), and rows too long for V2 (8200 bf16, 8192 f32: V1 fallback).
+const V2_SHAPES: &[(usize, usize)] = &[(1000, 4096), (700, 1280), (2, 4104), (3, 8192), (5, 8200)];
+
+fn check_cuda(gpu: &Device, var: &str) {
     let cpu_dev = Device::Cpu;
     let mut rng = Rng::new(2);
     for &dt in &[DType::BF16, DType::F32] {
-        for &(rows, cols) in ROW_SHAPES {
+        for &(rows, cols) in ROW_SHAPES.iter().chain(V2_SHAPES) {
             let round = |v: Vec<f32>| if dt == DType::BF16 { bf16_round(&v) } else { v };
             let x = round(rng.normal_vec(rows * cols, 1.0));
             let w = round(rng.uniform_vec(cols, 0.5, 1.5));
@@ -48,7 +61,7 @@ fn rmsnorm_cuda_matches_cpu() {
                 (dev.to_vec(&y).unwrap(), dev.to_vec(&dx).unwrap(), dev.to_vec(&dw).unwrap())
             };
             let (y0, dx0, dw0) = run(&cpu_dev, DType::F32);
-            let (y1, dx1, dw1) = run(&gpu, dt);
+            let (y1, dx1, dw1) = run(gpu, dt);
             let tol = if dt == DType::BF16 { 1e-2 } else { 1e-5 };
             // dx = rstd·(dy·w − x·rstd²·mean(dy·w·x)): the two terms cancel exactly when a row has
             // one element, so judge dx against the size of its first term.
@@ -62,8 +75,8 @@ fn rmsnorm_cuda_matches_cpu() {
             let dx_scale = norm2(&term);
             for (name, a, b) in [("y", &y1, &y0), ("dx", &dx1, &dx0), ("dw", &dw1, &dw0)] {
                 let e = if name == "dx" { rel_err_scaled(a, b, dx_scale) } else { rel_err(a, b) };
-                println!("rmsnorm {name} {} [{rows}x{cols}]: rel err {e:.2e}", dt.suffix());
-                assert!(e <= tol, "rmsnorm {name} {} [{rows}x{cols}]: rel err {e:.2e} > {tol:.0e}", dt.suffix());
+                println!("rmsnorm{var} {name} {} [{rows}x{cols}]: rel err {e:.2e}", dt.suffix());
+                assert!(e <= tol, "rmsnorm{var} {name} {} [{rows}x{cols}]: rel err {e:.2e} > {tol:.0e}", dt.suffix());
             }
         }
     }

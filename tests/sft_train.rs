@@ -2,6 +2,7 @@
 //! with identical logits, `--resume` continues bit for bit, and a kill at any moment leaves the
 //! last checkpoint intact.
 mod common;
+use common::am3_bin;
 use am3safety::checkpoint::safetensors_io::SaveDtype;
 use am3safety::models::qwen2_5_vl::model::{QwenVl, Recompute};
 use am3safety::models::tiny;
@@ -95,7 +96,7 @@ fn kill_leaves_last_checkpoint_intact() {
     let exe = am3_bin();
     let mut killed_after_ck = 0;
     for round in 0..4u64 {
-        let mut child = std::process::Command::new(exe)
+        let mut child = std::process::Command::new(&exe)
             .args(["sft", "--device", "cpu", "--steps", "30", "--save-every", "1", "--out"])
             .arg(&out)
             .args(if round > 0 { vec!["--resume"] } else { vec![] })

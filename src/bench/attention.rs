@@ -9,9 +9,13 @@
 //! Each row checks a slice against the CPU reference: the first 64 tokens of sequence 0 for the
 //! causal forward (out) and backward (dq) — exact, since causal rows see only earlier tokens —,
 //! the first window, and sequence 0 of the decode batch.
+//!
+//! Kernel variants: every row runs `Variant::V1` (the verified kernels); where V2 applies
+//! (every forward; decode with n_new · group ≤ 16) a "v2" row follows, timed in the same run
+//! and checked the same way.
 
 use super::{time_gpu, BenchRow};
-use crate::ops::attention::{self, cpu, AttnShape, KvCache, Varlen};
+use crate::ops::attention::{self, cpu, AttnShape, KvCache, Variant, Varlen};
 use crate::rng::Rng;
 use crate::tensor::{DType, Device};
 use anyhow::Result;
@@ -30,7 +34,7 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     rows.extend(train_case(dev, g, it, 64, 64, AttnShape::new(16, 16, 80, false), note)?);
     let cases: &[(usize, usize, usize)] = if quick { &[(4, 4096, 1)] } else { &[(16, 8192, 1), (4, 32768, 1), (16, 8192, 16)] };
     for &(b, l, n_new) in cases {
-        rows.push(decode_case(dev, g, it, b, l, n_new, AttnShape::new(28, 4, 128, true))?);
+        rows.extend(decode_case(dev, g, it, b, l, n_new, AttnShape::new(28, 4, 128, true))?);
     }
     Ok(rows)
 }
@@ -52,11 +56,12 @@ fn train_case(dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize),
     let mut lse = dev.zeros_f32(s.hq * t)?;
     let (mut dq, mut dk, mut dv) = (dev.zeros(bf, nq)?, dev.zeros(bf, nkv)?, dev.zeros(bf, nkv)?);
 
-    let fwd_ms = time_gpu(g, warm, iters, &mut || attention::fwd(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s))?;
-    let bwd_ms = time_gpu(g, warm, iters, &mut || attention::bwd(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s))?;
+    let v1 = Variant::V1;
+    let fwd_ms = time_gpu(g, warm, iters, &mut || attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v1))?;
+    let bwd_ms = time_gpu(g, warm, iters, &mut || attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v1))?;
     let both_ms = time_gpu(g, warm, iters, &mut || {
-        attention::fwd(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s)?;
-        attention::bwd(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s)
+        attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v1)?;
+        attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v1)
     })?;
 
     // CPU check on the first min(64, len) tokens of sequence 0.
@@ -67,11 +72,31 @@ fn train_case(dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize),
     cpu::fwd(&mut o_ref, &mut l_ref, &q[..cq], &k[..ckv], &v[..ckv], &cs, &s);
     let out_err = rel_err(&dev.to_vec(&out)?[..cq], &o_ref);
     let mut dq_err = None;
+    let mut dq_ref = None;
     if s.causal {
-        let (mut dq_ref, mut dk_ref, mut dv_ref) = (vec![0f32; cq], vec![0f32; ckv], vec![0f32; ckv]);
-        cpu::bwd(&mut dq_ref, &mut dk_ref, &mut dv_ref, &dout[..cq], &q[..cq], &k[..ckv], &v[..ckv], &o_ref, &l_ref, &cs, &s);
-        dq_err = Some(rel_err(&dev.to_vec(&dq)?[..cq], &dq_ref));
+        let (mut dqr, mut dk_ref, mut dv_ref) = (vec![0f32; cq], vec![0f32; ckv], vec![0f32; ckv]);
+        cpu::bwd(&mut dqr, &mut dk_ref, &mut dv_ref, &dout[..cq], &q[..cq], &k[..ckv], &v[..ckv], &o_ref, &l_ref, &cs, &s);
+        dq_err = Some(rel_err(&dev.to_vec(&dq)?[..cq], &dqr));
+        dq_ref = Some(dqr);
     }
+
+    // V2 (the forward: 128-row tiles, or the window kernel at len ≤ 64; the backward: the GQA
+    // group inside the block, V1's kernel without GQA): forward, backward, both, same checks.
+    let v2 = {
+        let v = Variant::V2;
+        let fwd2 = time_gpu(g, warm, iters, &mut || attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v))?;
+        let err2 = rel_err(&dev.to_vec(&out)?[..cq], &o_ref);
+        let bwd2 = time_gpu(g, warm, iters, &mut || attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v))?;
+        let both2 = time_gpu(g, warm, iters, &mut || {
+            attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v)?;
+            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v)
+        })?;
+        let dq_err2 = match &dq_ref {
+            Some(r) => Some(rel_err(&dev.to_vec(&dq)?[..cq], r)),
+            None => None,
+        };
+        (fwd2, err2, bwd2, both2, dq_err2)
+    };
 
     let fl = nseq as f64 * 4.0 * (len * len) as f64 * (s.d * s.hq) as f64 * if s.causal { 0.5 } else { 1.0 };
     let (tq, tkv) = ((t * s.hq * s.d) as f64 * BF, (t * s.hkv * s.d) as f64 * BF); // one q-like / kv-like tensor
@@ -87,16 +112,22 @@ fn train_case(dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize),
         rel_err: err,
         note: note.into(),
     };
-    Ok(vec![
+    let mut rows = vec![
         row("attention_fwd", fwd_ms, 2.0 * tq + 2.0 * tkv + lse_b, fl, Some(out_err)),
         row("attention_bwd", bwd_ms, 4.0 * tq + 4.0 * tkv + 2.0 * lse_b, 2.5 * fl, dq_err),
         row("attention_fwd+bwd", both_ms, 5.0 * tq + 4.0 * tkv + lse_b, 3.5 * fl, dq_err),
-    ])
+    ];
+    let (fwd2, err2, bwd2, both2, dq_err2) = v2;
+    rows.push(row("attention_fwd v2", fwd2, 2.0 * tq + 2.0 * tkv + lse_b, fl, Some(err2)));
+    rows.push(row("attention_bwd v2", bwd2, 4.0 * tq + 4.0 * tkv + 2.0 * lse_b, 2.5 * fl, dq_err2));
+    rows.push(row("attention_fwd+bwd v2", both2, 5.0 * tq + 4.0 * tkv + lse_b, 3.5 * fl, dq_err2));
+    Ok(rows)
 }
 
-/// Decode of n_new tokens per sequence against caches of `len` tokens (the new ones included).
+/// Decode of n_new tokens per sequence against caches of `len` tokens (the new ones included),
+/// V1 and then V2 (a V2 row only where its kernel applies: n_new · group ≤ 16).
 #[allow(clippy::too_many_arguments)]
-fn decode_case(dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize), b: usize, len: usize, n_new: usize, s: AttnShape) -> Result<BenchRow> {
+fn decode_case(dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize), b: usize, len: usize, n_new: usize, s: AttnShape) -> Result<Vec<BenchRow>> {
     let row = s.hkv * s.d;
     let mut rng = Rng::new(0xdec0);
     // Cache contents: a 1 Mi-element random block tiled over the cache (values do not change the speed).
@@ -109,27 +140,34 @@ fn decode_case(dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize)
     let seqs = Varlen::uniform(dev, b, len)?;
     cache.append_varlen(dev, &dev.upload(&kc, DType::BF16)?, &dev.upload(&vc, DType::BF16)?, &seqs)?;
     let qb = dev.upload(&q, DType::BF16)?;
-    let mut out = dev.zeros(DType::BF16, q.len())?;
-    let ms = time_gpu(g, warm, iters, &mut || attention::decode(dev, &mut out, &qb, &cache, n_new, &s))?;
-
-    // CPU check of sequence 0.
     let per = n_new * s.hq * s.d;
     let mut o_ref = vec![0f32; per];
     cpu::decode(&mut o_ref, &q[..per], &kc[..len * row], &vc[..len * row], &[len as i32], len, n_new, &s);
-    let err = rel_err(&dev.to_vec(&out)?[..per], &o_ref);
-
     let kv_bytes = (2 * b * len * row) as f64 * BF;
     let qo_bytes = 2.0 * q.len() as f64 * BF;
     let flops = 4.0 * (b * n_new * len * s.hq * s.d) as f64;
-    Ok(BenchRow {
-        op: "attention_decode".into(),
-        shape: format!("b{b} cache {len} new {n_new} h{}/{} d{}", s.hq, s.hkv, s.d),
-        ms,
-        bytes: kv_bytes + qo_bytes,
-        flops,
-        rel_err: Some(err),
-        note: "GB/s = KV cache read once; goal >= 70% of 4.2 TB/s".into(),
-    })
+
+    let mut variants = vec![(Variant::V1, "attention_decode")];
+    if n_new * (s.hq / s.hkv) <= 16 {
+        variants.push((Variant::V2, "attention_decode v2"));
+    }
+    let mut rows = Vec::new();
+    for (v, name) in variants {
+        let mut out = dev.zeros(DType::BF16, q.len())?;
+        let ms = time_gpu(g, warm, iters, &mut || attention::decode_with(dev, &mut out, &qb, &cache, n_new, &s, v))?;
+        // CPU check of sequence 0.
+        let err = rel_err(&dev.to_vec(&out)?[..per], &o_ref);
+        rows.push(BenchRow {
+            op: name.into(),
+            shape: format!("b{b} cache {len} new {n_new} h{}/{} d{}", s.hq, s.hkv, s.d),
+            ms,
+            bytes: kv_bytes + qo_bytes,
+            flops,
+            rel_err: Some(err),
+            note: "GB/s = KV cache read once; goal >= 70% of 4.2 TB/s".into(),
+        });
+    }
+    Ok(rows)
 }
 
 fn bf16_round(v: &[f32]) -> Vec<f32> {

@@ -8,7 +8,7 @@
 use super::{time_gpu, BenchRow};
 use crate::ops::act::{self, Gelu};
 use crate::ops::adamw::{self, AdamW};
-use crate::ops::elementwise as ew;
+use crate::ops::elementwise::{self as ew, with_v2};
 use crate::rng::Rng;
 use crate::tensor::{Buf, DType, Device};
 use anyhow::Result;
@@ -49,12 +49,13 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     let err = prefix_err(dev, &out, &dg)?.max(prefix_err(dev, &out2, &du)?);
     rows.push(row("swiglu_bwd", &shape, ms, 5.0 * 2.0 * nf, Some(err), "bf16"));
 
-    for kind in [Gelu::Tanh, Gelu::Erf, Gelu::Quick] {
-        let ms = time(&mut || act::gelu_fwd(dev, &mut out, &gate, n, kind))?;
+    for (kind, v2) in [(Gelu::Tanh, false), (Gelu::Erf, false), (Gelu::Quick, false), (Gelu::Tanh, true), (Gelu::Erf, true), (Gelu::Quick, true)] {
+        let ms = with_v2(v2, || time(&mut || act::gelu_fwd(dev, &mut out, &gate, n, kind)))?;
         let mut want = vec![0f32; CHECK];
         act::cpu::gelu_fwd(&mut want, &gate_h[..CHECK], kind);
         let err = prefix_err(dev, &out, &want)?;
-        rows.push(row(&format!("gelu_fwd {kind:?}"), &shape, ms, 2.0 * 2.0 * nf, Some(err), "bf16"));
+        let (name, note) = if v2 { (format!("gelu_fwd {kind:?} v2"), "bf16, V2 (AM3_V2)") } else { (format!("gelu_fwd {kind:?}"), "bf16") };
+        rows.push(row(&name, &shape, ms, 2.0 * 2.0 * nf, Some(err), note));
     }
     let ms = time(&mut || act::gelu_bwd(dev, &mut out, &dout, &gate, n, Gelu::Tanh))?;
     let mut want = vec![0f32; CHECK];
@@ -70,17 +71,34 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     let ms = time(&mut || ew::bias_add(dev, &mut y, &bias, brows, cols))?;
     rows.push(row("bias_add", &format!("[{brows}x{cols}]"), ms, 2.0 * 2.0 * nf + 2.0 * cols as f64, None, "bf16, in place"));
     let mut db = dev.zeros_f32(cols)?;
-    let ms = time(&mut || ew::bias_bwd(dev, &mut db, &dout, brows, cols))?;
-    rows.push(row("bias_bwd", &format!("[{brows}x{cols}]"), ms, 2.0 * nf + 8.0 * cols as f64, None, "bf16 dy, f32 db +="));
+    let mut db_v1 = Vec::new();
+    for v2 in [false, true] {
+        let ms = with_v2(v2, || time(&mut || ew::bias_bwd(dev, &mut db, &dout, brows, cols)))?;
+        // One call from zero; V2 is compared with V1 (both deterministic).
+        let mut db1 = dev.zeros_f32(cols)?;
+        with_v2(v2, || ew::bias_bwd(dev, &mut db1, &dout, brows, cols))?;
+        let d = dev.to_vec(&db1)?;
+        let (name, err, note) = if v2 {
+            ("bias_bwd v2", Some(vec_err(&d, &db_v1)), "bf16 dy, f32 db +=; V2 (AM3_V2), err vs V1")
+        } else {
+            ("bias_bwd", None, "bf16 dy, f32 db +=")
+        };
+        db_v1 = d;
+        rows.push(row(name, &format!("[{brows}x{cols}]"), ms, 2.0 * nf + 8.0 * cols as f64, err, note));
+    }
 
     let ms = time(&mut || ew::add_inplace(dev, &mut y, &dout, n))?;
     rows.push(row("add_inplace", &shape, ms, 3.0 * 2.0 * nf, None, "bf16"));
     drop((y, out2));
 
     let mut f = dev.zeros_f32(n)?;
-    let ms = time(&mut || ew::cast(dev, &mut f, &gate, n))?;
-    let err = prefix_err(dev, &f, &gate_h[..CHECK])?;
-    rows.push(row("cast bf16->f32", &shape, ms, 6.0 * nf, Some(err), ""));
+    for v2 in [true, false] {
+        // V1 last: its output feeds the f32 -> bf16 cast below.
+        let ms = with_v2(v2, || time(&mut || ew::cast(dev, &mut f, &gate, n)))?;
+        let err = prefix_err(dev, &f, &gate_h[..CHECK])?;
+        let (name, note) = if v2 { ("cast bf16->f32 v2", "V2 (AM3_V2)") } else { ("cast bf16->f32", "") };
+        rows.push(row(name, &shape, ms, 6.0 * nf, Some(err), note));
+    }
     let ms = time(&mut || ew::cast(dev, &mut out, &f, n))?;
     let err = prefix_err(dev, &out, &gate_h[..CHECK])?;
     rows.push(row("cast f32->bf16", &shape, ms, 6.0 * nf, Some(err), ""));
@@ -96,8 +114,18 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     let ms = time(&mut || adamw::step(dev, &mut param, &mut master, &grad, &mut m, &mut v, n, &hp, 10, 0.5))?;
     rows.push(row("adamw_step", &shape, ms, 30.0 * nf, None, "f32 master/m/v/grad, bf16 param"));
 
-    let ms = time(&mut || adamw::sum_squares(dev, &grad, n).map(|_| ()))?;
-    rows.push(row("sum_squares", &shape, ms, 4.0 * nf, None, "f32, includes the partials' download"));
+    let mut s_v1 = 0f64;
+    for v2 in [false, true] {
+        let ms = with_v2(v2, || time(&mut || adamw::sum_squares(dev, &grad, n).map(|_| ())))?;
+        let s = with_v2(v2, || adamw::sum_squares(dev, &grad, n))?;
+        if v2 {
+            let err = (s - s_v1).abs() / s_v1.abs().max(1e-30);
+            rows.push(row("sum_squares v2", &shape, ms, 4.0 * nf, Some(err), "f32, incl. download; V2 (AM3_V2), err vs V1"));
+        } else {
+            s_v1 = s;
+            rows.push(row("sum_squares", &shape, ms, 4.0 * nf, None, "f32, includes the partials' download"));
+        }
+    }
     Ok(rows)
 }
 
@@ -114,6 +142,16 @@ fn random(rng: &mut Rng, n: usize, scale: f64) -> Vec<f32> {
 
 fn bf16_round(v: Vec<f32>) -> Vec<f32> {
     v.into_iter().map(|x| half::bf16::from_f32(x).to_f32()).collect()
+}
+
+/// ‖a − b‖ / ‖b‖ of two host vectors (infinite when a has a non-finite entry).
+fn vec_err(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() || a.iter().any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
+    num.sqrt() / den.sqrt().max(1e-30)
 }
 
 /// ‖got − want‖ / ‖want‖ over the first want.len() elements of a device buffer.

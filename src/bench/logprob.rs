@@ -5,6 +5,11 @@
 //! allocates; its inputs and its outputs — logp, dhidden, the f32 dlm_head — are not counted).
 //! A reference row times the three full-size cuBLAS GEMMs alone (what the PyTorch eager baseline
 //! runs, with a [T, V] logits tensor), the practical floor on this machine.
+//! The fused loss runs three ways side by side: the current pass, variant 2 (`Tuning::fused_v2`:
+//! one bf16 logits GEMM per chunk into the kept buffer, single-read fold) and variant 3
+//! (`fused_v3`: fold and u = onehot − softmax in one kernel, dlogp applied after the GEMMs), each
+//! checked against an f64 log-prob and against the current pass; `stage …` rows time each stage of
+//! one chunk alone.
 //! Baselines on the H200 (from the issue): PyTorch eager log-prob fwd+bwd 52.8 ms / 15.0 GiB
 //! extra; full GRPO loss 53.1 ms / 19.6 GiB; Liger fused 531 ms / 4.1 GiB. Floor for the GRPO
 //! loss: 45 ms with ≤ 1 GiB extra; goal ≤ 1.15 × 34.8 ms (three GEMMs at 770 TFLOP/s) = 40 ms.
@@ -53,7 +58,10 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
 
     // 1. Forward only (reference policy, old policy).
-    let tune = Tuning::default();
+    // The current fused pass and variant 2 are both timed, whatever AM3_LOGPROB_V2 says.
+    let tune = Tuning { fused_v2: false, fused_v3: false, ..Tuning::default() };
+    let tune2 = Tuning { fused_v2: true, ..tune };
+    let tune3 = Tuning { fused_v3: true, ..tune };
     let ms = time_gpu(g, it.0, it.1, &mut || logprob::fwd_with(dev, &tune, &mut logp, &mut lse, None, &hidden, &lm_head, &targets, None, t, h, v))?;
     let err = if quick { None } else { Some(check_logp(dev, &logp, &x_host, &w_host, &tg_host, h, v, &[0, 1, t - 1])?) };
     rows.push(BenchRow {
@@ -99,12 +107,22 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     let half: Vec<f32> = (0..t).map(|i| if i % len >= len / 2 { 1.0 } else { 0.0 }).collect();
     let half_b = dev.upload(&half, DType::F32)?;
     let floor_ms = 1e3 * 3.0 * gemm_flops / super::BF16_FLOP_PER_S;
-    let mut cases: Vec<(String, Tuning, &Buf, f64)> = vec![("grpo fused fwd+bwd".into(), tune, &ones, 1.0), ("grpo fused, 50% masked".into(), tune, &half_b, 0.5)];
+    let mut cases: Vec<(String, Tuning, &Buf, f64)> = vec![
+        ("grpo fused fwd+bwd".into(), tune, &ones, 1.0),
+        ("grpo fused v2 fwd+bwd".into(), tune2, &ones, 1.0),
+        ("grpo fused v3 fwd+bwd".into(), tune3, &ones, 1.0),
+        ("grpo fused, 50% masked".into(), tune, &half_b, 0.5),
+        ("grpo fused v2, 50% masked".into(), tune2, &half_b, 0.5),
+        ("grpo fused v3, 50% masked".into(), tune3, &half_b, 0.5),
+    ];
     if !quick {
         for (bytes, vc) in [(320usize << 20, 8192usize), (640 << 20, 4096), (640 << 20, 16_384), (900 << 20, 8192)] {
             let tn = Tuning { fused_bytes: bytes, fused_vocab: vc, ..tune };
             cases.push((format!("grpo fused {}M/{}", bytes >> 20, vc), tn, &ones, 1.0));
         }
+        // Variant 2 with 3 chunks of 2,731 tokens (792 MiB kept logits): one f32 pass over dW fewer.
+        cases.push(("grpo fused v2 900M".into(), Tuning { fused_bytes: 900 << 20, ..tune2 }, &ones, 1.0));
+        cases.push(("grpo fused v3 900M".into(), Tuning { fused_bytes: 900 << 20, ..tune3 }, &ones, 1.0));
     }
     for (name, tn, mask, frac) in cases {
         let batch = GrpoBatch { old_logp: &old_b, ref_logp: &ref_b, mask, adv: &adv_b, rows: nroll, l: len };
@@ -114,7 +132,8 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
             Ok(())
         })?;
         let extra = logprob::last_scratch_bytes();
-        let err = if quick || frac < 1.0 || name != "grpo fused fwd+bwd" { None } else { Some(check_logp(dev, &logp, &x_host, &w_host, &tg_host, h, v, &[0, 4097])?) };
+        let checked = name.ends_with("fwd+bwd");
+        let err = if quick || frac < 1.0 || !checked { None } else { Some(check_logp(dev, &logp, &x_host, &w_host, &tg_host, h, v, &[0, 4097])?) };
         rows.push(BenchRow {
             op: name,
             shape: shape.clone(),
@@ -134,9 +153,151 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
         });
     }
 
+    // Variants 2 and 3 against the current pass: one call each from a zero dlm_head, outputs
+    // compared (the current pass is the precise one: its logits stay f32 until the fold).
+    if !quick {
+        let batch = GrpoBatch { old_logp: &old_b, ref_logp: &ref_b, mask: &ones, adv: &adv_b, rows: nroll, l: len };
+        let mut outs = Vec::new();
+        for tn in [tune, tune2, tune3] {
+            let mut dw0 = dev.zeros_f32(v * h)?;
+            let s = grpo::fused_loss_with(dev, &tn, &mut logp, &mut dhidden, &mut dw0, &hidden, &lm_head, &targets, &batch, h, v, &hp, Aggregation::TokenMean)?;
+            outs.push((dev.to_vec(&logp)?, dev.to_vec(&dhidden)?, dev.to_vec(&dw0)?, s.loss));
+        }
+        for (i, name) in [(1usize, "grpo v2 vs current"), (2, "grpo v3 vs current")] {
+            let (a, b) = (&outs[0], &outs[i]);
+            let (e_lp, e_dh, e_dw) = (rel(&b.0, &a.0), rel(&b.1, &a.1), rel(&b.2, &a.2));
+            let max_lp = a.0.iter().zip(&b.0).map(|(x, y)| (x - y).abs() as f64).fold(0f64, f64::max);
+            rows.push(BenchRow {
+                op: name.into(),
+                shape: shape.clone(),
+                ms: 0.0,
+                bytes: 0.0,
+                flops: 0.0,
+                rel_err: Some(e_dh),
+                note: format!("rel diff logp {e_lp:.2e} (max abs {max_lp:.2e}), dhidden {e_dh:.2e}, dlm_head {e_dw:.2e}; loss {:.6} vs {:.6}", b.3, a.3),
+            });
+        }
+    }
+
+    // Where the time goes: each stage of one 2,048-token chunk alone (the fused pass runs 4).
+    if !quick {
+        rows.extend(stages(dev, g, it, &hidden, &lm_head, &targets, &mut dw, t, h, v, &shape)?);
+    }
+
     // Reference: the three full-size GEMMs alone (cuBLAS, bf16 in, [T, V] bf16 logits).
     rows.push(gemm_reference(dev, g, it, &hidden, &lm_head, &mut dhidden, &mut dw, t, h, v, gemm_flops, &shape)?);
     Ok(rows)
+}
+
+/// ‖a − b‖ / ‖b‖ in f64 (inf when a has a non-finite value).
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    if a.iter().any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        num += (x as f64 - y as f64).powi(2);
+        den += (y as f64).powi(2);
+    }
+    num.sqrt() / den.sqrt().max(1e-300)
+}
+
+/// Times the stages of one token chunk (tc = 2,048, the default) of both fused variants, each
+/// alone, with its HBM floor bytes, so PERF-logprob.md can say where the time beyond the three
+/// GEMMs goes. The launches mirror src/ops/logprob.rs (same kernels, same argument lists).
+#[allow(clippy::too_many_arguments)]
+fn stages(dev: &Device, g: &Gpu, it: (usize, usize), hidden: &Buf, w: &Buf, targets: &Buf, dw: &mut Buf, t: usize, h: usize, v: usize, shape: &str) -> Result<Vec<BenchRow>> {
+    use crate::cuda::{cfg_1d, cfg_rows, Arg};
+    use cudarc::driver::LaunchConfig;
+    let tc = 2048usize.min(t);
+    let vc = 8192usize;
+    let nsub = v.div_ceil(vc);
+    let (bf, f4) = (DType::BF16, DType::F32);
+    let tile = dev.zeros(f4, tc * vc)?;
+    let store = dev.zeros(bf, tc * v)?;
+    let moff = dev.zeros_f32(tc * nsub)?;
+    let zoff = dev.zeros_f32(tc)?;
+    let stats = dev.zeros_f32(tc * 4)?;
+    let (lp, lse) = (dev.zeros_f32(tc)?, dev.zeros_f32(tc)?);
+    let dlogp = dev.upload(&vec![1.0 / t as f32; tc], DType::F32)?;
+    let dh = dev.zeros_f32(tc * h)?;
+    let (x, wp, tg) = (hidden.ptr(g)?, w.ptr(g)?, targets.ptr(g)?);
+    let (tile, store, moff, zoff, stats, lp, lse, dlogp, dh, dwp) = (tile.ptr(g)?, store.ptr(g)?, moff.ptr(g)?, zoff.ptr(g)?, stats.ptr(g)?, lp.ptr(g)?, lse.ptr(g)?, dlogp.ptr(g)?, dh.ptr(g)?, dw.ptr(g)?);
+    let gm = |m, n, k, ta, tb, a, b, c, beta, c_type| Gemm { m, n, k, trans_a: ta, trans_b: tb, alpha: 1.0, beta, a, b, c, ab_type: GemmType::Bf16, c_type, batch: (1, 0, 0, 0) };
+    let tile_gemm = |j: usize| {
+        let nv = vc.min(v - j * vc);
+        gm(tc, nv, h, false, true, x, wp + (j * vc * h * 2) as u64, tile, 0.0, GemmType::F32)
+    };
+    let fold_v1 = |j: usize| -> Result<()> {
+        let nv = vc.min(v - j * vc);
+        let args = [Arg::Ptr(stats), Arg::Ptr(store), Arg::Ptr(moff), Arg::Ptr(tile), Arg::Ptr(tg), Arg::I32(tc as i32), Arg::I32(nv as i32), Arg::I32((j * vc) as i32), Arg::I32(v as i32), Arg::I32(j as i32), Arg::I32(nsub as i32), Arg::I32((j == 0) as i32)];
+        g.launch("logprob", "logprob_fold_bf16", cfg_rows(tc, 256, 0), &args)
+    };
+    let fold_v2 = || g.launch("logprob", "logprob_fold_full_bf16", cfg_rows(tc, 256, 0), &[Arg::Ptr(stats), Arg::Ptr(store), Arg::Ptr(tg), Arg::I32(tc as i32), Arg::I32(v as i32)]);
+    let finalize = || g.launch("logprob", "logprob_finalize", cfg_1d(tc, 256), &[Arg::Ptr(lp), Arg::Ptr(lse), Arg::Ptr(0), Arg::Ptr(stats), Arg::I32(tc as i32)]);
+    let dlogits = |off: u64, vcol: usize, ns: usize| {
+        let cfg = LaunchConfig { grid_dim: (v.div_ceil(256 * 8) as u32, tc as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let args = [Arg::Ptr(store), Arg::Ptr(off), Arg::Ptr(lse), Arg::Ptr(dlogp), Arg::Ptr(tg), Arg::I32(tc as i32), Arg::I32(v as i32), Arg::I32(vcol as i32), Arg::I32(ns as i32)];
+        g.launch("logprob", "logprob_dlogits_stored_bf16", cfg, &args)
+    };
+    let chunk_flops = 2.0 * (tc * h * v) as f64;
+    let (wb, sb) = ((2 * v * h) as f64, (2 * tc * v) as f64);
+    let mut out = Vec::new();
+    let chunks = t.div_ceil(tc);
+    let mut row = |op: &str, ms: f64, bytes: f64, flops: f64, note: &str| {
+        let note = if note.starts_with("per call") { note.to_string() } else { format!("x{chunks} chunks = {:.2} ms; {note}", ms * chunks as f64) };
+        out.push(BenchRow { op: op.into(), shape: shape.into(), ms, bytes, flops, rel_err: None, note });
+    };
+    // v1 forward: 19 f32 tile GEMMs, each followed by the fold of that tile into the bf16 store.
+    let ms = time_gpu(g, it.0, it.1, &mut || (0..nsub).try_for_each(|j| g.blas.gemm(&tile_gemm(j))))?;
+    row("stage v1 logits tiles f32", ms, 2.0 * sb + wb, chunk_flops, "19 GEMMs [2048 x 8192] f32 out");
+    let ms = time_gpu(g, it.0, it.1, &mut || (0..nsub).try_for_each(&fold_v1))?;
+    row("stage v1 fold tiles", ms, 3.0 * sb, 0.0, "19 launches: read f32 tile, write bf16 l - m");
+    let ms = time_gpu(g, it.0, it.1, &mut || (0..nsub).try_for_each(|j| g.blas.gemm(&tile_gemm(j)).and_then(|_| fold_v1(j))))?;
+    row("stage v1 logits+fold", ms, 3.0 * sb + wb, chunk_flops, "interleaved as in the op");
+    // v2 forward: one GEMM writing bf16 logits into the store, one single-read fold.
+    let logits_v2 = gm(tc, v, h, false, true, x, wp, store, 0.0, GemmType::Bf16);
+    let ms = time_gpu(g, it.0, it.1, &mut || g.blas.gemm(&logits_v2))?;
+    row("stage v2 logits GEMM bf16", ms, sb + wb, chunk_flops, "one GEMM [2048 x V] bf16 out into the store");
+    let ms = time_gpu(g, it.0, it.1, &mut || fold_v2())?;
+    row("stage v2 fold_full", ms, sb, 0.0, "one launch, each bf16 logit read once");
+    // v3: fold + u in one kernel (each call rewrites the row with u; timing only). 160 KiB of
+    // each row cached in shared memory, as in the op.
+    g.blas.gemm(&logits_v2)?;
+    let cache = (160usize << 10) / 2;
+    let cfg_u = LaunchConfig { grid_dim: (tc as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: (cache * 2) as u32 };
+    let ms = time_gpu(g, it.0, it.1, &mut || {
+        g.blas.gemm(&logits_v2)?;
+        let args = [Arg::Ptr(store), Arg::Ptr(lp), Arg::Ptr(lse), Arg::Ptr(0), Arg::Ptr(tg), Arg::I32(tc as i32), Arg::I32(v as i32), Arg::I32(cache as i32)];
+        g.launch("logprob", "logprob_fold_u_bf16", cfg_u, &args)
+    })?;
+    row("stage v3 logits GEMM + fold_u", ms, 3.0 * sb + wb, chunk_flops, "GEMM, then read each logit once (+ L2 re-read past 160 KiB), write u; compare with v2 GEMM + fold_full + dlogits");
+    g.blas.gemm(&logits_v2)?;
+    fold_v2()?;
+    finalize()?;
+    // Shared backward stages (the store now holds logits; dlogits in place keeps it finite).
+    let ms = time_gpu(g, it.0, it.1, &mut || dlogits(zoff, v, 1))?;
+    row("stage dlogits in place", ms, 2.0 * sb, 0.0, "read + write the bf16 [2048 x V] chunk");
+    let dh_gemm = gm(tc, h, v, false, false, store, wp, dh, 0.0, GemmType::F32);
+    let ms = time_gpu(g, it.0, it.1, &mut || g.blas.gemm(&dh_gemm))?;
+    row("stage dhidden GEMM", ms, sb + wb + (4 * tc * h) as f64, chunk_flops, "m=2048 n=3584 k=V, f32 out");
+    let dw_gemm = gm(v, h, tc, true, false, store, x, dwp, 1.0, GemmType::F32);
+    let ms = time_gpu(g, it.0, it.1, &mut || g.blas.gemm(&dw_gemm))?;
+    row("stage dW GEMM k=2048", ms, sb + 8.0 * (v * h) as f64, chunk_flops, "beta=1: f32 dW [V,H] read + written (4.4 GB)");
+    let ms = time_gpu(g, it.0, it.1, &mut || {
+        let _scratch = (dev.zeros(bf, tc * v)?, dev.zeros(f4, tc * vc)?, dev.zeros(f4, tc * h)?);
+        Ok(())
+    })?;
+    row("stage scratch alloc+zero", ms, (2 * tc * v + 4 * tc * vc + 4 * tc * h) as f64, 0.0, "per call, not per chunk: the 687 MiB of v1 scratch, zeroed");
+    let flags = dev.upload(&vec![1.0; t], DType::F32)?;
+    let (idx, pos, cnt) = (dev.zeros(DType::I32, t)?, dev.zeros(DType::I32, t)?, dev.zeros(DType::I32, 1)?);
+    let ms = time_gpu(g, it.0, it.1, &mut || {
+        let args = [Arg::Ptr(idx.ptr(g)?), Arg::Ptr(pos.ptr(g)?), Arg::Ptr(cnt.ptr(g)?), Arg::Ptr(flags.ptr(g)?), Arg::I32(t as i32)];
+        g.launch("logprob", "logprob_scan_nonzero", cfg_rows(1, 1024, 0), &args)?;
+        dev.to_vec_i32(&cnt).map(|_| ())
+    })?;
+    row("stage active scan + D2H", ms, (12 * t) as f64, 0.0, "per call, not per chunk: one-block scan and the count's download");
+    Ok(out)
 }
 
 /// Relative error of logp at the given tokens against an f64 computation on the host.

@@ -9,6 +9,7 @@ pub mod elementwise;
 pub mod norms;
 pub mod patch_embed;
 pub mod logprob;
+pub mod lora;
 pub mod train7b;
 
 use crate::cuda::Gpu;
@@ -88,6 +89,7 @@ pub const SUITES: &[Suite] = &[
     ("patch_embed", patch_embed::run),
     ("logprob", logprob::run),
     ("train7b", train7b::run),
+    ("lora", lora::run),
 ];
 
 pub fn format_table(rows: &[BenchRow]) -> String {

@@ -30,6 +30,8 @@ pub struct Gpu {
     pub sm_count: u32,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     funcs: Mutex<HashMap<(&'static str, String), CudaFunction>>,
+    /// The reusable f32 scratch of `scratch_f32` (grown, never shrunk).
+    scratch: Mutex<Option<Arc<CudaSlice<f32>>>>,
 }
 
 impl Gpu {
@@ -68,6 +70,7 @@ impl Gpu {
             sm_count,
             modules: Mutex::new(HashMap::new()),
             funcs: Mutex::new(HashMap::new()),
+            scratch: Mutex::new(None),
         })))
     }
 
@@ -125,6 +128,24 @@ impl Gpu {
 
     pub fn alloc<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
         self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| oom_error(self, n * std::mem::size_of::<T>(), e))
+    }
+
+    /// An f32 scratch buffer of at least `n` elements (contents undefined) for an op's
+    /// temporaries such as per-block partial sums, reused across calls so the hot path does not
+    /// allocate. Safe because all work is in order on one stream: the op enqueues every kernel
+    /// that touches the scratch before it drops the Arc. While another holder keeps the pooled
+    /// buffer (another thread mid-op), a fresh one is returned instead.
+    pub fn scratch_f32(&self, n: usize) -> Result<Arc<CudaSlice<f32>>> {
+        let mut slot = self.scratch.lock().map_err(|_| anyhow!("scratch pool poisoned"))?;
+        match slot.as_ref() {
+            Some(s) if Arc::strong_count(s) > 1 => return Ok(Arc::new(self.alloc::<f32>(n)?)),
+            Some(s) if s.len() >= n => return Ok(s.clone()),
+            _ => {}
+        }
+        *slot = None; // free the small one before allocating the larger
+        let s = Arc::new(self.alloc::<f32>(n.next_power_of_two())?);
+        *slot = Some(s.clone());
+        Ok(s)
     }
 
     pub fn upload<T: DeviceRepr + ValidAsZeroBits>(&self, v: &[T]) -> Result<CudaSlice<T>> {

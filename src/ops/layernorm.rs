@@ -2,8 +2,10 @@
 //! rstd = 1/sqrt(var + eps) and var is the population (biased) variance, as `nn.LayerNorm`.
 //! Forward saves mean and rstd [rows] (f32). Kernel: kernels/layernorm.cu.
 
+use super::elementwise::use_v2;
+use super::rmsnorm::{colsum_reduce, V2Plan};
 use super::{check, check_dtype, kname, same_float_dtype};
-use crate::cuda::{cfg_1d, cfg_rows, Arg};
+use crate::cuda::{cfg_1d, cfg_rows, dptr, Arg};
 use crate::tensor::{Buf, DType, Device};
 use anyhow::Result;
 
@@ -44,6 +46,24 @@ pub fn fwd(
         }
         Device::Cuda(g) => {
             let dt = same_float_dtype(op, &[y, x, w, b])?;
+            if use_v2(op) {
+                // V2: persistent blocks, x read once into registers, next row prefetched.
+                if let Some(plan) = V2Plan::new(g, dt, rows, cols, &[y.ptr(g)?, x.ptr(g)?, w.ptr(g)?, b.ptr(g)?], 4) {
+                    let args = [
+                        Arg::Ptr(y.ptr(g)?),
+                        Arg::Ptr(mean.ptr(g)?),
+                        Arg::Ptr(rstd.ptr(g)?),
+                        Arg::Ptr(x.ptr(g)?),
+                        Arg::Ptr(w.ptr(g)?),
+                        Arg::Ptr(b.ptr(g)?),
+                        Arg::I32(rows as i32),
+                        Arg::I32(cols as i32),
+                        Arg::F32(eps),
+                    ];
+                    let name = format!("layernorm_fwd_v2x{}_{}", plan.vpt, dt.suffix());
+                    return g.launch("layernorm", &name, plan.cfg(0), &args);
+                }
+            }
             let args = [
                 Arg::Ptr(y.ptr(g)?),
                 Arg::Ptr(mean.ptr(g)?),
@@ -101,6 +121,29 @@ pub fn bwd(
         }
         Device::Cuda(g) => {
             let dt = same_float_dtype(op, &[dx, dy, x, w])?;
+            if use_v2(op) {
+                // V2: one pass over x and dy (rows in registers), dw/db partials in a cached
+                // scratch [nblocks, 2, cols], reduced in a fixed order.
+                if let Some(plan) = V2Plan::new(g, dt, rows, cols, &[dx.ptr(g)?, dy.ptr(g)?, x.ptr(g)?, w.ptr(g)?], 3) {
+                    let part = g.scratch_f32(plan.nblocks * 2 * cols)?;
+                    let pp = dptr(&*part, &g.stream);
+                    let args = [
+                        Arg::Ptr(dx.ptr(g)?),
+                        Arg::Ptr(pp),
+                        Arg::Ptr(dy.ptr(g)?),
+                        Arg::Ptr(x.ptr(g)?),
+                        Arg::Ptr(w.ptr(g)?),
+                        Arg::Ptr(mean.ptr(g)?),
+                        Arg::Ptr(rstd.ptr(g)?),
+                        Arg::I32(rows as i32),
+                        Arg::I32(cols as i32),
+                    ];
+                    let name = format!("layernorm_bwd_v2x{}_{}", plan.vpt, dt.suffix());
+                    // db running sums in shared memory: cols f32 (<= 32 KiB: cols <= 1024 vectors).
+                    g.launch("layernorm", &name, plan.cfg((cols * 4) as u32), &args)?;
+                    return colsum_reduce(g, dw.ptr(g)?, db.ptr(g)?, pp, plan.nblocks, 2 * cols, cols);
+                }
+            }
             // Enough blocks to fill the GPU; each owns a run of rows and writes one partial [dw; db] row.
             let nblocks = rows.clamp(1, 2 * g.sm_count as usize);
             let rpb = rows.div_ceil(nblocks).max(1);

@@ -47,12 +47,25 @@ pub struct Tuning {
     /// token count), and vocab columns per f32 tile.
     pub fused_bytes: usize,
     pub fused_vocab: usize,
+    /// `fwd_bwd` variant 2 (kernels/logprob.cu, "Variant 2"): one logits GEMM per token chunk
+    /// writes the [tokens, V] logits straight into the kept buffer at the storage dtype, and one
+    /// single-read kernel folds each row (no f32 tile, `fused_vocab` unused). For bf16 the logits
+    /// are rounded to bf16 before the log-sum-exp, as in a framework's bf16 lm_head. Default: the
+    /// environment variable `AM3_LOGPROB_V2=1`. See PERF-logprob.md.
+    pub fused_v2: bool,
+    /// `fwd_bwd` variant 3 (takes precedence over `fused_v2`): variant 2's GEMM, then one kernel
+    /// per chunk folds each row and overwrites it with u = onehot − softmax (independent of dlogp),
+    /// and dlogp is applied after: dhidden = diag(g)·(U·W) in the scatter, dW += Uᵀ·(diag(g)·hidden).
+    /// Same bf16 logit rounding as variant 2. Default: `AM3_LOGPROB_V2=3`.
+    pub fused_v3: bool,
 }
 
 impl Default for Tuning {
     fn default() -> Self {
         // T = 8192, V = 152,064, bf16: fwd 128 MiB, bwd 496 MiB, fused 2048-token chunks, 687 MiB.
-        Self { fwd_tokens: 4096, fwd_vocab: 8192, bwd_tokens: 8192, bwd_vocab: 8192, fused_bytes: 640 << 20, fused_vocab: 8192 }
+        let var = std::env::var("AM3_LOGPROB_V2").unwrap_or_default();
+        let (fused_v2, fused_v3) = (var == "1", var == "3");
+        Self { fwd_tokens: 4096, fwd_vocab: 8192, bwd_tokens: 8192, bwd_vocab: 8192, fused_bytes: 640 << 20, fused_vocab: 8192, fused_v2, fused_v3 }
     }
 }
 
@@ -202,7 +215,13 @@ pub fn fwd_bwd_with(dev: &Device, tune: &Tuning, logp: &mut Buf, mut entropy: Op
         Device::Cpu => cpu_fwd_bwd(logp, entropy.as_deref_mut(), dhidden, dlm_head, hidden, lm_head, targets, mask, t, h, v, grad),
         Device::Cuda(g) => {
             let mut meter = 0;
-            let r = gpu::fwd_bwd(g, dev, tune, &mut meter, logp, entropy, dhidden, dlm_head, hidden, lm_head, targets, mask, t, h, v, grad);
+            let r = if tune.fused_v3 {
+                gpu::fwd_bwd_v3(g, dev, tune, &mut meter, logp, entropy, dhidden, dlm_head, hidden, lm_head, targets, mask, t, h, v, grad)
+            } else if tune.fused_v2 {
+                gpu::fwd_bwd_v2(g, dev, tune, &mut meter, logp, entropy, dhidden, dlm_head, hidden, lm_head, targets, mask, t, h, v, grad)
+            } else {
+                gpu::fwd_bwd(g, dev, tune, &mut meter, logp, entropy, dhidden, dlm_head, hidden, lm_head, targets, mask, t, h, v, grad)
+            };
             LAST_SCRATCH.store(meter, Ordering::Relaxed);
             r
         }
@@ -324,6 +343,18 @@ mod gpu {
     fn scratch(dev: &Device, dt: DType, n: usize, meter: &mut usize) -> Result<Buf> {
         *meter += n.max(1) * dt.size();
         dev.zeros(dt, n)
+    }
+
+    /// Scratch left uninitialised (no memset): for buffers a GEMM fully writes before any read.
+    fn scratch_uninit(g: &Gpu, dev: &Device, dt: DType, n: usize, meter: &mut usize) -> Result<Buf> {
+        *meter += n.max(1) * dt.size();
+        // SAFETY: the callers read only elements that the logits GEMM wrote first.
+        let r = match dt {
+            DType::BF16 => unsafe { g.stream.alloc::<half::bf16>(n.max(1)) }.map(|s| Buf::DevBf16(s, n)),
+            DType::F32 => unsafe { g.stream.alloc::<f32>(n.max(1)) }.map(|s| Buf::DevF32(s, n)),
+            _ => return dev.zeros(dt, n),
+        };
+        r.map_err(|e| anyhow::anyhow!("logprob: allocating {:.1} MiB of scratch failed: {e}", (n * dt.size()) as f64 / (1u64 << 20) as f64))
     }
 
     fn opt_ptr(g: &Gpu, b: Option<&Buf>) -> Result<u64> {
@@ -738,6 +769,295 @@ mod gpu {
             }
         }
         Ok(())
+    }
+
+    /// Variant 2 of `fwd_bwd` (`Tuning::fused_v2`). Per token chunk of n rows:
+    /// 1. one GEMM writes logits [n, v] at the storage dtype straight into the kept buffer
+    ///    (row stride v; no f32 tile, no copy, no per-tile launches);
+    /// 2. `logprob_fold_full` folds each whole row in one read into {m, s, u, target logit};
+    /// 3. finalize, the callback, then `logprob_dlogits_stored` in place with one zero offset per
+    ///    row (nsub = 1, vc = v): the stored values are the logits themselves;
+    /// 4. the two backward GEMMs and the scatter, as in `fwd_bwd`.
+    ///
+    /// The kept buffer is not zeroed: the GEMM writes all of rows 0 .. n before anything reads them.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn fwd_bwd_v2(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, logp: &mut Buf, entropy: Option<&mut Buf>, dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize, h: usize, v: usize, grad: &mut GradFn) -> Result<()> {
+        let ps = pass(g, lm_head, h, v)?;
+        let act = match mask {
+            Some(m) if t > 0 => active_tokens(g, dev, m, t, meter)?,
+            _ => None,
+        };
+        let ta = act.as_ref().map_or(t, |a| a.n);
+        if act.is_some() {
+            zero(g, dhidden)?;
+        }
+        let packed = match &act {
+            Some(a) => Some(gather_inputs(g, dev, a, hidden, targets, h, meter)?),
+            None => None,
+        };
+        let (hid, tgt) = match &packed {
+            Some((hp, tp)) => (hp.ptr(g)?, tp.ptr(g)?),
+            None => (hidden.ptr(g)?, targets.ptr(g)?),
+        };
+        let idx = match &act {
+            Some(a) => a.idx.ptr(g)?,
+            None => 0,
+        };
+        let tmp = match &act {
+            Some(_) => Some((scratch(dev, DType::F32, ta, meter)?, scratch(dev, DType::F32, ta, meter)?)),
+            None => None,
+        };
+        let mut dlogp_p = scratch(dev, DType::F32, ta, meter)?;
+        if ta > 0 {
+            let tc = chunk_rows(ta, tune.fused_bytes / (v * ps.dt.size()).max(1));
+            // [tc, v] storage dtype: the chunk's logits, then its dlogits.
+            let store = scratch_uninit(g, dev, ps.dt, tc * v, meter)?;
+            // [tc] zeros: the per-row offset `logprob_dlogits_stored` adds back (none here).
+            let zoff = scratch(dev, DType::F32, tc, meter)?;
+            let stats = scratch(dev, DType::F32, tc * 4, meter)?;
+            let lse = scratch(dev, DType::F32, tc, meter)?;
+            let dh = scratch(dev, DType::F32, tc * h, meter)?;
+            let (store, zoff, stats, lse, dh) = (store.ptr(g)?, zoff.ptr(g)?, stats.ptr(g)?, lse.ptr(g)?, dh.ptr(g)?);
+            let (dhid, dw, dlp) = (dhidden.ptr(g)?, dlm_head.ptr(g)?, dlogp_p.ptr(g)?);
+            let logp_p: &Buf = match &tmp {
+                Some((l, _)) => l,
+                None => &*logp,
+            };
+            let lp = logp_p.ptr(g)?;
+            let en = match (&tmp, entropy.as_deref()) {
+                (_, None) => 0,
+                (Some((_, e)), Some(_)) => e.ptr(g)?,
+                (None, Some(e)) => e.ptr(g)?,
+            };
+            let fold = kname("logprob_fold_full", ps.dt);
+            let dlogits = kname("logprob_dlogits_stored", ps.dt);
+            for t0 in (0..ta).step_by(tc) {
+                let n = tc.min(ta - t0);
+                let hid_t0 = at(hid, t0 * h, ps.dt);
+                let tgt_t0 = at(tgt, t0, DType::I32);
+                // logits [n, v] = hidden rows [n, h] · W [v, h]ᵀ, rounded once to the storage dtype.
+                g.blas.gemm(&Gemm {
+                    m: n,
+                    n: v,
+                    k: h,
+                    trans_a: false,
+                    trans_b: true,
+                    alpha: 1.0,
+                    beta: 0.0,
+                    a: hid_t0,
+                    b: ps.w,
+                    c: store,
+                    ab_type: ps.gt,
+                    c_type: ps.gt,
+                    batch: (1, 0, 0, 0),
+                })?;
+                let args = [Arg::Ptr(stats), Arg::Ptr(store), Arg::Ptr(tgt_t0), Arg::I32(n as i32), Arg::I32(v as i32)];
+                g.launch(MODULE, &fold, cfg_rows(n, BLOCK, 0), &args)?;
+                let en_t0 = if en == 0 { 0 } else { at(en, t0, DType::F32) };
+                ps.finalize(g, at(lp, t0, DType::F32), lse, en_t0, stats, n)?;
+                grad(GradChunk { p0: t0, n, idx: act.as_ref().map(|a| &a.idx), logp: logp_p, dlogp: &mut dlogp_p })?;
+                let args = [
+                    Arg::Ptr(store),
+                    Arg::Ptr(zoff),
+                    Arg::Ptr(lse),
+                    Arg::Ptr(at(dlp, t0, DType::F32)),
+                    Arg::Ptr(tgt_t0),
+                    Arg::I32(n as i32),
+                    Arg::I32(v as i32),
+                    Arg::I32(v as i32),
+                    Arg::I32(1),
+                ];
+                g.launch(MODULE, &dlogits, cfg_cols(v, vec_n(ps.dt), n), &args)?;
+                // dh [n, h] = dlogits [n, v] · W [v, h]
+                g.blas.gemm(&Gemm {
+                    m: n,
+                    n: h,
+                    k: v,
+                    trans_a: false,
+                    trans_b: false,
+                    alpha: 1.0,
+                    beta: 0.0,
+                    a: store,
+                    b: ps.w,
+                    c: dh,
+                    ab_type: ps.gt,
+                    c_type: GemmType::F32,
+                    batch: (1, 0, 0, 0),
+                })?;
+                // dW [v, h] += dlogitsᵀ [v, n] · hidden [n, h]
+                g.blas.gemm(&Gemm {
+                    m: v,
+                    n: h,
+                    k: n,
+                    trans_a: true,
+                    trans_b: false,
+                    alpha: 1.0,
+                    beta: 1.0,
+                    a: store,
+                    b: hid_t0,
+                    c: dw,
+                    ab_type: ps.gt,
+                    c_type: GemmType::F32,
+                    batch: (1, 0, 0, 0),
+                })?;
+                let idx_t0 = if idx == 0 { 0 } else { at(idx, t0, DType::I32) };
+                ps.scatter(g, dhid, dh, idx_t0, t0, n)?;
+            }
+        }
+        if let (Some(a), Some((tl, te))) = (&act, &tmp) {
+            expand(g, logp, tl, a, t)?;
+            if let Some(e) = entropy.as_deref() {
+                expand(g, e, te, a, t)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of a row cached in shared memory by `logprob_fold_u` (the rest is re-read). Over half an
+    /// SM's shared memory, so one block runs per SM and the re-read rows stay in L2; under A100's 164 KiB.
+    const FOLD_U_SMEM: usize = 160 << 10;
+
+    /// Variant 3 of `fwd_bwd` (`Tuning::fused_v3`). Per token chunk of n rows:
+    /// 1. variant 2's GEMM: logits [n, v] at the storage dtype into the kept buffer;
+    /// 2. `logprob_fold_u` (one 1024-thread block per row): the online fold, lse / logp /
+    ///    entropy, then the row is overwritten with u = onehot − e^(l − lse); the row's first
+    ///    160 KiB stay in shared memory between the two passes;
+    /// 3. the callback writes g = dlogp for the chunk;
+    /// 4. hg [n, h] = diag(g)·hidden rows, dh = U·W (f32), dW += Uᵀ·hg, dhidden rows = diag(g)·dh.
+    ///
+    /// HBM per chunk: the GEMM's write, one read and one write of the buffer (variant 2: one more read).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn fwd_bwd_v3(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, logp: &mut Buf, entropy: Option<&mut Buf>, dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize, h: usize, v: usize, grad: &mut GradFn) -> Result<()> {
+        let ps = pass(g, lm_head, h, v)?;
+        let act = match mask {
+            Some(m) if t > 0 => active_tokens(g, dev, m, t, meter)?,
+            _ => None,
+        };
+        let ta = act.as_ref().map_or(t, |a| a.n);
+        if act.is_some() {
+            zero(g, dhidden)?;
+        }
+        let packed = match &act {
+            Some(a) => Some(gather_inputs(g, dev, a, hidden, targets, h, meter)?),
+            None => None,
+        };
+        let (hid, tgt) = match &packed {
+            Some((hp, tp)) => (hp.ptr(g)?, tp.ptr(g)?),
+            None => (hidden.ptr(g)?, targets.ptr(g)?),
+        };
+        let idx = match &act {
+            Some(a) => a.idx.ptr(g)?,
+            None => 0,
+        };
+        let tmp = match &act {
+            Some(_) => Some((scratch(dev, DType::F32, ta, meter)?, scratch(dev, DType::F32, ta, meter)?)),
+            None => None,
+        };
+        let mut dlogp_p = scratch(dev, DType::F32, ta, meter)?;
+        if ta > 0 {
+            let tc = chunk_rows(ta, tune.fused_bytes / (v * ps.dt.size()).max(1));
+            // [tc, v] storage dtype: the chunk's logits, then u.
+            let store = scratch_uninit(g, dev, ps.dt, tc * v, meter)?;
+            let lse = scratch(dev, DType::F32, tc, meter)?;
+            // [tc, h]: g-scaled hidden rows (storage dtype) and U·W (f32).
+            let hg = scratch(dev, ps.dt, tc * h, meter)?;
+            let dh = scratch(dev, DType::F32, tc * h, meter)?;
+            let (store, lse, hg, dh) = (store.ptr(g)?, lse.ptr(g)?, hg.ptr(g)?, dh.ptr(g)?);
+            let (dhid, dw, dlp) = (dhidden.ptr(g)?, dlm_head.ptr(g)?, dlogp_p.ptr(g)?);
+            let logp_p: &Buf = match &tmp {
+                Some((l, _)) => l,
+                None => &*logp,
+            };
+            let lp = logp_p.ptr(g)?;
+            let en = match (&tmp, entropy.as_deref()) {
+                (_, None) => 0,
+                (Some((_, e)), Some(_)) => e.ptr(g)?,
+                (None, Some(e)) => e.ptr(g)?,
+            };
+            // Cached values per row: a multiple of the 16-byte vector, at most the row.
+            let vn = vec_n(ps.dt);
+            let cache = (FOLD_U_SMEM / ps.dt.size()).min(v) / vn * vn;
+            let cache = if cache == 0 { v.min(FOLD_U_SMEM / ps.dt.size()) } else { cache };
+            let fold_cfg = LaunchConfig { grid_dim: (n_blocks(tc), 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: (cache * ps.dt.size()) as u32 };
+            let fold = kname("logprob_fold_u", ps.dt);
+            let scale = kname("logprob_scale_rows", ps.dt);
+            let scatter = kname("logprob_scatter_rows_scaled", ps.dt);
+            for t0 in (0..ta).step_by(tc) {
+                let n = tc.min(ta - t0);
+                let hid_t0 = at(hid, t0 * h, ps.dt);
+                let tgt_t0 = at(tgt, t0, DType::I32);
+                let dlp_t0 = at(dlp, t0, DType::F32);
+                // logits [n, v] = hidden rows [n, h] · W [v, h]ᵀ, rounded once to the storage dtype.
+                g.blas.gemm(&Gemm {
+                    m: n,
+                    n: v,
+                    k: h,
+                    trans_a: false,
+                    trans_b: true,
+                    alpha: 1.0,
+                    beta: 0.0,
+                    a: hid_t0,
+                    b: ps.w,
+                    c: store,
+                    ab_type: ps.gt,
+                    c_type: ps.gt,
+                    batch: (1, 0, 0, 0),
+                })?;
+                let en_t0 = if en == 0 { 0 } else { at(en, t0, DType::F32) };
+                let args = [Arg::Ptr(store), Arg::Ptr(at(lp, t0, DType::F32)), Arg::Ptr(lse), Arg::Ptr(en_t0), Arg::Ptr(tgt_t0), Arg::I32(n as i32), Arg::I32(v as i32), Arg::I32(cache as i32)];
+                g.launch(MODULE, &fold, LaunchConfig { grid_dim: (n_blocks(n), 1, 1), ..fold_cfg }, &args)?;
+                grad(GradChunk { p0: t0, n, idx: act.as_ref().map(|a| &a.idx), logp: logp_p, dlogp: &mut dlogp_p })?;
+                // hg = diag(g) · hidden rows
+                g.launch(MODULE, &scale, cfg_rows(n, BLOCK, 0), &[Arg::Ptr(hg), Arg::Ptr(hid_t0), Arg::Ptr(dlp_t0), Arg::I32(n as i32), Arg::I32(h as i32)])?;
+                // dh [n, h] = U [n, v] · W [v, h]
+                g.blas.gemm(&Gemm {
+                    m: n,
+                    n: h,
+                    k: v,
+                    trans_a: false,
+                    trans_b: false,
+                    alpha: 1.0,
+                    beta: 0.0,
+                    a: store,
+                    b: ps.w,
+                    c: dh,
+                    ab_type: ps.gt,
+                    c_type: GemmType::F32,
+                    batch: (1, 0, 0, 0),
+                })?;
+                // dW [v, h] += Uᵀ [v, n] · hg [n, h]
+                g.blas.gemm(&Gemm {
+                    m: v,
+                    n: h,
+                    k: n,
+                    trans_a: true,
+                    trans_b: false,
+                    alpha: 1.0,
+                    beta: 1.0,
+                    a: store,
+                    b: hg,
+                    c: dw,
+                    ab_type: ps.gt,
+                    c_type: GemmType::F32,
+                    batch: (1, 0, 0, 0),
+                })?;
+                // dhidden rows = diag(g) · dh
+                let idx_t0 = if idx == 0 { 0 } else { at(idx, t0, DType::I32) };
+                let args = [Arg::Ptr(dhid), Arg::Ptr(dh), Arg::Ptr(dlp_t0), Arg::Ptr(idx_t0), Arg::I32(t0 as i32), Arg::I32(n as i32), Arg::I32(h as i32)];
+                g.launch(MODULE, &scatter, cfg_rows(n, BLOCK, 0), &args)?;
+            }
+        }
+        if let (Some(a), Some((tl, te))) = (&act, &tmp) {
+            expand(g, logp, tl, a, t)?;
+            if let Some(e) = entropy.as_deref() {
+                expand(g, e, te, a, t)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn n_blocks(rows: usize) -> u32 {
+        rows.max(1) as u32
     }
 }
 

@@ -16,6 +16,7 @@ pub mod layernorm;
 pub mod matmul;
 pub mod rmsnorm;
 pub mod logprob;
+pub mod lora;
 pub mod grpo;
 pub mod rope;
 

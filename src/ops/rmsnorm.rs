@@ -1,8 +1,10 @@
 //! RMSNorm (Qwen2, Llama, Mistral, the Qwen vision tower): y = x · rsqrt(mean(x²) + eps) · w.
 //! Forward saves rstd [rows] (f32). Kernel: kernels/rmsnorm.cu.
 
+use super::elementwise::use_v2;
 use super::{check, check_dtype, kname, same_float_dtype};
-use crate::cuda::{cfg_1d, cfg_rows, Arg};
+use crate::cuda::{cfg_1d, cfg_rows, dptr, Arg, Gpu};
+use cudarc::driver::LaunchConfig;
 use crate::tensor::{Buf, DType, Device};
 use anyhow::Result;
 
@@ -51,6 +53,11 @@ pub fn bwd(dev: &Device, dx: &mut Buf, dw: &mut Buf, dy: &Buf, x: &Buf, w: &Buf,
         }
         Device::Cuda(g) => {
             let dt = same_float_dtype(op, &[dx, dy, x, w])?;
+            if use_v2(op) {
+                if let Some(plan) = V2Plan::new(g, dt, rows, cols, &[dx.ptr(g)?, dy.ptr(g)?, x.ptr(g)?, w.ptr(g)?], 3) {
+                    return bwd_v2(g, &plan, dx, dw, dy, x, w, rstd, rows, cols);
+                }
+            }
             // Enough blocks to fill the GPU; each owns a run of rows and writes one partial dw row.
             let nblocks = rows.clamp(1, 2 * g.sm_count as usize);
             let rpb = rows.div_ceil(nblocks).max(1);
@@ -72,6 +79,67 @@ pub fn bwd(dev: &Device, dx: &mut Buf, dw: &mut Buf, dy: &Buf, x: &Buf, w: &Buf,
             g.launch("rmsnorm", "rmsnorm_dw_reduce", cfg_1d(cols, 256), &args)
         }
     }
+}
+
+/// Launch shape of the V2 row kernels (rmsnorm_bwd, layernorm_fwd/bwd V2): persistent blocks
+/// of `block` threads, each thread owning `vpt` 16-byte column vectors of every row it visits.
+pub(crate) struct V2Plan {
+    pub vpt: usize,
+    pub block: u32,
+    pub nblocks: usize,
+}
+
+impl V2Plan {
+    /// None when the V2 kernels do not apply (rows not whole 16-byte vectors, a misaligned
+    /// pointer, more than 4 vectors per thread, or nothing to do): the caller uses V1.
+    /// `per_sm`: blocks resident per SM at the kernel's `__launch_bounds__` for vpt <= 2 (the
+    /// grid is one wave of them); vpt = 4 kernels keep their registers at one block per SM.
+    pub(crate) fn new(g: &Gpu, dt: DType, rows: usize, cols: usize, ptrs: &[u64], per_sm: usize) -> Option<V2Plan> {
+        let n = 16 / dt.size();
+        if rows == 0 || cols == 0 || !cols.is_multiple_of(n) || ptrs.iter().any(|p| !p.is_multiple_of(16)) || rows > i32::MAX as usize {
+            return None;
+        }
+        let nvec = cols / n;
+        let vpt = [1usize, 2, 4].into_iter().find(|&v| nvec <= 256 * v)?;
+        let block = nvec.div_ceil(vpt).next_power_of_two().clamp(32, 256) as u32;
+        let per_sm = if vpt <= 2 { per_sm.max(1) } else { 1 };
+        let nblocks = rows.min(g.sm_count as usize * per_sm).max(1);
+        Some(V2Plan { vpt, block, nblocks })
+    }
+
+    pub(crate) fn cfg(&self, smem: u32) -> LaunchConfig {
+        cfg_rows(self.nblocks, self.block, smem)
+    }
+}
+
+/// out0[j] += Σ_p part[p][j] for j < split, out1[j − split] += … for split ≤ j < ncols, summed in
+/// a fixed order (deterministic). `part` is [nparts, ncols] f32 (kernel param_colsum_reduce).
+pub(crate) fn colsum_reduce(g: &Gpu, out0: u64, out1: u64, part: u64, nparts: usize, ncols: usize, split: usize) -> Result<()> {
+    let cfg = LaunchConfig { grid_dim: (ncols.div_ceil(32).max(1) as u32, 1, 1), block_dim: (32, 16, 1), shared_mem_bytes: 0 };
+    let args = [Arg::Ptr(out0), Arg::Ptr(out1), Arg::Ptr(part), Arg::I32(nparts as i32), Arg::I32(ncols as i32), Arg::I32(split as i32)];
+    g.launch("rmsnorm", "param_colsum_reduce", cfg, &args)
+}
+
+/// V2 backward: one pass over x and dy (rows held in registers), dw partials in a cached scratch.
+#[allow(clippy::too_many_arguments)]
+fn bwd_v2(g: &Gpu, plan: &V2Plan, dx: &mut Buf, dw: &mut Buf, dy: &Buf, x: &Buf, w: &Buf, rstd: &Buf, rows: usize, cols: usize) -> Result<()> {
+    let dt = dx.dtype();
+    let part = g.scratch_f32(plan.nblocks * cols)?; // [nblocks, cols]
+    let pp = dptr(&*part, &g.stream);
+    let args = [
+        Arg::Ptr(dx.ptr(g)?),
+        Arg::Ptr(pp),
+        Arg::Ptr(dy.ptr(g)?),
+        Arg::Ptr(x.ptr(g)?),
+        Arg::Ptr(w.ptr(g)?),
+        Arg::Ptr(rstd.ptr(g)?),
+        Arg::I32(rows as i32),
+        Arg::I32(cols as i32),
+    ];
+    let name = format!("rmsnorm_bwd_v2x{}_{}", plan.vpt, dt.suffix());
+    g.launch("rmsnorm", &name, plan.cfg(0), &args)?;
+    let dwp = dw.ptr(g)?;
+    colsum_reduce(g, dwp, dwp, pp, plan.nblocks, cols, cols)
 }
 
 /// Threads per row: enough 16-byte lanes to cover the row once, within [32, 1024].

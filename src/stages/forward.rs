@@ -1,14 +1,22 @@
 //! `am3 forward`: one forward (and optionally backward) of a model on an inputs file laid out
 //! like the fixtures' `inputs.safetensors`, for comparing against other implementations.
 //!
+//! The model directory's config.json decides the family (`model_type` qwen2_5_vl or llava_next).
 //! Inputs: `input_ids` [1, S] (any int or float dtype), `loss_mask` [1, S] (optional; default all
-//! ones), and for Qwen2.5-VL `pixel_values` [patches, patch_dim] with `image_grid_thw` [n, 3].
+//! ones), and the images: for Qwen2.5-VL `pixel_values` [patches, patch_dim] with
+//! `image_grid_thw` [n, 3]; for LLaVA-NeXT `pixel_values` [n, max_tiles, 3, S, S] (a processor
+//! batch, padded along the tile axis) or compact [Σ tiles, 3, S, S], with `image_sizes` [n, 2]
+//! (original height, width).
 //! Outputs (f32 unless noted): `logits` [S, V]; `token_logprobs` [S−1] = log p(ids[t+1] | ids[..=t]);
-//! `objective` [1] = Σ_t loss_mask[t+1]·token_logprobs[t]; `position_ids` [3, S] (i64, M-RoPE);
-//! with `--grads`, d objective / d parameter for every parameter, keyed by checkpoint name.
+//! `objective` [1] = Σ_t loss_mask[t+1]·token_logprobs[t]; Qwen only: `position_ids` [3, S] (i64,
+//! M-RoPE); with `--grads`, d objective / d parameter for every parameter that receives one, keyed
+//! by the checkpoint's own tensor names.
 
 use crate::checkpoint::read_tensor_file;
-use crate::models::qwen2_5_vl::model::{Batch, QwenVl, Recompute};
+use super::examples::Packed;
+use super::model::{Net, VlModel};
+use crate::models::llava_next::model::{strip_tile_padding, LlavaNext};
+use crate::models::qwen2_5_vl::model::Recompute;
 use crate::models::qwen2_5_vl::positions::mrope_positions;
 use crate::checkpoint::safetensors_io::write_atomic;
 use crate::tensor::{DType, Device, DevicePref};
@@ -58,17 +66,10 @@ pub fn run(a: &ForwardArgs) -> Result<()> {
         Some((sh, _)) => bail!("{}: loss_mask has shape {sh:?}, expected [1, {s}]", a.inputs.display()),
         None => vec![1.0; s],
     };
-    let cfg_text = std::fs::read_to_string(a.model.join("config.json")).with_context(|| format!("reading {}/config.json", a.model.display()))?;
-    let model_type = serde_json::from_str::<serde_json::Value>(&cfg_text)
-        .with_context(|| format!("{}/config.json is not JSON", a.model.display()))?
-        .get("model_type")
-        .and_then(|v| v.as_str())
-        .unwrap_or("")
-        .to_string();
-    let mut out: Vec<(String, Vec<usize>, OutData)> = Vec::new();
-    match model_type.as_str() {
-        "qwen2_5_vl" | "" => {
-            let mut model = QwenVl::load(&dev, &a.model)?;
+    let mut model = VlModel::load(&dev, &a.model)?;
+    let mut p = Packed { ids: ids.clone(), cu_seqlens: vec![0, s as i32], ..Default::default() };
+    match &model.net {
+        Net::Qwen(m) => {
             let (pixels, grids) = match (inputs.get("pixel_values"), inputs.get("image_grid_thw")) {
                 (Some((_, p)), Some((gs, g))) => {
                     if gs.len() != 2 || gs[1] != 3 {
@@ -79,37 +80,76 @@ pub fn run(a: &ForwardArgs) -> Result<()> {
                 (None, None) => (Vec::new(), Vec::new()),
                 _ => bail!("{}: pixel_values and image_grid_thw must come together", a.inputs.display()),
             };
-            let (pos3, _) = mrope_positions(&ids, &grids, &model.cfg)?;
-            let cu = [0, s as i32];
-            let batch = Batch { ids: &ids, cu_seqlens: &cu, pos3: &pos3, pixels: &pixels, grids: &grids };
-            let f = model.forward(&dev, &batch, &Recompute::default())?;
-            let logits = dev.to_vec(&model.logits(&dev, &f)?)?;
-            let mut targets: Vec<i32> = ids[1..].to_vec();
-            targets.push(0);
-            let mut valid = vec![1f32; s];
-            valid[s - 1] = 0.0;
-            let (tb, vb) = (dev.upload_i32(&targets)?, dev.upload(&valid, DType::F32)?);
-            let (logp, lse) = model.logprobs(&dev, &f, &tb, Some(&vb))?;
-            let logp = dev.to_vec(&logp)?;
-            let dlogp: Vec<f32> = (0..s).map(|t| if t + 1 < s { loss_mask[t + 1] } else { 0.0 }).collect();
-            let objective: f64 = (0..s).map(|t| dlogp[t] as f64 * logp[t] as f64).sum();
-            out.push(("logits".into(), vec![s, logits.len() / s], OutData::F32(logits)));
-            out.push(("token_logprobs".into(), vec![s - 1], OutData::F32(logp[..s - 1].to_vec())));
-            out.push(("objective".into(), vec![1], OutData::F32(vec![objective as f32])));
-            out.push(("position_ids".into(), vec![3, s], OutData::I64(pos3.iter().map(|&x| x as i64).collect())));
-            if a.grads {
-                model.zero_grads(&dev)?;
-                model.backward_logprobs(&dev, &f, &tb, &lse, &dev.upload(&dlogp, DType::F32)?)?;
-                for (name, (shape, g)) in model.grads_by_name(&dev)? {
-                    out.push((name, shape, OutData::F32(g)));
-                }
-            }
+            p.pos3 = mrope_positions(&ids, &grids, &m.cfg)?.0;
+            (p.pixels, p.grids) = (pixels, grids);
         }
-        other => bail!("{}/config.json: model_type {other:?} is not supported by `am3 forward` (qwen2_5_vl)", a.model.display()),
+        Net::Llava(m) => (p.pixels, p.image_sizes) = llava_images(&inputs, m, &a.inputs)?,
+    }
+    let f = model.forward(&dev, &p, &Recompute::default())?;
+    let logits = dev.to_vec(&model.logits(&dev, &f)?)?;
+    // A next id past the vocabulary (LLaVA's placeholder may lie there) has no log-prob: 0.
+    let vocab = model.tdims().vocab as i32;
+    let mut targets: Vec<i32> = ids[1..].to_vec();
+    targets.push(0);
+    let mut valid = vec![1f32; s];
+    valid[s - 1] = 0.0;
+    for (t, v) in targets.iter_mut().zip(valid.iter_mut()) {
+        if *t < 0 || *t >= vocab {
+            (*t, *v) = (0, 0.0);
+        }
+    }
+    let (tb, vb) = (dev.upload_i32(&targets)?, dev.upload(&valid, DType::F32)?);
+    let (logp, lse) = model.logprobs(&dev, &f, &tb, Some(&vb))?;
+    let logp = dev.to_vec(&logp)?;
+    let dlogp: Vec<f32> = (0..s).map(|t| if t + 1 < s { loss_mask[t + 1] * valid[t] } else { 0.0 }).collect();
+    let objective: f64 = (0..s).map(|t| dlogp[t] as f64 * logp[t] as f64).sum();
+    let mut out: Vec<(String, Vec<usize>, OutData)> = Vec::new();
+    out.push(("logits".into(), vec![s, logits.len() / s], OutData::F32(logits)));
+    out.push(("token_logprobs".into(), vec![s - 1], OutData::F32(logp[..s - 1].to_vec())));
+    out.push(("objective".into(), vec![1], OutData::F32(vec![objective as f32])));
+    if !p.pos3.is_empty() {
+        out.push(("position_ids".into(), vec![3, s], OutData::I64(p.pos3.iter().map(|&x| x as i64).collect())));
+    }
+    if a.grads {
+        model.zero_grads(&dev)?;
+        model.backward_logprobs(&dev, &f, &tb, &lse, &dev.upload(&dlogp, DType::F32)?)?;
+        for (name, (shape, g)) in model.grads_by_name(&dev)? {
+            out.push((name, shape, OutData::F32(g)));
+        }
     }
     write_tensors(&a.out, &out)?;
     eprintln!("am3 forward: wrote {} tensors to {}", out.len(), a.out.display());
     Ok(())
+}
+
+/// Compact pixels [Σ tiles, 3, S, S] and the original (height, width) of each image.
+type LlavaImages = (Vec<f32>, Vec<(usize, usize)>);
+
+/// LLaVA-NeXT images of an inputs file: compact pixels [Σ tiles, 3, S, S] (a padded processor
+/// batch [n, max_tiles, 3, S, S] loses its padding tiles) and the original sizes.
+fn llava_images(inputs: &Tensors, m: &LlavaNext, file: &Path) -> Result<LlavaImages> {
+    let ((ps, pv), (ss, sv)) = match (inputs.get("pixel_values"), inputs.get("image_sizes")) {
+        (Some(p), Some(s)) => (p, s),
+        (None, None) => return Ok((Vec::new(), Vec::new())),
+        _ => bail!("{}: pixel_values and image_sizes must come together", file.display()),
+    };
+    if sv.len() % 2 != 0 || ss.last() != Some(&2) {
+        bail!("{}: image_sizes has shape {ss:?}, expected [n, 2]", file.display());
+    }
+    let sizes: Vec<(usize, usize)> = sv.chunks(2).map(|c| (c[0] as usize, c[1] as usize)).collect();
+    let tiles: Vec<usize> = m.geometries(&sizes)?.iter().map(|g| g.num_tiles()).collect();
+    let tile_len = m.vdims.tile_len();
+    let pixels: Vec<f32> = pv.iter().map(|&x| x as f32).collect();
+    let tail: usize = ps.iter().rev().take(3).product();
+    if ps.len() < 4 || tail != tile_len {
+        bail!("{}: pixel_values has shape {ps:?}; expected [.., 3, {s}, {s}] tiles of the model's vision image_size", file.display(), s = m.cfg.vision.image_size);
+    }
+    let pixels = match ps.len() {
+        5 if ps[0] == sizes.len() => strip_tile_padding(&pixels, ps[1], &tiles, tile_len).with_context(|| format!("{}: pixel_values", file.display()))?,
+        4 => pixels,
+        _ => bail!("{}: pixel_values has shape {ps:?}, expected [{}, max_tiles, 3, S, S] or [tiles, 3, S, S]", file.display(), sizes.len()),
+    };
+    Ok((pixels, sizes))
 }
 
 pub enum OutData {

@@ -1,5 +1,6 @@
-//! Cold-start refusal SFT (`am3 sft`): supervised fine-tuning of Qwen2.5-VL on refusal VQA
-//! samples mixed with general ones. The loss is the mean NLL of the assistant tokens of a step
+//! Cold-start refusal SFT (`am3 sft`): supervised fine-tuning of Qwen2.5-VL or LLaVA-NeXT (the
+//! `--model` directory's config.json decides; see `stages::model`) on refusal VQA samples mixed
+//! with general ones. The loss is the mean NLL of the assistant tokens of a step
 //! (token-mean over every micro-batch of the step), computed by the fused log-prob op, so no
 //! [tokens × vocab] logits tensor is ever held.
 //!
@@ -8,16 +9,22 @@
 //! a fixed, seed-determined plan of micro-batches, so `--resume` continues bit for bit on the CPU.
 //! Checkpoints (HF layout + `train_state/`) are written atomically every `save_every` steps and at
 //! the end; `latest` names the newest complete one.
+//!
+//! LoRA (`--lora-rank R`, see `stages::lora`): adapters on the chosen projections, the base
+//! frozen; checkpoints hold the merged weights (`--lora-save merged`) or PEFT adapter files.
 
-use super::examples::{encode, micro_batches, pack, Example, Packed};
+use super::examples::{micro_batches, pack, Example, Packed};
+use super::model::{save_weights, Encoder, Processor, VlModel};
 use crate::data::dataset::{load_jsonl, Kind};
-use crate::models::common::params::assemble;
-use crate::models::qwen2_5_vl::chat::{load_tokenizer, ChatTemplate};
+use crate::models::qwen2_5_vl::chat::load_tokenizer;
 use crate::models::qwen2_5_vl::config::{QwenPreprocessorConfig, QwenVlConfig};
 use crate::models::qwen2_5_vl::model::{QwenVl, Recompute};
+use crate::train::optim::slot_key;
+use super::lora::LoraSave;
+use crate::models::common::lora::{LoraConfig, DEFAULT_TARGETS};
 use crate::models::tiny;
 use crate::ops::adamw::AdamW;
-use crate::checkpoint::safetensors_io::{save_sharded_with, write_atomic, SaveDtype};
+use crate::checkpoint::safetensors_io::{write_atomic, SaveDtype};
 use crate::rng::Rng;
 use crate::tensor::{Device, DevicePref};
 use crate::train::metrics::{truncate_after, MetricsWriter, StepMetrics};
@@ -35,7 +42,8 @@ use tokenizers::Tokenizer;
 #[derive(clap::Args, Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SftArgs {
-    /// Model directory (HF layout). Default: the embedded tiny Qwen2.5-VL, randomly initialised.
+    /// Model directory (HF layout; Qwen2.5-VL or LLaVA-NeXT, per its config.json). Default: the
+    /// embedded tiny Qwen2.5-VL, randomly initialised.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Training data (JSON Lines; see README "Dataset format"). Default: the bundled demo set.
@@ -54,7 +62,7 @@ pub struct SftArgs {
     /// Optimizer steps (default: 60).
     #[arg(long)]
     pub steps: Option<u64>,
-    /// Peak learning rate (default 2e-3 for the tiny default model, else 1e-5).
+    /// Peak learning rate (default 2e-3 for the tiny default model, else 1e-5, or 1e-4 with LoRA).
     #[arg(long)]
     pub lr: Option<f64>,
     /// Warm-up steps (default: 5% of the steps).
@@ -93,6 +101,21 @@ pub struct SftArgs {
     /// Do not update the vision tower.
     #[arg(long)]
     pub freeze_vision: Option<bool>,
+    /// LoRA rank; 0 (the default) trains every weight. With LoRA only the adapters train.
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    /// LoRA alpha: the adapters' output is scaled by alpha / rank (default 2·rank).
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Projections to adapt, comma-separated (default: all seven of the text decoder):
+    /// q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; Qwen2.5-VL's vision
+    /// blocks also take visual.qkv, visual.proj, visual.gate_proj, visual.up_proj, visual.down_proj.
+    #[arg(long)]
+    pub lora_targets: Option<String>,
+    /// merged (full HF weights with the adapters merged in, the default) | adapter (PEFT
+    /// adapter_model.safetensors + adapter_config.json).
+    #[arg(long)]
+    pub lora_save: Option<String>,
     /// Continue from the newest checkpoint in --out.
     #[arg(long)]
     #[serde(skip)]
@@ -121,6 +144,15 @@ pub struct SftPlan {
     pub save_every: u64,
     pub recompute: bool,
     pub freeze_vision: bool,
+    /// LoRA (rank 0: off; then the other LoRA fields are empty).
+    #[serde(default)]
+    pub lora_rank: usize,
+    #[serde(default)]
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_targets: Vec<String>,
+    #[serde(default)]
+    pub lora_save: String,
 }
 
 impl SftArgs {
@@ -130,15 +162,29 @@ impl SftArgs {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             let file: SftArgs = toml::from_str(&text).with_context(|| format!("{}: bad SFT config", path.display()))?;
             macro_rules! merge { ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f.clone(); } )* } }
-            merge!(model, data, out, steps, lr, warmup, schedule, min_lr_ratio, batch_tokens, grad_accum, clip, weight_decay, beta1, beta2, seed, save_every, recompute, freeze_vision);
+            merge!(model, data, out, steps, lr, warmup, schedule, min_lr_ratio, batch_tokens, grad_accum, clip, weight_decay, beta1, beta2, seed, save_every, recompute, freeze_vision, lora_rank, lora_alpha, lora_targets, lora_save);
         }
         let steps = self.steps.unwrap_or(60);
         if steps == 0 {
             bail!("--steps must be positive");
         }
+        let lora_rank = self.lora_rank.unwrap_or(0);
+        let (lora_alpha, lora_targets, lora_save) = if lora_rank == 0 {
+            if self.lora_alpha.is_some() || self.lora_targets.is_some() || self.lora_save.is_some() {
+                bail!("--lora-alpha, --lora-targets and --lora-save need --lora-rank > 0");
+            }
+            (0.0, Vec::new(), String::new())
+        } else {
+            let alpha = self.lora_alpha.unwrap_or(2.0 * lora_rank as f64);
+            let targets = self.lora_targets.as_deref().map(LoraConfig::parse_targets).unwrap_or_else(|| DEFAULT_TARGETS.map(String::from).to_vec());
+            let save = self.lora_save.clone().unwrap_or_else(|| "merged".into());
+            save.parse::<LoraSave>()?;
+            LoraConfig { rank: lora_rank, alpha, targets: targets.clone(), seed: 0 }.validate()?;
+            (alpha, targets, save)
+        };
         let plan = SftPlan {
             steps,
-            lr: self.lr.unwrap_or(if self.model.is_none() { 2e-3 } else { 1e-5 }),
+            lr: self.lr.unwrap_or(if self.model.is_none() { 2e-3 } else if lora_rank > 0 { 1e-4 } else { 1e-5 }),
             warmup: self.warmup.unwrap_or(steps / 20),
             schedule: self.schedule.clone().unwrap_or_else(|| "cosine".into()),
             min_lr_ratio: self.min_lr_ratio.unwrap_or(0.1),
@@ -152,6 +198,10 @@ impl SftArgs {
             save_every: self.save_every.unwrap_or(20).max(1),
             recompute: self.recompute.unwrap_or(false),
             freeze_vision: self.freeze_vision.unwrap_or(false),
+            lora_rank,
+            lora_alpha,
+            lora_targets,
+            lora_save,
         };
         Ok((self, plan))
     }
@@ -172,9 +222,9 @@ pub fn demo_data() -> PathBuf {
 
 /// The model, tokenizer and processor settings to train.
 pub struct Loaded {
-    pub model: QwenVl,
+    pub model: VlModel,
     pub tok: Tokenizer,
-    pub pp: QwenPreprocessorConfig,
+    pub pp: Processor,
     /// Where the tokenizer/processor files came from (copied into checkpoints), if a directory.
     pub src_dir: Option<PathBuf>,
 }
@@ -184,29 +234,37 @@ pub fn load_model(dev: &Device, dir: Option<&Path>, seed: u64) -> Result<Loaded>
         None => {
             let tok = tiny::tokenizer()?;
             let cfg = tiny::config(&tok)?;
-            let model = tiny::build(dev, cfg, tiny::INIT_SEED ^ seed)?;
-            Ok(Loaded { model, tok, pp: tiny::preprocessor()?, src_dir: None })
+            let model = tiny::build(dev, cfg, tiny::INIT_SEED ^ seed)?.into();
+            Ok(Loaded { model, tok, pp: Processor::Qwen(tiny::preprocessor()?), src_dir: None })
         }
         Some(d) => {
-            if !d.join("config.json").is_file() {
-                bail!("{}: not a model directory (no config.json)", d.display());
-            }
-            let model = QwenVl::load(dev, d)?;
+            let model = VlModel::load(dev, d)?;
             let tok = load_tokenizer(d)?.with_context(|| format!("{}: no tokenizer.json", d.display()))?;
-            let pp = QwenPreprocessorConfig::load(d)?;
+            let pp = Processor::load(d, &model)?;
             Ok(Loaded { model, tok, pp, src_dir: Some(d.to_path_buf()) })
         }
     }
 }
 
-/// Loads and encodes a JSONL file (every bad line reported with file:line).
+/// Loads and encodes a JSONL file for a Qwen2.5-VL model (every bad line reported with
+/// file:line).
 pub fn load_examples(path: &Path, tok: &Tokenizer, cfg: &QwenVlConfig, pp: &QwenPreprocessorConfig) -> Result<Vec<Example>> {
+    let tmpl = crate::models::qwen2_5_vl::chat::ChatTemplate::new(tok, cfg)?;
+    encode_file(path, &Encoder::Qwen { tmpl, cfg, pp })
+}
+
+/// Loads a JSONL file and encodes every sample for the model behind `enc`.
+pub fn encode_file(path: &Path, enc: &Encoder) -> Result<Vec<Example>> {
     let samples = load_jsonl(path)?;
     if samples.is_empty() {
         bail!("{}: no samples", path.display());
     }
-    let tmpl = ChatTemplate::new(tok, cfg)?;
-    samples.iter().map(|s| encode(s, &tmpl, cfg, pp)).collect()
+    samples.iter().map(|s| enc.encode(s)).collect()
+}
+
+/// Encodes `path` for the loaded model, with its tokenizer and processor.
+pub fn load_examples_for(path: &Path, l: &Loaded) -> Result<Vec<Example>> {
+    encode_file(path, &Encoder::new(&l.model, &l.tok, &l.pp)?)
 }
 
 /// The whole run's micro-batches, fixed by the seed: epoch k visits the examples in a
@@ -231,8 +289,8 @@ pub fn plan_micro_batches(examples: &[Example], plan: &SftPlan) -> Vec<Vec<usize
 
 /// Σ −w·log p(target) over a packed micro-batch, and its backward when `train`.
 /// Returns (summed NLL, target count).
-pub fn nll_micro_batch(dev: &Device, model: &mut QwenVl, p: &Packed, rc: &Recompute, train: bool) -> Result<(f64, f64)> {
-    let fwd = model.forward(dev, &p.batch(), rc)?;
+pub fn nll_micro_batch(dev: &Device, model: &mut VlModel, p: &Packed, rc: &Recompute, train: bool) -> Result<(f64, f64)> {
+    let fwd = model.forward(dev, p, rc)?;
     let targets = dev.upload_i32(&p.targets)?;
     let w = dev.upload(&p.weights, crate::tensor::DType::F32)?;
     let (logp, lse) = model.logprobs(dev, &fwd, &targets, Some(&w))?;
@@ -248,7 +306,7 @@ pub fn nll_micro_batch(dev: &Device, model: &mut QwenVl, p: &Packed, rc: &Recomp
 }
 
 /// Mean NLL per assistant token over `examples` of `kind` (all kinds when None), no gradients.
-pub fn eval_nll(dev: &Device, model: &mut QwenVl, examples: &[Example], kind: Option<Kind>, batch_tokens: usize) -> Result<f64> {
+pub fn eval_nll(dev: &Device, model: &mut VlModel, examples: &[Example], kind: Option<Kind>, batch_tokens: usize) -> Result<f64> {
     let idx: Vec<usize> = (0..examples.len()).filter(|&i| kind.is_none_or(|k| examples[i].kind == k)).collect();
     let lens: Vec<usize> = examples.iter().map(|e| e.len()).collect();
     let (mut s, mut n) = (0.0, 0.0);
@@ -278,15 +336,22 @@ pub fn run(args: SftArgs) -> Result<PathBuf> {
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
 
     let mut l = load_model(&dev, args.model.as_deref(), plan.seed)?;
-    let examples = load_examples(&data, &l.tok, &l.model.cfg, &l.pp)?;
+    if plan.lora_rank > 0 {
+        let lc = LoraConfig { rank: plan.lora_rank, alpha: plan.lora_alpha, targets: plan.lora_targets.clone(), seed: plan.seed };
+        l.model.enable_lora(&dev, &lc)?;
+    }
+    let examples = load_examples_for(&data, &l)?;
     let mbs = plan_micro_batches(&examples, &plan);
     let kind: LrKind = plan.schedule.parse()?;
     let sched = LrSchedule::new(kind, plan.lr, plan.warmup, plan.steps, plan.min_lr_ratio)?;
-    let rc = if plan.recompute { Recompute::all(l.model.tdims.n_layers) } else { Recompute::default() };
+    let rc = if plan.recompute { Recompute::all(l.model.tdims().n_layers) } else { Recompute::default() };
     let hp = AdamW { lr: plan.lr as f32, beta1: plan.beta1 as f32, beta2: plan.beta2 as f32, eps: 1e-8, weight_decay: plan.weight_decay as f32 };
     let freeze = plan.freeze_vision;
-    let trainable = move |r: &crate::models::common::params::ParamRef| !(freeze && r.name.starts_with("visual."));
-    let mut opt = Optimizer::new(&dev, hp, &l.model.param_entries(), &trainable)?;
+    // Only tensors that receive gradients (LLaVA's vision layers past the feature layer don't).
+    let has_grad = l.model.grad_keys(&dev)?;
+    let vision: std::collections::BTreeSet<String> = l.model.param_entries().iter().filter(|(r, _)| l.model.is_vision(&r.name)).map(|(r, _)| slot_key(r)).collect();
+    let trainable = move |r: &crate::models::common::params::ParamRef| has_grad.contains(&slot_key(r)) && !(freeze && vision.contains(&slot_key(r)));
+    let mut opt = Optimizer::new(&dev, hp, &l.model.trainable_entries(), &trainable)?;
 
     let metrics_path = out.join("metrics.jsonl");
     let mut start = 0u64;
@@ -414,7 +479,9 @@ fn save_checkpoint(dev: &Device, out: &Path, step: u64, l: &Loaded, opt: &Optimi
     let name = format!("checkpoint-{step:06}");
     let dir = out.join(&name);
     atomic::write_dir(&dir, |tmp| {
-        save_model(dev, &l.model, tmp, if dev.is_cuda() { SaveDtype::BF16 } else { SaveDtype::F32 })?;
+        let how: LoraSave = if plan.lora_rank > 0 { plan.lora_save.parse()? } else { LoraSave::Merged };
+        let base = model_dir.map_or_else(|| "am3-tiny-qwen2_5_vl".to_string(), |p| p.display().to_string());
+        l.model.save_trained(dev, tmp, if dev.is_cuda() { SaveDtype::BF16 } else { SaveDtype::F32 }, how, &base)?;
         save_side_files(l, tmp)?;
         opt.save(dev, &tmp.join("train_state"))?;
         let st = TrainerState { step, plan: plan.clone(), data: data.to_path_buf(), model: model_dir.map(Path::to_path_buf) };
@@ -424,12 +491,10 @@ fn save_checkpoint(dev: &Device, out: &Path, step: u64, l: &Loaded, opt: &Optimi
     Ok(dir)
 }
 
-/// The model's weights as HF checkpoint tensors, in `dtype`, shards of at most 5 GB.
+/// A Qwen2.5-VL model's weights as HF checkpoint tensors (canonical names), in `dtype`, shards
+/// of at most 5 GB, and its config.json (`VlModel::save` for either family).
 pub fn save_model(dev: &Device, model: &QwenVl, dir: &Path, dtype: SaveDtype) -> Result<()> {
-    let full = assemble(dev, model.param_entries())?;
-    let specs: Vec<(String, Vec<usize>)> = full.iter().map(|(n, (s, _))| (n.clone(), s.clone())).collect();
-    let vals: Vec<&Vec<f32>> = full.values().map(|(_, v)| v).collect();
-    save_sharded_with(dir, &specs, dtype, 5 << 30, |i| Ok(vals[i].clone()))?;
+    save_weights(dev, model.param_entries(), &|n| n.to_string(), dir, dtype)?;
     model.cfg.save(dir)
 }
 
@@ -437,7 +502,8 @@ fn save_side_files(l: &Loaded, dir: &Path) -> Result<()> {
     l.tok.save(dir.join("tokenizer.json"), false).map_err(|e| anyhow::anyhow!("saving tokenizer.json: {e}"))?;
     match &l.src_dir {
         Some(src) => {
-            for f in ["preprocessor_config.json", "tokenizer_config.json", "generation_config.json", "chat_template.json", "special_tokens_map.json", "vocab.json", "merges.txt"] {
+            // Qwen's and llava-hf's processor and tokenizer files, whichever the source has.
+            for f in ["preprocessor_config.json", "processor_config.json", "tokenizer_config.json", "generation_config.json", "chat_template.json", "chat_template.jinja", "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt"] {
                 if src.join(f).is_file() {
                     std::fs::copy(src.join(f), dir.join(f)).with_context(|| format!("copying {f}"))?;
                 }
@@ -445,7 +511,9 @@ fn save_side_files(l: &Loaded, dir: &Path) -> Result<()> {
         }
         None => {
             std::fs::write(dir.join("preprocessor_config.json"), tiny::PREPROCESSOR_JSON)?;
-            let gen = serde_json::json!({"bos_token_id": l.model.cfg.bos_token_id, "eos_token_id": l.model.cfg.eos_token_id, "do_sample": false});
+            // The embedded tiny model: its config follows from the tokenizer.
+            let cfg = tiny::config(&l.tok)?;
+            let gen = serde_json::json!({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": false});
             std::fs::write(dir.join("generation_config.json"), serde_json::to_string_pretty(&gen)?)?;
         }
     }

@@ -13,8 +13,14 @@
 //! per-layer activation-checkpointing switch (keep only the layer input, rerun the forward
 //! before its backward). Activations take the weights' dtype. Incremental decoding
 //! (`forward_cached`) appends k, v to the layer's `attention::KvCache` and attends over it.
+//!
+//! A block may carry LoRA adapters (common::lora): each adapted projection adds its low-rank
+//! branch (`ops::lora`) to the base product, in the forward and the backward; with the base
+//! frozen (`LayerGrads::base` None) the backward skips the base dW GEMMs.
 
+use super::lora::LayerLora;
 use crate::ops::attention::{self, AttnShape, KvCache, Varlen};
+use crate::ops::lora as lora_op;
 use crate::ops::{act, elementwise, matmul, rmsnorm, rope};
 use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
@@ -218,6 +224,36 @@ impl LayerParams {
         v.into_iter().filter_map(|(s, b)| b.map(|b| (s, b))).collect()
     }
 
+    /// The weight and bias of projection `s` (one of Wq, Wk, Wv, Wo, Wg, Wu, Wd).
+    pub fn linear(&self, s: Slot) -> Result<(&Buf, Option<&Buf>)> {
+        let p = self;
+        Ok(match s {
+            Slot::Wq => (&p.wq, p.bq.as_ref()),
+            Slot::Wk => (&p.wk, p.bk.as_ref()),
+            Slot::Wv => (&p.wv, p.bv.as_ref()),
+            Slot::Wo => (&p.wo, p.bo.as_ref()),
+            Slot::Wg => (&p.wg, p.bg.as_ref()),
+            Slot::Wu => (&p.wu, p.bu.as_ref()),
+            Slot::Wd => (&p.wd, p.bd.as_ref()),
+            other => bail!("{other:?} is not a projection"),
+        })
+    }
+
+    /// As `linear`, mutably (gradients).
+    pub fn linear_mut(&mut self, s: Slot) -> Result<(&mut Buf, Option<&mut Buf>)> {
+        let p = self;
+        Ok(match s {
+            Slot::Wq => (&mut p.wq, p.bq.as_mut()),
+            Slot::Wk => (&mut p.wk, p.bk.as_mut()),
+            Slot::Wv => (&mut p.wv, p.bv.as_mut()),
+            Slot::Wo => (&mut p.wo, p.bo.as_mut()),
+            Slot::Wg => (&mut p.wg, p.bg.as_mut()),
+            Slot::Wu => (&mut p.wu, p.bu.as_mut()),
+            Slot::Wd => (&mut p.wd, p.bd.as_mut()),
+            other => bail!("{other:?} is not a projection"),
+        })
+    }
+
     /// Every present tensor, mutably, in `shapes` order (for the optimizer and zeroing).
     pub fn all_mut(&mut self) -> Vec<(Slot, &mut Buf)> {
         let LayerParams { ln1, wq, bq, wk, bk, wv, bv, wo, bo, ln2, wg, bg, wu, bu, wd, bd } = self;
@@ -294,6 +330,16 @@ pub struct Block<'a> {
     /// The packed sequences (text) or windows / images (vision) attention stays within.
     pub segs: &'a Varlen,
     pub causal: bool,
+    /// LoRA adapters of this block's projections, if any.
+    pub lora: Option<&'a LayerLora>,
+}
+
+/// Where a block's backward accumulates: the base weights' gradients (None: the base is frozen
+/// and its dW GEMMs are skipped) and the adapters' (None: adapters frozen, or none).
+#[derive(Default)]
+pub struct LayerGrads<'g> {
+    pub base: Option<&'g mut LayerParams>,
+    pub lora: Option<&'g mut LayerLora>,
 }
 
 impl Block<'_> {
@@ -315,36 +361,67 @@ impl Block<'_> {
     }
 
     /// dx [T, D] (=) from dout [T, D]; parameter gradients accumulate into `g`.
-    pub fn backward(&self, dev: &Device, dx: &mut Buf, g: &mut LayerParams, dout: &Buf, x: &Buf, a: &LayerActs) -> Result<()> {
+    pub fn backward(&self, dev: &Device, dx: &mut Buf, g: &mut LayerGrads, dout: &Buf, x: &Buf, a: &LayerActs) -> Result<()> {
         let (d, w, t, dt) = (self.dims, self.w, self.segs.total(), self.dt());
         // MLP.
         let mut dh = dev.zeros(dt, t * d.inter)?;
-        matmul::linear_bwd(dev, Some(&mut dh), &mut g.wd, g.bd.as_mut(), dout, &a.h, &w.wd, t, d.inter, d.d)?;
+        self.proj_bwd(dev, g, Slot::Wd, &mut dh, dout, &a.h, t, d.inter, d.d)?;
         let (mut dgate, mut dup) = (dev.zeros(dt, t * d.inter)?, dev.zeros(dt, t * d.inter)?);
         act::swiglu_bwd(dev, &mut dgate, &mut dup, &dh, &a.gate, &a.up, t * d.inter)?;
         drop(dh);
         let (mut dy, mut dy_b) = (dev.zeros(dt, t * d.d)?, dev.zeros(dt, t * d.d)?);
-        matmul::linear_bwd(dev, Some(&mut dy), &mut g.wg, g.bg.as_mut(), &dgate, &a.y2, &w.wg, t, d.d, d.inter)?;
-        matmul::linear_bwd(dev, Some(&mut dy_b), &mut g.wu, g.bu.as_mut(), &dup, &a.y2, &w.wu, t, d.d, d.inter)?;
+        self.proj_bwd(dev, g, Slot::Wg, &mut dy, &dgate, &a.y2, t, d.d, d.inter)?;
+        self.proj_bwd(dev, g, Slot::Wu, &mut dy_b, &dup, &a.y2, t, d.d, d.inter)?;
         elementwise::add_inplace(dev, &mut dy, &dy_b, t * d.d)?;
         let mut dmid = dev.zeros(dt, t * d.d)?;
-        rmsnorm::bwd(dev, &mut dmid, &mut g.ln2, &dy, &a.mid, &w.ln2, &a.rstd2, t, d.d)?;
+        norm_bwd(dev, g.base.as_deref_mut().map(|p| &mut p.ln2), &mut dmid, &dy, &a.mid, &w.ln2, &a.rstd2, t, d.d)?;
         elementwise::add_inplace(dev, &mut dmid, dout, t * d.d)?;
         // Attention.
         let mut datt = dev.zeros(dt, t * d.q_dim())?;
-        matmul::linear_bwd(dev, Some(&mut datt), &mut g.wo, g.bo.as_mut(), &dmid, &a.att, &w.wo, t, d.q_dim(), d.d)?;
+        self.proj_bwd(dev, g, Slot::Wo, &mut datt, &dmid, &a.att, t, d.q_dim(), d.d)?;
         let mut dq = dev.zeros(dt, t * d.q_dim())?;
         let (mut dk, mut dv) = (dev.zeros(dt, t * d.kv_dim())?, dev.zeros(dt, t * d.kv_dim())?);
         attention::bwd(dev, &mut dq, &mut dk, &mut dv, &datt, &a.q, &a.k, &a.v, &a.att, &a.lse, self.segs, &self.shape())?;
         rope::bwd(dev, &mut dq, &self.rope.cos, &self.rope.sin, t, d.heads, d.head_dim)?;
         rope::bwd(dev, &mut dk, &self.rope.cos, &self.rope.sin, t, d.kv_heads, d.head_dim)?;
-        matmul::linear_bwd(dev, Some(&mut dy), &mut g.wq, g.bq.as_mut(), &dq, &a.y1, &w.wq, t, d.d, d.q_dim())?;
-        matmul::linear_bwd(dev, Some(&mut dy_b), &mut g.wk, g.bk.as_mut(), &dk, &a.y1, &w.wk, t, d.d, d.kv_dim())?;
+        self.proj_bwd(dev, g, Slot::Wq, &mut dy, &dq, &a.y1, t, d.d, d.q_dim())?;
+        self.proj_bwd(dev, g, Slot::Wk, &mut dy_b, &dk, &a.y1, t, d.d, d.kv_dim())?;
         elementwise::add_inplace(dev, &mut dy, &dy_b, t * d.d)?;
-        matmul::linear_bwd(dev, Some(&mut dy_b), &mut g.wv, g.bv.as_mut(), &dv, &a.y1, &w.wv, t, d.d, d.kv_dim())?;
+        self.proj_bwd(dev, g, Slot::Wv, &mut dy_b, &dv, &a.y1, t, d.d, d.kv_dim())?;
         elementwise::add_inplace(dev, &mut dy, &dy_b, t * d.d)?;
-        rmsnorm::bwd(dev, dx, &mut g.ln1, &dy, x, &w.ln1, &a.rstd1, t, d.d)?;
+        norm_bwd(dev, g.base.as_deref_mut().map(|p| &mut p.ln1), dx, &dy, x, &w.ln1, &a.rstd1, t, d.d)?;
         elementwise::add_inplace(dev, dx, &dmid, t * d.d)
+    }
+
+    /// y [t, dout] = x·Wᵀ (+b) (+ the adapter's branch) for projection `s`.
+    #[allow(clippy::too_many_arguments)]
+    fn proj(&self, dev: &Device, s: Slot, y: &mut Buf, x: &Buf, t: usize, din: usize, dout: usize) -> Result<()> {
+        let (w, b) = self.w.linear(s)?;
+        matmul::linear_fwd(dev, y, x, w, b, t, din, dout)?;
+        match self.lora.and_then(|l| l.adapter(s)) {
+            Some(ad) => lora_op::fwd(dev, y, x, &ad, t, din, dout),
+            None => Ok(()),
+        }
+    }
+
+    /// Backward of `proj`: dx (=) from dy; dW, db (+=) unless the base is frozen; dA, dB (+=)
+    /// when the projection is adapted and its adapter trains.
+    #[allow(clippy::too_many_arguments)]
+    fn proj_bwd(&self, dev: &Device, g: &mut LayerGrads, s: Slot, dx: &mut Buf, dy: &Buf, x: &Buf, t: usize, din: usize, dout: usize) -> Result<()> {
+        let (w, _) = self.w.linear(s)?;
+        match g.base.as_deref_mut() {
+            Some(gp) => {
+                let (dw, db) = gp.linear_mut(s)?;
+                matmul::linear_bwd(dev, Some(&mut *dx), dw, db, dy, x, w, t, din, dout)?;
+            }
+            None => matmul::fwd(dev, dx, dy, w, t, din, dout, false, false, 1.0, 0.0)?,
+        }
+        let Some(ad) = self.lora.and_then(|l| l.adapter(s)) else { return Ok(()) };
+        let (da, db) = match g.lora.as_deref_mut().and_then(|l| l.grads_mut(s)) {
+            Some((da, db)) => (Some(da), Some(db)),
+            None => (None, None),
+        };
+        lora_op::bwd(dev, Some(dx), da, db, dy, x, &ad, t, din, dout)
     }
 
     /// Inference step for `cache.batch` sequences of `n_new` new tokens each: out, x
@@ -364,9 +441,9 @@ impl Block<'_> {
     fn qkv(&self, dev: &Device, x: &Buf, a: &mut LayerActs, t: usize) -> Result<()> {
         let (d, w) = (self.dims, self.w);
         rmsnorm::fwd(dev, &mut a.y1, &mut a.rstd1, x, &w.ln1, t, d.d, d.eps)?;
-        matmul::linear_fwd(dev, &mut a.q, &a.y1, &w.wq, w.bq.as_ref(), t, d.d, d.q_dim())?;
-        matmul::linear_fwd(dev, &mut a.k, &a.y1, &w.wk, w.bk.as_ref(), t, d.d, d.kv_dim())?;
-        matmul::linear_fwd(dev, &mut a.v, &a.y1, &w.wv, w.bv.as_ref(), t, d.d, d.kv_dim())?;
+        self.proj(dev, Slot::Wq, &mut a.q, &a.y1, t, d.d, d.q_dim())?;
+        self.proj(dev, Slot::Wk, &mut a.k, &a.y1, t, d.d, d.kv_dim())?;
+        self.proj(dev, Slot::Wv, &mut a.v, &a.y1, t, d.d, d.kv_dim())?;
         rope::fwd(dev, &mut a.q, &self.rope.cos, &self.rope.sin, t, d.heads, d.head_dim)?;
         rope::fwd(dev, &mut a.k, &self.rope.cos, &self.rope.sin, t, d.kv_heads, d.head_dim)
     }
@@ -376,13 +453,13 @@ impl Block<'_> {
     fn finish(&self, dev: &Device, out: &mut Buf, x: &Buf, a: &mut LayerActs, t: usize) -> Result<()> {
         let (d, w) = (self.dims, self.w);
         let mut tmp = dev.zeros(self.dt(), t * d.d)?;
-        matmul::linear_fwd(dev, &mut tmp, &a.att, &w.wo, w.bo.as_ref(), t, d.q_dim(), d.d)?;
+        self.proj(dev, Slot::Wo, &mut tmp, &a.att, t, d.q_dim(), d.d)?;
         elementwise::add_into(dev, &mut a.mid, x, &tmp, t * d.d)?;
         rmsnorm::fwd(dev, &mut a.y2, &mut a.rstd2, &a.mid, &w.ln2, t, d.d, d.eps)?;
-        matmul::linear_fwd(dev, &mut a.gate, &a.y2, &w.wg, w.bg.as_ref(), t, d.d, d.inter)?;
-        matmul::linear_fwd(dev, &mut a.up, &a.y2, &w.wu, w.bu.as_ref(), t, d.d, d.inter)?;
+        self.proj(dev, Slot::Wg, &mut a.gate, &a.y2, t, d.d, d.inter)?;
+        self.proj(dev, Slot::Wu, &mut a.up, &a.y2, t, d.d, d.inter)?;
         act::swiglu_fwd(dev, &mut a.h, &a.gate, &a.up, t * d.inter)?;
-        matmul::linear_fwd(dev, out, &a.h, &w.wd, w.bd.as_ref(), t, d.inter, d.d)?;
+        self.proj(dev, Slot::Wd, out, &a.h, t, d.inter, d.d)?;
         elementwise::add_inplace(dev, out, &a.mid, t * d.d)
     }
 }
@@ -405,8 +482,17 @@ pub fn stack_forward<'a>(dev: &Device, n: usize, block: &dyn Fn(usize) -> Block<
 }
 
 /// Backward through the blocks of `stack_forward`, last to first, from d(output of block n−1);
-/// accumulates `grads[l]` and returns d(hs[0]).
-pub fn stack_backward<'a>(dev: &Device, block: &dyn Fn(usize) -> Block<'a>, hs: &[Buf], acts: &[Option<LayerActs>], grads: &mut [LayerParams], dout: Buf) -> Result<Buf> {
+/// accumulates `grads[l]` (None: the base is frozen) and `lora_grads[l]` (None: no trained
+/// adapters) and returns d(hs[0]).
+pub fn stack_backward<'a>(
+    dev: &Device,
+    block: &dyn Fn(usize) -> Block<'a>,
+    hs: &[Buf],
+    acts: &[Option<LayerActs>],
+    mut grads: Option<&mut [LayerParams]>,
+    mut lora_grads: Option<&mut [LayerLora]>,
+    dout: Buf,
+) -> Result<Buf> {
     let mut dx = dout;
     let mut din: Option<Buf> = None;
     for l in (0..acts.len()).rev() {
@@ -427,8 +513,18 @@ pub fn stack_backward<'a>(dev: &Device, block: &dyn Fn(usize) -> Block<'a>, hs: 
             Some(b) => b,
             None => dev.zeros(dt, t * blk.dims.d)?,
         };
-        blk.backward(dev, &mut next, &mut grads[l], &dx, &hs[l], a)?;
+        let mut g = LayerGrads { base: grads.as_deref_mut().and_then(|v| v.get_mut(l)), lora: lora_grads.as_deref_mut().and_then(|v| v.get_mut(l)) };
+        blk.backward(dev, &mut next, &mut g, &dx, &hs[l], a)?;
         din = Some(std::mem::replace(&mut dx, next));
     }
     Ok(dx)
+}
+
+/// RMSNorm backward into `dw` (+=), or into a throw-away buffer when the norm is frozen.
+#[allow(clippy::too_many_arguments)]
+fn norm_bwd(dev: &Device, dw: Option<&mut Buf>, dx: &mut Buf, dy: &Buf, x: &Buf, w: &Buf, rstd: &Buf, t: usize, d: usize) -> Result<()> {
+    match dw {
+        Some(dw) => rmsnorm::bwd(dev, dx, dw, dy, x, w, rstd, t, d),
+        None => rmsnorm::bwd(dev, dx, &mut dev.zeros_f32(d)?, dy, x, w, rstd, t, d),
+    }
 }

@@ -8,8 +8,12 @@
 //! The head is left to the caller: `final_hidden` [S, D] feeds `ops::logprob` (log p(target)
 //! without [S, V] logits, and its fused backward) or `logits` (a plain lm_head GEMM); the caller
 //! then passes d final_hidden to `backward`.
+//!
+//! LoRA: `lora` holds one `LayerLora` per layer (an empty slice: none); with the base frozen
+//! (`g` None in `backward`) only the adapters get gradients.
 
 use super::decoder::{stack_backward, stack_forward, Block, LayerActs, LayerDims, LayerFlags, LayerParams, RopeKind, RopeTable, Slot};
+use super::lora::LayerLora;
 use super::params::ParamRef;
 use crate::ops::attention::{KvCache, Varlen};
 use crate::ops::patch_embed::{scatter_rows, take_rows, RowIndex};
@@ -38,7 +42,8 @@ pub struct LmNames {
 }
 
 impl LmNames {
-    fn layer(&self, dims: &LmDims, i: usize, s: Slot) -> ParamRef {
+    /// The checkpoint tensor of slot `s` of layer `i`.
+    pub fn layer(&self, dims: &LmDims, i: usize, s: Slot) -> ParamRef {
         let (d, q, kv, inter) = (dims.layer.d, dims.layer.q_dim(), dims.layer.kv_dim(), dims.layer.inter);
         let p = format!("{}layers.{i}.", self.prefix);
         let (suffix, shape): (&str, Vec<usize>) = match s {
@@ -176,8 +181,9 @@ fn inject_index(dev: &Device, inject: &Option<Inject>, s: usize) -> Result<Optio
 
 /// Forward over packed sequences: ids [S], RoPE positions `pos` (layout per `dims.rope`),
 /// `cu_seqlens` [nseq + 1]. `recompute[l]` (missing = false) keeps only layer l's input.
+/// `lora`: the layers' adapters (empty: none).
 #[allow(clippy::too_many_arguments)]
-pub fn forward(dev: &Device, dims: &LmDims, p: &LmParams, ids: &[i32], pos: &[i32], cu_seqlens: &[i32], inject: Option<Inject>, recompute: &[bool]) -> Result<LmFwd> {
+pub fn forward(dev: &Device, dims: &LmDims, p: &LmParams, lora: &[LayerLora], ids: &[i32], pos: &[i32], cu_seqlens: &[i32], inject: Option<Inject>, recompute: &[bool]) -> Result<LmFwd> {
     let (s, d, dt) = (ids.len(), dims.layer.d, p.embed.dtype());
     let seqs = Varlen::new(dev, cu_seqlens)?;
     if seqs.total() != s {
@@ -189,7 +195,7 @@ pub fn forward(dev: &Device, dims: &LmDims, p: &LmParams, ids: &[i32], pos: &[i3
     let x0 = embed(dev, dims, p, &ids_buf, ids, inject.as_ref().zip(inject_idx.as_ref()).map(|(i, r)| (i.rows, r)))?;
     let mut f = LmFwd { ids: ids_buf, ids_host: ids.to_vec(), seqs, rope, inject: inject_idx, hs: vec![x0], acts: Vec::new(), rstd_f: dev.zeros_f32(s)?, xf: dev.zeros(dt, s * d)? };
     let (rope, segs) = (&f.rope, &f.seqs);
-    let block = |l: usize| Block { dims: &dims.layer, w: &p.layers[l], rope, segs, causal: true };
+    let block = |l: usize| Block { dims: &dims.layer, w: &p.layers[l], rope, segs, causal: true, lora: lora.get(l) };
     f.acts = stack_forward(dev, dims.n_layers, &block, &mut f.hs, &|l| recompute.get(l).copied().unwrap_or(false))?;
     rmsnorm::fwd(dev, &mut f.xf, &mut f.rstd_f, &f.hs[dims.n_layers], &p.norm, s, d, dims.layer.eps)?;
     Ok(f)
@@ -204,13 +210,21 @@ pub fn logits(dev: &Device, dims: &LmDims, p: &LmParams, hidden: &Buf, t: usize)
 
 /// Accumulates every parameter gradient into `g` from d final_hidden [S, D]; returns the
 /// gradient of the injected rows [n, D] (None without injection). The lm_head's own gradient
-/// comes from the head op (e.g. `ops::logprob::bwd` into `g.head_mut()`).
-pub fn backward(dev: &Device, dims: &LmDims, p: &LmParams, g: &mut LmParams, f: &LmFwd, dxf: &Buf) -> Result<Option<Buf>> {
+/// comes from the head op (e.g. `ops::logprob::bwd` into `g.head_mut()`). With `g` None the
+/// base is frozen (no base gradient is computed); `lora_grads` takes the adapters' (`lora` as
+/// in the forward).
+#[allow(clippy::too_many_arguments)]
+pub fn backward(dev: &Device, dims: &LmDims, p: &LmParams, lora: &[LayerLora], mut g: Option<&mut LmParams>, lora_grads: Option<&mut [LayerLora]>, f: &LmFwd, dxf: &Buf) -> Result<Option<Buf>> {
     let (s, d, dt) = (f.tokens(), dims.layer.d, p.embed.dtype());
     let mut dx = dev.zeros(dt, s * d)?;
-    rmsnorm::bwd(dev, &mut dx, &mut g.norm, dxf, &f.hs[dims.n_layers], &p.norm, &f.rstd_f, s, d)?;
-    let block = |l: usize| Block { dims: &dims.layer, w: &p.layers[l], rope: &f.rope, segs: &f.seqs, causal: true };
-    let mut dx = stack_backward(dev, &block, &f.hs, &f.acts, &mut g.layers, dx)?;
+    let mut norm_sink = None;
+    let dnorm = match g.as_deref_mut() {
+        Some(g) => &mut g.norm,
+        None => norm_sink.insert(dev.zeros_f32(d)?),
+    };
+    rmsnorm::bwd(dev, &mut dx, dnorm, dxf, &f.hs[dims.n_layers], &p.norm, &f.rstd_f, s, d)?;
+    let block = |l: usize| Block { dims: &dims.layer, w: &p.layers[l], rope: &f.rope, segs: &f.seqs, causal: true, lora: lora.get(l) };
+    let mut dx = stack_backward(dev, &block, &f.hs, &f.acts, g.as_deref_mut().map(|g| &mut g.layers[..]), lora_grads, dx)?;
     // Injected rows replaced their token embeddings: their gradient goes to the vision side only.
     let d_inject = match &f.inject {
         Some(at) => {
@@ -220,7 +234,9 @@ pub fn backward(dev: &Device, dims: &LmDims, p: &LmParams, g: &mut LmParams, f: 
         }
         None => None,
     };
-    embedding::bwd(dev, &mut g.embed, &dx, &f.ids, Some(&f.ids_host), s, d, dims.vocab)?;
+    if let Some(g) = g {
+        embedding::bwd(dev, &mut g.embed, &dx, &f.ids, Some(&f.ids_host), s, d, dims.vocab)?;
+    }
     Ok(d_inject)
 }
 
@@ -247,7 +263,7 @@ impl LmCache {
 /// RoPE positions `pos` for them) through the LM, appending their keys and values; returns the
 /// final-norm hidden states [batch·n_new, D]. Used for prefill, appended turns and decoding.
 #[allow(clippy::too_many_arguments)]
-pub fn extend(dev: &Device, dims: &LmDims, p: &LmParams, cache: &mut LmCache, ids: &[i32], pos: &[i32], n_new: usize, inject: Option<Inject>) -> Result<Buf> {
+pub fn extend(dev: &Device, dims: &LmDims, p: &LmParams, lora: &[LayerLora], cache: &mut LmCache, ids: &[i32], pos: &[i32], n_new: usize, inject: Option<Inject>) -> Result<Buf> {
     let (t, d, dt) = (ids.len(), dims.layer.d, p.embed.dtype());
     if n_new == 0 || t != cache.batch * n_new {
         bail!("LM extend: {t} ids for {} sequences of {n_new} new tokens", cache.batch);
@@ -259,7 +275,7 @@ pub fn extend(dev: &Device, dims: &LmDims, p: &LmParams, cache: &mut LmCache, id
     let no_segs = Varlen::new(dev, &[0, t as i32])?;
     let mut out = dev.zeros(dt, t * d)?;
     for (l, kv) in cache.layers.iter_mut().enumerate() {
-        let blk = Block { dims: &dims.layer, w: &p.layers[l], rope: &rope, segs: &no_segs, causal: true };
+        let blk = Block { dims: &dims.layer, w: &p.layers[l], rope: &rope, segs: &no_segs, causal: true, lora: lora.get(l) };
         blk.forward_cached(dev, &mut out, &x, kv, n_new)?;
         std::mem::swap(&mut x, &mut out);
     }

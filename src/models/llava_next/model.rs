@@ -13,14 +13,20 @@
 //!
 //! Pixels come compact: the real tiles of every image in order, `[Σ tiles, 3, S, S]`
 //! (`strip_tile_padding` drops a processor batch's padding tiles).
+//!
+//! LoRA (`enable_lora`): adapters on chosen projections of the text layers (the CLIP tower has
+//! none); from then on the base is frozen, `params_and_grads` / `grads_by_name` list only the
+//! adapters (PEFT names), the image path gets no backward, and `merged_weights` gives the
+//! weights with the adapters merged.
 
 use super::config::{spellings, LlavaNextConfig};
 use super::packing::AnyresGeometry;
 use super::vision::{self, ClipDims, ClipFwd, ClipParams};
 use crate::checkpoint::Checkpoint;
-use crate::models::common::decoder::{LayerDims, LayerFlags, RopeKind};
+use crate::models::common::decoder::{LayerDims, LayerFlags, RopeKind, Slot};
 use crate::models::common::lm::{self, Inject, LmCache, LmDims, LmFwd, LmNames, LmParams};
-use crate::models::common::params::{assemble, read_piece, ParamRef};
+use crate::models::common::lora::{LayerLora, LoraConfig, LoraState, StackSpec};
+use crate::models::common::params::{assemble, read_piece, NamedTensors, ParamRef};
 use crate::ops::act::{self, Gelu};
 use crate::ops::patch_embed::{gather_rows, scatter_rows, RowIndex};
 use crate::ops::{elementwise, logprob, matmul};
@@ -106,6 +112,7 @@ pub struct LlavaNext {
     pub params: LlavaParams,
     gelu: Gelu,
     grads: Option<LlavaParams>,
+    lora: Option<LoraState>,
 }
 
 /// Decoder sizes from the config.
@@ -178,7 +185,7 @@ impl LlavaNext {
         let names = lm_names();
         let gelu = Gelu::from_hf(&cfg.projector_hidden_act)?;
         let params = build_params(&cfg, &vdims, &tdims, &names, false, make)?;
-        Ok(LlavaNext { cfg, vdims, tdims, names, params, gelu, grads: None })
+        Ok(LlavaNext { cfg, vdims, tdims, names, params, gelu, grads: None, lora: None })
     }
 
     /// The dtype of weights and activations.
@@ -191,10 +198,61 @@ impl LlavaNext {
         entries(&self.params, &self.cfg, &self.vdims, &self.tdims, &self.names)
     }
 
+    /// Puts LoRA adapters (B = 0, so the outputs do not change) on the text projections `cfg`
+    /// names and freezes every base weight. Vision targets are refused (the CLIP tower does not
+    /// use the shared block).
+    pub fn enable_lora(&mut self, dev: &Device, cfg: &LoraConfig) -> Result<()> {
+        if self.lora.is_some() {
+            bail!("LoRA is already enabled on this model");
+        }
+        cfg.validate()?;
+        if !cfg.vision_slots().is_empty() {
+            bail!("LLaVA-NeXT: LoRA on the vision tower is not supported (targets {:?})", cfg.targets);
+        }
+        let (td, names) = (&self.tdims, &self.names);
+        let text_ref = |i: usize, s: Slot| names.layer(td, i, s);
+        let no_ref = |i: usize, s: Slot| names.layer(td, i, s);
+        let text = StackSpec { blocks: td.n_layers, slots: cfg.text_slots(), base_ref: &text_ref, fused_qkv: false };
+        let vis = StackSpec { blocks: 0, slots: Vec::new(), base_ref: &no_ref, fused_qkv: false };
+        self.lora = Some(LoraState::new(dev, cfg, self.dtype(), &text, &vis)?);
+        self.grads = None;
+        Ok(())
+    }
+
+    /// The LoRA adapters, when enabled.
+    pub fn lora(&self) -> Option<&LoraState> {
+        self.lora.as_ref()
+    }
+
+    fn lora_text(&self) -> &[LayerLora] {
+        self.lora.as_ref().map_or(&[], |l| &l.text)
+    }
+
+    /// The tensors an optimizer should hold: the adapters under LoRA, else every parameter.
+    pub fn trainable_entries(&self) -> Vec<(ParamRef, &Buf)> {
+        match &self.lora {
+            Some(l) => l.entries(),
+            None => self.param_entries(),
+        }
+    }
+
+    /// Every weight as a full checkpoint tensor (canonical names), with the LoRA adapters (if
+    /// any) merged in: W + (alpha/r)·B·A.
+    pub fn merged_weights(&self, dev: &Device) -> Result<NamedTensors> {
+        let mut full = assemble(dev, self.param_entries())?;
+        if let Some(l) = &self.lora {
+            l.merge_into(dev, &mut full)?;
+        }
+        Ok(full)
+    }
+
     /// Every parameter that gets a gradient, mutably, with that gradient (for the optimizer).
-    /// The vision layers past the feature layer and post_layernorm are left out. Empty before
-    /// the first backward.
+    /// The vision layers past the feature layer and post_layernorm are left out; under LoRA
+    /// only the adapters are listed. Empty before the first backward.
     pub fn params_and_grads(&mut self) -> Vec<(ParamRef, &mut Buf, &Buf)> {
+        if let Some(l) = self.lora.as_mut() {
+            return l.params_and_grads();
+        }
         let Some(g) = &self.grads else { return Vec::new() };
         let (cfg, vd, td, names) = (&self.cfg, &self.vdims, &self.tdims, &self.names);
         let LlavaParams { vision, proj, newline, text } = &mut self.params;
@@ -206,8 +264,12 @@ impl LlavaNext {
         out
     }
 
-    /// The gradients as full checkpoint tensors: canonical name → (shape, values).
+    /// The gradients as full checkpoint tensors: canonical name → (shape, values) (under LoRA:
+    /// the adapters', by PEFT name).
     pub fn grads_by_name(&self, dev: &Device) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+        if let Some(l) = &self.lora {
+            return l.grads_by_name(dev);
+        }
         match &self.grads {
             Some(g) => assemble(dev, entries(g, &self.cfg, &self.vdims, &self.tdims, &self.names)),
             None => Ok(BTreeMap::new()),
@@ -216,8 +278,23 @@ impl LlavaNext {
 
     /// Zeroes the gradients (allocating them on first use).
     pub fn zero_grads(&mut self, dev: &Device) -> Result<()> {
+        if let Some(l) = self.lora.as_mut() {
+            return l.zero_grads(dev, self.tdims.vocab * self.tdims.layer.d);
+        }
         let mut z = |r: &ParamRef| dev.zeros_f32(r.numel());
         self.grads = Some(build_params(&self.cfg, &self.vdims, &self.tdims, &self.names, true, &mut z)?);
+        Ok(())
+    }
+
+    /// Allocates the gradients if a backward has not yet.
+    fn ensure_grads(&mut self, dev: &Device) -> Result<()> {
+        let have = match &self.lora {
+            Some(l) => l.grads.is_some(),
+            None => self.grads.is_some(),
+        };
+        if !have {
+            self.zero_grads(dev)?;
+        }
         Ok(())
     }
 
@@ -318,7 +395,7 @@ impl LlavaNext {
             (Some(e), Some(f))
         };
         let inject = embeds.as_ref().map(|rows| Inject { rows, at: &at });
-        let text = lm::forward(dev, &self.tdims, &self.params.text, &ids, &pos, b.cu_seqlens, inject, &rc.text)?;
+        let text = lm::forward(dev, &self.tdims, &self.params.text, self.lora_text(), &ids, &pos, b.cu_seqlens, inject, &rc.text)?;
         Ok(LlavaFwd { image, text })
     }
 
@@ -338,21 +415,23 @@ impl LlavaNext {
     /// Backward from d objective / d logp [S] (f32) of `logprobs`: accumulates every gradient.
     pub fn backward_logprobs(&mut self, dev: &Device, f: &LlavaFwd, targets: &Buf, lse: &Buf, dlogp: &Buf) -> Result<()> {
         let (s, d, v) = (f.tokens(), self.tdims.layer.d, self.tdims.vocab);
-        if self.grads.is_none() {
-            self.zero_grads(dev)?;
-        }
+        self.ensure_grads(dev)?;
         let mut dxf = dev.zeros(self.dtype(), s * d)?;
-        if let Some(g) = self.grads.as_mut() {
-            logprob::bwd(dev, &mut dxf, g.text.head_mut(), dlogp, f.final_hidden(), self.params.text.head(), targets, lse, s, d, v)?;
-        }
+        let dhead = head_grad(&mut self.grads, &mut self.lora)?;
+        logprob::bwd(dev, &mut dxf, dhead, dlogp, f.final_hidden(), self.params.text.head(), targets, lse, s, d, v)?;
         self.backward(dev, f, &dxf)
     }
 
     /// Backward from d final_hidden [S, D] (the lm_head's own gradient is the caller's, e.g.
     /// `ops::logprob::fwd_bwd` into `lm_head_grad`): accumulates every other gradient.
     pub fn backward(&mut self, dev: &Device, f: &LlavaFwd, dxf: &Buf) -> Result<()> {
-        if self.grads.is_none() {
-            self.zero_grads(dev)?;
+        self.ensure_grads(dev)?;
+        if let Some(l) = self.lora.as_mut() {
+            // Frozen base and tower: only the text adapters' gradients.
+            let LoraState { text, grads, .. } = l;
+            let Some(lg) = grads.as_mut() else { bail!("gradients not allocated") };
+            lm::backward(dev, &self.tdims, &self.params.text, text, None, Some(&mut lg.text), &f.text, dxf)?;
+            return Ok(());
         }
         let Some(mut g) = self.grads.take() else { bail!("gradients not allocated") };
         let r = self.backward_into(dev, &mut g, f, dxf);
@@ -361,7 +440,7 @@ impl LlavaNext {
     }
 
     fn backward_into(&self, dev: &Device, g: &mut LlavaParams, f: &LlavaFwd, dxf: &Buf) -> Result<()> {
-        let d_img = lm::backward(dev, &self.tdims, &self.params.text, &mut g.text, &f.text, dxf)?;
+        let d_img = lm::backward(dev, &self.tdims, &self.params.text, &[], Some(&mut g.text), None, &f.text, dxf)?;
         match (&f.image, d_img) {
             (Some(img), Some(d_img)) => self.image_backward(dev, g, img, &d_img),
             _ => Ok(()),
@@ -369,14 +448,10 @@ impl LlavaNext {
     }
 
     /// The lm_head gradient [V, D] (the embedding's when tied), allocating gradients if needed.
+    /// Under LoRA the head is frozen and this is a sink that is never read.
     pub fn lm_head_grad(&mut self, dev: &Device) -> Result<&mut Buf> {
-        if self.grads.is_none() {
-            self.zero_grads(dev)?;
-        }
-        match self.grads.as_mut() {
-            Some(g) => Ok(g.text.head_mut()),
-            None => bail!("gradients not allocated"),
-        }
+        self.ensure_grads(dev)?;
+        head_grad(&mut self.grads, &mut self.lora)
     }
 
     /// Empty KV caches for `batch` sequences of up to `max_len` tokens.
@@ -402,7 +477,7 @@ impl LlavaNext {
         }
         let embeds = if image_sizes.is_empty() { None } else { Some(self.image_embeds(dev, pixels, image_sizes)?) };
         let inject = embeds.as_ref().map(|rows| Inject { rows, at: &at });
-        let hidden = lm::extend(dev, &self.tdims, &self.params.text, &mut s.lm, &ids, &pos, n_new, inject)?;
+        let hidden = lm::extend(dev, &self.tdims, &self.params.text, self.lora_text(), &mut s.lm, &ids, &pos, n_new, inject)?;
         let (t, d) = (ids.len(), self.tdims.layer.d);
         if !last_only {
             return lm::logits(dev, &self.tdims, &self.params.text, &hidden, t);
@@ -489,4 +564,18 @@ fn entries<'a>(p: &'a LlavaParams, cfg: &LlavaNextConfig, vd: &ClipDims, td: &Lm
     v.extend(head_entries(&p.proj, &p.newline, cfg));
     v.extend(p.text.entries(td, names));
     v
+}
+
+/// Where the head's backward writes d lm_head: the base gradient, or the LoRA sink.
+fn head_grad<'a>(grads: &'a mut Option<LlavaParams>, lora: &'a mut Option<LoraState>) -> Result<&'a mut Buf> {
+    if let Some(l) = lora.as_mut() {
+        return match l.grads.as_mut() {
+            Some(g) => Ok(&mut g.head_sink),
+            None => bail!("gradients not allocated"),
+        };
+    }
+    match grads.as_mut() {
+        Some(g) => Ok(g.text.head_mut()),
+        None => bail!("gradients not allocated"),
+    }
 }

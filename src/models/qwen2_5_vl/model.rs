@@ -7,12 +7,18 @@
 //!
 //! Batches are packed: several sequences back to back, delimited by `cu_seqlens`, with M-RoPE
 //! positions [3, S] from `positions::mrope_positions` (one sequence at a time, concatenated).
+//!
+//! LoRA (`enable_lora`): adapters on chosen projections of the text layers (and optionally the
+//! vision blocks); from then on the base is frozen, `params_and_grads` / `grads_by_name` list
+//! only the adapters (PEFT names), and `merged_weights` gives the weights with them merged.
 
 use super::config::QwenVlConfig;
 use super::text::{aliases, image_positions, lm_dims, lm_names};
 use super::vision::{self, VisionDims, VisionFwd, VisionParams};
 use crate::checkpoint::Checkpoint;
+use crate::models::common::decoder::Slot;
 use crate::models::common::lm::{self, Inject, LmCache, LmDims, LmFwd, LmNames, LmParams};
+use crate::models::common::lora::{LayerLora, LoraConfig, LoraState, StackSpec};
 use crate::models::common::params::{assemble, read_piece, NamedTensors, ParamRef};
 use crate::ops::logprob;
 use crate::ops::patch_embed::{gather_rows, RowIndex};
@@ -80,6 +86,7 @@ pub struct QwenVl {
     pub patch_shape: Vec<usize>,
     pub params: QwenParams,
     grads: Option<QwenParams>,
+    lora: Option<LoraState>,
 }
 
 impl QwenVl {
@@ -114,7 +121,7 @@ impl QwenVl {
         let names = lm_names();
         let patch_shape = vec![v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size];
         let params = QwenParams { vision: VisionParams::build(&vdims, &patch_shape, make)?, text: LmParams::build(&tdims, &names, make)? };
-        Ok(QwenVl { cfg, vdims, tdims, names, patch_shape, params, grads: None })
+        Ok(QwenVl { cfg, vdims, tdims, names, patch_shape, params, grads: None, lora: None })
     }
 
     /// Every parameter tensor with its checkpoint name (and row range).
@@ -122,9 +129,59 @@ impl QwenVl {
         entries(&self.params, &self.vdims, &self.patch_shape, &self.tdims, &self.names)
     }
 
-    /// Every parameter tensor, mutably, with the matching f32 gradient (for the optimizer).
-    /// Empty before the first backward.
+    /// Puts LoRA adapters (B = 0, so the outputs do not change) on the projections `cfg`
+    /// names and freezes every base weight.
+    pub fn enable_lora(&mut self, dev: &Device, cfg: &LoraConfig) -> Result<()> {
+        if self.lora.is_some() {
+            bail!("LoRA is already enabled on this model");
+        }
+        let (td, names, vd) = (&self.tdims, &self.names, &self.vdims);
+        let text_ref = |i: usize, s: Slot| names.layer(td, i, s);
+        let vision_ref = |i: usize, s: Slot| vision::block_ref(vd, i, s);
+        let text = StackSpec { blocks: td.n_layers, slots: cfg.text_slots(), base_ref: &text_ref, fused_qkv: false };
+        let vis = StackSpec { blocks: vd.depth, slots: cfg.vision_slots(), base_ref: &vision_ref, fused_qkv: true };
+        self.lora = Some(LoraState::new(dev, cfg, self.dtype(), &text, &vis)?);
+        self.grads = None;
+        Ok(())
+    }
+
+    /// The LoRA adapters, when enabled.
+    pub fn lora(&self) -> Option<&LoraState> {
+        self.lora.as_ref()
+    }
+
+    fn lora_text(&self) -> &[LayerLora] {
+        self.lora.as_ref().map_or(&[], |l| &l.text)
+    }
+
+    fn lora_vision(&self) -> &[LayerLora] {
+        self.lora.as_ref().map_or(&[], |l| &l.vision)
+    }
+
+    /// The tensors an optimizer should hold: the adapters under LoRA, else every parameter.
+    pub fn trainable_entries(&self) -> Vec<(ParamRef, &Buf)> {
+        match &self.lora {
+            Some(l) => l.entries(),
+            None => self.param_entries(),
+        }
+    }
+
+    /// Every weight as a full checkpoint tensor, with the LoRA adapters (if any) merged in:
+    /// W + (alpha/r)·B·A.
+    pub fn merged_weights(&self, dev: &Device) -> Result<NamedTensors> {
+        let mut full = assemble(dev, self.param_entries())?;
+        if let Some(l) = &self.lora {
+            l.merge_into(dev, &mut full)?;
+        }
+        Ok(full)
+    }
+
+    /// Every trainable tensor, mutably, with the matching f32 gradient (for the optimizer):
+    /// every parameter, or under LoRA the adapters only. Empty before the first backward.
     pub fn params_and_grads(&mut self) -> Vec<(ParamRef, &mut Buf, &Buf)> {
+        if let Some(l) = self.lora.as_mut() {
+            return l.params_and_grads();
+        }
         let Some(g) = &self.grads else { return Vec::new() };
         let gs = entries(g, &self.vdims, &self.patch_shape, &self.tdims, &self.names);
         let QwenParams { vision, text } = &mut self.params;
@@ -133,8 +190,12 @@ impl QwenVl {
         ps.into_iter().zip(gs).map(|((r, p), (_, g))| (r, p, g)).collect()
     }
 
-    /// The gradients as full checkpoint tensors: name → (shape, values). Empty before a backward.
+    /// The gradients as full checkpoint tensors: name → (shape, values) (under LoRA: the
+    /// adapters', by PEFT name). Empty before a backward.
     pub fn grads_by_name(&self, dev: &Device) -> Result<NamedTensors> {
+        if let Some(l) = &self.lora {
+            return l.grads_by_name(dev);
+        }
         match &self.grads {
             Some(g) => assemble(dev, entries(g, &self.vdims, &self.patch_shape, &self.tdims, &self.names)),
             None => Ok(NamedTensors::new()),
@@ -143,7 +204,25 @@ impl QwenVl {
 
     /// Zeroes the gradients (allocating them on first use).
     pub fn zero_grads(&mut self, dev: &Device) -> Result<()> {
-        self.grads = Some(self.zeros_like(dev)?);
+        let head = self.tdims.vocab * self.tdims.layer.d;
+        match self.lora.as_mut() {
+            Some(l) => l.zero_grads(dev, head),
+            None => {
+                self.grads = Some(self.zeros_like(dev)?);
+                Ok(())
+            }
+        }
+    }
+
+    /// Allocates the gradients if a backward has not yet.
+    fn ensure_grads(&mut self, dev: &Device) -> Result<()> {
+        let have = match &self.lora {
+            Some(l) => l.grads.is_some(),
+            None => self.grads.is_some(),
+        };
+        if !have {
+            self.zero_grads(dev)?;
+        }
         Ok(())
     }
 
@@ -154,7 +233,7 @@ impl QwenVl {
 
     /// Vision tower alone: image embeddings [tokens, out_hidden] in image order.
     pub fn image_embeds(&self, dev: &Device, pixels: &[f32], grids: &[[usize; 3]]) -> Result<Buf> {
-        Ok(vision::forward(dev, &self.vdims, &self.params.vision, pixels, grids, true)?.0)
+        Ok(vision::forward(dev, &self.vdims, &self.params.vision, self.lora_vision(), pixels, grids, true)?.0)
     }
 
     /// Placeholder positions of `ids`, checked against the images' token count.
@@ -177,11 +256,11 @@ impl QwenVl {
         let (embeds, vfwd) = if b.grids.is_empty() {
             (None, None)
         } else {
-            let (e, f) = vision::forward(dev, &self.vdims, &self.params.vision, b.pixels, b.grids, rc.vision)?;
+            let (e, f) = vision::forward(dev, &self.vdims, &self.params.vision, self.lora_vision(), b.pixels, b.grids, rc.vision)?;
             (Some(e), Some(f))
         };
         let inject = embeds.as_ref().map(|rows| Inject { rows, at: &at });
-        let text = lm::forward(dev, &self.tdims, &self.params.text, b.ids, b.pos3, b.cu_seqlens, inject, &rc.text)?;
+        let text = lm::forward(dev, &self.tdims, &self.params.text, self.lora_text(), b.ids, b.pos3, b.cu_seqlens, inject, &rc.text)?;
         Ok(QwenFwd { vision: vfwd, text })
     }
 
@@ -202,39 +281,40 @@ impl QwenVl {
     /// Backward from d objective / d logp [S] (f32) of `logprobs`: accumulates every gradient.
     pub fn backward_logprobs(&mut self, dev: &Device, f: &QwenFwd, targets: &Buf, lse: &Buf, dlogp: &Buf) -> Result<()> {
         let (s, d, v, dt) = (f.tokens(), self.tdims.layer.d, self.tdims.vocab, self.dtype());
-        if self.grads.is_none() {
-            self.zero_grads(dev)?;
-        }
+        self.ensure_grads(dev)?;
         let mut dxf = dev.zeros(dt, s * d)?;
-        if let Some(g) = self.grads.as_mut() {
-            logprob::bwd(dev, &mut dxf, g.text.head_mut(), dlogp, f.final_hidden(), self.params.text.head(), targets, lse, s, d, v)?;
-        }
+        let dhead = head_grad(&mut self.grads, &mut self.lora)?;
+        logprob::bwd(dev, &mut dxf, dhead, dlogp, f.final_hidden(), self.params.text.head(), targets, lse, s, d, v)?;
         self.backward(dev, f, &dxf)
     }
 
     /// Backward from d final_hidden [S, D] (the head's own gradient is the caller's, e.g.
     /// `ops::logprob::fwd_bwd` into `lm_head_grad`): accumulates every other gradient.
     pub fn backward(&mut self, dev: &Device, f: &QwenFwd, dxf: &Buf) -> Result<()> {
-        if self.grads.is_none() {
-            self.zero_grads(dev)?;
+        self.ensure_grads(dev)?;
+        if let Some(l) = self.lora.as_mut() {
+            // Frozen base: only the adapters' gradients; the tower only when it has adapters.
+            let LoraState { text, vision: vlora, grads, .. } = l;
+            let Some(lg) = grads.as_mut() else { bail!("gradients not allocated") };
+            let d_img = lm::backward(dev, &self.tdims, &self.params.text, text, None, Some(&mut lg.text), &f.text, dxf)?;
+            if let (false, Some(vf), Some(d_img)) = (vlora.is_empty(), &f.vision, d_img) {
+                vision::backward(dev, &self.vdims, &self.params.vision, vlora, None, Some(&mut lg.vision), vf, &d_img)?;
+            }
+            return Ok(());
         }
         let Some(g) = self.grads.as_mut() else { bail!("gradients not allocated") };
-        let d_img = lm::backward(dev, &self.tdims, &self.params.text, &mut g.text, &f.text, dxf)?;
+        let d_img = lm::backward(dev, &self.tdims, &self.params.text, &[], Some(&mut g.text), None, &f.text, dxf)?;
         if let (Some(vf), Some(d_img)) = (&f.vision, d_img) {
-            vision::backward(dev, &self.vdims, &self.params.vision, &mut g.vision, vf, &d_img)?;
+            vision::backward(dev, &self.vdims, &self.params.vision, &[], Some(&mut g.vision), None, vf, &d_img)?;
         }
         Ok(())
     }
 
     /// The lm_head gradient [V, D] (the embedding's when tied), allocating gradients if needed.
+    /// Under LoRA the head is frozen and this is a sink that is never read.
     pub fn lm_head_grad(&mut self, dev: &Device) -> Result<&mut Buf> {
-        if self.grads.is_none() {
-            self.zero_grads(dev)?;
-        }
-        match self.grads.as_mut() {
-            Some(g) => Ok(g.text.head_mut()),
-            None => bail!("gradients not allocated"),
-        }
+        self.ensure_grads(dev)?;
+        head_grad(&mut self.grads, &mut self.lora)
     }
 
     /// Empty KV caches for `batch` sequences of up to `max_len` tokens.
@@ -252,7 +332,7 @@ impl QwenVl {
         let at = self.placeholders(ids, grids)?;
         let embeds = if grids.is_empty() { None } else { Some(self.image_embeds(dev, pixels, grids)?) };
         let inject = embeds.as_ref().map(|rows| Inject { rows, at: &at });
-        let hidden = lm::extend(dev, &self.tdims, &self.params.text, &mut s.lm, ids, pos3, n_new, inject)?;
+        let hidden = lm::extend(dev, &self.tdims, &self.params.text, self.lora_text(), &mut s.lm, ids, pos3, n_new, inject)?;
         let (t, d, dt) = (ids.len(), self.tdims.layer.d, self.dtype());
         if !last_only {
             return lm::logits(dev, &self.tdims, &self.params.text, &hidden, t);
@@ -269,4 +349,18 @@ fn entries<'a>(p: &'a QwenParams, vd: &VisionDims, ps: &[usize], td: &LmDims, na
     let mut v = p.vision.entries(vd, ps);
     v.extend(p.text.entries(td, names));
     v
+}
+
+/// Where the head's backward writes d lm_head: the base gradient, or the LoRA sink.
+fn head_grad<'a>(grads: &'a mut Option<QwenParams>, lora: &'a mut Option<LoraState>) -> Result<&'a mut Buf> {
+    if let Some(l) = lora.as_mut() {
+        return match l.grads.as_mut() {
+            Some(g) => Ok(&mut g.head_sink),
+            None => bail!("gradients not allocated"),
+        };
+    }
+    match grads.as_mut() {
+        Some(g) => Ok(g.text.head_mut()),
+        None => bail!("gradients not allocated"),
+    }
 }

@@ -11,10 +11,13 @@
 //!
 //! All geometry (window order, cu_seqlens, rotary positions) is computed on the host from the
 //! image grids. The vision RMSNorm eps is 1e-6 whatever the config says (model-spec D7).
+//! The blocks may carry LoRA adapters (`lora`, one per block, or an empty slice); with the base
+//! frozen (`g` None in `backward`) only the adapters get gradients.
 
 use super::config::VisionConfig;
 use crate::models::common::params::ParamRef;
 use crate::models::common::decoder::{stack_backward, stack_forward, Block, LayerActs, LayerDims, LayerFlags, LayerParams, RopeKind, RopeTable, Slot};
+use crate::models::common::lora::LayerLora;
 use crate::ops::act::{self, Gelu};
 use crate::ops::attention::Varlen;
 use crate::ops::patch_embed::{self, RowIndex};
@@ -87,7 +90,7 @@ pub struct VisionParams {
 }
 
 /// The checkpoint tensor (or row range of one: q, k, v share `attn.qkv`) behind a block slot.
-fn block_ref(dims: &VisionDims, i: usize, s: Slot) -> ParamRef {
+pub fn block_ref(dims: &VisionDims, i: usize, s: Slot) -> ParamRef {
     let d = dims.block.d;
     let (inter, p) = (dims.block.inter, format!("visual.blocks.{i}."));
     let qkv = |what: &str, k: usize| {
@@ -265,15 +268,16 @@ pub struct VisionFwd {
 }
 
 /// Block i of the tower: window attention, or whole-frame attention on `fullatt` blocks.
-fn block<'a>(dims: &'a VisionDims, p: &'a VisionParams, rope: &'a RopeTable, win: &'a Varlen, full: &'a Varlen, i: usize) -> Block<'a> {
+#[allow(clippy::too_many_arguments)]
+fn block<'a>(dims: &'a VisionDims, p: &'a VisionParams, lora: &'a [LayerLora], rope: &'a RopeTable, win: &'a Varlen, full: &'a Varlen, i: usize) -> Block<'a> {
     let segs = if dims.fullatt.contains(&i) { full } else { win };
-    Block { dims: &dims.block, w: &p.blocks[i], rope, segs, causal: false }
+    Block { dims: &dims.block, w: &p.blocks[i], rope, segs, causal: false, lora: lora.get(i) }
 }
 
 /// Image embeddings [Nm, out] in image order (what replaces the `<|image_pad|>` tokens), and the
 /// saved state. `pixels` [N, patch_dim] as the processor wrote them; with `recompute` the
 /// blocks keep only their inputs and rerun during backward.
-pub fn forward(dev: &Device, dims: &VisionDims, p: &VisionParams, pixels: &[f32], grids: &[[usize; 3]], recompute: bool) -> Result<(Buf, VisionFwd)> {
+pub fn forward(dev: &Device, dims: &VisionDims, p: &VisionParams, lora: &[LayerLora], pixels: &[f32], grids: &[[usize; 3]], recompute: bool) -> Result<(Buf, VisionFwd)> {
     let layout = VisionLayout::new(grids, dims.merge, dims.vws)?;
     let (n, nm, unit, d) = (layout.n_patches, layout.n_merged, dims.unit(), dims.block.d);
     if pixels.len() != n * dims.patch_dim {
@@ -304,7 +308,7 @@ pub fn forward(dev: &Device, dims: &VisionDims, p: &VisionParams, pixels: &[f32]
         g1: dev.zeros(dt, nm * dims.merged_dim())?,
     };
     let (rope, win, full) = (&f.rope, &f.win, &f.full);
-    f.acts = stack_forward(dev, dims.depth, &|i| block(dims, p, rope, win, full, i), &mut f.hs, &|_| recompute)?;
+    f.acts = stack_forward(dev, dims.depth, &|i| block(dims, p, lora, rope, win, full, i), &mut f.hs, &|_| recompute)?;
     // Merger, in window order; then rows back to image order.
     let md = dims.merged_dim();
     rmsnorm::fwd(dev, &mut f.yq, &mut f.rstd_q, &f.hs[dims.depth], &p.ln_q, n, d, VISION_EPS)?;
@@ -317,20 +321,36 @@ pub fn forward(dev: &Device, dims: &VisionDims, p: &VisionParams, pixels: &[f32]
     Ok((embeds, f))
 }
 
-/// Accumulates the tower's parameter gradients into `g` from d(image embeddings) [Nm, out]
-/// (image order).
-pub fn backward(dev: &Device, dims: &VisionDims, p: &VisionParams, g: &mut VisionParams, f: &VisionFwd, d_embeds: &Buf) -> Result<()> {
+/// Accumulates the tower's parameter gradients into `g` (None: the base is frozen) and the
+/// adapters' into `lora_grads` from d(image embeddings) [Nm, out] (image order).
+#[allow(clippy::too_many_arguments)]
+pub fn backward(dev: &Device, dims: &VisionDims, p: &VisionParams, lora: &[LayerLora], mut g: Option<&mut VisionParams>, lora_grads: Option<&mut [LayerLora]>, f: &VisionFwd, d_embeds: &Buf) -> Result<()> {
     let (n, nm, d, md, dt) = (f.layout.n_patches, f.layout.n_merged, dims.block.d, dims.merged_dim(), p.patch.dtype());
     let mut dmerged = dev.zeros(dt, nm * dims.out)?;
     patch_embed::gather_rows(dev, &mut dmerged, d_embeds, &f.to_window, dims.out)?;
     let mut dg1 = dev.zeros(dt, nm * md)?;
-    matmul::linear_bwd(dev, Some(&mut dg1), &mut g.mlp2_w, Some(&mut g.mlp2_b), &dmerged, &f.g1, &p.mlp2_w, nm, md, dims.out)?;
+    match g.as_deref_mut() {
+        Some(g) => matmul::linear_bwd(dev, Some(&mut dg1), &mut g.mlp2_w, Some(&mut g.mlp2_b), &dmerged, &f.g1, &p.mlp2_w, nm, md, dims.out)?,
+        None => matmul::fwd(dev, &mut dg1, &dmerged, &p.mlp2_w, nm, md, dims.out, false, false, 1.0, 0.0)?,
+    }
     let mut dh1 = dev.zeros(dt, nm * md)?;
     act::gelu_bwd(dev, &mut dh1, &dg1, &f.h1, nm * md, Gelu::Erf)?;
     let mut dyq = dg1; // reuse: [Nm, 4D] = [N, D]
-    matmul::linear_bwd(dev, Some(&mut dyq), &mut g.mlp0_w, Some(&mut g.mlp0_b), &dh1, &f.yq, &p.mlp0_w, nm, md, md)?;
+    match g.as_deref_mut() {
+        Some(g) => matmul::linear_bwd(dev, Some(&mut dyq), &mut g.mlp0_w, Some(&mut g.mlp0_b), &dh1, &f.yq, &p.mlp0_w, nm, md, md)?,
+        None => matmul::fwd(dev, &mut dyq, &dh1, &p.mlp0_w, nm, md, md, false, false, 1.0, 0.0)?,
+    }
     let mut dx = dev.zeros(dt, n * d)?;
-    rmsnorm::bwd(dev, &mut dx, &mut g.ln_q, &dyq, &f.hs[dims.depth], &p.ln_q, &f.rstd_q, n, d)?;
-    let dx = stack_backward(dev, &|i| block(dims, p, &f.rope, &f.win, &f.full, i), &f.hs, &f.acts, &mut g.blocks, dx)?;
-    patch_embed::bwd(dev, &mut g.patch, &dx, &f.pixels, Some(&f.patch_perm), n, dims.patch_dim, d)
+    let mut lnq_sink = None;
+    let dlnq = match g.as_deref_mut() {
+        Some(g) => &mut g.ln_q,
+        None => lnq_sink.insert(dev.zeros_f32(d)?),
+    };
+    rmsnorm::bwd(dev, &mut dx, dlnq, &dyq, &f.hs[dims.depth], &p.ln_q, &f.rstd_q, n, d)?;
+    let blocks = g.as_deref_mut().map(|g| &mut g.blocks[..]);
+    let dx = stack_backward(dev, &|i| block(dims, p, lora, &f.rope, &f.win, &f.full, i), &f.hs, &f.acts, blocks, lora_grads, dx)?;
+    match g {
+        Some(g) => patch_embed::bwd(dev, &mut g.patch, &dx, &f.pixels, Some(&f.patch_perm), n, dims.patch_dim, d),
+        None => Ok(()),
+    }
 }

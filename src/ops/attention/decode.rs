@@ -6,13 +6,17 @@
 //! each block takes one (sequence, kv head, 64-row query tile) and one chunk of the cache, so a
 //! long cache spreads over the GPU; a combine kernel merges the chunks' (max, sum, unnormalised
 //! output). Otherwise one warp per query row (kernels/attention_simple.cu).
+//! `Variant::V2` with n_new · group ≤ 16: kernels/attention_v2.cu's 16-row kernel (the four
+//! warps split each key tile, three-stage ring, one wave of chunks) and partial buffers kept in
+//! the cache across calls (no per-call allocation).
 
-use super::{aligned16, cpu, kname, tc_enabled, tc_head_dim, AttnShape, Varlen, TILE};
+use super::{aligned16, cpu, kname, tc_enabled, tc_head_dim, AttnShape, Variant, Varlen, TILE};
 use crate::cuda::{cfg_1d, cfg_rows, Arg};
 use crate::ops::{check, check_dtype, same_float_dtype};
 use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
 use cudarc::driver::LaunchConfig;
+use std::sync::Mutex;
 
 /// One layer's KV cache: k, v [batch, max_len, hkv, d]; sequence b holds lens[b] tokens.
 pub struct KvCache {
@@ -24,6 +28,9 @@ pub struct KvCache {
     pub d: usize,
     lens: Vec<i32>, // [batch], the host copy
     lens_buf: Buf,  // [batch] i32, the device copy the kernels read
+    /// V2 decode's split-K partials (o [n, rows, d], (max, sum) [n, rows, 2] f32), grown on
+    /// demand and reused: every element a call reads is written by that call's first kernel.
+    partials: Mutex<Option<(Buf, Buf)>>,
 }
 
 impl KvCache {
@@ -49,6 +56,7 @@ impl KvCache {
             d,
             lens: vec![0; batch],
             lens_buf: dev.zeros(DType::I32, batch)?,
+            partials: Mutex::new(None),
         })
     }
 
@@ -150,6 +158,11 @@ impl KvCache {
 /// q [batch, n_new, hq, d], already appended to `cache`) attend to the cache; causal: new token
 /// i sits at position lens[b] − n_new + i and sees positions 0..=that.
 pub fn decode(dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, n_new: usize, s: &AttnShape) -> Result<()> {
+    decode_with(dev, out, q, cache, n_new, s, Variant::from_env())
+}
+
+/// `decode` with an explicit kernel variant (the bench and tests run both).
+pub fn decode_with(dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, n_new: usize, s: &AttnShape, variant: Variant) -> Result<()> {
     let op = "attention_decode";
     s.validate(op)?;
     if s.hkv != cache.hkv || s.d != cache.d {
@@ -201,6 +214,9 @@ pub fn decode(dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, n_new: usiz
                 ];
                 return g.launch("attention_simple", &kname("attention_simple_decode", dt), cfg_1d(rows * 32, 128), &args);
             }
+            if variant == Variant::V2 && n_new * grp <= 16 {
+                return decode_v2(g, dev, out, q, cache, n_new, s, rows);
+            }
             // Split the longest cache so that the grid covers the GPU about three times.
             let mtiles = (n_new * grp).div_ceil(TILE);
             let base = b * s.hkv * mtiles;
@@ -240,4 +256,54 @@ pub fn decode(dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, n_new: usiz
             g.launch("attention_decode", "attention_decode_combine_bf16", cfg_rows(rows, 128, 0), &args)
         }
     }
+}
+
+/// V2 decode for n_new · group ≤ 16 query rows per (sequence, kv head): grid (chunks, hkv, batch)
+/// sized to one wave of two blocks per SM, partials cached in `cache`, then the V1 combine.
+#[allow(clippy::too_many_arguments)]
+fn decode_v2(g: &crate::cuda::Gpu, dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, n_new: usize, s: &AttnShape, rows: usize) -> Result<()> {
+    let op = "attention_decode";
+    let (b, d) = (cache.batch, s.d);
+    let base = b * s.hkv;
+    let longest = cache.lens.iter().copied().max().unwrap_or(1).max(1) as usize;
+    // Two resident blocks per SM (smem-bound): as many chunks as fill one wave.
+    let slots = 2 * g.sm_count as usize;
+    let want = (slots / base).clamp(1, longest.div_ceil(TILE));
+    let chunk = longest.div_ceil(want).div_ceil(TILE) * TILE;
+    let nsplit = longest.div_ceil(chunk);
+    if s.hkv > 65535 || b > 65535 {
+        bail!("{op}: grid of {} kv heads × {b} sequences exceeds the launch limits", s.hkv);
+    }
+    let (no, nml) = (nsplit * rows * d, nsplit * rows * 2);
+    let mut guard = cache.partials.lock().map_err(|_| anyhow::anyhow!("{op}: partial-buffer lock poisoned"))?;
+    let fits = matches!(&*guard, Some((po, pml)) if po.len() >= no && pml.len() >= nml);
+    if !fits {
+        *guard = Some((dev.zeros_f32(no)?, dev.zeros_f32(nml)?));
+    }
+    let Some((part_o, part_ml)) = guard.as_ref() else { bail!("{op}: partial buffers missing") };
+    let args = [
+        Arg::Ptr(part_o.ptr(g)?),
+        Arg::Ptr(part_ml.ptr(g)?),
+        Arg::Ptr(q.ptr(g)?),
+        Arg::Ptr(cache.k.ptr(g)?),
+        Arg::Ptr(cache.v.ptr(g)?),
+        Arg::Ptr(cache.lens_buf.ptr(g)?),
+        Arg::I32(n_new as i32),
+        Arg::I32(s.hq as i32),
+        Arg::I32(s.hkv as i32),
+        Arg::I32(cache.max_len as i32),
+        Arg::I32(chunk as i32),
+        Arg::I32(nsplit as i32),
+        Arg::F32(s.scale * std::f32::consts::LOG2_E),
+        Arg::I32(s.causal as i32),
+    ];
+    let cfg = LaunchConfig {
+        grid_dim: (nsplit as u32, s.hkv as u32, b as u32),
+        block_dim: (128, 1, 1),
+        // a 16-row Q tile plus three stages of K and V tiles, rows padded by 8
+        shared_mem_bytes: ((16 + 6 * TILE) * (d + 8) * 2) as u32,
+    };
+    g.launch("attention_v2", &format!("attention_decode16_bf16_d{d}"), cfg, &args)?;
+    let args = [Arg::Ptr(out.ptr(g)?), Arg::Ptr(part_o.ptr(g)?), Arg::Ptr(part_ml.ptr(g)?), Arg::I32(rows as i32), Arg::I32(nsplit as i32), Arg::I32(d as i32)];
+    g.launch("attention_decode", "attention_decode_combine_bf16", cfg_rows(rows, 128, 0), &args)
 }

@@ -13,11 +13,18 @@
 //!   f32 accumulate). Backward FA2-style: dK/dV per KV tile in registers, dQ by f32 atomics.
 //! - anything else (f32, other head dims, or `AM3_ATTN_SIMPLE=1`): one-warp-per-row kernels
 //!   on CUDA cores (kernels/attention_simple.cu), exact f32 math, used by the f32 tests.
+//! - `Variant::V2` (explicit `*_with` argument, or `AM3_ATTN_V2=1` for the plain calls): the
+//!   kernels of kernels/attention_v2.cu where they apply — the forward with 128-row query tiles
+//!   and a two-stage K/V ring (sequences longer than 64 tokens), the forward of windows (all
+//!   sequences ≤ 64 tokens) by persistent blocks that prefetch the next (sequence, head), and
+//!   decode with 16-row query tiles split over the warps by keys (n_new · group ≤ 16), and the
+//!   GQA backward with the group inside the block (dK/dV summed in registers, no f32 partials).
+//!   Same results; the default is chosen by measurement.
 
 pub mod cpu;
 pub mod decode;
 
-pub use decode::{decode, KvCache};
+pub use decode::{decode, decode_with, KvCache};
 
 use super::{check, check_dtype, kname, same_float_dtype};
 use crate::cuda::{cfg_1d, Arg, Gpu};
@@ -101,6 +108,32 @@ impl Varlen {
 /// Rows per tile of the tensor-core kernels (queries per forward block, keys per backward block).
 const TILE: usize = 64;
 
+/// Which generation of the tensor-core kernels a call takes (the bench times both).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// The verified kernels of attention.cu / attention_decode.cu.
+    V1,
+    /// kernels/attention_v2.cu where it applies (else V1): 128-row forward tiles with a K/V
+    /// ring; a persistent, prefetching forward for windows (≤ 64 tokens); the GQA backward
+    /// with the group inside the block; decode with the keys split over the warps for ≤ 16
+    /// query rows per kv head.
+    V2,
+}
+
+impl Variant {
+    /// V2 when `AM3_ATTN_V2=1`, else V1: what the plain `fwd`/`decode` use.
+    pub fn from_env() -> Variant {
+        if std::env::var("AM3_ATTN_V2").is_ok_and(|v| v == "1") {
+            Variant::V2
+        } else {
+            Variant::V1
+        }
+    }
+}
+
+/// Query rows per block of the V2 forward.
+const TILE_V2: usize = 128;
+
 /// The head dims with tensor-core kernels.
 fn tc_head_dim(d: usize) -> bool {
     matches!(d, 64 | 80 | 128)
@@ -124,6 +157,16 @@ fn aligned16(g: &Gpu, bufs: &[&Buf]) -> Result<bool> {
 /// Shared memory of the tensor-core forward: Q, K, V tiles of 64 rows, rows padded by 8 elements.
 fn fwd_smem(d: usize) -> u32 {
     (3 * TILE * (d + 8) * 2) as u32
+}
+
+/// Shared memory of the V2 forward: a 128-row Q tile and two stages of 64-row K and V tiles.
+fn fwd_v2_smem(d: usize) -> u32 {
+    ((TILE_V2 + 4 * TILE) * (d + 8) * 2) as u32
+}
+
+/// Shared memory of the V2 window forward: two buffers of 64-row Q, K and V tiles.
+fn win_smem(d: usize) -> u32 {
+    (6 * TILE * (d + 8) * 2) as u32
 }
 
 /// Shared memory of the tensor-core backward: K, V, Q, dO tiles, the dSᵀ tile and lse/D rows.
@@ -157,6 +200,12 @@ fn check_packed(op: &str, q: &Buf, k: &Buf, v: &Buf, seqs: &Varlen, s: &AttnShap
 /// out [T, hq, d] (=), lse [hq, T] (f32, =) = softmax(q·kᵀ·scale)·v over each sequence of `seqs`.
 #[allow(clippy::too_many_arguments)]
 pub fn fwd(dev: &Device, out: &mut Buf, lse: &mut Buf, q: &Buf, k: &Buf, v: &Buf, seqs: &Varlen, s: &AttnShape) -> Result<()> {
+    fwd_with(dev, out, lse, q, k, v, seqs, s, Variant::from_env())
+}
+
+/// `fwd` with an explicit kernel variant (the bench and tests run both).
+#[allow(clippy::too_many_arguments)]
+pub fn fwd_with(dev: &Device, out: &mut Buf, lse: &mut Buf, q: &Buf, k: &Buf, v: &Buf, seqs: &Varlen, s: &AttnShape, variant: Variant) -> Result<()> {
     let op = "attention_fwd";
     let t = check_packed(op, q, k, v, seqs, s)?;
     check(out, t * s.hq * s.d, op, "out")?;
@@ -176,13 +225,35 @@ pub fn fwd(dev: &Device, out: &mut Buf, lse: &mut Buf, q: &Buf, k: &Buf, v: &Buf
             let base = [Arg::Ptr(out.ptr(g)?), Arg::Ptr(lse.ptr(g)?), Arg::Ptr(q.ptr(g)?), Arg::Ptr(k.ptr(g)?), Arg::Ptr(v.ptr(g)?), Arg::Ptr(seqs.buf.ptr(g)?)];
             if use_tc(g, dt, s.d, &[out, q, k, v])? {
                 check_grid(op, seqs, s)?;
+                let mut args = base.to_vec();
+                args.extend([Arg::I32(t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32), Arg::F32(s.scale * std::f32::consts::LOG2_E), Arg::I32(s.causal as i32)]);
+                // Windows (every sequence ≤ 64 tokens): persistent blocks that prefetch the next
+                // (sequence, head) item; longer sequences: 128-row tiles with a K/V ring.
+                if variant == Variant::V2 && seqs.max_len <= TILE && nseq * s.hq < i32::MAX as usize {
+                    let items = nseq * s.hq;
+                    let smem = win_smem(s.d);
+                    // Resident blocks per SM: 228 KiB of shared memory (1 KiB reserved per
+                    // block), and at most 3 by registers (≤ 144 per thread at 128 threads).
+                    let per_sm = (233_472 / (smem as usize + 1024)).clamp(1, 3);
+                    let blocks = items.min(per_sm * g.sm_count as usize).max(1);
+                    let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem };
+                    let mut args = base.to_vec();
+                    args.extend([Arg::I32(nseq as i32), Arg::I32(t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32), Arg::F32(s.scale * std::f32::consts::LOG2_E), Arg::I32(s.causal as i32)]);
+                    return g.launch("attention_v2", &format!("attention_win_bf16_d{}", s.d), cfg, &args);
+                }
+                if variant == Variant::V2 {
+                    let cfg = LaunchConfig {
+                        grid_dim: (seqs.max_len.div_ceil(TILE_V2) as u32, s.hq as u32, nseq as u32),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: fwd_v2_smem(s.d),
+                    };
+                    return g.launch("attention_v2", &format!("attention_fwd128_bf16_d{}", s.d), cfg, &args);
+                }
                 let cfg = LaunchConfig {
                     grid_dim: (seqs.max_len.div_ceil(TILE) as u32, s.hq as u32, nseq as u32),
                     block_dim: (128, 1, 1),
                     shared_mem_bytes: fwd_smem(s.d),
                 };
-                let mut args = base.to_vec();
-                args.extend([Arg::I32(t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32), Arg::F32(s.scale * std::f32::consts::LOG2_E), Arg::I32(s.causal as i32)]);
                 g.launch("attention", &format!("attention_fwd_bf16_d{}", s.d), cfg, &args)
             } else {
                 let mut args = base.to_vec();
@@ -208,6 +279,26 @@ pub fn bwd(
     lse: &Buf,
     seqs: &Varlen,
     s: &AttnShape,
+) -> Result<()> {
+    bwd_with(dev, dq, dk, dv, dout, q, k, v, out, lse, seqs, s, Variant::from_env())
+}
+
+/// `bwd` with an explicit kernel variant (the bench and tests run both).
+#[allow(clippy::too_many_arguments)]
+pub fn bwd_with(
+    dev: &Device,
+    dq: &mut Buf,
+    dk: &mut Buf,
+    dv: &mut Buf,
+    dout: &Buf,
+    q: &Buf,
+    k: &Buf,
+    v: &Buf,
+    out: &Buf,
+    lse: &Buf,
+    seqs: &Varlen,
+    s: &AttnShape,
+    variant: Variant,
 ) -> Result<()> {
     let op = "attention_bwd";
     let t = check_packed(op, q, k, v, seqs, s)?;
@@ -235,6 +326,34 @@ pub fn bwd(
             if use_tc(g, dt, s.d, &[dq, dk, dv, dout, q, k, v])? {
                 check_grid(op, seqs, s)?;
                 let grp = s.hq / s.hkv;
+                if variant == Variant::V2 && grp > 1 {
+                    // One block per (key tile, kv head) walking the group's q heads: dK/dV are
+                    // summed in registers and written as bf16, no partials; dQ as in V1.
+                    let dq_acc = dev.zeros_f32(t * s.hq * s.d)?;
+                    let mut args = vec![Arg::Ptr(dq_acc.ptr(g)?), Arg::Ptr(dk.ptr(g)?), Arg::Ptr(dv.ptr(g)?)];
+                    args.extend(inputs);
+                    args.extend([Arg::I32(t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32), Arg::F32(s.scale), Arg::F32(s.scale * std::f32::consts::LOG2_E), Arg::I32(s.causal as i32)]);
+                    let cfg = LaunchConfig {
+                        grid_dim: (seqs.max_len.div_ceil(TILE) as u32, s.hkv as u32, nseq as u32),
+                        block_dim: (128, 1, 1),
+                        shared_mem_bytes: bwd_smem(s.d),
+                    };
+                    g.launch("attention_v2", &format!("attention_bwdg_bf16_d{}", s.d), cfg, &args)?;
+                    let args = [
+                        Arg::Ptr(dq.ptr(g)?),
+                        Arg::Ptr(dk.ptr(g)?),
+                        Arg::Ptr(dv.ptr(g)?),
+                        Arg::Ptr(dq_acc.ptr(g)?),
+                        Arg::Ptr(0),
+                        Arg::Ptr(0),
+                        Arg::I32(t as i32),
+                        Arg::I32(s.hq as i32),
+                        Arg::I32(s.hkv as i32),
+                        Arg::I32(s.d as i32),
+                        Arg::I32(0),
+                    ];
+                    return g.launch("attention", "attention_bwd_finish_bf16", cfg_1d(t * s.hq * s.d, 256), &args);
+                }
                 // dQ accumulates in f32 across KV blocks; with GQA each q head writes its own
                 // dK/dV partial [T, hq, d] (f32) and the finish kernel sums the group.
                 let dq_acc = dev.zeros_f32(t * s.hq * s.d)?;
