@@ -60,9 +60,9 @@ for t in "$dst"/bin/test-*; do
   log="$out/$n.log"
   timeout 300 "$t" --test-threads=1 --nocapture > "$log" 2>&1
   rc=$?
-  res=$(grep -E "^test result" "$log" | tail -1 | sed 's/test result: //')
+  result=$(grep -E "^test result" "$log" | tail -1 | sed 's/test result: //')
   [ $rc -ne 0 ] && fail=1
-  summary+=$(printf "%-34s rc=%-3s %s" "$n" "$rc" "$res")$'\n'
+  summary+=$(printf "%-34s rc=%-3s %s" "$n" "$rc" "$result")$'\n'
 done
 # The per-shape errors the GPU tests printed (for the note), then failures in full.
 cat "$out"/test-*.log | grep -E "rel err|max abs|skipped" | grep -v "^gradcheck" > "$out/errors.txt" || true

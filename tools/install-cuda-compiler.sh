@@ -6,8 +6,10 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv-cuda"
 py="${PYTHON:-python3}"
+# nvidia-cuda-nvrtc too: the NVRTC fallback (a build without nvcc) is tested by compiling every
+# kernel module with it, which needs the library but no GPU.
 pkgs=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-runtime==13.0.88 nvidia-cuda-crt==13.0.88
-      nvidia-nvvm==13.0.88 nvidia-cuda-cccl==13.0.85)
+      nvidia-nvvm==13.0.88 nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88)
 
 if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv" >&2

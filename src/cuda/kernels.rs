@@ -29,16 +29,27 @@ pub fn load(ctx: &Arc<CudaContext>, name: &'static str) -> Result<Arc<CudaModule
             Err(e) => eprintln!("am3: fatbin for {name} did not load ({e}); compiling it with NVRTC"),
         }
     }
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        return Err(anyhow!("kernel module {name}: no usable fatbin and libnvrtc is not present"));
-    }
     let (maj, min) = ctx.compute_capability().context("reading the compute capability")?;
-    let arch: &'static str = Box::leak(format!("sm_{maj}{min}").into_boxed_str());
+    let ptx = compile_nvrtc(m, &format!("sm_{maj}{min}"))?;
+    ctx.load_module(ptx).with_context(|| format!("loading the NVRTC module {name}"))
+}
+
+/// Is libnvrtc loadable (probing first: cudarc panics on a missing library)?
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only probes whether the shared library loads.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Compiles a module's embedded source with NVRTC for `arch` (e.g. "sm_90"); needs no GPU.
+pub fn compile_nvrtc(m: &KernelModule, arch: &str) -> Result<Ptx> {
+    if !nvrtc_present() {
+        return Err(anyhow!("kernel module {}: no usable fatbin and libnvrtc is not present", m.name));
+    }
+    let arch: &'static str = Box::leak(arch.to_string().into_boxed_str());
     let opts = CompileOptions {
         arch: Some(arch),
-        options: vec!["-std=c++17".into(), "--expt-relaxed-constexpr".into(), "-default-device".into()],
+        options: vec!["-std=c++17".into(), "-default-device".into()],
         ..Default::default()
     };
-    let ptx = compile_ptx_with_opts(m.source, opts).map_err(|e| anyhow!("NVRTC failed on kernel module {name}: {e}"))?;
-    ctx.load_module(ptx).with_context(|| format!("loading the NVRTC module {name}"))
+    compile_ptx_with_opts(m.source, opts).map_err(|e| anyhow!("NVRTC failed on kernel module {}: {e}", m.name))
 }

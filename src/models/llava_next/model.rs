@@ -282,6 +282,8 @@ impl LlavaNext {
             return l.zero_grads(dev, self.tdims.vocab * self.tdims.layer.d);
         }
         let mut z = |r: &ParamRef| dev.zeros_f32(r.numel());
+        // Free the old gradients first: two sets of a 7B model's do not fit.
+        self.grads = None;
         self.grads = Some(build_params(&self.cfg, &self.vdims, &self.tdims, &self.names, true, &mut z)?);
         Ok(())
     }

@@ -208,6 +208,8 @@ impl QwenVl {
         match self.lora.as_mut() {
             Some(l) => l.zero_grads(dev, head),
             None => {
+                // Free the old gradients first: at 7B they are 31 GiB, and two sets do not fit.
+                self.grads = None;
                 self.grads = Some(self.zeros_like(dev)?);
                 Ok(())
             }
