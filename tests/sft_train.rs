@@ -120,3 +120,20 @@ fn kill_leaves_last_checkpoint_intact() {
     let ck = sft::run(SftArgs { resume: true, ..args(&out, 30, 1) }).unwrap();
     assert!(ck.ends_with("checkpoint-000030"));
 }
+
+#[test]
+fn bad_data_lines_are_reported_or_skipped() {
+    let dir = tmp("badlines");
+    std::fs::create_dir_all(&dir).unwrap();
+    let demo = std::fs::read_to_string(sft::demo_data()).unwrap();
+    let demo_dir = std::fs::canonicalize(sft::demo_data()).unwrap().parent().unwrap().to_path_buf();
+    // Two good samples (image paths made absolute) and one line with an unknown role.
+    let good: Vec<String> = demo.lines().take(2).map(|l| l.replace("\"images/", &format!("\"{}/images/", demo_dir.display()))).collect();
+    let bad = r#"{"id":"x","kind":"general","images":[],"messages":[{"role":"robot","content":"hi"},{"role":"assistant","content":"ok"}]}"#;
+    let file = dir.join("data.jsonl");
+    std::fs::write(&file, format!("{}\n{}\n{}\n", good[0], bad, good[1])).unwrap();
+    let a = |skip| SftArgs { data: Some(file.clone()), skip_bad: Some(skip), ..args(&dir.join("out"), 1, 1) };
+    let err = format!("{:#}", sft::run(a(false)).unwrap_err());
+    assert!(err.contains("data.jsonl:2"), "the error does not name file:line: {err}");
+    sft::run(a(true)).unwrap();
+}

@@ -87,5 +87,5 @@ echo "=== largest GPU errors printed by the tests (all lines in errors.txt)"
 grep -E "cuda|gpu|bf16" "$out/errors.txt" | sed 's/^test [a-z_0-9]* \.\.\. //' \
   | awk '{for(i=1;i<NF;i++) if($i=="err"){v=$(i+1); sub(/[^0-9.e+-].*/,"",v); print v"\t"$0; break}}' | sort -g -r | head -12 | cut -f2
 echo "=== tests"; printf "%s" "$summary"; printf "%s" "$nvrtc"
-echo "=== bench"; cat "$out/bench.txt" 2>/dev/null | tail -60
+echo "=== bench"; cat "$out/bench.txt" 2>/dev/null | cut -c1-150 | tail -70
 exit $fail

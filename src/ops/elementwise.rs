@@ -8,11 +8,12 @@ use crate::tensor::{Buf, DType, Device};
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::LaunchConfig;
 
-/// Kernel variants of the memory-bound ops (perf round 3). `false` = the verified round-2
-/// kernels (the default), `true` = the faster V2 kernels (fewer passes, more bytes in flight,
-/// cached scratch). Chosen per call: a thread-local override (`with_v2`, for the bench and the
-/// tests, which run side by side in threads), else the env var `AM3_V2` = `1`/`all` or a comma
-/// list of op names (`rmsnorm_bwd,layernorm_fwd,layernorm_bwd,bias_bwd,cast,gelu_fwd,sum_squares`).
+/// Kernel variants of the memory-bound ops (perf round 3). `false` = the round-2 kernels,
+/// `true` = the V2 kernels (fewer passes, more bytes in flight, cached scratch), the default
+/// since the H200 run showed each faster (PERF.md). Both are tested on the GPU. Chosen per call:
+/// a thread-local override (`with_v2`, for the bench and the tests, which run side by side in
+/// threads), else the env var `AM3_V2`: `0` = all V1, `1`/`all` = all V2, or a comma list of the
+/// ops to run as V2 (`rmsnorm_bwd,layernorm_fwd,layernorm_bwd,bias_bwd,cast,gelu_fwd,sum_squares`).
 pub fn use_v2(op: &str) -> bool {
     if let Some(on) = V2_OVERRIDE.with(|c| c.get()) {
         return on;
@@ -20,8 +21,10 @@ pub fn use_v2(op: &str) -> bool {
     // The env var is read once per process (this sits on every launch's path).
     static ENV: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     match ENV.get_or_init(|| std::env::var("AM3_V2").ok()) {
+        Some(v) if v == "0" || v == "none" => false,
         Some(v) => v == "1" || v == "all" || v.split(',').any(|o| o.trim() == op),
-        None => false,
+        // Default: V2, measured faster on the H200 for every op it covers (PERF.md, run 4).
+        None => true,
     }
 }
 

@@ -15,7 +15,7 @@
 
 use super::examples::{micro_batches, pack, Example, Packed};
 use super::model::{save_weights, Encoder, Processor, VlModel};
-use crate::data::dataset::{load_jsonl, Kind};
+use crate::data::dataset::{load_jsonl, load_jsonl_with, Kind, LoadOptions};
 use crate::models::qwen2_5_vl::chat::load_tokenizer;
 use crate::models::qwen2_5_vl::config::{QwenPreprocessorConfig, QwenVlConfig};
 use crate::models::qwen2_5_vl::model::{QwenVl, Recompute};
@@ -120,6 +120,10 @@ pub struct SftArgs {
     #[arg(long)]
     #[serde(skip)]
     pub resume: bool,
+    /// Leave out invalid data lines (each is still reported as file:line: reason) instead of
+    /// stopping.
+    #[arg(long)]
+    pub skip_bad: Option<bool>,
     /// Stop after this many steps of this run (for tests and time-boxed jobs).
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -162,7 +166,7 @@ impl SftArgs {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             let file: SftArgs = toml::from_str(&text).with_context(|| format!("{}: bad SFT config", path.display()))?;
             macro_rules! merge { ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f.clone(); } )* } }
-            merge!(model, data, out, steps, lr, warmup, schedule, min_lr_ratio, batch_tokens, grad_accum, clip, weight_decay, beta1, beta2, seed, save_every, recompute, freeze_vision, lora_rank, lora_alpha, lora_targets, lora_save);
+            merge!(model, data, out, steps, lr, warmup, schedule, min_lr_ratio, batch_tokens, grad_accum, clip, weight_decay, beta1, beta2, seed, save_every, recompute, freeze_vision, lora_rank, lora_alpha, lora_targets, lora_save, skip_bad);
         }
         let steps = self.steps.unwrap_or(60);
         if steps == 0 {
@@ -255,7 +259,20 @@ pub fn load_examples(path: &Path, tok: &Tokenizer, cfg: &QwenVlConfig, pp: &Qwen
 
 /// Loads a JSONL file and encodes every sample for the model behind `enc`.
 pub fn encode_file(path: &Path, enc: &Encoder) -> Result<Vec<Example>> {
-    let samples = load_jsonl(path)?;
+    encode_file_with(path, enc, false)
+}
+
+/// As `encode_file`; with `skip_bad`, invalid lines are reported on stderr and left out.
+pub fn encode_file_with(path: &Path, enc: &Encoder, skip_bad: bool) -> Result<Vec<Example>> {
+    let samples = if skip_bad {
+        let loaded = load_jsonl_with(path, LoadOptions { skip_bad: true })?;
+        for e in &loaded.errors {
+            eprintln!("am3 sft: skipped {e}");
+        }
+        loaded.samples
+    } else {
+        load_jsonl(path)?
+    };
     if samples.is_empty() {
         bail!("{}: no samples", path.display());
     }
@@ -265,6 +282,11 @@ pub fn encode_file(path: &Path, enc: &Encoder) -> Result<Vec<Example>> {
 /// Encodes `path` for the loaded model, with its tokenizer and processor.
 pub fn load_examples_for(path: &Path, l: &Loaded) -> Result<Vec<Example>> {
     encode_file(path, &Encoder::new(&l.model, &l.tok, &l.pp)?)
+}
+
+/// `load_examples_for`, leaving out (and reporting) invalid lines when `skip_bad`.
+pub fn load_examples_skipping(path: &Path, l: &Loaded, skip_bad: bool) -> Result<Vec<Example>> {
+    encode_file_with(path, &Encoder::new(&l.model, &l.tok, &l.pp)?, skip_bad)
 }
 
 /// The whole run's micro-batches, fixed by the seed: epoch k visits the examples in a
@@ -340,7 +362,7 @@ pub fn run(args: SftArgs) -> Result<PathBuf> {
         let lc = LoraConfig { rank: plan.lora_rank, alpha: plan.lora_alpha, targets: plan.lora_targets.clone(), seed: plan.seed };
         l.model.enable_lora(&dev, &lc)?;
     }
-    let examples = load_examples_for(&data, &l)?;
+    let examples = load_examples_skipping(&data, &l, args.skip_bad.unwrap_or(false))?;
     let mbs = plan_micro_batches(&examples, &plan);
     let kind: LrKind = plan.schedule.parse()?;
     let sched = LrSchedule::new(kind, plan.lr, plan.warmup, plan.steps, plan.min_lr_ratio)?;
@@ -351,6 +373,20 @@ pub fn run(args: SftArgs) -> Result<PathBuf> {
     let has_grad = l.model.grad_keys(&dev)?;
     let vision: std::collections::BTreeSet<String> = l.model.param_entries().iter().filter(|(r, _)| l.model.is_vision(&r.name)).map(|(r, _)| slot_key(r)).collect();
     let trainable = move |r: &crate::models::common::params::ParamRef| has_grad.contains(&slot_key(r)) && !(freeze && vision.contains(&slot_key(r)));
+    if let Device::Cuda(g) = &dev {
+        // Say how much is needed before a run dies in the middle of a step: the optimizer state
+        // (12 bytes per trainable parameter) plus a margin for one step's activations.
+        let n_train: usize = l.model.trainable_entries().iter().filter(|(r, _)| trainable(r)).map(|(r, _)| r.numel()).sum();
+        let need = n_train as f64 * 12.0 + 4.0 * (1u64 << 30) as f64;
+        let (free, total) = g.mem_info();
+        if need > free as f64 {
+            let gib = |b: f64| b / (1u64 << 30) as f64;
+            bail!(
+                "not enough GPU memory: the AdamW state (f32 master, exp_avg, exp_avg_sq) of {:.2} B trainable parameters plus ~4 GiB of activations needs {:.1} GiB, but only {:.1} of {:.1} GiB are free on {} after the weights and gradients; use --freeze-vision, --lora-rank N or --recompute true",
+                n_train as f64 / 1e9, gib(need), gib(free as f64), gib(total as f64), g.name
+            );
+        }
+    }
     let mut opt = Optimizer::new(&dev, hp, &l.model.trainable_entries(), &trainable)?;
 
     let metrics_path = out.join("metrics.jsonl");

@@ -158,7 +158,7 @@ impl KvCache {
 /// q [batch, n_new, hq, d], already appended to `cache`) attend to the cache; causal: new token
 /// i sits at position lens[b] − n_new + i and sees positions 0..=that.
 pub fn decode(dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, n_new: usize, s: &AttnShape) -> Result<()> {
-    decode_with(dev, out, q, cache, n_new, s, Variant::from_env())
+    decode_with(dev, out, q, cache, n_new, s, Variant::default_decode())
 }
 
 /// `decode` with an explicit kernel variant (the bench and tests run both).

@@ -121,13 +121,27 @@ pub enum Variant {
 }
 
 impl Variant {
-    /// V2 when `AM3_ATTN_V2=1`, else V1: what the plain `fwd`/`decode` use.
-    pub fn from_env() -> Variant {
-        if std::env::var("AM3_ATTN_V2").is_ok_and(|v| v == "1") {
-            Variant::V2
-        } else {
-            Variant::V1
+    /// `AM3_ATTN_V2=1` forces V2 everywhere, `AM3_ATTN_V2=0` V1; unset: None (the per-op
+    /// defaults below, chosen by the H200 measurements in PERF.md, run 4).
+    pub fn from_env() -> Option<Variant> {
+        match std::env::var("AM3_ATTN_V2").as_deref() {
+            Ok("1") => Some(Variant::V2),
+            Ok("0") => Some(Variant::V1),
+            _ => None,
         }
+    }
+    /// Forward: V2's 128-row tiles for sequences longer than 64 tokens (215 vs 195 TFLOP/s),
+    /// V1 for windows (54 vs 51 TFLOP/s).
+    pub fn default_fwd(max_len: usize) -> Variant {
+        Self::from_env().unwrap_or(if max_len > 64 { Variant::V2 } else { Variant::V1 })
+    }
+    /// Backward: V1 (fwd+bwd 195 vs 179 TFLOP/s).
+    pub fn default_bwd() -> Variant {
+        Self::from_env().unwrap_or(Variant::V1)
+    }
+    /// Decode: V2 (78 % vs 44 % of 4.2 TB/s).
+    pub fn default_decode() -> Variant {
+        Self::from_env().unwrap_or(Variant::V2)
     }
 }
 
@@ -200,7 +214,7 @@ fn check_packed(op: &str, q: &Buf, k: &Buf, v: &Buf, seqs: &Varlen, s: &AttnShap
 /// out [T, hq, d] (=), lse [hq, T] (f32, =) = softmax(q·kᵀ·scale)·v over each sequence of `seqs`.
 #[allow(clippy::too_many_arguments)]
 pub fn fwd(dev: &Device, out: &mut Buf, lse: &mut Buf, q: &Buf, k: &Buf, v: &Buf, seqs: &Varlen, s: &AttnShape) -> Result<()> {
-    fwd_with(dev, out, lse, q, k, v, seqs, s, Variant::from_env())
+    fwd_with(dev, out, lse, q, k, v, seqs, s, Variant::default_fwd(seqs.max_len))
 }
 
 /// `fwd` with an explicit kernel variant (the bench and tests run both).
@@ -280,7 +294,7 @@ pub fn bwd(
     seqs: &Varlen,
     s: &AttnShape,
 ) -> Result<()> {
-    bwd_with(dev, dq, dk, dv, dout, q, k, v, out, lse, seqs, s, Variant::from_env())
+    bwd_with(dev, dq, dk, dv, dout, q, k, v, out, lse, seqs, s, Variant::default_bwd())
 }
 
 /// `bwd` with an explicit kernel variant (the bench and tests run both).
