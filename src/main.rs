@@ -1,7 +1,7 @@
 //! `am3`: the command-line entry point. Subcommands:
 //!   info    — which backend would run, the GPU and the embedded kernel modules
 //!   bench   — kernel benchmarks (GB/s and TFLOP/s against the H200 ceilings)
-//!   forward — logits, log-probs, objective and gradients of a model on an inputs file
+//!   forward — logits, log-probs, objective and gradients of a model on an inputs file (Qwen2.5-VL, LLaVA-NeXT)
 //!   sft     — cold-start refusal SFT (the main job)
 
 use am3safety::bench::{format_table, run_suites};
@@ -33,7 +33,7 @@ enum Cmd {
         suites: Vec<String>,
     },
     /// One forward (and with --grads a backward) on an inputs file: logits, token log-probs,
-    /// the masked objective, M-RoPE position ids and every parameter gradient.
+    /// the masked objective, M-RoPE position ids (Qwen2.5-VL) and every parameter gradient.
     Forward(am3safety::stages::forward::ForwardArgs),
     /// Cold-start refusal SFT. With no arguments: the embedded tiny model on the bundled demo data.
     Sft(am3safety::stages::sft::SftArgs),
