@@ -1,0 +1,330 @@
+//! Grouped log-prob fused with the lm_head: log p(target) per token (and optionally the entropy)
+//! from hidden states [T, H] and the lm_head [V, H], never holding a [T, V] logits tensor
+//! (Qwen2.5's vocab is 152,064). One call serves every rollout of a GRPO group, packed, with a
+//! mask for the tokens that need no log-prob (user text, image tokens): those are compacted away
+//! before the GEMMs, so they cost nothing.
+//!
+//! Three entry points, for the three ways GRPO and SFT use it:
+//! - `fwd`: log-probs only (the frozen reference, the old policy, evaluation). Saves lse [T].
+//! - `bwd`: d hidden (=) and d lm_head (+=) from per-token upstream gradients dlogp, recomputing
+//!   the logits tile by tile. With `fwd` that is 4 GEMMs.
+//! - `fwd_bwd`: forward and backward in one pass (FLCE style, 3 GEMMs): each token chunk's logits
+//!   are kept (at the activation dtype, relative to the running max) while a callback turns the
+//!   chunk's finished log-probs into dlogp, then the two backward GEMMs run on them. The GRPO loss
+//!   (`grpo::fused_loss`) and the SFT NLL (dlogp = −weight) are such callbacks.
+//!
+//! GPU design (kernels/logprob.cu): cuBLAS computes f32 logits for a tile of tokens × vocab
+//! columns; a kernel folds the tile into per-row running max / Σe / Σe·(l−m) (online
+//! log-sum-exp) and picks the target logit; a last kernel finishes lse, logp and the entropy.
+//! Backward forms d logits = dlogp · (onehot − softmax) in bf16 and runs dhidden = dlogits · W and
+//! dW += dlogitsᵀ · hidden. Extra memory is bounded by `Tuning` (under 1 GiB by default).
+//! The entropy has no backward.
+
+use super::{check, check_dtype, kname, same_float_dtype};
+use crate::cuda::blas::{Gemm, GemmType};
+use crate::cuda::{cfg_1d, cfg_rows, Arg, Gpu};
+use crate::tensor::{Buf, DType, Device};
+use anyhow::{bail, Result};
+use cudarc::driver::LaunchConfig;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const MODULE: &str = "logprob";
+/// Threads per block of the row kernels.
+const BLOCK: u32 = 256;
+/// cuBLAS-free grid limit on the row dimension of the 2-D kernels (grid.y).
+const MAX_CHUNK_ROWS: usize = 65_535;
+
+/// Chunk sizes of the GPU passes. Larger chunks mean bigger (faster) GEMMs and more memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// `fwd`: tokens × vocab columns per f32 logits tile.
+    pub fwd_tokens: usize,
+    pub fwd_vocab: usize,
+    /// `bwd`: tokens per pass (the dW GEMM's k) × vocab columns per tile.
+    pub bwd_tokens: usize,
+    pub bwd_vocab: usize,
+    /// `fwd_bwd`: bytes for the kept [tokens, V] logits of one token chunk (sets the chunk's
+    /// token count), and vocab columns per f32 tile.
+    pub fused_bytes: usize,
+    pub fused_vocab: usize,
+    /// `fwd_bwd` variant 2 (kernels/logprob.cu, "Variant 2"): one logits GEMM per token chunk
+    /// writes the [tokens, V] logits straight into the kept buffer at the storage dtype, and one
+    /// single-read kernel folds each row (no f32 tile, `fused_vocab` unused). For bf16 the logits
+    /// are rounded to bf16 before the log-sum-exp, as in a framework's bf16 lm_head. Default: the
+    /// environment variable `AM3_LOGPROB_V2=1`. See PERF-logprob.md.
+    pub fused_v2: bool,
+    /// `fwd_bwd` variant 3 (takes precedence over `fused_v2`): variant 2's GEMM, then one kernel
+    /// per chunk folds each row and overwrites it with u = onehot − softmax (independent of dlogp),
+    /// and dlogp is applied after: dhidden = diag(g)·(U·W) in the scatter, dW += Uᵀ·(diag(g)·hidden).
+    /// Same bf16 logit rounding as variant 2. Default: `AM3_LOGPROB_V2=3`.
+    pub fused_v3: bool,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        // T = 8192, V = 152,064, bf16: fwd 128 MiB, bwd 496 MiB, fused 2048-token chunks, 687 MiB.
+        let var = std::env::var("AM3_LOGPROB_V2").unwrap_or_default();
+        let (fused_v2, fused_v3) = (var == "1", var == "3");
+        Self { fwd_tokens: 4096, fwd_vocab: 8192, bwd_tokens: 8192, bwd_vocab: 8192, fused_bytes: 640 << 20, fused_vocab: 8192, fused_v2, fused_v3 }
+    }
+}
+
+static LAST_SCRATCH: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes of device scratch the last GPU call of this module allocated (all of it is live at
+/// once, so this is the call's peak extra memory beyond its inputs and outputs).
+pub fn last_scratch_bytes() -> usize {
+    LAST_SCRATCH.load(Ordering::Relaxed)
+}
+
+/// Adds scratch allocated by a caller that wraps this op (the fused GRPO loss).
+pub(crate) fn add_scratch_bytes(b: usize) {
+    LAST_SCRATCH.fetch_add(b, Ordering::Relaxed);
+}
+
+/// One chunk of finished log-probs handed to the `fwd_bwd` callback, in "packed" order: packed
+/// token p is token `idx[p]` (token p when `idx` is None).
+pub struct GradChunk<'a> {
+    /// The chunk: packed tokens p0 .. p0 + n.
+    pub p0: usize,
+    pub n: usize,
+    /// [packed] i32, packed → token index; None when no token is masked.
+    pub idx: Option<&'a Buf>,
+    /// [packed] f32: log p of every packed token; rows p0 .. p0 + n are final.
+    pub logp: &'a Buf,
+    /// [packed] f32: the callback writes d loss / d logp for rows p0 .. p0 + n.
+    pub dlogp: &'a mut Buf,
+}
+
+/// The `fwd_bwd` callback: writes `chunk.dlogp[p0 .. p0 + n]` from `chunk.logp`.
+pub type GradFn<'f> = dyn FnMut(GradChunk<'_>) -> Result<()> + 'f;
+
+/// logp [t], lse [t] (saved for `bwd`), entropy [t] (optional), all f32, from hidden [t, h],
+/// lm_head [v, h] and targets [t] (i32). Tokens with mask [t] == 0 are skipped: their logp, lse
+/// and entropy are 0. A target outside [0, v) is an error on the CPU and gives NaN on the GPU.
+#[allow(clippy::too_many_arguments)]
+pub fn fwd(dev: &Device, logp: &mut Buf, lse: &mut Buf, entropy: Option<&mut Buf>, hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize, h: usize, v: usize) -> Result<()> {
+    fwd_with(dev, &Tuning::default(), logp, lse, entropy, hidden, lm_head, targets, mask, t, h, v)
+}
+
+/// `fwd` with explicit chunk sizes.
+#[allow(clippy::too_many_arguments)]
+pub fn fwd_with(dev: &Device, tune: &Tuning, logp: &mut Buf, lse: &mut Buf, mut entropy: Option<&mut Buf>, hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize, h: usize, v: usize) -> Result<()> {
+    let op = "logprob_fwd";
+    check_head(op, hidden, lm_head, targets, t, h, v)?;
+    for (b, a) in [(&*logp, "logp"), (&*lse, "lse")] {
+        check(b, t, op, a)?;
+        check_dtype(b, DType::F32, op, a)?;
+    }
+    if let Some(e) = entropy.as_deref() {
+        check(e, t, op, "entropy")?;
+        check_dtype(e, DType::F32, op, "entropy")?;
+    }
+    if let Some(m) = mask {
+        check(m, t, op, "mask")?;
+        check_dtype(m, DType::F32, op, "mask")?;
+    }
+    match dev {
+        Device::Cpu => cpu::fwd(
+            logp.host_mut()?,
+            lse.host_mut()?,
+            match entropy.as_deref_mut() {
+                Some(e) => Some(e.host_mut()?),
+                None => None,
+            },
+            hidden.host()?,
+            lm_head.host()?,
+            targets.host_i32()?,
+            match mask {
+                Some(m) => Some(m.host()?),
+                None => None,
+            },
+            t,
+            h,
+            v,
+        ),
+        Device::Cuda(g) => {
+            let mut meter = 0;
+            let r = gpu::fwd(g, dev, tune, &mut meter, logp, lse, entropy, hidden, lm_head, targets, mask, t, h, v);
+            LAST_SCRATCH.store(meter, Ordering::Relaxed);
+            r
+        }
+    }
+}
+
+/// dhidden [t, h] (=) and dlm_head [v, h] (f32, +=) from dlogp [t] (f32) and the lse saved by
+/// `fwd`. Tokens with dlogp == 0 are skipped (their dhidden rows are 0), so masked tokens cost
+/// nothing. Recomputes the logits tile by tile.
+#[allow(clippy::too_many_arguments)]
+pub fn bwd(dev: &Device, dhidden: &mut Buf, dlm_head: &mut Buf, dlogp: &Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, lse: &Buf, t: usize, h: usize, v: usize) -> Result<()> {
+    bwd_with(dev, &Tuning::default(), dhidden, dlm_head, dlogp, hidden, lm_head, targets, lse, t, h, v)
+}
+
+/// `bwd` with explicit chunk sizes.
+#[allow(clippy::too_many_arguments)]
+pub fn bwd_with(dev: &Device, tune: &Tuning, dhidden: &mut Buf, dlm_head: &mut Buf, dlogp: &Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, lse: &Buf, t: usize, h: usize, v: usize) -> Result<()> {
+    let op = "logprob_bwd";
+    check_head(op, hidden, lm_head, targets, t, h, v)?;
+    check(dhidden, t * h, op, "dhidden")?;
+    check_dtype(dhidden, hidden.dtype(), op, "dhidden")?;
+    check(dlm_head, v * h, op, "dlm_head")?;
+    check_dtype(dlm_head, DType::F32, op, "dlm_head")?;
+    for (b, a) in [(dlogp, "dlogp"), (lse, "lse")] {
+        check(b, t, op, a)?;
+        check_dtype(b, DType::F32, op, a)?;
+    }
+    match dev {
+        Device::Cpu => cpu::bwd(dhidden.host_mut()?, dlm_head.host_mut()?, dlogp.host()?, hidden.host()?, lm_head.host()?, targets.host_i32()?, lse.host()?, t, h, v),
+        Device::Cuda(g) => {
+            let mut meter = 0;
+            let r = gpu::bwd(g, dev, tune, &mut meter, dhidden, dlm_head, dlogp, hidden, lm_head, targets, lse, t, h, v);
+            LAST_SCRATCH.store(meter, Ordering::Relaxed);
+            r
+        }
+    }
+}
+
+/// Forward and backward in one pass: logp [t] (masked tokens 0), entropy [t] (optional),
+/// dhidden [t, h] (=) and dlm_head [v, h] (f32, +=), where `grad` supplies d loss / d logp for
+/// each chunk of finished log-probs (see `GradChunk`). Masked tokens get dlogp = 0 and dhidden 0.
+#[allow(clippy::too_many_arguments)]
+pub fn fwd_bwd(dev: &Device, logp: &mut Buf, entropy: Option<&mut Buf>, dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize, h: usize, v: usize, grad: &mut GradFn) -> Result<()> {
+    fwd_bwd_with(dev, &Tuning::default(), logp, entropy, dhidden, dlm_head, hidden, lm_head, targets, mask, t, h, v, grad)
+}
+
+/// `fwd_bwd` with explicit chunk sizes.
+#[allow(clippy::too_many_arguments)]
+pub fn fwd_bwd_with(dev: &Device, tune: &Tuning, logp: &mut Buf, mut entropy: Option<&mut Buf>, dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize, h: usize, v: usize, grad: &mut GradFn) -> Result<()> {
+    let op = "logprob_fwd_bwd";
+    check_head(op, hidden, lm_head, targets, t, h, v)?;
+    check(logp, t, op, "logp")?;
+    check_dtype(logp, DType::F32, op, "logp")?;
+    if let Some(e) = entropy.as_deref() {
+        check(e, t, op, "entropy")?;
+        check_dtype(e, DType::F32, op, "entropy")?;
+    }
+    if let Some(m) = mask {
+        check(m, t, op, "mask")?;
+        check_dtype(m, DType::F32, op, "mask")?;
+    }
+    check(dhidden, t * h, op, "dhidden")?;
+    check_dtype(dhidden, hidden.dtype(), op, "dhidden")?;
+    check(dlm_head, v * h, op, "dlm_head")?;
+    check_dtype(dlm_head, DType::F32, op, "dlm_head")?;
+    match dev {
+        Device::Cpu => cpu_fwd_bwd(logp, entropy.as_deref_mut(), dhidden, dlm_head, hidden, lm_head, targets, mask, t, h, v, grad),
+        Device::Cuda(g) => {
+            let mut meter = 0;
+            let r = if tune.fused_v3 {
+                gpu::fwd_bwd_v3(g, dev, tune, &mut meter, logp, entropy, dhidden, dlm_head, hidden, lm_head, targets, mask, t, h, v, grad)
+            } else if tune.fused_v2 {
+                gpu::fwd_bwd_v2(g, dev, tune, &mut meter, logp, entropy, dhidden, dlm_head, hidden, lm_head, targets, mask, t, h, v, grad)
+            } else {
+                gpu::fwd_bwd(g, dev, tune, &mut meter, logp, entropy, dhidden, dlm_head, hidden, lm_head, targets, mask, t, h, v, grad)
+            };
+            LAST_SCRATCH.store(meter, Ordering::Relaxed);
+            r
+        }
+    }
+}
+
+/// dst[p] = scale · src[idx[p]] (src[p] when idx is None) for p in p0 .. p0 + n: the building
+/// block of simple `fwd_bwd` callbacks, e.g. the SFT NLL is `gather_scaled(dlogp, weight, idx,
+/// p0, n, -1.0)` with weight [t] = 1 / (assistant tokens) on assistant tokens.
+pub fn gather_scaled(dev: &Device, dst: &mut Buf, src: &Buf, idx: Option<&Buf>, p0: usize, n: usize, scale: f32) -> Result<()> {
+    let op = "logprob_gather_scaled";
+    check_dtype(dst, DType::F32, op, "dst")?;
+    check_dtype(src, DType::F32, op, "src")?;
+    if p0 + n > dst.len() {
+        bail!("{op}: rows {p0}..{} past the end of dst ({})", p0 + n, dst.len());
+    }
+    if let Some(ix) = idx {
+        check_dtype(ix, DType::I32, op, "idx")?;
+        if p0 + n > ix.len() {
+            bail!("{op}: rows {p0}..{} past the end of idx ({})", p0 + n, ix.len());
+        }
+    } else if p0 + n > src.len() {
+        bail!("{op}: rows {p0}..{} past the end of src ({})", p0 + n, src.len());
+    }
+    match dev {
+        Device::Cpu => {
+            let s = src.host()?;
+            let ix = match idx {
+                Some(b) => Some(b.host_i32()?),
+                None => None,
+            };
+            let d = dst.host_mut()?;
+            for p in p0..p0 + n {
+                let q = match ix {
+                    Some(ix) => usize::try_from(ix[p]).ok().filter(|&q| q < s.len()),
+                    None => Some(p),
+                };
+                let Some(q) = q else { bail!("{op}: idx[{p}] is outside src") };
+                d[p] = scale * s[q];
+            }
+            Ok(())
+        }
+        Device::Cuda(g) => {
+            if n == 0 {
+                return Ok(());
+            }
+            let ip = match idx {
+                Some(b) => b.ptr(g)?,
+                None => 0,
+            };
+            let args = [Arg::Ptr(dst.ptr(g)?), Arg::Ptr(src.ptr(g)?), Arg::Ptr(ip), Arg::I32(p0 as i32), Arg::I32(n as i32), Arg::F32(scale)];
+            g.launch(MODULE, "logprob_gather_vec_f32", cfg_1d(n, 256), &args)
+        }
+    }
+}
+
+fn check_head(op: &str, hidden: &Buf, lm_head: &Buf, targets: &Buf, t: usize, h: usize, v: usize) -> Result<()> {
+    if h == 0 || v == 0 {
+        bail!("{op}: hidden size ({h}) and vocabulary ({v}) must be positive");
+    }
+    if t.max(h).max(v) > i32::MAX as usize {
+        bail!("{op}: shape t={t} h={h} v={v} too large for 32-bit kernel indices");
+    }
+    check(hidden, t * h, op, "hidden")?;
+    check(lm_head, v * h, op, "lm_head")?;
+    check(targets, t, op, "targets")?;
+    check_dtype(targets, DType::I32, op, "targets")?;
+    same_float_dtype(op, &[hidden, lm_head])?;
+    Ok(())
+}
+
+/// CPU `fwd_bwd`: the forward, one callback over every active token, the backward.
+#[allow(clippy::too_many_arguments)]
+fn cpu_fwd_bwd(logp: &mut Buf, entropy: Option<&mut Buf>, dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize, h: usize, v: usize, grad: &mut GradFn) -> Result<()> {
+    let mask = match mask {
+        Some(m) => Some(m.host()?),
+        None => None,
+    };
+    let mut lse = vec![0f32; t];
+    let ent = match entropy {
+        Some(e) => Some(e.host_mut()?),
+        None => None,
+    };
+    cpu::fwd(logp.host_mut()?, &mut lse, ent, hidden.host()?, lm_head.host()?, targets.host_i32()?, mask, t, h, v)?;
+    let active: Vec<usize> = (0..t).filter(|&i| mask.is_none_or(|m| m[i] != 0.0)).collect();
+    let ta = active.len();
+    let mut dlogp_p = Buf::HostF32(vec![0.0; ta]);
+    if ta == t {
+        grad(GradChunk { p0: 0, n: ta, idx: None, logp: &*logp, dlogp: &mut dlogp_p })?;
+    } else {
+        let lp = logp.host()?;
+        let logp_p = Buf::HostF32(active.iter().map(|&i| lp[i]).collect());
+        let idx = Buf::HostI32(active.iter().map(|&i| i as i32).collect());
+        grad(GradChunk { p0: 0, n: ta, idx: Some(&idx), logp: &logp_p, dlogp: &mut dlogp_p })?;
+    }
+    let mut dlogp = vec![0f32; t];
+    for (p, &i) in active.iter().enumerate() {
+        dlogp[i] = dlogp_p.host()?[p];
+    }
+    cpu::bwd(dhidden.host_mut()?, dlm_head.host_mut()?, &dlogp, hidden.host()?, lm_head.host()?, targets.host_i32()?, &lse, t, h, v)
+}
+
+/// The CUDA launchers (gpu.rs). Pointers are raw device addresses; `meter` sums the scratch allocated.
+mod gpu;
+
+pub mod cpu;
