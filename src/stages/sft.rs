@@ -59,7 +59,7 @@ pub struct SftArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Optimizer steps (default: 60).
+    /// Optimizer steps (default: 100).
     #[arg(long)]
     pub steps: Option<u64>,
     /// Peak learning rate (default 2e-3 for the tiny default model, else 1e-5, or 1e-4 with LoRA).
@@ -168,7 +168,7 @@ impl SftArgs {
             macro_rules! merge { ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f.clone(); } )* } }
             merge!(model, data, out, steps, lr, warmup, schedule, min_lr_ratio, batch_tokens, grad_accum, clip, weight_decay, beta1, beta2, seed, save_every, recompute, freeze_vision, lora_rank, lora_alpha, lora_targets, lora_save, skip_bad);
         }
-        let steps = self.steps.unwrap_or(60);
+        let steps = self.steps.unwrap_or(100);
         if steps == 0 {
             bail!("--steps must be positive");
         }
