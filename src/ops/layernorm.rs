@@ -46,24 +46,7 @@ pub fn fwd(
         }
         Device::Cuda(g) => {
             let dt = same_float_dtype(op, &[y, x, w, b])?;
-            if use_v2(op) {
-                // V2: persistent blocks, x read once into registers, next row prefetched.
-                if let Some(plan) = V2Plan::new(g, dt, rows, cols, &[y.ptr(g)?, x.ptr(g)?, w.ptr(g)?, b.ptr(g)?], 4) {
-                    let args = [
-                        Arg::Ptr(y.ptr(g)?),
-                        Arg::Ptr(mean.ptr(g)?),
-                        Arg::Ptr(rstd.ptr(g)?),
-                        Arg::Ptr(x.ptr(g)?),
-                        Arg::Ptr(w.ptr(g)?),
-                        Arg::Ptr(b.ptr(g)?),
-                        Arg::I32(rows as i32),
-                        Arg::I32(cols as i32),
-                        Arg::F32(eps),
-                    ];
-                    let name = format!("layernorm_fwd_v2x{}_{}", plan.vpt, dt.suffix());
-                    return g.launch("layernorm", &name, plan.cfg(0), &args);
-                }
-            }
+            // V1 and V2 take the same arguments.
             let args = [
                 Arg::Ptr(y.ptr(g)?),
                 Arg::Ptr(mean.ptr(g)?),
@@ -75,6 +58,13 @@ pub fn fwd(
                 Arg::I32(cols as i32),
                 Arg::F32(eps),
             ];
+            if use_v2(op) {
+                // V2: persistent blocks, x read once into registers, next row prefetched.
+                if let Some(plan) = V2Plan::new(g, dt, rows, cols, &[y.ptr(g)?, x.ptr(g)?, w.ptr(g)?, b.ptr(g)?], 4) {
+                    let name = format!("layernorm_fwd_v2x{}_{}", plan.vpt, dt.suffix());
+                    return g.launch("layernorm", &name, plan.cfg(0), &args);
+                }
+            }
             g.launch("layernorm", &kname(op, dt), cfg_rows(rows, block_for(cols, dt), 0), &args)
         }
     }
