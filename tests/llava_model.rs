@@ -107,11 +107,6 @@ fn run_inputs(x: &Inputs, dev: &Device, model: &mut LlavaNext, rc: &Recompute) -
     Run { logits, logp: logp[..s - 1].to_vec(), objective, grads: model.grads_by_name(dev).unwrap() }
 }
 
-fn report(tag: &str, what: &str, e: f64, tol: f64) {
-    println!("{tag} {what}: rel err {e:.2e} (tol {tol:.0e})");
-    assert!(e <= tol, "{tag} {what}: rel err {e:.2e} > {tol:.0e}");
-}
-
 /// Compares every gradient with grads.safetensors (all printed); tensors the reference leaves
 /// out must have no gradient here (or an all-zero one).
 fn check_grads(fx: &Fixture, got: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, tol: f64, tag: &str) {

@@ -148,11 +148,6 @@ fn check_grads(fx: &Fixture, got: &NamedTensors, tol: f64, tag: &str) -> f64 {
     worst
 }
 
-fn report(tag: &str, what: &str, e: f64, tol: f64) {
-    println!("{tag} {what}: rel err {e:.2e} (tol {tol:.0e})");
-    assert!(e <= tol, "{tag} {what}: rel err {e:.2e} > {tol:.0e}");
-}
-
 #[test]
 fn vision_layout_matches_spec_example() {
     // model-spec A4.3: grid 18×24 patches, 4×4 merged tokens per window.

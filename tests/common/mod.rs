@@ -143,3 +143,9 @@ pub fn norm2(v: &[f32]) -> f64 {
 pub fn am3_bin() -> std::path::PathBuf {
     std::env::var("AM3_BIN").map(std::path::PathBuf::from).unwrap_or_else(|_| env!("CARGO_BIN_EXE_am3").into())
 }
+
+/// Prints a measured relative error and fails when it is over `tol`.
+pub fn report(tag: &str, what: &str, e: f64, tol: f64) {
+    println!("{tag} {what}: rel err {e:.2e} (tol {tol:.0e})");
+    assert!(e <= tol, "{tag} {what}: rel err {e:.2e} > {tol:.0e}");
+}
