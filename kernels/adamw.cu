@@ -33,9 +33,10 @@ __device__ __forceinline__ float aw_one(float& p, float g, float& m, float& v, c
     return p;
 }
 
-// param (T: bf16 on the GPU, or f32) receives the new master rounded to T.
-template <typename T>
-__device__ void adamw_step(T* __restrict__ param, float* __restrict__ master, const float* __restrict__ grad,
+// param (T: bf16 on the GPU, or f32) receives the new master rounded to T. grad (G) is f32, or
+// bf16 when the trainer stores linear-weight gradients in bf16 (GradStore::Bf16Linear).
+template <typename T, typename G>
+__device__ void adamw_step(T* __restrict__ param, float* __restrict__ master, const G* __restrict__ grad,
                            float* __restrict__ m, float* __restrict__ v, long n, AwHp h) {
     bool vec = aligned16(param) && aligned16(master) && aligned16(grad) && aligned16(m) && aligned16(v);
     long nv = vec ? n / AW_VEC : 0;
@@ -55,7 +56,7 @@ __device__ void adamw_step(T* __restrict__ param, float* __restrict__ master, co
     }
     for (long i = nv * AW_VEC + aw_tid(); i < n; i += aw_stride()) {
         float p = master[i], mm = m[i], vv = v[i];
-        aw_one(p, grad[i], mm, vv, h);
+        aw_one(p, ld(grad, i), mm, vv, h);
         master[i] = p;
         m[i] = mm;
         v[i] = vv;
@@ -97,8 +98,15 @@ __device__ void sum_squares(double* __restrict__ part, const T* __restrict__ x, 
                                               float* v, long n, float b1, float b2, float eps,          \
                                               float decay, float step_size, float sqrt_bc2,             \
                                               float grad_scale) {                                       \
-        adamw_step<T>(param, master, grad, m, v, n,                                                     \
-                      AwHp{b1, b2, eps, decay, step_size, sqrt_bc2, grad_scale});                        \
+        adamw_step<T, float>(param, master, grad, m, v, n,                                              \
+                             AwHp{b1, b2, eps, decay, step_size, sqrt_bc2, grad_scale});                 \
+    }                                                                                                   \
+    extern "C" __global__ void adamw_step_g16_##S(T* param, float* master, const bf16* grad, float* m,  \
+                                                  float* v, long n, float b1, float b2, float eps,      \
+                                                  float decay, float step_size, float sqrt_bc2,         \
+                                                  float grad_scale) {                                   \
+        adamw_step<T, bf16>(param, master, grad, m, v, n,                                               \
+                            AwHp{b1, b2, eps, decay, step_size, sqrt_bc2, grad_scale});                  \
     }                                                                                                   \
     extern "C" __global__ void sum_squares_##S(double* part, const T* x, long n) { sum_squares<T>(part, x, n); }
 AM3_BOTH_DTYPES(AW_ENTRY)

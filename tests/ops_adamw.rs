@@ -107,7 +107,8 @@ fn adamw_cuda_matches_cpu() {
     let Some(gpu) = cuda_or_skip("adamw_cuda_matches_cpu") else { return };
     let cpu = Device::Cpu;
     let mut rng = Rng::new(32);
-    for &pdt in &[DType::BF16, DType::F32] {
+    // (param dtype, grad dtype): bf16 gradients are GradStore::Bf16Linear's.
+    for &(pdt, gdt) in &[(DType::BF16, DType::F32), (DType::F32, DType::F32), (DType::BF16, DType::BF16)] {
         for &n in &[1usize, 7, 8, 9, 1000, 4099, 100_003, 2_000_001] {
             let w0 = rng.normal_vec(n, 0.05);
             let m0 = rng.normal_vec(n, 1e-3);
@@ -124,9 +125,11 @@ fn adamw_cuda_matches_cpu() {
             }
             for t in 1..=3u64 {
                 let g = rng.normal_vec(n, 1e-2);
+                // The CPU gets the same values the bf16 buffer holds.
+                let g = if gdt == DType::BF16 { bf16_round(&g) } else { g };
                 let gs = [1.0f32, 0.25, 0.7][t as usize - 1];
                 for (dev, (p, w, m, v)) in [&cpu, &gpu].into_iter().zip(state.iter_mut()) {
-                    let gb = dev.upload(&g, DType::F32).unwrap();
+                    let gb = dev.upload(&g, if dev.is_cuda() { gdt } else { DType::F32 }).unwrap();
                     adamw::step(dev, p, w, &gb, m, v, n, &HP, t, gs).unwrap();
                 }
             }
@@ -137,8 +140,8 @@ fn adamw_cuda_matches_cpu() {
             let (c, g) = (read(0, &cpu), read(1, &gpu));
             for (k, name) in [(1, "master"), (2, "m"), (3, "v")] {
                 let e = rel_err(&g[k], &c[k]);
-                println!("adamw param {} n={n}: {name} rel err {e:.2e}", pdt.suffix());
-                assert!(e <= 1e-5, "adamw param {} n={n}: {name} rel err {e:.2e}", pdt.suffix());
+                println!("adamw param {} grad {} n={n}: {name} rel err {e:.2e}", pdt.suffix(), gdt.suffix());
+                assert!(e <= 1e-5, "adamw param {} grad {} n={n}: {name} rel err {e:.2e}", pdt.suffix(), gdt.suffix());
             }
             // The parameter is exactly the GPU's own master rounded to the param dtype.
             let want = if pdt == DType::BF16 { bf16_round(&g[1]) } else { g[1].clone() };

@@ -229,10 +229,11 @@ fn cast_inputs(rng: &mut Rng, n: usize) -> Vec<f32> {
 #[test]
 fn cast_cuda_rounds_to_nearest_even() {
     let Some(gpu) = cuda_or_skip("cast_cuda_rounds_to_nearest_even") else { return };
-    // Both kernel variants: V1 (verified) and V2 (AM3_V2), the same checks.
-    for v2 in [false, true] {
-        println!("cast: variant {}", if v2 { "V2" } else { "V1" });
-        with_v2(v2, || {
+    // Every kernel variant: V1 (verified), V2 (AM3_V2) and V3 (AM3_CAST=3; bf16->f32 only),
+    // the same checks.
+    for (v2, v3) in [(false, false), (true, false), (true, true)] {
+        println!("cast: variant {}", if v3 { "V3" } else if v2 { "V2" } else { "V1" });
+        ew::with_cast_v3(v3, || with_v2(v2, || {
             let mut rng = Rng::new(25);
             for &n in SIZES {
                 let x = cast_inputs(&mut rng, n);
@@ -262,8 +263,20 @@ fn cast_cuda_rounds_to_nearest_even() {
                 }
                 println!("cast n={n}: f32->bf16 bit-exact (RNE), bf16->f32 exact, same-dtype copies exact");
             }
-        });
+        }));
     }
+}
+
+#[test]
+fn fill_f32_streaming_cuda_writes_every_element() {
+    let Some(gpu) = cuda_or_skip("fill_f32_streaming_cuda_writes_every_element") else { return };
+    for &n in SIZES {
+        let mut b = poisoned(&gpu, n, DType::F32);
+        ew::fill_f32_streaming(&gpu, &mut b, 1.5, n).unwrap();
+        let got = gpu.to_vec(&b).unwrap();
+        assert!(got.iter().all(|&x| x == 1.5), "fill_f32_streaming n={n}: not every element written");
+    }
+    println!("fill_f32_streaming: every element written at {} sizes", SIZES.len());
 }
 
 #[test]

@@ -11,7 +11,7 @@ use am3safety::models::qwen2_5_vl::positions::{mrope_positions, MropeState};
 use am3safety::models::qwen2_5_vl::vision::VisionLayout;
 use am3safety::tensor::{DType, Device};
 use common::*;
-use am3safety::models::common::params::NamedTensors;
+use am3safety::models::common::params::{GradStore, NamedTensors};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -296,6 +296,26 @@ fn qwen_cuda_f32_matches_transformers() {
 fn qwen_cuda_bf16_matches_transformers() {
     let Some(gpu) = cuda_or_skip("qwen_cuda_bf16_matches_transformers") else { return };
     cuda_check(&gpu, DType::BF16, (3e-2, 5e-2, 3e-2));
+}
+
+/// GradStore::Bf16Linear (what lets a 7B full fine-tune fit): the linear weights' gradients
+/// live in bf16, the rest in f32, and all still match transformers within the bf16 tolerance.
+#[test]
+fn qwen_cuda_bf16_grad_store_matches_transformers() {
+    let Some(gpu) = cuda_or_skip("qwen_cuda_bf16_grad_store_matches_transformers") else { return };
+    let fx = Fixture::load();
+    let mut model = fx.model(&gpu, DType::BF16);
+    model.grad_store = GradStore::Bf16Linear;
+    let r = run(&fx, &gpu, &mut model, &Recompute::default());
+    let (mut n16, mut n32) = (0, 0);
+    for (pr, _, g) in model.params_and_grads() {
+        let want = GradStore::Bf16Linear.dtype(&gpu, &pr);
+        assert_eq!(g.dtype(), want, "gradient of {} is {}, want {}", pr.name, g.dtype().suffix(), want.suffix());
+        if want == DType::BF16 { n16 += 1 } else { n32 += 1 }
+    }
+    println!("bf16 grad store: {n16} bf16 gradient buffers, {n32} f32");
+    assert!(n16 > 0 && n32 > 0);
+    check_grads(&fx, &r.grads, 5e-2, "cuda bf16, bf16 grad store");
 }
 
 /// Two sequences packed with cu_seqlens (each with its images) give each sequence's own logits,

@@ -137,3 +137,18 @@ fn bad_data_lines_are_reported_or_skipped() {
     assert!(err.contains("data.jsonl:2"), "the error does not name file:line: {err}");
     sft::run(a(true)).unwrap();
 }
+
+#[test]
+fn grad_dtype_is_checked_and_recorded() {
+    let out = tmp("graddtype");
+    let bad = SftArgs { grad_dtype: Some("fp8".into()), ..args(&out, 1, 1) };
+    let err = format!("{:#}", sft::run(bad).unwrap_err());
+    assert!(err.contains("--grad-dtype") && err.contains("fp8"), "{err}");
+    // On the CPU every gradient is f32 whatever the setting; the run works and records it.
+    let (_, plan) = SftArgs { grad_dtype: Some("bf16".into()), ..args(&out, 1, 1) }.resolve().unwrap();
+    assert_eq!(plan.grad_dtype, "bf16");
+    let (_, plan) = args(&out, 1, 1).resolve().unwrap();
+    assert_eq!(plan.grad_dtype, "auto");
+    sft::run(SftArgs { grad_dtype: Some("bf16".into()), ..args(&out, 2, 2) }).unwrap();
+    assert!(out.join("checkpoint-000002").exists(), "no checkpoint written");
+}

@@ -51,7 +51,7 @@ impl AdamW {
     }
 }
 
-/// One AdamW step on n parameters. grad (f32) is multiplied by `grad_scale` first (clipping and
+/// One AdamW step on n parameters. grad (f32, or bf16 on CUDA) is multiplied by `grad_scale` first (clipping and
 /// accumulation averaging); master, m, v (f32) are updated in place, and `param` (bf16 on the GPU,
 /// or f32; f32 on the CPU) receives the new master rounded to its dtype. `step` is 1-based.
 #[allow(clippy::too_many_arguments)]
@@ -71,8 +71,13 @@ pub fn step(
     for (b, a) in [(&*param, "param"), (&*master, "master"), (grad, "grad"), (&*m, "m"), (&*v, "v")] {
         check(b, n, op, a)?;
     }
-    for (b, a) in [(&*master, "master"), (grad, "grad"), (&*m, "m"), (&*v, "v")] {
+    for (b, a) in [(&*master, "master"), (&*m, "m"), (&*v, "v")] {
         check_dtype(b, DType::F32, op, a)?;
+    }
+    // bf16 gradients (GradStore::Bf16Linear) only exist on the GPU.
+    let grad_bf16 = grad.dtype() == DType::BF16 && matches!(dev, Device::Cuda(_));
+    if !grad_bf16 {
+        check_dtype(grad, DType::F32, op, "grad")?;
     }
     let sc = hp.scalars(step)?;
     match dev {
@@ -101,7 +106,8 @@ pub fn step(
                 Arg::F32(sc.sqrt_bc2 as f32),
                 Arg::F32(grad_scale),
             ];
-            g.launch("adamw", &kname(op, dt), cfg_stream(g, n), &args)
+            let name = if grad_bf16 { kname("adamw_step_g16", dt) } else { kname(op, dt) };
+            g.launch("adamw", &name, cfg_stream(g, n), &args)
         }
     }
 }

@@ -288,11 +288,59 @@ pub fn cast(dev: &Device, dst: &mut Buf, src: &Buf, n: usize) -> Result<()> {
                 return Ok(());
             }
             let args = [Arg::Ptr(dst.ptr(g)?), Arg::Ptr(src.ptr(g)?), i64_arg(n)];
+            if name == "cast_bf16_f32" && cast_v3() {
+                return g.launch("elementwise", "cast_bf16_f32_v3", cfg_one_shot(n), &args);
+            }
             if name == "cast_bf16_f32" && use_v2(op) {
                 // 4 vectors per thread per trip; __launch_bounds__(256, 4).
                 return g.launch("elementwise", "cast_bf16_f32_v2", cfg_stream_per_sm(g, n, 4), &args);
             }
             g.launch("elementwise", name, cfg_stream(g, n), &args)
+        }
+    }
+}
+
+thread_local! {
+    static CAST_V3_OVERRIDE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// The bf16 → f32 cast's V3 (one vector per thread, streaming stores): `AM3_CAST=3`, or
+/// `with_cast_v3` (bench).
+fn cast_v3() -> bool {
+    if let Some(on) = CAST_V3_OVERRIDE.with(|c| c.get()) {
+        return on;
+    }
+    static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENV.get_or_init(|| std::env::var("AM3_CAST").is_ok_and(|v| v == "3"))
+}
+
+/// Runs `f` with the V3 cast forced on or off on this thread.
+pub fn with_cast_v3<T>(on: bool, f: impl FnOnce() -> T) -> T {
+    let prev = CAST_V3_OVERRIDE.with(|c| c.replace(Some(on)));
+    let out = f();
+    CAST_V3_OVERRIDE.with(|c| c.set(prev));
+    out
+}
+
+/// One thread per 8 elements, no grid-stride loop (the V3 cast).
+fn cfg_one_shot(n: usize) -> LaunchConfig {
+    let blocks = (n / 8).div_ceil(BLOCK as usize).max(1);
+    LaunchConfig { grid_dim: (blocks.min(i32::MAX as usize) as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// The write-only reference for the cast's bandwidth: dst[..n] = v (f32, streaming stores, the
+/// V3 cast's grid). Bench use.
+pub fn fill_f32_streaming(dev: &Device, dst: &mut Buf, v: f32, n: usize) -> Result<()> {
+    check(dst, n, "fill_f32_streaming", "dst")?;
+    check_dtype(dst, DType::F32, "fill_f32_streaming", "dst")?;
+    match dev {
+        Device::Cpu => {
+            dst.host_mut()?[..n].fill(v);
+            Ok(())
+        }
+        Device::Cuda(g) => {
+            let cfg = cfg_one_shot(2 * n); // n/4 threads
+            g.launch("elementwise", "fill_f32_cs", cfg, &[Arg::Ptr(dst.ptr(g)?), Arg::F32(v), i64_arg(n)])
         }
     }
 }

@@ -73,10 +73,14 @@ pub fn linear_fwd(dev: &Device, y: &mut Buf, x: &Buf, w: &Buf, bias: Option<&Buf
     Ok(())
 }
 
-/// dx [t, din] (=) = dy·w; dw [dout, din] (f32, +=) = dyᵀ·x; db [dout] (f32, +=) = Σ_t dy.
+/// dx [t, din] (=) = dy·w; dw [dout, din] (+=) = dyᵀ·x; db [dout] (f32, +=) = Σ_t dy.
+/// dw is f32, or bf16 on CUDA (`GradStore::Bf16Linear`: cuBLAS reads the bf16 dw, adds the
+/// product in f32 and rounds once).
 #[allow(clippy::too_many_arguments)]
 pub fn linear_bwd(dev: &Device, dx: Option<&mut Buf>, dw: &mut Buf, db: Option<&mut Buf>, dy: &Buf, x: &Buf, w: &Buf, t: usize, din: usize, dout: usize) -> Result<()> {
-    check_dtype(dw, DType::F32, "linear_bwd", "dw")?;
+    if !(dw.dtype() == DType::F32 || (dw.dtype() == DType::BF16 && dy.dtype() == DType::BF16)) {
+        check_dtype(dw, DType::F32, "linear_bwd", "dw")?;
+    }
     if let Some(dx) = dx {
         fwd(dev, dx, dy, w, t, din, dout, false, false, 1.0, 0.0)?;
     }

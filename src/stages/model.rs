@@ -12,7 +12,7 @@ use crate::checkpoint::safetensors_io::{save_sharded_with, SaveDtype};
 use crate::checkpoint::Checkpoint;
 use crate::data::dataset::Sample;
 use crate::models::common::lm::LmDims;
-use crate::models::common::params::{assemble, NamedTensors, ParamRef};
+use crate::models::common::params::{assemble, GradStore, NamedTensors, ParamRef};
 use crate::models::llava_next::chat::{LlavaChatOptions, LlavaChatTemplate};
 use crate::models::llava_next::config::{spellings, LlavaNextConfig, LlavaPreprocessorConfig};
 use crate::models::llava_next::model::{LlavaFwd, LlavaNext};
@@ -218,6 +218,21 @@ impl VlModel {
         match &mut self.net {
             Net::Qwen(m) => m.zero_grads(dev),
             Net::Llava(m) => m.zero_grads(dev),
+        }
+    }
+
+    /// How the next `zero_grads` stores the gradients.
+    pub fn set_grad_store(&mut self, store: GradStore) {
+        match &mut self.net {
+            Net::Qwen(m) => m.grad_store = store,
+            Net::Llava(m) => m.grad_store = store,
+        }
+    }
+
+    pub fn grad_store(&self) -> GradStore {
+        match &self.net {
+            Net::Qwen(m) => m.grad_store,
+            Net::Llava(m) => m.grad_store,
         }
     }
 

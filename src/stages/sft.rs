@@ -22,6 +22,7 @@ use crate::models::qwen2_5_vl::model::{QwenVl, Recompute};
 use crate::train::optim::slot_key;
 use super::lora::LoraSave;
 use crate::models::common::lora::{LoraConfig, DEFAULT_TARGETS};
+use crate::models::common::params::GradStore;
 use crate::models::tiny;
 use crate::ops::adamw::AdamW;
 use crate::checkpoint::safetensors_io::{write_atomic, SaveDtype};
@@ -101,6 +102,11 @@ pub struct SftArgs {
     /// Do not update the vision tower.
     #[arg(long)]
     pub freeze_vision: Option<bool>,
+    /// Gradient storage: f32 | bf16 (linear-layer weight gradients in bf16 on the GPU, the rest
+    /// f32) | auto (the default: f32 unless only bf16 leaves room for the optimizer state, as
+    /// for a full fine-tune of a 7B model on one 141 GB card).
+    #[arg(long)]
+    pub grad_dtype: Option<String>,
     /// LoRA rank; 0 (the default) trains every weight. With LoRA only the adapters train.
     #[arg(long)]
     pub lora_rank: Option<usize>,
@@ -157,6 +163,13 @@ pub struct SftPlan {
     pub lora_targets: Vec<String>,
     #[serde(default)]
     pub lora_save: String,
+    /// auto | f32 | bf16 (see `--grad-dtype`).
+    #[serde(default = "default_grad_dtype")]
+    pub grad_dtype: String,
+}
+
+fn default_grad_dtype() -> String {
+    "auto".into()
 }
 
 impl SftArgs {
@@ -166,7 +179,7 @@ impl SftArgs {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             let file: SftArgs = toml::from_str(&text).with_context(|| format!("{}: bad SFT config", path.display()))?;
             macro_rules! merge { ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f.clone(); } )* } }
-            merge!(model, data, out, steps, lr, warmup, schedule, min_lr_ratio, batch_tokens, grad_accum, clip, weight_decay, beta1, beta2, seed, save_every, recompute, freeze_vision, lora_rank, lora_alpha, lora_targets, lora_save, skip_bad);
+            merge!(model, data, out, steps, lr, warmup, schedule, min_lr_ratio, batch_tokens, grad_accum, clip, weight_decay, beta1, beta2, seed, save_every, recompute, freeze_vision, lora_rank, lora_alpha, lora_targets, lora_save, skip_bad, grad_dtype);
         }
         let steps = self.steps.unwrap_or(100);
         if steps == 0 {
@@ -186,6 +199,10 @@ impl SftArgs {
             LoraConfig { rank: lora_rank, alpha, targets: targets.clone(), seed: 0 }.validate()?;
             (alpha, targets, save)
         };
+        let grad_dtype = self.grad_dtype.clone().unwrap_or_else(default_grad_dtype);
+        if grad_dtype != "auto" {
+            grad_dtype.parse::<GradStore>().context("--grad-dtype (auto, f32 or bf16)")?;
+        }
         let plan = SftPlan {
             steps,
             lr: self.lr.unwrap_or(if self.model.is_none() { 2e-3 } else if lora_rank > 0 { 1e-4 } else { 1e-5 }),
@@ -206,6 +223,7 @@ impl SftArgs {
             lora_alpha,
             lora_targets,
             lora_save,
+            grad_dtype,
         };
         Ok((self, plan))
     }
@@ -378,11 +396,25 @@ pub fn run(args: SftArgs) -> Result<PathBuf> {
         // (12 bytes per trainable parameter) plus a margin for one step's activations.
         let n_train: usize = l.model.trainable_entries().iter().filter(|(r, _)| trainable(r)).map(|(r, _)| r.numel()).sum();
         let need = n_train as f64 * 12.0 + 4.0 * (1u64 << 30) as f64;
-        let (free, total) = g.mem_info();
+        let (mut free, total) = g.mem_info();
+        // The gradients were just allocated in f32; bf16 linear-weight gradients give back
+        // 2 bytes per such parameter.
+        let grad_refs: Vec<_> = l.model.params_and_grads().iter().map(|(r, _, _)| r.clone()).collect();
+        let saving = GradStore::F32.bytes(&dev, &grad_refs) - GradStore::Bf16Linear.bytes(&dev, &grad_refs);
+        let want_bf16 = match plan.grad_dtype.as_str() {
+            "auto" => plan.lora_rank == 0 && need > free as f64 && need <= (free + saving) as f64,
+            s => s.parse::<GradStore>()? == GradStore::Bf16Linear,
+        };
+        if want_bf16 {
+            l.model.set_grad_store(GradStore::Bf16Linear);
+            l.model.zero_grads(&dev)?;
+            free = g.mem_info().0;
+            eprintln!("am3 sft: linear-layer gradients in bf16 ({:.1} GiB less than f32)", saving as f64 / (1u64 << 30) as f64);
+        }
         if need > free as f64 {
             let gib = |b: f64| b / (1u64 << 30) as f64;
             bail!(
-                "not enough GPU memory: the AdamW state (f32 master, exp_avg, exp_avg_sq) of {:.2} B trainable parameters plus ~4 GiB of activations needs {:.1} GiB, but only {:.1} of {:.1} GiB are free on {} after the weights and gradients; use --freeze-vision, --lora-rank N or --recompute true",
+                "not enough GPU memory: the AdamW state (f32 master, exp_avg, exp_avg_sq) of {:.2} B trainable parameters plus ~4 GiB of activations needs {:.1} GiB, but only {:.1} of {:.1} GiB are free on {} after the weights and gradients; use --freeze-vision, --lora-rank N, --grad-dtype bf16 or --recompute true",
                 n_train as f64 / 1e9, gib(need), gib(free as f64), gib(total as f64), g.name
             );
         }

@@ -79,3 +79,78 @@ pub fn assemble(dev: &Device, pieces: Vec<(ParamRef, &Buf)>) -> Result<NamedTens
     }
     Ok(out)
 }
+
+/// How parameter gradients are stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GradStore {
+    /// Every gradient in f32 (exact accumulation; 4 bytes per parameter).
+    #[default]
+    F32,
+    /// On CUDA, the gradients of the linear-layer weight matrices in bf16 (the cuBLAS dW GEMM
+    /// accumulates in f32 and rounds once per product); everything else (norms, biases,
+    /// embeddings, lm_head, patch embeddings) stays f32. Saves 2 bytes per parameter on ~87 %
+    /// of a 7B model, which is what lets a full fine-tune fit on one 141 GB card.
+    Bf16Linear,
+}
+
+impl GradStore {
+    /// The dtype of `r`'s gradient buffer on `dev` (the CPU always stores f32).
+    pub fn dtype(self, dev: &Device, r: &ParamRef) -> crate::tensor::DType {
+        use crate::tensor::DType;
+        match (self, dev) {
+            (GradStore::Bf16Linear, Device::Cuda(_)) if is_linear_weight(r) => DType::BF16,
+            _ => DType::F32,
+        }
+    }
+
+    /// Bytes of gradient storage for `params` under this policy.
+    pub fn bytes(self, dev: &Device, params: &[ParamRef]) -> usize {
+        params.iter().map(|r| r.numel() * self.dtype(dev, r).size()).sum()
+    }
+}
+
+/// A linear layer's weight matrix: its gradient comes from one cuBLAS dW GEMM (which can
+/// accumulate into bf16), unlike embeddings (scatter-add), the lm_head (the fused log-prob's
+/// chunked f32 accumulation), norms and biases.
+pub fn is_linear_weight(r: &ParamRef) -> bool {
+    r.full_shape.len() == 2 && r.name.ends_with(".weight") && !r.name.contains("embed") && !r.name.starts_with("lm_head")
+}
+
+impl std::str::FromStr for GradStore {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(GradStore::F32),
+            "bf16" => Ok(GradStore::Bf16Linear),
+            _ => bail!("gradient dtype `{s}`: expected f32 or bf16"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::DType;
+
+    #[test]
+    fn grad_store_picks_linear_weights_only_on_cuda() {
+        let cpu = Device::Cpu;
+        let lin = ParamRef::whole("model.layers.0.mlp.up_proj.weight", &[8, 4]);
+        assert_eq!(GradStore::Bf16Linear.dtype(&cpu, &lin), DType::F32, "the CPU stores f32");
+        assert_eq!(GradStore::F32.dtype(&cpu, &lin), DType::F32);
+        for (name, shape, linear) in [
+            ("model.layers.0.self_attn.q_proj.weight", vec![8, 4], true),
+            ("visual.blocks.0.attn.qkv.weight", vec![12, 4], true),
+            ("model.layers.0.self_attn.q_proj.bias", vec![8], false),
+            ("model.norm.weight", vec![4], false),
+            ("model.embed_tokens.weight", vec![16, 4], false),
+            ("lm_head.weight", vec![16, 4], false),
+            ("visual.patch_embed.proj.weight", vec![4, 3, 2, 14, 14], false),
+            ("vision_tower.vision_model.embeddings.position_embedding.weight", vec![5, 4], false),
+        ] {
+            assert_eq!(is_linear_weight(&ParamRef::whole(name, &shape)), linear, "{name}");
+        }
+        assert_eq!("bf16".parse::<GradStore>().unwrap(), GradStore::Bf16Linear);
+        assert!("fp8".parse::<GradStore>().unwrap_err().to_string().contains("fp8"));
+    }
+}

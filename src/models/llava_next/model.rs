@@ -26,7 +26,7 @@ use crate::checkpoint::Checkpoint;
 use crate::models::common::decoder::{LayerDims, LayerFlags, RopeKind, Slot};
 use crate::models::common::lm::{self, Inject, LmCache, LmDims, LmFwd, LmNames, LmParams};
 use crate::models::common::lora::{LayerLora, LoraConfig, LoraState, StackSpec};
-use crate::models::common::params::{assemble, read_piece, NamedTensors, ParamRef};
+use crate::models::common::params::{assemble, read_piece, GradStore, NamedTensors, ParamRef};
 use crate::ops::act::{self, Gelu};
 use crate::ops::patch_embed::{gather_rows, scatter_rows, RowIndex};
 use crate::ops::{elementwise, logprob, matmul};
@@ -113,6 +113,8 @@ pub struct LlavaNext {
     gelu: Gelu,
     grads: Option<LlavaParams>,
     lora: Option<LoraState>,
+    /// How `zero_grads` stores the gradients (f32 unless set).
+    pub grad_store: GradStore,
 }
 
 /// Decoder sizes from the config.
@@ -185,7 +187,7 @@ impl LlavaNext {
         let names = lm_names();
         let gelu = Gelu::from_hf(&cfg.projector_hidden_act)?;
         let params = build_params(&cfg, &vdims, &tdims, &names, false, make)?;
-        Ok(LlavaNext { cfg, vdims, tdims, names, params, gelu, grads: None, lora: None })
+        Ok(LlavaNext { cfg, vdims, tdims, names, params, gelu, grads: None, lora: None, grad_store: GradStore::F32 })
     }
 
     /// The dtype of weights and activations.
@@ -281,7 +283,8 @@ impl LlavaNext {
         if let Some(l) = self.lora.as_mut() {
             return l.zero_grads(dev, self.tdims.vocab * self.tdims.layer.d);
         }
-        let mut z = |r: &ParamRef| dev.zeros_f32(r.numel());
+        let store = self.grad_store;
+        let mut z = |r: &ParamRef| dev.zeros(store.dtype(dev, r), r.numel());
         // Free the old gradients first: two sets of a 7B model's do not fit.
         self.grads = None;
         self.grads = Some(build_params(&self.cfg, &self.vdims, &self.tdims, &self.names, true, &mut z)?);

@@ -19,7 +19,7 @@ use crate::checkpoint::Checkpoint;
 use crate::models::common::decoder::Slot;
 use crate::models::common::lm::{self, Inject, LmCache, LmDims, LmFwd, LmNames, LmParams};
 use crate::models::common::lora::{LayerLora, LoraConfig, LoraState, StackSpec};
-use crate::models::common::params::{assemble, read_piece, NamedTensors, ParamRef};
+use crate::models::common::params::{assemble, read_piece, GradStore, NamedTensors, ParamRef};
 use crate::ops::logprob;
 use crate::ops::patch_embed::{gather_rows, RowIndex};
 use crate::tensor::{Buf, DType, Device};
@@ -87,6 +87,8 @@ pub struct QwenVl {
     pub params: QwenParams,
     grads: Option<QwenParams>,
     lora: Option<LoraState>,
+    /// How `zero_grads` stores the gradients (f32 unless set).
+    pub grad_store: GradStore,
 }
 
 impl QwenVl {
@@ -121,7 +123,7 @@ impl QwenVl {
         let names = lm_names();
         let patch_shape = vec![v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size];
         let params = QwenParams { vision: VisionParams::build(&vdims, &patch_shape, make)?, text: LmParams::build(&tdims, &names, make)? };
-        Ok(QwenVl { cfg, vdims, tdims, names, patch_shape, params, grads: None, lora: None })
+        Ok(QwenVl { cfg, vdims, tdims, names, patch_shape, params, grads: None, lora: None, grad_store: GradStore::F32 })
     }
 
     /// Every parameter tensor with its checkpoint name (and row range).
@@ -229,7 +231,8 @@ impl QwenVl {
     }
 
     fn zeros_like(&self, dev: &Device) -> Result<QwenParams> {
-        let mut z = |r: &ParamRef| dev.zeros_f32(r.numel());
+        let store = self.grad_store;
+        let mut z = |r: &ParamRef| dev.zeros(store.dtype(dev, r), r.numel());
         Ok(QwenParams { vision: VisionParams::build(&self.vdims, &self.patch_shape, &mut z)?, text: LmParams::build(&self.tdims, &self.names, &mut z)? })
     }
 
