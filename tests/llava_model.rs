@@ -9,6 +9,7 @@ mod common;
 use am3safety::checkpoint::{read_tensor_file, Checkpoint};
 use am3safety::models::llava_next::config::{LlavaNextConfig, TextFamily};
 use am3safety::models::llava_next::model::{strip_tile_padding, Batch, LlavaNext, Recompute};
+use am3safety::models::common::params::GradStore;
 use am3safety::tensor::{DType, Device};
 use common::*;
 use std::collections::{BTreeMap, HashMap};
@@ -341,6 +342,22 @@ fn llava_cuda_f32_matches_transformers() {
 fn llava_cuda_bf16_matches_transformers() {
     let Some(gpu) = cuda_or_skip("llava_cuda_bf16_matches_transformers") else { return };
     cuda_check(&gpu, DType::BF16, (3e-2, 5e-2, 3e-2));
+}
+
+/// GradStore::Bf16Linear: linear-weight gradients in bf16 (CLIP, projector and decoder), the
+/// rest f32, still within the bf16 tolerance of transformers.
+#[test]
+fn llava_cuda_bf16_grad_store_matches_transformers() {
+    let Some(gpu) = cuda_or_skip("llava_cuda_bf16_grad_store_matches_transformers") else { return };
+    let fx = Fixture::load();
+    let mut model = fx.model(&gpu, DType::BF16);
+    model.grad_store = GradStore::Bf16Linear;
+    let x = fx.inputs(&model);
+    let r = run_inputs(&x, &gpu, &mut model, &Recompute::default());
+    let n16 = model.params_and_grads().iter().filter(|(_, _, g)| g.dtype() == DType::BF16).count();
+    println!("llava bf16 grad store: {n16} bf16 gradient buffers");
+    assert!(n16 > 0);
+    check_grads(&fx, &r.grads, 5e-2, "cuda bf16, bf16 grad store");
 }
 
 /// A random LLaVA-NeXT with a Llama (MHA) decoder at the 7B head dims (CLIP 64, text 128: the
