@@ -5,6 +5,8 @@
 #   tools/device-check.sh run     (on the GPU machine, no Rust needed): runs every test binary,
 #                                 then the kernel benches, and prints a short table last.
 # Typical device call:  carry [".device"], command: bash tools/device-check.sh run
+# Knobs: AM3_BENCH_ARGS (bench suites/flags), AM3_TESTS=regex (only matching test binaries),
+#        AM3_SKIP_NVRTC=1, AM3_SKIP_SFT=1 (the GPU run of the main job), AM3_SKIP_BENCH=1.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -57,6 +59,8 @@ summary=""
 fail=0
 for t in "$dst"/bin/test-*; do
   n=$(basename "$t")
+  # AM3_TESTS=regex runs only the matching test binaries (a short re-check after a fix).
+  if [ -n "${AM3_TESTS:-}" ] && ! [[ $n =~ $AM3_TESTS ]]; then continue; fi
   log="$out/$n.log"
   timeout 300 "$t" --test-threads=1 --nocapture > "$log" 2>&1
   rc=$?
@@ -72,11 +76,19 @@ done
 # The NVRTC path (what a build without nvcc runs): the same binaries with the fatbins ignored.
 nvrtc=""
 for t in test-test-ops_rmsnorm test-test-ops_attention test-test-ops_logprob test-test-ops_elementwise test-test-qwen_model; do
-  [ -x "$dst/bin/$t" ] || continue
+  [ -x "$dst/bin/$t" ] && [ "${AM3_SKIP_NVRTC:-0}" != 1 ] || continue
   AM3_FORCE_NVRTC=1 timeout 300 "$dst/bin/$t" --test-threads=1 --nocapture > "$out/nvrtc-$t.log" 2>&1
   rc=$?; [ $rc -ne 0 ] && fail=1
   nvrtc+=$(printf "%-34s rc=%-3s %s" "nvrtc $t" "$rc" "$(grep -E '^test result' "$out/nvrtc-$t.log" | tail -1 | sed 's/test result: //')")$'\n'
 done
+# The main job end to end on the GPU: the tiny default model on the bundled demo data.
+if [ -x "$dst/bin/am3" ] && [ "${AM3_SKIP_SFT:-0}" != 1 ]; then
+  rm -rf /tmp/am3-sft-gpu
+  AM3_DEMO_DATA="$root/data/demo/train.jsonl" timeout 120 "$dst/bin/am3" sft --device cuda --steps 60 --out /tmp/am3-sft-gpu > "$out/sft-gpu.log" 2>&1
+  rc=$?; [ $rc -ne 0 ] && fail=1
+  summary+=$(printf "%-34s rc=%-3s %s" "am3 sft --device cuda (60 steps)" "$rc" "$(grep -o '"refusal_loss[^,}]*' /tmp/am3-sft-gpu/metrics.jsonl 2>/dev/null | tr '\n' ' ')")$'\n'
+  tail -3 /tmp/am3-sft-gpu/metrics.jsonl >> "$out/sft-gpu.log" 2>/dev/null
+fi
 if [ -x "$dst/bin/bench-kernels" ] && [ "${AM3_SKIP_BENCH:-0}" != 1 ]; then
   timeout 400 "$dst/bin/bench-kernels" ${AM3_BENCH_ARGS:-} > "$out/bench.txt" 2>&1
   echo "bench rc=$?"
