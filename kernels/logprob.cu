@@ -1,4 +1,4 @@
-// Grouped log-prob fused with the lm_head (the GEMMs are cuBLAS calls in src/ops/logprob.rs).
+// Grouped log-prob fused with the lm_head (the GEMMs are cuBLAS calls in src/ops/logprob/gpu.rs).
 // The logits of a token chunk arrive one vocab tile at a time as f32 [n, nv]; these kernels fold
 // each tile into per-row running statistics (online log-sum-exp), finish log p(target) and the
 // entropy, and form d logits = dlogp * (onehot(target) - softmax) for the backward GEMMs.
@@ -178,6 +178,41 @@ __device__ void logprob_dlogits(T* __restrict__ out, const float* __restrict__ l
     }
 }
 
+// Backward with recompute in variant-2/3 mode (Tuning::fused_v2 / fused_v3): the tile's logits
+// arrive rounded to the storage type, as in the fused pass and in `fwd` of that mode (whose lse
+// this uses), and are replaced in place by d logit = g * (onehot(target) - e^(l - lse)).
+// buf: [n, nv] (vocab columns v0 ..). Grid: (ceil(nv / (blockDim * N)), n).
+template <typename T>
+__device__ void logprob_dlogits_inplace(T* __restrict__ buf, const float* __restrict__ lse,
+                                        const float* __restrict__ dlogp, const int* __restrict__ targets,
+                                        int n, int nv, int v0) {
+    constexpr int N = V16<T>::N;
+    int row = blockIdx.y;
+    long c0 = ((long)blockIdx.x * blockDim.x + threadIdx.x) * N;
+    if (row >= n || c0 >= nv) return;
+    T* br = buf + (long)row * nv;
+    float g = dlogp[row], L = lse[row];
+    long tg = (long)targets[row] - v0;
+    if ((nv % N == 0) && aligned16(br)) {
+        float x[N];
+        ld16<T>(br + c0, x);
+#pragma unroll
+        for (int i = 0; i < N; i++) {
+            float d = -g * expf(x[i] - L);
+            if (c0 + i == tg) d += g;
+            x[i] = g == 0.f ? 0.f : d;
+        }
+        st16<T>(br + c0, x);
+    } else {
+        for (int i = 0; i < N && c0 + i < nv; i++) {
+            long c = c0 + i;
+            float d = -g * expf(ld(br, c) - L);
+            if (c == tg) d += g;
+            st(br, c, g == 0.f ? 0.f : d);
+        }
+    }
+}
+
 // One block per packed row: dst[i, :] = src[idx[i], :].
 template <typename T>
 __device__ void logprob_gather_rows(T* __restrict__ dst, const T* __restrict__ src, const int* __restrict__ idx,
@@ -195,26 +230,42 @@ __device__ void logprob_gather_rows(T* __restrict__ dst, const T* __restrict__ s
     }
 }
 
-// One block per packed row: dst[r, :] = src[i, :] (f32 -> storage type), r = idx[i], or row0 + i
-// when idx is null.
+// One block per packed row: dst[r, :] = g[i] * sum_{p < nsplit} src[p * pstride + i * cols + :]
+// (f32 -> storage type), r = idx[i], or row0 + i when idx is null; g null means 1. The partials
+// are the split-K slices of the dhidden GEMM (PERF-logprob.md, Round 4), summed in order p = 0, 1, ..
 template <typename T>
-__device__ void logprob_scatter_rows(T* __restrict__ dst, const float* __restrict__ src,
-                                     const int* __restrict__ idx, int row0, int n, int cols) {
+__device__ void logprob_scatter_sum(T* __restrict__ dst, const float* __restrict__ src, const float* __restrict__ g,
+                                    const int* __restrict__ idx, int row0, int n, int cols, int nsplit, long pstride) {
     int i = blockIdx.x;
     if (i >= n) return;
     long r = idx ? (long)idx[i] : (long)row0 + i;
+    float gi = g ? g[i] : 1.f;
     const float* s = src + (long)i * cols;
     T* d = dst + r * cols;
     constexpr int N = V16<T>::N;
-    if ((cols % N == 0) && aligned16(s) && aligned16(d)) {
+    if ((cols % N == 0) && (pstride % 4 == 0) && aligned16(s) && aligned16(d)) {
         for (int c = threadIdx.x * N; c < cols; c += blockDim.x * N) {
             float x[N];
 #pragma unroll
             for (int j = 0; j < N; j += 4) ld16<float>(s + c + j, x + j);
+            for (int p = 1; p < nsplit; p++) {
+                float y[N];
+                const float* sp = s + (long)p * pstride + c;
+#pragma unroll
+                for (int j = 0; j < N; j += 4) ld16<float>(sp + j, y + j);
+#pragma unroll
+                for (int j = 0; j < N; j++) x[j] += y[j];
+            }
+#pragma unroll
+            for (int j = 0; j < N; j++) x[j] *= gi;
             st16<T>(d + c, x);
         }
     } else {
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) st(d, c, s[c]);
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            float x = s[c];
+            for (int p = 1; p < nsplit; p++) x += s[(long)p * pstride + c];
+            st(d, c, gi * x);
+        }
     }
 }
 
@@ -234,13 +285,18 @@ __device__ void logprob_scatter_rows(T* __restrict__ dst, const float* __restric
                                                    int nv, int v0) {                                  \
         logprob_dlogits<T>(out, logits, lse, dlogp, targets, n, nv, v0);                              \
     }                                                                                                 \
+    extern "C" __global__ void logprob_dlogits_inplace_##S(T* buf, const float* lse, const float* dlogp, \
+                                                           const int* targets, int n, int nv, int v0) { \
+        logprob_dlogits_inplace<T>(buf, lse, dlogp, targets, n, nv, v0);                             \
+    }                                                                                                 \
     extern "C" __global__ void logprob_gather_rows_##S(T* dst, const T* src, const int* idx, int n,   \
                                                        int cols) {                                    \
         logprob_gather_rows<T>(dst, src, idx, n, cols);                                               \
     }                                                                                                 \
-    extern "C" __global__ void logprob_scatter_rows_##S(T* dst, const float* src, const int* idx,     \
-                                                        int row0, int n, int cols) {                  \
-        logprob_scatter_rows<T>(dst, src, idx, row0, n, cols);                                        \
+    extern "C" __global__ void logprob_scatter_sum_##S(T* dst, const float* src, const float* g,      \
+                                                       const int* idx, int row0, int n, int cols,     \
+                                                       int nsplit, long pstride) {                    \
+        logprob_scatter_sum<T>(dst, src, g, idx, row0, n, cols, nsplit, pstride);                     \
     }
 AM3_BOTH_DTYPES(LOGPROB_ENTRY)
 
@@ -430,11 +486,16 @@ AM3_BOTH_DTYPES(LOGPROB_V2_ENTRY)
 // (storage type). The caller applies g after: dhidden = diag(g) (U W) in the scatter and
 // dW += U^T (diag(g) hidden). One block per row; the first `cache` values of the row are kept in
 // dynamic shared memory between the two passes, the rest are re-read (from L2 when few rows are
-// in flight: one 1024-thread block per SM).
+// in flight: one 1024-thread block per SM). With write_u == 0 the kernel stops after lse / logp /
+// entropy: the no-grad forward in variant-3 mode (Tuning::fused_v3 in `fwd`) runs the very same
+// fold, so its log-probs equal the fused pass's bit for bit (pass `cache` = 0, no shared memory).
+// The vector-or-scalar choice depends on V and the row's alignment only, never on `cache`
+// (whole 16-byte vectors are cached), so both uses take the same path.
 
 template <typename T>
 __device__ void logprob_fold_u(T* __restrict__ buf, float* __restrict__ logp, float* __restrict__ lse_out,
-                               float* __restrict__ ent, const int* __restrict__ targets, int n, int V, int cache) {
+                               float* __restrict__ ent, const int* __restrict__ targets, int n, int V, int cache,
+                               int write_u) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* cached = reinterpret_cast<T*>(smem_raw);   // [cache]
     __shared__ float sm[32], ss[32], su[32];
@@ -444,7 +505,7 @@ __device__ void logprob_fold_u(T* __restrict__ buf, float* __restrict__ logp, fl
     T* br = buf + (long)row * V;
     float m = NEG_INF, s = 0.f, u = 0.f;
     constexpr int N = V16<T>::N;
-    bool vec = (V % N == 0) && (cache % N == 0) && aligned16(br);
+    bool vec = (V % N == 0) && aligned16(br);
     if (vec) {
         int nvec = V / N, ncache = cache / N;
         for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
@@ -492,6 +553,7 @@ __device__ void logprob_fold_u(T* __restrict__ buf, float* __restrict__ logp, fl
             s_lse = L;
         }
     }
+    if (!write_u) return;   // uniform over the grid
     __syncthreads();   // every read of pass 1 (and the target logit) is done before pass 2 writes
     float L = s_lse;
     if (vec) {
@@ -536,46 +598,14 @@ __device__ void logprob_scale_rows(T* __restrict__ dst, const T* __restrict__ sr
     }
 }
 
-// One block per packed row: dst[r, :] = g[i] * src[i, :] (f32 -> storage type), r = idx[i], or
-// row0 + i when idx is null. g: [n], the chunk's dlogp.
-template <typename T>
-__device__ void logprob_scatter_rows_scaled(T* __restrict__ dst, const float* __restrict__ src,
-                                            const float* __restrict__ g, const int* __restrict__ idx,
-                                            int row0, int n, int cols) {
-    int i = blockIdx.x;
-    if (i >= n) return;
-    long r = idx ? (long)idx[i] : (long)row0 + i;
-    float gi = g[i];
-    const float* s = src + (long)i * cols;
-    T* d = dst + r * cols;
-    constexpr int N = V16<T>::N;
-    if ((cols % N == 0) && aligned16(s) && aligned16(d)) {
-        for (int c = threadIdx.x * N; c < cols; c += blockDim.x * N) {
-            float x[N];
-#pragma unroll
-            for (int j = 0; j < N; j += 4) ld16<float>(s + c + j, x + j);
-#pragma unroll
-            for (int j = 0; j < N; j++) x[j] *= gi;
-            st16<T>(d + c, x);
-        }
-    } else {
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) st(d, c, gi * s[c]);
-    }
-}
-
 #define LOGPROB_V3_ENTRY(T, S)                                                                       \
     extern "C" __global__ void __launch_bounds__(1024) logprob_fold_u_##S(T* buf, float* logp, float* lse, \
                                                      float* ent, const int* targets, int n, int V,    \
-                                                     int cache) {                                     \
-        logprob_fold_u<T>(buf, logp, lse, ent, targets, n, V, cache);                                 \
+                                                     int cache, int write_u) {                        \
+        logprob_fold_u<T>(buf, logp, lse, ent, targets, n, V, cache, write_u);                        \
     }                                                                                                 \
     extern "C" __global__ void logprob_scale_rows_##S(T* dst, const T* src, const float* g, int n,    \
                                                       int cols) {                                     \
         logprob_scale_rows<T>(dst, src, g, n, cols);                                                  \
-    }                                                                                                 \
-    extern "C" __global__ void logprob_scatter_rows_scaled_##S(T* dst, const float* src, const float* g, \
-                                                               const int* idx, int row0, int n,       \
-                                                               int cols) {                            \
-        logprob_scatter_rows_scaled<T>(dst, src, g, idx, row0, n, cols);                              \
     }
 AM3_BOTH_DTYPES(LOGPROB_V3_ENTRY)

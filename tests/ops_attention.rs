@@ -1,7 +1,8 @@
 //! Fused attention: CPU backward vs finite differences (f64); CPU packing and decode consistency;
 //! input validation; CUDA (bf16 tensor cores, f32 and other head dims on CUDA cores) vs the CPU
 //! for forward, backward and decode over a KV cache, outputs poisoned with NaN before each run;
-//! the bf16 GPU checks run every kernel variant (`Variant::V1`, `Variant::V2`).
+//! the bf16 GPU checks run every kernel variant (`Variant::V1`, `Variant::V2`, `Variant::V3`), and
+//! the V3 backward also alone after V1's forward, and the V3 forward alone (out and lse).
 mod common;
 use am3safety::ops::attention::{self, cpu, AttnShape, KvCache, Variant, Varlen};
 use am3safety::tensor::{DType, Device};
@@ -255,7 +256,7 @@ fn attention_cuda_matches_cpu() {
             let v = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
             let dout = bf16_round(&rng.normal_vec(t * hq * d, 1.0));
             let want = run_fwd_bwd(&Device::Cpu, DType::F32, &q, &k, &v, &dout, &cu, &s, Variant::V1);
-            for &(dt, variant) in &[(DType::BF16, Variant::V1), (DType::BF16, Variant::V2), (DType::F32, Variant::V1)] {
+            for &(dt, variant) in &[(DType::BF16, Variant::V1), (DType::BF16, Variant::V2), (DType::BF16, Variant::V3), (DType::F32, Variant::V1)] {
                 let got = run_fwd_bwd(&gpu, dt, &q, &k, &v, &dout, &cu, &s, variant);
                 let tol = if dt == DType::BF16 { 1e-2 } else { 1e-5 };
                 let path = if dt == DType::BF16 && matches!(d, 64 | 80 | 128) { format!("tensor cores {variant:?}") } else { "cuda cores".to_string() };
@@ -268,6 +269,108 @@ fn attention_cuda_matches_cpu() {
                     println!("{tag}: rel err {e:.2e}");
                     assert!(e <= tol, "{tag}: rel err {e:.2e} > {tol:.0e} (inf = an element left unwritten or non-finite)");
                 }
+            }
+        }
+    }
+}
+
+/// The V3 backward alone (kernels/attention_v3_bwd.cu): V1's verified forward gives out and lse,
+/// then `bwd_with(.., Variant::V3)` against the CPU, outputs NaN-poisoned. Shapes that reach its
+/// special paths: several 128-key blocks per sequence, blocks walking many (q head, query tile)
+/// steps through the two-stage ring (GQA 7 and 4 over 829 tokens), ragged varlen ends (1, 63,
+/// 65, 130, 200), an empty sequence, the causal diagonal inside a block (pairs of warps idle on
+/// the first tile), non-causal packing, and a batch whose longest sequence is 65 tokens.
+#[test]
+fn attention_cuda_bwd_v3_matches_cpu() {
+    let Some(gpu) = cuda_or_skip("attention_cuda_bwd_v3_matches_cpu") else { return };
+    let mut rng = Rng::new(16);
+    let cases: Vec<(Vec<usize>, usize, usize, bool)> = vec![
+        (vec![65], 1, 1, true),
+        (vec![1, 63, 65, 130, 200], 4, 4, true),
+        (vec![1, 63, 65, 130, 200], 4, 1, false),
+        (vec![300, 17], 7, 1, true),
+        (vec![200, 0, 129], 8, 2, false),
+        (vec![700, 129], 14, 2, true),
+        (vec![257, 3], 2, 2, true),
+    ];
+    for &d in &[64usize, 80, 128] {
+        for (lens, hq, hkv, causal) in &cases {
+            let (hq, hkv, causal) = (*hq, *hkv, *causal);
+            let cu = cu_of(lens);
+            let t = *cu.last().unwrap() as usize;
+            let s = shape(hq, hkv, d, causal);
+            let q = bf16_round(&rng.normal_vec(t * hq * d, 1.0));
+            let k = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
+            let v = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
+            let dout = bf16_round(&rng.normal_vec(t * hq * d, 1.0));
+            let want = run_fwd_bwd(&Device::Cpu, DType::F32, &q, &k, &v, &dout, &cu, &s, Variant::V1);
+            let dev = &gpu;
+            let seqs = Varlen::new(dev, &cu).unwrap();
+            let up = |x: &[f32]| dev.upload(x, DType::BF16).unwrap();
+            let nan = |n: usize, dt: DType| dev.upload(&vec![f32::NAN; n], dt).unwrap();
+            let (qb, kb, vb, dob) = (up(&q), up(&k), up(&v), up(&dout));
+            let mut out = nan(q.len(), DType::BF16);
+            let mut lse = nan(hq * t, DType::F32);
+            attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, Variant::V1).unwrap();
+            let (mut dq, mut dk, mut dv) = (nan(q.len(), DType::BF16), nan(k.len(), DType::BF16), nan(v.len(), DType::BF16));
+            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, Variant::V3).unwrap();
+            let got = [&dq, &dk, &dv].map(|b| dev.to_vec(b).unwrap());
+            for (i, name) in ["dq", "dk", "dv"].iter().enumerate() {
+                // As in attention_cuda_matches_cpu: dq and dk are also measured against ‖dv‖.
+                let floor = if i < 2 { norm(&want[4]) } else { 0.0 };
+                let e = rel_err_floor(&got[i], &want[2 + i], floor);
+                let tag = format!("attention {name} bf16 (V1 fwd, V3 bwd) d {d} hq {hq} hkv {hkv} causal {causal} lens {lens:?}");
+                println!("{tag}: rel err {e:.2e}");
+                assert!(e <= 1e-2, "{tag}: rel err {e:.2e} > 1e-2 (inf = an element left unwritten or non-finite)");
+            }
+        }
+    }
+}
+
+/// The V3 forward alone (kernels/attention_v3.cu) against the CPU forward, out and lse
+/// NaN-poisoned. Shapes that reach its special paths: a single 65-token sequence (one 128-row
+/// block: warp 3 idle, warp 2 with one real row, a 1-key ragged second K/V tile), ragged varlen
+/// ends (1, 63, 65, 130, 200) with GQA 7 causal and GQA 2 non-causal, 9 query tiles per sequence
+/// (dispatched longest first) with an empty sequence, a CLIP-sized non-causal batch (577 tokens),
+/// and q scaled by 4 (peaked rows: the running max moves by large steps, so the online rescale
+/// of O and l is exercised). lse is held to 1e-3 (it is computed from f32 scores).
+#[test]
+fn attention_cuda_fwd_v3_matches_cpu() {
+    let Some(gpu) = cuda_or_skip("attention_cuda_fwd_v3_matches_cpu") else { return };
+    let mut rng = Rng::new(17);
+    // (lengths, hq, hkv, causal, q scale)
+    let cases: Vec<(Vec<usize>, usize, usize, bool, f64)> = vec![
+        (vec![65], 1, 1, true, 1.0),
+        (vec![1, 63, 65, 130, 200], 7, 1, true, 1.0),
+        (vec![1, 63, 65, 130, 200], 4, 2, false, 1.0),
+        (vec![1100, 0, 333], 4, 1, true, 1.0),
+        (vec![577, 200], 4, 4, false, 1.0),
+        (vec![517], 8, 2, true, 4.0),
+        (vec![300, 129], 6, 3, false, 4.0),
+    ];
+    for &d in &[64usize, 80, 128] {
+        for (lens, hq, hkv, causal, qmul) in &cases {
+            let (hq, hkv, causal) = (*hq, *hkv, *causal);
+            let cu = cu_of(lens);
+            let t = *cu.last().unwrap() as usize;
+            let s = shape(hq, hkv, d, causal);
+            let q = bf16_round(&rng.normal_vec(t * hq * d, *qmul));
+            let k = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
+            let v = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
+            let (mut o_ref, mut l_ref) = (vec![0f32; q.len()], vec![0f32; hq * t]);
+            cpu::fwd(&mut o_ref, &mut l_ref, &q, &k, &v, &cu, &s);
+            let dev = &gpu;
+            let seqs = Varlen::new(dev, &cu).unwrap();
+            let up = |x: &[f32]| dev.upload(x, DType::BF16).unwrap();
+            let mut out = dev.upload(&vec![f32::NAN; q.len()], DType::BF16).unwrap();
+            let mut lse = dev.upload(&vec![f32::NAN; hq * t], DType::F32).unwrap();
+            attention::fwd_with(dev, &mut out, &mut lse, &up(&q), &up(&k), &up(&v), &seqs, &s, Variant::V3).unwrap();
+            let (out, lse) = (dev.to_vec(&out).unwrap(), dev.to_vec(&lse).unwrap());
+            for (name, got, want, tol) in [("out", &out, &o_ref, 1e-2), ("lse", &lse, &l_ref, 1e-3)] {
+                let e = rel_err(got, want);
+                let tag = format!("attention {name} bf16 (V3 fwd) d {d} hq {hq} hkv {hkv} causal {causal} q scale {qmul} lens {lens:?}");
+                println!("{tag}: rel err {e:.2e}");
+                assert!(e <= tol, "{tag}: rel err {e:.2e} > {tol:.0e} (inf = an element left unwritten or non-finite)");
             }
         }
     }

@@ -251,19 +251,25 @@ fn logprob_cpu_fused_matches_split() {
 fn tunings(v: usize, dt: DType) -> Vec<(&'static str, Tuning)> {
     // Tiles scale with V so the launch count stays modest.
     let k = if v <= 1000 { 1 } else { 32 };
+    let base = Tuning { fused_v2: false, fused_v3: false, ..Tuning::default() };
     vec![
-        ("default", Tuning { fused_v2: false, fused_v3: false, ..Tuning::default() }),
-        // Several token chunks and vocab tiles, 8-aligned: the vector paths.
-        ("tiny", Tuning { fwd_tokens: 3, fwd_vocab: 64 * k, bwd_tokens: 4, bwd_vocab: 40 * k, fused_bytes: 5 * v * dt.size(), fused_vocab: 48 * k, fused_v2: false, fused_v3: false }),
-        // Odd tile widths: the scalar paths and partial last tiles.
-        ("odd", Tuning { fwd_tokens: 2, fwd_vocab: 13 * k, bwd_tokens: 7, bwd_vocab: 13 * k, fused_bytes: 2 * v * dt.size(), fused_vocab: 13 * k, fused_v2: false, fused_v3: false }),
+        ("default", base),
+        // Several token chunks and vocab tiles, 8-aligned: the vector paths. dhidden in 3 slices
+        // (ragged when V or the bwd tile is not a multiple of 3 · 8).
+        ("tiny", Tuning { fwd_tokens: 3, fwd_vocab: 64 * k, bwd_tokens: 4, bwd_vocab: 40 * k, fused_bytes: 5 * v * dt.size(), fused_vocab: 48 * k, dhidden_splits: 3, ..base }),
+        // Odd tile widths: the scalar paths and partial last tiles; dhidden in 2 slices, fresh
+        // (uncached) scratch.
+        ("odd", Tuning { fwd_tokens: 2, fwd_vocab: 13 * k, bwd_tokens: 7, bwd_vocab: 13 * k, fused_bytes: 2 * v * dt.size(), fused_vocab: 13 * k, dhidden_splits: 2, cache_scratch: false, ..base }),
+        // dlm_head written (=) instead of accumulated: the check starts it at NaN.
+        ("split4 dW=", Tuning { fused_bytes: 3 * v * dt.size(), bwd_tokens: 5, bwd_vocab: 24 * k, dhidden_splits: 4, dw_overwrite: true, ..base }),
         // Variant 2 of the fused pass: one chunk, then chunks of 3 and 2 tokens (a partial last one).
-        ("v2", Tuning { fused_v2: true, ..Tuning::default() }),
-        ("v2 chunked", Tuning { fused_bytes: 3 * v * dt.size(), fused_v2: true, ..Tuning::default() }),
-        ("v2 odd", Tuning { fused_bytes: 2 * v * dt.size(), fused_v2: true, ..Tuning::default() }),
+        ("v2", Tuning { fused_v2: true, ..base }),
+        ("v2 chunked", Tuning { fused_bytes: 3 * v * dt.size(), fused_v2: true, ..base }),
+        ("v2 odd split3", Tuning { fused_bytes: 2 * v * dt.size(), fused_v2: true, dhidden_splits: 3, ..base }),
         // Variant 3 (fold and u in one kernel, dlogp applied after the GEMMs).
-        ("v3", Tuning { fused_v3: true, ..Tuning::default() }),
-        ("v3 odd", Tuning { fused_bytes: 2 * v * dt.size(), fused_v3: true, ..Tuning::default() }),
+        ("v3", Tuning { fused_v3: true, ..base }),
+        ("v3 odd", Tuning { fused_bytes: 2 * v * dt.size(), fused_v3: true, ..base }),
+        ("v3 split3 dW=", Tuning { fused_bytes: 3 * v * dt.size(), fused_v3: true, dhidden_splits: 3, dw_overwrite: true, ..base }),
     ]
 }
 
@@ -294,31 +300,41 @@ fn check_gpu(gpu: &Device, base: &Problem, dt: DType, tunes: &[(&str, Tuning)], 
         let shape = format!("{} [t={t} h={h} v={v}] {tn}", dt.suffix());
         for (mi, masked) in [false, true].into_iter().enumerate() {
             let r = &refs[mi];
-            let dw0 = dw_start(&r.dw);
+            // With dw_overwrite the op must not read dlm_head: it starts at NaN and the result is
+            // compared as is (dw0 = 0 below).
+            let dw0 = if tune.dw_overwrite { vec![0f32; v * h] } else { dw_start(&r.dw) };
+            let dw_init = if tune.dw_overwrite { vec![f32::NAN; v * h] } else { dw0.clone() };
             let mask = masked.then_some(&mk);
+            // In variant-2/3 mode `fwd` and `bwd` round the logits to bf16 like the fused pass: in
+            // bf16 they are held to the bf16-logit reference.
+            let (want, tag) = match (&refs_v2, tune.fused_v2 || tune.fused_v3) {
+                (Some(rv), true) => (&rv[mi], " (vs bf16-logit ref)"),
+                _ => (r, ""),
+            };
             // Forward.
             let (mut lp, mut ls, mut en) = (nan(t, DType::F32), nan(t, DType::F32), nan(t, DType::F32));
             logprob::fwd_with(gpu, tune, &mut lp, &mut ls, Some(&mut en), &x, &w, &tg, mask, t, h, v).unwrap();
-            cmp(format!("fwd logp {shape} masked={masked}"), dl(&lp), &r.logp);
-            cmp(format!("fwd lse {shape} masked={masked}"), dl(&ls), &r.lse);
-            cmp(format!("fwd entropy {shape} masked={masked}"), dl(&en), &r.ent);
+            cmp(format!("fwd logp {shape} masked={masked}{tag}"), dl(&lp), &want.logp);
+            cmp(format!("fwd lse {shape} masked={masked}{tag}"), dl(&ls), &want.lse);
+            cmp(format!("fwd entropy {shape} masked={masked}{tag}"), dl(&en), &want.ent);
             // Backward from the GPU's own lse, dlogp = g · mask (zeros are skipped).
             let gm: Vec<f32> = (0..t).map(|i| if masked && p.mask[i] == 0.0 { 0.0 } else { p.g[i] }).collect();
             let mut dh = nan(t * h, dt);
-            let mut dw = up(&dw0, DType::F32);
+            let mut dw = up(&dw_init, DType::F32);
             logprob::bwd_with(gpu, tune, &mut dh, &mut dw, &up(&gm, DType::F32), &x, &w, &tg, &ls, t, h, v).unwrap();
-            cmp(format!("bwd dhidden {shape} masked={masked}"), dl(&dh), &r.dh);
-            cmp(format!("bwd dlm_head {shape} masked={masked}"), minus(&dl(&dw), &dw0), &r.dw);
+            cmp(format!("bwd dhidden {shape} masked={masked}{tag}"), dl(&dh), &want.dh);
+            cmp(format!("bwd dlm_head {shape} masked={masked}{tag}"), minus(&dl(&dw), &dw0), &want.dw);
             // Fused, the callback gathering g for the packed tokens.
             let (mut lp2, mut en2, mut dh2) = (nan(t, DType::F32), nan(t, DType::F32), nan(t * h, dt));
-            let mut dw2 = up(&dw0, DType::F32);
+            let mut dw2 = up(&dw_init, DType::F32);
             let mut chunks = 0usize;
             let mut grad = |c: GradChunk<'_>| {
                 chunks += 1;
                 logprob::gather_scaled(gpu, c.dlogp, &g, c.idx, c.p0, c.n, 1.0)
             };
             logprob::fwd_bwd_with(gpu, tune, &mut lp2, Some(&mut en2), &mut dh2, &mut dw2, &x, &w, &tg, mask, t, h, v, &mut grad).unwrap();
-            println!("logprob fused {shape} masked={masked}: {chunks} chunk(s), scratch {} bytes", logprob::last_scratch_bytes());
+            let plan = logprob::fused_plan(gpu, tune, t, h, v, dt);
+            println!("logprob fused {shape} masked={masked}: {chunks} chunk(s), (chunk rows, dhidden slices) unmasked {plan:?}, scratch {} bytes", logprob::last_scratch_bytes());
             let got = [("logp", dl(&lp2)), ("entropy", dl(&en2)), ("dhidden", dl(&dh2)), ("dlm_head", minus(&dl(&dw2), &dw0))];
             match (&refs_v2, tune.fused_v2 || tune.fused_v3) {
                 (Some(rv), true) => {
@@ -369,13 +385,20 @@ fn logprob_cuda_full_vocab() {
         let v = 152_064;
         let p = problem(&mut rng, t, h, v, 6.0);
         for (dt, tol) in [(DType::BF16, 1e-2), (DType::F32, 1e-5)] {
+            let base = Tuning { fused_v2: false, fused_v3: false, ..Tuning::default() };
+            // Split-K at V = 152,064: automatic (4 equal slices of 38,016 here: few rows), 3
+            // equal slices, and 5 (30,416 × 4 batched + a ragged 30,400); bwd tiles of 8,192 in 2.
             let tunes = [
-                ("default", Tuning { fused_v2: false, fused_v3: false, ..Tuning::default() }),
-                ("chunked", Tuning { fused_bytes: 3 * v * dt.size(), bwd_tokens: 8, fwd_tokens: 4, fused_v2: false, fused_v3: false, ..Tuning::default() }),
-                ("v2", Tuning { fused_v2: true, ..Tuning::default() }),
-                ("v2 chunked", Tuning { fused_bytes: 3 * v * dt.size(), fused_v2: true, ..Tuning::default() }),
-                ("v3", Tuning { fused_v3: true, ..Tuning::default() }),
-                ("v3 chunked", Tuning { fused_bytes: 3 * v * dt.size(), fused_v3: true, ..Tuning::default() }),
+                ("default", base),
+                ("chunked", Tuning { fused_bytes: 3 * v * dt.size(), bwd_tokens: 8, fwd_tokens: 4, ..base }),
+                ("split1", Tuning { dhidden_splits: 1, ..base }),
+                ("chunked split3 bwd split2", Tuning { fused_bytes: 3 * v * dt.size(), bwd_tokens: 8, dhidden_splits: 3, ..base }),
+                ("split5 dW=", Tuning { dhidden_splits: 5, dw_overwrite: true, ..base }),
+                ("v2", Tuning { fused_v2: true, ..base }),
+                ("v2 chunked split5", Tuning { fused_bytes: 3 * v * dt.size(), fused_v2: true, dhidden_splits: 5, ..base }),
+                ("v3", Tuning { fused_v3: true, ..base }),
+                ("v3 chunked", Tuning { fused_bytes: 3 * v * dt.size(), fused_v3: true, ..base }),
+                ("v3 split7 uncached", Tuning { fused_v3: true, dhidden_splits: 7, cache_scratch: false, ..base }),
             ];
             fails.extend(check_gpu(&gpu, &p, dt, &tunes, tol));
         }
@@ -510,4 +533,228 @@ fn bf16_logit_reference_matches_exact_when_representable() {
     let worst = lp.iter().zip(&lp0).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max);
     println!("bf16-logit reference vs exact, logits of spread 4: max |logp diff| {worst:.2e}");
     assert!(worst > 0.0 && worst < 0.1, "bf16 rounding of logits moved logp by {worst:.2e}");
+}
+
+/// Bit patterns of a float vector (to compare results exactly, NaN included).
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// (mismatching elements, max |a − b|) of two vectors compared bit for bit.
+fn bit_diff(a: &[f32], b: &[f32]) -> (usize, f64) {
+    let n = bits(a).iter().zip(bits(b)).filter(|(x, y)| **x != *y).count();
+    (n, max_abs(a, b))
+}
+
+/// The variant-2/3 tunings whose `fwd` must reproduce the fused pass's log-probs.
+fn kept_tunings(v: usize, dt: DType) -> Vec<(&'static str, Tuning)> {
+    let base = Tuning { fused_v2: false, fused_v3: false, ..Tuning::default() };
+    vec![
+        ("v2", Tuning { fused_v2: true, ..base }),
+        ("v2 chunked", Tuning { fused_bytes: 3 * v * dt.size(), fused_v2: true, ..base }),
+        ("v3", Tuning { fused_v3: true, ..base }),
+        ("v3 chunked split3", Tuning { fused_bytes: 2 * v * dt.size(), fused_v3: true, dhidden_splits: 3, ..base }),
+    ]
+}
+
+/// On the CPU every path computes the exact log-probs: `fwd` and `fwd_bwd` agree (to 1e-6) for
+/// every tuning, variant-2/3 ones included (they only change the GPU's kernels).
+#[test]
+fn logprob_fwd_matches_fused_cpu() {
+    let dev = Device::Cpu;
+    let mut rng = Rng::new(10);
+    let p = problem(&mut rng, 11, 9, 37, 3.0);
+    let (t, h, v) = (p.t, p.h, p.v);
+    let (x, w, tg, mk) = (dev.upload_act(&p.x).unwrap(), dev.upload_act(&p.w).unwrap(), dev.upload_i32(&p.tg).unwrap(), dev.upload(&p.mask, DType::F32).unwrap());
+    let g = dev.upload(&p.g, DType::F32).unwrap();
+    for (name, tune) in kept_tunings(v, DType::F32) {
+        for masked in [false, true] {
+            let mask = masked.then_some(&mk);
+            let (mut lp, mut ls) = (dev.zeros_f32(t).unwrap(), dev.zeros_f32(t).unwrap());
+            logprob::fwd_with(&dev, &tune, &mut lp, &mut ls, None, &x, &w, &tg, mask, t, h, v).unwrap();
+            let (mut lp2, mut dh, mut dw) = (dev.zeros_f32(t).unwrap(), dev.zeros_act(t * h).unwrap(), dev.zeros_f32(v * h).unwrap());
+            let mut grad = |c: GradChunk<'_>| logprob::gather_scaled(&dev, c.dlogp, &g, c.idx, c.p0, c.n, 1.0);
+            logprob::fwd_bwd_with(&dev, &tune, &mut lp2, None, &mut dh, &mut dw, &x, &w, &tg, mask, t, h, v, &mut grad).unwrap();
+            let e = max_abs(lp.host().unwrap(), lp2.host().unwrap());
+            println!("logprob cpu fwd vs fused logp {name} masked={masked}: max abs diff {e:.2e}");
+            assert!(e <= 1e-6, "logprob cpu fwd vs fused {name} masked={masked}: {e:.2e}");
+        }
+    }
+}
+
+/// In variant-2/3 mode `fwd` (used for the old policy and the reference) computes the logits and
+/// the fold exactly as the fused pass does: logp and the entropy agree bit for bit on the GPU, for
+/// the same weights, inputs, mask and `Tuning`, bf16 and f32, odd shapes and V = 152,064. The
+/// exact path's `fwd` against the variant-3 pass is printed for scale (bf16 rounding of logits).
+#[test]
+fn logprob_fwd_matches_fused_bitwise_cuda() {
+    let Some(gpu) = cuda_or_skip("logprob_fwd_matches_fused_bitwise_cuda") else { return };
+    let mut rng = Rng::new(11);
+    let mut fails = Vec::new();
+    for &(t, h, v) in &[(7usize, 33usize, 1000usize), (37, 64, 4099), (130, 96, 8200), (19, 40, 152_064)] {
+        let base = problem(&mut rng, t, h, v, logit_scale(v));
+        for dt in [DType::BF16, DType::F32] {
+            let p = base.rounded(dt);
+            let up = |x: &[f32], d: DType| gpu.upload(x, d).unwrap();
+            let (x, w, tg, mk) = (up(&p.x, dt), up(&p.w, dt), gpu.upload_i32(&p.tg).unwrap(), up(&p.mask, DType::F32));
+            let g = up(&p.g, DType::F32);
+            for masked in [false, true] {
+                let mask = masked.then_some(&mk);
+                let mut fused_v3 = None;
+                for (name, tune) in kept_tunings(v, dt) {
+                    let what = format!("logprob fwd vs fused {} [t={t} h={h} v={v}] {name} masked={masked}", dt.suffix());
+                    let (mut lp, mut ls, mut en) = (up(&vec![f32::NAN; t], DType::F32), up(&vec![f32::NAN; t], DType::F32), up(&vec![f32::NAN; t], DType::F32));
+                    logprob::fwd_with(&gpu, &tune, &mut lp, &mut ls, Some(&mut en), &x, &w, &tg, mask, t, h, v).unwrap();
+                    let (mut lp2, mut en2, mut dh, mut dw) = (up(&vec![f32::NAN; t], DType::F32), up(&vec![f32::NAN; t], DType::F32), up(&vec![f32::NAN; t * h], dt), up(&vec![0.0; v * h], DType::F32));
+                    let mut grad = |c: GradChunk<'_>| logprob::gather_scaled(&gpu, c.dlogp, &g, c.idx, c.p0, c.n, 1.0);
+                    logprob::fwd_bwd_with(&gpu, &tune, &mut lp2, Some(&mut en2), &mut dh, &mut dw, &x, &w, &tg, mask, t, h, v, &mut grad).unwrap();
+                    let (a, b) = (gpu.to_vec(&lp).unwrap(), gpu.to_vec(&lp2).unwrap());
+                    let (ea, eb) = (gpu.to_vec(&en).unwrap(), gpu.to_vec(&en2).unwrap());
+                    let (nl, dlp) = bit_diff(&a, &b);
+                    let (ne, den) = bit_diff(&ea, &eb);
+                    println!("{what}: logp {nl} of {t} differ (max {dlp:.2e}), entropy {ne} differ (max {den:.2e})");
+                    if nl > 0 || ne > 0 || a.iter().any(|z| !z.is_finite()) {
+                        fails.push(format!("{what}: logp {nl} / entropy {ne} of {t} not bit-identical (max {dlp:.2e} / {den:.2e})"));
+                    }
+                    if name == "v3" {
+                        fused_v3 = Some(b);
+                    }
+                }
+                // For scale: the exact `fwd` against the variant-3 pass (no bit identity expected in bf16).
+                let exact = Tuning { fused_v2: false, fused_v3: false, ..Tuning::default() };
+                let (mut lp, mut ls) = (up(&vec![f32::NAN; t], DType::F32), up(&vec![f32::NAN; t], DType::F32));
+                logprob::fwd_with(&gpu, &exact, &mut lp, &mut ls, None, &x, &w, &tg, mask, t, h, v).unwrap();
+                if let Some(b) = fused_v3 {
+                    let e = max_abs(&gpu.to_vec(&lp).unwrap(), &b);
+                    println!("logprob exact fwd vs fused v3 {} [t={t} h={h} v={v}] masked={masked}: max |logp diff| {e:.2e} (info: what a ratio would see without item 4)", dt.suffix());
+                }
+            }
+        }
+    }
+    assert!(fails.is_empty(), "logprob fwd vs fused: {} failure(s):\n{}", fails.len(), fails.join("\n"));
+}
+
+/// GRPO at policy == old == reference, variants 2 and 3: with old and ref log-probs from `fwd` of
+/// the same mode, the fused loss sees ratio e^(logp − old) = 1 exactly: no clipped token, k3 = 0
+/// exactly, logp equal to old bit for bit, and loss = −Σ w·A (TokenMean and SeqMean).
+#[test]
+fn grpo_ratio_exactly_one_cuda() {
+    let Some(gpu) = cuda_or_skip("grpo_ratio_exactly_one_cuda") else { return };
+    let hp = GrpoHyper { lambda: 1.0, tau: 0.5, beta_help: 0.5, eps_low: 0.2, eps_high: 0.28, beta_kl: 0.04, adv_eps: 1e-4 };
+    let mut rng = Rng::new(13);
+    let mut fails = Vec::new();
+    for &(rows, l, h, v) in &[(3usize, 7usize, 48usize, 4099usize), (2, 5, 40, 152_064)] {
+        let t = rows * l;
+        let p = problem(&mut rng, t, h, v, logit_scale(v)).rounded(DType::BF16);
+        let mut mask = p.mask.clone();
+        mask[l..2 * l].iter_mut().for_each(|m| *m = 0.0);
+        let adv: Vec<f32> = (0..rows).map(|_| rng.normal() as f32).collect();
+        let up = |x: &[f32], d: DType| gpu.upload(x, d).unwrap();
+        let (x, w, tg, bm, ba) = (up(&p.x, DType::BF16), up(&p.w, DType::BF16), gpu.upload_i32(&p.tg).unwrap(), up(&mask, DType::F32), up(&adv, DType::F32));
+        for (name, tune) in kept_tunings(v, DType::BF16) {
+            // The old policy and the reference: the same weights, through `fwd` of this mode.
+            let (mut old, mut ls) = (up(&vec![0.0; t], DType::F32), up(&vec![0.0; t], DType::F32));
+            logprob::fwd_with(&gpu, &tune, &mut old, &mut ls, None, &x, &w, &tg, Some(&bm), t, h, v).unwrap();
+            let batch = GrpoBatch { old_logp: &old, ref_logp: &old, mask: &bm, adv: &ba, rows, l };
+            for agg in [Aggregation::TokenMean, Aggregation::SeqMean] {
+                let (mut lp, mut dh, mut dw) = (up(&vec![f32::NAN; t], DType::F32), up(&vec![f32::NAN; t * h], DType::BF16), up(&vec![0.0; v * h], DType::F32));
+                let s = grpo::fused_loss_with(&gpu, &tune, &mut lp, &mut dh, &mut dw, &x, &w, &tg, &batch, h, v, &hp, agg).unwrap();
+                let (nl, dl) = bit_diff(&gpu.to_vec(&lp).unwrap(), &gpu.to_vec(&old).unwrap());
+                // loss = −Σ_tokens w_row · mask · A_row at ρ = 1 and k3 = 0.
+                let m64 = to64(&mask);
+                let (wrow, _) = grpo::cpu::row_weights::<f64>(&m64, rows, l, agg);
+                let want: f64 = (0..t).map(|i| -wrow[i / l] * m64[i] * adv[i / l] as f64).sum();
+                let el = (s.loss - want).abs() / want.abs().max(1e-3);
+                let what = format!("grpo ratio {name} [rows={rows} l={l} h={h} v={v}] {agg:?}");
+                println!("{what}: logp vs old {nl} of {t} differ (max {dl:.2e}); clip_frac {:e}, mean_kl {:e}, loss {:.6} vs {want:.6} (rel {el:.1e})", s.clip_frac, s.mean_kl, s.loss);
+                if nl > 0 || s.clip_frac != 0.0 || s.mean_kl != 0.0 || el.is_nan() || el > 1e-5 {
+                    fails.push(format!("{what}: {nl} logp differ (max {dl:.2e}), clip_frac {:e}, mean_kl {:e}, loss rel {el:.1e}", s.clip_frac, s.mean_kl));
+                }
+            }
+        }
+    }
+    assert!(fails.is_empty(), "grpo ratio at policy == old: {} failure(s):\n{}", fails.len(), fails.join("\n"));
+}
+
+/// The automatic split-K choice at the bench's size (H = 3,584, V = 152,064): on a 132-SM H200 the
+/// cost model picks 4 slices for chunks of 2,048 tokens (640 MiB) and 3 for 2,731 (900 MiB).
+#[test]
+fn logprob_split_plan() {
+    let tune = Tuning { dhidden_splits: 0, ..Tuning::default() };
+    assert_eq!(logprob::fused_plan(&Device::Cpu, &tune, 8192, 3584, 152_064, DType::BF16), None);
+    let Some(gpu) = cuda_or_skip("logprob_split_plan") else { return };
+    let sms = gpu.gpu().map_or(0, |g| g.sm_count);
+    for (bytes, want) in [(640usize << 20, (2048usize, 4usize)), (900 << 20, (2731, 3))] {
+        let tn = Tuning { fused_bytes: bytes, ..tune };
+        let plan = logprob::fused_plan(&gpu, &tn, 8192, 3584, 152_064, DType::BF16);
+        println!("logprob plan at {} MiB on {sms} SMs: (chunk rows, dhidden slices) = {plan:?}", bytes >> 20);
+        assert_eq!(plan.map(|p| p.0), Some(want.0));
+        if sms == 132 {
+            assert_eq!(plan, Some(want));
+        }
+    }
+}
+
+/// `Tuning::dw_overwrite` on the CPU backend: dlm_head is written, not accumulated, by `fwd_bwd`
+/// and `bwd` (a start of 7.0 everywhere must vanish), and is zeroed when every token is masked.
+#[test]
+fn logprob_cpu_dw_overwrite() {
+    let dev = Device::Cpu;
+    let mut rng = Rng::new(14);
+    let p = problem(&mut rng, 8, 5, 13, 2.0);
+    let (t, h, v) = (p.t, p.h, p.v);
+    let r = reference(&p, true, &vec![0.0; v * h]);
+    let (x, w, tg, mk, g) = (dev.upload_act(&p.x).unwrap(), dev.upload_act(&p.w).unwrap(), dev.upload_i32(&p.tg).unwrap(), dev.upload(&p.mask, DType::F32).unwrap(), dev.upload(&p.g, DType::F32).unwrap());
+    let tune = Tuning { dw_overwrite: true, ..Tuning::default() };
+    let (mut lp, mut dh) = (dev.zeros_f32(t).unwrap(), dev.zeros_act(t * h).unwrap());
+    let mut dw = dev.upload(&vec![7.0; v * h], DType::F32).unwrap();
+    let mut grad = |c: GradChunk<'_>| logprob::gather_scaled(&dev, c.dlogp, &g, c.idx, c.p0, c.n, 1.0);
+    logprob::fwd_bwd_with(&dev, &tune, &mut lp, None, &mut dh, &mut dw, &x, &w, &tg, Some(&mk), t, h, v, &mut grad).unwrap();
+    let e = rel_err(dw.host().unwrap(), &r.dw);
+    println!("logprob cpu fused dw_overwrite dlm_head: rel err {e:.2e}");
+    assert!(e < 1e-5, "fused dw_overwrite: {e:.2e}");
+    // bwd: dlogp = g · mask, lse from fwd.
+    let (mut lp, mut ls) = (dev.zeros_f32(t).unwrap(), dev.zeros_f32(t).unwrap());
+    logprob::fwd(&dev, &mut lp, &mut ls, None, &x, &w, &tg, Some(&mk), t, h, v).unwrap();
+    let gm: Vec<f32> = (0..t).map(|i| p.g[i] * p.mask[i]).collect();
+    let mut dw = dev.upload(&vec![7.0; v * h], DType::F32).unwrap();
+    logprob::bwd_with(&dev, &tune, &mut dh, &mut dw, &dev.upload(&gm, DType::F32).unwrap(), &x, &w, &tg, &ls, t, h, v).unwrap();
+    let e = rel_err(dw.host().unwrap(), &r.dw);
+    println!("logprob cpu bwd dw_overwrite dlm_head: rel err {e:.2e}");
+    assert!(e < 1e-5, "bwd dw_overwrite: {e:.2e}");
+    // Every token masked: dlm_head becomes 0.
+    let none = dev.upload(&vec![0.0; t], DType::F32).unwrap();
+    let mut dw = dev.upload(&vec![7.0; v * h], DType::F32).unwrap();
+    logprob::fwd_bwd_with(&dev, &tune, &mut lp, None, &mut dh, &mut dw, &x, &w, &tg, Some(&none), t, h, v, &mut grad).unwrap();
+    assert!(dw.host().unwrap().iter().all(|&z| z == 0.0));
+}
+
+/// The same on CUDA with every token masked (no GEMM runs): dlm_head must still be written (0),
+/// for every variant; a NaN start would survive if it were not.
+#[test]
+fn logprob_cuda_dw_overwrite_all_masked() {
+    let Some(gpu) = cuda_or_skip("logprob_cuda_dw_overwrite_all_masked") else { return };
+    let mut rng = Rng::new(15);
+    let p = problem(&mut rng, 6, 16, 40, 2.0);
+    let (t, h, v) = (p.t, p.h, p.v);
+    let dt = DType::BF16;
+    let up = |x: &[f32], d: DType| gpu.upload(x, d).unwrap();
+    let (x, w, tg, none, g) = (up(&p.x, dt), up(&p.w, dt), gpu.upload_i32(&p.tg).unwrap(), up(&vec![0.0; t], DType::F32), up(&p.g, DType::F32));
+    let mut fails = Vec::new();
+    for var in [1u8, 2, 3] {
+        let tune = Tuning { fused_v2: var == 2, fused_v3: var == 3, dw_overwrite: true, ..Tuning::default() };
+        let (mut lp, mut dh, mut dw) = (up(&vec![f32::NAN; t], DType::F32), up(&vec![f32::NAN; t * h], dt), up(&vec![f32::NAN; v * h], DType::F32));
+        let mut grad = |c: GradChunk<'_>| logprob::gather_scaled(&gpu, c.dlogp, &g, c.idx, c.p0, c.n, 1.0);
+        logprob::fwd_bwd_with(&gpu, &tune, &mut lp, None, &mut dh, &mut dw, &x, &w, &tg, Some(&none), t, h, v, &mut grad).unwrap();
+        let ok = [&lp, &dh, &dw].iter().all(|b| gpu.to_vec(b).unwrap().iter().all(|&z| z == 0.0));
+        // bwd with dlogp = 0 everywhere.
+        let mut dw2 = up(&vec![f32::NAN; v * h], DType::F32);
+        logprob::bwd_with(&gpu, &tune, &mut dh, &mut dw2, &none, &x, &w, &tg, &none, t, h, v).unwrap();
+        let ok2 = gpu.to_vec(&dw2).unwrap().iter().all(|&z| z == 0.0) && gpu.to_vec(&dh).unwrap().iter().all(|&z| z == 0.0);
+        println!("logprob cuda dw_overwrite all masked v{var}: fused outputs zero {ok}, bwd outputs zero {ok2}");
+        if !ok || !ok2 {
+            fails.push(format!("v{var}: fused zero {ok}, bwd zero {ok2}"));
+        }
+    }
+    assert!(fails.is_empty(), "dw_overwrite all masked: {fails:?}");
 }

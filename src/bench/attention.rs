@@ -8,11 +8,14 @@
 //!
 //! Each row checks a slice against the CPU reference: the first 64 tokens of sequence 0 for the
 //! causal forward (out) and backward (dq) — exact, since causal rows see only earlier tokens —,
-//! the first window, and sequence 0 of the decode batch.
+//! all of sequence 0 for the non-causal forwards (the first window), and sequence 0 of the
+//! decode batch. Full runs add non-causal d64 (577 tokens) and d80 (576) multi-tile forwards.
 //!
 //! Kernel variants: every row runs `Variant::V1` (the verified kernels); where V2 applies
 //! (every forward; decode with n_new · group ≤ 16) a "v2" row follows, timed in the same run
-//! and checked the same way.
+//! and checked the same way; the training cases also get "fwd v3" and "fwd+bwd v3fwd" rows (the
+//! V3 forward alone, and followed by `Variant::default_bwd()`), and "bwd v3" and "fwd+bwd v3"
+//! rows (the V3 backward, and the V3 forward followed by it).
 
 use super::{time_gpu, BenchRow};
 use crate::ops::attention::{self, cpu, AttnShape, KvCache, Variant, Varlen};
@@ -32,6 +35,13 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     rows.extend(train_case(dev, g, it, nseq, len, AttnShape::new(28, 4, 128, true), note)?);
     let note = "SDPA flash fwd 25 TFLOP/s; goal >= 100";
     rows.extend(train_case(dev, g, it, 64, 64, AttnShape::new(16, 16, 80, false), note)?);
+    if !quick {
+        // Longer non-causal d64/d80 sequences (multi-tile forwards, where V3 replaces V2's
+        // 128-row kernel): the CLIP-L/336 tower of LLaVA-NeXT (577 tokens per crop) and
+        // full-attention layers of the Qwen2.5-VL tower (one image's 576 patches).
+        rows.extend(train_case(dev, g, it, 32, 577, AttnShape::new(16, 16, 64, false), "d64/d80 V3 vs V2 (no external reference)")?);
+        rows.extend(train_case(dev, g, it, 16, 576, AttnShape::new(16, 16, 80, false), "d64/d80 V3 vs V2 (no external reference)")?);
+    }
     let cases: &[(usize, usize, usize)] = if quick { &[(4, 4096, 1)] } else { &[(16, 8192, 1), (4, 32768, 1), (16, 8192, 16)] };
     for &(b, l, n_new) in cases {
         rows.extend(decode_case(dev, g, it, b, l, n_new, AttnShape::new(28, 4, 128, true))?);
@@ -64,8 +74,9 @@ fn train_case(dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize),
         attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v1)
     })?;
 
-    // CPU check on the first min(64, len) tokens of sequence 0.
-    let c = len.min(64);
+    // CPU check on the first min(64, len) tokens of sequence 0 (causal: they see only each
+    // other); non-causal: all of sequence 0 (every row sees every key).
+    let c = if s.causal { len.min(64) } else { len };
     let cs = [0, c as i32];
     let (cq, ckv) = (c * s.hq * s.d, c * s.hkv * s.d);
     let (mut o_ref, mut l_ref) = (vec![0f32; cq], vec![0f32; s.hq * c]);
@@ -98,6 +109,40 @@ fn train_case(dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize),
         (fwd2, err2, bwd2, both2, dq_err2)
     };
 
+    // V3 forward (kernels/attention_v3.cu: 128-row tiles of 4 warps × 32 rows; V2's window
+    // kernel at len ≤ 64): alone, and followed by the default backward. Same out and dq checks.
+    let v3f = {
+        let (v, vb_default) = (Variant::V3, Variant::default_bwd());
+        let fwd3 = time_gpu(g, warm, iters, &mut || attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v))?;
+        let err3 = rel_err(&dev.to_vec(&out)?[..cq], &o_ref);
+        let both3 = time_gpu(g, warm, iters, &mut || {
+            attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v)?;
+            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, vb_default)
+        })?;
+        let dq_err3 = match &dq_ref {
+            Some(r) => Some(rel_err(&dev.to_vec(&dq)?[..cq], r)),
+            None => None,
+        };
+        (fwd3, err3, both3, dq_err3)
+    };
+
+    // V3 backward (kernels/attention_v3_bwd.cu: 128-key blocks of 8 warps walking the GQA group;
+    // V1's kernel for windows ≤ 64 tokens), timed on the out/lse left by the runs above, then
+    // after the V3 forward (the newest forward; V2's window kernel at len ≤ 64). Same dq check.
+    let v3 = {
+        let v = Variant::V3;
+        let bwd3 = time_gpu(g, warm, iters, &mut || attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v))?;
+        let both3 = time_gpu(g, warm, iters, &mut || {
+            attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v)?;
+            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v)
+        })?;
+        let dq_err3 = match &dq_ref {
+            Some(r) => Some(rel_err(&dev.to_vec(&dq)?[..cq], r)),
+            None => None,
+        };
+        (bwd3, both3, dq_err3)
+    };
+
     let fl = nseq as f64 * 4.0 * (len * len) as f64 * (s.d * s.hq) as f64 * if s.causal { 0.5 } else { 1.0 };
     let (tq, tkv) = ((t * s.hq * s.d) as f64 * BF, (t * s.hkv * s.d) as f64 * BF); // one q-like / kv-like tensor
     let lse_b = (s.hq * t) as f64 * F4;
@@ -121,6 +166,12 @@ fn train_case(dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize),
     rows.push(row("attention_fwd v2", fwd2, 2.0 * tq + 2.0 * tkv + lse_b, fl, Some(err2)));
     rows.push(row("attention_bwd v2", bwd2, 4.0 * tq + 4.0 * tkv + 2.0 * lse_b, 2.5 * fl, dq_err2));
     rows.push(row("attention_fwd+bwd v2", both2, 5.0 * tq + 4.0 * tkv + lse_b, 3.5 * fl, dq_err2));
+    let (fwd3, err3, both3f, dq_err3f) = v3f;
+    rows.push(row("attention_fwd v3", fwd3, 2.0 * tq + 2.0 * tkv + lse_b, fl, Some(err3)));
+    rows.push(row("attention_fwd+bwd v3fwd", both3f, 5.0 * tq + 4.0 * tkv + lse_b, 3.5 * fl, dq_err3f));
+    let (bwd3, both3, dq_err3) = v3;
+    rows.push(row("attention_bwd v3", bwd3, 4.0 * tq + 4.0 * tkv + 2.0 * lse_b, 2.5 * fl, dq_err3));
+    rows.push(row("attention_fwd+bwd v3", both3, 5.0 * tq + 4.0 * tkv + lse_b, 3.5 * fl, dq_err3));
     Ok(rows)
 }
 

@@ -9,7 +9,10 @@
 //! one bf16 logits GEMM per chunk into the kept buffer, single-read fold) and variant 3
 //! (`fused_v3`: fold and u = onehot − softmax in one kernel, dlogp applied after the GEMMs), each
 //! checked against an f64 log-prob and against the current pass; `stage …` rows time each stage of
-//! one chunk alone.
+//! one chunk alone. Those rows keep round 3's settings (one dhidden GEMM, scratch allocated per
+//! call); the `… r4` rows use round 4's defaults (split-K dhidden with the automatic slice count,
+//! cached scratch; `dW=`: dlm_head written, not accumulated), with S swept 1–4 for v3, plus
+//! `stage dhidden split S` per slice count and the variant-3 forward that matches the fused pass.
 //! Baselines on the H200 (from the issue): PyTorch eager log-prob fwd+bwd 52.8 ms / 15.0 GiB
 //! extra; full GRPO loss 53.1 ms / 19.6 GiB; Liger fused 531 ms / 4.1 GiB. Floor for the GRPO
 //! loss: 45 ms with ≤ 1 GiB extra; goal ≤ 1.15 × 34.8 ms (three GEMMs at 770 TFLOP/s) = 40 ms.
@@ -59,9 +62,16 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
 
     // 1. Forward only (reference policy, old policy).
     // The current fused pass and variant 2 are both timed, whatever AM3_LOGPROB_V2 says.
-    let tune = Tuning { fused_v2: false, fused_v3: false, ..Tuning::default() };
+    // `tune*` reproduce round 3 (dhidden in one GEMM, scratch allocated per call), so the existing
+    // rows stay comparable; `r4*` are the round-4 defaults: split-K dhidden (automatic S) and the
+    // cached scratch.
+    let tune = Tuning { fused_v2: false, fused_v3: false, dhidden_splits: 1, dw_overwrite: false, cache_scratch: false, ..Tuning::default() };
     let tune2 = Tuning { fused_v2: true, ..tune };
     let tune3 = Tuning { fused_v3: true, ..tune };
+    let r4 = Tuning { dhidden_splits: 0, cache_scratch: true, ..tune };
+    let r4v3 = Tuning { fused_v3: true, ..r4 };
+    // "(tc, S)": chunk rows and dhidden slices of a fused tuning at this size.
+    let plan = |tn: &Tuning| logprob::fused_plan(dev, tn, t, h, v, bf).map_or("-".to_string(), |(tc, s)| format!("tc={tc} S={s}"));
     let ms = time_gpu(g, it.0, it.1, &mut || logprob::fwd_with(dev, &tune, &mut logp, &mut lse, None, &hidden, &lm_head, &targets, None, t, h, v))?;
     let err = if quick { None } else { Some(check_logp(dev, &logp, &x_host, &w_host, &tg_host, h, v, &[0, 1, t - 1])?) };
     rows.push(BenchRow {
@@ -72,6 +82,21 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
         flops: gemm_flops,
         rel_err: err,
         note: format!("1 GEMM floor {:.1} ms; extra {:.0} MiB", 1e3 * gemm_flops / super::BF16_FLOP_PER_S, mib(logprob::last_scratch_bytes())),
+    });
+
+    // 1b. The forward in variant-3 mode (round 4): the old policy's / reference's log-probs
+    // computed exactly as the fused v3 pass computes the policy's (bf16 logits), so the ratio is
+    // exactly 1 at policy == old. One logits GEMM per 2,048-token chunk + fold_u without the u pass.
+    let ms = time_gpu(g, it.0, it.1, &mut || logprob::fwd_with(dev, &r4v3, &mut logp, &mut lse, None, &hidden, &lm_head, &targets, None, t, h, v))?;
+    let err = if quick { None } else { Some(check_logp(dev, &logp, &x_host, &w_host, &tg_host, h, v, &[0, 1, t - 1])?) };
+    rows.push(BenchRow {
+        op: "logprob fwd v3 mode r4".into(),
+        shape: shape.clone(),
+        ms,
+        bytes: (2 * (t * h + v * h) + 2 * t * v + 8 * t) as f64,
+        flops: gemm_flops,
+        rel_err: err,
+        note: format!("bf16 logits as fused v3 (bit-identical logp); extra {:.0} MiB (cached: {:.0} MiB held)", mib(logprob::last_scratch_bytes()), mib(logprob::cached_scratch_bytes())),
     });
 
     // 2. Forward + backward with recompute (4 GEMMs), from a generic dlogp.
@@ -124,6 +149,37 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
         cases.push(("grpo fused v2 900M".into(), Tuning { fused_bytes: 900 << 20, ..tune2 }, &ones, 1.0));
         cases.push(("grpo fused v3 900M".into(), Tuning { fused_bytes: 900 << 20, ..tune3 }, &ones, 1.0));
     }
+    // Round 4: split-K dhidden (automatic S), cached scratch; then also dlm_head written (=).
+    let r4_cases = [
+        ("grpo fused r4", r4),
+        ("grpo fused v3 r4", r4v3),
+        ("grpo fused v3 900M r4", Tuning { fused_bytes: 900 << 20, ..r4v3 }),
+        ("grpo fused v3 900M r4 dW=", Tuning { fused_bytes: 900 << 20, dw_overwrite: true, ..r4v3 }),
+    ];
+    for (name, tn) in r4_cases {
+        cases.push((format!("{name} ({})", plan(&tn)), tn, &ones, 1.0));
+    }
+    if !quick {
+        let more = [
+            ("grpo fused 900M r4", Tuning { fused_bytes: 900 << 20, ..r4 }),
+            ("grpo fused v2 r4", Tuning { fused_v2: true, ..r4 }),
+            ("grpo fused v3 r4 dW=", Tuning { dw_overwrite: true, ..r4v3 }),
+            ("grpo fused r4, 50% masked", r4),
+            ("grpo fused v3 r4, 50% masked", r4v3),
+        ];
+        for (name, tn) in more {
+            let (mask, frac) = if name.contains("masked") { (&half_b, 0.5) } else { (&ones, 1.0) };
+            cases.push((format!("{name} ({})", plan(&tn)), tn, mask, frac));
+        }
+        // The split alone: v3 at both chunk sizes, cached scratch, S = 1 .. 4 (S=1 against the
+        // round-3 v3 rows isolates the cache).
+        for bytes in [640usize << 20, 900 << 20] {
+            for sp in 1..=4 {
+                let tn = Tuning { fused_bytes: bytes, dhidden_splits: sp, ..r4v3 };
+                cases.push((format!("grpo fused v3 {}M r4 ({})", bytes >> 20, plan(&tn)), tn, &ones, 1.0));
+            }
+        }
+    }
     for (name, tn, mask, frac) in cases {
         let batch = GrpoBatch { old_logp: &old_b, ref_logp: &ref_b, mask, adv: &adv_b, rows: nroll, l: len };
         let mut stats = Default::default();
@@ -132,7 +188,7 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
             Ok(())
         })?;
         let extra = logprob::last_scratch_bytes();
-        let checked = name.ends_with("fwd+bwd");
+        let checked = name.ends_with("fwd+bwd") || name.starts_with("grpo fused r4 (") || name.starts_with("grpo fused v3 r4 (") || name.starts_with("grpo fused v3 900M r4 (");
         let err = if quick || frac < 1.0 || !checked { None } else { Some(check_logp(dev, &logp, &x_host, &w_host, &tg_host, h, v, &[0, 4097])?) };
         rows.push(BenchRow {
             op: name,
@@ -158,13 +214,14 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     if !quick {
         let batch = GrpoBatch { old_logp: &old_b, ref_logp: &ref_b, mask: &ones, adv: &adv_b, rows: nroll, l: len };
         let mut outs = Vec::new();
-        for tn in [tune, tune2, tune3] {
+        for tn in [tune, tune2, tune3, r4, r4v3] {
             let mut dw0 = dev.zeros_f32(v * h)?;
             let s = grpo::fused_loss_with(dev, &tn, &mut logp, &mut dhidden, &mut dw0, &hidden, &lm_head, &targets, &batch, h, v, &hp, Aggregation::TokenMean)?;
             outs.push((dev.to_vec(&logp)?, dev.to_vec(&dhidden)?, dev.to_vec(&dw0)?, s.loss));
         }
-        for (i, name) in [(1usize, "grpo v2 vs current"), (2, "grpo v3 vs current")] {
-            let (a, b) = (&outs[0], &outs[i]);
+        // r4 rows: split-K changes only the order of dhidden's f32 sums (logp and dlm_head exact).
+        for (i, j, name) in [(1usize, 0usize, "grpo v2 vs current"), (2, 0, "grpo v3 vs current"), (3, 0, "grpo r4 vs current"), (4, 2, "grpo v3 r4 vs v3")] {
+            let (a, b) = (&outs[j], &outs[i]);
             let (e_lp, e_dh, e_dw) = (rel(&b.0, &a.0), rel(&b.1, &a.1), rel(&b.2, &a.2));
             let max_lp = a.0.iter().zip(&b.0).map(|(x, y)| (x - y).abs() as f64).fold(0f64, f64::max);
             rows.push(BenchRow {
@@ -243,6 +300,9 @@ fn stages(dev: &Device, g: &Gpu, it: (usize, usize), hidden: &Buf, w: &Buf, targ
     let chunk_flops = 2.0 * (tc * h * v) as f64;
     let (wb, sb) = ((2 * v * h) as f64, (2 * tc * v) as f64);
     let mut out = Vec::new();
+    // Rows built outside `row` (which holds `out`), appended at the end.
+    let mut out_rows: Vec<BenchRow> = Vec::new();
+    let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
     let chunks = t.div_ceil(tc);
     let mut row = |op: &str, ms: f64, bytes: f64, flops: f64, note: &str| {
         let note = if note.starts_with("per call") { note.to_string() } else { format!("x{chunks} chunks = {:.2} ms; {note}", ms * chunks as f64) };
@@ -268,10 +328,18 @@ fn stages(dev: &Device, g: &Gpu, it: (usize, usize), hidden: &Buf, w: &Buf, targ
     let cfg_u = LaunchConfig { grid_dim: (tc as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: (cache * 2) as u32 };
     let ms = time_gpu(g, it.0, it.1, &mut || {
         g.blas.gemm(&logits_v2)?;
-        let args = [Arg::Ptr(store), Arg::Ptr(lp), Arg::Ptr(lse), Arg::Ptr(0), Arg::Ptr(tg), Arg::I32(tc as i32), Arg::I32(v as i32), Arg::I32(cache as i32)];
+        let args = [Arg::Ptr(store), Arg::Ptr(lp), Arg::Ptr(lse), Arg::Ptr(0), Arg::Ptr(tg), Arg::I32(tc as i32), Arg::I32(v as i32), Arg::I32(cache as i32), Arg::I32(1)];
         g.launch("logprob", "logprob_fold_u_bf16", cfg_u, &args)
     })?;
     row("stage v3 logits GEMM + fold_u", ms, 3.0 * sb + wb, chunk_flops, "GEMM, then read each logit once (+ L2 re-read past 160 KiB), write u; compare with v2 GEMM + fold_full + dlogits");
+    // Round 4: `fwd` in variant-3 mode runs the same kernel with write_u = 0 and no shared memory.
+    let cfg_f = LaunchConfig { shared_mem_bytes: 0, ..cfg_u };
+    let ms = time_gpu(g, it.0, it.1, &mut || {
+        g.blas.gemm(&logits_v2)?;
+        let args = [Arg::Ptr(store), Arg::Ptr(lp), Arg::Ptr(lse), Arg::Ptr(0), Arg::Ptr(tg), Arg::I32(tc as i32), Arg::I32(v as i32), Arg::I32(0), Arg::I32(0)];
+        g.launch("logprob", "logprob_fold_u_bf16", cfg_f, &args)
+    })?;
+    row("stage v3 logits GEMM + fold (fwd)", ms, sb + sb + wb, chunk_flops, "fwd in v3 mode: GEMM, fold_u with write_u = 0 (one read of the chunk)");
     g.blas.gemm(&logits_v2)?;
     fold_v2()?;
     finalize()?;
@@ -281,6 +349,49 @@ fn stages(dev: &Device, g: &Gpu, it: (usize, usize), hidden: &Buf, w: &Buf, targ
     let dh_gemm = gm(tc, h, v, false, false, store, wp, dh, 0.0, GemmType::F32);
     let ms = time_gpu(g, it.0, it.1, &mut || g.blas.gemm(&dh_gemm))?;
     row("stage dhidden GEMM", ms, sb + wb + (4 * tc * h) as f64, chunk_flops, "m=2048 n=3584 k=V, f32 out");
+    // Round 4: the dhidden GEMM split over S vocabulary slices (one strided-batched GEMM into S
+    // f32 partials) + the scatter that sums them into bf16 rows, at the 640M chunk (2,048 rows)
+    // and the 900M chunk (2,731 rows, 3 chunks per call).
+    {
+        let tc9 = 2731usize.min(t);
+        let store9 = dev.zeros(bf, tc9 * v)?;
+        let s9 = store9.ptr(g)?;
+        g.blas.gemm(&gm(tc9, v, h, false, true, x, wp, s9, 0.0, GemmType::Bf16))?; // logits: realistic values
+        let part = dev.zeros(f4, 4 * tc9 * h)?;
+        let dhb = dev.zeros(bf, tc9 * h)?;
+        let (part, dhb) = (part.ptr(g)?, dhb.ptr(g)?);
+        for (rows, u, per_call) in [(tc, store, t.div_ceil(tc)), (tc9, s9, t.div_ceil(tc9))] {
+            for sp in 1..=4usize {
+                let mut count = 0;
+                let gemm_ms = time_gpu(g, it.0, it.1, &mut || {
+                    count = logprob::dhidden_split_gemm(g, w, u, part, rows, h, v, sp)?;
+                    Ok(())
+                })?;
+                let args = [Arg::Ptr(dhb), Arg::Ptr(part), Arg::Ptr(0), Arg::Ptr(0), Arg::I32(0), Arg::I32(rows as i32), Arg::I32(h as i32), Arg::I32(count as i32), Arg::I64((rows * h) as i64)];
+                let ms = time_gpu(g, it.0, it.1, &mut || {
+                    logprob::dhidden_split_gemm(g, w, u, part, rows, h, v, sp)?;
+                    g.launch("logprob", "logprob_scatter_sum_bf16", cfg_rows(rows, 256, 0), &args)
+                })?;
+                let tiles = rows.div_ceil(128) * h.div_ceil(256) * count;
+                let op = if rows == tc { format!("stage dhidden split {sp}") } else { format!("stage dhidden split {sp} tc={rows}") };
+                out_rows.push(BenchRow {
+                    op,
+                    shape: shape.into(),
+                    ms,
+                    bytes: (2 * rows * v + 2 * v * h + 8 * count * rows * h + 2 * rows * h) as f64,
+                    flops: 2.0 * (rows * h * v) as f64,
+                    rel_err: None,
+                    note: format!(
+                        "x{per_call} chunks = {:.2} ms; GEMM alone {gemm_ms:.3} ms ({:.0} TFLOP/s), S={count}: {tiles} tiles of 128x256 = {:.2} waves on {} SMs",
+                        ms * per_call as f64,
+                        2.0 * (rows * h * v) as f64 / (gemm_ms * 1e-3) / 1e12,
+                        tiles as f64 / g.sm_count as f64,
+                        g.sm_count
+                    ),
+                });
+            }
+        }
+    }
     let dw_gemm = gm(v, h, tc, true, false, store, x, dwp, 1.0, GemmType::F32);
     let ms = time_gpu(g, it.0, it.1, &mut || g.blas.gemm(&dw_gemm))?;
     row("stage dW GEMM k=2048", ms, sb + 8.0 * (v * h) as f64, chunk_flops, "beta=1: f32 dW [V,H] read + written (4.4 GB)");
@@ -289,6 +400,18 @@ fn stages(dev: &Device, g: &Gpu, it: (usize, usize), hidden: &Buf, w: &Buf, targ
         Ok(())
     })?;
     row("stage scratch alloc+zero", ms, (2 * tc * v + 4 * tc * vc + 4 * tc * h) as f64, 0.0, "per call, not per chunk: the 687 MiB of v1 scratch, zeroed");
+    // Round 4: the cost the scratch cache removes from v2/v3, whose kept buffer was allocated
+    // uninitialised per call: wall time of a cudaMallocAsync of the v3 arena (store + hg + 4
+    // partials) and its free, each followed by a sync as in the op (the pool trims at a sync).
+    let arena = 2 * tc * v + 2 * tc * h + 16 * tc * h;
+    let ms = super::time_cpu(1, 5, &mut || {
+        // SAFETY: never read; only the allocation is timed.
+        let b = unsafe { g.stream.alloc::<u8>(arena) }.map_err(|e| anyhow::anyhow!("bench alloc: {e}"))?;
+        g.sync()?;
+        drop(b);
+        g.sync()
+    })?;
+    row("stage scratch alloc uninit", ms, 0.0, 0.0, &format!("per call, wall time: {:.0} MiB cudaMallocAsync + free + 2 syncs (what the cache saves per call)", mib(arena)));
     let flags = dev.upload(&vec![1.0; t], DType::F32)?;
     let (idx, pos, cnt) = (dev.zeros(DType::I32, t)?, dev.zeros(DType::I32, t)?, dev.zeros(DType::I32, 1)?);
     let ms = time_gpu(g, it.0, it.1, &mut || {
@@ -297,6 +420,7 @@ fn stages(dev: &Device, g: &Gpu, it: (usize, usize), hidden: &Buf, w: &Buf, targ
         dev.to_vec_i32(&cnt).map(|_| ())
     })?;
     row("stage active scan + D2H", ms, (12 * t) as f64, 0.0, "per call, not per chunk: one-block scan and the count's download");
+    out.extend(out_rows);
     Ok(out)
 }
 

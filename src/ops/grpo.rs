@@ -212,8 +212,10 @@ pub struct GrpoBatch<'a> {
 
 /// The GRPO step on the policy, fused with the lm_head: from hidden [rows·l, h], lm_head [v, h]
 /// and targets [rows·l] (i32), writes logp [rows·l] (f32, 0 on masked tokens), dhidden
-/// [rows·l, h] (=) and dlm_head [v, h] (f32, +=) and returns the loss statistics. Masked tokens
-/// cost no GEMM work. Three GEMMs of 2·T·H·V in all.
+/// [rows·l, h] (=) and dlm_head [v, h] (f32, +=; = with `Tuning::dw_overwrite`) and returns the
+/// loss statistics. Masked tokens cost no GEMM work. Three GEMMs of 2·T·H·V in all. With
+/// `Tuning::fused_v2` / `fused_v3`, compute old_logp and ref_logp with `logprob::fwd_with` and the
+/// same `Tuning` and mask: they then match the policy's log-probs bit for bit at equal weights.
 #[allow(clippy::too_many_arguments)]
 pub fn fused_loss(dev: &Device, logp: &mut Buf, dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, batch: &GrpoBatch, h: usize, v: usize, hp: &GrpoHyper, agg: Aggregation) -> Result<LossStats> {
     fused_loss_with(dev, &Tuning::default(), logp, dhidden, dlm_head, hidden, lm_head, targets, batch, h, v, hp, agg)

@@ -20,9 +20,16 @@
 //!   decode with 16-row query tiles split over the warps by keys (n_new · group ≤ 16), and the
 //!   GQA backward with the group inside the block (dK/dV summed in registers, no f32 partials).
 //!   Same results; the default is chosen by measurement.
+//! - `Variant::V3` (`AM3_ATTN_V2=3`): the forward of kernels/attention_v3.cu for sequences longer
+//!   than 64 tokens (`v3_fwd`: 128-row tiles of 4 warps × 32 rows); windows as V2.
+//!   The backward of kernels/attention_v3_bwd.cu for sequences longer than 64 tokens (`v3_bwd`:
+//!   128-key blocks of 8 warps walking the GQA group, dK/dV summed in registers, dQ by atomics);
+//!   windows (every sequence ≤ 64 tokens) as V1.
 
 pub mod cpu;
 pub mod decode;
+mod v3_bwd;
+mod v3_fwd;
 
 pub use decode::{decode, decode_with, KvCache};
 
@@ -118,14 +125,19 @@ pub enum Variant {
     /// with the group inside the block; decode with the keys split over the warps for ≤ 16
     /// query rows per kv head.
     V2,
+    /// Forward: kernels/attention_v3.cu for sequences > 64 tokens (128-row tiles of 4 warps ×
+    /// 32 rows, see `v3_fwd`), V2's window kernel otherwise. Backward: see `bwd_with`. Decode:
+    /// as V1 (`decode_with` takes V2's kernel only for `Variant::V2`).
+    V3,
 }
 
 impl Variant {
-    /// `AM3_ATTN_V2=1` forces V2 everywhere, `AM3_ATTN_V2=0` V1; unset: None (the per-op
-    /// defaults below, chosen by the H200 measurements in PERF.md, run 4).
+    /// `AM3_ATTN_V2=1` forces V2 everywhere, `AM3_ATTN_V2=3` V3, `AM3_ATTN_V2=0` V1; unset: None
+    /// (the per-op defaults below, chosen by the H200 measurements in PERF.md, run 4).
     pub fn from_env() -> Option<Variant> {
         match std::env::var("AM3_ATTN_V2").as_deref() {
             Ok("1") => Some(Variant::V2),
+            Ok("3") => Some(Variant::V3),
             Ok("0") => Some(Variant::V1),
             _ => None,
         }
@@ -241,9 +253,13 @@ pub fn fwd_with(dev: &Device, out: &mut Buf, lse: &mut Buf, q: &Buf, k: &Buf, v:
                 check_grid(op, seqs, s)?;
                 let mut args = base.to_vec();
                 args.extend([Arg::I32(t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32), Arg::F32(s.scale * std::f32::consts::LOG2_E), Arg::I32(s.causal as i32)]);
+                // V3: sequences longer than one tile (windows take V2's kernel below).
+                if variant == Variant::V3 && seqs.max_len > TILE {
+                    return v3_fwd::launch(g, &args, seqs, s);
+                }
                 // Windows (every sequence ≤ 64 tokens): persistent blocks that prefetch the next
                 // (sequence, head) item; longer sequences: 128-row tiles with a K/V ring.
-                if variant == Variant::V2 && seqs.max_len <= TILE && nseq * s.hq < i32::MAX as usize {
+                if matches!(variant, Variant::V2 | Variant::V3) && seqs.max_len <= TILE && nseq * s.hq < i32::MAX as usize {
                     let items = nseq * s.hq;
                     let smem = win_smem(s.d);
                     // Resident blocks per SM: 228 KiB of shared memory (1 KiB reserved per
@@ -330,6 +346,12 @@ pub fn bwd_with(
             let dt = same_float_dtype(op, &[dq, dk, dv, dout, q, k, v, out])?;
             if t == 0 {
                 return Ok(());
+            }
+            // V3: sequences longer than one tile (the 128-key blocks would idle half their warps
+            // on windows, which keep V1's kernel below). It computes its own D.
+            if variant == Variant::V3 && seqs.max_len > TILE && use_tc(g, dt, s.d, &[dq, dk, dv, dout, q, k, v, out])? {
+                check_grid(op, seqs, s)?;
+                return v3_bwd::bwd(dev, g, dq, dk, dv, dout, q, k, v, out, lse, seqs, s, t);
             }
             let nseq = seqs.nseq();
             // D[h, t] = dout·out per row, the softmax-backward correction term.

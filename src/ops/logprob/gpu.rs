@@ -1,6 +1,11 @@
 //! CUDA launchers of the grouped log-prob: the plain forward/backward, the fused GRPO pass and its
-//! v2/v3 variants (see PERF-logprob.md). Pointers are raw device addresses.
+//! v2/v3 variants (see PERF-logprob.md). Pointers are raw device addresses. The large scratch
+//! (kept logits, f32 tiles, dhidden partials) comes from the per-process cache in arena.rs and is
+//! never zeroed: each part is fully written by a GEMM or kernel before anything reads it. The
+//! dhidden GEMMs run split over vocabulary slices (splitk.rs).
 
+use super::arena::{self, Layout};
+use super::splitk::{self, SplitGemm, Splits};
 use super::*;
 
 fn gemm_type(dt: DType) -> GemmType {
@@ -18,18 +23,6 @@ fn at(p: u64, i: usize, dt: DType) -> u64 {
 fn scratch(dev: &Device, dt: DType, n: usize, meter: &mut usize) -> Result<Buf> {
     *meter += n.max(1) * dt.size();
     dev.zeros(dt, n)
-}
-
-/// Scratch left uninitialised (no memset): for buffers a GEMM fully writes before any read.
-fn scratch_uninit(g: &Gpu, dev: &Device, dt: DType, n: usize, meter: &mut usize) -> Result<Buf> {
-    *meter += n.max(1) * dt.size();
-    // SAFETY: the callers read only elements that the logits GEMM wrote first.
-    let r = match dt {
-        DType::BF16 => unsafe { g.stream.alloc::<half::bf16>(n.max(1)) }.map(|s| Buf::DevBf16(s, n)),
-        DType::F32 => unsafe { g.stream.alloc::<f32>(n.max(1)) }.map(|s| Buf::DevF32(s, n)),
-        _ => return dev.zeros(dt, n),
-    };
-    r.map_err(|e| anyhow::anyhow!("logprob: allocating {:.1} MiB of scratch failed: {e}", (n * dt.size()) as f64 / (1u64 << 20) as f64))
 }
 
 fn opt_ptr(g: &Gpu, b: Option<&Buf>) -> Result<u64> {
@@ -110,6 +103,12 @@ struct Pass {
 impl Pass {
     /// f32 logits [n, nv] at `out` = hidden rows [n, h] at `hid` · lm_head rows v0 .. v0 + nv, transposed.
     fn logits(&self, g: &Gpu, out: u64, hid: u64, n: usize, v0: usize, nv: usize) -> Result<()> {
+        self.logits_as(g, out, hid, n, v0, nv, GemmType::F32)
+    }
+
+    /// `logits` with the output type `ct` (the storage type: logits rounded as variant 2 does).
+    #[allow(clippy::too_many_arguments)]
+    fn logits_as(&self, g: &Gpu, out: u64, hid: u64, n: usize, v0: usize, nv: usize, ct: GemmType) -> Result<()> {
         g.blas.gemm(&Gemm {
             m: n,
             n: nv,
@@ -122,7 +121,7 @@ impl Pass {
             b: at(self.w, v0 * self.h, self.dt),
             c: out,
             ab_type: self.gt,
-            c_type: GemmType::F32,
+            c_type: ct,
             batch: (1, 0, 0, 0),
         })
     }
@@ -161,10 +160,70 @@ impl Pass {
         g.launch(MODULE, "logprob_finalize", cfg_1d(n, 256), &args)
     }
 
-    /// dst rows (idx[i], or row0 + i) = src [n, h] f32, converted to the storage dtype.
-    fn scatter(&self, g: &Gpu, dst: u64, src: u64, idx: u64, row0: usize, n: usize) -> Result<()> {
-        let args = [Arg::Ptr(dst), Arg::Ptr(src), Arg::Ptr(idx), Arg::I32(row0 as i32), Arg::I32(n as i32), Arg::I32(self.h as i32)];
-        g.launch(MODULE, &kname("logprob_scatter_rows", self.dt), cfg_rows(n, BLOCK, 0), &args)
+    /// dst rows (idx[i], or row0 + i) = gs[i] · Σ_p src[p] [n, h] (f32 partials `pstride`
+    /// elements apart; gs null = 1), converted to the storage dtype.
+    #[allow(clippy::too_many_arguments)]
+    fn scatter_sum(&self, g: &Gpu, dst: u64, src: u64, gs: u64, idx: u64, row0: usize, n: usize, nsplit: usize, pstride: usize) -> Result<()> {
+        let args = [
+            Arg::Ptr(dst),
+            Arg::Ptr(src),
+            Arg::Ptr(gs),
+            Arg::Ptr(idx),
+            Arg::I32(row0 as i32),
+            Arg::I32(n as i32),
+            Arg::I32(self.h as i32),
+            Arg::I32(nsplit as i32),
+            Arg::I64(pstride as i64),
+        ];
+        g.launch(MODULE, &kname("logprob_scatter_sum", self.dt), cfg_rows(n, BLOCK, 0), &args)
+    }
+
+    /// logits [n, v] at the storage dtype into `store` (row stride v) = hidden rows [n, h] at
+    /// `hid` · Wᵀ, rounded once. Variants 2 and 3 and `fwd` in their mode all call this, so the
+    /// same chunk gives the same bits.
+    fn logits_kept(&self, g: &Gpu, store: u64, hid: u64, n: usize) -> Result<()> {
+        g.blas.gemm(&Gemm {
+            m: n,
+            n: self.v,
+            k: self.h,
+            trans_a: false,
+            trans_b: true,
+            alpha: 1.0,
+            beta: 0.0,
+            a: hid,
+            b: self.w,
+            c: store,
+            ab_type: self.gt,
+            c_type: self.gt,
+            batch: (1, 0, 0, 0),
+        })
+    }
+
+    /// partial[p] [n, h] f32 (β)= U[:, slice p] · W[v0 + slice p, :]; U [n, k] at `u`, row stride `ldu`.
+    #[allow(clippy::too_many_arguments)]
+    fn dhidden(&self, g: &Gpu, part: u64, u: u64, ldu: usize, v0: usize, k: usize, n: usize, beta: f32, splits: Splits) -> Result<()> {
+        let sg = SplitGemm { u, ldu, w: at(self.w, v0 * self.h, self.dt), part, m: n, h: self.h, k, ab: self.gt, beta };
+        splitk::gemm(g, &sg, splits)
+    }
+
+    /// dW rows v0 .. v0 + nv (f32, β = 0 or 1) = U [n, nv]ᵀ (row stride nv) · x [n, h].
+    #[allow(clippy::too_many_arguments)]
+    fn dw(&self, g: &Gpu, dw: u64, u: u64, x: u64, n: usize, v0: usize, nv: usize, beta: f32) -> Result<()> {
+        g.blas.gemm(&Gemm {
+            m: nv,
+            n: self.h,
+            k: n,
+            trans_a: true,
+            trans_b: false,
+            alpha: 1.0,
+            beta,
+            a: u,
+            b: x,
+            c: at(dw, v0 * self.h, DType::F32),
+            ab_type: self.gt,
+            c_type: GemmType::F32,
+            batch: (1, 0, 0, 0),
+        })
     }
 }
 
@@ -180,6 +239,43 @@ fn chunk_rows(total: usize, max: usize) -> usize {
         return 1;
     }
     total.div_ceil(total.div_ceil(max))
+}
+
+/// Token rows per chunk of the fused pass (and of `fwd` in variant-2/3 mode): the kept
+/// [rows, v] logits fit in `fused_bytes`.
+fn fused_rows(ta: usize, v: usize, dt: DType, tune: &Tuning) -> usize {
+    chunk_rows(ta, tune.fused_bytes / (v * dt.size()).max(1))
+}
+
+/// The vocabulary slices of a dhidden GEMM with m rows and reduction k: `Tuning::dhidden_splits`,
+/// or the cost model of splitk.rs when it is 0. `extra` is the partial traffic per extra slice.
+fn dh_splits(g: &Gpu, tune: &Tuning, m: usize, h: usize, k: usize, extra: f64) -> Splits {
+    let s = match tune.dhidden_splits {
+        0 => splitk::auto_splits(m, h, k, g.sm_count as usize, extra),
+        s => s,
+    };
+    Splits::new(k, s)
+}
+
+/// The slices the fused pass uses for a chunk of `tc` rows (bench and tests report them).
+pub(super) fn fused_splits(g: &Gpu, tune: &Tuning, ta: usize, h: usize, v: usize, dt: DType) -> (usize, Splits) {
+    let tc = fused_rows(ta, v, dt, tune);
+    (tc, dh_splits(g, tune, tc, h, v, 8.0 * (tc * h) as f64))
+}
+
+/// The fused pass's dhidden GEMM for one chunk of n rows (see `super::dhidden_split_gemm`).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn dhidden_stage(g: &Gpu, tune: &Tuning, lm_head: &Buf, u: u64, part: u64, n: usize, h: usize, v: usize) -> Result<usize> {
+    let ps = pass(g, lm_head, h, v)?;
+    let splits = dh_splits(g, tune, n, h, v, 8.0 * (n * h) as f64);
+    ps.dhidden(g, part, u, v, 0, v, n, 0.0, splits)?;
+    Ok(splits.count)
+}
+
+/// Takes the cached scratch for `lay` and counts it.
+fn take(dev: &Device, tune: &Tuning, lay: &Layout, meter: &mut usize) -> Result<arena::Scratch> {
+    *meter += lay.bytes;
+    arena::take(dev, lay.bytes, tune.cache_scratch)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -207,12 +303,17 @@ pub(super) fn fwd(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, logp:
         Some((a, b, c)) => (a.ptr(g)?, b.ptr(g)?, if entropy.is_some() { c.ptr(g)? } else { 0 }),
         None => (logp.ptr(g)?, lse.ptr(g)?, opt_ptr(g, entropy.as_deref())?),
     };
-    if ta > 0 {
+    if ta > 0 && (tune.fused_v2 || tune.fused_v3) {
+        fwd_kept(g, dev, tune, meter, &ps, hid, tgt, lp, ls, en, ta)?;
+    } else if ta > 0 {
         let tc = chunk_rows(ta, tune.fwd_tokens);
         let vc = tune.fwd_vocab.clamp(1, v);
-        let tile = scratch(dev, DType::F32, tc * vc, meter)?;
+        let mut lay = Layout::default();
+        let o_tile = lay.part(tc * vc * 4);
+        let sc = take(dev, tune, &lay, meter)?;
+        let tile = sc.at(o_tile);
         let stats = scratch(dev, DType::F32, tc * 4, meter)?;
-        let (tile, stats) = (tile.ptr(g)?, stats.ptr(g)?);
+        let stats = stats.ptr(g)?;
         for t0 in (0..ta).step_by(tc) {
             let n = tc.min(ta - t0);
             ps.fold_rows(g, tile, stats, 0, 0, at(hid, t0 * h, ps.dt), at(tgt, t0, DType::I32), n, vc)?;
@@ -230,11 +331,44 @@ pub(super) fn fwd(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, logp:
     Ok(())
 }
 
+/// `fwd` in variant-2/3 mode: per chunk of the fused pass's size, the same logits GEMM into a
+/// kept [tc, v] buffer and the same fold kernel as `fwd_bwd_v2` (fold_full + finalize) or
+/// `fwd_bwd_v3` (fold_u, stopped before it writes u), so logp, lse and the entropy equal the fused
+/// pass's bit for bit. lp, ls, en: packed outputs [ta] (en may be 0).
+#[allow(clippy::too_many_arguments)]
+fn fwd_kept(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, ps: &Pass, hid: u64, tgt: u64, lp: u64, ls: u64, en: u64, ta: usize) -> Result<()> {
+    let (h, v) = (ps.h, ps.v);
+    let tc = fused_rows(ta, v, ps.dt, tune);
+    let mut lay = Layout::default();
+    let o_store = lay.part(tc * v * ps.dt.size());
+    let sc = take(dev, tune, &lay, meter)?;
+    let store = sc.at(o_store);
+    let stats = if tune.fused_v3 { None } else { Some(scratch(dev, DType::F32, tc * 4, meter)?) };
+    let stats = opt_ptr(g, stats.as_ref())?;
+    for t0 in (0..ta).step_by(tc) {
+        let n = tc.min(ta - t0);
+        let (hid_t0, tgt_t0) = (at(hid, t0 * h, ps.dt), at(tgt, t0, DType::I32));
+        let (lp_t0, ls_t0) = (at(lp, t0, DType::F32), at(ls, t0, DType::F32));
+        let en_t0 = if en == 0 { 0 } else { at(en, t0, DType::F32) };
+        ps.logits_kept(g, store, hid_t0, n)?;
+        if tune.fused_v3 {
+            let cfg = LaunchConfig { grid_dim: (n_blocks(n), 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+            let args = [Arg::Ptr(store), Arg::Ptr(lp_t0), Arg::Ptr(ls_t0), Arg::Ptr(en_t0), Arg::Ptr(tgt_t0), Arg::I32(n as i32), Arg::I32(v as i32), Arg::I32(0), Arg::I32(0)];
+            g.launch(MODULE, &kname("logprob_fold_u", ps.dt), cfg, &args)?;
+        } else {
+            let args = [Arg::Ptr(stats), Arg::Ptr(store), Arg::Ptr(tgt_t0), Arg::I32(n as i32), Arg::I32(v as i32)];
+            g.launch(MODULE, &kname("logprob_fold_full", ps.dt), cfg_rows(n, BLOCK, 0), &args)?;
+            ps.finalize(g, lp_t0, ls_t0, en_t0, stats, n)?;
+        }
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn bwd(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, dhidden: &mut Buf, dlm_head: &mut Buf, dlogp: &Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, lse: &Buf, t: usize, h: usize, v: usize) -> Result<()> {
     let ps = pass(g, lm_head, h, v)?;
     if t == 0 {
-        return Ok(());
+        return if tune.dw_overwrite { zero(g, dlm_head) } else { Ok(()) };
     }
     // Only tokens with a non-zero upstream gradient contribute.
     let act = active_tokens(g, dev, dlogp, t, meter)?;
@@ -256,7 +390,7 @@ pub(super) fn bwd(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, dhidd
         None => None,
     };
     if ta == 0 {
-        return Ok(());
+        return if tune.dw_overwrite { zero(g, dlm_head) } else { Ok(()) };
     }
     let (hid, tgt, dlp, lsp) = match &packed {
         Some((hp, tp, dp, lp)) => (hp.ptr(g)?, tp.ptr(g)?, dp.ptr(g)?, lp.ptr(g)?),
@@ -268,64 +402,44 @@ pub(super) fn bwd(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, dhidd
     };
     let tc = chunk_rows(ta, tune.bwd_tokens);
     let vc = tune.bwd_vocab.clamp(1, v);
-    let tile = scratch(dev, DType::F32, tc * vc, meter)?;
-    let dl = scratch(dev, ps.dt, tc * vc, meter)?;
-    let dh = scratch(dev, DType::F32, tc * h, meter)?;
-    let (tile, dl, dh) = (tile.ptr(g)?, dl.ptr(g)?, dh.ptr(g)?);
+    // dhidden per vocabulary tile, split into slices: S f32 accumulators [n, h], each re-read by
+    // the next tile's β = 1 (hence the 8·tc·h bytes per extra slice and tile in the cost model).
+    let splits = dh_splits(g, tune, tc, h, vc, 8.0 * (tc * h) as f64);
+    // Variant-2/3 mode: the tile's logits are rounded to the storage dtype, as `fwd` of that mode
+    // rounded them for the saved lse, and turned into dlogits in place (no f32 tile).
+    let kept = tune.fused_v2 || tune.fused_v3;
+    let mut lay = Layout::default();
+    let o_tile = lay.part(if kept { 0 } else { tc * vc * 4 });
+    let o_dl = lay.part(tc * vc * ps.dt.size());
+    let o_dh = lay.part(splits.count * tc * h * 4);
+    let sc = take(dev, tune, &lay, meter)?;
+    let (tile, dl, dh) = (sc.at(o_tile), sc.at(o_dl), sc.at(o_dh));
     let (dhid, dw) = (dhidden.ptr(g)?, dlm_head.ptr(g)?);
     let name = kname("logprob_dlogits", ps.dt);
+    let name_kept = kname("logprob_dlogits_inplace", ps.dt);
     for t0 in (0..ta).step_by(tc) {
         let n = tc.min(ta - t0);
         let hid_t0 = at(hid, t0 * h, ps.dt);
+        let (ls_t0, dlp_t0, tgt_t0) = (at(lsp, t0, DType::F32), at(dlp, t0, DType::F32), at(tgt, t0, DType::I32));
         for v0 in (0..v).step_by(vc) {
             let nv = vc.min(v - v0);
-            ps.logits(g, tile, hid_t0, n, v0, nv)?;
-            let args = [
-                Arg::Ptr(dl),
-                Arg::Ptr(tile),
-                Arg::Ptr(at(lsp, t0, DType::F32)),
-                Arg::Ptr(at(dlp, t0, DType::F32)),
-                Arg::Ptr(at(tgt, t0, DType::I32)),
-                Arg::I32(n as i32),
-                Arg::I32(nv as i32),
-                Arg::I32(v0 as i32),
-            ];
-            g.launch(MODULE, &name, cfg_cols(nv, vec_n(ps.dt), n), &args)?;
-            // dh [n, h] (+)= dl [n, nv] · W[v0 .. v0 + nv, :]
-            g.blas.gemm(&Gemm {
-                m: n,
-                n: h,
-                k: nv,
-                trans_a: false,
-                trans_b: false,
-                alpha: 1.0,
-                beta: if v0 == 0 { 0.0 } else { 1.0 },
-                a: dl,
-                b: at(ps.w, v0 * h, ps.dt),
-                c: dh,
-                ab_type: ps.gt,
-                c_type: GemmType::F32,
-                batch: (1, 0, 0, 0),
-            })?;
-            // dW[v0 .. v0 + nv, :] += dlᵀ [nv, n] · hidden [n, h]
-            g.blas.gemm(&Gemm {
-                m: nv,
-                n: h,
-                k: n,
-                trans_a: true,
-                trans_b: false,
-                alpha: 1.0,
-                beta: 1.0,
-                a: dl,
-                b: hid_t0,
-                c: at(dw, v0 * h, DType::F32),
-                ab_type: ps.gt,
-                c_type: GemmType::F32,
-                batch: (1, 0, 0, 0),
-            })?;
+            if kept {
+                ps.logits_as(g, dl, hid_t0, n, v0, nv, ps.gt)?;
+                let args = [Arg::Ptr(dl), Arg::Ptr(ls_t0), Arg::Ptr(dlp_t0), Arg::Ptr(tgt_t0), Arg::I32(n as i32), Arg::I32(nv as i32), Arg::I32(v0 as i32)];
+                g.launch(MODULE, &name_kept, cfg_cols(nv, vec_n(ps.dt), n), &args)?;
+            } else {
+                ps.logits(g, tile, hid_t0, n, v0, nv)?;
+                let args = [Arg::Ptr(dl), Arg::Ptr(tile), Arg::Ptr(ls_t0), Arg::Ptr(dlp_t0), Arg::Ptr(tgt_t0), Arg::I32(n as i32), Arg::I32(nv as i32), Arg::I32(v0 as i32)];
+                g.launch(MODULE, &name, cfg_cols(nv, vec_n(ps.dt), n), &args)?;
+            }
+            // dh partials [n, h] (+)= dl [n, nv] · W[v0 .. v0 + nv, :], slice by slice. The first
+            // tile (the widest) writes every partial; a shorter last tile may touch fewer.
+            ps.dhidden(g, dh, dl, nv, v0, nv, n, if v0 == 0 { 0.0 } else { 1.0 }, splits)?;
+            // dW[v0 .. v0 + nv, :] (+)= dlᵀ [nv, n] · hidden [n, h]
+            ps.dw(g, dw, dl, hid_t0, n, v0, nv, if tune.dw_overwrite && t0 == 0 { 0.0 } else { 1.0 })?;
         }
         let idx_t0 = if idx == 0 { 0 } else { at(idx, t0, DType::I32) };
-        ps.scatter(g, dhid, dh, idx_t0, t0, n)?;
+        ps.scatter_sum(g, dhid, dh, 0, idx_t0, t0, n, splits.count, n * h)?;
     }
     Ok(())
 }
@@ -358,17 +472,23 @@ pub(super) fn fwd_bwd(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, l
         None => None,
     };
     let mut dlogp_p = scratch(dev, DType::F32, ta, meter)?;
+    if ta == 0 && tune.dw_overwrite {
+        zero(g, dlm_head)?;
+    }
     if ta > 0 {
-        let tc = chunk_rows(ta, tune.fused_bytes / (v * ps.dt.size()).max(1));
+        let (tc, splits) = fused_splits(g, tune, ta, h, v, ps.dt);
         let vc = tune.fused_vocab.clamp(1, v);
         let nsub = v.div_ceil(vc);
-        let tile = scratch(dev, DType::F32, tc * vc, meter)?;
-        let store = scratch(dev, ps.dt, tc * v, meter)?;
+        // Cached, not zeroed: [tc, vc] f32 tile, [tc, v] kept chunk (every row fully written by
+        // the fold), S × [tc, h] f32 dhidden partials.
+        let mut lay = Layout::default();
+        let (o_tile, o_store, o_dh) = (lay.part(tc * vc * 4), lay.part(tc * v * ps.dt.size()), lay.part(splits.count * tc * h * 4));
+        let sc = take(dev, tune, &lay, meter)?;
+        let (tile, store, dh) = (sc.at(o_tile), sc.at(o_store), sc.at(o_dh));
         let moff = scratch(dev, DType::F32, tc * nsub, meter)?;
         let stats = scratch(dev, DType::F32, tc * 4, meter)?;
         let lse = scratch(dev, DType::F32, tc, meter)?;
-        let dh = scratch(dev, DType::F32, tc * h, meter)?;
-        let (tile, store, moff, stats, lse, dh) = (tile.ptr(g)?, store.ptr(g)?, moff.ptr(g)?, stats.ptr(g)?, lse.ptr(g)?, dh.ptr(g)?);
+        let (moff, stats, lse) = (moff.ptr(g)?, stats.ptr(g)?, lse.ptr(g)?);
         let (dhid, dw, dlp) = (dhidden.ptr(g)?, dlm_head.ptr(g)?, dlogp_p.ptr(g)?);
         let logp_p: &Buf = match &tmp {
             Some((l, _)) => l,
@@ -401,40 +521,13 @@ pub(super) fn fwd_bwd(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, l
                 Arg::I32(nsub as i32),
             ];
             g.launch(MODULE, &name, cfg_cols(v, vec_n(ps.dt), n), &args)?;
-            // dh [n, h] = dlogits [n, v] · W [v, h]
-            g.blas.gemm(&Gemm {
-                m: n,
-                n: h,
-                k: v,
-                trans_a: false,
-                trans_b: false,
-                alpha: 1.0,
-                beta: 0.0,
-                a: store,
-                b: ps.w,
-                c: dh,
-                ab_type: ps.gt,
-                c_type: GemmType::F32,
-                batch: (1, 0, 0, 0),
-            })?;
-            // dW [v, h] += dlogitsᵀ [v, n] · hidden [n, h]
-            g.blas.gemm(&Gemm {
-                m: v,
-                n: h,
-                k: n,
-                trans_a: true,
-                trans_b: false,
-                alpha: 1.0,
-                beta: 1.0,
-                a: store,
-                b: hid_t0,
-                c: dw,
-                ab_type: ps.gt,
-                c_type: GemmType::F32,
-                batch: (1, 0, 0, 0),
-            })?;
+            // dh partials [n, h] = dlogits [n, v slice] · W [v slice, h] (split-K over V)
+            ps.dhidden(g, dh, store, v, 0, v, n, 0.0, splits)?;
+            // dW [v, h] (+)= dlogitsᵀ [v, n] · hidden [n, h]
+            ps.dw(g, dw, store, hid_t0, n, 0, v, if tune.dw_overwrite && t0 == 0 { 0.0 } else { 1.0 })?;
+            // dhidden rows = Σ partials
             let idx_t0 = if idx == 0 { 0 } else { at(idx, t0, DType::I32) };
-            ps.scatter(g, dhid, dh, idx_t0, t0, n)?;
+            ps.scatter_sum(g, dhid, dh, 0, idx_t0, t0, n, splits.count, n * h)?;
         }
     }
     if let (Some(a), Some((tl, te))) = (&act, &tmp) {
@@ -483,16 +576,22 @@ pub(super) fn fwd_bwd_v2(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize
         None => None,
     };
     let mut dlogp_p = scratch(dev, DType::F32, ta, meter)?;
+    if ta == 0 && tune.dw_overwrite {
+        zero(g, dlm_head)?;
+    }
     if ta > 0 {
-        let tc = chunk_rows(ta, tune.fused_bytes / (v * ps.dt.size()).max(1));
-        // [tc, v] storage dtype: the chunk's logits, then its dlogits.
-        let store = scratch_uninit(g, dev, ps.dt, tc * v, meter)?;
+        let (tc, splits) = fused_splits(g, tune, ta, h, v, ps.dt);
+        // Cached, not zeroed: [tc, v] storage dtype (the chunk's logits, then its dlogits) and
+        // S × [tc, h] f32 dhidden partials.
+        let mut lay = Layout::default();
+        let (o_store, o_dh) = (lay.part(tc * v * ps.dt.size()), lay.part(splits.count * tc * h * 4));
+        let sc = take(dev, tune, &lay, meter)?;
+        let (store, dh) = (sc.at(o_store), sc.at(o_dh));
         // [tc] zeros: the per-row offset `logprob_dlogits_stored` adds back (none here).
         let zoff = scratch(dev, DType::F32, tc, meter)?;
         let stats = scratch(dev, DType::F32, tc * 4, meter)?;
         let lse = scratch(dev, DType::F32, tc, meter)?;
-        let dh = scratch(dev, DType::F32, tc * h, meter)?;
-        let (store, zoff, stats, lse, dh) = (store.ptr(g)?, zoff.ptr(g)?, stats.ptr(g)?, lse.ptr(g)?, dh.ptr(g)?);
+        let (zoff, stats, lse) = (zoff.ptr(g)?, stats.ptr(g)?, lse.ptr(g)?);
         let (dhid, dw, dlp) = (dhidden.ptr(g)?, dlm_head.ptr(g)?, dlogp_p.ptr(g)?);
         let logp_p: &Buf = match &tmp {
             Some((l, _)) => l,
@@ -511,21 +610,7 @@ pub(super) fn fwd_bwd_v2(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize
             let hid_t0 = at(hid, t0 * h, ps.dt);
             let tgt_t0 = at(tgt, t0, DType::I32);
             // logits [n, v] = hidden rows [n, h] · W [v, h]ᵀ, rounded once to the storage dtype.
-            g.blas.gemm(&Gemm {
-                m: n,
-                n: v,
-                k: h,
-                trans_a: false,
-                trans_b: true,
-                alpha: 1.0,
-                beta: 0.0,
-                a: hid_t0,
-                b: ps.w,
-                c: store,
-                ab_type: ps.gt,
-                c_type: ps.gt,
-                batch: (1, 0, 0, 0),
-            })?;
+            ps.logits_kept(g, store, hid_t0, n)?;
             let args = [Arg::Ptr(stats), Arg::Ptr(store), Arg::Ptr(tgt_t0), Arg::I32(n as i32), Arg::I32(v as i32)];
             g.launch(MODULE, &fold, cfg_rows(n, BLOCK, 0), &args)?;
             let en_t0 = if en == 0 { 0 } else { at(en, t0, DType::F32) };
@@ -543,40 +628,13 @@ pub(super) fn fwd_bwd_v2(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize
                 Arg::I32(1),
             ];
             g.launch(MODULE, &dlogits, cfg_cols(v, vec_n(ps.dt), n), &args)?;
-            // dh [n, h] = dlogits [n, v] · W [v, h]
-            g.blas.gemm(&Gemm {
-                m: n,
-                n: h,
-                k: v,
-                trans_a: false,
-                trans_b: false,
-                alpha: 1.0,
-                beta: 0.0,
-                a: store,
-                b: ps.w,
-                c: dh,
-                ab_type: ps.gt,
-                c_type: GemmType::F32,
-                batch: (1, 0, 0, 0),
-            })?;
-            // dW [v, h] += dlogitsᵀ [v, n] · hidden [n, h]
-            g.blas.gemm(&Gemm {
-                m: v,
-                n: h,
-                k: n,
-                trans_a: true,
-                trans_b: false,
-                alpha: 1.0,
-                beta: 1.0,
-                a: store,
-                b: hid_t0,
-                c: dw,
-                ab_type: ps.gt,
-                c_type: GemmType::F32,
-                batch: (1, 0, 0, 0),
-            })?;
+            // dh partials [n, h] = dlogits [n, v slice] · W [v slice, h] (split-K over V)
+            ps.dhidden(g, dh, store, v, 0, v, n, 0.0, splits)?;
+            // dW [v, h] (+)= dlogitsᵀ [v, n] · hidden [n, h]
+            ps.dw(g, dw, store, hid_t0, n, 0, v, if tune.dw_overwrite && t0 == 0 { 0.0 } else { 1.0 })?;
+            // dhidden rows = Σ partials
             let idx_t0 = if idx == 0 { 0 } else { at(idx, t0, DType::I32) };
-            ps.scatter(g, dhid, dh, idx_t0, t0, n)?;
+            ps.scatter_sum(g, dhid, dh, 0, idx_t0, t0, n, splits.count, n * h)?;
         }
     }
     if let (Some(a), Some((tl, te))) = (&act, &tmp) {
@@ -629,15 +687,19 @@ pub(super) fn fwd_bwd_v3(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize
         None => None,
     };
     let mut dlogp_p = scratch(dev, DType::F32, ta, meter)?;
+    if ta == 0 && tune.dw_overwrite {
+        zero(g, dlm_head)?;
+    }
     if ta > 0 {
-        let tc = chunk_rows(ta, tune.fused_bytes / (v * ps.dt.size()).max(1));
-        // [tc, v] storage dtype: the chunk's logits, then u.
-        let store = scratch_uninit(g, dev, ps.dt, tc * v, meter)?;
+        let (tc, splits) = fused_splits(g, tune, ta, h, v, ps.dt);
+        // Cached, not zeroed: [tc, v] storage dtype (the chunk's logits, then u), [tc, h] g-scaled
+        // hidden rows (storage dtype) and S × [tc, h] f32 partials of U·W.
+        let mut lay = Layout::default();
+        let (o_store, o_hg, o_dh) = (lay.part(tc * v * ps.dt.size()), lay.part(tc * h * ps.dt.size()), lay.part(splits.count * tc * h * 4));
+        let sc = take(dev, tune, &lay, meter)?;
+        let (store, hg, dh) = (sc.at(o_store), sc.at(o_hg), sc.at(o_dh));
         let lse = scratch(dev, DType::F32, tc, meter)?;
-        // [tc, h]: g-scaled hidden rows (storage dtype) and U·W (f32).
-        let hg = scratch(dev, ps.dt, tc * h, meter)?;
-        let dh = scratch(dev, DType::F32, tc * h, meter)?;
-        let (store, lse, hg, dh) = (store.ptr(g)?, lse.ptr(g)?, hg.ptr(g)?, dh.ptr(g)?);
+        let lse = lse.ptr(g)?;
         let (dhid, dw, dlp) = (dhidden.ptr(g)?, dlm_head.ptr(g)?, dlogp_p.ptr(g)?);
         let logp_p: &Buf = match &tmp {
             Some((l, _)) => l,
@@ -656,70 +718,26 @@ pub(super) fn fwd_bwd_v3(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize
         let fold_cfg = LaunchConfig { grid_dim: (n_blocks(tc), 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: (cache * ps.dt.size()) as u32 };
         let fold = kname("logprob_fold_u", ps.dt);
         let scale = kname("logprob_scale_rows", ps.dt);
-        let scatter = kname("logprob_scatter_rows_scaled", ps.dt);
         for t0 in (0..ta).step_by(tc) {
             let n = tc.min(ta - t0);
             let hid_t0 = at(hid, t0 * h, ps.dt);
             let tgt_t0 = at(tgt, t0, DType::I32);
             let dlp_t0 = at(dlp, t0, DType::F32);
             // logits [n, v] = hidden rows [n, h] · W [v, h]ᵀ, rounded once to the storage dtype.
-            g.blas.gemm(&Gemm {
-                m: n,
-                n: v,
-                k: h,
-                trans_a: false,
-                trans_b: true,
-                alpha: 1.0,
-                beta: 0.0,
-                a: hid_t0,
-                b: ps.w,
-                c: store,
-                ab_type: ps.gt,
-                c_type: ps.gt,
-                batch: (1, 0, 0, 0),
-            })?;
+            ps.logits_kept(g, store, hid_t0, n)?;
             let en_t0 = if en == 0 { 0 } else { at(en, t0, DType::F32) };
-            let args = [Arg::Ptr(store), Arg::Ptr(at(lp, t0, DType::F32)), Arg::Ptr(lse), Arg::Ptr(en_t0), Arg::Ptr(tgt_t0), Arg::I32(n as i32), Arg::I32(v as i32), Arg::I32(cache as i32)];
+            let args = [Arg::Ptr(store), Arg::Ptr(at(lp, t0, DType::F32)), Arg::Ptr(lse), Arg::Ptr(en_t0), Arg::Ptr(tgt_t0), Arg::I32(n as i32), Arg::I32(v as i32), Arg::I32(cache as i32), Arg::I32(1)];
             g.launch(MODULE, &fold, LaunchConfig { grid_dim: (n_blocks(n), 1, 1), ..fold_cfg }, &args)?;
             grad(GradChunk { p0: t0, n, idx: act.as_ref().map(|a| &a.idx), logp: logp_p, dlogp: &mut dlogp_p })?;
             // hg = diag(g) · hidden rows
             g.launch(MODULE, &scale, cfg_rows(n, BLOCK, 0), &[Arg::Ptr(hg), Arg::Ptr(hid_t0), Arg::Ptr(dlp_t0), Arg::I32(n as i32), Arg::I32(h as i32)])?;
-            // dh [n, h] = U [n, v] · W [v, h]
-            g.blas.gemm(&Gemm {
-                m: n,
-                n: h,
-                k: v,
-                trans_a: false,
-                trans_b: false,
-                alpha: 1.0,
-                beta: 0.0,
-                a: store,
-                b: ps.w,
-                c: dh,
-                ab_type: ps.gt,
-                c_type: GemmType::F32,
-                batch: (1, 0, 0, 0),
-            })?;
-            // dW [v, h] += Uᵀ [v, n] · hg [n, h]
-            g.blas.gemm(&Gemm {
-                m: v,
-                n: h,
-                k: n,
-                trans_a: true,
-                trans_b: false,
-                alpha: 1.0,
-                beta: 1.0,
-                a: store,
-                b: hg,
-                c: dw,
-                ab_type: ps.gt,
-                c_type: GemmType::F32,
-                batch: (1, 0, 0, 0),
-            })?;
-            // dhidden rows = diag(g) · dh
+            // dh partials [n, h] = U [n, v slice] · W [v slice, h] (split-K over V)
+            ps.dhidden(g, dh, store, v, 0, v, n, 0.0, splits)?;
+            // dW [v, h] (+)= Uᵀ [v, n] · hg [n, h]
+            ps.dw(g, dw, store, hg, n, 0, v, if tune.dw_overwrite && t0 == 0 { 0.0 } else { 1.0 })?;
+            // dhidden rows = diag(g) · Σ partials
             let idx_t0 = if idx == 0 { 0 } else { at(idx, t0, DType::I32) };
-            let args = [Arg::Ptr(dhid), Arg::Ptr(dh), Arg::Ptr(dlp_t0), Arg::Ptr(idx_t0), Arg::I32(t0 as i32), Arg::I32(n as i32), Arg::I32(h as i32)];
-            g.launch(MODULE, &scatter, cfg_rows(n, BLOCK, 0), &args)?;
+            ps.scatter_sum(g, dhid, dh, dlp_t0, idx_t0, t0, n, splits.count, n * h)?;
         }
     }
     if let (Some(a), Some((tl, te))) = (&act, &tmp) {

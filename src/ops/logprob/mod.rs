@@ -16,9 +16,10 @@
 //! GPU design (kernels/logprob.cu): cuBLAS computes f32 logits for a tile of tokens × vocab
 //! columns; a kernel folds the tile into per-row running max / Σe / Σe·(l−m) (online
 //! log-sum-exp) and picks the target logit; a last kernel finishes lse, logp and the entropy.
-//! Backward forms d logits = dlogp · (onehot − softmax) in bf16 and runs dhidden = dlogits · W and
-//! dW += dlogitsᵀ · hidden. Extra memory is bounded by `Tuning` (under 1 GiB by default).
-//! The entropy has no backward.
+//! Backward forms d logits = dlogp · (onehot − softmax) in bf16 and runs dhidden = dlogits · W
+//! (split over vocabulary slices into f32 partials, summed in the scatter) and
+//! dW += dlogitsᵀ · hidden. Extra memory is bounded by `Tuning` (under 1 GiB by default); the
+//! large part is cached between calls (arena.rs). The entropy has no backward.
 
 use super::{check, check_dtype, kname, same_float_dtype};
 use crate::cuda::blas::{Gemm, GemmType};
@@ -57,7 +58,30 @@ pub struct Tuning {
     /// per chunk folds each row and overwrites it with u = onehot − softmax (independent of dlogp),
     /// and dlogp is applied after: dhidden = diag(g)·(U·W) in the scatter, dW += Uᵀ·(diag(g)·hidden).
     /// Same bf16 logit rounding as variant 2. Default: `AM3_LOGPROB_V2=3`.
+    ///
+    /// `fwd` honours `fused_v2` / `fused_v3` too: it then computes the logits exactly as the fused
+    /// pass does (the same GEMM per chunk of `fused_bytes`, the same fold kernel), so the old
+    /// policy's and the reference's log-probs equal the fused pass's bit for bit for the same
+    /// weights, inputs and mask, and the GRPO ratio e^(logp − old) is exactly 1 at policy == old.
+    /// (Extra memory of `fwd` in this mode: the kept chunk, `fused_bytes`, instead of one f32
+    /// tile.) `bwd` honours them as well: it recomputes each tile's logits rounded to the storage
+    /// dtype, so its softmax matches the lse that `fwd` of this mode saved.
     pub fused_v3: bool,
+    /// Vocabulary slices of the dhidden GEMM (split-K, PERF-logprob.md Round 4): dhidden = U·W is
+    /// computed as S f32 partials over slices of V and summed in the scatter, so a chunk of 2,048
+    /// tokens gets S× the output tiles. 0 = automatic (a wave-quantisation cost model: 4 at 2,048
+    /// tokens, 3 at 2,731, 1 for short vocabularies). Used by every `fwd_bwd` variant and by `bwd`
+    /// (per vocabulary tile there, automatic = 1 at 8,192 tokens). Costs (S − 1) · tc · H · 4
+    /// bytes of scratch.
+    pub dhidden_splits: usize,
+    /// `fwd_bwd` and `bwd`: write dlm_head (=) instead of accumulating (+=). The first token chunk's
+    /// dW GEMM then runs with β = 0, which saves one f32 read of [V, H] (2.18 GB at Qwen's size).
+    /// Only for a caller whose dlm_head would otherwise start at zero (the first micro-batch of a
+    /// step, with no other contribution to the lm_head gradient, e.g. no tied embedding).
+    pub dw_overwrite: bool,
+    /// Keep the large device scratch (kept logits, tiles, dhidden partials) in a per-process cache
+    /// between calls instead of allocating it per call; `release_scratch` frees it.
+    pub cache_scratch: bool,
 }
 
 impl Default for Tuning {
@@ -65,14 +89,30 @@ impl Default for Tuning {
         // T = 8192, V = 152,064, bf16: fwd 128 MiB, bwd 496 MiB, fused 2048-token chunks, 687 MiB.
         let var = std::env::var("AM3_LOGPROB_V2").unwrap_or_default();
         let (fused_v2, fused_v3) = (var == "1", var == "3");
-        Self { fwd_tokens: 4096, fwd_vocab: 8192, bwd_tokens: 8192, bwd_vocab: 8192, fused_bytes: 640 << 20, fused_vocab: 8192, fused_v2, fused_v3 }
+        Self {
+            fwd_tokens: 4096,
+            fwd_vocab: 8192,
+            bwd_tokens: 8192,
+            bwd_vocab: 8192,
+            fused_bytes: 640 << 20,
+            fused_vocab: 8192,
+            fused_v2,
+            fused_v3,
+            dhidden_splits: 0,
+            dw_overwrite: false,
+            cache_scratch: true,
+        }
     }
 }
 
 static LAST_SCRATCH: AtomicUsize = AtomicUsize::new(0);
 
-/// Bytes of device scratch the last GPU call of this module allocated (all of it is live at
-/// once, so this is the call's peak extra memory beyond its inputs and outputs).
+pub use arena::{cached_scratch_bytes, release_scratch};
+
+/// Bytes of device scratch the last GPU call of this module used (all of it is live at once, so
+/// this is the call's peak extra memory beyond its inputs and outputs). With
+/// `Tuning::cache_scratch` the large part lives in a cache that stays allocated between calls
+/// (`cached_scratch_bytes`, at least as large as any single call's need).
 pub fn last_scratch_bytes() -> usize {
     LAST_SCRATCH.load(Ordering::Relaxed)
 }
@@ -174,7 +214,12 @@ pub fn bwd_with(dev: &Device, tune: &Tuning, dhidden: &mut Buf, dlm_head: &mut B
         check_dtype(b, DType::F32, op, a)?;
     }
     match dev {
-        Device::Cpu => cpu::bwd(dhidden.host_mut()?, dlm_head.host_mut()?, dlogp.host()?, hidden.host()?, lm_head.host()?, targets.host_i32()?, lse.host()?, t, h, v),
+        Device::Cpu => {
+            if tune.dw_overwrite {
+                dlm_head.host_mut()?.iter_mut().for_each(|x| *x = 0.0);
+            }
+            cpu::bwd(dhidden.host_mut()?, dlm_head.host_mut()?, dlogp.host()?, hidden.host()?, lm_head.host()?, targets.host_i32()?, lse.host()?, t, h, v)
+        }
         Device::Cuda(g) => {
             let mut meter = 0;
             let r = gpu::bwd(g, dev, tune, &mut meter, dhidden, dlm_head, dlogp, hidden, lm_head, targets, lse, t, h, v);
@@ -212,7 +257,12 @@ pub fn fwd_bwd_with(dev: &Device, tune: &Tuning, logp: &mut Buf, mut entropy: Op
     check(dlm_head, v * h, op, "dlm_head")?;
     check_dtype(dlm_head, DType::F32, op, "dlm_head")?;
     match dev {
-        Device::Cpu => cpu_fwd_bwd(logp, entropy.as_deref_mut(), dhidden, dlm_head, hidden, lm_head, targets, mask, t, h, v, grad),
+        Device::Cpu => {
+            if tune.dw_overwrite {
+                dlm_head.host_mut()?.iter_mut().for_each(|x| *x = 0.0);
+            }
+            cpu_fwd_bwd(logp, entropy.as_deref_mut(), dhidden, dlm_head, hidden, lm_head, targets, mask, t, h, v, grad)
+        }
         Device::Cuda(g) => {
             let mut meter = 0;
             let r = if tune.fused_v3 {
@@ -226,6 +276,31 @@ pub fn fwd_bwd_with(dev: &Device, tune: &Tuning, logp: &mut Buf, mut entropy: Op
             r
         }
     }
+}
+
+/// (token rows per chunk, dhidden vocabulary slices) that `fwd_bwd_with` uses on `dev` for
+/// `ta` active tokens of dtype `dt`; None on the CPU (which runs unchunked). For the bench's notes
+/// and the tests.
+pub fn fused_plan(dev: &Device, tune: &Tuning, ta: usize, h: usize, v: usize, dt: DType) -> Option<(usize, usize)> {
+    match dev {
+        Device::Cpu => None,
+        Device::Cuda(g) => {
+            let (tc, s) = gpu::fused_splits(g, tune, ta.max(1), h.max(1), v.max(1), dt);
+            Some((tc, s.count))
+        }
+    }
+}
+
+/// One chunk's split-K dhidden GEMM as `fwd_bwd` runs it, for the bench's stage rows: f32
+/// partials [S, n, h] at `part` from U [n, v] at `u` (row stride v, lm_head's dtype) · lm_head,
+/// cut into `splits` vocabulary slices (0 = automatic). Raw device pointers to buffers of those
+/// sizes. Returns S, the number of partials written (fewer than asked when v is short);
+/// `logprob_scatter_sum_<dtype>` adds them up.
+#[allow(clippy::too_many_arguments)]
+pub fn dhidden_split_gemm(g: &Gpu, lm_head: &Buf, u: u64, part: u64, n: usize, h: usize, v: usize, splits: usize) -> Result<usize> {
+    check(lm_head, v * h, "logprob_dhidden_split_gemm", "lm_head")?;
+    let tune = Tuning { dhidden_splits: splits, ..Tuning::default() };
+    gpu::dhidden_stage(g, &tune, lm_head, u, part, n, h, v)
 }
 
 /// dst[p] = scale · src[idx[p]] (src[p] when idx is None) for p in p0 .. p0 + n: the building
@@ -326,5 +401,9 @@ fn cpu_fwd_bwd(logp: &mut Buf, entropy: Option<&mut Buf>, dhidden: &mut Buf, dlm
 
 /// The CUDA launchers (gpu.rs). Pointers are raw device addresses; `meter` sums the scratch allocated.
 mod gpu;
+/// The per-process cache of the large device scratch.
+mod arena;
+/// The split-K dhidden GEMM.
+mod splitk;
 
 pub mod cpu;
