@@ -124,9 +124,11 @@ __device__ __forceinline__ void bwd_body(float* __restrict__ dq_acc, void* __res
     float* sL = reinterpret_cast<float*>(sS + BN * LDS);  // [BM] lse * log2(e)
     float* sD = sL + BM;                                   // [BM] dvec
 
-    const int sq = blockIdx.z, h = blockIdx.y;
+    // Grid (heads, sequences, key tiles): blocks start in linear order, so with the key tile
+    // slowest every tile 0 (the most work when causal) starts first: longest first, no long
+    // blocks left for the tail.
+    const int h = blockIdx.x, sq = blockIdx.y, n0 = blockIdx.z * BN;
     const int start = cu[sq], len = cu[sq + 1] - start;
-    const int n0 = blockIdx.x * BN;  // key tile; tile 0 has the most work when causal and starts first
     if (n0 >= len) return;
     const int grp = hq / hkv, hk = h / grp;
     const long qs = (long)hq * D, ks = (long)hkv * D;

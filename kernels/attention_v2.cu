@@ -388,9 +388,9 @@ __device__ __forceinline__ void bwd_grp_body(float* __restrict__ dq_acc, bf16* _
     float* sL = reinterpret_cast<float*>(sS + BN * LDS);  // [BM] lse * log2(e)
     float* sD = sL + BM;                                   // [BM] dvec
 
-    const int sq = blockIdx.z, hk = blockIdx.y;
+    // Grid (kv heads, sequences, key tiles): key tile slowest, so the longest blocks start first.
+    const int hk = blockIdx.x, sq = blockIdx.y, n0 = blockIdx.z * BN;
     const int start = cu[sq], len = cu[sq + 1] - start;
-    const int n0 = blockIdx.x * BN;  // key tile; tile 0 has the most work when causal and starts first
     if (n0 >= len) return;
     const int grp = hq / hkv;
     const long qs = (long)hq * D, ks = (long)hkv * D;

@@ -320,7 +320,7 @@ fn grpo_fused_variants_cuda() {
             for agg in [Aggregation::TokenMean, Aggregation::SeqMean] {
                 let mut outs = Vec::new();
                 for var in [1u8, 2, 3] {
-                    let tune = Tuning { fused_bytes: 3 * v * dt.size(), fused_v2: var == 2, fused_v3: var == 3, ..Tuning::default() };
+                    let tune = Tuning { fused_bytes: 3 * v * dt.size(), fused_v2: var == 2, fused_v3: var == 3, ..Tuning::exact() };
                     let (mut blp, mut bdh, mut bdw) = (up(&vec![f32::NAN; t], DType::F32), up(&vec![f32::NAN; t * h], dt), up(&vec![0.0; v * h], DType::F32));
                     let s = grpo::fused_loss_with(&gpu, &tune, &mut blp, &mut bdh, &mut bdw, &bx, &bw, &btg, &batch, h, v, &hp, agg).unwrap();
                     let got_lp = gpu.to_vec(&blp).unwrap();

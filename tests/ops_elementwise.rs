@@ -229,7 +229,7 @@ fn cast_inputs(rng: &mut Rng, n: usize) -> Vec<f32> {
 #[test]
 fn cast_cuda_rounds_to_nearest_even() {
     let Some(gpu) = cuda_or_skip("cast_cuda_rounds_to_nearest_even") else { return };
-    // Every kernel variant: V1 (verified), V2 (AM3_V2) and V3 (AM3_CAST=3; bf16->f32 only),
+    // Every kernel variant: V1 (verified), V2 (AM3_V2) and V3 (the default; bf16->f32 only),
     // the same checks.
     for (v2, v3) in [(false, false), (true, false), (true, true)] {
         println!("cast: variant {}", if v3 { "V3" } else if v2 { "V2" } else { "V1" });

@@ -251,7 +251,7 @@ fn logprob_cpu_fused_matches_split() {
 fn tunings(v: usize, dt: DType) -> Vec<(&'static str, Tuning)> {
     // Tiles scale with V so the launch count stays modest.
     let k = if v <= 1000 { 1 } else { 32 };
-    let base = Tuning { fused_v2: false, fused_v3: false, ..Tuning::default() };
+    let base = Tuning { fused_v2: false, fused_v3: false, ..Tuning::exact() };
     vec![
         ("default", base),
         // Several token chunks and vocab tiles, 8-aligned: the vector paths. dhidden in 3 slices
@@ -385,7 +385,7 @@ fn logprob_cuda_full_vocab() {
         let v = 152_064;
         let p = problem(&mut rng, t, h, v, 6.0);
         for (dt, tol) in [(DType::BF16, 1e-2), (DType::F32, 1e-5)] {
-            let base = Tuning { fused_v2: false, fused_v3: false, ..Tuning::default() };
+            let base = Tuning { fused_v2: false, fused_v3: false, ..Tuning::exact() };
             // Split-K at V = 152,064: automatic (4 equal slices of 38,016 here: few rows), 3
             // equal slices, and 5 (30,416 × 4 batched + a ragged 30,400); bwd tiles of 8,192 in 2.
             let tunes = [
@@ -459,7 +459,7 @@ fn check_grpo_fused(dev: &Device, dtypes: &[(DType, f64)]) -> Vec<String> {
                 let mut blp = up(&vec![f32::NAN; t], DType::F32);
                 let mut bdh = up(&vec![f32::NAN; t * h], dt);
                 let mut bdw = up(&dw0, DType::F32);
-                let tune = Tuning { fused_bytes: 3 * v * dt.size(), fused_vocab: 1000, fused_v2: var == 2, fused_v3: var == 3, ..Tuning::default() };
+                let tune = Tuning { fused_bytes: 3 * v * dt.size(), fused_vocab: 1000, fused_v2: var == 2, fused_v3: var == 3, ..Tuning::exact() };
                 let s = grpo::fused_loss_with(dev, &tune, &mut blp, &mut bdh, &mut bdw, &bx, &bw, &btg, &batch, h, v, &hp, agg).unwrap();
                 let tag = match (var, rounded.is_some()) {
                     (1, _) => String::new(),
@@ -548,7 +548,7 @@ fn bit_diff(a: &[f32], b: &[f32]) -> (usize, f64) {
 
 /// The variant-2/3 tunings whose `fwd` must reproduce the fused pass's log-probs.
 fn kept_tunings(v: usize, dt: DType) -> Vec<(&'static str, Tuning)> {
-    let base = Tuning { fused_v2: false, fused_v3: false, ..Tuning::default() };
+    let base = Tuning { fused_v2: false, fused_v3: false, ..Tuning::exact() };
     vec![
         ("v2", Tuning { fused_v2: true, ..base }),
         ("v2 chunked", Tuning { fused_bytes: 3 * v * dt.size(), fused_v2: true, ..base }),
@@ -621,7 +621,7 @@ fn logprob_fwd_matches_fused_bitwise_cuda() {
                     }
                 }
                 // For scale: the exact `fwd` against the variant-3 pass (no bit identity expected in bf16).
-                let exact = Tuning { fused_v2: false, fused_v3: false, ..Tuning::default() };
+                let exact = Tuning { fused_v2: false, fused_v3: false, ..Tuning::exact() };
                 let (mut lp, mut ls) = (up(&vec![f32::NAN; t], DType::F32), up(&vec![f32::NAN; t], DType::F32));
                 logprob::fwd_with(&gpu, &exact, &mut lp, &mut ls, None, &x, &w, &tg, mask, t, h, v).unwrap();
                 if let Some(b) = fused_v3 {
@@ -680,7 +680,7 @@ fn grpo_ratio_exactly_one_cuda() {
 /// cost model picks 4 slices for chunks of 2,048 tokens (640 MiB) and 3 for 2,731 (900 MiB).
 #[test]
 fn logprob_split_plan() {
-    let tune = Tuning { dhidden_splits: 0, ..Tuning::default() };
+    let tune = Tuning { dhidden_splits: 0, ..Tuning::exact() };
     assert_eq!(logprob::fused_plan(&Device::Cpu, &tune, 8192, 3584, 152_064, DType::BF16), None);
     let Some(gpu) = cuda_or_skip("logprob_split_plan") else { return };
     let sms = gpu.gpu().map_or(0, |g| g.sm_count);
@@ -705,7 +705,7 @@ fn logprob_cpu_dw_overwrite() {
     let (t, h, v) = (p.t, p.h, p.v);
     let r = reference(&p, true, &vec![0.0; v * h]);
     let (x, w, tg, mk, g) = (dev.upload_act(&p.x).unwrap(), dev.upload_act(&p.w).unwrap(), dev.upload_i32(&p.tg).unwrap(), dev.upload(&p.mask, DType::F32).unwrap(), dev.upload(&p.g, DType::F32).unwrap());
-    let tune = Tuning { dw_overwrite: true, ..Tuning::default() };
+    let tune = Tuning { dw_overwrite: true, ..Tuning::exact() };
     let (mut lp, mut dh) = (dev.zeros_f32(t).unwrap(), dev.zeros_act(t * h).unwrap());
     let mut dw = dev.upload(&vec![7.0; v * h], DType::F32).unwrap();
     let mut grad = |c: GradChunk<'_>| logprob::gather_scaled(&dev, c.dlogp, &g, c.idx, c.p0, c.n, 1.0);
@@ -742,7 +742,7 @@ fn logprob_cuda_dw_overwrite_all_masked() {
     let (x, w, tg, none, g) = (up(&p.x, dt), up(&p.w, dt), gpu.upload_i32(&p.tg).unwrap(), up(&vec![0.0; t], DType::F32), up(&p.g, DType::F32));
     let mut fails = Vec::new();
     for var in [1u8, 2, 3] {
-        let tune = Tuning { fused_v2: var == 2, fused_v3: var == 3, dw_overwrite: true, ..Tuning::default() };
+        let tune = Tuning { fused_v2: var == 2, fused_v3: var == 3, dw_overwrite: true, ..Tuning::exact() };
         let (mut lp, mut dh, mut dw) = (up(&vec![f32::NAN; t], DType::F32), up(&vec![f32::NAN; t * h], dt), up(&vec![f32::NAN; v * h], DType::F32));
         let mut grad = |c: GradChunk<'_>| logprob::gather_scaled(&gpu, c.dlogp, &g, c.idx, c.p0, c.n, 1.0);
         logprob::fwd_bwd_with(&gpu, &tune, &mut lp, None, &mut dh, &mut dw, &x, &w, &tg, Some(&none), t, h, v, &mut grad).unwrap();

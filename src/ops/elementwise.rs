@@ -304,14 +304,19 @@ thread_local! {
     static CAST_V3_OVERRIDE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
 }
 
-/// The bf16 → f32 cast's V3 (one vector per thread, streaming stores): `AM3_CAST=3`, or
-/// `with_cast_v3` (bench).
+/// The bf16 → f32 cast's V3 (one vector per thread, streaming stores): the default (83.9 % of
+/// 4.2 TB/s on the H200 against V2's 64.1 %, PERF.md round 4); `AM3_CAST=2` (or `AM3_V2=0`)
+/// goes back to the V2/V1 kernels; `with_cast_v3` (bench, tests) overrides per thread.
 fn cast_v3() -> bool {
     if let Some(on) = CAST_V3_OVERRIDE.with(|c| c.get()) {
         return on;
     }
     static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENV.get_or_init(|| std::env::var("AM3_CAST").is_ok_and(|v| v == "3"))
+    *ENV.get_or_init(|| match std::env::var("AM3_CAST").ok().as_deref() {
+        Some("3") => true,
+        Some(_) => false,
+        None => !std::env::var("AM3_V2").is_ok_and(|v| v == "0" || v == "none"),
+    })
 }
 
 /// Runs `f` with the V3 cast forced on or off on this thread.

@@ -113,7 +113,7 @@ impl GradStore {
 /// accumulate into bf16), unlike embeddings (scatter-add), the lm_head (the fused log-prob's
 /// chunked f32 accumulation), norms and biases.
 pub fn is_linear_weight(r: &ParamRef) -> bool {
-    r.full_shape.len() == 2 && r.name.ends_with(".weight") && !r.name.contains("embed") && !r.name.starts_with("lm_head")
+    r.full_shape.len() == 2 && r.name.ends_with(".weight") && !r.name.contains("embed") && !r.name.contains("lm_head")
 }
 
 impl std::str::FromStr for GradStore {
@@ -145,6 +145,7 @@ mod tests {
             ("model.norm.weight", vec![4], false),
             ("model.embed_tokens.weight", vec![16, 4], false),
             ("lm_head.weight", vec![16, 4], false),
+            ("language_model.lm_head.weight", vec![16, 4], false),
             ("visual.patch_embed.proj.weight", vec![4, 3, 2, 14, 14], false),
             ("vision_tower.vision_model.embeddings.position_embedding.weight", vec![5, 4], false),
         ] {

@@ -142,10 +142,11 @@ impl Variant {
             _ => None,
         }
     }
-    /// Forward: V2's 128-row tiles for sequences longer than 64 tokens (215 vs 195 TFLOP/s),
-    /// V1 for windows (54 vs 51 TFLOP/s).
+    /// Forward: V3 (FA2 layout, 4 warps × 32 rows) for sequences longer than 64 tokens: 348
+    /// TFLOP/s vs V2's 217 at causal GQA d128 S=4096, 214 vs 122 at d64, 212 vs 144 at d80
+    /// (H200, PERF-attention.md round 4); V1 for windows (52 vs 53 for V3's window path: equal).
     pub fn default_fwd(max_len: usize) -> Variant {
-        Self::from_env().unwrap_or(if max_len > 64 { Variant::V2 } else { Variant::V1 })
+        Self::from_env().unwrap_or(if max_len > 64 { Variant::V3 } else { Variant::V1 })
     }
     /// Backward: V1 (fwd+bwd 195 vs 179 TFLOP/s).
     pub fn default_bwd() -> Variant {
@@ -370,7 +371,8 @@ pub fn bwd_with(
                     args.extend(inputs);
                     args.extend([Arg::I32(t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32), Arg::F32(s.scale), Arg::F32(s.scale * std::f32::consts::LOG2_E), Arg::I32(s.causal as i32)]);
                     let cfg = LaunchConfig {
-                        grid_dim: (seqs.max_len.div_ceil(TILE) as u32, s.hkv as u32, nseq as u32),
+                        // (kv heads, sequences, key tiles): longest first (see the kernel).
+                        grid_dim: (s.hkv as u32, nseq as u32, seqs.max_len.div_ceil(TILE) as u32),
                         block_dim: (128, 1, 1),
                         shared_mem_bytes: bwd_smem(s.d),
                     };
@@ -402,7 +404,8 @@ pub fn bwd_with(
                 args.extend(inputs);
                 args.extend([Arg::I32(t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32), Arg::F32(s.scale), Arg::F32(s.scale * std::f32::consts::LOG2_E), Arg::I32(s.causal as i32)]);
                 let cfg = LaunchConfig {
-                    grid_dim: (seqs.max_len.div_ceil(TILE) as u32, s.hq as u32, nseq as u32),
+                    // (heads, sequences, key tiles): longest first (see the kernel).
+                    grid_dim: (s.hq as u32, nseq as u32, seqs.max_len.div_ceil(TILE) as u32),
                     block_dim: (128, 1, 1),
                     shared_mem_bytes: bwd_smem(s.d),
                 };
@@ -451,8 +454,8 @@ fn use_tc(g: &Gpu, dt: DType, d: usize, bufs: &[&Buf]) -> Result<bool> {
 
 /// Grid limits of the tensor-core launches (y = heads, z = sequences).
 fn check_grid(op: &str, seqs: &Varlen, s: &AttnShape) -> Result<()> {
-    if seqs.nseq() > 65535 || s.hq > 65535 {
-        bail!("{op}: {} sequences × {} heads exceed the grid limits (65535 each)", seqs.nseq(), s.hq);
+    if seqs.nseq() > 65535 || s.hq > 65535 || seqs.max_len.div_ceil(TILE) > 65535 {
+        bail!("{op}: {} sequences × {} heads × {} tokens exceed the grid limits (65535 sequences, heads and 64-token tiles)", seqs.nseq(), s.hq, seqs.max_len);
     }
     Ok(())
 }

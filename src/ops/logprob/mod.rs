@@ -57,7 +57,7 @@ pub struct Tuning {
     /// `fwd_bwd` variant 3 (takes precedence over `fused_v2`): variant 2's GEMM, then one kernel
     /// per chunk folds each row and overwrites it with u = onehot − softmax (independent of dlogp),
     /// and dlogp is applied after: dhidden = diag(g)·(U·W) in the scatter, dW += Uᵀ·(diag(g)·hidden).
-    /// Same bf16 logit rounding as variant 2. Default: `AM3_LOGPROB_V2=3`.
+    /// Same bf16 logit rounding as variant 2. The default (see `Tuning::default`).
     ///
     /// `fwd` honours `fused_v2` / `fused_v3` too: it then computes the logits exactly as the fused
     /// pass does (the same GEMM per chunk of `fused_bytes`, the same fold kernel), so the old
@@ -85,10 +85,26 @@ pub struct Tuning {
 }
 
 impl Default for Tuning {
+    /// Variant 3 with 900 MiB chunks (measured fastest on the H200, PERF-logprob.md round 4:
+    /// 42.8 ms for the GRPO loss with 0.90 GiB extra): bf16 logits, as a framework's
+    /// bf16 lm_head computes them, with `fwd`/`bwd` rounding the same way so the GRPO ratio is
+    /// exactly 1 at policy == old. `AM3_LOGPROB_V2=0` selects `Tuning::exact()` (f32 logit
+    /// tiles, 47 ms), `=1` variant 2.
     fn default() -> Self {
-        // T = 8192, V = 152,064, bf16: fwd 128 MiB, bwd 496 MiB, fused 2048-token chunks, 687 MiB.
         let var = std::env::var("AM3_LOGPROB_V2").unwrap_or_default();
-        let (fused_v2, fused_v3) = (var == "1", var == "3");
+        match var.as_str() {
+            "0" => Self::exact(),
+            "1" => Self { fused_v2: true, fused_v3: false, fused_bytes: 640 << 20, ..Self::exact() },
+            _ => Self { fused_v3: true, fused_bytes: 900 << 20, ..Self::exact() },
+        }
+    }
+}
+
+impl Tuning {
+    /// The exact pass: f32 logit tiles, each logit stored relative to its row's running max
+    /// (error 2⁻⁹·(max − l) instead of 2⁻⁹·|l|). T = 8192, V = 152,064, bf16: fwd 128 MiB,
+    /// bwd 496 MiB, fused 2048-token chunks, 0.75 GiB.
+    pub fn exact() -> Self {
         Self {
             fwd_tokens: 4096,
             fwd_vocab: 8192,
@@ -96,8 +112,8 @@ impl Default for Tuning {
             bwd_vocab: 8192,
             fused_bytes: 640 << 20,
             fused_vocab: 8192,
-            fused_v2,
-            fused_v3,
+            fused_v2: false,
+            fused_v3: false,
             dhidden_splits: 0,
             dw_overwrite: false,
             cache_scratch: true,
