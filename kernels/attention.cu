@@ -124,10 +124,10 @@ __device__ __forceinline__ void bwd_body(float* __restrict__ dq_acc, void* __res
     float* sL = reinterpret_cast<float*>(sS + BN * LDS);  // [BM] lse * log2(e)
     float* sD = sL + BM;                                   // [BM] dvec
 
-    // Grid (heads, sequences, key tiles): blocks start in linear order, so with the key tile
-    // slowest every tile 0 (the most work when causal) starts first: longest first, no long
-    // blocks left for the tail.
-    const int h = blockIdx.x, sq = blockIdx.y, n0 = blockIdx.z * BN;
+    // Grid (key tiles, heads, sequences). (Key tile slowest was measured slower for this kernel:
+    // 6.75 vs 6.58 ms causal, 1.13-1.24 vs 1.01 ms non-causal d64; run 2, PERF-attention.md.)
+    const int sq = blockIdx.z, h = blockIdx.y;
+    const int n0 = blockIdx.x * BN;  // key tile; tile 0 has the most work when causal and starts first
     const int start = cu[sq], len = cu[sq + 1] - start;
     if (n0 >= len) return;
     const int grp = hq / hkv, hk = h / grp;
