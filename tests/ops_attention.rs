@@ -1,8 +1,8 @@
 //! Fused attention: CPU backward vs finite differences (f64); CPU packing and decode consistency;
 //! input validation; CUDA (bf16 tensor cores, f32 and other head dims on CUDA cores) vs the CPU
 //! for forward, backward and decode over a KV cache, outputs poisoned with NaN before each run;
-//! the bf16 GPU checks run every kernel variant (`Variant::V1`, `Variant::V2`, `Variant::V3`), and
-//! the V3 backward also alone after V1's forward, and the V3 forward alone (out and lse).
+//! the bf16 GPU checks run every kernel variant (`Variant::V1` … `Variant::V4`), and the V3 and V4
+//! backwards also alone after V1's forward, and the V3 forward alone (out and lse).
 mod common;
 use am3safety::ops::attention::{self, cpu, AttnShape, KvCache, Variant, Varlen};
 use am3safety::tensor::{DType, Device};
@@ -256,7 +256,7 @@ fn attention_cuda_matches_cpu() {
             let v = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
             let dout = bf16_round(&rng.normal_vec(t * hq * d, 1.0));
             let want = run_fwd_bwd(&Device::Cpu, DType::F32, &q, &k, &v, &dout, &cu, &s, Variant::V1);
-            for &(dt, variant) in &[(DType::BF16, Variant::V1), (DType::BF16, Variant::V2), (DType::BF16, Variant::V3), (DType::F32, Variant::V1)] {
+            for &(dt, variant) in &[(DType::BF16, Variant::V1), (DType::BF16, Variant::V2), (DType::BF16, Variant::V3), (DType::BF16, Variant::V4), (DType::F32, Variant::V1)] {
                 let got = run_fwd_bwd(&gpu, dt, &q, &k, &v, &dout, &cu, &s, variant);
                 let tol = if dt == DType::BF16 { 1e-2 } else { 1e-5 };
                 let path = if dt == DType::BF16 && matches!(d, 64 | 80 | 128) { format!("tensor cores {variant:?}") } else { "cuda cores".to_string() };
@@ -320,6 +320,65 @@ fn attention_cuda_bwd_v3_matches_cpu() {
                 let floor = if i < 2 { norm(&want[4]) } else { 0.0 };
                 let e = rel_err_floor(&got[i], &want[2 + i], floor);
                 let tag = format!("attention {name} bf16 (V1 fwd, V3 bwd) d {d} hq {hq} hkv {hkv} causal {causal} lens {lens:?}");
+                println!("{tag}: rel err {e:.2e}");
+                assert!(e <= 1e-2, "{tag}: rel err {e:.2e} > 1e-2 (inf = an element left unwritten or non-finite)");
+            }
+        }
+    }
+}
+
+/// The V4 backward alone (kernels/attention_v4_bwd.cu): V1's verified forward gives out and lse,
+/// then `bwd_with(.., Variant::V4)` against the CPU, dq/dk/dv NaN-poisoned. Shapes that reach its
+/// special paths: windows (one step per q head), blocks walking many (q head, query tile) steps
+/// with the double-buffered Q (GQA 7 over 300 tokens: 35 steps; GQA 7 over 829 tokens), ragged
+/// varlen ends (1, 63, 65, 130, 200: warps whose 32 keys or queries lie partly or wholly past the
+/// end), an empty sequence, the causal diagonal (warp (keys 32-63, queries 0-31) fully masked),
+/// non-causal packing, MHA (GQA 1), and q scaled by 4 (peaked P: exp2 of large negative
+/// arguments).
+#[test]
+fn attention_cuda_bwd_v4_matches_cpu() {
+    let Some(gpu) = cuda_or_skip("attention_cuda_bwd_v4_matches_cpu") else { return };
+    let mut rng = Rng::new(18);
+    // (sequence lengths, hq, hkv, causal, q scale)
+    let cases: Vec<(Vec<usize>, usize, usize, bool, f32)> = vec![
+        (vec![1], 7, 1, true, 1.0),
+        (vec![65], 1, 1, true, 1.0),
+        (vec![64, 33, 0, 64, 1], 16, 16, false, 1.0),
+        (vec![1, 63, 65, 130, 200], 4, 4, true, 1.0),
+        (vec![1, 63, 65, 130, 200], 4, 4, false, 1.0),
+        (vec![1, 63, 65, 130, 200], 4, 1, false, 1.0),
+        (vec![300, 17], 7, 1, true, 1.0),
+        (vec![200, 0, 129], 8, 2, false, 1.0),
+        (vec![700, 129], 14, 2, true, 1.0),
+        (vec![257, 64], 4, 1, true, 4.0),
+    ];
+    for &d in &[64usize, 80, 128] {
+        for (lens, hq, hkv, causal, qmul) in &cases {
+            let (hq, hkv, causal, qmul) = (*hq, *hkv, *causal, *qmul);
+            let cu = cu_of(lens);
+            let t = *cu.last().unwrap() as usize;
+            let s = shape(hq, hkv, d, causal);
+            let q: Vec<f32> = bf16_round(&rng.normal_vec(t * hq * d, 1.0)).iter().map(|x| x * qmul).collect();
+            let k = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
+            let v = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
+            let dout = bf16_round(&rng.normal_vec(t * hq * d, 1.0));
+            let want = run_fwd_bwd(&Device::Cpu, DType::F32, &q, &k, &v, &dout, &cu, &s, Variant::V1);
+            let dev = &gpu;
+            let seqs = Varlen::new(dev, &cu).unwrap();
+            let up = |x: &[f32]| dev.upload(x, DType::BF16).unwrap();
+            let nan = |n: usize, dt: DType| dev.upload(&vec![f32::NAN; n], dt).unwrap();
+            let (qb, kb, vb, dob) = (up(&q), up(&k), up(&v), up(&dout));
+            let mut out = nan(q.len(), DType::BF16);
+            let mut lse = nan(hq * t, DType::F32);
+            attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, Variant::V1).unwrap();
+            let (mut dq, mut dk, mut dv) = (nan(q.len(), DType::BF16), nan(k.len(), DType::BF16), nan(v.len(), DType::BF16));
+            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, Variant::V4).unwrap();
+            let got = [&dq, &dk, &dv].map(|b| dev.to_vec(b).unwrap());
+            for (i, name) in ["dq", "dk", "dv"].iter().enumerate() {
+                // As in attention_cuda_matches_cpu: dq and dk are also measured against ‖dv‖.
+                let floor = if i < 2 { norm(&want[4]) } else { 0.0 };
+                let e = rel_err_floor(&got[i], &want[2 + i], floor);
+                let tag = format!("attention {name} bf16 (V1 fwd, V4 bwd) d {d} hq {hq} hkv {hkv} causal {causal} q x{qmul} lens {lens:?}");
                 println!("{tag}: rel err {e:.2e}");
                 assert!(e <= 1e-2, "{tag}: rel err {e:.2e} > 1e-2 (inf = an element left unwritten or non-finite)");
             }

@@ -15,7 +15,8 @@
 //! (every forward; decode with n_new · group ≤ 16) a "v2" row follows, timed in the same run
 //! and checked the same way; the training cases also get "fwd v3" and "fwd+bwd v3fwd" rows (the
 //! V3 forward alone, and followed by `Variant::default_bwd()`), and "bwd v3" and "fwd+bwd v3"
-//! rows (the V3 backward, and the V3 forward followed by it).
+//! rows (the V3 backward, and the V3 forward followed by it), and "bwd v4" and "fwd+bwd v4" rows
+//! (the V4 backward, and V4 = the V3 forward followed by the V4 backward).
 
 use super::{time_gpu, BenchRow};
 use crate::ops::attention::{self, cpu, AttnShape, KvCache, Variant, Varlen};
@@ -143,6 +144,23 @@ fn train_case(dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize),
         (bwd3, both3, dq_err3)
     };
 
+    // V4 backward (kernels/attention_v4_bwd.cu: V2's 64-key blocks walking the GQA group with
+    // 2 × 2 warp tiles, P/dS through shared memory), timed on the out/lse left by the runs above,
+    // then after its forward (= V3's; V2's window kernel at len ≤ 64). Same dq check.
+    let v4 = {
+        let v = Variant::V4;
+        let bwd4 = time_gpu(g, warm, iters, &mut || attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v))?;
+        let both4 = time_gpu(g, warm, iters, &mut || {
+            attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v)?;
+            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v)
+        })?;
+        let dq_err4 = match &dq_ref {
+            Some(r) => Some(rel_err(&dev.to_vec(&dq)?[..cq], r)),
+            None => None,
+        };
+        (bwd4, both4, dq_err4)
+    };
+
     let fl = nseq as f64 * 4.0 * (len * len) as f64 * (s.d * s.hq) as f64 * if s.causal { 0.5 } else { 1.0 };
     let (tq, tkv) = ((t * s.hq * s.d) as f64 * BF, (t * s.hkv * s.d) as f64 * BF); // one q-like / kv-like tensor
     let lse_b = (s.hq * t) as f64 * F4;
@@ -172,6 +190,9 @@ fn train_case(dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize),
     let (bwd3, both3, dq_err3) = v3;
     rows.push(row("attention_bwd v3", bwd3, 4.0 * tq + 4.0 * tkv + 2.0 * lse_b, 2.5 * fl, dq_err3));
     rows.push(row("attention_fwd+bwd v3", both3, 5.0 * tq + 4.0 * tkv + lse_b, 3.5 * fl, dq_err3));
+    let (bwd4, both4, dq_err4) = v4;
+    rows.push(row("attention_bwd v4", bwd4, 4.0 * tq + 4.0 * tkv + 2.0 * lse_b, 2.5 * fl, dq_err4));
+    rows.push(row("attention_fwd+bwd v4", both4, 5.0 * tq + 4.0 * tkv + lse_b, 3.5 * fl, dq_err4));
     Ok(rows)
 }
 

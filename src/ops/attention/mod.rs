@@ -25,11 +25,15 @@
 //!   The backward of kernels/attention_v3_bwd.cu for sequences longer than 64 tokens (`v3_bwd`:
 //!   128-key blocks of 8 warps walking the GQA group, dK/dV summed in registers, dQ by atomics);
 //!   windows (every sequence ≤ 64 tokens) as V1.
+//! - `Variant::V4` (`AM3_ATTN_V2=4`): the forward of V3; the backward of kernels/attention_v4_bwd.cu
+//!   (`v4_bwd`: V2's 64-key blocks walking the GQA group, with FA2's 2 × 2 warp tiles and P/dS
+//!   through shared memory) for every bf16 tensor-core shape, windows included.
 
 pub mod cpu;
 pub mod decode;
 mod v3_bwd;
 mod v3_fwd;
+mod v4_bwd;
 
 pub use decode::{decode, decode_with, KvCache};
 
@@ -129,15 +133,19 @@ pub enum Variant {
     /// 32 rows, see `v3_fwd`), V2's window kernel otherwise. Backward: see `bwd_with`. Decode:
     /// as V1 (`decode_with` takes V2's kernel only for `Variant::V2`).
     V3,
+    /// Forward: as V3. Backward: kernels/attention_v4_bwd.cu (see `bwd_with`). Decode: as V1.
+    V4,
 }
 
 impl Variant {
-    /// `AM3_ATTN_V2=1` forces V2 everywhere, `AM3_ATTN_V2=3` V3, `AM3_ATTN_V2=0` V1; unset: None
+    /// `AM3_ATTN_V2=1` forces V2 everywhere, `AM3_ATTN_V2=3` V3, `AM3_ATTN_V2=4` V4 (V3's forward,
+    /// V4's backward), `AM3_ATTN_V2=0` V1; unset: None
     /// (the per-op defaults below, chosen by the H200 measurements in PERF.md, run 4).
     pub fn from_env() -> Option<Variant> {
         match std::env::var("AM3_ATTN_V2").as_deref() {
             Ok("1") => Some(Variant::V2),
             Ok("3") => Some(Variant::V3),
+            Ok("4") => Some(Variant::V4),
             Ok("0") => Some(Variant::V1),
             _ => None,
         }
@@ -256,12 +264,12 @@ pub fn fwd_with(dev: &Device, out: &mut Buf, lse: &mut Buf, q: &Buf, k: &Buf, v:
                 let mut args = base.to_vec();
                 args.extend([Arg::I32(t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32), Arg::F32(s.scale * std::f32::consts::LOG2_E), Arg::I32(s.causal as i32)]);
                 // V3: sequences longer than one tile (windows take V2's kernel below).
-                if variant == Variant::V3 && seqs.max_len > TILE {
+                if matches!(variant, Variant::V3 | Variant::V4) && seqs.max_len > TILE {
                     return v3_fwd::launch(g, &args, seqs, s);
                 }
                 // Windows (every sequence ≤ 64 tokens): persistent blocks that prefetch the next
                 // (sequence, head) item; longer sequences: 128-row tiles with a K/V ring.
-                if matches!(variant, Variant::V2 | Variant::V3) && seqs.max_len <= TILE && nseq * s.hq < i32::MAX as usize {
+                if matches!(variant, Variant::V2 | Variant::V3 | Variant::V4) && seqs.max_len <= TILE && nseq * s.hq < i32::MAX as usize {
                     let items = nseq * s.hq;
                     let smem = win_smem(s.d);
                     // Resident blocks per SM: 228 KiB of shared memory (1 KiB reserved per
@@ -354,6 +362,11 @@ pub fn bwd_with(
             if variant == Variant::V3 && seqs.max_len > TILE && use_tc(g, dt, s.d, &[dq, dk, dv, dout, q, k, v, out])? {
                 check_grid(op, seqs, s)?;
                 return v3_bwd::bwd(dev, g, dq, dk, dv, dout, q, k, v, out, lse, seqs, s, t);
+            }
+            // V4: every bf16 tensor-core shape (one block per 64 keys, as V1/V2). It computes its own D.
+            if variant == Variant::V4 && use_tc(g, dt, s.d, &[dq, dk, dv, dout, q, k, v, out])? {
+                check_grid(op, seqs, s)?;
+                return v4_bwd::bwd(dev, g, dq, dk, dv, dout, q, k, v, out, lse, seqs, s, t);
             }
             let nseq = seqs.nseq();
             // D[h, t] = dout·out per row, the softmax-backward correction term.
