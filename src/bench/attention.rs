@@ -14,7 +14,7 @@
 //! Kernel variants: every row runs `Variant::V1` (the verified kernels); where V2 applies
 //! (every forward; decode with n_new · group ≤ 16) a "v2" row follows, timed in the same run
 //! and checked the same way; the training cases also get "fwd v3" and "fwd+bwd v3fwd" rows (the
-//! V3 forward alone, and followed by `Variant::default_bwd()`), and "bwd v3" and "fwd+bwd v3"
+//! V3 forward alone, and followed by V2's backward, as in run 3 of round 4), and "bwd v3" and "fwd+bwd v3"
 //! rows (the V3 backward, and the V3 forward followed by it), and "bwd v4" and "fwd+bwd v4" rows
 //! (the V4 backward, and V4 = the V3 forward followed by the V4 backward).
 
@@ -113,7 +113,7 @@ fn train_case(dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize),
     // V3 forward (kernels/attention_v3.cu: 128-row tiles of 4 warps × 32 rows; V2's window
     // kernel at len ≤ 64): alone, and followed by the default backward. Same out and dq checks.
     let v3f = {
-        let (v, vb_default) = (Variant::V3, Variant::default_bwd());
+        let (v, vb_default) = (Variant::V3, Variant::V2);
         let fwd3 = time_gpu(g, warm, iters, &mut || attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v))?;
         let err3 = rel_err(&dev.to_vec(&out)?[..cq], &o_ref);
         let both3 = time_gpu(g, warm, iters, &mut || {

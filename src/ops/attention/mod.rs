@@ -156,10 +156,12 @@ impl Variant {
     pub fn default_fwd(max_len: usize) -> Variant {
         Self::from_env().unwrap_or(if max_len > 64 { Variant::V3 } else { Variant::V1 })
     }
-    /// Backward: V2 (its GQA kernel with longest-first blocks: 6.25 ms vs V1's 6.58 and V3's
-    /// 7.62 at causal GQA 28/4 d128 S=4096; with hq = hkv V2 runs V1's kernel).
-    pub fn default_bwd() -> Variant {
-        Self::from_env().unwrap_or(Variant::V2)
+    /// Backward: V4 (FA2's 2×2 warp tiling on V2's 64-key GQA blocks) for sequences longer than
+    /// 64 tokens: 5.66 ms vs V2's 6.15, V1's 6.70 and V3's 7.64 at causal GQA 28/4 d128 S=4096;
+    /// 0.72 vs 0.98 ms at d64 and 0.44 vs 0.52 at d80 (H200, PERF-attention.md round 5). V1 for
+    /// windows (0.113 vs 0.117 ms: equal).
+    pub fn default_bwd(max_len: usize) -> Variant {
+        Self::from_env().unwrap_or(if max_len > 64 { Variant::V4 } else { Variant::V1 })
     }
     /// Decode: V2 (78 % vs 44 % of 4.2 TB/s).
     pub fn default_decode() -> Variant {
@@ -320,7 +322,7 @@ pub fn bwd(
     seqs: &Varlen,
     s: &AttnShape,
 ) -> Result<()> {
-    bwd_with(dev, dq, dk, dv, dout, q, k, v, out, lse, seqs, s, Variant::default_bwd())
+    bwd_with(dev, dq, dk, dv, dout, q, k, v, out, lse, seqs, s, Variant::default_bwd(seqs.max_len))
 }
 
 /// `bwd` with an explicit kernel variant (the bench and tests run both).
