@@ -10,6 +10,7 @@ use am3safety::checkpoint::{read_tensor_file, Checkpoint};
 use am3safety::models::llava_next::config::{LlavaNextConfig, TextFamily};
 use am3safety::models::llava_next::model::{strip_tile_padding, Batch, LlavaNext, Recompute};
 use am3safety::models::common::params::GradStore;
+use am3safety::models::common::train_state::TrainState;
 use am3safety::tensor::{DType, Device};
 use common::*;
 use std::collections::{BTreeMap, HashMap};

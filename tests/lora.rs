@@ -6,6 +6,7 @@
 //! a merged save reloads with the same logits; the PEFT adapter files; `am3 sft --lora-*` (flags,
 //! adapter checkpoints, bit-for-bit resume, merged checkpoints); the same models on the GPU.
 mod common;
+use am3safety::models::common::train_state::TrainState;
 use am3safety::checkpoint::safetensors_io::{read_tensor_file, SaveDtype};
 use am3safety::models::common::lora::{LoraConfig, ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_TARGETS};
 use am3safety::models::common::params::{assemble, NamedTensors, ParamRef};

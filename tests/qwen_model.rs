@@ -12,6 +12,7 @@ use am3safety::models::qwen2_5_vl::vision::VisionLayout;
 use am3safety::tensor::{DType, Device};
 use common::*;
 use am3safety::models::common::params::{GradStore, NamedTensors};
+use am3safety::models::common::train_state::TrainState;
 use std::collections::HashMap;
 use std::path::PathBuf;
 

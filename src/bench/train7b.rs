@@ -6,6 +6,7 @@
 //! step stores the linear weights' gradients in bf16 (`GradStore::Bf16Linear`).
 
 use super::{time_gpu, BenchRow};
+use crate::models::common::train_state::TrainState;
 use crate::models::common::params::{GradStore, ParamRef};
 use crate::models::qwen2_5_vl::config::QwenVlConfig;
 use crate::models::qwen2_5_vl::model::{Batch, QwenVl, Recompute};
@@ -98,7 +99,8 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     let all = |_: &ParamRef| true;
     // A full fine-tune fits only with bf16 linear-weight gradients (f32 ones: bf16 weights 15.4 +
     // grads 30.9 + AdamW 92.7 GiB = 139 GiB before activations, run 4 went out of memory).
-    let cases: [(&str, &dyn Fn(&ParamRef) -> bool, GradStore); 2] =
+    type Case<'a> = (&'a str, &'a dyn Fn(&ParamRef) -> bool, GradStore);
+    let cases: [Case; 2] =
         [("full fine-tune, bf16 linear grads", &all, GradStore::Bf16Linear), ("vision frozen, f32 grads", &freeze_vision, GradStore::F32)];
     for (label, trainable, store) in cases {
         model.grad_store = store;

@@ -5,6 +5,7 @@
 //! `models::common::lora`; this file only routes to the model inside `VlModel`.
 
 use super::model::{Net, VlModel};
+use crate::models::common::train_state::TrainState;
 use crate::checkpoint::safetensors_io::{save_sharded_with, SaveDtype};
 use crate::models::common::lora::{LoraConfig, LoraState};
 use crate::models::common::params::ParamRef;

@@ -8,6 +8,7 @@
 //! transformers 5), so saved checkpoints and gradient files use the same names as the source.
 
 use super::examples::{encode, encode_llava, Example, Packed};
+use crate::models::common::train_state::TrainState;
 use crate::checkpoint::safetensors_io::{save_sharded_with, SaveDtype};
 use crate::checkpoint::Checkpoint;
 use crate::data::dataset::Sample;

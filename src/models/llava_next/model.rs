@@ -26,13 +26,13 @@ use crate::checkpoint::Checkpoint;
 use crate::models::common::decoder::{LayerDims, LayerFlags, RopeKind, Slot};
 use crate::models::common::lm::{self, Inject, LmCache, LmDims, LmFwd, LmNames, LmParams};
 use crate::models::common::lora::{LayerLora, LoraConfig, LoraState, StackSpec};
-use crate::models::common::params::{assemble, read_piece, GradStore, NamedTensors, ParamRef};
+use crate::models::common::params::{read_piece, GradStore, ParamRef};
+use crate::models::common::train_state::TrainState;
 use crate::ops::act::{self, Gelu};
 use crate::ops::patch_embed::{gather_rows, scatter_rows, RowIndex};
 use crate::ops::{elementwise, logprob, matmul};
 use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
-use std::collections::BTreeMap;
 use std::path::Path;
 
 pub use crate::models::qwen2_5_vl::model::Recompute;
@@ -162,6 +162,33 @@ pub fn strip_tile_padding(pixels: &[f32], max_tiles: usize, num_tiles: &[usize],
     Ok(num_tiles.iter().enumerate().flat_map(|(i, &n)| pixels[i * max_tiles * tile_len..][..n * tile_len].iter().copied()).collect())
 }
 
+impl TrainState for LlavaNext {
+    fn all_params(&self) -> Vec<(ParamRef, &Buf)> {
+        self.param_entries()
+    }
+
+    /// The vision layers past the feature layer and post_layernorm get no gradient buffers.
+    fn base_grads(&self) -> Option<Vec<(ParamRef, &Buf)>> {
+        self.grads.as_ref().map(|g| entries(g, &self.cfg, &self.vdims, &self.tdims, &self.names))
+    }
+
+    fn lora_state(&self) -> Option<&LoraState> {
+        self.lora.as_ref()
+    }
+
+    fn zero_grads(&mut self, dev: &Device) -> Result<()> {
+        if let Some(l) = self.lora.as_mut() {
+            return l.zero_grads(dev, self.tdims.vocab * self.tdims.layer.d);
+        }
+        let store = self.grad_store;
+        let mut z = |r: &ParamRef| dev.zeros(store.dtype(dev, r), r.numel());
+        // Free the old gradients first: two sets of a 7B model's do not fit.
+        self.grads = None;
+        self.grads = Some(build_params(&self.cfg, &self.vdims, &self.tdims, &self.names, true, &mut z)?);
+        Ok(())
+    }
+}
+
 impl LlavaNext {
     /// Loads `dir/config.json` and the checkpoint in `dir`.
     pub fn load(dev: &Device, dir: impl AsRef<Path>) -> Result<Self> {
@@ -230,24 +257,6 @@ impl LlavaNext {
         self.lora.as_ref().map_or(&[], |l| &l.text)
     }
 
-    /// The tensors an optimizer should hold: the adapters under LoRA, else every parameter.
-    pub fn trainable_entries(&self) -> Vec<(ParamRef, &Buf)> {
-        match &self.lora {
-            Some(l) => l.entries(),
-            None => self.param_entries(),
-        }
-    }
-
-    /// Every weight as a full checkpoint tensor (canonical names), with the LoRA adapters (if
-    /// any) merged in: W + (alpha/r)·B·A.
-    pub fn merged_weights(&self, dev: &Device) -> Result<NamedTensors> {
-        let mut full = assemble(dev, self.param_entries())?;
-        if let Some(l) = &self.lora {
-            l.merge_into(dev, &mut full)?;
-        }
-        Ok(full)
-    }
-
     /// Every parameter that gets a gradient, mutably, with that gradient (for the optimizer).
     /// The vision layers past the feature layer and post_layernorm are left out; under LoRA
     /// only the adapters are listed. Empty before the first backward.
@@ -264,43 +273,6 @@ impl LlavaNext {
         let rest_p = head_entries_mut(proj, newline, cfg).into_iter().chain(text.entries_mut(td, names));
         out.extend(rest_p.zip(rest_g).map(|((r, p), (_, g))| (r, p, g)));
         out
-    }
-
-    /// The gradients as full checkpoint tensors: canonical name → (shape, values) (under LoRA:
-    /// the adapters', by PEFT name).
-    pub fn grads_by_name(&self, dev: &Device) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
-        if let Some(l) = &self.lora {
-            return l.grads_by_name(dev);
-        }
-        match &self.grads {
-            Some(g) => assemble(dev, entries(g, &self.cfg, &self.vdims, &self.tdims, &self.names)),
-            None => Ok(BTreeMap::new()),
-        }
-    }
-
-    /// Zeroes the gradients (allocating them on first use).
-    pub fn zero_grads(&mut self, dev: &Device) -> Result<()> {
-        if let Some(l) = self.lora.as_mut() {
-            return l.zero_grads(dev, self.tdims.vocab * self.tdims.layer.d);
-        }
-        let store = self.grad_store;
-        let mut z = |r: &ParamRef| dev.zeros(store.dtype(dev, r), r.numel());
-        // Free the old gradients first: two sets of a 7B model's do not fit.
-        self.grads = None;
-        self.grads = Some(build_params(&self.cfg, &self.vdims, &self.tdims, &self.names, true, &mut z)?);
-        Ok(())
-    }
-
-    /// Allocates the gradients if a backward has not yet.
-    fn ensure_grads(&mut self, dev: &Device) -> Result<()> {
-        let have = match &self.lora {
-            Some(l) => l.grads.is_some(),
-            None => self.grads.is_some(),
-        };
-        if !have {
-            self.zero_grads(dev)?;
-        }
-        Ok(())
     }
 
     /// Anyres layout of each image.

@@ -19,7 +19,8 @@ use crate::checkpoint::Checkpoint;
 use crate::models::common::decoder::Slot;
 use crate::models::common::lm::{self, Inject, LmCache, LmDims, LmFwd, LmNames, LmParams};
 use crate::models::common::lora::{LayerLora, LoraConfig, LoraState, StackSpec};
-use crate::models::common::params::{assemble, read_piece, GradStore, NamedTensors, ParamRef};
+use crate::models::common::params::{read_piece, GradStore, ParamRef};
+use crate::models::common::train_state::TrainState;
 use crate::ops::logprob;
 use crate::ops::patch_embed::{gather_rows, RowIndex};
 use crate::tensor::{Buf, DType, Device};
@@ -91,6 +92,33 @@ pub struct QwenVl {
     pub grad_store: GradStore,
 }
 
+impl TrainState for QwenVl {
+    fn all_params(&self) -> Vec<(ParamRef, &Buf)> {
+        self.param_entries()
+    }
+
+    fn base_grads(&self) -> Option<Vec<(ParamRef, &Buf)>> {
+        self.grads.as_ref().map(|g| entries(g, &self.vdims, &self.patch_shape, &self.tdims, &self.names))
+    }
+
+    fn lora_state(&self) -> Option<&LoraState> {
+        self.lora.as_ref()
+    }
+
+    fn zero_grads(&mut self, dev: &Device) -> Result<()> {
+        let head = self.tdims.vocab * self.tdims.layer.d;
+        match self.lora.as_mut() {
+            Some(l) => l.zero_grads(dev, head),
+            None => {
+                // Free the old gradients first: at 7B they are 31 GiB, and two sets do not fit.
+                self.grads = None;
+                self.grads = Some(self.zeros_like(dev)?);
+                Ok(())
+            }
+        }
+    }
+}
+
 impl QwenVl {
     /// Loads `dir/config.json` and the checkpoint in `dir`.
     pub fn load(dev: &Device, dir: impl AsRef<Path>) -> Result<Self> {
@@ -160,24 +188,6 @@ impl QwenVl {
         self.lora.as_ref().map_or(&[], |l| &l.vision)
     }
 
-    /// The tensors an optimizer should hold: the adapters under LoRA, else every parameter.
-    pub fn trainable_entries(&self) -> Vec<(ParamRef, &Buf)> {
-        match &self.lora {
-            Some(l) => l.entries(),
-            None => self.param_entries(),
-        }
-    }
-
-    /// Every weight as a full checkpoint tensor, with the LoRA adapters (if any) merged in:
-    /// W + (alpha/r)·B·A.
-    pub fn merged_weights(&self, dev: &Device) -> Result<NamedTensors> {
-        let mut full = assemble(dev, self.param_entries())?;
-        if let Some(l) = &self.lora {
-            l.merge_into(dev, &mut full)?;
-        }
-        Ok(full)
-    }
-
     /// Every trainable tensor, mutably, with the matching f32 gradient (for the optimizer):
     /// every parameter, or under LoRA the adapters only. Empty before the first backward.
     pub fn params_and_grads(&mut self) -> Vec<(ParamRef, &mut Buf, &Buf)> {
@@ -190,44 +200,6 @@ impl QwenVl {
         let mut ps = vision.entries_mut(&self.vdims, &self.patch_shape);
         ps.extend(text.entries_mut(&self.tdims, &self.names));
         ps.into_iter().zip(gs).map(|((r, p), (_, g))| (r, p, g)).collect()
-    }
-
-    /// The gradients as full checkpoint tensors: name → (shape, values) (under LoRA: the
-    /// adapters', by PEFT name). Empty before a backward.
-    pub fn grads_by_name(&self, dev: &Device) -> Result<NamedTensors> {
-        if let Some(l) = &self.lora {
-            return l.grads_by_name(dev);
-        }
-        match &self.grads {
-            Some(g) => assemble(dev, entries(g, &self.vdims, &self.patch_shape, &self.tdims, &self.names)),
-            None => Ok(NamedTensors::new()),
-        }
-    }
-
-    /// Zeroes the gradients (allocating them on first use).
-    pub fn zero_grads(&mut self, dev: &Device) -> Result<()> {
-        let head = self.tdims.vocab * self.tdims.layer.d;
-        match self.lora.as_mut() {
-            Some(l) => l.zero_grads(dev, head),
-            None => {
-                // Free the old gradients first: at 7B they are 31 GiB, and two sets do not fit.
-                self.grads = None;
-                self.grads = Some(self.zeros_like(dev)?);
-                Ok(())
-            }
-        }
-    }
-
-    /// Allocates the gradients if a backward has not yet.
-    fn ensure_grads(&mut self, dev: &Device) -> Result<()> {
-        let have = match &self.lora {
-            Some(l) => l.grads.is_some(),
-            None => self.grads.is_some(),
-        };
-        if !have {
-            self.zero_grads(dev)?;
-        }
-        Ok(())
     }
 
     fn zeros_like(&self, dev: &Device) -> Result<QwenParams> {
