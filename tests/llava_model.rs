@@ -406,7 +406,7 @@ fn head_dims_check(dev: &Device, dt: DType, tol: (f64, f64), tag: &str) {
     let geo = &cpu_model.geometries(&sizes).unwrap()[0];
     let mut rng = Rng::new(77);
     let mut ids: Vec<i32> = (0..5).map(|_| rng.below(500) as i32).collect();
-    ids.extend(std::iter::repeat(cfg.image_token_index as i32).take(geo.num_tokens()));
+    ids.extend(std::iter::repeat_n(cfg.image_token_index as i32, geo.num_tokens()));
     ids.extend((0..40).map(|_| rng.below(500) as i32));
     let s = ids.len();
     println!("{tag}: image {sizes:?} → {} tiles, {} tokens; sequence {s}", geo.num_tiles(), geo.num_tokens());

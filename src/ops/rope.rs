@@ -37,7 +37,7 @@ fn cos_sin(angle: f32) -> (f32, f32) {
 /// 1-D RoPE tables (Llama, Mistral, Qwen2 text without images): angle[t][i] = pos[t]·inv_freq[i].
 /// Returns (cos, sin), each [tokens = pos.len(), head_dim/2].
 pub fn table_1d(pos: &[i32], head_dim: usize, theta: f32) -> Result<(Vec<f32>, Vec<f32>)> {
-    if head_dim == 0 || head_dim % 2 != 0 {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
         bail!("rope table_1d: head_dim {head_dim} must be even and positive");
     }
     let inv = inv_freq(head_dim, theta);
@@ -61,7 +61,7 @@ pub fn table_1d(pos: &[i32], head_dim: usize, theta: f32) -> Result<(Vec<f32>, V
 /// same axis as dim i — exactly what rotating the pair (i, i + D/2) by angle[t][i] does.
 /// Returns (cos, sin), each [tokens, head_dim/2].
 pub fn table_mrope(pos3: &[i32], tokens: usize, head_dim: usize, theta: f32, sections: &[usize]) -> Result<(Vec<f32>, Vec<f32>)> {
-    if head_dim == 0 || head_dim % 2 != 0 {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
         bail!("rope table_mrope: head_dim {head_dim} must be even and positive");
     }
     if pos3.len() != 3 * tokens {
@@ -99,7 +99,7 @@ pub fn table_mrope(pos3: &[i32], tokens: usize, head_dim: usize, theta: f32, sec
 /// (h angles first, then w; head_dim/2 in all). Returns (cos, sin), each [tokens, head_dim/2].
 /// The caller permutes rows into window order together with the hidden states (model-spec A4).
 pub fn table_vision_2d(hpos: &[i32], wpos: &[i32], head_dim: usize, theta: f32) -> Result<(Vec<f32>, Vec<f32>)> {
-    if head_dim == 0 || head_dim % 4 != 0 {
+    if head_dim == 0 || !head_dim.is_multiple_of(4) {
         bail!("rope table_vision_2d: head_dim {head_dim} must be a positive multiple of 4");
     }
     if hpos.len() != wpos.len() {
@@ -140,7 +140,7 @@ pub fn bwd(dev: &Device, dx: &mut Buf, cos: &Buf, sin: &Buf, tokens: usize, head
 
 #[allow(clippy::too_many_arguments)]
 fn apply(dev: &Device, op: &str, x: &mut Buf, cos: &Buf, sin: &Buf, tokens: usize, heads: usize, head_dim: usize, inverse: bool) -> Result<()> {
-    if head_dim % 2 != 0 {
+    if !head_dim.is_multiple_of(2) {
         bail!("{op}: head_dim {head_dim} must be even");
     }
     let half = head_dim / 2;
@@ -165,7 +165,7 @@ fn apply(dev: &Device, op: &str, x: &mut Buf, cos: &Buf, sin: &Buf, tokens: usiz
             }
             // Grid-stride kernel: enough blocks for one pass (N pairs per thread on the 16-byte
             // path), capped at 32 blocks per SM.
-            let per_thread = if half % (16 / dt.size()) == 0 { 16 / dt.size() } else { 1 };
+            let per_thread = if half.is_multiple_of(16 / dt.size()) { 16 / dt.size() } else { 1 };
             let block = 256u32;
             let blocks = pairs.div_ceil(per_thread).div_ceil(block as usize).clamp(1, 32 * g.sm_count as usize) as u32;
             let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };

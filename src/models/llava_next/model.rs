@@ -120,7 +120,7 @@ pub struct LlavaNext {
 /// Decoder sizes from the config.
 pub fn lm_dims(cfg: &LlavaNextConfig) -> Result<LmDims> {
     let c = &cfg.text;
-    if c.num_attention_heads == 0 || c.num_key_value_heads == 0 || c.num_attention_heads % c.num_key_value_heads != 0 {
+    if c.num_attention_heads == 0 || c.num_key_value_heads == 0 || !c.num_attention_heads.is_multiple_of(c.num_key_value_heads) {
         bail!("text_config: num_attention_heads {} must be a positive multiple of num_key_value_heads {}", c.num_attention_heads, c.num_key_value_heads);
     }
     Ok(LmDims {

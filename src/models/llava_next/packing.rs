@@ -159,7 +159,7 @@ impl AnyresGeometry {
         if h == 0 || w == 0 {
             bail!("anyres: image of size {h}x{w} has an empty side");
         }
-        if tile_px == 0 || patch_px == 0 || tile_px % patch_px != 0 {
+        if tile_px == 0 || patch_px == 0 || !tile_px.is_multiple_of(patch_px) {
             bail!("anyres: tile size {tile_px} is not a positive multiple of the patch size {patch_px}");
         }
         let (bh, bw) = best_hw;
@@ -220,7 +220,7 @@ impl AnyresGeometry {
 /// The pack plan of one image (see [`AnyresGeometry::plan`]): `orig_hw` its original size,
 /// `best_hw` the chosen pinpoint canvas, `tile_px` the vision image_size, `patches_per_side` g.
 pub fn pack_plan(orig_hw: (usize, usize), best_hw: (usize, usize), tile_px: usize, patches_per_side: usize) -> Result<Vec<PackSrc>> {
-    if patches_per_side == 0 || tile_px % patches_per_side != 0 {
+    if patches_per_side == 0 || !tile_px.is_multiple_of(patches_per_side) {
         bail!("pack_plan: {patches_per_side} patches per side do not divide the tile size {tile_px}");
     }
     Ok(AnyresGeometry::with_canvas(orig_hw, best_hw, tile_px, tile_px / patches_per_side)?.plan())

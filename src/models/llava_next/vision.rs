@@ -55,7 +55,7 @@ impl ClipDims {
         let [feature_state] = states[..] else {
             bail!("LLaVA-NeXT: vision_feature_layer {:?} selects {} hidden states; only a single feature layer is supported", cfg.vision_feature_layer, states.len());
         };
-        if v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads != 0 || v.patch_size == 0 || v.image_size % v.patch_size != 0 {
+        if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) || v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
             bail!("vision_config: hidden {} / heads {}, image {} / patch {} must divide", v.hidden_size, v.num_attention_heads, v.image_size, v.patch_size);
         }
         Ok(ClipDims {
@@ -134,7 +134,7 @@ fn layer_refs(dims: &ClipDims, l: usize) -> Vec<ParamRef> {
 
 impl ClipLayer {
     fn build(refs: &[ParamRef], make: &mut dyn FnMut(&ParamRef) -> Result<Buf>) -> Result<Self> {
-        let mut v = refs.iter().map(|r| make(r)).collect::<Result<Vec<_>>>()?.into_iter();
+        let mut v = refs.iter().map(make).collect::<Result<Vec<_>>>()?.into_iter();
         let mut next = || v.next().ok_or_else(|| anyhow::anyhow!("CLIP layer: tensor list too short"));
         Ok(ClipLayer {
             ln1_w: next()?, ln1_b: next()?, wq: next()?, bq: next()?, wk: next()?, bk: next()?, wv: next()?, bv: next()?,

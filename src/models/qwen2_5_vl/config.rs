@@ -377,6 +377,7 @@ pub struct QwenPreprocessorConfig {
 
 /// OpenAI CLIP normalization.
 pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+#[allow(clippy::excessive_precision)] // the published values, digit for digit
 pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 impl Default for QwenPreprocessorConfig {

@@ -75,7 +75,7 @@ pub fn process_image(img: &RgbImage, cfg: &QwenPreprocessorConfig) -> Result<Pro
             &resized
         }
     } else {
-        if img.height % factor != 0 || img.width % factor != 0 {
+        if !img.height.is_multiple_of(factor) || !img.width.is_multiple_of(factor) {
             bail!("image {}x{}: with do_resize off both sides must be multiples of {factor}", img.height, img.width);
         }
         img
