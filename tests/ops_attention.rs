@@ -284,47 +284,17 @@ fn attention_cuda_matches_cpu() {
 fn attention_cuda_bwd_v3_matches_cpu() {
     let Some(gpu) = cuda_or_skip("attention_cuda_bwd_v3_matches_cpu") else { return };
     let mut rng = Rng::new(16);
-    let cases: Vec<(Vec<usize>, usize, usize, bool)> = vec![
-        (vec![65], 1, 1, true),
-        (vec![1, 63, 65, 130, 200], 4, 4, true),
-        (vec![1, 63, 65, 130, 200], 4, 1, false),
-        (vec![300, 17], 7, 1, true),
-        (vec![200, 0, 129], 8, 2, false),
-        (vec![700, 129], 14, 2, true),
-        (vec![257, 3], 2, 2, true),
+    // (sequence lengths, hq, hkv, causal, q scale)
+    let cases: Vec<BwdCase> = vec![
+        (vec![65], 1, 1, true, 1.0),
+        (vec![1, 63, 65, 130, 200], 4, 4, true, 1.0),
+        (vec![1, 63, 65, 130, 200], 4, 1, false, 1.0),
+        (vec![300, 17], 7, 1, true, 1.0),
+        (vec![200, 0, 129], 8, 2, false, 1.0),
+        (vec![700, 129], 14, 2, true, 1.0),
+        (vec![257, 3], 2, 2, true, 1.0),
     ];
-    for &d in &[64usize, 80, 128] {
-        for (lens, hq, hkv, causal) in &cases {
-            let (hq, hkv, causal) = (*hq, *hkv, *causal);
-            let cu = cu_of(lens);
-            let t = *cu.last().unwrap() as usize;
-            let s = shape(hq, hkv, d, causal);
-            let q = bf16_round(&rng.normal_vec(t * hq * d, 1.0));
-            let k = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
-            let v = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
-            let dout = bf16_round(&rng.normal_vec(t * hq * d, 1.0));
-            let want = run_fwd_bwd(&Device::Cpu, DType::F32, &q, &k, &v, &dout, &cu, &s, Variant::V1);
-            let dev = &gpu;
-            let seqs = Varlen::new(dev, &cu).unwrap();
-            let up = |x: &[f32]| dev.upload(x, DType::BF16).unwrap();
-            let nan = |n: usize, dt: DType| dev.upload(&vec![f32::NAN; n], dt).unwrap();
-            let (qb, kb, vb, dob) = (up(&q), up(&k), up(&v), up(&dout));
-            let mut out = nan(q.len(), DType::BF16);
-            let mut lse = nan(hq * t, DType::F32);
-            attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, Variant::V1).unwrap();
-            let (mut dq, mut dk, mut dv) = (nan(q.len(), DType::BF16), nan(k.len(), DType::BF16), nan(v.len(), DType::BF16));
-            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, Variant::V3).unwrap();
-            let got = [&dq, &dk, &dv].map(|b| dev.to_vec(b).unwrap());
-            for (i, name) in ["dq", "dk", "dv"].iter().enumerate() {
-                // As in attention_cuda_matches_cpu: dq and dk are also measured against ‖dv‖.
-                let floor = if i < 2 { norm(&want[4]) } else { 0.0 };
-                let e = rel_err_floor(&got[i], &want[2 + i], floor);
-                let tag = format!("attention {name} bf16 (V1 fwd, V3 bwd) d {d} hq {hq} hkv {hkv} causal {causal} lens {lens:?}");
-                println!("{tag}: rel err {e:.2e}");
-                assert!(e <= 1e-2, "{tag}: rel err {e:.2e} > 1e-2 (inf = an element left unwritten or non-finite)");
-            }
-        }
-    }
+    bwd_alone_matches_cpu(&gpu, &mut rng, &cases, Variant::V3);
 }
 
 /// The V4 backward alone (kernels/attention_v4_bwd.cu): V1's verified forward gives out and lse,
@@ -340,7 +310,7 @@ fn attention_cuda_bwd_v4_matches_cpu() {
     let Some(gpu) = cuda_or_skip("attention_cuda_bwd_v4_matches_cpu") else { return };
     let mut rng = Rng::new(18);
     // (sequence lengths, hq, hkv, causal, q scale)
-    let cases: Vec<(Vec<usize>, usize, usize, bool, f32)> = vec![
+    let cases: Vec<BwdCase> = vec![
         (vec![1], 7, 1, true, 1.0),
         (vec![65], 1, 1, true, 1.0),
         (vec![64, 33, 0, 64, 1], 16, 16, false, 1.0),
@@ -352,38 +322,7 @@ fn attention_cuda_bwd_v4_matches_cpu() {
         (vec![700, 129], 14, 2, true, 1.0),
         (vec![257, 64], 4, 1, true, 4.0),
     ];
-    for &d in &[64usize, 80, 128] {
-        for (lens, hq, hkv, causal, qmul) in &cases {
-            let (hq, hkv, causal, qmul) = (*hq, *hkv, *causal, *qmul);
-            let cu = cu_of(lens);
-            let t = *cu.last().unwrap() as usize;
-            let s = shape(hq, hkv, d, causal);
-            let q: Vec<f32> = bf16_round(&rng.normal_vec(t * hq * d, 1.0)).iter().map(|x| x * qmul).collect();
-            let k = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
-            let v = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
-            let dout = bf16_round(&rng.normal_vec(t * hq * d, 1.0));
-            let want = run_fwd_bwd(&Device::Cpu, DType::F32, &q, &k, &v, &dout, &cu, &s, Variant::V1);
-            let dev = &gpu;
-            let seqs = Varlen::new(dev, &cu).unwrap();
-            let up = |x: &[f32]| dev.upload(x, DType::BF16).unwrap();
-            let nan = |n: usize, dt: DType| dev.upload(&vec![f32::NAN; n], dt).unwrap();
-            let (qb, kb, vb, dob) = (up(&q), up(&k), up(&v), up(&dout));
-            let mut out = nan(q.len(), DType::BF16);
-            let mut lse = nan(hq * t, DType::F32);
-            attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, Variant::V1).unwrap();
-            let (mut dq, mut dk, mut dv) = (nan(q.len(), DType::BF16), nan(k.len(), DType::BF16), nan(v.len(), DType::BF16));
-            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, Variant::V4).unwrap();
-            let got = [&dq, &dk, &dv].map(|b| dev.to_vec(b).unwrap());
-            for (i, name) in ["dq", "dk", "dv"].iter().enumerate() {
-                // As in attention_cuda_matches_cpu: dq and dk are also measured against ‖dv‖.
-                let floor = if i < 2 { norm(&want[4]) } else { 0.0 };
-                let e = rel_err_floor(&got[i], &want[2 + i], floor);
-                let tag = format!("attention {name} bf16 (V1 fwd, V4 bwd) d {d} hq {hq} hkv {hkv} causal {causal} q x{qmul} lens {lens:?}");
-                println!("{tag}: rel err {e:.2e}");
-                assert!(e <= 1e-2, "{tag}: rel err {e:.2e} > 1e-2 (inf = an element left unwritten or non-finite)");
-            }
-        }
-    }
+    bwd_alone_matches_cpu(&gpu, &mut rng, &cases, Variant::V4);
 }
 
 /// The V3 forward alone (kernels/attention_v3.cu) against the CPU forward, out and lse
@@ -503,6 +442,46 @@ fn attention_cuda_decode_matches_cpu() {
                     println!("{tag}: rel err {e:.2e}");
                     assert!(e <= tol, "{tag}: rel err {e:.2e} > {tol:.0e} (inf = an element left unwritten or non-finite)");
                 }
+            }
+        }
+    }
+}
+
+/// (sequence lengths, hq, hkv, causal, q scale).
+type BwdCase = (Vec<usize>, usize, usize, bool, f32);
+
+/// A backward variant alone: V1's verified forward gives out and lse, then `bwd_with(.., variant)`
+/// against the CPU at every case and d 64/80/128, dq/dk/dv NaN-poisoned.
+fn bwd_alone_matches_cpu(gpu: &Device, rng: &mut Rng, cases: &[BwdCase], variant: Variant) {
+    for &d in &[64usize, 80, 128] {
+        for (lens, hq, hkv, causal, qmul) in cases {
+            let (hq, hkv, causal, qmul) = (*hq, *hkv, *causal, *qmul);
+            let cu = cu_of(lens);
+            let t = *cu.last().unwrap() as usize;
+            let s = shape(hq, hkv, d, causal);
+            let q: Vec<f32> = bf16_round(&rng.normal_vec(t * hq * d, 1.0)).iter().map(|x| x * qmul).collect();
+            let k = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
+            let v = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
+            let dout = bf16_round(&rng.normal_vec(t * hq * d, 1.0));
+            let want = run_fwd_bwd(&Device::Cpu, DType::F32, &q, &k, &v, &dout, &cu, &s, Variant::V1);
+            let dev = gpu;
+            let seqs = Varlen::new(dev, &cu).unwrap();
+            let up = |x: &[f32]| dev.upload(x, DType::BF16).unwrap();
+            let nan = |n: usize, dt: DType| dev.upload(&vec![f32::NAN; n], dt).unwrap();
+            let (qb, kb, vb, dob) = (up(&q), up(&k), up(&v), up(&dout));
+            let mut out = nan(q.len(), DType::BF16);
+            let mut lse = nan(hq * t, DType::F32);
+            attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, Variant::V1).unwrap();
+            let (mut dq, mut dk, mut dv) = (nan(q.len(), DType::BF16), nan(k.len(), DType::BF16), nan(v.len(), DType::BF16));
+            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, variant).unwrap();
+            let got = [&dq, &dk, &dv].map(|b| dev.to_vec(b).unwrap());
+            for (i, name) in ["dq", "dk", "dv"].iter().enumerate() {
+                // As in attention_cuda_matches_cpu: dq and dk are also measured against ‖dv‖.
+                let floor = if i < 2 { norm(&want[4]) } else { 0.0 };
+                let e = rel_err_floor(&got[i], &want[2 + i], floor);
+                let tag = format!("attention {name} bf16 (V1 fwd, {variant:?} bwd) d {d} hq {hq} hkv {hkv} causal {causal} q x{qmul} lens {lens:?}");
+                println!("{tag}: rel err {e:.2e}");
+                assert!(e <= 1e-2, "{tag}: rel err {e:.2e} > 1e-2 (inf = an element left unwritten or non-finite)");
             }
         }
     }
