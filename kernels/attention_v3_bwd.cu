@@ -3,7 +3,7 @@
 // lse/dvec [hq, T]), bf16 in/out, f32 accumulate, D in {64, 80, 128}, causal or not, varlen, any
 // GQA ratio. Design and counts: PERF-attention.md, "Round 4: V3 backward".
 //
-// attention_v3_dot_bf16: dvec[h, t] = dout·out of row (t, h) (one thread per row, 16-byte loads).
+// attention_bwd_rowdot_bf16 (attention_bwd_rows.cuh): dvec[h, t] = dout·out of row (t, h) (one thread per row, 16-byte loads).
 //
 // attention_bwd_v3_bf16_d{64,80,128}: one block = 128 keys of one (sequence, kv head), 8 warps,
 //   walking the query tiles (64 rows) of every q head of the group: dK and dV are summed over the
@@ -26,8 +26,9 @@
 //   hits for the atomics and the Q/dO reads).
 //   Grid: one dimension, key block slowest (longest blocks first when causal).
 //
-// attention_v3_finish_bf16: dq = bf16(dq_acc), 8 elements per thread.
+// attention_bwd_dq_round_bf16 (attention_bwd_rows.cuh): dq = bf16(dq_acc), 8 elements per thread.
 #include "attention_mma.cuh"
+#include "attention_bwd_rows.cuh"
 
 #define V3_BN 128      // keys per block
 #define V3_BM 64       // query rows per step
@@ -370,32 +371,3 @@ ATT_V3_BWD_ENTRY(64)
 ATT_V3_BWD_ENTRY(80)
 ATT_V3_BWD_ENTRY(128)
 
-// dvec[h, t] = Σ_c dout[t, h, c] · out[t, h, c] (f32 sum of the bf16 values), one thread per row;
-// d a multiple of 8 and rows 16-byte aligned (the launcher checks).
-extern "C" __global__ void attention_v3_dot_bf16(float* dvec, const bf16* dout, const bf16* out, int T_, int hq, int d) {
-    const long row = (long)blockIdx.x * blockDim.x + threadIdx.x;  // t * hq + h
-    if (row >= (long)T_ * hq) return;
-    const bf16* a = dout + row * d;
-    const bf16* b = out + row * d;
-    float s = 0.f;
-#pragma unroll 4
-    for (int c = 0; c < d; c += 8) {
-        float x[8], y[8];
-        ld16(a + c, x);
-        ld16(b + c, y);
-#pragma unroll
-        for (int i = 0; i < 8; i++) s = fmaf(x[i], y[i], s);
-    }
-    const int t = (int)(row / hq), h = (int)(row - (long)t * hq);
-    dvec[(long)h * T_ + t] = s;
-}
-
-// dq = bf16(dq_acc): n8 groups of 8 elements (16-byte aligned).
-extern "C" __global__ void attention_v3_finish_bf16(bf16* dq, const float* dq_acc, long n8) {
-    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n8) return;
-    float x[8];
-    ld16(dq_acc + 8 * i, x);
-    ld16(dq_acc + 8 * i + 4, x + 4);
-    st16(dq + 8 * i, x);
-}

@@ -31,6 +31,7 @@
 
 pub mod cpu;
 pub mod decode;
+mod bwd_rows;
 mod v3_bwd;
 mod v3_fwd;
 mod v4_bwd;

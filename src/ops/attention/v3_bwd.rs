@@ -6,11 +6,11 @@
 //! into a scratch buffer that a finish kernel rounds to bf16. Same results and layouts as V1
 //! (dq [T, hq, d], dk/dv [T, hkv, d]). Design and counts: PERF-attention.md, "Round 4".
 //!
-//! Three launches: `attention_v3_dot_bf16` (D = rowsum(dO∘O) per query row), the main kernel,
-//! `attention_v3_finish_bf16`.
+//! Three launches: `attention_bwd_rowdot_bf16` (D = rowsum(dO∘O) per query row), the main kernel,
+//! `attention_bwd_dq_round_bf16`.
 
-use super::{AttnShape, Varlen};
-use crate::cuda::{cfg_1d, Arg, Gpu};
+use super::{bwd_rows, AttnShape, Varlen};
+use crate::cuda::{Arg, Gpu};
 use crate::tensor::{Buf, Device};
 use anyhow::{bail, Result};
 use cudarc::driver::LaunchConfig;
@@ -58,10 +58,7 @@ pub(super) fn bwd(
     if blocks > i32::MAX as usize {
         bail!("attention_bwd: {blocks} blocks of 128 keys exceed the V3 grid limit (2^31 - 1)");
     }
-    // D[h, t] = dout·out per query row, the softmax-backward correction term.
-    let dvec = dev.zeros_f32(s.hq * t)?; // [hq, T]
-    let args = [Arg::Ptr(dvec.ptr(g)?), Arg::Ptr(dout.ptr(g)?), Arg::Ptr(out.ptr(g)?), Arg::I32(t as i32), Arg::I32(s.hq as i32), Arg::I32(s.d as i32)];
-    g.launch("attention_v3_bwd", "attention_v3_dot_bf16", cfg_1d(t * s.hq, 256), &args)?;
+    let dvec = bwd_rows::rowdot(dev, g, "attention_v3_bwd", dout, out, t, s)?; // [hq, T]
 
     let dq_acc = dev.zeros_f32(t * s.hq * s.d)?; // [T, hq, d] f32, summed by atomics
     let args = [
@@ -86,9 +83,7 @@ pub(super) fn bwd(
     let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem(s.d) };
     g.launch("attention_v3_bwd", &format!("attention_bwd_v3_bf16_d{}", s.d), cfg, &args)?;
 
-    let n8 = t * s.hq * s.d / 8; // d is a multiple of 8
-    let args = [Arg::Ptr(dq.ptr(g)?), Arg::Ptr(dq_acc.ptr(g)?), Arg::I64(n8 as i64)];
-    g.launch("attention_v3_bwd", "attention_v3_finish_bf16", cfg_1d(n8, 256), &args)
+    bwd_rows::round_dq(g, "attention_v3_bwd", dq, &dq_acc, t, s)
 }
 
 #[cfg(test)]

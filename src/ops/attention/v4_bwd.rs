@@ -6,11 +6,11 @@
 //! dQ (32 queries × half the head dim) each take the 64-wide reduction. Same results and layouts
 //! as V1 (dq [T, hq, d], dk/dv [T, hkv, d]). Design and counts: PERF-attention.md, "Round 5".
 //!
-//! Three launches: `attention_v4_dot_bf16` (D = rowsum(dO∘O) per query row), the main kernel,
-//! `attention_v4_finish_bf16` (dq = bf16(dq_acc)).
+//! Three launches: `attention_bwd_rowdot_bf16` (D = rowsum(dO∘O) per query row), the main kernel,
+//! `attention_bwd_dq_round_bf16` (dq = bf16(dq_acc)).
 
-use super::{AttnShape, Varlen};
-use crate::cuda::{cfg_1d, Arg, Gpu};
+use super::{bwd_rows, AttnShape, Varlen};
+use crate::cuda::{Arg, Gpu};
 use crate::tensor::{Buf, Device};
 use anyhow::Result;
 use cudarc::driver::LaunchConfig;
@@ -49,10 +49,7 @@ pub(super) fn bwd(
     t: usize,
 ) -> Result<()> {
     let nseq = seqs.nseq();
-    // D[h, t] = dout·out per query row, the softmax-backward correction term.
-    let dvec = dev.zeros_f32(s.hq * t)?; // [hq, T]
-    let args = [Arg::Ptr(dvec.ptr(g)?), Arg::Ptr(dout.ptr(g)?), Arg::Ptr(out.ptr(g)?), Arg::I32(t as i32), Arg::I32(s.hq as i32), Arg::I32(s.d as i32)];
-    g.launch("attention_v4_bwd", "attention_v4_dot_bf16", cfg_1d(t * s.hq, 256), &args)?;
+    let dvec = bwd_rows::rowdot(dev, g, "attention_v4_bwd", dout, out, t, s)?; // [hq, T]
 
     let dq_acc = dev.zeros_f32(t * s.hq * s.d)?; // [T, hq, d] f32, summed by atomics
     let args = [
@@ -85,9 +82,7 @@ pub(super) fn bwd(
     };
     g.launch("attention_v4_bwd", &format!("attention_bwd_v4_bf16_d{}", s.d), cfg, &args)?;
 
-    let n8 = t * s.hq * s.d / 8; // d is a multiple of 8
-    let args = [Arg::Ptr(dq.ptr(g)?), Arg::Ptr(dq_acc.ptr(g)?), Arg::I64(n8 as i64)];
-    g.launch("attention_v4_bwd", "attention_v4_finish_bf16", cfg_1d(n8, 256), &args)
+    bwd_rows::round_dq(g, "attention_v4_bwd", dq, &dq_acc, t, s)
 }
 
 #[cfg(test)]
