@@ -178,21 +178,13 @@ __device__ void simple_bwd_dkv(T* __restrict__ dk, T* __restrict__ dv, const T* 
 
 // Decode, one warp per query row (b, i, h) of q/out [B, n_new, hq, d] against the cache
 // k/v [B, max_len, hkv, d]: new token i sits at position lens[b] - n_new + i.
+// One query row of decode against sequence b's cache: keys 0..end (online softmax, f32).
 template <typename T>
-__device__ void simple_decode(T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ kc,
-                              const T* __restrict__ vc, const int* __restrict__ lens, int B, int n_new, int hq,
-                              int hkv, int d, int max_len, float scale, int causal) {
-    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / WARP;
-    int lane = threadIdx.x % WARP;
-    if (row >= (long)B * n_new * hq) return;
-    int h = (int)(row % hq);
-    int i = (int)((row / hq) % n_new);
-    int b = (int)(row / ((long)hq * n_new));
-    int len = lens[b];
-    int end = causal ? len - n_new + i + 1 : len;
-    int hk = h / (hq / hkv);
+__device__ __forceinline__ void decode_row(T* __restrict__ o, const T* __restrict__ qrow, const T* __restrict__ kc,
+                                           const T* __restrict__ vc, int b, int end, int hk, int hkv, int d,
+                                           int max_len, float scale, int lane) {
     float qr[PER_LANE], acc[PER_LANE];
-    load_row(qr, q + row * d, d, lane);
+    load_row(qr, qrow, d, lane);
 #pragma unroll
     for (int c = 0; c < PER_LANE; c++) acc[c] = 0.f;
     float m = NEG_INF, l = 0.f;
@@ -213,8 +205,46 @@ __device__ void simple_decode(T* __restrict__ out, const T* __restrict__ q, cons
 #pragma unroll
     for (int c = 0; c < PER_LANE; c++) {
         int cc = lane + WARP * c;
-        if (cc < d) st(out + row * d, cc, acc[c] * inv);
+        if (cc < d) st(o, cc, acc[c] * inv);
     }
+}
+
+// Decode, one warp per query row: out/q [B, n_new, hq, d]; sequence b's cache holds lens[b]
+// tokens, the last n_new of them new.
+template <typename T>
+__device__ void simple_decode(T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ kc,
+                              const T* __restrict__ vc, const int* __restrict__ lens, int B, int n_new, int hq,
+                              int hkv, int d, int max_len, float scale, int causal) {
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / WARP;
+    int lane = threadIdx.x % WARP;
+    if (row >= (long)B * n_new * hq) return;
+    int h = (int)(row % hq);
+    int i = (int)((row / hq) % n_new);
+    int b = (int)(row / ((long)hq * n_new));
+    int len = lens[b];
+    int end = causal ? len - n_new + i + 1 : len;
+    decode_row(out + row * d, q + row * d, kc, vc, b, end, h / (hq / hkv), hkv, d, max_len, scale, lane);
+}
+
+// Ragged decode: out/q [T_new, hq, d] packed by cu [B+1] (sequence b has cu[b+1]-cu[b] new
+// tokens, possibly 0); lens[b] already counts them.
+template <typename T>
+__device__ void simple_decode_varlen(T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ kc,
+                                     const T* __restrict__ vc, const int* __restrict__ lens,
+                                     const int* __restrict__ cu, int B, int hq, int hkv, int d, int max_len,
+                                     float scale, int causal) {
+    long row = ((long)blockIdx.x * blockDim.x + threadIdx.x) / WARP;
+    int lane = threadIdx.x % WARP;
+    int total = cu[B];
+    if (row >= (long)total * hq) return;
+    int h = (int)(row % hq);
+    int t = (int)(row / hq);
+    int b = seq_of(cu, B, t);
+    int n_b = cu[b + 1] - cu[b];
+    int i = t - cu[b];
+    int len = lens[b];
+    int end = causal ? len - n_b + i + 1 : len;
+    decode_row(out + row * d, q + row * d, kc, vc, b, end, h / (hq / hkv), hkv, d, max_len, scale, lane);
 }
 
 // KV-cache append, one block per new row t of knew/vnew [T_new, row]: sequence b owns rows
@@ -271,6 +301,12 @@ __device__ void kv_append(T* __restrict__ kc, T* __restrict__ vc, const int* __r
                                                            const int* lens, int B, int n_new, int hq, int hkv,     \
                                                            int d, int max_len, float scale, int causal) {          \
         simple_decode<T>(out, q, kc, vc, lens, B, n_new, hq, hkv, d, max_len, scale, causal);                      \
+    }                                                                                                             \
+    extern "C" __global__ void attention_simple_decode_varlen_##S(T* out, const T* q, const T* kc, const T* vc,    \
+                                                                  const int* lens, const int* cu, int B, int hq,  \
+                                                                  int hkv, int d, int max_len, float scale,       \
+                                                                  int causal) {                                   \
+        simple_decode_varlen<T>(out, q, kc, vc, lens, cu, B, hq, hkv, d, max_len, scale, causal);                  \
     }                                                                                                             \
     extern "C" __global__ void attention_kv_append_##S(T* kc, T* vc, const int* lens, const T* knew,              \
                                                        const T* vnew, const int* cu, int nseq, int uniform_n,      \

@@ -5,9 +5,12 @@ pub mod bench; // defines: bench harness (CUDA-event timing, GB/s and TFLOP/s ta
 pub mod checkpoint; // defines: Checkpoint (memory-mapped safetensors model dirs), atomic sharded saving, fixture reading
 pub mod cuda; // defines: Gpu (context, stream, module cache, launch), blas (cuBLAS GEMM), kernels (embedded modules)
 pub mod data; // defines: image decoding and Pillow-compatible bicubic resize (datasets follow)
+pub mod eval; // defines: am3 eval metrics (ASR, over-refusal, win rates, bootstrap CIs), report and chart
+pub mod judge; // defines: Judge trait (rules, OpenAI-compatible http, local model) and its score types
 pub mod models; // defines: model families (qwen2_5_vl: config, processor, positions, chat), JSON config field reader
 pub mod ops; // defines: one file per op, CPU reference + CUDA launcher side by side
-pub mod real; // defines: Real (f32/f64 for the CPU references), erf
+pub mod real;
+pub mod rollout; // defines: the rollout engine (batched multi-turn generation over KV caches) // defines: Real (f32/f64 for the CPU references), erf
 pub mod rng;
 pub mod stages; // defines: training stages (sft), examples and packing // defines: Rng (SplitMix64)
 pub mod tensor; // defines: Device, Buf, DType

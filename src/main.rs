@@ -2,6 +2,7 @@
 //!   info    — which backend would run, the GPU and the embedded kernel modules
 //!   bench   — kernel benchmarks (GB/s and TFLOP/s against the H200 ceilings)
 //!   forward — logits, log-probs, objective and gradients of a model on an inputs file (Qwen2.5-VL, LLaVA-NeXT)
+//!   generate — multi-turn generation with the rollout engine (a JSONL file or one prompt)
 //!   sft     — cold-start refusal SFT (the main job)
 
 use am3safety::bench::{format_table, run_suites};
@@ -35,6 +36,9 @@ enum Cmd {
     /// One forward (and with --grads a backward) on an inputs file: logits, token log-probs,
     /// the masked objective, M-RoPE position ids (Qwen2.5-VL) and every parameter gradient.
     Forward(am3safety::stages::forward::ForwardArgs),
+    /// Regenerate every assistant turn of a JSONL file's dialogues (or answer one --prompt) with
+    /// the rollout engine; one JSON line per rollout.
+    Generate(am3safety::stages::generate::GenerateArgs),
     /// Cold-start refusal SFT. With no arguments: the embedded tiny model on the bundled demo data.
     Sft(am3safety::stages::sft::SftArgs),
 }
@@ -73,6 +77,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Forward(args) => am3safety::stages::forward::run(&args),
+        Cmd::Generate(args) => am3safety::stages::generate::run(&args),
         Cmd::Sft(args) => {
             let ck = am3safety::stages::sft::run(args)?;
             println!("checkpoint: {}", ck.display());

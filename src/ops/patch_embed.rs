@@ -37,6 +37,14 @@ impl RowIndex {
         }
         Ok(Self { dev: dev.upload_i32(&host)?, host, bound })
     }
+    /// An index for `gather_rows` only, where a row may be read more than once.
+    pub fn with_repeats(dev: &Device, idx: &[usize], bound: usize) -> Result<Self> {
+        if let Some((i, &p)) = idx.iter().enumerate().find(|(_, &p)| p >= bound) {
+            bail!("row index: entry {i} = {p} is out of range for {bound} rows");
+        }
+        let host: Vec<i32> = idx.iter().map(|&p| p as i32).collect();
+        Ok(Self { dev: dev.upload_i32(&host)?, host, bound })
+    }
     pub fn len(&self) -> usize {
         self.host.len()
     }

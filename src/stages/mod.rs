@@ -1,7 +1,8 @@
 //! Training stages: each drives a model through the ops; none touches kernels directly.
 
 pub mod examples; // defines: Example (encoded sample), Packed (varlen batch), pack, micro_batches
-pub mod forward; // defines: am3 forward (logits, log-probs, objective, grads of an inputs file)
+pub mod forward;
+pub mod generate; // defines: am3 generate (rollout engine over a JSONL file or one prompt) // defines: am3 forward (logits, log-probs, objective, grads of an inputs file)
 pub mod sft; // defines: SftArgs, run (cold-start refusal SFT), checkpoints and resume
 pub mod model; // defines: VlModel (Qwen2.5-VL or LLaVA-NeXT), Processor, Encoder, save_weights
 pub mod lora; // defines: LoraSave (merged | adapter), VlModel::{enable_lora, trainable_entries, save_merged, save_lora_adapter, save_trained}

@@ -437,6 +437,17 @@ impl Block<'_> {
         self.finish(dev, out, x, &mut a, t)
     }
 
+    /// Ragged inference step: sequence b of the cache gets cu_new[b+1] − cu_new[b] new tokens
+    /// (0: idle). out, x [T_new, D] packed in sequence order; `self.rope` covers the new tokens.
+    pub fn forward_cached_varlen(&self, dev: &Device, out: &mut Buf, x: &Buf, cache: &mut KvCache, cu_new: &Varlen) -> Result<()> {
+        let t = cu_new.total();
+        let mut a = LayerActs::new(dev, self.dims, t, self.dt())?; // scratch: no backward follows
+        self.qkv(dev, x, &mut a, t)?;
+        cache.append_varlen(dev, &a.k, &a.v, cu_new)?;
+        attention::decode_varlen(dev, &mut a.att, &a.q, cache, cu_new, &self.shape())?;
+        self.finish(dev, out, x, &mut a, t)
+    }
+
     /// y1 = RMSNorm(x), q/k/v projections, RoPE on q and k.
     fn qkv(&self, dev: &Device, x: &Buf, a: &mut LayerActs, t: usize) -> Result<()> {
         let (d, w) = (self.dims, self.w);

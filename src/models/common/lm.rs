@@ -16,7 +16,7 @@ use super::decoder::{stack_backward, stack_forward, Block, LayerActs, LayerDims,
 use super::lora::LayerLora;
 use super::params::ParamRef;
 use crate::ops::attention::{KvCache, Varlen};
-use crate::ops::patch_embed::{scatter_rows, take_rows, RowIndex};
+use crate::ops::patch_embed::{gather_rows, scatter_rows, take_rows, RowIndex};
 use crate::ops::{embedding, matmul, rmsnorm};
 use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
@@ -283,3 +283,64 @@ pub fn extend(dev: &Device, dims: &LmDims, p: &LmParams, lora: &[LayerLora], cac
     rmsnorm::fwd(dev, &mut out, &mut rstd, &x, &p.norm, t, d, dims.layer.eps)?;
     Ok(out)
 }
+
+/// A ragged step over the cached sequences: sequence b gets ids[cu_new[b]..cu_new[b+1]] (none
+/// for an idle slot), with RoPE positions `pos` for the packed new tokens. Prefill of one
+/// sequence and decoding of the others share the step. Returns the final-norm hidden states
+/// [T_new, D].
+#[allow(clippy::too_many_arguments)]
+pub fn extend_ragged(dev: &Device, dims: &LmDims, p: &LmParams, lora: &[LayerLora], cache: &mut LmCache, ids: &[i32], pos: &[i32], cu_new: &[i32], inject: Option<Inject>) -> Result<Buf> {
+    let (t, d, dt) = (ids.len(), dims.layer.d, p.embed.dtype());
+    if cu_new.len() != cache.batch + 1 || cu_new.last().copied() != Some(t as i32) {
+        bail!("LM extend_ragged: cu_new has {} entries ending at {:?} for {} sequences and {t} ids", cu_new.len(), cu_new.last(), cache.batch);
+    }
+    if t == 0 {
+        bail!("LM extend_ragged: no new tokens");
+    }
+    let seqs = Varlen::new(dev, cu_new)?;
+    let rope = dims.rope.upload(dev, pos, t, dims.layer.head_dim)?;
+    let inject_idx = inject_index(dev, &inject, t)?;
+    let ids_buf = dev.upload_i32(ids)?;
+    let mut x = embed(dev, dims, p, &ids_buf, ids, inject.as_ref().zip(inject_idx.as_ref()).map(|(i, r)| (i.rows, r)))?;
+    let mut out = dev.zeros(dt, t * d)?;
+    for (l, kv) in cache.layers.iter_mut().enumerate() {
+        let blk = Block { dims: &dims.layer, w: &p.layers[l], rope: &rope, segs: &seqs, causal: true, lora: lora.get(l) };
+        blk.forward_cached_varlen(dev, &mut out, &x, kv, &seqs)?;
+        std::mem::swap(&mut x, &mut out);
+    }
+    let mut rstd = dev.zeros_f32(t)?;
+    rmsnorm::fwd(dev, &mut out, &mut rstd, &x, &p.norm, t, d, dims.layer.eps)?;
+    Ok(out)
+}
+
+impl LmCache {
+    /// Gives sequence `dst` the first `len` cached tokens of `src`, in every layer.
+    pub fn copy_prefix(&mut self, dev: &Device, src: usize, dst: usize, len: usize) -> Result<()> {
+        self.layers.iter_mut().try_for_each(|c| c.copy_prefix(dev, src, dst, len))
+    }
+    /// Empties sequence b (its slot is free for another rollout).
+    pub fn reset(&mut self, dev: &Device, b: usize) -> Result<()> {
+        self.layers.iter_mut().try_for_each(|c| c.truncate(dev, b, 0))
+    }
+}
+
+/// The injection of `rows` at `at`, with their counts checked.
+pub fn inject_checked<'a>(at: &'a [usize], rows: Option<&'a Buf>, d: usize) -> Result<Option<Inject<'a>>> {
+    match rows {
+        Some(r) if r.len() == at.len() * d => Ok(Some(Inject { rows: r, at })),
+        Some(r) => bail!("rollout step: {} image rows of width {d} for {} placeholder tokens", r.len() / d.max(1), at.len()),
+        None if at.is_empty() => Ok(None),
+        None => bail!("rollout step: {} image placeholder tokens but no image embeddings", at.len()),
+    }
+}
+
+/// logits [active, V] at each non-empty sequence's last row of `hidden` [T, D].
+pub fn last_logits(dev: &Device, dims: &LmDims, p: &LmParams, hidden: &Buf, cu: &[i32], dt: DType) -> Result<Buf> {
+    let last: Vec<usize> = cu.windows(2).filter(|w| w[1] > w[0]).map(|w| w[1] as usize - 1).collect();
+    let (t, d) = (*cu.last().unwrap_or(&0) as usize, dims.layer.d);
+    let idx = RowIndex::new(dev, &last, t)?;
+    let mut rows = dev.zeros(dt, last.len() * d)?;
+    gather_rows(dev, &mut rows, hidden, &idx, d)?;
+    logits(dev, dims, p, &rows, last.len())
+}
+

@@ -467,6 +467,23 @@ impl LlavaNext {
     }
 }
 
+impl LlavaNext {
+    /// A ragged rollout step (see `QwenVl::step_ragged`); positions `pos` [T_new] continue each
+    /// sequence's cache. `<image>` ids are replaced by 0 before the embedding (the placeholder may
+    /// lie past the vocabulary); their rows come from `image_rows`.
+    pub fn step_ragged(&self, dev: &Device, cache: &mut LmCache, ids: &[i32], pos: &[i32], cu_new: &[i32], image_rows: Option<&Buf>) -> Result<Buf> {
+        let img = self.cfg.image_token_index as i64;
+        let at: Vec<usize> = ids.iter().enumerate().filter(|(_, &id)| id as i64 == img).map(|(i, _)| i).collect();
+        let ids: Vec<i32> = ids.iter().map(|&id| if id as i64 == img { 0 } else { id }).collect();
+        for (b, &l) in cache.lens().iter().enumerate() {
+            self.check_window(l as usize + (cu_new[b + 1] - cu_new[b]) as usize)?;
+        }
+        let inject = lm::inject_checked(&at, image_rows, self.tdims.layer.d)?;
+        let hidden = lm::extend_ragged(dev, &self.tdims, &self.params.text, self.lora_text(), cache, &ids, pos, cu_new, inject)?;
+        lm::last_logits(dev, &self.tdims, &self.params.text, &hidden, cu_new, self.dtype())
+    }
+}
+
 /// The pack plan of every image as global row indices (images back to back).
 fn packing(dev: &Device, geos: &[AnyresGeometry], g: usize, n_feat: usize) -> Result<Packing> {
     let (mut src, mut dst, mut newline) = (Vec::new(), Vec::new(), Vec::new());

@@ -322,6 +322,19 @@ impl QwenVl {
     }
 }
 
+impl QwenVl {
+    /// A ragged rollout step over `cache`: sequence b gets ids[cu_new[b]..cu_new[b+1]] (0 = idle)
+    /// with M-RoPE positions `pos3` [3, T_new]; `image_rows` [n, D] are the embeddings of the
+    /// step's `<|image_pad|>` tokens in order (from `image_embeds`, computed once per image).
+    /// Returns logits [active, V] of each non-idle sequence's last new token, in slot order.
+    pub fn step_ragged(&self, dev: &Device, cache: &mut LmCache, ids: &[i32], pos3: &[i32], cu_new: &[i32], image_rows: Option<&Buf>) -> Result<Buf> {
+        let at = image_positions(ids, self.cfg.image_token_id);
+        let inject = lm::inject_checked(&at, image_rows, self.tdims.layer.d)?;
+        let hidden = lm::extend_ragged(dev, &self.tdims, &self.params.text, self.lora_text(), cache, ids, pos3, cu_new, inject)?;
+        lm::last_logits(dev, &self.tdims, &self.params.text, &hidden, cu_new, self.dtype())
+    }
+}
+
 fn entries<'a>(p: &'a QwenParams, vd: &VisionDims, ps: &[usize], td: &LmDims, names: &LmNames) -> Vec<(ParamRef, &'a Buf)> {
     let mut v = p.vision.entries(vd, ps);
     v.extend(p.text.entries(td, names));

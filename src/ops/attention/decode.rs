@@ -95,6 +95,22 @@ impl KvCache {
         self.upload_lens(dev)
     }
 
+    /// Copies the first `len` cached tokens of sequence `src` over sequence `dst` (which then
+    /// holds exactly those): the N rollouts of a dialogue share its prefilled first prompt.
+    pub fn copy_prefix(&mut self, dev: &Device, src: usize, dst: usize, len: usize) -> Result<()> {
+        if src >= self.batch || dst >= self.batch || len > self.lens[src] as usize {
+            bail!("KvCache::copy_prefix: {len} tokens of sequence {src} to {dst} (batch {}, source holds {}): out of range", self.batch, self.lens.get(src).copied().unwrap_or(0));
+        }
+        if src != dst {
+            let row = self.hkv * self.d;
+            let (a, b, n) = (src * self.max_len * row, dst * self.max_len * row, len * row);
+            copy_within(dev, &mut self.k, a, b, n)?;
+            copy_within(dev, &mut self.v, a, b, n)?;
+        }
+        self.lens[dst] = len as i32;
+        self.upload_lens(dev)
+    }
+
     /// `uniform_n` > 0: sequence b owns rows b·n..(b+1)·n (the kernel needs no offsets);
     /// else `cu_buf` holds the offsets on the device.
     fn append_rows(&mut self, dev: &Device, k_new: &Buf, v_new: &Buf, cu: &[i32], cu_buf: Option<&Buf>, uniform_n: usize) -> Result<()> {
@@ -151,6 +167,90 @@ impl KvCache {
             (b, _) => bail!("KvCache: lengths buffer {b:?} does not match device {}", dev.name()),
         }
         Ok(())
+    }
+}
+
+/// Copies n elements of `buf` from offset a to offset b (non-overlapping ranges), on its device.
+fn copy_within(dev: &Device, buf: &mut Buf, a: usize, b: usize, n: usize) -> Result<()> {
+    if a.max(b) + n > buf.len() || (a < b + n && b < a + n) {
+        bail!("KvCache copy: ranges {a}+{n} and {b}+{n} overlap or exceed {} elements", buf.len());
+    }
+    match (buf, dev) {
+        (Buf::HostF32(v), _) => v.copy_within(a..a + n, b),
+        (Buf::DevBf16(s, _), Device::Cuda(g)) => dtod(g, s, a, b, n)?,
+        (Buf::DevF32(s, _), Device::Cuda(g)) => dtod(g, s, a, b, n)?,
+        (other, _) => bail!("KvCache copy: buffer {other:?} does not match device {}", dev.name()),
+    }
+    Ok(())
+}
+
+fn dtod<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(g: &crate::cuda::Gpu, s: &mut cudarc::driver::CudaSlice<T>, a: usize, b: usize, n: usize) -> Result<()> {
+    // Stage through a scratch slice: two views of one allocation cannot be borrowed at once.
+    let mut tmp = g.stream.alloc_zeros::<T>(n)?;
+    g.stream.memcpy_dtod(&s.slice(a..a + n), &mut tmp)?;
+    g.stream.memcpy_dtod(&tmp, &mut s.slice_mut(b..b + n))?;
+    Ok(())
+}
+
+/// Ragged decode step: out/q [T_new, hq, d] packed by `cu_new` ([batch + 1] offsets; sequence b
+/// has cu_new[b+1] − cu_new[b] new tokens, 0 for an idle slot), already appended to `cache`.
+/// New token i of sequence b sits at position lens[b] − n_b + i. Uniform steps (every sequence
+/// the same n_new ≥ 1) take `decode`'s tensor-core kernels.
+pub fn decode_varlen(dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, cu_new: &Varlen, s: &AttnShape) -> Result<()> {
+    let op = "attention_decode_varlen";
+    s.validate(op)?;
+    if cu_new.nseq() != cache.batch {
+        bail!("{op}: {} sequences in cu_new for a cache of batch {}", cu_new.nseq(), cache.batch);
+    }
+    let n0 = cu_new.host[1] - cu_new.host[0];
+    if n0 > 0 && cu_new.host.windows(2).all(|w| w[1] - w[0] == n0) {
+        return decode(dev, out, q, cache, n0 as usize, s);
+    }
+    if s.hkv != cache.hkv || s.d != cache.d {
+        bail!("{op}: shape has hkv {} d {}, the cache hkv {} d {}", s.hkv, s.d, cache.hkv, cache.d);
+    }
+    if s.d > 256 {
+        bail!("{op}: head dim {} > 256 is not supported", s.d);
+    }
+    let total = cu_new.total();
+    let rows = total * s.hq;
+    check(q, rows * s.d, op, "q")?;
+    check(out, rows * s.d, op, "out")?;
+    if rows * s.d >= i32::MAX as usize {
+        bail!("{op}: {rows} query rows × {} exceed the 2^31 elements the kernels index", s.d);
+    }
+    for (b, w) in cu_new.host.windows(2).enumerate() {
+        if cache.lens[b] < w[1] - w[0] {
+            bail!("{op}: sequence {b} holds {} tokens, fewer than its {} new ones (append them first)", cache.lens[b], w[1] - w[0]);
+        }
+    }
+    if total == 0 {
+        return Ok(());
+    }
+    match dev {
+        Device::Cpu => {
+            cpu::decode_varlen(out.host_mut()?, q.host()?, cache.k.host()?, cache.v.host()?, &cache.lens, &cu_new.host, cache.max_len, s);
+            Ok(())
+        }
+        Device::Cuda(g) => {
+            let dt = same_float_dtype(op, &[out, q, &cache.k, &cache.v])?;
+            let args = [
+                Arg::Ptr(out.ptr(g)?),
+                Arg::Ptr(q.ptr(g)?),
+                Arg::Ptr(cache.k.ptr(g)?),
+                Arg::Ptr(cache.v.ptr(g)?),
+                Arg::Ptr(cache.lens_buf.ptr(g)?),
+                Arg::Ptr(cu_new.buf.ptr(g)?),
+                Arg::I32(cache.batch as i32),
+                Arg::I32(s.hq as i32),
+                Arg::I32(s.hkv as i32),
+                Arg::I32(s.d as i32),
+                Arg::I32(cache.max_len as i32),
+                Arg::F32(s.scale),
+                Arg::I32(s.causal as i32),
+            ];
+            g.launch("attention_simple", &kname("attention_simple_decode_varlen", dt), cfg_1d(rows * 32, 128), &args)
+        }
     }
 }
 

@@ -36,7 +36,7 @@ mod v3_bwd;
 mod v3_fwd;
 mod v4_bwd;
 
-pub use decode::{decode, decode_with, KvCache};
+pub use decode::{decode, decode_varlen, decode_with, KvCache};
 
 use super::{check, check_dtype, kname, same_float_dtype};
 use crate::cuda::{cfg_1d, Arg, Gpu};

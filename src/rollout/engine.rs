@@ -1,0 +1,366 @@
+//! The continuous-batching loop. `slots` rollouts run at once, each in its own KV-cache slot.
+//! A dialogue is admitted when N slots are free: its first prompt is prefilled in one slot
+//! (the leader) and copied to the other N − 1 after that step; all N then sample from the
+//! leader's logits with their own random streams. Every step packs, for each busy slot, the
+//! tokens it has not fed yet — a whole prompt segment, or the one token sampled last step — as
+//! one ragged batch, and samples one token per slot. A rollout that ends a turn appends the next
+//! prompt segment and keeps its slot; one that ends its last turn frees it for the next dialogue.
+
+use super::images::ImageBank;
+use super::positions::{PosTracker, StepPositions};
+use super::spec::DialogueSpec;
+use super::template::TurnTemplate;
+use super::{Rollout, TurnOut};
+use crate::models::common::lm::LmCache;
+use crate::ops::patch_embed::{gather_rows, RowIndex};
+use crate::ops::sample::{stream_key, SampleParams, Sampler};
+use crate::stages::model::{Processor, VlModel};
+use crate::tensor::{Buf, Device};
+use anyhow::{bail, Context, Result};
+use std::time::Instant;
+use tokenizers::Tokenizer;
+
+/// How to generate.
+#[derive(Clone, Debug)]
+pub struct RolloutConfig {
+    /// Rollouts per dialogue.
+    pub n: usize,
+    /// New tokens per assistant turn at most.
+    pub max_new_tokens: usize,
+    pub sample: SampleParams,
+    pub seed: u64,
+    /// Rollouts in flight at once (KV-cache slots); at least `n`.
+    pub max_batch: usize,
+    /// Tokens per slot; None: the longest dialogue's bound.
+    pub max_len: Option<usize>,
+}
+
+/// What a call did, for throughput reports and metrics.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RolloutStats {
+    pub rollouts: usize,
+    pub steps: usize,
+    /// Prompt tokens fed (first prompts once per dialogue, later segments per rollout).
+    pub prefill_tokens: usize,
+    /// Tokens sampled.
+    pub decode_tokens: usize,
+    /// Seconds in steps that fed a prompt segment (their decode rows included) and in pure
+    /// decode steps.
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    pub vision_s: f64,
+    pub total_s: f64,
+    pub slots: usize,
+    pub max_len: usize,
+    /// Bytes of the KV cache.
+    pub cache_bytes: usize,
+    /// Turns cut at max_new_tokens.
+    pub cut_turns: usize,
+    pub turns: usize,
+}
+
+/// A dialogue's prompt segments: the first, then for each later turn the forms after a
+/// stopped and after a cut reply.
+struct Segments {
+    first: Vec<i32>,
+    next: Vec<[Vec<i32>; 2]>,
+    /// Bank indexes of each turn's images, in order.
+    images: Vec<Vec<usize>>,
+}
+
+/// A rollout in a slot.
+#[derive(Clone)]
+struct Live {
+    dialogue: usize,
+    index: usize,
+    seq: Vec<i32>,
+    /// Tokens of `seq` already in the cache.
+    fed: usize,
+    images: Vec<usize>,
+    /// Images of `images` already fed.
+    images_fed: usize,
+    pos: PosTracker,
+    turn: usize,
+    turns: Vec<TurnOut>,
+    cur: Vec<i32>,
+    cur_logps: Vec<f32>,
+    /// Tokens sampled so far over all turns (the random stream's counter).
+    sampled: u64,
+}
+
+enum Slot {
+    Free,
+    /// Waits for the leader slot's first prompt.
+    Follower { leader: usize, index: usize },
+    Busy(Box<Live>),
+}
+
+/// A stable 64-bit id of a dialogue (FNV-1a of its id), so its random streams do not depend on
+/// where it sits in the input.
+fn dialogue_uid(id: &str) -> u64 {
+    id.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+}
+
+/// Generates `cfg.n` rollouts of every dialogue. Returns them ordered by (dialogue, index),
+/// with the images they show and the call's statistics. `progress(done, total)` is called as
+/// rollouts finish.
+pub fn generate(
+    dev: &Device,
+    model: &VlModel,
+    tok: &Tokenizer,
+    pp: &Processor,
+    dialogues: &[DialogueSpec],
+    cfg: &RolloutConfig,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(Vec<Rollout>, ImageBank, RolloutStats)> {
+    let t0 = Instant::now();
+    if cfg.n == 0 || cfg.max_new_tokens == 0 {
+        bail!("rollouts: n and max_new_tokens must be at least 1 (got {} and {})", cfg.n, cfg.max_new_tokens);
+    }
+    if cfg.max_batch < cfg.n {
+        bail!("rollouts: max_batch {} is smaller than the {} rollouts of one dialogue", cfg.max_batch, cfg.n);
+    }
+    let tmpl = TurnTemplate::new(model, tok)?;
+    let mut bank = ImageBank::new();
+    let mut segs = Vec::with_capacity(dialogues.len());
+    let mut bound = 0usize;
+    for d in dialogues {
+        let s = segments(model, pp, &tmpl, &mut bank, d).with_context(|| format!("dialogue {} ({})", d.id, d.origin))?;
+        let len = dialogue_bound(&s, cfg.max_new_tokens);
+        if let Some(m) = cfg.max_len {
+            if len > m {
+                bail!("dialogue {} ({}): up to {len} tokens with {} turns of at most {} new tokens, more than the cache's max_len {m}", d.id, d.origin, d.turns.len(), cfg.max_new_tokens);
+            }
+        }
+        bound = bound.max(len);
+        segs.push(s);
+    }
+    let max_len = cfg.max_len.unwrap_or(bound).max(1);
+    let total = dialogues.len() * cfg.n;
+    let slots_n = cfg.max_batch.min(total.max(cfg.n));
+    let vocab = model.tdims().vocab;
+    let cache_bytes = preflight(dev, model, slots_n, max_len)?;
+    let mut stats = RolloutStats { slots: slots_n, max_len, cache_bytes, ..Default::default() };
+    let mut out: Vec<Rollout> = Vec::with_capacity(total);
+    if total == 0 {
+        return Ok((out, bank, stats));
+    }
+    let mut cache = model.new_cache(dev, slots_n, max_len)?;
+    let mut sampler = Sampler::new(dev, slots_n, vocab)?;
+    let mut slots: Vec<Slot> = (0..slots_n).map(|_| Slot::Free).collect();
+    let d_model = model.tdims().layer.d;
+    let mut next_dialogue = 0usize;
+    loop {
+        // Admit whole dialogues while N slots are free.
+        while next_dialogue < dialogues.len() {
+            let free: Vec<usize> = (0..slots_n).filter(|&s| matches!(slots[s], Slot::Free)).take(cfg.n).collect();
+            if free.len() < cfg.n {
+                break;
+            }
+            let di = next_dialogue;
+            next_dialogue += 1;
+            let s = &segs[di];
+            let live = Live {
+                dialogue: di,
+                index: 0,
+                seq: s.first.clone(),
+                fed: 0,
+                images: s.images[0].clone(),
+                images_fed: 0,
+                pos: PosTracker::new(model),
+                turn: 0,
+                turns: Vec::new(),
+                cur: Vec::new(),
+                cur_logps: Vec::new(),
+                sampled: 0,
+            };
+            slots[free[0]] = Slot::Busy(Box::new(live));
+            for (k, &f) in free.iter().enumerate().skip(1) {
+                slots[f] = Slot::Follower { leader: free[0], index: k };
+            }
+        }
+        let busy: Vec<usize> = (0..slots_n).filter(|&s| matches!(slots[s], Slot::Busy(_))).collect();
+        if busy.is_empty() {
+            break;
+        }
+        // Pack the step: each busy slot feeds what it has not fed yet.
+        let step_t0 = Instant::now();
+        let mut ids = Vec::new();
+        let mut cu = vec![0i32];
+        let mut pos = StepPositions::new(PosTracker::new(model).rows());
+        let mut step_images = Vec::new();
+        let mut any_prefill = false;
+        for s in 0..slots_n {
+            if let Slot::Busy(l) = &mut slots[s] {
+                let new = &l.seq[l.fed..];
+                let imgs = &l.images[l.images_fed..];
+                let grids: Vec<[usize; 3]> = imgs.iter().filter_map(|&i| bank.grid(i)).collect();
+                pos.push(l.pos.append(new, &grids)?);
+                if new.len() > 1 || !imgs.is_empty() {
+                    any_prefill = true;
+                    stats.prefill_tokens += new.len();
+                }
+                ids.extend_from_slice(new);
+                step_images.extend_from_slice(imgs);
+                l.fed = l.seq.len();
+                l.images_fed = l.images.len();
+            }
+            cu.push(ids.len() as i32);
+        }
+        let tv = Instant::now();
+        bank.ensure_embeds(dev, model, &step_images)?;
+        let rows = bank.rows_for(dev, &step_images, d_model)?;
+        stats.vision_s += tv.elapsed().as_secs_f64();
+        let logits = model.step_ragged(dev, &mut cache, &ids, &pos.finish(), &cu, rows.as_ref())?;
+        // Followers of a leader that just prefilled take its cache and state.
+        let mut requests: Vec<(usize, usize)> = Vec::new(); // (slot, logits row)
+        for (row, &s) in busy.iter().enumerate() {
+            requests.push((s, row));
+            for f in 0..slots_n {
+                if let Slot::Follower { leader, index } = slots[f] {
+                    if leader == s {
+                        let Slot::Busy(l) = &slots[s] else { unreachable!() };
+                        let mut copy = l.clone();
+                        copy.index = index;
+                        cache.copy_prefix(dev, s, f, l.fed)?;
+                        slots[f] = Slot::Busy(copy);
+                        requests.push((f, row));
+                    }
+                }
+            }
+        }
+        let batch_logits = if requests.len() == busy.len() { logits } else { repeat_rows(dev, &logits, &requests, busy.len(), vocab)? };
+        let mut params = Vec::with_capacity(requests.len());
+        let mut keys = Vec::with_capacity(requests.len());
+        for &(s, _) in &requests {
+            let Slot::Busy(l) = &slots[s] else { unreachable!() };
+            params.push(cfg.sample);
+            keys.push(stream_key(cfg.seed, dialogue_uid(&dialogues[l.dialogue].id), l.index as u64, l.sampled));
+        }
+        let drawn = sampler.sample(dev, &batch_logits, requests.len(), &params, &keys)?;
+        stats.steps += 1;
+        stats.decode_tokens += drawn.len();
+        for (&(s, _), d) in requests.iter().zip(&drawn) {
+            let Slot::Busy(l) = &mut slots[s] else { unreachable!() };
+            l.sampled += 1;
+            l.seq.push(d.token);
+            l.cur.push(d.token);
+            l.cur_logps.push(d.logp);
+            let stopped = tmpl.stop_ids.contains(&d.token);
+            let cut = !stopped && l.cur.len() >= cfg.max_new_tokens;
+            if !(stopped || cut) {
+                continue;
+            }
+            let start = l.seq.len() - l.cur.len();
+            let reply: Vec<i32> = if stopped { l.cur[..l.cur.len() - 1].to_vec() } else { l.cur.clone() };
+            let turn = TurnOut {
+                ids: std::mem::take(&mut l.cur),
+                logps: std::mem::take(&mut l.cur_logps),
+                text: tmpl.decode(&reply)?,
+                span: start..l.seq.len(),
+                stopped,
+                cut,
+            };
+            stats.turns += 1;
+            stats.cut_turns += cut as usize;
+            l.turns.push(turn);
+            l.turn += 1;
+            let sg = &segs[l.dialogue];
+            if l.turn < sg.images.len() {
+                l.seq.extend_from_slice(&sg.next[l.turn - 1][cut as usize]);
+                l.images.extend_from_slice(&sg.images[l.turn]);
+            } else {
+                let Slot::Busy(l) = std::mem::replace(&mut slots[s], Slot::Free) else { unreachable!() };
+                cache.reset(dev, s)?;
+                out.push(Rollout { dialogue: l.dialogue, index: l.index, turns: l.turns, seq: l.seq, images: l.images });
+                progress(out.len(), total);
+            }
+        }
+        dev.sync()?;
+        let dt = step_t0.elapsed().as_secs_f64();
+        if any_prefill {
+            stats.prefill_s += dt;
+        } else {
+            stats.decode_s += dt;
+        }
+    }
+    out.sort_by_key(|r| (r.dialogue, r.index));
+    stats.rollouts = out.len();
+    stats.total_s = t0.elapsed().as_secs_f64();
+    Ok((out, bank, stats))
+}
+
+/// The prompt segments of one dialogue, its images added to the bank.
+fn segments(model: &VlModel, pp: &Processor, tmpl: &TurnTemplate, bank: &mut ImageBank, d: &DialogueSpec) -> Result<Segments> {
+    if d.turns.is_empty() {
+        bail!("no user turn");
+    }
+    let mut ids = Vec::with_capacity(d.images.len());
+    for (k, p) in d.images.iter().enumerate() {
+        ids.push(bank.add(model, pp, p).with_context(|| format!("image {} ({})", k + 1, p.display()))?);
+    }
+    let counts: Vec<usize> = ids.iter().map(|&i| bank.tokens(i)).collect();
+    let images: Vec<Vec<usize>> = d.turns.iter().map(|t| TurnTemplate::images_of(t).into_iter().map(|k| ids[k]).collect()).collect();
+    let first = tmpl.first(d.system.as_deref(), &d.turns[0], &counts)?;
+    let mut next = Vec::new();
+    for t in &d.turns[1..] {
+        next.push([tmpl.next(t, true, &counts)?, tmpl.next(t, false, &counts)?]);
+    }
+    Ok(Segments { first, next, images })
+}
+
+/// The most tokens a rollout of the dialogue can hold.
+fn dialogue_bound(s: &Segments, max_new: usize) -> usize {
+    s.first.len() + s.next.iter().map(|n| n[0].len().max(n[1].len())).sum::<usize>() + s.images.len() * max_new
+}
+
+/// KV-cache bytes; on a GPU, fails with the numbers when the cache and scratch do not fit.
+fn preflight(dev: &Device, model: &VlModel, slots: usize, max_len: usize) -> Result<usize> {
+    let t = model.tdims();
+    let elem = match dev {
+        Device::Cpu => 4,
+        Device::Cuda(_) => 2,
+    };
+    let bytes = 2 * t.n_layers * slots * max_len * t.layer.kv_heads * t.layer.head_dim * elem;
+    if let Device::Cuda(g) = dev {
+        let (free, _) = g.mem_info();
+        // Logits rows and per-step activations on top of the cache.
+        let scratch = slots * (t.vocab * 4 + 16 * t.layer.d.max(t.layer.inter) * elem);
+        if bytes + scratch > free {
+            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+            bail!(
+                "rollouts: the KV cache ({slots} slots × {max_len} tokens: {:.2} GiB) and step scratch ({:.2} GiB) need {:.2} GiB, {:.2} GiB are free (weights already loaded); lower --max-batch or --max-new-tokens",
+                gib(bytes),
+                gib(scratch),
+                gib(bytes + scratch),
+                gib(free)
+            );
+        }
+    }
+    Ok(bytes)
+}
+
+/// logits rows picked per request: out[i] = logits[requests[i].1].
+fn repeat_rows(dev: &Device, logits: &Buf, requests: &[(usize, usize)], rows: usize, vocab: usize) -> Result<Buf> {
+    let idx: Vec<usize> = requests.iter().map(|r| r.1).collect();
+    let at = RowIndex::with_repeats(dev, &idx, rows)?;
+    let mut out = dev.zeros(logits.dtype(), idx.len() * vocab)?;
+    gather_rows(dev, &mut out, logits, &at, vocab)?;
+    Ok(out)
+}
+
+impl VlModel {
+    /// Empty KV caches for `batch` rollouts of up to `max_len` tokens.
+    pub fn new_cache(&self, dev: &Device, batch: usize, max_len: usize) -> Result<LmCache> {
+        let dt = self.param_entries().first().map(|(_, b)| b.dtype()).unwrap_or(dev.act_dtype());
+        LmCache::new(dev, self.tdims(), dt, batch, max_len)
+    }
+
+    /// One ragged step (see `QwenVl::step_ragged`): logits [active, V].
+    pub fn step_ragged(&self, dev: &Device, cache: &mut LmCache, ids: &[i32], pos: &[i32], cu_new: &[i32], image_rows: Option<&Buf>) -> Result<Buf> {
+        match &self.net {
+            crate::stages::model::Net::Qwen(m) => m.step_ragged(dev, cache, ids, pos, cu_new, image_rows),
+            crate::stages::model::Net::Llava(m) => m.step_ragged(dev, cache, ids, pos, cu_new, image_rows),
+        }
+    }
+}
