@@ -1,10 +1,11 @@
 //! The model-independent SFT pieces: JSONL loading and validation (every problem reported as
-//! file:line), the committed demo dataset (valid, reproducible, images the processor takes
-//! without resizing), the demo tokenizer (round trip, special tokens as single ids, compatible
-//! with the Qwen chat code), LR schedules, atomic file/dir writes (a crash before the rename
-//! keeps the previous version), the metrics log and the plain progress output.
+//! file:line), the committed demo dataset (valid, every file reproducible by the generator,
+//! images the processor takes without resizing), the demo tokenizer (round trip, special
+//! tokens as single ids, compatible with the Qwen chat code), LR schedules, atomic file/dir
+//! writes (a crash before the rename keeps the previous version), the metrics log and the
+//! plain progress output.
 
-use am3safety::data::dataset::{load_jsonl, load_jsonl_with, Kind, LoadOptions, Role, RESERVED_TOKENS};
+use am3safety::data::dataset::{load_jsonl, load_jsonl_with, load_prompts, Kind, LoadOptions, Role, RESERVED_TOKENS};
 use am3safety::data::demo;
 use am3safety::models::qwen2_5_vl::chat::{build_prompt, render_chat, ChatOptions, Part};
 use am3safety::models::qwen2_5_vl::config::{QwenPreprocessorConfig, QwenVlConfig};
@@ -47,7 +48,10 @@ fn demo_set_loads() {
     let eval = load_jsonl(Path::new(DEMO).join("eval.jsonl")).unwrap();
     println!("demo: {} train, {} eval samples", train.len(), eval.len());
     assert_eq!(train.len(), 80);
-    assert_eq!(eval.len(), 16);
+    // 16 SFT-style dialogues, then the 24 labelled multi-turn ones (tests/data_formats.rs).
+    assert_eq!(eval.len(), 40);
+    assert_eq!(demo::EVAL_SFT, 16);
+    assert!(eval[..16].iter().all(|s| s.meta.is_none()) && eval[16..].iter().all(|s| s.meta.is_some()));
     for set in [&train, &eval] {
         assert!(set.iter().any(|s| s.kind == Kind::Refusal));
         assert!(set.iter().any(|s| s.kind == Kind::General));
@@ -70,14 +74,15 @@ fn demo_set_loads() {
         bytes += std::fs::metadata(&e).unwrap().len();
     }
     println!("demo dataset: {bytes} bytes");
-    assert!(bytes < 1 << 20);
+    assert!(bytes < 300 << 10);
 }
 
 /// Every demo image is 56 or 84 pixels wide and 56 high, so the Qwen processor keeps its size.
 #[test]
 fn demo_images_need_no_resize() {
     let cfg = QwenPreprocessorConfig::default();
-    for s in all_demo_samples() {
+    let grpo = load_prompts(Path::new(DEMO).join("grpo.jsonl")).unwrap();
+    for s in all_demo_samples().into_iter().chain(grpo) {
         for p in &s.images {
             let img = am3safety::data::image::load_rgb(p).unwrap();
             assert!(img.width % 28 == 0 && img.height % 28 == 0, "{}: {}x{}", p.display(), img.width, img.height);
@@ -101,13 +106,19 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// The generator reproduces the committed dataset: identical text files, identical pixels.
+/// The generator reproduces the committed dataset: identical text files (JSONL, the SafeMT
+/// sample, tokenizer, README), identical pixels.
 #[test]
 fn demo_generator_is_reproducible() {
     let out = tmp_dir("regen").join("demo");
     let summary = demo::generate(&out).unwrap();
     println!("regenerated: {summary:?}");
+    assert_eq!((summary.train_samples, summary.eval_samples, summary.eval_multiturn), (80, 40, 24));
+    assert_eq!((summary.grpo_prompts, summary.safemt_records, summary.vocab_size), (48, 4, 494));
     let committed: Vec<PathBuf> = walk(Path::new(DEMO)).iter().map(|p| p.strip_prefix(DEMO).unwrap().to_path_buf()).collect();
+    for f in ["train.jsonl", "eval.jsonl", "grpo.jsonl", "safemt-sample.json", "tokenizer.json", "README.md"] {
+        assert!(committed.contains(&PathBuf::from(f)), "{f} is not committed");
+    }
     let fresh: Vec<PathBuf> = walk(&out).iter().map(|p| p.strip_prefix(&out).unwrap().to_path_buf()).collect();
     assert_eq!(committed, fresh, "the generator writes a different set of files");
     for rel in &committed {
@@ -176,7 +187,7 @@ fn every_validation_error_names_file_and_line() {
     assert!(err.contains("--skip-bad"));
 
     // skip_bad: the good sample is kept, every bad line is still reported.
-    let loaded = load_jsonl_with(&path, LoadOptions { skip_bad: true }).unwrap();
+    let loaded = load_jsonl_with(&path, LoadOptions { skip_bad: true, ..Default::default() }).unwrap();
     assert_eq!(loaded.samples.len(), 1);
     assert_eq!(loaded.samples[0].id, "ok");
     let bad_lines: std::collections::BTreeSet<usize> = loaded.errors.iter().map(|e| e.line).collect();

@@ -283,7 +283,7 @@ pub fn encode_file(path: &Path, enc: &Encoder) -> Result<Vec<Example>> {
 /// As `encode_file`; with `skip_bad`, invalid lines are reported on stderr and left out.
 pub fn encode_file_with(path: &Path, enc: &Encoder, skip_bad: bool) -> Result<Vec<Example>> {
     let samples = if skip_bad {
-        let loaded = load_jsonl_with(path, LoadOptions { skip_bad: true })?;
+        let loaded = load_jsonl_with(path, LoadOptions { skip_bad: true, ..Default::default() })?;
         for e in &loaded.errors {
             eprintln!("am3 sft: skipped {e}");
         }
@@ -507,7 +507,7 @@ pub fn run(args: SftArgs) -> Result<PathBuf> {
     }
 }
 
-fn memory_in_use(dev: &Device) -> Option<u64> {
+pub fn memory_in_use(dev: &Device) -> Option<u64> {
     match dev {
         Device::Cuda(g) => {
             let (free, total) = g.mem_info();
@@ -566,7 +566,7 @@ pub fn save_model(dev: &Device, model: &QwenVl, dir: &Path, dtype: SaveDtype) ->
     model.cfg.save(dir)
 }
 
-fn save_side_files(l: &Loaded, dir: &Path) -> Result<()> {
+pub fn save_side_files(l: &Loaded, dir: &Path) -> Result<()> {
     l.tok.save(dir.join("tokenizer.json"), false).map_err(|e| anyhow::anyhow!("saving tokenizer.json: {e}"))?;
     match &l.src_dir {
         Some(src) => {
