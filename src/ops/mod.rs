@@ -19,6 +19,7 @@ pub mod logprob;
 pub mod lora;
 pub mod grpo;
 pub mod rope;
+pub mod sample;
 
 use crate::tensor::{Buf, DType};
 use anyhow::{bail, Result};
