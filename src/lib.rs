@@ -6,6 +6,7 @@ pub mod checkpoint; // defines: Checkpoint (memory-mapped safetensors model dirs
 pub mod cuda; // defines: Gpu (context, stream, module cache, launch), blas (cuBLAS GEMM), kernels (embedded modules)
 pub mod data; // defines: image decoding and Pillow-compatible bicubic resize (datasets follow)
 pub mod eval; // defines: am3 eval metrics (ASR, over-refusal, win rates, bootstrap CIs), report and chart
+pub mod grpo; // defines: turn-aware GRPO rewards/advantages and the clipped-surrogate update over rollouts
 pub mod judge; // defines: Judge trait (rules, OpenAI-compatible http, local model) and its score types
 pub mod models; // defines: model families (qwen2_5_vl: config, processor, positions, chat), JSON config field reader
 pub mod ops; // defines: one file per op, CPU reference + CUDA launcher side by side

@@ -3,6 +3,8 @@
 //!   bench   — kernel benchmarks (GB/s and TFLOP/s against the H200 ceilings)
 //!   forward — logits, log-probs, objective and gradients of a model on an inputs file (Qwen2.5-VL, LLaVA-NeXT)
 //!   generate — multi-turn generation with the rollout engine (a JSONL file or one prompt)
+//!   eval    — answer, judge and measure a model's safety on dialogues (optionally against a baseline)
+//!   data    — dataset tools (convert SafeMT to JSONL)
 //!   sft     — cold-start refusal SFT (the main job)
 
 use am3safety::bench::{format_table, run_suites};
@@ -39,6 +41,14 @@ enum Cmd {
     /// Regenerate every assistant turn of a JSONL file's dialogues (or answer one --prompt) with
     /// the rollout engine; one JSON line per rollout.
     Generate(am3safety::stages::generate::GenerateArgs),
+    /// Multi-turn GRPO with turn-aware safety/helpfulness rewards (AM3Safety stage 2). With no
+    /// arguments: from the demo SFT checkpoint on the bundled prompts with the rules judge.
+    Grpo(Box<am3safety::stages::grpo::GrpoArgs>),
+    /// Answer a file's dialogues, judge the answers and report ASR, over-refusal, mean safety and
+    /// helpfulness (per turn, per category; against --baseline: win rates).
+    Eval(am3safety::stages::eval::EvalArgs),
+    /// Dataset tools: `am3 data convert --format safemt --input F --out F.jsonl`.
+    Data(am3safety::stages::data_cmd::DataArgs),
     /// Cold-start refusal SFT. With no arguments: the embedded tiny model on the bundled demo data.
     Sft(am3safety::stages::sft::SftArgs),
 }
@@ -78,6 +88,13 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Forward(args) => am3safety::stages::forward::run(&args),
         Cmd::Generate(args) => am3safety::stages::generate::run(&args),
+        Cmd::Grpo(args) => {
+            let ck = am3safety::stages::grpo::run(*args)?;
+            println!("checkpoint: {}", ck.display());
+            Ok(())
+        }
+        Cmd::Eval(args) => am3safety::stages::eval::run(&args).map(|_| ()),
+        Cmd::Data(args) => am3safety::stages::data_cmd::run(&args),
         Cmd::Sft(args) => {
             let ck = am3safety::stages::sft::run(args)?;
             println!("checkpoint: {}", ck.display());

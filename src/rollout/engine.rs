@@ -147,6 +147,10 @@ pub fn generate(
     }
     let mut cache = model.new_cache(dev, slots_n, max_len)?;
     let mut sampler = Sampler::new(dev, slots_n, vocab)?;
+    // −inf on the placeholder ids (a sampled placeholder would have no image behind it).
+    let mut ban = vec![0f32; vocab];
+    tmpl.banned.iter().filter(|&&b| (0..vocab as i32).contains(&b)).for_each(|&b| ban[b as usize] = f32::NEG_INFINITY);
+    let ban = dev.upload(&ban, model.param_entries()[0].1.dtype())?;
     let mut slots: Vec<Slot> = (0..slots_n).map(|_| Slot::Free).collect();
     let d_model = model.tdims().layer.d;
     let mut next_dialogue = 0usize;
@@ -229,7 +233,8 @@ pub fn generate(
                 }
             }
         }
-        let batch_logits = if requests.len() == busy.len() { logits } else { repeat_rows(dev, &logits, &requests, busy.len(), vocab)? };
+        let mut batch_logits = if requests.len() == busy.len() { logits } else { repeat_rows(dev, &logits, &requests, busy.len(), vocab)? };
+        crate::ops::elementwise::bias_add(dev, &mut batch_logits, &ban, requests.len(), vocab)?;
         let mut params = Vec::with_capacity(requests.len());
         let mut keys = Vec::with_capacity(requests.len());
         for &(s, _) in &requests {

@@ -23,6 +23,8 @@ pub struct TurnTemplate<'a> {
     pub image_token: i32,
     /// Ids that end an assistant turn (the first is the template's own end-of-turn token).
     pub stop_ids: Vec<i32>,
+    /// Ids never sampled: image (and video) placeholders, which only the processor may place.
+    pub banned: Vec<i32>,
 }
 
 impl<'a> TurnTemplate<'a> {
@@ -34,12 +36,12 @@ impl<'a> TurnTemplate<'a> {
                 let mut stop_ids = vec![im_end];
                 // generation_config.json of Qwen2.5-VL stops on <|endoftext|> too.
                 stop_ids.extend(id("<|endoftext|>"));
-                Ok(TurnTemplate { tok, kind: Kind::Qwen, image_token: m.cfg.image_token_id as i32, stop_ids })
+                Ok(TurnTemplate { tok, kind: Kind::Qwen, image_token: m.cfg.image_token_id as i32, stop_ids, banned: vec![m.cfg.image_token_id as i32, m.cfg.video_token_id as i32] })
             }
             Net::Llava(m) => {
                 let kind = TemplateKind::for_family(m.cfg.text.family);
                 let stop_ids = vec![m.cfg.text.eos_token_id as i32];
-                Ok(TurnTemplate { tok, kind: Kind::Llava { kind, bos: m.cfg.text.bos_token_id as i32 }, image_token: m.cfg.image_token_index as i32, stop_ids })
+                Ok(TurnTemplate { tok, kind: Kind::Llava { kind, bos: m.cfg.text.bos_token_id as i32 }, image_token: m.cfg.image_token_index as i32, stop_ids, banned: vec![m.cfg.image_token_index as i32] })
             }
         }
     }

@@ -2,7 +2,10 @@
 
 pub mod examples; // defines: Example (encoded sample), Packed (varlen batch), pack, micro_batches
 pub mod forward;
-pub mod generate; // defines: am3 generate (rollout engine over a JSONL file or one prompt) // defines: am3 forward (logits, log-probs, objective, grads of an inputs file)
+pub mod generate;
+pub mod grpo; // defines: am3 grpo (multi-turn GRPO with turn-aware rewards), GrpoArgs/GrpoPlan, Trainer // defines: am3 generate (rollout engine over a JSONL file or one prompt) // defines: am3 forward (logits, log-probs, objective, grads of an inputs file)
+pub mod eval; // defines: am3 eval (EvalArgs, run, evaluate, generate_given for --history given)
+pub mod data_cmd; // defines: am3 data convert
 pub mod sft; // defines: SftArgs, run (cold-start refusal SFT), checkpoints and resume
 pub mod model; // defines: VlModel (Qwen2.5-VL or LLaVA-NeXT), Processor, Encoder, save_weights
 pub mod lora; // defines: LoraSave (merged | adapter), VlModel::{enable_lora, trainable_entries, save_merged, save_lora_adapter, save_trained}

@@ -189,6 +189,40 @@ impl VlModel {
         }
     }
 
+    /// Scales the forward's final hidden states by `s` (1/T: the head then gives log-probs at
+    /// temperature T); pair with `backward_logprobs_scaled(.., s)`.
+    pub fn scale_final_hidden(&self, dev: &Device, f: &mut VlFwd, s: f32) -> Result<()> {
+        match f {
+            VlFwd::Qwen(f) => f.text.scale_final_hidden(dev, s),
+            VlFwd::Llava(f) => f.text.scale_final_hidden(dev, s),
+        }
+    }
+
+    /// `backward_logprobs` after `scale_final_hidden(s)`.
+    pub fn backward_logprobs_scaled(&mut self, dev: &Device, f: &VlFwd, targets: &Buf, lse: &Buf, dlogp: &Buf, s: f32) -> Result<()> {
+        match (&mut self.net, f) {
+            (Net::Qwen(m), VlFwd::Qwen(f)) => m.backward_logprobs_scaled(dev, f, targets, lse, dlogp, s),
+            (Net::Llava(m), VlFwd::Llava(f)) => m.backward_logprobs_scaled(dev, f, targets, lse, dlogp, s),
+            _ => bail!("a forward of one model family was given to the other"),
+        }
+    }
+
+    /// Entropy [S] of the head's distribution too (see `logprobs`).
+    pub fn logprobs_entropy(&self, dev: &Device, f: &VlFwd, targets: &Buf, mask: Option<&Buf>) -> Result<(Buf, Buf, Buf)> {
+        let (h, s) = match f {
+            VlFwd::Qwen(f) => (f.final_hidden(), f.tokens()),
+            VlFwd::Llava(f) => (f.final_hidden(), f.tokens()),
+        };
+        let (d, v) = (self.tdims().layer.d, self.tdims().vocab);
+        let head = match &self.net {
+            Net::Qwen(m) => m.params.text.head(),
+            Net::Llava(m) => m.params.text.head(),
+        };
+        let (mut logp, mut lse, mut ent) = (dev.zeros_f32(s)?, dev.zeros_f32(s)?, dev.zeros_f32(s)?);
+        crate::ops::logprob::fwd(dev, &mut logp, &mut lse, Some(&mut ent), h, head, targets, mask, s, d, v)?;
+        Ok((logp, lse, ent))
+    }
+
     /// Backward from d objective / d logp [S] (f32): accumulates every gradient.
     pub fn backward_logprobs(&mut self, dev: &Device, f: &VlFwd, targets: &Buf, lse: &Buf, dlogp: &Buf) -> Result<()> {
         match (&mut self.net, f) {

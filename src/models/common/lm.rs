@@ -162,6 +162,12 @@ impl LmFwd {
     pub fn final_hidden(&self) -> &Buf {
         &self.xf
     }
+    /// Scales the final hidden states (by 1/T for log-probs at temperature T); the backward
+    /// reads the residual streams, not these, so it stays valid.
+    pub fn scale_final_hidden(&mut self, dev: &Device, s: f32) -> Result<()> {
+        let n = self.xf.len();
+        crate::ops::elementwise::scale_inplace(dev, &mut self.xf, s, n)
+    }
 }
 
 /// Embeds `ids` [S] and writes `inject` rows over their positions (placeholder tokens).

@@ -257,11 +257,20 @@ impl QwenVl {
 
     /// Backward from d objective / d logp [S] (f32) of `logprobs`: accumulates every gradient.
     pub fn backward_logprobs(&mut self, dev: &Device, f: &QwenFwd, targets: &Buf, lse: &Buf, dlogp: &Buf) -> Result<()> {
+        self.backward_logprobs_scaled(dev, f, targets, lse, dlogp, 1.0)
+    }
+
+    /// As `backward_logprobs` after the final hidden states were scaled by `hidden_scale`
+    /// (1/T: log-probs at temperature T): the head saw h·s, so d h = s · d(h·s).
+    pub fn backward_logprobs_scaled(&mut self, dev: &Device, f: &QwenFwd, targets: &Buf, lse: &Buf, dlogp: &Buf, hidden_scale: f32) -> Result<()> {
         let (s, d, v, dt) = (f.tokens(), self.tdims.layer.d, self.tdims.vocab, self.dtype());
         self.ensure_grads(dev)?;
         let mut dxf = dev.zeros(dt, s * d)?;
         let dhead = head_grad(&mut self.grads, &mut self.lora)?;
         logprob::bwd(dev, &mut dxf, dhead, dlogp, f.final_hidden(), self.params.text.head(), targets, lse, s, d, v)?;
+        if hidden_scale != 1.0 {
+            crate::ops::elementwise::scale_inplace(dev, &mut dxf, hidden_scale, s * d)?;
+        }
         self.backward(dev, f, &dxf)
     }
 
