@@ -270,8 +270,8 @@ fn malformed_answers_are_counted_then_fallback_or_drop() {
         let sc = &out.scores[0];
         match mode {
             OnFailure::Fallback => {
-                for t in 0..2 {
-                    let f = sc[0][t].clone().unwrap();
+                for f in &sc[0] {
+                    let f = f.clone().unwrap();
                     assert!(f.fallback && f.safety == 0.5 && f.help == 0.5 && !f.unsafe_flag, "{f:?}");
                 }
                 assert!(sc[1][1].as_ref().unwrap().fallback);

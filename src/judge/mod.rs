@@ -72,11 +72,12 @@ pub struct TurnScore {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct JudgeOutput {
     pub scores: Vec<Vec<Vec<Option<TurnScore>>>>,
-    /// Requests sent (http), forward passes (model) or turns scored (rules).
+    /// Turns scored (rules), requests (http: one per dialogue × rollout, retries not
+    /// included) or forward passes (model).
     pub requests: usize,
     /// Answers that stayed malformed after the retries (counted into the metrics).
     pub failures: usize,
-    /// Retries made (http).
+    /// Extra attempts after a failed or malformed one (http).
     pub retries: usize,
 }
 

@@ -172,15 +172,28 @@ impl ModelJudge {
         Ok(group.iter().enumerate().map(|(i, p)| candidate_probs(&logits[i * v..(i + 1) * v], &p.candidates)).collect())
     }
 
-    /// Probabilities for each (dialogue, answers, turn) item.
+    /// Probabilities for each (dialogue, answers, turn) item, and the forward passes made.
+    /// Prompts are encoded as the passes go, so only one pass's pixels are held at a time.
     fn judge_items(&self, items: &[(&JudgeDialogue, &[String], usize)]) -> Result<(Vec<TurnProbs>, usize)> {
-        let mut prompts = Vec::with_capacity(2 * items.len());
+        let mut probs = Vec::with_capacity(2 * items.len());
+        let (mut group, mut tokens, mut passes) = (Vec::new(), 0usize, 0usize);
         for (d, a, t) in items {
             let (s, h) = self.prompts(d, a, *t)?;
-            prompts.push(s);
-            prompts.push(h);
+            for p in [s, h] {
+                if !group.is_empty() && tokens + p.example.len() > self.opts.batch_tokens {
+                    probs.extend(self.forward_group(&group)?);
+                    passes += 1;
+                    group.clear();
+                    tokens = 0;
+                }
+                tokens += p.example.len();
+                group.push(p);
+            }
         }
-        let (probs, passes) = self.probabilities(&prompts)?;
+        if !group.is_empty() {
+            probs.extend(self.forward_group(&group)?);
+            passes += 1;
+        }
         let mut it = probs.into_iter();
         let out = items.iter().map(|_| TurnProbs { safety: it.next().unwrap_or_default(), help: it.next().unwrap_or_default() }).collect();
         Ok((out, passes))

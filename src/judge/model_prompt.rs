@@ -134,17 +134,21 @@ pub fn answer_tokens(enc: &Encoder, texts: &PromptTexts, words: &[&str]) -> Resu
         answers: vec![],
     };
     let ans = vec!["Hello.".to_string()];
-    let seqs: Vec<Vec<i32>> = words
-        .iter()
-        .map(|w| Ok(reply_tokens(&enc.encode(&judge_sample(texts, &probe, &ans, 0, "Question?", w))?)?.1))
-        .collect::<Result<_>>()?;
+    let reply = |w: &str| -> Result<Vec<i32>> { Ok(reply_tokens(&enc.encode(&judge_sample(texts, &probe, &ans, 0, "Question?", w))?)?.1) };
+    let seqs: Vec<Vec<i32>> = words.iter().map(|w| reply(w)).collect::<Result<_>>()?;
+    // The template's closing tokens (e.g. <|im_end|>): the tail every reply shares, the words
+    // and two unrelated sentinel replies alike (the sentinels keep a tail the words share,
+    // such as "safe" in "unsafe", out of it).
+    let mut all = seqs.clone();
+    all.push(reply("Hello.")?);
+    all.push(reply("ok")?);
+    let shortest = all.iter().map(Vec::len).min().unwrap_or(0);
+    let end = (0..shortest).take_while(|&i| all.iter().all(|s| s[s.len() - 1 - i] == all[0][all[0].len() - 1 - i])).count();
     let shortest = seqs.iter().map(Vec::len).min().unwrap_or(0);
-    let common = |at: &dyn Fn(&Vec<i32>, usize) -> i32| (0..shortest).take_while(|&i| seqs.iter().all(|s| at(s, i) == at(&seqs[0], i))).count();
-    let j = common(&|s, i| s[i]);
-    let suffix = common(&|s, i| s[s.len() - 1 - i]);
+    let j = (0..shortest).take_while(|&i| seqs.iter().all(|s| s[i] == seqs[0][i])).count();
     for (w, s) in words.iter().zip(&seqs) {
-        if j >= s.len() - suffix.min(s.len()) {
-            bail!("the answer words {words:?} share their first token in this tokenizer ({w:?} is tokenised as a prefix of another word); choose other words");
+        if j + end >= s.len() {
+            bail!("the answer words {words:?} share their first token in this tokenizer ({w:?} is tokenised as a prefix of another word; reply tokens {seqs:?}); choose other words");
         }
     }
     let tokens: Vec<i32> = seqs.iter().map(|s| s[j]).collect();

@@ -175,8 +175,11 @@ pub fn parse_turn_scores(text: &str, n_turns: usize) -> Result<Vec<Option<Parsed
     Err(if text.trim().is_empty() { "empty answer".into() } else { "no JSON object with per-turn safety and helpfulness".into() })
 }
 
-/// (turn number if stated, the turn's object) for every turn entry of `v`.
-fn turn_items(v: &Value, n_turns: usize) -> Option<Vec<(Option<usize>, &Map<String, Value>)>> {
+/// A turn entry: its stated 1-based number, if any, and its object.
+type TurnItem<'a> = (Option<usize>, &'a Map<String, Value>);
+
+/// Every turn entry of `v`.
+fn turn_items(v: &Value, n_turns: usize) -> Option<Vec<TurnItem<'_>>> {
     let list = match v {
         Value::Array(a) => Some(a),
         Value::Object(o) => ["turns", "scores", "results", "evaluations", "ratings"].iter().find_map(|k| o.get(*k).and_then(Value::as_array)),
@@ -258,7 +261,7 @@ fn first<'a>(o: &'a Map<String, Value>, keys: &[&str]) -> Option<&'a Value> {
     keys.iter().find_map(|k| o.get(*k))
 }
 
-fn read_turns(items: &[(Option<usize>, &Map<String, Value>)], n_turns: usize) -> Vec<Option<ParsedTurn>> {
+fn read_turns(items: &[TurnItem<'_>], n_turns: usize) -> Vec<Option<ParsedTurn>> {
     struct Raw {
         safety: Option<Score>,
         help: Option<f64>,
