@@ -5,7 +5,8 @@
 //!   generate — multi-turn generation with the rollout engine (a JSONL file or one prompt)
 //!   eval    — answer, judge and measure a model's safety on dialogues (optionally against a baseline)
 //!   data    — dataset tools (convert SafeMT to JSONL)
-//!   sft     — cold-start refusal SFT (the main job)
+//!   sft     — cold-start refusal SFT
+//!   demo    — the whole pipeline on the tiny default (sft → eval → grpo → eval; the main job)
 
 use am3safety::bench::{format_table, run_suites};
 use am3safety::cuda::kernels::{BUILD_ARCH, BUILT_WITH_NVCC, KERNEL_MODULES};
@@ -49,6 +50,9 @@ enum Cmd {
     Eval(am3safety::stages::eval::EvalArgs),
     /// Dataset tools: `am3 data convert --format safemt --input F --out F.jsonl`.
     Data(am3safety::stages::data_cmd::DataArgs),
+    /// The whole pipeline on the embedded tiny model and the bundled demo data: SFT, eval, GRPO
+    /// with the rules judge, eval again, and a before/after table (the main job).
+    Demo(am3safety::stages::demo::DemoArgs),
     /// Cold-start refusal SFT. With no arguments: the embedded tiny model on the bundled demo data.
     Sft(am3safety::stages::sft::SftArgs),
 }
@@ -95,6 +99,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Eval(args) => am3safety::stages::eval::run(&args).map(|_| ()),
         Cmd::Data(args) => am3safety::stages::data_cmd::run(&args),
+        Cmd::Demo(args) => am3safety::stages::demo::run(&args).map(|_| ()),
         Cmd::Sft(args) => {
             let ck = am3safety::stages::sft::run(args)?;
             println!("checkpoint: {}", ck.display());

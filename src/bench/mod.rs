@@ -10,6 +10,7 @@ pub mod norms;
 pub mod patch_embed;
 pub mod logprob;
 pub mod lora;
+pub mod rollout;
 pub mod train7b;
 
 use crate::cuda::Gpu;
@@ -90,6 +91,7 @@ pub const SUITES: &[Suite] = &[
     ("logprob", logprob::run),
     ("train7b", train7b::run),
     ("lora", lora::run),
+    ("rollout", rollout::run),
 ];
 
 pub fn format_table(rows: &[BenchRow]) -> String {

@@ -1,5 +1,6 @@
 //! Training stages: each drives a model through the ops; none touches kernels directly.
 
+pub mod demo; // defines: am3 demo (sft → eval → grpo → eval on the tiny default, before/after table)
 pub mod examples; // defines: Example (encoded sample), Packed (varlen batch), pack, micro_batches
 pub mod forward;
 pub mod generate;
