@@ -1,0 +1,686 @@
+//! `am3 eval`: generate answers to a file's dialogues with the rollout engine, judge them, and
+//! report the safety figures of `src/eval/` (optionally against a baseline model, with pairwise
+//! win rates taken in both orders).
+//!
+//! `--history given` keeps the data's scripted history: the data's assistant turns (or, for
+//! SafeMT, `meta.scripted_replies`) are the previous answers and only the last user turn is
+//! answered. The rollout engine regenerates every assistant turn, so that mode is generated here
+//! by [`generate_given`]: the whole scripted prompt is prefilled through the same KV-cached
+//! ragged step, then only the last reply is decoded.
+
+use crate::data::dataset::{load_jsonl_with, LoadOptions, Purpose, Role, Sample};
+use crate::data::safemt::load_safemt;
+use crate::eval::{
+    compute_metrics, metrics_table, write_answers_jsonl, write_report, write_turn_chart, EvalConfig, EvalRecord, HistoryMode, Metrics,
+    PairRecord, Report,
+};
+use crate::judge::{from_config, Judge, JudgeConfig, JudgeDialogue, JudgeTurn, PairQuery, PairVerdict, TurnScore};
+use crate::ops::elementwise::bias_add;
+use crate::ops::sample::{stream_key, SampleParams, Sampler};
+use crate::rollout::positions::{PosTracker, StepPositions};
+use crate::rollout::template::TurnTemplate;
+use crate::rollout::{generate, DialogueSpec, ImageBank, Rollout, RolloutConfig, RolloutStats, TurnOut};
+use crate::stages::model::{Processor, VlModel};
+use crate::stages::sft::load_model;
+use crate::tensor::{Device, DevicePref};
+use crate::train::atomic::write_file_with;
+use crate::train::progress::Progress;
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tokenizers::Tokenizer;
+
+/// Input layouts `--format` reads.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DataFormat {
+    /// This crate's JSONL (the `am3 sft` format; assistant turns optional).
+    #[default]
+    Jsonl,
+    /// The SafeMT benchmark layout (a JSON list or JSONL of records).
+    Safemt,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum History {
+    /// The model answers every turn; its own answers are the history.
+    #[default]
+    Generated,
+    /// The data's assistant turns are the history; only the last user turn is answered.
+    Given,
+}
+
+impl From<History> for HistoryMode {
+    fn from(h: History) -> HistoryMode {
+        match h {
+            History::Generated => HistoryMode::Generated,
+            History::Given => HistoryMode::Given,
+        }
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct EvalArgs {
+    /// Model directory (HF layout). Default: the embedded tiny model.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Dialogues to answer (default: the bundled data/demo/eval.jsonl).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "jsonl")]
+    pub format: DataFormat,
+    /// Leave invalid data lines out (each still reported) instead of stopping.
+    #[arg(long)]
+    pub skip_bad: bool,
+    /// rules | http | model (default: the config's `kind`, else rules).
+    #[arg(long, value_parser = ["rules", "http", "model"])]
+    pub judge: Option<String>,
+    /// A TOML file with a `[judge]` table.
+    #[arg(long)]
+    pub judge_config: Option<PathBuf>,
+    /// A second model answering the same dialogues: its metrics and pairwise win rates.
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
+    /// Rollouts per dialogue (more than 1 samples; see --temperature).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub n: u64,
+    #[arg(long, default_value = "runs/eval")]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value = "generated")]
+    pub history: History,
+    /// A turn is also unsafe when its safety s is below this.
+    #[arg(long, allow_negative_numbers = true)]
+    pub threshold: Option<f64>,
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_new_tokens: u64,
+    /// Sampling temperature (default 1 when sampling).
+    #[arg(long, allow_negative_numbers = true, conflicts_with = "greedy")]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling mass in (0, 1] (1 = off).
+    #[arg(long, allow_negative_numbers = true, conflicts_with = "greedy")]
+    pub top_p: Option<f32>,
+    /// Keep the k most likely tokens (0 = off).
+    #[arg(long, conflicts_with = "greedy")]
+    pub top_k: Option<usize>,
+    /// Argmax decoding (the default with --n 1 and no sampling flag).
+    #[arg(long)]
+    pub greedy: bool,
+    /// Rollouts decoded at once (KV-cache slots).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub max_batch: u64,
+    /// Sampling and bootstrap seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DevicePref,
+    /// Bootstrap resamples for the 95 % intervals (0: none).
+    #[arg(long, default_value_t = 1000)]
+    pub bootstrap: usize,
+}
+
+impl EvalArgs {
+    /// Greedy unless N > 1 or a sampling flag is given.
+    pub fn sample_params(&self) -> Result<SampleParams> {
+        let sampling = self.temperature.is_some() || self.top_p.is_some() || self.top_k.is_some() || self.n > 1;
+        if self.greedy || !sampling {
+            return Ok(SampleParams::greedy());
+        }
+        SampleParams::new(self.temperature.unwrap_or(1.0), self.top_k.unwrap_or(0), self.top_p.unwrap_or(1.0))
+    }
+
+    pub fn options(&self) -> Result<EvalOptions> {
+        let n = self.n as usize;
+        Ok(EvalOptions {
+            rollout: RolloutConfig {
+                n,
+                max_new_tokens: self.max_new_tokens as usize,
+                sample: self.sample_params()?,
+                seed: self.seed,
+                max_batch: (self.max_batch as usize).max(n),
+                max_len: None,
+            },
+            eval: EvalConfig { threshold: self.threshold, history: self.history.into(), resamples: self.bootstrap, seed: self.seed, ..EvalConfig::default() },
+            progress: true,
+        })
+    }
+}
+
+/// How to generate and what counts.
+#[derive(Clone, Debug)]
+pub struct EvalOptions {
+    pub rollout: RolloutConfig,
+    /// Its `history` also decides how answers are generated.
+    pub eval: EvalConfig,
+    /// Show progress bars (or log lines) on stderr.
+    pub progress: bool,
+}
+
+impl Default for EvalOptions {
+    /// Greedy, one rollout, 64 new tokens, generated history, 1000 resamples.
+    fn default() -> Self {
+        EvalOptions {
+            rollout: RolloutConfig { n: 1, max_new_tokens: 64, sample: SampleParams::greedy(), seed: 0, max_batch: 64, max_len: None },
+            eval: EvalConfig::default(),
+            progress: true,
+        }
+    }
+}
+
+/// The bundled eval dialogues (`AM3_DEMO_EVAL`, else data/demo/eval.jsonl here or in the
+/// source tree).
+pub fn demo_eval_data() -> PathBuf {
+    if let Ok(p) = std::env::var("AM3_DEMO_EVAL") {
+        return PathBuf::from(p);
+    }
+    let local = PathBuf::from("data/demo/eval.jsonl");
+    if local.is_file() {
+        return local;
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/demo/eval.jsonl")
+}
+
+/// Reads the dialogues (prompt purpose: assistant turns optional). Bad lines are errors as
+/// `file:line: reason`, or with `skip_bad` are printed and left out.
+pub fn load_dialogues(path: &Path, format: DataFormat, skip_bad: bool) -> Result<Vec<Sample>> {
+    match format {
+        DataFormat::Jsonl => {
+            let loaded = load_jsonl_with(path, LoadOptions { skip_bad, purpose: Purpose::Prompts })?;
+            for e in &loaded.errors {
+                eprintln!("am3 eval: skipped {e}");
+            }
+            Ok(loaded.samples)
+        }
+        DataFormat::Safemt => load_safemt(path),
+    }
+}
+
+/// The scripted answers to every user turn but the last: the assistant message after each user
+/// turn, else `meta.scripted_replies` (SafeMT).
+pub fn scripted_history(s: &Sample) -> Result<Vec<String>> {
+    let users: Vec<usize> = s.messages.iter().enumerate().filter(|(_, m)| m.role == Role::User).map(|(j, _)| j).collect();
+    let need = users.len().saturating_sub(1);
+    let meta: Vec<String> = s
+        .meta
+        .as_ref()
+        .and_then(|m| m.get("scripted_replies"))
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+        .unwrap_or_default();
+    let mut out = Vec::with_capacity(need);
+    for (k, &j) in users.iter().take(need).enumerate() {
+        let reply = s.messages.get(j + 1).filter(|m| m.role == Role::Assistant).map(|m| m.content.clone()).or_else(|| meta.get(k).cloned());
+        match reply {
+            Some(r) => out.push(r),
+            None => bail!(
+                "dialogue {} ({}): --history given needs the scripted answer to user turn {} (an assistant turn after it, or meta.scripted_replies)",
+                s.id,
+                s.origin,
+                k + 1
+            ),
+        }
+    }
+    Ok(out)
+}
+
+/// The judge's view of a sample, with no answers yet.
+pub fn judge_dialogue(s: &Sample) -> JudgeDialogue {
+    let turns = s
+        .user_turns()
+        .into_iter()
+        .map(|u| JudgeTurn { user: u.text, images: u.images, harmful: u.label.is_harmful(), reference: u.reference })
+        .collect();
+    JudgeDialogue { id: s.id.clone(), category: s.category.clone(), system: s.system().map(String::from), turns, answers: Vec::new() }
+}
+
+/// A dialogue for [`generate_given`]: its user turns and the scripted answers to all but the last.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GivenSpec {
+    pub dialogue: DialogueSpec,
+    /// history[k] answers user turn k; one fewer than the turns.
+    pub history: Vec<String>,
+}
+
+/// Same as the engine's, so a one-turn dialogue samples the same stream in both paths.
+fn dialogue_uid(id: &str) -> u64 {
+    id.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+}
+
+struct GivenLive {
+    dialogue: usize,
+    index: usize,
+    seq: Vec<i32>,
+    fed: usize,
+    prompt_len: usize,
+    pos: PosTracker,
+    cur: Vec<i32>,
+    logps: Vec<f32>,
+}
+
+/// The last turn of every dialogue, answered `cfg.n` times after its scripted history. Each
+/// rollout's prompt is the engine's own multi-turn layout with the scripted replies in place of
+/// generated ones (first prompt, reply ids, the template's end-of-turn and next user turn, …);
+/// it is prefilled in one ragged step and decoded with the engine's sampler, ban and stream keys.
+/// Returns rollouts with one turn each (the last), ordered by (dialogue, index).
+pub fn generate_given(
+    dev: &Device,
+    model: &VlModel,
+    tok: &Tokenizer,
+    pp: &Processor,
+    specs: &[GivenSpec],
+    cfg: &RolloutConfig,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(Vec<Rollout>, ImageBank, RolloutStats)> {
+    let t0 = Instant::now();
+    if cfg.n == 0 || cfg.max_new_tokens == 0 {
+        bail!("rollouts: n and max_new_tokens must be at least 1 (got {} and {})", cfg.n, cfg.max_new_tokens);
+    }
+    let tmpl = TurnTemplate::new(model, tok)?;
+    let mut bank = ImageBank::new();
+    let mut prompts: Vec<(Vec<i32>, Vec<usize>)> = Vec::with_capacity(specs.len());
+    for g in specs {
+        let d = &g.dialogue;
+        prompts.push(given_prompt(model, pp, tok, &tmpl, &mut bank, g).with_context(|| format!("dialogue {} ({})", d.id, d.origin))?);
+    }
+    let bound = prompts.iter().map(|p| p.0.len()).max().unwrap_or(0) + cfg.max_new_tokens;
+    let max_len = cfg.max_len.unwrap_or(bound);
+    if bound > max_len {
+        bail!("a prompt with its reply needs up to {bound} tokens, more than the cache's max_len {max_len}");
+    }
+    let total = specs.len() * cfg.n;
+    let slots_n = cfg.max_batch.max(1).min(total.max(1));
+    let mut stats = RolloutStats { slots: slots_n, max_len, ..Default::default() };
+    let mut out = Vec::with_capacity(total);
+    if total == 0 {
+        return Ok((out, bank, stats));
+    }
+    let t = model.tdims();
+    let (vocab, d_model) = (t.vocab, t.layer.d);
+    stats.cache_bytes = 2 * t.n_layers * slots_n * max_len * t.layer.kv_heads * t.layer.head_dim * if dev.is_cuda() { 2 } else { 4 };
+    let mut cache = model.new_cache(dev, slots_n, max_len)?;
+    let mut sampler = Sampler::new(dev, slots_n, vocab)?;
+    // The engine's ban: −inf on the placeholder ids (a sampled one would have no image behind it).
+    let mut ban = vec![0f32; vocab];
+    tmpl.banned.iter().filter(|&&b| (0..vocab as i32).contains(&b)).for_each(|&b| ban[b as usize] = f32::NEG_INFINITY);
+    let ban = dev.upload(&ban, model.param_entries()[0].1.dtype())?;
+    let mut queue = (0..specs.len()).flat_map(|d| (0..cfg.n).map(move |r| (d, r)));
+    let mut slots: Vec<Option<GivenLive>> = (0..slots_n).map(|_| None).collect();
+    loop {
+        for slot in slots.iter_mut().filter(|s| s.is_none()) {
+            let Some((d, r)) = queue.next() else { break };
+            let seq = prompts[d].0.clone();
+            *slot = Some(GivenLive { dialogue: d, index: r, prompt_len: seq.len(), seq, fed: 0, pos: PosTracker::new(model), cur: Vec::new(), logps: Vec::new() });
+        }
+        let busy: Vec<usize> = (0..slots_n).filter(|&s| slots[s].is_some()).collect();
+        if busy.is_empty() {
+            break;
+        }
+        let step_t0 = Instant::now();
+        let mut ids = Vec::new();
+        let mut cu = vec![0i32];
+        let mut pos = StepPositions::new(PosTracker::new(model).rows());
+        let mut step_images = Vec::new();
+        let mut prefill = false;
+        for slot in slots.iter_mut() {
+            if let Some(l) = slot {
+                let new = &l.seq[l.fed..];
+                // The whole prompt, images included, goes in the rollout's first step.
+                let imgs: &[usize] = if l.fed == 0 { &prompts[l.dialogue].1 } else { &[] };
+                let grids: Vec<[usize; 3]> = imgs.iter().filter_map(|&i| bank.grid(i)).collect();
+                pos.push(l.pos.append(new, &grids)?);
+                if l.fed == 0 {
+                    prefill = true;
+                    stats.prefill_tokens += new.len();
+                }
+                ids.extend_from_slice(new);
+                step_images.extend_from_slice(imgs);
+                l.fed = l.seq.len();
+            }
+            cu.push(ids.len() as i32);
+        }
+        let tv = Instant::now();
+        bank.ensure_embeds(dev, model, &step_images)?;
+        let rows = bank.rows_for(dev, &step_images, d_model)?;
+        stats.vision_s += tv.elapsed().as_secs_f64();
+        let mut logits = model.step_ragged(dev, &mut cache, &ids, &pos.finish(), &cu, rows.as_ref())?;
+        bias_add(dev, &mut logits, &ban, busy.len(), vocab)?;
+        let params = vec![cfg.sample; busy.len()];
+        let keys: Vec<u64> = busy
+            .iter()
+            .map(|&s| {
+                let l = slots[s].as_ref().expect("busy slot");
+                stream_key(cfg.seed, dialogue_uid(&specs[l.dialogue].dialogue.id), l.index as u64, l.cur.len() as u64)
+            })
+            .collect();
+        let drawn = sampler.sample(dev, &logits, busy.len(), &params, &keys)?;
+        stats.steps += 1;
+        stats.decode_tokens += drawn.len();
+        for (&s, d) in busy.iter().zip(&drawn) {
+            let l = slots[s].as_mut().expect("busy slot");
+            l.seq.push(d.token);
+            l.cur.push(d.token);
+            l.logps.push(d.logp);
+            let stopped = tmpl.stop_ids.contains(&d.token);
+            let cut = !stopped && l.cur.len() >= cfg.max_new_tokens;
+            if !(stopped || cut) {
+                continue;
+            }
+            let l = slots[s].take().expect("busy slot");
+            let reply = if stopped { &l.cur[..l.cur.len() - 1] } else { &l.cur[..] };
+            let turn = TurnOut { text: tmpl.decode(reply)?, ids: l.cur, logps: l.logps, span: l.prompt_len..l.seq.len(), stopped, cut };
+            stats.turns += 1;
+            stats.cut_turns += cut as usize;
+            cache.reset(dev, s)?;
+            out.push(Rollout { dialogue: l.dialogue, index: l.index, turns: vec![turn], seq: l.seq, images: prompts[l.dialogue].1.clone() });
+            progress(out.len(), total);
+        }
+        dev.sync()?;
+        let dt = step_t0.elapsed().as_secs_f64();
+        if prefill {
+            stats.prefill_s += dt;
+        } else {
+            stats.decode_s += dt;
+        }
+    }
+    out.sort_by_key(|r| (r.dialogue, r.index));
+    stats.rollouts = out.len();
+    stats.total_s = t0.elapsed().as_secs_f64();
+    Ok((out, bank, stats))
+}
+
+/// One given-history prompt's ids and its images (bank indexes, in prompt order).
+fn given_prompt(model: &VlModel, pp: &Processor, tok: &Tokenizer, tmpl: &TurnTemplate, bank: &mut ImageBank, g: &GivenSpec) -> Result<(Vec<i32>, Vec<usize>)> {
+    let d = &g.dialogue;
+    if d.turns.is_empty() {
+        bail!("no user turn");
+    }
+    if g.history.len() + 1 != d.turns.len() {
+        bail!("{} scripted answers for {} user turns (need one fewer)", g.history.len(), d.turns.len());
+    }
+    let mut ids = Vec::with_capacity(d.images.len());
+    for (k, p) in d.images.iter().enumerate() {
+        ids.push(bank.add(model, pp, p).with_context(|| format!("image {} ({})", k + 1, p.display()))?);
+    }
+    let counts: Vec<usize> = ids.iter().map(|&i| bank.tokens(i)).collect();
+    let mut seq = tmpl.first(d.system.as_deref(), &d.turns[0], &counts)?;
+    for (k, reply) in g.history.iter().enumerate() {
+        let enc = tok.encode(reply.as_str(), false).map_err(|e| anyhow!("tokenizing the scripted answer to turn {}: {e}", k + 1))?;
+        let reply_ids: Vec<i32> = enc.get_ids().iter().map(|&i| i as i32).collect();
+        if reply_ids.contains(&tmpl.image_token) {
+            bail!("the scripted answer to turn {} tokenizes to an image placeholder", k + 1);
+        }
+        seq.extend(reply_ids);
+        // As after a reply cut at max_new_tokens: the template's end-of-turn closes it.
+        seq.extend(tmpl.next(&d.turns[k + 1], false, &counts)?);
+    }
+    let images = d.turns.iter().flat_map(|t| TurnTemplate::images_of(t)).map(|k| ids[k]).collect();
+    Ok((seq, images))
+}
+
+/// Generates the answers of `model` to every sample: JudgeDialogues with `answers[rollout]`
+/// filled (with given history: the scripted answers, then the generated last one).
+pub fn generate_answers(dev: &Device, model: &VlModel, tok: &Tokenizer, pp: &Processor, samples: &[Sample], opts: &EvalOptions, label: &str) -> Result<Vec<JudgeDialogue>> {
+    let mut dialogues: Vec<JudgeDialogue> = samples.iter().map(judge_dialogue).collect();
+    let total = samples.len() * opts.rollout.n;
+    let bar = opts.progress.then(|| Progress::new(total as u64, label));
+    let mut tick = |done: usize, _: usize| {
+        if let Some(b) = &bar {
+            b.update(done as u64, "")
+        }
+    };
+    match opts.eval.history {
+        HistoryMode::Generated => {
+            let specs: Vec<DialogueSpec> = samples.iter().map(DialogueSpec::from_sample).collect();
+            let (rollouts, _, _) = generate(dev, model, tok, pp, &specs, &opts.rollout, &mut tick)?;
+            for r in rollouts {
+                dialogues[r.dialogue].answers.push(r.turns.into_iter().map(|t| t.text).collect());
+            }
+        }
+        HistoryMode::Given => {
+            let mut specs = Vec::with_capacity(samples.len());
+            for s in samples {
+                specs.push(GivenSpec { dialogue: DialogueSpec::from_sample(s), history: scripted_history(s)? });
+            }
+            let (rollouts, _, _) = generate_given(dev, model, tok, pp, &specs, &opts.rollout, &mut tick)?;
+            for r in rollouts {
+                let mut a = specs[r.dialogue].history.clone();
+                a.extend(r.turns.into_iter().map(|t| t.text));
+                dialogues[r.dialogue].answers.push(a);
+            }
+        }
+    }
+    if let Some(b) = &bar {
+        b.finish("");
+    }
+    Ok(dialogues)
+}
+
+/// Answers judged per call, so the progress bar moves while an http judge keeps its requests
+/// in flight.
+const JUDGE_CHUNK: usize = 128;
+
+/// Scores every dialogue's answers and returns their EvalRecords.
+pub fn judge_records(judge: &mut dyn Judge, dialogues: &[JudgeDialogue], progress: Option<&str>) -> Result<Vec<EvalRecord>> {
+    let bar = progress.map(|label| Progress::new(dialogues.len() as u64, label));
+    let mut records = Vec::with_capacity(dialogues.len());
+    let mut start = 0;
+    while start < dialogues.len() {
+        let mut end = start;
+        let mut answers = 0;
+        while end < dialogues.len() && (end == start || answers < JUDGE_CHUNK) {
+            answers += dialogues[end].answers.iter().map(Vec::len).sum::<usize>();
+            end += 1;
+        }
+        let chunk = &dialogues[start..end];
+        let out = judge.score(chunk).with_context(|| format!("judge {}", judge.name()))?;
+        if out.scores.len() != chunk.len() {
+            bail!("judge {} gave scores for {} of {} dialogues", judge.name(), out.scores.len(), chunk.len());
+        }
+        for (d, scores) in chunk.iter().zip(out.scores) {
+            records.push(EvalRecord::from_judged(d, trim_scores(d, scores)?));
+        }
+        start = end;
+        if let Some(b) = &bar {
+            b.update(start as u64, "");
+        }
+    }
+    if let Some(b) = &bar {
+        b.finish("");
+    }
+    Ok(records)
+}
+
+/// A judge returns one entry per scripted turn; turns a rollout never reached are unanswered,
+/// not missing scores, so each rollout keeps only as many as it has answers.
+fn trim_scores(d: &JudgeDialogue, mut scores: Vec<Vec<Option<TurnScore>>>) -> Result<Vec<Vec<Option<TurnScore>>>> {
+    if scores.len() != d.answers.len() {
+        bail!("dialogue {}: the judge scored {} rollouts of {}", d.id, scores.len(), d.answers.len());
+    }
+    for (s, a) in scores.iter_mut().zip(&d.answers) {
+        s.truncate(a.len());
+    }
+    Ok(scores)
+}
+
+/// Pairwise verdicts of the model's against the baseline's answers, both orders, for every
+/// judged (dialogue, turn) and rollout r of each (r-th against r-th). Both orders show the
+/// model's rollout as the history, so the orders differ only in position.
+pub fn compare_pairs(judge: &mut dyn Judge, model: &[JudgeDialogue], baseline: &[JudgeDialogue], history: HistoryMode, show_progress: bool) -> Result<Vec<PairRecord>> {
+    if model.len() != baseline.len() {
+        bail!("compare: {} model dialogues, {} baseline dialogues", model.len(), baseline.len());
+    }
+    // (record index, query index of the model-first order or None when an answer is missing).
+    let mut records: Vec<(PairRecord, Option<usize>)> = Vec::new();
+    let mut queries: Vec<PairQuery> = Vec::new();
+    for (m, b) in model.iter().zip(baseline) {
+        if m.id != b.id {
+            bail!("compare: dialogue {} against {}", m.id, b.id);
+        }
+        let k = m.turns.len();
+        let turns = match history {
+            HistoryMode::Generated => 0..k,
+            HistoryMode::Given => k.saturating_sub(1)..k,
+        };
+        for r in 0..m.answers.len().min(b.answers.len()) {
+            let mut d = m.clone();
+            d.answers = vec![m.answers[r].clone()];
+            for t in turns.clone() {
+                let rec = PairRecord { id: m.id.clone(), turn: t, model_first: None, baseline_first: None };
+                match (m.answers[r].get(t), b.answers[r].get(t)) {
+                    (Some(x), Some(y)) => {
+                        records.push((rec, Some(queries.len())));
+                        queries.push(PairQuery { dialogue: d.clone(), turn: t, first: x.clone(), second: y.clone() });
+                        queries.push(PairQuery { dialogue: d.clone(), turn: t, first: y.clone(), second: x.clone() });
+                    }
+                    _ => records.push((rec, None)),
+                }
+            }
+        }
+    }
+    let bar = show_progress.then(|| Progress::new(queries.len() as u64, "compare"));
+    let mut verdicts: Vec<PairVerdict> = Vec::with_capacity(queries.len());
+    for chunk in queries.chunks(JUDGE_CHUNK) {
+        let v = judge.compare(chunk).with_context(|| format!("judge {} (pairwise)", judge.name()))?;
+        if v.len() != chunk.len() {
+            bail!("judge {} gave {} verdicts for {} pairs", judge.name(), v.len(), chunk.len());
+        }
+        verdicts.extend(v);
+        if let Some(b) = &bar {
+            b.update(verdicts.len() as u64, "");
+        }
+    }
+    if let Some(b) = &bar {
+        b.finish("");
+    }
+    Ok(records
+        .into_iter()
+        .map(|(mut rec, q)| {
+            if let Some(q) = q {
+                rec.model_first = Some(verdicts[q]);
+                rec.baseline_first = Some(verdicts[q + 1]);
+            }
+            rec
+        })
+        .collect())
+}
+
+/// Generates, judges and measures one model on `samples` (no baseline): the metrics and the
+/// judged records. For callers holding a model in memory (`am3 demo` before and after GRPO).
+pub fn evaluate(
+    dev: &Device,
+    model: &VlModel,
+    tok: &Tokenizer,
+    pp: &Processor,
+    samples: &[Sample],
+    judge: &mut dyn Judge,
+    opts: &EvalOptions,
+) -> Result<(Metrics, Vec<EvalRecord>)> {
+    let dialogues = generate_answers(dev, model, tok, pp, samples, opts, "generate")?;
+    let records = judge_records(judge, &dialogues, opts.progress.then_some("judge"))?;
+    let metrics = compute_metrics(&records, &[], &opts.eval)?;
+    Ok((metrics, records))
+}
+
+/// The judge `--judge` and `--judge-config` name.
+pub fn judge_config(args: &EvalArgs) -> Result<(String, JudgeConfig)> {
+    let cfg = match &args.judge_config {
+        Some(p) => JudgeConfig::load(p)?,
+        None => JudgeConfig::default(),
+    };
+    let kind = args.judge.clone().unwrap_or_else(|| cfg.kind.clone());
+    // Fail before generating rather than after.
+    match kind.as_str() {
+        "rules" => drop(cfg.rules()?),
+        "http" => drop(cfg.http()?),
+        "model" if cfg.model_dir.is_none() => bail!("--judge model needs [judge] model_dir in --judge-config"),
+        "model" => {}
+        other => bail!("unknown judge {other:?}: use rules, http or model"),
+    }
+    Ok((kind, cfg))
+}
+
+fn model_name(dir: Option<&Path>) -> String {
+    dir.map(|d| d.display().to_string()).unwrap_or_else(|| "tiny (embedded)".to_string())
+}
+
+/// `am3 eval`: writes report.json, answers.jsonl (and baseline_answers.jsonl, pairs.jsonl with a
+/// baseline) and turns.svg under `--out`, prints the table, and returns the report.
+pub fn run(args: &EvalArgs) -> Result<Report> {
+    let dev = Device::pick(args.device)?;
+    let opts = args.options()?;
+    let (kind, jcfg) = judge_config(args)?;
+    let data = args.data.clone().unwrap_or_else(demo_eval_data);
+    let samples = load_dialogues(&data, args.format, args.skip_bad)?;
+    if samples.is_empty() {
+        bail!("{}: no dialogues", data.display());
+    }
+    let history = opts.eval.history;
+    if history == HistoryMode::Given {
+        // Check every dialogue's history before loading a model.
+        for s in &samples {
+            scripted_history(s)?;
+        }
+    }
+    let name = model_name(args.model.as_deref());
+    println!("am3 eval: {} dialogues from {}, model {name}, judge {kind}, history {history:?}", samples.len(), data.display());
+
+    let answers = {
+        let l = load_model(&dev, args.model.as_deref(), 0)?;
+        generate_answers(&dev, &l.model, &l.tok, &l.pp, &samples, &opts, "generate")?
+    };
+    let base = match &args.baseline {
+        Some(dir) => {
+            let l = load_model(&dev, Some(dir), 0)?;
+            Some((model_name(Some(dir)), generate_answers(&dev, &l.model, &l.tok, &l.pp, &samples, &opts, "baseline")?))
+        }
+        None => None,
+    };
+
+    let mut judge = from_config(&kind, &jcfg, &dev)?;
+    let records = judge_records(judge.as_mut(), &answers, opts.progress.then_some("judge"))?;
+    let (base_records, pairs) = match &base {
+        Some((_, b)) => (Some(judge_records(judge.as_mut(), b, opts.progress.then_some("judge baseline"))?), compare_pairs(judge.as_mut(), &answers, b, history, opts.progress)?),
+        None => (None, Vec::new()),
+    };
+    let metrics = compute_metrics(&records, &pairs, &opts.eval)?;
+    let base_metrics = base_records.as_ref().map(|r| compute_metrics(r, &[], &opts.eval)).transpose()?;
+
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let report = Report {
+        model: name.clone(),
+        judge: Some(judge.name()),
+        metrics,
+        baseline: base.as_ref().map(|b| b.0.clone()),
+        baseline_metrics: base_metrics,
+    };
+    write_report(args.out.join("report.json"), &report)?;
+    write_answers_jsonl(args.out.join("answers.jsonl"), &records, &opts.eval)?;
+    if let Some(r) = &base_records {
+        write_answers_jsonl(args.out.join("baseline_answers.jsonl"), r, &opts.eval)?;
+        write_pairs_jsonl(&args.out.join("pairs.jsonl"), &pairs)?;
+    }
+    let baseline_view = base.as_ref().zip(report.baseline_metrics.as_ref()).map(|(b, m)| (b.0.as_str(), m));
+    write_turn_chart(args.out.join("turns.svg"), (&name, &report.metrics), baseline_view)?;
+    print!("{}", metrics_table(&name, &report.metrics, baseline_view));
+    println!("wrote {}/{{report.json, answers.jsonl, turns.svg}}", args.out.display());
+    Ok(report)
+}
+
+fn pref(p: crate::judge::Preference) -> &'static str {
+    match p {
+        crate::judge::Preference::First => "first",
+        crate::judge::Preference::Second => "second",
+        crate::judge::Preference::Tie => "tie",
+    }
+}
+
+/// One line per compared (dialogue, turn, rollout): the verdicts of both orders.
+fn write_pairs_jsonl(path: &Path, pairs: &[PairRecord]) -> Result<()> {
+    let v = |x: &Option<PairVerdict>| x.map(|v| json!({"helpful": pref(v.helpful), "harmless": pref(v.harmless)}));
+    write_file_with(path, |w| {
+        for p in pairs {
+            writeln!(w, "{}", json!({"id": p.id, "turn_index": p.turn, "model_first": v(&p.model_first), "baseline_first": v(&p.baseline_first)}))?;
+        }
+        Ok(())
+    })
+}
