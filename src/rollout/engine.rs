@@ -97,7 +97,7 @@ enum Slot {
 
 /// A stable 64-bit id of a dialogue (FNV-1a of its id), so its random streams do not depend on
 /// where it sits in the input.
-fn dialogue_uid(id: &str) -> u64 {
+pub fn dialogue_uid(id: &str) -> u64 {
     id.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
 

@@ -14,10 +14,11 @@ use crate::eval::{
     compute_metrics, metrics_table, write_answers_jsonl, write_report, write_turn_chart, EvalConfig, EvalRecord, HistoryMode, Metrics,
     PairRecord, Report,
 };
-use crate::judge::{from_config, Judge, JudgeConfig, JudgeDialogue, JudgeTurn, PairQuery, PairVerdict, TurnScore};
+use crate::judge::{from_config, Judge, JudgeConfig, JudgeDialogue, PairQuery, PairVerdict, TurnScore};
 use crate::ops::elementwise::bias_add;
 use crate::ops::sample::{stream_key, SampleParams, Sampler};
 use crate::rollout::positions::{PosTracker, StepPositions};
+use crate::rollout::engine::dialogue_uid; // the engine's, so a one-turn dialogue samples the same stream
 use crate::rollout::template::TurnTemplate;
 use crate::rollout::{generate, DialogueSpec, ImageBank, Rollout, RolloutConfig, RolloutStats, TurnOut};
 use crate::stages::model::{Processor, VlModel};
@@ -223,15 +224,7 @@ pub fn scripted_history(s: &Sample) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// The judge's view of a sample, with no answers yet.
-pub fn judge_dialogue(s: &Sample) -> JudgeDialogue {
-    let turns = s
-        .user_turns()
-        .into_iter()
-        .map(|u| JudgeTurn { user: u.text, images: u.images, harmful: u.label.is_harmful(), reference: u.reference })
-        .collect();
-    JudgeDialogue { id: s.id.clone(), category: s.category.clone(), system: s.system().map(String::from), turns, answers: Vec::new() }
-}
+pub use crate::grpo::judged::judge_dialogue;
 
 /// A dialogue for [`generate_given`]: its user turns and the scripted answers to all but the last.
 #[derive(Clone, Debug, PartialEq)]
@@ -239,11 +232,6 @@ pub struct GivenSpec {
     pub dialogue: DialogueSpec,
     /// history[k] answers user turn k; one fewer than the turns.
     pub history: Vec<String>,
-}
-
-/// Same as the engine's, so a one-turn dialogue samples the same stream in both paths.
-fn dialogue_uid(id: &str) -> u64 {
-    id.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
 
 struct GivenLive {

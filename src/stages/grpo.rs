@@ -8,7 +8,7 @@
 //! from (seed, step), so a resumed CPU run equals an uninterrupted one bit for bit.
 
 use crate::data::dataset::{load_jsonl_with, LoadOptions, Purpose, Sample};
-use crate::grpo::judged::judge_dialogue;
+use crate::grpo::judged::judged_rollouts;
 use crate::grpo::reward::{group_reward, weight_stats, RewardHyper, TurnWeighting};
 use crate::grpo::update::{self, TrainRow};
 use crate::judge::{config::JudgeConfig, from_config, Judge};
@@ -324,7 +324,7 @@ impl Trainer {
         // Judge every turn of every rollout.
         let t1 = Instant::now();
         let groups: Vec<Vec<&Rollout>> = (0..specs.len()).map(|d| rollouts.iter().filter(|r| r.dialogue == d).collect()).collect();
-        let jd: Vec<_> = groups.iter().zip(&picked).map(|(g, &i)| judge_dialogue(&self.samples[i], g)).collect();
+        let jd: Vec<_> = groups.iter().zip(&picked).map(|(g, &i)| judged_rollouts(&self.samples[i], g)).collect();
         let judged = self.judge.score(&jd)?;
         let t_judge = t1.elapsed().as_secs_f64();
         // Rewards per group, then the rows the update trains on.
