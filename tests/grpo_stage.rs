@@ -200,3 +200,34 @@ fn a_judge_failure_mid_step_is_survived_and_counted() {
         assert!(r.json["loss"].as_f64().unwrap().is_finite());
     }
 }
+
+#[test]
+fn lora_grpo_reference_is_the_base_and_only_adapters_change() {
+    let dev = Device::Cpu;
+    let out = tmp("lora");
+    let args = GrpoArgs { lora_rank: Some(4), lora_save: Some("adapter".into()), ..grpo_args(&out, 2) };
+    let (args, plan, jcfg) = args.resolve().unwrap();
+    let base = args.model.clone().unwrap();
+    let mut tr = Trainer::new(&dev, plan, &base, &grpo::demo_prompts(), &jcfg).unwrap();
+    let snapshot = |m: &am3safety::stages::model::VlModel| -> Vec<(String, Vec<f32>)> { m.param_entries().iter().map(|(r, b)| (r.name.clone(), dev.to_vec(b).unwrap())).collect() };
+    let before = snapshot(&tr.l.model);
+    let adapters_before: Vec<Vec<f32>> = tr.l.model.trainable_entries().iter().map(|(_, b)| dev.to_vec(b).unwrap()).collect();
+    for step in 0..2 {
+        let r = tr.step(&dev, step).unwrap();
+        assert!(r.json["kl"].as_f64().unwrap().is_finite());
+    }
+    assert_eq!(before, snapshot(&tr.l.model), "LoRA GRPO changed a base weight");
+    let adapters_after: Vec<Vec<f32>> = tr.l.model.trainable_entries().iter().map(|(_, b)| dev.to_vec(b).unwrap()).collect();
+    assert_ne!(adapters_before, adapters_after, "the adapters did not train");
+    // The reference (adapters off) is the base model's forward, bit for bit.
+    let base_model = am3safety::stages::model::VlModel::load(&dev, &base).unwrap();
+    let l = am3safety::stages::sft::load_model(&dev, Some(&base), 0).unwrap();
+    let ex = am3safety::stages::sft::load_examples_for(&am3safety::stages::sft::demo_data(), &l).unwrap();
+    let p = am3safety::stages::examples::pack(&[&ex[0]]);
+    let rc = am3safety::models::qwen2_5_vl::model::Recompute::default();
+    let off = tr.l.model.without_adapters(|m| dev.to_vec(&m.logits(&dev, &m.forward(&dev, &p, &rc).unwrap()).unwrap()).unwrap());
+    let want = dev.to_vec(&base_model.logits(&dev, &base_model.forward(&dev, &p, &rc).unwrap()).unwrap()).unwrap();
+    assert_eq!(off, want, "adapter-off forward differs from the base model");
+    let on = dev.to_vec(&tr.l.model.logits(&dev, &tr.l.model.forward(&dev, &p, &rc).unwrap()).unwrap()).unwrap();
+    assert_ne!(on, want, "the trained adapters change the policy");
+}

@@ -12,6 +12,7 @@ use crate::grpo::judged::judged_rollouts;
 use crate::grpo::reward::{group_reward, weight_stats, RewardHyper, TurnWeighting};
 use crate::grpo::update::{self, TrainRow};
 use crate::judge::{config::JudgeConfig, from_config, Judge};
+use crate::models::common::lora::{LoraConfig, DEFAULT_TARGETS};
 use crate::models::qwen2_5_vl::model::Recompute;
 use crate::ops::adamw::AdamW;
 use crate::ops::grpo::{Aggregation, GrpoHyper};
@@ -112,6 +113,17 @@ pub struct GrpoArgs {
     /// Rollouts decoded at once (KV-cache slots).
     #[arg(long)]
     pub max_batch: Option<usize>,
+    /// LoRA rank (0: full fine-tune). The reference is then the base weights (adapters off).
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Comma-separated projections (default: the seven of every text layer).
+    #[arg(long)]
+    pub lora_targets: Option<String>,
+    /// merged | adapter.
+    #[arg(long)]
+    pub lora_save: Option<String>,
     #[arg(long)]
     #[serde(skip)]
     pub resume: bool,
@@ -151,6 +163,14 @@ pub struct GrpoPlan {
     pub clip: f64,
     pub recompute: bool,
     pub max_batch: usize,
+    #[serde(default)]
+    pub lora_rank: usize,
+    #[serde(default)]
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_targets: Vec<String>,
+    #[serde(default)]
+    pub lora_save: String,
 }
 
 fn range<T: PartialOrd + std::fmt::Display + Copy>(name: &str, v: T, lo: T, hi: T) -> Result<T> {
@@ -171,13 +191,27 @@ impl GrpoArgs {
             table.remove("judge");
             let file: GrpoArgs = table.try_into().with_context(|| format!("{}: bad GRPO config", path.display()))?;
             macro_rules! merge { ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f.clone(); } )* } }
-            merge!(model, data, out, judge, steps, dialogues_per_step, n, max_new_tokens, temperature, top_p, top_k, lr, ppo_epochs, mini_batch, batch_tokens, lambda, tau, beta_help, eps_low, eps_high, beta_kl, turn_weighting, loss_agg, skip_flat, seed, save_every, clip, recompute, max_batch);
+            merge!(model, data, out, judge, steps, dialogues_per_step, n, max_new_tokens, temperature, top_p, top_k, lr, ppo_epochs, mini_batch, batch_tokens, lambda, tau, beta_help, eps_low, eps_high, beta_kl, turn_weighting, loss_agg, skip_flat, seed, save_every, clip, recompute, max_batch, lora_rank, lora_alpha, lora_targets, lora_save);
         }
         let steps = range("steps", self.steps.unwrap_or(8), 1, 100_000_000)?;
         let n = range("n", self.n.unwrap_or(8), 1, 4096)?;
         let loss_agg = self.loss_agg.clone().unwrap_or_else(|| "token-mean".into());
         agg_of(&loss_agg)?;
         let judge = self.judge.clone().unwrap_or_else(|| jcfg.kind.clone());
+        let lora_rank = self.lora_rank.unwrap_or(0);
+        let (lora_alpha, lora_targets, lora_save) = if lora_rank == 0 {
+            if self.lora_alpha.is_some() || self.lora_targets.is_some() || self.lora_save.is_some() {
+                bail!("--lora-alpha, --lora-targets and --lora-save need --lora-rank > 0");
+            }
+            (0.0, Vec::new(), String::new())
+        } else {
+            let alpha = self.lora_alpha.unwrap_or(2.0 * lora_rank as f64);
+            let targets = self.lora_targets.as_deref().map(LoraConfig::parse_targets).unwrap_or_else(|| DEFAULT_TARGETS.map(String::from).to_vec());
+            let save = self.lora_save.clone().unwrap_or_else(|| "merged".into());
+            save.parse::<LoraSave>()?;
+            LoraConfig { rank: lora_rank, alpha, targets: targets.clone(), seed: 0 }.validate()?;
+            (alpha, targets, save)
+        };
         let plan = GrpoPlan {
             judge,
             steps,
@@ -206,6 +240,10 @@ impl GrpoArgs {
             clip: range("clip", self.clip.unwrap_or(1.0), 0.0, 1e9)?,
             recompute: self.recompute.unwrap_or(false),
             max_batch: range("max-batch", self.max_batch.unwrap_or(64).max(n), 1, 1 << 20)?,
+            lora_rank,
+            lora_alpha,
+            lora_targets,
+            lora_save,
         };
         Ok((self, plan, jcfg))
     }
@@ -292,7 +330,13 @@ pub struct Trainer {
 impl Trainer {
     pub fn new(dev: &Device, plan: GrpoPlan, model_dir: &Path, data: &Path, jcfg: &JudgeConfig) -> Result<Trainer> {
         let mut l = load_model(dev, Some(model_dir), plan.seed)?;
-        let reference = if plan.beta_kl > 0.0 { Some(VlModel::load(dev, model_dir)?) } else { None };
+        if plan.lora_rank > 0 {
+            let lc = LoraConfig { rank: plan.lora_rank, alpha: plan.lora_alpha, targets: plan.lora_targets.clone(), seed: plan.seed };
+            l.model.enable_lora(dev, &lc)?;
+        }
+        // Full fine-tune: a frozen copy of the start weights. LoRA: the policy with its adapters
+        // off is the reference, so no copy.
+        let reference = if plan.beta_kl > 0.0 && plan.lora_rank == 0 { Some(VlModel::load(dev, model_dir)?) } else { None };
         let loaded = load_jsonl_with(data, LoadOptions { skip_bad: false, purpose: Purpose::Prompts })?;
         if loaded.samples.is_empty() {
             bail!("{}: no dialogues", data.display());
@@ -399,7 +443,8 @@ impl Trainer {
         for mbs in &minis {
             let refs = match &self.reference {
                 Some(m) => update::logprobs(dev, m, &rows, mbs, p.temperature, &self.rc)?,
-                None => mbs.iter().flatten().map(|_| Vec::new()).collect(),
+                None if p.beta_kl > 0.0 && p.lora_rank > 0 => self.l.model.without_adapters(|m| update::logprobs(dev, m, &rows, mbs, p.temperature, &self.rc))?,
+                None => rows.iter().map(|_| Vec::new()).collect(),
             };
             for (i, lp) in refs.into_iter().enumerate() {
                 if !lp.is_empty() {
@@ -491,7 +536,8 @@ impl Trainer {
         let name = format!("checkpoint-{step:06}");
         let dir = out.join(&name);
         atomic::write_dir(&dir, |tmp| {
-            self.l.model.save_trained(dev, tmp, if dev.is_cuda() { SaveDtype::BF16 } else { SaveDtype::F32 }, LoraSave::Merged, &model.display().to_string())?;
+            let how: LoraSave = if self.plan.lora_rank > 0 { self.plan.lora_save.parse()? } else { LoraSave::Merged };
+            self.l.model.save_trained(dev, tmp, if dev.is_cuda() { SaveDtype::BF16 } else { SaveDtype::F32 }, how, &model.display().to_string())?;
             save_side_files(&self.l, tmp)?;
             self.opt.save(dev, &tmp.join("train_state"))?;
             let st = GrpoState { step, plan: self.plan.clone(), data: data.to_path_buf(), model: model.to_path_buf(), opt_steps: self.opt.step };
@@ -540,9 +586,8 @@ pub fn run(args: GrpoArgs) -> Result<PathBuf> {
     }
     let mut tr = Trainer::new(&dev, plan.clone(), &start_model, &data, &jcfg)?;
     if let Some(ck) = &resume_from {
-        // The policy continues from the checkpoint; the reference stays the start model.
-        let resumed = load_model(&dev, Some(ck), plan.seed)?;
-        tr.l.model = resumed.model;
+        // The trainable tensors (all weights, or the adapters) come back from the f32 masters;
+        // the model was built from the start weights, which stay the reference.
         tr.l.model.zero_grads(&dev)?;
         let params = tr.l.model.params_and_grads().into_iter().map(|(r, p, _)| (r, p)).collect();
         tr.opt.load(&dev, &ck.join("train_state"), params, opt_steps)?;

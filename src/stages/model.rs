@@ -21,7 +21,7 @@ use crate::models::qwen2_5_vl::chat::ChatTemplate;
 use crate::models::qwen2_5_vl::config::{QwenPreprocessorConfig, QwenVlConfig};
 use crate::models::qwen2_5_vl::model::{QwenFwd, QwenVl, Recompute};
 use crate::models::qwen2_5_vl::text::aliases as qwen_aliases;
-use crate::models::read_json;
+use crate::models::{limits, read_json};
 use crate::tensor::{Buf, Device};
 use crate::train::optim::slot_key;
 use anyhow::{bail, Result};
@@ -112,22 +112,35 @@ fn stored_names(ckpt: &Checkpoint, entries: &[(ParamRef, &Buf)], spell: &dyn Fn(
     out
 }
 
+/// One warning line for the checkpoint tensors no parameter was read from.
+fn warn_unused(ckpt: &Checkpoint, entries: &[(ParamRef, &Buf)], stored: &BTreeMap<String, String>) {
+    let used: BTreeSet<&str> = entries.iter().map(|(r, _)| stored.get(&r.name).map_or(r.name.as_str(), String::as_str)).collect();
+    let unused: Vec<&str> = ckpt.names().into_iter().filter(|n| !used.contains(n)).collect();
+    if let Some(line) = limits::unused_tensors_warning(ckpt.dir(), &unused) {
+        eprintln!("{line}");
+    }
+}
+
 impl VlModel {
     /// Loads the checkpoint in `dir` (config.json + safetensors) as the family its config names.
     pub fn load(dev: &Device, dir: &Path) -> Result<VlModel> {
         match Family::of_dir(dir)? {
             Family::Qwen => {
                 let cfg = QwenVlConfig::load(dir)?;
+                limits::ensure_weights_fit(dev, cfg.num_params(), &dir.join("config.json"))?;
                 let ckpt = Checkpoint::open(dir)?;
                 let m = QwenVl::from_checkpoint(dev, cfg, &ckpt)?;
                 let stored = stored_names(&ckpt, &m.param_entries(), &qwen_aliases);
+                warn_unused(&ckpt, &m.param_entries(), &stored);
                 Ok(VlModel { net: Net::Qwen(m), stored })
             }
             Family::Llava => {
                 let cfg = LlavaNextConfig::load(dir)?;
+                limits::ensure_weights_fit(dev, cfg.num_params(), &dir.join("config.json"))?;
                 let ckpt = Checkpoint::open(dir)?;
                 let m = LlavaNext::from_checkpoint(dev, cfg, &ckpt)?;
                 let stored = stored_names(&ckpt, &m.param_entries(), &spellings);
+                warn_unused(&ckpt, &m.param_entries(), &stored);
                 Ok(VlModel { net: Net::Llava(m), stored })
             }
         }
@@ -137,6 +150,14 @@ impl VlModel {
         match self.net {
             Net::Qwen(_) => Family::Qwen,
             Net::Llava(_) => Family::Llava,
+        }
+    }
+
+    /// The decoder's `max_position_embeddings` (the longest sequence it is made for).
+    pub fn max_positions(&self) -> usize {
+        match &self.net {
+            Net::Qwen(m) => m.cfg.text.max_position_embeddings,
+            Net::Llava(m) => m.cfg.text.max_position_embeddings,
         }
     }
 
@@ -187,6 +208,18 @@ impl VlModel {
             (Net::Llava(m), VlFwd::Llava(f)) => m.logprobs(dev, f, targets, mask),
             _ => bail!("a forward of one model family was given to the other"),
         }
+    }
+
+    /// Runs `f` with the LoRA adapters switched off (forwards see the base weights only).
+    pub fn without_adapters<T>(&self, f: impl FnOnce(&VlModel) -> T) -> T {
+        let flag = match &self.net {
+            Net::Qwen(m) => &m.adapters_off,
+            Net::Llava(m) => &m.adapters_off,
+        };
+        let was = flag.replace(true);
+        let out = f(self);
+        flag.set(was);
+        out
     }
 
     /// Scales the forward's final hidden states by `s` (1/T: the head then gives log-probs at
@@ -293,8 +326,8 @@ impl VlModel {
     pub fn save(&self, dev: &Device, dir: &Path, dtype: SaveDtype) -> Result<()> {
         save_weights(dev, self.param_entries(), &|n| self.stored_name(n).to_string(), dir, dtype)?;
         match &self.net {
-            Net::Qwen(m) => m.cfg.save(dir),
-            Net::Llava(m) => m.cfg.save(dir),
+            Net::Qwen(m) => m.cfg.save_as(dir, super::lora::hf_dtype(dtype)),
+            Net::Llava(m) => m.cfg.save_as(dir, super::lora::hf_dtype(dtype)),
         }
     }
 }
@@ -344,6 +377,14 @@ impl<'a> Encoder<'a> {
                 Ok(Encoder::Llava { tmpl: LlavaChatTemplate::new(tok, &m.cfg)?, cfg: &m.cfg, pp, opts })
             }
             _ => bail!("the image processor settings are not for a {} model", model.family().model_type()),
+        }
+    }
+
+    /// The model's `max_position_embeddings`: no example may be longer.
+    pub fn max_positions(&self) -> usize {
+        match self {
+            Encoder::Qwen { cfg, .. } => cfg.text.max_position_embeddings,
+            Encoder::Llava { cfg, .. } => cfg.text.max_position_embeddings,
         }
     }
 

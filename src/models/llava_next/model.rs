@@ -113,6 +113,8 @@ pub struct LlavaNext {
     gelu: Gelu,
     grads: Option<LlavaParams>,
     lora: Option<LoraState>,
+    /// Forwards run without the adapters (the LoRA GRPO reference: the base weights, no copy).
+    pub adapters_off: std::cell::Cell<bool>,
     /// How `zero_grads` stores the gradients (f32 unless set).
     pub grad_store: GradStore,
 }
@@ -214,7 +216,7 @@ impl LlavaNext {
         let names = lm_names();
         let gelu = Gelu::from_hf(&cfg.projector_hidden_act)?;
         let params = build_params(&cfg, &vdims, &tdims, &names, false, make)?;
-        Ok(LlavaNext { cfg, vdims, tdims, names, params, gelu, grads: None, lora: None, grad_store: GradStore::F32 })
+        Ok(LlavaNext { cfg, vdims, tdims, names, params, gelu, grads: None, lora: None, adapters_off: std::cell::Cell::new(false), grad_store: GradStore::F32 })
     }
 
     /// The dtype of weights and activations.
@@ -254,6 +256,9 @@ impl LlavaNext {
     }
 
     fn lora_text(&self) -> &[LayerLora] {
+        if self.adapters_off.get() {
+            return &[];
+        }
         self.lora.as_ref().map_or(&[], |l| &l.text)
     }
 

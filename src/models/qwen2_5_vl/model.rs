@@ -88,6 +88,8 @@ pub struct QwenVl {
     pub params: QwenParams,
     grads: Option<QwenParams>,
     lora: Option<LoraState>,
+    /// Forwards run without the adapters (the LoRA GRPO reference: the base weights, no copy).
+    pub adapters_off: std::cell::Cell<bool>,
     /// How `zero_grads` stores the gradients (f32 unless set).
     pub grad_store: GradStore,
 }
@@ -151,7 +153,7 @@ impl QwenVl {
         let names = lm_names();
         let patch_shape = vec![v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size];
         let params = QwenParams { vision: VisionParams::build(&vdims, &patch_shape, make)?, text: LmParams::build(&tdims, &names, make)? };
-        Ok(QwenVl { cfg, vdims, tdims, names, patch_shape, params, grads: None, lora: None, grad_store: GradStore::F32 })
+        Ok(QwenVl { cfg, vdims, tdims, names, patch_shape, params, grads: None, lora: None, adapters_off: std::cell::Cell::new(false), grad_store: GradStore::F32 })
     }
 
     /// Every parameter tensor with its checkpoint name (and row range).
@@ -181,10 +183,16 @@ impl QwenVl {
     }
 
     fn lora_text(&self) -> &[LayerLora] {
+        if self.adapters_off.get() {
+            return &[];
+        }
         self.lora.as_ref().map_or(&[], |l| &l.text)
     }
 
     fn lora_vision(&self) -> &[LayerLora] {
+        if self.adapters_off.get() {
+            return &[];
+        }
         self.lora.as_ref().map_or(&[], |l| &l.vision)
     }
 
