@@ -465,3 +465,26 @@ fn config_table_and_environment() {
     let e = format!("{:#}", JudgeConfig { url: None, ..cfg }.http().unwrap_err());
     assert!(e.contains("AM3_JUDGE_URL"), "{e}");
 }
+
+#[test]
+fn streaming_starts_http_requests_at_push_and_keeps_push_order() {
+    use am3safety::judge::stream::Streaming;
+    let h: Handler = Arc::new(|_, _, _| Reply::Slow(Duration::from_millis(150), Box::new(chat(GOOD))));
+    let mock = Mock::start(32, Duration::from_secs(20), h);
+    let (cfg, _logs) = config(&mock.url);
+    let mut j = HttpJudge::new(cfg).unwrap();
+    let mut s = Streaming::new(&mut j);
+    s.push(dialogue("first", 2)).unwrap();
+    s.push(dialogue("second", 3)).unwrap();
+    // The requests are in flight before collect: generation would go on meanwhile.
+    let t0 = Instant::now();
+    while mock.seen().len() < 5 && t0.elapsed() < Duration::from_secs(5) {
+        thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(mock.seen().len(), 5, "every rollout's request started before collect");
+    assert_eq!(s.pending(), 2);
+    let out = s.collect().unwrap();
+    assert_eq!(out.scores.len(), 2);
+    assert_eq!((out.scores[0].len(), out.scores[1].len()), (2, 3), "push order kept");
+    assert_eq!(out.failures, 0);
+}

@@ -445,6 +445,10 @@ impl Judge for HttpJudge {
         format!("http:{}", self.shared.cfg.model)
     }
 
+    fn as_http(&self) -> Option<&HttpJudge> {
+        Some(self)
+    }
+
     fn score(&mut self, dialogues: &[JudgeDialogue]) -> Result<JudgeOutput> {
         let tickets = dialogues.iter().map(|d| self.submit(d.clone())).collect::<Result<Vec<_>>>()?;
         let mut out = JudgeOutput::default();

@@ -14,6 +14,7 @@ use anyhow::{bail, Result};
 use std::path::PathBuf;
 
 pub mod config;
+pub mod stream;
 pub mod http;
 pub mod model;
 pub mod model_prompt;
@@ -145,4 +146,8 @@ pub trait Judge {
     fn score(&mut self, dialogues: &[JudgeDialogue]) -> Result<JudgeOutput>;
     /// Pairwise verdicts, one per query, in order.
     fn compare(&mut self, pairs: &[PairQuery]) -> Result<Vec<PairVerdict>>;
+    /// The http judge, which can score a dialogue in the background (see `stream::Streaming`).
+    fn as_http(&self) -> Option<&http::HttpJudge> {
+        None
+    }
 }

@@ -113,6 +113,22 @@ pub fn generate(
     cfg: &RolloutConfig,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Vec<Rollout>, ImageBank, RolloutStats)> {
+    generate_with(dev, model, tok, pp, dialogues, cfg, progress, &mut |_| Ok(()))
+}
+
+/// `generate`, calling `on_done` with each rollout as it finishes (GRPO hands finished
+/// dialogues to the judge while the others are still decoding).
+#[allow(clippy::too_many_arguments)]
+pub fn generate_with(
+    dev: &Device,
+    model: &VlModel,
+    tok: &Tokenizer,
+    pp: &Processor,
+    dialogues: &[DialogueSpec],
+    cfg: &RolloutConfig,
+    progress: &mut dyn FnMut(usize, usize),
+    on_done: &mut dyn FnMut(&Rollout) -> Result<()>,
+) -> Result<(Vec<Rollout>, ImageBank, RolloutStats)> {
     let t0 = Instant::now();
     if cfg.n == 0 || cfg.max_new_tokens == 0 {
         bail!("rollouts: n and max_new_tokens must be at least 1 (got {} and {})", cfg.n, cfg.max_new_tokens);
@@ -277,7 +293,9 @@ pub fn generate(
             } else {
                 let Slot::Busy(l) = std::mem::replace(&mut slots[s], Slot::Free) else { unreachable!() };
                 cache.reset(dev, s)?;
-                out.push(Rollout { dialogue: l.dialogue, index: l.index, turns: l.turns, seq: l.seq, images: l.images });
+                let r = Rollout { dialogue: l.dialogue, index: l.index, turns: l.turns, seq: l.seq, images: l.images };
+                on_done(&r)?;
+                out.push(r);
                 progress(out.len(), total);
             }
         }

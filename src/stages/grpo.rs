@@ -11,14 +11,15 @@ use crate::data::dataset::{load_jsonl_with, LoadOptions, Purpose, Sample};
 use crate::grpo::judged::judged_rollouts;
 use crate::grpo::reward::{group_reward, weight_stats, RewardHyper, TurnWeighting};
 use crate::grpo::update::{self, TrainRow};
-use crate::judge::{config::JudgeConfig, from_config, Judge};
+use crate::judge::stream::Streaming;
+use crate::judge::{config::JudgeConfig, from_config, Judge, JudgeOutput};
 use crate::models::common::lora::{LoraConfig, DEFAULT_TARGETS};
 use crate::models::qwen2_5_vl::model::Recompute;
 use crate::ops::adamw::AdamW;
 use crate::ops::grpo::{Aggregation, GrpoHyper};
 use crate::ops::sample::SampleParams;
 use crate::rng::Rng;
-use crate::rollout::{generate, DialogueSpec, Rollout, RolloutConfig};
+use crate::rollout::{generate_with, DialogueSpec, Rollout, RolloutConfig};
 use crate::stages::lora::LoraSave;
 use crate::stages::model::VlModel;
 use crate::stages::sft::{latest_checkpoint, load_model, memory_in_use, save_side_files, Loaded};
@@ -363,13 +364,32 @@ impl Trainer {
         let picked = pick(self.specs.len(), p.dialogues_per_step, p.seed, step);
         let specs: Vec<DialogueSpec> = picked.iter().map(|&i| self.specs[i].clone()).collect();
         let cfg = RolloutConfig { n: p.n, max_new_tokens: p.max_new_tokens, sample: p.sampling()?, seed: mix(p.seed, step), max_batch: p.max_batch, max_len: None };
-        let (rollouts, mut bank, rs) = generate(dev, &self.l.model, &self.l.tok, &self.l.pp, &specs, &cfg, &mut |_, _| {})?;
+        // Each dialogue goes to the judge once its N rollouts are done (the http judge then
+        // works while the engine decodes the rest).
+        let mut stream = Streaming::new(self.judge.as_mut());
+        let mut done: Vec<Vec<Rollout>> = vec![Vec::new(); specs.len()];
+        let mut order: Vec<usize> = Vec::new();
+        let samples = &self.samples;
+        let (rollouts, mut bank, rs) = generate_with(dev, &self.l.model, &self.l.tok, &self.l.pp, &specs, &cfg, &mut |_, _| {}, &mut |r: &Rollout| {
+            done[r.dialogue].push(r.clone());
+            if done[r.dialogue].len() == p.n {
+                let g = &mut done[r.dialogue];
+                g.sort_by_key(|r| r.index);
+                let refs: Vec<&Rollout> = g.iter().collect();
+                stream.push(judged_rollouts(&samples[picked[r.dialogue]], &refs))?;
+                order.push(r.dialogue);
+            }
+            Ok(())
+        })?;
         let t_roll = t0.elapsed().as_secs_f64();
-        // Judge every turn of every rollout.
         let t1 = Instant::now();
+        let streamed = stream.collect()?;
+        // Back to dialogue order.
+        let mut judged = JudgeOutput { requests: streamed.requests, failures: streamed.failures, retries: streamed.retries, scores: vec![Vec::new(); specs.len()] };
+        for (k, sc) in order.iter().zip(streamed.scores) {
+            judged.scores[*k] = sc;
+        }
         let groups: Vec<Vec<&Rollout>> = (0..specs.len()).map(|d| rollouts.iter().filter(|r| r.dialogue == d).collect()).collect();
-        let jd: Vec<_> = groups.iter().zip(&picked).map(|(g, &i)| judged_rollouts(&self.samples[i], g)).collect();
-        let judged = self.judge.score(&jd)?;
         let t_judge = t1.elapsed().as_secs_f64();
         // Rewards per group, then the rows the update trains on.
         let mut rows: Vec<TrainRow> = Vec::new();
