@@ -4,5 +4,6 @@
 //! rollouts; `judged`: finished rollouts as the judges' input.
 
 pub mod judged;
+pub mod memory;
 pub mod reward;
 pub mod update;

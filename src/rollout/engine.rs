@@ -337,14 +337,31 @@ fn dialogue_bound(s: &Segments, max_new: usize) -> usize {
     s.first.len() + s.next.iter().map(|n| n[0].len().max(n[1].len())).sum::<usize>() + s.images.len() * max_new
 }
 
+/// Bytes of a KV cache of `slots` sequences of `max_len` tokens.
+pub fn kv_bytes(dev: &Device, model: &VlModel, slots: usize, max_len: usize) -> usize {
+    let t = model.tdims();
+    let elem = if dev.is_cuda() { 2 } else { 4 };
+    2 * t.n_layers * slots * max_len * t.layer.kv_heads * t.layer.head_dim * elem
+}
+
+/// The KV cache a call of `slots` rollouts over `dialogues` needs: (max_len, bytes), the longest
+/// dialogue's bound (prompt segments + turns × max_new_tokens), computed without generating.
+pub fn cache_plan(dev: &Device, model: &VlModel, tok: &Tokenizer, pp: &Processor, dialogues: &[DialogueSpec], slots: usize, max_new_tokens: usize) -> Result<(usize, usize)> {
+    let tmpl = TurnTemplate::new(model, tok)?;
+    let mut bank = ImageBank::new();
+    let mut bound = 1;
+    for d in dialogues {
+        let s = segments(model, pp, &tmpl, &mut bank, d).with_context(|| format!("dialogue {} ({})", d.id, d.origin))?;
+        bound = bound.max(dialogue_bound(&s, max_new_tokens));
+    }
+    Ok((bound, kv_bytes(dev, model, slots, bound)))
+}
+
 /// KV-cache bytes; on a GPU, fails with the numbers when the cache and scratch do not fit.
 fn preflight(dev: &Device, model: &VlModel, slots: usize, max_len: usize) -> Result<usize> {
     let t = model.tdims();
-    let elem = match dev {
-        Device::Cpu => 4,
-        Device::Cuda(_) => 2,
-    };
-    let bytes = 2 * t.n_layers * slots * max_len * t.layer.kv_heads * t.layer.head_dim * elem;
+    let elem = if dev.is_cuda() { 2 } else { 4 };
+    let bytes = kv_bytes(dev, model, slots, max_len);
     if let Device::Cuda(g) = dev {
         let (free, _) = g.mem_info();
         // Logits rows and per-step activations on top of the cache.

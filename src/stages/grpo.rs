@@ -19,6 +19,8 @@ use crate::ops::adamw::AdamW;
 use crate::ops::grpo::{Aggregation, GrpoHyper};
 use crate::ops::sample::SampleParams;
 use crate::rng::Rng;
+use crate::grpo::memory::MemoryPlan;
+use crate::rollout::engine::cache_plan;
 use crate::rollout::{generate_with, DialogueSpec, Rollout, RolloutConfig};
 use crate::stages::lora::LoraSave;
 use crate::stages::model::VlModel;
@@ -342,13 +344,20 @@ impl Trainer {
         if loaded.samples.is_empty() {
             bail!("{}: no dialogues", data.display());
         }
-        let specs = loaded.samples.iter().map(DialogueSpec::from_sample).collect();
+        let specs: Vec<DialogueSpec> = loaded.samples.iter().map(DialogueSpec::from_sample).collect();
         let judge = from_config(&plan.judge, jcfg, dev)?;
         let has_grad = l.model.grad_keys(dev)?;
         let trainable = move |r: &crate::models::common::params::ParamRef| has_grad.contains(&slot_key(r));
         let hp = AdamW { lr: plan.lr as f32, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
         let opt = Optimizer::new(dev, hp, &l.model.trainable_entries(), &trainable)?;
         let rc = if plan.recompute { Recompute::all(l.model.tdims().n_layers) } else { Recompute::default() };
+        // The memory plan, printed always and checked on a GPU before the first step.
+        let slots = plan.max_batch.min(plan.dialogues_per_step * plan.n).max(plan.n);
+        let (max_len, kv) = cache_plan(dev, &l.model, &l.tok, &l.pp, &specs, slots, plan.max_new_tokens)?;
+        let trainable = opt.num_params();
+        let mem = MemoryPlan::new(dev, &l.model, trainable, reference.is_some(), kv, plan.batch_tokens.max(max_len), plan.recompute, l.model.grad_store());
+        eprintln!("am3 grpo: memory plan ({slots} slots × {max_len} tokens): {}", mem.describe());
+        mem.check(dev, mem.weights + mem.reference + mem.grads + mem.optimizer)?;
         Ok(Trainer { plan, l, reference, opt, judge, samples: loaded.samples, specs, rc })
     }
 
