@@ -1,6 +1,6 @@
 //! SFT end to end on the CPU: the loss on refusal samples falls, a saved checkpoint loads back
 //! with identical logits, `--resume` continues bit for bit, and a kill at any moment leaves the
-//! last checkpoint intact.
+//! last checkpoint intact (and the next run removes what the killed one left half-written).
 mod common;
 use common::am3_bin;
 use am3safety::checkpoint::safetensors_io::SaveDtype;
@@ -119,6 +119,10 @@ fn kill_leaves_last_checkpoint_intact() {
     // And the run still completes from whatever was left.
     let ck = sft::run(SftArgs { resume: true, ..args(&out, 30, 1) }).unwrap();
     assert!(ck.ends_with("checkpoint-000030"));
+    // The killed runs' temporary entries (half-written checkpoints, `latest`) were cleaned up,
+    // and no lock is left.
+    let left: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 #[test]

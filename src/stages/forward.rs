@@ -2,7 +2,8 @@
 //! like the fixtures' `inputs.safetensors`, for comparing against other implementations.
 //!
 //! The model directory's config.json decides the family (`model_type` qwen2_5_vl or llava_next).
-//! Inputs: `input_ids` [1, S] (any int or float dtype), `loss_mask` [1, S] (optional; default all
+//! Inputs (every value checked: ids, grids and sizes whole numbers of a non-BOOL dtype, floats
+//! finite, each error naming the tensor and element): `input_ids` [1, S] (any int or float dtype), `loss_mask` [1, S] (optional; default all
 //! ones), and the images: for Qwen2.5-VL `pixel_values` [patches, patch_dim] with
 //! `image_grid_thw` [n, 3]; for LLaVA-NeXT `pixel_values` [n, max_tiles, 3, S, S] (a processor
 //! batch, padded along the tile axis) or compact [Σ tiles, 3, S, S], with `image_sizes` [n, 2]
@@ -12,7 +13,7 @@
 //! M-RoPE); with `--grads`, d objective / d parameter for every parameter that receives one, keyed
 //! by the checkpoint's own tensor names.
 
-use crate::checkpoint::read_tensor_file;
+use crate::checkpoint::safetensors_io::{decode_f64, parse_header, StDtype};
 use super::examples::Packed;
 use super::model::{Net, VlModel};
 use crate::models::llava_next::model::{strip_tile_padding, LlavaNext};
@@ -20,6 +21,7 @@ use crate::models::qwen2_5_vl::model::Recompute;
 use crate::models::qwen2_5_vl::positions::mrope_positions;
 use crate::checkpoint::safetensors_io::write_atomic;
 use crate::tensor::{DType, Device, DevicePref};
+use crate::train::run_dir::guard_output_file;
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use std::collections::{BTreeMap, HashMap};
@@ -33,7 +35,8 @@ pub struct ForwardArgs {
     /// Inputs file (safetensors, laid out like the fixtures' inputs.safetensors).
     #[arg(long)]
     pub inputs: PathBuf,
-    /// Output safetensors file (written atomically).
+    /// Output safetensors file (written atomically; never one of the inputs or a file of the
+    /// model directory).
     #[arg(long)]
     pub out: PathBuf,
     #[arg(long, value_enum, default_value = "auto")]
@@ -49,24 +52,129 @@ fn take<'a>(t: &'a Tensors, name: &str, file: &Path) -> Result<&'a (Vec<usize>, 
     t.get(name).with_context(|| format!("{}: no tensor `{name}`", file.display()))
 }
 
+/// The inputs file as name → (dtype, shape, values as f64).
+fn read_inputs(path: &Path) -> Result<(Tensors, HashMap<String, StDtype>)> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let header = parse_header(&bytes, path)?;
+    let (mut vals, mut dtypes) = (Tensors::new(), HashMap::new());
+    for t in header.tensors {
+        vals.insert(t.name.clone(), (t.shape.clone(), decode_f64(t.dtype, &bytes[t.start..t.end])));
+        dtypes.insert(t.name, t.dtype);
+    }
+    Ok((vals, dtypes))
+}
+
+/// Element `k` of a row-major tensor of `shape` as `[i, j, …]`.
+fn index_of(mut k: usize, shape: &[usize]) -> String {
+    let mut idx = vec![0; shape.len()];
+    for (d, &n) in shape.iter().enumerate().rev() {
+        if n > 0 {
+            idx[d] = k % n;
+            k /= n;
+        }
+    }
+    format!("{idx:?}")
+}
+
+/// A value for a message: plain, or in exponent form when long.
+fn show(x: f64) -> String {
+    if x.is_finite() && x.abs() >= 1e15 {
+        format!("{x:e}")
+    } else {
+        x.to_string()
+    }
+}
+
+/// The checks every input tensor gets: its values finite, and for integer tensors (ids, grids,
+/// sizes) whole numbers in `[min, i32::MAX]` of a non-BOOL dtype. Errors name file, tensor and
+/// element.
+struct Check<'a> {
+    file: &'a Path,
+    vals: &'a Tensors,
+    dtypes: &'a HashMap<String, StDtype>,
+}
+
+impl Check<'_> {
+    fn finite(&self, name: &str) -> Result<()> {
+        let (shape, v) = &self.vals[name];
+        // f32 is what the model sees: a finite f64 beyond its range is inf there.
+        if let Some(k) = v.iter().position(|x| !x.is_finite() || x.abs() > f32::MAX as f64) {
+            bail!("{}: `{name}` holds {} at {}; inputs must be finite f32 values", self.file.display(), show(v[k]), index_of(k, shape));
+        }
+        Ok(())
+    }
+
+    fn whole(&self, name: &str, min: i64) -> Result<()> {
+        let (shape, v) = &self.vals[name];
+        if self.dtypes[name] == StDtype::Bool {
+            bail!("{}: `{name}` has dtype BOOL; it holds whole numbers (an integer dtype, or a float one with whole values)", self.file.display());
+        }
+        for (k, &x) in v.iter().enumerate() {
+            let why = if !x.is_finite() || x.fract() != 0.0 {
+                "must be a whole number"
+            } else if x < min as f64 {
+                if min == 0 { "must not be negative" } else { "must be positive" }
+            } else if x > i32::MAX as f64 {
+                "is too large"
+            } else {
+                continue;
+            };
+            bail!("{}: `{name}` holds {} at {}: {why}", self.file.display(), show(x), index_of(k, shape));
+        }
+        Ok(())
+    }
+}
+
+/// The tensors `am3 forward` reads, per family.
+const QWEN_INPUTS: [&str; 4] = ["input_ids", "loss_mask", "pixel_values", "image_grid_thw"];
+const LLAVA_INPUTS: [&str; 4] = ["input_ids", "loss_mask", "pixel_values", "image_sizes"];
+
 pub fn run(a: &ForwardArgs) -> Result<()> {
+    // The output replaces its path atomically: never an input, nor a file of the model.
+    guard_output_file("--out", &a.out, &[("--inputs", &a.inputs), ("--model", &a.model)])?;
     let dev = Device::pick(a.device)?;
-    let inputs = read_tensor_file(&a.inputs)?;
+    let (inputs, dtypes) = read_inputs(&a.inputs)?;
+    let chk = Check { file: &a.inputs, vals: &inputs, dtypes: &dtypes };
     let (shape, ids) = take(&inputs, "input_ids", &a.inputs)?;
     if shape.len() != 2 || shape[0] != 1 {
         bail!("{}: input_ids has shape {shape:?}, expected [1, S] (batch 1)", a.inputs.display());
     }
+    chk.whole("input_ids", 0)?;
     let ids: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
     let s = ids.len();
     if s < 2 {
         bail!("{}: input_ids needs at least 2 tokens", a.inputs.display());
     }
     let loss_mask: Vec<f32> = match inputs.get("loss_mask") {
-        Some((sh, v)) if v.len() == s => v.iter().map(|&x| x as f32).collect(),
+        Some((_, v)) if v.len() == s => {
+            chk.finite("loss_mask")?;
+            v.iter().map(|&x| x as f32).collect()
+        }
         Some((sh, _)) => bail!("{}: loss_mask has shape {sh:?}, expected [1, {s}]", a.inputs.display()),
         None => vec![1.0; s],
     };
-    let mut model = VlModel::load(&dev, &a.model)?;
+    for name in ["pixel_values", "image_grid_thw", "image_sizes"] {
+        if inputs.contains_key(name) {
+            if name == "pixel_values" {
+                if dtypes[name] == StDtype::Bool {
+                    bail!("{}: `pixel_values` has dtype BOOL; expected a float dtype", a.inputs.display());
+                }
+                chk.finite(name)?;
+            } else {
+                chk.whole(name, 1)?;
+            }
+        }
+    }
+    let mut model = VlModel::load_model_or_adapter(&dev, &a.model)?;
+    let known: &[&str] = match model.net {
+        Net::Qwen(_) => &QWEN_INPUTS,
+        Net::Llava(_) => &LLAVA_INPUTS,
+    };
+    let mut unused: Vec<&String> = inputs.keys().filter(|k| !known.contains(&k.as_str())).collect();
+    if !unused.is_empty() {
+        unused.sort();
+        eprintln!("am3 forward: {}: ignoring tensors a {} model does not read: {unused:?}", a.inputs.display(), model.family().model_type());
+    }
     let mut p = Packed { ids: ids.clone(), cu_seqlens: vec![0, s as i32], ..Default::default() };
     match &model.net {
         Net::Qwen(m) => {
@@ -87,6 +195,11 @@ pub fn run(a: &ForwardArgs) -> Result<()> {
     }
     let f = model.forward(&dev, &p, &Recompute::default())?;
     let logits = dev.to_vec(&model.logits(&dev, &f)?)?;
+    // Inputs and weights are finite; a non-finite logit is an overflow in the model itself.
+    if let Some(k) = logits.iter().position(|x| !x.is_finite()) {
+        let v = logits.len() / s;
+        bail!("the forward produced a non-finite logit ({} at token {}, vocabulary entry {}) from finite inputs and weights", logits[k], k / v, k % v);
+    }
     // A next id past the vocabulary (LLaVA's placeholder may lie there) has no log-prob: 0.
     let vocab = model.tdims().vocab as i32;
     let mut targets: Vec<i32> = ids[1..].to_vec();

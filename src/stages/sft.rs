@@ -15,7 +15,7 @@
 
 use super::examples::{micro_batches, pack, Example, Packed};
 use super::model::{save_weights, Encoder, Processor, VlModel};
-use crate::data::dataset::{load_jsonl, load_jsonl_with, Kind, LoadOptions};
+use crate::data::dataset::{load_jsonl_with, Kind, LoadOptions};
 use crate::models::qwen2_5_vl::chat::load_tokenizer;
 use crate::models::qwen2_5_vl::config::{QwenPreprocessorConfig, QwenVlConfig};
 use crate::models::qwen2_5_vl::model::{QwenVl, Recompute};
@@ -23,21 +23,33 @@ use crate::train::optim::slot_key;
 use super::lora::LoraSave;
 use crate::models::common::lora::{LoraConfig, DEFAULT_TARGETS};
 use crate::models::common::params::GradStore;
-use crate::models::tiny;
+use crate::models::{limits, tiny};
 use crate::ops::adamw::AdamW;
 use crate::checkpoint::safetensors_io::{write_atomic, SaveDtype};
 use crate::rng::Rng;
 use crate::tensor::{Device, DevicePref};
-use crate::train::metrics::{truncate_after, MetricsWriter, StepMetrics};
+use crate::train::exact_json;
+use crate::train::flags::{float_in, int_in, whole, End};
+use crate::train::metrics::{read_metrics, StepMetrics};
+use crate::train::run_dir::{self, require_same_settings, Identity, Mode, RunDir, Start};
 use crate::train::optim::Optimizer;
 use crate::train::progress::Progress;
 use crate::train::schedule::{LrKind, LrSchedule};
-use crate::train::atomic;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tokenizers::Tokenizer;
+
+// Allowed ranges of the whole-number settings (checked on the command line and after merging
+// a config file; the float ranges are in `resolve`).
+const STEPS: (u64, u64) = (1, 1_000_000_000);
+const BATCH_TOKENS: (u64, u64) = (16, 1 << 30);
+const GRAD_ACCUM: (u64, u64) = (1, 65_536);
+const SAVE_EVERY: (u64, u64) = (1, 1_000_000_000);
+const LORA_RANK: (u64, u64) = (0, 65_536);
+const ANY: (u64, u64) = (0, u64::MAX);
 
 /// Every SFT setting. Flags override `--config FILE.toml`, which overrides these defaults.
 #[derive(clap::Args, Clone, Debug, Default, Deserialize, Serialize)]
@@ -50,7 +62,8 @@ pub struct SftArgs {
     /// Training data (JSON Lines; see README "Dataset format"). Default: the bundled demo set.
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Output directory: checkpoints, metrics.jsonl. Default: runs/sft.
+    /// Output directory: checkpoints, metrics.jsonl. Default: runs/sft. One an earlier run used
+    /// needs --resume or --overwrite.
     #[arg(long)]
     pub out: Option<PathBuf>,
     #[arg(long, value_enum)]
@@ -60,41 +73,45 @@ pub struct SftArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Optimizer steps (default: 100).
-    #[arg(long)]
+    /// Optimizer steps (default: 100; 1 to 10^9).
+    #[arg(long, allow_negative_numbers = true, value_parser = whole::<u64, { STEPS.0 }, { STEPS.1 }>)]
     pub steps: Option<u64>,
-    /// Peak learning rate (default 2e-3 for the tiny default model, else 1e-5, or 1e-4 with LoRA).
-    #[arg(long)]
+    /// Peak learning rate, in (0, 1] (default 2e-3 for the tiny default model, else 1e-5, or
+    /// 1e-4 with LoRA).
+    #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f64>,
-    /// Warm-up steps (default: 5% of the steps).
-    #[arg(long)]
+    /// Warm-up steps, at most --steps (default: 5% of the steps).
+    #[arg(long, allow_negative_numbers = true, value_parser = whole::<u64, { STEPS.0 - 1 }, { STEPS.1 }>)]
     pub warmup: Option<u64>,
     /// constant | linear | cosine (default cosine).
     #[arg(long)]
     pub schedule: Option<String>,
-    /// Final LR as a fraction of the peak (default 0.1).
-    #[arg(long)]
+    /// Final LR as a fraction of the peak, in [0, 1] (default 0.1).
+    #[arg(long, allow_negative_numbers = true)]
     pub min_lr_ratio: Option<f64>,
-    /// Tokens per micro-batch (packed, default 1024).
-    #[arg(long)]
+    /// Tokens per micro-batch (packed, default 1024; 16 to 2^30).
+    #[arg(long, allow_negative_numbers = true, value_parser = whole::<usize, { BATCH_TOKENS.0 }, { BATCH_TOKENS.1 }>)]
     pub batch_tokens: Option<usize>,
-    /// Micro-batches per optimizer step (default 1).
-    #[arg(long)]
+    /// Micro-batches per optimizer step (default 1; 1 to 65536).
+    #[arg(long, allow_negative_numbers = true, value_parser = whole::<usize, { GRAD_ACCUM.0 }, { GRAD_ACCUM.1 }>)]
     pub grad_accum: Option<usize>,
-    /// Global gradient-norm clip (default 1.0; 0 turns it off).
-    #[arg(long)]
+    /// Global gradient-norm clip, in [0, 10^6] (default 1.0; 0 turns it off).
+    #[arg(long, allow_negative_numbers = true)]
     pub clip: Option<f64>,
-    #[arg(long)]
+    /// Decoupled AdamW weight decay, in [0, 1] (default 0).
+    #[arg(long, allow_negative_numbers = true)]
     pub weight_decay: Option<f64>,
-    #[arg(long)]
+    /// AdamW beta1, in [0, 1) (default 0.9).
+    #[arg(long, allow_negative_numbers = true)]
     pub beta1: Option<f64>,
-    #[arg(long)]
+    /// AdamW beta2, in [0, 1) (default 0.95).
+    #[arg(long, allow_negative_numbers = true)]
     pub beta2: Option<f64>,
     /// Seed for the data order and the tiny model's init (default 0).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = whole::<u64, { ANY.0 }, { ANY.1 }>)]
     pub seed: Option<u64>,
     /// Save a checkpoint every K steps (default: 20; the last step always saves).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = whole::<u64, { SAVE_EVERY.0 }, { SAVE_EVERY.1 }>)]
     pub save_every: Option<u64>,
     /// Recompute every layer's activations in backward (less memory, one extra forward).
     #[arg(long)]
@@ -108,10 +125,10 @@ pub struct SftArgs {
     #[arg(long)]
     pub grad_dtype: Option<String>,
     /// LoRA rank; 0 (the default) trains every weight. With LoRA only the adapters train.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = whole::<usize, { LORA_RANK.0 }, { LORA_RANK.1 }>)]
     pub lora_rank: Option<usize>,
-    /// LoRA alpha: the adapters' output is scaled by alpha / rank (default 2·rank).
-    #[arg(long)]
+    /// LoRA alpha, in (0, 10^6]: the adapters' output is scaled by alpha / rank (default 2·rank).
+    #[arg(long, allow_negative_numbers = true)]
     pub lora_alpha: Option<f64>,
     /// Projections to adapt, comma-separated (default: all seven of the text decoder):
     /// q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; Qwen2.5-VL's vision
@@ -122,16 +139,21 @@ pub struct SftArgs {
     /// adapter_model.safetensors + adapter_config.json).
     #[arg(long)]
     pub lora_save: Option<String>,
-    /// Continue from the newest checkpoint in --out.
+    /// Continue from the newest checkpoint in --out (same settings, data and model required).
     #[arg(long)]
     #[serde(skip)]
     pub resume: bool,
-    /// Leave out invalid data lines (each is still reported as file:line: reason) instead of
-    /// stopping.
+    /// Replace the earlier run in --out (its checkpoints, latest and metrics.jsonl) instead of
+    /// refusing to touch it.
+    #[arg(long)]
+    #[serde(skip)]
+    pub overwrite: bool,
+    /// Leave out invalid samples (bad lines, images that do not decode, …; each is still
+    /// reported as file:line: reason) instead of stopping.
     #[arg(long)]
     pub skip_bad: Option<bool>,
     /// Stop after this many steps of this run (for tests and time-boxed jobs).
-    #[arg(long, hide = true)]
+    #[arg(long, hide = true, allow_negative_numbers = true, value_parser = whole::<u64, { STEPS.0 }, { STEPS.1 }>)]
     #[serde(skip)]
     pub stop_after: Option<u64>,
 }
@@ -173,7 +195,7 @@ fn default_grad_dtype() -> String {
 }
 
 impl SftArgs {
-    /// Flags over the TOML file over the defaults.
+    /// Flags over the TOML file over the defaults; every value range-checked.
     pub fn resolve(mut self) -> Result<(SftArgs, SftPlan)> {
         if let Some(path) = &self.config {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -181,18 +203,22 @@ impl SftArgs {
             macro_rules! merge { ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f.clone(); } )* } }
             merge!(model, data, out, steps, lr, warmup, schedule, min_lr_ratio, batch_tokens, grad_accum, clip, weight_decay, beta1, beta2, seed, save_every, recompute, freeze_vision, lora_rank, lora_alpha, lora_targets, lora_save, skip_bad, grad_dtype);
         }
-        let steps = self.steps.unwrap_or(100);
-        if steps == 0 {
-            bail!("--steps must be positive");
+        if self.resume && self.overwrite {
+            bail!("--resume and --overwrite exclude each other: continue the run in --out, or replace it");
         }
-        let lora_rank = self.lora_rank.unwrap_or(0);
+        use End::{Closed, Open};
+        let steps = int_in("--steps", self.steps.unwrap_or(100), STEPS.0, STEPS.1)?;
+        if let Some(k) = self.stop_after {
+            int_in("--stop-after", k, STEPS.0, STEPS.1)?;
+        }
+        let lora_rank = int_in("--lora-rank", self.lora_rank.unwrap_or(0), LORA_RANK.0, LORA_RANK.1)?;
         let (lora_alpha, lora_targets, lora_save) = if lora_rank == 0 {
             if self.lora_alpha.is_some() || self.lora_targets.is_some() || self.lora_save.is_some() {
                 bail!("--lora-alpha, --lora-targets and --lora-save need --lora-rank > 0");
             }
             (0.0, Vec::new(), String::new())
         } else {
-            let alpha = self.lora_alpha.unwrap_or(2.0 * lora_rank as f64);
+            let alpha = float_in("--lora-alpha", self.lora_alpha.unwrap_or(2.0 * lora_rank as f64), 0.0, Open, 1e6, Closed)?;
             let targets = self.lora_targets.as_deref().map(LoraConfig::parse_targets).unwrap_or_else(|| DEFAULT_TARGETS.map(String::from).to_vec());
             let save = self.lora_save.clone().unwrap_or_else(|| "merged".into());
             save.parse::<LoraSave>()?;
@@ -203,20 +229,23 @@ impl SftArgs {
         if grad_dtype != "auto" {
             grad_dtype.parse::<GradStore>().context("--grad-dtype (auto, f32 or bf16)")?;
         }
+        let schedule = self.schedule.clone().unwrap_or_else(|| "cosine".into());
+        let kind: LrKind = schedule.parse().context("--schedule")?;
+        let lr = self.lr.unwrap_or(if self.model.is_none() { 2e-3 } else if lora_rank > 0 { 1e-4 } else { 1e-5 });
         let plan = SftPlan {
             steps,
-            lr: self.lr.unwrap_or(if self.model.is_none() { 2e-3 } else if lora_rank > 0 { 1e-4 } else { 1e-5 }),
-            warmup: self.warmup.unwrap_or(steps / 20),
-            schedule: self.schedule.clone().unwrap_or_else(|| "cosine".into()),
-            min_lr_ratio: self.min_lr_ratio.unwrap_or(0.1),
-            batch_tokens: self.batch_tokens.unwrap_or(1024),
-            grad_accum: self.grad_accum.unwrap_or(1).max(1),
-            clip: self.clip.unwrap_or(1.0),
-            weight_decay: self.weight_decay.unwrap_or(0.0),
-            beta1: self.beta1.unwrap_or(0.9),
-            beta2: self.beta2.unwrap_or(0.95),
+            lr: float_in("--lr", lr, 0.0, Open, 1.0, Closed)?,
+            warmup: int_in("--warmup", self.warmup.unwrap_or(steps / 20), 0, steps).context("--warmup may not exceed --steps")?,
+            schedule,
+            min_lr_ratio: float_in("--min-lr-ratio", self.min_lr_ratio.unwrap_or(0.1), 0.0, Closed, 1.0, Closed)?,
+            batch_tokens: int_in("--batch-tokens", self.batch_tokens.unwrap_or(1024), BATCH_TOKENS.0, BATCH_TOKENS.1)?,
+            grad_accum: int_in("--grad-accum", self.grad_accum.unwrap_or(1), GRAD_ACCUM.0, GRAD_ACCUM.1)?,
+            clip: float_in("--clip", self.clip.unwrap_or(1.0), 0.0, Closed, 1e6, Closed)?,
+            weight_decay: float_in("--weight-decay", self.weight_decay.unwrap_or(0.0), 0.0, Closed, 1.0, Closed)?,
+            beta1: float_in("--beta1", self.beta1.unwrap_or(0.9), 0.0, Closed, 1.0, Open)?,
+            beta2: float_in("--beta2", self.beta2.unwrap_or(0.95), 0.0, Closed, 1.0, Open)?,
             seed: self.seed.unwrap_or(0),
-            save_every: self.save_every.unwrap_or(20).max(1),
+            save_every: int_in("--save-every", self.save_every.unwrap_or(20), SAVE_EVERY.0, SAVE_EVERY.1)?,
             recompute: self.recompute.unwrap_or(false),
             freeze_vision: self.freeze_vision.unwrap_or(false),
             lora_rank,
@@ -225,6 +254,7 @@ impl SftArgs {
             lora_save,
             grad_dtype,
         };
+        LrSchedule::new(kind, plan.lr, plan.warmup, plan.steps, plan.min_lr_ratio)?;
         Ok((self, plan))
     }
 }
@@ -275,26 +305,78 @@ pub fn load_examples(path: &Path, tok: &Tokenizer, cfg: &QwenVlConfig, pp: &Qwen
     encode_file(path, &Encoder::Qwen { tmpl, cfg, pp })
 }
 
-/// Loads a JSONL file and encodes every sample for the model behind `enc`.
+/// Loads a JSONL file and encodes every sample for the model behind `enc` (any problem fails
+/// the load, all of them listed).
 pub fn encode_file(path: &Path, enc: &Encoder) -> Result<Vec<Example>> {
     encode_file_with(path, enc, false)
 }
 
-/// As `encode_file`; with `skip_bad`, invalid lines are reported on stderr and left out.
+/// As `encode_file`; with `skip_bad`, invalid samples are reported on stderr and left out.
 pub fn encode_file_with(path: &Path, enc: &Encoder, skip_bad: bool) -> Result<Vec<Example>> {
-    let samples = if skip_bad {
-        let loaded = load_jsonl_with(path, LoadOptions { skip_bad: true, ..Default::default() })?;
-        for e in &loaded.errors {
-            eprintln!("am3 sft: skipped {e}");
+    Ok(encode_data(path, enc, skip_bad)?.examples)
+}
+
+/// A dataset encoded for a model.
+pub struct EncodedData {
+    pub examples: Vec<Example>,
+    /// The images the kept samples use, in order (for the data's identity).
+    pub images: Vec<PathBuf>,
+    /// Every sample left out, as `file:line: reason` (only under `skip_bad`).
+    pub skipped: Vec<String>,
+}
+
+/// Loads `path` and encodes every sample (images decoded and preprocessed) before deciding:
+/// every problem of every sample — bad lines and fields, images that do not decode, templates
+/// that fail — is collected. Without `skip_bad` any problem fails the load listing them all;
+/// with it the bad samples are left out, each one reported on stderr.
+pub fn encode_data(path: &Path, enc: &Encoder, skip_bad: bool) -> Result<EncodedData> {
+    encode_data_within(path, enc, skip_bad, usize::MAX)
+}
+
+/// `encode_data`, where a sample longer than `batch_tokens` or the model's positions is a
+/// problem too (`file:line: N tokens, limit M`), found before any step trains on it.
+pub fn encode_data_within(path: &Path, enc: &Encoder, skip_bad: bool, batch_tokens: usize) -> Result<EncodedData> {
+    let max_tokens = limits::sample_token_limit(batch_tokens, enc.max_positions());
+    let loaded = load_jsonl_with(path, LoadOptions { skip_bad: true, ..Default::default() })?;
+    let mut problems: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
+    let (mut examples, mut images) = (Vec::with_capacity(loaded.samples.len()), Vec::new());
+    for s in &loaded.samples {
+        match enc.encode(s) {
+            Ok(ex) if ex.len() > max_tokens => problems.push(limits::sample_too_long(&s.origin, &s.id, ex.len(), batch_tokens, enc.max_positions())),
+            Ok(ex) => {
+                examples.push(ex);
+                images.extend(s.images.iter().cloned());
+            }
+            Err(e) => {
+                // `encode` prefixes "sample ID (file:line): "; report it as file:line first.
+                let msg = format!("{e:#}");
+                let prefix = format!("sample {} ({}): ", s.id, s.origin);
+                let reason = msg.strip_prefix(&prefix).unwrap_or(&msg);
+                problems.push(format!("{}: sample {:?}: {reason}", s.origin, s.id));
+            }
         }
-        loaded.samples
-    } else {
-        load_jsonl(path)?
-    };
-    if samples.is_empty() {
-        bail!("{}: no samples", path.display());
     }
-    samples.iter().map(|s| enc.encode(s)).collect()
+    if !problems.is_empty() && !skip_bad {
+        let list: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
+        bail!(
+            "{}: {} problem(s) in the dataset (fix them, or pass --skip-bad true to leave those samples out):\n{}",
+            path.display(),
+            problems.len(),
+            list.join("\n")
+        );
+    }
+    for p in &problems {
+        eprintln!("am3 sft: skipped {p}");
+    }
+    if examples.is_empty() {
+        bail!("{}: no usable sample ({} skipped)", path.display(), problems.len());
+    }
+    let bad_lines: std::collections::BTreeSet<usize> = loaded.errors.iter().map(|e| e.line).collect();
+    let skipped = bad_lines.len() + loaded.samples.len() - examples.len();
+    if skipped > 0 {
+        eprintln!("am3 sft: {skipped} of {} samples skipped", skipped + examples.len());
+    }
+    Ok(EncodedData { examples, images, skipped: problems })
 }
 
 /// Encodes `path` for the loaded model, with its tokenizer and processor.
@@ -359,28 +441,55 @@ pub fn eval_nll(dev: &Device, model: &mut VlModel, examples: &[Example], kind: O
     Ok(if n > 0.0 { s / n } else { f64::NAN })
 }
 
+/// `trainer_state.json` of a checkpoint: where the run stands and what it was started with.
 #[derive(Serialize, Deserialize)]
 struct TrainerState {
     step: u64,
     plan: SftPlan,
     data: PathBuf,
     model: Option<PathBuf>,
+    /// The data and model the run started with (checked by `--resume`).
+    data_id: Identity,
+    model_id: Identity,
 }
+
+/// What the embedded tiny model is made of (its weights follow from these and the seed).
+fn tiny_identity() -> Identity {
+    let seed = tiny::INIT_SEED.to_le_bytes();
+    Identity::of_bytes(
+        "(the embedded tiny model)",
+        &[("config.json", tiny::CONFIG_JSON.as_bytes()), ("tokenizer.json", tiny::TOKENIZER_JSON.as_bytes()), ("preprocessor_config.json", tiny::PREPROCESSOR_JSON.as_bytes()), ("init seed", &seed)],
+    )
+}
+
+/// What a checkpoint's `checksums.json` covers: everything `--resume` reads.
+const RESUME_STATE: [&str; 2] = ["trainer_state.json", "train_state"];
 
 /// Runs SFT; returns the final checkpoint directory.
 pub fn run(args: SftArgs) -> Result<PathBuf> {
     let (args, plan) = args.resolve()?;
-    let dev = Device::pick(args.device.unwrap_or(DevicePref::Auto))?;
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs/sft"));
     let data = args.data.clone().unwrap_or_else(demo_data);
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let mut inputs: Vec<(&str, &Path)> = vec![("--data", &data)];
+    if let Some(m) = &args.model {
+        inputs.push(("--model", m));
+    }
+    // Lock and check the directory before the (slow) loading.
+    let rd = RunDir::open(&out, Mode { resume: args.resume, overwrite: args.overwrite }, &inputs)?;
+    let dev = Device::pick(args.device.unwrap_or(DevicePref::Auto))?;
 
     let mut l = load_model(&dev, args.model.as_deref(), plan.seed)?;
     if plan.lora_rank > 0 {
         let lc = LoraConfig { rank: plan.lora_rank, alpha: plan.lora_alpha, targets: plan.lora_targets.clone(), seed: plan.seed };
         l.model.enable_lora(&dev, &lc)?;
     }
-    let examples = load_examples_skipping(&data, &l, args.skip_bad.unwrap_or(false))?;
+    let enc = encode_data_within(&data, &Encoder::new(&l.model, &l.tok, &l.pp)?, args.skip_bad.unwrap_or(false), plan.batch_tokens)?;
+    let data_id = Identity::of_data(&data, &enc.images)?;
+    let model_id = match &args.model {
+        Some(d) => Identity::of_model_dir(d)?,
+        None => tiny_identity(),
+    };
+    let examples = enc.examples;
     let mbs = plan_micro_batches(&examples, &plan);
     let kind: LrKind = plan.schedule.parse()?;
     let sched = LrSchedule::new(kind, plan.lr, plan.warmup, plan.steps, plan.min_lr_ratio)?;
@@ -388,6 +497,14 @@ pub fn run(args: SftArgs) -> Result<PathBuf> {
     let hp = AdamW { lr: plan.lr as f32, beta1: plan.beta1 as f32, beta2: plan.beta2 as f32, eps: 1e-8, weight_decay: plan.weight_decay as f32 };
     let freeze = plan.freeze_vision;
     // Only tensors that receive gradients (LLaVA's vision layers past the feature layer don't).
+    // CPU: the gradients, AdamW state and a micro-batch's activations must fit before they are
+    // allocated (the GPU is checked below, after the gradients).
+    let n_trainable: usize = l.model.trainable_entries().iter().map(|(r, _)| r.numel()).sum();
+    let max_mb = mbs.iter().map(|mb| mb.iter().map(|&i| examples[i].len()).sum::<usize>()).max().unwrap_or(0);
+    let td = l.model.tdims();
+    let sink = if plan.lora_rank > 0 { td.vocab * td.layer.d } else { 0 };
+    let kept_layers = if plan.recompute { 1 } else { td.n_layers };
+    limits::ensure_training_fits(&dev, n_trainable as u64, sink as u64, max_mb as u64, kept_layers as u64, td.layer.d as u64, td.layer.inter as u64)?;
     let has_grad = l.model.grad_keys(&dev)?;
     let vision: std::collections::BTreeSet<String> = l.model.param_entries().iter().filter(|(r, _)| l.model.is_vision(&r.name)).map(|(r, _)| slot_key(r)).collect();
     let trainable = move |r: &crate::models::common::params::ParamRef| has_grad.contains(&slot_key(r)) && !(freeze && vision.contains(&slot_key(r)));
@@ -421,27 +538,43 @@ pub fn run(args: SftArgs) -> Result<PathBuf> {
     }
     let mut opt = Optimizer::new(&dev, hp, &l.model.trainable_entries(), &trainable)?;
 
-    let metrics_path = out.join("metrics.jsonl");
     let mut start = 0u64;
-    if args.resume {
-        match latest_checkpoint(&out)? {
-            Some(ck) => {
-                let st: TrainerState = serde_json::from_str(&std::fs::read_to_string(ck.join("trainer_state.json"))?)
-                    .with_context(|| format!("{}: bad trainer_state.json", ck.display()))?;
-                if st.plan != plan {
-                    bail!("--resume: the settings differ from the run in {} (saved: {:?})", out.display(), st.plan);
-                }
-                l.model.zero_grads(&dev)?;
-                let params = l.model.params_and_grads().into_iter().map(|(r, p, _)| (r, p)).collect();
-                opt.load(&dev, &ck.join("train_state"), params, st.step)?;
-                start = st.step;
-                truncate_after(&metrics_path, start)?;
-                eprintln!("am3 sft: resuming from {} (step {start})", ck.display());
+    let mut resumed_from = None;
+    match rd.start()? {
+        Start::Resume { checkpoint: ck } => {
+            let path = ck.join("trainer_state.json");
+            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let saved = exact_json::parse(&text).with_context(|| format!("{}: bad trainer_state.json", ck.display()))?;
+            require_same_settings(saved.get("plan").unwrap_or(&Value::Null), &serde_json::to_value(&plan)?, &ck)?;
+            let st: TrainerState = serde_json::from_value(saved).with_context(|| format!("{}: bad trainer_state.json", ck.display()))?;
+            st.data_id.require_same(&data_id, "--data", &ck)?;
+            st.model_id.require_same(&model_id, "--model", &ck)?;
+            if st.step == 0 || st.step > plan.steps {
+                bail!("{}: step {} is outside the run's 1..={}", path.display(), st.step, plan.steps);
             }
-            None => eprintln!("am3 sft: --resume: no checkpoint in {}; starting fresh", out.display()),
+            l.model.zero_grads(&dev)?;
+            let params = l.model.params_and_grads().into_iter().map(|(r, p, _)| (r, p)).collect();
+            opt.load(&dev, &ck.join("train_state"), params, st.step)?;
+            start = st.step;
+            eprintln!("am3 sft: resuming from {} (step {start})", ck.display());
+            resumed_from = Some(ck);
         }
+        Start::Fresh => rd.begin_fresh()?,
     }
-    let mut metrics = if start > 0 { MetricsWriter::append(&metrics_path)? } else { MetricsWriter::create(&metrics_path)? };
+    if let (Some(ck), true) = (&resumed_from, start == plan.steps) {
+        // A finished run: only a final line a kill cut off is still to write.
+        let done = std::fs::metadata(rd.metrics_path()).is_ok()
+            && read_metrics(rd.metrics_path())?.last().is_some_and(|v| v.get("step").and_then(Value::as_u64) == Some(plan.steps) && v.get("refusal_loss").is_some());
+        if !done {
+            let mut metrics = rd.metrics(start)?;
+            let r1 = eval_nll(&dev, &mut l.model, &examples, Some(Kind::Refusal), plan.batch_tokens)?;
+            metrics.write_value(&serde_json::json!({"step": plan.steps, "refusal_loss": r1}))?;
+            metrics.sync()?;
+        }
+        eprintln!("am3 sft: the run in {} is already complete ({} steps)", out.display(), plan.steps);
+        return Ok(ck.clone());
+    }
+    let mut metrics = rd.metrics(start)?;
     let n_params: usize = l.model.param_entries().iter().map(|(r, _)| r.numel()).sum();
     eprintln!(
         "am3 sft: {} examples from {}, {} steps, {:.2}M parameters ({:.2}M trainable) on {}",
@@ -460,6 +593,7 @@ pub fn run(args: SftArgs) -> Result<PathBuf> {
     let bar = Progress::new(plan.steps, "sft");
     let end = args.stop_after.map_or(plan.steps, |k| (start + k).min(plan.steps));
     let mut last_ck = None;
+    let ids = (&data_id, &model_id);
     for step in start..end {
         let t0 = Instant::now();
         l.model.zero_grads(&dev)?;
@@ -490,7 +624,8 @@ pub fn run(args: SftArgs) -> Result<PathBuf> {
         })?;
         bar.update(step + 1, &format!("loss {loss:.4} lr {lr:.2e} |g| {:.3}", rep.grad_norm));
         if (step + 1) % plan.save_every == 0 || step + 1 == plan.steps {
-            last_ck = Some(save_checkpoint(&dev, &out, step + 1, &l, &opt, &plan, &data, args.model.as_deref())?);
+            metrics.sync()?;
+            last_ck = Some(save_checkpoint(&dev, &rd, step + 1, &l, &opt, &plan, &data, args.model.as_deref(), ids)?);
         }
     }
     if end == plan.steps {
@@ -503,7 +638,7 @@ pub fn run(args: SftArgs) -> Result<PathBuf> {
     metrics.sync()?;
     match last_ck {
         Some(c) => Ok(c),
-        None => latest_checkpoint(&out)?.with_context(|| format!("no checkpoint was written to {}", out.display())),
+        None => rd.latest_checkpoint()?.with_context(|| format!("no checkpoint was written to {}", out.display())),
     }
 }
 
@@ -521,49 +656,39 @@ pub fn memory_in_use(dev: &Device) -> Option<u64> {
     }
 }
 
-/// The newest complete checkpoint named by `out/latest` (or found by scanning).
+/// The newest complete checkpoint in `out` (see `run_dir::latest_checkpoint`).
 pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
-    let named = std::fs::read_to_string(out.join("latest")).ok().map(|s| out.join(s.trim()));
-    if let Some(d) = named.filter(|d| d.join("trainer_state.json").is_file()) {
-        return Ok(Some(d));
-    }
-    let mut best: Option<PathBuf> = None;
-    if let Ok(rd) = std::fs::read_dir(out) {
-        for e in rd.flatten() {
-            let n = e.file_name().to_string_lossy().to_string();
-            if n.starts_with("checkpoint-") && e.path().join("trainer_state.json").is_file() && best.as_ref().is_none_or(|b| e.path() > *b) {
-                best = Some(e.path());
-            }
-        }
-    }
-    Ok(best)
+    run_dir::latest_checkpoint(out)
 }
 
 /// Writes `out/checkpoint-NNNNNN` atomically: the HF layout (sharded safetensors + index,
-/// config, tokenizer and processor files) plus `train_state/` and `trainer_state.json`; then
-/// points `out/latest` at it.
+/// config, tokenizer and processor files) plus `train_state/`, `trainer_state.json` and the
+/// checksums of both; then points `out/latest` at it.
 #[allow(clippy::too_many_arguments)]
-fn save_checkpoint(dev: &Device, out: &Path, step: u64, l: &Loaded, opt: &Optimizer, plan: &SftPlan, data: &Path, model_dir: Option<&Path>) -> Result<PathBuf> {
-    let name = format!("checkpoint-{step:06}");
-    let dir = out.join(&name);
-    atomic::write_dir(&dir, |tmp| {
+fn save_checkpoint(dev: &Device, rd: &RunDir, step: u64, l: &Loaded, opt: &Optimizer, plan: &SftPlan, data: &Path, model_dir: Option<&Path>, ids: (&Identity, &Identity)) -> Result<PathBuf> {
+    rd.save_checkpoint(step, &RESUME_STATE, |tmp| {
         let how: LoraSave = if plan.lora_rank > 0 { plan.lora_save.parse()? } else { LoraSave::Merged };
-        let base = model_dir.map_or_else(|| "am3-tiny-qwen2_5_vl".to_string(), |p| p.display().to_string());
+        let base = if how == LoraSave::Adapter { super::export::adapter_base(dev, l, rd.path(), model_dir)? } else { String::new() };
         l.model.save_trained(dev, tmp, if dev.is_cuda() { SaveDtype::BF16 } else { SaveDtype::F32 }, how, &base)?;
         save_side_files(l, tmp)?;
         opt.save(dev, &tmp.join("train_state"))?;
-        let st = TrainerState { step, plan: plan.clone(), data: data.to_path_buf(), model: model_dir.map(Path::to_path_buf) };
+        let st = TrainerState {
+            step,
+            plan: plan.clone(),
+            data: data.to_path_buf(),
+            model: model_dir.map(Path::to_path_buf),
+            data_id: ids.0.clone(),
+            model_id: ids.1.clone(),
+        };
         write_atomic(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(&st)?.as_bytes())
-    })?;
-    write_atomic(&out.join("latest"), name.as_bytes())?;
-    Ok(dir)
+    })
 }
 
 /// A Qwen2.5-VL model's weights as HF checkpoint tensors (canonical names), in `dtype`, shards
 /// of at most 5 GB, and its config.json (`VlModel::save` for either family).
 pub fn save_model(dev: &Device, model: &QwenVl, dir: &Path, dtype: SaveDtype) -> Result<()> {
     save_weights(dev, model.param_entries(), &|n| n.to_string(), dir, dtype)?;
-    model.cfg.save(dir)
+    model.cfg.save_as(dir, super::lora::hf_dtype(dtype))
 }
 
 pub fn save_side_files(l: &Loaded, dir: &Path) -> Result<()> {
@@ -583,6 +708,7 @@ pub fn save_side_files(l: &Loaded, dir: &Path) -> Result<()> {
             let cfg = tiny::config(&l.tok)?;
             let gen = serde_json::json!({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": false});
             std::fs::write(dir.join("generation_config.json"), serde_json::to_string_pretty(&gen)?)?;
+            super::export::write_tiny_hf_files(&l.tok, dir)?;
         }
     }
     Ok(())

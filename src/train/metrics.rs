@@ -2,8 +2,11 @@
 //! `grad_norm`, `tokens_per_s`, `memory_bytes`, plus free-form extras), appended one whole line
 //! per `write` call on an O_APPEND file and flushed at once, so `tail -f` and plotting scripts see
 //! complete lines and a crash loses at most the line being written. A torn last line left by a
-//! crash is cut off when the log is reopened for appending (`--resume`).
+//! crash is cut off when the log is reopened for appending (`--resume`). Lines are never
+//! rewritten: a resume cuts whole lines off the end, and floats are written in their shortest
+//! exact form and read back exactly (`exact_json`).
 
+use super::exact_json;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -50,6 +53,17 @@ impl MetricsWriter {
             cut_torn_tail(&path)?;
         }
         Self::open_append(path)
+    }
+
+    /// Starts a new log; an existing file is an error (it would be lost).
+    pub fn create_new(path: impl AsRef<Path>) -> Result<MetricsWriter> {
+        let path = path.as_ref().to_path_buf();
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("creating metrics log {} (it must not exist yet)", path.display()))?;
+        Ok(MetricsWriter { file, path })
     }
 
     fn open_append(path: PathBuf) -> Result<MetricsWriter> {
@@ -117,8 +131,8 @@ fn cut_torn_tail(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Reads a metrics log. A torn last line (no newline) is ignored; any other bad line is an error
-/// naming the file and line.
+/// Reads a metrics log (floats exact). A torn last line (no newline) is ignored; any other bad
+/// line is an error naming the file and line.
 pub fn read_metrics(path: impl AsRef<Path>) -> Result<Vec<Value>> {
     let path = path.as_ref();
     let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -131,26 +145,38 @@ pub fn read_metrics(path: impl AsRef<Path>) -> Result<Vec<Value>> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not valid JSON", path.display(), i + 1))?;
+        let v = exact_json::parse(line).with_context(|| format!("{}:{}: not valid JSON", path.display(), i + 1))?;
         out.push(v);
     }
     Ok(out)
 }
 
-/// Keeps only the records with `step <= last_step` (for `--resume` from an earlier checkpoint
-/// than the log's end), rewriting the log atomically.
+/// Keeps the records up to the first one with `step > last_step` (for `--resume` from an
+/// earlier point than the log's end) by truncating the file there: the lines kept are not
+/// rewritten, byte for byte. A torn last line goes too.
 pub fn truncate_after(path: impl AsRef<Path>, last_step: u64) -> Result<()> {
     let path = path.as_ref();
     if !path.exists() {
         return Ok(());
     }
-    let kept: Vec<Value> =
-        read_metrics(path)?.into_iter().filter(|v| v.get("step").and_then(Value::as_u64).is_none_or(|s| s <= last_step)).collect();
-    super::atomic::write_file_with(path, |w| {
-        for v in &kept {
-            serde_json::to_writer(&mut *w, v)?;
-            w.write_all(b"\n")?;
+    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut keep = 0usize;
+    let mut line_no = 0usize;
+    while let Some(nl) = bytes[keep..].iter().position(|&b| b == b'\n') {
+        line_no += 1;
+        let line = std::str::from_utf8(&bytes[keep..keep + nl]).with_context(|| format!("{}:{line_no}: not UTF-8", path.display()))?;
+        if !line.trim().is_empty() {
+            let v = exact_json::parse(line).with_context(|| format!("{}:{line_no}: not valid JSON", path.display()))?;
+            if v.get("step").and_then(Value::as_u64).is_some_and(|s| s > last_step) {
+                break;
+            }
         }
-        Ok(())
-    })
+        keep += nl + 1;
+    }
+    if keep < bytes.len() {
+        let f = OpenOptions::new().write(true).open(path).with_context(|| format!("opening {}", path.display()))?;
+        f.set_len(keep as u64).with_context(|| format!("truncating {}", path.display()))?;
+        f.sync_data()?;
+    }
+    Ok(())
 }

@@ -131,7 +131,11 @@ impl Optimizer {
         let ck = Checkpoint::open(dir).with_context(|| format!("reading the optimizer state in {}", dir.display()))?;
         for s in &mut self.slots {
             for (part, buf) in [("master", &mut s.master), ("exp_avg", &mut s.m), ("exp_avg_sq", &mut s.v)] {
-                let v = ck.get_f32(&format!("{}.{part}", s.key), &[s.n])?;
+                let name = format!("{}.{part}", s.key);
+                let v = ck.get_f32(&name, &[s.n])?;
+                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                    bail!("{}: optimizer tensor `{name}` holds {} at index {i}", dir.display(), v[i]);
+                }
                 *buf = dev.upload(&v, crate::tensor::DType::F32)?;
             }
         }

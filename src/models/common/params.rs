@@ -51,7 +51,13 @@ pub fn read_piece(ckpt: &Checkpoint, r: &ParamRef, aliases: &dyn Fn(&str) -> Vec
     if a + n > full.len() {
         bail!("tensor `{name}`: rows {}..{} are outside its shape {:?}", r.row0, r.row0 + r.rows, r.full_shape);
     }
-    Ok(full[a..a + n].to_vec())
+    let piece = &full[a..a + n];
+    // A NaN or inf weight would only show up as NaN logits; name the tensor at load instead.
+    if let Some(k) = piece.iter().position(|x| !x.is_finite()) {
+        let at = ckpt.file_of(name).map_or_else(|| ckpt.dir().display().to_string(), |f| f.display().to_string());
+        bail!("{at}: tensor `{name}` holds {} at element {} (weights must be finite)", piece[k], a + k);
+    }
+    Ok(piece.to_vec())
 }
 
 /// Full tensors (name → (shape, f32 values)) from pieces; every row of each tensor must be covered.
