@@ -3,9 +3,12 @@
 //! There are no strides and no autograd: every op takes contiguous buffers plus explicit shapes
 //! (llm.c style). The CPU computes in f32, so on the CPU a "bf16" buffer is stored as f32; on the
 //! GPU activations and weights are bf16 and statistics, parameter gradients and master weights f32.
+//!
+//! Allocation never aborts: host buffers are allocated fallibly (an absurd size is an error
+//! naming the bytes and the memory available), device ones through `Gpu::alloc`.
 
 use crate::cuda::{dptr, Gpu};
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use std::sync::{Arc, Once};
@@ -105,10 +108,22 @@ impl Device {
         }
     }
 
+    /// Memory free for new buffers and where the number comes from: on the CPU MemAvailable
+    /// (or the cgroup's limit, when lower), on a GPU the driver's free memory. None if unknown.
+    pub fn available_memory(&self) -> Option<(u64, &'static str)> {
+        match self {
+            Device::Cpu => host_available(),
+            Device::Cuda(g) => match g.mem_info() {
+                (_, 0) => None,
+                (free, _) => Some((free as u64, "free GPU memory")),
+            },
+        }
+    }
+
     pub fn zeros(&self, dtype: DType, n: usize) -> Result<Buf> {
         Ok(match (self, dtype) {
-            (Device::Cpu, DType::F32 | DType::BF16) => Buf::HostF32(vec![0.0; n]),
-            (Device::Cpu, DType::I32) => Buf::HostI32(vec![0; n]),
+            (Device::Cpu, DType::F32 | DType::BF16) => Buf::HostF32(host_zeros(n)?),
+            (Device::Cpu, DType::I32) => Buf::HostI32(host_zeros(n)?),
             (Device::Cuda(g), DType::F32) => Buf::DevF32(g.alloc::<f32>(n)?, n),
             (Device::Cuda(g), DType::BF16) => Buf::DevBf16(g.alloc::<bf16>(n)?, n),
             (Device::Cuda(g), DType::I32) => Buf::DevI32(g.alloc::<i32>(n)?, n),
@@ -126,12 +141,13 @@ impl Device {
     /// Uploads f32 host data as `dtype` (bf16 rounds to nearest even).
     pub fn upload(&self, v: &[f32], dtype: DType) -> Result<Buf> {
         Ok(match (self, dtype) {
-            (Device::Cpu, DType::F32) => Buf::HostF32(v.to_vec()),
+            (Device::Cpu, DType::F32) => Buf::HostF32(host_copy(v)?),
             // The CPU backend computes in f32: its "bf16" buffers are f32.
-            (Device::Cpu, DType::BF16) => Buf::HostF32(v.to_vec()),
+            (Device::Cpu, DType::BF16) => Buf::HostF32(host_copy(v)?),
             (Device::Cuda(g), DType::F32) => Buf::DevF32(g.upload(v)?, v.len()),
             (Device::Cuda(g), DType::BF16) => {
-                let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+                let mut h: Vec<bf16> = host_vec_with_capacity(v.len())?;
+                h.extend(v.iter().map(|&x| bf16::from_f32(x)));
                 Buf::DevBf16(g.upload(&h)?, v.len())
             }
             (_, DType::I32) => bail!("upload: use upload_i32 for integer data"),
@@ -144,7 +160,7 @@ impl Device {
 
     pub fn upload_i32(&self, v: &[i32]) -> Result<Buf> {
         Ok(match self {
-            Device::Cpu => Buf::HostI32(v.to_vec()),
+            Device::Cpu => Buf::HostI32(host_copy(v)?),
             Device::Cuda(g) => Buf::DevI32(g.upload(v)?, v.len()),
         })
     }
@@ -152,16 +168,21 @@ impl Device {
     /// Copies any float buffer back as f32.
     pub fn to_vec(&self, b: &Buf) -> Result<Vec<f32>> {
         Ok(match (self, b) {
-            (_, Buf::HostF32(v)) => v.clone(),
+            (_, Buf::HostF32(v)) => host_copy(v)?,
             (Device::Cuda(g), Buf::DevF32(s, n)) => g.download(s, *n)?,
-            (Device::Cuda(g), Buf::DevBf16(s, n)) => g.download(s, *n)?.into_iter().map(|x| x.to_f32()).collect(),
+            (Device::Cuda(g), Buf::DevBf16(s, n)) => {
+                let h = g.download(s, *n)?;
+                let mut out: Vec<f32> = host_vec_with_capacity(h.len())?;
+                out.extend(h.into_iter().map(|x| x.to_f32()));
+                out
+            }
             _ => bail!("to_vec: {} buffer is not a float buffer on {}", b.dtype().suffix(), self.name()),
         })
     }
 
     pub fn to_vec_i32(&self, b: &Buf) -> Result<Vec<i32>> {
         Ok(match (self, b) {
-            (_, Buf::HostI32(v)) => v.clone(),
+            (_, Buf::HostI32(v)) => host_copy(v)?,
             (Device::Cuda(g), Buf::DevI32(s, n)) => g.download(s, *n)?,
             _ => bail!("to_vec_i32: {} buffer is not an i32 buffer", b.dtype().suffix()),
         })
@@ -173,6 +194,86 @@ impl Device {
             Device::Cuda(g) => g.sync(),
         }
     }
+}
+
+/// Host requests at least this large are first compared with the memory available (smaller
+/// ones are not worth reading /proc for).
+const CHECK_HOST_BYTES: usize = 64 << 20;
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
+/// MemAvailable from /proc/meminfo, or what the cgroup (v2, else v1) still allows when less.
+pub fn host_available() -> Option<(u64, &'static str)> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        let kb: u64 = s.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok()?;
+        Some((kb * 1024, "MemAvailable in /proc/meminfo"))
+    });
+    let read_u64 = |p: &str| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<u64>().ok());
+    let cgroup = match (read_u64("/sys/fs/cgroup/memory.max"), read_u64("/sys/fs/cgroup/memory.current")) {
+        (Some(max), Some(cur)) => Some((max.saturating_sub(cur), "the cgroup's memory.max")),
+        _ => match (read_u64("/sys/fs/cgroup/memory/memory.limit_in_bytes"), read_u64("/sys/fs/cgroup/memory/memory.usage_in_bytes")) {
+            // v1 reports "no limit" as a huge number.
+            (Some(max), Some(cur)) if max < 1 << 60 => Some((max.saturating_sub(cur), "the cgroup's memory.limit_in_bytes")),
+            _ => None,
+        },
+    };
+    match (meminfo, cgroup) {
+        (Some(m), Some(c)) => Some(if c.0 < m.0 { c } else { m }),
+        (m, c) => m.or(c),
+    }
+}
+
+/// Checks a host request of `n` elements of `T`: its byte size must not overflow and, when
+/// large, must fit in what is available.
+fn host_request<T>(n: usize) -> Result<usize> {
+    let bytes = n.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| anyhow!("host allocation of {n} elements overflows the address space"))?;
+    if bytes >= CHECK_HOST_BYTES {
+        if let Some((avail, src)) = host_available() {
+            if bytes as u64 > avail {
+                bail!("host allocation of {:.1} MiB does not fit: {:.1} MiB available ({src})", mib(bytes), mib(avail as usize));
+            }
+        }
+    }
+    Ok(bytes)
+}
+
+fn host_alloc_error(bytes: usize) -> anyhow::Error {
+    let avail = host_available().map_or(String::new(), |(a, src)| format!("; {:.1} MiB available ({src})", mib(a as usize)));
+    anyhow!("host allocation of {:.1} MiB failed{avail}", mib(bytes))
+}
+
+/// An empty vector with room for `n` elements, or an error instead of an abort.
+pub fn host_vec_with_capacity<T>(n: usize) -> Result<Vec<T>> {
+    let bytes = host_request::<T>(n)?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| host_alloc_error(bytes))?;
+    Ok(v)
+}
+
+/// `n` zeros, allocated zeroed (lazily, like `vec![0; n]`), or an error instead of an abort.
+pub fn host_zeros<T: bytemuck::Zeroable>(n: usize) -> Result<Vec<T>> {
+    let bytes = host_request::<T>(n)?;
+    if n == 0 || bytes == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<T>(n).map_err(|_| host_alloc_error(bytes))?;
+    // SAFETY: the layout has a non-zero size; a null return is handled.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) } as *mut T;
+    if ptr.is_null() {
+        return Err(host_alloc_error(bytes));
+    }
+    // SAFETY: `ptr` was allocated by the global allocator with the layout of [T; n], which is
+    // what a Vec of capacity n uses, and all-zero bytes are a valid T (Zeroable).
+    Ok(unsafe { Vec::from_raw_parts(ptr, n, n) })
+}
+
+/// A copy of `v`, or an error instead of an abort.
+pub fn host_copy<T: Copy>(v: &[T]) -> Result<Vec<T>> {
+    let mut out = host_vec_with_capacity(v.len())?;
+    out.extend_from_slice(v);
+    Ok(out)
 }
 
 /// A flat buffer. Device variants carry their logical length (allocations are at least 1 long).

@@ -54,6 +54,11 @@ fn fixture_config() -> LlavaNextConfig {
     LlavaNextConfig::load(fixture_dir()).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
+/// The CLIP ViT-L/14-336 vision_config of the published LLaVA-NeXT 7B models.
+fn clip_l() -> Value {
+    json!({"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14})
+}
+
 fn parse(v: &Value) -> anyhow::Result<LlavaNextConfig> {
     LlavaNextConfig::from_json(v, Path::new("test/config.json"))
 }
@@ -139,19 +144,21 @@ fn config_published_defaults() {
     mistral["text_config"].as_object_mut().unwrap().remove("sliding_window");
     assert_eq!(parse(&mistral).unwrap().text.sliding_window, Some(4096));
 
-    // Everything absent: LlavaNextConfig's defaults (Llama text, CLIP ViT-L/14-336).
-    let c = parse(&json!({"model_type": "llava_next"})).unwrap();
+    // text_config and vision_config themselves are required (no silent Llama-2-7B / CLIP-L);
+    // an empty text_config takes LlamaConfig's defaults.
+    let e = format!("{:#}", parse(&json!({"model_type": "llava_next"})).unwrap_err());
+    assert!(e.contains("`text_config`: missing"), "{e}");
+    let c = parse(&json!({"model_type": "llava_next", "text_config": {}, "vision_config": clip_l()})).unwrap();
     assert_eq!((c.text.family, c.text.vocab_size, c.text.rms_norm_eps), (TextFamily::Llama, 32000, 1e-6));
-    assert_eq!((c.vision.hidden_size, c.vision.image_size, c.vision.patch_size, c.vision.num_hidden_layers), (1024, 336, 14, 24));
     assert_eq!((c.image_token_index, c.image_grid_pinpoints.len()), (32000, 5));
     // A present vision_config without fields: CLIPVisionConfig's own defaults.
-    let c = parse(&json!({"model_type": "llava_next", "vision_config": {}, "image_grid_pinpoints": [[224, 448]]})).unwrap();
+    let c = parse(&json!({"model_type": "llava_next", "text_config": {}, "vision_config": {}, "image_grid_pinpoints": [[224, 448]]})).unwrap();
     assert_eq!((c.vision.hidden_size, c.vision.image_size, c.vision.patch_size), (768, 224, 32));
 
     // v5 spelling: rope_parameters, image_token_id, a list of feature layers.
     let c = parse(&json!({"model_type": "llava_next", "image_token_id": 7,
         "text_config": {"model_type": "llama", "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
-        "vision_feature_layer": [-2, -5]}))
+        "vision_config": clip_l(), "vision_feature_layer": [-2, -5]}))
     .unwrap();
     assert_eq!((c.image_token_index, c.text.rope_theta), (7, 5e5));
     assert_eq!(c.feature_hidden_states(), vec![23, 20]);
@@ -174,7 +181,13 @@ fn config_errors_name_field_and_file() {
         (json!({"model_type": "llava_next", "text_config": {"rope_scaling": {"rope_type": "llama3"}}}), "text_config.rope_scaling.rope_type"),
         (json!({"model_type": "llava_next", "text_config": {"attention_bias": true}}), "text_config.attention_bias"),
     ];
-    for (v, field) in cases {
+    for (mut v, field) in cases {
+        // The sub-configs are required; an absent one stands for CLIP-L / an all-default Llama.
+        for (key, sub) in [("text_config", json!({})), ("vision_config", clip_l())] {
+            if v.get(key).is_none() {
+                v[key] = sub;
+            }
+        }
         let e = format!("{:#}", parse(&v).expect_err(&format!("{v} should fail")));
         println!("error: {e}");
         assert!(e.contains("test/config.json") && e.contains(&format!("`{field}`")), "{e} should name the file and `{field}`");

@@ -132,10 +132,11 @@ fn config_both_layouts_and_roundtrip() {
     assert_eq!(j["vision_config"]["in_chans"], json!(3));
     assert_eq!(QwenVlConfig::load(&out).unwrap(), flat);
 
-    // Class defaults apply to omitted fields (7B-like vision, Qwen ids, eps 1e-5).
+    // Class defaults apply to omitted non-size fields (window, full-attention blocks, Qwen ids,
+    // eps 1e-5); the sizes are required (tests/limits.rs).
     let minimal = json!({"model_type": "qwen2_5_vl", "hidden_size": 3584, "num_attention_heads": 28, "num_key_value_heads": 4,
-        "num_hidden_layers": 28, "intermediate_size": 18944, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
-        "vision_config": {"out_hidden_size": 3584}});
+        "num_hidden_layers": 28, "intermediate_size": 18944, "vocab_size": 152064, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 3584}});
     let c = QwenVlConfig::from_json(&minimal, Path::new("minimal.json")).unwrap();
     assert_eq!((c.text.vocab_size, c.text.rms_norm_eps, c.text.head_dim), (152064, 1e-5, 128));
     assert_eq!((c.vision.depth, c.vision.window_size, c.vision.fullatt_block_indexes.clone()), (32, 112, vec![7, 15, 23, 31]));

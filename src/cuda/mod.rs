@@ -126,8 +126,14 @@ impl Gpu {
         self.stream.synchronize().context("CUDA stream synchronize (an earlier kernel failed)")
     }
 
+    /// `n` zeroed elements; failure (out of memory, or a size past the address space) is an
+    /// error naming the bytes and the card's free memory.
     pub fn alloc<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
-        self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| oom_error(self, n * std::mem::size_of::<T>(), e))
+        let Some(bytes) = n.checked_mul(std::mem::size_of::<T>()).filter(|&b| b <= isize::MAX as usize) else {
+            let (free, total) = self.mem_info();
+            bail!("GPU allocation of {n} elements of {} bytes overflows; {} of {} free on {}", std::mem::size_of::<T>(), gib(free), gib(total), self.name);
+        };
+        self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| oom_error(self, bytes, e))
     }
 
     /// An f32 scratch buffer of at least `n` elements (contents undefined) for an op's
@@ -157,7 +163,8 @@ impl Gpu {
     }
 
     pub fn download<T: DeviceRepr + Default + Clone>(&self, d: &CudaSlice<T>, n: usize) -> Result<Vec<T>> {
-        let mut v = vec![T::default(); d.len()];
+        let mut v: Vec<T> = crate::tensor::host_vec_with_capacity(d.len())?;
+        v.resize(d.len(), T::default());
         self.stream.memcpy_dtoh(d, &mut v).context("device-to-host copy")?;
         self.sync()?;
         v.truncate(n);
@@ -175,15 +182,13 @@ pub fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
     p
 }
 
+fn gib(bytes: usize) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
 fn oom_error(gpu: &Gpu, bytes: usize, e: cudarc::driver::DriverError) -> anyhow::Error {
     let (free, total) = gpu.mem_info();
-    anyhow!(
-        "GPU allocation of {:.1} MiB failed ({e}); {:.1} of {:.1} GiB free on {}",
-        bytes as f64 / (1 << 20) as f64,
-        free as f64 / (1u64 << 30) as f64,
-        total as f64 / (1u64 << 30) as f64,
-        gpu.name
-    )
+    anyhow!("GPU allocation of {:.1} MiB failed ({e}); {} of {} free on {}", bytes as f64 / (1 << 20) as f64, gib(free), gib(total), gpu.name)
 }
 
 /// Grid of ceil(n / block) blocks of `block` threads.

@@ -5,6 +5,7 @@ pub mod common;
 pub mod qwen2_5_vl;
 pub mod llava_next;
 pub mod tiny; // defines: the embedded default model (tiny Qwen2.5-VL config + demo tokenizer)
+pub mod limits;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{Map, Value};
@@ -80,6 +81,33 @@ impl<'a> Fields<'a> {
         let n = self.opt_usize(key)?.unwrap_or(default);
         if n == 0 {
             return Err(self.err(key, "must be positive, got 0"));
+        }
+        Ok(n)
+    }
+
+    /// A required size: a positive integer at most `limit`. Missing, 0 or too large is an error
+    /// naming the field (no silent default: the weights' shapes follow from it).
+    pub fn size(&self, key: &str, limit: usize) -> Result<usize> {
+        match self.opt_usize(key)? {
+            None => Err(self.err(key, "missing (required: the weights' shapes follow from it)")),
+            Some(n) => self.within(key, n, limit),
+        }
+    }
+
+    /// A size that takes `default` (a transformers class default) when absent; otherwise as
+    /// [`Fields::size`].
+    pub fn size_or(&self, key: &str, default: usize, limit: usize) -> Result<usize> {
+        let n = self.pos_usize(key, default)?;
+        self.within(key, n, limit)
+    }
+
+    /// `n` (the value of `key`) if at most `limit`, else an error naming the field, value and limit.
+    pub fn within(&self, key: &str, n: usize, limit: usize) -> Result<usize> {
+        if n == 0 {
+            return Err(self.err(key, "must be positive, got 0"));
+        }
+        if n > limit {
+            return Err(self.err(key, format!("{n} is above the limit of {limit}")));
         }
         Ok(n)
     }

@@ -256,6 +256,10 @@ impl LmCache {
     /// Caches in `dt` (the weights' dtype).
     pub fn new(dev: &Device, dims: &LmDims, dt: DType, batch: usize, max_len: usize) -> Result<Self> {
         let l = &dims.layer;
+        // k and v per layer; checked before the first one is allocated.
+        let per_layer = [batch, max_len, l.kv_heads, l.head_dim, dt.size(), 2].iter().try_fold(1u64, |a, &x| a.checked_mul(x as u64));
+        let bytes = per_layer.and_then(|b| b.checked_mul(dims.n_layers as u64)).unwrap_or(u64::MAX);
+        crate::models::limits::ensure_fits(dev, bytes, &|| format!("a KV cache of {batch} sequences × {max_len} tokens × {} layers", dims.n_layers))?;
         let layers = (0..dims.n_layers).map(|_| KvCache::with_dtype(dev, dt, batch, max_len, l.kv_heads, l.head_dim)).collect::<Result<Vec<_>>>()?;
         Ok(LmCache { layers, batch })
     }

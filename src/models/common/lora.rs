@@ -264,6 +264,19 @@ impl LoraState {
     /// Fresh adapters (B = 0) in `dt` for the text stack and the vision stack.
     pub fn new(dev: &Device, cfg: &LoraConfig, dt: DType, text: &StackSpec, vision: &StackSpec) -> Result<Self> {
         cfg.validate()?;
+        // A rank above min(out, in) adds no capacity, only memory: refuse it before allocating.
+        let narrowest = [text, vision]
+            .into_iter()
+            .filter(|st| st.blocks > 0)
+            .flat_map(|st| st.slots.iter().map(move |&s| (st.base_ref)(0, s)))
+            .filter(|b| b.full_shape.len() == 2)
+            .min_by_key(|b| b.full_shape.iter().copied().min().unwrap_or(0));
+        if let Some(b) = narrowest {
+            let side = b.full_shape.iter().copied().min().unwrap_or(0);
+            if cfg.rank > side {
+                bail!("--lora-rank {} is above the limit of {side}: the smaller side of `{}` {:?} (a LoRA rank cannot exceed min(out, in))", cfg.rank, b.name, b.full_shape);
+            }
+        }
         let (t, v) = (text.build(dev, dt, cfg)?, vision.build(dev, dt, cfg)?);
         if t.is_empty() && v.is_empty() {
             bail!("LoRA: the targets {:?} name no module of this model", cfg.targets);

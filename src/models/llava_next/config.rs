@@ -1,8 +1,11 @@
 //! LLaVA-NeXT configuration (model-spec B1): `config.json` with a nested `text_config` (a
 //! Mistral or Llama decoder), a CLIP `vision_config`, the anyres `image_grid_pinpoints`, the
-//! feature layer/strategy and the image token; omitted fields take the defaults transformers'
-//! config classes apply (so the sparse published llava-hf files, which leave e.g. `hidden_size`
-//! out, load as transformers loads them). Also `preprocessor_config.json`
+//! feature layer/strategy and the image token; omitted fields inside `text_config` and
+//! `vision_config` take the defaults transformers' config classes apply (MistralConfig /
+//! LlamaConfig, CLIPVisionConfig), because the sparse published llava-hf files leave e.g. the
+//! text `hidden_size` out and rely on them. `text_config` and `vision_config` themselves are
+//! required: LlavaNextConfig would silently build a Llama-2-7B / CLIP-L there. Every size is
+//! capped (`models::limits`). Also `preprocessor_config.json`
 //! (`LlavaNextImageProcessor`), and the checkpoint's weight names: the published llava-hf
 //! spelling is canonical, [`resolve`] finds the spelling a checkpoint actually uses
 //! (`vision_tower.*` without `vision_model.` as transformers 5 saves it, `model.language_model.*`,
@@ -10,6 +13,7 @@
 
 use crate::checkpoint::{write_atomic, Checkpoint};
 use crate::models::qwen2_5_vl::config::{CLIP_MEAN, CLIP_STD};
+use crate::models::limits::{MAX_IMAGE_PATCHES, MAX_IMAGE_SIDE, MAX_INTERMEDIATE, MAX_LAYERS, MAX_PATCH, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH};
 use crate::models::{read_json, root_object, Fields};
 use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Map, Value};
@@ -149,12 +153,13 @@ impl LlavaNextConfig {
                 }
             }
         }
-        let empty = Map::new();
-        let t = Fields::new(root.object("text_config")?.unwrap_or(&empty), "text_config", file);
+        let required = |key: &str, what: &str| -> Result<&Map<String, Value>> {
+            root.object(key)?.ok_or_else(|| root.err(key, format!("missing (required: {what}; transformers would build a default one that is not this checkpoint)")))
+        };
+        let t = Fields::new(required("text_config", "the decoder's sizes")?, "text_config", file);
         let text = parse_text(root, t)?;
-        let vf = Fields::new(root.object("vision_config")?.unwrap_or(&empty), "vision_config", file);
-        // LlavaNextConfig builds a ViT-L/14-336 when vision_config is absent altogether.
-        let vision = if root.has("vision_config") { parse_vision(vf, &CLIP_CLASS_DEFAULTS)? } else { parse_vision(vf, &CLIP_LLAVA_DEFAULTS)? };
+        let vf = Fields::new(required("vision_config", "the vision tower's sizes")?, "vision_config", file);
+        let vision = parse_vision(vf, &CLIP_CLASS_DEFAULTS)?;
 
         let image_token_index = match root.opt_token_id("image_token_index")? {
             Some(id) => id,
@@ -184,6 +189,14 @@ impl LlavaNextConfig {
                 return Err(root.err(
                     "image_grid_pinpoints",
                     format!("[{h}, {w}] is not a multiple of vision_config.image_size {} (tiles would be partial)", vision.image_size),
+                ));
+            }
+            // The base image plus the canvas's tiles, all through the tower.
+            let patches = ((h / vision.image_size) * (w / vision.image_size) + 1) * vision.num_patches();
+            if patches > MAX_IMAGE_PATCHES {
+                return Err(root.err(
+                    "image_grid_pinpoints",
+                    format!("[{h}, {w}] gives {patches} vision patches per image, above the limit of {MAX_IMAGE_PATCHES}"),
                 ));
             }
         }
@@ -227,6 +240,11 @@ impl LlavaNextConfig {
     /// Width of the projector's input: vision hidden × number of selected layers.
     pub fn projector_in(&self) -> usize {
         self.vision.hidden_size * self.vision_feature_layer.len()
+    }
+
+    /// Parameters of the whole model (every tensor of [`weight_shapes`]), from the config alone.
+    pub fn num_params(&self) -> u64 {
+        weight_shapes(self).iter().map(|(_, s)| s.iter().map(|&d| d as u64).product::<u64>()).sum()
     }
 
     /// The config in the published llava-hf layout (nested text/vision configs with every field
@@ -332,15 +350,15 @@ fn parse_text(root: Fields, t: Fields) -> Result<TextConfig> {
         TextFamily::Mistral => &MISTRAL_DEFAULTS,
         TextFamily::Llama => &LLAMA_DEFAULTS,
     };
-    let hidden_size = t.pos_usize("hidden_size", 4096)?;
-    let num_attention_heads = t.pos_usize("num_attention_heads", 32)?;
-    let num_key_value_heads = t.pos_usize("num_key_value_heads", d.num_key_value_heads.unwrap_or(num_attention_heads))?;
+    // Omitted sizes: MistralConfig's / LlamaConfig's class defaults (the published files rely on them).
+    let hidden_size = t.size_or("hidden_size", 4096, MAX_WIDTH)?;
+    let num_attention_heads = t.size_or("num_attention_heads", 32, MAX_WIDTH)?;
+    let num_key_value_heads = t.size_or("num_key_value_heads", d.num_key_value_heads.unwrap_or(num_attention_heads), MAX_WIDTH)?;
     if num_attention_heads % num_key_value_heads != 0 {
         return Err(t.err("num_key_value_heads", format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}")));
     }
     let head_dim = match t.opt_usize("head_dim")? {
-        Some(hd) if hd > 0 => hd,
-        Some(_) => return Err(t.err("head_dim", "must be positive, got 0")),
+        Some(hd) => t.within("head_dim", hd, MAX_WIDTH)?,
         None => {
             if hidden_size % num_attention_heads != 0 {
                 return Err(t.err("num_attention_heads", format!("{num_attention_heads} does not divide hidden_size {hidden_size}")));
@@ -350,6 +368,9 @@ fn parse_text(root: Fields, t: Fields) -> Result<TextConfig> {
     };
     if head_dim % 2 != 0 {
         return Err(t.err("head_dim", format!("{head_dim} must be even for RoPE")));
+    }
+    if num_attention_heads * head_dim > MAX_WIDTH {
+        return Err(t.err("head_dim", format!("{head_dim} × num_attention_heads {num_attention_heads} is above the limit of {MAX_WIDTH}")));
     }
     let hidden_act = t.opt_str("hidden_act")?.unwrap_or("silu").to_string();
     if hidden_act != "silu" {
@@ -386,7 +407,7 @@ fn parse_text(root: Fields, t: Fields) -> Result<TextConfig> {
     let sliding_window = match t.obj.get("sliding_window") {
         None => d.sliding_window,
         Some(Value::Null) => None,
-        Some(_) => Some(t.pos_usize("sliding_window", 1)?),
+        Some(_) => Some(t.size_or("sliding_window", 1, MAX_POSITIONS)?),
     };
     if family == TextFamily::Llama && sliding_window.is_some() {
         return Err(t.err("sliding_window", "Llama has no sliding window; remove the field or set it to null"));
@@ -394,12 +415,9 @@ fn parse_text(root: Fields, t: Fields) -> Result<TextConfig> {
 
     // The text vocab decides the embedding; old files also repeat it at the top level.
     let vocab_size = match t.opt_usize("vocab_size")? {
-        Some(n) => n,
-        None => root.opt_usize("vocab_size")?.unwrap_or(32000),
+        Some(n) => t.within("vocab_size", n, MAX_VOCAB)?,
+        None => root.within("vocab_size", root.opt_usize("vocab_size")?.unwrap_or(32000), MAX_VOCAB)?,
     };
-    if vocab_size == 0 {
-        return Err(t.err("vocab_size", "must be positive, got 0"));
-    }
     let tie_root = root.opt_bool("tie_word_embeddings")?;
     let tie_text = t.opt_bool("tie_word_embeddings")?;
     let tie_word_embeddings = match (tie_root, tie_text) {
@@ -422,15 +440,15 @@ fn parse_text(root: Fields, t: Fields) -> Result<TextConfig> {
     Ok(TextConfig {
         family,
         hidden_size,
-        intermediate_size: t.pos_usize("intermediate_size", d.intermediate_size)?,
-        num_hidden_layers: t.pos_usize("num_hidden_layers", 32)?,
+        intermediate_size: t.size_or("intermediate_size", d.intermediate_size, MAX_INTERMEDIATE)?,
+        num_hidden_layers: t.size_or("num_hidden_layers", 32, MAX_LAYERS)?,
         num_attention_heads,
         num_key_value_heads,
         head_dim,
         vocab_size,
         rms_norm_eps: t.pos_f64("rms_norm_eps", 1e-6)?,
         rope_theta,
-        max_position_embeddings: t.pos_usize("max_position_embeddings", d.max_position_embeddings)?,
+        max_position_embeddings: t.size_or("max_position_embeddings", d.max_position_embeddings, MAX_POSITIONS)?,
         sliding_window,
         hidden_act,
         tie_word_embeddings,
@@ -440,8 +458,7 @@ fn parse_text(root: Fields, t: Fields) -> Result<TextConfig> {
     })
 }
 
-/// Vision defaults: CLIPVisionConfig's own, or the ViT-L/14-336 LlavaNextConfig builds when the
-/// whole `vision_config` is absent.
+/// Vision defaults: CLIPVisionConfig's own (for fields a present `vision_config` omits).
 struct VisionDefaults {
     hidden_size: usize,
     intermediate_size: usize,
@@ -454,23 +471,25 @@ struct VisionDefaults {
 
 const CLIP_CLASS_DEFAULTS: VisionDefaults =
     VisionDefaults { hidden_size: 768, intermediate_size: 3072, num_hidden_layers: 12, num_attention_heads: 12, image_size: 224, patch_size: 32, projection_dim: 512 };
-const CLIP_LLAVA_DEFAULTS: VisionDefaults =
-    VisionDefaults { hidden_size: 1024, intermediate_size: 4096, num_hidden_layers: 24, num_attention_heads: 16, image_size: 336, patch_size: 14, projection_dim: 768 };
 
 fn parse_vision(v: Fields, d: &VisionDefaults) -> Result<VisionConfig> {
     match v.opt_str("model_type")? {
         None | Some("clip_vision_model") => {}
         Some(other) => return Err(v.err("model_type", format!("{other:?} is not supported (only a CLIP tower, \"clip_vision_model\")"))),
     }
-    let hidden_size = v.pos_usize("hidden_size", d.hidden_size)?;
-    let num_attention_heads = v.pos_usize("num_attention_heads", d.num_attention_heads)?;
+    let hidden_size = v.size_or("hidden_size", d.hidden_size, MAX_WIDTH)?;
+    let num_attention_heads = v.size_or("num_attention_heads", d.num_attention_heads, MAX_WIDTH)?;
     if hidden_size % num_attention_heads != 0 {
         return Err(v.err("num_attention_heads", format!("{num_attention_heads} does not divide hidden_size {hidden_size}")));
     }
-    let image_size = v.pos_usize("image_size", d.image_size)?;
-    let patch_size = v.pos_usize("patch_size", d.patch_size)?;
+    let image_size = v.size_or("image_size", d.image_size, MAX_IMAGE_SIDE)?;
+    let patch_size = v.size_or("patch_size", d.patch_size, MAX_PATCH)?;
     if image_size % patch_size != 0 {
         return Err(v.err("patch_size", format!("{patch_size} does not divide image_size {image_size}")));
+    }
+    let per_tile = (image_size / patch_size) * (image_size / patch_size);
+    if per_tile > MAX_IMAGE_PATCHES {
+        return Err(v.err("image_size", format!("{image_size} gives {per_tile} patches per tile, above the limit of {MAX_IMAGE_PATCHES}")));
     }
     let num_channels = v.pos_usize("num_channels", 3)?;
     if num_channels != 3 {
@@ -482,8 +501,8 @@ fn parse_vision(v: Fields, d: &VisionDefaults) -> Result<VisionConfig> {
     }
     Ok(VisionConfig {
         hidden_size,
-        intermediate_size: v.pos_usize("intermediate_size", d.intermediate_size)?,
-        num_hidden_layers: v.pos_usize("num_hidden_layers", d.num_hidden_layers)?,
+        intermediate_size: v.size_or("intermediate_size", d.intermediate_size, MAX_INTERMEDIATE)?,
+        num_hidden_layers: v.size_or("num_hidden_layers", d.num_hidden_layers, MAX_LAYERS)?,
         num_attention_heads,
         num_channels,
         image_size,
@@ -525,7 +544,12 @@ fn parse_pinpoints(f: Fields, v: &Value) -> Result<Vec<(usize, usize)>> {
     for p in list {
         match p.as_array().map(|a| a.iter().map(Value::as_u64).collect::<Vec<_>>()) {
             Some(a) if a.len() == 2 => match (a[0], a[1]) {
-                (Some(h), Some(w)) if h > 0 && w > 0 => out.push((h as usize, w as usize)),
+                (Some(h), Some(w)) if h > 0 && w > 0 => {
+                    if h.max(w) > MAX_IMAGE_SIDE as u64 {
+                        return Err(f.err(key, format!("[{h}, {w}] has a side above the limit of {MAX_IMAGE_SIDE} pixels")));
+                    }
+                    out.push((h as usize, w as usize))
+                }
                 _ => return Err(bad()),
             },
             _ => return Err(bad()),
@@ -606,8 +630,8 @@ impl LlavaPreprocessorConfig {
             Some(m) => {
                 let s = Fields::new(m, "size", file);
                 match (s.opt_usize("shortest_edge")?, s.opt_usize("height")?, s.opt_usize("width")?) {
-                    (Some(e), _, _) if e > 0 => e,
-                    (None, Some(h), Some(w)) if h == w && h > 0 => h,
+                    (Some(e), _, _) if e > 0 => s.within("shortest_edge", e, MAX_IMAGE_SIDE)?,
+                    (None, Some(h), Some(w)) if h == w && h > 0 => s.within("height", h, MAX_IMAGE_SIDE)?,
                     _ => return Err(s.err("shortest_edge", "expected a positive shortest_edge (or equal height and width)")),
                 }
             }

@@ -99,7 +99,7 @@ pub fn process_image(img: &RgbImage, cfg: &LlavaPreprocessorConfig) -> Result<Pr
     let geo = AnyresGeometry::new((img.height, img.width), &cfg.image_grid_pinpoints, s, 1)?;
     let lut = normalize_lut(cfg);
     let tile_len = 3 * s * s;
-    let mut pv = vec![0f32; geo.num_tiles() * tile_len]; // [tiles, 3, S, S]
+    let mut pv: Vec<f32> = crate::tensor::host_zeros(geo.num_tiles() * tile_len)?; // [tiles, 3, S, S]
 
     // Base image: the whole image squashed to S×S (aspect ratio not kept).
     let base_img;
@@ -157,7 +157,7 @@ pub fn batch_images(imgs: &[ProcessedImage]) -> Result<ProcessedBatch> {
     }
     let max_tiles = imgs.iter().map(|p| p.num_tiles).max().unwrap_or(0);
     let tile_len = 3 * s * s;
-    let mut pv = vec![0f32; imgs.len() * max_tiles * tile_len];
+    let mut pv: Vec<f32> = crate::tensor::host_zeros(imgs.len() * max_tiles * tile_len)?;
     for (i, p) in imgs.iter().enumerate() {
         let o = i * max_tiles * tile_len;
         pv[o..o + p.pixel_values.len()].copy_from_slice(&p.pixel_values);

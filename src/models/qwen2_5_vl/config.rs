@@ -3,11 +3,20 @@
 //! with `text_config` and `rope_parameters`), validated field by field, and written back in the
 //! flat published layout. Also `preprocessor_config.json` (`Qwen2VLImageProcessor`).
 //! Field names, 7B values and class defaults: model-spec A1 and A3.
+//!
+//! The sizes the weights' shapes follow from are required (`hidden_size`, `intermediate_size`,
+//! `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`, `vocab_size`, and the
+//! vision `depth`, `hidden_size`, `intermediate_size`, `num_heads`, `out_hidden_size`, so
+//! `vision_config` too): transformers' class defaults there are one model's values, and a
+//! config that omits them is broken. Other omitted fields take the class defaults of
+//! `Qwen2_5_VLTextConfig` / `Qwen2_5_VLVisionConfig` / `Qwen2VLImageProcessor`. Every size is
+//! capped (`models::limits`).
 
 use crate::checkpoint::write_atomic;
+use crate::models::limits::{MAX_IMAGE_PATCHES, MAX_IMAGE_SIDE, MAX_INTERMEDIATE, MAX_LAYERS, MAX_MERGE, MAX_PATCH, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH};
 use crate::models::{read_json, root_object, Fields};
 use anyhow::{bail, Result};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use std::path::Path;
 
 /// The language model (`Qwen2_5_VLTextConfig`).
@@ -61,6 +70,32 @@ impl VisionConfig {
     pub fn patch_dim(&self) -> usize {
         self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
     }
+
+    /// Parameters of the tower: patch embedding, blocks (every bias on), merger.
+    pub fn num_params(&self) -> u64 {
+        let (d, i, o) = (self.hidden_size as u64, self.intermediate_size as u64, self.out_hidden_size as u64);
+        let m = d * (self.spatial_merge_size * self.spatial_merge_size) as u64;
+        let block = (3 * d * d + 3 * d) + (d * d + d) + 2 * (i * d + i) + (d * i + d) + 2 * d;
+        d * self.patch_dim() as u64 + self.depth as u64 * block + d + (m * m + m) + (o * m + o)
+    }
+}
+
+impl TextConfig {
+    /// Parameters of the language model: embedding, layers (q/k/v biases), norm, untied lm_head.
+    pub fn num_params(&self) -> u64 {
+        let (d, i, v) = (self.hidden_size as u64, self.intermediate_size as u64, self.vocab_size as u64);
+        let q = (self.num_attention_heads * self.head_dim) as u64;
+        let kv = (self.num_key_value_heads * self.head_dim) as u64;
+        let layer = (d * q + q) + 2 * (d * kv + kv) + q * d + 3 * d * i + 2 * d;
+        v * d + self.num_hidden_layers as u64 * layer + d + if self.tie_word_embeddings { 0 } else { v * d }
+    }
+}
+
+impl QwenVlConfig {
+    /// Parameters of the whole model, from the config alone (what loading will allocate).
+    pub fn num_params(&self) -> u64 {
+        self.text.num_params() + self.vision.num_params()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -109,9 +144,10 @@ impl QwenVlConfig {
             None => root,
         };
         let text = parse_text(root, t)?;
-        let vobj = root.object("vision_config")?;
-        let empty = Map::new();
-        let vf = Fields::new(vobj.unwrap_or(&empty), "vision_config", file);
+        let Some(vobj) = root.object("vision_config")? else {
+            return Err(root.err("vision_config", "missing (required: the vision tower's sizes)"));
+        };
+        let vf = Fields::new(vobj, "vision_config", file);
         let vision = parse_vision(vf)?;
 
         // Token ids sit at the top level; v5 files may also keep bos/eos in text_config.
@@ -290,17 +326,17 @@ fn parse_text(root: Fields, t: Fields) -> Result<TextConfig> {
 
     Ok(TextConfig {
         hidden_size,
-        intermediate_size: t.pos_usize("intermediate_size", 29568)?,
-        num_hidden_layers: t.pos_usize("num_hidden_layers", 80)?,
+        intermediate_size: t.size("intermediate_size", MAX_INTERMEDIATE)?,
+        num_hidden_layers: t.size("num_hidden_layers", MAX_LAYERS)?,
         num_attention_heads,
         num_key_value_heads,
         head_dim,
-        vocab_size: t.pos_usize("vocab_size", 152064)?,
+        vocab_size: t.size("vocab_size", MAX_VOCAB)?,
         rms_norm_eps: t.pos_f64("rms_norm_eps", 1e-5)?,
         rope_theta,
         mrope_section,
         tie_word_embeddings,
-        max_position_embeddings: t.pos_usize("max_position_embeddings", 32768)?,
+        max_position_embeddings: t.size_or("max_position_embeddings", 32768, MAX_POSITIONS)?,
         hidden_act,
     })
 }
@@ -310,9 +346,9 @@ fn parse_vision(v: Fields) -> Result<VisionConfig> {
         None | Some("qwen2_5_vl") | Some("qwen2_5_vl_vision") => {}
         Some(other) => return Err(v.err("model_type", format!("expected \"qwen2_5_vl_vision\", got {other:?}"))),
     }
-    let depth = v.pos_usize("depth", 32)?;
-    let hidden_size = v.pos_usize("hidden_size", 3584)?;
-    let num_heads = v.pos_usize("num_heads", 16)?;
+    let depth = v.size("depth", MAX_LAYERS)?;
+    let hidden_size = v.size("hidden_size", MAX_WIDTH)?;
+    let num_heads = v.size("num_heads", MAX_WIDTH)?;
     if hidden_size % num_heads != 0 || (hidden_size / num_heads) % 4 != 0 {
         return Err(
             v.err("num_heads", format!("{num_heads} must divide hidden_size {hidden_size} into heads of a multiple of 4 (2-D RoPE)"))
@@ -325,9 +361,9 @@ fn parse_vision(v: Fields) -> Result<VisionConfig> {
     if in_channels != 3 {
         return Err(v.err("in_channels", format!("{in_channels}: only RGB (3) images are supported")));
     }
-    let patch_size = v.pos_usize("patch_size", 14)?;
-    let spatial_merge_size = v.pos_usize("spatial_merge_size", 2)?;
-    let window_size = v.pos_usize("window_size", 112)?;
+    let patch_size = v.size_or("patch_size", 14, MAX_PATCH)?;
+    let spatial_merge_size = v.size_or("spatial_merge_size", 2, MAX_MERGE)?;
+    let window_size = v.size_or("window_size", 112, MAX_IMAGE_SIDE)?;
     if window_size % (patch_size * spatial_merge_size) != 0 {
         return Err(v.err(
             "window_size",
@@ -345,15 +381,15 @@ fn parse_vision(v: Fields) -> Result<VisionConfig> {
     Ok(VisionConfig {
         depth,
         hidden_size,
-        intermediate_size: v.pos_usize("intermediate_size", 3420)?,
+        intermediate_size: v.size("intermediate_size", MAX_INTERMEDIATE)?,
         num_heads,
         in_channels,
         patch_size,
         spatial_merge_size,
-        temporal_patch_size: v.pos_usize("temporal_patch_size", 2)?,
+        temporal_patch_size: v.size_or("temporal_patch_size", 2, MAX_MERGE)?,
         window_size,
         fullatt_block_indexes,
-        out_hidden_size: v.pos_usize("out_hidden_size", 3584)?,
+        out_hidden_size: v.size("out_hidden_size", MAX_WIDTH)?,
         hidden_act,
         tokens_per_second: v.pos_usize("tokens_per_second", 4)?,
     })
@@ -442,6 +478,16 @@ impl QwenPreprocessorConfig {
         if min_pixels == 0 || max_pixels < min_pixels {
             return Err(f.err("max_pixels", format!("pixel limits [{min_pixels}, {max_pixels}] are not a valid range")));
         }
+        let patch_size = f.size_or("patch_size", d.patch_size, MAX_PATCH)?;
+        // An image is resized to at most max_pixels, so this bounds its patches (and memory).
+        let pixel_limit = MAX_IMAGE_PATCHES * patch_size * patch_size;
+        if max_pixels > pixel_limit {
+            let key = if f.has("max_pixels") || size.is_none() { "max_pixels" } else { "size.longest_edge" };
+            return Err(f.err(
+                key,
+                format!("{max_pixels} is above the limit of {pixel_limit} ({MAX_IMAGE_PATCHES} patches of {patch_size}×{patch_size} pixels per image)"),
+            ));
+        }
         let triple = |key: &str, default: [f32; 3], positive: bool| -> Result<[f32; 3]> {
             match f.opt_f64_list(key)? {
                 None => Ok(default),
@@ -452,9 +498,9 @@ impl QwenPreprocessorConfig {
         let cfg = QwenPreprocessorConfig {
             min_pixels,
             max_pixels,
-            patch_size: f.pos_usize("patch_size", d.patch_size)?,
-            merge_size: f.pos_usize("merge_size", d.merge_size)?,
-            temporal_patch_size: f.pos_usize("temporal_patch_size", d.temporal_patch_size)?,
+            patch_size,
+            merge_size: f.size_or("merge_size", d.merge_size, MAX_MERGE)?,
+            temporal_patch_size: f.size_or("temporal_patch_size", d.temporal_patch_size, MAX_MERGE)?,
             image_mean: triple("image_mean", d.image_mean, false)?,
             image_std: triple("image_std", d.image_std, true)?,
             rescale_factor: f.pos_f64("rescale_factor", d.rescale_factor)?,

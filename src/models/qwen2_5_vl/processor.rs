@@ -97,7 +97,7 @@ pub fn process_image(img: &RgbImage, cfg: &QwenPreprocessorConfig) -> Result<Pro
     // A still image is `tp` identical frames: grid_t = 1.
     let grid = [1usize, gh, gw];
     let patch_dim = 3 * tp * p * p;
-    let mut out = vec![0f32; gh * gw * patch_dim]; // [patches, patch_dim]
+    let mut out: Vec<f32> = crate::tensor::host_zeros(gh * gw * patch_dim)?; // [patches, patch_dim]
     let mut row = 0usize;
     for bh in 0..gh / m {
         for bw in 0..gw / m {
