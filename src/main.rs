@@ -55,6 +55,9 @@ enum Cmd {
     Demo(am3safety::stages::demo::DemoArgs),
     /// Cold-start refusal SFT. With no arguments: the embedded tiny model on the bundled demo data.
     Sft(am3safety::stages::sft::SftArgs),
+    /// Write the embedded tiny default as a complete Hugging Face checkpoint (weights, config,
+    /// tokenizer with chat template, processor files).
+    Export(am3safety::stages::export::ExportArgs),
 }
 
 fn main() {
@@ -66,6 +69,10 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Export(args) => {
+            println!("exported: {}", am3safety::stages::export::run(&args)?.display());
+            Ok(())
+        }
         Cmd::Info { device } => {
             let dev = Device::pick(device)?;
             println!("backend: {}", dev.name());

@@ -492,20 +492,22 @@ fn lora_adapter_files_have_peft_names_and_config() {
     let mut want: Vec<(String, Vec<usize>)> = Vec::new();
     for i in 0..nl {
         for (m, out) in [("q_proj", q), ("v_proj", kv)] {
-            want.push((format!("base_model.model.model.layers.{i}.self_attn.{m}.lora_A.weight"), vec![4, d]));
-            want.push((format!("base_model.model.model.layers.{i}.self_attn.{m}.lora_B.weight"), vec![out, 4]));
+            want.push((format!("base_model.model.model.language_model.layers.{i}.self_attn.{m}.lora_A.weight"), vec![4, d]));
+            want.push((format!("base_model.model.model.language_model.layers.{i}.self_attn.{m}.lora_B.weight"), vec![out, 4]));
         }
     }
     for i in 0..depth {
-        want.push((format!("base_model.model.visual.blocks.{i}.attn.qkv.lora_A.weight"), vec![4, vd]));
-        want.push((format!("base_model.model.visual.blocks.{i}.attn.qkv.lora_B.weight"), vec![3 * vd, 4]));
+        want.push((format!("base_model.model.model.visual.blocks.{i}.attn.qkv.lora_A.weight"), vec![4, vd]));
+        want.push((format!("base_model.model.model.visual.blocks.{i}.attn.qkv.lora_B.weight"), vec![3 * vd, 4]));
     }
     assert_eq!(t.len(), want.len(), "keys: {:?}", t.keys().collect::<Vec<_>>());
     for (name, shape) in &want {
         let (s, v) = t.get(name).unwrap_or_else(|| panic!("{name} missing from {ADAPTER_WEIGHTS}"));
         assert_eq!(s, shape, "{name}");
         let v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-        assert_eq!(v32, vals[name].1, "{name}: saved values differ");
+        // In memory the module path is the canonical checkpoint name.
+        let internal = name.replace("model.model.language_model.", "model.model.").replace("model.model.visual.", "model.visual.");
+        assert_eq!(v32, vals[&internal].1, "{name}: saved values differ");
     }
     let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join(ADAPTER_CONFIG)).unwrap()).unwrap();
     println!("adapter_config.json: {c}");
@@ -514,7 +516,8 @@ fn lora_adapter_files_have_peft_names_and_config() {
     assert_eq!(c["r"], 4);
     assert_eq!(c["lora_alpha"].as_f64(), Some(8.0));
     assert_eq!(c["base_model_name_or_path"], "Qwen/Qwen2.5-VL-7B-Instruct");
-    assert_eq!(c["target_modules"], r"(?:model\.layers\.\d+\.self_attn\.q_proj|model\.layers\.\d+\.self_attn\.v_proj|visual\.blocks\.\d+\.attn\.qkv)");
+    // transformers' module paths (Qwen2_5_VLForConditionalGeneration), which PEFT full-matches.
+    assert_eq!(c["target_modules"], r"(?:model\.language_model\.layers\.\d+\.self_attn\.q_proj|model\.language_model\.layers\.\d+\.self_attn\.v_proj|model\.visual\.blocks\.\d+\.attn\.qkv)");
     let hidden: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n.starts_with('.')).collect();
     assert!(hidden.is_empty(), "staging files left behind: {hidden:?}");
     let _ = std::fs::remove_dir_all(&dir);
@@ -553,6 +556,11 @@ fn lora_sft_cli_adapter_resume_and_merged() {
         assert!(ck_a.join(f).is_file(), "adapter checkpoint lacks {f}");
     }
     assert!(!ck_a.join("model.safetensors").exists(), "an adapter checkpoint has no full weights");
+    // The tiny default exists nowhere else: its base is exported beside the run, by absolute path.
+    let ac: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ck_a.join(ADAPTER_CONFIG)).unwrap()).unwrap();
+    let base = std::fs::canonicalize(a.join("base-model")).unwrap();
+    assert_eq!(ac["base_model_name_or_path"], base.to_str().unwrap());
+    assert!(base.join("model.safetensors").is_file() && base.join("tokenizer_config.json").is_file());
     let t = read_tensor_file(ck_a.join(ADAPTER_WEIGHTS)).unwrap();
     assert_eq!(t.len(), 2 * 4 * 2, "2 layers × 4 modules × (A, B)");
     let b_norm: f64 = t.iter().filter(|(n, _)| n.ends_with("lora_B.weight")).map(|(_, (_, v))| v.iter().map(|x| x * x).sum::<f64>()).sum();

@@ -9,4 +9,5 @@ pub mod eval; // defines: am3 eval (EvalArgs, run, evaluate, generate_given for 
 pub mod data_cmd; // defines: am3 data convert
 pub mod sft; // defines: SftArgs, run (cold-start refusal SFT), checkpoints and resume
 pub mod model; // defines: VlModel (Qwen2.5-VL or LLaVA-NeXT), Processor, Encoder, save_weights
+pub mod export; // defines: am3 export (the tiny default as a full HF checkpoint), the tiny default's HF side files, adapter bases
 pub mod lora; // defines: LoraSave (merged | adapter), VlModel::{enable_lora, trainable_entries, save_merged, save_lora_adapter, save_trained}

@@ -7,8 +7,10 @@
 //! zero, so a fresh adapter leaves the model unchanged. While adapters are on, the base weights
 //! are frozen: only A and B get gradients and optimizer state.
 //!
-//! Names follow PEFT (`base_model.model.<module>.lora_A.weight` / `lora_B.weight`, where the
-//! module path is the checkpoint's). Qwen's fused vision `attn.qkv` gets one adapter like PEFT
+//! Names follow PEFT (`base_model.model.<module>.lora_A.weight` / `lora_B.weight`). In memory the
+//! module path is the canonical checkpoint name; the saved files use the module paths of the
+//! model class transformers builds (the caller's `name_of`, e.g. `model.language_model.layers.N`),
+//! since PEFT matches keys and `target_modules` against those. Qwen's fused vision `attn.qkv` gets one adapter like PEFT
 //! would give it: one A [r, D] shared by q, k and v, and one B [3·D, r] kept as three row pieces
 //! (exactly as the base `attn.qkv.weight` is), so `params::assemble` glues them back.
 //!
@@ -426,4 +428,96 @@ fn peft_key(t: &LoraTensor, name_of: &dyn Fn(&str) -> String) -> Result<String> 
 /// Escapes a module-path component for a regular expression.
 fn escape(s: &str) -> String {
     s.chars().flat_map(|c| if c.is_ascii_alphanumeric() || c == '_' { vec![c] } else { vec!['\\', c] }).collect()
+}
+
+/// A PEFT LoRA adapter directory as read back: its settings and tensors by file key.
+pub struct AdapterFiles {
+    /// `adapter_config.json` as written.
+    pub config: serde_json::Value,
+    pub rank: usize,
+    /// alpha such that alpha / rank is the scale (rsLoRA's alpha / √r folded in).
+    pub alpha: f64,
+    /// `base_model_name_or_path` (empty when absent).
+    pub base_model: String,
+    /// File key → (shape, values).
+    pub tensors: std::collections::HashMap<String, (Vec<usize>, Vec<f64>)>,
+}
+
+impl AdapterFiles {
+    /// Reads `dir/adapter_config.json` and `dir/adapter_model.safetensors`; settings this
+    /// project cannot apply exactly (DoRA, per-module ranks, trained biases, ...) are errors.
+    pub fn read(dir: &Path) -> Result<AdapterFiles> {
+        let cpath = dir.join(ADAPTER_CONFIG);
+        let config = crate::models::read_json(&cpath)?;
+        let get = |k: &str| config.get(k).filter(|v| !v.is_null());
+        let ctx = |what: String| format!("{}: {what}", cpath.display());
+        match get("peft_type").and_then(|v| v.as_str()) {
+            Some("LORA") => {}
+            other => bail!(ctx(format!("peft_type {other:?} is not \"LORA\""))),
+        }
+        let rank = get("r").and_then(|v| v.as_u64()).filter(|&r| r > 0).with_context(|| ctx("`r` must be a positive integer".into()))? as usize;
+        let alpha = get("lora_alpha").and_then(|v| v.as_f64()).with_context(|| ctx("`lora_alpha` must be a number".into()))?;
+        let on = |k: &str| get(k).and_then(|v| v.as_bool()).unwrap_or(false);
+        let non_empty = |k: &str| get(k).is_some_and(|v| v.as_object().is_some_and(|m| !m.is_empty()) || v.as_array().is_some_and(|a| !a.is_empty()));
+        for k in ["use_dora", "fan_in_fan_out"] {
+            if on(k) {
+                bail!(ctx(format!("`{k}: true` is not supported")));
+            }
+        }
+        for k in ["rank_pattern", "alpha_pattern", "modules_to_save"] {
+            if non_empty(k) {
+                bail!(ctx(format!("`{k}` is not supported (one rank and alpha for every module, no extra trained modules)")));
+            }
+        }
+        if get("bias").and_then(|v| v.as_str()).is_some_and(|b| b != "none") {
+            bail!(ctx("only `bias: \"none\"` is supported".into()));
+        }
+        // rsLoRA scales by alpha / √r.
+        let alpha = if on("use_rslora") { alpha * (rank as f64).sqrt() } else { alpha };
+        let base_model = get("base_model_name_or_path").and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let tensors = crate::checkpoint::safetensors_io::read_tensor_file(dir.join(ADAPTER_WEIGHTS))?;
+        Ok(AdapterFiles { config, rank, alpha, base_model, tensors })
+    }
+
+    /// The module paths the file adapts (`base_model.model.<module>.lora_A.weight`).
+    pub fn modules(&self) -> Result<BTreeSet<String>> {
+        let mut out = BTreeSet::new();
+        for k in self.tensors.keys() {
+            let m = k
+                .strip_prefix("base_model.model.")
+                .and_then(|m| m.strip_suffix(".lora_A.weight").or_else(|| m.strip_suffix(".lora_B.weight")))
+                .with_context(|| format!("{ADAPTER_WEIGHTS}: `{k}` is not a LoRA tensor (base_model.model.<module>.lora_A/B.weight)"))?;
+            out.insert(m.to_string());
+        }
+        Ok(out)
+    }
+
+    /// The target names (`TEXT_TARGETS` / `VISION_TARGETS`) of the adapted modules.
+    pub fn targets(&self) -> Result<Vec<String>> {
+        let mut out = BTreeSet::new();
+        for m in self.modules()? {
+            if m.contains("vision_tower.") || m.contains("multi_modal_projector.") {
+                bail!("{ADAPTER_WEIGHTS}: an adapter on `{m}` (the CLIP tower or projector) is not supported");
+            }
+            let last = m.rsplit('.').next().unwrap_or(&m);
+            out.insert(if m.contains("visual.") { format!("visual.{last}") } else { last.to_string() });
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    /// The LoRA settings to enable before loading the values.
+    pub fn lora_config(&self) -> Result<LoraConfig> {
+        let c = LoraConfig { rank: self.rank, alpha: self.alpha, targets: self.targets()?, seed: 0 };
+        c.validate().context("the adapter's modules")?;
+        Ok(c)
+    }
+}
+
+/// The part of tensor `full` ([rows_total, cols]) that piece `r` covers.
+pub fn piece_of(r: &ParamRef, shape: &[usize], full: &[f64]) -> Result<Vec<f32>> {
+    if shape != r.full_shape.as_slice() {
+        bail!("`{}` has shape {shape:?}, expected {:?}", r.name, r.full_shape);
+    }
+    let cols: usize = shape[1..].iter().product();
+    Ok(full[r.row0 * cols..(r.row0 + r.rows) * cols].iter().map(|&x| x as f32).collect())
 }

@@ -12,7 +12,7 @@
 //! `lm_head.weight`, ...), and [`weight_shapes`] lists every tensor with its expected shape.
 
 use crate::checkpoint::{write_atomic, Checkpoint};
-use crate::models::qwen2_5_vl::config::{CLIP_MEAN, CLIP_STD};
+use crate::models::qwen2_5_vl::config::{saved_json, SourceJson, CLIP_MEAN, CLIP_STD};
 use crate::models::limits::{MAX_IMAGE_PATCHES, MAX_IMAGE_SIDE, MAX_INTERMEDIATE, MAX_LAYERS, MAX_PATCH, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH};
 use crate::models::{read_json, root_object, Fields};
 use anyhow::{anyhow, bail, Result};
@@ -127,6 +127,8 @@ pub struct LlavaNextConfig {
     pub image_seq_length: usize,
     /// Storage dtype recorded in the file.
     pub torch_dtype: String,
+    /// The parsed file itself, so a save keeps the fields this struct does not model.
+    pub source: SourceJson,
 }
 
 /// The published 7B pinpoints, (height, width).
@@ -219,6 +221,7 @@ impl LlavaNextConfig {
             },
             text,
             vision,
+            source: SourceJson::of(v),
         };
         Ok(cfg)
     }
@@ -317,9 +320,21 @@ impl LlavaNextConfig {
         })
     }
 
-    /// Writes `dir/config.json` atomically.
+    /// What `save` writes: the source file with only the fields this project changed rewritten
+    /// (`qwen2_5_vl::config::saved_json`), `dtype` (or the recorded one) as the storage dtype.
+    pub fn to_saved_json(&self, dtype: Option<&str>) -> Value {
+        let reparsed = self.source.get().and_then(|v| Self::from_json(v, Path::new("<source>")).ok()).map(|c| c.to_json());
+        saved_json(self.source.get(), reparsed.as_ref(), &self.to_json(), dtype.unwrap_or(&self.torch_dtype))
+    }
+
+    /// Writes `dir/config.json` atomically (see `to_saved_json`).
     pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
-        let text = serde_json::to_string_pretty(&self.to_json())?;
+        self.save_as(dir, &self.torch_dtype)
+    }
+
+    /// `save`, recording `dtype` ("float32", "bfloat16") as what the tensors are.
+    pub fn save_as(&self, dir: impl AsRef<Path>, dtype: &str) -> Result<()> {
+        let text = serde_json::to_string_pretty(&self.to_saved_json(Some(dtype)))?;
         write_atomic(&dir.as_ref().join("config.json"), text.as_bytes())
     }
 }

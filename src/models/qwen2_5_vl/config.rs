@@ -110,6 +110,8 @@ pub struct QwenVlConfig {
     pub eos_token_id: u32,
     /// Storage dtype recorded in the file ("bfloat16", "float32").
     pub torch_dtype: String,
+    /// The parsed file itself, so a save keeps the fields this struct does not model.
+    pub source: SourceJson,
 }
 
 const SUPPORTED_ACT: &str = "silu";
@@ -170,6 +172,7 @@ impl QwenVlConfig {
             },
             text,
             vision,
+            source: SourceJson::of(v),
         };
         if cfg.vision.out_hidden_size != cfg.text.hidden_size {
             return Err(vf.err(
@@ -244,18 +247,134 @@ impl QwenVlConfig {
         })
     }
 
-    /// Writes `dir/config.json` (flat layout) atomically.
+    /// What `save` writes: the source file with only the fields this project changed rewritten
+    /// (its layout, `transformers_version` and unmodelled fields kept), `dtype` (or the
+    /// recorded one) as the storage dtype; `to_json` when there is no source.
+    pub fn to_saved_json(&self, dtype: Option<&str>) -> Value {
+        let reparsed = self.source.get().and_then(|v| Self::from_json(v, Path::new("<source>")).ok()).map(|c| c.to_json());
+        saved_json(self.source.get(), reparsed.as_ref(), &self.to_json(), dtype.unwrap_or(&self.torch_dtype))
+    }
+
+    /// Writes `dir/config.json` atomically (see `to_saved_json`).
     pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
-        let text = serde_json::to_string_pretty(&self.to_json())?;
+        self.save_as(dir, &self.torch_dtype)
+    }
+
+    /// `save`, recording `dtype` ("float32", "bfloat16") as what the tensors are.
+    pub fn save_as(&self, dir: impl AsRef<Path>, dtype: &str) -> Result<()> {
+        let text = serde_json::to_string_pretty(&self.to_saved_json(Some(dtype)))?;
         write_atomic(&dir.as_ref().join("config.json"), text.as_bytes())
+    }
+}
+
+/// A config's source JSON. Configs compare by what they model, so any two are equal here.
+#[derive(Clone, Default)]
+pub struct SourceJson(pub Option<std::sync::Arc<Value>>);
+
+impl std::fmt::Debug for SourceJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.get().and_then(|v| v.as_object()).map_or(0, |m| m.len());
+        write!(f, "SourceJson({n} fields)")
+    }
+}
+
+impl PartialEq for SourceJson {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl SourceJson {
+    pub fn of(v: &Value) -> SourceJson {
+        SourceJson(Some(std::sync::Arc::new(v.clone())))
+    }
+    pub fn get(&self) -> Option<&Value> {
+        self.0.as_deref()
+    }
+}
+
+/// The config.json to save: `source` with every field where `ours` (the struct now) differs
+/// from `reparsed` (the struct as parsed) written into it, or all of `ours` when the source no
+/// longer parses; then the storage dtype. The root `_name_or_path` goes: the weights are ours.
+pub fn saved_json(source: Option<&Value>, reparsed: Option<&Value>, ours: &Value, dtype: &str) -> Value {
+    let mut out = match source {
+        Some(s @ Value::Object(_)) => s.clone(),
+        _ => ours.clone(),
+    };
+    if source.is_some() {
+        overlay(&mut out, reparsed, ours);
+    }
+    if let Value::Object(m) = &mut out {
+        m.remove("_name_or_path");
+    }
+    set_dtype(&mut out, dtype);
+    out
+}
+
+/// Writes the fields of `ours` that differ from `base` into `out` (recursing into objects) and
+/// drops those `ours` no longer has; a root field that `out` keeps in `text_config` (the nested
+/// layout) is written there.
+fn overlay(out: &mut Value, base: Option<&Value>, ours: &Value) {
+    let (Value::Object(o), Value::Object(w)) = (out, ours) else { return };
+    if let Some(Value::Object(b)) = base {
+        for k in b.keys().filter(|k| !w.contains_key(*k)) {
+            o.remove(k);
+        }
+    }
+    for (k, v) in w {
+        let b = base.and_then(|b| b.get(k));
+        if b == Some(v) {
+            continue;
+        }
+        if let (Value::Object(_), Some(Value::Object(_))) = (v, o.get(k)) {
+            overlay(o.get_mut(k).unwrap(), b, v);
+            continue;
+        }
+        let nested = o.get_mut("text_config").and_then(|t| t.as_object_mut()).filter(|t| t.contains_key(k));
+        match nested {
+            Some(t) => {
+                t.insert(k.clone(), v.clone());
+                if o.contains_key(k) {
+                    o.insert(k.clone(), v.clone());
+                }
+            }
+            None => {
+                o.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+/// Sets every `torch_dtype`/`dtype` key of the root and its sub-configs to `dtype`, and the
+/// root's `torch_dtype` when the root has neither.
+fn set_dtype(out: &mut Value, dtype: &str) {
+    let Value::Object(root) = out else { return };
+    for sub in ["text_config", "vision_config"] {
+        if let Some(Value::Object(m)) = root.get_mut(sub) {
+            for k in ["torch_dtype", "dtype"] {
+                if m.contains_key(k) {
+                    m.insert(k.into(), json!(dtype));
+                }
+            }
+        }
+    }
+    let mut any = false;
+    for k in ["torch_dtype", "dtype"] {
+        if root.contains_key(k) {
+            root.insert(k.into(), json!(dtype));
+            any = true;
+        }
+    }
+    if !any {
+        root.insert("torch_dtype".into(), json!(dtype));
     }
 }
 
 /// Text fields from `t` (the root in the flat layout, `text_config` in the nested one).
 fn parse_text(root: Fields, t: Fields) -> Result<TextConfig> {
-    let hidden_size = t.pos_usize("hidden_size", 8192)?;
-    let num_attention_heads = t.pos_usize("num_attention_heads", 64)?;
-    let num_key_value_heads = t.pos_usize("num_key_value_heads", 8)?;
+    let hidden_size = t.size("hidden_size", MAX_WIDTH)?;
+    let num_attention_heads = t.size("num_attention_heads", MAX_WIDTH)?;
+    let num_key_value_heads = t.size("num_key_value_heads", MAX_WIDTH)?;
     if hidden_size % num_attention_heads != 0 {
         return Err(t.err("num_attention_heads", format!("{num_attention_heads} does not divide hidden_size {hidden_size}")));
     }
