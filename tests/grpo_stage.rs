@@ -231,3 +231,16 @@ fn lora_grpo_reference_is_the_base_and_only_adapters_change() {
     let on = dev.to_vec(&tr.l.model.logits(&dev, &tr.l.model.forward(&dev, &p, &rc).unwrap()).unwrap()).unwrap();
     assert_ne!(on, want, "the trained adapters change the policy");
 }
+
+#[test]
+fn a_used_out_needs_resume_or_overwrite_and_resume_checks_the_data() {
+    let out = tmp("used");
+    grpo::run(grpo_args(&out, 1)).unwrap();
+    let err = format!("{:#}", grpo::run(grpo_args(&out, 1)).unwrap_err());
+    assert!(err.contains("--resume") && err.contains("--overwrite"), "{err}");
+    grpo::run(GrpoArgs { overwrite: true, ..grpo_args(&out, 1) }).unwrap();
+    // A different prompt file on --resume is refused, naming --data.
+    let other = sft::demo_data(); // the SFT file: valid prompts too
+    let err = format!("{:#}", grpo::run(GrpoArgs { resume: true, data: Some(other), ..grpo_args(&out, 1) }).unwrap_err());
+    assert!(err.contains("--data"), "{err}");
+}

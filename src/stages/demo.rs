@@ -59,7 +59,7 @@ pub fn run(args: &DemoArgs) -> Result<DemoOutcome> {
     let dev = Device::pick(args.device)?;
     let jcfg = JudgeConfig::default();
     eprintln!("am3 demo [1/4]: cold-start SFT ({} steps) on the bundled refusal data", args.sft_steps);
-    let sft_ck = sft::run(SftArgs { out: Some(args.out.join("sft")), steps: Some(args.sft_steps), save_every: Some(args.sft_steps), seed: Some(args.seed), device: Some(args.device), ..Default::default() })?;
+    let sft_ck = sft::run(SftArgs { out: Some(args.out.join("sft")), steps: Some(args.sft_steps), save_every: Some(args.sft_steps), seed: Some(args.seed), device: Some(args.device), overwrite: true, ..Default::default() })?;
     let samples = load_dialogues(&demo_eval_data(), DataFormat::Jsonl, false)?;
     eprintln!("am3 demo [2/4]: eval of {} ({} dialogues, rules judge)", sft_ck.display(), samples.len());
     let before = eval_checkpoint(&dev, &sft_ck, &samples, &jcfg)?;
@@ -75,6 +75,7 @@ pub fn run(args: &DemoArgs) -> Result<DemoOutcome> {
         lr: Some(5e-4),
         seed: Some(args.seed),
         device: Some(args.device),
+        overwrite: true,
         ..Default::default()
     };
     let grpo_ck = grpo::run(grpo_args)?;

@@ -25,9 +25,10 @@ use crate::rollout::{generate_with, DialogueSpec, Rollout, RolloutConfig};
 use crate::stages::lora::LoraSave;
 use crate::stages::model::VlModel;
 use crate::stages::sft::{latest_checkpoint, load_model, memory_in_use, save_side_files, Loaded};
+use crate::train::exact_json;
+use crate::train::run_dir::{require_same_settings, Identity, Mode, RunDir, Start};
 use crate::tensor::{Device, DevicePref};
-use crate::train::atomic::{self, write_file as write_atomic};
-use crate::train::metrics::{truncate_after, MetricsWriter};
+use crate::train::atomic::write_file as write_atomic;
 use crate::train::optim::{slot_key, Optimizer};
 use crate::train::progress::Progress;
 use crate::checkpoint::safetensors_io::SaveDtype;
@@ -127,9 +128,13 @@ pub struct GrpoArgs {
     /// merged | adapter.
     #[arg(long)]
     pub lora_save: Option<String>,
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     #[serde(skip)]
     pub resume: bool,
+    /// Replace an earlier run in --out (its checkpoints and metrics) instead of refusing.
+    #[arg(long)]
+    #[serde(skip)]
+    pub overwrite: bool,
     /// Stop after this many steps of this run (tests, time-boxed jobs).
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -281,6 +286,8 @@ struct GrpoState {
     model: PathBuf,
     /// AdamW steps taken (several per GRPO step: epochs × mini-batches).
     opt_steps: u64,
+    data_id: Identity,
+    model_id: Identity,
 }
 
 /// A 64-bit mix of the run seed with a counter (data order, sampling and shuffles per step).
@@ -549,7 +556,7 @@ impl Trainer {
             "response_len_per_turn": lens,
             "cut_frac": rs.cut_turns as f64 / rs.turns.max(1) as f64,
             "judge_failures": judged.failures, "judge_missing": missing, "judge_retries": judged.retries,
-            "flat_groups": flat_groups, "rows": rows.len(),
+            "flat_groups": flat_groups, "rows": rows.len(), "train_tokens": rows.iter().map(|r| r.example.len()).sum::<usize>(),
             "logp_gap_mean": gap_sum / gap_n.max(1) as f64, "logp_gap_max": gap_max,
             "rollout_s": t_roll, "judge_s": t_judge, "old_logp_s": t_old, "ref_logp_s": t_ref, "update_s": t_upd, "step_s": total_s,
             "rollout_tokens_per_s": gen_tokens as f64 / t_roll.max(1e-9),
@@ -559,21 +566,13 @@ impl Trainer {
         Ok(StepReport { json })
     }
 
-    /// Writes `out/checkpoint-NNNNNN` atomically (HF layout + train_state + trainer_state.json)
-    /// and points `out/latest` at it.
-    fn save(&self, dev: &Device, out: &Path, step: u64, data: &Path, model: &Path) -> Result<PathBuf> {
-        let name = format!("checkpoint-{step:06}");
-        let dir = out.join(&name);
-        atomic::write_dir(&dir, |tmp| {
-            let how: LoraSave = if self.plan.lora_rank > 0 { self.plan.lora_save.parse()? } else { LoraSave::Merged };
-            self.l.model.save_trained(dev, tmp, if dev.is_cuda() { SaveDtype::BF16 } else { SaveDtype::F32 }, how, &model.display().to_string())?;
-            save_side_files(&self.l, tmp)?;
-            self.opt.save(dev, &tmp.join("train_state"))?;
-            let st = GrpoState { step, plan: self.plan.clone(), data: data.to_path_buf(), model: model.to_path_buf(), opt_steps: self.opt.step };
-            write_atomic(tmp.join("trainer_state.json"), serde_json::to_string_pretty(&st)?.as_bytes())
-        })?;
-        write_atomic(out.join("latest"), name.as_bytes())?;
-        Ok(dir)
+    /// Writes the checkpoint's files into `tmp` (HF layout + train_state + trainer_state.json).
+    fn write_checkpoint(&self, dev: &Device, tmp: &Path, st: &GrpoState) -> Result<()> {
+        let how: LoraSave = if self.plan.lora_rank > 0 { self.plan.lora_save.parse()? } else { LoraSave::Merged };
+        self.l.model.save_trained(dev, tmp, if dev.is_cuda() { SaveDtype::BF16 } else { SaveDtype::F32 }, how, &st.model.display().to_string())?;
+        save_side_files(&self.l, tmp)?;
+        self.opt.save(dev, &tmp.join("train_state"))?;
+        write_atomic(tmp.join("trainer_state.json"), serde_json::to_string_pretty(st)?.as_bytes())
     }
 }
 
@@ -592,40 +591,40 @@ pub fn run(args: GrpoArgs) -> Result<PathBuf> {
     let dev = Device::pick(args.device.unwrap_or(DevicePref::Auto))?;
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs/grpo"));
     let data = args.data.clone().unwrap_or_else(demo_prompts);
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let metrics_path = out.join("metrics.jsonl");
-    let mut start = 0u64;
-    let mut start_model = match &args.model {
+    let start_model = match &args.model {
         Some(m) => m.clone(),
         None => default_model()?,
     };
-    let mut opt_steps = 0;
-    let resume_from = if args.resume { latest_checkpoint(&out)? } else { None };
-    if let Some(ck) = &resume_from {
-        let st: GrpoState = serde_json::from_str(&std::fs::read_to_string(ck.join("trainer_state.json"))?).with_context(|| format!("{}: bad trainer_state.json", ck.display()))?;
-        if st.plan != plan {
-            bail!("--resume: the settings differ from the run in {} (saved: {:?})", out.display(), st.plan);
-        }
-        if st.data != data {
-            bail!("--resume: --data {} differs from the run's {}", data.display(), st.data.display());
-        }
-        start = st.step;
-        start_model = st.model;
-        opt_steps = st.opt_steps;
-    }
+    let rd = RunDir::open(&out, Mode { resume: args.resume, overwrite: args.overwrite }, &[("--model", &start_model), ("--data", &data)])?;
+    let model_id = Identity::of_model_dir(&start_model)?;
     let mut tr = Trainer::new(&dev, plan.clone(), &start_model, &data, &jcfg)?;
-    if let Some(ck) = &resume_from {
-        // The trainable tensors (all weights, or the adapters) come back from the f32 masters;
-        // the model was built from the start weights, which stay the reference.
-        tr.l.model.zero_grads(&dev)?;
-        let params = tr.l.model.params_and_grads().into_iter().map(|(r, p, _)| (r, p)).collect();
-        tr.opt.load(&dev, &ck.join("train_state"), params, opt_steps)?;
-        truncate_after(&metrics_path, start)?;
-        eprintln!("am3 grpo: resuming from {} (step {start})", ck.display());
-    } else if args.resume {
-        eprintln!("am3 grpo: --resume: no checkpoint in {}; starting fresh", out.display());
+    let images: Vec<PathBuf> = tr.samples.iter().flat_map(|s| s.images.clone()).collect();
+    let data_id = Identity::of_data(&data, &images)?;
+    let (mut start, mut opt_steps) = (0u64, 0u64);
+    match rd.start()? {
+        Start::Resume { checkpoint: ck } => {
+            let path = ck.join("trainer_state.json");
+            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let saved = exact_json::parse(&text).with_context(|| format!("{}: bad trainer_state.json", ck.display()))?;
+            require_same_settings(saved.get("plan").unwrap_or(&serde_json::Value::Null), &serde_json::to_value(&plan)?, &ck)?;
+            let st: GrpoState = serde_json::from_value(saved).with_context(|| format!("{}: bad trainer_state.json", ck.display()))?;
+            st.data_id.require_same(&data_id, "--data", &ck)?;
+            st.model_id.require_same(&model_id, "--model", &ck)?;
+            if st.step == 0 || st.step > plan.steps {
+                bail!("{}: step {} is outside the run's 1..={}", path.display(), st.step, plan.steps);
+            }
+            (start, opt_steps) = (st.step, st.opt_steps);
+            // The trainable tensors (all weights, or the adapters) come back from the f32
+            // masters; the model was built from the start weights, which stay the reference.
+            tr.l.model.zero_grads(&dev)?;
+            let params = tr.l.model.params_and_grads().into_iter().map(|(r, p, _)| (r, p)).collect();
+            tr.opt.load(&dev, &ck.join("train_state"), params, opt_steps)?;
+            eprintln!("am3 grpo: resuming from {} (step {start})", ck.display());
+        }
+        Start::Fresh => rd.begin_fresh()?,
     }
-    let mut metrics = if start > 0 { MetricsWriter::append(&metrics_path)? } else { MetricsWriter::create(&metrics_path)? };
+    let _ = opt_steps;
+    let mut metrics = rd.metrics(start)?;
     eprintln!(
         "am3 grpo: {} dialogues from {}, {} steps × {} dialogues × {} rollouts, judge {}, from {} on {}",
         tr.specs.len(),
@@ -646,13 +645,14 @@ pub fn run(args: GrpoArgs) -> Result<PathBuf> {
         let j = &rep.json;
         bar.update(step + 1, &format!("reward {:.3} kl {:.4} {:.1} tok/s", j["reward_mean"].as_f64().unwrap_or(0.0), j["kl"].as_f64().unwrap_or(0.0), j["tokens_per_s"].as_f64().unwrap_or(0.0)));
         if (step + 1) % plan.save_every == 0 || step + 1 == plan.steps {
-            last = Some(tr.save(&dev, &out, step + 1, &data, &start_model)?);
+            let st = GrpoState { step: step + 1, plan: plan.clone(), data: data.clone(), model: start_model.clone(), opt_steps: tr.opt.step, data_id: data_id.clone(), model_id: model_id.clone() };
+            last = Some(rd.save_checkpoint(step + 1, &["trainer_state.json", "train_state"], |tmp| tr.write_checkpoint(&dev, tmp, &st))?);
         }
     }
     bar.finish(if end == plan.steps { "done" } else { "stopped" });
     metrics.sync()?;
     match last {
         Some(c) => Ok(c),
-        None => latest_checkpoint(&out)?.with_context(|| format!("no checkpoint was written to {}", out.display())),
+        None => rd.latest_checkpoint()?.with_context(|| format!("no checkpoint was written to {}", out.display())),
     }
 }
