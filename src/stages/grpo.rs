@@ -569,7 +569,7 @@ impl Trainer {
     /// Writes the checkpoint's files into `tmp` (HF layout + train_state + trainer_state.json).
     fn write_checkpoint(&self, dev: &Device, tmp: &Path, st: &GrpoState) -> Result<()> {
         let how: LoraSave = if self.plan.lora_rank > 0 { self.plan.lora_save.parse()? } else { LoraSave::Merged };
-        self.l.model.save_trained(dev, tmp, if dev.is_cuda() { SaveDtype::BF16 } else { SaveDtype::F32 }, how, &st.model.display().to_string())?;
+        self.l.model.save_trained(dev, tmp, if dev.is_cuda() { SaveDtype::BF16 } else { SaveDtype::F32 }, how, &crate::stages::lora::base_model_ref(&st.model)?)?;
         save_side_files(&self.l, tmp)?;
         self.opt.save(dev, &tmp.join("train_state"))?;
         write_atomic(tmp.join("trainer_state.json"), serde_json::to_string_pretty(st)?.as_bytes())
