@@ -6,7 +6,7 @@
 #                                 then the kernel benches, and prints a short table last.
 # Typical device call:  carry [".device"], command: bash tools/device-check.sh run
 # Knobs: AM3_BENCH_ARGS (bench suites/flags), AM3_TESTS=regex (only matching test binaries),
-#        AM3_SKIP_NVRTC=1, AM3_SKIP_SFT=1 (the GPU run of the main job), AM3_SKIP_BENCH=1.
+#        AM3_SKIP_NVRTC=1, AM3_SKIP_SFT=1 (the GPU run of the main job, am3 demo), AM3_SKIP_BENCH=1.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -81,13 +81,16 @@ for t in test-test-ops_rmsnorm test-test-ops_attention test-test-ops_logprob tes
   rc=$?; [ $rc -ne 0 ] && fail=1
   nvrtc+=$(printf "%-34s rc=%-3s %s" "nvrtc $t" "$rc" "$(grep -E '^test result' "$out/nvrtc-$t.log" | tail -1 | sed 's/test result: //')")$'\n'
 done
-# The main job end to end on the GPU: the tiny default model on the bundled demo data.
+# The main job end to end on the GPU: am3 demo (SFT, eval, GRPO with the rules judge, eval) on
+# the tiny default model and the bundled demo data; the before/after ASR line goes in the table.
 if [ -x "$dst/bin/am3" ] && [ "${AM3_SKIP_SFT:-0}" != 1 ]; then
-  rm -rf /tmp/am3-sft-gpu
-  AM3_DEMO_DATA="$root/data/demo/train.jsonl" timeout 120 "$dst/bin/am3" sft --device cuda --steps 60 --out /tmp/am3-sft-gpu > "$out/sft-gpu.log" 2>&1
+  rm -rf /tmp/am3-demo-gpu
+  AM3_DEMO_DATA="$root/data/demo/train.jsonl" timeout 300 "$dst/bin/am3" demo --device cuda --out /tmp/am3-demo-gpu > "$out/demo-gpu.log" 2>&1
   rc=$?; [ $rc -ne 0 ] && fail=1
-  summary+=$(printf "%-34s rc=%-3s %s" "am3 sft --device cuda (60 steps)" "$rc" "$(grep -o '"refusal_loss[^,}]*' /tmp/am3-sft-gpu/metrics.jsonl 2>/dev/null | tr '\n' ' ')")$'\n'
-  tail -3 /tmp/am3-sft-gpu/metrics.jsonl >> "$out/sft-gpu.log" 2>/dev/null
+  summary+=$(printf "%-34s rc=%-3s %s" "am3 demo --device cuda" "$rc" "$(grep -E '^(ASR|over-refusal) ' "$out/demo-gpu.log" | tr -s ' ' | tr '\n' ';')")$'\n'
+  # The rollout engine's decode suite on the 7B shape (not part of the kernel bench binary).
+  timeout 200 "$dst/bin/am3" bench rollout > "$out/bench-rollout.txt" 2>&1
+  echo "bench rollout rc=$?"; cat "$out/bench-rollout.txt" >> "$out/bench.txt" 2>/dev/null
 fi
 if [ -x "$dst/bin/bench-kernels" ] && [ "${AM3_SKIP_BENCH:-0}" != 1 ]; then
   timeout 400 "$dst/bin/bench-kernels" ${AM3_BENCH_ARGS:-} > "$out/bench.txt" 2>&1
