@@ -90,12 +90,13 @@ if [ -x "$dst/bin/am3" ] && [ "${AM3_SKIP_SFT:-0}" != 1 ]; then
   summary+=$(printf "%-34s rc=%-3s %s" "am3 demo --device cuda" "$rc" "$(grep -E '^(ASR|over-refusal) ' "$out/demo-gpu.log" | tr -s ' ' | tr '\n' ';')")$'\n'
   # The rollout engine's decode suite on the 7B shape (not part of the kernel bench binary).
   timeout 200 "$dst/bin/am3" bench rollout > "$out/bench-rollout.txt" 2>&1
-  echo "bench rollout rc=$?"; cat "$out/bench-rollout.txt" >> "$out/bench.txt" 2>/dev/null
+  echo "bench rollout rc=$?"
 fi
 if [ -x "$dst/bin/bench-kernels" ] && [ "${AM3_SKIP_BENCH:-0}" != 1 ]; then
   timeout 400 "$dst/bin/bench-kernels" ${AM3_BENCH_ARGS:-} > "$out/bench.txt" 2>&1
   echo "bench rc=$?"
 fi
+cat "$out/bench-rollout.txt" >> "$out/bench.txt" 2>/dev/null
 cp "$out/bench.txt" "$out/errors.txt" "$res/" 2>/dev/null
 tar -C "$out" -czf "$res/logs.tgz" . 2>/dev/null
 echo "=== largest GPU errors printed by the tests (all lines in errors.txt)"
