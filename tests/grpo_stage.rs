@@ -46,6 +46,7 @@ fn reward_and_loss_match_the_reference_vectors() {
     for (agg, lname, gname) in [("token", "loss_token_mean", "grad_token_mean"), ("seq", "loss_seq_mean", "grad_seq_mean")] {
         let mut st = PassStats::default();
         let mut grad = Vec::with_capacity(rows * l);
+        #[allow(clippy::needless_range_loop)]
         for r in 0..rows {
             let w = if agg == "token" { 1.0 / total as f64 } else { 1.0 / (count(r).max(1) * nonempty) as f64 };
             let sl = r * l..(r + 1) * l;

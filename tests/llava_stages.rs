@@ -7,17 +7,16 @@
 mod common;
 #[path = "support/tiny_llava.rs"]
 mod tiny_llava;
-use tiny_llava::{llava_tokenizer, write_tiny_dir};
+use tiny_llava::write_tiny_dir;
 use am3safety::checkpoint::safetensors_io::SaveDtype;
 use am3safety::checkpoint::{read_tensor_file, Checkpoint};
 use am3safety::models::common::params::ParamRef;
-use am3safety::models::llava_next::config::{spellings, LlavaNextConfig};
+use am3safety::models::llava_next::config::LlavaNextConfig;
 use am3safety::models::llava_next::model::LlavaNext;
 use am3safety::models::qwen2_5_vl::chat::load_tokenizer;
-use am3safety::models::tiny;
 use am3safety::stages::examples::pack;
 use am3safety::stages::forward::{write_tensors, OutData};
-use am3safety::stages::model::{save_weights, Encoder, Family, Net, Processor, VlModel};
+use am3safety::stages::model::{Encoder, Family, Net, Processor, VlModel};
 use am3safety::stages::sft::{self, demo_data, encode_file, SftArgs};
 use am3safety::tensor::{Device, DevicePref};
 use am3safety::train::metrics::read_metrics;
@@ -25,7 +24,7 @@ use common::*;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use tokenizers::{AddedToken, Tokenizer};
+use tokenizers::Tokenizer;
 
 type Tensors = HashMap<String, (Vec<usize>, Vec<f64>)>;
 

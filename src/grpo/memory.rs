@@ -27,6 +27,7 @@ impl MemoryPlan {
     /// `trainable` parameters get masters, moments and gradients; `kv_cache` bytes come from the
     /// engine's plan; activations are those of `batch_tokens` tokens (one layer's with
     /// recompute, every layer's without).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(dev: &Device, model: &VlModel, trainable: usize, reference: bool, kv_cache: usize, batch_tokens: usize, recompute: bool, store: GradStore) -> MemoryPlan {
         let elem = if dev.is_cuda() { 2 } else { 4 };
         let weights: usize = model.param_entries().iter().map(|(r, b)| r.numel() * b.dtype().size()).sum();

@@ -210,8 +210,8 @@ pub fn generate_with(
         let mut pos = StepPositions::new(PosTracker::new(model).rows());
         let mut step_images = Vec::new();
         let mut any_prefill = false;
-        for s in 0..slots_n {
-            if let Slot::Busy(l) = &mut slots[s] {
+        for slot in slots.iter_mut() {
+            if let Slot::Busy(l) = slot {
                 let new = &l.seq[l.fed..];
                 let imgs = &l.images[l.images_fed..];
                 let grids: Vec<[usize; 3]> = imgs.iter().filter_map(|&i| bank.grid(i)).collect();

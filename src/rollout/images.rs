@@ -191,6 +191,7 @@ impl ImageBank {
     }
 
     /// The model inputs of images `which` in order: Qwen pixels and grids, or LLaVA tiles and sizes.
+    #[allow(clippy::type_complexity)]
     pub fn inputs(&self, which: &[usize]) -> (Vec<f32>, Vec<[usize; 3]>, Vec<(usize, usize)>) {
         let (mut px, mut grids, mut sizes) = (Vec::new(), Vec::new(), Vec::new());
         for &i in which {
