@@ -8,7 +8,6 @@
 //!   sft     — cold-start refusal SFT
 //!   demo    — the whole pipeline on the tiny default (sft → eval → grpo → eval; the main job)
 
-use am3safety::bench::{format_table, run_suites};
 use am3safety::cuda::kernels::{BUILD_ARCH, BUILT_WITH_NVCC, KERNEL_MODULES};
 use am3safety::tensor::{Device, DevicePref};
 use anyhow::Result;
@@ -28,14 +27,9 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "auto")]
         device: DevicePref,
     },
-    /// Run the kernel benchmarks on the GPU and print a table.
-    Bench {
-        /// Smaller sizes.
-        #[arg(long)]
-        quick: bool,
-        /// Only these suites (default: all).
-        suites: Vec<String>,
-    },
+    /// Kernel benchmarks on the GPU; with --shape or --model the workload suites (train, vision,
+    /// prefill, rollout, grpo) on any device; --plan prints the memory plan; --compare A B.
+    Bench(am3safety::bench::cli::BenchArgs),
     /// One forward (and with --grads a backward) on an inputs file: logits, token log-probs,
     /// the masked objective, M-RoPE position ids (Qwen2.5-VL) and every parameter gradient.
     Forward(am3safety::stages::forward::ForwardArgs),
@@ -87,16 +81,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { quick, suites } => {
-            let dev = Device::pick(DevicePref::Auto)?;
-            if !dev.is_cuda() {
-                println!("bench: skipped: no CUDA device");
-                return Ok(());
-            }
-            println!("device: {}", dev.name());
-            print!("{}", format_table(&run_suites(&dev, quick, &suites)?));
-            Ok(())
-        }
+        Cmd::Bench(args) => am3safety::bench::cli::run(&args),
         Cmd::Forward(args) => am3safety::stages::forward::run(&args),
         Cmd::Generate(args) => am3safety::stages::generate::run(&args),
         Cmd::Grpo(args) => {

@@ -3,15 +3,28 @@
 //! ceilings measured for this project (4.2 TB/s copy, 770 TFLOP/s bf16 GEMM).
 //! Each area adds a `src/bench/<area>.rs` with `pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>>`
 //! and one line in `SUITES`.
+//!
+//! The workload suites (`am3 bench --shape S | --model DIR`: train, vision, prefill, rollout,
+//! grpo; any device) live in `workloads`, `rollout` and `grpo_step`, with their shapes
+//! (`shape`), synthetic inputs (`synth`), memory plan (`plan`), timing (`measure`), report
+//! (`report`) and command line (`cli`).
 
 pub mod attention;
+pub mod cli;
 pub mod elementwise;
+pub mod grpo_step;
+pub mod measure;
 pub mod norms;
 pub mod patch_embed;
+pub mod plan;
 pub mod logprob;
 pub mod lora;
+pub mod report;
 pub mod rollout;
+pub mod shape;
+pub mod synth;
 pub mod train7b;
+pub mod workloads;
 
 use crate::cuda::Gpu;
 use crate::tensor::Device;

@@ -1,57 +1,165 @@
-//! "rollout": the rollout engine's decode step on a 7B-shaped Qwen2.5-VL (random weights): one
-//! ragged step (every slot one new token) through the KV caches, the lm_head of the last rows
-//! and the device sampler, at batch 1, 8, 32, 64 and 128 with 512 tokens cached per slot. The
-//! floor of a step is reading the bf16 weights once plus every slot's cached keys and values
-//! (at 4.2 TB/s); transformers `generate` on the same card: 14.7 tokens/s at batch 1, 445 at
-//! batch 32.
+//! "rollout": the rollout engine's decode step: one ragged step (every slot one new token)
+//! through the KV caches, the lm_head of the last rows and the device sampler, at batch 1, 8,
+//! 32, 64 and 128 over `ctx` cached tokens per slot. The floor of a step is reading the decoder
+//! weights once plus every slot's cached keys and values (at 4.2 TB/s on the H200);
+//! transformers `generate` on the same card: 14.7 tokens/s at batch 1, 445 at batch 32.
+//!
+//! `decode` runs on any device and model (the workload suite, `--shape`); `run` is the kernel
+//! suite's form on the 7B-shaped Qwen2.5-VL (GPU only).
 
+use super::measure::{time_runs, MemWatch};
+use super::report::{Baseline, Figure};
+use super::shape::act_bytes;
 use super::train7b::random_7b;
-use super::{time_gpu, BenchRow};
+use super::workloads::{gib, text_ids, Ctx};
+use super::{BenchRow, HBM_BYTES_PER_S};
 use crate::ops::sample::{stream_key, SampleParams, Sampler};
-use crate::rng::Rng;
-use crate::stages::model::VlModel;
+use crate::stages::model::{Net, VlModel};
 use crate::tensor::Device;
 use anyhow::Result;
 
-pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
-    let Device::Cuda(g) = dev else { return Ok(Vec::new()) };
-    let model: VlModel = random_7b(dev)?.into();
-    let t = model.tdims().clone();
-    let weight_bytes: usize = model.param_entries().iter().filter(|(r, _)| !r.name.starts_with("visual.")).map(|(r, _)| r.numel() * 2).sum();
-    let ctx = 512usize;
-    let mut rows = Vec::new();
-    let batches: &[usize] = if quick { &[1, 32] } else { &[1, 8, 32, 64, 128] };
+/// One batch size's decode steps.
+pub struct DecodeCase {
+    pub batch: usize,
+    pub ctx: usize,
+    /// Seconds per step.
+    pub secs: Vec<f64>,
+    /// Decoder weights read per step (embedding rows aside).
+    pub weight_bytes: f64,
+    /// Cached keys and values read per step, averaged over the timed steps.
+    pub kv_bytes: f64,
+    /// Bytes of the allocated cache.
+    pub cache_bytes: usize,
+    pub peak: u64,
+}
+
+/// Weights a decode step reads: every decoder matrix and norm, the lm_head, one embedding row
+/// per slot (the vision tower and projector do not run).
+pub fn decode_weight_bytes(dev: &Device, m: &VlModel, batch: usize) -> f64 {
+    let t = m.tdims();
+    let elem = act_bytes(dev);
+    let body: usize = m
+        .param_entries()
+        .iter()
+        .filter(|(r, _)| !m.is_vision(&r.name) && !r.name.contains("embed_tokens") && !r.name.contains("multi_modal_projector") && r.name != "image_newline")
+        .map(|(r, _)| r.numel())
+        .sum();
+    let head = if t.tied { t.vocab * t.layer.d } else { 0 };
+    ((body + head + batch * t.layer.d) * elem) as f64
+}
+
+/// Decode steps at each batch size: prefill `ctx` tokens per slot, then `warmup` + `iters`
+/// sampled steps at temperature 1.
+pub fn decode(dev: &Device, m: &VlModel, batches: &[usize], ctx: usize, warmup: usize, iters: usize) -> Result<Vec<Result<DecodeCase>>> {
+    let t = m.tdims().clone();
+    let rows = if matches!(m.net, Net::Qwen(_)) { 3 } else { 1 };
+    let elem = act_bytes(dev);
+    let mut out = Vec::new();
     for &b in batches {
-        let mut cache = model.new_cache(dev, b, ctx + 64)?;
-        let mut rng = Rng::new(b as u64);
-        let ids: Vec<i32> = (0..b * ctx).map(|_| rng.below(150_000) as i32).collect();
-        let pos: Vec<i32> = (0..3).flat_map(|_| (0..b).flat_map(|_| 0..ctx as i32)).collect();
-        let cu: Vec<i32> = (0..=b).map(|i| (i * ctx) as i32).collect();
-        model.step_ragged(dev, &mut cache, &ids, &pos, &cu, None)?;
-        let mut sampler = Sampler::new(dev, b, t.vocab)?;
-        let params = vec![SampleParams::new(1.0, 0, 1.0)?; b];
-        let mut step = 0u64;
-        let mut tok: Vec<i32> = vec![1; b];
-        let cu1: Vec<i32> = (0..=b as i32).collect();
-        let mut one = || -> Result<()> {
-            let p = ctx as i32 + step as i32;
-            let pos1: Vec<i32> = (0..3 * b).map(|_| p).collect();
-            let logits = model.step_ragged(dev, &mut cache, &tok, &pos1, &cu1, None)?;
-            let keys: Vec<u64> = (0..b).map(|i| stream_key(0, 0, i as u64, step)).collect();
-            let drawn = sampler.sample(dev, &logits, b, &params, &keys)?;
-            tok = drawn.iter().map(|d| d.token).collect();
-            step += 1;
-            Ok(())
+        let case = (|| -> Result<DecodeCase> {
+            let max_len = ctx + warmup + iters + 1;
+            let mut cache = m.new_cache(dev, b, max_len)?;
+            let cache_bytes: usize = cache.layers.iter().map(|c| c.k.len() * c.k.dtype().size() + c.v.len() * c.v.dtype().size()).sum();
+            let ids = text_ids(m, b * ctx, b as u64);
+            let pos: Vec<i32> = (0..rows).flat_map(|_| (0..b).flat_map(|_| 0..ctx as i32)).collect();
+            let cu: Vec<i32> = (0..=b).map(|i| (i * ctx) as i32).collect();
+            m.step_ragged(dev, &mut cache, &ids, &pos, &cu, None)?;
+            let mut sampler = Sampler::new(dev, b, t.vocab)?;
+            let params = vec![SampleParams::new(1.0, 0, 1.0)?; b];
+            let (first, limit) = (text_ids(m, 1, 0)[0], text_limit(m));
+            let mut step = 0u64;
+            let mut tok: Vec<i32> = vec![first; b];
+            let cu1: Vec<i32> = (0..=b as i32).collect();
+            let watch = MemWatch::start(dev);
+            let secs = time_runs(dev, warmup, iters, &mut || {
+                let p = ctx as i32 + step as i32;
+                let pos1: Vec<i32> = vec![p; rows * b];
+                let logits = m.step_ragged(dev, &mut cache, &tok, &pos1, &cu1, None)?;
+                let keys: Vec<u64> = (0..b).map(|i| stream_key(0, 0, i as u64, step)).collect();
+                let drawn = sampler.sample(dev, &logits, b, &params, &keys)?;
+                // A sampled placeholder id would need an image: feed ordinary text instead.
+                tok = drawn.iter().map(|d| if d.token < limit { d.token } else { first }).collect();
+                step += 1;
+                Ok(())
+            });
+            let peak = super::measure::peak(&watch.finish());
+            let secs = secs?;
+            // Step i reads ctx + i + 1 cached rows per slot.
+            let mean_len = ctx as f64 + warmup as f64 + (iters as f64 - 1.0) / 2.0 + 1.0;
+            let kv_bytes = 2.0 * t.n_layers as f64 * b as f64 * mean_len * (t.layer.kv_heads * t.layer.head_dim * elem) as f64;
+            Ok(DecodeCase { batch: b, ctx, secs, weight_bytes: decode_weight_bytes(dev, m, b), kv_bytes, cache_bytes, peak })
+        })();
+        out.push(case);
+    }
+    Ok(out)
+}
+
+/// The first placeholder id (ids at or above it are not fed back as text).
+fn text_limit(m: &VlModel) -> i32 {
+    match &m.net {
+        Net::Qwen(q) => (q.cfg.image_token_id.min(q.cfg.video_token_id) as usize).min(m.tdims().vocab) as i32,
+        Net::Llava(l) => (l.cfg.image_token_index as usize).min(m.tdims().vocab) as i32,
+    }
+}
+
+const B_GEN: &str = "transformers generate, Qwen2.5-VL-7B, H200 (issue #14)";
+
+/// The workload suite: decode figures with the floor's bytes counted.
+pub fn suite(c: &Ctx) -> Result<Vec<Figure>> {
+    let (dev, set) = (c.dev, c.set);
+    let l = c.subject.load(dev, 0)?;
+    let mut out = Vec::new();
+    let cases = decode(dev, &l.model, &set.decode_batches, set.decode_ctx, set.decode_warmup, set.decode_iters)?;
+    let biggest = set.decode_batches.iter().copied().max().unwrap_or(0);
+    for (case, &b) in cases.into_iter().zip(&set.decode_batches) {
+        let name = format!("decode batch {b}, {} cached", set.decode_ctx);
+        let d = match case {
+            Ok(d) => d,
+            Err(e) => {
+                c.fail(&format!("rollout/{name}"), e);
+                continue;
+            }
         };
-        let ms = time_gpu(g, 2, if quick { 8 } else { 32 }, &mut one)?;
-        let kv = 2 * t.n_layers * b * (ctx + 16) * t.layer.kv_heads * t.layer.head_dim * 2;
-        let bytes = (weight_bytes + kv) as f64;
+        if b == biggest {
+            c.measured.borrow_mut().kv_cache = Some(d.cache_bytes);
+        }
+        let base: Option<Baseline> = match b {
+            1 => c.baseline(true, 14.7, "14.7", B_GEN),
+            32 => c.baseline(true, 445.0, "445", B_GEN),
+            _ => None,
+        };
+        let bytes = d.weight_bytes + d.kv_bytes;
+        out.push(Figure::rate("rollout", &format!("{name}: tok/s"), "tok/s", b as f64, &d.secs).with_baseline(base));
+        out.push(Figure::of("rollout", &format!("{name}: ms per step"), "ms", &d.secs.iter().map(|s| s * 1e3).collect::<Vec<_>>()).note(format!("floor at 4.2 TB/s: {} ms", super::report::num(bytes / HBM_BYTES_PER_S * 1e3))));
+        out.push(Figure::rate("rollout", &format!("{name}: GB/s of floor bytes"), "GB/s", bytes / 1e9, &d.secs));
+        if dev.is_cuda() {
+            out.push(Figure::rate("rollout", &format!("{name}: % of 4.2 TB/s floor"), "%", 100.0 * bytes / HBM_BYTES_PER_S, &d.secs));
+        }
+        out.push(Figure::single("rollout", &format!("{name}: weight bytes per step"), "GB", d.weight_bytes / 1e9));
+        out.push(Figure::single("rollout", &format!("{name}: KV bytes per step"), "GB", d.kv_bytes / 1e9).note(format!("mean over the timed steps; cache {} GiB", super::report::num(gib(d.cache_bytes as u64)))));
+        out.push(Figure::single("rollout", &format!("{name}: peak memory"), "GiB", gib(d.peak)).note(super::measure::memory_source(dev)));
+    }
+    Ok(out)
+}
+
+/// The kernel suite's form: the 7B-shaped Qwen2.5-VL on the GPU (no rows on the CPU).
+pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
+    if !dev.is_cuda() {
+        return Ok(Vec::new());
+    }
+    let model: VlModel = random_7b(dev)?.into();
+    let batches: &[usize] = if quick { &[1, 32] } else { &[1, 8, 32, 64, 128] };
+    let mut rows = Vec::new();
+    for case in decode(dev, &model, batches, 512, 2, if quick { 8 } else { 32 })? {
+        let d = case?;
+        let ms = super::report::stats(&d.secs).0 * 1e3;
+        let bytes = d.weight_bytes + d.kv_bytes;
         rows.push(BenchRow {
             op: "rollout decode step".into(),
-            shape: format!("batch {b}, {ctx} cached"),
+            shape: format!("batch {}, {} cached", d.batch, d.ctx),
             ms,
             bytes,
-            note: format!("{:.0} tok/s (transformers generate: 14.7 at batch 1, 445 at 32); floor {:.2} ms", b as f64 / (ms * 1e-3), bytes / 4.2e12 * 1e3),
+            note: format!("{:.0} tok/s (transformers generate: 14.7 at batch 1, 445 at 32); floor {:.2} ms", d.batch as f64 / (ms * 1e-3), bytes / HBM_BYTES_PER_S * 1e3),
             ..Default::default()
         });
     }

@@ -64,6 +64,11 @@ impl Optimizer {
         self.slots.iter().map(|s| s.n).sum()
     }
 
+    /// Bytes of the allocated state (masters and both moments), for memory accounting.
+    pub fn state_bytes(&self) -> usize {
+        self.slots.iter().map(|s| [&s.master, &s.m, &s.v].iter().map(|b| b.len() * b.dtype().size()).sum::<usize>()).sum()
+    }
+
     /// Global gradient norm over the trainable tensors, with `grad_scale` applied first.
     pub fn grad_norm(&self, dev: &Device, pg: &[(ParamRef, &mut Buf, &Buf)], grad_scale: f64) -> Result<f64> {
         let mut ss = 0f64;
