@@ -325,6 +325,19 @@ fn segments(model: &VlModel, pp: &Processor, tmpl: &TurnTemplate, bank: &mut Ima
     let counts: Vec<usize> = ids.iter().map(|&i| bank.tokens(i)).collect();
     let images: Vec<Vec<usize>> = d.turns.iter().map(|t| TurnTemplate::images_of(t).into_iter().map(|k| ids[k]).collect()).collect();
     let first = tmpl.first(d.system.as_deref(), &d.turns[0], &counts)?;
+    if !d.history.is_empty() {
+        // Given history: one prompt of the scripted replies, each closed by the template's
+        // end-of-turn as a cut reply would be, up to the last user turn; only that is generated.
+        if d.history.len() + 1 != d.turns.len() {
+            bail!("{} scripted answers for {} user turns (need one fewer)", d.history.len(), d.turns.len());
+        }
+        let mut seq = first;
+        for (k, reply) in d.history.iter().enumerate() {
+            seq.extend(tmpl.reply(reply).with_context(|| format!("the scripted answer to turn {}", k + 1))?);
+            seq.extend(tmpl.next(&d.turns[k + 1], false, &counts)?);
+        }
+        return Ok(Segments { first: seq, next: Vec::new(), images: vec![images.concat()] });
+    }
     let mut next = Vec::new();
     for t in &d.turns[1..] {
         next.push([tmpl.next(t, true, &counts)?, tmpl.next(t, false, &counts)?]);

@@ -14,6 +14,9 @@ pub struct DialogueSpec {
     pub images: Vec<PathBuf>,
     /// Where it was read (`file:line`), for messages.
     pub origin: String,
+    /// Scripted answers to every user turn but the last (SafeMT's `--history given`): then
+    /// only the last turn is generated, after this history. Empty: every turn is generated.
+    pub history: Vec<String>,
 }
 
 impl DialogueSpec {
@@ -29,13 +32,13 @@ impl DialogueSpec {
                 Role::Assistant => {}
             }
         }
-        DialogueSpec { id: s.id.clone(), system, turns, images: s.images.clone(), origin: s.origin.clone() }
+        DialogueSpec { id: s.id.clone(), system, turns, images: s.images.clone(), origin: s.origin.clone(), history: Vec::new() }
     }
 
     /// A one-turn dialogue (`am3 generate --prompt`): optional images first, then the text.
     pub fn single(prompt: &str, images: Vec<PathBuf>) -> DialogueSpec {
         let mut parts: Vec<Part> = (0..images.len()).map(Part::Image).collect();
         parts.push(Part::Text(prompt.to_string()));
-        DialogueSpec { id: "prompt".into(), system: None, turns: vec![parts], images, origin: "--prompt".into() }
+        DialogueSpec { id: "prompt".into(), system: None, turns: vec![parts], images, origin: "--prompt".into(), history: Vec::new() }
     }
 }

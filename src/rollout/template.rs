@@ -118,6 +118,15 @@ impl<'a> TurnTemplate<'a> {
         }
     }
 
+    /// The ids of a scripted (not generated) answer, which must not hold an image placeholder.
+    pub fn reply(&self, text: &str) -> Result<Vec<i32>> {
+        let ids = self.encode(text)?;
+        if ids.contains(&self.image_token) {
+            bail!("a scripted answer tokenizes to an image placeholder");
+        }
+        Ok(ids)
+    }
+
     /// The most ids `next` can add beyond its user block (the closing token).
     pub const CLOSE_EXTRA: usize = 1;
 

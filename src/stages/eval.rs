@@ -4,9 +4,9 @@
 //!
 //! `--history given` keeps the data's scripted history: the data's assistant turns (or, for
 //! SafeMT, `meta.scripted_replies`) are the previous answers and only the last user turn is
-//! answered. The rollout engine regenerates every assistant turn, so that mode is generated here
-//! by [`generate_given`]: the whole scripted prompt is prefilled through the same KV-cached
-//! ragged step, then only the last reply is decoded.
+//! answered: the rollout engine takes the scripted replies as the dialogue's history
+//! (`DialogueSpec::history`, see [`generate_given`]), prefills them as one prompt and decodes only
+//! the last reply.
 
 use crate::data::dataset::{load_jsonl_with, LoadOptions, Purpose, Role, Sample};
 use crate::data::safemt::load_safemt;
@@ -15,22 +15,17 @@ use crate::eval::{
     PairRecord, Report,
 };
 use crate::judge::{from_config, Judge, JudgeConfig, JudgeDialogue, PairQuery, PairVerdict, TurnScore};
-use crate::ops::elementwise::bias_add;
-use crate::ops::sample::{stream_key, SampleParams, Sampler};
-use crate::rollout::positions::{PosTracker, StepPositions};
-use crate::rollout::engine::dialogue_uid; // the engine's, so a one-turn dialogue samples the same stream
-use crate::rollout::template::TurnTemplate;
-use crate::rollout::{generate, DialogueSpec, ImageBank, Rollout, RolloutConfig, RolloutStats, TurnOut};
+use crate::ops::sample::SampleParams;
+use crate::rollout::{generate, DialogueSpec, ImageBank, Rollout, RolloutConfig, RolloutStats};
 use crate::stages::model::{Processor, VlModel};
 use crate::stages::sft::load_model;
 use crate::tensor::{Device, DevicePref};
 use crate::train::atomic::write_file_with;
 use crate::train::progress::Progress;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 use tokenizers::Tokenizer;
 
 /// Input layouts `--format` reads.
@@ -234,22 +229,10 @@ pub struct GivenSpec {
     pub history: Vec<String>,
 }
 
-struct GivenLive {
-    dialogue: usize,
-    index: usize,
-    seq: Vec<i32>,
-    fed: usize,
-    prompt_len: usize,
-    pos: PosTracker,
-    cur: Vec<i32>,
-    logps: Vec<f32>,
-}
-
-/// The last turn of every dialogue, answered `cfg.n` times after its scripted history. Each
-/// rollout's prompt is the engine's own multi-turn layout with the scripted replies in place of
-/// generated ones (first prompt, reply ids, the template's end-of-turn and next user turn, …);
-/// it is prefilled in one ragged step and decoded with the engine's sampler, ban and stream keys.
-/// Returns rollouts with one turn each (the last), ordered by (dialogue, index).
+/// The last turn of every dialogue, answered `cfg.n` times after its scripted history, by the
+/// rollout engine (`DialogueSpec::history`: the prompt is the engine's multi-turn layout with the
+/// scripted replies in place of generated ones). Returns rollouts with one turn each (the last),
+/// ordered by (dialogue, index).
 pub fn generate_given(
     dev: &Device,
     model: &VlModel,
@@ -259,150 +242,8 @@ pub fn generate_given(
     cfg: &RolloutConfig,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Vec<Rollout>, ImageBank, RolloutStats)> {
-    let t0 = Instant::now();
-    if cfg.n == 0 || cfg.max_new_tokens == 0 {
-        bail!("rollouts: n and max_new_tokens must be at least 1 (got {} and {})", cfg.n, cfg.max_new_tokens);
-    }
-    let tmpl = TurnTemplate::new(model, tok)?;
-    let mut bank = ImageBank::new();
-    let mut prompts: Vec<(Vec<i32>, Vec<usize>)> = Vec::with_capacity(specs.len());
-    for g in specs {
-        let d = &g.dialogue;
-        prompts.push(given_prompt(model, pp, tok, &tmpl, &mut bank, g).with_context(|| format!("dialogue {} ({})", d.id, d.origin))?);
-    }
-    let bound = prompts.iter().map(|p| p.0.len()).max().unwrap_or(0) + cfg.max_new_tokens;
-    let max_len = cfg.max_len.unwrap_or(bound);
-    if bound > max_len {
-        bail!("a prompt with its reply needs up to {bound} tokens, more than the cache's max_len {max_len}");
-    }
-    let total = specs.len() * cfg.n;
-    let slots_n = cfg.max_batch.max(1).min(total.max(1));
-    let mut stats = RolloutStats { slots: slots_n, max_len, ..Default::default() };
-    let mut out = Vec::with_capacity(total);
-    if total == 0 {
-        return Ok((out, bank, stats));
-    }
-    let t = model.tdims();
-    let (vocab, d_model) = (t.vocab, t.layer.d);
-    stats.cache_bytes = 2 * t.n_layers * slots_n * max_len * t.layer.kv_heads * t.layer.head_dim * if dev.is_cuda() { 2 } else { 4 };
-    let mut cache = model.new_cache(dev, slots_n, max_len)?;
-    let mut sampler = Sampler::new(dev, slots_n, vocab)?;
-    // The engine's ban: −inf on the placeholder ids (a sampled one would have no image behind it).
-    let mut ban = vec![0f32; vocab];
-    tmpl.banned.iter().filter(|&&b| (0..vocab as i32).contains(&b)).for_each(|&b| ban[b as usize] = f32::NEG_INFINITY);
-    let ban = dev.upload(&ban, model.param_entries()[0].1.dtype())?;
-    let mut queue = (0..specs.len()).flat_map(|d| (0..cfg.n).map(move |r| (d, r)));
-    let mut slots: Vec<Option<GivenLive>> = (0..slots_n).map(|_| None).collect();
-    loop {
-        for slot in slots.iter_mut().filter(|s| s.is_none()) {
-            let Some((d, r)) = queue.next() else { break };
-            let seq = prompts[d].0.clone();
-            *slot = Some(GivenLive { dialogue: d, index: r, prompt_len: seq.len(), seq, fed: 0, pos: PosTracker::new(model), cur: Vec::new(), logps: Vec::new() });
-        }
-        let busy: Vec<usize> = (0..slots_n).filter(|&s| slots[s].is_some()).collect();
-        if busy.is_empty() {
-            break;
-        }
-        let step_t0 = Instant::now();
-        let mut ids = Vec::new();
-        let mut cu = vec![0i32];
-        let mut pos = StepPositions::new(PosTracker::new(model).rows());
-        let mut step_images = Vec::new();
-        let mut prefill = false;
-        for slot in slots.iter_mut() {
-            if let Some(l) = slot {
-                let new = &l.seq[l.fed..];
-                // The whole prompt, images included, goes in the rollout's first step.
-                let imgs: &[usize] = if l.fed == 0 { &prompts[l.dialogue].1 } else { &[] };
-                let grids: Vec<[usize; 3]> = imgs.iter().filter_map(|&i| bank.grid(i)).collect();
-                pos.push(l.pos.append(new, &grids)?);
-                if l.fed == 0 {
-                    prefill = true;
-                    stats.prefill_tokens += new.len();
-                }
-                ids.extend_from_slice(new);
-                step_images.extend_from_slice(imgs);
-                l.fed = l.seq.len();
-            }
-            cu.push(ids.len() as i32);
-        }
-        let tv = Instant::now();
-        bank.ensure_embeds(dev, model, &step_images)?;
-        let rows = bank.rows_for(dev, &step_images, d_model)?;
-        stats.vision_s += tv.elapsed().as_secs_f64();
-        let mut logits = model.step_ragged(dev, &mut cache, &ids, &pos.finish(), &cu, rows.as_ref())?;
-        bias_add(dev, &mut logits, &ban, busy.len(), vocab)?;
-        let params = vec![cfg.sample; busy.len()];
-        let keys: Vec<u64> = busy
-            .iter()
-            .map(|&s| {
-                let l = slots[s].as_ref().expect("busy slot");
-                stream_key(cfg.seed, dialogue_uid(&specs[l.dialogue].dialogue.id), l.index as u64, l.cur.len() as u64)
-            })
-            .collect();
-        let drawn = sampler.sample(dev, &logits, busy.len(), &params, &keys)?;
-        stats.steps += 1;
-        stats.decode_tokens += drawn.len();
-        for (&s, d) in busy.iter().zip(&drawn) {
-            let l = slots[s].as_mut().expect("busy slot");
-            l.seq.push(d.token);
-            l.cur.push(d.token);
-            l.logps.push(d.logp);
-            let stopped = tmpl.stop_ids.contains(&d.token);
-            let cut = !stopped && l.cur.len() >= cfg.max_new_tokens;
-            if !(stopped || cut) {
-                continue;
-            }
-            let l = slots[s].take().expect("busy slot");
-            let reply = if stopped { &l.cur[..l.cur.len() - 1] } else { &l.cur[..] };
-            let turn = TurnOut { text: tmpl.decode(reply)?, ids: l.cur, logps: l.logps, span: l.prompt_len..l.seq.len(), stopped, cut };
-            stats.turns += 1;
-            stats.cut_turns += cut as usize;
-            cache.reset(dev, s)?;
-            out.push(Rollout { dialogue: l.dialogue, index: l.index, turns: vec![turn], seq: l.seq, images: prompts[l.dialogue].1.clone() });
-            progress(out.len(), total);
-        }
-        dev.sync()?;
-        let dt = step_t0.elapsed().as_secs_f64();
-        if prefill {
-            stats.prefill_s += dt;
-        } else {
-            stats.decode_s += dt;
-        }
-    }
-    out.sort_by_key(|r| (r.dialogue, r.index));
-    stats.rollouts = out.len();
-    stats.total_s = t0.elapsed().as_secs_f64();
-    Ok((out, bank, stats))
-}
-
-/// One given-history prompt's ids and its images (bank indexes, in prompt order).
-fn given_prompt(model: &VlModel, pp: &Processor, tok: &Tokenizer, tmpl: &TurnTemplate, bank: &mut ImageBank, g: &GivenSpec) -> Result<(Vec<i32>, Vec<usize>)> {
-    let d = &g.dialogue;
-    if d.turns.is_empty() {
-        bail!("no user turn");
-    }
-    if g.history.len() + 1 != d.turns.len() {
-        bail!("{} scripted answers for {} user turns (need one fewer)", g.history.len(), d.turns.len());
-    }
-    let mut ids = Vec::with_capacity(d.images.len());
-    for (k, p) in d.images.iter().enumerate() {
-        ids.push(bank.add(model, pp, p).with_context(|| format!("image {} ({})", k + 1, p.display()))?);
-    }
-    let counts: Vec<usize> = ids.iter().map(|&i| bank.tokens(i)).collect();
-    let mut seq = tmpl.first(d.system.as_deref(), &d.turns[0], &counts)?;
-    for (k, reply) in g.history.iter().enumerate() {
-        let enc = tok.encode(reply.as_str(), false).map_err(|e| anyhow!("tokenizing the scripted answer to turn {}: {e}", k + 1))?;
-        let reply_ids: Vec<i32> = enc.get_ids().iter().map(|&i| i as i32).collect();
-        if reply_ids.contains(&tmpl.image_token) {
-            bail!("the scripted answer to turn {} tokenizes to an image placeholder", k + 1);
-        }
-        seq.extend(reply_ids);
-        // As after a reply cut at max_new_tokens: the template's end-of-turn closes it.
-        seq.extend(tmpl.next(&d.turns[k + 1], false, &counts)?);
-    }
-    let images = d.turns.iter().flat_map(|t| TurnTemplate::images_of(t)).map(|k| ids[k]).collect();
-    Ok((seq, images))
+    let dialogues: Vec<DialogueSpec> = specs.iter().map(|g| DialogueSpec { history: g.history.clone(), ..g.dialogue.clone() }).collect();
+    generate(dev, model, tok, pp, &dialogues, cfg, progress)
 }
 
 /// Generates the answers of `model` to every sample: JudgeDialogues with `answers[rollout]`
