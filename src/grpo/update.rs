@@ -10,8 +10,8 @@
 use crate::models::qwen2_5_vl::model::Recompute;
 use crate::ops::grpo::{cpu::token, Aggregation, GrpoHyper};
 use crate::stages::examples::{micro_batches, pack, Example};
-use crate::stages::model::VlModel;
-use crate::tensor::{DType, Device};
+use crate::stages::model::{VlFwd, VlModel};
+use crate::tensor::{Buf, DType, Device};
 use anyhow::Result;
 
 /// One rollout ready for the update.
@@ -44,17 +44,22 @@ pub fn micro(rows: &[TrainRow], mini: &[usize], batch_tokens: usize) -> Vec<Vec<
     micro_batches(mini, &lens, batch_tokens)
 }
 
+/// The forward of micro-batch `mb` packed, with the head at temperature `temp`: (forward,
+/// targets, weights) on the device.
+fn forward_at(dev: &Device, model: &VlModel, rows: &[TrainRow], mb: &[usize], temp: f32, rc: &Recompute) -> Result<(VlFwd, Buf, Buf)> {
+    let refs: Vec<&Example> = mb.iter().map(|&i| &rows[i].example).collect();
+    let p = pack(&refs);
+    let mut f = model.forward(dev, &p, rc)?;
+    model.scale_final_hidden(dev, &mut f, 1.0 / temp)?;
+    Ok((f, dev.upload_i32(&p.targets)?, dev.upload(&p.weights, DType::F32)?))
+}
+
 /// Log-probs of every row's generated tokens at temperature `temp`, no gradient (the old
 /// policy or the reference), packed as in the update so that equal weights give equal bits.
 pub fn logprobs(dev: &Device, model: &VlModel, rows: &[TrainRow], mbs: &[Vec<usize>], temp: f32, rc: &Recompute) -> Result<Vec<Vec<f32>>> {
     let mut out: Vec<Vec<f32>> = rows.iter().map(|_| Vec::new()).collect();
     for mb in mbs {
-        let refs: Vec<&Example> = mb.iter().map(|&i| &rows[i].example).collect();
-        let p = pack(&refs);
-        let mut f = model.forward(dev, &p, rc)?;
-        model.scale_final_hidden(dev, &mut f, 1.0 / temp)?;
-        let targets = dev.upload_i32(&p.targets)?;
-        let w = dev.upload(&p.weights, DType::F32)?;
+        let (f, targets, w) = forward_at(dev, model, rows, mb, temp, rc)?;
         let (logp, _) = model.logprobs(dev, &f, &targets, Some(&w))?;
         let lp = dev.to_vec(&logp)?;
         let mut off = 0;
@@ -102,12 +107,7 @@ pub fn pass(dev: &Device, model: &mut VlModel, rows: &[TrainRow], mbs: &[Vec<usi
         return Ok(st);
     }
     for mb in mbs {
-        let refs: Vec<&Example> = mb.iter().map(|&i| &rows[i].example).collect();
-        let p = pack(&refs);
-        let mut f = model.forward(dev, &p, rc)?;
-        model.scale_final_hidden(dev, &mut f, 1.0 / temp)?;
-        let targets = dev.upload_i32(&p.targets)?;
-        let w = dev.upload(&p.weights, DType::F32)?;
+        let (f, targets, w) = forward_at(dev, model, rows, mb, temp, rc)?;
         let (logp, lse, ent) = model.logprobs_entropy(dev, &f, &targets, Some(&w))?;
         let (lp, en) = (dev.to_vec(&logp)?, dev.to_vec(&ent)?);
         let mut dlogp = vec![0f32; lp.len()];

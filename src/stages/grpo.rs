@@ -13,7 +13,7 @@ use crate::grpo::reward::{group_reward, weight_stats, RewardHyper, TurnWeighting
 use crate::grpo::update::{self, TrainRow};
 use crate::judge::stream::Streaming;
 use crate::judge::{config::JudgeConfig, from_config, Judge, JudgeOutput};
-use crate::models::common::lora::{LoraConfig, DEFAULT_TARGETS};
+use crate::models::common::lora::LoraConfig;
 use crate::models::qwen2_5_vl::model::Recompute;
 use crate::ops::adamw::AdamW;
 use crate::ops::grpo::{Aggregation, GrpoHyper};
@@ -22,7 +22,7 @@ use crate::rng::Rng;
 use crate::grpo::memory::MemoryPlan;
 use crate::rollout::engine::cache_plan;
 use crate::rollout::{generate_with, DialogueSpec, Rollout, RolloutConfig};
-use crate::stages::lora::LoraSave;
+use crate::stages::lora::{resolve_lora, LoraSave};
 use crate::stages::model::VlModel;
 use crate::stages::sft::{latest_checkpoint, load_model, memory_in_use, save_side_files, Loaded};
 use crate::train::exact_json;
@@ -206,20 +206,7 @@ impl GrpoArgs {
         let loss_agg = self.loss_agg.clone().unwrap_or_else(|| "token-mean".into());
         agg_of(&loss_agg)?;
         let judge = self.judge.clone().unwrap_or_else(|| jcfg.kind.clone());
-        let lora_rank = self.lora_rank.unwrap_or(0);
-        let (lora_alpha, lora_targets, lora_save) = if lora_rank == 0 {
-            if self.lora_alpha.is_some() || self.lora_targets.is_some() || self.lora_save.is_some() {
-                bail!("--lora-alpha, --lora-targets and --lora-save need --lora-rank > 0");
-            }
-            (0.0, Vec::new(), String::new())
-        } else {
-            let alpha = self.lora_alpha.unwrap_or(2.0 * lora_rank as f64);
-            let targets = self.lora_targets.as_deref().map(LoraConfig::parse_targets).unwrap_or_else(|| DEFAULT_TARGETS.map(String::from).to_vec());
-            let save = self.lora_save.clone().unwrap_or_else(|| "merged".into());
-            save.parse::<LoraSave>()?;
-            LoraConfig { rank: lora_rank, alpha, targets: targets.clone(), seed: 0 }.validate()?;
-            (alpha, targets, save)
-        };
+        let (lora_rank, lora_alpha, lora_targets, lora_save) = resolve_lora(self.lora_rank, self.lora_alpha, self.lora_targets.as_deref(), self.lora_save.as_deref())?;
         let plan = GrpoPlan {
             judge,
             steps,

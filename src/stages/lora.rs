@@ -260,3 +260,27 @@ pub fn resolve_base_in(base: &str, adapter_dir: &Path, caches: &[PathBuf]) -> Re
     }
     bail!("{}: the base model `{base}` is neither a model directory nor a hub id in the local HF cache (download it, or edit base_model_name_or_path)", file.display())
 }
+
+/// Most LoRA rank a flag accepts (the model's own limit is checked when the adapters are made).
+pub const MAX_LORA_RANK: u64 = 65_536;
+
+/// A stage's LoRA flags, checked: (rank, alpha, targets, save); rank 0 is a full fine-tune and
+/// then the other flags must be absent. Defaults: alpha = 2·rank, the seven projections of every
+/// text layer, `merged`.
+pub fn resolve_lora(rank: Option<usize>, alpha: Option<f64>, targets: Option<&str>, save: Option<&str>) -> Result<(usize, f64, Vec<String>, String)> {
+    use crate::models::common::lora::DEFAULT_TARGETS;
+    use crate::train::flags::{float_in, int_in, End};
+    let rank = int_in("--lora-rank", rank.unwrap_or(0), 0, MAX_LORA_RANK)?;
+    if rank == 0 {
+        if alpha.is_some() || targets.is_some() || save.is_some() {
+            bail!("--lora-alpha, --lora-targets and --lora-save need --lora-rank > 0");
+        }
+        return Ok((0, 0.0, Vec::new(), String::new()));
+    }
+    let alpha = float_in("--lora-alpha", alpha.unwrap_or(2.0 * rank as f64), 0.0, End::Open, 1e6, End::Closed)?;
+    let targets = targets.map(LoraConfig::parse_targets).unwrap_or_else(|| DEFAULT_TARGETS.map(String::from).to_vec());
+    let save = save.unwrap_or("merged").to_string();
+    save.parse::<LoraSave>()?;
+    LoraConfig { rank, alpha, targets: targets.clone(), seed: 0 }.validate()?;
+    Ok((rank, alpha, targets, save))
+}

@@ -20,8 +20,8 @@ use crate::models::qwen2_5_vl::chat::load_tokenizer;
 use crate::models::qwen2_5_vl::config::{QwenPreprocessorConfig, QwenVlConfig};
 use crate::models::qwen2_5_vl::model::{QwenVl, Recompute};
 use crate::train::optim::slot_key;
-use super::lora::LoraSave;
-use crate::models::common::lora::{LoraConfig, DEFAULT_TARGETS};
+use super::lora::{resolve_lora, LoraSave, MAX_LORA_RANK};
+use crate::models::common::lora::LoraConfig;
 use crate::models::common::params::GradStore;
 use crate::models::{limits, tiny};
 use crate::ops::adamw::AdamW;
@@ -48,7 +48,7 @@ const STEPS: (u64, u64) = (1, 1_000_000_000);
 const BATCH_TOKENS: (u64, u64) = (16, 1 << 30);
 const GRAD_ACCUM: (u64, u64) = (1, 65_536);
 const SAVE_EVERY: (u64, u64) = (1, 1_000_000_000);
-const LORA_RANK: (u64, u64) = (0, 65_536);
+const LORA_RANK: (u64, u64) = (0, MAX_LORA_RANK);
 const ANY: (u64, u64) = (0, u64::MAX);
 
 /// Every SFT setting. Flags override `--config FILE.toml`, which overrides these defaults.
@@ -211,20 +211,7 @@ impl SftArgs {
         if let Some(k) = self.stop_after {
             int_in("--stop-after", k, STEPS.0, STEPS.1)?;
         }
-        let lora_rank = int_in("--lora-rank", self.lora_rank.unwrap_or(0), LORA_RANK.0, LORA_RANK.1)?;
-        let (lora_alpha, lora_targets, lora_save) = if lora_rank == 0 {
-            if self.lora_alpha.is_some() || self.lora_targets.is_some() || self.lora_save.is_some() {
-                bail!("--lora-alpha, --lora-targets and --lora-save need --lora-rank > 0");
-            }
-            (0.0, Vec::new(), String::new())
-        } else {
-            let alpha = float_in("--lora-alpha", self.lora_alpha.unwrap_or(2.0 * lora_rank as f64), 0.0, Open, 1e6, Closed)?;
-            let targets = self.lora_targets.as_deref().map(LoraConfig::parse_targets).unwrap_or_else(|| DEFAULT_TARGETS.map(String::from).to_vec());
-            let save = self.lora_save.clone().unwrap_or_else(|| "merged".into());
-            save.parse::<LoraSave>()?;
-            LoraConfig { rank: lora_rank, alpha, targets: targets.clone(), seed: 0 }.validate()?;
-            (alpha, targets, save)
-        };
+        let (lora_rank, lora_alpha, lora_targets, lora_save) = resolve_lora(self.lora_rank, self.lora_alpha, self.lora_targets.as_deref(), self.lora_save.as_deref())?;
         let grad_dtype = self.grad_dtype.clone().unwrap_or_else(default_grad_dtype);
         if grad_dtype != "auto" {
             grad_dtype.parse::<GradStore>().context("--grad-dtype (auto, f32 or bf16)")?;
