@@ -168,6 +168,10 @@ fn too_long_dialogue_and_bad_image_are_errors_naming_the_dialogue() {
     let cfg = RolloutConfig { n: 2, max_new_tokens: 16, sample: SampleParams::greedy(), seed: 0, max_batch: 4, max_len: Some(20) };
     let err = format!("{:#}", generate(&dev, &l.model, &l.tok, &l.pp, &specs, &cfg, &mut |_, _| {}).unwrap_err());
     assert!(err.contains(&specs[0].id) && err.contains("max_len 20"), "{err}");
+    let mut long = specs[0].clone();
+    long.turns[0].push(Part::Text("a b c d e f g h ".repeat(2000)));
+    let err = format!("{:#}", generate(&dev, &l.model, &l.tok, &l.pp, &[long], &greedy(1, 4, 1), &mut |_, _| {}).unwrap_err());
+    assert!(err.contains("max_position_embeddings"), "{err}");
     let mut bad = specs[0].clone();
     bad.images = vec![demo("does-not-exist.png")];
     bad.turns[0] = vec![Part::Image(0), Part::Text("What is this?".into())];

@@ -143,6 +143,10 @@ pub fn generate_with(
     for d in dialogues {
         let s = segments(model, pp, &tmpl, &mut bank, d).with_context(|| format!("dialogue {} ({})", d.id, d.origin))?;
         let len = dialogue_bound(&s, cfg.max_new_tokens);
+        let limit = model.max_positions();
+        if len > limit {
+            bail!("dialogue {} ({}): up to {len} tokens with {} turns of at most {} new tokens, more than the model's max_position_embeddings {limit}", d.id, d.origin, d.turns.len(), cfg.max_new_tokens);
+        }
         if let Some(m) = cfg.max_len {
             if len > m {
                 bail!("dialogue {} ({}): up to {len} tokens with {} turns of at most {} new tokens, more than the cache's max_len {m}", d.id, d.origin, d.turns.len(), cfg.max_new_tokens);
