@@ -14,6 +14,7 @@ use crate::grpo::update::{self, TrainRow};
 use crate::judge::stream::Streaming;
 use crate::judge::{config::JudgeConfig, from_config, Judge, JudgeOutput};
 use crate::models::common::lora::LoraConfig;
+use crate::models::common::params::GradStore;
 use crate::models::qwen2_5_vl::model::Recompute;
 use crate::ops::adamw::AdamW;
 use crate::ops::grpo::{Aggregation, GrpoHyper};
@@ -128,6 +129,10 @@ pub struct GrpoArgs {
     /// merged | adapter.
     #[arg(long)]
     pub lora_save: Option<String>,
+    /// auto | f32 | bf16: storage of the linear-layer weight gradients (as `am3 sft`); auto picks
+    /// bf16 on a GPU when a full fine-tune's f32 gradients would not fit.
+    #[arg(long)]
+    pub grad_dtype: Option<String>,
     #[arg(long, conflicts_with = "overwrite")]
     #[serde(skip)]
     pub resume: bool,
@@ -179,6 +184,12 @@ pub struct GrpoPlan {
     pub lora_targets: Vec<String>,
     #[serde(default)]
     pub lora_save: String,
+    #[serde(default = "auto")]
+    pub grad_dtype: String,
+}
+
+fn auto() -> String {
+    "auto".into()
 }
 
 fn range<T: PartialOrd + std::fmt::Display + Copy>(name: &str, v: T, lo: T, hi: T) -> Result<T> {
@@ -199,7 +210,7 @@ impl GrpoArgs {
             table.remove("judge");
             let file: GrpoArgs = table.try_into().with_context(|| format!("{}: bad GRPO config", path.display()))?;
             macro_rules! merge { ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f.clone(); } )* } }
-            merge!(model, data, out, judge, steps, dialogues_per_step, n, max_new_tokens, temperature, top_p, top_k, lr, ppo_epochs, mini_batch, batch_tokens, lambda, tau, beta_help, eps_low, eps_high, beta_kl, turn_weighting, loss_agg, skip_flat, seed, save_every, clip, recompute, max_batch, lora_rank, lora_alpha, lora_targets, lora_save);
+            merge!(model, data, out, judge, steps, dialogues_per_step, n, max_new_tokens, temperature, top_p, top_k, lr, ppo_epochs, mini_batch, batch_tokens, lambda, tau, beta_help, eps_low, eps_high, beta_kl, turn_weighting, loss_agg, skip_flat, seed, save_every, clip, recompute, max_batch, lora_rank, lora_alpha, lora_targets, lora_save, grad_dtype);
         }
         let steps = range("steps", self.steps.unwrap_or(8), 1, 100_000_000)?;
         let n = range("n", self.n.unwrap_or(8), 1, 4096)?;
@@ -239,6 +250,13 @@ impl GrpoArgs {
             lora_alpha,
             lora_targets,
             lora_save,
+            grad_dtype: {
+                let g = self.grad_dtype.clone().unwrap_or_else(auto);
+                if g != "auto" {
+                    g.parse::<GradStore>().context("--grad-dtype (auto, f32 or bf16)")?;
+                }
+                g
+            },
         };
         Ok((self, plan, jcfg))
     }
@@ -340,6 +358,23 @@ impl Trainer {
         }
         let specs: Vec<DialogueSpec> = loaded.samples.iter().map(DialogueSpec::from_sample).collect();
         let judge = from_config(&plan.judge, jcfg, dev)?;
+        // Gradient storage before the gradients exist: bf16 linear-weight gradients when asked,
+        // or (auto) when a full fine-tune's f32 gradients, masters and moments would not fit.
+        let bf16 = match plan.grad_dtype.as_str() {
+            "auto" => match dev {
+                Device::Cuda(g) if plan.lora_rank == 0 => {
+                    // The weights (and the reference) are loaded already; 16 B per parameter are
+                    // f32 gradients plus master, exp_avg and exp_avg_sq.
+                    let n: usize = l.model.param_entries().iter().map(|(r, _)| r.numel()).sum();
+                    (n * 16) as f64 > 0.85 * g.mem_info().0 as f64
+                }
+                _ => false,
+            },
+            s => s.parse::<GradStore>()? == GradStore::Bf16Linear,
+        };
+        if bf16 {
+            l.model.set_grad_store(GradStore::Bf16Linear);
+        }
         let has_grad = l.model.grad_keys(dev)?;
         let trainable = move |r: &crate::models::common::params::ParamRef| has_grad.contains(&slot_key(r));
         let hp = AdamW { lr: plan.lr as f32, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
