@@ -254,7 +254,7 @@ fn given_matches_full_forward(l: &Loaded, stop: &[i32]) {
     let max_new = 10;
     // 3 slots for 4 prompts: one is admitted after another finishes.
     let cfg = RolloutConfig { n: 1, max_new_tokens: max_new, sample: SampleParams::greedy(), seed: 0, max_batch: 3, max_len: None };
-    let (rollouts, bank, stats) = generate_given(&dev, &l.model, &l.tok, &l.pp, &specs, &cfg, &mut |_, _| {}).unwrap();
+    let (rollouts, mut bank, stats) = generate_given(&dev, &l.model, &l.tok, &l.pp, &specs, &cfg, &mut |_, _| {}).unwrap();
     assert_eq!(rollouts.len(), specs.len());
     assert_eq!(stats.slots, 3);
     let v = l.model.tdims().vocab;
@@ -269,7 +269,7 @@ fn given_matches_full_forward(l: &Loaded, stop: &[i32]) {
         for h in &specs[r.dialogue].history {
             assert!(text.contains(h.as_str()), "the prompt lacks the scripted reply {h:?}: {text}");
         }
-        let ex = r.example(&l.model, &bank, "given").unwrap();
+        let ex = r.example(&l.model, &mut bank, "given").unwrap();
         let f = l.model.forward(&dev, &pack(&[&ex]), &Recompute::default()).unwrap();
         let logits = dev.to_vec(&l.model.logits(&dev, &f).unwrap()).unwrap();
         for p in t.span.clone() {

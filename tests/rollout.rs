@@ -39,7 +39,7 @@ fn greedy(n: usize, max_new: usize, max_batch: usize) -> RolloutConfig {
 }
 
 /// Argmax of a full forward over each rollout's sequence equals every generated token.
-fn check_against_full_forward(dev: &Device, model: &VlModel, bank: &ImageBank, rollouts: &[Rollout], stop: &[i32], max_new: usize) {
+fn check_against_full_forward(dev: &Device, model: &VlModel, bank: &mut ImageBank, rollouts: &[Rollout], stop: &[i32], max_new: usize) {
     let v = model.tdims().vocab;
     for r in rollouts {
         let ex = r.example(model, bank, "check").unwrap();
@@ -65,14 +65,14 @@ fn run_family(l: &Loaded, stop: &[i32]) {
     let specs = dialogues(6);
     let (max_new, n) = (10, 2);
     // 3 slots for 12 rollouts: dialogues are admitted as slots free up.
-    let (batched, bank, stats) = generate(&dev, &l.model, &l.tok, &l.pp, &specs, &greedy(n, max_new, 3), &mut |_, _| {}).unwrap();
+    let (batched, mut bank, stats) = generate(&dev, &l.model, &l.tok, &l.pp, &specs, &greedy(n, max_new, 3), &mut |_, _| {}).unwrap();
     assert_eq!(batched.len(), specs.len() * n);
     assert_eq!(stats.slots, 3);
     assert!(stats.steps > 0 && stats.decode_tokens == batched.iter().map(|r| r.generated_tokens()).sum::<usize>());
     for r in &batched {
         assert_eq!(r.turns.len(), specs[r.dialogue].turns.len(), "every user turn gets an answer");
     }
-    check_against_full_forward(&dev, &l.model, &bank, &batched, stop, max_new);
+    check_against_full_forward(&dev, &l.model, &mut bank, &batched, stop, max_new);
     // Each dialogue alone (one slot per rollout) gives the same sequences.
     for (di, d) in specs.iter().enumerate() {
         let (alone, _, _) = generate(&dev, &l.model, &l.tok, &l.pp, std::slice::from_ref(d), &greedy(n, max_new, n), &mut |_, _| {}).unwrap();
@@ -119,9 +119,9 @@ fn shared_prefix_copy_decodes_like_its_own_prefill() {
     let (rollouts, bank, _) = generate(&dev, m, &l.tok, &l.pp, std::slice::from_ref(spec), &cfg(1), &mut |_, _| {}).unwrap();
     let r = &rollouts[0];
     let prompt = r.turns[0].span.start;
-    let ex = r.example(m, &bank, "p").unwrap();
-    let d = m.tdims().layer.d;
     let mut bank = bank;
+    let ex = r.example(m, &mut bank, "p").unwrap();
+    let d = m.tdims().layer.d;
     let k = spec.turns[0].iter().filter(|p| matches!(p, Part::Image(_))).count();
     bank.ensure_embeds(&dev, m, &r.images[..k]).unwrap();
     let rows = bank.rows_for(&dev, &r.images[..k], d).unwrap();
@@ -177,6 +177,15 @@ fn too_long_dialogue_and_bad_image_are_errors_naming_the_dialogue() {
     bad.turns[0] = vec![Part::Image(0), Part::Text("What is this?".into())];
     let err = format!("{:#}", generate(&dev, &l.model, &l.tok, &l.pp, &[bad.clone()], &greedy(1, 4, 1), &mut |_, _| {}).unwrap_err());
     assert!(err.contains(&bad.id) && err.contains("does-not-exist.png"), "{err}");
+    // A truncated PNG: its header gives the size, its pixels fail when the tower needs them,
+    // and the error still names the file and the dialogue.
+    let png = std::fs::read_dir(demo("images")).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|x| x == "png")).unwrap();
+    let cut = std::env::temp_dir().join(format!("am3-rollout-truncated-{}.png", std::process::id()));
+    std::fs::write(&cut, &std::fs::read(&png).unwrap()[..60]).unwrap();
+    bad.images = vec![cut.clone()];
+    let err = format!("{:#}", generate(&dev, &l.model, &l.tok, &l.pp, &[bad.clone()], &greedy(1, 4, 1), &mut |_, _| {}).unwrap_err());
+    assert!(err.contains(&bad.id) && err.contains("truncated"), "{err}");
+    std::fs::remove_file(cut).ok();
 }
 
 /// On a GPU (bf16): greedy rollouts over a short horizon equal the full forward's argmax at
@@ -186,12 +195,12 @@ fn cuda_greedy_equals_full_forward_where_margins_are_clear() {
     let Some(dev) = common::cuda_or_skip("cuda_greedy_equals_full_forward_where_margins_are_clear") else { return };
     let l = load_model(&dev, None, 0).unwrap();
     let specs = dialogues(6);
-    let (rollouts, bank, stats) = generate(&dev, &l.model, &l.tok, &l.pp, &specs, &greedy(2, 4, 3), &mut |_, _| {}).unwrap();
+    let (rollouts, mut bank, stats) = generate(&dev, &l.model, &l.tok, &l.pp, &specs, &greedy(2, 4, 3), &mut |_, _| {}).unwrap();
     println!("cuda rollouts: {stats:?}");
     let v = l.model.tdims().vocab;
     let (mut checked, mut close) = (0, 0);
     for r in &rollouts {
-        let ex = r.example(&l.model, &bank, "gpu").unwrap();
+        let ex = r.example(&l.model, &mut bank, "gpu").unwrap();
         let p = pack(&[&ex]);
         let f = l.model.forward(&dev, &p, &Recompute::default()).unwrap();
         let logits = dev.to_vec(&l.model.logits(&dev, &f).unwrap()).unwrap();

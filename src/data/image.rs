@@ -34,6 +34,16 @@ impl RgbImage {
     }
 }
 
+/// (height, width) of a PNG or JPEG file from its header, without decoding the pixels.
+pub fn image_size(path: impl AsRef<Path>) -> Result<(usize, usize)> {
+    let path = path.as_ref();
+    let (w, h) = image::image_dimensions(path).with_context(|| format!("reading the size of image {} (not a readable PNG or JPEG)", path.display()))?;
+    if w == 0 || h == 0 {
+        bail!("image {} is empty ({w}x{h})", path.display());
+    }
+    Ok((h as usize, w as usize))
+}
+
 /// Reads and decodes a PNG or JPEG file.
 pub fn load_rgb(path: impl AsRef<Path>) -> Result<RgbImage> {
     let path = path.as_ref();

@@ -137,11 +137,11 @@ pub fn generate_with(
         bail!("rollouts: max_batch {} is smaller than the {} rollouts of one dialogue", cfg.max_batch, cfg.n);
     }
     let tmpl = TurnTemplate::new(model, tok)?;
-    let mut bank = ImageBank::new();
+    let mut bank = ImageBank::new(pp);
     let mut segs = Vec::with_capacity(dialogues.len());
     let mut bound = 0usize;
     for d in dialogues {
-        let s = segments(model, pp, &tmpl, &mut bank, d).with_context(|| format!("dialogue {} ({})", d.id, d.origin))?;
+        let s = segments(model, &tmpl, &mut bank, d).with_context(|| format!("dialogue {} ({})", d.id, d.origin))?;
         let len = dialogue_bound(&s, cfg.max_new_tokens);
         let limit = model.max_positions();
         if len > limit {
@@ -318,13 +318,13 @@ pub fn generate_with(
 }
 
 /// The prompt segments of one dialogue, its images added to the bank.
-fn segments(model: &VlModel, pp: &Processor, tmpl: &TurnTemplate, bank: &mut ImageBank, d: &DialogueSpec) -> Result<Segments> {
+fn segments(model: &VlModel, tmpl: &TurnTemplate, bank: &mut ImageBank, d: &DialogueSpec) -> Result<Segments> {
     if d.turns.is_empty() {
         bail!("no user turn");
     }
     let mut ids = Vec::with_capacity(d.images.len());
     for (k, p) in d.images.iter().enumerate() {
-        ids.push(bank.add(model, pp, p).with_context(|| format!("image {} ({})", k + 1, p.display()))?);
+        ids.push(bank.add(model, p, &format!("dialogue {} ({})", d.id, d.origin)).with_context(|| format!("image {} ({})", k + 1, p.display()))?);
     }
     let counts: Vec<usize> = ids.iter().map(|&i| bank.tokens(i)).collect();
     let images: Vec<Vec<usize>> = d.turns.iter().map(|t| TurnTemplate::images_of(t).into_iter().map(|k| ids[k]).collect()).collect();
@@ -365,10 +365,10 @@ pub fn kv_bytes(dev: &Device, model: &VlModel, slots: usize, max_len: usize) -> 
 /// dialogue's bound (prompt segments + turns × max_new_tokens), computed without generating.
 pub fn cache_plan(dev: &Device, model: &VlModel, tok: &Tokenizer, pp: &Processor, dialogues: &[DialogueSpec], slots: usize, max_new_tokens: usize) -> Result<(usize, usize)> {
     let tmpl = TurnTemplate::new(model, tok)?;
-    let mut bank = ImageBank::new();
+    let mut bank = ImageBank::new(pp);
     let mut bound = 1;
     for d in dialogues {
-        let s = segments(model, pp, &tmpl, &mut bank, d).with_context(|| format!("dialogue {} ({})", d.id, d.origin))?;
+        let s = segments(model, &tmpl, &mut bank, d).with_context(|| format!("dialogue {} ({})", d.id, d.origin))?;
         bound = bound.max(dialogue_bound(&s, max_new_tokens));
     }
     Ok((bound, kv_bytes(dev, model, slots, bound)))

@@ -11,7 +11,7 @@ use crate::stages::model::{Net, VlModel};
 use anyhow::Result;
 
 impl Rollout {
-    pub fn example(&self, model: &VlModel, bank: &ImageBank, id: &str) -> Result<Example> {
+    pub fn example(&self, model: &VlModel, bank: &mut ImageBank, id: &str) -> Result<Example> {
         let n = self.seq.len();
         let gen = self.generated_mask();
         let vocab = model.tdims().vocab as i32;
@@ -25,7 +25,7 @@ impl Rollout {
                 weights[t] = gen[t + 1] as f32;
             }
         }
-        let (pixels, grids, image_sizes) = bank.inputs(&self.images);
+        let (pixels, grids, image_sizes) = bank.inputs(&self.images)?;
         let pos3 = match &model.net {
             Net::Qwen(m) => mrope_positions(&self.seq, &grids, &m.cfg)?.0,
             Net::Llava(_) => Vec::new(),

@@ -1,11 +1,14 @@
-//! The images of one engine call: each distinct file is decoded and preprocessed once, and its
-//! embeddings (vision tower + merger/projector) are computed once, when a rollout first shows
-//! it, then shared by every rollout that shows it. The tower runs on several images per call,
-//! up to a patch budget, so its activations stay small.
+//! The images of one engine call. Each distinct file is registered once: its size is read from
+//! the header, which is all the prompt needs (placeholder counts, Qwen's grid). The pixels are
+//! decoded and preprocessed only when a rollout first shows the image, run through the vision
+//! tower (several images per call, up to a patch budget) and dropped; the embeddings are shared
+//! by every rollout that shows it. So a call over a whole benchmark file never holds every
+//! image's pixels at once. A training example re-prepares the pixels it needs (`inputs`).
 
+use crate::data::image::image_size;
 use crate::models::llava_next::packing::AnyresGeometry;
 use crate::models::llava_next::processor::process_image_file as process_llava;
-use crate::models::qwen2_5_vl::processor::process_image_file as process_qwen;
+use crate::models::qwen2_5_vl::processor::{grid_for_size, image_tokens, process_image_file as process_qwen};
 use crate::ops::patch_embed::{gather_rows, scatter_rows, RowIndex};
 use crate::stages::model::{Net, Processor, VlModel};
 use crate::tensor::{Buf, Device};
@@ -16,104 +19,130 @@ use std::path::{Path, PathBuf};
 /// Most vision patches (Qwen) or tiles × 576 (LLaVA) per tower call.
 const PATCH_BUDGET: usize = 16384;
 
-/// One preprocessed image.
-#[derive(Clone, Debug)]
-pub enum Prepared {
-    /// Patches [n, patch_dim] and the grid [t, h, w] in patches.
-    Qwen { pixels: Vec<f32>, grid: [usize; 3] },
-    /// Tiles [n, 3, S, S] and the original (height, width).
-    Llava { pixels: Vec<f32>, size: (usize, usize), tiles: usize },
+/// One registered image.
+struct Entry {
+    path: PathBuf,
+    /// The first dialogue that showed it (`dialogue ID (file:line)`), for decode errors.
+    who: String,
+    /// Qwen: the patch grid [t, h, w]; LLaVA: None.
+    grid: Option<[usize; 3]>,
+    /// The original (height, width).
+    size: (usize, usize),
+    tokens: usize,
+    /// Vision patches (Qwen) or tiles × 576 (LLaVA), for the tower's batch budget.
+    patches: usize,
+    /// Preprocessed pixels while needed: Qwen patches [n, patch_dim] or LLaVA tiles [n, 3, S, S].
+    pixels: Option<Vec<f32>>,
+    embeds: Option<Buf>,
 }
 
-#[derive(Default)]
 pub struct ImageBank {
+    pp: Processor,
     by_path: HashMap<PathBuf, usize>,
-    pub paths: Vec<PathBuf>,
-    pub prepared: Vec<Prepared>,
-    tokens: Vec<usize>,
-    embeds: Vec<Option<Buf>>,
+    entries: Vec<Entry>,
 }
 
 impl std::fmt::Debug for ImageBank {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ImageBank({} images)", self.paths.len())
+        write!(f, "ImageBank({} images)", self.entries.len())
     }
 }
 
 impl ImageBank {
-    pub fn new() -> Self {
-        Self::default()
+    /// An empty bank preprocessing with `pp` (the model's image processor settings).
+    pub fn new(pp: &Processor) -> Self {
+        ImageBank { pp: pp.clone(), by_path: HashMap::new(), entries: Vec::new() }
     }
 
     pub fn len(&self) -> usize {
-        self.paths.len()
+        self.entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.paths.is_empty()
+        self.entries.is_empty()
     }
 
-    /// The bank index of `path`, preprocessing it on first sight (errors name the file).
-    pub fn add(&mut self, model: &VlModel, pp: &Processor, path: &Path) -> Result<usize> {
+    pub fn path(&self, i: usize) -> &Path {
+        &self.entries[i].path
+    }
+
+    /// The bank index of `path`, registering it (its size from the header) on first sight;
+    /// `who` names the dialogue showing it, for errors when it is decoded later.
+    pub fn add(&mut self, model: &VlModel, path: &Path, who: &str) -> Result<usize> {
         if let Some(&i) = self.by_path.get(path) {
             return Ok(i);
         }
-        let (prep, tokens) = match (&model.net, pp) {
+        let size = image_size(path)?;
+        let (grid, tokens, patches) = match (&model.net, &self.pp) {
             (Net::Qwen(m), Processor::Qwen(pp)) => {
-                let img = process_qwen(path, pp)?;
-                let merge = m.cfg.vision.spatial_merge_size.max(1);
-                let g = img.grid_thw;
-                (Prepared::Qwen { pixels: img.pixel_values, grid: g }, g[0] * g[1] * g[2] / (merge * merge))
+                let g = grid_for_size(size.0, size.1, pp).with_context(|| path.display().to_string())?;
+                (Some(g), image_tokens(g, m.cfg.vision.spatial_merge_size.max(1)), g.iter().product())
             }
-            (Net::Llava(m), Processor::Llava(pp)) => {
-                let img = process_llava(path, pp)?;
-                let n = AnyresGeometry::for_config(img.image_size, &m.cfg).with_context(|| format!("{}", path.display()))?.num_tokens();
-                (Prepared::Llava { pixels: img.pixel_values, size: img.image_size, tiles: img.num_tiles }, n)
+            (Net::Llava(m), Processor::Llava(_)) => {
+                let geo = AnyresGeometry::for_config(size, &m.cfg).with_context(|| path.display().to_string())?;
+                (None, geo.num_tokens(), geo.num_tiles() * 576)
             }
             _ => bail!("the image processor settings are not for a {} model", model.family().model_type()),
         };
-        let i = self.paths.len();
+        let i = self.entries.len();
         self.by_path.insert(path.to_path_buf(), i);
-        self.paths.push(path.to_path_buf());
-        self.prepared.push(prep);
-        self.tokens.push(tokens);
-        self.embeds.push(None);
+        self.entries.push(Entry { path: path.to_path_buf(), who: who.to_string(), grid, size, tokens, patches, pixels: None, embeds: None });
         Ok(i)
     }
 
     /// Placeholder tokens image i takes in the prompt.
     pub fn tokens(&self, i: usize) -> usize {
-        self.tokens[i]
+        self.entries[i].tokens
     }
 
     /// The Qwen grid of image i (None for LLaVA).
     pub fn grid(&self, i: usize) -> Option<[usize; 3]> {
-        match &self.prepared[i] {
-            Prepared::Qwen { grid, .. } => Some(*grid),
-            Prepared::Llava { .. } => None,
-        }
+        self.entries[i].grid
     }
 
-    fn patches(&self, i: usize) -> usize {
-        match &self.prepared[i] {
-            Prepared::Qwen { grid, .. } => grid[0] * grid[1] * grid[2],
-            Prepared::Llava { tiles, .. } => tiles * 576,
+    /// Decodes and preprocesses image i if its pixels are not held; checks that they agree with
+    /// the size its header gave.
+    fn prepare(&mut self, i: usize) -> Result<()> {
+        let e = &mut self.entries[i];
+        if e.pixels.is_some() {
+            return Ok(());
         }
+        let ctx = || format!("image {} of {}", e.path.display(), e.who);
+        let pixels = match &self.pp {
+            Processor::Qwen(pp) => {
+                let img = process_qwen(&e.path, pp).with_context(ctx)?;
+                if Some(img.grid_thw) != e.grid {
+                    bail!("image {}: decoded to grid {:?}, its header said {:?}", e.path.display(), img.grid_thw, e.grid);
+                }
+                img.pixel_values
+            }
+            Processor::Llava(pp) => {
+                let img = process_llava(&e.path, pp).with_context(ctx)?;
+                if img.image_size != e.size {
+                    bail!("image {}: decoded to {:?}, its header said {:?}", e.path.display(), img.image_size, e.size);
+                }
+                img.pixel_values
+            }
+        };
+        e.pixels = Some(pixels);
+        Ok(())
     }
 
-    /// Runs the tower on every image of `which` that has no embeddings yet (several per call).
+    /// Runs the tower on every image of `which` that has no embeddings yet (several per call),
+    /// then drops their pixels.
     pub fn ensure_embeds(&mut self, dev: &Device, model: &VlModel, which: &[usize]) -> Result<()> {
-        let mut todo: Vec<usize> = which.iter().copied().filter(|&i| self.embeds[i].is_none()).collect();
+        let mut todo: Vec<usize> = which.iter().copied().filter(|&i| self.entries[i].embeds.is_none()).collect();
         todo.sort_unstable();
         todo.dedup();
         let mut chunk: Vec<usize> = Vec::new();
         let mut budget = 0;
         for i in todo {
-            if !chunk.is_empty() && budget + self.patches(i) > PATCH_BUDGET {
+            let p = self.entries[i].patches;
+            if !chunk.is_empty() && budget + p > PATCH_BUDGET {
                 self.embed_chunk(dev, model, &std::mem::take(&mut chunk))?;
                 budget = 0;
             }
-            budget += self.patches(i);
+            budget += p;
             chunk.push(i);
         }
         if !chunk.is_empty() {
@@ -124,41 +153,28 @@ impl ImageBank {
 
     fn embed_chunk(&mut self, dev: &Device, model: &VlModel, chunk: &[usize]) -> Result<()> {
         let d = model.tdims().layer.d;
-        let mut pixels = Vec::new();
+        for &i in chunk {
+            self.prepare(i)?;
+        }
+        let (pixels, grids, sizes) = self.gather(chunk);
         let all = match &model.net {
-            Net::Qwen(m) => {
-                let mut grids = Vec::new();
-                for &i in chunk {
-                    if let Prepared::Qwen { pixels: p, grid } = &self.prepared[i] {
-                        pixels.extend_from_slice(p);
-                        grids.push(*grid);
-                    }
-                }
-                m.image_embeds(dev, &pixels, &grids)?
-            }
-            Net::Llava(m) => {
-                let mut sizes = Vec::new();
-                for &i in chunk {
-                    if let Prepared::Llava { pixels: p, size, .. } = &self.prepared[i] {
-                        pixels.extend_from_slice(p);
-                        sizes.push(*size);
-                    }
-                }
-                m.image_embeds(dev, &pixels, &sizes)?
-            }
+            Net::Qwen(m) => m.image_embeds(dev, &pixels, &grids)?,
+            Net::Llava(m) => m.image_embeds(dev, &pixels, &sizes)?,
         };
-        let total: usize = chunk.iter().map(|&i| self.tokens[i]).sum();
+        drop(pixels);
+        let total: usize = chunk.iter().map(|&i| self.entries[i].tokens).sum();
         if all.len() != total * d {
             bail!("vision tower gave {} rows for {total} image tokens", all.len() / d.max(1));
         }
         let mut off = 0;
         for &i in chunk {
-            let n = self.tokens[i];
-            let idx = RowIndex::new(dev, &(off..off + n).collect::<Vec<_>>(), total)?;
-            let mut rows = dev.zeros(all.dtype(), n * d)?;
+            let e = &mut self.entries[i];
+            let idx = RowIndex::new(dev, &(off..off + e.tokens).collect::<Vec<_>>(), total)?;
+            let mut rows = dev.zeros(all.dtype(), e.tokens * d)?;
             gather_rows(dev, &mut rows, &all, &idx, d)?;
-            self.embeds[i] = Some(rows);
-            off += n;
+            e.embeds = Some(rows);
+            e.pixels = None;
+            off += e.tokens;
         }
         Ok(())
     }
@@ -168,44 +184,50 @@ impl ImageBank {
         if which.is_empty() {
             return Ok(None);
         }
-        let total: usize = which.iter().map(|&i| self.tokens[i]).sum();
+        let total: usize = which.iter().map(|&i| self.entries[i].tokens).sum();
         let mut out: Option<Buf> = None;
         let mut off = 0;
         for &i in which {
-            let Some(e) = &self.embeds[i] else { bail!("image {} has no embeddings yet", self.paths[i].display()) };
+            let e = &self.entries[i];
+            let Some(emb) = &e.embeds else { bail!("image {} has no embeddings yet", e.path.display()) };
             let o = match out.as_mut() {
                 Some(o) => o,
-                None => out.insert(dev.zeros(e.dtype(), total * d)?),
+                None => out.insert(dev.zeros(emb.dtype(), total * d)?),
             };
-            let n = self.tokens[i];
-            let at = RowIndex::new(dev, &(off..off + n).collect::<Vec<_>>(), total)?;
-            scatter_rows(dev, o, e, &at, d)?;
-            off += n;
+            let at = RowIndex::new(dev, &(off..off + e.tokens).collect::<Vec<_>>(), total)?;
+            scatter_rows(dev, o, emb, &at, d)?;
+            off += e.tokens;
         }
         Ok(out)
     }
 
     /// Frees the device embeddings (before a training update).
     pub fn release_embeds(&mut self) {
-        self.embeds.iter_mut().for_each(|e| *e = None);
+        self.entries.iter_mut().for_each(|e| e.embeds = None);
     }
 
-    /// The model inputs of images `which` in order: Qwen pixels and grids, or LLaVA tiles and sizes.
+    /// The held pixels of `which` in order: Qwen patches and grids, or LLaVA tiles and sizes.
     #[allow(clippy::type_complexity)]
-    pub fn inputs(&self, which: &[usize]) -> (Vec<f32>, Vec<[usize; 3]>, Vec<(usize, usize)>) {
+    fn gather(&self, which: &[usize]) -> (Vec<f32>, Vec<[usize; 3]>, Vec<(usize, usize)>) {
         let (mut px, mut grids, mut sizes) = (Vec::new(), Vec::new(), Vec::new());
         for &i in which {
-            match &self.prepared[i] {
-                Prepared::Qwen { pixels, grid } => {
-                    px.extend_from_slice(pixels);
-                    grids.push(*grid);
-                }
-                Prepared::Llava { pixels, size, .. } => {
-                    px.extend_from_slice(pixels);
-                    sizes.push(*size);
-                }
+            let e = &self.entries[i];
+            px.extend_from_slice(e.pixels.as_deref().unwrap_or_default());
+            match e.grid {
+                Some(g) => grids.push(g),
+                None => sizes.push(e.size),
             }
         }
         (px, grids, sizes)
+    }
+
+    /// The model inputs of images `which` in order (decoded again if their pixels were
+    /// dropped, then kept: a dialogue's N rollouts train on the same images).
+    #[allow(clippy::type_complexity)]
+    pub fn inputs(&mut self, which: &[usize]) -> Result<(Vec<f32>, Vec<[usize; 3]>, Vec<(usize, usize)>)> {
+        for &i in which {
+            self.prepare(i)?;
+        }
+        Ok(self.gather(which))
     }
 }

@@ -467,7 +467,7 @@ impl Trainer {
             }
             for (r, &a) in g.iter().zip(&gr.advantage) {
                 adv_sq += a * a;
-                let ex = r.example(&self.l.model, &bank, &specs[d].id)?;
+                let ex = r.example(&self.l.model, &mut bank, &specs[d].id)?;
                 let mut sampler = vec![0f32; ex.len()];
                 for t in &r.turns {
                     for (k, pos) in t.span.clone().enumerate() {

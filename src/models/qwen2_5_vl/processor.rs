@@ -61,24 +61,35 @@ pub fn smart_resize(height: usize, width: usize, factor: usize, min_pixels: usiz
     Ok((hb, wb))
 }
 
+/// The (height, width) an image of `height`×`width` is resized to (smart_resize, or kept when
+/// `do_resize` is off, which needs both sides multiples of patch·merge).
+pub fn target_size(height: usize, width: usize, cfg: &QwenPreprocessorConfig) -> Result<(usize, usize)> {
+    let factor = cfg.patch_size * cfg.merge_size;
+    if cfg.do_resize {
+        return smart_resize(height, width, factor, cfg.min_pixels, cfg.max_pixels);
+    }
+    if !height.is_multiple_of(factor) || !width.is_multiple_of(factor) {
+        bail!("image {height}x{width}: with do_resize off both sides must be multiples of {factor}");
+    }
+    Ok((height, width))
+}
+
+/// The patch grid `[1, h, w]` of an image of `height`×`width`, known before decoding it.
+pub fn grid_for_size(height: usize, width: usize, cfg: &QwenPreprocessorConfig) -> Result<[usize; 3]> {
+    let (h, w) = target_size(height, width, cfg)?;
+    Ok([1, h / cfg.patch_size, w / cfg.patch_size])
+}
+
 /// Preprocesses one RGB image.
 pub fn process_image(img: &RgbImage, cfg: &QwenPreprocessorConfig) -> Result<ProcessedImage> {
     let (p, m, tp) = (cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size);
-    let factor = p * m;
     let resized;
-    let img = if cfg.do_resize {
-        let (h, w) = smart_resize(img.height, img.width, factor, cfg.min_pixels, cfg.max_pixels)?;
-        if (h, w) == (img.height, img.width) {
-            img
-        } else {
-            resized = resize_bicubic(img, w, h)?;
-            &resized
-        }
-    } else {
-        if !img.height.is_multiple_of(factor) || !img.width.is_multiple_of(factor) {
-            bail!("image {}x{}: with do_resize off both sides must be multiples of {factor}", img.height, img.width);
-        }
+    let (h, w) = target_size(img.height, img.width, cfg)?;
+    let img = if (h, w) == (img.height, img.width) {
         img
+    } else {
+        resized = resize_bicubic(img, w, h)?;
+        &resized
     };
     let (h, w) = (img.height, img.width);
 
