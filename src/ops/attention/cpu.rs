@@ -125,35 +125,13 @@ pub fn bwd<R: Real>(
 /// New token i sits at position lens[b] − n_new + i and (causal) attends to positions 0..=that.
 #[allow(clippy::too_many_arguments)]
 pub fn decode<R: Real>(out: &mut [R], q: &[R], kc: &[R], vc: &[R], lens: &[i32], max_len: usize, n_new: usize, s: &AttnShape) {
-    let (hq, hkv, d) = (s.hq, s.hkv, s.d);
-    let grp = hq / hkv;
-    let scale = R::from_f64(s.scale as f64);
-    let mut p = Vec::new();
-    for (b, &len) in lens.iter().enumerate() {
-        let len = len as usize;
-        for i in 0..n_new {
-            let n = if s.causal { len - n_new + i + 1 } else { len };
-            for h in 0..hq {
-                let hk = h / grp;
-                let key = |j: usize| ((b * max_len + j) * hkv + hk) * d;
-                let qo = ((b * n_new + i) * hq + h) * d;
-                probs(&mut p, &q[qo..qo + d], n, scale, &key, kc, d);
-                let o = &mut out[qo..qo + d];
-                o.fill(R::ZERO);
-                for (j, &pj) in p.iter().enumerate() {
-                    let vo = key(j);
-                    for (x, &vv) in o.iter_mut().zip(&vc[vo..vo + d]) {
-                        *x += pj * vv;
-                    }
-                }
-            }
-        }
-    }
+    let cu: Vec<i32> = (0..=lens.len()).map(|b| (b * n_new) as i32).collect();
+    decode_varlen(out, q, kc, vc, lens, &cu, max_len, s)
 }
 
 /// Ragged decode: out/q [T_new, hq, d] packed by `cu` (sequence b has cu[b+1] − cu[b] new
 /// tokens, possibly none) against a cache holding lens[b] tokens, the new ones last. Same
-/// arithmetic, in the same order, as `decode` and `fwd`.
+/// arithmetic, in the same order, as `fwd`.
 #[allow(clippy::too_many_arguments)]
 pub fn decode_varlen<R: Real>(out: &mut [R], q: &[R], kc: &[R], vc: &[R], lens: &[i32], cu: &[i32], max_len: usize, s: &AttnShape) {
     let (hq, hkv, d) = (s.hq, s.hkv, s.d);

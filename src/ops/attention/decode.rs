@@ -170,6 +170,17 @@ impl KvCache {
     }
 }
 
+/// The cache's kv heads and head dim are the shape's; the kernels hold a head of ≤ 256.
+fn check_cache_shape(op: &str, s: &AttnShape, cache: &KvCache) -> Result<()> {
+    if s.hkv != cache.hkv || s.d != cache.d {
+        bail!("{op}: shape has hkv {} d {}, the cache hkv {} d {}", s.hkv, s.d, cache.hkv, cache.d);
+    }
+    if s.d > 256 {
+        bail!("{op}: head dim {} > 256 is not supported", s.d);
+    }
+    Ok(())
+}
+
 /// Copies n elements of `buf` from offset a to offset b (non-overlapping ranges), on its device.
 fn copy_within(dev: &Device, buf: &mut Buf, a: usize, b: usize, n: usize) -> Result<()> {
     if a.max(b) + n > buf.len() || (a < b + n && b < a + n) {
@@ -206,12 +217,7 @@ pub fn decode_varlen(dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, cu_n
     if n0 > 0 && cu_new.host.windows(2).all(|w| w[1] - w[0] == n0) {
         return decode(dev, out, q, cache, n0 as usize, s);
     }
-    if s.hkv != cache.hkv || s.d != cache.d {
-        bail!("{op}: shape has hkv {} d {}, the cache hkv {} d {}", s.hkv, s.d, cache.hkv, cache.d);
-    }
-    if s.d > 256 {
-        bail!("{op}: head dim {} > 256 is not supported", s.d);
-    }
+    check_cache_shape(op, s, cache)?;
     let total = cu_new.total();
     let rows = total * s.hq;
     check(q, rows * s.d, op, "q")?;
@@ -265,14 +271,9 @@ pub fn decode(dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, n_new: usiz
 pub fn decode_with(dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, n_new: usize, s: &AttnShape, variant: Variant) -> Result<()> {
     let op = "attention_decode";
     s.validate(op)?;
-    if s.hkv != cache.hkv || s.d != cache.d {
-        bail!("{op}: shape has hkv {} d {}, the cache hkv {} d {}", s.hkv, s.d, cache.hkv, cache.d);
-    }
+    check_cache_shape(op, s, cache)?;
     if n_new == 0 {
         bail!("{op}: n_new must be at least 1");
-    }
-    if s.d > 256 {
-        bail!("{op}: head dim {} > 256 is not supported", s.d);
     }
     let (b, hq, d) = (cache.batch, s.hq, s.d);
     let rows = b * n_new * hq; // query rows
