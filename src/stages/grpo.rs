@@ -27,6 +27,7 @@ use crate::stages::lora::{resolve_lora, LoraSave};
 use crate::stages::model::VlModel;
 use crate::stages::sft::{latest_checkpoint, load_model, memory_in_use, save_side_files, Loaded};
 use crate::train::exact_json;
+use crate::train::flags::{float_in, int_in, End};
 use crate::train::run_dir::{require_same_settings, Identity, Mode, RunDir, Start};
 use crate::tensor::{Device, DevicePref};
 use crate::train::atomic::write_file as write_atomic;
@@ -192,12 +193,6 @@ fn auto() -> String {
     "auto".into()
 }
 
-fn range<T: PartialOrd + std::fmt::Display + Copy>(name: &str, v: T, lo: T, hi: T) -> Result<T> {
-    if !(v >= lo && v <= hi) {
-        bail!("--{name} {v} is out of range: allowed [{lo}, {hi}]");
-    }
-    Ok(v)
-}
 
 impl GrpoArgs {
     /// Flags over the TOML file over the defaults (see the README for where each comes from).
@@ -212,8 +207,8 @@ impl GrpoArgs {
             macro_rules! merge { ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f.clone(); } )* } }
             merge!(model, data, out, judge, steps, dialogues_per_step, n, max_new_tokens, temperature, top_p, top_k, lr, ppo_epochs, mini_batch, batch_tokens, lambda, tau, beta_help, eps_low, eps_high, beta_kl, turn_weighting, loss_agg, skip_flat, seed, save_every, clip, recompute, max_batch, lora_rank, lora_alpha, lora_targets, lora_save, grad_dtype);
         }
-        let steps = range("steps", self.steps.unwrap_or(8), 1, 100_000_000)?;
-        let n = range("n", self.n.unwrap_or(8), 1, 4096)?;
+        let steps = int_in("--steps", self.steps.unwrap_or(8), 1, 100_000_000)?;
+        let n = int_in("--n", self.n.unwrap_or(8), 1, 4096)?;
         let loss_agg = self.loss_agg.clone().unwrap_or_else(|| "token-mean".into());
         agg_of(&loss_agg)?;
         let judge = self.judge.clone().unwrap_or_else(|| jcfg.kind.clone());
@@ -221,31 +216,31 @@ impl GrpoArgs {
         let plan = GrpoPlan {
             judge,
             steps,
-            dialogues_per_step: range("dialogues-per-step", self.dialogues_per_step.unwrap_or(8), 1, 1 << 20)?,
+            dialogues_per_step: int_in("--dialogues-per-step", self.dialogues_per_step.unwrap_or(8), 1, 1 << 20)?,
             n,
-            max_new_tokens: range("max-new-tokens", self.max_new_tokens.unwrap_or(32), 1, 1 << 20)?,
-            temperature: range("temperature", self.temperature.unwrap_or(1.0), 1e-3, 100.0)?,
-            top_p: range("top-p", self.top_p.unwrap_or(1.0), 1e-6, 1.0)?,
+            max_new_tokens: int_in("--max-new-tokens", self.max_new_tokens.unwrap_or(32), 1, 1 << 20)?,
+            temperature: f32_in("--temperature", self.temperature.unwrap_or(1.0), 1e-3, 100.0)?,
+            top_p: f32_in("--top-p", self.top_p.unwrap_or(1.0), 1e-6, 1.0)?,
             top_k: self.top_k.unwrap_or(0),
-            lr: range("lr", self.lr.unwrap_or(if self.model.is_none() { 1e-3 } else { 1e-6 }), 0.0, 1.0)?,
-            ppo_epochs: range("ppo-epochs", self.ppo_epochs.unwrap_or(1), 1, 64)?,
-            mini_batch: range("mini-batch", self.mini_batch.unwrap_or(8), 1, 1 << 20)?,
-            batch_tokens: range("batch-tokens", self.batch_tokens.unwrap_or(4096), 16, 1 << 30)?,
-            lambda: range("lambda", self.lambda.unwrap_or(1.0), 0.0, 1e6)?,
-            tau: range("tau", self.tau.unwrap_or(0.5), 0.0, 1.0)?,
-            beta_help: range("beta-help", self.beta_help.unwrap_or(0.5), 0.0, 1e6)?,
-            eps_low: range("eps-low", self.eps_low.unwrap_or(0.2), 0.0, 1.0)?,
-            eps_high: range("eps-high", self.eps_high.unwrap_or(0.28), 0.0, 10.0)?,
-            beta_kl: range("beta-kl", self.beta_kl.unwrap_or(0.04), 0.0, 1e3)?,
+            lr: float_in("--lr", self.lr.unwrap_or(if self.model.is_none() { 1e-3 } else { 1e-6 }), 0.0, End::Closed, 1.0, End::Closed)?,
+            ppo_epochs: int_in("--ppo-epochs", self.ppo_epochs.unwrap_or(1), 1, 64)?,
+            mini_batch: int_in("--mini-batch", self.mini_batch.unwrap_or(8), 1, 1 << 20)?,
+            batch_tokens: int_in("--batch-tokens", self.batch_tokens.unwrap_or(4096), 16, 1 << 30)?,
+            lambda: float_in("--lambda", self.lambda.unwrap_or(1.0), 0.0, End::Closed, 1e6, End::Closed)?,
+            tau: float_in("--tau", self.tau.unwrap_or(0.5), 0.0, End::Closed, 1.0, End::Closed)?,
+            beta_help: float_in("--beta-help", self.beta_help.unwrap_or(0.5), 0.0, End::Closed, 1e6, End::Closed)?,
+            eps_low: float_in("--eps-low", self.eps_low.unwrap_or(0.2), 0.0, End::Closed, 1.0, End::Closed)?,
+            eps_high: float_in("--eps-high", self.eps_high.unwrap_or(0.28), 0.0, End::Closed, 10.0, End::Closed)?,
+            beta_kl: float_in("--beta-kl", self.beta_kl.unwrap_or(0.04), 0.0, End::Closed, 1e3, End::Closed)?,
             adv_eps: 1e-4,
             turn_weighting: self.turn_weighting.as_deref().unwrap_or("variance").parse()?,
             loss_agg,
             skip_flat: self.skip_flat.unwrap_or(true),
             seed: self.seed.unwrap_or(0),
-            save_every: range("save-every", self.save_every.unwrap_or(steps), 1, u64::MAX)?,
-            clip: range("clip", self.clip.unwrap_or(1.0), 0.0, 1e9)?,
+            save_every: int_in("--save-every", self.save_every.unwrap_or(steps), 1, u64::MAX)?,
+            clip: float_in("--clip", self.clip.unwrap_or(1.0), 0.0, End::Closed, 1e9, End::Closed)?,
             recompute: self.recompute.unwrap_or(false),
-            max_batch: range("max-batch", self.max_batch.unwrap_or(64).max(n), 1, 1 << 20)?,
+            max_batch: int_in("--max-batch", self.max_batch.unwrap_or(64).max(n), 1, 1 << 20)?,
             lora_rank,
             lora_alpha,
             lora_targets,
@@ -260,6 +255,14 @@ impl GrpoArgs {
         };
         Ok((self, plan, jcfg))
     }
+}
+
+/// `float_in` over a closed range for an f32 setting (through its shortest decimal, so the
+/// message shows the value as typed).
+fn f32_in(flag: &str, v: f32, lo: f64, hi: f64) -> Result<f32> {
+    let x: f64 = v.to_string().parse().unwrap_or(f64::NAN);
+    float_in(flag, x, lo, End::Closed, hi, End::Closed)?;
+    Ok(v)
 }
 
 fn agg_of(s: &str) -> Result<Aggregation> {
