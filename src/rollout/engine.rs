@@ -173,6 +173,7 @@ pub fn generate_with(
     let ban = dev.upload(&ban, model.param_entries()[0].1.dtype())?;
     let mut slots: Vec<Slot> = (0..slots_n).map(|_| Slot::Free).collect();
     let d_model = model.tdims().layer.d;
+    let pos_rows = PosTracker::new(model).rows();
     let mut next_dialogue = 0usize;
     loop {
         // Admit whole dialogues while N slots are free.
@@ -211,7 +212,7 @@ pub fn generate_with(
         let step_t0 = Instant::now();
         let mut ids = Vec::new();
         let mut cu = vec![0i32];
-        let mut pos = StepPositions::new(PosTracker::new(model).rows());
+        let mut pos = StepPositions::new(pos_rows);
         let mut step_images = Vec::new();
         let mut any_prefill = false;
         for slot in slots.iter_mut() {
