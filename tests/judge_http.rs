@@ -488,3 +488,10 @@ fn streaming_starts_http_requests_at_push_and_keeps_push_order() {
     assert_eq!((out.scores[0].len(), out.scores[1].len()), (2, 3), "push order kept");
     assert_eq!(out.failures, 0);
 }
+
+#[test]
+fn an_absurd_concurrency_is_an_error_not_a_panic() {
+    let cfg = am3safety::judge::JudgeConfig { url: Some("http://127.0.0.1:9/v1".into()), model: Some("m".into()), concurrency: 1_000_000, ..Default::default() };
+    let err = format!("{:#}", cfg.http().unwrap_err());
+    assert!(err.contains("concurrency") && err.contains("4096"), "{err}");
+}

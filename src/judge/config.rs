@@ -73,6 +73,9 @@ pub struct JudgeConfig {
     pub threshold: f64,
 }
 
+/// Most http requests in flight (worker threads).
+pub const MAX_CONCURRENCY: usize = 4096;
+
 impl Default for JudgeConfig {
     fn default() -> Self {
         JudgeConfig {
@@ -120,6 +123,10 @@ impl JudgeConfig {
         let model = self.model.clone().or_else(|| env(ENV_MODEL)).ok_or_else(|| anyhow!("the http judge needs a model name: [judge] model or {ENV_MODEL}"))?;
         if !(self.timeout_s > 0.0 && self.timeout_s.is_finite()) {
             bail!("[judge] timeout_s = {} must be positive", self.timeout_s);
+        }
+        // One thread per request in flight: more than this is a typo, not a plan.
+        if self.concurrency > MAX_CONCURRENCY {
+            bail!("[judge] concurrency = {} is above the limit of {MAX_CONCURRENCY}", self.concurrency);
         }
         let mut c = HttpJudgeConfig::new(&url, &model);
         c.api_key = env(&self.api_key_env);

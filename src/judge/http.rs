@@ -404,7 +404,7 @@ impl HttpJudge {
             .max_idle_connections(cfg.concurrency.max(1))
             .build()
             .into();
-        let pool = Pool::new(cfg.concurrency, "am3-judge");
+        let pool = Pool::new(cfg.concurrency, "am3-judge")?;
         let rules = RulesConfig { threshold: cfg.threshold, ..RulesConfig::default() };
         let shared = Shared { cfg, endpoint, agent, rules, compare_failures: AtomicUsize::new(0), seed: AtomicU64::new(0x2545_f491_4f6c_dd1d) };
         Ok(HttpJudge { shared: Arc::new(shared), pool })

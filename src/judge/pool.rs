@@ -15,7 +15,8 @@ pub struct Pool {
 impl Pool {
     /// `threads` workers (at least one). They end when the pool is dropped and the queue is
     /// empty; a job still running then finishes on its own (the pool does not wait for it).
-    pub fn new(threads: usize, name: &str) -> Pool {
+    /// A thread the system refuses (e.g. a huge `concurrency`) is an error, not a panic.
+    pub fn new(threads: usize, name: &str) -> anyhow::Result<Pool> {
         let threads = threads.max(1);
         let (tx, rx) = channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
@@ -38,9 +39,9 @@ impl Pool {
                         Err(_) => return,
                     }
                 })
-                .expect("spawning a judge worker thread");
+                .map_err(|e| anyhow::anyhow!("starting {name} worker thread {} of {threads}: {e} (lower the concurrency)", i + 1))?;
         }
-        Pool { tx: Some(tx), threads }
+        Ok(Pool { tx: Some(tx), threads })
     }
 
     pub fn threads(&self) -> usize {

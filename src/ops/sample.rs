@@ -415,7 +415,7 @@ pub mod cpu {
         let m = max_of(&x);
         let t = threshold_scaled(&x, p);
         let tok = if p.greedy {
-            x.iter().position(|&v| v == m).unwrap()
+            x.iter().position(|&v| v == m).ok_or_else(|| anyhow::anyhow!("sample: a row of {} logits has no maximum", x.len()))?
         } else {
             let seed = mix64(key);
             let (mut best, mut bj) = (f32::NEG_INFINITY, usize::MAX);
