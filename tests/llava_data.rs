@@ -7,6 +7,9 @@
 
 mod common;
 use common::*;
+#[path = "support/fixture_tokenizers.rs"]
+mod fixture_tokenizers;
+use fixture_tokenizers::llava_word_tokenizer;
 
 use am3safety::checkpoint::{read_tensor_file, save_sharded, Checkpoint, SaveDtype};
 use am3safety::data::image::{load_rgb, RgbImage};
@@ -23,7 +26,6 @@ use am3safety::models::llava_next::processor::{batch_images, process_image, proc
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use tokenizers::Tokenizer;
 
 type Tensors = HashMap<String, (Vec<usize>, Vec<f64>)>;
@@ -587,28 +589,10 @@ fn template_strings() {
     assert!(render_chat(TemplateKind::Vicuna, &bad, &opts).is_err());
 }
 
-/// A word-level tokenizer with the LLaVA special tokens at the fixture's ids (`<s>` 1, `</s>` 2,
-/// `<image>` 590): the fixtures ship no tokenizer, and this exercises the offset-based mask.
+/// A word-level tokenizer with the LLaVA special tokens at the fixture's ids: the fixtures ship
+/// no tokenizer, and this exercises the offset-based mask.
 fn test_tokenizer() -> Tokenizer {
-    let words = [
-        "[", "INST", "]", "[/", "What", "is", "this", "?", "A", "cat", ".", "dog", "And", "USER", "ASSISTANT", ":", "Be", "safe",
-    ];
-    let mut vocab = serde_json::Map::new();
-    vocab.insert("<unk>".into(), json!(0));
-    vocab.insert("<s>".into(), json!(1));
-    vocab.insert("</s>".into(), json!(2));
-    for (i, w) in words.iter().enumerate() {
-        vocab.insert((*w).into(), json!(3 + i));
-    }
-    vocab.insert("<image>".into(), json!(590));
-    let added = |id: u32, s: &str| json!({"id": id, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
-    let t = json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [added(0, "<unk>"), added(1, "<s>"), added(2, "</s>"), added(590, "<image>")],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
-    });
-    Tokenizer::from_str(&t.to_string()).unwrap()
+    llava_word_tokenizer(&["[", "INST", "]", "[/", "What", "is", "this", "?", "A", "cat", ".", "dog", "And", "USER", "ASSISTANT", ":", "Be", "safe"])
 }
 
 #[test]

@@ -34,8 +34,14 @@ pub fn qwen_fixture_tokenizer(cfg: &Value) -> Tokenizer {
     tok
 }
 
+/// The LLaVA fixture tokenizer over the words the judge prompts use.
 pub fn llava_fixture_tokenizer() -> Tokenizer {
-    let words = ["safe", "unsafe", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "User", "Assistant", "Turn", "Question", "image", "circle", "gun", "I", "can", "t", "help"];
+    llava_word_tokenizer(&["safe", "unsafe", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "User", "Assistant", "Turn", "Question", "image", "circle", "gun", "I", "can", "t", "help"])
+}
+
+/// A word-level tokenizer with the LLaVA special tokens at the fixture's ids (`<unk>` 0, `<s>`
+/// 1, `</s>` 2, `<image>` 590) and `words` from id 3 on.
+pub fn llava_word_tokenizer(words: &[&str]) -> Tokenizer {
     let mut vocab = serde_json::Map::new();
     vocab.insert("<unk>".into(), json!(0));
     vocab.insert("<s>".into(), json!(1));
@@ -53,4 +59,3 @@ pub fn llava_fixture_tokenizer() -> Tokenizer {
     });
     Tokenizer::from_str(&t.to_string()).unwrap()
 }
-
