@@ -140,16 +140,13 @@ pub fn generate_with(
     let mut bank = ImageBank::new(pp);
     let mut segs = Vec::with_capacity(dialogues.len());
     let mut bound = 0usize;
+    let limits = [(Some(model.max_positions()), "the model's max_position_embeddings"), (cfg.max_len, "the cache's max_len")];
     for d in dialogues {
         let s = segments(model, &tmpl, &mut bank, d).with_context(|| format!("dialogue {} ({})", d.id, d.origin))?;
         let len = dialogue_bound(&s, cfg.max_new_tokens);
-        let limit = model.max_positions();
-        if len > limit {
-            bail!("dialogue {} ({}): up to {len} tokens with {} turns of at most {} new tokens, more than the model's max_position_embeddings {limit}", d.id, d.origin, d.turns.len(), cfg.max_new_tokens);
-        }
-        if let Some(m) = cfg.max_len {
-            if len > m {
-                bail!("dialogue {} ({}): up to {len} tokens with {} turns of at most {} new tokens, more than the cache's max_len {m}", d.id, d.origin, d.turns.len(), cfg.max_new_tokens);
+        for (limit, what) in limits {
+            if let Some(m) = limit.filter(|&m| len > m) {
+                bail!("dialogue {} ({}): up to {len} tokens with {} turns of at most {} new tokens, more than {what} {m}", d.id, d.origin, d.turns.len(), cfg.max_new_tokens);
             }
         }
         bound = bound.max(len);
