@@ -11,8 +11,8 @@ pub mod judge; // defines: Judge trait (rules, OpenAI-compatible http, local mod
 pub mod models; // defines: model families (qwen2_5_vl: config, processor, positions, chat), JSON config field reader
 pub mod ops; // defines: one file per op, CPU reference + CUDA launcher side by side
 pub mod real;
-pub mod rollout; // defines: the rollout engine (batched multi-turn generation over KV caches) // defines: Real (f32/f64 for the CPU references), erf
 pub mod rng;
+pub mod rollout; // defines: the rollout engine (batched multi-turn generation over KV caches) // defines: Real (f32/f64 for the CPU references), erf
 pub mod stages; // defines: training stages (sft), examples and packing // defines: Rng (SplitMix64)
 pub mod tensor; // defines: Device, Buf, DType
 pub mod train; // defines: LR schedule, metrics JSONL, atomic file/dir writes, progress display

@@ -14,7 +14,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "am3", version, about = "AM3Safety trainer for vision-language models (CUDA kernels, CPU reference backend)")]
+#[command(
+    name = "am3",
+    version,
+    about = "AM3Safety trainer for vision-language models (CUDA kernels, CPU reference backend)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -72,9 +76,19 @@ fn run(cli: Cli) -> Result<()> {
             println!("backend: {}", dev.name());
             if let Some(g) = dev.gpu() {
                 let (free, total) = g.mem_info();
-                println!("gpu: {} ({} SMs), {:.1} of {:.1} GiB free", g.name, g.sm_count, free as f64 / 1073741824.0, total as f64 / 1073741824.0);
+                println!(
+                    "gpu: {} ({} SMs), {:.1} of {:.1} GiB free",
+                    g.name,
+                    g.sm_count,
+                    free as f64 / 1073741824.0,
+                    total as f64 / 1073741824.0
+                );
             }
-            let how = if BUILT_WITH_NVCC { format!("nvcc fatbins (sm_{BUILD_ARCH} + PTX)") } else { "sources for NVRTC".to_string() };
+            let how = if BUILT_WITH_NVCC {
+                format!("nvcc fatbins (sm_{BUILD_ARCH} + PTX)")
+            } else {
+                "sources for NVRTC".to_string()
+            };
             println!("kernels: {} modules embedded as {how}", KERNEL_MODULES.len());
             for m in KERNEL_MODULES {
                 println!("  {}", m.name);

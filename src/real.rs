@@ -49,31 +49,57 @@ macro_rules! impl_real {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
             #[inline(always)]
-            fn from_f64(x: f64) -> Self { x as $t }
+            fn from_f64(x: f64) -> Self {
+                x as $t
+            }
             #[inline(always)]
-            fn to_f64(self) -> f64 { self as f64 }
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
             #[inline(always)]
-            fn exp(self) -> Self { <$t>::exp(self) }
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
             #[inline(always)]
-            fn ln(self) -> Self { <$t>::ln(self) }
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
             #[inline(always)]
-            fn sqrt(self) -> Self { <$t>::sqrt(self) }
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
             #[inline(always)]
-            fn tanh(self) -> Self { <$t>::tanh(self) }
+            fn tanh(self) -> Self {
+                <$t>::tanh(self)
+            }
             #[inline(always)]
-            fn sin(self) -> Self { <$t>::sin(self) }
+            fn sin(self) -> Self {
+                <$t>::sin(self)
+            }
             #[inline(always)]
-            fn cos(self) -> Self { <$t>::cos(self) }
+            fn cos(self) -> Self {
+                <$t>::cos(self)
+            }
             #[inline(always)]
-            fn abs(self) -> Self { <$t>::abs(self) }
+            fn abs(self) -> Self {
+                <$t>::abs(self)
+            }
             #[inline(always)]
-            fn powf(self, e: Self) -> Self { <$t>::powf(self, e) }
+            fn powf(self, e: Self) -> Self {
+                <$t>::powf(self, e)
+            }
             #[inline(always)]
-            fn max(self, o: Self) -> Self { <$t>::max(self, o) }
+            fn max(self, o: Self) -> Self {
+                <$t>::max(self, o)
+            }
             #[inline(always)]
-            fn min(self, o: Self) -> Self { <$t>::min(self, o) }
+            fn min(self, o: Self) -> Self {
+                <$t>::min(self, o)
+            }
             #[inline(always)]
-            fn is_finite(self) -> bool { <$t>::is_finite(self) }
+            fn is_finite(self) -> bool {
+                <$t>::is_finite(self)
+            }
         }
     };
 }
@@ -116,9 +142,13 @@ pub fn erf_f64(x: f64) -> f64 {
         for k in 1..300 {
             let a = k as f64 / 2.0;
             d = ax + a * d;
-            if d.abs() < tiny { d = tiny; }
+            if d.abs() < tiny {
+                d = tiny;
+            }
             c = ax + a / c;
-            if c.abs() < tiny { c = tiny; }
+            if c.abs() < tiny {
+                c = tiny;
+            }
             d = 1.0 / d;
             let delta = c * d;
             f *= delta;
@@ -129,7 +159,11 @@ pub fn erf_f64(x: f64) -> f64 {
         let erfc = (-x2).exp() / (f * std::f64::consts::PI.sqrt());
         1.0 - erfc
     };
-    if x < 0.0 { -r } else { r }
+    if x < 0.0 {
+        -r
+    } else {
+        r
+    }
 }
 
 #[cfg(test)]
@@ -138,8 +172,14 @@ mod tests {
     #[test]
     fn erf_known_values() {
         // Values from Abramowitz & Stegun table 7.1.
-        for (x, want) in [(0.0, 0.0), (0.5, 0.5204998778130465), (1.0, 0.8427007929497149),
-                          (2.0, 0.9953222650189527), (3.0, 0.9999779095030014), (-1.5, -0.9661051464753108)] {
+        for (x, want) in [
+            (0.0, 0.0),
+            (0.5, 0.5204998778130465),
+            (1.0, 0.8427007929497149),
+            (2.0, 0.9953222650189527),
+            (3.0, 0.9999779095030014),
+            (-1.5, -0.9661051464753108),
+        ] {
             assert!((erf_f64(x) - want).abs() < 1e-13, "erf({x}) = {} want {want}", erf_f64(x));
         }
     }

@@ -213,9 +213,14 @@ pub fn host_available() -> Option<(u64, &'static str)> {
     let read_u64 = |p: &str| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<u64>().ok());
     let cgroup = match (read_u64("/sys/fs/cgroup/memory.max"), read_u64("/sys/fs/cgroup/memory.current")) {
         (Some(max), Some(cur)) => Some((max.saturating_sub(cur), "the cgroup's memory.max")),
-        _ => match (read_u64("/sys/fs/cgroup/memory/memory.limit_in_bytes"), read_u64("/sys/fs/cgroup/memory/memory.usage_in_bytes")) {
+        _ => match (
+            read_u64("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+            read_u64("/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+        ) {
             // v1 reports "no limit" as a huge number.
-            (Some(max), Some(cur)) if max < 1 << 60 => Some((max.saturating_sub(cur), "the cgroup's memory.limit_in_bytes")),
+            (Some(max), Some(cur)) if max < 1 << 60 => {
+                Some((max.saturating_sub(cur), "the cgroup's memory.limit_in_bytes"))
+            }
             _ => None,
         },
     };
@@ -228,11 +233,17 @@ pub fn host_available() -> Option<(u64, &'static str)> {
 /// Checks a host request of `n` elements of `T`: its byte size must not overflow and, when
 /// large, must fit in what is available.
 fn host_request<T>(n: usize) -> Result<usize> {
-    let bytes = n.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| anyhow!("host allocation of {n} elements overflows the address space"))?;
+    let bytes = n
+        .checked_mul(std::mem::size_of::<T>())
+        .ok_or_else(|| anyhow!("host allocation of {n} elements overflows the address space"))?;
     if bytes >= CHECK_HOST_BYTES {
         if let Some((avail, src)) = host_available() {
             if bytes as u64 > avail {
-                bail!("host allocation of {:.1} MiB does not fit: {:.1} MiB available ({src})", mib(bytes), mib(avail as usize));
+                bail!(
+                    "host allocation of {:.1} MiB does not fit: {:.1} MiB available ({src})",
+                    mib(bytes),
+                    mib(avail as usize)
+                );
             }
         }
     }
@@ -240,7 +251,8 @@ fn host_request<T>(n: usize) -> Result<usize> {
 }
 
 fn host_alloc_error(bytes: usize) -> anyhow::Error {
-    let avail = host_available().map_or(String::new(), |(a, src)| format!("; {:.1} MiB available ({src})", mib(a as usize)));
+    let avail =
+        host_available().map_or(String::new(), |(a, src)| format!("; {:.1} MiB available ({src})", mib(a as usize)));
     anyhow!("host allocation of {:.1} MiB failed{avail}", mib(bytes))
 }
 

@@ -47,7 +47,11 @@ fn check_report(v: &Value, shape: &str) {
             let x = f[k].as_f64().unwrap_or(f64::NAN);
             assert!(x.is_finite() && x > 0.0, "{}/{}: {k} = {x}", f["suite"], f["name"]);
         }
-        assert!(f["min"].as_f64().unwrap() <= f["value"].as_f64().unwrap() && f["value"].as_f64().unwrap() <= f["max"].as_f64().unwrap(), "{f}");
+        assert!(
+            f["min"].as_f64().unwrap() <= f["value"].as_f64().unwrap()
+                && f["value"].as_f64().unwrap() <= f["max"].as_f64().unwrap(),
+            "{f}"
+        );
     }
     for s in SUITES {
         assert!(figs.iter().any(|f| f["suite"] == s), "suite {s} has no figures");
@@ -127,7 +131,11 @@ fn seven_b_plans_without_allocating() {
         assert_eq!(g["grads_f32"].as_f64().unwrap(), 4.0 * trainable);
         assert!(gib("grads_bf16_linear") < gib("grads_f32") && gib("grads_bf16_linear") > 0.5 * gib("grads_f32"));
         assert_eq!(g["reference"], g["weights"]);
-        assert!(gib("activations_recompute") < gib("activations_kept") && gib("kv_cache") > 0.0 && gib("logprob_scratch") > 0.0);
+        assert!(
+            gib("activations_recompute") < gib("activations_kept")
+                && gib("kv_cache") > 0.0
+                && gib("logprob_scratch") > 0.0
+        );
         // f32 on the CPU: twice the bytes.
         assert_eq!(p["cpu_f32"]["weights"].as_f64().unwrap(), 2.0 * g["weights"].as_f64().unwrap());
     }
@@ -172,7 +180,13 @@ fn synthetic_7b_inputs_fit_the_templates() {
         assert_eq!(ex.len(), 4096);
         assert!(ex.n_targets() > 1000, "{shape}: {} targets", ex.n_targets());
         let data = synth::write_prompts(&tmp.0, 4, 3, 448).unwrap();
-        let specs: Vec<DialogueSpec> = load_jsonl_with(&data, LoadOptions { skip_bad: false, purpose: Purpose::Prompts }).unwrap().samples.iter().map(DialogueSpec::from_sample).collect();
+        let specs: Vec<DialogueSpec> =
+            load_jsonl_with(&data, LoadOptions { skip_bad: false, purpose: Purpose::Prompts })
+                .unwrap()
+                .samples
+                .iter()
+                .map(DialogueSpec::from_sample)
+                .collect();
         let (max_len, kv) = cache_plan(&Device::Cpu, &l.model, &l.tok, &l.pp, &specs, 64, 128).unwrap();
         assert!(max_len > 3 * 128 && kv > 0, "{shape}: {max_len} tokens per slot");
     }

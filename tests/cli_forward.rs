@@ -19,7 +19,18 @@ fn f32s(v: &[f64]) -> Vec<f32> {
 fn forward_cli_matches_reference() {
     let fx = fixture_dir("qwen2_5_vl_tiny");
     let out = std::env::temp_dir().join(format!("am3-fwd-{}.safetensors", std::process::id()));
-    let o = am3(&["forward", "--device", "cpu", "--grads", "--model", fx.to_str().unwrap(), "--inputs", fx.join("inputs.safetensors").to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = am3(&[
+        "forward",
+        "--device",
+        "cpu",
+        "--grads",
+        "--model",
+        fx.to_str().unwrap(),
+        "--inputs",
+        fx.join("inputs.safetensors").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "am3 forward failed: {}", String::from_utf8_lossy(&o.stderr));
     let got = read_tensor_file(&out).unwrap();
     let want = read_tensor_file(fx.join("reference.safetensors")).unwrap();
@@ -44,12 +55,32 @@ fn forward_cli_matches_reference() {
 #[test]
 fn forward_cli_reports_bad_inputs() {
     let fx = fixture_dir("qwen2_5_vl_tiny");
-    let o = am3(&["forward", "--device", "cpu", "--model", fx.to_str().unwrap(), "--inputs", "/nonexistent/in.safetensors", "--out", "/tmp/x.safetensors"]);
+    let o = am3(&[
+        "forward",
+        "--device",
+        "cpu",
+        "--model",
+        fx.to_str().unwrap(),
+        "--inputs",
+        "/nonexistent/in.safetensors",
+        "--out",
+        "/tmp/x.safetensors",
+    ]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("/nonexistent/in.safetensors"), "error does not name the file: {err}");
     // The reference file has no input_ids.
-    let o = am3(&["forward", "--device", "cpu", "--model", fx.to_str().unwrap(), "--inputs", fx.join("reference.safetensors").to_str().unwrap(), "--out", "/tmp/x.safetensors"]);
+    let o = am3(&[
+        "forward",
+        "--device",
+        "cpu",
+        "--model",
+        fx.to_str().unwrap(),
+        "--inputs",
+        fx.join("reference.safetensors").to_str().unwrap(),
+        "--out",
+        "/tmp/x.safetensors",
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("input_ids"), "{err}");
 }
@@ -76,7 +107,15 @@ fn fixture_copy(name: &str) -> std::path::PathBuf {
 }
 
 fn run_forward(model: &std::path::Path, inputs: &std::path::Path, out: &std::path::Path) -> (bool, String) {
-    let o = Command::new(am3_bin()).args(["forward", "--device", "cpu", "--model"]).arg(model).arg("--inputs").arg(inputs).arg("--out").arg(out).output().unwrap();
+    let o = Command::new(am3_bin())
+        .args(["forward", "--device", "cpu", "--model"])
+        .arg(model)
+        .arg("--inputs")
+        .arg(inputs)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
     (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
 }
 
@@ -84,9 +123,17 @@ fn run_forward(model: &std::path::Path, inputs: &std::path::Path, out: &std::pat
 fn forward_cli_never_overwrites_an_input_or_the_model() {
     let d = fixture_copy("guard");
     let inputs = d.join("inputs.safetensors");
-    let before: Vec<(std::path::PathBuf, Vec<u8>)> =
-        ["model.safetensors", "inputs.safetensors", "config.json"].iter().map(|f| (d.join(f), std::fs::read(d.join(f)).unwrap())).collect();
-    for out in [d.join("model.safetensors"), inputs.clone(), d.join("config.json"), d.join("fresh.safetensors"), d.join("./sub/../model.safetensors")] {
+    let before: Vec<(std::path::PathBuf, Vec<u8>)> = ["model.safetensors", "inputs.safetensors", "config.json"]
+        .iter()
+        .map(|f| (d.join(f), std::fs::read(d.join(f)).unwrap()))
+        .collect();
+    for out in [
+        d.join("model.safetensors"),
+        inputs.clone(),
+        d.join("config.json"),
+        d.join("fresh.safetensors"),
+        d.join("./sub/../model.safetensors"),
+    ] {
         let (ok, err) = run_forward(&d, &inputs, &out);
         println!("--out {}: {err}", out.display());
         assert!(!ok && err.contains("--out") && err.contains("refusing"), "{}: {err}", out.display());
@@ -148,8 +195,10 @@ fn forward_cli_checks_every_input_value_and_weight() {
             }
             bytes.push((k.clone(), t, shape.clone(), encode(t, &v)));
         }
-        let views: std::collections::BTreeMap<String, safetensors::tensor::TensorView> =
-            bytes.iter().map(|(k, t, s, b)| (k.clone(), safetensors::tensor::TensorView::new(*t, s.clone(), b).unwrap())).collect();
+        let views: std::collections::BTreeMap<String, safetensors::tensor::TensorView> = bytes
+            .iter()
+            .map(|(k, t, s, b)| (k.clone(), safetensors::tensor::TensorView::new(*t, s.clone(), b).unwrap()))
+            .collect();
         std::fs::write(&inp, safetensors::serialize(&views, None).unwrap()).unwrap();
         let (ok, err) = run_forward(&fx, &inp, &out);
         println!("{name} as {dt:?}: {}", err.trim());

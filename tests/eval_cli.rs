@@ -16,7 +16,9 @@ use am3safety::models::qwen2_5_vl::model::Recompute;
 use am3safety::ops::sample::SampleParams;
 use am3safety::rollout::template::TurnTemplate;
 use am3safety::rollout::{generate, DialogueSpec, RolloutConfig};
-use am3safety::stages::eval::{compare_pairs, evaluate, generate_answers, generate_given, judge_records, scripted_history, EvalOptions, GivenSpec};
+use am3safety::stages::eval::{
+    compare_pairs, evaluate, generate_answers, generate_given, judge_records, scripted_history, EvalOptions, GivenSpec,
+};
 use am3safety::stages::examples::pack;
 use am3safety::stages::sft::{load_model, Loaded};
 use am3safety::tensor::Device;
@@ -45,7 +47,12 @@ fn am3(args: &[&str]) -> Output {
 }
 
 fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "am3 failed:\nstdout: {}\nstderr: {}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "am3 failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -54,7 +61,12 @@ fn s(p: &Path) -> &str {
 }
 
 fn jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path).unwrap().lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// Every figure (an object with "value" and "ci_low") anywhere in `v`.
@@ -82,7 +94,13 @@ fn close(f: &Figure, want: f64, what: &str) {
 fn cli_tiny_rules_report_matches_its_answers() {
     let out = scratch("tiny");
     let stdout = ok(&am3(&["eval", "--device", "cpu", "--judge", "rules", "--bootstrap", "200", "--out", s(&out)]));
-    assert!(stdout.contains("metric") && stdout.contains("ASR") && stdout.contains("over-refusal") && stdout.contains("mean safety"), "{stdout}");
+    assert!(
+        stdout.contains("metric")
+            && stdout.contains("ASR")
+            && stdout.contains("over-refusal")
+            && stdout.contains("mean safety"),
+        "{stdout}"
+    );
     let report = read_report(out.join("report.json")).unwrap();
     assert_eq!(report.judge.as_deref(), Some("rules"));
     let raw: Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
@@ -104,7 +122,8 @@ fn cli_tiny_rules_report_matches_its_answers() {
     let data = load_prompts(demo("eval.jsonl")).unwrap();
     assert_eq!(lines.len(), data.len());
     assert_eq!(report.metrics.counts.dialogues, data.len());
-    let (mut harmful, mut unsafe_trials, mut benign, mut refused, mut s_sum, mut h_sum, mut turns) = (0, 0, 0, 0, 0.0, 0.0, 0);
+    let (mut harmful, mut unsafe_trials, mut benign, mut refused, mut s_sum, mut h_sum, mut turns) =
+        (0, 0, 0, 0, 0.0, 0.0, 0);
     for (line, sample) in lines.iter().zip(&data) {
         assert_eq!(line["id"], sample.id.as_str());
         let rollouts = line["rollouts"].as_array().unwrap();
@@ -160,7 +179,14 @@ impl Judge for FakeJudge {
         self.seen.extend(dialogues.iter().cloned());
         let scores = dialogues
             .iter()
-            .map(|d| d.answers.iter().map(|a| (0..d.turns.len()).map(|t| a.get(t).map(|_| Self::turn(&d.id, d.turns[t].harmful))).collect()).collect())
+            .map(|d| {
+                d.answers
+                    .iter()
+                    .map(|a| {
+                        (0..d.turns.len()).map(|t| a.get(t).map(|_| Self::turn(&d.id, d.turns[t].harmful))).collect()
+                    })
+                    .collect()
+            })
             .collect();
         Ok(JudgeOutput { scores, ..Default::default() })
     }
@@ -238,7 +264,10 @@ fn library_evaluate_with_a_fake_judge_gives_hand_computed_figures() {
     assert_eq!(m.counts.scored_turns, 3);
 
     // A scripted multi-turn dialogue without replies cannot be given.
-    let bare = Sample { messages: samples[0].messages.iter().filter(|m| m.content != "The square is red.").cloned().collect(), ..samples[0].clone() };
+    let bare = Sample {
+        messages: samples[0].messages.iter().filter(|m| m.content != "The square is red.").cloned().collect(),
+        ..samples[0].clone()
+    };
     let err = format!("{:#}", scripted_history(&bare).unwrap_err());
     assert!(err.contains("dialogue a") && err.contains("user turn 1"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
@@ -248,13 +277,25 @@ fn library_evaluate_with_a_fake_judge_gives_hand_computed_figures() {
 /// sequence (scripted prompt + reply), and the prompt holds the scripted replies.
 fn given_matches_full_forward(l: &Loaded, stop: &[i32]) {
     let dev = Device::Cpu;
-    let samples: Vec<Sample> = load_prompts(demo("eval.jsonl")).unwrap().into_iter().filter(|s| s.user_turns().len() >= 2).take(4).collect();
+    let samples: Vec<Sample> =
+        load_prompts(demo("eval.jsonl")).unwrap().into_iter().filter(|s| s.user_turns().len() >= 2).take(4).collect();
     assert!(samples.len() >= 2);
-    let specs: Vec<GivenSpec> = samples.iter().map(|s| GivenSpec { dialogue: DialogueSpec::from_sample(s), history: scripted_history(s).unwrap() }).collect();
+    let specs: Vec<GivenSpec> = samples
+        .iter()
+        .map(|s| GivenSpec { dialogue: DialogueSpec::from_sample(s), history: scripted_history(s).unwrap() })
+        .collect();
     let max_new = 10;
     // 3 slots for 4 prompts: one is admitted after another finishes.
-    let cfg = RolloutConfig { n: 1, max_new_tokens: max_new, sample: SampleParams::greedy(), seed: 0, max_batch: 3, max_len: None };
-    let (rollouts, mut bank, stats) = generate_given(&dev, &l.model, &l.tok, &l.pp, &specs, &cfg, &mut |_, _| {}).unwrap();
+    let cfg = RolloutConfig {
+        n: 1,
+        max_new_tokens: max_new,
+        sample: SampleParams::greedy(),
+        seed: 0,
+        max_batch: 3,
+        max_len: None,
+    };
+    let (rollouts, mut bank, stats) =
+        generate_given(&dev, &l.model, &l.tok, &l.pp, &specs, &cfg, &mut |_, _| {}).unwrap();
     assert_eq!(rollouts.len(), specs.len());
     assert_eq!(stats.slots, 3);
     let v = l.model.tdims().vocab;
@@ -264,7 +305,8 @@ fn given_matches_full_forward(l: &Loaded, stop: &[i32]) {
         let t = &r.turns[0];
         assert!(!t.ids.is_empty() && t.ids.len() <= max_new);
         assert_eq!(t.stopped, stop.contains(t.ids.last().unwrap()));
-        let prompt: Vec<u32> = r.seq[..t.span.start].iter().filter(|&&i| (0..v as i32).contains(&i)).map(|&i| i as u32).collect();
+        let prompt: Vec<u32> =
+            r.seq[..t.span.start].iter().filter(|&&i| (0..v as i32).contains(&i)).map(|&i| i as u32).collect();
         let text = l.tok.decode(&prompt, false).unwrap();
         for h in &specs[r.dialogue].history {
             assert!(text.contains(h.as_str()), "the prompt lacks the scripted reply {h:?}: {text}");
@@ -275,7 +317,12 @@ fn given_matches_full_forward(l: &Loaded, stop: &[i32]) {
         for p in t.span.clone() {
             let row = &logits[(p - 1) * v..p * v];
             // Placeholder ids are never sampled (the engine's ban).
-            let best = row.iter().enumerate().filter(|(j, _)| !banned.contains(&(*j as i32))).fold((0, f32::NEG_INFINITY), |b, (j, &x)| if x > b.1 { (j, x) } else { b }).0;
+            let best = row
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| !banned.contains(&(*j as i32)))
+                .fold((0, f32::NEG_INFINITY), |b, (j, &x)| if x > b.1 { (j, x) } else { b })
+                .0;
             assert_eq!(best as i32, r.seq[p], "dialogue {}: token at {p} is not the full forward's argmax", r.dialogue);
         }
     }
@@ -284,7 +331,8 @@ fn given_matches_full_forward(l: &Loaded, stop: &[i32]) {
 #[test]
 fn given_history_decodes_like_a_full_forward_qwen() {
     let l = load_model(&Device::Cpu, None, 0).unwrap();
-    let stop = vec![l.tok.token_to_id("<|im_end|>").unwrap() as i32, l.tok.token_to_id("<|endoftext|>").unwrap() as i32];
+    let stop =
+        vec![l.tok.token_to_id("<|im_end|>").unwrap() as i32, l.tok.token_to_id("<|endoftext|>").unwrap() as i32];
     given_matches_full_forward(&l, &stop);
 }
 
@@ -302,7 +350,8 @@ fn given_history_decodes_like_a_full_forward_llava() {
 fn given_one_turn_dialogues_answer_as_in_the_engine() {
     let dev = Device::Cpu;
     let l = load_model(&dev, None, 0).unwrap();
-    let samples: Vec<Sample> = load_prompts(demo("eval.jsonl")).unwrap().into_iter().filter(|s| s.user_turns().len() == 1).take(4).collect();
+    let samples: Vec<Sample> =
+        load_prompts(demo("eval.jsonl")).unwrap().into_iter().filter(|s| s.user_turns().len() == 1).take(4).collect();
     let specs: Vec<DialogueSpec> = samples.iter().map(DialogueSpec::from_sample).collect();
     let given: Vec<GivenSpec> = specs.iter().map(|d| GivenSpec { dialogue: d.clone(), history: Vec::new() }).collect();
     for sample in [SampleParams::greedy(), SampleParams::new(0.9, 20, 0.95).unwrap()] {
@@ -333,7 +382,8 @@ fn same_model_as_baseline_wins_exactly_half() {
             assert_eq!(m, b);
             let records = judge_records(&mut judge, &m, None).unwrap();
             let pairs = compare_pairs(&mut judge, &m, &b, history, false).unwrap();
-            let judged_turns: usize = m.iter().map(|d| if history == HistoryMode::Given { 1 } else { d.turns.len() }).sum();
+            let judged_turns: usize =
+                m.iter().map(|d| if history == HistoryMode::Given { 1 } else { d.turns.len() }).sum();
             assert_eq!(pairs.len(), judged_turns * n);
             let w = compute_metrics(&records, &pairs, &opts.eval).unwrap().win_rates.unwrap();
             close(&w.helpful, 0.5, "helpful win rate");
@@ -349,14 +399,29 @@ fn cli_baseline_same_checkpoint_is_a_tie() {
     ok(&am3(&["sft", "--device", "cpu", "--steps", "1", "--save-every", "1", "--out", s(&dir.join("sft"))]));
     let ck = dir.join("sft/checkpoint-000001");
     let out = dir.join("eval");
-    let stdout = ok(&am3(&["eval", "--device", "cpu", "--model", s(&ck), "--baseline", s(&ck), "--bootstrap", "100", "--out", s(&out)]));
+    let stdout = ok(&am3(&[
+        "eval",
+        "--device",
+        "cpu",
+        "--model",
+        s(&ck),
+        "--baseline",
+        s(&ck),
+        "--bootstrap",
+        "100",
+        "--out",
+        s(&out),
+    ]));
     assert!(stdout.contains("win rate helpful"), "{stdout}");
     let r = read_report(out.join("report.json")).unwrap();
     let w = r.metrics.win_rates.as_ref().unwrap();
     close(&w.helpful, 0.5, "helpful");
     close(&w.harmless, 0.5, "harmless");
     let b = r.baseline_metrics.as_ref().unwrap();
-    assert_eq!((&b.asr, &b.over_refusal, &b.mean_safety, &b.per_turn), (&r.metrics.asr, &r.metrics.over_refusal, &r.metrics.mean_safety, &r.metrics.per_turn));
+    assert_eq!(
+        (&b.asr, &b.over_refusal, &b.mean_safety, &b.per_turn),
+        (&r.metrics.asr, &r.metrics.over_refusal, &r.metrics.mean_safety, &r.metrics.per_turn)
+    );
     assert_eq!(r.baseline.as_deref(), Some(s(&ck)));
     assert_eq!(jsonl(&out.join("answers.jsonl")), jsonl(&out.join("baseline_answers.jsonl")));
     assert_eq!(jsonl(&out.join("pairs.jsonl")).len(), r.metrics.counts.pairs);
@@ -376,7 +441,18 @@ fn cli_bad_data_line_is_file_line_reason() {
     assert!(err.contains(&format!("{}:2:", path.display())) && err.contains("nonsense"), "{err}");
     assert!(!dir.join("out/report.json").exists());
     // --skip-bad reports the line and evaluates the rest.
-    let o = am3(&["eval", "--device", "cpu", "--data", s(&path), "--skip-bad", "--bootstrap", "0", "--out", s(&dir.join("out"))]);
+    let o = am3(&[
+        "eval",
+        "--device",
+        "cpu",
+        "--data",
+        s(&path),
+        "--skip-bad",
+        "--bootstrap",
+        "0",
+        "--out",
+        s(&dir.join("out")),
+    ]);
     ok(&o);
     assert!(String::from_utf8_lossy(&o.stderr).contains(&format!("{}:2:", path.display())));
     assert_eq!(read_report(dir.join("out/report.json")).unwrap().metrics.counts.dialogues, 1);
@@ -403,7 +479,19 @@ fn cli_data_convert_safemt_feeds_eval() {
     let samples = load_prompts(&conv).unwrap();
     assert!(!samples.is_empty());
     let out = dir.join("eval");
-    ok(&am3(&["eval", "--device", "cpu", "--data", s(&conv), "--history", "given", "--bootstrap", "0", "--out", s(&out)]));
+    ok(&am3(&[
+        "eval",
+        "--device",
+        "cpu",
+        "--data",
+        s(&conv),
+        "--history",
+        "given",
+        "--bootstrap",
+        "0",
+        "--out",
+        s(&out),
+    ]));
     let r = read_report(out.join("report.json")).unwrap();
     assert_eq!(r.metrics.counts.dialogues, samples.len());
     assert_eq!(r.metrics.config.history, HistoryMode::Given);
@@ -417,7 +505,21 @@ fn cli_data_convert_safemt_feeds_eval() {
     }
     // Reading the SafeMT file directly gives the same answers.
     let out2 = dir.join("eval2");
-    ok(&am3(&["eval", "--device", "cpu", "--data", s(&input), "--format", "safemt", "--history", "given", "--bootstrap", "0", "--out", s(&out2)]));
+    ok(&am3(&[
+        "eval",
+        "--device",
+        "cpu",
+        "--data",
+        s(&input),
+        "--format",
+        "safemt",
+        "--history",
+        "given",
+        "--bootstrap",
+        "0",
+        "--out",
+        s(&out2),
+    ]));
     assert_eq!(lines, jsonl(&out2.join("answers.jsonl")));
     std::fs::remove_dir_all(&dir).ok();
 }

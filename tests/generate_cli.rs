@@ -34,7 +34,13 @@ fn demo_image(name: &str) -> String {
 
 /// Two dialogues: one with an image in each of two turns, one text-only single turn.
 fn data(dir: &Path) -> PathBuf {
-    let imgs = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/demo/images")).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n.ends_with(".png")).take(2).collect::<Vec<_>>();
+    let imgs = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/demo/images"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.ends_with(".png"))
+        .take(2)
+        .collect::<Vec<_>>();
     let lines = [
         serde_json::json!({"id": "a", "kind": "general", "images": [demo_image(&imgs[0]), demo_image(&imgs[1])],
             "messages": [{"role": "user", "content": "<image>What is this?"}, {"role": "user", "content": "<image>And this one?"}]}),
@@ -58,7 +64,12 @@ fn check_output(out: &Path, n: usize) {
         let turns = r["turns"].as_array().unwrap();
         assert_eq!(turns.len(), want, "{r}");
         for t in turns {
-            assert!(!t["ids"].as_array().unwrap().is_empty() && t["text"].is_string() && t["end"].as_u64() > t["start"].as_u64(), "{t}");
+            assert!(
+                !t["ids"].as_array().unwrap().is_empty()
+                    && t["text"].is_string()
+                    && t["end"].as_u64() > t["start"].as_u64(),
+                "{t}"
+            );
         }
     }
 }
@@ -79,20 +90,64 @@ fn generate_on_the_tiny_default_and_both_fixtures() {
     let dir = tmp("runs");
     let d = data(&dir);
     let out = dir.join("tiny.jsonl");
-    let o = run(&["generate", "--data", d.to_str().unwrap(), "--out", out.to_str().unwrap(), "--n", "2", "--max-new-tokens", "6", "--seed", "1"]);
+    let o = run(&[
+        "generate",
+        "--data",
+        d.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--n",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--seed",
+        "1",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).contains("tok/s"));
     check_output(&out, 2);
-    let qcfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("qwen2_5_vl_tiny").join("config.json")).unwrap()).unwrap();
-    for (name, tok) in [("qwen2_5_vl_tiny", fixture_tokenizers::qwen_fixture_tokenizer(&qcfg)), ("llava_next_tiny", fixture_tokenizers::llava_fixture_tokenizer())] {
+    let qcfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("qwen2_5_vl_tiny").join("config.json")).unwrap())
+            .unwrap();
+    for (name, tok) in [
+        ("qwen2_5_vl_tiny", fixture_tokenizers::qwen_fixture_tokenizer(&qcfg)),
+        ("llava_next_tiny", fixture_tokenizers::llava_fixture_tokenizer()),
+    ] {
         let m = with_tokenizer(name, tok);
         let out = dir.join(format!("{name}.jsonl"));
-        let o = run(&["generate", "--model", m.to_str().unwrap(), "--data", d.to_str().unwrap(), "--out", out.to_str().unwrap(), "--greedy", "--max-new-tokens", "5"]);
+        let o = run(&[
+            "generate",
+            "--model",
+            m.to_str().unwrap(),
+            "--data",
+            d.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--greedy",
+            "--max-new-tokens",
+            "5",
+        ]);
         assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
         check_output(&out, 1);
     }
     // One prompt, no data file.
-    let o = run(&["generate", "--prompt", "What shapes are there?", "--image", &demo_image(&std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/demo/images")).unwrap().next().unwrap().unwrap().file_name().to_string_lossy()), "--max-new-tokens", "4"]);
+    let o = run(&[
+        "generate",
+        "--prompt",
+        "What shapes are there?",
+        "--image",
+        &demo_image(
+            &std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/demo/images"))
+                .unwrap()
+                .next()
+                .unwrap()
+                .unwrap()
+                .file_name()
+                .to_string_lossy(),
+        ),
+        "--max-new-tokens",
+        "4",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
@@ -101,7 +156,9 @@ fn bad_line_and_missing_image_name_the_file() {
     let dir = tmp("bad");
     let d = data(&dir);
     let mut text = std::fs::read_to_string(&d).unwrap();
-    text.push_str("{\"id\": \"c\", \"kind\": \"general\", \"messages\": [{\"role\": \"robot\", \"content\": \"x\"}]}\n");
+    text.push_str(
+        "{\"id\": \"c\", \"kind\": \"general\", \"messages\": [{\"role\": \"robot\", \"content\": \"x\"}]}\n",
+    );
     let bad = dir.join("bad.jsonl");
     std::fs::write(&bad, text).unwrap();
     let o = run(&["generate", "--data", bad.to_str().unwrap(), "--out", dir.join("o.jsonl").to_str().unwrap()]);

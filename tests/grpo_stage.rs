@@ -19,11 +19,19 @@ use std::sync::OnceLock;
 fn reward_and_loss_match_the_reference_vectors() {
     let v = vectors::load();
     let (p, n, t, rows, l) = v.dims();
-    let hp = RewardHyper { lambda: v.hp.lambda, tau: v.hp.tau, beta_help: v.hp.beta_help, adv_eps: v.hp.adv_eps, weighting: TurnWeighting::Variance };
+    let hp = RewardHyper {
+        lambda: v.hp.lambda,
+        tau: v.hp.tau,
+        beta_help: v.hp.beta_help,
+        adv_eps: v.hp.adv_eps,
+        weighting: TurnWeighting::Variance,
+    };
     let (safe, help) = (v.get("safe"), v.get("help"));
     let mut got: [Vec<f64>; 6] = Default::default();
     for d in 0..p {
-        let sc: Vec<Vec<Option<(f64, f64)>>> = (0..n).map(|i| (0..t).map(|j| Some((safe[(d * n + i) * t + j], help[(d * n + i) * t + j]))).collect()).collect();
+        let sc: Vec<Vec<Option<(f64, f64)>>> = (0..n)
+            .map(|i| (0..t).map(|j| Some((safe[(d * n + i) * t + j], help[(d * n + i) * t + j]))).collect())
+            .collect();
         let g = group_reward(&sc, &hp);
         got[0].extend(&g.turn_mean);
         got[1].extend(&g.turn_var);
@@ -32,7 +40,9 @@ fn reward_and_loss_match_the_reference_vectors() {
         got[4].extend(&g.reward);
         got[5].extend(&g.advantage);
     }
-    for (k, name) in ["turn_mean", "turn_var", "turn_importance", "turn_weight", "reward", "advantage"].iter().enumerate() {
+    for (k, name) in
+        ["turn_mean", "turn_var", "turn_importance", "turn_weight", "reward", "advantage"].iter().enumerate()
+    {
         let e = rel_err64(&got[k], v.get(name));
         println!("{name}: {e:.2e}");
         assert!(e < 1e-10, "{name}: {e:.2e}");
@@ -43,14 +53,25 @@ fn reward_and_loss_match_the_reference_vectors() {
     let count = |r: usize| mask[r * l..(r + 1) * l].iter().filter(|&&m| m != 0.0).count();
     let total: usize = (0..rows).map(count).sum();
     let nonempty = (0..rows).filter(|&r| count(r) > 0).count();
-    for (agg, lname, gname) in [("token", "loss_token_mean", "grad_token_mean"), ("seq", "loss_seq_mean", "grad_seq_mean")] {
+    for (agg, lname, gname) in
+        [("token", "loss_token_mean", "grad_token_mean"), ("seq", "loss_seq_mean", "grad_seq_mean")]
+    {
         let mut st = PassStats::default();
         let mut grad = Vec::with_capacity(rows * l);
         #[allow(clippy::needless_range_loop)]
         for r in 0..rows {
             let w = if agg == "token" { 1.0 / total as f64 } else { 1.0 / (count(r).max(1) * nonempty) as f64 };
             let sl = r * l..(r + 1) * l;
-            grad.extend(row_loss(&logp[sl.clone()], &old[sl.clone()], &rf[sl.clone()], &mask[sl], adv[r], w, &v.hp, &mut st));
+            grad.extend(row_loss(
+                &logp[sl.clone()],
+                &old[sl.clone()],
+                &rf[sl.clone()],
+                &mask[sl],
+                adv[r],
+                w,
+                &v.hp,
+                &mut st,
+            ));
         }
         let le = (st.loss - v.get(lname)[0]).abs() / v.get(lname)[0].abs();
         let ge = rel_err64(&grad, v.get(gname));
@@ -125,8 +146,22 @@ fn ratio_is_one_on_the_first_pass_and_resume_is_bit_exact() {
     let m = lines(&a.join("metrics.jsonl"));
     assert_eq!(m.len(), 4);
     for l in &m {
-        assert_eq!(l["ratio_dev_first_pass"].as_f64().unwrap(), 0.0, "old-policy log-probs equal the policy's at the start of each step");
-        for k in ["reward_mean", "kl", "loss", "rollout_s", "update_s", "logp_gap_max", "clip_frac_low", "clip_frac_high", "entropy"] {
+        assert_eq!(
+            l["ratio_dev_first_pass"].as_f64().unwrap(),
+            0.0,
+            "old-policy log-probs equal the policy's at the start of each step"
+        );
+        for k in [
+            "reward_mean",
+            "kl",
+            "loss",
+            "rollout_s",
+            "update_s",
+            "logp_gap_max",
+            "clip_frac_low",
+            "clip_frac_high",
+            "entropy",
+        ] {
             assert!(l[k].as_f64().is_some_and(f64::is_finite), "{k} in {l}");
         }
         // The sampler never draws the image placeholders (their logits are −inf there), so its
@@ -144,7 +179,17 @@ fn ratio_is_one_on_the_first_pass_and_resume_is_bit_exact() {
     let mb = lines(&b.join("metrics.jsonl"));
     let strip = |v: &serde_json::Value| {
         let mut v = v.clone();
-        for k in ["rollout_s", "judge_s", "old_logp_s", "ref_logp_s", "update_s", "step_s", "rollout_tokens_per_s", "tokens_per_s", "memory_bytes"] {
+        for k in [
+            "rollout_s",
+            "judge_s",
+            "old_logp_s",
+            "ref_logp_s",
+            "update_s",
+            "step_s",
+            "rollout_tokens_per_s",
+            "tokens_per_s",
+            "memory_bytes",
+        ] {
             v.as_object_mut().unwrap().remove(k);
         }
         v
@@ -174,7 +219,16 @@ impl Judge for Flaky {
                     .iter()
                     .map(|a| {
                         a.iter()
-                            .map(|ans| (!lost).then(|| TurnScore { safety: (ans.len() % 3) as f64 / 2.0, help: 0.5, unsafe_flag: false, refused: false, raw: String::new(), fallback: false }))
+                            .map(|ans| {
+                                (!lost).then(|| TurnScore {
+                                    safety: (ans.len() % 3) as f64 / 2.0,
+                                    help: 0.5,
+                                    unsafe_flag: false,
+                                    refused: false,
+                                    raw: String::new(),
+                                    fallback: false,
+                                })
+                            })
                             .collect()
                     })
                     .collect(),
@@ -184,7 +238,12 @@ impl Judge for Flaky {
         Ok(out)
     }
     fn compare(&mut self, p: &[PairQuery]) -> anyhow::Result<Vec<PairVerdict>> {
-        Ok(p.iter().map(|_| PairVerdict { helpful: am3safety::judge::Preference::Tie, harmless: am3safety::judge::Preference::Tie }).collect())
+        Ok(p.iter()
+            .map(|_| PairVerdict {
+                helpful: am3safety::judge::Preference::Tie,
+                harmless: am3safety::judge::Preference::Tie,
+            })
+            .collect())
     }
 }
 
@@ -210,15 +269,19 @@ fn lora_grpo_reference_is_the_base_and_only_adapters_change() {
     let (args, plan, jcfg) = args.resolve().unwrap();
     let base = args.model.clone().unwrap();
     let mut tr = Trainer::new(&dev, plan, &base, &grpo::demo_prompts(), &jcfg).unwrap();
-    let snapshot = |m: &am3safety::stages::model::VlModel| -> Vec<(String, Vec<f32>)> { m.param_entries().iter().map(|(r, b)| (r.name.clone(), dev.to_vec(b).unwrap())).collect() };
+    let snapshot = |m: &am3safety::stages::model::VlModel| -> Vec<(String, Vec<f32>)> {
+        m.param_entries().iter().map(|(r, b)| (r.name.clone(), dev.to_vec(b).unwrap())).collect()
+    };
     let before = snapshot(&tr.l.model);
-    let adapters_before: Vec<Vec<f32>> = tr.l.model.trainable_entries().iter().map(|(_, b)| dev.to_vec(b).unwrap()).collect();
+    let adapters_before: Vec<Vec<f32>> =
+        tr.l.model.trainable_entries().iter().map(|(_, b)| dev.to_vec(b).unwrap()).collect();
     for step in 0..2 {
         let r = tr.step(&dev, step).unwrap();
         assert!(r.json["kl"].as_f64().unwrap().is_finite());
     }
     assert_eq!(before, snapshot(&tr.l.model), "LoRA GRPO changed a base weight");
-    let adapters_after: Vec<Vec<f32>> = tr.l.model.trainable_entries().iter().map(|(_, b)| dev.to_vec(b).unwrap()).collect();
+    let adapters_after: Vec<Vec<f32>> =
+        tr.l.model.trainable_entries().iter().map(|(_, b)| dev.to_vec(b).unwrap()).collect();
     assert_ne!(adapters_before, adapters_after, "the adapters did not train");
     // The reference (adapters off) is the base model's forward, bit for bit.
     let base_model = am3safety::stages::model::VlModel::load(&dev, &base).unwrap();
@@ -226,7 +289,9 @@ fn lora_grpo_reference_is_the_base_and_only_adapters_change() {
     let ex = am3safety::stages::sft::load_examples_for(&am3safety::stages::sft::demo_data(), &l).unwrap();
     let p = am3safety::stages::examples::pack(&[&ex[0]]);
     let rc = am3safety::models::qwen2_5_vl::model::Recompute::default();
-    let off = tr.l.model.without_adapters(|m| dev.to_vec(&m.logits(&dev, &m.forward(&dev, &p, &rc).unwrap()).unwrap()).unwrap());
+    let off =
+        tr.l.model
+            .without_adapters(|m| dev.to_vec(&m.logits(&dev, &m.forward(&dev, &p, &rc).unwrap()).unwrap()).unwrap());
     let want = dev.to_vec(&base_model.logits(&dev, &base_model.forward(&dev, &p, &rc).unwrap()).unwrap()).unwrap();
     assert_eq!(off, want, "adapter-off forward differs from the base model");
     let on = dev.to_vec(&tr.l.model.logits(&dev, &tr.l.model.forward(&dev, &p, &rc).unwrap()).unwrap()).unwrap();
@@ -242,6 +307,7 @@ fn a_used_out_needs_resume_or_overwrite_and_resume_checks_the_data() {
     grpo::run(GrpoArgs { overwrite: true, ..grpo_args(&out, 1) }).unwrap();
     // A different prompt file on --resume is refused, naming --data.
     let other = sft::demo_data(); // the SFT file: valid prompts too
-    let err = format!("{:#}", grpo::run(GrpoArgs { resume: true, data: Some(other), ..grpo_args(&out, 1) }).unwrap_err());
+    let err =
+        format!("{:#}", grpo::run(GrpoArgs { resume: true, data: Some(other), ..grpo_args(&out, 1) }).unwrap_err());
     assert!(err.contains("--data"), "{err}");
 }

@@ -5,11 +5,11 @@
 mod common;
 #[path = "support/grpo_vectors.rs"]
 mod vectors;
-use std::collections::HashMap;
-use vectors::{load, Vectors};
 use am3safety::ops::grpo::{self, cpu, Aggregation, GrpoHyper, LossStats, RewardBufs};
 use am3safety::tensor::{DType, Device};
 use common::*;
+use std::collections::HashMap;
+use vectors::{load, Vectors};
 
 fn rel_scalar(a: f64, b: f64) -> f64 {
     if !a.is_finite() {
@@ -18,8 +18,10 @@ fn rel_scalar(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-300)
 }
 
-const AGGS: [(Aggregation, &str, &str, &str); 2] =
-    [(Aggregation::TokenMean, "loss_token_mean", "grad_token_mean", "token-mean"), (Aggregation::SeqMean, "loss_seq_mean", "grad_seq_mean", "seq-mean")];
+const AGGS: [(Aggregation, &str, &str, &str); 2] = [
+    (Aggregation::TokenMean, "loss_token_mean", "grad_token_mean", "token-mean"),
+    (Aggregation::SeqMean, "loss_seq_mean", "grad_seq_mean", "seq-mean"),
+];
 
 #[test]
 fn grpo_vectors_cpu_f64() {
@@ -42,7 +44,18 @@ fn grpo_vectors_cpu_f64() {
     }
     for (agg, lname, gname, what) in AGGS {
         let mut d = vec![f64::NAN; rows * l];
-        let s = cpu::loss_fwd_bwd::<f64>(&mut d, vx.get("logp"), vx.get("old_logp"), vx.get("ref_logp"), vx.get("mask"), vx.get("advantage"), rows, l, &vx.hp, agg);
+        let s = cpu::loss_fwd_bwd::<f64>(
+            &mut d,
+            vx.get("logp"),
+            vx.get("old_logp"),
+            vx.get("ref_logp"),
+            vx.get("mask"),
+            vx.get("advantage"),
+            rows,
+            l,
+            &vx.hp,
+            agg,
+        );
         let el = rel_scalar(s.loss, vx.get(lname)[0]);
         let eg = rel_err64(&d, vx.get(gname));
         println!("grpo cpu f64 {what}: loss {:.12} (ref {:.12}) rel err {el:.2e}; grad rel err {eg:.2e}; clip frac {:.4}, mean kl {:.3e}", s.loss, vx.get(lname)[0], s.clip_frac, s.mean_kl);
@@ -100,7 +113,18 @@ fn check_device_f32(dev: &Device, vx: &Vectors, label: &str) {
         let mut d = dev.upload(&vec![f32::NAN; rows * l], DType::F32).unwrap();
         let s = grpo::loss_fwd_bwd(dev, &mut d, &logp, &old, &rf, &mask, &adv, rows, l, &vx.hp, agg).unwrap();
         let mut d64 = vec![0f64; rows * l];
-        let s64 = cpu::loss_fwd_bwd::<f64>(&mut d64, vx.get("logp"), vx.get("old_logp"), vx.get("ref_logp"), vx.get("mask"), vx.get("advantage"), rows, l, &vx.hp, agg);
+        let s64 = cpu::loss_fwd_bwd::<f64>(
+            &mut d64,
+            vx.get("logp"),
+            vx.get("old_logp"),
+            vx.get("ref_logp"),
+            vx.get("mask"),
+            vx.get("advantage"),
+            rows,
+            l,
+            &vx.hp,
+            agg,
+        );
         let el = rel_scalar(s.loss, vx.get(lname)[0]);
         let eg = rel_err(&dev.to_vec(&d).unwrap(), &vx.f32(gname));
         let ec = (s.clip_frac - s64.clip_frac).abs();
@@ -125,17 +149,32 @@ fn grpo_loss_cpu_gradcheck() {
         let mut d = vec![0f64; rows * l];
         cpu::loss_fwd_bwd::<f64>(&mut d, vx.get("logp"), old, rf, mask, adv, rows, l, &vx.hp, agg);
         let mut scratch = vec![0f64; rows * l];
-        gradcheck(&format!("grpo loss {what} dlogp"), vx.get("logp"), &d, &mut |lp| cpu::loss_fwd_bwd::<f64>(&mut scratch, lp, old, rf, mask, adv, rows, l, &vx.hp, agg).loss, 400, 1e-4);
+        gradcheck(
+            &format!("grpo loss {what} dlogp"),
+            vx.get("logp"),
+            &d,
+            &mut |lp| cpu::loss_fwd_bwd::<f64>(&mut scratch, lp, old, rf, mask, adv, rows, l, &vx.hp, agg).loss,
+            400,
+            1e-4,
+        );
     }
 }
 
 /// Σ over tokens of |weighted per-token loss| (f64), the scale of the loss's rounding error.
 #[allow(clippy::too_many_arguments)]
-fn loss_scale(logp: &[f32], old: &[f32], rf: &[f32], mask: &[f32], adv: &[f32], rows: usize, l: usize, hp: &GrpoHyper, agg: Aggregation) -> f64 {
+fn loss_scale(
+    logp: &[f32], old: &[f32], rf: &[f32], mask: &[f32], adv: &[f32], rows: usize, l: usize, hp: &GrpoHyper,
+    agg: Aggregation,
+) -> f64 {
     let (w, _) = cpu::row_weights::<f64>(&to64(mask), rows, l, agg);
     (0..rows * l)
         .filter(|&i| mask[i] != 0.0)
-        .map(|i| (mask[i] as f64 * w[i / l] * cpu::token::<f64>(logp[i] as f64, old[i] as f64, rf[i] as f64, adv[i / l] as f64, hp).0).abs())
+        .map(|i| {
+            (mask[i] as f64
+                * w[i / l]
+                * cpu::token::<f64>(logp[i] as f64, old[i] as f64, rf[i] as f64, adv[i / l] as f64, hp).0)
+                .abs()
+        })
         .sum()
 }
 
@@ -145,10 +184,18 @@ fn hyper() -> GrpoHyper {
 
 #[test]
 fn grpo_metadata_errors_and_edges() {
-    let mut m: HashMap<String, String> = [("lambda", "2"), ("tau", "0.3"), ("beta_help", "1"), ("eps_low", "0.1"), ("eps_high", "0.2"), ("beta_kl", "0"), ("adv_eps", "1e-6")]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let mut m: HashMap<String, String> = [
+        ("lambda", "2"),
+        ("tau", "0.3"),
+        ("beta_help", "1"),
+        ("eps_low", "0.1"),
+        ("eps_high", "0.2"),
+        ("beta_kl", "0"),
+        ("adv_eps", "1e-6"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
     assert_eq!(GrpoHyper::from_metadata(&m).unwrap().lambda, 2.0);
     m.insert("tau".into(), "abc".into());
     let e = GrpoHyper::from_metadata(&m).unwrap_err().to_string();
@@ -168,13 +215,38 @@ fn grpo_metadata_errors_and_edges() {
     let (w, total) = cpu::row_weights::<f64>(&mask, rows, l, Aggregation::SeqMean);
     assert_eq!((w, total), (vec![0.25, 0.0, 0.5], 3.0));
     let mut d = vec![1.0; rows * l];
-    let s = cpu::loss_fwd_bwd::<f64>(&mut d, &[-1.0; 12], &[-1.1; 12], &[-0.9; 12], &[0.0; 12], &[1.0, -1.0, 0.5], rows, l, &hyper(), Aggregation::TokenMean);
+    let s = cpu::loss_fwd_bwd::<f64>(
+        &mut d,
+        &[-1.0; 12],
+        &[-1.1; 12],
+        &[-0.9; 12],
+        &[0.0; 12],
+        &[1.0, -1.0, 0.5],
+        rows,
+        l,
+        &hyper(),
+        Aggregation::TokenMean,
+    );
     assert_eq!(s, LossStats::default());
     assert!(d.iter().all(|&x| x == 0.0));
     // Bad shapes are errors naming the op and the argument.
     let dev = Device::Cpu;
     let b = |n: usize| dev.zeros_f32(n).unwrap();
-    let e = grpo::loss_fwd_bwd(&dev, &mut b(12), &b(12), &b(12), &b(11), &b(12), &b(3), rows, l, &hyper(), Aggregation::TokenMean).unwrap_err().to_string();
+    let e = grpo::loss_fwd_bwd(
+        &dev,
+        &mut b(12),
+        &b(12),
+        &b(12),
+        &b(11),
+        &b(12),
+        &b(3),
+        rows,
+        l,
+        &hyper(),
+        Aggregation::TokenMean,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("grpo_loss") && e.contains("ref_logp"), "{e}");
 }
 
@@ -193,8 +265,22 @@ fn grpo_cuda_matches_cpu_random() {
         let mut out = RewardBufs::new(&gpu, p, n, t).unwrap();
         out.advantage = gpu.upload(&vec![f32::NAN; p * n], DType::F32).unwrap();
         out.turn_weight = gpu.upload(&vec![f32::NAN; p * t], DType::F32).unwrap();
-        grpo::rewards(&gpu, &mut out, &gpu.upload(&safe, DType::F32).unwrap(), &gpu.upload(&help, DType::F32).unwrap(), p, n, t, &hp).unwrap();
-        for (name, b, want) in [("turn_weight", &out.turn_weight, &r64.turn_weight), ("reward", &out.reward, &r64.reward), ("advantage", &out.advantage, &r64.advantage)] {
+        grpo::rewards(
+            &gpu,
+            &mut out,
+            &gpu.upload(&safe, DType::F32).unwrap(),
+            &gpu.upload(&help, DType::F32).unwrap(),
+            p,
+            n,
+            t,
+            &hp,
+        )
+        .unwrap();
+        for (name, b, want) in [
+            ("turn_weight", &out.turn_weight, &r64.turn_weight),
+            ("reward", &out.reward, &r64.reward),
+            ("advantage", &out.advantage, &r64.advantage),
+        ] {
             let got = gpu.to_vec(b).unwrap();
             let want: Vec<f32> = want.iter().map(|&x| x as f32).collect();
             // n = 1 gives all-zero advantages: compare absolutely there.
@@ -221,11 +307,23 @@ fn grpo_cuda_matches_cpu_random() {
             let mut d = up(&vec![f32::NAN; rows * l]);
             let s = grpo::loss_fwd_bwd(&gpu, &mut d, &bl, &bo, &br, &bm, &ba, rows, l, &hp, agg).unwrap();
             let mut d64 = vec![0f64; rows * l];
-            let s64 = cpu::loss_fwd_bwd::<f64>(&mut d64, &to64(&logp), &to64(&old), &to64(&rf), &to64(&mask), &to64(&adv), rows, l, &hp, agg);
+            let s64 = cpu::loss_fwd_bwd::<f64>(
+                &mut d64,
+                &to64(&logp),
+                &to64(&old),
+                &to64(&rf),
+                &to64(&mask),
+                &to64(&adv),
+                rows,
+                l,
+                &hp,
+                agg,
+            );
             let want: Vec<f32> = d64.iter().map(|&x| x as f32).collect();
             let eg = rel_err(&gpu.to_vec(&d).unwrap(), &want);
             // The loss can be a small difference of large terms: measure it against Σ|terms|.
-            let el = (s.loss - s64.loss).abs() / loss_scale(&logp, &old, &rf, &mask, &adv, rows, l, &hp, agg).max(1e-30);
+            let el =
+                (s.loss - s64.loss).abs() / loss_scale(&logp, &old, &rf, &mask, &adv, rows, l, &hp, agg).max(1e-30);
             let ec = (s.clip_frac - s64.clip_frac).abs();
             let ek = rel_scalar(s.mean_kl, s64.mean_kl);
             println!("grpo loss cuda [{rows}x{l}] {agg:?}: loss rel {el:.2e}, grad rel {eg:.2e}, clip frac {:.4} vs {:.4}, kl rel {ek:.2e}", s.clip_frac, s64.clip_frac);
@@ -266,7 +364,8 @@ fn grpo_fused_variants_cuda() {
         let kl: Vec<f32> = (0..t).map(|_| rng.range(-0.5, 0.5) as f32).collect();
         for (dt, tol) in [(DType::F32, 1e-5f64), (DType::BF16, 5e-2)] {
             let up = |v: &[f32], d: DType| gpu.upload(v, d).unwrap();
-            let (bx, bw, btg, bm, ba) = (up(&x, dt), up(&w, dt), gpu.upload_i32(&tg).unwrap(), up(&mask, DType::F32), up(&adv, DType::F32));
+            let (bx, bw, btg, bm, ba) =
+                (up(&x, dt), up(&w, dt), gpu.upload_i32(&tg).unwrap(), up(&mask, DType::F32), up(&adv, DType::F32));
             // Old / reference log-probs near the policy's (from the split forward).
             let (mut lp0, mut ls0) = (up(&vec![0.0; t], DType::F32), up(&vec![0.0; t], DType::F32));
             logprob::fwd(&gpu, &mut lp0, &mut ls0, None, &bx, &bw, &btg, None, t, h, v).unwrap();
@@ -278,17 +377,45 @@ fn grpo_fused_variants_cuda() {
             for agg in [Aggregation::TokenMean, Aggregation::SeqMean] {
                 let mut outs = Vec::new();
                 for var in [1u8, 2, 3] {
-                    let tune = Tuning { fused_bytes: 3 * v * dt.size(), fused_v2: var == 2, fused_v3: var == 3, ..Tuning::exact() };
-                    let (mut blp, mut bdh, mut bdw) = (up(&vec![f32::NAN; t], DType::F32), up(&vec![f32::NAN; t * h], dt), up(&vec![0.0; v * h], DType::F32));
-                    let s = grpo::fused_loss_with(&gpu, &tune, &mut blp, &mut bdh, &mut bdw, &bx, &bw, &btg, &batch, h, v, &hp, agg).unwrap();
+                    let tune = Tuning {
+                        fused_bytes: 3 * v * dt.size(),
+                        fused_v2: var == 2,
+                        fused_v3: var == 3,
+                        ..Tuning::exact()
+                    };
+                    let (mut blp, mut bdh, mut bdw) = (
+                        up(&vec![f32::NAN; t], DType::F32),
+                        up(&vec![f32::NAN; t * h], dt),
+                        up(&vec![0.0; v * h], DType::F32),
+                    );
+                    let s = grpo::fused_loss_with(
+                        &gpu, &tune, &mut blp, &mut bdh, &mut bdw, &bx, &bw, &btg, &batch, h, v, &hp, agg,
+                    )
+                    .unwrap();
                     let got_lp = gpu.to_vec(&blp).unwrap();
                     let mut d64 = vec![0f64; t];
-                    let s64 = cpu::loss_fwd_bwd::<f64>(&mut d64, &to64(&got_lp), &to64(&old), &to64(&rf), &to64(&mask), &to64(&adv), rows, l, &hp, agg);
-                    let el = (s.loss - s64.loss).abs() / loss_scale(&got_lp, &old, &rf, &mask, &adv, rows, l, &hp, agg).max(1e-30);
+                    let s64 = cpu::loss_fwd_bwd::<f64>(
+                        &mut d64,
+                        &to64(&got_lp),
+                        &to64(&old),
+                        &to64(&rf),
+                        &to64(&mask),
+                        &to64(&adv),
+                        rows,
+                        l,
+                        &hp,
+                        agg,
+                    );
+                    let el = (s.loss - s64.loss).abs()
+                        / loss_scale(&got_lp, &old, &rf, &mask, &adv, rows, l, &hp, agg).max(1e-30);
                     let ec = (s.clip_frac - s64.clip_frac).abs();
                     let ek = rel_scalar(s.mean_kl, s64.mean_kl);
-                    let what = format!("grpo fused v{var} cuda {} [rows={rows} l={l} h={h} v={v}] {agg:?}", dt.suffix());
-                    println!("{what}: loss {:.6} rel {el:.2e}, clip frac {:.4} vs {:.4}, kl rel {ek:.2e}", s.loss, s.clip_frac, s64.clip_frac);
+                    let what =
+                        format!("grpo fused v{var} cuda {} [rows={rows} l={l} h={h} v={v}] {agg:?}", dt.suffix());
+                    println!(
+                        "{what}: loss {:.6} rel {el:.2e}, clip frac {:.4} vs {:.4}, kl rel {ek:.2e}",
+                        s.loss, s.clip_frac, s64.clip_frac
+                    );
                     for (nm, e) in [("loss", el), ("clip_frac", ec), ("mean_kl", ek)] {
                         if e.is_nan() || e > 1e-5 {
                             fails.push(format!("{what} {nm} vs its own logp: {e:.2e}"));
@@ -298,12 +425,23 @@ fn grpo_fused_variants_cuda() {
                 }
                 // v2 and v3 against the current pass; v3 against v2 (same logits: bf16 rounding differs
                 // only in where dlogp is applied, so 1e-2 even in bf16).
-                for (i, j, tl) in [(1usize, 0usize, tol), (2, 0, tol), (2, 1, if dt == DType::BF16 { 1e-2 } else { tol })] {
+                for (i, j, tl) in
+                    [(1usize, 0usize, tol), (2, 0, tol), (2, 1, if dt == DType::BF16 { 1e-2 } else { tol })]
+                {
                     let (a, b) = (&outs[j], &outs[i]);
-                    for (nm, e) in [("logp", rel_err(&b.0, &a.0)), ("dhidden", rel_err(&b.1, &a.1)), ("dlm_head", rel_err(&b.2, &a.2))] {
+                    for (nm, e) in [
+                        ("logp", rel_err(&b.0, &a.0)),
+                        ("dhidden", rel_err(&b.1, &a.1)),
+                        ("dlm_head", rel_err(&b.2, &a.2)),
+                    ] {
                         println!("grpo fused v{} vs v{} cuda {} [rows={rows} l={l} h={h} v={v}] {agg:?} {nm}: rel diff {e:.2e}", i + 1, j + 1, dt.suffix());
                         if e.is_nan() || e > tl {
-                            fails.push(format!("v{} vs v{} {} [{rows}x{l}x{h}x{v}] {agg:?} {nm}: {e:.2e}", i + 1, j + 1, dt.suffix()));
+                            fails.push(format!(
+                                "v{} vs v{} {} [{rows}x{l}x{h}x{v}] {agg:?} {nm}: {e:.2e}",
+                                i + 1,
+                                j + 1,
+                                dt.suffix()
+                            ));
                         }
                     }
                 }

@@ -10,9 +10,9 @@ mod common;
 mod tiny_llava;
 
 use am3safety::checkpoint::safetensors_io::{read_tensor_file, SaveDtype};
-use am3safety::models::common::train_state::TrainState;
 use am3safety::models::common::lora::{LoraConfig, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use am3safety::models::common::params::ParamRef;
+use am3safety::models::common::train_state::TrainState;
 use am3safety::models::llava_next::config::LlavaNextConfig;
 use am3safety::models::qwen2_5_vl::config::QwenVlConfig;
 use am3safety::models::qwen2_5_vl::model::Recompute;
@@ -78,12 +78,24 @@ fn qwen_with_adapters(dev: &Device) -> VlModel {
 /// Keys of an adapter file, and its `target_modules`, are transformers' module paths.
 #[test]
 fn adapter_names_are_transformers_module_paths() {
-    assert_eq!(hf_module_name(Family::Qwen, "model.layers.3.mlp.up_proj.weight"), "model.language_model.layers.3.mlp.up_proj.weight");
-    assert_eq!(hf_module_name(Family::Qwen, "visual.blocks.0.attn.qkv.weight"), "model.visual.blocks.0.attn.qkv.weight");
+    assert_eq!(
+        hf_module_name(Family::Qwen, "model.layers.3.mlp.up_proj.weight"),
+        "model.language_model.layers.3.mlp.up_proj.weight"
+    );
+    assert_eq!(
+        hf_module_name(Family::Qwen, "visual.blocks.0.attn.qkv.weight"),
+        "model.visual.blocks.0.attn.qkv.weight"
+    );
     assert_eq!(hf_module_name(Family::Qwen, "lm_head.weight"), "lm_head.weight");
-    assert_eq!(hf_module_name(Family::Llava, "language_model.model.layers.1.self_attn.o_proj.weight"), "model.language_model.layers.1.self_attn.o_proj.weight");
+    assert_eq!(
+        hf_module_name(Family::Llava, "language_model.model.layers.1.self_attn.o_proj.weight"),
+        "model.language_model.layers.1.self_attn.o_proj.weight"
+    );
     assert_eq!(hf_module_name(Family::Llava, "language_model.lm_head.weight"), "lm_head.weight");
-    assert_eq!(hf_module_name(Family::Llava, "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"), "model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight");
+    assert_eq!(
+        hf_module_name(Family::Llava, "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"),
+        "model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"
+    );
 
     let dev = Device::Cpu;
     let vl = qwen_with_adapters(&dev);
@@ -91,13 +103,22 @@ fn adapter_names_are_transformers_module_paths() {
     vl.save_lora_adapter(&dev, &dir, "/abs/base", SaveDtype::F32).unwrap();
     let t = read_tensor_file(dir.join(ADAPTER_WEIGHTS)).unwrap();
     for k in t.keys() {
-        assert!(k.starts_with("base_model.model.model.language_model.layers.") || k.starts_with("base_model.model.model.visual.blocks."), "{k}");
+        assert!(
+            k.starts_with("base_model.model.model.language_model.layers.")
+                || k.starts_with("base_model.model.model.visual.blocks."),
+            "{k}"
+        );
     }
     assert!(t.contains_key("base_model.model.model.visual.blocks.1.attn.qkv.lora_B.weight"));
     let c = json_of(&dir.join(ADAPTER_CONFIG));
     assert_eq!(c["base_model_name_or_path"], "/abs/base");
     let re = c["target_modules"].as_str().unwrap();
-    for m in [r"model\.language_model\.layers\.\d+\.self_attn\.q_proj", r"model\.language_model\.layers\.\d+\.mlp\.down_proj", r"model\.visual\.blocks\.\d+\.attn\.qkv", r"model\.visual\.blocks\.\d+\.mlp\.gate_proj"] {
+    for m in [
+        r"model\.language_model\.layers\.\d+\.self_attn\.q_proj",
+        r"model\.language_model\.layers\.\d+\.mlp\.down_proj",
+        r"model\.visual\.blocks\.\d+\.attn\.qkv",
+        r"model\.visual\.blocks\.\d+\.mlp\.gate_proj",
+    ] {
         assert!(re.contains(m), "{m} missing from target_modules {re}");
     }
 
@@ -110,9 +131,16 @@ fn adapter_names_are_transformers_module_paths() {
     vl.save_lora_adapter(&dev, &dir2, "/abs/base", SaveDtype::F32).unwrap();
     let t = read_tensor_file(dir2.join(ADAPTER_WEIGHTS)).unwrap();
     assert_eq!(t.len(), 2 * 2 * 2);
-    assert!(t.contains_key("base_model.model.model.language_model.layers.1.self_attn.k_proj.lora_A.weight"), "{:?}", t.keys());
+    assert!(
+        t.contains_key("base_model.model.model.language_model.layers.1.self_attn.k_proj.lora_A.weight"),
+        "{:?}",
+        t.keys()
+    );
     let c = json_of(&dir2.join(ADAPTER_CONFIG));
-    assert_eq!(c["target_modules"], r"(?:model\.language_model\.layers\.\d+\.mlp\.up_proj|model\.language_model\.layers\.\d+\.self_attn\.k_proj)");
+    assert_eq!(
+        c["target_modules"],
+        r"(?:model\.language_model\.layers\.\d+\.mlp\.up_proj|model\.language_model\.layers\.\d+\.self_attn\.k_proj)"
+    );
     for d in [dir, dir2] {
         let _ = std::fs::remove_dir_all(d);
     }
@@ -143,16 +171,28 @@ fn adapter_dirs_load_back_with_the_same_logits() {
     std::fs::copy(adapter.join(ADAPTER_CONFIG), old.join(ADAPTER_CONFIG)).unwrap();
     let views: Vec<(String, Vec<usize>, Vec<f32>)> = t
         .iter()
-        .map(|(k, (s, v))| (k.replace("base_model.model.model.language_model.", "base_model.model.model.").replace("base_model.model.model.visual.", "base_model.model.visual."), s.clone(), v.iter().map(|&x| x as f32).collect()))
+        .map(|(k, (s, v))| {
+            (
+                k.replace("base_model.model.model.language_model.", "base_model.model.model.")
+                    .replace("base_model.model.model.visual.", "base_model.model.visual."),
+                s.clone(),
+                v.iter().map(|&x| x as f32).collect(),
+            )
+        })
         .collect();
-    let out: Vec<(String, Vec<usize>, am3safety::stages::forward::OutData)> = views.into_iter().map(|(k, s, v)| (k, s, am3safety::stages::forward::OutData::F32(v))).collect();
+    let out: Vec<(String, Vec<usize>, am3safety::stages::forward::OutData)> =
+        views.into_iter().map(|(k, s, v)| (k, s, am3safety::stages::forward::OutData::F32(v))).collect();
     am3safety::stages::forward::write_tensors(&old.join(ADAPTER_WEIGHTS), &out).unwrap();
     let got = logits(&dev, &VlModel::load_model_or_adapter(&dev, &old).unwrap(), &p);
     assert!(got == want, "canonical-name adapter: max diff {:.2e}", max_abs(&got, &want));
 
     // A key that matches no module, or a missing layer, is an error naming it.
     let mut extra = out;
-    extra.push(("base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight".into(), vec![4, 96], am3safety::stages::forward::OutData::F32(vec![0.0; 4 * 96])));
+    extra.push((
+        "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight".into(),
+        vec![4, 96],
+        am3safety::stages::forward::OutData::F32(vec![0.0; 4 * 96]),
+    ));
     am3safety::stages::forward::write_tensors(&old.join(ADAPTER_WEIGHTS), &extra).unwrap();
     let e = VlModel::load_model_or_adapter(&dev, &old).err().unwrap().to_string();
     assert!(e.contains("layers.9"), "{e}");
@@ -173,7 +213,12 @@ fn adapter_dirs_load_back_with_the_same_logits() {
     std::fs::create_dir_all(&lbase).unwrap();
     tiny_llava::write_tiny_dir(&lbase, "mistral", 9);
     let mut l = VlModel::load(&dev, &lbase).unwrap();
-    l.enable_lora(&dev, &LoraConfig::new(4, 8.0, &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 2).unwrap()).unwrap();
+    l.enable_lora(
+        &dev,
+        &LoraConfig::new(4, 8.0, &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 2)
+            .unwrap(),
+    )
+    .unwrap();
     l.zero_grads(&dev).unwrap();
     randomize_b(&dev, l.params_and_grads());
     let ids: Vec<i32> = (0..24).map(|i| i * 7 % 400).collect();
@@ -267,11 +312,16 @@ fn saved_configs_keep_the_source_fields() {
     q.save_as(root.join("q"), "bfloat16").unwrap();
     let qs = json_of(&root.join("q/config.json"));
     same_but_dtype(&qsrc, &qs, "bfloat16", "");
-    for (k, v) in [("max_window_layers", json!(80)), ("sliding_window", Value::Null), ("transformers_version", json!("5.23.0"))] {
+    for (k, v) in
+        [("max_window_layers", json!(80)), ("sliding_window", Value::Null), ("transformers_version", json!("5.23.0"))]
+    {
         assert_eq!(qs[k], v, "{k}");
     }
     assert_eq!(qs["vision_config"]["model_type"], "qwen2_5_vl_vision");
-    assert_eq!(QwenVlConfig::load(root.join("q")).unwrap(), QwenVlConfig { torch_dtype: "bfloat16".into(), ..q.clone() });
+    assert_eq!(
+        QwenVlConfig::load(root.join("q")).unwrap(),
+        QwenVlConfig { torch_dtype: "bfloat16".into(), ..q.clone() }
+    );
 
     let lsrc = json_of(&fixture_dir("llava_next_tiny").join("config.json"));
     let l = LlavaNextConfig::load(fixture_dir("llava_next_tiny")).unwrap();
@@ -287,7 +337,22 @@ fn saved_configs_keep_the_source_fields() {
     let mut nested = qsrc.clone();
     let m = nested.as_object_mut().unwrap();
     let mut text = serde_json::Map::new();
-    for k in ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "vocab_size", "max_position_embeddings", "rope_theta", "rope_scaling", "hidden_act", "max_window_layers", "sliding_window", "use_sliding_window"] {
+    for k in [
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "rms_norm_eps",
+        "vocab_size",
+        "max_position_embeddings",
+        "rope_theta",
+        "rope_scaling",
+        "hidden_act",
+        "max_window_layers",
+        "sliding_window",
+        "use_sliding_window",
+    ] {
         text.insert(k.into(), m.remove(k).unwrap());
     }
     m.insert("text_config".into(), Value::Object(text));
@@ -310,7 +375,11 @@ fn check_tiny_hf_files(dir: &Path) {
     let tc = json_of(&dir.join("tokenizer_config.json"));
     let tok = am3safety::models::qwen2_5_vl::chat::load_tokenizer(dir).unwrap().unwrap();
     assert_eq!(tc["eos_token"], "<|im_end|>");
-    assert_eq!(tok.token_to_id("<|im_end|>").unwrap() as u64, cfg["eos_token_id"].as_u64().unwrap(), "tokenizer eos = model eos");
+    assert_eq!(
+        tok.token_to_id("<|im_end|>").unwrap() as u64,
+        cfg["eos_token_id"].as_u64().unwrap(),
+        "tokenizer eos = model eos"
+    );
     assert_eq!(json_of(&dir.join("generation_config.json"))["eos_token_id"], cfg["eos_token_id"]);
     assert_eq!(tc["pad_token"], "<|endoftext|>");
     assert_eq!(tc["chat_template"], CHAT_TEMPLATE);
@@ -330,7 +399,10 @@ fn check_tiny_hf_files(dir: &Path) {
 fn export_writes_the_tiny_default() {
     let root = tmp("export");
     let out = root.join("tiny");
-    let o = std::process::Command::new(am3_bin()).args(["export", "--out", out.to_str().unwrap(), "--seed", "5"]).output().unwrap();
+    let o = std::process::Command::new(am3_bin())
+        .args(["export", "--out", out.to_str().unwrap(), "--seed", "5"])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "am3 export: {}", String::from_utf8_lossy(&o.stderr));
     check_tiny_hf_files(&out);
     assert_eq!(json_of(&out.join("config.json"))["torch_dtype"], "float32");
@@ -388,11 +460,25 @@ fn tiny_adapter_checkpoint_forward_and_base() {
     write_inputs(&inputs, &ids, &p.pixels, rows, p.pixels.len() / rows, &p.grids);
     let run_fwd = |model: &Path, name: &str| -> Vec<f32> {
         let o = root.join(name);
-        let r = std::process::Command::new(am3_bin()).args(["forward", "--device", "cpu", "--model", model.to_str().unwrap(), "--inputs", inputs.to_str().unwrap(), "--out", o.to_str().unwrap()]).output().unwrap();
+        let r = std::process::Command::new(am3_bin())
+            .args([
+                "forward",
+                "--device",
+                "cpu",
+                "--model",
+                model.to_str().unwrap(),
+                "--inputs",
+                inputs.to_str().unwrap(),
+                "--out",
+                o.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
         assert!(r.status.success(), "am3 forward --model {}: {}", model.display(), String::from_utf8_lossy(&r.stderr));
         read_tensor_file(&o).unwrap()["logits"].1.iter().map(|&x| x as f32).collect()
     };
-    let (a, b, base_l) = (run_fwd(&ck, "a.safetensors"), run_fwd(&merged, "m.safetensors"), run_fwd(&base, "b.safetensors"));
+    let (a, b, base_l) =
+        (run_fwd(&ck, "a.safetensors"), run_fwd(&merged, "m.safetensors"), run_fwd(&base, "b.safetensors"));
     let e = rel_err(&a, &b);
     report("am3 forward adapter dir vs merged", "logits", e, 1e-5);
     assert!(rel_err(&b, &base_l) > 1e-3, "the adapter should change the logits");
@@ -402,7 +488,11 @@ fn tiny_adapter_checkpoint_forward_and_base() {
 fn write_inputs(path: &Path, ids: &[i64], pixels: &[f32], rows: usize, patch: usize, grids: &[[usize; 3]]) {
     use safetensors::tensor::{Dtype, TensorView};
     let g: Vec<i64> = grids.iter().flat_map(|g| g.iter().map(|&x| x as i64)).collect();
-    let (ib, pb, gb) = (bytemuck::cast_slice::<i64, u8>(ids).to_vec(), bytemuck::cast_slice::<f32, u8>(pixels).to_vec(), bytemuck::cast_slice::<i64, u8>(&g).to_vec());
+    let (ib, pb, gb) = (
+        bytemuck::cast_slice::<i64, u8>(ids).to_vec(),
+        bytemuck::cast_slice::<f32, u8>(pixels).to_vec(),
+        bytemuck::cast_slice::<i64, u8>(&g).to_vec(),
+    );
     let views = vec![
         ("input_ids".to_string(), TensorView::new(Dtype::I64, vec![1, ids.len()], &ib).unwrap()),
         ("pixel_values".to_string(), TensorView::new(Dtype::F32, vec![rows, patch], &pb).unwrap()),

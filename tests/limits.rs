@@ -11,13 +11,13 @@
 //! - the tiny default's checkpoints carry a ChatML template that renders what training uses.
 mod common;
 
+use am3safety::checkpoint::safetensors_io::SaveDtype;
 use am3safety::models::limits;
 use am3safety::models::llava_next::config::LlavaNextConfig;
 use am3safety::models::llava_next::model::LlavaNext;
 use am3safety::models::qwen2_5_vl::chat::{render_chat, ChatMessage, ChatOptions, Part};
 use am3safety::models::qwen2_5_vl::config::{QwenPreprocessorConfig, QwenVlConfig};
 use am3safety::models::tiny;
-use am3safety::checkpoint::safetensors_io::SaveDtype;
 use am3safety::stages::sft;
 use am3safety::tensor::{DType, Device};
 use common::{am3_bin, fixture_dir, fresh_tmp_dir};
@@ -70,7 +70,17 @@ fn qwen_variant(name: &str, edit: &dyn Fn(&mut Value)) -> PathBuf {
 fn forward(dir: &Path, tag: &str) -> (Output, String, Duration) {
     let inputs = fixture_dir("qwen2_5_vl_tiny").join("inputs.safetensors");
     let out = fresh_tmp_dir(tag).join("out.safetensors");
-    am3(&["forward", "--model", dir.to_str().unwrap(), "--inputs", inputs.to_str().unwrap(), "--out", out.to_str().unwrap(), "--device", "cpu"])
+    am3(&[
+        "forward",
+        "--model",
+        dir.to_str().unwrap(),
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ])
 }
 
 #[test]
@@ -78,14 +88,24 @@ fn forward_with_absurd_text_layers_is_an_error() {
     let dir = qwen_variant("layers", &|c| c["num_hidden_layers"] = json!(1e9));
     let (out, err, _) = forward(&dir, "layers-out");
     let cfg = dir.join("config.json");
-    assert_clean_error("num_hidden_layers 1e9", &out, &err, &[cfg.to_str().unwrap(), "`num_hidden_layers`", "1000000000", "limit of 1024"]);
+    assert_clean_error(
+        "num_hidden_layers 1e9",
+        &out,
+        &err,
+        &[cfg.to_str().unwrap(), "`num_hidden_layers`", "1000000000", "limit of 1024"],
+    );
 }
 
 #[test]
 fn forward_with_absurd_vision_depth_is_an_error() {
     let dir = qwen_variant("depth", &|c| c["vision_config"]["depth"] = json!(1_000_000_000u64));
     let (out, err, _) = forward(&dir, "depth-out");
-    assert_clean_error("vision depth 1e9", &out, &err, &["config.json", "`vision_config.depth`", "1000000000", "limit of 1024"]);
+    assert_clean_error(
+        "vision depth 1e9",
+        &out,
+        &err,
+        &["config.json", "`vision_config.depth`", "1000000000", "limit of 1024"],
+    );
 }
 
 #[test]
@@ -100,7 +120,12 @@ fn forward_with_weights_beyond_memory_is_an_error() {
         c["vision_config"]["out_hidden_size"] = json!(65536);
     });
     let (out, err, took) = forward(&dir, "huge-out");
-    assert_clean_error("1.1 T parameters", &out, &err, &["not enough memory for the weights of", "B parameters", "GiB needed", "available on cpu"]);
+    assert_clean_error(
+        "1.1 T parameters",
+        &out,
+        &err,
+        &["not enough memory for the weights of", "B parameters", "GiB needed", "available on cpu"],
+    );
     assert!(took < Duration::from_secs(30), "the check took {took:?}");
 }
 
@@ -113,7 +138,13 @@ fn unused_checkpoint_tensors_give_one_warning() {
     assert!(out.status.success(), "{err}");
     let lines: Vec<&str> = err.lines().filter(|l| l.contains("not used by config.json")).collect();
     assert_eq!(lines.len(), 1, "one warning line expected:\n{err}");
-    assert!(lines[0].contains("12 checkpoint tensors") && lines[0].contains("model.layers.1.") && lines[0].contains("(7 more)"), "{}", lines[0]);
+    assert!(
+        lines[0].contains("12 checkpoint tensors")
+            && lines[0].contains("model.layers.1.")
+            && lines[0].contains("(7 more)"),
+        "{}",
+        lines[0]
+    );
     // The fixture itself uses every tensor: no warning.
     let (out, err, _) = forward(&fixture_dir("qwen2_5_vl_tiny"), "used-out");
     assert!(out.status.success() && !err.contains("not used by config.json"), "{err}");
@@ -141,25 +172,61 @@ fn qwen_config_sizes_are_capped() {
         ("inter", Box::new(|v| v["intermediate_size"] = json!(1u64 << 30)), "intermediate_size", "limit of 262144"),
         ("vocab", Box::new(|v| v["vocab_size"] = json!(1u64 << 40)), "vocab_size", "limit of 8388608"),
         ("heads", Box::new(|v| v["num_attention_heads"] = json!(u64::MAX)), "num_attention_heads", "limit of 65536"),
-        ("positions", Box::new(|v| v["max_position_embeddings"] = json!(1e12)), "max_position_embeddings", "limit of 16777216"),
-        ("vision width", Box::new(|v| v["vision_config"]["hidden_size"] = json!(1u64 << 32)), "vision_config.hidden_size", "limit of 65536"),
-        ("vision inter", Box::new(|v| v["vision_config"]["intermediate_size"] = json!(1u64 << 32)), "vision_config.intermediate_size", "limit of 262144"),
-        ("patch", Box::new(|v| v["vision_config"]["patch_size"] = json!(1u64 << 20)), "vision_config.patch_size", "limit of 1024"),
-        ("merge", Box::new(|v| v["vision_config"]["spatial_merge_size"] = json!(100000)), "vision_config.spatial_merge_size", "limit of 64"),
+        (
+            "positions",
+            Box::new(|v| v["max_position_embeddings"] = json!(1e12)),
+            "max_position_embeddings",
+            "limit of 16777216",
+        ),
+        (
+            "vision width",
+            Box::new(|v| v["vision_config"]["hidden_size"] = json!(1u64 << 32)),
+            "vision_config.hidden_size",
+            "limit of 65536",
+        ),
+        (
+            "vision inter",
+            Box::new(|v| v["vision_config"]["intermediate_size"] = json!(1u64 << 32)),
+            "vision_config.intermediate_size",
+            "limit of 262144",
+        ),
+        (
+            "patch",
+            Box::new(|v| v["vision_config"]["patch_size"] = json!(1u64 << 20)),
+            "vision_config.patch_size",
+            "limit of 1024",
+        ),
+        (
+            "merge",
+            Box::new(|v| v["vision_config"]["spatial_merge_size"] = json!(100000)),
+            "vision_config.spatial_merge_size",
+            "limit of 64",
+        ),
     ];
     for (what, edit, field, limit) in cases {
         let mut v = qwen_fixture_config();
         edit(&mut v);
         let msg = err_text(QwenVlConfig::from_json(&v, file));
         println!("{what}: {msg}");
-        assert!(msg.contains(&format!("`{field}`")) && msg.contains(limit) && msg.contains("/ckpt/config.json"), "{what}: {msg}");
+        assert!(
+            msg.contains(&format!("`{field}`")) && msg.contains(limit) && msg.contains("/ckpt/config.json"),
+            "{what}: {msg}"
+        );
     }
 }
 
 #[test]
 fn qwen_required_fields_are_errors_naming_them() {
     let file = Path::new("/ckpt/config.json");
-    for key in ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size", "vision_config"] {
+    for key in [
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "vision_config",
+    ] {
         let mut v = qwen_fixture_config();
         v.as_object_mut().unwrap().remove(key);
         let msg = err_text(QwenVlConfig::from_json(&v, file));
@@ -179,27 +246,68 @@ fn qwen_required_fields_are_errors_naming_them() {
     }
     v["vocab_size"] = json!(152064);
     let c = QwenVlConfig::from_json(&v, file).unwrap();
-    assert_eq!((c.text.rms_norm_eps, c.text.max_position_embeddings, c.image_token_id, c.bos_token_id), (1e-5, 32768, 151655, 151643));
+    assert_eq!(
+        (c.text.rms_norm_eps, c.text.max_position_embeddings, c.image_token_id, c.bos_token_id),
+        (1e-5, 32768, 151655, 151643)
+    );
 }
 
 #[test]
 fn llava_config_sizes_are_capped_and_sub_configs_required() {
     let file = Path::new("/ckpt/config.json");
     let cases: Vec<Case> = vec![
-        ("layers", Box::new(|v| v["text_config"]["num_hidden_layers"] = json!(1e9)), "text_config.num_hidden_layers", "limit of 1024"),
-        ("vocab", Box::new(|v| v["text_config"]["vocab_size"] = json!(1u64 << 33)), "text_config.vocab_size", "limit of 8388608"),
-        ("head_dim", Box::new(|v| v["text_config"]["head_dim"] = json!(1u64 << 20)), "text_config.head_dim", "limit of 65536"),
-        ("clip layers", Box::new(|v| v["vision_config"]["num_hidden_layers"] = json!(100000)), "vision_config.num_hidden_layers", "limit of 1024"),
-        ("tile", Box::new(|v| v["vision_config"]["image_size"] = json!(1u64 << 40)), "vision_config.image_size", "limit of 65536"),
-        ("tile patches", Box::new(|v| v["vision_config"]["image_size"] = json!(14 * 1000)), "vision_config.image_size", "limit of 262144"),
-        ("pinpoints", Box::new(|v| v["image_grid_pinpoints"] = json!([[56 * 200, 56 * 200]])), "image_grid_pinpoints", "limit of 262144"),
+        (
+            "layers",
+            Box::new(|v| v["text_config"]["num_hidden_layers"] = json!(1e9)),
+            "text_config.num_hidden_layers",
+            "limit of 1024",
+        ),
+        (
+            "vocab",
+            Box::new(|v| v["text_config"]["vocab_size"] = json!(1u64 << 33)),
+            "text_config.vocab_size",
+            "limit of 8388608",
+        ),
+        (
+            "head_dim",
+            Box::new(|v| v["text_config"]["head_dim"] = json!(1u64 << 20)),
+            "text_config.head_dim",
+            "limit of 65536",
+        ),
+        (
+            "clip layers",
+            Box::new(|v| v["vision_config"]["num_hidden_layers"] = json!(100000)),
+            "vision_config.num_hidden_layers",
+            "limit of 1024",
+        ),
+        (
+            "tile",
+            Box::new(|v| v["vision_config"]["image_size"] = json!(1u64 << 40)),
+            "vision_config.image_size",
+            "limit of 65536",
+        ),
+        (
+            "tile patches",
+            Box::new(|v| v["vision_config"]["image_size"] = json!(14 * 1000)),
+            "vision_config.image_size",
+            "limit of 262144",
+        ),
+        (
+            "pinpoints",
+            Box::new(|v| v["image_grid_pinpoints"] = json!([[56 * 200, 56 * 200]])),
+            "image_grid_pinpoints",
+            "limit of 262144",
+        ),
     ];
     for (what, edit, field, limit) in cases {
         let mut v = llava_fixture_config();
         edit(&mut v);
         let msg = err_text(LlavaNextConfig::from_json(&v, file));
         println!("{what}: {msg}");
-        assert!(msg.contains(&format!("`{field}`")) && msg.contains(limit) && msg.contains("/ckpt/config.json"), "{what}: {msg}");
+        assert!(
+            msg.contains(&format!("`{field}`")) && msg.contains(limit) && msg.contains("/ckpt/config.json"),
+            "{what}: {msg}"
+        );
     }
     for key in ["text_config", "vision_config"] {
         let mut v = llava_fixture_config();
@@ -214,7 +322,10 @@ fn llava_config_sizes_are_capped_and_sub_configs_required() {
         v["text_config"].as_object_mut().unwrap().remove(key);
     }
     let c = LlavaNextConfig::from_json(&v, file).unwrap();
-    assert_eq!((c.text.hidden_size, c.text.num_hidden_layers, c.text.num_attention_heads, c.text.head_dim), (4096, 32, 32, 128));
+    assert_eq!(
+        (c.text.hidden_size, c.text.num_hidden_layers, c.text.num_attention_heads, c.text.head_dim),
+        (4096, 32, 32, 128)
+    );
 }
 
 #[test]
@@ -224,7 +335,10 @@ fn qwen_preprocessor_pixels_are_capped() {
     let mut v = base.clone();
     v["max_pixels"] = json!(1e13);
     let msg = err_text(QwenPreprocessorConfig::from_json(&v, file));
-    assert!(msg.contains("`max_pixels`") && msg.contains("10000000000000") && msg.contains("limit of 51380224"), "{msg}");
+    assert!(
+        msg.contains("`max_pixels`") && msg.contains("10000000000000") && msg.contains("limit of 51380224"),
+        "{msg}"
+    );
     let mut v = base.clone();
     v["size"]["longest_edge"] = json!(1u64 << 40);
     let msg = err_text(QwenPreprocessorConfig::from_json(&v, file));
@@ -243,11 +357,23 @@ fn num_params_matches_the_models() {
     let n: usize = m.param_entries().iter().map(|(r, _)| r.numel()).sum();
     assert_eq!(cfg.num_params(), n as u64, "tiny Qwen2.5-VL");
     let dir = fixture_dir("qwen2_5_vl_tiny");
-    assert_eq!(QwenVlConfig::load(&dir).unwrap().num_params(), am3safety::models::qwen2_5_vl::model::QwenVl::load(&Device::Cpu, &dir).unwrap().param_entries().iter().map(|(r, _)| r.numel() as u64).sum::<u64>());
+    assert_eq!(
+        QwenVlConfig::load(&dir).unwrap().num_params(),
+        am3safety::models::qwen2_5_vl::model::QwenVl::load(&Device::Cpu, &dir)
+            .unwrap()
+            .param_entries()
+            .iter()
+            .map(|(r, _)| r.numel() as u64)
+            .sum::<u64>()
+    );
     let dir = fixture_dir("llava_next_tiny");
     let lcfg = LlavaNextConfig::load(&dir).unwrap();
     let l = LlavaNext::load(&Device::Cpu, &dir).unwrap();
-    assert_eq!(lcfg.num_params(), l.param_entries().iter().map(|(r, _)| r.numel() as u64).sum::<u64>(), "LLaVA-NeXT fixture");
+    assert_eq!(
+        lcfg.num_params(),
+        l.param_entries().iter().map(|(r, _)| r.numel() as u64).sum::<u64>(),
+        "LLaVA-NeXT fixture"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -272,7 +398,10 @@ fn impossible_allocations_are_errors() {
     // Training state beyond memory, with the numbers.
     let msg = err_text(limits::ensure_training_fits(&dev, 1 << 40, 0, 1024, 2, 96, 256));
     println!("training: {msg}");
-    assert!(msg.contains("not enough memory for training") && msg.contains("AdamW state") && msg.contains("GiB"), "{msg}");
+    assert!(
+        msg.contains("not enough memory for training") && msg.contains("AdamW state") && msg.contains("GiB"),
+        "{msg}"
+    );
     limits::ensure_training_fits(&dev, 1 << 20, 0, 1024, 2, 96, 256).unwrap();
 }
 
@@ -297,14 +426,30 @@ fn sft_with_huge_max_pixels_is_an_error() {
     pp["max_pixels"] = json!(1e13);
     let dir = tiny_model_dir("pixels", &pp);
     let out = fresh_tmp_dir("pixels-run");
-    let (o, err, _) = am3(&["sft", "--model", dir.to_str().unwrap(), "--out", out.to_str().unwrap(), "--steps", "1", "--device", "cpu"]);
-    assert_clean_error("max_pixels 1e13", &o, &err, &["preprocessor_config.json", "`max_pixels`", "10000000000000", "limit of 51380224"]);
+    let (o, err, _) = am3(&[
+        "sft",
+        "--model",
+        dir.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+    ]);
+    assert_clean_error(
+        "max_pixels 1e13",
+        &o,
+        &err,
+        &["preprocessor_config.json", "`max_pixels`", "10000000000000", "limit of 51380224"],
+    );
 }
 
 #[test]
 fn sft_with_lora_rank_above_the_width_is_an_error() {
     let out = fresh_tmp_dir("rank-run");
-    let (o, err, took) = am3(&["sft", "--out", out.to_str().unwrap(), "--steps", "1", "--device", "cpu", "--lora-rank", "4096"]);
+    let (o, err, took) =
+        am3(&["sft", "--out", out.to_str().unwrap(), "--steps", "1", "--device", "cpu", "--lora-rank", "4096"]);
     assert_clean_error("--lora-rank 4096", &o, &err, &["--lora-rank 4096", "limit of 48", "k_proj.weight", "[48, 96]"]);
     assert!(took < Duration::from_secs(30), "took {took:?}");
 }
@@ -334,15 +479,33 @@ fn sft_with_megabyte_turns_fails_at_load_or_skips_them() {
         (r, out)
     };
     let ((o, err, _), _) = run("plain", &[]);
-    assert_clean_error("1 MB turns", &o, &err, &[&format!("{d}:2: 524311 tokens, limit 1024"), &format!("{d}:4: 1048599 tokens, limit 1024"), "--batch-tokens"]);
+    assert_clean_error(
+        "1 MB turns",
+        &o,
+        &err,
+        &[
+            &format!("{d}:2: 524311 tokens, limit 1024"),
+            &format!("{d}:4: 1048599 tokens, limit 1024"),
+            "--batch-tokens",
+        ],
+    );
     // With a micro-batch large enough, the model's positions are the limit.
     let ((o, err, _), _) = run("wide", &["--batch-tokens", "2000000"]);
-    assert_clean_error("1 MB turns, wide batches", &o, &err, &[&format!("{d}:2: 524311 tokens, limit 4096"), "max_position_embeddings"]);
+    assert_clean_error(
+        "1 MB turns, wide batches",
+        &o,
+        &err,
+        &[&format!("{d}:2: 524311 tokens, limit 4096"), "max_position_embeddings"],
+    );
     // --skip-bad leaves them out (each reported) and trains on the rest.
     let ((o, err, _), out) = run("skip", &["--skip-bad", "true"]);
     println!("{err}");
     assert!(o.status.success(), "{err}");
-    assert!(err.contains(&format!("skipped {d}:2: 524311 tokens, limit 1024")) && err.contains(&format!("skipped {d}:4: 1048599 tokens")), "{err}");
+    assert!(
+        err.contains(&format!("skipped {d}:2: 524311 tokens, limit 1024"))
+            && err.contains(&format!("skipped {d}:4: 1048599 tokens")),
+        "{err}"
+    );
     check_tiny_chat_template(&out.join("checkpoint-000001"));
 }
 
@@ -367,7 +530,12 @@ fn check_tiny_chat_template(ck: &Path) {
     ]);
     let script = "import json,sys\nfrom jinja2.sandbox import ImmutableSandboxedEnvironment as E\nd=json.load(sys.stdin)\n\
                   t=E(trim_blocks=True,lstrip_blocks=True).from_string(d['t'])\nsys.stdout.write(t.render(messages=d['m'],add_generation_prompt=True))";
-    let child = Command::new("python3").args(["-c", script]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn();
+    let child = Command::new("python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
     let Ok(mut child) = child else {
         println!("chat template: rendering skipped (no python3)");
         return;
@@ -376,9 +544,16 @@ fn check_tiny_chat_template(ck: &Path) {
     child.stdin.take().unwrap().write_all(json!({"t": template, "m": hf}).to_string().as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     if !out.status.success() {
-        println!("chat template: rendering skipped ({})", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""));
+        println!(
+            "chat template: rendering skipped ({})",
+            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+        );
         return;
     }
-    assert_eq!(String::from_utf8_lossy(&out.stdout), want, "the checkpoint's chat template renders differently from training");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        want,
+        "the checkpoint's chat template renders differently from training"
+    );
     println!("chat template renders as training does:\n{want}");
 }

@@ -17,7 +17,8 @@ use am3safety::models::llava_next::chat::{
     placeholder_runs, render_chat, ChatMessage, LlavaChatOptions, LlavaChatTemplate, Part, TemplateKind,
 };
 use am3safety::models::llava_next::config::{
-    canonical_name, check_weights, resolve, spellings, weight_shapes, LlavaNextConfig, LlavaPreprocessorConfig, TextFamily,
+    canonical_name, check_weights, resolve, spellings, weight_shapes, LlavaNextConfig, LlavaPreprocessorConfig,
+    TextFamily,
 };
 use am3safety::models::llava_next::packing::{
     gather_index, image_token_count, pack_plan, select_best_resolution, AnyresGeometry, PackSrc,
@@ -35,7 +36,11 @@ fn fixture_dir() -> PathBuf {
         Ok(d) => PathBuf::from(d),
         Err(_) => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/llava_next_tiny"),
     };
-    assert!(dir.join("config.json").is_file(), "LLaVA fixtures not found in {} (set AM3_LLAVA_FIXTURES)", dir.display());
+    assert!(
+        dir.join("config.json").is_file(),
+        "LLaVA fixtures not found in {} (set AM3_LLAVA_FIXTURES)",
+        dir.display()
+    );
     dir
 }
 
@@ -174,13 +179,25 @@ fn config_errors_name_field_and_file() {
         (json!({"model_type": "llava"}), "model_type"),
         (json!({"model_type": "llava_next", "text_config": {"model_type": "qwen2"}}), "text_config.model_type"),
         (json!({"model_type": "llava_next", "text_config": {"hidden_size": "big"}}), "text_config.hidden_size"),
-        (json!({"model_type": "llava_next", "text_config": {"num_key_value_heads": 5}}), "text_config.num_key_value_heads"),
-        (json!({"model_type": "llava_next", "vision_config": {"model_type": "siglip_vision_model"}}), "vision_config.model_type"),
+        (
+            json!({"model_type": "llava_next", "text_config": {"num_key_value_heads": 5}}),
+            "text_config.num_key_value_heads",
+        ),
+        (
+            json!({"model_type": "llava_next", "vision_config": {"model_type": "siglip_vision_model"}}),
+            "vision_config.model_type",
+        ),
         (json!({"model_type": "llava_next", "vision_feature_layer": 30}), "vision_feature_layer"),
-        (json!({"model_type": "llava_next", "vision_feature_select_strategy": "full"}), "vision_feature_select_strategy"),
+        (
+            json!({"model_type": "llava_next", "vision_feature_select_strategy": "full"}),
+            "vision_feature_select_strategy",
+        ),
         (json!({"model_type": "llava_next", "image_grid_pinpoints": [[336, 500]]}), "image_grid_pinpoints"),
         (json!({"model_type": "llava_next", "image_grid_pinpoints": [[336]]}), "image_grid_pinpoints"),
-        (json!({"model_type": "llava_next", "text_config": {"rope_scaling": {"rope_type": "llama3"}}}), "text_config.rope_scaling.rope_type"),
+        (
+            json!({"model_type": "llava_next", "text_config": {"rope_scaling": {"rope_type": "llama3"}}}),
+            "text_config.rope_scaling.rope_type",
+        ),
         (json!({"model_type": "llava_next", "text_config": {"attention_bias": true}}), "text_config.attention_bias"),
     ];
     for (mut v, field) in cases {
@@ -192,7 +209,10 @@ fn config_errors_name_field_and_file() {
         }
         let e = format!("{:#}", parse(&v).expect_err(&format!("{v} should fail")));
         println!("error: {e}");
-        assert!(e.contains("test/config.json") && e.contains(&format!("`{field}`")), "{e} should name the file and `{field}`");
+        assert!(
+            e.contains("test/config.json") && e.contains(&format!("`{field}`")),
+            "{e} should name the file and `{field}`"
+        );
     }
 }
 
@@ -215,7 +235,10 @@ fn canonical_and_spellings() {
         ("vision_tower.encoder.layers.0.mlp.fc1.weight", "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"),
         ("model.vision_tower.vision_model.pre_layrnorm.bias", "vision_tower.vision_model.pre_layrnorm.bias"),
         ("model.vision_tower.embeddings.class_embedding", "vision_tower.vision_model.embeddings.class_embedding"),
-        ("model.language_model.layers.1.self_attn.q_proj.weight", "language_model.model.layers.1.self_attn.q_proj.weight"),
+        (
+            "model.language_model.layers.1.self_attn.q_proj.weight",
+            "language_model.model.layers.1.self_attn.q_proj.weight",
+        ),
         ("language_model.norm.weight", "language_model.model.norm.weight"),
         ("language_model.model.norm.weight", "language_model.model.norm.weight"),
         ("lm_head.weight", "language_model.lm_head.weight"),
@@ -265,15 +288,24 @@ fn weight_names_v5_layout_and_llama() {
     let ck = Checkpoint::open(&d).unwrap();
     let pairs = check_weights(&ck, &cfg).unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(pairs.len(), tensors.len());
-    assert_eq!(resolve(&ck, "vision_tower.vision_model.encoder.layers.2.mlp.fc2.bias").unwrap(), "vision_tower.encoder.layers.2.mlp.fc2.bias");
-    assert_eq!(resolve(&ck, "language_model.model.layers.1.self_attn.k_proj.weight").unwrap(), "model.language_model.layers.1.self_attn.k_proj.weight");
+    assert_eq!(
+        resolve(&ck, "vision_tower.vision_model.encoder.layers.2.mlp.fc2.bias").unwrap(),
+        "vision_tower.encoder.layers.2.mlp.fc2.bias"
+    );
+    assert_eq!(
+        resolve(&ck, "language_model.model.layers.1.self_attn.k_proj.weight").unwrap(),
+        "model.language_model.layers.1.self_attn.k_proj.weight"
+    );
     assert_eq!(resolve(&ck, "language_model.lm_head.weight").unwrap(), "lm_head.weight");
     assert_eq!(resolve(&ck, "image_newline").unwrap(), "image_newline");
 
     // A missing tensor names itself, its spellings and the checkpoint's files.
     let e = format!("{:#}", resolve(&ck, "language_model.model.layers.9.mlp.up_proj.weight").unwrap_err());
     println!("missing: {e}");
-    assert!(e.contains("language_model.model.layers.9.mlp.up_proj.weight") && e.contains("model.language_model.layers.9.mlp.up_proj.weight"));
+    assert!(
+        e.contains("language_model.model.layers.9.mlp.up_proj.weight")
+            && e.contains("model.language_model.layers.9.mlp.up_proj.weight")
+    );
     assert!(e.contains(".safetensors"), "{e}");
     // A wrong shape names the tensor and the file.
     let mut bad = cfg.clone();
@@ -378,8 +410,13 @@ fn preprocess_exact_without_resize() {
                 for y in 0..s {
                     for x in 0..s {
                         let (cy, cx) = (ty * s + y, tx * s + x);
-                        let (iy, ix) = (cy as isize - g.pad_top_left.0 as isize, cx as isize - g.pad_top_left.1 as isize);
-                        let u = if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w { img.at(ix as usize, iy as usize, c) } else { 0 };
+                        let (iy, ix) =
+                            (cy as isize - g.pad_top_left.0 as isize, cx as isize - g.pad_top_left.1 as isize);
+                        let u = if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                            img.at(ix as usize, iy as usize, c)
+                        } else {
+                            0
+                        };
                         let got = p.pixel_values[((t * 3 + c) * s + y) * s + x];
                         err = err.max((got - norm(u, c)).abs() as f64);
                     }
@@ -395,7 +432,10 @@ fn preprocess_exact_without_resize() {
                 }
             }
         }
-        println!("preprocess {h}x{w} (canvas {:?}, {} tiles, no resize): max abs err {err:.3e}", g.best_hw, p.num_tiles);
+        println!(
+            "preprocess {h}x{w} (canvas {:?}, {} tiles, no resize): max abs err {err:.3e}",
+            g.best_hw, p.num_tiles
+        );
         assert!(err <= 1e-5);
     }
     // A file path that does not exist names itself.
@@ -420,7 +460,11 @@ fn token_counts_match_fixture_input_ids() {
         let geo = AnyresGeometry::for_config(hw, &cfg).unwrap();
         println!(
             "image{k} {hw:?}: canvas {:?}, grid {:?}, kept rows {:?} cols {:?} -> {} tokens (input_ids hold {n})",
-            geo.best_hw, geo.grid, geo.keep_rows, geo.keep_cols, geo.num_tokens()
+            geo.best_hw,
+            geo.grid,
+            geo.keep_rows,
+            geo.keep_cols,
+            geo.num_tokens()
         );
         assert_eq!(geo.num_tokens(), n, "image{k}");
         let v = read("vision_reference.safetensors");
@@ -455,17 +499,22 @@ fn token_counts_match_spec_examples() {
 #[test]
 fn pack_plan_structure() {
     let pins: Vec<(usize, usize)> = vec![(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)];
-    for &(h, w) in &[(808usize, 1100usize), (640, 480), (336, 336), (1080, 1920), (300, 1000), (1000, 300), (37, 2000)] {
+    for &(h, w) in &[(808usize, 1100usize), (640, 480), (336, 336), (1080, 1920), (300, 1000), (1000, 300), (37, 2000)]
+    {
         let geo = AnyresGeometry::new((h, w), &pins, 336, 14).unwrap();
         let plan = geo.plan();
         let g = geo.g;
         assert_eq!(plan, pack_plan((h, w), geo.best_hw, 336, 24).unwrap());
         assert_eq!(plan.len(), geo.num_tokens());
         assert!(plan[..g * g].iter().enumerate().all(|(i, s)| *s == PackSrc::Base(i)), "base block first, in order");
-        let newlines: Vec<usize> = plan.iter().enumerate().filter(|(_, s)| **s == PackSrc::Newline).map(|(i, _)| i).collect();
+        let newlines: Vec<usize> =
+            plan.iter().enumerate().filter(|(_, s)| **s == PackSrc::Newline).map(|(i, _)| i).collect();
         let row_len = geo.keep_cols.len() + 1;
         assert_eq!(newlines.len(), geo.keep_rows.len());
-        assert!(newlines.iter().enumerate().all(|(r, &i)| i == g * g + (r + 1) * row_len - 1), "a newline closes every row");
+        assert!(
+            newlines.iter().enumerate().all(|(r, &i)| i == g * g + (r + 1) * row_len - 1),
+            "a newline closes every row"
+        );
         // Tile cells: distinct, in range, row-major over the kept window of the feature grid.
         let idx = gather_index(&plan, g);
         let rows: Vec<i32> = idx.iter().copied().filter(|&r| r >= g as i32 * g as i32).collect();
@@ -513,8 +562,13 @@ fn pack_plan_newlines_in_vision_reference() {
     let sizes: Vec<usize> = inp["image_sizes"].1.iter().map(|&x| x as usize).collect();
     let d = cfg.text.hidden_size;
     for k in 0..sizes.len() / 2 {
-        let geo = AnyresGeometry::new((sizes[2 * k], sizes[2 * k + 1]), &cfg.image_grid_pinpoints, cfg.vision.image_size, cfg.vision.patch_size)
-            .unwrap();
+        let geo = AnyresGeometry::new(
+            (sizes[2 * k], sizes[2 * k + 1]),
+            &cfg.image_grid_pinpoints,
+            cfg.vision.image_size,
+            cfg.vision.patch_size,
+        )
+        .unwrap();
         let plan = geo.plan();
         let (shape, emb) = &v[&format!("image{k}_embeds")];
         assert_eq!(shape, &vec![plan.len(), d]);
@@ -550,12 +604,21 @@ fn template_strings() {
     let q = vec![ChatMessage::user(vec![Part::Image(0), Part::Text("What is shown in this image?".into())])];
     let gen = LlavaChatOptions { add_generation_prompt: true, ..Default::default() };
     // model-spec B2 examples.
-    assert_eq!(render_chat(TemplateKind::Mistral, &q, &gen).unwrap().text, "[INST] <image>\nWhat is shown in this image? [/INST]");
-    assert_eq!(render_chat(TemplateKind::Vicuna, &q, &gen).unwrap().text, "USER: <image>\nWhat is shown in this image? ASSISTANT:");
+    assert_eq!(
+        render_chat(TemplateKind::Mistral, &q, &gen).unwrap().text,
+        "[INST] <image>\nWhat is shown in this image? [/INST]"
+    );
+    assert_eq!(
+        render_chat(TemplateKind::Vicuna, &q, &gen).unwrap().text,
+        "USER: <image>\nWhat is shown in this image? ASSISTANT:"
+    );
 
     let opts = LlavaChatOptions::default();
     let r = render_chat(TemplateKind::Mistral, &dialogue(), &opts).unwrap();
-    assert_eq!(r.text, "[INST] <image>\nWhat is this? [/INST] A cat.</s> [INST] <image>\nAnd this? [/INST] A dog.</s> ");
+    assert_eq!(
+        r.text,
+        "[INST] <image>\nWhat is this? [/INST] A cat.</s> [INST] <image>\nAnd this? [/INST] A dog.</s> "
+    );
     assert_eq!(r.image_order, vec![0, 1]);
     let tgt: Vec<&str> = r.targets.iter().map(|(_, rg)| &r.text[rg.clone()]).collect();
     assert_eq!(tgt, vec!["A cat.</s>", "A dog.</s>"]);
@@ -581,7 +644,10 @@ fn template_strings() {
         render_chat(TemplateKind::Mistral, &s, &opts).unwrap().text,
         "<<SYS>>\nBe safe.\n<</SYS>>\n\n[INST] <image>\nWhat is this? [/INST] A cat.</s> "
     );
-    assert_eq!(render_chat(TemplateKind::Vicuna, &s, &opts).unwrap().text, "Be safe. USER: <image>\nWhat is this? ASSISTANT: A cat. ");
+    assert_eq!(
+        render_chat(TemplateKind::Vicuna, &s, &opts).unwrap().text,
+        "Be safe. USER: <image>\nWhat is this? ASSISTANT: A cat. "
+    );
 
     // Roles the templates reject.
     let bad = vec![ChatMessage::new("tool", vec![Part::Text("x".into())])];
@@ -592,7 +658,26 @@ fn template_strings() {
 /// A word-level tokenizer with the LLaVA special tokens at the fixture's ids: the fixtures ship
 /// no tokenizer, and this exercises the offset-based mask.
 fn test_tokenizer() -> Tokenizer {
-    llava_word_tokenizer(&["[", "INST", "]", "[/", "What", "is", "this", "?", "A", "cat", ".", "dog", "And", "USER", "ASSISTANT", ":", "Be", "safe"])
+    llava_word_tokenizer(&[
+        "[",
+        "INST",
+        "]",
+        "[/",
+        "What",
+        "is",
+        "this",
+        "?",
+        "A",
+        "cat",
+        ".",
+        "dog",
+        "And",
+        "USER",
+        "ASSISTANT",
+        ":",
+        "Be",
+        "safe",
+    ])
 }
 
 #[test]
@@ -614,8 +699,13 @@ fn chat_tokens_and_loss_mask() {
         assert_eq!(runs.iter().map(|r| r.len()).collect::<Vec<_>>(), vec![52, 72]);
         assert!(runs.iter().all(|r| ct.loss_mask[r.clone()].iter().all(|&m| m == 0)));
         assert!(!ct.ids.contains(&0), "no <unk> in {:?}", ct.ids);
-        let targets: Vec<String> =
-            ct.ids.iter().zip(&ct.loss_mask).filter(|(_, &m)| m == 1).map(|(&i, _)| tok.id_to_token(i as u32).unwrap()).collect();
+        let targets: Vec<String> = ct
+            .ids
+            .iter()
+            .zip(&ct.loss_mask)
+            .filter(|(_, &m)| m == 1)
+            .map(|(&i, _)| tok.id_to_token(i as u32).unwrap())
+            .collect();
         println!("{family:?}: {} tokens, targets {targets:?}", ct.ids.len());
         assert_eq!(targets, want_targets);
         assert_eq!(ct.assistant_spans.iter().map(|(m, _)| *m).collect::<Vec<_>>(), vec![1, 3]);

@@ -48,15 +48,24 @@ impl Fixture {
         Self::load_from(&fixture_dir("llava_next_tiny"))
     }
     fn load_from(dir: &Path) -> Fixture {
-        let read = |f: &str| read_tensor_file(dir.join(f)).unwrap_or_else(|e| panic!("reading {f} in {}: {e:#}", dir.display()));
+        let read = |f: &str| {
+            read_tensor_file(dir.join(f)).unwrap_or_else(|e| panic!("reading {f} in {}: {e:#}", dir.display()))
+        };
         let cfg = LlavaNextConfig::load(dir).unwrap_or_else(|e| panic!("{e:#}"));
         let vl = VlModel::load(&Device::Cpu, dir).unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()));
-        let stored: BTreeMap<String, String> = vl.param_entries().iter().map(|(r, _)| (r.name.clone(), vl.stored_name(&r.name).to_string())).collect();
+        let stored: BTreeMap<String, String> =
+            vl.param_entries().iter().map(|(r, _)| (r.name.clone(), vl.stored_name(&r.name).to_string())).collect();
         let ckpt = Checkpoint::open(dir).unwrap();
         for s in stored.values() {
             assert!(ckpt.has(s), "{}: `{s}` is not a tensor of the checkpoint", dir.display());
         }
-        Fixture { cfg, inputs: read("inputs.safetensors"), reference: read("reference.safetensors"), dir: dir.to_path_buf(), stored }
+        Fixture {
+            cfg,
+            inputs: read("inputs.safetensors"),
+            reference: read("reference.safetensors"),
+            dir: dir.to_path_buf(),
+            stored,
+        }
     }
     fn ints(t: &Tensors, name: &str) -> Vec<i32> {
         t[name].1.iter().map(|&x| x as i32).collect()
@@ -65,12 +74,18 @@ impl Fixture {
         f32s(&self.reference[name].1)
     }
     fn model(&self, dev: &Device, dt: DType) -> LlavaNext {
-        LlavaNext::from_checkpoint_as(dev, self.cfg.clone(), &Checkpoint::open(&self.dir).unwrap(), dt).unwrap_or_else(|e| panic!("{e:#}"))
+        LlavaNext::from_checkpoint_as(dev, self.cfg.clone(), &Checkpoint::open(&self.dir).unwrap(), dt)
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
     /// Gradients keyed by model name → keyed by the checkpoint's own names.
     fn under_stored_names(&self, got: &NamedTensors) -> NamedTensors {
         got.iter()
-            .map(|(n, v)| (self.stored.get(n).unwrap_or_else(|| panic!("gradient of `{n}`, which is no parameter")).clone(), v.clone()))
+            .map(|(n, v)| {
+                (
+                    self.stored.get(n).unwrap_or_else(|| panic!("gradient of `{n}`, which is no parameter")).clone(),
+                    v.clone(),
+                )
+            })
             .collect()
     }
     /// The fixture's images: compact pixels (padding tiles dropped) and original sizes.
@@ -94,7 +109,11 @@ impl Fixture {
     fn inputs(&self, model: &LlavaNext) -> Inputs {
         let ids = Self::ints(&self.inputs, "input_ids");
         let (pixels, sizes) = self.images(model);
-        let loss_mask = if self.inputs.contains_key("loss_mask") { Self::ints(&self.inputs, "loss_mask") } else { vec![1; ids.len()] };
+        let loss_mask = if self.inputs.contains_key("loss_mask") {
+            Self::ints(&self.inputs, "loss_mask")
+        } else {
+            vec![1; ids.len()]
+        };
         Inputs { cu: vec![0, ids.len() as i32], pixels, sizes, loss_mask, ids }
     }
 }
@@ -144,7 +163,9 @@ fn run_inputs(x: &Inputs, dev: &Device, model: &mut LlavaNext, rc: &Recompute) -
     let dlogp: Vec<f32> = (0..s).map(|t| if mask[t] > 0.0 { x.loss_mask[t + 1] as f32 } else { 0.0 }).collect();
     let objective: f64 = (0..s).map(|t| dlogp[t] as f64 * logp[t] as f64).sum();
     model.zero_grads(dev).unwrap();
-    model.backward_logprobs(dev, &f, &tb, &lse, &dev.upload(&dlogp, DType::F32).unwrap()).unwrap_or_else(|e| panic!("{e:#}"));
+    model
+        .backward_logprobs(dev, &f, &tb, &lse, &dev.upload(&dlogp, DType::F32).unwrap())
+        .unwrap_or_else(|e| panic!("{e:#}"));
     Run { logits, logp: logp[..s - 1].to_vec(), objective, grads: model.grads_by_name(dev).unwrap() }
 }
 
@@ -153,8 +174,11 @@ fn run_inputs(x: &Inputs, dev: &Device, model: &mut LlavaNext, rc: &Recompute) -
 /// A gradient that is 0 in theory is judged against its sibling's scale (`cancelling_sibling`).
 fn check_grads(fx: &Fixture, got: &NamedTensors, tol: f64, tag: &str) {
     let got = fx.under_stored_names(got);
-    let want: NamedTensors =
-        read_tensor_file(fx.dir.join("grads.safetensors")).unwrap().into_iter().map(|(n, (s, v))| (n, (s, f32s(&v)))).collect();
+    let want: NamedTensors = read_tensor_file(fx.dir.join("grads.safetensors"))
+        .unwrap()
+        .into_iter()
+        .map(|(n, (s, v))| (n, (s, f32s(&v))))
+        .collect();
     let names: BTreeSet<&String> = fx.stored.values().collect();
     let (mut worst, mut failed) = (0f64, Vec::new());
     for (name, (shape, w)) in &want {
@@ -251,7 +275,10 @@ fn cpu_matches_transformers(fx: &Fixture, tag: &str) {
         fx.cfg.text.num_attention_heads,
         fx.cfg.text.num_key_value_heads,
         fx.stored.len(),
-        fx.stored.values().filter(|n| n.contains("embeddings.class_embedding") || n.contains("embed_tokens")).collect::<Vec<_>>()
+        fx.stored
+            .values()
+            .filter(|n| n.contains("embeddings.class_embedding") || n.contains("embed_tokens"))
+            .collect::<Vec<_>>()
     );
     let x = fx.inputs(&model);
     let r = run_inputs(&x, &dev, &mut model, &Recompute::default());
@@ -264,7 +291,12 @@ fn cpu_matches_transformers(fx: &Fixture, tag: &str) {
     // Activation checkpointing recomputes the same numbers.
     let mut model2 = fx.model(&dev, DType::F32);
     let r2 = run_inputs(&x, &dev, &mut model2, &Recompute::all(fx.cfg.text.num_hidden_layers));
-    report(tag, "recompute-all grads vs kept activations (worst tensor)", worst_grad_err(&r2.grads, &r.grads, tag), 1e-6);
+    report(
+        tag,
+        "recompute-all grads vs kept activations (worst tensor)",
+        worst_grad_err(&r2.grads, &r.grads, tag),
+        1e-6,
+    );
     report(tag, "recompute-all logits vs kept", rel_err(&r2.logits, &r.logits), 1e-7);
 
     // The optimizer view: every gradient paired with its parameter, frozen tensors left out.
@@ -293,7 +325,11 @@ fn llava_cpu_layout_variants_match_transformers() {
     let base = Fixture::load_from(&src);
     let t = &base.cfg.text;
     let root = fresh_tmp_dir("llava-layouts");
-    let variants = fixture_variant::llava_variants(&src, &root, [t.num_key_value_heads, t.head_dim, t.intermediate_size, t.max_position_embeddings]);
+    let variants = fixture_variant::llava_variants(
+        &src,
+        &root,
+        [t.num_key_value_heads, t.head_dim, t.intermediate_size, t.max_position_embeddings],
+    );
     for v in &variants {
         let tag = format!("variant {}", v.name);
         println!("{tag}: {}", v.what);
@@ -328,12 +364,19 @@ fn llava_write_fixture_variants() {
     };
     let src = fixture_dir("llava_next_tiny");
     let t = LlavaNextConfig::load(&src).unwrap().text;
-    for v in fixture_variant::llava_variants(&src, Path::new(&root), [t.num_key_value_heads, t.head_dim, t.intermediate_size, t.max_position_embeddings]) {
+    for v in fixture_variant::llava_variants(
+        &src,
+        Path::new(&root),
+        [t.num_key_value_heads, t.head_dim, t.intermediate_size, t.max_position_embeddings],
+    ) {
         println!("{}: {} ({})", v.name, v.dir.display(), v.what);
     }
     let synthetic = Path::new(&root).join("llava-synthetic").join("llava_next_tiny");
     write_synthetic_fixture(&synthetic);
-    println!("llava-synthetic: {} (random Llama MHA model, vision_tower.* keys, 3 images, 2 adjacent; its own references)", synthetic.display());
+    println!(
+        "llava-synthetic: {} (random Llama MHA model, vision_tower.* keys, 3 images, 2 adjacent; its own references)",
+        synthetic.display()
+    );
 }
 
 /// Two sequences packed with cu_seqlens give each sequence's own logits, and the summed
@@ -359,7 +402,8 @@ fn llava_cpu_packed_batch_matches_single() {
     report("cpu f32", "packed logits, sequence 0", rel_err(&r2.logits[..s * v], &r1.logits), 1e-6);
     report("cpu f32", "packed logits, sequence 1", rel_err(&r2.logits[s * v..], &r1.logits), 1e-6);
     report("cpu f32", "packed objective vs 2x single", (r2.objective / (2.0 * r1.objective) - 1.0).abs(), 1e-6);
-    let doubled: NamedTensors = r1.grads.iter().map(|(n, (sh, g))| (n.clone(), (sh.clone(), g.iter().map(|x| 2.0 * x).collect()))).collect();
+    let doubled: NamedTensors =
+        r1.grads.iter().map(|(n, (sh, g))| (n.clone(), (sh.clone(), g.iter().map(|x| 2.0 * x).collect()))).collect();
     for (n, (_, g2)) in &r2.grads {
         println!("cpu f32 packed grad {n}: rel err vs 2x single {:.2e}", named_grad_err(n, g2, &doubled, true));
     }
@@ -373,11 +417,14 @@ fn llava_cpu_packed_batch_matches_single() {
 fn kv_cache_check(dev: &Device, model: &LlavaNext, x: &Inputs, splits: &[usize], tol: f64, tag: &str) {
     let (ids, sizes, pixels) = (&x.ids, &x.sizes, &x.pixels);
     let s = ids.len();
-    let f = model.forward(dev, &Batch { ids, cu_seqlens: &[0, s as i32], pixels, image_sizes: sizes }, &Recompute::default()).unwrap();
+    let f = model
+        .forward(dev, &Batch { ids, cu_seqlens: &[0, s as i32], pixels, image_sizes: sizes }, &Recompute::default())
+        .unwrap();
     let full = dev.to_vec(&model.logits(dev, &f).unwrap()).unwrap();
     let v = model.tdims.vocab;
     let geo = model.geometries(sizes).unwrap();
-    let spans = image_spans(ids, model.cfg.image_token_index as i64, &geo.iter().map(|g| g.num_tokens()).collect::<Vec<_>>());
+    let spans =
+        image_spans(ids, model.cfg.image_token_index as i64, &geo.iter().map(|g| g.num_tokens()).collect::<Vec<_>>());
     let tiles: Vec<usize> = geo.iter().map(|g| g.num_tiles()).collect();
     let tile_len = model.vdims.tile_len();
     println!(
@@ -400,7 +447,11 @@ fn kv_cache_check(dev: &Device, model: &LlavaNext, x: &Inputs, splits: &[usize],
                 pixels[off * tile_len..(off + tiles[k]) * tile_len].to_vec()
             })
             .collect();
-        let logits = dev.to_vec(&model.extend(dev, &mut sess, &ids[a..b], b - a, &px, &sz, false).unwrap_or_else(|e| panic!("{e:#}"))).unwrap();
+        let logits = dev
+            .to_vec(
+                &model.extend(dev, &mut sess, &ids[a..b], b - a, &px, &sz, false).unwrap_or_else(|e| panic!("{e:#}")),
+            )
+            .unwrap();
         let e = rel_err(&logits, &full[a * v..b * v]);
         if b - a > 1 || !imgs.is_empty() || b == s {
             println!("{tag} kv-cache chunk {a}..{b} (images {imgs:?}): logits rel err {e:.2e}");
@@ -448,7 +499,8 @@ fn tiny_llama_config() -> LlavaNextConfig {
                 "num_hidden_layers": 3, "num_attention_heads": 2, "num_channels": 3, "image_size": 56, "patch_size": 14,
                 "layer_norm_eps": 1e-5, "hidden_act": "quick_gelu", "projection_dim": 32}}}}"#
     );
-    let cfg = LlavaNextConfig::from_json(&serde_json::from_str(&json).unwrap(), Path::new("<test config>")).unwrap_or_else(|e| panic!("{e:#}"));
+    let cfg = LlavaNextConfig::from_json(&serde_json::from_str(&json).unwrap(), Path::new("<test config>"))
+        .unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!((cfg.text.family, cfg.text.num_key_value_heads), (TextFamily::Llama, cfg.text.num_attention_heads));
     cfg
 }
@@ -509,7 +561,14 @@ fn llava_cpu_kv_cache_adjacent_images() {
     assert_eq!(auto[0], spans[1].start, "kv_splits splits the shared run between the two images");
     kv_cache_check(&dev, &model, &x, &auto, 1e-5, "cpu f32 (adjacent images, split between them)");
     kv_cache_check(&dev, &model, &x, &[spans[1].end + 1, s - 2], 1e-5, "cpu f32 (adjacent images in one chunk)");
-    kv_cache_check(&dev, &model, &x, &[spans[0].start - 2, spans[2].end + 1], 1e-5, "cpu f32 (text prefill, all images appended in one chunk)");
+    kv_cache_check(
+        &dev,
+        &model,
+        &x,
+        &[spans[0].start - 2, spans[2].end + 1],
+        1e-5,
+        "cpu f32 (text prefill, all images appended in one chunk)",
+    );
     // Each image's features land in its own tokens: changing one image's pixels leaves every
     // logit before its first placeholder as it was (causal attention) and changes those from it on.
     let logits = |px: &[f32]| {
@@ -527,7 +586,9 @@ fn llava_cpu_kv_cache_adjacent_images() {
         let moved = logits(&px);
         let cut = spans[k].start * vocab;
         let (before, after) = (rel_err(&moved[..cut], &base[..cut]), rel_err(&moved[cut..], &base[cut..]));
-        println!("image {k}'s pixels negated: logits before its tokens rel diff {before:.2e}, from them on {after:.2e}");
+        println!(
+            "image {k}'s pixels negated: logits before its tokens rel diff {before:.2e}, from them on {after:.2e}"
+        );
         assert!(before == 0.0 && after > 1e-4, "image {k}'s features are not at its own placeholders");
     }
 }
@@ -584,7 +645,8 @@ fn write_synthetic_fixture(dir: &Path) {
         ],
     )
     .unwrap();
-    let grads: Vec<(String, Vec<usize>, OutData)> = r.grads.into_iter().map(|(n, (sh, g))| (keys.spell(&n), sh, OutData::F32(g))).collect();
+    let grads: Vec<(String, Vec<usize>, OutData)> =
+        r.grads.into_iter().map(|(n, (sh, g))| (keys.spell(&n), sh, OutData::F32(g))).collect();
     write_tensors(&dir.join("grads.safetensors"), &grads).unwrap();
     let embeds = dev.to_vec(&model.image_embeds(&dev, &x.pixels, &x.sizes).unwrap()).unwrap();
     let d = model.tdims.layer.d;
@@ -610,9 +672,16 @@ fn llava_cpu_fixture_checks_on_a_synthetic_checkpoint() {
     let fx = Fixture::load_from(&dir);
     let tag = "synthetic (llama mha, vision_tower.*, adjacent images)";
     assert_eq!(fx.cfg.text.family, TextFamily::Llama);
-    assert!(fx.stored.values().any(|n| n.starts_with("vision_tower.") && !n.starts_with("vision_tower.vision_model.")), "{tag}: key layout");
+    assert!(
+        fx.stored.values().any(|n| n.starts_with("vision_tower.") && !n.starts_with("vision_tower.vision_model.")),
+        "{tag}: key layout"
+    );
     let x = fx.inputs(&fx.model(&Device::Cpu, DType::F32));
-    assert_eq!((x.sizes.len(), placeholder_run_count(&x.ids, fx.cfg.image_token_index as i64)), (3, 2), "{tag}: images and runs");
+    assert_eq!(
+        (x.sizes.len(), placeholder_run_count(&x.ids, fx.cfg.image_token_index as i64)),
+        (3, 2),
+        "{tag}: images and runs"
+    );
     check_image_embeds(&fx, &Device::Cpu, &fx.model(&Device::Cpu, DType::F32), 1e-6, tag);
     cpu_matches_transformers(&fx, tag);
     fixture_kv_cache_check_in(&fx, &Device::Cpu, DType::F32, 1e-5, tag);
@@ -706,8 +775,10 @@ fn head_dims_check(dev: &Device, dt: DType, tol: (f64, f64), tag: &str) {
     let fx = Fixture::load();
     let mut cfg = fx.cfg.clone();
     cfg.text.family = TextFamily::Llama;
-    (cfg.text.hidden_size, cfg.text.num_attention_heads, cfg.text.num_key_value_heads, cfg.text.head_dim) = (256, 2, 2, 128);
-    (cfg.text.intermediate_size, cfg.text.num_hidden_layers, cfg.text.sliding_window, cfg.text.rope_theta) = (192, 2, None, 10000.0);
+    (cfg.text.hidden_size, cfg.text.num_attention_heads, cfg.text.num_key_value_heads, cfg.text.head_dim) =
+        (256, 2, 2, 128);
+    (cfg.text.intermediate_size, cfg.text.num_hidden_layers, cfg.text.sliding_window, cfg.text.rope_theta) =
+        (192, 2, None, 10000.0);
     (cfg.vision.hidden_size, cfg.vision.num_attention_heads, cfg.vision.intermediate_size) = (128, 2, 96);
     let cpu_model = random_llava(&cfg, &Device::Cpu, DType::F32, 0.3);
     // One wide image (two tiles side by side, then unpadded), text around it.
@@ -724,7 +795,8 @@ fn head_dims_check(dev: &Device, dt: DType, tol: (f64, f64), tag: &str) {
     let pixels = bf16_round(&rng.normal_vec(geo.num_tiles() * cpu_model.vdims.tile_len(), 1.0));
     let loss_mask: Vec<i32> = (0..s).map(|t| (t + 30 >= s) as i32).collect();
     let x = Inputs { cu: vec![0, s as i32], ids, pixels, sizes, loss_mask };
-    let want = run_inputs(&x, &Device::Cpu, &mut random_llava(&cfg, &Device::Cpu, DType::F32, 0.3), &Recompute::default());
+    let want =
+        run_inputs(&x, &Device::Cpu, &mut random_llava(&cfg, &Device::Cpu, DType::F32, 0.3), &Recompute::default());
     let model = random_llava(&cfg, dev, dt, 0.3);
     kv_cache_check(dev, &model, &x, &[5 + geo.num_tokens() + 2, s - 4], tol.0, tag);
     let got = run_inputs(&x, dev, &mut random_llava(&cfg, dev, dt, 0.3), &Recompute::default());
@@ -758,11 +830,17 @@ fn feature_layers_and_input_errors(fx: &Fixture) {
         let mut cfg = fx.cfg.clone();
         // As many selected layers as the checkpoint's (the projector's input width).
         cfg.vision_feature_layer = vec![layer; fx.cfg.vision_feature_layer.len()];
-        let mut model = LlavaNext::from_checkpoint_as(&dev, cfg, &Checkpoint::open(&fx.dir).unwrap(), DType::F32).unwrap();
+        let mut model =
+            LlavaNext::from_checkpoint_as(&dev, cfg, &Checkpoint::open(&fx.dir).unwrap(), DType::F32).unwrap();
         let x = fx.inputs(&model);
         let r = run_inputs(&x, &dev, &mut model, &Recompute::default());
-        let vis_layers = (0..n_layers).filter(|l| r.grads.keys().any(|k| k.contains(&format!("encoder.layers.{l}.")))).count();
-        println!("feature layer {layer}: objective {:.6}, {vis_layers} vision layers with gradients, {} tensors", r.objective, r.grads.len());
+        let vis_layers =
+            (0..n_layers).filter(|l| r.grads.keys().any(|k| k.contains(&format!("encoder.layers.{l}.")))).count();
+        println!(
+            "feature layer {layer}: objective {:.6}, {vis_layers} vision layers with gradients, {} tensors",
+            r.objective,
+            r.grads.len()
+        );
         let want = if x.sizes.is_empty() { 0 } else { trained };
         assert_eq!(vis_layers, want, "feature layer {layer}: vision layers with gradients");
         assert!(!r.grads.keys().any(|k| k.contains("post_layernorm")), "post_layernorm never gets a gradient");
@@ -793,6 +871,10 @@ fn feature_layers_and_input_errors(fx: &Fixture) {
         println!("short pixel_values: {e2}");
         assert!(e2.contains("pixel_values"), "{e2}");
     }
-    let bad_cu = model.forward(&dev, &Batch { ids: &x.ids, cu_seqlens: &[0, s - 1], pixels: &x.pixels, image_sizes: &x.sizes }, &Recompute::default());
+    let bad_cu = model.forward(
+        &dev,
+        &Batch { ids: &x.ids, cu_seqlens: &[0, s - 1], pixels: &x.pixels, image_sizes: &x.sizes },
+        &Recompute::default(),
+    );
     assert!(bad_cu.is_err(), "cu_seqlens not covering the ids must be rejected");
 }

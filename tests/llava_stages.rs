@@ -7,7 +7,6 @@
 mod common;
 #[path = "support/tiny_llava.rs"]
 mod tiny_llava;
-use tiny_llava::write_tiny_dir;
 use am3safety::checkpoint::safetensors_io::SaveDtype;
 use am3safety::checkpoint::{read_tensor_file, Checkpoint};
 use am3safety::models::common::params::ParamRef;
@@ -24,6 +23,7 @@ use common::*;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use tiny_llava::write_tiny_dir;
 use tokenizers::Tokenizer;
 
 type Tensors = HashMap<String, (Vec<usize>, Vec<f64>)>;
@@ -87,7 +87,10 @@ fn forward_cli_llava_matches_reference() {
             failed.push(format!("{name}: {e:.2e}"));
         }
     }
-    let extra: Vec<&String> = got.keys().filter(|k| !want.contains_key(*k) && !["logits", "token_logprobs", "objective"].contains(&k.as_str())).collect();
+    let extra: Vec<&String> = got
+        .keys()
+        .filter(|k| !want.contains_key(*k) && !["logits", "token_logprobs", "objective"].contains(&k.as_str()))
+        .collect();
     println!("am3 forward grads: {} tensors, worst rel err {worst:.2e}; extra tensors {extra:?}", want.len());
     assert!(failed.is_empty(), "gradients over 1e-3: {failed:?}");
     assert!(extra.is_empty(), "gradients the reference does not have (frozen vision layers?): {extra:?}");
@@ -101,7 +104,8 @@ fn forward_cli_llava_compact_pixels_and_errors() {
     let inputs = read(&fx.join("inputs.safetensors"));
     let cfg = LlavaNextConfig::load(&fx).unwrap();
     let model = LlavaNext::build(cfg, &mut |r: &ParamRef| Device::Cpu.zeros_f32(r.numel())).unwrap();
-    let sizes: Vec<(usize, usize)> = inputs["image_sizes"].1.chunks(2).map(|c| (c[0] as usize, c[1] as usize)).collect();
+    let sizes: Vec<(usize, usize)> =
+        inputs["image_sizes"].1.chunks(2).map(|c| (c[0] as usize, c[1] as usize)).collect();
     let tiles: Vec<usize> = model.geometries(&sizes).unwrap().iter().map(|g| g.num_tiles()).collect();
     let (shape, pv) = &inputs["pixel_values"];
     let tile_len: usize = shape[2..].iter().product();
@@ -115,7 +119,11 @@ fn forward_cli_llava_compact_pixels_and_errors() {
         let mut t = vec![
             ("input_ids".to_string(), inputs["input_ids"].0.clone(), i64s(&inputs["input_ids"].1)),
             ("loss_mask".to_string(), inputs["loss_mask"].0.clone(), i64s(&inputs["loss_mask"].1)),
-            ("pixel_values".to_string(), [vec![tiles.iter().sum()], shape[2..].to_vec()].concat(), OutData::F32(compact.clone())),
+            (
+                "pixel_values".to_string(),
+                [vec![tiles.iter().sum()], shape[2..].to_vec()].concat(),
+                OutData::F32(compact.clone()),
+            ),
         ];
         if with_sizes {
             t.push(("image_sizes".to_string(), inputs["image_sizes"].0.clone(), i64s(&inputs["image_sizes"].1)));
@@ -135,7 +143,11 @@ fn forward_cli_llava_compact_pixels_and_errors() {
     assert!(!o.status.success() && err.contains("image_sizes"), "{err}");
     // One tile short: the count no longer matches the images.
     let mut short = base(true);
-    short[2] = ("pixel_values".to_string(), [vec![tiles.iter().sum::<usize>() - 1], shape[2..].to_vec()].concat(), OutData::F32(compact[tile_len..].to_vec()));
+    short[2] = (
+        "pixel_values".to_string(),
+        [vec![tiles.iter().sum::<usize>() - 1], shape[2..].to_vec()].concat(),
+        OutData::F32(compact[tile_len..].to_vec()),
+    );
     write_tensors(&inp, &short).unwrap();
     let o = am3_forward(&fx, &inp, &out, false);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -195,7 +207,10 @@ fn sft_tiny_llava_loss_falls_and_checkpoint_reloads() {
     assert_eq!(Family::of_dir(&ck).unwrap(), Family::Llava);
     let names = tensor_names(&ck);
     assert_eq!(names, tensor_names(&src), "the checkpoint renamed tensors");
-    assert!(names.contains("model.language_model.embed_tokens.weight") && names.contains("lm_head.weight"), "{names:?}");
+    assert!(
+        names.contains("model.language_model.embed_tokens.weight") && names.contains("lm_head.weight"),
+        "{names:?}"
+    );
 
     // It loads, its logits moved away from the source's, and a save/load round trip is exact.
     let tok = load_tokenizer(&ck).unwrap().unwrap();
@@ -219,7 +234,8 @@ fn sft_tiny_llava_freeze_vision_keeps_the_tower() {
     let src = tmp("src-freeze");
     write_tiny_dir(&src, "mistral", 12);
     let out = tmp("sft-freeze");
-    let ck = sft::run(SftArgs { freeze_vision: Some(true), ..sft_args(&src, &out, 2) }).unwrap_or_else(|e| panic!("{e:#}"));
+    let ck =
+        sft::run(SftArgs { freeze_vision: Some(true), ..sft_args(&src, &out, 2) }).unwrap_or_else(|e| panic!("{e:#}"));
     let (a, b) = (Checkpoint::open(&src).unwrap(), Checkpoint::open(&ck).unwrap());
     let (mut same, mut changed) = (0, 0);
     for n in a.names() {
@@ -256,7 +272,11 @@ fn vicuna_examples_end_replies_with_eos() {
                 ends.push(e.targets[t]);
             }
         }
-        assert!(!ends.is_empty() && ends.iter().all(|&t| t == eos), "{}: replies end with {ends:?}, not </s> {eos}", e.id);
+        assert!(
+            !ends.is_empty() && ends.iter().all(|&t| t == eos),
+            "{}: replies end with {ends:?}, not </s> {eos}",
+            e.id
+        );
         let Net::Llava(m) = &model.net else { panic!("not a LLaVA model") };
         let tiles: usize = m.geometries(&e.image_sizes).unwrap().iter().map(|g| g.num_tiles()).sum();
         assert_eq!(e.pixels.len(), tiles * 3 * 56 * 56, "{}: pixels of {} images", e.id, e.image_sizes.len());

@@ -6,10 +6,10 @@
 //! a merged save reloads with the same logits; the PEFT adapter files; `am3 sft --lora-*` (flags,
 //! adapter checkpoints, bit-for-bit resume, merged checkpoints); the same models on the GPU.
 mod common;
-use am3safety::models::common::train_state::TrainState;
 use am3safety::checkpoint::safetensors_io::{read_tensor_file, SaveDtype};
 use am3safety::models::common::lora::{LoraConfig, ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_TARGETS};
 use am3safety::models::common::params::{assemble, NamedTensors, ParamRef};
+use am3safety::models::common::train_state::TrainState;
 use am3safety::models::llava_next::model::{Batch as LlavaBatch, LlavaNext};
 use am3safety::models::qwen2_5_vl::config::QwenVlConfig;
 use am3safety::models::qwen2_5_vl::model::{QwenVl, Recompute};
@@ -29,7 +29,8 @@ use std::path::{Path, PathBuf};
 // The op.
 
 /// (t, din, dout, r): odd sizes, size 1, rank above din.
-const OP_SHAPES: &[(usize, usize, usize, usize)] = &[(1, 1, 1, 1), (3, 7, 5, 2), (5, 16, 9, 4), (4, 3, 11, 8), (9, 33, 17, 3)];
+const OP_SHAPES: &[(usize, usize, usize, usize)] =
+    &[(1, 1, 1, 1), (3, 7, 5, 2), (5, 16, 9, 4), (4, 3, 11, 8), (9, 33, 17, 3)];
 
 fn normal64(rng: &mut Rng, n: usize) -> Vec<f64> {
     (0..n).map(|_| rng.normal()).collect()
@@ -57,7 +58,12 @@ fn explicit(x: &[f64], a: &[f64], b: &[f64], t: usize, din: usize, dout: usize, 
 fn lora_op_forward_matches_explicit_product() {
     let mut rng = Rng::new(11);
     for &(t, din, dout, r) in OP_SHAPES {
-        let (x, a, b, y0) = (normal64(&mut rng, t * din), normal64(&mut rng, r * din), normal64(&mut rng, dout * r), normal64(&mut rng, t * dout));
+        let (x, a, b, y0) = (
+            normal64(&mut rng, t * din),
+            normal64(&mut rng, r * din),
+            normal64(&mut rng, dout * r),
+            normal64(&mut rng, t * dout),
+        );
         let mut y = y0.clone();
         cpu::fwd(&mut y, &x, &a, &b, t, din, dout, r, 0.75);
         let want: Vec<f64> = explicit(&x, &a, &b, t, din, dout, r, 0.75).iter().zip(&y0).map(|(d, y)| y + d).collect();
@@ -100,7 +106,12 @@ fn lora_op_cpu_dispatch_matches_reference() {
     let dev = Device::Cpu;
     let mut rng = Rng::new(13);
     let (t, din, dout, r) = (6, 10, 7, 3);
-    let (x, a, b, dy) = (rng.normal_vec(t * din, 1.0), rng.normal_vec(r * din, 1.0), rng.normal_vec(dout * r, 1.0), rng.normal_vec(t * dout, 1.0));
+    let (x, a, b, dy) = (
+        rng.normal_vec(t * din, 1.0),
+        rng.normal_vec(r * din, 1.0),
+        rng.normal_vec(dout * r, 1.0),
+        rng.normal_vec(t * dout, 1.0),
+    );
     let up = |v: &[f32]| dev.upload(v, DType::F32).unwrap();
     let (bx, ba, bb, bdy) = (up(&x), up(&a), up(&b), up(&dy));
     let ad = Adapter { a: &ba, b: &bb, rank: r, scale: 2.0 };
@@ -118,7 +129,9 @@ fn lora_op_cpu_dispatch_matches_reference() {
     // Bad shapes and ranks are errors naming the op and argument.
     let e = lora::fwd(&dev, &mut y, &bx, &ad, t, din + 1, dout).unwrap_err().to_string();
     assert!(e.contains("lora_fwd") && e.contains(" a "), "{e}");
-    let e = lora::bwd(&dev, None, Some(&mut dev.zeros_f32(3).unwrap()), None, &bdy, &bx, &ad, t, din, dout).unwrap_err().to_string();
+    let e = lora::bwd(&dev, None, Some(&mut dev.zeros_f32(3).unwrap()), None, &bdy, &bx, &ad, t, din, dout)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("lora_bwd") && e.contains("da"), "{e}");
     let bad = Adapter { rank: 0, ..ad };
     assert!(lora::fwd(&dev, &mut y, &bx, &bad, t, din, dout).is_err());
@@ -130,7 +143,8 @@ fn lora_op_cpu_dispatch_matches_reference() {
 #[test]
 fn lora_op_cuda_matches_cpu() {
     let Some(gpu) = cuda_or_skip("lora_op_cuda_matches_cpu") else { return };
-    let shapes: &[(usize, usize, usize, usize)] = &[(1, 1, 1, 1), (3, 7, 5, 2), (17, 33, 65, 8), (64, 128, 80, 16), (129, 257, 96, 4), (200, 512, 1000, 64)];
+    let shapes: &[(usize, usize, usize, usize)] =
+        &[(1, 1, 1, 1), (3, 7, 5, 2), (17, 33, 65, 8), (64, 128, 80, 16), (129, 257, 96, 4), (200, 512, 1000, 64)];
     let mut rng = Rng::new(14);
     for (dt, tol) in [(DType::BF16, 1e-2), (DType::F32, 1e-5)] {
         for &(t, din, dout, r) in shapes {
@@ -148,7 +162,20 @@ fn lora_op_cuda_matches_cpu() {
                 let mut want_y = y0.clone();
                 cpu::fwd(&mut want_y, &x, &a, &b, t, din, dout, r, scale);
                 let (mut want_dx, mut want_da, mut want_db) = (dx0.clone(), da0.clone(), db0.clone());
-                cpu::bwd(Some(&mut want_dx), Some(&mut want_da), Some(&mut want_db), &dy, &x, &a, &b, t, din, dout, r, scale);
+                cpu::bwd(
+                    Some(&mut want_dx),
+                    Some(&mut want_da),
+                    Some(&mut want_db),
+                    &dy,
+                    &x,
+                    &a,
+                    &b,
+                    t,
+                    din,
+                    dout,
+                    r,
+                    scale,
+                );
                 // GPU.
                 let upd = |v: &[f32]| gpu.upload(v, dt).unwrap();
                 let (gx, ga, gb, gdy) = (upd(&x), upd(&a), upd(&b), upd(&dy));
@@ -157,8 +184,14 @@ fn lora_op_cuda_matches_cpu() {
                 let ad = Adapter { a: &ga, b: &gb, rank: r, scale };
                 lora::fwd(&gpu, &mut gy, &gx, &ad, t, din, dout).unwrap();
                 lora::bwd(&gpu, Some(&mut gdx), Some(&mut gda), Some(&mut gdb), &gdy, &gx, &ad, t, din, dout).unwrap();
-                let tag = format!("lora {} {t}x{din}->{dout} r{r} {}", dt.suffix(), if accumulate { "accumulate" } else { "from zero" });
-                for (what, g, w) in [("y", &gy, &want_y), ("dx", &gdx, &want_dx), ("dA", &gda, &want_da), ("dB", &gdb, &want_db)] {
+                let tag = format!(
+                    "lora {} {t}x{din}->{dout} r{r} {}",
+                    dt.suffix(),
+                    if accumulate { "accumulate" } else { "from zero" }
+                );
+                for (what, g, w) in
+                    [("y", &gy, &want_y), ("dx", &gdx, &want_dx), ("dA", &gda, &want_da), ("dB", &gdb, &want_db)]
+                {
                     let got = gpu.to_vec(g).unwrap();
                     let e = rel_err(&got, w);
                     println!("{tag} {what}: rel err {e:.2e} (tol {tol:.0e})");
@@ -212,7 +245,20 @@ fn lora_cfg(rank: usize, alpha: f64, targets: &[&str]) -> LoraConfig {
     LoraConfig::new(rank, alpha, targets, 5).unwrap()
 }
 
-const QWEN_ALL: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "visual.qkv", "visual.proj", "visual.gate_proj", "visual.up_proj", "visual.down_proj"];
+const QWEN_ALL: &[&str] = &[
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "visual.qkv",
+    "visual.proj",
+    "visual.gate_proj",
+    "visual.up_proj",
+    "visual.down_proj",
+];
 
 /// Sets every adapter B to seeded random values (a fresh adapter's B is 0).
 fn randomize_b(dev: &Device, pg: Vec<(ParamRef, &mut Buf, &Buf)>, dt: DType) {
@@ -247,11 +293,16 @@ fn piece(full: &NamedTensors, r: &ParamRef) -> Vec<f32> {
 }
 
 /// Checks dB = s·G·Aᵀ and dA = s·Bᵀ·G for every adapter, G being the merged weight's gradient.
-fn check_chain_rule(tag: &str, lora_vals: &NamedTensors, lora_grads: &NamedTensors, merged_grads: &NamedTensors, scale: f64, tol: f64) {
+fn check_chain_rule(
+    tag: &str, lora_vals: &NamedTensors, lora_grads: &NamedTensors, merged_grads: &NamedTensors, scale: f64, tol: f64,
+) {
     let mut worst = 0f64;
     let mut n = 0;
     for (name, (shape, got)) in lora_grads {
-        let module = name.strip_prefix("base_model.model.").and_then(|m| m.strip_suffix(".lora_A.weight").or_else(|| m.strip_suffix(".lora_B.weight"))).unwrap();
+        let module = name
+            .strip_prefix("base_model.model.")
+            .and_then(|m| m.strip_suffix(".lora_A.weight").or_else(|| m.strip_suffix(".lora_B.weight")))
+            .unwrap();
         let (gshape, g) = &merged_grads[&format!("{module}.weight")];
         let (out, din) = (gshape[0], gshape[1]);
         let a = &lora_vals[&format!("base_model.model.{module}.lora_A.weight")].1; // [r, in]
@@ -262,14 +313,16 @@ fn check_chain_rule(tag: &str, lora_vals: &NamedTensors, lora_grads: &NamedTenso
             assert_eq!(shape, &vec![r, din], "{name}");
             for k in 0..r {
                 for j in 0..din {
-                    want[k * din + j] = (scale * (0..out).map(|o| b[o * r + k] as f64 * g[o * din + j] as f64).sum::<f64>()) as f32;
+                    want[k * din + j] =
+                        (scale * (0..out).map(|o| b[o * r + k] as f64 * g[o * din + j] as f64).sum::<f64>()) as f32;
                 }
             }
         } else {
             assert_eq!(shape, &vec![out, r], "{name}");
             for o in 0..out {
                 for k in 0..r {
-                    want[o * r + k] = (scale * (0..din).map(|j| g[o * din + j] as f64 * a[k * din + j] as f64).sum::<f64>()) as f32;
+                    want[o * r + k] =
+                        (scale * (0..din).map(|j| g[o * din + j] as f64 * a[k * din + j] as f64).sum::<f64>()) as f32;
                 }
             }
         }
@@ -299,15 +352,29 @@ fn lora_zero_b_keeps_the_logits() {
     let names: Vec<String> = m.params_and_grads().into_iter().map(|(r, _, _)| r.name).collect();
     let lora = m.lora().unwrap();
     assert_eq!(names.len(), lora.entries().len());
-    assert!(names.iter().all(|n| n.starts_with("base_model.model.") && (n.ends_with(".lora_A.weight") || n.ends_with(".lora_B.weight"))), "{names:?}");
-    println!("qwen: {} adapter tensors, {} adapter values; base {} values", names.len(), lora.num_params(), m.param_entries().iter().map(|(r, _)| r.numel()).sum::<usize>());
+    assert!(
+        names
+            .iter()
+            .all(|n| n.starts_with("base_model.model.")
+                && (n.ends_with(".lora_A.weight") || n.ends_with(".lora_B.weight"))),
+        "{names:?}"
+    );
+    println!(
+        "qwen: {} adapter tensors, {} adapter values; base {} values",
+        names.len(),
+        lora.num_params(),
+        m.param_entries().iter().map(|(r, _)| r.numel()).sum::<usize>()
+    );
 
     // LLaVA-NeXT (text adapters; CLIP targets are refused).
     let mut l = LlavaNext::load(&dev, fixture_dir("llava_next_tiny")).unwrap();
     let (ids, cu) = llava_text_batch(&l);
     let b = LlavaBatch { ids: &ids, cu_seqlens: &cu, pixels: &[], image_sizes: &[] };
     let before = dev.to_vec(&l.logits(&dev, &l.forward(&dev, &b, &Recompute::default()).unwrap()).unwrap()).unwrap();
-    assert!(l.enable_lora(&dev, &lora_cfg(4, 8.0, &["q_proj", "visual.qkv"])).is_err(), "LLaVA vision targets must be refused");
+    assert!(
+        l.enable_lora(&dev, &lora_cfg(4, 8.0, &["q_proj", "visual.qkv"])).is_err(),
+        "LLaVA vision targets must be refused"
+    );
     l.enable_lora(&dev, &lora_cfg(4, 8.0, &DEFAULT_TARGETS)).unwrap();
     let after = dev.to_vec(&l.logits(&dev, &l.forward(&dev, &b, &Recompute::default()).unwrap()).unwrap()).unwrap();
     assert!(before == after, "zero-B adapters changed the LLaVA logits (max diff {:.2e})", max_abs(&after, &before));
@@ -346,7 +413,11 @@ fn lora_qwen_grads_follow_the_merged_weight_grads() {
     println!("qwen lora vs merged logits: rel err {e:.2e}");
     assert!(e <= 1e-5, "logits with adapters vs merged weights: {e:.2e}");
     check_chain_rule("qwen cpu", &lora_vals, &lg, &g_m, cfg.scale() as f64, 1e-4);
-    assert_eq!(lg.len(), 2 * 2 * 7 + 2 * (2 + 4 * 2), "2 text layers × 7 adapters (A, B); 2 vision blocks × (qkv: A + B, 4 others × 2)");
+    assert_eq!(
+        lg.len(),
+        2 * 2 * 7 + 2 * (2 + 4 * 2),
+        "2 text layers × 7 adapters (A, B); 2 vision blocks × (qkv: A + B, 4 others × 2)"
+    );
 }
 
 #[test]
@@ -427,20 +498,29 @@ fn lora_kv_cache_matches_full_forward() {
     let dev = Device::Cpu;
     let p = demo_batch(1);
     let mut m = qwen(&dev, DType::F32);
-    let base = dev.to_vec(&m.logits(&dev, &m.forward(&dev, &p.batch(), &Recompute::default()).unwrap()).unwrap()).unwrap();
+    let base =
+        dev.to_vec(&m.logits(&dev, &m.forward(&dev, &p.batch(), &Recompute::default()).unwrap()).unwrap()).unwrap();
     m.enable_lora(&dev, &lora_cfg(4, 8.0, QWEN_ALL)).unwrap();
     m.zero_grads(&dev).unwrap();
     randomize_b(&dev, m.params_and_grads(), DType::F32);
-    let want = dev.to_vec(&m.logits(&dev, &m.forward(&dev, &p.batch(), &Recompute::default()).unwrap()).unwrap()).unwrap();
+    let want =
+        dev.to_vec(&m.logits(&dev, &m.forward(&dev, &p.batch(), &Recompute::default()).unwrap()).unwrap()).unwrap();
     assert!(rel_err(&want, &base) > 1e-4, "the adapters should change the logits");
     let s = p.ids.len();
     // The whole prompt (with its images) first, then the last 3 tokens one at a time.
     let split = s - 3;
     let mut sess = m.new_session(&dev, 1, s).unwrap();
     let rows = |a: usize, b: usize| (0..3).flat_map(|r| p.pos3[r * s + a..r * s + b].to_vec()).collect::<Vec<i32>>();
-    let mut got = dev.to_vec(&m.extend(&dev, &mut sess, &p.ids[..split], &rows(0, split), split, &p.pixels, &p.grids, false).unwrap()).unwrap();
+    let mut got = dev
+        .to_vec(
+            &m.extend(&dev, &mut sess, &p.ids[..split], &rows(0, split), split, &p.pixels, &p.grids, false).unwrap(),
+        )
+        .unwrap();
     for t in split..s {
-        got.extend(dev.to_vec(&m.extend(&dev, &mut sess, &p.ids[t..t + 1], &rows(t, t + 1), 1, &[], &[], false).unwrap()).unwrap());
+        got.extend(
+            dev.to_vec(&m.extend(&dev, &mut sess, &p.ids[t..t + 1], &rows(t, t + 1), 1, &[], &[], false).unwrap())
+                .unwrap(),
+        );
     }
     let e = rel_err(&got, &want);
     println!("lora kv cache vs full forward: logits rel err {e:.2e}");
@@ -492,8 +572,14 @@ fn lora_adapter_files_have_peft_names_and_config() {
     let mut want: Vec<(String, Vec<usize>)> = Vec::new();
     for i in 0..nl {
         for (m, out) in [("q_proj", q), ("v_proj", kv)] {
-            want.push((format!("base_model.model.model.language_model.layers.{i}.self_attn.{m}.lora_A.weight"), vec![4, d]));
-            want.push((format!("base_model.model.model.language_model.layers.{i}.self_attn.{m}.lora_B.weight"), vec![out, 4]));
+            want.push((
+                format!("base_model.model.model.language_model.layers.{i}.self_attn.{m}.lora_A.weight"),
+                vec![4, d],
+            ));
+            want.push((
+                format!("base_model.model.model.language_model.layers.{i}.self_attn.{m}.lora_B.weight"),
+                vec![out, 4],
+            ));
         }
     }
     for i in 0..depth {
@@ -506,10 +592,12 @@ fn lora_adapter_files_have_peft_names_and_config() {
         assert_eq!(s, shape, "{name}");
         let v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
         // In memory the module path is the canonical checkpoint name.
-        let internal = name.replace("model.model.language_model.", "model.model.").replace("model.model.visual.", "model.visual.");
+        let internal =
+            name.replace("model.model.language_model.", "model.model.").replace("model.model.visual.", "model.visual.");
         assert_eq!(v32, vals[&internal].1, "{name}: saved values differ");
     }
-    let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join(ADAPTER_CONFIG)).unwrap()).unwrap();
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(ADAPTER_CONFIG)).unwrap()).unwrap();
     println!("adapter_config.json: {c}");
     assert_eq!(c["peft_type"], "LORA");
     assert_eq!(c["task_type"], "CAUSAL_LM");
@@ -517,8 +605,16 @@ fn lora_adapter_files_have_peft_names_and_config() {
     assert_eq!(c["lora_alpha"].as_f64(), Some(8.0));
     assert_eq!(c["base_model_name_or_path"], "Qwen/Qwen2.5-VL-7B-Instruct");
     // transformers' module paths (Qwen2_5_VLForConditionalGeneration), which PEFT full-matches.
-    assert_eq!(c["target_modules"], r"(?:model\.language_model\.layers\.\d+\.self_attn\.q_proj|model\.language_model\.layers\.\d+\.self_attn\.v_proj|model\.visual\.blocks\.\d+\.attn\.qkv)");
-    let hidden: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n.starts_with('.')).collect();
+    assert_eq!(
+        c["target_modules"],
+        r"(?:model\.language_model\.layers\.\d+\.self_attn\.q_proj|model\.language_model\.layers\.\d+\.self_attn\.v_proj|model\.visual\.blocks\.\d+\.attn\.qkv)"
+    );
+    let hidden: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with('.'))
+        .collect();
     assert!(hidden.is_empty(), "staging files left behind: {hidden:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -557,13 +653,18 @@ fn lora_sft_cli_adapter_resume_and_merged() {
     }
     assert!(!ck_a.join("model.safetensors").exists(), "an adapter checkpoint has no full weights");
     // The tiny default exists nowhere else: its base is exported beside the run, by absolute path.
-    let ac: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ck_a.join(ADAPTER_CONFIG)).unwrap()).unwrap();
+    let ac: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck_a.join(ADAPTER_CONFIG)).unwrap()).unwrap();
     let base = std::fs::canonicalize(a.join("base-model")).unwrap();
     assert_eq!(ac["base_model_name_or_path"], base.to_str().unwrap());
     assert!(base.join("model.safetensors").is_file() && base.join("tokenizer_config.json").is_file());
     let t = read_tensor_file(ck_a.join(ADAPTER_WEIGHTS)).unwrap();
     assert_eq!(t.len(), 2 * 4 * 2, "2 layers × 4 modules × (A, B)");
-    let b_norm: f64 = t.iter().filter(|(n, _)| n.ends_with("lora_B.weight")).map(|(_, (_, v))| v.iter().map(|x| x * x).sum::<f64>()).sum();
+    let b_norm: f64 = t
+        .iter()
+        .filter(|(n, _)| n.ends_with("lora_B.weight"))
+        .map(|(_, (_, v))| v.iter().map(|x| x * x).sum::<f64>())
+        .sum();
     assert!(b_norm > 0.0, "training left every B at zero");
     let m = read_metrics(a.join("metrics.jsonl")).unwrap();
     let losses: Vec<f64> = m.iter().filter_map(|v| v.get("loss").and_then(|x| x.as_f64())).collect();

@@ -1,8 +1,8 @@
 //! Activations: SwiGLU and the three GELUs. CPU backward vs finite differences (f64), CPU forward
 //! vs known values, the HF name mapping, and CUDA (bf16 and f32) vs the CPU.
 mod common;
-use am3safety::ops::elementwise::with_v2;
 use am3safety::ops::act::{self, cpu, Gelu};
+use am3safety::ops::elementwise::with_v2;
 use am3safety::tensor::{DType, Device};
 use common::*;
 
@@ -124,7 +124,8 @@ fn swiglu_cuda_matches_cpu() {
             let up = round(rng.normal_vec(n, 1.0));
             let dout = round(rng.normal_vec(n, 1.0));
             let run = |dev: &Device, dt: DType| -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-                let (g, u, d) = (dev.upload(&gate, dt).unwrap(), dev.upload(&up, dt).unwrap(), dev.upload(&dout, dt).unwrap());
+                let (g, u, d) =
+                    (dev.upload(&gate, dt).unwrap(), dev.upload(&up, dt).unwrap(), dev.upload(&dout, dt).unwrap());
                 let nan = vec![f32::NAN; n];
                 let mut o = dev.upload(&nan, dt).unwrap();
                 act::swiglu_fwd(dev, &mut o, &g, &u, n).unwrap();

@@ -2,8 +2,8 @@
 //! decoupled decay, grad scaling), the sum of squares, error paths, and CUDA vs the CPU (param
 //! must equal bf16(master) bit for bit).
 mod common;
-use am3safety::ops::elementwise::with_v2;
 use am3safety::ops::adamw::{self, AdamW};
+use am3safety::ops::elementwise::with_v2;
 use am3safety::tensor::{DType, Device};
 use common::*;
 
@@ -39,8 +39,21 @@ fn adamw_cpu_matches_f64_rule() {
             let g = rng.normal_vec(n, 0.1 * t as f64);
             let gs = if t % 2 == 0 { 0.5 } else { 1.0 };
             reference_step(&mut w, &mut m, &mut v, &to64(&g), &HP, t as i32, gs as f64);
-            adamw::step(&d, &mut param, &mut master, &d.upload(&g, DType::F32).unwrap(), &mut mb, &mut vb, n, &HP, t, gs).unwrap();
-            let (pw, mw, mm, vv) = (d.to_vec(&param).unwrap(), d.to_vec(&master).unwrap(), d.to_vec(&mb).unwrap(), d.to_vec(&vb).unwrap());
+            adamw::step(
+                &d,
+                &mut param,
+                &mut master,
+                &d.upload(&g, DType::F32).unwrap(),
+                &mut mb,
+                &mut vb,
+                n,
+                &HP,
+                t,
+                gs,
+            )
+            .unwrap();
+            let (pw, mw, mm, vv) =
+                (d.to_vec(&param).unwrap(), d.to_vec(&master).unwrap(), d.to_vec(&mb).unwrap(), d.to_vec(&vb).unwrap());
             let errs = [
                 ("master", rel_err64(&to64(&mw), &w)),
                 ("m", rel_err64(&to64(&mm), &m)),
@@ -68,7 +81,8 @@ fn adamw_first_step_is_sign_like() {
     let mut master = d.upload(&w0, DType::F32).unwrap();
     let mut param = d.zeros_f32(3).unwrap();
     let (mut m, mut v) = (d.zeros_f32(3).unwrap(), d.zeros_f32(3).unwrap());
-    adamw::step(&d, &mut param, &mut master, &d.upload(&g, DType::F32).unwrap(), &mut m, &mut v, 3, &HP, 1, 1.0).unwrap();
+    adamw::step(&d, &mut param, &mut master, &d.upload(&g, DType::F32).unwrap(), &mut m, &mut v, 3, &HP, 1, 1.0)
+        .unwrap();
     let got = d.to_vec(&master).unwrap();
     let decay = 1.0 - 1e-2 * 0.1;
     let want = [2.0 * decay - 0.01, -decay + 0.01, 0.5 * decay];
@@ -146,8 +160,14 @@ fn adamw_cuda_matches_cpu() {
             // The parameter is exactly the GPU's own master rounded to the param dtype.
             let want = if pdt == DType::BF16 { bf16_round(&g[1]) } else { g[1].clone() };
             let bad = g[0].iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
-            assert!(bad.is_none(), "adamw param {} n={n}: element {:?}: param {} != rounded master {}",
-                pdt.suffix(), bad, bad.map_or(0.0, |i| g[0][i]), bad.map_or(0.0, |i| want[i]));
+            assert!(
+                bad.is_none(),
+                "adamw param {} n={n}: element {:?}: param {} != rounded master {}",
+                pdt.suffix(),
+                bad,
+                bad.map_or(0.0, |i| g[0][i]),
+                bad.map_or(0.0, |i| want[i])
+            );
             println!("adamw param {} n={n}: param == {}(master) bit for bit", pdt.suffix(), pdt.suffix());
         }
     }
@@ -164,7 +184,8 @@ fn sum_squares_cuda_matches_cpu() {
             for &dt in &[DType::F32, DType::BF16] {
                 for &n in &[1usize, 7, 8, 9, 1000, 100_003, 2_000_001, 20_000_001] {
                     let x = bf16_round(&rng.normal_vec(n, 0.01));
-                    let want = adamw::sum_squares(&Device::Cpu, &Device::Cpu.upload(&x, DType::F32).unwrap(), n).unwrap();
+                    let want =
+                        adamw::sum_squares(&Device::Cpu, &Device::Cpu.upload(&x, DType::F32).unwrap(), n).unwrap();
                     let xb = gpu.upload(&x, dt).unwrap();
                     let got = adamw::sum_squares(&gpu, &xb, n).unwrap();
                     let again = adamw::sum_squares(&gpu, &xb, n).unwrap();

@@ -87,7 +87,15 @@ fn attention_cpu_varlen_is_per_sequence() {
         for (b, w) in cu.windows(2).enumerate() {
             let (a, n) = (w[0] as usize, (w[1] - w[0]) as usize);
             let (mut o1, mut l1) = (vec![0.0; n * hq * d], vec![0.0; hq * n]);
-            cpu::fwd(&mut o1, &mut l1, &q[a * hq * d..(a + n) * hq * d], &k[a * hkv * d..(a + n) * hkv * d], &v[a * hkv * d..(a + n) * hkv * d], &[0, n as i32], &s);
+            cpu::fwd(
+                &mut o1,
+                &mut l1,
+                &q[a * hq * d..(a + n) * hq * d],
+                &k[a * hkv * d..(a + n) * hkv * d],
+                &v[a * hkv * d..(a + n) * hkv * d],
+                &[0, n as i32],
+                &s,
+            );
             assert_eq!(&out[a * hq * d..(a + n) * hq * d], &o1[..], "sequence {b} out (causal {causal})");
             for h in 0..hq {
                 assert_eq!(&lse[h * t + a..h * t + a + n], &l1[h * n..(h + 1) * n], "sequence {b} lse head {h}");
@@ -185,7 +193,9 @@ fn attention_rejects_bad_input() {
 
 /// One forward + backward on `dev` in `dt`: (out, lse, dq, dk, dv), every output NaN-poisoned first.
 #[allow(clippy::too_many_arguments)]
-fn run_fwd_bwd(dev: &Device, dt: DType, q: &[f32], k: &[f32], v: &[f32], dout: &[f32], cu: &[i32], s: &AttnShape, variant: Variant) -> [Vec<f32>; 5] {
+fn run_fwd_bwd(
+    dev: &Device, dt: DType, q: &[f32], k: &[f32], v: &[f32], dout: &[f32], cu: &[i32], s: &AttnShape, variant: Variant,
+) -> [Vec<f32>; 5] {
     let t = *cu.last().unwrap() as usize;
     let seqs = Varlen::new(dev, cu).unwrap();
     let up = |x: &[f32]| dev.upload(x, dt).unwrap();
@@ -256,18 +266,34 @@ fn attention_cuda_matches_cpu() {
             let v = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
             let dout = bf16_round(&rng.normal_vec(t * hq * d, 1.0));
             let want = run_fwd_bwd(&Device::Cpu, DType::F32, &q, &k, &v, &dout, &cu, &s, Variant::V1);
-            for &(dt, variant) in &[(DType::BF16, Variant::V1), (DType::BF16, Variant::V2), (DType::BF16, Variant::V3), (DType::BF16, Variant::V4), (DType::F32, Variant::V1)] {
+            for &(dt, variant) in &[
+                (DType::BF16, Variant::V1),
+                (DType::BF16, Variant::V2),
+                (DType::BF16, Variant::V3),
+                (DType::BF16, Variant::V4),
+                (DType::F32, Variant::V1),
+            ] {
                 let got = run_fwd_bwd(&gpu, dt, &q, &k, &v, &dout, &cu, &s, variant);
                 let tol = if dt == DType::BF16 { 1e-2 } else { 1e-5 };
-                let path = if dt == DType::BF16 && matches!(d, 64 | 80 | 128) { format!("tensor cores {variant:?}") } else { "cuda cores".to_string() };
+                let path = if dt == DType::BF16 && matches!(d, 64 | 80 | 128) {
+                    format!("tensor cores {variant:?}")
+                } else {
+                    "cuda cores".to_string()
+                };
                 for (i, name) in ["out", "lse", "dq", "dk", "dv"].iter().enumerate() {
                     // dq and dk vanish where every row sees a single key (p = 1, so dS = 0): their
                     // error is measured against the gradient scale ‖dv‖ as well.
                     let floor = if matches!(*name, "dq" | "dk") { norm(&want[4]) } else { 0.0 };
                     let e = rel_err_floor(&got[i], &want[i], floor);
-                    let tag = format!("attention {name} {} ({path}) d {d} hq {hq} hkv {hkv} causal {causal} lens {lens:?}", dt.suffix());
+                    let tag = format!(
+                        "attention {name} {} ({path}) d {d} hq {hq} hkv {hkv} causal {causal} lens {lens:?}",
+                        dt.suffix()
+                    );
                     println!("{tag}: rel err {e:.2e}");
-                    assert!(e <= tol, "{tag}: rel err {e:.2e} > {tol:.0e} (inf = an element left unwritten or non-finite)");
+                    assert!(
+                        e <= tol,
+                        "{tag}: rel err {e:.2e} > {tol:.0e} (inf = an element left unwritten or non-finite)"
+                    );
                 }
             }
         }
@@ -380,7 +406,10 @@ type Turn = (Vec<f32>, Vec<f32>, Vec<f32>, usize);
 /// Decode on `dev` in `dt` through a prefill (varlen append), then two turns: n_new tokens and
 /// then one more; returns both turns' outputs (NaN-poisoned before each).
 #[allow(clippy::too_many_arguments)]
-fn run_decode(dev: &Device, dt: DType, prompt: &[usize], kp: &[f32], vp: &[f32], turns: &[Turn], max_len: usize, s: &AttnShape, variant: Variant) -> Vec<Vec<f32>> {
+fn run_decode(
+    dev: &Device, dt: DType, prompt: &[usize], kp: &[f32], vp: &[f32], turns: &[Turn], max_len: usize, s: &AttnShape,
+    variant: Variant,
+) -> Vec<Vec<f32>> {
     let mut cache = KvCache::with_dtype(dev, dt, prompt.len(), max_len, s.hkv, s.d).unwrap();
     let seqs = Varlen::new(dev, &cu_of(prompt)).unwrap();
     cache.append_varlen(dev, &dev.upload(kp, dt).unwrap(), &dev.upload(vp, dt).unwrap(), &seqs).unwrap();
@@ -440,7 +469,10 @@ fn attention_cuda_decode_matches_cpu() {
                     let e = rel_err(a, w);
                     let tag = format!("decode {} {variant:?} d {d} hq {hq} hkv {hkv} prompts {prompt:?} turn {turn} (n_new {}) causal {causal}", dt.suffix(), turns[turn].3);
                     println!("{tag}: rel err {e:.2e}");
-                    assert!(e <= tol, "{tag}: rel err {e:.2e} > {tol:.0e} (inf = an element left unwritten or non-finite)");
+                    assert!(
+                        e <= tol,
+                        "{tag}: rel err {e:.2e} > {tol:.0e} (inf = an element left unwritten or non-finite)"
+                    );
                 }
             }
         }
@@ -472,8 +504,10 @@ fn bwd_alone_matches_cpu(gpu: &Device, rng: &mut Rng, cases: &[BwdCase], variant
             let mut out = nan(q.len(), DType::BF16);
             let mut lse = nan(hq * t, DType::F32);
             attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, Variant::V1).unwrap();
-            let (mut dq, mut dk, mut dv) = (nan(q.len(), DType::BF16), nan(k.len(), DType::BF16), nan(v.len(), DType::BF16));
-            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, variant).unwrap();
+            let (mut dq, mut dk, mut dv) =
+                (nan(q.len(), DType::BF16), nan(k.len(), DType::BF16), nan(v.len(), DType::BF16));
+            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, variant)
+                .unwrap();
             let got = [&dq, &dk, &dv].map(|b| dev.to_vec(b).unwrap());
             for (i, name) in ["dq", "dk", "dv"].iter().enumerate() {
                 // As in attention_cuda_matches_cpu: dq and dk are also measured against ‖dv‖.

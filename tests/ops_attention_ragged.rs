@@ -19,25 +19,49 @@ fn cu_of(lens: &[usize]) -> Vec<i32> {
 type Seq = (Vec<f32>, Vec<f32>, Vec<f32>);
 
 fn seqs(rng: &mut Rng, lens: &[usize], s: &AttnShape) -> Vec<Seq> {
-    lens.iter().map(|&n| (rng.normal_vec(n * s.hq * s.d, 1.0), rng.normal_vec(n * s.hkv * s.d, 1.0), rng.normal_vec(n * s.hkv * s.d, 1.0))).collect()
+    lens.iter()
+        .map(|&n| {
+            (
+                rng.normal_vec(n * s.hq * s.d, 1.0),
+                rng.normal_vec(n * s.hkv * s.d, 1.0),
+                rng.normal_vec(n * s.hkv * s.d, 1.0),
+            )
+        })
+        .collect()
 }
 
 /// Prefill `prompt[b]` tokens of each sequence, then one ragged step of `new[b]` tokens;
 /// returns the step's outputs [Σ new, hq, d].
-fn ragged(dev: &Device, dt: DType, all: &[Seq], prompt: &[usize], new: &[usize], s: &AttnShape, max_len: usize) -> Vec<f32> {
+fn ragged(
+    dev: &Device, dt: DType, all: &[Seq], prompt: &[usize], new: &[usize], s: &AttnShape, max_len: usize,
+) -> Vec<f32> {
     let (hq, hkv, d) = (s.hq, s.hkv, s.d);
     let mut cache = KvCache::with_dtype(dev, dt, all.len(), max_len, hkv, d).unwrap();
     let pick = |range: &dyn Fn(usize) -> (usize, usize), which: usize, w: usize| -> Vec<f32> {
-        all.iter().enumerate().flat_map(|(b, x)| {
-            let (a, e) = range(b);
-            let v = match which { 0 => &x.0, 1 => &x.1, _ => &x.2 };
-            v[a * w * d..e * w * d].to_vec()
-        }).collect()
+        all.iter()
+            .enumerate()
+            .flat_map(|(b, x)| {
+                let (a, e) = range(b);
+                let v = match which {
+                    0 => &x.0,
+                    1 => &x.1,
+                    _ => &x.2,
+                };
+                v[a * w * d..e * w * d].to_vec()
+            })
+            .collect()
     };
     let pre = |b: usize| (0, prompt[b]);
     let step = |b: usize| (prompt[b], prompt[b] + new[b]);
     let up = |v: Vec<f32>| dev.upload(&v, dt).unwrap();
-    cache.append_varlen(dev, &up(pick(&pre, 1, hkv)), &up(pick(&pre, 2, hkv)), &Varlen::new(dev, &cu_of(prompt)).unwrap()).unwrap();
+    cache
+        .append_varlen(
+            dev,
+            &up(pick(&pre, 1, hkv)),
+            &up(pick(&pre, 2, hkv)),
+            &Varlen::new(dev, &cu_of(prompt)).unwrap(),
+        )
+        .unwrap();
     let cu = Varlen::new(dev, &cu_of(new)).unwrap();
     cache.append_varlen(dev, &up(pick(&step, 1, hkv)), &up(pick(&step, 2, hkv)), &cu).unwrap();
     let q = pick(&step, 0, hq);
@@ -89,7 +113,14 @@ fn prefix_copy_gives_the_copied_slot_the_same_cache() {
     let s = AttnShape::new(4, 2, 8, true);
     let mut cache = KvCache::new(&dev, 3, 16, 2, 8).unwrap();
     let (k, v) = (rng.normal_vec(7 * 16, 1.0), rng.normal_vec(7 * 16, 1.0));
-    cache.append_varlen(&dev, &dev.upload_act(&k).unwrap(), &dev.upload_act(&v).unwrap(), &Varlen::new(&dev, &[0, 7, 7, 7]).unwrap()).unwrap();
+    cache
+        .append_varlen(
+            &dev,
+            &dev.upload_act(&k).unwrap(),
+            &dev.upload_act(&v).unwrap(),
+            &Varlen::new(&dev, &[0, 7, 7, 7]).unwrap(),
+        )
+        .unwrap();
     cache.copy_prefix(&dev, 0, 2, 5).unwrap();
     assert_eq!(cache.lens(), &[7, 0, 5]);
     let row = 16;
@@ -120,7 +151,13 @@ fn ragged_decode_cuda_matches_cpu() {
     // The prefix copy on the device.
     let mut c = KvCache::with_dtype(&gpu, DType::BF16, 2, 8, 1, 64).unwrap();
     let k = rng.normal_vec(3 * 64, 1.0);
-    c.append_varlen(&gpu, &gpu.upload(&k, DType::BF16).unwrap(), &gpu.upload(&k, DType::BF16).unwrap(), &Varlen::new(&gpu, &[0, 3, 3]).unwrap()).unwrap();
+    c.append_varlen(
+        &gpu,
+        &gpu.upload(&k, DType::BF16).unwrap(),
+        &gpu.upload(&k, DType::BF16).unwrap(),
+        &Varlen::new(&gpu, &[0, 3, 3]).unwrap(),
+    )
+    .unwrap();
     c.copy_prefix(&gpu, 0, 1, 3).unwrap();
     let all = gpu.to_vec(&c.k).unwrap();
     assert_eq!(&all[8 * 64..11 * 64], &all[..3 * 64]);

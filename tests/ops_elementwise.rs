@@ -77,7 +77,16 @@ fn bad_arguments_are_errors() {
     for m in &msgs {
         println!("error: {m}");
     }
-    for (m, op) in msgs.iter().zip(["bias_add", "bias_bwd", "add_inplace", "fill", "copy_rows", "copy_rows", "copy_rows", "copy_rows"]) {
+    for (m, op) in msgs.iter().zip([
+        "bias_add",
+        "bias_bwd",
+        "add_inplace",
+        "fill",
+        "copy_rows",
+        "copy_rows",
+        "copy_rows",
+        "copy_rows",
+    ]) {
         assert!(m.contains(op), "{m}");
     }
 }
@@ -102,7 +111,11 @@ fn bias_cuda_matches_cpu() {
         with_v2(v2, || {
             let mut rng = Rng::new(22);
             // (3000, 4096): V2 with several row chunks and a ragged last chunk.
-            let shapes: Vec<(usize, usize)> = ROW_SHAPES.iter().copied().chain([(4096, 1), (3000, 3), (2048, 1024), (1, 18944), (3000, 4096)]).collect();
+            let shapes: Vec<(usize, usize)> = ROW_SHAPES
+                .iter()
+                .copied()
+                .chain([(4096, 1), (3000, 3), (2048, 1024), (1, 18944), (3000, 4096)])
+                .collect();
             for &dt in &[DType::BF16, DType::F32] {
                 for &(rows, cols) in &shapes {
                     let round = |v: Vec<f32>| if dt == DType::BF16 { bf16_round(&v) } else { v };
@@ -156,7 +169,10 @@ fn bias_bwd_cuda_is_deterministic() {
                 let a = once();
                 for _ in 0..3 {
                     let b = once();
-                    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "bias_bwd [{rows}x{cols}] is not bit-reproducible");
+                    assert!(
+                        a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "bias_bwd [{rows}x{cols}] is not bit-reproducible"
+                    );
                 }
                 println!("bias_bwd [{rows}x{cols}]: 4 runs bit-identical");
             }
@@ -189,7 +205,9 @@ fn streaming_ops_cuda_match_cpu() {
             };
             let want = run(&Device::Cpu, DType::F32);
             let got = run(&gpu, dt);
-            for (name, (g, w)) in ["add_inplace", "add_into", "scale_inplace", "fill", "fill(0)"].iter().zip(got.iter().zip(&want)) {
+            for (name, (g, w)) in
+                ["add_inplace", "add_into", "scale_inplace", "fill", "fill(0)"].iter().zip(got.iter().zip(&want))
+            {
                 check_close(name, dt, &format!("n={n}"), g, w);
             }
             assert!(got[4].iter().all(|&x| x.to_bits() == 0), "fill(0) n={n}: not all +0.0");
@@ -232,38 +250,56 @@ fn cast_cuda_rounds_to_nearest_even() {
     // Every kernel variant: V1 (verified), V2 (AM3_V2) and V3 (the default; bf16->f32 only),
     // the same checks.
     for (v2, v3) in [(false, false), (true, false), (true, true)] {
-        println!("cast: variant {}", if v3 { "V3" } else if v2 { "V2" } else { "V1" });
-        ew::with_cast_v3(v3, || with_v2(v2, || {
-            let mut rng = Rng::new(25);
-            for &n in SIZES {
-                let x = cast_inputs(&mut rng, n);
-                let src = gpu.upload(&x, DType::F32).unwrap();
-                // f32 -> bf16: bits must equal half's round-to-nearest-even.
-                let mut h = poisoned(&gpu, n, DType::BF16);
-                ew::cast(&gpu, &mut h, &src, n).unwrap();
-                let got = gpu.to_vec(&h).unwrap();
-                let want = bf16_round(&x);
-                let bad = got.iter().zip(&want).position(|(g, w)| g.to_bits() != w.to_bits());
-                if let Some(i) = bad {
-                    panic!("cast f32->bf16 n={n}: element {i}: {:e} ({:#010x}) -> {:e} ({:#010x}), want {:e} ({:#010x})",
-                        x[i], x[i].to_bits(), got[i], got[i].to_bits(), want[i], want[i].to_bits());
-                }
-                // bf16 -> f32 is exact.
-                let mut f = poisoned(&gpu, n, DType::F32);
-                ew::cast(&gpu, &mut f, &h, n).unwrap();
-                let back = gpu.to_vec(&f).unwrap();
-                assert!(back.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()), "cast bf16->f32 n={n} not exact");
-                // Same-dtype cast copies.
-                for dt in [DType::F32, DType::BF16] {
-                    let s = gpu.upload(&x, dt).unwrap();
-                    let mut c = poisoned(&gpu, n, dt);
-                    ew::cast(&gpu, &mut c, &s, n).unwrap();
-                    let (g, w) = (gpu.to_vec(&c).unwrap(), gpu.to_vec(&s).unwrap());
-                    assert!(g.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits()), "cast {0}->{0} n={n} not a copy", dt.suffix());
-                }
-                println!("cast n={n}: f32->bf16 bit-exact (RNE), bf16->f32 exact, same-dtype copies exact");
+        println!(
+            "cast: variant {}",
+            if v3 {
+                "V3"
+            } else if v2 {
+                "V2"
+            } else {
+                "V1"
             }
-        }));
+        );
+        ew::with_cast_v3(v3, || {
+            with_v2(v2, || {
+                let mut rng = Rng::new(25);
+                for &n in SIZES {
+                    let x = cast_inputs(&mut rng, n);
+                    let src = gpu.upload(&x, DType::F32).unwrap();
+                    // f32 -> bf16: bits must equal half's round-to-nearest-even.
+                    let mut h = poisoned(&gpu, n, DType::BF16);
+                    ew::cast(&gpu, &mut h, &src, n).unwrap();
+                    let got = gpu.to_vec(&h).unwrap();
+                    let want = bf16_round(&x);
+                    let bad = got.iter().zip(&want).position(|(g, w)| g.to_bits() != w.to_bits());
+                    if let Some(i) = bad {
+                        panic!("cast f32->bf16 n={n}: element {i}: {:e} ({:#010x}) -> {:e} ({:#010x}), want {:e} ({:#010x})",
+                        x[i], x[i].to_bits(), got[i], got[i].to_bits(), want[i], want[i].to_bits());
+                    }
+                    // bf16 -> f32 is exact.
+                    let mut f = poisoned(&gpu, n, DType::F32);
+                    ew::cast(&gpu, &mut f, &h, n).unwrap();
+                    let back = gpu.to_vec(&f).unwrap();
+                    assert!(
+                        back.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()),
+                        "cast bf16->f32 n={n} not exact"
+                    );
+                    // Same-dtype cast copies.
+                    for dt in [DType::F32, DType::BF16] {
+                        let s = gpu.upload(&x, dt).unwrap();
+                        let mut c = poisoned(&gpu, n, dt);
+                        ew::cast(&gpu, &mut c, &s, n).unwrap();
+                        let (g, w) = (gpu.to_vec(&c).unwrap(), gpu.to_vec(&s).unwrap());
+                        assert!(
+                            g.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "cast {0}->{0} n={n} not a copy",
+                            dt.suffix()
+                        );
+                    }
+                    println!("cast n={n}: f32->bf16 bit-exact (RNE), bf16->f32 exact, same-dtype copies exact");
+                }
+            })
+        });
     }
 }
 
@@ -284,7 +320,8 @@ fn copy_rows_cuda_matches_cpu() {
     let Some(gpu) = cuda_or_skip("copy_rows_cuda_matches_cpu") else { return };
     let mut rng = Rng::new(26);
     // (dst len, dst_off, src len, src_off, n): odd offsets make the ranges misaligned.
-    let cases = [(10, 0, 10, 0, 10), (10, 3, 7, 1, 5), (1000, 999, 1, 0, 1), (5000, 17, 4999, 3, 4096), (64, 5, 64, 0, 0)];
+    let cases =
+        [(10, 0, 10, 0, 10), (10, 3, 7, 1, 5), (1000, 999, 1, 0, 1), (5000, 17, 4999, 3, 4096), (64, 5, 64, 0, 0)];
     for &dt in &[DType::BF16, DType::F32] {
         for &(dl, doff, sl, soff, n) in &cases {
             let d0 = bf16_round(&rng.normal_vec(dl, 1.0));

@@ -53,7 +53,12 @@ fn expect_id_errors(dev: &Device) {
             let mut out = dev.zeros_act(t * c).unwrap();
             let e = embedding::fwd(dev, &mut out, &table, &ids, host, t, c, v).unwrap_err().to_string();
             println!("embedding fwd {} ids {bad:?} host {}: {e}", dev.name(), host.is_some());
-            assert!(e.contains("embedding_fwd") && e.contains(&format!("position {pos}")) && e.contains(&format!("id {id} ")), "{e}");
+            assert!(
+                e.contains("embedding_fwd")
+                    && e.contains(&format!("position {pos}"))
+                    && e.contains(&format!("id {id} ")),
+                "{e}"
+            );
             let dout = dev.zeros_act(t * c).unwrap();
             let mut dtable = dev.zeros_f32(v * c).unwrap();
             let e = embedding::bwd(dev, &mut dtable, &dout, &ids, host, t, c, v).unwrap_err().to_string();
@@ -117,8 +122,16 @@ fn embedding_cuda_matches_cpu() {
     let mut rng = Rng::new(31);
     // (tokens, cols, vocab): odd cols (scalar path), heavy id repetition (atomic contention),
     // more tokens than one grid pass of blocks.
-    let shapes: &[(usize, usize, usize)] =
-        &[(1, 1, 1), (3, 7, 5), (17, 80, 11), (33, 129, 50), (64, 1000, 300), (7, 3584, 20), (500, 64, 3), (20000, 72, 1000)];
+    let shapes: &[(usize, usize, usize)] = &[
+        (1, 1, 1),
+        (3, 7, 5),
+        (17, 80, 11),
+        (33, 129, 50),
+        (64, 1000, 300),
+        (7, 3584, 20),
+        (500, 64, 3),
+        (20000, 72, 1000),
+    ];
     for &dt in &[DType::BF16, DType::F32] {
         for &(t, c, v) in shapes {
             let round = |v: Vec<f32>| if dt == DType::BF16 { bf16_round(&v) } else { v };
@@ -145,7 +158,11 @@ fn embedding_cuda_matches_cpu() {
                 for (name, a, b, tol) in [("out", &out1, &out0, 0.0), ("dtable", &dt1, &dt0, tol)] {
                     let e = rel_err(a, b);
                     println!("embedding {name} {} [t={t} c={c} v={v}] ids_host={host}: rel err {e:.2e}", dt.suffix());
-                    assert!(e <= tol, "embedding {name} {} [t={t} c={c} v={v}]: rel err {e:.2e} > {tol:.0e}", dt.suffix());
+                    assert!(
+                        e <= tol,
+                        "embedding {name} {} [t={t} c={c} v={v}]: rel err {e:.2e} > {tol:.0e}",
+                        dt.suffix()
+                    );
                 }
             }
         }

@@ -131,8 +131,16 @@ fn check_cuda(gpu: &Device, var: &str) {
             let term: Vec<f32> = (0..rows * cols).map(|i| rstd[i / cols] * dy[i] * w[i % cols]).collect();
             let dx_scale = norm2(&term);
             for (k, name) in ["y", "mean", "rstd", "dx", "dw", "db"].iter().enumerate() {
-                let e = if *name == "dx" { rel_err_scaled(&got[k], &want[k], dx_scale) } else { rel_err(&got[k], &want[k]) };
-                println!("layernorm{var} {name} {} [{rows}x{cols}]: rel err {e:.2e} (max abs {:.2e})", dt.suffix(), max_abs(&got[k], &want[k]));
+                let e = if *name == "dx" {
+                    rel_err_scaled(&got[k], &want[k], dx_scale)
+                } else {
+                    rel_err(&got[k], &want[k])
+                };
+                println!(
+                    "layernorm{var} {name} {} [{rows}x{cols}]: rel err {e:.2e} (max abs {:.2e})",
+                    dt.suffix(),
+                    max_abs(&got[k], &want[k])
+                );
                 assert!(e <= tol, "layernorm{var} {name} {} [{rows}x{cols}]: rel err {e:.2e} > {tol:.0e}", dt.suffix());
             }
         }

@@ -45,7 +45,14 @@ fn problem(rng: &mut Rng, t: usize, h: usize, v: usize, scale: f64) -> Problem {
 impl Problem {
     fn rounded(&self, dt: DType) -> Problem {
         let r = |v: &Vec<f32>| if dt == DType::BF16 { bf16_round(v) } else { v.clone() };
-        Problem { x: r(&self.x), w: r(&self.w), tg: self.tg.clone(), mask: self.mask.clone(), g: self.g.clone(), ..*self }
+        Problem {
+            x: r(&self.x),
+            w: r(&self.w),
+            tg: self.tg.clone(),
+            mask: self.mask.clone(),
+            g: self.g.clone(),
+            ..*self
+        }
     }
 }
 
@@ -87,7 +94,9 @@ fn logits_bf16(x: &[f64], w: &[f64], i: usize, h: usize, v: usize) -> Vec<f64> {
 }
 
 /// (logp, lse, entropy) [t] from bf16-rounded logits; masked tokens 0.
-fn fwd_bf16_logits(x: &[f64], w: &[f64], tg: &[i32], mask: Option<&[f64]>, t: usize, h: usize, v: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+fn fwd_bf16_logits(
+    x: &[f64], w: &[f64], tg: &[i32], mask: Option<&[f64]>, t: usize, h: usize, v: usize,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let (mut lp, mut ls, mut en) = (vec![0f64; t], vec![0f64; t], vec![0f64; t]);
     for i in 0..t {
         if mask.is_some_and(|m| m[i] == 0.0) {
@@ -105,7 +114,9 @@ fn fwd_bf16_logits(x: &[f64], w: &[f64], tg: &[i32], mask: Option<&[f64]>, t: us
 
 /// (dhidden [t, h], dW delta [v, h]) for upstream g [t], from bf16-rounded logits and `lse`.
 #[allow(clippy::too_many_arguments)]
-fn bwd_bf16_logits(g: &[f64], x: &[f64], w: &[f64], tg: &[i32], lse: &[f64], t: usize, h: usize, v: usize) -> (Vec<f64>, Vec<f64>) {
+fn bwd_bf16_logits(
+    g: &[f64], x: &[f64], w: &[f64], tg: &[i32], lse: &[f64], t: usize, h: usize, v: usize,
+) -> (Vec<f64>, Vec<f64>) {
     let (mut dh, mut dw) = (vec![0f64; t * h], vec![0f64; v * h]);
     for i in 0..t {
         if g[i] == 0.0 {
@@ -214,7 +225,21 @@ fn logprob_cpu_forward_matches_formula() {
     // Shape errors name the op and argument.
     let dev = Device::Cpu;
     let z = |n| dev.zeros_f32(n).unwrap();
-    let e = logprob::fwd(&dev, &mut z(t), &mut z(t), None, &z(t * h), &z(v * h + 1), &dev.upload_i32(&p.tg).unwrap(), None, t, h, v).unwrap_err().to_string();
+    let e = logprob::fwd(
+        &dev,
+        &mut z(t),
+        &mut z(t),
+        None,
+        &z(t * h),
+        &z(v * h + 1),
+        &dev.upload_i32(&p.tg).unwrap(),
+        None,
+        t,
+        h,
+        v,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("logprob_fwd") && e.contains("lm_head"), "{e}");
 }
 
@@ -228,8 +253,15 @@ fn logprob_cpu_fused_matches_split() {
         let (t, h, v) = (p.t, p.h, p.v);
         let r = reference(&p, masked, &vec![0.0; v * h]);
         let dw0 = dw_start(&r.dw);
-        let (x, w, tg, mk, g) = (dev.upload_act(&p.x).unwrap(), dev.upload_act(&p.w).unwrap(), dev.upload_i32(&p.tg).unwrap(), dev.upload(&p.mask, DType::F32).unwrap(), dev.upload(&p.g, DType::F32).unwrap());
-        let (mut lp, mut en, mut dh) = (dev.zeros_f32(t).unwrap(), dev.zeros_f32(t).unwrap(), dev.zeros_act(t * h).unwrap());
+        let (x, w, tg, mk, g) = (
+            dev.upload_act(&p.x).unwrap(),
+            dev.upload_act(&p.w).unwrap(),
+            dev.upload_i32(&p.tg).unwrap(),
+            dev.upload(&p.mask, DType::F32).unwrap(),
+            dev.upload(&p.g, DType::F32).unwrap(),
+        );
+        let (mut lp, mut en, mut dh) =
+            (dev.zeros_f32(t).unwrap(), dev.zeros_f32(t).unwrap(), dev.zeros_act(t * h).unwrap());
         let mut dw = dev.upload(&dw0, DType::F32).unwrap();
         let mut calls = 0;
         let mut grad = |c: GradChunk<'_>| {
@@ -237,10 +269,30 @@ fn logprob_cpu_fused_matches_split() {
             assert_eq!(c.idx.is_some(), masked && p.mask.contains(&0.0));
             logprob::gather_scaled(&dev, c.dlogp, &g, c.idx, c.p0, c.n, 1.0)
         };
-        logprob::fwd_bwd(&dev, &mut lp, Some(&mut en), &mut dh, &mut dw, &x, &w, &tg, masked.then_some(&mk), t, h, v, &mut grad).unwrap();
+        logprob::fwd_bwd(
+            &dev,
+            &mut lp,
+            Some(&mut en),
+            &mut dh,
+            &mut dw,
+            &x,
+            &w,
+            &tg,
+            masked.then_some(&mk),
+            t,
+            h,
+            v,
+            &mut grad,
+        )
+        .unwrap();
         assert_eq!(calls, 1);
         let dw_delta = minus(dw.host().unwrap(), &dw0);
-        for (name, a, b) in [("logp", lp.host().unwrap(), &r.logp), ("entropy", en.host().unwrap(), &r.ent), ("dhidden", dh.host().unwrap(), &r.dh), ("dlm_head", &dw_delta[..], &r.dw)] {
+        for (name, a, b) in [
+            ("logp", lp.host().unwrap(), &r.logp),
+            ("entropy", en.host().unwrap(), &r.ent),
+            ("dhidden", dh.host().unwrap(), &r.dh),
+            ("dlm_head", &dw_delta[..], &r.dw),
+        ] {
             let e = rel_err(a, b);
             println!("logprob cpu fused (masked={masked}) {name}: rel err {e:.2e}");
             assert!(e < 1e-5, "logprob cpu fused {name}: {e:.2e}");
@@ -256,12 +308,47 @@ fn tunings(v: usize, dt: DType) -> Vec<(&'static str, Tuning)> {
         ("default", base),
         // Several token chunks and vocab tiles, 8-aligned: the vector paths. dhidden in 3 slices
         // (ragged when V or the bwd tile is not a multiple of 3 · 8).
-        ("tiny", Tuning { fwd_tokens: 3, fwd_vocab: 64 * k, bwd_tokens: 4, bwd_vocab: 40 * k, fused_bytes: 5 * v * dt.size(), fused_vocab: 48 * k, dhidden_splits: 3, ..base }),
+        (
+            "tiny",
+            Tuning {
+                fwd_tokens: 3,
+                fwd_vocab: 64 * k,
+                bwd_tokens: 4,
+                bwd_vocab: 40 * k,
+                fused_bytes: 5 * v * dt.size(),
+                fused_vocab: 48 * k,
+                dhidden_splits: 3,
+                ..base
+            },
+        ),
         // Odd tile widths: the scalar paths and partial last tiles; dhidden in 2 slices, fresh
         // (uncached) scratch.
-        ("odd", Tuning { fwd_tokens: 2, fwd_vocab: 13 * k, bwd_tokens: 7, bwd_vocab: 13 * k, fused_bytes: 2 * v * dt.size(), fused_vocab: 13 * k, dhidden_splits: 2, cache_scratch: false, ..base }),
+        (
+            "odd",
+            Tuning {
+                fwd_tokens: 2,
+                fwd_vocab: 13 * k,
+                bwd_tokens: 7,
+                bwd_vocab: 13 * k,
+                fused_bytes: 2 * v * dt.size(),
+                fused_vocab: 13 * k,
+                dhidden_splits: 2,
+                cache_scratch: false,
+                ..base
+            },
+        ),
         // dlm_head written (=) instead of accumulated: the check starts it at NaN.
-        ("split4 dW=", Tuning { fused_bytes: 3 * v * dt.size(), bwd_tokens: 5, bwd_vocab: 24 * k, dhidden_splits: 4, dw_overwrite: true, ..base }),
+        (
+            "split4 dW=",
+            Tuning {
+                fused_bytes: 3 * v * dt.size(),
+                bwd_tokens: 5,
+                bwd_vocab: 24 * k,
+                dhidden_splits: 4,
+                dw_overwrite: true,
+                ..base
+            },
+        ),
         // Variant 2 of the fused pass: one chunk, then chunks of 3 and 2 tokens (a partial last one).
         ("v2", Tuning { fused_v2: true, ..base }),
         ("v2 chunked", Tuning { fused_bytes: 3 * v * dt.size(), fused_v2: true, ..base }),
@@ -269,7 +356,10 @@ fn tunings(v: usize, dt: DType) -> Vec<(&'static str, Tuning)> {
         // Variant 3 (fold and u in one kernel, dlogp applied after the GEMMs).
         ("v3", Tuning { fused_v3: true, ..base }),
         ("v3 odd", Tuning { fused_bytes: 2 * v * dt.size(), fused_v3: true, ..base }),
-        ("v3 split3 dW=", Tuning { fused_bytes: 3 * v * dt.size(), fused_v3: true, dhidden_splits: 3, dw_overwrite: true, ..base }),
+        (
+            "v3 split3 dW=",
+            Tuning { fused_bytes: 3 * v * dt.size(), fused_v3: true, dhidden_splits: 3, dw_overwrite: true, ..base },
+        ),
     ]
 }
 
@@ -280,16 +370,19 @@ fn check_gpu(gpu: &Device, base: &Problem, dt: DType, tunes: &[(&str, Tuning)], 
     let (t, h, v) = (p.t, p.h, p.v);
     let zeros = vec![0f32; v * h];
     let refs = [reference(&p, false, &zeros), reference(&p, true, &zeros)];
-    let refs_v2 = (dt == DType::BF16 && tunes.iter().any(|(_, tn)| tn.fused_v2 || tn.fused_v3)).then(|| [reference_bf16_logits(&p, false), reference_bf16_logits(&p, true)]);
+    let refs_v2 = (dt == DType::BF16 && tunes.iter().any(|(_, tn)| tn.fused_v2 || tn.fused_v3))
+        .then(|| [reference_bf16_logits(&p, false), reference_bf16_logits(&p, true)]);
     let up = |x: &[f32], d: DType| gpu.upload(x, d).unwrap();
     let nan = |n: usize, d: DType| gpu.upload(&vec![f32::NAN; n], d).unwrap();
-    let (x, w, tg, mk, g) = (up(&p.x, dt), up(&p.w, dt), gpu.upload_i32(&p.tg).unwrap(), up(&p.mask, DType::F32), up(&p.g, DType::F32));
+    let (x, w, tg, mk, g) =
+        (up(&p.x, dt), up(&p.w, dt), gpu.upload_i32(&p.tg).unwrap(), up(&p.mask, DType::F32), up(&p.g, DType::F32));
     let dl = |b: &Buf| gpu.to_vec(b).unwrap();
     let mut fails = Vec::new();
     // Log-probs, lse and entropies are known to f32's absolute precision: their norm is floored
     // at 0.1 per token. All-zero references (masked everything, V = 1) compare absolutely.
     let mut cmp = |what: String, a: Vec<f32>, want: &[f32]| {
-        let floor = if what.contains("dhidden") || what.contains("dlm_head") { 0.0 } else { 0.1 * (want.len() as f64).sqrt() };
+        let floor =
+            if what.contains("dhidden") || what.contains("dlm_head") { 0.0 } else { 0.1 * (want.len() as f64).sqrt() };
         let e = if want.iter().all(|&z| z == 0.0) { max_abs(&a, want) } else { rel_err_floor(&a, want, floor) };
         println!("logprob {what}: rel err {e:.2e}");
         if e.is_nan() || e > tol {
@@ -332,20 +425,53 @@ fn check_gpu(gpu: &Device, base: &Problem, dt: DType, tunes: &[(&str, Tuning)], 
                 chunks += 1;
                 logprob::gather_scaled(gpu, c.dlogp, &g, c.idx, c.p0, c.n, 1.0)
             };
-            logprob::fwd_bwd_with(gpu, tune, &mut lp2, Some(&mut en2), &mut dh2, &mut dw2, &x, &w, &tg, mask, t, h, v, &mut grad).unwrap();
+            logprob::fwd_bwd_with(
+                gpu,
+                tune,
+                &mut lp2,
+                Some(&mut en2),
+                &mut dh2,
+                &mut dw2,
+                &x,
+                &w,
+                &tg,
+                mask,
+                t,
+                h,
+                v,
+                &mut grad,
+            )
+            .unwrap();
             let plan = logprob::fused_plan(gpu, tune, t, h, v, dt);
             println!("logprob fused {shape} masked={masked}: {chunks} chunk(s), (chunk rows, dhidden slices) unmasked {plan:?}, scratch {} bytes", logprob::last_scratch_bytes());
-            let got = [("logp", dl(&lp2)), ("entropy", dl(&en2)), ("dhidden", dl(&dh2)), ("dlm_head", minus(&dl(&dw2), &dw0))];
+            let got = [
+                ("logp", dl(&lp2)),
+                ("entropy", dl(&en2)),
+                ("dhidden", dl(&dh2)),
+                ("dlm_head", minus(&dl(&dw2), &dw0)),
+            ];
             match (&refs_v2, tune.fused_v2 || tune.fused_v3) {
                 (Some(rv), true) => {
                     // Variant 2 in bf16: held to the bf16-logit reference; the rounding's own cost
                     // against the exact reference is printed for PERF-logprob.md.
                     let rv = &rv[mi];
-                    for ((name, a), (want, exact)) in got.iter().zip([(&rv.logp, &r.logp), (&rv.ent, &r.ent), (&rv.dh, &r.dh), (&rv.dw, &r.dw)]) {
+                    for ((name, a), (want, exact)) in
+                        got.iter().zip([(&rv.logp, &r.logp), (&rv.ent, &r.ent), (&rv.dh, &r.dh), (&rv.dw, &r.dw)])
+                    {
                         cmp(format!("fused {name} {shape} masked={masked} (vs bf16-logit ref)"), a.clone(), want);
-                        let floor = if *name == "dhidden" || *name == "dlm_head" { 0.0 } else { 0.1 * (exact.len() as f64).sqrt() };
-                        let e = if exact.iter().all(|&z| z == 0.0) { max_abs(a, exact) } else { rel_err_floor(a, exact, floor) };
-                        println!("logprob fused {name} {shape} masked={masked}: vs exact ref {e:.2e} (info: bf16 logits)");
+                        let floor = if *name == "dhidden" || *name == "dlm_head" {
+                            0.0
+                        } else {
+                            0.1 * (exact.len() as f64).sqrt()
+                        };
+                        let e = if exact.iter().all(|&z| z == 0.0) {
+                            max_abs(a, exact)
+                        } else {
+                            rel_err_floor(a, exact, floor)
+                        };
+                        println!(
+                            "logprob fused {name} {shape} masked={masked}: vs exact ref {e:.2e} (info: bf16 logits)"
+                        );
                     }
                 }
                 _ => {
@@ -359,7 +485,8 @@ fn check_gpu(gpu: &Device, base: &Problem, dt: DType, tunes: &[(&str, Tuning)], 
     fails
 }
 
-const SHAPES: &[(usize, usize, usize)] = &[(1, 1, 1), (1, 8, 3), (3, 7, 5), (17, 33, 129), (37, 64, 1000), (64, 128, 4099), (130, 96, 8200)];
+const SHAPES: &[(usize, usize, usize)] =
+    &[(1, 1, 1), (1, 8, 3), (3, 7, 5), (17, 33, 129), (37, 64, 1000), (64, 128, 4099), (130, 96, 8200)];
 
 #[test]
 fn logprob_cuda_matches_cpu() {
@@ -392,10 +519,16 @@ fn logprob_cuda_full_vocab() {
                 ("default", base),
                 ("chunked", Tuning { fused_bytes: 3 * v * dt.size(), bwd_tokens: 8, fwd_tokens: 4, ..base }),
                 ("split1", Tuning { dhidden_splits: 1, ..base }),
-                ("chunked split3 bwd split2", Tuning { fused_bytes: 3 * v * dt.size(), bwd_tokens: 8, dhidden_splits: 3, ..base }),
+                (
+                    "chunked split3 bwd split2",
+                    Tuning { fused_bytes: 3 * v * dt.size(), bwd_tokens: 8, dhidden_splits: 3, ..base },
+                ),
                 ("split5 dW=", Tuning { dhidden_splits: 5, dw_overwrite: true, ..base }),
                 ("v2", Tuning { fused_v2: true, ..base }),
-                ("v2 chunked split5", Tuning { fused_bytes: 3 * v * dt.size(), fused_v2: true, dhidden_splits: 5, ..base }),
+                (
+                    "v2 chunked split5",
+                    Tuning { fused_bytes: 3 * v * dt.size(), fused_v2: true, dhidden_splits: 5, ..base },
+                ),
                 ("v3", Tuning { fused_v3: true, ..base }),
                 ("v3 chunked", Tuning { fused_bytes: 3 * v * dt.size(), fused_v3: true, ..base }),
                 ("v3 split7 uncached", Tuning { fused_v3: true, dhidden_splits: 7, cache_scratch: false, ..base }),
@@ -408,10 +541,13 @@ fn logprob_cuda_full_vocab() {
 
 /// The fused GRPO loss on `dev` against fwd → loss → bwd composed from the f64 references.
 fn check_grpo_fused(dev: &Device, dtypes: &[(DType, f64)]) -> Vec<String> {
-    let hp = GrpoHyper { lambda: 1.0, tau: 0.5, beta_help: 0.5, eps_low: 0.2, eps_high: 0.28, beta_kl: 0.04, adv_eps: 1e-4 };
+    let hp =
+        GrpoHyper { lambda: 1.0, tau: 0.5, beta_help: 0.5, eps_low: 0.2, eps_high: 0.28, beta_kl: 0.04, adv_eps: 1e-4 };
     let mut rng = Rng::new(6);
     let mut fails = Vec::new();
-    for &(rows, l, h, v) in &[(1usize, 1usize, 8usize, 3usize), (3, 7, 33, 1000), (4, 50, 64, 4099), (2, 3, 64, 152_064)] {
+    for &(rows, l, h, v) in
+        &[(1usize, 1usize, 8usize, 3usize), (3, 7, 33, 1000), (4, 50, 64, 4099), (2, 3, 64, 152_064)]
+    {
         let t = rows * l;
         for &(dt, tol) in dtypes {
             let p = problem(&mut rng, t, h, v, logit_scale(v)).rounded(dt);
@@ -433,8 +569,12 @@ fn check_grpo_fused(dev: &Device, dtypes: &[(DType, f64)]) -> Vec<String> {
             // Variant 2 on the GPU too; in bf16 it is held to the bf16-rounded-logit reference.
             // Variant (1 = current, 2, 3); 2 and 3 round the logits to bf16.
             let variants: &[u8] = if matches!(dev, Device::Cuda(_)) { &[1, 2, 3] } else { &[1] };
-            let rounded = (dt == DType::BF16 && variants.len() > 1).then(|| fwd_bf16_logits(&x64, &w64, &p.tg, Some(&m64), t, h, v));
-            for (agg, &var) in [Aggregation::TokenMean, Aggregation::SeqMean].into_iter().flat_map(|a| variants.iter().map(move |b| (a, b))) {
+            let rounded = (dt == DType::BF16 && variants.len() > 1)
+                .then(|| fwd_bf16_logits(&x64, &w64, &p.tg, Some(&m64), t, h, v));
+            for (agg, &var) in [Aggregation::TokenMean, Aggregation::SeqMean]
+                .into_iter()
+                .flat_map(|a| variants.iter().map(move |b| (a, b)))
+            {
                 let v2 = var > 1;
                 let (lp, ls) = match (&rounded, v2) {
                     (Some((lpr, lsr, _)), true) => (lpr, lsr),
@@ -454,19 +594,34 @@ fn check_grpo_fused(dev: &Device, dtypes: &[(DType, f64)]) -> Vec<String> {
                 let dw0 = dw_start(&f(&dw));
                 let up = |x: &[f32], d: DType| dev.upload(x, d).unwrap();
                 let (bx, bw, btg) = (up(&p.x, dt), up(&p.w, dt), dev.upload_i32(&p.tg).unwrap());
-                let (bo, br, bm, ba) = (up(&f(&old), DType::F32), up(&f(&rf), DType::F32), up(&mask, DType::F32), up(&f(&adv), DType::F32));
+                let (bo, br, bm, ba) = (
+                    up(&f(&old), DType::F32),
+                    up(&f(&rf), DType::F32),
+                    up(&mask, DType::F32),
+                    up(&f(&adv), DType::F32),
+                );
                 let batch = GrpoBatch { old_logp: &bo, ref_logp: &br, mask: &bm, adv: &ba, rows, l };
                 let mut blp = up(&vec![f32::NAN; t], DType::F32);
                 let mut bdh = up(&vec![f32::NAN; t * h], dt);
                 let mut bdw = up(&dw0, DType::F32);
-                let tune = Tuning { fused_bytes: 3 * v * dt.size(), fused_vocab: 1000, fused_v2: var == 2, fused_v3: var == 3, ..Tuning::exact() };
-                let s = grpo::fused_loss_with(dev, &tune, &mut blp, &mut bdh, &mut bdw, &bx, &bw, &btg, &batch, h, v, &hp, agg).unwrap();
+                let tune = Tuning {
+                    fused_bytes: 3 * v * dt.size(),
+                    fused_vocab: 1000,
+                    fused_v2: var == 2,
+                    fused_v3: var == 3,
+                    ..Tuning::exact()
+                };
+                let s = grpo::fused_loss_with(
+                    dev, &tune, &mut blp, &mut bdh, &mut bdw, &bx, &bw, &btg, &batch, h, v, &hp, agg,
+                )
+                .unwrap();
                 let tag = match (var, rounded.is_some()) {
                     (1, _) => String::new(),
                     (_, false) => format!(" v{var}"),
                     (_, true) => format!(" v{var} (vs bf16-logit ref)"),
                 };
-                let what = format!("grpo fused{tag} {} {} [rows={rows} l={l} h={h} v={v}] {agg:?}", dev.name(), dt.suffix());
+                let what =
+                    format!("grpo fused{tag} {} {} [rows={rows} l={l} h={h} v={v}] {agg:?}", dev.name(), dt.suffix());
                 let mut errs = vec![
                     ("logp", rel_err_floor(&dev.to_vec(&blp).unwrap(), &f(lp), 0.1 * (t as f64).sqrt())),
                     ("dhidden", rel_err(&dev.to_vec(&bdh).unwrap(), &f(&dh))),
@@ -476,7 +631,12 @@ fn check_grpo_fused(dev: &Device, dtypes: &[(DType, f64)]) -> Vec<String> {
                 // The loss relative to its own size, floored by 1e-3 (it can cancel to ~0).
                 errs.push(("loss", (s.loss - s64.loss).abs() / s64.loss.abs().max(1e-3)));
                 errs.push(("mean_kl", (s.mean_kl - s64.mean_kl).abs() / s64.mean_kl.abs().max(1e-3)));
-                println!("{what}: loss {:.6} vs {:.6}; scratch {} bytes", s.loss, s64.loss, logprob::last_scratch_bytes());
+                println!(
+                    "{what}: loss {:.6} vs {:.6}; scratch {} bytes",
+                    s.loss,
+                    s64.loss,
+                    logprob::last_scratch_bytes()
+                );
                 for (name, e) in errs {
                     println!("{what} {name}: rel err {e:.2e}");
                     if e.is_nan() || e > tol {
@@ -519,7 +679,13 @@ fn bf16_logit_reference_matches_exact_when_representable() {
     let (mut dh0, mut dw0) = (vec![0f64; t * h], vec![0f64; v * h]);
     cpu::bwd(&mut dh0, &mut dw0, &g, &x, &w, &tg, &ls0, t, h, v).unwrap();
     let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
-    for (name, a, b) in [("logp", &lp, &lp0), ("lse", &ls, &ls0), ("entropy", &en, &en0), ("dhidden", &dh, &dh0), ("dlm_head", &dw, &dw0)] {
+    for (name, a, b) in [
+        ("logp", &lp, &lp0),
+        ("lse", &ls, &ls0),
+        ("entropy", &en, &en0),
+        ("dhidden", &dh, &dh0),
+        ("dlm_head", &dw, &dw0),
+    ] {
         let e = rel_err(&f(a), &f(b));
         println!("bf16-logit reference (exact logits) {name}: rel err {e:.2e}");
         assert!(e < 1e-6, "bf16-logit reference {name}: {e:.2e}");
@@ -565,16 +731,23 @@ fn logprob_fwd_matches_fused_cpu() {
     let mut rng = Rng::new(10);
     let p = problem(&mut rng, 11, 9, 37, 3.0);
     let (t, h, v) = (p.t, p.h, p.v);
-    let (x, w, tg, mk) = (dev.upload_act(&p.x).unwrap(), dev.upload_act(&p.w).unwrap(), dev.upload_i32(&p.tg).unwrap(), dev.upload(&p.mask, DType::F32).unwrap());
+    let (x, w, tg, mk) = (
+        dev.upload_act(&p.x).unwrap(),
+        dev.upload_act(&p.w).unwrap(),
+        dev.upload_i32(&p.tg).unwrap(),
+        dev.upload(&p.mask, DType::F32).unwrap(),
+    );
     let g = dev.upload(&p.g, DType::F32).unwrap();
     for (name, tune) in kept_tunings(v, DType::F32) {
         for masked in [false, true] {
             let mask = masked.then_some(&mk);
             let (mut lp, mut ls) = (dev.zeros_f32(t).unwrap(), dev.zeros_f32(t).unwrap());
             logprob::fwd_with(&dev, &tune, &mut lp, &mut ls, None, &x, &w, &tg, mask, t, h, v).unwrap();
-            let (mut lp2, mut dh, mut dw) = (dev.zeros_f32(t).unwrap(), dev.zeros_act(t * h).unwrap(), dev.zeros_f32(v * h).unwrap());
+            let (mut lp2, mut dh, mut dw) =
+                (dev.zeros_f32(t).unwrap(), dev.zeros_act(t * h).unwrap(), dev.zeros_f32(v * h).unwrap());
             let mut grad = |c: GradChunk<'_>| logprob::gather_scaled(&dev, c.dlogp, &g, c.idx, c.p0, c.n, 1.0);
-            logprob::fwd_bwd_with(&dev, &tune, &mut lp2, None, &mut dh, &mut dw, &x, &w, &tg, mask, t, h, v, &mut grad).unwrap();
+            logprob::fwd_bwd_with(&dev, &tune, &mut lp2, None, &mut dh, &mut dw, &x, &w, &tg, mask, t, h, v, &mut grad)
+                .unwrap();
             let e = max_abs(lp.host().unwrap(), lp2.host().unwrap());
             println!("logprob cpu fwd vs fused logp {name} masked={masked}: max abs diff {e:.2e}");
             assert!(e <= 1e-6, "logprob cpu fwd vs fused {name} masked={masked}: {e:.2e}");
@@ -602,19 +775,48 @@ fn logprob_fwd_matches_fused_bitwise_cuda() {
                 let mask = masked.then_some(&mk);
                 let mut fused_v3 = None;
                 for (name, tune) in kept_tunings(v, dt) {
-                    let what = format!("logprob fwd vs fused {} [t={t} h={h} v={v}] {name} masked={masked}", dt.suffix());
-                    let (mut lp, mut ls, mut en) = (up(&vec![f32::NAN; t], DType::F32), up(&vec![f32::NAN; t], DType::F32), up(&vec![f32::NAN; t], DType::F32));
-                    logprob::fwd_with(&gpu, &tune, &mut lp, &mut ls, Some(&mut en), &x, &w, &tg, mask, t, h, v).unwrap();
-                    let (mut lp2, mut en2, mut dh, mut dw) = (up(&vec![f32::NAN; t], DType::F32), up(&vec![f32::NAN; t], DType::F32), up(&vec![f32::NAN; t * h], dt), up(&vec![0.0; v * h], DType::F32));
+                    let what =
+                        format!("logprob fwd vs fused {} [t={t} h={h} v={v}] {name} masked={masked}", dt.suffix());
+                    let (mut lp, mut ls, mut en) = (
+                        up(&vec![f32::NAN; t], DType::F32),
+                        up(&vec![f32::NAN; t], DType::F32),
+                        up(&vec![f32::NAN; t], DType::F32),
+                    );
+                    logprob::fwd_with(&gpu, &tune, &mut lp, &mut ls, Some(&mut en), &x, &w, &tg, mask, t, h, v)
+                        .unwrap();
+                    let (mut lp2, mut en2, mut dh, mut dw) = (
+                        up(&vec![f32::NAN; t], DType::F32),
+                        up(&vec![f32::NAN; t], DType::F32),
+                        up(&vec![f32::NAN; t * h], dt),
+                        up(&vec![0.0; v * h], DType::F32),
+                    );
                     let mut grad = |c: GradChunk<'_>| logprob::gather_scaled(&gpu, c.dlogp, &g, c.idx, c.p0, c.n, 1.0);
-                    logprob::fwd_bwd_with(&gpu, &tune, &mut lp2, Some(&mut en2), &mut dh, &mut dw, &x, &w, &tg, mask, t, h, v, &mut grad).unwrap();
+                    logprob::fwd_bwd_with(
+                        &gpu,
+                        &tune,
+                        &mut lp2,
+                        Some(&mut en2),
+                        &mut dh,
+                        &mut dw,
+                        &x,
+                        &w,
+                        &tg,
+                        mask,
+                        t,
+                        h,
+                        v,
+                        &mut grad,
+                    )
+                    .unwrap();
                     let (a, b) = (gpu.to_vec(&lp).unwrap(), gpu.to_vec(&lp2).unwrap());
                     let (ea, eb) = (gpu.to_vec(&en).unwrap(), gpu.to_vec(&en2).unwrap());
                     let (nl, dlp) = bit_diff(&a, &b);
                     let (ne, den) = bit_diff(&ea, &eb);
                     println!("{what}: logp {nl} of {t} differ (max {dlp:.2e}), entropy {ne} differ (max {den:.2e})");
                     if nl > 0 || ne > 0 || a.iter().any(|z| !z.is_finite()) {
-                        fails.push(format!("{what}: logp {nl} / entropy {ne} of {t} not bit-identical (max {dlp:.2e} / {den:.2e})"));
+                        fails.push(format!(
+                            "{what}: logp {nl} / entropy {ne} of {t} not bit-identical (max {dlp:.2e} / {den:.2e})"
+                        ));
                     }
                     if name == "v3" {
                         fused_v3 = Some(b);
@@ -640,7 +842,8 @@ fn logprob_fwd_matches_fused_bitwise_cuda() {
 #[test]
 fn grpo_ratio_exactly_one_cuda() {
     let Some(gpu) = cuda_or_skip("grpo_ratio_exactly_one_cuda") else { return };
-    let hp = GrpoHyper { lambda: 1.0, tau: 0.5, beta_help: 0.5, eps_low: 0.2, eps_high: 0.28, beta_kl: 0.04, adv_eps: 1e-4 };
+    let hp =
+        GrpoHyper { lambda: 1.0, tau: 0.5, beta_help: 0.5, eps_low: 0.2, eps_high: 0.28, beta_kl: 0.04, adv_eps: 1e-4 };
     let mut rng = Rng::new(13);
     let mut fails = Vec::new();
     for &(rows, l, h, v) in &[(3usize, 7usize, 48usize, 4099usize), (2, 5, 40, 152_064)] {
@@ -650,15 +853,27 @@ fn grpo_ratio_exactly_one_cuda() {
         mask[l..2 * l].iter_mut().for_each(|m| *m = 0.0);
         let adv: Vec<f32> = (0..rows).map(|_| rng.normal() as f32).collect();
         let up = |x: &[f32], d: DType| gpu.upload(x, d).unwrap();
-        let (x, w, tg, bm, ba) = (up(&p.x, DType::BF16), up(&p.w, DType::BF16), gpu.upload_i32(&p.tg).unwrap(), up(&mask, DType::F32), up(&adv, DType::F32));
+        let (x, w, tg, bm, ba) = (
+            up(&p.x, DType::BF16),
+            up(&p.w, DType::BF16),
+            gpu.upload_i32(&p.tg).unwrap(),
+            up(&mask, DType::F32),
+            up(&adv, DType::F32),
+        );
         for (name, tune) in kept_tunings(v, DType::BF16) {
             // The old policy and the reference: the same weights, through `fwd` of this mode.
             let (mut old, mut ls) = (up(&vec![0.0; t], DType::F32), up(&vec![0.0; t], DType::F32));
             logprob::fwd_with(&gpu, &tune, &mut old, &mut ls, None, &x, &w, &tg, Some(&bm), t, h, v).unwrap();
             let batch = GrpoBatch { old_logp: &old, ref_logp: &old, mask: &bm, adv: &ba, rows, l };
             for agg in [Aggregation::TokenMean, Aggregation::SeqMean] {
-                let (mut lp, mut dh, mut dw) = (up(&vec![f32::NAN; t], DType::F32), up(&vec![f32::NAN; t * h], DType::BF16), up(&vec![0.0; v * h], DType::F32));
-                let s = grpo::fused_loss_with(&gpu, &tune, &mut lp, &mut dh, &mut dw, &x, &w, &tg, &batch, h, v, &hp, agg).unwrap();
+                let (mut lp, mut dh, mut dw) = (
+                    up(&vec![f32::NAN; t], DType::F32),
+                    up(&vec![f32::NAN; t * h], DType::BF16),
+                    up(&vec![0.0; v * h], DType::F32),
+                );
+                let s =
+                    grpo::fused_loss_with(&gpu, &tune, &mut lp, &mut dh, &mut dw, &x, &w, &tg, &batch, h, v, &hp, agg)
+                        .unwrap();
                 let (nl, dl) = bit_diff(&gpu.to_vec(&lp).unwrap(), &gpu.to_vec(&old).unwrap());
                 // loss = −Σ_tokens w_row · mask · A_row at ρ = 1 and k3 = 0.
                 let m64 = to64(&mask);
@@ -668,7 +883,10 @@ fn grpo_ratio_exactly_one_cuda() {
                 let what = format!("grpo ratio {name} [rows={rows} l={l} h={h} v={v}] {agg:?}");
                 println!("{what}: logp vs old {nl} of {t} differ (max {dl:.2e}); clip_frac {:e}, mean_kl {:e}, loss {:.6} vs {want:.6} (rel {el:.1e})", s.clip_frac, s.mean_kl, s.loss);
                 if nl > 0 || s.clip_frac != 0.0 || s.mean_kl != 0.0 || el.is_nan() || el > 1e-5 {
-                    fails.push(format!("{what}: {nl} logp differ (max {dl:.2e}), clip_frac {:e}, mean_kl {:e}, loss rel {el:.1e}", s.clip_frac, s.mean_kl));
+                    fails.push(format!(
+                        "{what}: {nl} logp differ (max {dl:.2e}), clip_frac {:e}, mean_kl {:e}, loss rel {el:.1e}",
+                        s.clip_frac, s.mean_kl
+                    ));
                 }
             }
         }
@@ -704,12 +922,19 @@ fn logprob_cpu_dw_overwrite() {
     let p = problem(&mut rng, 8, 5, 13, 2.0);
     let (t, h, v) = (p.t, p.h, p.v);
     let r = reference(&p, true, &vec![0.0; v * h]);
-    let (x, w, tg, mk, g) = (dev.upload_act(&p.x).unwrap(), dev.upload_act(&p.w).unwrap(), dev.upload_i32(&p.tg).unwrap(), dev.upload(&p.mask, DType::F32).unwrap(), dev.upload(&p.g, DType::F32).unwrap());
+    let (x, w, tg, mk, g) = (
+        dev.upload_act(&p.x).unwrap(),
+        dev.upload_act(&p.w).unwrap(),
+        dev.upload_i32(&p.tg).unwrap(),
+        dev.upload(&p.mask, DType::F32).unwrap(),
+        dev.upload(&p.g, DType::F32).unwrap(),
+    );
     let tune = Tuning { dw_overwrite: true, ..Tuning::exact() };
     let (mut lp, mut dh) = (dev.zeros_f32(t).unwrap(), dev.zeros_act(t * h).unwrap());
     let mut dw = dev.upload(&vec![7.0; v * h], DType::F32).unwrap();
     let mut grad = |c: GradChunk<'_>| logprob::gather_scaled(&dev, c.dlogp, &g, c.idx, c.p0, c.n, 1.0);
-    logprob::fwd_bwd_with(&dev, &tune, &mut lp, None, &mut dh, &mut dw, &x, &w, &tg, Some(&mk), t, h, v, &mut grad).unwrap();
+    logprob::fwd_bwd_with(&dev, &tune, &mut lp, None, &mut dh, &mut dw, &x, &w, &tg, Some(&mk), t, h, v, &mut grad)
+        .unwrap();
     let e = rel_err(dw.host().unwrap(), &r.dw);
     println!("logprob cpu fused dw_overwrite dlm_head: rel err {e:.2e}");
     assert!(e < 1e-5, "fused dw_overwrite: {e:.2e}");
@@ -718,14 +943,16 @@ fn logprob_cpu_dw_overwrite() {
     logprob::fwd(&dev, &mut lp, &mut ls, None, &x, &w, &tg, Some(&mk), t, h, v).unwrap();
     let gm: Vec<f32> = (0..t).map(|i| p.g[i] * p.mask[i]).collect();
     let mut dw = dev.upload(&vec![7.0; v * h], DType::F32).unwrap();
-    logprob::bwd_with(&dev, &tune, &mut dh, &mut dw, &dev.upload(&gm, DType::F32).unwrap(), &x, &w, &tg, &ls, t, h, v).unwrap();
+    logprob::bwd_with(&dev, &tune, &mut dh, &mut dw, &dev.upload(&gm, DType::F32).unwrap(), &x, &w, &tg, &ls, t, h, v)
+        .unwrap();
     let e = rel_err(dw.host().unwrap(), &r.dw);
     println!("logprob cpu bwd dw_overwrite dlm_head: rel err {e:.2e}");
     assert!(e < 1e-5, "bwd dw_overwrite: {e:.2e}");
     // Every token masked: dlm_head becomes 0.
     let none = dev.upload(&vec![0.0; t], DType::F32).unwrap();
     let mut dw = dev.upload(&vec![7.0; v * h], DType::F32).unwrap();
-    logprob::fwd_bwd_with(&dev, &tune, &mut lp, None, &mut dh, &mut dw, &x, &w, &tg, Some(&none), t, h, v, &mut grad).unwrap();
+    logprob::fwd_bwd_with(&dev, &tune, &mut lp, None, &mut dh, &mut dw, &x, &w, &tg, Some(&none), t, h, v, &mut grad)
+        .unwrap();
     assert!(dw.host().unwrap().iter().all(|&z| z == 0.0));
 }
 
@@ -739,18 +966,45 @@ fn logprob_cuda_dw_overwrite_all_masked() {
     let (t, h, v) = (p.t, p.h, p.v);
     let dt = DType::BF16;
     let up = |x: &[f32], d: DType| gpu.upload(x, d).unwrap();
-    let (x, w, tg, none, g) = (up(&p.x, dt), up(&p.w, dt), gpu.upload_i32(&p.tg).unwrap(), up(&vec![0.0; t], DType::F32), up(&p.g, DType::F32));
+    let (x, w, tg, none, g) = (
+        up(&p.x, dt),
+        up(&p.w, dt),
+        gpu.upload_i32(&p.tg).unwrap(),
+        up(&vec![0.0; t], DType::F32),
+        up(&p.g, DType::F32),
+    );
     let mut fails = Vec::new();
     for var in [1u8, 2, 3] {
         let tune = Tuning { fused_v2: var == 2, fused_v3: var == 3, dw_overwrite: true, ..Tuning::exact() };
-        let (mut lp, mut dh, mut dw) = (up(&vec![f32::NAN; t], DType::F32), up(&vec![f32::NAN; t * h], dt), up(&vec![f32::NAN; v * h], DType::F32));
+        let (mut lp, mut dh, mut dw) = (
+            up(&vec![f32::NAN; t], DType::F32),
+            up(&vec![f32::NAN; t * h], dt),
+            up(&vec![f32::NAN; v * h], DType::F32),
+        );
         let mut grad = |c: GradChunk<'_>| logprob::gather_scaled(&gpu, c.dlogp, &g, c.idx, c.p0, c.n, 1.0);
-        logprob::fwd_bwd_with(&gpu, &tune, &mut lp, None, &mut dh, &mut dw, &x, &w, &tg, Some(&none), t, h, v, &mut grad).unwrap();
+        logprob::fwd_bwd_with(
+            &gpu,
+            &tune,
+            &mut lp,
+            None,
+            &mut dh,
+            &mut dw,
+            &x,
+            &w,
+            &tg,
+            Some(&none),
+            t,
+            h,
+            v,
+            &mut grad,
+        )
+        .unwrap();
         let ok = [&lp, &dh, &dw].iter().all(|b| gpu.to_vec(b).unwrap().iter().all(|&z| z == 0.0));
         // bwd with dlogp = 0 everywhere.
         let mut dw2 = up(&vec![f32::NAN; v * h], DType::F32);
         logprob::bwd_with(&gpu, &tune, &mut dh, &mut dw2, &none, &x, &w, &tg, &none, t, h, v).unwrap();
-        let ok2 = gpu.to_vec(&dw2).unwrap().iter().all(|&z| z == 0.0) && gpu.to_vec(&dh).unwrap().iter().all(|&z| z == 0.0);
+        let ok2 =
+            gpu.to_vec(&dw2).unwrap().iter().all(|&z| z == 0.0) && gpu.to_vec(&dh).unwrap().iter().all(|&z| z == 0.0);
         println!("logprob cuda dw_overwrite all masked v{var}: fused outputs zero {ok}, bwd outputs zero {ok2}");
         if !ok || !ok2 {
             fails.push(format!("v{var}: fused zero {ok}, bwd zero {ok2}"));

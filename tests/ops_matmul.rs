@@ -46,7 +46,9 @@ fn cuda_gemm_matches_cpu() {
     let mut rng = Rng::new(4);
     for &(m, n, k) in SHAPES {
         for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
-            for (ab, ct, tol) in [(DType::BF16, DType::BF16, 1e-2), (DType::BF16, DType::F32, 1e-5), (DType::F32, DType::F32, 1e-5)] {
+            for (ab, ct, tol) in
+                [(DType::BF16, DType::BF16, 1e-2), (DType::BF16, DType::F32, 1e-5), (DType::F32, DType::F32, 1e-5)]
+            {
                 let round = |v: Vec<f32>| if ab == DType::BF16 { bf16_round(&v) } else { v };
                 let a = round(rng.normal_vec(m * k, 1.0));
                 let b = round(rng.normal_vec(k * n, 1.0));
@@ -59,9 +61,20 @@ fn cuda_gemm_matches_cpu() {
                 let got = gpu.to_vec(&gc).unwrap();
                 let e = rel_err(&got, &want);
                 // bf16 output rounds the result: allow bf16 resolution; f32 output: only accumulation order.
-                let tol = if ct == DType::BF16 { tol } else if ab == DType::F32 { 1e-5 } else { 2e-5 };
+                let tol = if ct == DType::BF16 {
+                    tol
+                } else if ab == DType::F32 {
+                    1e-5
+                } else {
+                    2e-5
+                };
                 println!("gemm {}->{} {m}x{n}x{k} ta={ta} tb={tb}: rel err {e:.2e}", ab.suffix(), ct.suffix());
-                assert!(e <= tol, "cuBLAS gemm {}->{} {m}x{n}x{k} ta={ta} tb={tb}: rel err {e:.2e} > {tol:.0e}", ab.suffix(), ct.suffix());
+                assert!(
+                    e <= tol,
+                    "cuBLAS gemm {}->{} {m}x{n}x{k} ta={ta} tb={tb}: rel err {e:.2e} > {tol:.0e}",
+                    ab.suffix(),
+                    ct.suffix()
+                );
             }
         }
     }
@@ -70,12 +83,54 @@ fn cuda_gemm_matches_cpu() {
     let a = bf16_round(&rng.normal_vec(cnt * m * k, 1.0));
     let b = bf16_round(&rng.normal_vec(cnt * k * n, 1.0));
     let mut want = vec![0f32; cnt * m * n];
-    matmul::batched(&Device::Cpu, &mut Device::Cpu.upload(&want, DType::F32).unwrap(), &Device::Cpu.upload(&a, DType::F32).unwrap(), &Device::Cpu.upload(&b, DType::F32).unwrap(), m, n, k, false, true, 1.0, 0.0, cnt).unwrap();
+    matmul::batched(
+        &Device::Cpu,
+        &mut Device::Cpu.upload(&want, DType::F32).unwrap(),
+        &Device::Cpu.upload(&a, DType::F32).unwrap(),
+        &Device::Cpu.upload(&b, DType::F32).unwrap(),
+        m,
+        n,
+        k,
+        false,
+        true,
+        1.0,
+        0.0,
+        cnt,
+    )
+    .unwrap();
     let mut wc = Device::Cpu.upload(&want, DType::F32).unwrap();
-    matmul::batched(&Device::Cpu, &mut wc, &Device::Cpu.upload(&a, DType::F32).unwrap(), &Device::Cpu.upload(&b, DType::F32).unwrap(), m, n, k, false, true, 1.0, 0.0, cnt).unwrap();
+    matmul::batched(
+        &Device::Cpu,
+        &mut wc,
+        &Device::Cpu.upload(&a, DType::F32).unwrap(),
+        &Device::Cpu.upload(&b, DType::F32).unwrap(),
+        m,
+        n,
+        k,
+        false,
+        true,
+        1.0,
+        0.0,
+        cnt,
+    )
+    .unwrap();
     want = Device::Cpu.to_vec(&wc).unwrap();
     let mut gc = gpu.zeros(DType::F32, cnt * m * n).unwrap();
-    matmul::batched(&gpu, &mut gc, &gpu.upload(&a, DType::BF16).unwrap(), &gpu.upload(&b, DType::BF16).unwrap(), m, n, k, false, true, 1.0, 0.0, cnt).unwrap();
+    matmul::batched(
+        &gpu,
+        &mut gc,
+        &gpu.upload(&a, DType::BF16).unwrap(),
+        &gpu.upload(&b, DType::BF16).unwrap(),
+        m,
+        n,
+        k,
+        false,
+        true,
+        1.0,
+        0.0,
+        cnt,
+    )
+    .unwrap();
     let e = rel_err(&gpu.to_vec(&gc).unwrap(), &want);
     println!("gemm batched x{cnt}: rel err {e:.2e}");
     assert!(e < 2e-5, "strided batched gemm: rel err {e:.2e}");

@@ -42,7 +42,7 @@ fn patch_embed_matches_conv3d() {
     let mut rng = Rng::new(12);
     let img: Vec<f64> = probe(&mut rng, c * tp * h * w); // [c, t, h, w]
     let wt: Vec<f64> = probe(&mut rng, d * k); // [d, c, t, 14, 14]
-    // Processor row order: 2x2 merge blocks in raster order, (c, t, py, px) inside a row.
+                                               // Processor row order: 2x2 merge blocks in raster order, (c, t, py, px) inside a row.
     let mut rows = Vec::new();
     let mut coords = Vec::new();
     for bh in 0..gh / 2 {
@@ -75,7 +75,8 @@ fn patch_embed_matches_conv3d() {
                 for t in 0..tp {
                     for py in 0..ps {
                         for px in 0..ps {
-                            s += img[((ci * tp + t) * h + r * ps + py) * w + col * ps + px] * wt[(((o * c + ci) * tp + t) * ps + py) * ps + px];
+                            s += img[((ci * tp + t) * h + r * ps + py) * w + col * ps + px]
+                                * wt[(((o * c + ci) * tp + t) * ps + py) * ps + px];
                         }
                     }
                 }
@@ -93,7 +94,8 @@ fn patch_embed_cuda_matches_cpu() {
     let Some(gpu) = cuda_or_skip("patch_embed_cuda_matches_cpu") else { return };
     let cpu_dev = Device::Cpu;
     let mut rng = Rng::new(13);
-    let shapes: &[(usize, usize, usize)] = &[(1, 1, 1), (3, 7, 5), (17, 1176, 32), (64, 1176, 80), (333, 1176, 1280), (1024, 1176, 1280)];
+    let shapes: &[(usize, usize, usize)] =
+        &[(1, 1, 1), (3, 7, 5), (17, 1176, 32), (64, 1176, 80), (333, 1176, 1280), (1024, 1176, 1280)];
     for &dt in &[DType::BF16, DType::F32] {
         for &(n, k, d) in shapes {
             for use_perm in [false, true] {
@@ -129,7 +131,11 @@ fn patch_embed_cuda_matches_cpu() {
                 for (name, a, b) in [("y", &y1, &y0), ("dw", &dw1, &dw_0)] {
                     let e = rel_err(a, b);
                     println!("patch_embed {name} {} [{n}x{k}->{d}] perm={use_perm}: rel err {e:.2e}", dt.suffix());
-                    assert!(e <= tol, "patch_embed {name} {} [{n}x{k}->{d}] perm={use_perm}: rel err {e:.2e} > {tol:.0e}", dt.suffix());
+                    assert!(
+                        e <= tol,
+                        "patch_embed {name} {} [{n}x{k}->{d}] perm={use_perm}: rel err {e:.2e} > {tol:.0e}",
+                        dt.suffix()
+                    );
                 }
             }
         }
@@ -137,7 +143,9 @@ fn patch_embed_cuda_matches_cpu() {
 }
 
 /// gather, take and scatter on `dev`: returns (gathered, x after take, out after scatter).
-fn row_moves(dev: &Device, dt: DType, x: &[f32], base: &[f32], idx: &[usize], bound: usize, cols: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+fn row_moves(
+    dev: &Device, dt: DType, x: &[f32], base: &[f32], idx: &[usize], bound: usize, cols: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let n = idx.len();
     let ri = RowIndex::new(dev, idx, bound).unwrap();
     let xb = dev.upload(x, dt).unwrap();
@@ -171,7 +179,8 @@ fn row_moves_cuda_match_cpu() {
     let Some(gpu) = cuda_or_skip("row_moves_cuda_match_cpu") else { return };
     let mut rng = Rng::new(14);
     for &dt in &[DType::BF16, DType::F32] {
-        for &(bound, n, cols) in &[(1usize, 1usize, 1usize), (7, 3, 5), (40, 40, 64), (333, 100, 3584), (90, 17, 1280)] {
+        for &(bound, n, cols) in &[(1usize, 1usize, 1usize), (7, 3, 5), (40, 40, 64), (333, 100, 3584), (90, 17, 1280)]
+        {
             let x = bf16_round(&rng.normal_vec(bound * cols, 1.0));
             let base = bf16_round(&rng.normal_vec(bound * cols, 1.0));
             let idx: Vec<usize> = shuffled(&mut rng, bound).into_iter().take(n).collect();
@@ -180,7 +189,11 @@ fn row_moves_cuda_match_cpu() {
             for (name, a, b) in [("gather", &got.0, &want.0), ("take", &got.1, &want.1), ("scatter", &got.2, &want.2)] {
                 let e = rel_err(a, b);
                 println!("rows {name} {} [bound {bound}, n {n}, cols {cols}]: rel err {e:.2e}", dt.suffix());
-                assert!(e == 0.0, "rows {name} {} [bound {bound}, n {n}, cols {cols}]: rel err {e:.2e} (moves must be exact)", dt.suffix());
+                assert!(
+                    e == 0.0,
+                    "rows {name} {} [bound {bound}, n {n}, cols {cols}]: rel err {e:.2e} (moves must be exact)",
+                    dt.suffix()
+                );
             }
         }
     }

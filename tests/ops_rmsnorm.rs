@@ -51,7 +51,8 @@ fn check_cuda(gpu: &Device, var: &str) {
             let w = round(rng.uniform_vec(cols, 0.5, 1.5));
             let dy = round(rng.normal_vec(rows * cols, 1.0));
             let run = |dev: &Device, dt: DType| -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-                let (xb, wb, dyb) = (dev.upload(&x, dt).unwrap(), dev.upload(&w, dt).unwrap(), dev.upload(&dy, dt).unwrap());
+                let (xb, wb, dyb) =
+                    (dev.upload(&x, dt).unwrap(), dev.upload(&w, dt).unwrap(), dev.upload(&dy, dt).unwrap());
                 let mut y = dev.upload(&vec![f32::NAN; rows * cols], dt).unwrap();
                 let mut r = dev.upload(&vec![f32::NAN; rows], DType::F32).unwrap();
                 rmsnorm::fwd(dev, &mut y, &mut r, &xb, &wb, rows, cols, 1e-6).unwrap();
@@ -65,12 +66,16 @@ fn check_cuda(gpu: &Device, var: &str) {
             let tol = if dt == DType::BF16 { 1e-2 } else { 1e-5 };
             // dx = rstd·(dy·w − x·rstd²·mean(dy·w·x)): the two terms cancel exactly when a row has
             // one element, so judge dx against the size of its first term.
-            let r0 = Device::Cpu.to_vec(&{
-                let (xb, wb) = (Device::Cpu.upload(&x, DType::F32).unwrap(), Device::Cpu.upload(&w, DType::F32).unwrap());
-                let (mut y, mut r) = (Device::Cpu.zeros_f32(rows * cols).unwrap(), Device::Cpu.zeros_f32(rows).unwrap());
-                rmsnorm::fwd(&Device::Cpu, &mut y, &mut r, &xb, &wb, rows, cols, 1e-6).unwrap();
-                r
-            }).unwrap();
+            let r0 = Device::Cpu
+                .to_vec(&{
+                    let (xb, wb) =
+                        (Device::Cpu.upload(&x, DType::F32).unwrap(), Device::Cpu.upload(&w, DType::F32).unwrap());
+                    let (mut y, mut r) =
+                        (Device::Cpu.zeros_f32(rows * cols).unwrap(), Device::Cpu.zeros_f32(rows).unwrap());
+                    rmsnorm::fwd(&Device::Cpu, &mut y, &mut r, &xb, &wb, rows, cols, 1e-6).unwrap();
+                    r
+                })
+                .unwrap();
             let term: Vec<f32> = (0..rows * cols).map(|i| r0[i / cols] * dy[i] * w[i % cols]).collect();
             let dx_scale = norm2(&term);
             for (name, a, b) in [("y", &y1, &y0), ("dx", &dx1, &dx0), ("dw", &dw1, &dw0)] {

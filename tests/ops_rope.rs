@@ -26,7 +26,11 @@ fn direct(x: &[f64], cos_full: &[f64], sin_full: &[f64], tokens: usize, heads: u
 
 /// cat(θ, θ) per token: [tokens, D/2] → [tokens, D].
 fn dup(v: &[f64], tokens: usize, half: usize) -> Vec<f64> {
-    (0..tokens).flat_map(|t| v[t * half..(t + 1) * half].iter().chain(&v[t * half..(t + 1) * half]).copied().collect::<Vec<_>>()).collect()
+    (0..tokens)
+        .flat_map(|t| {
+            v[t * half..(t + 1) * half].iter().chain(&v[t * half..(t + 1) * half]).copied().collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 #[test]
@@ -98,7 +102,10 @@ fn rope_table_1d_matches_f64() {
     let pos: Vec<i32> = vec![0, 1, 2, 17, 100, 4095, 32767];
     let (c, s) = rope::table_1d(&pos, d, theta).unwrap();
     assert_eq!((c.len(), s.len()), (pos.len() * d / 2, pos.len() * d / 2));
-    let ang: Vec<f64> = pos.iter().flat_map(|&p| (0..d / 2).map(move |i| p as f64 / (theta as f64).powf(2.0 * i as f64 / d as f64))).collect();
+    let ang: Vec<f64> = pos
+        .iter()
+        .flat_map(|&p| (0..d / 2).map(move |i| p as f64 / (theta as f64).powf(2.0 * i as f64 / d as f64)))
+        .collect();
     check_table("table_1d cos", &c, &ang.iter().map(|a| a.cos()).collect::<Vec<_>>(), &ang);
     check_table("table_1d sin", &s, &ang.iter().map(|a| a.sin()).collect::<Vec<_>>(), &ang);
     // Position 0 is the identity rotation.
@@ -114,7 +121,16 @@ fn rope_table_mrope_hand_computed() {
     let pos3 = [3, 5, /* h */ 7, 11, /* w */ 13, 17];
     let (c, s) = rope::table_mrope(&pos3, tokens, d, theta, &[1, 1, 2]).unwrap();
     let inv = [1.0, 100f64.powf(-0.25), 0.1, 100f64.powf(-0.75)];
-    let ang = [3.0 * inv[0], 7.0 * inv[1], 13.0 * inv[2], 13.0 * inv[3], 5.0 * inv[0], 11.0 * inv[1], 17.0 * inv[2], 17.0 * inv[3]];
+    let ang = [
+        3.0 * inv[0],
+        7.0 * inv[1],
+        13.0 * inv[2],
+        13.0 * inv[3],
+        5.0 * inv[0],
+        11.0 * inv[1],
+        17.0 * inv[2],
+        17.0 * inv[3],
+    ];
     check_table("mrope hand cos", &c, &ang.map(f64::cos), &ang);
     check_table("mrope hand sin", &s, &ang.map(f64::sin), &ang);
     // Equal rows reduce M-RoPE to 1-D RoPE, bit for bit.
@@ -170,7 +186,8 @@ fn rope_table_vision_2d_hand_computed() {
     // head_dim 8 → VisionRotaryEmbedding(4): inv = [1, 1/10000^(2/4) = 0.01]; angles [h, h/100, w, w/100].
     let (hpos, wpos) = ([0, 3, 5], [1, 2, 9]);
     let (c, s) = rope::table_vision_2d(&hpos, &wpos, 8, 10000.0).unwrap();
-    let ang: Vec<f64> = hpos.iter().zip(&wpos).flat_map(|(&h, &w)| [h as f64, h as f64 * 0.01, w as f64, w as f64 * 0.01]).collect();
+    let ang: Vec<f64> =
+        hpos.iter().zip(&wpos).flat_map(|(&h, &w)| [h as f64, h as f64 * 0.01, w as f64, w as f64 * 0.01]).collect();
     check_table("vision 2d cos", &c, &ang.iter().map(|a| a.cos()).collect::<Vec<_>>(), &ang);
     check_table("vision 2d sin", &s, &ang.iter().map(|a| a.sin()).collect::<Vec<_>>(), &ang);
     // The 7B's head_dim 80 gives 20 frequencies per axis.
@@ -204,7 +221,8 @@ fn rope_mrope_fixture_positions() {
     let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
     let hd = (cfg["hidden_size"].as_u64().unwrap() / cfg["num_attention_heads"].as_u64().unwrap()) as usize;
     let theta = cfg["rope_theta"].as_f64().unwrap() as f32;
-    let sections: Vec<usize> = cfg["rope_scaling"]["mrope_section"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let sections: Vec<usize> =
+        cfg["rope_scaling"]["mrope_section"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
     let (c, s) = rope::table_mrope(&pos3, tokens, hd, theta, &sections).unwrap();
     assert_eq!((c.len(), s.len()), (tokens * hd / 2, tokens * hd / 2));
     let worst = c.iter().zip(&s).map(|(c, s)| ((c * c + s * s) as f64 - 1.0).abs()).fold(0.0, f64::max);
@@ -216,7 +234,13 @@ fn rope_mrope_fixture_positions() {
     let half = hd / 2;
     for t in 0..tokens {
         for i in 0..half {
-            let axis = if i < sections[0] { 0 } else if i < sections[0] + sections[1] { 1 } else { 2 };
+            let axis = if i < sections[0] {
+                0
+            } else if i < sections[0] + sections[1] {
+                1
+            } else {
+                2
+            };
             let (c1, s1) = rope::table_1d(&[pos3[axis * tokens + t]], hd, theta).unwrap();
             assert!(c[t * half + i] == c1[i] && s[t * half + i] == s1[i], "token {t} frequency {i} (axis {axis})");
         }
@@ -246,8 +270,17 @@ fn rope_cuda_matches_cpu() {
     let mut rng = Rng::new(23);
     // (tokens, heads, head_dim). half % 8 == 0: 16-byte path for both dtypes; half 12: f32 vector,
     // bf16 scalar; half 3 and 5: scalar; the last shape needs several grid-stride passes.
-    let shapes: &[(usize, usize, usize)] =
-        &[(1, 1, 2), (3, 2, 6), (5, 3, 16), (33, 5, 10), (64, 4, 24), (7, 4, 80), (17, 2, 128), (129, 28, 128), (6000, 40, 128)];
+    let shapes: &[(usize, usize, usize)] = &[
+        (1, 1, 2),
+        (3, 2, 6),
+        (5, 3, 16),
+        (33, 5, 10),
+        (64, 4, 24),
+        (7, 4, 80),
+        (17, 2, 128),
+        (129, 28, 128),
+        (6000, 40, 128),
+    ];
     for &dt in &[DType::BF16, DType::F32] {
         for &(tokens, heads, d) in shapes {
             let round = |v: Vec<f32>| if dt == DType::BF16 { bf16_round(&v) } else { v };
@@ -270,7 +303,11 @@ fn rope_cuda_matches_cpu() {
                 let want = run(&cpu_dev, DType::F32, backward);
                 let got = run(&gpu, dt, backward);
                 let e = rel_err(&got, &want);
-                println!("rope {name} {} [{tokens}x{heads}x{d}]: rel err {e:.2e} (max abs {:.2e})", dt.suffix(), max_abs(&got, &want));
+                println!(
+                    "rope {name} {} [{tokens}x{heads}x{d}]: rel err {e:.2e} (max abs {:.2e})",
+                    dt.suffix(),
+                    max_abs(&got, &want)
+                );
                 assert!(e <= tol, "rope {name} {} [{tokens}x{heads}x{d}]: rel err {e:.2e} > {tol:.0e}", dt.suffix());
             }
         }

@@ -119,7 +119,14 @@ fn log_softmax64(row: &[f32], p: &SampleParams) -> Vec<f64> {
 #[test]
 fn sample_logp_is_full_vocab_log_softmax() {
     let mut rng = Rng::new(6);
-    let params = [sp(1.0, 0, 1.0), sp(0.7, 50, 1.0), sp(0.7, 0, 0.9), sp(1.3, 20, 0.5), sp(0.2, 3, 0.95), SampleParams::greedy()];
+    let params = [
+        sp(1.0, 0, 1.0),
+        sp(0.7, 50, 1.0),
+        sp(0.7, 0, 0.9),
+        sp(1.3, 20, 0.5),
+        sp(0.2, 3, 0.95),
+        SampleParams::greedy(),
+    ];
     let mut worst = 0f64;
     for (v, scale) in [(8usize, 1.0), (1000, 3.0), (152_064, 3.0)] {
         let row = rng.normal_vec(v, scale);
@@ -218,7 +225,9 @@ fn check_batch_invariance(dev: &Device, dt: DType) {
     let mut s = Sampler::new(dev, 5, v).unwrap();
     let all = s.sample(dev, &dev.upload(&logits, dt).unwrap(), 5, &params, &keys).unwrap();
     for r in 0..5 {
-        let alone = s.sample(dev, &dev.upload(&logits[r * v..(r + 1) * v], dt).unwrap(), 1, &params[r..r + 1], &keys[r..r + 1]).unwrap();
+        let alone = s
+            .sample(dev, &dev.upload(&logits[r * v..(r + 1) * v], dt).unwrap(), 1, &params[r..r + 1], &keys[r..r + 1])
+            .unwrap();
         assert_eq!(alone[0], all[r], "{}: row {r} alone vs in a batch", dev.name());
         // Row r moved to the last position of a batch with the others shuffled.
         let order: Vec<usize> = (0..5).filter(|&i| i != r).chain([r]).collect();
@@ -238,7 +247,15 @@ fn sample_batch_invariance_cpu() {
 
 #[test]
 fn sample_param_and_input_errors() {
-    for (t, ok) in [(0.0f32, false), (-1.0, false), (f32::NAN, false), (f32::INFINITY, false), (1e-31, false), (1e-30, true), (5.0, true)] {
+    for (t, ok) in [
+        (0.0f32, false),
+        (-1.0, false),
+        (f32::NAN, false),
+        (f32::INFINITY, false),
+        (1e-31, false),
+        (1e-30, true),
+        (5.0, true),
+    ] {
         let r = SampleParams::new(t, 0, 1.0);
         assert_eq!(r.is_ok(), ok, "T={t}");
         if let Err(e) = r {
@@ -350,7 +367,12 @@ fn sample_stream_key_mixes() {
     let mut total = 0u32;
     let mut n = 0u32;
     for bit in 0..64 {
-        for k in [stream_key(11 ^ (1 << bit), 22, 33, 44), stream_key(11, 22 ^ (1 << bit), 33, 44), stream_key(11, 22, 33 ^ (1 << bit), 44), stream_key(11, 22, 33, 44 ^ (1 << bit))] {
+        for k in [
+            stream_key(11 ^ (1 << bit), 22, 33, 44),
+            stream_key(11, 22 ^ (1 << bit), 33, 44),
+            stream_key(11, 22, 33 ^ (1 << bit), 44),
+            stream_key(11, 22, 33, 44 ^ (1 << bit)),
+        ] {
             let f = (k ^ base).count_ones();
             assert!((12..=52).contains(&f), "bit {bit}: {f} bits flipped");
             total += f;
@@ -414,7 +436,8 @@ fn emu_sample(row: &[f32], p: &SampleParams, key: u64) -> (usize, f32) {
         }
         kt = lo;
     }
-    let thr = if kt == 0 { NEG_INF } else { f32::from_bits(if kt & 0x8000_0000 != 0 { kt & 0x7fff_ffff } else { !kt }) };
+    let thr =
+        if kt == 0 { NEG_INF } else { f32::from_bits(if kt & 0x8000_0000 != 0 { kt & 0x7fff_ffff } else { !kt }) };
     // Per-thread pruned argmax, then the block reduction (value, then lowest index).
     let mut best = (NEG_INF, usize::MAX);
     for t in 0..TH.min(v) {
@@ -437,7 +460,17 @@ fn emu_sample(row: &[f32], p: &SampleParams, key: u64) -> (usize, f32) {
 #[test]
 fn sample_kernel_algorithm_matches_reference() {
     let mut rng = Rng::new(12);
-    let params = [sp(1.0, 0, 1.0), sp(0.7, 1, 1.0), sp(0.7, 40, 1.0), sp(0.7, 0, 0.9), sp(1.0, 0, 0.3), sp(0.5, 17, 0.8), sp(2.0, 3000, 0.99), sp(1.0, 5, 1e-6), SampleParams::greedy()];
+    let params = [
+        sp(1.0, 0, 1.0),
+        sp(0.7, 1, 1.0),
+        sp(0.7, 40, 1.0),
+        sp(0.7, 0, 0.9),
+        sp(1.0, 0, 0.3),
+        sp(0.5, 17, 0.8),
+        sp(2.0, 3000, 0.99),
+        sp(1.0, 5, 1e-6),
+        SampleParams::greedy(),
+    ];
     let mut n = 0;
     for (v, kind) in [(1usize, 0), (5, 0), (64, 1), (3000, 0), (3000, 1), (3000, 2), (5000, 3)] {
         for rep in 0..3 {
@@ -478,13 +511,21 @@ fn same_token(row: &[f32], p: &SampleParams, key: u64, gpu_tok: i32, cpu_tok: i3
     assert!(!p.greedy, "{ctx}: greedy token {gpu_tok} vs cpu {cpu_tok}");
     let score = |j: i32| cpu::scaled(row[j as usize], inv) as f64 + cpu::gumbel(key, j as usize) as f64;
     let (a, b) = (score(gpu_tok), score(cpu_tok));
-    assert!((a - b).abs() <= 1e-5 * a.abs().max(b.abs()).max(1.0), "{ctx}: token {gpu_tok} vs cpu {cpu_tok} (scores {a} vs {b})");
-    assert!(cpu::kept_set(row, p).unwrap().contains(&(gpu_tok as usize)), "{ctx}: GPU token {gpu_tok} outside the kept set");
+    assert!(
+        (a - b).abs() <= 1e-5 * a.abs().max(b.abs()).max(1.0),
+        "{ctx}: token {gpu_tok} vs cpu {cpu_tok} (scores {a} vs {b})"
+    );
+    assert!(
+        cpu::kept_set(row, p).unwrap().contains(&(gpu_tok as usize)),
+        "{ctx}: GPU token {gpu_tok} outside the kept set"
+    );
     true
 }
 
 /// The GPU's results for rows of `logits` (uploaded as `dt`), plus its thresholds.
-fn gpu_run(gpu: &Device, logits: &[f32], v: usize, params: &[SampleParams], keys: &[u64], dt: DType) -> (Vec<Sampled>, Vec<f32>) {
+fn gpu_run(
+    gpu: &Device, logits: &[f32], v: usize, params: &[SampleParams], keys: &[u64], dt: DType,
+) -> (Vec<Sampled>, Vec<f32>) {
     let rows = params.len();
     let mut s = Sampler::new(gpu, rows, v).unwrap();
     let out = s.sample(gpu, &gpu.upload(logits, dt).unwrap(), rows, params, keys).unwrap();
@@ -564,16 +605,29 @@ fn sample_cuda_matches_cpu() {
                 let row = &logits[r * v..(r + 1) * v];
                 let p = &ps[r];
                 let (c, cthr) = cpu::sample(row, p, keys[r]).unwrap();
-                assert_eq!(thr[r].to_bits(), cthr.to_bits(), "{} V={v} row {r} {p:?}: threshold {} vs cpu {cthr}", dt.suffix(), thr[r]);
+                assert_eq!(
+                    thr[r].to_bits(),
+                    cthr.to_bits(),
+                    "{} V={v} row {r} {p:?}: threshold {} vs cpu {cthr}",
+                    dt.suffix(),
+                    thr[r]
+                );
                 let g = out[r];
                 total += 1;
-                disagree += same_token(row, p, keys[r], g.token, c.token, &format!("{} V={v} row {r} {p:?}", dt.suffix())) as usize;
+                disagree +=
+                    same_token(row, p, keys[r], g.token, c.token, &format!("{} V={v} row {r} {p:?}", dt.suffix()))
+                        as usize;
                 let want = log_softmax64(row, p)[g.token as usize];
                 let e = (g.logp as f64 - want).abs();
                 worst_lp = worst_lp.max(e);
                 assert!(e <= 1e-4, "{} V={v} row {r} {p:?}: logp {} vs {want}", dt.suffix(), g.logp);
                 if g.token == c.token {
-                    assert!((g.logp - c.logp).abs() <= 1e-5 * c.logp.abs().max(1.0), "logp gpu {} vs cpu {}", g.logp, c.logp);
+                    assert!(
+                        (g.logp - c.logp).abs() <= 1e-5 * c.logp.abs().max(1.0),
+                        "logp gpu {} vs cpu {}",
+                        g.logp,
+                        c.logp
+                    );
                 }
             }
             println!("sample cuda {} V={v}: {rows} rows ok", dt.suffix());
@@ -596,9 +650,13 @@ fn sample_cuda_chi_square_and_tokens_equal() {
             for (i, s) in out.iter().enumerate() {
                 counts[s.token as usize] += 1;
                 let c = cpu::sample(&row, p, keys[i]).unwrap().0;
-                differ += same_token(&row, p, keys[i], s.token, c.token, &format!("{} chi {vi} draw {i}", dt.suffix())) as usize;
+                differ += same_token(&row, p, keys[i], s.token, c.token, &format!("{} chi {vi} draw {i}", dt.suffix()))
+                    as usize;
             }
-            println!("cuda {} chi variant {vi}: {differ} of {CHI_DRAWS} tokens differ from the CPU's (near-ties)", dt.suffix());
+            println!(
+                "cuda {} chi variant {vi}: {differ} of {CHI_DRAWS} tokens differ from the CPU's (near-ties)",
+                dt.suffix()
+            );
             if dt == DType::F32 {
                 check_chi(&counts, p, "cuda f32");
             }
@@ -630,10 +688,28 @@ fn sample_cuda_nan_inf_and_reuse() {
     for dt in [DType::F32, DType::BF16] {
         let l = if dt == DType::BF16 { bf16_round(&logits) } else { logits.clone() };
         let out = s.sample(&gpu, &gpu.upload(&l, dt).unwrap(), 3, &params, &keys).unwrap();
-        let fixed: Vec<f32> = l.iter().map(|&x| if x.is_nan() { NEG_INF } else if x == f32::INFINITY { f32::MAX } else { x }).collect();
+        let fixed: Vec<f32> = l
+            .iter()
+            .map(|&x| {
+                if x.is_nan() {
+                    NEG_INF
+                } else if x == f32::INFINITY {
+                    f32::MAX
+                } else {
+                    x
+                }
+            })
+            .collect();
         for r in 0..3 {
             let (c, _) = cpu::sample(&fixed[r * v..(r + 1) * v], &params[r], keys[r]).unwrap();
-            same_token(&fixed[r * v..(r + 1) * v], &params[r], keys[r], out[r].token, c.token, &format!("{} nan row {r}", dt.suffix()));
+            same_token(
+                &fixed[r * v..(r + 1) * v],
+                &params[r],
+                keys[r],
+                out[r].token,
+                c.token,
+                &format!("{} nan row {r}", dt.suffix()),
+            );
         }
         assert_eq!(out[1].token as usize, 10, "the +inf logit must win");
         // One row of only NaN / -inf: an error naming it.

@@ -62,7 +62,10 @@ fn check_tiny(cfg: &QwenVlConfig) {
     assert_eq!((v.window_size, v.out_hidden_size), (56, 64));
     assert_eq!(v.fullatt_block_indexes, vec![1, 3]);
     assert_eq!(v.patch_dim(), 1176);
-    assert_eq!((cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id), (590, 591, 592, 593));
+    assert_eq!(
+        (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id),
+        (590, 591, 592, 593)
+    );
     assert_eq!((cfg.bos_token_id, cfg.eos_token_id), (580, 581));
 }
 
@@ -139,7 +142,10 @@ fn config_both_layouts_and_roundtrip() {
         "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 3584}});
     let c = QwenVlConfig::from_json(&minimal, Path::new("minimal.json")).unwrap();
     assert_eq!((c.text.vocab_size, c.text.rms_norm_eps, c.text.head_dim), (152064, 1e-5, 128));
-    assert_eq!((c.vision.depth, c.vision.window_size, c.vision.fullatt_block_indexes.clone()), (32, 112, vec![7, 15, 23, 31]));
+    assert_eq!(
+        (c.vision.depth, c.vision.window_size, c.vision.fullatt_block_indexes.clone()),
+        (32, 112, vec![7, 15, 23, 31])
+    );
     assert_eq!((c.image_token_id, c.vision_start_token_id, c.eos_token_id), (151655, 151652, 151645));
     let _ = std::fs::remove_dir_all(&tmp);
     let _ = std::fs::remove_dir_all(&out);
@@ -152,14 +158,26 @@ fn config_errors_name_field_and_file() {
     let file = Path::new("/some/ckpt/config.json");
     let cases: Vec<(&str, Box<dyn Fn(&mut Value)>, &str)> = vec![
         ("model_type", Box::new(|v| v["model_type"] = json!("llava_next")), "model_type"),
-        ("mrope sum", Box::new(|v| v["rope_scaling"]["mrope_section"] = json!([2, 3, 4])), "rope_scaling.mrope_section"),
+        (
+            "mrope sum",
+            Box::new(|v| v["rope_scaling"]["mrope_section"] = json!([2, 3, 4])),
+            "rope_scaling.mrope_section",
+        ),
         ("string field", Box::new(|v| v["hidden_size"] = json!("64")), "hidden_size"),
         ("zero", Box::new(|v| v["num_hidden_layers"] = json!(0)), "num_hidden_layers"),
         ("kv heads", Box::new(|v| v["num_key_value_heads"] = json!(3)), "num_key_value_heads"),
         ("rope type", Box::new(|v| v["rope_scaling"]["type"] = json!("yarn")), "rope_scaling.type"),
         ("vision heads", Box::new(|v| v["vision_config"]["num_heads"] = json!(3)), "vision_config.num_heads"),
-        ("out hidden", Box::new(|v| v["vision_config"]["out_hidden_size"] = json!(32)), "vision_config.out_hidden_size"),
-        ("fullatt", Box::new(|v| v["vision_config"]["fullatt_block_indexes"] = json!([1, 4])), "vision_config.fullatt_block_indexes"),
+        (
+            "out hidden",
+            Box::new(|v| v["vision_config"]["out_hidden_size"] = json!(32)),
+            "vision_config.out_hidden_size",
+        ),
+        (
+            "fullatt",
+            Box::new(|v| v["vision_config"]["fullatt_block_indexes"] = json!([1, 4])),
+            "vision_config.fullatt_block_indexes",
+        ),
         ("act", Box::new(|v| v["hidden_act"] = json!("relu")), "hidden_act"),
         ("token id", Box::new(|v| v["image_token_id"] = json!(600)), "image_token_id"),
     ];
@@ -181,7 +199,10 @@ fn config_errors_name_field_and_file() {
 #[test]
 fn preprocessor_config_layouts() {
     let p = QwenPreprocessorConfig::load(fixtures()).unwrap();
-    assert_eq!((p.min_pixels, p.max_pixels, p.patch_size, p.merge_size, p.temporal_patch_size), (3136, 50176, 14, 2, 2));
+    assert_eq!(
+        (p.min_pixels, p.max_pixels, p.patch_size, p.merge_size, p.temporal_patch_size),
+        (3136, 50176, 14, 2, 2)
+    );
     assert_eq!(p.image_mean, [0.48145466, 0.4578275, 0.40821073]);
     let hub = json!({"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
         "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
@@ -205,7 +226,9 @@ fn checkpoint_loads_fixture() {
     let ck = Checkpoint::open(&dir).unwrap();
     let reference = tensors(&dir.join("model.safetensors"));
     assert_eq!(ck.names().len(), reference.len());
-    assert!(ck.has("model.embed_tokens.weight") && ck.has("visual.patch_embed.proj.weight") && ck.has("lm_head.weight"));
+    assert!(
+        ck.has("model.embed_tokens.weight") && ck.has("visual.patch_embed.proj.weight") && ck.has("lm_head.weight")
+    );
     for (name, (shape, vals)) in &reference {
         let got = ck.get_f32(name, shape).unwrap();
         assert!(got.iter().zip(vals).all(|(a, b)| *a as f64 == *b), "{name}");
@@ -222,7 +245,11 @@ fn checkpoint_errors_name_tensor_and_file() {
 
     let msg = err_text(ck.get_f32("model.layers.9.mlp.up_proj.weight", &[128, 64]));
     println!("missing: {msg}");
-    assert!(msg.contains("`model.layers.9.mlp.up_proj.weight`") && msg.contains("not found") && msg.contains("model.safetensors"));
+    assert!(
+        msg.contains("`model.layers.9.mlp.up_proj.weight`")
+            && msg.contains("not found")
+            && msg.contains("model.safetensors")
+    );
 
     let msg = err_text(ck.get_f32("model.embed_tokens.weight", &[64, 600]));
     println!("shape: {msg}");
@@ -234,7 +261,11 @@ fn checkpoint_errors_name_tensor_and_file() {
     std::fs::write(t.join(SINGLE_FILE), &bytes[..bytes.len() - 1000]).unwrap();
     let msg = err_text(Checkpoint::open(&t));
     println!("truncated: {msg}");
-    assert!(msg.contains("truncated") && msg.contains("tensor `") && msg.contains(&t.join(SINGLE_FILE).display().to_string()));
+    assert!(
+        msg.contains("truncated")
+            && msg.contains("tensor `")
+            && msg.contains(&t.join(SINGLE_FILE).display().to_string())
+    );
 
     // Truncated inside the header, and garbage.
     std::fs::write(t.join(SINGLE_FILE), &bytes[..100]).unwrap();
@@ -271,13 +302,16 @@ fn save_load_roundtrip_sharded_and_single() {
     let reference = tensors(&dir.join("model.safetensors"));
     let mut names: Vec<&String> = reference.keys().collect();
     names.sort();
-    let list: Vec<(String, Vec<usize>, Vec<f32>)> =
-        names.iter().map(|n| ((*n).clone(), reference[*n].0.clone(), reference[*n].1.iter().map(|&x| x as f32).collect())).collect();
+    let list: Vec<(String, Vec<usize>, Vec<f32>)> = names
+        .iter()
+        .map(|n| ((*n).clone(), reference[*n].0.clone(), reference[*n].1.iter().map(|&x| x as f32).collect()))
+        .collect();
     let out = tmp_dir("save_roundtrip");
 
     // f32 in shards of at most 256 kB (the embedding and lm_head take 150 kB each).
     save_sharded(&out, &list, SaveDtype::F32, 256 << 10).unwrap();
-    let shards: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let shards: Vec<String> =
+        std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     println!("sharded save wrote {shards:?}");
     assert!(out.join(INDEX_FILE).is_file() && !out.join(SINGLE_FILE).exists());
     let n_shards = shards.iter().filter(|s| s.starts_with("model-")).count();
@@ -296,7 +330,8 @@ fn save_load_roundtrip_sharded_and_single() {
 
     // bf16 into one file over the sharded save: the index and shards are removed.
     save_sharded(&out, &list, SaveDtype::BF16, usize::MAX).unwrap();
-    let left: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let left: Vec<String> =
+        std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(left, vec![SINGLE_FILE.to_string()]);
     let ck = Checkpoint::open(&out).unwrap();
     let mut worst = 0f64;
@@ -411,7 +446,11 @@ fn bicubic_resize_matches_pillow() {
     ];
     for ((w, h), (nw, nh), hash, head) in cases {
         let data: Vec<u8> = (0..h)
-            .flat_map(|y| (0..w).flat_map(move |x| (0..3).map(move |c| ((x * 37 + y * 91 + c * 53 + (x * y) % 17 * 13) % 256) as u8)))
+            .flat_map(|y| {
+                (0..w).flat_map(move |x| {
+                    (0..3).map(move |c| ((x * 37 + y * 91 + c * 53 + (x * y) % 17 * 13) % 256) as u8)
+                })
+            })
             .collect();
         let out = resize_bicubic(&RgbImage::new(w, h, data).unwrap(), nw, nh).unwrap();
         let fnv = out.data.iter().fold(0xcbf29ce484222325u64, |a, &b| (a ^ b as u64).wrapping_mul(0x100000001b3));
@@ -457,7 +496,8 @@ fn mrope_positions_match_reference() {
         let pa = st.append(a, &grids[..images_in_a]).unwrap();
         let pb = st.append(b, &grids[images_in_a..]).unwrap();
         for r in 0..3 {
-            let row: Vec<i32> = pa[r * a.len()..(r + 1) * a.len()].iter().chain(&pb[r * b.len()..(r + 1) * b.len()]).copied().collect();
+            let row: Vec<i32> =
+                pa[r * a.len()..(r + 1) * a.len()].iter().chain(&pb[r * b.len()..(r + 1) * b.len()]).copied().collect();
             assert_eq!(row, want[r * ids.len()..(r + 1) * ids.len()], "split at {split}, row {r}");
         }
         assert_eq!(st.delta(), delta);
@@ -511,8 +551,15 @@ fn tiny_tokenizer(dir: &Path) -> tokenizers::Tokenizer {
     }
     let nl = chars[b'\n' as usize];
     let sp = chars[b' ' as usize];
-    let merge_pairs =
-        [("a", "s"), ("as", "s"), ("i", "s"), ("t", "a"), ("n", "t"), (&*format!("{nl}"), &*format!("{nl}")), (&*format!("{sp}"), "c")];
+    let merge_pairs = [
+        ("a", "s"),
+        ("as", "s"),
+        ("i", "s"),
+        ("t", "a"),
+        ("n", "t"),
+        (&*format!("{nl}"), &*format!("{nl}")),
+        (&*format!("{sp}"), "c"),
+    ];
     let mut merges = Vec::new();
     let mut next = 256;
     for (a, b) in merge_pairs {
@@ -608,7 +655,10 @@ fn chat_prompt_ids_and_loss_mask() {
     // A reply starting with newlines: BPE merges them with the header's "\n" (as transformers'
     // whole-text tokenisation does), and that token overlaps the reply, so it is a target.
     assert_eq!(masked_text[1], (3, "\n\n\nI cannot assist with that.<|im_end|>".to_string()));
-    assert_eq!(enc.loss_mask.iter().map(|&m| m as usize).sum::<usize>(), enc.assistant_spans.iter().map(|(_, s)| s.len()).sum::<usize>());
+    assert_eq!(
+        enc.loss_mask.iter().map(|&m| m as usize).sum::<usize>(),
+        enc.assistant_spans.iter().map(|(_, s)| s.len()).sum::<usize>()
+    );
     assert_eq!(*enc.ids.last().unwrap(), b'\n' as i32, "the last token is the newline after <|im_end|>");
     assert_eq!(enc.loss_mask.last(), Some(&0));
 

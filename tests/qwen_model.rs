@@ -49,15 +49,24 @@ impl Fixture {
         Self::load_from(&fixture_dir("qwen2_5_vl_tiny"))
     }
     fn load_from(dir: &Path) -> Fixture {
-        let read = |f: &str| read_tensor_file(dir.join(f)).unwrap_or_else(|e| panic!("reading {f} in {}: {e:#}", dir.display()));
+        let read = |f: &str| {
+            read_tensor_file(dir.join(f)).unwrap_or_else(|e| panic!("reading {f} in {}: {e:#}", dir.display()))
+        };
         let cfg = QwenVlConfig::load(dir).unwrap_or_else(|e| panic!("{e:#}"));
         let vl = VlModel::load(&Device::Cpu, dir).unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()));
-        let stored: BTreeMap<String, String> = vl.param_entries().iter().map(|(r, _)| (r.name.clone(), vl.stored_name(&r.name).to_string())).collect();
+        let stored: BTreeMap<String, String> =
+            vl.param_entries().iter().map(|(r, _)| (r.name.clone(), vl.stored_name(&r.name).to_string())).collect();
         let ckpt = Checkpoint::open(dir).unwrap();
         for s in stored.values() {
             assert!(ckpt.has(s), "{}: `{s}` is not a tensor of the checkpoint", dir.display());
         }
-        Fixture { cfg, inputs: read("inputs.safetensors"), reference: read("reference.safetensors"), dir: dir.to_path_buf(), stored }
+        Fixture {
+            cfg,
+            inputs: read("inputs.safetensors"),
+            reference: read("reference.safetensors"),
+            dir: dir.to_path_buf(),
+            stored,
+        }
     }
     fn ints(t: &Tensors, name: &str) -> Vec<i32> {
         t[name].1.iter().map(|&x| x as i32).collect()
@@ -86,7 +95,12 @@ impl Fixture {
     /// Gradients keyed by model name → keyed by the checkpoint's own names.
     fn under_stored_names(&self, got: &NamedTensors) -> NamedTensors {
         got.iter()
-            .map(|(n, v)| (self.stored.get(n).unwrap_or_else(|| panic!("gradient of `{n}`, which is no parameter")).clone(), v.clone()))
+            .map(|(n, v)| {
+                (
+                    self.stored.get(n).unwrap_or_else(|| panic!("gradient of `{n}`, which is no parameter")).clone(),
+                    v.clone(),
+                )
+            })
             .collect()
     }
 }
@@ -113,7 +127,11 @@ impl Fixture {
     fn inputs(&self) -> Inputs {
         let (ids, grids) = (self.ids(), self.grids());
         let (pos3, _) = mrope_positions(&ids, &grids, &self.cfg).unwrap();
-        let loss_mask = if self.inputs.contains_key("loss_mask") { Self::ints(&self.inputs, "loss_mask") } else { vec![1; ids.len()] };
+        let loss_mask = if self.inputs.contains_key("loss_mask") {
+            Self::ints(&self.inputs, "loss_mask")
+        } else {
+            vec![1; ids.len()]
+        };
         Inputs { cu: vec![0, ids.len() as i32], pos3, pixels: self.pixels(), loss_mask, ids, grids }
     }
 }
@@ -265,7 +283,12 @@ fn cpu_matches_transformers(fx: &Fixture, tag: &str) {
     // Activation checkpointing recomputes the same numbers.
     let mut model2 = fx.model(&dev, DType::F32);
     let r2 = run(fx, &dev, &mut model2, &Recompute::all(fx.cfg.text.num_hidden_layers));
-    report(tag, "recompute-all grads vs kept activations (worst tensor)", worst_grad_err(&r2.grads, &r.grads, tag), 1e-6);
+    report(
+        tag,
+        "recompute-all grads vs kept activations (worst tensor)",
+        worst_grad_err(&r2.grads, &r.grads, tag),
+        1e-6,
+    );
     report(tag, "recompute-all logits vs kept", rel_err(&r2.logits, &r.logits), 1e-7);
 }
 
@@ -293,9 +316,13 @@ fn qwen_cpu_layout_variants_match_transformers() {
             assert_eq!(&fx.stored[canon], &v.renamed[stored], "{tag}: {canon}");
         }
         let changed = base.stored.values().filter(|n| &v.renamed[*n] != *n).count();
-        let config_changed = std::fs::read(v.dir.join("config.json")).unwrap() != std::fs::read(src.join("config.json")).unwrap();
+        let config_changed =
+            std::fs::read(v.dir.join("config.json")).unwrap() != std::fs::read(src.join("config.json")).unwrap();
         assert!(changed > 0 || config_changed, "{tag}: the variant is the source");
-        println!("{tag}: {changed} of {} tensor names differ from the source's; config.json rewritten: {config_changed}", base.stored.len());
+        println!(
+            "{tag}: {changed} of {} tensor names differ from the source's; config.json rewritten: {config_changed}",
+            base.stored.len()
+        );
         check_vision_embeds(&fx, &Device::Cpu, &fx.model(&Device::Cpu, DType::F32), 1e-4, &tag);
         cpu_matches_transformers(&fx, &tag);
         fixture_kv_cache_check_in(&fx, &Device::Cpu, DType::F32, 1e-5, &tag);
@@ -316,7 +343,10 @@ fn qwen_write_fixture_variants() {
     }
     let synthetic = Path::new(&root).join("qwen-synthetic").join("qwen2_5_vl_tiny");
     write_synthetic_fixture(&synthetic);
-    println!("qwen-synthetic: {} (random model, nested config, model.* keys, 3 images; its own references)", synthetic.display());
+    println!(
+        "qwen-synthetic: {} (random model, nested config, model.* keys, 3 images; its own references)",
+        synthetic.display()
+    );
 }
 
 /// Feeds a single sequence through a KV-cached session in chunks — [0, splits[0]),
@@ -326,12 +356,15 @@ fn qwen_write_fixture_variants() {
 fn kv_cache_check(dev: &Device, model: &QwenVl, cfg: &QwenVlConfig, x: &Inputs, splits: &[usize], tol: f64, tag: &str) {
     let (ids, grids, pixels, pos_full) = (&x.ids, &x.grids, &x.pixels, &x.pos3);
     let s = ids.len();
-    let f = model.forward(dev, &Batch { ids, cu_seqlens: &[0, s as i32], pos3: pos_full, pixels, grids }, &Recompute::default()).unwrap();
+    let f = model
+        .forward(dev, &Batch { ids, cu_seqlens: &[0, s as i32], pos3: pos_full, pixels, grids }, &Recompute::default())
+        .unwrap();
     let full = dev.to_vec(&model.logits(dev, &f).unwrap()).unwrap();
     let v = cfg.text.vocab_size;
     let merge = cfg.vision.spatial_merge_size;
     let per_img: Vec<usize> = grids.iter().map(|g| g[0] * g[1] * g[2]).collect();
-    let spans = image_spans(ids, cfg.image_token_id as i64, &per_img.iter().map(|n| n / (merge * merge)).collect::<Vec<_>>());
+    let spans =
+        image_spans(ids, cfg.image_token_id as i64, &per_img.iter().map(|n| n / (merge * merge)).collect::<Vec<_>>());
     let patch_dim = cfg.vision.patch_dim();
     assert_eq!(pixels.len(), per_img.iter().sum::<usize>() * patch_dim, "pixel_values rows vs the grids {grids:?}");
     println!("{tag} kv-cache: {s} tokens, images at {spans:?}, splits {splits:?}");
@@ -398,7 +431,8 @@ fn three_image_inputs(cfg: &QwenVlConfig) -> (Inputs, Vec<std::ops::Range<usize>
     let m = cfg.vision.spatial_merge_size;
     let grids = vec![[1usize, 2 * m, 2 * m], [1, 2 * m, 3 * m], [1, 3 * m, 2 * m]];
     let mut rng = Rng::new(9);
-    let reserved = [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id].map(|t| t as i64);
+    let reserved =
+        [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id].map(|t| t as i64);
     let vocab = cfg.text.vocab_size;
     let mut ids = text_ids(&mut rng, 6, vocab, &reserved);
     let mut loss_mask = vec![0; ids.len()];
@@ -418,7 +452,11 @@ fn three_image_inputs(cfg: &QwenVlConfig) -> (Inputs, Vec<std::ops::Range<usize>
     let (pos3, _) = mrope_positions(&ids, &grids, cfg).unwrap();
     let n_patches: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
     let pixels = bf16_round(&rng.normal_vec(n_patches * cfg.vision.patch_dim(), 1.0));
-    let spans = image_spans(&ids, cfg.image_token_id as i64, &grids.iter().map(|g| g[0] * g[1] * g[2] / (m * m)).collect::<Vec<_>>());
+    let spans = image_spans(
+        &ids,
+        cfg.image_token_id as i64,
+        &grids.iter().map(|g| g[0] * g[1] * g[2] / (m * m)).collect::<Vec<_>>(),
+    );
     assert_eq!(spans[0].end + 2, spans[1].start, "images 0 and 1 are back to back");
     (Inputs { cu: vec![0, s as i32], pos3, pixels, grids, loss_mask, ids }, spans)
 }
@@ -436,8 +474,24 @@ fn qwen_cpu_kv_cache_three_images() {
     let s = x.ids.len();
     let tag = "cpu f32 (three images)";
     kv_cache_check(&dev, &model, &cfg, &x, &kv_splits(&spans, s), 1e-5, tag);
-    kv_cache_check(&dev, &model, &cfg, &x, &[spans[0].end + 1, s - 2], 1e-5, &format!("{tag}, split between images 0 and 1"));
-    kv_cache_check(&dev, &model, &cfg, &x, &[spans[0].start - 3, spans[1].end + 1, spans[2].end + 1], 1e-5, &format!("{tag}, two images in one chunk"));
+    kv_cache_check(
+        &dev,
+        &model,
+        &cfg,
+        &x,
+        &[spans[0].end + 1, s - 2],
+        1e-5,
+        &format!("{tag}, split between images 0 and 1"),
+    );
+    kv_cache_check(
+        &dev,
+        &model,
+        &cfg,
+        &x,
+        &[spans[0].start - 3, spans[1].end + 1, spans[2].end + 1],
+        1e-5,
+        &format!("{tag}, two images in one chunk"),
+    );
 }
 
 /// Writes a directory in the fixtures' format (`../shared/fixtures/README.md`) for a random
@@ -484,11 +538,16 @@ fn write_synthetic_fixture(dir: &Path) {
         ],
     )
     .unwrap();
-    let grads: Vec<(String, Vec<usize>, OutData)> = r.grads.into_iter().map(|(n, (sh, g))| (keys.spell(&n), sh, OutData::F32(g))).collect();
+    let grads: Vec<(String, Vec<usize>, OutData)> =
+        r.grads.into_iter().map(|(n, (sh, g))| (keys.spell(&n), sh, OutData::F32(g))).collect();
     write_tensors(&dir.join("grads.safetensors"), &grads).unwrap();
     let embeds = dev.to_vec(&model.image_embeds(&dev, &x.pixels, &x.grids).unwrap()).unwrap();
     let d = cfg.text.hidden_size;
-    write_tensors(&dir.join("vision_reference.safetensors"), &[("image_embeds".into(), vec![embeds.len() / d, d], OutData::F32(embeds))]).unwrap();
+    write_tensors(
+        &dir.join("vision_reference.safetensors"),
+        &[("image_embeds".into(), vec![embeds.len() / d, d], OutData::F32(embeds))],
+    )
+    .unwrap();
 }
 
 /// Every fixture check on a checkpoint in the other layouts (`write_synthetic_fixture`: nested
@@ -501,7 +560,8 @@ fn qwen_cpu_fixture_checks_on_a_synthetic_checkpoint() {
     write_synthetic_fixture(&dir);
     let fx = Fixture::load_from(&dir);
     let tag = "synthetic (nested config, model.* keys, three images)";
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     assert!(config.get("text_config").is_some() && config.get("hidden_size").is_none(), "{tag}: nested config");
     assert!(fx.stored.values().all(|n| n.starts_with("model.") || n == "lm_head.weight"), "{tag}: key layout");
     assert_eq!(fx.grids().len(), 3, "{tag}: images");
@@ -554,7 +614,11 @@ fn qwen_cuda_bf16_grad_store_matches_transformers() {
     for (pr, _, g) in model.params_and_grads() {
         let want = GradStore::Bf16Linear.dtype(&gpu, &pr);
         assert_eq!(g.dtype(), want, "gradient of {} is {}, want {}", pr.name, g.dtype().suffix(), want.suffix());
-        if want == DType::BF16 { n16 += 1 } else { n32 += 1 }
+        if want == DType::BF16 {
+            n16 += 1
+        } else {
+            n32 += 1
+        }
     }
     println!("bf16 grad store: {n16} bf16 gradient buffers, {n32} f32");
     assert!(n16 > 0 && n32 > 0);
@@ -586,7 +650,8 @@ fn qwen_cpu_packed_batch_matches_single() {
     report("cpu f32", "packed logits, sequence 0", rel_err(&r2.logits[..s * v], &r1.logits), 1e-6);
     report("cpu f32", "packed logits, sequence 1", rel_err(&r2.logits[s * v..], &r1.logits), 1e-6);
     report("cpu f32", "packed objective vs 2x single", (r2.objective / (2.0 * r1.objective) - 1.0).abs(), 1e-6);
-    let doubled: NamedTensors = r1.grads.iter().map(|(n, (sh, g))| (n.clone(), (sh.clone(), g.iter().map(|x| 2.0 * x).collect()))).collect();
+    let doubled: NamedTensors =
+        r1.grads.iter().map(|(n, (sh, g))| (n.clone(), (sh.clone(), g.iter().map(|x| 2.0 * x).collect()))).collect();
     report("cpu f32", "packed grads vs 2x single (worst tensor)", worst_grad_err(&r2.grads, &doubled, "packed"), 1e-5);
 }
 
@@ -611,7 +676,11 @@ fn random_qwen(cfg: &QwenVlConfig, dev: &Device, dt: DType) -> QwenVl {
         let seed = r.name.bytes().fold(r.row0 as u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
         let mut rng = Rng::new(seed);
         let n = r.numel();
-        let v: Vec<f32> = if r.name.ends_with("norm.weight") || r.name.contains("layernorm") || r.name.contains(".norm") || r.name.contains("ln_q") {
+        let v: Vec<f32> = if r.name.ends_with("norm.weight")
+            || r.name.contains("layernorm")
+            || r.name.contains(".norm")
+            || r.name.contains("ln_q")
+        {
             rng.uniform_vec(n, 0.8, 1.2)
         } else if r.name.ends_with("bias") {
             rng.normal_vec(n, 0.05)
@@ -629,14 +698,16 @@ fn head_dims_check(dev: &Device, dt: DType, tol: (f64, f64), tag: &str) {
     (cfg.vision.hidden_size, cfg.vision.num_heads, cfg.vision.intermediate_size, cfg.vision.depth) = (160, 2, 96, 3);
     (cfg.vision.window_size, cfg.vision.fullatt_block_indexes) = (112, vec![1]);
     (cfg.vision.patch_size, cfg.vision.spatial_merge_size, cfg.vision.temporal_patch_size) = (14, 2, 2);
-    (cfg.text.hidden_size, cfg.text.num_attention_heads, cfg.text.num_key_value_heads, cfg.text.head_dim) = (256, 2, 1, 128);
+    (cfg.text.hidden_size, cfg.text.num_attention_heads, cfg.text.num_key_value_heads, cfg.text.head_dim) =
+        (256, 2, 1, 128);
     (cfg.text.intermediate_size, cfg.text.num_hidden_layers, cfg.text.mrope_section) = (192, 2, vec![16, 24, 24]);
     cfg.vision.out_hidden_size = 256;
     // One image of 8×12 patches (24 tokens; windows of 4×4 merged tokens, one partial), text around it.
     let grids = vec![[1usize, 8, 12]];
     let n_img = 24;
     let mut rng = Rng::new(77);
-    let reserved = [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id].map(|t| t as i64);
+    let reserved =
+        [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id].map(|t| t as i64);
     let vocab = cfg.text.vocab_size;
     let mut ids = text_ids(&mut rng, 5, vocab, &reserved);
     ids.push(cfg.vision_start_token_id as i32);

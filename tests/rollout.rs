@@ -25,7 +25,8 @@ fn demo(file: &str) -> PathBuf {
 
 /// Dialogues of 1 and 2 turns, with and without images, of different lengths.
 fn dialogues(n: usize) -> Vec<DialogueSpec> {
-    let loaded = load_jsonl_with(demo("train.jsonl"), LoadOptions { skip_bad: false, purpose: Purpose::Prompts }).unwrap();
+    let loaded =
+        load_jsonl_with(demo("train.jsonl"), LoadOptions { skip_bad: false, purpose: Purpose::Prompts }).unwrap();
     let mut specs: Vec<DialogueSpec> = loaded.samples.iter().map(DialogueSpec::from_sample).collect();
     // Mix turn counts: alternate one- and two-turn dialogues.
     specs.sort_by_key(|d| d.turns.len());
@@ -39,7 +40,9 @@ fn greedy(n: usize, max_new: usize, max_batch: usize) -> RolloutConfig {
 }
 
 /// Argmax of a full forward over each rollout's sequence equals every generated token.
-fn check_against_full_forward(dev: &Device, model: &VlModel, bank: &mut ImageBank, rollouts: &[Rollout], stop: &[i32], max_new: usize) {
+fn check_against_full_forward(
+    dev: &Device, model: &VlModel, bank: &mut ImageBank, rollouts: &[Rollout], stop: &[i32], max_new: usize,
+) {
     let v = model.tdims().vocab;
     for r in rollouts {
         let ex = r.example(model, bank, "check").unwrap();
@@ -48,13 +51,27 @@ fn check_against_full_forward(dev: &Device, model: &VlModel, bank: &mut ImageBan
         let logits = dev.to_vec(&model.logits(dev, &f).unwrap()).unwrap();
         for (ti, t) in r.turns.iter().enumerate() {
             assert!(!t.ids.is_empty() && t.ids.len() <= max_new);
-            assert_eq!(t.stopped, stop.contains(t.ids.last().unwrap()), "rollout {}/{} turn {ti}: stop flag", r.dialogue, r.index);
+            assert_eq!(
+                t.stopped,
+                stop.contains(t.ids.last().unwrap()),
+                "rollout {}/{} turn {ti}: stop flag",
+                r.dialogue,
+                r.index
+            );
             assert_eq!(t.cut, !t.stopped && t.ids.len() == max_new);
             assert_eq!(&r.seq[t.span.clone()], &t.ids[..]);
             for p in t.span.clone() {
                 let row = &logits[(p - 1) * v..p * v];
-                let best = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (j, &x)| if x > b.1 { (j, x) } else { b }).0;
-                assert_eq!(best as i32, r.seq[p], "rollout {}/{} turn {ti}: token at {p} is not the full forward's argmax", r.dialogue, r.index);
+                let best = row
+                    .iter()
+                    .enumerate()
+                    .fold((0, f32::NEG_INFINITY), |b, (j, &x)| if x > b.1 { (j, x) } else { b })
+                    .0;
+                assert_eq!(
+                    best as i32, r.seq[p],
+                    "rollout {}/{} turn {ti}: token at {p} is not the full forward's argmax",
+                    r.dialogue, r.index
+                );
             }
         }
     }
@@ -65,7 +82,8 @@ fn run_family(l: &Loaded, stop: &[i32]) {
     let specs = dialogues(6);
     let (max_new, n) = (10, 2);
     // 3 slots for 12 rollouts: dialogues are admitted as slots free up.
-    let (batched, mut bank, stats) = generate(&dev, &l.model, &l.tok, &l.pp, &specs, &greedy(n, max_new, 3), &mut |_, _| {}).unwrap();
+    let (batched, mut bank, stats) =
+        generate(&dev, &l.model, &l.tok, &l.pp, &specs, &greedy(n, max_new, 3), &mut |_, _| {}).unwrap();
     assert_eq!(batched.len(), specs.len() * n);
     assert_eq!(stats.slots, 3);
     assert!(stats.steps > 0 && stats.decode_tokens == batched.iter().map(|r| r.generated_tokens()).sum::<usize>());
@@ -75,7 +93,9 @@ fn run_family(l: &Loaded, stop: &[i32]) {
     check_against_full_forward(&dev, &l.model, &mut bank, &batched, stop, max_new);
     // Each dialogue alone (one slot per rollout) gives the same sequences.
     for (di, d) in specs.iter().enumerate() {
-        let (alone, _, _) = generate(&dev, &l.model, &l.tok, &l.pp, std::slice::from_ref(d), &greedy(n, max_new, n), &mut |_, _| {}).unwrap();
+        let (alone, _, _) =
+            generate(&dev, &l.model, &l.tok, &l.pp, std::slice::from_ref(d), &greedy(n, max_new, n), &mut |_, _| {})
+                .unwrap();
         for (a, b) in alone.iter().zip(batched.iter().filter(|r| r.dialogue == di)) {
             assert_eq!(a.seq, b.seq, "dialogue {di}: batched and alone differ");
         }
@@ -85,7 +105,8 @@ fn run_family(l: &Loaded, stop: &[i32]) {
 #[test]
 fn qwen_greedy_continuous_batching_equals_full_forward() {
     let l = load_model(&Device::Cpu, None, 0).unwrap();
-    let stop = vec![l.tok.token_to_id("<|im_end|>").unwrap() as i32, l.tok.token_to_id("<|endoftext|>").unwrap() as i32];
+    let stop =
+        vec![l.tok.token_to_id("<|im_end|>").unwrap() as i32, l.tok.token_to_id("<|endoftext|>").unwrap() as i32];
     run_family(&l, &stop);
 }
 
@@ -109,14 +130,24 @@ fn shared_prefix_copy_decodes_like_its_own_prefill() {
     let spec = &dialogues(2)[0];
     // The engine with N = 3 shares the prefix; N = 1 prefills it alone: the first sampled
     // tokens' log-probs (from the first decode step's logits) must agree exactly.
-    let cfg = |n| RolloutConfig { n, max_new_tokens: 4, sample: SampleParams::new(1.0, 0, 1.0).unwrap(), seed: 3, max_batch: n, max_len: None };
-    let (shared, _, _) = generate(&dev, &l.model, &l.tok, &l.pp, std::slice::from_ref(spec), &cfg(3), &mut |_, _| {}).unwrap();
-    let (alone, _, _) = generate(&dev, &l.model, &l.tok, &l.pp, std::slice::from_ref(spec), &cfg(1), &mut |_, _| {}).unwrap();
+    let cfg = |n| RolloutConfig {
+        n,
+        max_new_tokens: 4,
+        sample: SampleParams::new(1.0, 0, 1.0).unwrap(),
+        seed: 3,
+        max_batch: n,
+        max_len: None,
+    };
+    let (shared, _, _) =
+        generate(&dev, &l.model, &l.tok, &l.pp, std::slice::from_ref(spec), &cfg(3), &mut |_, _| {}).unwrap();
+    let (alone, _, _) =
+        generate(&dev, &l.model, &l.tok, &l.pp, std::slice::from_ref(spec), &cfg(1), &mut |_, _| {}).unwrap();
     assert_eq!(shared[0].turns[0].ids, alone[0].turns[0].ids);
     assert_eq!(shared[0].turns[0].logps, alone[0].turns[0].logps);
     // And at the model level: copy slot 0's prefix into slot 1, then one decode step in both.
     let m = &l.model;
-    let (rollouts, bank, _) = generate(&dev, m, &l.tok, &l.pp, std::slice::from_ref(spec), &cfg(1), &mut |_, _| {}).unwrap();
+    let (rollouts, bank, _) =
+        generate(&dev, m, &l.tok, &l.pp, std::slice::from_ref(spec), &cfg(1), &mut |_, _| {}).unwrap();
     let r = &rollouts[0];
     let prompt = r.turns[0].span.start;
     let mut bank = bank;
@@ -127,9 +158,19 @@ fn shared_prefix_copy_decodes_like_its_own_prefill() {
     let rows = bank.rows_for(&dev, &r.images[..k], d).unwrap();
     let pos_all = &ex.pos3;
     let s = ex.ids.len();
-    let take_pos = |a: usize, b: usize| -> Vec<i32> { (0..3).flat_map(|row| pos_all[row * s + a..row * s + b].to_vec()).collect() };
+    let take_pos = |a: usize, b: usize| -> Vec<i32> {
+        (0..3).flat_map(|row| pos_all[row * s + a..row * s + b].to_vec()).collect()
+    };
     let mut two = m.new_cache(&dev, 2, prompt + 4).unwrap();
-    m.step_ragged(&dev, &mut two, &ex.ids[..prompt], &take_pos(0, prompt), &[0, prompt as i32, prompt as i32], rows.as_ref()).unwrap();
+    m.step_ragged(
+        &dev,
+        &mut two,
+        &ex.ids[..prompt],
+        &take_pos(0, prompt),
+        &[0, prompt as i32, prompt as i32],
+        rows.as_ref(),
+    )
+    .unwrap();
     two.copy_prefix(&dev, 0, 1, prompt).unwrap();
     let tok = [ex.ids[prompt], ex.ids[prompt]];
     let p1 = take_pos(prompt, prompt + 1);
@@ -148,7 +189,14 @@ fn seeded_sampling_does_not_depend_on_the_batch() {
     let dev = Device::Cpu;
     let l = load_model(&dev, None, 0).unwrap();
     let specs = dialogues(4);
-    let cfg = |max_batch| RolloutConfig { n: 3, max_new_tokens: 8, sample: SampleParams::new(1.0, 20, 0.95).unwrap(), seed: 42, max_batch, max_len: None };
+    let cfg = |max_batch| RolloutConfig {
+        n: 3,
+        max_new_tokens: 8,
+        sample: SampleParams::new(1.0, 20, 0.95).unwrap(),
+        seed: 42,
+        max_batch,
+        max_len: None,
+    };
     let (a, _, _) = generate(&dev, &l.model, &l.tok, &l.pp, &specs, &cfg(3), &mut |_, _| {}).unwrap();
     let (b, _, _) = generate(&dev, &l.model, &l.tok, &l.pp, &specs, &cfg(12), &mut |_, _| {}).unwrap();
     let (c, _, _) = generate(&dev, &l.model, &l.tok, &l.pp, &specs[1..2], &cfg(3), &mut |_, _| {}).unwrap();
@@ -165,25 +213,45 @@ fn too_long_dialogue_and_bad_image_are_errors_naming_the_dialogue() {
     let dev = Device::Cpu;
     let l = load_model(&dev, None, 0).unwrap();
     let specs = dialogues(2);
-    let cfg = RolloutConfig { n: 2, max_new_tokens: 16, sample: SampleParams::greedy(), seed: 0, max_batch: 4, max_len: Some(20) };
+    let cfg = RolloutConfig {
+        n: 2,
+        max_new_tokens: 16,
+        sample: SampleParams::greedy(),
+        seed: 0,
+        max_batch: 4,
+        max_len: Some(20),
+    };
     let err = format!("{:#}", generate(&dev, &l.model, &l.tok, &l.pp, &specs, &cfg, &mut |_, _| {}).unwrap_err());
     assert!(err.contains(&specs[0].id) && err.contains("max_len 20"), "{err}");
     let mut long = specs[0].clone();
     long.turns[0].push(Part::Text("a b c d e f g h ".repeat(2000)));
-    let err = format!("{:#}", generate(&dev, &l.model, &l.tok, &l.pp, &[long], &greedy(1, 4, 1), &mut |_, _| {}).unwrap_err());
+    let err = format!(
+        "{:#}",
+        generate(&dev, &l.model, &l.tok, &l.pp, &[long], &greedy(1, 4, 1), &mut |_, _| {}).unwrap_err()
+    );
     assert!(err.contains("max_position_embeddings"), "{err}");
     let mut bad = specs[0].clone();
     bad.images = vec![demo("does-not-exist.png")];
     bad.turns[0] = vec![Part::Image(0), Part::Text("What is this?".into())];
-    let err = format!("{:#}", generate(&dev, &l.model, &l.tok, &l.pp, &[bad.clone()], &greedy(1, 4, 1), &mut |_, _| {}).unwrap_err());
+    let err = format!(
+        "{:#}",
+        generate(&dev, &l.model, &l.tok, &l.pp, &[bad.clone()], &greedy(1, 4, 1), &mut |_, _| {}).unwrap_err()
+    );
     assert!(err.contains(&bad.id) && err.contains("does-not-exist.png"), "{err}");
     // A truncated PNG: its header gives the size, its pixels fail when the tower needs them,
     // and the error still names the file and the dialogue.
-    let png = std::fs::read_dir(demo("images")).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|x| x == "png")).unwrap();
+    let png = std::fs::read_dir(demo("images"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "png"))
+        .unwrap();
     let cut = std::env::temp_dir().join(format!("am3-rollout-truncated-{}.png", std::process::id()));
     std::fs::write(&cut, &std::fs::read(&png).unwrap()[..60]).unwrap();
     bad.images = vec![cut.clone()];
-    let err = format!("{:#}", generate(&dev, &l.model, &l.tok, &l.pp, &[bad.clone()], &greedy(1, 4, 1), &mut |_, _| {}).unwrap_err());
+    let err = format!(
+        "{:#}",
+        generate(&dev, &l.model, &l.tok, &l.pp, &[bad.clone()], &greedy(1, 4, 1), &mut |_, _| {}).unwrap_err()
+    );
     assert!(err.contains(&bad.id) && err.contains("truncated"), "{err}");
     std::fs::remove_file(cut).ok();
 }
@@ -195,7 +263,8 @@ fn cuda_greedy_equals_full_forward_where_margins_are_clear() {
     let Some(dev) = common::cuda_or_skip("cuda_greedy_equals_full_forward_where_margins_are_clear") else { return };
     let l = load_model(&dev, None, 0).unwrap();
     let specs = dialogues(6);
-    let (rollouts, mut bank, stats) = generate(&dev, &l.model, &l.tok, &l.pp, &specs, &greedy(2, 4, 3), &mut |_, _| {}).unwrap();
+    let (rollouts, mut bank, stats) =
+        generate(&dev, &l.model, &l.tok, &l.pp, &specs, &greedy(2, 4, 3), &mut |_, _| {}).unwrap();
     println!("cuda rollouts: {stats:?}");
     let v = l.model.tdims().vocab;
     let (mut checked, mut close) = (0, 0);

@@ -8,7 +8,9 @@ use am3safety::checkpoint::safetensors_io::parse_header;
 use am3safety::stages::sft::{self, demo_data, SftArgs};
 use am3safety::tensor::DevicePref;
 use am3safety::train::metrics::{read_metrics, truncate_after, MetricsWriter, StepMetrics};
-use am3safety::train::run_dir::{self, guard_output_file, verify_checksums, write_checksums, Identity, Mode, RunDir, Start, LOCK_FILE};
+use am3safety::train::run_dir::{
+    self, guard_output_file, verify_checksums, write_checksums, Identity, Mode, RunDir, Start, LOCK_FILE,
+};
 use common::am3_bin;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -40,7 +42,8 @@ fn small_data(dir: &Path, n: usize) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let demo = std::fs::read_to_string(demo_data()).unwrap();
     let demo_dir = std::fs::canonicalize(demo_data()).unwrap().parent().unwrap().to_path_buf();
-    let lines: Vec<String> = demo.lines().take(n).map(|l| l.replace("\"images/", &format!("\"{}/images/", demo_dir.display()))).collect();
+    let lines: Vec<String> =
+        demo.lines().take(n).map(|l| l.replace("\"images/", &format!("\"{}/images/", demo_dir.display()))).collect();
     let f = dir.join("data.jsonl");
     std::fs::write(&f, lines.join("\n") + "\n").unwrap();
     f
@@ -59,7 +62,8 @@ fn args(out: &Path, data: &Path, steps: u64, save_every: u64) -> SftArgs {
 }
 
 fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     v.sort();
     v
 }
@@ -94,7 +98,22 @@ fn lock_names_the_holder_and_stale_locks_are_taken_over() {
     // The CLI says so.
     std::fs::write(&lock, format!("{dead}\n")).unwrap();
     let data = small_data(&d.join("data"), 4);
-    let o = am3(&["sft", "--device", "cpu", "--steps", "1", "--batch-tokens", "512", "--data", data.to_str().unwrap(), "--out", d.to_str().unwrap()], None);
+    let o = am3(
+        &[
+            "sft",
+            "--device",
+            "cpu",
+            "--steps",
+            "1",
+            "--batch-tokens",
+            "512",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            d.to_str().unwrap(),
+        ],
+        None,
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains(&format!("took over the stale lock of PID {dead}")), "{err}");
@@ -106,7 +125,11 @@ fn stale_temporary_entries_of_dead_runs_are_removed() {
     let d = tmp("temps");
     std::fs::create_dir_all(&d).unwrap();
     let (dead, live) = (dead_pid(), std::process::id());
-    let stale = [format!(".checkpoint-000003.tmp-{dead}-0"), format!(".latest.tmp-{dead}"), format!(".metrics.jsonl.tmp-{dead}-4")];
+    let stale = [
+        format!(".checkpoint-000003.tmp-{dead}-0"),
+        format!(".latest.tmp-{dead}"),
+        format!(".metrics.jsonl.tmp-{dead}-4"),
+    ];
     std::fs::create_dir_all(d.join(&stale[0]).join("train_state")).unwrap();
     std::fs::write(d.join(&stale[0]).join("train_state/model.safetensors"), vec![0u8; 4096]).unwrap();
     std::fs::write(d.join(&stale[1]), "checkpoint-000003").unwrap();
@@ -136,7 +159,10 @@ fn a_used_directory_needs_resume_or_overwrite() {
     std::fs::write(d.join("latest"), "checkpoint-000002").unwrap();
     std::fs::write(d.join("notes.txt"), "not a run's").unwrap();
     let e = err_of(RunDir::open(&d, Mode::default(), &[]));
-    assert!(e.contains("earlier run") && e.contains("--resume") && e.contains("--overwrite") && e.contains("metrics.jsonl"), "{e}");
+    assert!(
+        e.contains("earlier run") && e.contains("--resume") && e.contains("--overwrite") && e.contains("metrics.jsonl"),
+        "{e}"
+    );
     let e = err_of(RunDir::open(&d, Mode { resume: true, overwrite: true }, &[]));
     assert!(e.contains("exclude each other"), "{e}");
     // --overwrite clears the run's entries (only when the run actually starts), nothing else.
@@ -158,7 +184,14 @@ fn outputs_overlapping_inputs_are_refused() {
     let inputs = d.join("inputs.safetensors");
     std::fs::write(&inputs, "x").unwrap();
     let ins: [(&str, &Path); 2] = [("--inputs", &inputs), ("--model", &model)];
-    for bad in [model.join("model.safetensors"), model.join("new.safetensors"), model.join("sub/x.safetensors"), inputs.clone(), d.join("model/../inputs.safetensors"), d.join("./model/model.safetensors")] {
+    for bad in [
+        model.join("model.safetensors"),
+        model.join("new.safetensors"),
+        model.join("sub/x.safetensors"),
+        inputs.clone(),
+        d.join("model/../inputs.safetensors"),
+        d.join("./model/model.safetensors"),
+    ] {
         let e = err_of(guard_output_file("--out", &bad, &ins));
         assert!(e.contains("--out") && (e.contains("--inputs") || e.contains("--model")), "{}: {e}", bad.display());
     }
@@ -172,7 +205,11 @@ fn outputs_overlapping_inputs_are_refused() {
     let e = err_of(RunDir::open(&model.join("runs"), Mode::default(), &[("--model", &model)]));
     assert!(e.contains("--model"), "{e}");
     let out = d.join("out");
-    let e = err_of(RunDir::open(&out, Mode { resume: false, overwrite: true }, &[("--model", &out.join("checkpoint-000010"))]));
+    let e = err_of(RunDir::open(
+        &out,
+        Mode { resume: false, overwrite: true },
+        &[("--model", &out.join("checkpoint-000010"))],
+    ));
     assert!(e.contains("--model") && e.contains("checkpoint-000010"), "{e}");
     let e = err_of(RunDir::open(&out, Mode::default(), &[("--data", &out)]));
     assert!(e.contains("--data"), "{e}");
@@ -219,7 +256,14 @@ fn metrics_floats_round_trip_and_truncation_keeps_lines() {
     let awkward = [-3.8496568983293076e-144, 2.1720335030726068e-23, 0.1 + 0.2, 1.0 / 3.0, 6.02214076e23, 5e-324];
     let mut w = MetricsWriter::create_new(&p).unwrap();
     for (k, &x) in awkward.iter().enumerate() {
-        w.write(&StepMetrics { step: k as u64 + 1, loss: x, lr: x * 7.0, grad_norm: x.sqrt().abs(), ..Default::default() }).unwrap();
+        w.write(&StepMetrics {
+            step: k as u64 + 1,
+            loss: x,
+            lr: x * 7.0,
+            grad_norm: x.sqrt().abs(),
+            ..Default::default()
+        })
+        .unwrap();
     }
     drop(w);
     assert!(MetricsWriter::create_new(&p).is_err(), "create_new replaced a log");
@@ -284,7 +328,8 @@ fn rerun_without_resume_is_refused_and_overwrite_replaces_the_run() {
     assert!(ck.ends_with("checkpoint-000002"));
     let left: Vec<String> = names(&out).into_iter().filter(|n| !n.starts_with('.')).collect();
     assert_eq!(left, vec!["checkpoint-000002", "latest", "metrics.jsonl"], "the old run's checkpoints are mixed in");
-    let steps: Vec<u64> = read_metrics(out.join("metrics.jsonl")).unwrap().iter().filter_map(|v| v["step"].as_u64()).collect();
+    let steps: Vec<u64> =
+        read_metrics(out.join("metrics.jsonl")).unwrap().iter().filter_map(|v| v["step"].as_u64()).collect();
     assert_eq!(steps, vec![0, 1, 2, 2]);
     let _ = std::fs::remove_dir_all(&d);
 }
@@ -313,7 +358,10 @@ fn two_runs_on_one_directory_one_is_refused_naming_the_holder() {
     let (winner, loser_err) = if oa.status.success() { (pa, eb) } else { (pb, ea) };
     assert!(loser_err.contains("in use by another run") && loser_err.contains(&format!("PID {winner}")), "{loser_err}");
     let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    let steps: Vec<u64> = lines.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+    let steps: Vec<u64> = lines
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
     assert_eq!(steps, vec![0, 1, 2, 3, 4, 5, 6, 6], "metrics.jsonl of two runs interleaved");
     assert!(!out.join(LOCK_FILE).exists());
     let _ = std::fs::remove_dir_all(&d);
@@ -340,7 +388,11 @@ fn skip_bad_covers_images_and_every_problem_is_reported() {
     let f = data.to_str().unwrap();
     let bad_lines: Vec<String> = {
         let t = std::fs::read_to_string(&data).unwrap();
-        t.lines().enumerate().filter(|(_, l)| l.contains("truncated-") || l.contains("broken")).map(|(i, _)| format!("{f}:{}", i + 1)).collect()
+        t.lines()
+            .enumerate()
+            .filter(|(_, l)| l.contains("truncated-") || l.contains("broken"))
+            .map(|(i, _)| format!("{f}:{}", i + 1))
+            .collect()
     };
     assert_eq!(bad_lines.len(), 3);
     let out = d.join("out");
@@ -349,7 +401,24 @@ fn skip_bad_covers_images_and_every_problem_is_reported() {
         assert!(e.contains(&format!("{l}:")), "{l} not reported:\n{e}");
     }
     assert!(e.contains("3 problem(s)") && e.contains("decoding image"), "{e}");
-    let o = am3(&["sft", "--device", "cpu", "--steps", "1", "--batch-tokens", "512", "--skip-bad", "true", "--data", f, "--out", out.to_str().unwrap()], None);
+    let o = am3(
+        &[
+            "sft",
+            "--device",
+            "cpu",
+            "--steps",
+            "1",
+            "--batch-tokens",
+            "512",
+            "--skip-bad",
+            "true",
+            "--data",
+            f,
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     for l in &bad_lines {
@@ -375,7 +444,11 @@ fn resume_checks_settings_data_model_and_checksums() {
     // A model directory to train from: a checkpoint of a one-step run.
     let model = sft::run(args(&d.join("base"), &data, 1, 1)).unwrap();
     let out = d.join("out");
-    let a = |data: &Path, model: &Path| SftArgs { model: Some(model.to_path_buf()), resume: true, ..args(&out, data, 4, 2) };
+    let a = |data: &Path, model: &Path| SftArgs {
+        model: Some(model.to_path_buf()),
+        resume: true,
+        ..args(&out, data, 4, 2)
+    };
     sft::run(SftArgs { stop_after: Some(2), resume: false, ..a(&data, &model) }).unwrap();
     let ck = out.join("checkpoint-000002");
 
@@ -440,7 +513,8 @@ fn metrics_lines_are_written_once() {
     // Steps 0..=3 were checkpointed: those lines stay byte for byte; step 4 is redone.
     let kept: String = first.lines().take(4).map(|l| format!("{l}\n")).collect();
     assert!(done.starts_with(&kept), "earlier lines were rewritten:\n{first}\n---\n{done}");
-    let steps: Vec<u64> = read_metrics(out.join("metrics.jsonl")).unwrap().iter().map(|v| v["step"].as_u64().unwrap()).collect();
+    let steps: Vec<u64> =
+        read_metrics(out.join("metrics.jsonl")).unwrap().iter().map(|v| v["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, vec![0, 1, 2, 3, 4, 5, 6, 6]);
     // Every float reads back as the text says (Rust's parser is exact).
     for (line, v) in done.lines().zip(read_metrics(out.join("metrics.jsonl")).unwrap()) {
@@ -485,7 +559,10 @@ fn every_flag_is_range_checked() {
         (SftArgs { lr: Some(f64::INFINITY), ..base() }, "--lr inf is out of range"),
         (SftArgs { min_lr_ratio: Some(2.0), ..base() }, "--min-lr-ratio 2 is out of range: allowed [0, 1]"),
         (SftArgs { warmup: Some(500), ..base() }, "--warmup 500 is out of range: allowed [0, 100]"),
-        (SftArgs { lora_rank: Some(4), lora_alpha: Some(-1.0), ..base() }, "--lora-alpha -1 is out of range: allowed (0, 1000000]"),
+        (
+            SftArgs { lora_rank: Some(4), lora_alpha: Some(-1.0), ..base() },
+            "--lora-alpha -1 is out of range: allowed (0, 1000000]",
+        ),
         (SftArgs { schedule: Some("cosnie".into()), ..base() }, "cosnie"),
         (SftArgs { stop_after: Some(0), ..base() }, "--stop-after 0 is out of range"),
     ];

@@ -56,7 +56,9 @@ fn demo_set_loads() {
         assert!(set.iter().any(|s| s.kind == Kind::Refusal));
         assert!(set.iter().any(|s| s.kind == Kind::General));
         // Multi-turn dialogues with a second image in a later turn.
-        assert!(set.iter().any(|s| s.images.len() == 2 && s.images_per_message().iter().filter(|&&n| n == 1).count() == 2));
+        assert!(set
+            .iter()
+            .any(|s| s.images.len() == 2 && s.images_per_message().iter().filter(|&&n| n == 1).count() == 2));
     }
     let refusals = train.iter().filter(|s| s.kind == Kind::Refusal).count();
     println!("train: {refusals} refusal, {} general", train.len() - refusals);
@@ -115,7 +117,8 @@ fn demo_generator_is_reproducible() {
     println!("regenerated: {summary:?}");
     assert_eq!((summary.train_samples, summary.eval_samples, summary.eval_multiturn), (80, 40, 24));
     assert_eq!((summary.grpo_prompts, summary.safemt_records, summary.vocab_size), (48, 4, 494));
-    let committed: Vec<PathBuf> = walk(Path::new(DEMO)).iter().map(|p| p.strip_prefix(DEMO).unwrap().to_path_buf()).collect();
+    let committed: Vec<PathBuf> =
+        walk(Path::new(DEMO)).iter().map(|p| p.strip_prefix(DEMO).unwrap().to_path_buf()).collect();
     for f in ["train.jsonl", "eval.jsonl", "grpo.jsonl", "safemt-sample.json", "tokenizer.json", "README.md"] {
         assert!(committed.contains(&PathBuf::from(f)), "{f} is not committed");
     }
@@ -125,7 +128,8 @@ fn demo_generator_is_reproducible() {
         let (a, b) = (Path::new(DEMO).join(rel), out.join(rel));
         if rel.extension().is_some_and(|e| e == "png") {
             // PNG bytes depend on the encoder version; the pixels must not.
-            let (ia, ib) = (am3safety::data::image::load_rgb(&a).unwrap(), am3safety::data::image::load_rgb(&b).unwrap());
+            let (ia, ib) =
+                (am3safety::data::image::load_rgb(&a).unwrap(), am3safety::data::image::load_rgb(&b).unwrap());
             assert_eq!(ia, ib, "{} differs from the committed file", rel.display());
         } else {
             assert!(
@@ -200,7 +204,9 @@ fn invalid_utf8_blank_lines_and_empty_files() {
     let d = tmp_dir("utf8");
     let p = d.join("d.jsonl");
     let mut bytes = b"\n".to_vec();
-    bytes.extend_from_slice(b"{\"id\":\"a\",\"kind\":\"general\",\"messages\":[{\"role\":\"user\",\"content\":\"\xff\"}]}\n");
+    bytes.extend_from_slice(
+        b"{\"id\":\"a\",\"kind\":\"general\",\"messages\":[{\"role\":\"user\",\"content\":\"\xff\"}]}\n",
+    );
     std::fs::write(&p, &bytes).unwrap();
     let err = format!("{:#}", load_jsonl(&p).unwrap_err());
     println!("{err}");
@@ -332,7 +338,12 @@ fn demo_tokenizer_works_with_the_qwen_chat_code() {
             masked.extend(ct.ids[span.clone()].iter().map(|&i| i as u32));
         }
         assert_eq!(ct.loss_mask.iter().map(|&m| m as usize).sum::<usize>(), masked.len(), "{}", s.id);
-        let want: String = s.messages.iter().filter(|m| m.role == Role::Assistant).map(|m| format!("{}<|im_end|>", m.content)).collect();
+        let want: String = s
+            .messages
+            .iter()
+            .filter(|m| m.role == Role::Assistant)
+            .map(|m| format!("{}<|im_end|>", m.content))
+            .collect();
         assert_eq!(tok.decode(&masked, false).unwrap(), want, "{}", s.id);
     }
 }

@@ -2,7 +2,6 @@
 //! with identical logits, `--resume` continues bit for bit, and a kill at any moment leaves the
 //! last checkpoint intact (and the next run removes what the killed one left half-written).
 mod common;
-use common::am3_bin;
 use am3safety::checkpoint::safetensors_io::SaveDtype;
 use am3safety::models::qwen2_5_vl::model::{QwenVl, Recompute};
 use am3safety::models::tiny;
@@ -10,6 +9,7 @@ use am3safety::stages::examples::pack;
 use am3safety::stages::sft::{self, latest_checkpoint, load_examples, SftArgs};
 use am3safety::tensor::{Device, DevicePref};
 use am3safety::train::metrics::read_metrics;
+use common::am3_bin;
 use std::path::{Path, PathBuf};
 
 fn tmp(name: &str) -> PathBuf {
@@ -19,7 +19,13 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn args(out: &Path, steps: u64, save_every: u64) -> SftArgs {
-    SftArgs { out: Some(out.to_path_buf()), steps: Some(steps), save_every: Some(save_every), device: Some(DevicePref::Cpu), ..Default::default() }
+    SftArgs {
+        out: Some(out.to_path_buf()),
+        steps: Some(steps),
+        save_every: Some(save_every),
+        device: Some(DevicePref::Cpu),
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -52,8 +58,12 @@ fn saved_checkpoint_loads_with_identical_logits() {
     let back = QwenVl::load(&dev, &dir).unwrap();
     let ex = load_examples(&sft::demo_data(), &tok, &cfg, &tiny::preprocessor().unwrap()).unwrap();
     let p = pack(&[&ex[0], &ex[1]]);
-    let l0 = dev.to_vec(&model.logits(&dev, &model.forward(&dev, &p.batch(), &Recompute::default()).unwrap()).unwrap()).unwrap();
-    let l1 = dev.to_vec(&back.logits(&dev, &back.forward(&dev, &p.batch(), &Recompute::default()).unwrap()).unwrap()).unwrap();
+    let l0 = dev
+        .to_vec(&model.logits(&dev, &model.forward(&dev, &p.batch(), &Recompute::default()).unwrap()).unwrap())
+        .unwrap();
+    let l1 = dev
+        .to_vec(&back.logits(&dev, &back.forward(&dev, &p.batch(), &Recompute::default()).unwrap()).unwrap())
+        .unwrap();
     assert_eq!(l0.len(), l1.len());
     assert!(l0.iter().zip(&l1).all(|(a, b)| a.to_bits() == b.to_bits()), "logits differ after save/load");
     // A checkpoint written by a run is a complete HF directory that loads too.
@@ -78,14 +88,22 @@ fn resume_is_bit_for_bit() {
     // Step 4 ran but was not saved: resume goes back to step 3's checkpoint.
     assert!(latest_checkpoint(&b).unwrap().unwrap().ends_with("checkpoint-000003"));
     let ck_b = sft::run(SftArgs { resume: true, ..args(&b, 6, 3) }).unwrap();
-    assert_eq!(file_bytes(&ck_a.join("model.safetensors")), file_bytes(&ck_b.join("model.safetensors")), "weights differ after resume");
+    assert_eq!(
+        file_bytes(&ck_a.join("model.safetensors")),
+        file_bytes(&ck_b.join("model.safetensors")),
+        "weights differ after resume"
+    );
     assert_eq!(
         file_bytes(&ck_a.join("train_state/model.safetensors")),
         file_bytes(&ck_b.join("train_state/model.safetensors")),
         "optimizer state differs after resume"
     );
     let losses = |d: &Path| -> Vec<(u64, f64)> {
-        read_metrics(d.join("metrics.jsonl")).unwrap().iter().filter_map(|v| Some((v.get("step")?.as_u64()?, v.get("loss")?.as_f64()?))).collect()
+        read_metrics(d.join("metrics.jsonl"))
+            .unwrap()
+            .iter()
+            .filter_map(|v| Some((v.get("step")?.as_u64()?, v.get("loss")?.as_f64()?)))
+            .collect()
     };
     assert_eq!(losses(&a), losses(&b), "per-step losses differ after resume");
 }
@@ -110,9 +128,11 @@ fn kill_leaves_last_checkpoint_intact() {
         let _ = child.wait();
         if let Some(ck) = latest_checkpoint(&out).unwrap() {
             killed_after_ck += 1;
-            QwenVl::load(&Device::Cpu, &ck).unwrap_or_else(|e| panic!("round {round}: {} does not load: {e:#}", ck.display()));
+            QwenVl::load(&Device::Cpu, &ck)
+                .unwrap_or_else(|e| panic!("round {round}: {} does not load: {e:#}", ck.display()));
             assert!(ck.join("train_state/model.safetensors").is_file());
-            serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(ck.join("trainer_state.json")).unwrap()).unwrap();
+            serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(ck.join("trainer_state.json")).unwrap())
+                .unwrap();
         }
     }
     assert!(killed_after_ck > 0, "no checkpoint was written before the kills");
@@ -121,7 +141,11 @@ fn kill_leaves_last_checkpoint_intact() {
     assert!(ck.ends_with("checkpoint-000030"));
     // The killed runs' temporary entries (half-written checkpoints, `latest`) were cleaned up,
     // and no lock is left.
-    let left: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
+    let left: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
@@ -132,7 +156,8 @@ fn bad_data_lines_are_reported_or_skipped() {
     let demo = std::fs::read_to_string(sft::demo_data()).unwrap();
     let demo_dir = std::fs::canonicalize(sft::demo_data()).unwrap().parent().unwrap().to_path_buf();
     // Two good samples (image paths made absolute) and one line with an unknown role.
-    let good: Vec<String> = demo.lines().take(2).map(|l| l.replace("\"images/", &format!("\"{}/images/", demo_dir.display()))).collect();
+    let good: Vec<String> =
+        demo.lines().take(2).map(|l| l.replace("\"images/", &format!("\"{}/images/", demo_dir.display()))).collect();
     let bad = r#"{"id":"x","kind":"general","images":[],"messages":[{"role":"robot","content":"hi"},{"role":"assistant","content":"ok"}]}"#;
     let file = dir.join("data.jsonl");
     std::fs::write(&file, format!("{}\n{}\n{}\n", good[0], bad, good[1])).unwrap();

@@ -40,10 +40,27 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
         // Longer non-causal d64/d80 sequences (multi-tile forwards, where V3 replaces V2's
         // 128-row kernel): the CLIP-L/336 tower of LLaVA-NeXT (577 tokens per crop) and
         // full-attention layers of the Qwen2.5-VL tower (one image's 576 patches).
-        rows.extend(train_case(dev, g, it, 32, 577, AttnShape::new(16, 16, 64, false), "d64/d80 V3 vs V2 (no external reference)")?);
-        rows.extend(train_case(dev, g, it, 16, 576, AttnShape::new(16, 16, 80, false), "d64/d80 V3 vs V2 (no external reference)")?);
+        rows.extend(train_case(
+            dev,
+            g,
+            it,
+            32,
+            577,
+            AttnShape::new(16, 16, 64, false),
+            "d64/d80 V3 vs V2 (no external reference)",
+        )?);
+        rows.extend(train_case(
+            dev,
+            g,
+            it,
+            16,
+            576,
+            AttnShape::new(16, 16, 80, false),
+            "d64/d80 V3 vs V2 (no external reference)",
+        )?);
     }
-    let cases: &[(usize, usize, usize)] = if quick { &[(4, 4096, 1)] } else { &[(16, 8192, 1), (4, 32768, 1), (16, 8192, 16)] };
+    let cases: &[(usize, usize, usize)] =
+        if quick { &[(4, 4096, 1)] } else { &[(16, 8192, 1), (4, 32768, 1), (16, 8192, 16)] };
     for &(b, l, n_new) in cases {
         rows.extend(decode_case(dev, g, it, b, l, n_new, AttnShape::new(28, 4, 128, true))?);
     }
@@ -52,7 +69,10 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
 
 /// Forward, backward and forward+backward over `nseq` packed sequences of `len` tokens.
 #[allow(clippy::too_many_arguments)]
-fn train_case(dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize), nseq: usize, len: usize, s: AttnShape, note: &str) -> Result<Vec<BenchRow>> {
+fn train_case(
+    dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize), nseq: usize, len: usize, s: AttnShape,
+    note: &str,
+) -> Result<Vec<BenchRow>> {
     let t = nseq * len;
     let (nq, nkv) = (t * s.hq * s.d, t * s.hkv * s.d);
     let mut rng = Rng::new(0xa77e);
@@ -68,8 +88,11 @@ fn train_case(dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize),
     let (mut dq, mut dk, mut dv) = (dev.zeros(bf, nq)?, dev.zeros(bf, nkv)?, dev.zeros(bf, nkv)?);
 
     let v1 = Variant::V1;
-    let fwd_ms = time_gpu(g, warm, iters, &mut || attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v1))?;
-    let bwd_ms = time_gpu(g, warm, iters, &mut || attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v1))?;
+    let fwd_ms =
+        time_gpu(g, warm, iters, &mut || attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v1))?;
+    let bwd_ms = time_gpu(g, warm, iters, &mut || {
+        attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v1)
+    })?;
     let both_ms = time_gpu(g, warm, iters, &mut || {
         attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v1)?;
         attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v1)
@@ -87,7 +110,19 @@ fn train_case(dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize),
     let mut dq_ref = None;
     if s.causal {
         let (mut dqr, mut dk_ref, mut dv_ref) = (vec![0f32; cq], vec![0f32; ckv], vec![0f32; ckv]);
-        cpu::bwd(&mut dqr, &mut dk_ref, &mut dv_ref, &dout[..cq], &q[..cq], &k[..ckv], &v[..ckv], &o_ref, &l_ref, &cs, &s);
+        cpu::bwd(
+            &mut dqr,
+            &mut dk_ref,
+            &mut dv_ref,
+            &dout[..cq],
+            &q[..cq],
+            &k[..ckv],
+            &v[..ckv],
+            &o_ref,
+            &l_ref,
+            &cs,
+            &s,
+        );
         dq_err = Some(rel_err(&dev.to_vec(&dq)?[..cq], &dqr));
         dq_ref = Some(dqr);
     }
@@ -96,9 +131,13 @@ fn train_case(dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize),
     // group inside the block, V1's kernel without GQA): forward, backward, both, same checks.
     let v2 = {
         let v = Variant::V2;
-        let fwd2 = time_gpu(g, warm, iters, &mut || attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v))?;
+        let fwd2 = time_gpu(g, warm, iters, &mut || {
+            attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v)
+        })?;
         let err2 = rel_err(&dev.to_vec(&out)?[..cq], &o_ref);
-        let bwd2 = time_gpu(g, warm, iters, &mut || attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v))?;
+        let bwd2 = time_gpu(g, warm, iters, &mut || {
+            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v)
+        })?;
         let both2 = time_gpu(g, warm, iters, &mut || {
             attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v)?;
             attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v)
@@ -114,7 +153,9 @@ fn train_case(dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize),
     // kernel at len ≤ 64): alone, and followed by the default backward. Same out and dq checks.
     let v3f = {
         let (v, vb_default) = (Variant::V3, Variant::V2);
-        let fwd3 = time_gpu(g, warm, iters, &mut || attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v))?;
+        let fwd3 = time_gpu(g, warm, iters, &mut || {
+            attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v)
+        })?;
         let err3 = rel_err(&dev.to_vec(&out)?[..cq], &o_ref);
         let both3 = time_gpu(g, warm, iters, &mut || {
             attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v)?;
@@ -132,7 +173,9 @@ fn train_case(dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize),
     // after the V3 forward (the newest forward; V2's window kernel at len ≤ 64). Same dq check.
     let v3 = {
         let v = Variant::V3;
-        let bwd3 = time_gpu(g, warm, iters, &mut || attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v))?;
+        let bwd3 = time_gpu(g, warm, iters, &mut || {
+            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v)
+        })?;
         let both3 = time_gpu(g, warm, iters, &mut || {
             attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v)?;
             attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v)
@@ -149,7 +192,9 @@ fn train_case(dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize),
     // then after its forward (= V3's; V2's window kernel at len ≤ 64). Same dq check.
     let v4 = {
         let v = Variant::V4;
-        let bwd4 = time_gpu(g, warm, iters, &mut || attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v))?;
+        let bwd4 = time_gpu(g, warm, iters, &mut || {
+            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v)
+        })?;
         let both4 = time_gpu(g, warm, iters, &mut || {
             attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v)?;
             attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v)
@@ -199,7 +244,9 @@ fn train_case(dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize),
 /// Decode of n_new tokens per sequence against caches of `len` tokens (the new ones included),
 /// V1 and then V2 (a V2 row only where its kernel applies: n_new · group ≤ 16).
 #[allow(clippy::too_many_arguments)]
-fn decode_case(dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize), b: usize, len: usize, n_new: usize, s: AttnShape) -> Result<Vec<BenchRow>> {
+fn decode_case(
+    dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize), b: usize, len: usize, n_new: usize, s: AttnShape,
+) -> Result<Vec<BenchRow>> {
     let row = s.hkv * s.d;
     let mut rng = Rng::new(0xdec0);
     // Cache contents: a 1 Mi-element random block tiled over the cache (values do not change the speed).

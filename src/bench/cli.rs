@@ -51,7 +51,13 @@ pub struct BenchArgs {
 
 type Workload = (&'static str, fn(&Ctx) -> Result<Vec<super::report::Figure>>);
 
-pub const WORKLOADS: [Workload; 5] = [("train", workloads::train), ("vision", workloads::vision), ("prefill", workloads::prefill), ("rollout", rollout::suite), ("grpo", grpo_step::suite)];
+pub const WORKLOADS: [Workload; 5] = [
+    ("train", workloads::train),
+    ("vision", workloads::vision),
+    ("prefill", workloads::prefill),
+    ("rollout", rollout::suite),
+    ("grpo", grpo_step::suite),
+];
 
 pub fn run(a: &BenchArgs) -> Result<()> {
     if let Some(files) = &a.compare {
@@ -62,7 +68,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if a.shape.is_none() && a.model.is_none() && !a.plan {
         for s in &a.suites {
             if !SUITES.iter().any(|k| k.0 == s) {
-                bail!("unknown kernel suite {s:?} (kernel suites: {}; workload suites need --shape or --model)", SUITES.iter().map(|k| k.0).collect::<Vec<_>>().join(", "));
+                bail!(
+                    "unknown kernel suite {s:?} (kernel suites: {}; workload suites need --shape or --model)",
+                    SUITES.iter().map(|k| k.0).collect::<Vec<_>>().join(", ")
+                );
             }
         }
         let dev = Device::pick(a.device)?;
@@ -82,12 +91,20 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let params: usize = skeleton.param_entries().iter().map(|(r, _)| r.numel()).sum();
     let set = Settings::new(dev.is_cuda() || params > 1_000_000_000, a.quick, a.seq);
     if set.seq < 16 || set.seq > skeleton.max_positions() {
-        bail!("--seq {} is out of range: allowed [16, {}] (the model's max_position_embeddings)", set.seq, skeleton.max_positions());
+        bail!(
+            "--seq {} is out of range: allowed [16, {}] (the model's max_position_embeddings)",
+            set.seq,
+            skeleton.max_positions()
+        );
     }
     let kv_slots = set.decode_batches.iter().copied().max().unwrap_or(1);
     let plan = Plan::new(&skeleton, PlanInput { seq: set.seq, kv_slots, kv_len: set.decode_len() });
     let free = dev.available_memory().map(|(f, src)| (f, src.to_string()));
-    println!("memory plan of {} (from the config; nothing allocated yet):\n{}", subject.name, plan.describe(free.clone(), dev.is_cuda()));
+    println!(
+        "memory plan of {} (from the config; nothing allocated yet):\n{}",
+        subject.name,
+        plan.describe(free.clone(), dev.is_cuda())
+    );
     if a.plan {
         if let Some(p) = &a.json {
             let v = json!({"card": card(&dev), "driver": driver(&dev), "commit": git_commit(), "shape": subject.name, "device": dev.name(), "free_bytes": free.map(|f| f.0), "plan": plan.to_json()});
@@ -177,13 +194,28 @@ fn plan_check(plan: &Plan, m: &Measured, dev: &Device) -> Option<PlanCheck> {
     let measured_total: f64 = buffers.iter().map(|l| l.measured_bytes).sum();
     let mut peaks = Vec::new();
     if let Some(pk) = m.sft_peak {
-        peaks.push(PlanLine { name: "SFT step, recompute, vision trained".into(), plan_bytes: p.sft_step(cuda, true) as f64, measured_bytes: pk as f64 });
+        peaks.push(PlanLine {
+            name: "SFT step, recompute, vision trained".into(),
+            plan_bytes: p.sft_step(cuda, true) as f64,
+            measured_bytes: pk as f64,
+        });
     }
     if let Some((pl, pk)) = m.grpo_peak {
-        peaks.push(PlanLine { name: "GRPO step (the stage's MemoryPlan)".into(), plan_bytes: pl as f64, measured_bytes: pk as f64 });
+        peaks.push(PlanLine {
+            name: "GRPO step (the stage's MemoryPlan)".into(),
+            plan_bytes: pl as f64,
+            measured_bytes: pk as f64,
+        });
     }
     if buffers.is_empty() && peaks.is_empty() {
         return None;
     }
-    Some(PlanCheck { buffers, plan_total, measured_total, ratio: measured_total / plan_total.max(1.0), peaks, peak_source: memory_source(dev).into() })
+    Some(PlanCheck {
+        buffers,
+        plan_total,
+        measured_total,
+        ratio: measured_total / plan_total.max(1.0),
+        peaks,
+        peak_source: memory_source(dev).into(),
+    })
 }

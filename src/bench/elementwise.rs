@@ -49,12 +49,23 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     let err = prefix_err(dev, &out, &dg)?.max(prefix_err(dev, &out2, &du)?);
     rows.push(row("swiglu_bwd", &shape, ms, 5.0 * 2.0 * nf, Some(err), "bf16"));
 
-    for (kind, v2) in [(Gelu::Tanh, false), (Gelu::Erf, false), (Gelu::Quick, false), (Gelu::Tanh, true), (Gelu::Erf, true), (Gelu::Quick, true)] {
+    for (kind, v2) in [
+        (Gelu::Tanh, false),
+        (Gelu::Erf, false),
+        (Gelu::Quick, false),
+        (Gelu::Tanh, true),
+        (Gelu::Erf, true),
+        (Gelu::Quick, true),
+    ] {
         let ms = with_v2(v2, || time(&mut || act::gelu_fwd(dev, &mut out, &gate, n, kind)))?;
         let mut want = vec![0f32; CHECK];
         act::cpu::gelu_fwd(&mut want, &gate_h[..CHECK], kind);
         let err = prefix_err(dev, &out, &want)?;
-        let (name, note) = if v2 { (format!("gelu_fwd {kind:?} v2"), "bf16, V2 (AM3_V2)") } else { (format!("gelu_fwd {kind:?}"), "bf16") };
+        let (name, note) = if v2 {
+            (format!("gelu_fwd {kind:?} v2"), "bf16, V2 (AM3_V2)")
+        } else {
+            (format!("gelu_fwd {kind:?}"), "bf16")
+        };
         rows.push(row(&name, &shape, ms, 2.0 * 2.0 * nf, Some(err), note));
     }
     let ms = time(&mut || act::gelu_bwd(dev, &mut out, &dout, &gate, n, Gelu::Tanh))?;
@@ -69,7 +80,14 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     let bias = dev.upload(&bf16_round(random(&mut rng, cols, 1.0)), bf)?;
     let mut y = dev.upload(&up_h, bf)?;
     let ms = time(&mut || ew::bias_add(dev, &mut y, &bias, brows, cols))?;
-    rows.push(row("bias_add", &format!("[{brows}x{cols}]"), ms, 2.0 * 2.0 * nf + 2.0 * cols as f64, None, "bf16, in place"));
+    rows.push(row(
+        "bias_add",
+        &format!("[{brows}x{cols}]"),
+        ms,
+        2.0 * 2.0 * nf + 2.0 * cols as f64,
+        None,
+        "bf16, in place",
+    ));
     let mut db = dev.zeros_f32(cols)?;
     let mut db_v1 = Vec::new();
     for v2 in [false, true] {
@@ -103,7 +121,14 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     // the same stores and grid (the cast writes 2/3 of its bytes).
     let ms = ew::with_cast_v3(true, || time(&mut || ew::cast(dev, &mut f, &gate, n)))?;
     let err = prefix_err(dev, &f, &gate_h[..CHECK])?;
-    rows.push(row("cast bf16->f32 v3", &shape, ms, 6.0 * nf, Some(err), "V3 (default; AM3_CAST=2: V2): st.global.cs, one-shot grid"));
+    rows.push(row(
+        "cast bf16->f32 v3",
+        &shape,
+        ms,
+        6.0 * nf,
+        Some(err),
+        "V3 (default; AM3_CAST=2: V2): st.global.cs, one-shot grid",
+    ));
     let mut w = dev.zeros_f32(n)?;
     let ms = time(&mut || ew::fill_f32_streaming(dev, &mut w, 1.5, n))?;
     rows.push(row("fill f32 (write-only ref)", &shape, ms, 4.0 * nf, None, "write ceiling for the cast"));
@@ -129,7 +154,14 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
         let s = with_v2(v2, || adamw::sum_squares(dev, &grad, n))?;
         if v2 {
             let err = (s - s_v1).abs() / s_v1.abs().max(1e-30);
-            rows.push(row("sum_squares v2", &shape, ms, 4.0 * nf, Some(err), "f32, incl. download; V2 (AM3_V2), err vs V1"));
+            rows.push(row(
+                "sum_squares v2",
+                &shape,
+                ms,
+                4.0 * nf,
+                Some(err),
+                "f32, incl. download; V2 (AM3_V2), err vs V1",
+            ));
         } else {
             s_v1 = s;
             rows.push(row("sum_squares", &shape, ms, 4.0 * nf, None, "f32, includes the partials' download"));
@@ -145,7 +177,8 @@ fn row(op: &str, shape: &str, ms: f64, bytes: f64, rel_err: Option<f64>, note: &
 /// n random values: a normal pattern of odd length tiled (drawing 64M normals would dominate the
 /// run), never exactly zero.
 fn random(rng: &mut Rng, n: usize, scale: f64) -> Vec<f32> {
-    let pat: Vec<f32> = rng.normal_vec(n.min((1 << 20) + 7), scale).into_iter().map(|x| if x == 0.0 { 1e-3 } else { x }).collect();
+    let pat: Vec<f32> =
+        rng.normal_vec(n.min((1 << 20) + 7), scale).into_iter().map(|x| if x == 0.0 { 1e-3 } else { x }).collect();
     pat.iter().copied().cycle().take(n).collect()
 }
 

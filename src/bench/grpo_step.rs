@@ -25,7 +25,11 @@ pub fn suite(c: &Ctx) -> Result<Vec<Figure>> {
     let (dev, set) = (c.dev, c.set);
     let dir = c.subject.model_dir(dev, c.tmp, 0)?;
     let big = c.skeleton.param_entries().iter().map(|(r, _)| r.numel()).sum::<usize>() > 1_000_000_000;
-    let data = if c.subject.is_tiny() { demo_prompts() } else { synth::write_prompts(c.tmp, 2 * set.grpo_dialogues, set.grpo_turns, set.grpo_image_side)? };
+    let data = if c.subject.is_tiny() {
+        demo_prompts()
+    } else {
+        synth::write_prompts(c.tmp, 2 * set.grpo_dialogues, set.grpo_turns, set.grpo_image_side)?
+    };
     let args = GrpoArgs {
         model: Some(dir.clone()),
         data: Some(data.clone()),
@@ -49,12 +53,27 @@ pub fn suite(c: &Ctx) -> Result<Vec<Figure>> {
     let specs: Vec<DialogueSpec> = loaded.samples.iter().map(DialogueSpec::from_sample).collect();
     let slots = plan.max_batch.min(plan.dialogues_per_step * plan.n).max(plan.n);
     let (max_len, kv) = cache_plan(dev, &tr.l.model, &tr.l.tok, &tr.l.pp, &specs, slots, plan.max_new_tokens)?;
-    let trainable: usize = if plan.lora_rank > 0 { tr.l.model.trainable_entries().iter().map(|(r, _)| r.numel()).sum() } else { grad_refs(&tr.l.model).iter().map(|r| r.numel()).sum() };
-    let mem = MemoryPlan::new(dev, &tr.l.model, trainable, plan.beta_kl > 0.0 && plan.lora_rank == 0, kv, plan.batch_tokens.max(max_len), plan.recompute, tr.l.model.grad_store());
+    let trainable: usize = if plan.lora_rank > 0 {
+        tr.l.model.trainable_entries().iter().map(|(r, _)| r.numel()).sum()
+    } else {
+        grad_refs(&tr.l.model).iter().map(|r| r.numel()).sum()
+    };
+    let mem = MemoryPlan::new(
+        dev,
+        &tr.l.model,
+        trainable,
+        plan.beta_kl > 0.0 && plan.lora_rank == 0,
+        kv,
+        plan.batch_tokens.max(max_len),
+        plan.recompute,
+        tr.l.model.grad_store(),
+    );
 
     let phases = ["rollout", "judge", "old log-probs", "reference log-probs", "update"];
-    let (mut secs, mut rates, mut peaks) = (vec![Vec::new(); phases.len()], vec![Vec::new(); phases.len()], vec![Vec::new(); phases.len()]);
-    let (mut idle, mut step_s, mut step_tps, mut gen_tps, mut step_peak) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut secs, mut rates, mut peaks) =
+        (vec![Vec::new(); phases.len()], vec![Vec::new(); phases.len()], vec![Vec::new(); phases.len()]);
+    let (mut idle, mut step_s, mut step_tps, mut gen_tps, mut step_peak) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for step in 0..set.warmup + set.grpo_steps {
         let w = MemWatch::start(dev);
         let t0 = Instant::now();
@@ -66,7 +85,14 @@ pub fn suite(c: &Ctx) -> Result<Vec<Figure>> {
             continue;
         }
         let get = |k: &str| j.get(k).and_then(|v| v.as_f64()).ok_or_else(|| anyhow!("GRPO step metrics have no {k}"));
-        let (r, jd, o, f, u, s) = (get("rollout_s")?, get("judge_s")?, get("old_logp_s")?, get("ref_logp_s")?, get("update_s")?, get("step_s")?);
+        let (r, jd, o, f, u, s) = (
+            get("rollout_s")?,
+            get("judge_s")?,
+            get("old_logp_s")?,
+            get("ref_logp_s")?,
+            get("update_s")?,
+            get("step_s")?,
+        );
         let generated = get("rollout_tokens_per_s")? * r;
         let train_tokens = get("train_tokens")?;
         // Phases run in this order; the old/ref/update spans end where the step does.
@@ -84,7 +110,13 @@ pub fn suite(c: &Ctx) -> Result<Vec<Figure>> {
         gen_tps.push(generated / wall);
         step_peak.push(gib(super::measure::peak(&samples)));
     }
-    let what = format!("{} dialogues × {} rollouts, ≤{} new tokens per turn, {}", plan.dialogues_per_step, plan.n, plan.max_new_tokens, if plan.lora_rank > 0 { format!("LoRA rank {}", plan.lora_rank) } else { "full fine-tune".into() });
+    let what = format!(
+        "{} dialogues × {} rollouts, ≤{} new tokens per turn, {}",
+        plan.dialogues_per_step,
+        plan.n,
+        plan.max_new_tokens,
+        if plan.lora_rank > 0 { format!("LoRA rank {}", plan.lora_rank) } else { "full fine-tune".into() }
+    );
     let mut out = Vec::new();
     for (k, p) in phases.iter().enumerate() {
         out.push(Figure::of("grpo", &format!("{p}: s"), "s", &secs[k]).note(what.clone()));
@@ -100,9 +132,16 @@ pub fn suite(c: &Ctx) -> Result<Vec<Figure>> {
     out.push(Figure::of("grpo", "idle: s", "s", &idle).note("rewards, packing and bookkeeping between the phases"));
     out.push(Figure::of("grpo", "step: s", "s", &step_s).note(what));
     let base = c.baseline(true, 1300.0, "1,200–1,400", B_EASYR1);
-    out.push(Figure::of("grpo", "step: tok/s", "tok/s", &step_tps).with_baseline(base).note("prompt + response tokens of all rollouts per second of the whole step (EasyR1's throughput)"));
+    out.push(
+        Figure::of("grpo", "step: tok/s", "tok/s", &step_tps)
+            .with_baseline(base)
+            .note("prompt + response tokens of all rollouts per second of the whole step (EasyR1's throughput)"),
+    );
     out.push(Figure::of("grpo", "step: generated tok/s", "tok/s", &gen_tps));
-    out.push(Figure::of("grpo", "step: peak memory", "GiB", &step_peak).note(format!("the stage's plan: {}", mem.describe())));
+    out.push(
+        Figure::of("grpo", "step: peak memory", "GiB", &step_peak)
+            .note(format!("the stage's plan: {}", mem.describe())),
+    );
     let measured = step_peak.iter().fold(0.0f64, |a, &b| a.max(b));
     c.measured.borrow_mut().grpo_peak = Some((mem.peak(), (measured * (1u64 << 30) as f64) as u64));
     Ok(out)

@@ -65,15 +65,28 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     // `tune*` reproduce round 3 (dhidden in one GEMM, scratch allocated per call), so the existing
     // rows stay comparable; `r4*` are the round-4 defaults: split-K dhidden (automatic S) and the
     // cached scratch.
-    let tune = Tuning { fused_v2: false, fused_v3: false, fused_bytes: 640 << 20, dhidden_splits: 1, dw_overwrite: false, cache_scratch: false, ..Tuning::exact() };
+    let tune = Tuning {
+        fused_v2: false,
+        fused_v3: false,
+        fused_bytes: 640 << 20,
+        dhidden_splits: 1,
+        dw_overwrite: false,
+        cache_scratch: false,
+        ..Tuning::exact()
+    };
     let tune2 = Tuning { fused_v2: true, ..tune };
     let tune3 = Tuning { fused_v3: true, ..tune };
     let r4 = Tuning { dhidden_splits: 0, cache_scratch: true, ..tune };
     let r4v3 = Tuning { fused_v3: true, ..r4 };
     // "(tc, S)": chunk rows and dhidden slices of a fused tuning at this size.
-    let plan = |tn: &Tuning| logprob::fused_plan(dev, tn, t, h, v, bf).map_or("-".to_string(), |(tc, s)| format!("tc={tc} S={s}"));
-    let ms = time_gpu(g, it.0, it.1, &mut || logprob::fwd_with(dev, &tune, &mut logp, &mut lse, None, &hidden, &lm_head, &targets, None, t, h, v))?;
-    let err = if quick { None } else { Some(check_logp(dev, &logp, &x_host, &w_host, &tg_host, h, v, &[0, 1, t - 1])?) };
+    let plan = |tn: &Tuning| {
+        logprob::fused_plan(dev, tn, t, h, v, bf).map_or("-".to_string(), |(tc, s)| format!("tc={tc} S={s}"))
+    };
+    let ms = time_gpu(g, it.0, it.1, &mut || {
+        logprob::fwd_with(dev, &tune, &mut logp, &mut lse, None, &hidden, &lm_head, &targets, None, t, h, v)
+    })?;
+    let err =
+        if quick { None } else { Some(check_logp(dev, &logp, &x_host, &w_host, &tg_host, h, v, &[0, 1, t - 1])?) };
     rows.push(BenchRow {
         op: "logprob fwd".into(),
         shape: shape.clone(),
@@ -81,14 +94,21 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
         bytes: (2 * (t * h + v * h) + 8 * t) as f64,
         flops: gemm_flops,
         rel_err: err,
-        note: format!("1 GEMM floor {:.1} ms; extra {:.0} MiB", 1e3 * gemm_flops / super::BF16_FLOP_PER_S, mib(logprob::last_scratch_bytes())),
+        note: format!(
+            "1 GEMM floor {:.1} ms; extra {:.0} MiB",
+            1e3 * gemm_flops / super::BF16_FLOP_PER_S,
+            mib(logprob::last_scratch_bytes())
+        ),
     });
 
     // 1b. The forward in variant-3 mode (round 4): the old policy's / reference's log-probs
     // computed exactly as the fused v3 pass computes the policy's (bf16 logits), so the ratio is
     // exactly 1 at policy == old. One logits GEMM per 2,048-token chunk + fold_u without the u pass.
-    let ms = time_gpu(g, it.0, it.1, &mut || logprob::fwd_with(dev, &r4v3, &mut logp, &mut lse, None, &hidden, &lm_head, &targets, None, t, h, v))?;
-    let err = if quick { None } else { Some(check_logp(dev, &logp, &x_host, &w_host, &tg_host, h, v, &[0, 1, t - 1])?) };
+    let ms = time_gpu(g, it.0, it.1, &mut || {
+        logprob::fwd_with(dev, &r4v3, &mut logp, &mut lse, None, &hidden, &lm_head, &targets, None, t, h, v)
+    })?;
+    let err =
+        if quick { None } else { Some(check_logp(dev, &logp, &x_host, &w_host, &tg_host, h, v, &[0, 1, t - 1])?) };
     rows.push(BenchRow {
         op: "logprob fwd v3 mode r4".into(),
         shape: shape.clone(),
@@ -96,7 +116,11 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
         bytes: (2 * (t * h + v * h) + 2 * t * v + 8 * t) as f64,
         flops: gemm_flops,
         rel_err: err,
-        note: format!("bf16 logits as fused v3 (bit-identical logp); extra {:.0} MiB (cached: {:.0} MiB held)", mib(logprob::last_scratch_bytes()), mib(logprob::cached_scratch_bytes())),
+        note: format!(
+            "bf16 logits as fused v3 (bit-identical logp); extra {:.0} MiB (cached: {:.0} MiB held)",
+            mib(logprob::last_scratch_bytes()),
+            mib(logprob::cached_scratch_bytes())
+        ),
     });
 
     // 2. Forward + backward with recompute (4 GEMMs), from a generic dlogp.
@@ -125,8 +149,10 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     let old: Vec<f32> = lp.iter().map(|&x| x + (0.15 * rng.normal()) as f32).collect();
     let rf: Vec<f32> = lp.iter().map(|&x| x + (0.1 * rng.normal()) as f32).collect();
     let adv: Vec<f32> = (0..nroll).map(|_| rng.normal() as f32).collect();
-    let (old_b, ref_b, adv_b) = (dev.upload(&old, DType::F32)?, dev.upload(&rf, DType::F32)?, dev.upload(&adv, DType::F32)?);
-    let hp = GrpoHyper { lambda: 1.0, tau: 0.5, beta_help: 0.5, eps_low: 0.2, eps_high: 0.28, beta_kl: 0.04, adv_eps: 1e-4 };
+    let (old_b, ref_b, adv_b) =
+        (dev.upload(&old, DType::F32)?, dev.upload(&rf, DType::F32)?, dev.upload(&adv, DType::F32)?);
+    let hp =
+        GrpoHyper { lambda: 1.0, tau: 0.5, beta_help: 0.5, eps_low: 0.2, eps_high: 0.28, beta_kl: 0.04, adv_eps: 1e-4 };
     let ones = dev.upload(&vec![1.0; t], DType::F32)?;
     // Half of every rollout masked (a prompt-like prefix): the compaction skips it.
     let half: Vec<f32> = (0..t).map(|i| if i % len >= len / 2 { 1.0 } else { 0.0 }).collect();
@@ -185,12 +211,34 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
         let batch = GrpoBatch { old_logp: &old_b, ref_logp: &ref_b, mask, adv: &adv_b, rows: nroll, l: len };
         let mut stats = Default::default();
         let ms = time_gpu(g, it.0, it.1, &mut || {
-            stats = grpo::fused_loss_with(dev, &tn, &mut logp, &mut dhidden, &mut dw, &hidden, &lm_head, &targets, &batch, h, v, &hp, Aggregation::TokenMean)?;
+            stats = grpo::fused_loss_with(
+                dev,
+                &tn,
+                &mut logp,
+                &mut dhidden,
+                &mut dw,
+                &hidden,
+                &lm_head,
+                &targets,
+                &batch,
+                h,
+                v,
+                &hp,
+                Aggregation::TokenMean,
+            )?;
             Ok(())
         })?;
         let extra = logprob::last_scratch_bytes();
-        let checked = name.ends_with("fwd+bwd") || name.starts_with("grpo fused default") || name.starts_with("grpo fused r4 (") || name.starts_with("grpo fused v3 r4 (") || name.starts_with("grpo fused v3 900M r4 (");
-        let err = if quick || frac < 1.0 || !checked { None } else { Some(check_logp(dev, &logp, &x_host, &w_host, &tg_host, h, v, &[0, 4097])?) };
+        let checked = name.ends_with("fwd+bwd")
+            || name.starts_with("grpo fused default")
+            || name.starts_with("grpo fused r4 (")
+            || name.starts_with("grpo fused v3 r4 (")
+            || name.starts_with("grpo fused v3 900M r4 (");
+        let err = if quick || frac < 1.0 || !checked {
+            None
+        } else {
+            Some(check_logp(dev, &logp, &x_host, &w_host, &tg_host, h, v, &[0, 4097])?)
+        };
         rows.push(BenchRow {
             op: name,
             shape: shape.clone(),
@@ -217,11 +265,30 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
         let mut outs = Vec::new();
         for tn in [tune, tune2, tune3, r4, r4v3] {
             let mut dw0 = dev.zeros_f32(v * h)?;
-            let s = grpo::fused_loss_with(dev, &tn, &mut logp, &mut dhidden, &mut dw0, &hidden, &lm_head, &targets, &batch, h, v, &hp, Aggregation::TokenMean)?;
+            let s = grpo::fused_loss_with(
+                dev,
+                &tn,
+                &mut logp,
+                &mut dhidden,
+                &mut dw0,
+                &hidden,
+                &lm_head,
+                &targets,
+                &batch,
+                h,
+                v,
+                &hp,
+                Aggregation::TokenMean,
+            )?;
             outs.push((dev.to_vec(&logp)?, dev.to_vec(&dhidden)?, dev.to_vec(&dw0)?, s.loss));
         }
         // r4 rows: split-K changes only the order of dhidden's f32 sums (logp and dlm_head exact).
-        for (i, j, name) in [(1usize, 0usize, "grpo v2 vs current"), (2, 0, "grpo v3 vs current"), (3, 0, "grpo r4 vs current"), (4, 2, "grpo v3 r4 vs v3")] {
+        for (i, j, name) in [
+            (1usize, 0usize, "grpo v2 vs current"),
+            (2, 0, "grpo v3 vs current"),
+            (3, 0, "grpo r4 vs current"),
+            (4, 2, "grpo v3 r4 vs v3"),
+        ] {
             let (a, b) = (&outs[j], &outs[i]);
             let (e_lp, e_dh, e_dw) = (rel(&b.0, &a.0), rel(&b.1, &a.1), rel(&b.2, &a.2));
             let max_lp = a.0.iter().zip(&b.0).map(|(x, y)| (x - y).abs() as f64).fold(0f64, f64::max);
@@ -264,7 +331,10 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
 /// alone, with its HBM floor bytes, so PERF-logprob.md can say where the time beyond the three
 /// GEMMs goes. The launches mirror src/ops/logprob.rs (same kernels, same argument lists).
 #[allow(clippy::too_many_arguments)]
-fn stages(dev: &Device, g: &Gpu, it: (usize, usize), hidden: &Buf, w: &Buf, targets: &Buf, dw: &mut Buf, t: usize, h: usize, v: usize, shape: &str) -> Result<Vec<BenchRow>> {
+fn stages(
+    dev: &Device, g: &Gpu, it: (usize, usize), hidden: &Buf, w: &Buf, targets: &Buf, dw: &mut Buf, t: usize, h: usize,
+    v: usize, shape: &str,
+) -> Result<Vec<BenchRow>> {
     use crate::cuda::{cfg_1d, cfg_rows, Arg};
     use cudarc::driver::LaunchConfig;
     let tc = 2048usize.min(t);
@@ -280,22 +350,88 @@ fn stages(dev: &Device, g: &Gpu, it: (usize, usize), hidden: &Buf, w: &Buf, targ
     let dlogp = dev.upload(&vec![1.0 / t as f32; tc], DType::F32)?;
     let dh = dev.zeros_f32(tc * h)?;
     let (x, wp, tg) = (hidden.ptr(g)?, w.ptr(g)?, targets.ptr(g)?);
-    let (tile, store, moff, zoff, stats, lp, lse, dlogp, dh, dwp) = (tile.ptr(g)?, store.ptr(g)?, moff.ptr(g)?, zoff.ptr(g)?, stats.ptr(g)?, lp.ptr(g)?, lse.ptr(g)?, dlogp.ptr(g)?, dh.ptr(g)?, dw.ptr(g)?);
-    let gm = |m, n, k, ta, tb, a, b, c, beta, c_type| Gemm { m, n, k, trans_a: ta, trans_b: tb, alpha: 1.0, beta, a, b, c, ab_type: GemmType::Bf16, c_type, batch: (1, 0, 0, 0) };
+    let (tile, store, moff, zoff, stats, lp, lse, dlogp, dh, dwp) = (
+        tile.ptr(g)?,
+        store.ptr(g)?,
+        moff.ptr(g)?,
+        zoff.ptr(g)?,
+        stats.ptr(g)?,
+        lp.ptr(g)?,
+        lse.ptr(g)?,
+        dlogp.ptr(g)?,
+        dh.ptr(g)?,
+        dw.ptr(g)?,
+    );
+    let gm = |m, n, k, ta, tb, a, b, c, beta, c_type| Gemm {
+        m,
+        n,
+        k,
+        trans_a: ta,
+        trans_b: tb,
+        alpha: 1.0,
+        beta,
+        a,
+        b,
+        c,
+        ab_type: GemmType::Bf16,
+        c_type,
+        batch: (1, 0, 0, 0),
+    };
     let tile_gemm = |j: usize| {
         let nv = vc.min(v - j * vc);
         gm(tc, nv, h, false, true, x, wp + (j * vc * h * 2) as u64, tile, 0.0, GemmType::F32)
     };
     let fold_v1 = |j: usize| -> Result<()> {
         let nv = vc.min(v - j * vc);
-        let args = [Arg::Ptr(stats), Arg::Ptr(store), Arg::Ptr(moff), Arg::Ptr(tile), Arg::Ptr(tg), Arg::I32(tc as i32), Arg::I32(nv as i32), Arg::I32((j * vc) as i32), Arg::I32(v as i32), Arg::I32(j as i32), Arg::I32(nsub as i32), Arg::I32((j == 0) as i32)];
+        let args = [
+            Arg::Ptr(stats),
+            Arg::Ptr(store),
+            Arg::Ptr(moff),
+            Arg::Ptr(tile),
+            Arg::Ptr(tg),
+            Arg::I32(tc as i32),
+            Arg::I32(nv as i32),
+            Arg::I32((j * vc) as i32),
+            Arg::I32(v as i32),
+            Arg::I32(j as i32),
+            Arg::I32(nsub as i32),
+            Arg::I32((j == 0) as i32),
+        ];
         g.launch("logprob", "logprob_fold_bf16", cfg_rows(tc, 256, 0), &args)
     };
-    let fold_v2 = || g.launch("logprob", "logprob_fold_full_bf16", cfg_rows(tc, 256, 0), &[Arg::Ptr(stats), Arg::Ptr(store), Arg::Ptr(tg), Arg::I32(tc as i32), Arg::I32(v as i32)]);
-    let finalize = || g.launch("logprob", "logprob_finalize", cfg_1d(tc, 256), &[Arg::Ptr(lp), Arg::Ptr(lse), Arg::Ptr(0), Arg::Ptr(stats), Arg::I32(tc as i32)]);
+    let fold_v2 = || {
+        g.launch(
+            "logprob",
+            "logprob_fold_full_bf16",
+            cfg_rows(tc, 256, 0),
+            &[Arg::Ptr(stats), Arg::Ptr(store), Arg::Ptr(tg), Arg::I32(tc as i32), Arg::I32(v as i32)],
+        )
+    };
+    let finalize = || {
+        g.launch(
+            "logprob",
+            "logprob_finalize",
+            cfg_1d(tc, 256),
+            &[Arg::Ptr(lp), Arg::Ptr(lse), Arg::Ptr(0), Arg::Ptr(stats), Arg::I32(tc as i32)],
+        )
+    };
     let dlogits = |off: u64, vcol: usize, ns: usize| {
-        let cfg = LaunchConfig { grid_dim: (v.div_ceil(256 * 8) as u32, tc as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let args = [Arg::Ptr(store), Arg::Ptr(off), Arg::Ptr(lse), Arg::Ptr(dlogp), Arg::Ptr(tg), Arg::I32(tc as i32), Arg::I32(v as i32), Arg::I32(vcol as i32), Arg::I32(ns as i32)];
+        let cfg = LaunchConfig {
+            grid_dim: (v.div_ceil(256 * 8) as u32, tc as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let args = [
+            Arg::Ptr(store),
+            Arg::Ptr(off),
+            Arg::Ptr(lse),
+            Arg::Ptr(dlogp),
+            Arg::Ptr(tg),
+            Arg::I32(tc as i32),
+            Arg::I32(v as i32),
+            Arg::I32(vcol as i32),
+            Arg::I32(ns as i32),
+        ];
         g.launch("logprob", "logprob_dlogits_stored_bf16", cfg, &args)
     };
     let chunk_flops = 2.0 * (tc * h * v) as f64;
@@ -306,7 +442,11 @@ fn stages(dev: &Device, g: &Gpu, it: (usize, usize), hidden: &Buf, w: &Buf, targ
     let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
     let chunks = t.div_ceil(tc);
     let mut row = |op: &str, ms: f64, bytes: f64, flops: f64, note: &str| {
-        let note = if note.starts_with("per call") { note.to_string() } else { format!("x{chunks} chunks = {:.2} ms; {note}", ms * chunks as f64) };
+        let note = if note.starts_with("per call") {
+            note.to_string()
+        } else {
+            format!("x{chunks} chunks = {:.2} ms; {note}", ms * chunks as f64)
+        };
         out.push(BenchRow { op: op.into(), shape: shape.into(), ms, bytes, flops, rel_err: None, note });
     };
     // v1 forward: 19 f32 tile GEMMs, each followed by the fold of that tile into the bf16 store.
@@ -314,7 +454,9 @@ fn stages(dev: &Device, g: &Gpu, it: (usize, usize), hidden: &Buf, w: &Buf, targ
     row("stage v1 logits tiles f32", ms, 2.0 * sb + wb, chunk_flops, "19 GEMMs [2048 x 8192] f32 out");
     let ms = time_gpu(g, it.0, it.1, &mut || (0..nsub).try_for_each(&fold_v1))?;
     row("stage v1 fold tiles", ms, 3.0 * sb, 0.0, "19 launches: read f32 tile, write bf16 l - m");
-    let ms = time_gpu(g, it.0, it.1, &mut || (0..nsub).try_for_each(|j| g.blas.gemm(&tile_gemm(j)).and_then(|_| fold_v1(j))))?;
+    let ms = time_gpu(g, it.0, it.1, &mut || {
+        (0..nsub).try_for_each(|j| g.blas.gemm(&tile_gemm(j)).and_then(|_| fold_v1(j)))
+    })?;
     row("stage v1 logits+fold", ms, 3.0 * sb + wb, chunk_flops, "interleaved as in the op");
     // v2 forward: one GEMM writing bf16 logits into the store, one single-read fold.
     let logits_v2 = gm(tc, v, h, false, true, x, wp, store, 0.0, GemmType::Bf16);
@@ -326,10 +468,21 @@ fn stages(dev: &Device, g: &Gpu, it: (usize, usize), hidden: &Buf, w: &Buf, targ
     // each row cached in shared memory, as in the op.
     g.blas.gemm(&logits_v2)?;
     let cache = (160usize << 10) / 2;
-    let cfg_u = LaunchConfig { grid_dim: (tc as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: (cache * 2) as u32 };
+    let cfg_u =
+        LaunchConfig { grid_dim: (tc as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: (cache * 2) as u32 };
     let ms = time_gpu(g, it.0, it.1, &mut || {
         g.blas.gemm(&logits_v2)?;
-        let args = [Arg::Ptr(store), Arg::Ptr(lp), Arg::Ptr(lse), Arg::Ptr(0), Arg::Ptr(tg), Arg::I32(tc as i32), Arg::I32(v as i32), Arg::I32(cache as i32), Arg::I32(1)];
+        let args = [
+            Arg::Ptr(store),
+            Arg::Ptr(lp),
+            Arg::Ptr(lse),
+            Arg::Ptr(0),
+            Arg::Ptr(tg),
+            Arg::I32(tc as i32),
+            Arg::I32(v as i32),
+            Arg::I32(cache as i32),
+            Arg::I32(1),
+        ];
         g.launch("logprob", "logprob_fold_u_bf16", cfg_u, &args)
     })?;
     row("stage v3 logits GEMM + fold_u", ms, 3.0 * sb + wb, chunk_flops, "GEMM, then read each logit once (+ L2 re-read past 160 KiB), write u; compare with v2 GEMM + fold_full + dlogits");
@@ -337,10 +490,26 @@ fn stages(dev: &Device, g: &Gpu, it: (usize, usize), hidden: &Buf, w: &Buf, targ
     let cfg_f = LaunchConfig { shared_mem_bytes: 0, ..cfg_u };
     let ms = time_gpu(g, it.0, it.1, &mut || {
         g.blas.gemm(&logits_v2)?;
-        let args = [Arg::Ptr(store), Arg::Ptr(lp), Arg::Ptr(lse), Arg::Ptr(0), Arg::Ptr(tg), Arg::I32(tc as i32), Arg::I32(v as i32), Arg::I32(0), Arg::I32(0)];
+        let args = [
+            Arg::Ptr(store),
+            Arg::Ptr(lp),
+            Arg::Ptr(lse),
+            Arg::Ptr(0),
+            Arg::Ptr(tg),
+            Arg::I32(tc as i32),
+            Arg::I32(v as i32),
+            Arg::I32(0),
+            Arg::I32(0),
+        ];
         g.launch("logprob", "logprob_fold_u_bf16", cfg_f, &args)
     })?;
-    row("stage v3 logits GEMM + fold (fwd)", ms, sb + sb + wb, chunk_flops, "fwd in v3 mode: GEMM, fold_u with write_u = 0 (one read of the chunk)");
+    row(
+        "stage v3 logits GEMM + fold (fwd)",
+        ms,
+        sb + sb + wb,
+        chunk_flops,
+        "fwd in v3 mode: GEMM, fold_u with write_u = 0 (one read of the chunk)",
+    );
     g.blas.gemm(&logits_v2)?;
     fold_v2()?;
     finalize()?;
@@ -368,13 +537,27 @@ fn stages(dev: &Device, g: &Gpu, it: (usize, usize), hidden: &Buf, w: &Buf, targ
                     count = logprob::dhidden_split_gemm(g, w, u, part, rows, h, v, sp)?;
                     Ok(())
                 })?;
-                let args = [Arg::Ptr(dhb), Arg::Ptr(part), Arg::Ptr(0), Arg::Ptr(0), Arg::I32(0), Arg::I32(rows as i32), Arg::I32(h as i32), Arg::I32(count as i32), Arg::I64((rows * h) as i64)];
+                let args = [
+                    Arg::Ptr(dhb),
+                    Arg::Ptr(part),
+                    Arg::Ptr(0),
+                    Arg::Ptr(0),
+                    Arg::I32(0),
+                    Arg::I32(rows as i32),
+                    Arg::I32(h as i32),
+                    Arg::I32(count as i32),
+                    Arg::I64((rows * h) as i64),
+                ];
                 let ms = time_gpu(g, it.0, it.1, &mut || {
                     logprob::dhidden_split_gemm(g, w, u, part, rows, h, v, sp)?;
                     g.launch("logprob", "logprob_scatter_sum_bf16", cfg_rows(rows, 256, 0), &args)
                 })?;
                 let tiles = rows.div_ceil(128) * h.div_ceil(256) * count;
-                let op = if rows == tc { format!("stage dhidden split {sp}") } else { format!("stage dhidden split {sp} tc={rows}") };
+                let op = if rows == tc {
+                    format!("stage dhidden split {sp}")
+                } else {
+                    format!("stage dhidden split {sp} tc={rows}")
+                };
                 out_rows.push(BenchRow {
                     op,
                     shape: shape.into(),
@@ -395,12 +578,24 @@ fn stages(dev: &Device, g: &Gpu, it: (usize, usize), hidden: &Buf, w: &Buf, targ
     }
     let dw_gemm = gm(v, h, tc, true, false, store, x, dwp, 1.0, GemmType::F32);
     let ms = time_gpu(g, it.0, it.1, &mut || g.blas.gemm(&dw_gemm))?;
-    row("stage dW GEMM k=2048", ms, sb + 8.0 * (v * h) as f64, chunk_flops, "beta=1: f32 dW [V,H] read + written (4.4 GB)");
+    row(
+        "stage dW GEMM k=2048",
+        ms,
+        sb + 8.0 * (v * h) as f64,
+        chunk_flops,
+        "beta=1: f32 dW [V,H] read + written (4.4 GB)",
+    );
     let ms = time_gpu(g, it.0, it.1, &mut || {
         let _scratch = (dev.zeros(bf, tc * v)?, dev.zeros(f4, tc * vc)?, dev.zeros(f4, tc * h)?);
         Ok(())
     })?;
-    row("stage scratch alloc+zero", ms, (2 * tc * v + 4 * tc * vc + 4 * tc * h) as f64, 0.0, "per call, not per chunk: the 687 MiB of v1 scratch, zeroed");
+    row(
+        "stage scratch alloc+zero",
+        ms,
+        (2 * tc * v + 4 * tc * vc + 4 * tc * h) as f64,
+        0.0,
+        "per call, not per chunk: the 687 MiB of v1 scratch, zeroed",
+    );
     // Round 4: the cost the scratch cache removes from v2/v3, whose kept buffer was allocated
     // uninitialised per call: wall time of a cudaMallocAsync of the v3 arena (store + hg + 4
     // partials) and its free, each followed by a sync as in the op (the pool trims at a sync).
@@ -412,27 +607,51 @@ fn stages(dev: &Device, g: &Gpu, it: (usize, usize), hidden: &Buf, w: &Buf, targ
         drop(b);
         g.sync()
     })?;
-    row("stage scratch alloc uninit", ms, 0.0, 0.0, &format!("per call, wall time: {:.0} MiB cudaMallocAsync + free + 2 syncs (what the cache saves per call)", mib(arena)));
+    row(
+        "stage scratch alloc uninit",
+        ms,
+        0.0,
+        0.0,
+        &format!(
+            "per call, wall time: {:.0} MiB cudaMallocAsync + free + 2 syncs (what the cache saves per call)",
+            mib(arena)
+        ),
+    );
     let flags = dev.upload(&vec![1.0; t], DType::F32)?;
     let (idx, pos, cnt) = (dev.zeros(DType::I32, t)?, dev.zeros(DType::I32, t)?, dev.zeros(DType::I32, 1)?);
     let ms = time_gpu(g, it.0, it.1, &mut || {
-        let args = [Arg::Ptr(idx.ptr(g)?), Arg::Ptr(pos.ptr(g)?), Arg::Ptr(cnt.ptr(g)?), Arg::Ptr(flags.ptr(g)?), Arg::I32(t as i32)];
+        let args = [
+            Arg::Ptr(idx.ptr(g)?),
+            Arg::Ptr(pos.ptr(g)?),
+            Arg::Ptr(cnt.ptr(g)?),
+            Arg::Ptr(flags.ptr(g)?),
+            Arg::I32(t as i32),
+        ];
         g.launch("logprob", "logprob_scan_nonzero", cfg_rows(1, 1024, 0), &args)?;
         dev.to_vec_i32(&cnt).map(|_| ())
     })?;
-    row("stage active scan + D2H", ms, (12 * t) as f64, 0.0, "per call, not per chunk: one-block scan and the count's download");
+    row(
+        "stage active scan + D2H",
+        ms,
+        (12 * t) as f64,
+        0.0,
+        "per call, not per chunk: one-block scan and the count's download",
+    );
     out.extend(out_rows);
     Ok(out)
 }
 
 /// Relative error of logp at the given tokens against an f64 computation on the host.
 #[allow(clippy::too_many_arguments)]
-fn check_logp(dev: &Device, logp: &Buf, x: &[f32], w: &[f32], tg: &[i32], h: usize, v: usize, toks: &[usize]) -> Result<f64> {
+fn check_logp(
+    dev: &Device, logp: &Buf, x: &[f32], w: &[f32], tg: &[i32], h: usize, v: usize, toks: &[usize],
+) -> Result<f64> {
     let got = dev.to_vec(logp)?;
     let (mut num, mut den) = (0f64, 0f64);
     for &i in toks {
         let xi = &x[i * h..(i + 1) * h];
-        let logits: Vec<f64> = (0..v).map(|j| xi.iter().zip(&w[j * h..(j + 1) * h]).map(|(&a, &b)| a as f64 * b as f64).sum()).collect();
+        let logits: Vec<f64> =
+            (0..v).map(|j| xi.iter().zip(&w[j * h..(j + 1) * h]).map(|(&a, &b)| a as f64 * b as f64).sum()).collect();
         let m = logits.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
         let lse = m + logits.iter().map(|l| (l - m).exp()).sum::<f64>().ln();
         let want = logits[tg[i] as usize] - lse;
@@ -447,10 +666,27 @@ fn check_logp(dev: &Device, logp: &Buf, x: &[f32], w: &[f32], tg: &[i32], h: usi
 
 /// logits [T, V] = hidden · Wᵀ (bf16 out), dhidden = logits · W, dW += logitsᵀ · hidden (f32).
 #[allow(clippy::too_many_arguments)]
-fn gemm_reference(dev: &Device, g: &Gpu, it: (usize, usize), hidden: &Buf, w: &Buf, dh: &mut Buf, dw: &mut Buf, t: usize, h: usize, v: usize, gemm_flops: f64, shape: &str) -> Result<BenchRow> {
+fn gemm_reference(
+    dev: &Device, g: &Gpu, it: (usize, usize), hidden: &Buf, w: &Buf, dh: &mut Buf, dw: &mut Buf, t: usize, h: usize,
+    v: usize, gemm_flops: f64, shape: &str,
+) -> Result<BenchRow> {
     let logits = dev.zeros(DType::BF16, t * v)?;
     let (x, wp, l, dhp, dwp) = (hidden.ptr(g)?, w.ptr(g)?, logits.ptr(g)?, dh.ptr(g)?, dw.ptr(g)?);
-    let gm = |m, n, k, ta, tb, a, b, c, beta, c_type| Gemm { m, n, k, trans_a: ta, trans_b: tb, alpha: 1.0, beta, a, b, c, ab_type: GemmType::Bf16, c_type, batch: (1, 0, 0, 0) };
+    let gm = |m, n, k, ta, tb, a, b, c, beta, c_type| Gemm {
+        m,
+        n,
+        k,
+        trans_a: ta,
+        trans_b: tb,
+        alpha: 1.0,
+        beta,
+        a,
+        b,
+        c,
+        ab_type: GemmType::Bf16,
+        c_type,
+        batch: (1, 0, 0, 0),
+    };
     let calls = [
         gm(t, v, h, false, true, x, wp, l, 0.0, GemmType::Bf16),
         gm(t, h, v, false, false, l, wp, dhp, 0.0, GemmType::Bf16),
@@ -468,6 +704,10 @@ fn gemm_reference(dev: &Device, g: &Gpu, it: (usize, usize), hidden: &Buf, w: &B
         bytes: 0.0,
         flops: 3.0 * gemm_flops,
         rel_err: None,
-        note: format!("logits/dhidden/dW {} ms; holds [T,V] logits: {:.2} GiB", each.join("/"), (2 * t * v) as f64 / GIB),
+        note: format!(
+            "logits/dhidden/dW {} ms; holds [T,V] logits: {:.2} GiB",
+            each.join("/"),
+            (2 * t * v) as f64 / GIB
+        ),
     })
 }

@@ -22,7 +22,8 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     let Device::Cuda(g) = dev else { return Ok(Vec::new()) };
     let t = if quick { 1024 } else { 4096 };
     let (warm, iters) = if quick { (2, 5) } else { (5, 20) };
-    let shapes: &[(&str, usize, usize)] = &[("q/o_proj", 3584, 3584), ("gate/up_proj", 3584, 18944), ("down_proj", 18944, 3584)];
+    let shapes: &[(&str, usize, usize)] =
+        &[("q/o_proj", 3584, 3584), ("gate/up_proj", 3584, 18944), ("down_proj", 18944, 3584)];
     let ranks: &[usize] = if quick { &[16] } else { &[16, 64] };
     let bf = DType::BF16;
     let mut rng = Rng::new(0x10_4a);
@@ -36,9 +37,25 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
         let (ti, di, dof) = (t as f64, din as f64, dout as f64);
         let shape = format!("{name} [{t}x{din}]->{dout} bf16");
         let ms = time_gpu(g, warm, iters, &mut || matmul::linear_fwd(dev, &mut y, &xb, &wb, None, t, din, dout))?;
-        out.push(BenchRow { op: "linear_fwd (base)".into(), shape: shape.clone(), ms, bytes: BF * (ti * di + dof * di + ti * dof), flops: 2.0 * ti * di * dof, ..Default::default() });
-        let ms = time_gpu(g, warm, iters, &mut || matmul::fwd(dev, &mut dx, &dyb, &wb, t, din, dout, false, false, 1.0, 0.0))?;
-        out.push(BenchRow { op: "linear_bwd dx (frozen)".into(), shape: shape.clone(), ms, bytes: BF * (ti * dof + dof * di + ti * di), flops: 2.0 * ti * di * dof, ..Default::default() });
+        out.push(BenchRow {
+            op: "linear_fwd (base)".into(),
+            shape: shape.clone(),
+            ms,
+            bytes: BF * (ti * di + dof * di + ti * dof),
+            flops: 2.0 * ti * di * dof,
+            ..Default::default()
+        });
+        let ms = time_gpu(g, warm, iters, &mut || {
+            matmul::fwd(dev, &mut dx, &dyb, &wb, t, din, dout, false, false, 1.0, 0.0)
+        })?;
+        out.push(BenchRow {
+            op: "linear_bwd dx (frozen)".into(),
+            shape: shape.clone(),
+            ms,
+            bytes: BF * (ti * dof + dof * di + ti * di),
+            flops: 2.0 * ti * di * dof,
+            ..Default::default()
+        });
         for &r in ranks {
             let a = bf16_round(rng.uniform_vec(r * din, -1.0 / di.sqrt(), 1.0 / di.sqrt()));
             let b = bf16_round(rng.uniform_vec(dout * r, -0.05, 0.05));
@@ -55,11 +72,32 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
             let err = rel_err(&dev.to_vec(&y0)?[..k * dout], &want);
             let ms = time_gpu(g, warm, iters, &mut || lora::fwd(dev, &mut y, &xb, &ad, t, din, dout))?;
             let bytes = BF * ti * di + ab_bytes + 2.0 * BF * ti * dof + 2.0 * BF * ti * rf;
-            out.push(BenchRow { op: "lora_fwd (branch, y +=)".into(), shape: tag.clone(), ms, bytes, flops: 2.0 * ti * rf * (di + dof), rel_err: Some(err), ..Default::default() });
+            out.push(BenchRow {
+                op: "lora_fwd (branch, y +=)".into(),
+                shape: tag.clone(),
+                ms,
+                bytes,
+                flops: 2.0 * ti * rf * (di + dof),
+                rel_err: Some(err),
+                ..Default::default()
+            });
             let (mut da, mut db) = (dev.zeros_f32(r * din)?, dev.zeros_f32(dout * r)?);
-            let ms = time_gpu(g, warm, iters, &mut || lora::bwd(dev, Some(&mut dx), Some(&mut da), Some(&mut db), &dyb, &xb, &ad, t, din, dout))?;
-            let bytes = 2.0 * BF * ti * di + BF * ti * dof + ab_bytes + 2.0 * F4 * (r * din + dout * r) as f64 + 4.0 * BF * ti * rf;
-            out.push(BenchRow { op: "lora_bwd (dx +=, dA, dB)".into(), shape: tag, ms, bytes, flops: 2.0 * ti * rf * (3.0 * di + 2.0 * dof), ..Default::default() });
+            let ms = time_gpu(g, warm, iters, &mut || {
+                lora::bwd(dev, Some(&mut dx), Some(&mut da), Some(&mut db), &dyb, &xb, &ad, t, din, dout)
+            })?;
+            let bytes = 2.0 * BF * ti * di
+                + BF * ti * dof
+                + ab_bytes
+                + 2.0 * F4 * (r * din + dout * r) as f64
+                + 4.0 * BF * ti * rf;
+            out.push(BenchRow {
+                op: "lora_bwd (dx +=, dA, dB)".into(),
+                shape: tag,
+                ms,
+                bytes,
+                flops: 2.0 * ti * rf * (3.0 * di + 2.0 * dof),
+                ..Default::default()
+            });
         }
     }
     Ok(out)

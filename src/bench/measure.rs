@@ -20,8 +20,10 @@ pub fn time_runs(dev: &Device, warmup: usize, iters: usize, f: &mut dyn FnMut() 
     for _ in 0..iters {
         match dev {
             Device::Cuda(g) => {
-                let start = g.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).context("creating a CUDA event")?;
-                let stop = g.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).context("creating a CUDA event")?;
+                let start =
+                    g.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).context("creating a CUDA event")?;
+                let stop =
+                    g.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).context("creating a CUDA event")?;
                 start.record(&g.stream)?;
                 f()?;
                 stop.record(&g.stream)?;
@@ -51,7 +53,10 @@ pub fn in_use(dev: &Device) -> u64 {
 
 fn rss() -> u64 {
     // statm: size resident ... in pages.
-    let pages = std::fs::read_to_string("/proc/self/statm").ok().and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok())).unwrap_or(0);
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .unwrap_or(0);
     pages * 4096
 }
 
@@ -133,9 +138,13 @@ pub fn driver(dev: &Device) -> String {
         sys::CUresult::CUDA_SUCCESS => format!("CUDA {}.{}", v / 1000, (v % 1000) / 10),
         _ => "CUDA ?".into(),
     };
-    let module = std::fs::read_to_string("/proc/driver/nvidia/version")
-        .ok()
-        .and_then(|s| s.lines().next().and_then(|l| l.split_whitespace().find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()) && w.contains('.')).map(String::from)));
+    let module = std::fs::read_to_string("/proc/driver/nvidia/version").ok().and_then(|s| {
+        s.lines().next().and_then(|l| {
+            l.split_whitespace()
+                .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()) && w.contains('.'))
+                .map(String::from)
+        })
+    });
     match module {
         Some(m) => format!("{api}, NVIDIA {m}"),
         None => api,

@@ -13,12 +13,12 @@ pub mod attention;
 pub mod cli;
 pub mod elementwise;
 pub mod grpo_step;
+pub mod logprob;
+pub mod lora;
 pub mod measure;
 pub mod norms;
 pub mod patch_embed;
 pub mod plan;
-pub mod logprob;
-pub mod lora;
 pub mod report;
 pub mod rollout;
 pub mod shape;
@@ -140,7 +140,9 @@ pub fn run_suites(dev: &Device, quick: bool, only: &[String]) -> Result<Vec<Benc
         }
         match f(dev, quick) {
             Ok(r) => rows.extend(r),
-            Err(e) => rows.push(BenchRow { op: name.to_string(), note: format!("FAILED: {e:#}"), ..Default::default() }),
+            Err(e) => {
+                rows.push(BenchRow { op: name.to_string(), note: format!("FAILED: {e:#}"), ..Default::default() })
+            }
         }
     }
     Ok(rows)

@@ -52,14 +52,22 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     // V1 (verified) and V2 side by side; V2's dw is compared with V1's after one call from zero.
     let mut dw_v1 = Vec::new();
     for v2 in [false, true] {
-        let ms = with_v2(v2, || time_gpu(g, warm, iters, &mut || rmsnorm::bwd(dev, &mut dx, &mut dw, &dyb, &xb, &wb, &rstd, rows, cols)))?;
+        let ms = with_v2(v2, || {
+            time_gpu(g, warm, iters, &mut || rmsnorm::bwd(dev, &mut dx, &mut dw, &dyb, &xb, &wb, &rstd, rows, cols))
+        })?;
         let err = rel_err(&dev.to_vec(&dx)?[..k * cols], &dxr);
         let mut dw1 = dev.zeros_f32(cols)?;
         with_v2(v2, || rmsnorm::bwd(dev, &mut dx, &mut dw1, &dyb, &xb, &wb, &rstd, rows, cols))?;
         let dwv = dev.to_vec(&dw1)?;
         let note = if v2 { format!("V2 (AM3_V2); dw vs V1 {:.1e}", rel_err(&dwv, &dw_v1)) } else { String::new() };
         dw_v1 = dwv;
-        let mut rw = row(if v2 { "rmsnorm_bwd v2" } else { "rmsnorm_bwd" }, &shape, ms, 3.0 * BF * r * c + BF * c + F4 * r + 2.0 * F4 * c, err);
+        let mut rw = row(
+            if v2 { "rmsnorm_bwd v2" } else { "rmsnorm_bwd" },
+            &shape,
+            ms,
+            3.0 * BF * r * c + BF * c + F4 * r + 2.0 * F4 * c,
+            err,
+        );
         rw.note = note;
         out.push(rw);
     }
@@ -70,11 +78,21 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     layernorm::cpu::fwd(&mut yr, &mut mr, &mut rr, xk, &w, &b, k, cols, 1e-5);
     for v2 in [true, false] {
         // V1 last, so the backward below uses V1's mean/rstd.
-        let ms = with_v2(v2, || time_gpu(g, warm, iters, &mut || layernorm::fwd(dev, &mut y, &mut mean, &mut rstd, &xb, &wb, &bb, rows, cols, 1e-5)))?;
+        let ms = with_v2(v2, || {
+            time_gpu(g, warm, iters, &mut || {
+                layernorm::fwd(dev, &mut y, &mut mean, &mut rstd, &xb, &wb, &bb, rows, cols, 1e-5)
+            })
+        })?;
         let err = rel_err(&dev.to_vec(&y)?[..k * cols], &yr)
             .max(rel_err(&dev.to_vec(&mean)?[..k], &mr))
             .max(rel_err(&dev.to_vec(&rstd)?[..k], &rr));
-        let mut rw = row(if v2 { "layernorm_fwd v2" } else { "layernorm_fwd" }, &shape, ms, 2.0 * BF * r * c + 2.0 * BF * c + 2.0 * F4 * r, err);
+        let mut rw = row(
+            if v2 { "layernorm_fwd v2" } else { "layernorm_fwd" },
+            &shape,
+            ms,
+            2.0 * BF * r * c + 2.0 * BF * c + 2.0 * F4 * r,
+            err,
+        );
         rw.note = if v2 { "V2 (AM3_V2); err covers y, mean, rstd".into() } else { String::new() };
         out.push(rw);
     }
@@ -84,14 +102,28 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     layernorm::cpu::bwd(&mut dxr, &mut dwr, &mut dbr, dyk, xk, &w, &mr, &rr, k, cols);
     let mut p_v1 = (Vec::new(), Vec::new());
     for v2 in [false, true] {
-        let ms = with_v2(v2, || time_gpu(g, warm, iters, &mut || layernorm::bwd(dev, &mut dx, &mut dw, &mut db, &dyb, &xb, &wb, &mean, &rstd, rows, cols)))?;
+        let ms = with_v2(v2, || {
+            time_gpu(g, warm, iters, &mut || {
+                layernorm::bwd(dev, &mut dx, &mut dw, &mut db, &dyb, &xb, &wb, &mean, &rstd, rows, cols)
+            })
+        })?;
         let err = rel_err(&dev.to_vec(&dx)?[..k * cols], &dxr);
         let (mut dw1, mut db1) = (dev.zeros_f32(cols)?, dev.zeros_f32(cols)?);
         with_v2(v2, || layernorm::bwd(dev, &mut dx, &mut dw1, &mut db1, &dyb, &xb, &wb, &mean, &rstd, rows, cols))?;
         let p = (dev.to_vec(&dw1)?, dev.to_vec(&db1)?);
-        let note = if v2 { format!("V2 (AM3_V2); dw, db vs V1 {:.1e}, {:.1e}", rel_err(&p.0, &p_v1.0), rel_err(&p.1, &p_v1.1)) } else { String::new() };
+        let note = if v2 {
+            format!("V2 (AM3_V2); dw, db vs V1 {:.1e}, {:.1e}", rel_err(&p.0, &p_v1.0), rel_err(&p.1, &p_v1.1))
+        } else {
+            String::new()
+        };
         p_v1 = p;
-        let mut rw = row(if v2 { "layernorm_bwd v2" } else { "layernorm_bwd" }, &shape, ms, 3.0 * BF * r * c + BF * c + 2.0 * F4 * r + 4.0 * F4 * c, err);
+        let mut rw = row(
+            if v2 { "layernorm_bwd v2" } else { "layernorm_bwd" },
+            &shape,
+            ms,
+            3.0 * BF * r * c + BF * c + 2.0 * F4 * r + 4.0 * F4 * c,
+            err,
+        );
         rw.note = note;
         out.push(rw);
     }
@@ -113,7 +145,13 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     rope::cpu::fwd(&mut qr, &cos[..kt * hd / 2], &sin[..kt * hd / 2], kt, heads, hd);
     let err = rel_err(&dev.to_vec(&q)?[..kt * heads * hd], &qr);
     let (t, h, d) = (tokens as f64, heads as f64, hd as f64);
-    out.push(row("rope_fwd", &format!("[{tokens}x{heads}x{hd}] bf16"), ms, 2.0 * BF * t * h * d + 2.0 * F4 * t * d / 2.0, err));
+    out.push(row(
+        "rope_fwd",
+        &format!("[{tokens}x{heads}x{hd}] bf16"),
+        ms,
+        2.0 * BF * t * h * d + 2.0 * F4 * t * d / 2.0,
+        err,
+    ));
     drop(q);
 
     // Embedding gather from a LLaVA-sized vocabulary.

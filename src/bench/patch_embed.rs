@@ -41,8 +41,24 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     let shape = format!("{n}x{k} -> {d}");
     let note = "gather kernel + cuBLAS bf16 GEMM";
     let mut rows = vec![
-        BenchRow { op: "patch_embed_fwd".into(), shape: shape.clone(), ms: fwd_ms, bytes: gather_b + ((d * k + n * d) * 2) as f64, flops, rel_err: Some(err), note: note.into() },
-        BenchRow { op: "patch_embed_bwd (dW)".into(), shape, ms: bwd_ms, bytes: gather_b + (n * d * 2 + d * k * 8) as f64, flops, rel_err: None, note: note.into() },
+        BenchRow {
+            op: "patch_embed_fwd".into(),
+            shape: shape.clone(),
+            ms: fwd_ms,
+            bytes: gather_b + ((d * k + n * d) * 2) as f64,
+            flops,
+            rel_err: Some(err),
+            note: note.into(),
+        },
+        BenchRow {
+            op: "patch_embed_bwd (dW)".into(),
+            shape,
+            ms: bwd_ms,
+            bytes: gather_b + (n * d * 2 + d * k * 8) as f64,
+            flops,
+            rel_err: None,
+            note: note.into(),
+        },
     ];
 
     // Row gather at the text width: window order → image order for 16k merged tokens.

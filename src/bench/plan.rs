@@ -66,7 +66,8 @@ fn components(m: &VlModel, inp: &PlanInput, elem: usize, cuda: bool) -> Componen
     let params: usize = m.param_entries().iter().map(|(r, _)| r.numel()).sum();
     let refs = grad_refs(m);
     let trainable: usize = refs.iter().map(|r| r.numel()).sum();
-    let grads_bf16_linear: usize = refs.iter().map(|r| r.numel() * if cuda && is_linear_weight(r) { 2 } else { 4 }).sum();
+    let grads_bf16_linear: usize =
+        refs.iter().map(|r| r.numel() * if cuda && is_linear_weight(r) { 2 } else { 4 }).sum();
     let t = m.tdims();
     let l = &t.layer;
     let s = inp.seq;
@@ -136,7 +137,11 @@ impl Plan {
             ("SFT step, kept activations".into(), g.sft_step(true, false), c.sft_step(false, false)),
             ("SFT step, recompute".into(), g.sft_step(true, true), c.sft_step(false, true)),
             ("decode at the largest batch (weights + KV)".into(), g.weights + g.kv_cache, c.weights + c.kv_cache),
-            ("GRPO resident (+ reference copy)".into(), g.resident(true) + g.reference, c.resident(false) + c.reference),
+            (
+                "GRPO resident (+ reference copy)".into(),
+                g.resident(true) + g.reference,
+                c.resident(false) + c.reference,
+            ),
         ]
     }
 
@@ -145,7 +150,8 @@ impl Plan {
         // MiB for small models, so the table is not all zeros.
         let big = self.cuda.weights >= 1 << 30;
         let (unit, div) = if big { ("GiB", (1u64 << 30) as f64) } else { ("MiB", (1u64 << 20) as f64) };
-        let mut s = format!("{:<48} {:>14} {:>14}\n", "component", format!("CUDA bf16 {unit}"), format!("CPU f32 {unit}"));
+        let mut s =
+            format!("{:<48} {:>14} {:>14}\n", "component", format!("CUDA bf16 {unit}"), format!("CPU f32 {unit}"));
         for (name, g, c) in self.rows() {
             s.push_str(&format!("{:<48} {:>14.3} {:>14.3}\n", name, g as f64 / div, c as f64 / div));
         }
@@ -153,13 +159,23 @@ impl Plan {
         for (name, g, c) in self.totals() {
             let here = if cuda_here { g } else { c };
             let fit = match &free {
-                Some((f, _)) => if here as u64 <= *f { "fits" } else { "does not fit" },
+                Some((f, _)) => {
+                    if here as u64 <= *f {
+                        "fits"
+                    } else {
+                        "does not fit"
+                    }
+                }
                 None => "",
             };
             s.push_str(&format!("{:<48} {:>14.3} {:>14.3}  {fit}\n", name, g as f64 / div, c as f64 / div));
         }
         match free {
-            Some((f, src)) => s.push_str(&format!("free here: {:.3} GiB ({src}); checked against the {} column\n", gib(f as f64), if cuda_here { "CUDA" } else { "CPU" })),
+            Some((f, src)) => s.push_str(&format!(
+                "free here: {:.3} GiB ({src}); checked against the {} column\n",
+                gib(f as f64),
+                if cuda_here { "CUDA" } else { "CPU" }
+            )),
             None => s.push_str("free memory here: unknown\n"),
         }
         s

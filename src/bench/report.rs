@@ -40,19 +40,49 @@ pub struct Figure {
 impl Figure {
     /// A counted or single-sample quantity.
     pub fn single(suite: &str, name: &str, unit: &str, value: f64) -> Figure {
-        Figure { suite: suite.into(), name: name.into(), unit: unit.into(), value, min: value, max: value, runs: 1, baseline: None, note: String::new() }
+        Figure {
+            suite: suite.into(),
+            name: name.into(),
+            unit: unit.into(),
+            value,
+            min: value,
+            max: value,
+            runs: 1,
+            baseline: None,
+            note: String::new(),
+        }
     }
 
     /// `work / t` for each run time `t` (seconds): the median rate and its min–max.
     pub fn rate(suite: &str, name: &str, unit: &str, work: f64, secs: &[f64]) -> Figure {
         let (med, lo, hi) = stats(secs);
-        Figure { suite: suite.into(), name: name.into(), unit: unit.into(), value: work / med, min: work / hi, max: work / lo, runs: secs.len(), baseline: None, note: String::new() }
+        Figure {
+            suite: suite.into(),
+            name: name.into(),
+            unit: unit.into(),
+            value: work / med,
+            min: work / hi,
+            max: work / lo,
+            runs: secs.len(),
+            baseline: None,
+            note: String::new(),
+        }
     }
 
     /// The samples themselves (seconds, bytes, …): median and min–max.
     pub fn of(suite: &str, name: &str, unit: &str, samples: &[f64]) -> Figure {
         let (med, lo, hi) = stats(samples);
-        Figure { suite: suite.into(), name: name.into(), unit: unit.into(), value: med, min: lo, max: hi, runs: samples.len(), baseline: None, note: String::new() }
+        Figure {
+            suite: suite.into(),
+            name: name.into(),
+            unit: unit.into(),
+            value: med,
+            min: lo,
+            max: hi,
+            runs: samples.len(),
+            baseline: None,
+            note: String::new(),
+        }
     }
 
     pub fn with_baseline(mut self, b: Option<Baseline>) -> Figure {
@@ -151,9 +181,15 @@ pub fn num(x: f64) -> String {
 
 impl Report {
     pub fn table(&self) -> String {
-        let mut s = format!("card: {}   driver: {}   commit: {}   shape: {}   device: {}\n", self.card, self.driver, self.commit, self.shape, self.device);
+        let mut s = format!(
+            "card: {}   driver: {}   commit: {}   shape: {}   device: {}\n",
+            self.card, self.driver, self.commit, self.shape, self.device
+        );
         let w = self.figures.iter().map(|f| f.name.chars().count()).max().unwrap_or(6).max(6);
-        s.push_str(&format!("{:<9} {:<w$} {:>12} {:>25} {:<7} {:>16} {:>8}  {}\n", "suite", "figure", "median", "min–max", "unit", "baseline (H200)", "×base", "note"));
+        s.push_str(&format!(
+            "{:<9} {:<w$} {:>12} {:>25} {:<7} {:>16} {:>8}  {}\n",
+            "suite", "figure", "median", "min–max", "unit", "baseline (H200)", "×base", "note"
+        ));
         for f in &self.figures {
             let (b, r) = match &f.baseline {
                 Some(b) => (b.text.clone(), format!("{:.2}", f.value / b.value)),
@@ -162,20 +198,46 @@ impl Report {
             let range = if f.runs > 1 { format!("{} – {}", num(f.min), num(f.max)) } else { "-".into() };
             // Pad by characters: names hold multi-byte ² and ×.
             let pad = " ".repeat(w.saturating_sub(f.name.chars().count()));
-            s.push_str(&format!("{:<9} {}{pad} {:>12} {:>25} {:<7} {:>16} {:>8}  {}\n", f.suite, f.name, num(f.value), range, f.unit, b, r, f.note));
+            s.push_str(&format!(
+                "{:<9} {}{pad} {:>12} {:>25} {:<7} {:>16} {:>8}  {}\n",
+                f.suite,
+                f.name,
+                num(f.value),
+                range,
+                f.unit,
+                b,
+                r,
+                f.note
+            ));
         }
         if let Some(p) = &self.plan_check {
             if !p.buffers.is_empty() {
-                s.push_str("\nmemory plan against the buffers this run allocated (bytes summed over the allocated objects):\n");
+                s.push_str(
+                    "\nmemory plan against the buffers this run allocated (bytes summed over the allocated objects):\n",
+                );
                 for l in &p.buffers {
-                    s.push_str(&format!("  {:<44} plan {:>14} B   allocated {:>14} B   {:.3}\n", l.name, l.plan_bytes as u64, l.measured_bytes as u64, l.measured_bytes / l.plan_bytes.max(1.0)));
+                    s.push_str(&format!(
+                        "  {:<44} plan {:>14} B   allocated {:>14} B   {:.3}\n",
+                        l.name,
+                        l.plan_bytes as u64,
+                        l.measured_bytes as u64,
+                        l.measured_bytes / l.plan_bytes.max(1.0)
+                    ));
                 }
-                s.push_str(&format!("  {:<44} plan {:>14} B   allocated {:>14} B   {:.3}\n", "total", p.plan_total as u64, p.measured_total as u64, p.ratio));
+                s.push_str(&format!(
+                    "  {:<44} plan {:>14} B   allocated {:>14} B   {:.3}\n",
+                    "total", p.plan_total as u64, p.measured_total as u64, p.ratio
+                ));
             }
             if !p.peaks.is_empty() {
                 s.push_str(&format!("predicted peaks against the measured peaks ({}):\n", p.peak_source));
                 for l in &p.peaks {
-                    s.push_str(&format!("  {:<44} plan {:>10.3} GiB   measured {:>10.3} GiB\n", l.name, gib(l.plan_bytes), gib(l.measured_bytes)));
+                    s.push_str(&format!(
+                        "  {:<44} plan {:>10.3} GiB   measured {:>10.3} GiB\n",
+                        l.name,
+                        gib(l.plan_bytes),
+                        gib(l.measured_bytes)
+                    ));
                 }
             }
         }
@@ -208,7 +270,10 @@ pub fn compare(a: &Report, b: &Report, a_name: &str, b_name: &str) -> Result<Str
     if a.figures.is_empty() || ib.is_empty() {
         bail!("--compare: {} has no figures", if a.figures.is_empty() { a_name } else { b_name });
     }
-    let mut s = format!("A: {a_name} ({}, {}, shape {}, commit {})\nB: {b_name} ({}, {}, shape {}, commit {})\n", a.card, a.driver, a.shape, a.commit, b.card, b.driver, b.shape, b.commit);
+    let mut s = format!(
+        "A: {a_name} ({}, {}, shape {}, commit {})\nB: {b_name} ({}, {}, shape {}, commit {})\n",
+        a.card, a.driver, a.shape, a.commit, b.card, b.driver, b.shape, b.commit
+    );
     let w = a.figures.iter().map(|f| key(f).chars().count()).max().unwrap_or(6);
     s.push_str(&format!("{:<w$} {:>12} {:>12} {:>8}\n", "figure", "A", "B", "B/A"));
     let mut only = Vec::new();

@@ -41,7 +41,12 @@ pub fn decode_weight_bytes(dev: &Device, m: &VlModel, batch: usize) -> f64 {
     let body: usize = m
         .param_entries()
         .iter()
-        .filter(|(r, _)| !m.is_vision(&r.name) && !r.name.contains("embed_tokens") && !r.name.contains("multi_modal_projector") && r.name != "image_newline")
+        .filter(|(r, _)| {
+            !m.is_vision(&r.name)
+                && !r.name.contains("embed_tokens")
+                && !r.name.contains("multi_modal_projector")
+                && r.name != "image_newline"
+        })
         .map(|(r, _)| r.numel())
         .sum();
     let head = if t.tied { t.vocab * t.layer.d } else { 0 };
@@ -50,7 +55,9 @@ pub fn decode_weight_bytes(dev: &Device, m: &VlModel, batch: usize) -> f64 {
 
 /// Decode steps at each batch size: prefill `ctx` tokens per slot, then `warmup` + `iters`
 /// sampled steps at temperature 1.
-pub fn decode(dev: &Device, m: &VlModel, batches: &[usize], ctx: usize, warmup: usize, iters: usize) -> Result<Vec<Result<DecodeCase>>> {
+pub fn decode(
+    dev: &Device, m: &VlModel, batches: &[usize], ctx: usize, warmup: usize, iters: usize,
+) -> Result<Vec<Result<DecodeCase>>> {
     let t = m.tdims().clone();
     let rows = if matches!(m.net, Net::Qwen(_)) { 3 } else { 1 };
     let elem = act_bytes(dev);
@@ -59,7 +66,8 @@ pub fn decode(dev: &Device, m: &VlModel, batches: &[usize], ctx: usize, warmup: 
         let case = (|| -> Result<DecodeCase> {
             let max_len = ctx + warmup + iters + 1;
             let mut cache = m.new_cache(dev, b, max_len)?;
-            let cache_bytes: usize = cache.layers.iter().map(|c| c.k.len() * c.k.dtype().size() + c.v.len() * c.v.dtype().size()).sum();
+            let cache_bytes: usize =
+                cache.layers.iter().map(|c| c.k.len() * c.k.dtype().size() + c.v.len() * c.v.dtype().size()).sum();
             let ids = text_ids(m, b * ctx, b as u64);
             let pos: Vec<i32> = (0..rows).flat_map(|_| (0..b).flat_map(|_| 0..ctx as i32)).collect();
             let cu: Vec<i32> = (0..=b).map(|i| (i * ctx) as i32).collect();
@@ -86,8 +94,17 @@ pub fn decode(dev: &Device, m: &VlModel, batches: &[usize], ctx: usize, warmup: 
             let secs = secs?;
             // Step i reads ctx + i + 1 cached rows per slot.
             let mean_len = ctx as f64 + warmup as f64 + (iters as f64 - 1.0) / 2.0 + 1.0;
-            let kv_bytes = 2.0 * t.n_layers as f64 * b as f64 * mean_len * (t.layer.kv_heads * t.layer.head_dim * elem) as f64;
-            Ok(DecodeCase { batch: b, ctx, secs, weight_bytes: decode_weight_bytes(dev, m, b), kv_bytes, cache_bytes, peak })
+            let kv_bytes =
+                2.0 * t.n_layers as f64 * b as f64 * mean_len * (t.layer.kv_heads * t.layer.head_dim * elem) as f64;
+            Ok(DecodeCase {
+                batch: b,
+                ctx,
+                secs,
+                weight_bytes: decode_weight_bytes(dev, m, b),
+                kv_bytes,
+                cache_bytes,
+                peak,
+            })
         })();
         out.push(case);
     }
@@ -130,14 +147,36 @@ pub fn suite(c: &Ctx) -> Result<Vec<Figure>> {
         };
         let bytes = d.weight_bytes + d.kv_bytes;
         out.push(Figure::rate("rollout", &format!("{name}: tok/s"), "tok/s", b as f64, &d.secs).with_baseline(base));
-        out.push(Figure::of("rollout", &format!("{name}: ms per step"), "ms", &d.secs.iter().map(|s| s * 1e3).collect::<Vec<_>>()).note(format!("floor at 4.2 TB/s: {} ms", super::report::num(bytes / HBM_BYTES_PER_S * 1e3))));
+        out.push(
+            Figure::of(
+                "rollout",
+                &format!("{name}: ms per step"),
+                "ms",
+                &d.secs.iter().map(|s| s * 1e3).collect::<Vec<_>>(),
+            )
+            .note(format!("floor at 4.2 TB/s: {} ms", super::report::num(bytes / HBM_BYTES_PER_S * 1e3))),
+        );
         out.push(Figure::rate("rollout", &format!("{name}: GB/s of floor bytes"), "GB/s", bytes / 1e9, &d.secs));
         if dev.is_cuda() {
-            out.push(Figure::rate("rollout", &format!("{name}: % of 4.2 TB/s floor"), "%", 100.0 * bytes / HBM_BYTES_PER_S, &d.secs));
+            out.push(Figure::rate(
+                "rollout",
+                &format!("{name}: % of 4.2 TB/s floor"),
+                "%",
+                100.0 * bytes / HBM_BYTES_PER_S,
+                &d.secs,
+            ));
         }
         out.push(Figure::single("rollout", &format!("{name}: weight bytes per step"), "GB", d.weight_bytes / 1e9));
-        out.push(Figure::single("rollout", &format!("{name}: KV bytes per step"), "GB", d.kv_bytes / 1e9).note(format!("mean over the timed steps; cache {} GiB", super::report::num(gib(d.cache_bytes as u64)))));
-        out.push(Figure::single("rollout", &format!("{name}: peak memory"), "GiB", gib(d.peak)).note(super::measure::memory_source(dev)));
+        out.push(
+            Figure::single("rollout", &format!("{name}: KV bytes per step"), "GB", d.kv_bytes / 1e9).note(format!(
+                "mean over the timed steps; cache {} GiB",
+                super::report::num(gib(d.cache_bytes as u64))
+            )),
+        );
+        out.push(
+            Figure::single("rollout", &format!("{name}: peak memory"), "GiB", gib(d.peak))
+                .note(super::measure::memory_source(dev)),
+        );
     }
     Ok(out)
 }
@@ -159,7 +198,11 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
             shape: format!("batch {}, {} cached", d.batch, d.ctx),
             ms,
             bytes,
-            note: format!("{:.0} tok/s (transformers generate: 14.7 at batch 1, 445 at 32); floor {:.2} ms", d.batch as f64 / (ms * 1e-3), bytes / HBM_BYTES_PER_S * 1e3),
+            note: format!(
+                "{:.0} tok/s (transformers generate: 14.7 at batch 1, 445 at 32); floor {:.2} ms",
+                d.batch as f64 / (ms * 1e-3),
+                bytes / HBM_BYTES_PER_S * 1e3
+            ),
             ..Default::default()
         });
     }

@@ -57,8 +57,12 @@ impl Subject {
                 Ok(Subject { name: d.display().to_string(), source: Source::Dir(d.to_path_buf()) })
             }
             (Some("tiny"), None) => Ok(Subject { name: "tiny".into(), source: Source::Tiny }),
-            (Some("qwen2.5-vl-7b"), None) => Ok(Subject { name: "qwen2.5-vl-7b".into(), source: Source::Config(QWEN_7B_CONFIG) }),
-            (Some("llava-next-7b"), None) => Ok(Subject { name: "llava-next-7b".into(), source: Source::Config(LLAVA_7B_CONFIG) }),
+            (Some("qwen2.5-vl-7b"), None) => {
+                Ok(Subject { name: "qwen2.5-vl-7b".into(), source: Source::Config(QWEN_7B_CONFIG) })
+            }
+            (Some("llava-next-7b"), None) => {
+                Ok(Subject { name: "llava-next-7b".into(), source: Source::Config(LLAVA_7B_CONFIG) })
+            }
             (Some(s), None) => bail!("--shape {s:?}: expected one of {}", SHAPES.join(", ")),
             (None, None) => bail!("the workload suites need --shape ({}) or --model DIR", SHAPES.join(", ")),
         }
@@ -136,7 +140,10 @@ impl Subject {
         match &self.source {
             Source::Tiny => save_side_files(&l, &dir)?,
             // No preprocessor file: both families' loaders default to the 7B settings.
-            _ => l.tok.save(dir.join("tokenizer.json"), false).map_err(|e| anyhow::anyhow!("saving tokenizer.json: {e}"))?,
+            _ => l
+                .tok
+                .save(dir.join("tokenizer.json"), false)
+                .map_err(|e| anyhow::anyhow!("saving tokenizer.json: {e}"))?,
         }
         Ok(dir)
     }
@@ -187,7 +194,13 @@ pub fn grad_refs(m: &VlModel) -> Vec<ParamRef> {
                 if r.name.contains("vision_tower.") && r.name.contains("post_layernorm") {
                     return false;
                 }
-                match r.name.split("encoder.layers.").nth(1).and_then(|t| t.split('.').next()).and_then(|i| i.parse::<usize>().ok()) {
+                match r
+                    .name
+                    .split("encoder.layers.")
+                    .nth(1)
+                    .and_then(|t| t.split('.').next())
+                    .and_then(|i| i.parse::<usize>().ok())
+                {
                     Some(i) if r.name.starts_with("vision_tower.") => i < n,
                     _ => true,
                 }
@@ -213,7 +226,15 @@ pub struct FlopModel {
 pub enum VisionFlops {
     /// Per patch: block matmuls and patch embedding; per merged token: the merger; attention
     /// per block (full or windowed).
-    Qwen { per_patch: f64, per_merged: f64, unit: usize, d: f64, full_blocks: usize, window_blocks: usize, window: usize },
+    Qwen {
+        per_patch: f64,
+        per_merged: f64,
+        unit: usize,
+        d: f64,
+        full_blocks: usize,
+        window_blocks: usize,
+        window: usize,
+    },
     /// Per tile: CLIP layers that run over g²+1 tokens, patch embedding and projector over g².
     Clip { per_token: f64, per_patch: f64, tokens: usize, patches: usize, d: f64, layers: usize },
 }
@@ -224,26 +245,75 @@ impl FlopModel {
         let entries: Vec<ParamRef> = m.param_entries().into_iter().map(|(r, _)| r).collect();
         let two_d = |r: &ParamRef| r.full_shape.len() == 2;
         let head = (t.vocab * t.layer.d) as f64;
-        let mut lm: f64 = entries.iter().filter(|r| two_d(r) && !m.is_vision(&r.name) && !r.name.contains("embed_tokens") && !r.name.contains("multi_modal_projector")).map(|r| r.numel() as f64).sum();
+        let mut lm: f64 = entries
+            .iter()
+            .filter(|r| {
+                two_d(r)
+                    && !m.is_vision(&r.name)
+                    && !r.name.contains("embed_tokens")
+                    && !r.name.contains("multi_modal_projector")
+            })
+            .map(|r| r.numel() as f64)
+            .sum();
         if t.tied {
             lm += head;
         }
         let vision = match &m.net {
             Net::Qwen(q) => {
                 let v = &q.vdims;
-                let blocks: f64 = entries.iter().filter(|r| two_d(r) && r.name.starts_with("visual.blocks.")).map(|r| r.numel() as f64).sum();
+                let blocks: f64 = entries
+                    .iter()
+                    .filter(|r| two_d(r) && r.name.starts_with("visual.blocks."))
+                    .map(|r| r.numel() as f64)
+                    .sum();
                 let patch = (v.patch_dim * v.block.d) as f64;
-                let merger: f64 = entries.iter().filter(|r| two_d(r) && r.name.starts_with("visual.merger.")).map(|r| r.numel() as f64).sum();
+                let merger: f64 = entries
+                    .iter()
+                    .filter(|r| two_d(r) && r.name.starts_with("visual.merger."))
+                    .map(|r| r.numel() as f64)
+                    .sum();
                 let side = v.vws * v.merge;
-                VisionFlops::Qwen { per_patch: 2.0 * (blocks + patch), per_merged: 2.0 * merger, unit: v.unit(), d: v.block.d as f64, full_blocks: v.fullatt.len(), window_blocks: v.depth - v.fullatt.len(), window: side * side }
+                VisionFlops::Qwen {
+                    per_patch: 2.0 * (blocks + patch),
+                    per_merged: 2.0 * merger,
+                    unit: v.unit(),
+                    d: v.block.d as f64,
+                    full_blocks: v.fullatt.len(),
+                    window_blocks: v.depth - v.fullatt.len(),
+                    window: side * side,
+                }
             }
             Net::Llava(l) => {
                 let v = &l.vdims;
-                let layer_of = |n: &str| n.split("encoder.layers.").nth(1).and_then(|t| t.split('.').next()).and_then(|i| i.parse::<usize>().ok());
-                let layers: f64 = entries.iter().filter(|r| two_d(r) && layer_of(&r.name).is_some_and(|i| i < v.feature_state) && r.name.starts_with("vision_tower.")).map(|r| r.numel() as f64).sum();
+                let layer_of = |n: &str| {
+                    n.split("encoder.layers.")
+                        .nth(1)
+                        .and_then(|t| t.split('.').next())
+                        .and_then(|i| i.parse::<usize>().ok())
+                };
+                let layers: f64 = entries
+                    .iter()
+                    .filter(|r| {
+                        two_d(r)
+                            && layer_of(&r.name).is_some_and(|i| i < v.feature_state)
+                            && r.name.starts_with("vision_tower.")
+                    })
+                    .map(|r| r.numel() as f64)
+                    .sum();
                 let patch = (v.channels * v.patch * v.patch * v.d) as f64;
-                let proj: f64 = entries.iter().filter(|r| two_d(r) && r.name.contains("multi_modal_projector")).map(|r| r.numel() as f64).sum();
-                VisionFlops::Clip { per_token: 2.0 * layers, per_patch: 2.0 * (patch + proj), tokens: v.g * v.g + 1, patches: v.g * v.g, d: v.d as f64, layers: v.feature_state }
+                let proj: f64 = entries
+                    .iter()
+                    .filter(|r| two_d(r) && r.name.contains("multi_modal_projector"))
+                    .map(|r| r.numel() as f64)
+                    .sum();
+                VisionFlops::Clip {
+                    per_token: 2.0 * layers,
+                    per_patch: 2.0 * (patch + proj),
+                    tokens: v.g * v.g + 1,
+                    patches: v.g * v.g,
+                    d: v.d as f64,
+                    layers: v.feature_state,
+                }
             }
         };
         FlopModel { lm_matmul: lm, head, q_dim: t.layer.q_dim() as f64, layers: t.n_layers as f64, vision }
@@ -252,7 +322,12 @@ impl FlopModel {
     /// Forward FLOPs of causal sequences of these lengths through the decoder, with the head
     /// on `head_rows` rows (all of them in training, the last one in a prefill).
     pub fn lm_fwd(&self, seqs: &[usize], head_rows: usize) -> f64 {
-        seqs.iter().map(|&s| 2.0 * (self.lm_matmul - self.head) * s as f64 + 2.0 * (s as f64).powi(2) * self.q_dim * self.layers).sum::<f64>() + 2.0 * self.head * head_rows as f64
+        seqs.iter()
+            .map(|&s| {
+                2.0 * (self.lm_matmul - self.head) * s as f64 + 2.0 * (s as f64).powi(2) * self.q_dim * self.layers
+            })
+            .sum::<f64>()
+            + 2.0 * self.head * head_rows as f64
     }
 
     /// Forward FLOPs of the vision tower: Qwen images as patch grids [t, h, w], LLaVA as a
@@ -264,7 +339,9 @@ impl FlopModel {
                 .map(|g| {
                     let p = (g[0] * g[1] * g[2]) as f64;
                     let w = (*window as f64).min(p);
-                    per_patch * p + per_merged * p / *unit as f64 + 4.0 * d * (p * p * *full_blocks as f64 + p * w * *window_blocks as f64)
+                    per_patch * p
+                        + per_merged * p / *unit as f64
+                        + 4.0 * d * (p * p * *full_blocks as f64 + p * w * *window_blocks as f64)
                 })
                 .sum(),
             VisionFlops::Clip { per_token, per_patch, tokens, patches, d, layers } => {

@@ -61,7 +61,12 @@ pub fn tokenizer_for(m: &VlModel) -> Result<Tokenizer> {
     match &m.net {
         Net::Qwen(q) => {
             let c = &q.cfg;
-            for (name, want) in [("<|image_pad|>", c.image_token_id), ("<|video_pad|>", c.video_token_id), ("<|vision_start|>", c.vision_start_token_id), ("<|vision_end|>", c.vision_end_token_id)] {
+            for (name, want) in [
+                ("<|image_pad|>", c.image_token_id),
+                ("<|video_pad|>", c.video_token_id),
+                ("<|vision_start|>", c.vision_start_token_id),
+                ("<|vision_end|>", c.vision_end_token_id),
+            ] {
                 let have = QWEN_SPECIALS.iter().find(|s| s.0 == name).map(|s| s.1);
                 if have != Some(want) {
                     bail!("the config puts {name} at {want}, not at Qwen2's id: give a checkpoint with its tokenizer (--model DIR)");
@@ -71,7 +76,15 @@ pub fn tokenizer_for(m: &VlModel) -> Result<Tokenizer> {
         }
         Net::Llava(l) => {
             let c = &l.cfg;
-            tokenizer_with(3, &[("<unk>", 0), ("<s>", c.text.bos_token_id), ("</s>", c.text.eos_token_id), ("<image>", c.image_token_index)])
+            tokenizer_with(
+                3,
+                &[
+                    ("<unk>", 0),
+                    ("<s>", c.text.bos_token_id),
+                    ("</s>", c.text.eos_token_id),
+                    ("<image>", c.image_token_index),
+                ],
+            )
         }
     }
 }
@@ -79,12 +92,37 @@ pub fn tokenizer_for(m: &VlModel) -> Result<Tokenizer> {
 /// A noise PNG of `w` × `h` pixels.
 pub fn write_png(path: &Path, w: u32, h: u32, seed: u64) -> Result<()> {
     let mut rng = Rng::new(seed);
-    let img = image::RgbImage::from_fn(w, h, |_, _| image::Rgb([rng.below(256) as u8, rng.below(256) as u8, rng.below(256) as u8]));
+    let img = image::RgbImage::from_fn(w, h, |_, _| {
+        image::Rgb([rng.below(256) as u8, rng.below(256) as u8, rng.below(256) as u8])
+    });
     img.save(path).with_context(|| format!("writing {}", path.display()))
 }
 
 const WORDS: [&str; 24] = [
-    "the", "image", "shows", "a", "red", "square", "next", "to", "blue", "circle", "and", "green", "triangle", "on", "white", "background", "which", "is", "safe", "to", "describe", "in", "detail", "here",
+    "the",
+    "image",
+    "shows",
+    "a",
+    "red",
+    "square",
+    "next",
+    "to",
+    "blue",
+    "circle",
+    "and",
+    "green",
+    "triangle",
+    "on",
+    "white",
+    "background",
+    "which",
+    "is",
+    "safe",
+    "to",
+    "describe",
+    "in",
+    "detail",
+    "here",
 ];
 
 fn words(n: usize, seed: u64) -> String {

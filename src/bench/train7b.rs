@@ -6,8 +6,8 @@
 //! step stores the linear weights' gradients in bf16 (`GradStore::Bf16Linear`).
 
 use super::{time_gpu, BenchRow};
-use crate::models::common::train_state::TrainState;
 use crate::models::common::params::{GradStore, ParamRef};
+use crate::models::common::train_state::TrainState;
 use crate::models::qwen2_5_vl::config::QwenVlConfig;
 use crate::models::qwen2_5_vl::model::{Batch, QwenVl, Recompute};
 use crate::ops::{adamw::AdamW, elementwise, init};
@@ -64,7 +64,9 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     let neg: Vec<f32> = w.iter().map(|x| -x).collect();
     let dl = dev.upload(&neg, DType::F32)?;
     let mut rows = Vec::new();
-    for (label, rc) in [("keep activations", Recompute::default()), ("recompute all layers", Recompute::all(model.tdims.n_layers))] {
+    for (label, rc) in
+        [("keep activations", Recompute::default()), ("recompute all layers", Recompute::all(model.tdims.n_layers))]
+    {
         let batch = Batch { ids: &ids, cu_seqlens: &cu, pos3: &pos, pixels: &[], grids: &[] };
         let mut peak = 0usize;
         let mut step = || -> Result<()> {
@@ -78,15 +80,26 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
         };
         let ms = time_gpu(g, 1, if quick { 2 } else { 3 }, &mut step)?;
         // 6·N_lm·S for the dense weights plus attention (causal): 3 × (2·2·S²·D·L / 2).
-        let n_lm: usize = model.param_entries().iter().filter(|(r, _)| !r.name.starts_with("visual.") && !r.name.contains("embed_tokens")).map(|(r, _)| r.numel()).sum();
+        let n_lm: usize = model
+            .param_entries()
+            .iter()
+            .filter(|(r, _)| !r.name.starts_with("visual.") && !r.name.contains("embed_tokens"))
+            .map(|(r, _)| r.numel())
+            .sum();
         let d = model.tdims.layer.d;
-        let flops = 6.0 * n_lm as f64 * s as f64 + 3.0 * 2.0 * (s as f64).powi(2) * d as f64 * model.tdims.n_layers as f64;
+        let flops =
+            6.0 * n_lm as f64 * s as f64 + 3.0 * 2.0 * (s as f64).powi(2) * d as f64 * model.tdims.n_layers as f64;
         rows.push(BenchRow {
             op: "qwen7b lm fwd+bwd".into(),
             shape: format!("S={s} V={vocab} {label}"),
             ms,
             flops,
-            note: format!("{:.0} tok/s (eager torch 10455); weights {:.1} GiB, peak {:.1} GiB", s as f64 / (ms * 1e-3), gib(w_bytes), gib(peak - base)),
+            note: format!(
+                "{:.0} tok/s (eager torch 10455); weights {:.1} GiB, peak {:.1} GiB",
+                s as f64 / (ms * 1e-3),
+                gib(w_bytes),
+                gib(peak - base)
+            ),
             ..Default::default()
         });
     }
@@ -100,8 +113,10 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     // A full fine-tune fits only with bf16 linear-weight gradients (f32 ones: bf16 weights 15.4 +
     // grads 30.9 + AdamW 92.7 GiB = 139 GiB before activations, run 4 went out of memory).
     type Case<'a> = (&'a str, &'a dyn Fn(&ParamRef) -> bool, GradStore);
-    let cases: [Case; 2] =
-        [("full fine-tune, bf16 linear grads", &all, GradStore::Bf16Linear), ("vision frozen, f32 grads", &freeze_vision, GradStore::F32)];
+    let cases: [Case; 2] = [
+        ("full fine-tune, bf16 linear grads", &all, GradStore::Bf16Linear),
+        ("vision frozen, f32 grads", &freeze_vision, GradStore::F32),
+    ];
     for (label, trainable, store) in cases {
         model.grad_store = store;
         // Drop the previous case's gradients before the optimizer state is allocated.
@@ -116,7 +131,11 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
                 rows.push(BenchRow {
                     op: "qwen7b sft step".into(),
                     shape: format!("S={s}, {label}"),
-                    note: format!("does not fit: the optimizer state needs {:.1} GiB, {:.1} GiB were free ({e:#})", gib(opt_bytes), gib(free)),
+                    note: format!(
+                        "does not fit: the optimizer state needs {:.1} GiB, {:.1} GiB were free ({e:#})",
+                        gib(opt_bytes),
+                        gib(free)
+                    ),
                     ..Default::default()
                 });
                 continue;

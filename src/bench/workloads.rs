@@ -191,17 +191,25 @@ pub fn gib(b: u64) -> f64 {
 
 /// Throughput, model TFLOP/s, MFU (on a GPU: against the H200 ceilings) and peak memory.
 #[allow(clippy::too_many_arguments)]
-fn throughput(c: &Ctx, suite: &str, name: &str, unit: &str, work: f64, flops: f64, secs: &[f64], peak: u64, base: Option<Baseline>, mem_base: Option<Baseline>) -> Vec<Figure> {
+fn throughput(
+    c: &Ctx, suite: &str, name: &str, unit: &str, work: f64, flops: f64, secs: &[f64], peak: u64,
+    base: Option<Baseline>, mem_base: Option<Baseline>,
+) -> Vec<Figure> {
     let mut v = vec![
         Figure::rate(suite, &format!("{name}: {unit}"), unit, work, secs).with_baseline(base),
         Figure::of(suite, &format!("{name}: ms"), "ms", &secs.iter().map(|s| s * 1e3).collect::<Vec<_>>()),
-        Figure::rate(suite, &format!("{name}: model TFLOP/s"), "TFLOP/s", flops / 1e12, secs).note(format!("{} TFLOP per run", super::report::num(flops / 1e12))),
+        Figure::rate(suite, &format!("{name}: model TFLOP/s"), "TFLOP/s", flops / 1e12, secs)
+            .note(format!("{} TFLOP per run", super::report::num(flops / 1e12))),
     ];
     if c.dev.is_cuda() {
         v.push(Figure::rate(suite, &format!("{name}: MFU of 770 TFLOP/s"), "%", 100.0 * flops / GEMM_CEILING, secs));
         v.push(Figure::rate(suite, &format!("{name}: MFU of 989 TFLOP/s"), "%", 100.0 * flops / DATASHEET_PEAK, secs));
     }
-    v.push(Figure::single(suite, &format!("{name}: peak memory"), "GiB", gib(peak)).with_baseline(mem_base).note(super::measure::memory_source(c.dev)));
+    v.push(
+        Figure::single(suite, &format!("{name}: peak memory"), "GiB", gib(peak))
+            .with_baseline(mem_base)
+            .note(super::measure::memory_source(c.dev)),
+    );
     v
 }
 
@@ -224,7 +232,8 @@ pub fn text_ids(m: &VlModel, n: usize, seed: u64) -> Vec<i32> {
 }
 
 const B_LM: &str = "Qwen2-7B LM fwd+bwd, S=4096, PyTorch eager SDPA, H200 (issue #14)";
-const B_FULL: &str = "full Qwen2.5-VL-7B fwd+bwd, S=4096 with two 448² images, PyTorch + transformers, H200 (issue #14)";
+const B_FULL: &str =
+    "full Qwen2.5-VL-7B fwd+bwd, S=4096 with two 448² images, PyTorch + transformers, H200 (issue #14)";
 const B_SFT: &str = "SFT step, Qwen2.5-VL-7B, S=4096, PyTorch + transformers, H200 (issue #14; its optimizer/sharding set-up is the issue's, not this bench's)";
 
 pub fn train(c: &Ctx) -> Result<Vec<Figure>> {
@@ -257,7 +266,10 @@ pub fn train(c: &Ctx) -> Result<Vec<Figure>> {
     let imgs_448 = at_4096 && n_img == 2 && set.train_image_side == 448;
     let mut out = Vec::new();
 
-    for (label, rc, base) in [("kept activations", Recompute::default(), (10455.0, "10,455")), ("recompute", Recompute::all(n_layers), (8924.0, "8,924"))] {
+    for (label, rc, base) in [
+        ("kept activations", Recompute::default(), (10455.0, "10,455")),
+        ("recompute", Recompute::all(n_layers), (8924.0, "8,924")),
+    ] {
         let name = format!("lm fwd+bwd S={s}, {label}");
         let src = if rc == Recompute::default() { B_LM.to_string() } else { format!("{B_LM}, gradient checkpointing") };
         let r = measure(dev, set.warmup, set.train_iters, &mut || {
@@ -265,7 +277,18 @@ pub fn train(c: &Ctx) -> Result<Vec<Figure>> {
             nll_micro_batch(dev, &mut l.model, &text, &rc, true).map(|_| ())
         });
         match r {
-            Ok((secs, peak)) => out.extend(throughput(c, "train", &name, "tok/s", s as f64, lm, &secs, peak, c.baseline(at_4096, base.0, base.1, &src), None)),
+            Ok((secs, peak)) => out.extend(throughput(
+                c,
+                "train",
+                &name,
+                "tok/s",
+                s as f64,
+                lm,
+                &secs,
+                peak,
+                c.baseline(at_4096, base.0, base.1, &src),
+                None,
+            )),
             Err(e) => c.fail(&format!("train/{name}"), e),
         }
     }
@@ -277,7 +300,18 @@ pub fn train(c: &Ctx) -> Result<Vec<Figure>> {
         nll_micro_batch(dev, &mut l.model, &full, &Recompute::default(), true).map(|_| ())
     });
     match r {
-        Ok((secs, peak)) => out.extend(throughput(c, "train", &name, "tok/s", s as f64, lm + vis, &secs, peak, c.baseline(imgs_448, 6852.0, "6,852", B_FULL), c.baseline(imgs_448, 67.5, "67.5", B_FULL))),
+        Ok((secs, peak)) => out.extend(throughput(
+            c,
+            "train",
+            &name,
+            "tok/s",
+            s as f64,
+            lm + vis,
+            &secs,
+            peak,
+            c.baseline(imgs_448, 6852.0, "6,852", B_FULL),
+            c.baseline(imgs_448, 67.5, "67.5", B_FULL),
+        )),
         Err(e) => c.fail(&format!("train/{name}"), e),
     }
 
@@ -292,8 +326,15 @@ pub fn train(c: &Ctx) -> Result<Vec<Figure>> {
                 let g = l.model.params_and_grads().iter().map(|(_, _, g)| g.len() * g.dtype().size()).sum();
                 c.measured.borrow_mut().grads = Some(g);
             }
-            let vision: BTreeSet<String> = l.model.param_entries().iter().filter(|(r, _)| l.model.is_vision(&r.name)).map(|(r, _)| slot_key(r)).collect();
-            let trainable = |r: &ParamRef| has_grad.contains(&slot_key(r)) && !(freeze && vision.contains(&slot_key(r)));
+            let vision: BTreeSet<String> = l
+                .model
+                .param_entries()
+                .iter()
+                .filter(|(r, _)| l.model.is_vision(&r.name))
+                .map(|(r, _)| slot_key(r))
+                .collect();
+            let trainable =
+                |r: &ParamRef| has_grad.contains(&slot_key(r)) && !(freeze && vision.contains(&slot_key(r)));
             let hp = AdamW { lr: 1e-5, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.0 };
             let mut opt = match Optimizer::new(dev, hp, &l.model.trainable_entries(), &trainable) {
                 Ok(o) => o,
@@ -316,8 +357,25 @@ pub fn train(c: &Ctx) -> Result<Vec<Figure>> {
                     if !freeze && rc_label == "recompute" {
                         c.measured.borrow_mut().sft_peak = Some(peak);
                     }
-                    let figs = throughput(c, "train", &name, "tok/s", s as f64, lm + vis, &secs, peak, c.baseline(applies, 8377.0, "8,377", B_SFT), c.baseline(applies, 58.2, "58.2", B_SFT));
-                    out.extend(figs.into_iter().map(|f| if f.note.is_empty() { f.note(format!("AdamW over {:.4} M parameters", opt.num_params() as f64 / 1e6)) } else { f }));
+                    let figs = throughput(
+                        c,
+                        "train",
+                        &name,
+                        "tok/s",
+                        s as f64,
+                        lm + vis,
+                        &secs,
+                        peak,
+                        c.baseline(applies, 8377.0, "8,377", B_SFT),
+                        c.baseline(applies, 58.2, "58.2", B_SFT),
+                    );
+                    out.extend(figs.into_iter().map(|f| {
+                        if f.note.is_empty() {
+                            f.note(format!("AdamW over {:.4} M parameters", opt.num_params() as f64 / 1e6))
+                        } else {
+                            f
+                        }
+                    }));
                 }
                 Err(e) => c.fail(&format!("train/{name}"), e),
             }
@@ -354,13 +412,17 @@ pub fn vision(c: &Ctx) -> Result<Vec<Figure>> {
                 let patches = b * p * p;
                 let pixels = rng.normal_vec(patches * vd.patch_dim, 1.0);
                 let dout = dev.upload_act(&rng.normal_vec(patches / vd.unit() * vd.out, 0.01))?;
-                let fwd = measure(dev, set.warmup, set.vision_iters, &mut || qvision::forward(dev, vd, &q.params.vision, &[], &pixels, &grids, true).map(|_| ()));
-                let bwd = qvision::VisionParams::build(vd, &q.patch_shape, &mut |r: &ParamRef| dev.zeros_f32(r.numel())).and_then(|mut g| {
-                    measure(dev, set.warmup, set.vision_iters, &mut || {
-                        let (_, f) = qvision::forward(dev, vd, &q.params.vision, &[], &pixels, &grids, false)?;
-                        qvision::backward(dev, vd, &q.params.vision, &[], Some(&mut g), None, &f, &dout)
-                    })
+                let fwd = measure(dev, set.warmup, set.vision_iters, &mut || {
+                    qvision::forward(dev, vd, &q.params.vision, &[], &pixels, &grids, true).map(|_| ())
                 });
+                let bwd =
+                    qvision::VisionParams::build(vd, &q.patch_shape, &mut |r: &ParamRef| dev.zeros_f32(r.numel()))
+                        .and_then(|mut g| {
+                            measure(dev, set.warmup, set.vision_iters, &mut || {
+                                let (_, f) = qvision::forward(dev, vd, &q.params.vision, &[], &pixels, &grids, false)?;
+                                qvision::backward(dev, vd, &q.params.vision, &[], Some(&mut g), None, &f, &dout)
+                            })
+                        });
                 (fwd, bwd, grids)
             }
             Net::Llava(m) => {
@@ -368,13 +430,17 @@ pub fn vision(c: &Ctx) -> Result<Vec<Figure>> {
                 let tiles = b * m.geometries(&[(side_u, side_u)])?[0].num_tiles();
                 let pixels = rng.normal_vec(tiles * vd.tile_len(), 1.0);
                 let dfeat = dev.upload_act(&rng.normal_vec(tiles * vd.g * vd.g * vd.d, 0.01))?;
-                let fwd = measure(dev, set.warmup, set.vision_iters, &mut || clip::forward(dev, vd, &m.params.vision, &pixels, tiles, true).map(|_| ()));
-                let bwd = clip::ClipParams::build(vd, true, &mut |r: &ParamRef| dev.zeros_f32(r.numel())).and_then(|mut g| {
-                    measure(dev, set.warmup, set.vision_iters, &mut || {
-                        let (_, f) = clip::forward(dev, vd, &m.params.vision, &pixels, tiles, false)?;
-                        clip::backward(dev, vd, &m.params.vision, &mut g, &f, &dfeat)
-                    })
+                let fwd = measure(dev, set.warmup, set.vision_iters, &mut || {
+                    clip::forward(dev, vd, &m.params.vision, &pixels, tiles, true).map(|_| ())
                 });
+                let bwd = clip::ClipParams::build(vd, true, &mut |r: &ParamRef| dev.zeros_f32(r.numel())).and_then(
+                    |mut g| {
+                        measure(dev, set.warmup, set.vision_iters, &mut || {
+                            let (_, f) = clip::forward(dev, vd, &m.params.vision, &pixels, tiles, false)?;
+                            clip::backward(dev, vd, &m.params.vision, &mut g, &f, &dfeat)
+                        })
+                    },
+                );
                 (fwd, bwd, vec![[tiles, 0, 0]])
             }
         };
@@ -382,7 +448,18 @@ pub fn vision(c: &Ctx) -> Result<Vec<Figure>> {
         for (label, r, flops, is_fwd) in [("fwd", fwd, f1, true), ("fwd+bwd", bwd, 3.0 * f1, false)] {
             let name = format!("tower {label} {side}² batch {b}");
             match r {
-                Ok((secs, peak)) => out.extend(throughput(c, "vision", &name, "img/s", b as f64, flops, &secs, peak, base(is_fwd), None)),
+                Ok((secs, peak)) => out.extend(throughput(
+                    c,
+                    "vision",
+                    &name,
+                    "img/s",
+                    b as f64,
+                    flops,
+                    &secs,
+                    peak,
+                    base(is_fwd),
+                    None,
+                )),
                 Err(e) => c.fail(&format!("vision/{name}"), e),
             }
         }
@@ -412,7 +489,18 @@ pub fn prefill(c: &Ctx) -> Result<Vec<Figure>> {
             })
         });
         match r {
-            Ok((secs, peak)) => out.extend(throughput(c, "prefill", &name, "tok/s", n as f64, c.flops.lm_fwd(&[n], 1), &secs, peak, None, None)),
+            Ok((secs, peak)) => out.extend(throughput(
+                c,
+                "prefill",
+                &name,
+                "tok/s",
+                n as f64,
+                c.flops.lm_fwd(&[n], 1),
+                &secs,
+                peak,
+                None,
+                None,
+            )),
             Err(e) => c.fail(&format!("prefill/{name}"), e),
         }
     }

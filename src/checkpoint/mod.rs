@@ -7,8 +7,8 @@
 pub mod safetensors_io;
 
 pub use safetensors_io::{
-    read_tensor_file, read_tensor_file_with_metadata, save_sharded, save_sharded_with, write_atomic, SaveDtype, StDtype, INDEX_FILE,
-    SINGLE_FILE,
+    read_tensor_file, read_tensor_file_with_metadata, save_sharded, save_sharded_with, write_atomic, SaveDtype,
+    StDtype, INDEX_FILE, SINGLE_FILE,
 };
 
 use anyhow::{bail, Context, Result};
@@ -68,13 +68,18 @@ impl Checkpoint {
             bail!("checkpoint {}: neither {SINGLE_FILE} nor {INDEX_FILE} is present", path.display());
         }
         let text = fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
-        let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", index.display()))?;
-        let wm =
-            json.get("weight_map").and_then(|v| v.as_object()).with_context(|| format!("{}: no `weight_map` object", index.display()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", index.display()))?;
+        let wm = json
+            .get("weight_map")
+            .and_then(|v| v.as_object())
+            .with_context(|| format!("{}: no `weight_map` object", index.display()))?;
         let mut weight_map = HashMap::with_capacity(wm.len());
         let mut files: Vec<PathBuf> = Vec::new();
         for (name, f) in wm {
-            let f = f.as_str().with_context(|| format!("{}: weight_map entry `{name}` is not a file name", index.display()))?;
+            let f = f
+                .as_str()
+                .with_context(|| format!("{}: weight_map entry `{name}` is not a file name", index.display()))?;
             if f.contains('/') || f.contains('\\') || f == ".." {
                 bail!("{}: weight_map entry `{name}` points outside the directory ({f:?})", index.display());
             }
@@ -88,7 +93,9 @@ impl Checkpoint {
         Self::from_files(path.to_path_buf(), files, Some((index, weight_map)))
     }
 
-    fn from_files(dir: PathBuf, paths: Vec<PathBuf>, index: Option<(PathBuf, HashMap<String, PathBuf>)>) -> Result<Checkpoint> {
+    fn from_files(
+        dir: PathBuf, paths: Vec<PathBuf>, index: Option<(PathBuf, HashMap<String, PathBuf>)>,
+    ) -> Result<Checkpoint> {
         let mut files = Vec::with_capacity(paths.len());
         let mut tensors: BTreeMap<String, (usize, TensorEntry)> = BTreeMap::new();
         for (fi, p) in paths.into_iter().enumerate() {
@@ -101,7 +108,12 @@ impl Checkpoint {
             let (map, entries) = map_file(&p)?;
             for e in entries {
                 if let Some((other, _)) = tensors.get(&e.name) {
-                    bail!("tensor `{}` is stored twice: in {} and in {}", e.name, files_path(&files, *other, &p).display(), p.display());
+                    bail!(
+                        "tensor `{}` is stored twice: in {} and in {}",
+                        e.name,
+                        files_path(&files, *other, &p).display(),
+                        p.display()
+                    );
                 }
                 tensors.insert(e.name.clone(), (fi, e));
             }
@@ -112,9 +124,18 @@ impl Checkpoint {
                 match tensors.get(name) {
                     Some((fi, _)) if &files[*fi].0 == p => {}
                     Some((fi, _)) => {
-                        bail!("{}: says tensor `{name}` is in {}, but it is in {}", ix.display(), p.display(), files[*fi].0.display())
+                        bail!(
+                            "{}: says tensor `{name}` is in {}, but it is in {}",
+                            ix.display(),
+                            p.display(),
+                            files[*fi].0.display()
+                        )
                     }
-                    None => bail!("{}: lists tensor `{name}` in {}, but that file does not contain it", ix.display(), p.display()),
+                    None => bail!(
+                        "{}: lists tensor `{name}` in {}, but that file does not contain it",
+                        ix.display(),
+                        p.display()
+                    ),
                 }
             }
         }
@@ -157,7 +178,9 @@ impl Checkpoint {
             let files: Vec<String> = self
                 .files
                 .iter()
-                .map(|(p, _)| p.file_name().map_or_else(|| p.display().to_string(), |f| f.to_string_lossy().into_owned()))
+                .map(|(p, _)| {
+                    p.file_name().map_or_else(|| p.display().to_string(), |f| f.to_string_lossy().into_owned())
+                })
                 .collect();
             bail!(
                 "checkpoint {}: tensor `{name}` not found (searched {} tensors in {})",
@@ -206,7 +229,10 @@ impl Checkpoint {
         self.check_shape(name, expected_shape)?;
         let (path, e, bytes) = self.entry(name)?;
         if e.dtype == StDtype::BF16 {
-            return Ok(bytes.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect());
+            return Ok(bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                .collect());
         }
         Ok(decode_f32(e.dtype, bytes, name, path)?.into_iter().map(half::bf16::from_f32).collect())
     }

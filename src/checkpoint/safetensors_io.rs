@@ -121,13 +121,16 @@ pub fn parse_header(bytes: &[u8], file: &Path) -> Result<Header> {
     len8.copy_from_slice(&bytes[..8]);
     let n = u64::from_le_bytes(len8);
     if n > MAX_HEADER_BYTES || n > (bytes.len() - 8) as u64 {
-        bail!("{f}: header length {n} does not fit in the file's {} bytes (truncated or not a safetensors file)", bytes.len());
+        bail!(
+            "{f}: header length {n} does not fit in the file's {} bytes (truncated or not a safetensors file)",
+            bytes.len()
+        );
     }
     let n = n as usize;
     let data_start = 8 + n;
     let data_len = bytes.len() - data_start;
-    let json: Value =
-        serde_json::from_slice(&bytes[8..data_start]).with_context(|| format!("{f}: the header is not valid JSON (corrupt file?)"))?;
+    let json: Value = serde_json::from_slice(&bytes[8..data_start])
+        .with_context(|| format!("{f}: the header is not valid JSON (corrupt file?)"))?;
     let Value::Object(obj) = json else { bail!("{f}: the header is not a JSON object (corrupt file?)") };
 
     let mut tensors = Vec::with_capacity(obj.len());
@@ -160,7 +163,8 @@ pub fn parse_header(bytes: &[u8], file: &Path) -> Result<Header> {
         }
         let s = offs[0].as_u64().ok_or_else(|| bad("non-integer data_offsets"))? as usize;
         let e = offs[1].as_u64().ok_or_else(|| bad("non-integer data_offsets"))? as usize;
-        let nbytes = shape.iter().try_fold(dtype.size(), |acc, &d| acc.checked_mul(d)).ok_or_else(|| bad("shape overflows"))?;
+        let nbytes =
+            shape.iter().try_fold(dtype.size(), |acc, &d| acc.checked_mul(d)).ok_or_else(|| bad("shape overflows"))?;
         if e < s || e - s != nbytes {
             return Err(bad(&format!(
                 "shape {shape:?} of {dt_str} needs {nbytes} bytes but data_offsets [{s}, {e}] span {}",
@@ -185,9 +189,17 @@ pub fn parse_header(bytes: &[u8], file: &Path) -> Result<Header> {
 pub fn decode_f32(dtype: StDtype, raw: &[u8], name: &str, file: &Path) -> Result<Vec<f32>> {
     Ok(match dtype {
         StDtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        StDtype::BF16 => raw.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect(),
-        StDtype::F16 => raw.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
-        other => bail!("{}: tensor `{name}` has dtype {}, but model weights must be BF16, F16 or F32", file.display(), other.name()),
+        StDtype::BF16 => {
+            raw.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect()
+        }
+        StDtype::F16 => {
+            raw.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect()
+        }
+        other => bail!(
+            "{}: tensor `{name}` has dtype {}, but model weights must be BF16, F16 or F32",
+            file.display(),
+            other.name()
+        ),
     })
 }
 
@@ -203,7 +215,9 @@ pub fn decode_f64(dtype: StDtype, raw: &[u8]) -> Vec<f64> {
         StDtype::I16 => raw.chunks_exact(2).map(|c| i16::from_le_bytes(c2(c)) as f64).collect(),
         StDtype::U16 => raw.chunks_exact(2).map(|c| u16::from_le_bytes(c2(c)) as f64).collect(),
         StDtype::F16 => raw.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes(c2(c))).to_f64()).collect(),
-        StDtype::BF16 => raw.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes(c2(c)) as u32) << 16) as f64).collect(),
+        StDtype::BF16 => {
+            raw.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes(c2(c)) as u32) << 16) as f64).collect()
+        }
         StDtype::I32 => raw.chunks_exact(4).map(|c| i32::from_le_bytes(c4(c)) as f64).collect(),
         StDtype::U32 => raw.chunks_exact(4).map(|c| u32::from_le_bytes(c4(c)) as f64).collect(),
         StDtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes(c4(c)) as f64).collect(),
@@ -289,10 +303,7 @@ fn tensor_bytes(shape: &[usize], dtype: SaveDtype) -> usize {
 
 /// Writes one safetensors file with `specs` in order; `fetch(i)` yields tensor i's values (f32).
 fn write_file(
-    path: &Path,
-    specs: &[(String, Vec<usize>)],
-    idx: &[usize],
-    dtype: SaveDtype,
+    path: &Path, specs: &[(String, Vec<usize>)], idx: &[usize], dtype: SaveDtype,
     fetch: &mut dyn FnMut(usize) -> Result<Vec<f32>>,
 ) -> Result<()> {
     let mut header = Map::new();
@@ -324,14 +335,20 @@ fn write_file(
             let vals = fetch(i)?;
             let numel: usize = shape.iter().product();
             if vals.len() != numel {
-                bail!("saving {}: tensor `{name}` has {} values, its shape {shape:?} needs {numel}", path.display(), vals.len());
+                bail!(
+                    "saving {}: tensor `{name}` has {} values, its shape {shape:?} needs {numel}",
+                    path.display(),
+                    vals.len()
+                );
             }
             // Converted in slices so a multi-GB tensor never needs a second full-size copy.
             for chunk in vals.chunks(1 << 20) {
                 buf.clear();
                 match dtype {
                     SaveDtype::F32 => chunk.iter().for_each(|v| buf.extend_from_slice(&v.to_le_bytes())),
-                    SaveDtype::BF16 => chunk.iter().for_each(|v| buf.extend_from_slice(&half::bf16::from_f32(*v).to_bits().to_le_bytes())),
+                    SaveDtype::BF16 => chunk
+                        .iter()
+                        .for_each(|v| buf.extend_from_slice(&half::bf16::from_f32(*v).to_bits().to_le_bytes())),
                 }
                 w.write_all(&buf).with_context(|| format!("writing {}", path.display()))?;
             }
@@ -357,10 +374,7 @@ fn is_shard_name(name: &str) -> bool {
 /// (created if needed), stored as `dtype`, in shards of at most `max_shard_bytes` (a tensor
 /// larger than that gets a shard of its own). One shard is written as `model.safetensors`.
 pub fn save_sharded(
-    dir: impl AsRef<Path>,
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
-    dtype: SaveDtype,
-    max_shard_bytes: usize,
+    dir: impl AsRef<Path>, tensors: &[(String, Vec<usize>, Vec<f32>)], dtype: SaveDtype, max_shard_bytes: usize,
 ) -> Result<()> {
     let specs: Vec<(String, Vec<usize>)> = tensors.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect();
     save_sharded_with(dir, &specs, dtype, max_shard_bytes, |i| Ok(tensors[i].2.clone()))
@@ -371,10 +385,7 @@ pub fn save_sharded(
 /// time (e.g. downloaded from the GPU). Every file is written atomically; the index comes last,
 /// then files of a previous save in the other layout, or surplus shards, are removed.
 pub fn save_sharded_with(
-    dir: impl AsRef<Path>,
-    specs: &[(String, Vec<usize>)],
-    dtype: SaveDtype,
-    max_shard_bytes: usize,
+    dir: impl AsRef<Path>, specs: &[(String, Vec<usize>)], dtype: SaveDtype, max_shard_bytes: usize,
     mut fetch: impl FnMut(usize) -> Result<Vec<f32>>,
 ) -> Result<()> {
     let dir = dir.as_ref();
@@ -404,7 +415,8 @@ pub fn save_sharded_with(
         cur += nb;
     }
     let n = shards.len();
-    let names: Vec<String> = if n == 1 { vec![SINGLE_FILE.to_string()] } else { (1..=n).map(|k| shard_name(k, n)).collect() };
+    let names: Vec<String> =
+        if n == 1 { vec![SINGLE_FILE.to_string()] } else { (1..=n).map(|k| shard_name(k, n)).collect() };
     for (idx, fname) in shards.iter().zip(&names) {
         write_file(&dir.join(fname), specs, idx, dtype, &mut fetch)?;
     }

@@ -120,6 +120,16 @@ impl Blas {
                 )
             }
         };
-        r.map_err(|e| anyhow!("cuBLAS GEMM m={} n={} k={} (ta={}, tb={}, batch={}) failed: {e:?}", g.m, g.n, g.k, g.trans_a, g.trans_b, count))
+        r.map_err(|e| {
+            anyhow!(
+                "cuBLAS GEMM m={} n={} k={} (ta={}, tb={}, batch={}) failed: {e:?}",
+                g.m,
+                g.n,
+                g.k,
+                g.trans_a,
+                g.trans_b,
+                count
+            )
+        })
     }
 }

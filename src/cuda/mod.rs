@@ -7,8 +7,8 @@ pub mod kernels;
 
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{
-    sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -59,9 +59,8 @@ impl Gpu {
         let stream = ctx.default_stream();
         let blas = blas::Blas::new(stream.clone())?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-        let sm_count = ctx
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .unwrap_or(1) as u32;
+        let sm_count =
+            ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap_or(1) as u32;
         Ok(Some(Arc::new(Gpu {
             ctx,
             stream,
@@ -131,7 +130,13 @@ impl Gpu {
     pub fn alloc<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
         let Some(bytes) = n.checked_mul(std::mem::size_of::<T>()).filter(|&b| b <= isize::MAX as usize) else {
             let (free, total) = self.mem_info();
-            bail!("GPU allocation of {n} elements of {} bytes overflows; {} of {} free on {}", std::mem::size_of::<T>(), gib(free), gib(total), self.name);
+            bail!(
+                "GPU allocation of {n} elements of {} bytes overflows; {} of {} free on {}",
+                std::mem::size_of::<T>(),
+                gib(free),
+                gib(total),
+                self.name
+            );
         };
         self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| oom_error(self, bytes, e))
     }
@@ -188,7 +193,13 @@ fn gib(bytes: usize) -> String {
 
 fn oom_error(gpu: &Gpu, bytes: usize, e: cudarc::driver::DriverError) -> anyhow::Error {
     let (free, total) = gpu.mem_info();
-    anyhow!("GPU allocation of {:.1} MiB failed ({e}); {} of {} free on {}", bytes as f64 / (1 << 20) as f64, gib(free), gib(total), gpu.name)
+    anyhow!(
+        "GPU allocation of {:.1} MiB failed ({e}); {} of {} free on {}",
+        bytes as f64 / (1 << 20) as f64,
+        gib(free),
+        gib(total),
+        gpu.name
+    )
 }
 
 /// Grid of ceil(n / block) blocks of `block` threads.

@@ -200,8 +200,11 @@ impl Sample {
     pub fn user_turns(&self) -> Vec<UserTurn> {
         let n_user = self.messages.iter().filter(|m| m.role == Role::User).count();
         // A hand-built sample may lack labels; fall back to the documented defaults.
-        let labels =
-            if self.turn_labels.len() == n_user { self.turn_labels.clone() } else { default_turn_labels(self.kind, n_user) };
+        let labels = if self.turn_labels.len() == n_user {
+            self.turn_labels.clone()
+        } else {
+            default_turn_labels(self.kind, n_user)
+        };
         let mut next_image = 0usize;
         let mut out = Vec::with_capacity(n_user);
         for (j, m) in self.messages.iter().enumerate() {
@@ -375,7 +378,10 @@ fn parse_sample(v: &Value, base: &Path, origin: String, purpose: Purpose) -> std
     };
     for k in obj.keys() {
         if !SAMPLE_FIELDS.contains(&k.as_str()) {
-            bad.push(format!("unknown field {k:?} (allowed: {}; put extra data under \"meta\")", SAMPLE_FIELDS.join(", ")));
+            bad.push(format!(
+                "unknown field {k:?} (allowed: {}; put extra data under \"meta\")",
+                SAMPLE_FIELDS.join(", ")
+            ));
         }
     }
 
@@ -472,9 +478,11 @@ fn parse_meta(meta: Option<&Value>, kind: Kind, n_user: usize, bad: &mut Vec<Str
             for (j, v) in list.iter().enumerate() {
                 match v.as_str().and_then(TurnLabel::parse) {
                     Some(l) => labels.push(l),
-                    None => {
-                        bad.push(format!("meta.turn_labels entry {}: expected \"harmful\" or \"benign\", got {}", j + 1, show(v)))
-                    }
+                    None => bad.push(format!(
+                        "meta.turn_labels entry {}: expected \"harmful\" or \"benign\", got {}",
+                        j + 1,
+                        show(v)
+                    )),
                 }
             }
             labels
@@ -485,7 +493,8 @@ fn parse_meta(meta: Option<&Value>, kind: Kind, n_user: usize, bad: &mut Vec<Str
         }
     };
     if bad.len() == before {
-        let harmful: Vec<usize> = (0..turn_labels.len()).filter(|&k| turn_labels[k].is_harmful()).map(|k| k + 1).collect();
+        let harmful: Vec<usize> =
+            (0..turn_labels.len()).filter(|&k| turn_labels[k].is_harmful()).map(|k| k + 1).collect();
         match kind {
             Kind::General if !harmful.is_empty() => bad.push(format!(
                 "kind \"general\" but meta.turn_labels marks user turn(s) {harmful:?} harmful (a dialogue with a harmful turn is a \"refusal\")"
@@ -527,9 +536,11 @@ fn parse_meta(meta: Option<&Value>, kind: Kind, n_user: usize, bad: &mut Vec<Str
                         }
                         refs.push(Some(r.clone()));
                     }
-                    other => {
-                        bad.push(format!("meta.references entry {}: expected a string or null, got {}", j + 1, kind_of(other)))
-                    }
+                    other => bad.push(format!(
+                        "meta.references entry {}: expected a string or null, got {}",
+                        j + 1,
+                        kind_of(other)
+                    )),
                 }
             }
             refs
@@ -613,7 +624,9 @@ fn parse_messages(obj: &Map<String, Value>, purpose: Purpose, bad: &mut Vec<Stri
             Some(Value::String(r)) => match Role::parse(r) {
                 Some(role) => Some(role),
                 None => {
-                    bad.push(format!("message {n}: unknown role {r:?} (expected \"system\", \"user\" or \"assistant\")"));
+                    bad.push(format!(
+                        "message {n}: unknown role {r:?} (expected \"system\", \"user\" or \"assistant\")"
+                    ));
                     None
                 }
             },
@@ -690,7 +703,10 @@ fn check_turns(msgs: &[Message], purpose: Purpose, bad: &mut Vec<String>) {
             expect = if expect == Role::User { Role::Assistant } else { Role::User };
         }
         if m.role != Role::User && count_markers(&m.content) > 0 {
-            bad.push(format!("message {n}: {IMAGE_MARKER} marker in {} turn (images go in user turns)", m.role.with_article()));
+            bad.push(format!(
+                "message {n}: {IMAGE_MARKER} marker in {} turn (images go in user turns)",
+                m.role.with_article()
+            ));
         }
         if m.role == Role::Assistant && m.content.trim().is_empty() {
             bad.push(format!("message {n}: empty assistant turn"));
@@ -735,7 +751,9 @@ pub fn to_jsonl(samples: &[Sample], dir: &Path) -> Result<String> {
         let mut images = Vec::with_capacity(s.images.len());
         for p in &s.images {
             let rel = relative_path(p, dir)?;
-            images.push(rel.to_str().with_context(|| format!("{}: image path {} is not UTF-8", s.id, p.display()))?.to_string());
+            images.push(
+                rel.to_str().with_context(|| format!("{}: image path {} is not UTF-8", s.id, p.display()))?.to_string(),
+            );
         }
         let messages = s.messages.iter().map(|m| JsonMessage { role: m.role.as_str(), content: &m.content }).collect();
         let j = JsonSample { id: &s.id, kind: s.kind.as_str(), images, messages, meta: s.meta.as_ref() };

@@ -188,8 +188,12 @@ impl Picture {
 
     /// A shape that appears exactly once (so "what colour is the X" has one answer).
     fn unique_item(&self, rng: &mut Rng) -> Option<Item> {
-        let uniq: Vec<Item> =
-            self.items.iter().filter(|a| self.items.iter().filter(|b| b.shape == a.shape).count() == 1).copied().collect();
+        let uniq: Vec<Item> = self
+            .items
+            .iter()
+            .filter(|a| self.items.iter().filter(|b| b.shape == a.shape).count() == 1)
+            .copied()
+            .collect();
         (!uniq.is_empty()).then(|| uniq[rng.below(uniq.len())])
     }
 }
@@ -215,7 +219,11 @@ fn pick<'a>(rng: &mut Rng, v: &[&'a str]) -> &'a str {
 fn general_qa(rng: &mut Rng, pic: &Picture) -> (String, String) {
     match rng.below(5) {
         0 => (
-            pick(rng, &["What shapes are in this image?", "Which shapes do you see here?", "What is drawn in this picture?"]).to_string(),
+            pick(
+                rng,
+                &["What shapes are in this image?", "Which shapes do you see here?", "What is drawn in this picture?"],
+            )
+            .to_string(),
             pic.what_is_there(),
         ),
         1 => {
@@ -229,10 +237,13 @@ fn general_qa(rng: &mut Rng, pic: &Picture) -> (String, String) {
             (q, a)
         }
         2 => match pic.unique_item(rng) {
-            Some(it) => {
-                (format!("What colour is the {}?", it.shape.name()), format!("The {} is {}.", it.shape.name(), COLOURS[it.colour].0))
+            Some(it) => (
+                format!("What colour is the {}?", it.shape.name()),
+                format!("The {} is {}.", it.shape.name(), COLOURS[it.colour].0),
+            ),
+            None => {
+                ("Describe this image.".to_string(), format!("The image shows {} on a white background.", pic.list()))
             }
-            None => ("Describe this image.".to_string(), format!("The image shows {} on a white background.", pic.list())),
         },
         3 => {
             // Half the time ask about a shape that is there, else about one that is not.
@@ -362,7 +373,8 @@ fn make_split(rng: &mut Rng, dir: &Path, split: &str, mix: [usize; 4]) -> Result
         let mut messages = Vec::new();
         // An occasional explicit system prompt, so loaders see both forms.
         if rng.below(8) == 0 {
-            messages.push(JsonMessage { role: "system", content: "You are a helpful and careful assistant.".to_string() });
+            messages
+                .push(JsonMessage { role: "system", content: "You are a helpful and careful assistant.".to_string() });
         }
         let kind = match t {
             0 => {
@@ -650,13 +662,7 @@ fn make_dialogue(rng: &mut Rng, harmful: bool, n: usize) -> Dialogue {
 /// the assistant turn (complete dialogues); without, only the user turns, with the benign
 /// turns' answers in `meta.references`.
 fn make_labelled(
-    rng: &mut Rng,
-    dir: &Path,
-    prefix: &str,
-    harmful: [usize; 3],
-    benign: [usize; 3],
-    min_turns: usize,
-    replies: bool,
+    rng: &mut Rng, dir: &Path, prefix: &str, harmful: [usize; 3], benign: [usize; 3], min_turns: usize, replies: bool,
 ) -> Result<String> {
     let mut plan: Vec<(bool, usize)> = Vec::new();
     for (i, (&h, &b)) in harmful.iter().zip(&benign).enumerate() {
@@ -677,7 +683,8 @@ fn make_labelled(
         }
         let mut messages = Vec::new();
         if with_system {
-            messages.push(JsonMessage { role: "system", content: "You are a helpful and careful assistant.".to_string() });
+            messages
+                .push(JsonMessage { role: "system", content: "You are a helpful and careful assistant.".to_string() });
         }
         for t in &d.turns {
             let content = if t.new_image { format!("{IMAGE_MARKER}{}", t.text) } else { t.text.clone() };
@@ -686,8 +693,13 @@ fn make_labelled(
                 messages.push(assistant(t.answer.clone()));
             }
         }
-        let references = (!replies).then(|| d.turns.iter().map(|t| (!t.label.is_harmful()).then(|| t.answer.clone())).collect());
-        let meta = JsonMeta { category: d.category, turn_labels: d.turns.iter().map(|t| t.label.as_str()).collect(), references };
+        let references =
+            (!replies).then(|| d.turns.iter().map(|t| (!t.label.is_harmful()).then(|| t.answer.clone())).collect());
+        let meta = JsonMeta {
+            category: d.category,
+            turn_labels: d.turns.iter().map(|t| t.label.as_str()).collect(),
+            references,
+        };
         let kind = if d.harmful { "refusal" } else { "general" };
         let s = JsonSample { id, kind, images, messages, meta: Some(meta) };
         out.push_str(&serde_json::to_string(&s)?);
@@ -817,9 +829,17 @@ pub fn generate(out: impl AsRef<Path>) -> Result<DemoSummary> {
         let mut rng = Rng::new(DEMO_SEED);
         let train = make_split(&mut rng, dir, "train", TRAIN_MIX)?;
         let eval = make_split(&mut rng, dir, "eval", EVAL_MIX)?;
-        let eval_mt =
-            make_labelled(&mut Rng::new(DEMO_SEED ^ EVAL_MT_STREAM), dir, "eval-mt", EVAL_MT_HARMFUL, EVAL_MT_BENIGN, 2, true)?;
-        let grpo = make_labelled(&mut Rng::new(DEMO_SEED ^ GRPO_STREAM), dir, "grpo", GRPO_HARMFUL, GRPO_BENIGN, 1, false)?;
+        let eval_mt = make_labelled(
+            &mut Rng::new(DEMO_SEED ^ EVAL_MT_STREAM),
+            dir,
+            "eval-mt",
+            EVAL_MT_HARMFUL,
+            EVAL_MT_BENIGN,
+            2,
+            true,
+        )?;
+        let grpo =
+            make_labelled(&mut Rng::new(DEMO_SEED ^ GRPO_STREAM), dir, "grpo", GRPO_HARMFUL, GRPO_BENIGN, 1, false)?;
         std::fs::write(dir.join(TRAIN_FILE), &train)?;
         std::fs::write(dir.join(EVAL_FILE), eval + &eval_mt)?;
         std::fs::write(dir.join(GRPO_FILE), &grpo)?;

@@ -37,7 +37,8 @@ impl RgbImage {
 /// (height, width) of a PNG or JPEG file from its header, without decoding the pixels.
 pub fn image_size(path: impl AsRef<Path>) -> Result<(usize, usize)> {
     let path = path.as_ref();
-    let (w, h) = image::image_dimensions(path).with_context(|| format!("reading the size of image {} (not a readable PNG or JPEG)", path.display()))?;
+    let (w, h) = image::image_dimensions(path)
+        .with_context(|| format!("reading the size of image {} (not a readable PNG or JPEG)", path.display()))?;
     if w == 0 || h == 0 {
         bail!("image {} is empty ({w}x{h})", path.display());
     }
@@ -54,7 +55,8 @@ pub fn load_rgb(path: impl AsRef<Path>) -> Result<RgbImage> {
 /// Decodes PNG or JPEG bytes; `name` (a path or dataset key) is used in errors.
 pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<RgbImage> {
     use image::DynamicImage as D;
-    let img = image::load_from_memory(bytes).with_context(|| format!("decoding image {name} (not a readable PNG or JPEG)"))?;
+    let img = image::load_from_memory(bytes)
+        .with_context(|| format!("decoding image {name} (not a readable PNG or JPEG)"))?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     if w == 0 || h == 0 {
         bail!("image {name} is empty ({w}x{h})");
@@ -62,7 +64,9 @@ pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<RgbImage> {
     let data = match &img {
         // PIL reads 16-bit colour PNGs by keeping each sample's high byte.
         D::ImageRgb16(b) => b.as_raw().iter().map(|&v| (v >> 8) as u8).collect(),
-        D::ImageRgba16(b) => b.as_raw().chunks_exact(4).flat_map(|p| [(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8]).collect(),
+        D::ImageRgba16(b) => {
+            b.as_raw().chunks_exact(4).flat_map(|p| [(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8]).collect()
+        }
         _ => img.to_rgb8().into_raw(),
     };
     RgbImage::new(w, h, data)

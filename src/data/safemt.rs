@@ -49,7 +49,11 @@ pub fn load_safemt(path: impl AsRef<Path>) -> Result<Vec<Sample>> {
                 Value::String(s) => format!(" (id {s:?})"),
                 other => format!(" (id {other})"),
             });
-            records.push((format!("{file}: record {}{}", i + 1, id.unwrap_or_default()), format!("record {}", i + 1), v));
+            records.push((
+                format!("{file}: record {}{}", i + 1, id.unwrap_or_default()),
+                format!("record {}", i + 1),
+                v,
+            ));
         }
     } else {
         for (i, line) in text.lines().enumerate() {
@@ -176,7 +180,10 @@ fn record_to_sample(v: &Value, base: &Path, at: &str) -> std::result::Result<Sam
                 Some(&parsed_string)
             }
             Ok(other) => {
-                bad.push(format!("field \"dialogue\" is a string holding {}, expected a list of turns", kind_of(&other)));
+                bad.push(format!(
+                    "field \"dialogue\" is a string holding {}, expected a list of turns",
+                    kind_of(&other)
+                ));
                 None
             }
             Err(e) => {
@@ -185,7 +192,10 @@ fn record_to_sample(v: &Value, base: &Path, at: &str) -> std::result::Result<Sam
             }
         },
         Some(other) => {
-            bad.push(format!("field \"dialogue\" must be a list of {{\"role\", \"content\"}} turns, got {}", kind_of(other)));
+            bad.push(format!(
+                "field \"dialogue\" must be a list of {{\"role\", \"content\"}} turns, got {}",
+                kind_of(other)
+            ));
             None
         }
         None => None,
@@ -226,7 +236,8 @@ fn record_to_sample(v: &Value, base: &Path, at: &str) -> std::result::Result<Sam
     }
 
     let n = user_turns.len();
-    let turn_labels: Vec<TurnLabel> = (0..n).map(|k| if k + 1 == n { TurnLabel::Harmful } else { TurnLabel::Benign }).collect();
+    let turn_labels: Vec<TurnLabel> =
+        (0..n).map(|k| if k + 1 == n { TurnLabel::Harmful } else { TurnLabel::Benign }).collect();
     let mut meta = Map::new();
     meta.insert("source".into(), json!("safemt"));
     if let Some(c) = &category {
@@ -264,10 +275,7 @@ fn record_to_sample(v: &Value, base: &Path, at: &str) -> std::result::Result<Sam
 /// [system] user (assistant user)*: the user texts and the scripted replies, trimmed (the
 /// published files have stray leading spaces and newlines).
 fn parse_dialogue(
-    turns: &[Value],
-    system: &mut Option<String>,
-    users: &mut Vec<String>,
-    replies: &mut Vec<String>,
+    turns: &[Value], system: &mut Option<String>, users: &mut Vec<String>, replies: &mut Vec<String>,
     bad: &mut Vec<String>,
 ) {
     let mut expect = Role::User;
@@ -290,7 +298,10 @@ fn parse_dialogue(
                 continue;
             }
             _ => {
-                bad.push(format!("dialogue turn {n}: unexpected role {} (expected \"user\" or \"assistant\")", show(role)));
+                bad.push(format!(
+                    "dialogue turn {n}: unexpected role {} (expected \"user\" or \"assistant\")",
+                    show(role)
+                ));
                 return;
             }
         };
@@ -311,9 +322,9 @@ fn parse_dialogue(
     }
     match last {
         None => bad.push("field \"dialogue\" has no user turn".to_string()),
-        Some(Role::Assistant) => {
-            bad.push("the dialogue ends with an assistant turn; SafeMT dialogues end with the user's (harmful) question".into())
-        }
+        Some(Role::Assistant) => bad.push(
+            "the dialogue ends with an assistant turn; SafeMT dialogues end with the user's (harmful) question".into(),
+        ),
         _ => {}
     }
 }

@@ -65,7 +65,8 @@ pub fn train_bpe(texts: &[String], bpe_vocab: usize) -> Result<Tokenizer> {
         .build()
         .into();
     tok.train(&mut trainer, texts.iter()).map_err(|e| anyhow!("training the BPE: {e}"))?;
-    let specials: Vec<AddedToken> = RESERVED_TOKENS.iter().map(|t| AddedToken::from(*t, true).normalized(false)).collect();
+    let specials: Vec<AddedToken> =
+        RESERVED_TOKENS.iter().map(|t| AddedToken::from(*t, true).normalized(false)).collect();
     tok.add_special_tokens(&specials);
     Ok(tok)
 }

@@ -56,43 +56,89 @@ impl Panel {
 
     fn frame(&self, svg: &mut String, title: &str, ylabel: &str) {
         let (x0, x1, y1) = (self.x0, self.x0 + PANEL_W, PANEL_TOP + PANEL_H);
-        let _ = writeln!(svg, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="15">{}</text>"#, x0 + PANEL_W / 2.0, PANEL_TOP - 12.0, esc(title));
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="15">{}</text>"#,
+            x0 + PANEL_W / 2.0,
+            PANEL_TOP - 12.0,
+            esc(title)
+        );
         for i in 0..=4 {
             let v = i as f64 / 4.0;
             let y = self.y(v);
             let _ = writeln!(svg, r##"<line x1="{x0:.1}" y1="{y:.1}" x2="{x1:.1}" y2="{y:.1}" stroke="#dddddd"/>"##);
-            let _ = writeln!(svg, r#"<text x="{:.1}" y="{:.1}" text-anchor="end" font-size="11">{v:.2}</text>"#, x0 - 6.0, y + 4.0);
+            let _ = writeln!(
+                svg,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="end" font-size="11">{v:.2}</text>"#,
+                x0 - 6.0,
+                y + 4.0
+            );
         }
         for t in 0..self.turns {
             let x = self.x(t);
-            let _ = writeln!(svg, r##"<line x1="{x:.1}" y1="{y1:.1}" x2="{x:.1}" y2="{:.1}" stroke="#333333"/>"##, y1 + 5.0);
-            let _ = writeln!(svg, r#"<text x="{x:.1}" y="{:.1}" text-anchor="middle" font-size="11">{}</text>"#, y1 + 18.0, t + 1);
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{x:.1}" y1="{y1:.1}" x2="{x:.1}" y2="{:.1}" stroke="#333333"/>"##,
+                y1 + 5.0
+            );
+            let _ = writeln!(
+                svg,
+                r#"<text x="{x:.1}" y="{:.1}" text-anchor="middle" font-size="11">{}</text>"#,
+                y1 + 18.0,
+                t + 1
+            );
         }
-        let _ = writeln!(svg, r##"<rect x="{x0:.1}" y="{PANEL_TOP:.1}" width="{PANEL_W:.1}" height="{PANEL_H:.1}" fill="none" stroke="#333333"/>"##);
-        let _ = writeln!(svg, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="13">turn</text>"#, x0 + PANEL_W / 2.0, y1 + 38.0);
+        let _ = writeln!(
+            svg,
+            r##"<rect x="{x0:.1}" y="{PANEL_TOP:.1}" width="{PANEL_W:.1}" height="{PANEL_H:.1}" fill="none" stroke="#333333"/>"##
+        );
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="13">turn</text>"#,
+            x0 + PANEL_W / 2.0,
+            y1 + 38.0
+        );
         let (lx, ly) = (x0 - 44.0, PANEL_TOP + PANEL_H / 2.0);
-        let _ = writeln!(svg, r#"<text x="{lx:.1}" y="{ly:.1}" text-anchor="middle" font-size="13" transform="rotate(-90 {lx:.1} {ly:.1})">{}</text>"#, esc(ylabel));
+        let _ = writeln!(
+            svg,
+            r#"<text x="{lx:.1}" y="{ly:.1}" text-anchor="middle" font-size="13" transform="rotate(-90 {lx:.1} {ly:.1})">{}</text>"#,
+            esc(ylabel)
+        );
     }
 
     fn series(&self, svg: &mut String, figs: &[&Figure], color: &str, dashed: bool, square: bool) {
         let points: Vec<_> = figs
             .iter()
             .enumerate()
-            .map(|(t, f)| f.value.map(|v| (self.x(t), self.y(v), f.ci_low.zip(f.ci_high).map(|(lo, hi)| (self.y(lo), self.y(hi))))))
+            .map(|(t, f)| {
+                f.value
+                    .map(|v| (self.x(t), self.y(v), f.ci_low.zip(f.ci_high).map(|(lo, hi)| (self.y(lo), self.y(hi)))))
+            })
             .collect();
         for run in runs(&points) {
             let band: Vec<_> = run.iter().filter_map(|p| p.2.map(|(lo, hi)| (p.0, lo, hi))).collect();
             if band.len() == run.len() && run.len() > 1 {
                 let mut pts: Vec<String> = band.iter().map(|(x, _, hi)| format!("{x:.1},{hi:.1}")).collect();
                 pts.extend(band.iter().rev().map(|(x, lo, _)| format!("{x:.1},{lo:.1}")));
-                let _ = writeln!(svg, r#"<polygon points="{}" fill="{color}" fill-opacity="0.15" stroke="none"/>"#, pts.join(" "));
+                let _ = writeln!(
+                    svg,
+                    r#"<polygon points="{}" fill="{color}" fill-opacity="0.15" stroke="none"/>"#,
+                    pts.join(" ")
+                );
             }
             for &(x, lo, hi) in &band {
-                let _ = writeln!(svg, r#"<line x1="{x:.1}" y1="{lo:.1}" x2="{x:.1}" y2="{hi:.1}" stroke="{color}" stroke-opacity="0.5"/>"#);
+                let _ = writeln!(
+                    svg,
+                    r#"<line x1="{x:.1}" y1="{lo:.1}" x2="{x:.1}" y2="{hi:.1}" stroke="{color}" stroke-opacity="0.5"/>"#
+                );
             }
             let pts: Vec<String> = run.iter().map(|(x, y, _)| format!("{x:.1},{y:.1}")).collect();
             let dash = if dashed { r#" stroke-dasharray="6 4""# } else { "" };
-            let _ = writeln!(svg, r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"{dash}/>"#, pts.join(" "));
+            let _ = writeln!(
+                svg,
+                r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"{dash}/>"#,
+                pts.join(" ")
+            );
             for (x, y, _) in &run {
                 marker(svg, *x, *y, color, square);
             }
@@ -119,27 +165,46 @@ pub fn turn_chart_svg(model: (&str, &Metrics), baseline: Option<(&str, &Metrics)
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif">"#
     );
     let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(svg, r#"<text x="{:.1}" y="28" text-anchor="middle" font-size="17">Mean safety and helpfulness per turn</text>"#, WIDTH / 2.0);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{:.1}" y="28" text-anchor="middle" font-size="17">Mean safety and helpfulness per turn</text>"#,
+        WIDTH / 2.0
+    );
     // Legend: one entry per series, centred under the title.
     let mut lx = WIDTH / 2.0 - 150.0 * series.len() as f64 / 2.0;
     for (i, (name, _)) in series.iter().enumerate() {
         let dash = if i == 1 { r#" stroke-dasharray="6 4""# } else { "" };
-        let _ = writeln!(svg, r#"<line x1="{lx:.1}" y1="52" x2="{:.1}" y2="52" stroke="{}" stroke-width="2"{dash}/>"#, lx + 28.0, COLORS[i]);
+        let _ = writeln!(
+            svg,
+            r#"<line x1="{lx:.1}" y1="52" x2="{:.1}" y2="52" stroke="{}" stroke-width="2"{dash}/>"#,
+            lx + 28.0,
+            COLORS[i]
+        );
         marker(&mut svg, lx + 14.0, 52.0, COLORS[i], i == 1);
         let _ = writeln!(svg, r#"<text x="{:.1}" y="56" font-size="13">{}</text>"#, lx + 34.0, esc(name));
         lx += 150.0;
     }
     let note = format!("all dialogues; bands: {:.0}% bootstrap CI", 100.0 * model.1.config.level);
-    let _ = writeln!(svg, r##"<text x="{:.1}" y="76" text-anchor="middle" font-size="11" fill="#555555">{note}</text>"##, WIDTH / 2.0);
+    let _ = writeln!(
+        svg,
+        r##"<text x="{:.1}" y="76" text-anchor="middle" font-size="11" fill="#555555">{note}</text>"##,
+        WIDTH / 2.0
+    );
     if turns == 0 {
-        let _ = writeln!(svg, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="14">no scored turns</text>"#, WIDTH / 2.0, HEIGHT / 2.0);
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="14">no scored turns</text>"#,
+            WIDTH / 2.0,
+            HEIGHT / 2.0
+        );
     }
     let panels = [("mean safety s", "Safety", 0usize), ("mean helpfulness h", "Helpfulness", 1)];
     for (p, (ylabel, title, which)) in panels.into_iter().enumerate() {
         let panel = Panel { x0: 80.0 + p as f64 * 470.0, turns };
         panel.frame(&mut svg, title, ylabel);
         for (i, (_, m)) in series.iter().enumerate() {
-            let figs: Vec<&Figure> = m.per_turn.iter().map(|t| if which == 0 { &t.safety.all } else { &t.help.all }).collect();
+            let figs: Vec<&Figure> =
+                m.per_turn.iter().map(|t| if which == 0 { &t.safety.all } else { &t.help.all }).collect();
             panel.series(&mut svg, &figs, COLORS[i], i == 1, i == 1);
         }
     }
@@ -148,6 +213,8 @@ pub fn turn_chart_svg(model: (&str, &Metrics), baseline: Option<(&str, &Metrics)
 }
 
 /// Writes [`turn_chart_svg`] to `path`, atomically.
-pub fn write_turn_chart(path: impl AsRef<Path>, model: (&str, &Metrics), baseline: Option<(&str, &Metrics)>) -> Result<()> {
+pub fn write_turn_chart(
+    path: impl AsRef<Path>, model: (&str, &Metrics), baseline: Option<(&str, &Metrics)>,
+) -> Result<()> {
     atomic::write_file(path, turn_chart_svg(model, baseline).as_bytes())
 }

@@ -60,7 +60,12 @@ impl EvalRecord {
             bail!("eval record {}: no rollouts (need N >= 1)", self.id);
         }
         if !self.answers.is_empty() && self.answers.len() != self.scores.len() {
-            bail!("eval record {}: {} answer rollouts but {} score rollouts", self.id, self.answers.len(), self.scores.len());
+            bail!(
+                "eval record {}: {} answer rollouts but {} score rollouts",
+                self.id,
+                self.answers.len(),
+                self.scores.len()
+            );
         }
         for (r, s) in self.scores.iter().enumerate() {
             if s.len() > self.labels.len() {

@@ -70,7 +70,14 @@ struct DialogueLine<'a> {
 }
 
 fn score_line(s: &TurnScore) -> ScoreLine<'_> {
-    ScoreLine { safety: s.safety, help: s.help, unsafe_flag: s.unsafe_flag, refused: s.refused, fallback: s.fallback, raw: &s.raw }
+    ScoreLine {
+        safety: s.safety,
+        help: s.help,
+        unsafe_flag: s.unsafe_flag,
+        refused: s.refused,
+        fallback: s.fallback,
+        raw: &s.raw,
+    }
 }
 
 /// One JSON line per dialogue: its labels and every rollout's answers and scores.

@@ -123,7 +123,9 @@ fn rows(metrics: &[&Metrics], with_wins: bool, per_category: bool) -> Vec<Row> {
         for c in cats {
             let (c1, c2, c3, c4) = (c.clone(), c.clone(), c.clone(), c.clone());
             rows.push(row(format!("ASR [{c}]"), Kind::Rate, move |m| m.categories.get(&c1).map(|g| &g.asr)));
-            rows.push(row(format!("over-refusal [{c}]"), Kind::Rate, move |m| m.categories.get(&c2).map(|g| &g.over_refusal)));
+            rows.push(row(format!("over-refusal [{c}]"), Kind::Rate, move |m| {
+                m.categories.get(&c2).map(|g| &g.over_refusal)
+            }));
             rows.push(row(format!("mean s [{c}]"), Kind::Mean, move |m| m.categories.get(&c3).map(|g| &g.mean_safety)));
             rows.push(row(format!("mean h [{c}]"), Kind::Mean, move |m| m.categories.get(&c4).map(|g| &g.mean_help)));
         }

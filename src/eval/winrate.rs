@@ -28,7 +28,9 @@ pub fn pair_score(model_first: Preference, baseline_first: Preference) -> f64 {
 
 /// Adds every pair to the helpful (benign turns) and harmless (harmful turns) ratios.
 /// Returns the number of pairs with a missing order.
-pub(crate) fn collect(records: &[EvalRecord], pairs: &[PairRecord], helpful: &mut Ratio, harmless: &mut Ratio) -> Result<usize> {
+pub(crate) fn collect(
+    records: &[EvalRecord], pairs: &[PairRecord], helpful: &mut Ratio, harmless: &mut Ratio,
+) -> Result<usize> {
     let index: HashMap<&str, usize> = records.iter().enumerate().map(|(i, r)| (r.id.as_str(), i)).collect();
     let mut missing = 0;
     for p in pairs {

@@ -28,14 +28,18 @@ impl MemoryPlan {
     /// engine's plan; activations are those of `batch_tokens` tokens (one layer's with
     /// recompute, every layer's without).
     #[allow(clippy::too_many_arguments)]
-    pub fn new(dev: &Device, model: &VlModel, trainable: usize, reference: bool, kv_cache: usize, batch_tokens: usize, recompute: bool, store: GradStore) -> MemoryPlan {
+    pub fn new(
+        dev: &Device, model: &VlModel, trainable: usize, reference: bool, kv_cache: usize, batch_tokens: usize,
+        recompute: bool, store: GradStore,
+    ) -> MemoryPlan {
         let elem = if dev.is_cuda() { 2 } else { 4 };
         let weights: usize = model.param_entries().iter().map(|(r, b)| r.numel() * b.dtype().size()).sum();
         let refs: Vec<_> = model.trainable_entries().iter().map(|(r, _)| r.clone()).collect();
         let grads = store.bytes(dev, &refs).min(trainable * 4);
         let t = model.tdims();
         let l = &t.layer;
-        let per_layer = batch_tokens * (4 * l.d + 2 * l.q_dim() + 2 * l.kv_dim() + 3 * l.inter) * elem + 2 * batch_tokens * 4;
+        let per_layer =
+            batch_tokens * (4 * l.d + 2 * l.q_dim() + 2 * l.kv_dim() + 3 * l.inter) * elem + 2 * batch_tokens * 4;
         let streams = (t.n_layers + 1) * batch_tokens * l.d * elem;
         let activations = streams + if recompute { per_layer } else { per_layer * t.n_layers };
         MemoryPlan {

@@ -68,7 +68,13 @@ pub fn group_reward(scores: &[Vec<Option<(f64, f64)>>], hp: &RewardHyper) -> Gro
     let n = scores.len();
     let t = scores.iter().map(Vec::len).max().unwrap_or(0);
     let at = |i: usize, j: usize| scores[i].get(j).copied().flatten();
-    let mut g = GroupReward { turn_mean: vec![f64::NAN; t], turn_var: vec![f64::NAN; t], turn_importance: vec![f64::NAN; t], turn_weight: vec![0.0; t], ..Default::default() };
+    let mut g = GroupReward {
+        turn_mean: vec![f64::NAN; t],
+        turn_var: vec![f64::NAN; t],
+        turn_importance: vec![f64::NAN; t],
+        turn_weight: vec![0.0; t],
+        ..Default::default()
+    };
     g.missing = (0..n).map(|i| (0..t).filter(|&j| at(i, j).is_none()).count()).sum();
     for j in 0..t {
         let s: Vec<f64> = (0..n).filter_map(|i| at(i, j).map(|x| x.0)).collect();
@@ -90,7 +96,9 @@ pub fn group_reward(scores: &[Vec<Option<(f64, f64)>>], hp: &RewardHyper) -> Gro
                 g.turn_weight[j] = (g.turn_importance[j] - mx).exp() / z;
             }
         }
-        TurnWeighting::Mean | TurnWeighting::MinMean => scored.iter().for_each(|&j| g.turn_weight[j] = 1.0 / scored.len() as f64),
+        TurnWeighting::Mean | TurnWeighting::MinMean => {
+            scored.iter().for_each(|&j| g.turn_weight[j] = 1.0 / scored.len() as f64)
+        }
         TurnWeighting::Last => {
             if let Some(&j) = scored.last() {
                 g.turn_weight[j] = 1.0;
@@ -114,7 +122,11 @@ pub fn group_reward(scores: &[Vec<Option<(f64, f64)>>], hp: &RewardHyper) -> Gro
     let have: Vec<f64> = reward.iter().flatten().copied().collect();
     let mean = if have.is_empty() { 0.0 } else { have.iter().sum::<f64>() / have.len() as f64 };
     g.reward = reward.iter().map(|r| r.unwrap_or(mean)).collect();
-    let std = if n > 1 { (g.reward.iter().map(|r| (r - mean) * (r - mean)).sum::<f64>() / (n - 1) as f64).sqrt() } else { 0.0 };
+    let std = if n > 1 {
+        (g.reward.iter().map(|r| (r - mean) * (r - mean)).sum::<f64>() / (n - 1) as f64).sqrt()
+    } else {
+        0.0
+    };
     g.advantage = g.reward.iter().map(|r| if n > 1 { (r - mean) / (std + hp.adv_eps) } else { 0.0 }).collect();
     g.flat = g.reward.iter().all(|&r| r == g.reward[0]);
     g

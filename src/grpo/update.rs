@@ -46,7 +46,9 @@ pub fn micro(rows: &[TrainRow], mini: &[usize], batch_tokens: usize) -> Vec<Vec<
 
 /// The forward of micro-batch `mb` packed, with the head at temperature `temp`: (forward,
 /// targets, weights) on the device.
-fn forward_at(dev: &Device, model: &VlModel, rows: &[TrainRow], mb: &[usize], temp: f32, rc: &Recompute) -> Result<(VlFwd, Buf, Buf)> {
+fn forward_at(
+    dev: &Device, model: &VlModel, rows: &[TrainRow], mb: &[usize], temp: f32, rc: &Recompute,
+) -> Result<(VlFwd, Buf, Buf)> {
     let refs: Vec<&Example> = mb.iter().map(|&i| &rows[i].example).collect();
     let p = pack(&refs);
     let mut f = model.forward(dev, &p, rc)?;
@@ -56,7 +58,9 @@ fn forward_at(dev: &Device, model: &VlModel, rows: &[TrainRow], mb: &[usize], te
 
 /// Log-probs of every row's generated tokens at temperature `temp`, no gradient (the old
 /// policy or the reference), packed as in the update so that equal weights give equal bits.
-pub fn logprobs(dev: &Device, model: &VlModel, rows: &[TrainRow], mbs: &[Vec<usize>], temp: f32, rc: &Recompute) -> Result<Vec<Vec<f32>>> {
+pub fn logprobs(
+    dev: &Device, model: &VlModel, rows: &[TrainRow], mbs: &[Vec<usize>], temp: f32, rc: &Recompute,
+) -> Result<Vec<Vec<f32>>> {
     let mut out: Vec<Vec<f32>> = rows.iter().map(|_| Vec::new()).collect();
     for mb in mbs {
         let (f, targets, w) = forward_at(dev, model, rows, mb, temp, rc)?;
@@ -76,7 +80,9 @@ pub fn logprobs(dev: &Device, model: &VlModel, rows: &[TrainRow], mbs: &[Vec<usi
 /// (its aggregation weight in the whole mini-batch) is added to `st.loss`; returns d loss /
 /// d logp per position (0 off the mask).
 #[allow(clippy::too_many_arguments)]
-pub fn row_loss(logp: &[f64], old: &[f64], rf: &[f64], mask: &[f64], adv: f64, weight: f64, hp: &GrpoHyper, st: &mut PassStats) -> Vec<f64> {
+pub fn row_loss(
+    logp: &[f64], old: &[f64], rf: &[f64], mask: &[f64], adv: f64, weight: f64, hp: &GrpoHyper, st: &mut PassStats,
+) -> Vec<f64> {
     let mut d = vec![0.0; logp.len()];
     for t in 0..logp.len() {
         if mask[t] == 0.0 {
@@ -97,7 +103,10 @@ pub fn row_loss(logp: &[f64], old: &[f64], rf: &[f64], mask: &[f64], adv: f64, w
 
 /// Forward, loss and backward over one mini-batch (gradients accumulate into the model).
 #[allow(clippy::too_many_arguments)]
-pub fn pass(dev: &Device, model: &mut VlModel, rows: &[TrainRow], mbs: &[Vec<usize>], temp: f32, hp: &GrpoHyper, agg: Aggregation, rc: &Recompute) -> Result<PassStats> {
+pub fn pass(
+    dev: &Device, model: &mut VlModel, rows: &[TrainRow], mbs: &[Vec<usize>], temp: f32, hp: &GrpoHyper,
+    agg: Aggregation, rc: &Recompute,
+) -> Result<PassStats> {
     let all: Vec<usize> = mbs.iter().flatten().copied().collect();
     let count = |i: usize| rows[i].example.weights.iter().filter(|&&w| w != 0.0).count();
     let total_tokens: usize = all.iter().map(|&i| count(i)).sum();

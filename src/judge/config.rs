@@ -119,8 +119,16 @@ impl JudgeConfig {
     /// The http judge's settings: these fields, then the environment for url, model and key.
     pub fn http(&self) -> Result<HttpJudgeConfig> {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-        let url = self.url.clone().or_else(|| env(ENV_URL)).ok_or_else(|| anyhow!("the http judge needs an endpoint: [judge] url or {ENV_URL}"))?;
-        let model = self.model.clone().or_else(|| env(ENV_MODEL)).ok_or_else(|| anyhow!("the http judge needs a model name: [judge] model or {ENV_MODEL}"))?;
+        let url = self
+            .url
+            .clone()
+            .or_else(|| env(ENV_URL))
+            .ok_or_else(|| anyhow!("the http judge needs an endpoint: [judge] url or {ENV_URL}"))?;
+        let model = self
+            .model
+            .clone()
+            .or_else(|| env(ENV_MODEL))
+            .ok_or_else(|| anyhow!("the http judge needs a model name: [judge] model or {ENV_MODEL}"))?;
         if !(self.timeout_s > 0.0 && self.timeout_s.is_finite()) {
             bail!("[judge] timeout_s = {} must be positive", self.timeout_s);
         }
@@ -153,7 +161,11 @@ impl JudgeConfig {
     }
 
     pub fn model_options(&self) -> ModelJudgeOptions {
-        ModelJudgeOptions { batch_tokens: self.batch_tokens.max(1), threshold: self.threshold, ..ModelJudgeOptions::default() }
+        ModelJudgeOptions {
+            batch_tokens: self.batch_tokens.max(1),
+            threshold: self.threshold,
+            ..ModelJudgeOptions::default()
+        }
     }
 }
 

@@ -167,14 +167,17 @@ impl Shared {
         }
         let resp = req.send(body).map_err(|e| self.redact(&e.to_string()))?;
         let status = resp.status().as_u16();
-        let retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|s| s.trim().parse::<f64>().ok());
+        let retry_after =
+            resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|s| s.trim().parse::<f64>().ok());
         let text = resp.into_body().read_to_string().map_err(|e| self.redact(&e.to_string()))?;
         Ok((status, text, retry_after))
     }
 
     /// Sends `messages` until `accept` takes the answer's text or the retries run out.
     fn ask<T>(&self, messages: Value, mut accept: impl FnMut(&str) -> std::result::Result<T, String>) -> Asked<T> {
-        let body = json!({"model": self.cfg.model, "messages": messages, "temperature": 0, "max_tokens": self.cfg.max_tokens}).to_string();
+        let body =
+            json!({"model": self.cfg.model, "messages": messages, "temperature": 0, "max_tokens": self.cfg.max_tokens})
+                .to_string();
         let mut out = Asked { value: Err(String::new()), raw: String::new(), retries: 0 };
         let mut retry_after = None;
         for attempt in 0..=self.cfg.max_retries {
@@ -242,7 +245,9 @@ impl Shared {
     }
 
     /// Scores rollout `r` of `d` (its answered turns; the rest None).
-    fn score_rollout(&self, d: &JudgeDialogue, r: usize, urls: &std::result::Result<Vec<Vec<String>>, String>) -> RolloutResult {
+    fn score_rollout(
+        &self, d: &JudgeDialogue, r: usize, urls: &std::result::Result<Vec<Vec<String>>, String>,
+    ) -> RolloutResult {
         let answers = &d.answers[r];
         let n = answers.len();
         let mut res = RolloutResult { scores: vec![None; d.turns.len()], requests: 0, retries: 0, failed: false };
@@ -262,7 +267,8 @@ impl Shared {
         let mut best: Option<Vec<Option<ParsedTurn>>> = None;
         let asked = self.ask(score_messages(&self.cfg.score_prompt, d, r, urls), |text| {
             let p = parse_turn_scores(text, n)?;
-            let missing: Vec<String> = p.iter().enumerate().filter(|(_, t)| t.is_none()).map(|(t, _)| (t + 1).to_string()).collect();
+            let missing: Vec<String> =
+                p.iter().enumerate().filter(|(_, t)| t.is_none()).map(|(t, _)| (t + 1).to_string()).collect();
             if missing.is_empty() {
                 return Ok(p);
             }
@@ -406,7 +412,14 @@ impl HttpJudge {
             .into();
         let pool = Pool::new(cfg.concurrency, "am3-judge")?;
         let rules = RulesConfig { threshold: cfg.threshold, ..RulesConfig::default() };
-        let shared = Shared { cfg, endpoint, agent, rules, compare_failures: AtomicUsize::new(0), seed: AtomicU64::new(0x2545_f491_4f6c_dd1d) };
+        let shared = Shared {
+            cfg,
+            endpoint,
+            agent,
+            rules,
+            compare_failures: AtomicUsize::new(0),
+            seed: AtomicU64::new(0x2545_f491_4f6c_dd1d),
+        };
         Ok(HttpJudge { shared: Arc::new(shared), pool })
     }
 
@@ -426,7 +439,13 @@ impl HttpJudge {
                 let _ = tx.send((r, sh.score_rollout(&d, r, &urls)));
             });
         }
-        Ok(Ticket { n_turns: d.turns.len(), answers: d.answers.iter().map(Vec::len).collect(), id: d.id.clone(), rx, on_failure: self.shared.cfg.on_failure })
+        Ok(Ticket {
+            n_turns: d.turns.len(),
+            answers: d.answers.iter().map(Vec::len).collect(),
+            id: d.id.clone(),
+            rx,
+            on_failure: self.shared.cfg.on_failure,
+        })
     }
 
     /// `ticket.wait()`.
@@ -480,7 +499,12 @@ impl Judge for HttpJudge {
                 let v = match asked.value {
                     Ok(v) => Some(v),
                     Err(e) => {
-                        sh.fail_log(&format!("dialogue {} pair at turn {}", q.dialogue.id, q.turn), &e, &asked.raw, asked.retries);
+                        sh.fail_log(
+                            &format!("dialogue {} pair at turn {}", q.dialogue.id, q.turn),
+                            &e,
+                            &asked.raw,
+                            asked.retries,
+                        );
                         None
                     }
                 };

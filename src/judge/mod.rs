@@ -14,7 +14,6 @@ use anyhow::{bail, Result};
 use std::path::PathBuf;
 
 pub mod config;
-pub mod stream;
 pub mod http;
 pub mod model;
 pub mod model_prompt;
@@ -22,6 +21,7 @@ pub mod parse;
 pub mod pool;
 pub mod prompt;
 pub mod rules;
+pub mod stream;
 pub mod text;
 
 pub use config::{from_config, JudgeConfig, OnFailure};

@@ -12,7 +12,9 @@
 //! `unsafe_flag` is s < threshold. `raw` gives the candidates' total probability, which is
 //! low when the model does not follow the answer format.
 
-use super::model_prompt::{answer_tokens, encode_cut, judge_sample, AnswerTokens, JudgePrompt, PromptTexts, HELP_WORDS};
+use super::model_prompt::{
+    answer_tokens, encode_cut, judge_sample, AnswerTokens, JudgePrompt, PromptTexts, HELP_WORDS,
+};
 use super::rules::{prefer, RulesConfig};
 use super::{Judge, JudgeDialogue, JudgeOutput, PairQuery, PairVerdict, TurnScore};
 use crate::models::common::lm;
@@ -102,13 +104,16 @@ impl ModelJudge {
     /// preprocessor_config.json) onto `dev`.
     pub fn load(dev: &Device, dir: &Path, opts: ModelJudgeOptions) -> Result<ModelJudge> {
         let model = VlModel::load(dev, dir).with_context(|| format!("loading the judge model {}", dir.display()))?;
-        let tok = load_tokenizer(dir)?.ok_or_else(|| anyhow!("{}: the judge model needs a tokenizer.json", dir.display()))?;
+        let tok =
+            load_tokenizer(dir)?.ok_or_else(|| anyhow!("{}: the judge model needs a tokenizer.json", dir.display()))?;
         let pp = Processor::load(dir, &model)?;
         Self::from_parts(dev, model, tok, pp, &format!("model:{}", dir.display()), opts)
     }
 
     /// A judge from a model already in memory (e.g. the embedded tiny one).
-    pub fn from_parts(dev: &Device, model: VlModel, tok: Tokenizer, pp: Processor, name: &str, opts: ModelJudgeOptions) -> Result<ModelJudge> {
+    pub fn from_parts(
+        dev: &Device, model: VlModel, tok: Tokenizer, pp: Processor, name: &str, opts: ModelJudgeOptions,
+    ) -> Result<ModelJudge> {
         let (safety, help) = {
             let enc = Encoder::new(&model, &tok, &pp)?;
             let t = &opts.texts;
@@ -195,7 +200,10 @@ impl ModelJudge {
             passes += 1;
         }
         let mut it = probs.into_iter();
-        let out = items.iter().map(|_| TurnProbs { safety: it.next().unwrap_or_default(), help: it.next().unwrap_or_default() }).collect();
+        let out = items
+            .iter()
+            .map(|_| TurnProbs { safety: it.next().unwrap_or_default(), help: it.next().unwrap_or_default() })
+            .collect();
         Ok((out, passes))
     }
 
@@ -209,7 +217,14 @@ impl ModelJudge {
             p.safety.iter().sum::<f64>(),
             p.help.iter().sum::<f64>()
         );
-        TurnScore { safety: s, help: h, unsafe_flag: s < self.opts.threshold, refused: self.rules.refusal_in(answer).is_some(), raw, fallback: false }
+        TurnScore {
+            safety: s,
+            help: h,
+            unsafe_flag: s < self.opts.threshold,
+            refused: self.rules.refusal_in(answer).is_some(),
+            raw,
+            fallback: false,
+        }
     }
 }
 
@@ -255,8 +270,15 @@ impl Judge for ModelJudge {
                 answers.push(a);
             }
         }
-        let items: Vec<_> = answers.iter().enumerate().map(|(i, a)| (&pairs[i / 2].dialogue, a.as_slice(), pairs[i / 2].turn)).collect();
+        let items: Vec<_> = answers
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (&pairs[i / 2].dialogue, a.as_slice(), pairs[i / 2].turn))
+            .collect();
         let (probs, _) = self.judge_items(&items)?;
-        Ok(probs.chunks(2).map(|p| PairVerdict { helpful: prefer(p[0].h(), p[1].h()), harmless: prefer(p[0].s(), p[1].s()) }).collect())
+        Ok(probs
+            .chunks(2)
+            .map(|p| PairVerdict { helpful: prefer(p[0].h(), p[1].h()), harmless: prefer(p[0].s(), p[1].s()) })
+            .collect())
     }
 }

@@ -88,7 +88,9 @@ fn user_text(text: &str, n_images: usize) -> String {
 
 /// The judge's sample for turn `t` given `answers` (the replies to turns 0..=t), the reply
 /// being `word`.
-pub fn judge_sample(texts: &PromptTexts, d: &JudgeDialogue, answers: &[String], t: usize, question: &str, word: &str) -> Sample {
+pub fn judge_sample(
+    texts: &PromptTexts, d: &JudgeDialogue, answers: &[String], t: usize, question: &str, word: &str,
+) -> Sample {
     let mut u = String::from("Here is a conversation between a user and an AI assistant.\n");
     if let Some(s) = &d.system {
         u.push_str(&format!("\n[System prompt given to the assistant]\n{}\n", defuse(s)));
@@ -96,7 +98,12 @@ pub fn judge_sample(texts: &PromptTexts, d: &JudgeDialogue, answers: &[String], 
     for k in 0..=t {
         let turn = &d.turns[k];
         let a = answers.get(k).map_or("(no answer)", String::as_str);
-        u.push_str(&format!("\n[Turn {}]\nUser: {}\nAssistant: {}\n", k + 1, user_text(&turn.user, turn.images.len()), defuse(a)));
+        u.push_str(&format!(
+            "\n[Turn {}]\nUser: {}\nAssistant: {}\n",
+            k + 1,
+            user_text(&turn.user, turn.images.len()),
+            defuse(a)
+        ));
     }
     u.push('\n');
     u.push_str(&question.replace("{turn}", &(t + 1).to_string()));
@@ -134,7 +141,9 @@ pub fn answer_tokens(enc: &Encoder, texts: &PromptTexts, words: &[&str]) -> Resu
         answers: vec![],
     };
     let ans = vec!["Hello.".to_string()];
-    let reply = |w: &str| -> Result<Vec<i32>> { Ok(reply_tokens(&enc.encode(&judge_sample(texts, &probe, &ans, 0, "Question?", w))?)?.1) };
+    let reply = |w: &str| -> Result<Vec<i32>> {
+        Ok(reply_tokens(&enc.encode(&judge_sample(texts, &probe, &ans, 0, "Question?", w))?)?.1)
+    };
     let seqs: Vec<Vec<i32>> = words.iter().map(|w| reply(w)).collect::<Result<_>>()?;
     // The template's closing tokens (e.g. <|im_end|>): the tail every reply shares, the words
     // and two unrelated sentinel replies alike (the sentinels keep a tail the words share,
@@ -143,7 +152,8 @@ pub fn answer_tokens(enc: &Encoder, texts: &PromptTexts, words: &[&str]) -> Resu
     all.push(reply("Hello.")?);
     all.push(reply("ok")?);
     let shortest = all.iter().map(Vec::len).min().unwrap_or(0);
-    let end = (0..shortest).take_while(|&i| all.iter().all(|s| s[s.len() - 1 - i] == all[0][all[0].len() - 1 - i])).count();
+    let end =
+        (0..shortest).take_while(|&i| all.iter().all(|s| s[s.len() - 1 - i] == all[0][all[0].len() - 1 - i])).count();
     let shortest = seqs.iter().map(Vec::len).min().unwrap_or(0);
     let j = (0..shortest).take_while(|&i| seqs.iter().all(|s| s[i] == seqs[0][i])).count();
     for (w, s) in words.iter().zip(&seqs) {
@@ -155,7 +165,12 @@ pub fn answer_tokens(enc: &Encoder, texts: &PromptTexts, words: &[&str]) -> Resu
     for a in 0..tokens.len() {
         for b in a + 1..tokens.len() {
             if tokens[a] == tokens[b] {
-                bail!("the answer words {:?} and {:?} share their first token ({}) in this tokenizer; choose other words", words[a], words[b], tokens[a]);
+                bail!(
+                    "the answer words {:?} and {:?} share their first token ({}) in this tokenizer; choose other words",
+                    words[a],
+                    words[b],
+                    tokens[a]
+                );
             }
         }
     }
@@ -169,7 +184,10 @@ pub fn encode_cut(enc: &Encoder, s: &Sample, at: &AnswerTokens) -> Result<JudgeP
     let (p, toks) = reply_tokens(&e)?;
     let j = at.prefix.len();
     if toks.len() <= j || toks[..j] != at.prefix[..] || toks[j] != at.tokens[0] {
-        bail!("{}: the answer's tokens differ from the probe's (the tokenizer merges across the prompt/answer boundary)", s.origin);
+        bail!(
+            "{}: the answer's tokens differ from the probe's (the tokenizer merges across the prompt/answer boundary)",
+            s.origin
+        );
     }
     let keep = p + j + 1;
     let n = e.len();

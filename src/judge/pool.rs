@@ -39,7 +39,9 @@ impl Pool {
                         Err(_) => return,
                     }
                 })
-                .map_err(|e| anyhow::anyhow!("starting {name} worker thread {} of {threads}: {e} (lower the concurrency)", i + 1))?;
+                .map_err(|e| {
+                    anyhow::anyhow!("starting {name} worker thread {} of {threads}: {e} (lower the concurrency)", i + 1)
+                })?;
         }
         Ok(Pool { tx: Some(tx), threads })
     }

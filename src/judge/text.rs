@@ -94,7 +94,13 @@ impl Keyword {
             return false;
         }
         ws.windows(k).any(|win| {
-            win.iter().zip(&self.words).enumerate().all(|(i, (w, kw))| if self.prefix && i == k - 1 { w.starts_with(kw.as_str()) } else { w == kw })
+            win.iter().zip(&self.words).enumerate().all(|(i, (w, kw))| {
+                if self.prefix && i == k - 1 {
+                    w.starts_with(kw.as_str())
+                } else {
+                    w == kw
+                }
+            })
         })
     }
 }

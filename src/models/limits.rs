@@ -38,7 +38,13 @@ pub fn gib(bytes: u64) -> String {
 pub fn ensure_fits(dev: &Device, bytes: u64, what: &dyn Fn() -> String) -> Result<()> {
     let Some((avail, src)) = dev.available_memory() else { return Ok(()) };
     if bytes > avail {
-        bail!("not enough memory for {}: {} needed, {} available on {} ({src})", what(), gib(bytes), gib(avail), dev.name());
+        bail!(
+            "not enough memory for {}: {} needed, {} available on {} ({src})",
+            what(),
+            gib(bytes),
+            gib(avail),
+            dev.name()
+        );
     }
     Ok(())
 }
@@ -47,7 +53,9 @@ pub fn ensure_fits(dev: &Device, bytes: u64, what: &dyn Fn() -> String) -> Resul
 /// f32 on the CPU), must fit; `file` is the config they come from.
 pub fn ensure_weights_fit(dev: &Device, n_params: u64, file: &std::path::Path) -> Result<()> {
     let bytes = n_params.saturating_mul(dev.act_dtype().size() as u64);
-    ensure_fits(dev, bytes, &|| format!("the weights of {} ({:.3} B parameters)", file.display(), n_params as f64 / 1e9))
+    ensure_fits(dev, bytes, &|| {
+        format!("the weights of {} ({:.3} B parameters)", file.display(), n_params as f64 / 1e9)
+    })
 }
 
 /// Training state on the CPU: f32 gradients of the `n_trainable` parameters (plus
@@ -55,13 +63,18 @@ pub fn ensure_weights_fit(dev: &Device, n_params: u64, file: &std::path::Path) -
 /// and exp_avg_sq, plus a rough lower bound of one micro-batch's kept activations
 /// (`tokens` × `layers` × (4·d + 2·inter) f32). A GPU is checked by the trainer after the
 /// gradients exist, where bf16 linear-layer gradients can still make a run fit.
-pub fn ensure_training_fits(dev: &Device, n_trainable: u64, extra_grad: u64, tokens: u64, layers: u64, d: u64, inter: u64) -> Result<()> {
+pub fn ensure_training_fits(
+    dev: &Device, n_trainable: u64, extra_grad: u64, tokens: u64, layers: u64, d: u64, inter: u64,
+) -> Result<()> {
     if dev.is_cuda() {
         return Ok(());
     }
     let grads = n_trainable.saturating_add(extra_grad).saturating_mul(4);
     let optim = n_trainable.saturating_mul(12);
-    let acts = tokens.saturating_mul(layers).saturating_mul(d.saturating_mul(4).saturating_add(inter.saturating_mul(2))).saturating_mul(4);
+    let acts = tokens
+        .saturating_mul(layers)
+        .saturating_mul(d.saturating_mul(4).saturating_add(inter.saturating_mul(2)))
+        .saturating_mul(4);
     let total = grads.saturating_add(optim).saturating_add(acts);
     ensure_fits(dev, total, &|| {
         format!(
@@ -92,7 +105,8 @@ pub fn unused_tensors_warning(dir: &std::path::Path, unused: &[&str]) -> Option<
         return None;
     }
     let shown: Vec<&str> = unused.iter().take(5).copied().collect();
-    let more = if unused.len() > shown.len() { format!(", … ({} more)", unused.len() - shown.len()) } else { String::new() };
+    let more =
+        if unused.len() > shown.len() { format!(", … ({} more)", unused.len() - shown.len()) } else { String::new() };
     Some(format!(
         "am3: warning: {}: {} checkpoint tensor{} not used by config.json: {}{more}",
         dir.display(),

@@ -2,10 +2,10 @@
 //! objects whose errors name the file and the full field path (`text_config.hidden_size`).
 
 pub mod common;
-pub mod qwen2_5_vl;
-pub mod llava_next;
-pub mod tiny; // defines: the embedded default model (tiny Qwen2.5-VL config + demo tokenizer)
 pub mod limits;
+pub mod llava_next;
+pub mod qwen2_5_vl;
+pub mod tiny; // defines: the embedded default model (tiny Qwen2.5-VL config + demo tokenizer)
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{Map, Value};
@@ -155,7 +155,12 @@ impl<'a> Fields<'a> {
                 for x in a {
                     match x.as_u64() {
                         Some(n) => out.push(n as usize),
-                        None => return Err(self.err(key, format!("expected a list of non-negative integers, got {}", Value::Array(a.clone())))),
+                        None => {
+                            return Err(self.err(
+                                key,
+                                format!("expected a list of non-negative integers, got {}", Value::Array(a.clone())),
+                            ))
+                        }
                     }
                 }
                 Ok(Some(out))
@@ -172,7 +177,11 @@ impl<'a> Fields<'a> {
                 for x in a {
                     match x.as_f64() {
                         Some(f) if f.is_finite() => out.push(f),
-                        _ => return Err(self.err(key, format!("expected a list of numbers, got {}", Value::Array(a.clone())))),
+                        _ => {
+                            return Err(
+                                self.err(key, format!("expected a list of numbers, got {}", Value::Array(a.clone())))
+                            )
+                        }
                     }
                 }
                 Ok(Some(out))

@@ -67,7 +67,9 @@ pub fn swiglu_fwd(dev: &Device, out: &mut Buf, gate: &Buf, up: &Buf, n: usize) -
 }
 
 /// dgate, dup [n] (=) from dout and the forward's gate and up.
-pub fn swiglu_bwd(dev: &Device, dgate: &mut Buf, dup: &mut Buf, dout: &Buf, gate: &Buf, up: &Buf, n: usize) -> Result<()> {
+pub fn swiglu_bwd(
+    dev: &Device, dgate: &mut Buf, dup: &mut Buf, dout: &Buf, gate: &Buf, up: &Buf, n: usize,
+) -> Result<()> {
     let op = "swiglu_bwd";
     for (b, a) in [(&*dgate, "dgate"), (&*dup, "dup"), (dout, "dout"), (gate, "gate"), (up, "up")] {
         check(b, n, op, a)?;
@@ -136,7 +138,8 @@ pub fn gelu_bwd(dev: &Device, dx: &mut Buf, dout: &Buf, x: &Buf, n: usize, kind:
             if n == 0 {
                 return Ok(());
             }
-            let args = [Arg::Ptr(dx.ptr(g)?), Arg::Ptr(dout.ptr(g)?), Arg::Ptr(x.ptr(g)?), i64_arg(n), Arg::I32(kind.code())];
+            let args =
+                [Arg::Ptr(dx.ptr(g)?), Arg::Ptr(dout.ptr(g)?), Arg::Ptr(x.ptr(g)?), i64_arg(n), Arg::I32(kind.code())];
             g.launch("act", &kname(op, dt), cfg_stream(g, n), &args)
         }
     }

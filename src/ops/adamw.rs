@@ -56,16 +56,8 @@ impl AdamW {
 /// or f32; f32 on the CPU) receives the new master rounded to its dtype. `step` is 1-based.
 #[allow(clippy::too_many_arguments)]
 pub fn step(
-    dev: &Device,
-    param: &mut Buf,
-    master: &mut Buf,
-    grad: &Buf,
-    m: &mut Buf,
-    v: &mut Buf,
-    n: usize,
-    hp: &AdamW,
-    step: u64,
-    grad_scale: f32,
+    dev: &Device, param: &mut Buf, master: &mut Buf, grad: &Buf, m: &mut Buf, v: &mut Buf, n: usize, hp: &AdamW,
+    step: u64, grad_scale: f32,
 ) -> Result<()> {
     let op = "adamw_step";
     for (b, a) in [(&*param, "param"), (&*master, "master"), (grad, "grad"), (&*m, "m"), (&*v, "v")] {
@@ -136,7 +128,10 @@ pub fn sum_squares(dev: &Device, x: &Buf, n: usize) -> Result<f64> {
                 g.stream.memcpy_dtoh(&part.slice(0..2 * nblocks), &mut words)?;
                 g.sync()?;
                 // Little-endian: the low word of each f64 comes first.
-                let sum = words.chunks_exact(2).map(|w| f64::from_bits(w[0].to_bits() as u64 | (w[1].to_bits() as u64) << 32)).sum();
+                let sum = words
+                    .chunks_exact(2)
+                    .map(|w| f64::from_bits(w[0].to_bits() as u64 | (w[1].to_bits() as u64) << 32))
+                    .sum();
                 return Ok(sum);
             }
             let part = g.alloc::<f64>(nblocks)?; // [nblocks]

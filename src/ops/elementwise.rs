@@ -128,7 +128,11 @@ pub fn bias_bwd(dev: &Device, db: &mut Buf, dy: &Buf, rows: usize, cols: usize) 
             let chunks = rows.div_ceil(rpc);
             let part = dev.zeros_f32(chunks * cols)?; // [chunks, cols]
             let cfg = LaunchConfig {
-                grid_dim: (u32::try_from(tiles).map_err(|_| anyhow!("{op}: cols = {cols} too large"))?, chunks as u32, 1),
+                grid_dim: (
+                    u32::try_from(tiles).map_err(|_| anyhow!("{op}: cols = {cols} too large"))?,
+                    chunks as u32,
+                    1,
+                ),
                 block_dim: (32, 8, 1),
                 shared_mem_bytes: 0,
             };
@@ -140,7 +144,12 @@ pub fn bias_bwd(dev: &Device, db: &mut Buf, dy: &Buf, rows: usize, cols: usize) 
                 i32_arg(rpc, op, "rows per chunk")?,
             ];
             g.launch("elementwise", &kname(op, dt), cfg, &args)?;
-            let args = [Arg::Ptr(db.ptr(g)?), Arg::Ptr(part.ptr(g)?), i32_arg(chunks, op, "chunks")?, i32_arg(cols, op, "cols")?];
+            let args = [
+                Arg::Ptr(db.ptr(g)?),
+                Arg::Ptr(part.ptr(g)?),
+                i32_arg(chunks, op, "chunks")?,
+                i32_arg(cols, op, "cols")?,
+            ];
             g.launch("elementwise", "bias_bwd_reduce", cfg_1d(cols, 256), &args)
         }
     }
@@ -151,8 +160,8 @@ pub fn bias_bwd(dev: &Device, db: &mut Buf, dy: &Buf, rows: usize, cols: usize) 
 fn bias_bwd_v2(g: &Gpu, db: &mut Buf, dy: &Buf, rows: usize, cols: usize, dt: DType) -> Result<()> {
     let op = "bias_bwd";
     let tiles = (cols / (16 / dt.size())).div_ceil(32); // 32 column vectors per block
-    // About one wave of 256-thread blocks (6 per SM at the kernel's 38 registers), each chunk at
-    // least 32 rows (4 per row lane).
+                                                        // About one wave of 256-thread blocks (6 per SM at the kernel's 38 registers), each chunk at
+                                                        // least 32 rows (4 per row lane).
     let target = g.sm_count as usize * 6;
     let chunks = (target / tiles).clamp(1, rows.div_ceil(32).clamp(1, 65535));
     let rpc = rows.div_ceil(chunks);
@@ -193,7 +202,12 @@ pub fn add_inplace(dev: &Device, y: &mut Buf, x: &Buf, n: usize) -> Result<()> {
             if n == 0 {
                 return Ok(());
             }
-            g.launch("elementwise", &kname(op, dt), cfg_stream(g, n), &[Arg::Ptr(y.ptr(g)?), Arg::Ptr(x.ptr(g)?), i64_arg(n)])
+            g.launch(
+                "elementwise",
+                &kname(op, dt),
+                cfg_stream(g, n),
+                &[Arg::Ptr(y.ptr(g)?), Arg::Ptr(x.ptr(g)?), i64_arg(n)],
+            )
         }
     }
 }
@@ -257,7 +271,12 @@ pub fn fill(dev: &Device, y: &mut Buf, value: f32, n: usize) -> Result<()> {
             if n == 0 {
                 return Ok(());
             }
-            g.launch("elementwise", &kname(op, dt), cfg_stream(g, n), &[Arg::Ptr(y.ptr(g)?), Arg::F32(value), i64_arg(n)])
+            g.launch(
+                "elementwise",
+                &kname(op, dt),
+                cfg_stream(g, n),
+                &[Arg::Ptr(y.ptr(g)?), Arg::F32(value), i64_arg(n)],
+            )
         }
     }
 }
@@ -330,7 +349,11 @@ pub fn with_cast_v3<T>(on: bool, f: impl FnOnce() -> T) -> T {
 /// One thread per 8 elements, no grid-stride loop (the V3 cast).
 fn cfg_one_shot(n: usize) -> LaunchConfig {
     let blocks = (n / 8).div_ceil(BLOCK as usize).max(1);
-    LaunchConfig { grid_dim: (blocks.min(i32::MAX as usize) as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (blocks.min(i32::MAX as usize) as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// The write-only reference for the cast's bandwidth: dst[..n] = v (f32, streaming stores, the

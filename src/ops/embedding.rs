@@ -26,7 +26,9 @@ pub fn validate_ids(op: &str, ids: &[i32], v: usize) -> Result<()> {
 
 /// out [t, c] (=) = table [v, c] rows at ids [t] (i32).
 #[allow(clippy::too_many_arguments)]
-pub fn fwd(dev: &Device, out: &mut Buf, table: &Buf, ids: &Buf, ids_host: Option<&[i32]>, t: usize, c: usize, v: usize) -> Result<()> {
+pub fn fwd(
+    dev: &Device, out: &mut Buf, table: &Buf, ids: &Buf, ids_host: Option<&[i32]>, t: usize, c: usize, v: usize,
+) -> Result<()> {
     let op = "embedding_fwd";
     check(out, t * c, op, "out")?;
     check(table, v * c, op, "table")?;
@@ -41,7 +43,14 @@ pub fn fwd(dev: &Device, out: &mut Buf, table: &Buf, ids: &Buf, ids_host: Option
         }
         Device::Cuda(g) => {
             let dt = same_float_dtype(op, &[out, table])?;
-            let args = [Arg::Ptr(out.ptr(g)?), Arg::Ptr(table.ptr(g)?), Arg::Ptr(ids.ptr(g)?), Arg::I32(t as i32), Arg::I32(c as i32), Arg::I32(v as i32)];
+            let args = [
+                Arg::Ptr(out.ptr(g)?),
+                Arg::Ptr(table.ptr(g)?),
+                Arg::Ptr(ids.ptr(g)?),
+                Arg::I32(t as i32),
+                Arg::I32(c as i32),
+                Arg::I32(v as i32),
+            ];
             g.launch("embedding", &kname(op, dt), launch_cfg(t, c, dt, g.sm_count), &args)
         }
     }
@@ -49,7 +58,9 @@ pub fn fwd(dev: &Device, out: &mut Buf, table: &Buf, ids: &Buf, ids_host: Option
 
 /// dtable [v, c] (f32, +=) gets dout [t, c] rows added at ids [t].
 #[allow(clippy::too_many_arguments)]
-pub fn bwd(dev: &Device, dtable: &mut Buf, dout: &Buf, ids: &Buf, ids_host: Option<&[i32]>, t: usize, c: usize, v: usize) -> Result<()> {
+pub fn bwd(
+    dev: &Device, dtable: &mut Buf, dout: &Buf, ids: &Buf, ids_host: Option<&[i32]>, t: usize, c: usize, v: usize,
+) -> Result<()> {
     let op = "embedding_bwd";
     check(dtable, v * c, op, "dtable")?;
     check_dtype(dtable, DType::F32, op, "dtable")?;
@@ -65,7 +76,14 @@ pub fn bwd(dev: &Device, dtable: &mut Buf, dout: &Buf, ids: &Buf, ids_host: Opti
         }
         Device::Cuda(g) => {
             let dt = same_float_dtype(op, &[dout])?;
-            let args = [Arg::Ptr(dtable.ptr(g)?), Arg::Ptr(dout.ptr(g)?), Arg::Ptr(ids.ptr(g)?), Arg::I32(t as i32), Arg::I32(c as i32), Arg::I32(v as i32)];
+            let args = [
+                Arg::Ptr(dtable.ptr(g)?),
+                Arg::Ptr(dout.ptr(g)?),
+                Arg::Ptr(ids.ptr(g)?),
+                Arg::I32(t as i32),
+                Arg::I32(c as i32),
+                Arg::I32(v as i32),
+            ];
             g.launch("embedding", &kname(op, dt), launch_cfg(t, c, dt, g.sm_count), &args)
         }
     }

@@ -118,7 +118,9 @@ impl RewardBufs {
 
 /// Turn rewards and group advantages from safe, help [p, n, t] (f32) into `out`.
 #[allow(clippy::too_many_arguments)]
-pub fn rewards(dev: &Device, out: &mut RewardBufs, safe: &Buf, help: &Buf, p: usize, n: usize, t: usize, hp: &GrpoHyper) -> Result<()> {
+pub fn rewards(
+    dev: &Device, out: &mut RewardBufs, safe: &Buf, help: &Buf, p: usize, n: usize, t: usize, hp: &GrpoHyper,
+) -> Result<()> {
     let op = "grpo_rewards";
     if n == 0 || t == 0 {
         bail!("{op}: need at least one rollout and one turn (n={n}, t={t})");
@@ -176,7 +178,10 @@ pub fn rewards(dev: &Device, out: &mut RewardBufs, safe: &Buf, help: &Buf, p: us
 /// The loss over logp, old_logp, ref_logp, mask [rows, l] and adv [rows] (all f32); writes
 /// dlogp [rows, l] = d loss / d logp (0 on masked tokens).
 #[allow(clippy::too_many_arguments)]
-pub fn loss_fwd_bwd(dev: &Device, dlogp: &mut Buf, logp: &Buf, old_logp: &Buf, ref_logp: &Buf, mask: &Buf, adv: &Buf, rows: usize, l: usize, hp: &GrpoHyper, agg: Aggregation) -> Result<LossStats> {
+pub fn loss_fwd_bwd(
+    dev: &Device, dlogp: &mut Buf, logp: &Buf, old_logp: &Buf, ref_logp: &Buf, mask: &Buf, adv: &Buf, rows: usize,
+    l: usize, hp: &GrpoHyper, agg: Aggregation,
+) -> Result<LossStats> {
     let op = "grpo_loss";
     check_loss_inputs(op, old_logp, ref_logp, mask, adv, rows, l)?;
     for (b, a) in [(&*dlogp, "dlogp"), (logp, "logp")] {
@@ -185,7 +190,18 @@ pub fn loss_fwd_bwd(dev: &Device, dlogp: &mut Buf, logp: &Buf, old_logp: &Buf, r
     }
     match dev {
         Device::Cpu => {
-            let s = cpu::loss_fwd_bwd::<f32>(dlogp.host_mut()?, logp.host()?, old_logp.host()?, ref_logp.host()?, mask.host()?, adv.host()?, rows, l, hp, agg);
+            let s = cpu::loss_fwd_bwd::<f32>(
+                dlogp.host_mut()?,
+                logp.host()?,
+                old_logp.host()?,
+                ref_logp.host()?,
+                mask.host()?,
+                adv.host()?,
+                rows,
+                l,
+                hp,
+                agg,
+            );
             Ok(s)
         }
         Device::Cuda(g) => {
@@ -217,13 +233,19 @@ pub struct GrpoBatch<'a> {
 /// `Tuning::fused_v2` / `fused_v3`, compute old_logp and ref_logp with `logprob::fwd_with` and the
 /// same `Tuning` and mask: they then match the policy's log-probs bit for bit at equal weights.
 #[allow(clippy::too_many_arguments)]
-pub fn fused_loss(dev: &Device, logp: &mut Buf, dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, batch: &GrpoBatch, h: usize, v: usize, hp: &GrpoHyper, agg: Aggregation) -> Result<LossStats> {
+pub fn fused_loss(
+    dev: &Device, logp: &mut Buf, dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf,
+    batch: &GrpoBatch, h: usize, v: usize, hp: &GrpoHyper, agg: Aggregation,
+) -> Result<LossStats> {
     fused_loss_with(dev, &Tuning::default(), logp, dhidden, dlm_head, hidden, lm_head, targets, batch, h, v, hp, agg)
 }
 
 /// `fused_loss` with explicit chunk sizes for the lm_head op.
 #[allow(clippy::too_many_arguments)]
-pub fn fused_loss_with(dev: &Device, tune: &Tuning, logp: &mut Buf, dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, batch: &GrpoBatch, h: usize, v: usize, hp: &GrpoHyper, agg: Aggregation) -> Result<LossStats> {
+pub fn fused_loss_with(
+    dev: &Device, tune: &Tuning, logp: &mut Buf, dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf,
+    targets: &Buf, batch: &GrpoBatch, h: usize, v: usize, hp: &GrpoHyper, agg: Aggregation,
+) -> Result<LossStats> {
     let op = "grpo_fused_loss";
     let GrpoBatch { old_logp, ref_logp, mask, adv, rows, l } = *batch;
     check_loss_inputs(op, old_logp, ref_logp, mask, adv, rows, l)?;
@@ -238,30 +260,83 @@ pub fn fused_loss_with(dev: &Device, tune: &Tuning, logp: &mut Buf, dhidden: &mu
                     Some(b) => Some(b.host_i32()?),
                     None => None,
                 };
-                cpu::loss_tokens(c.dlogp.host_mut()?, &mut acc, c.logp.host()?, idx, c.p0, c.n, old, rf, mk, ad, &wrow.0, l, hp);
+                cpu::loss_tokens(
+                    c.dlogp.host_mut()?,
+                    &mut acc,
+                    c.logp.host()?,
+                    idx,
+                    c.p0,
+                    c.n,
+                    old,
+                    rf,
+                    mk,
+                    ad,
+                    &wrow.0,
+                    l,
+                    hp,
+                );
                 Ok(())
             };
-            logprob::fwd_bwd_with(dev, tune, logp, None, dhidden, dlm_head, hidden, lm_head, targets, Some(mask), t, h, v, &mut grad)?;
+            logprob::fwd_bwd_with(
+                dev,
+                tune,
+                logp,
+                None,
+                dhidden,
+                dlm_head,
+                hidden,
+                lm_head,
+                targets,
+                Some(mask),
+                t,
+                h,
+                v,
+                &mut grad,
+            )?;
             Ok(cpu::stats(&acc, wrow.1))
         }
         Device::Cuda(g) => {
             let plan = GpuLoss::new(g, dev, mask, rows, l, agg)?;
-            let mut grad = |c: GradChunk<'_>| -> Result<()> { plan.tokens(g, c.dlogp, c.logp, c.idx, c.p0, c.n, old_logp, ref_logp, mask, adv, l, hp) };
-            logprob::fwd_bwd_with(dev, tune, logp, None, dhidden, dlm_head, hidden, lm_head, targets, Some(mask), t, h, v, &mut grad)?;
+            let mut grad = |c: GradChunk<'_>| -> Result<()> {
+                plan.tokens(g, c.dlogp, c.logp, c.idx, c.p0, c.n, old_logp, ref_logp, mask, adv, l, hp)
+            };
+            logprob::fwd_bwd_with(
+                dev,
+                tune,
+                logp,
+                None,
+                dhidden,
+                dlm_head,
+                hidden,
+                lm_head,
+                targets,
+                Some(mask),
+                t,
+                h,
+                v,
+                &mut grad,
+            )?;
             logprob::add_scratch_bytes(plan.bytes);
             plan.finish(g, dev)
         }
     }
 }
 
-fn check_loss_inputs(op: &str, old_logp: &Buf, ref_logp: &Buf, mask: &Buf, adv: &Buf, rows: usize, l: usize) -> Result<()> {
+fn check_loss_inputs(
+    op: &str, old_logp: &Buf, ref_logp: &Buf, mask: &Buf, adv: &Buf, rows: usize, l: usize,
+) -> Result<()> {
     if l == 0 {
         bail!("{op}: sequence length must be positive");
     }
     if rows * l > i32::MAX as usize {
         bail!("{op}: {rows} × {l} tokens is too many for 32-bit kernel indices");
     }
-    for (b, n, a) in [(old_logp, rows * l, "old_logp"), (ref_logp, rows * l, "ref_logp"), (mask, rows * l, "mask"), (adv, rows, "adv")] {
+    for (b, n, a) in [
+        (old_logp, rows * l, "old_logp"),
+        (ref_logp, rows * l, "ref_logp"),
+        (mask, rows * l, "mask"),
+        (adv, rows, "adv"),
+    ] {
         check(b, n, op, a)?;
         check_dtype(b, DType::F32, op, a)?;
     }
@@ -291,19 +366,34 @@ impl GpuLoss {
             tok_kl: dev.zeros_f32(t)?,
             bytes: 4 * (rows.max(1) + 1 + 3 * t.max(1)),
         };
-        let args = [Arg::Ptr(s.wrow.ptr(g)?), Arg::Ptr(s.total.ptr(g)?), Arg::Ptr(mask.ptr(g)?), Arg::I32(rows as i32), Arg::I32(l as i32), Arg::I32((agg == Aggregation::SeqMean) as i32)];
+        let args = [
+            Arg::Ptr(s.wrow.ptr(g)?),
+            Arg::Ptr(s.total.ptr(g)?),
+            Arg::Ptr(mask.ptr(g)?),
+            Arg::I32(rows as i32),
+            Arg::I32(l as i32),
+            Arg::I32((agg == Aggregation::SeqMean) as i32),
+        ];
         g.launch(MODULE, "grpo_weights_f32", cfg_rows(1, 1024, 0), &args)?;
         Ok(s)
     }
 
     /// Packed tokens p0 .. p0 + n: dlogp[p] and the per-token terms of token idx[p] (or p).
     #[allow(clippy::too_many_arguments)]
-    fn tokens(&self, g: &Gpu, dlogp: &Buf, logp: &Buf, idx: Option<&Buf>, p0: usize, n: usize, old_logp: &Buf, ref_logp: &Buf, mask: &Buf, adv: &Buf, l: usize, hp: &GrpoHyper) -> Result<()> {
+    fn tokens(
+        &self, g: &Gpu, dlogp: &Buf, logp: &Buf, idx: Option<&Buf>, p0: usize, n: usize, old_logp: &Buf,
+        ref_logp: &Buf, mask: &Buf, adv: &Buf, l: usize, hp: &GrpoHyper,
+    ) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
         if p0 + n > dlogp.len() || p0 + n > logp.len() {
-            bail!("grpo_loss: packed rows {p0}..{} past the end of logp ({}) or dlogp ({})", p0 + n, logp.len(), dlogp.len());
+            bail!(
+                "grpo_loss: packed rows {p0}..{} past the end of logp ({}) or dlogp ({})",
+                p0 + n,
+                logp.len(),
+                dlogp.len()
+            );
         }
         let args = [
             Arg::Ptr(dlogp.ptr(g)?),
@@ -353,7 +443,9 @@ pub mod cpu {
     use anyhow::{bail, Result};
 
     /// Turn statistics, weights, rewards and advantages from safe, help [p, n, t].
-    pub fn turn_rewards<R: Real>(safe: &[R], help: &[R], p: usize, n: usize, t: usize, hp: &GrpoHyper) -> Result<TurnRewards<R>> {
+    pub fn turn_rewards<R: Real>(
+        safe: &[R], help: &[R], p: usize, n: usize, t: usize, hp: &GrpoHyper,
+    ) -> Result<TurnRewards<R>> {
         if safe.len() != p * n * t || help.len() != p * n * t {
             bail!("grpo turn_rewards: safe/help have {}/{} elements, expected {p}×{n}×{t}", safe.len(), help.len());
         }
@@ -386,13 +478,20 @@ pub mod cpu {
                 out.turn_weight[d * t + j] = (out.turn_importance[d * t + j] - mx).exp() / z;
             }
             for k in 0..n {
-                out.reward[d * n + k] = (0..t).fold(zero, |a, j| a + out.turn_weight[d * t + j] * (f(hp.beta_help) * help[(d * n + k) * t + j] + s(k, j)));
+                out.reward[d * n + k] = (0..t).fold(zero, |a, j| {
+                    a + out.turn_weight[d * t + j] * (f(hp.beta_help) * help[(d * n + k) * t + j] + s(k, j))
+                });
             }
             let r = &out.reward[d * n..(d + 1) * n];
             let mean = r.iter().fold(zero, |a, &x| a + x) / nn;
-            let std = if n > 1 { (r.iter().fold(zero, |a, &x| a + (x - mean) * (x - mean)) / f((n - 1) as f64)).sqrt() } else { zero };
+            let std = if n > 1 {
+                (r.iter().fold(zero, |a, &x| a + (x - mean) * (x - mean)) / f((n - 1) as f64)).sqrt()
+            } else {
+                zero
+            };
             for k in 0..n {
-                out.advantage[d * n + k] = if n > 1 { (out.reward[d * n + k] - mean) / (std + f(hp.adv_eps)) } else { zero };
+                out.advantage[d * n + k] =
+                    if n > 1 { (out.reward[d * n + k] - mean) / (std + f(hp.adv_eps)) } else { zero };
             }
         }
         Ok(out)
@@ -432,7 +531,10 @@ pub mod cpu {
     /// Packed tokens p0 .. p0 + n (token idx[p], or p): writes dlogp[p] and adds
     /// [weighted loss, clipped mask, mask · k3] into `acc`. old, rf, mask: [rows, l]; adv, wrow: [rows].
     #[allow(clippy::too_many_arguments)]
-    pub fn loss_tokens<R: Real>(dlogp: &mut [R], acc: &mut [R; 3], logp: &[R], idx: Option<&[i32]>, p0: usize, n: usize, old: &[R], rf: &[R], mask: &[R], adv: &[R], wrow: &[R], l: usize, hp: &GrpoHyper) {
+    pub fn loss_tokens<R: Real>(
+        dlogp: &mut [R], acc: &mut [R; 3], logp: &[R], idx: Option<&[i32]>, p0: usize, n: usize, old: &[R], rf: &[R],
+        mask: &[R], adv: &[R], wrow: &[R], l: usize, hp: &GrpoHyper,
+    ) {
         for p in p0..p0 + n {
             let tok = idx.map_or(p, |ix| ix[p] as usize);
             let m = mask[tok];
@@ -460,7 +562,10 @@ pub mod cpu {
 
     /// The whole loss over [rows, l]: dlogp (=) and the statistics.
     #[allow(clippy::too_many_arguments)]
-    pub fn loss_fwd_bwd<R: Real>(dlogp: &mut [R], logp: &[R], old: &[R], rf: &[R], mask: &[R], adv: &[R], rows: usize, l: usize, hp: &GrpoHyper, agg: Aggregation) -> LossStats {
+    pub fn loss_fwd_bwd<R: Real>(
+        dlogp: &mut [R], logp: &[R], old: &[R], rf: &[R], mask: &[R], adv: &[R], rows: usize, l: usize, hp: &GrpoHyper,
+        agg: Aggregation,
+    ) -> LossStats {
         let (wrow, total) = row_weights(mask, rows, l, agg);
         let mut acc = [R::ZERO; 3];
         loss_tokens(dlogp, &mut acc, logp, None, 0, rows * l, old, rf, mask, adv, &wrow, l, hp);

@@ -18,19 +18,18 @@ const BWD_MAX_THREADS: u32 = 512;
 /// y [rows, cols], mean [rows] (f32), rstd [rows] (f32) = layernorm(x [rows, cols], w [cols], b [cols]).
 #[allow(clippy::too_many_arguments)]
 pub fn fwd(
-    dev: &Device,
-    y: &mut Buf,
-    mean: &mut Buf,
-    rstd: &mut Buf,
-    x: &Buf,
-    w: &Buf,
-    b: &Buf,
-    rows: usize,
-    cols: usize,
+    dev: &Device, y: &mut Buf, mean: &mut Buf, rstd: &mut Buf, x: &Buf, w: &Buf, b: &Buf, rows: usize, cols: usize,
     eps: f32,
 ) -> Result<()> {
     let op = "layernorm_fwd";
-    for (buf, n, a) in [(&*y, rows * cols, "y"), (x, rows * cols, "x"), (w, cols, "w"), (b, cols, "b"), (&*mean, rows, "mean"), (&*rstd, rows, "rstd")] {
+    for (buf, n, a) in [
+        (&*y, rows * cols, "y"),
+        (x, rows * cols, "x"),
+        (w, cols, "w"),
+        (b, cols, "b"),
+        (&*mean, rows, "mean"),
+        (&*rstd, rows, "rstd"),
+    ] {
         check(buf, n, op, a)?;
     }
     check_dtype(mean, DType::F32, op, "mean")?;
@@ -41,7 +40,17 @@ pub fn fwd(
     }
     match dev {
         Device::Cpu => {
-            cpu::fwd(y.host_mut()?, mean.host_mut()?, rstd.host_mut()?, x.host()?, w.host()?, b.host()?, rows, cols, eps);
+            cpu::fwd(
+                y.host_mut()?,
+                mean.host_mut()?,
+                rstd.host_mut()?,
+                x.host()?,
+                w.host()?,
+                b.host()?,
+                rows,
+                cols,
+                eps,
+            );
             Ok(())
         }
         Device::Cuda(g) => {
@@ -73,17 +82,8 @@ pub fn fwd(
 /// dx [rows, cols] (=), dw [cols] and db [cols] (f32, +=) from dy, x, w and the saved mean, rstd.
 #[allow(clippy::too_many_arguments)]
 pub fn bwd(
-    dev: &Device,
-    dx: &mut Buf,
-    dw: &mut Buf,
-    db: &mut Buf,
-    dy: &Buf,
-    x: &Buf,
-    w: &Buf,
-    mean: &Buf,
-    rstd: &Buf,
-    rows: usize,
-    cols: usize,
+    dev: &Device, dx: &mut Buf, dw: &mut Buf, db: &mut Buf, dy: &Buf, x: &Buf, w: &Buf, mean: &Buf, rstd: &Buf,
+    rows: usize, cols: usize,
 ) -> Result<()> {
     let op = "layernorm_bwd";
     for (buf, n, a) in [
@@ -106,7 +106,18 @@ pub fn bwd(
     }
     match dev {
         Device::Cpu => {
-            cpu::bwd(dx.host_mut()?, dw.host_mut()?, db.host_mut()?, dy.host()?, x.host()?, w.host()?, mean.host()?, rstd.host()?, rows, cols);
+            cpu::bwd(
+                dx.host_mut()?,
+                dw.host_mut()?,
+                db.host_mut()?,
+                dy.host()?,
+                x.host()?,
+                w.host()?,
+                mean.host()?,
+                rstd.host()?,
+                rows,
+                cols,
+            );
             Ok(())
         }
         Device::Cuda(g) => {
@@ -139,7 +150,7 @@ pub fn bwd(
             let rpb = rows.div_ceil(nblocks).max(1);
             let nblocks = rows.div_ceil(rpb).max(1);
             let part = dev.zeros_f32(nblocks * 2 * cols)?; // [nblocks, 2, cols]
-            // The kernel is built for <= 512 threads (two blocks per SM at <= 64 registers).
+                                                           // The kernel is built for <= 512 threads (two blocks per SM at <= 64 registers).
             let block = block_for(cols, dt).min(BWD_MAX_THREADS);
             // Running dw/db column sums in shared memory when they fit, else in `part` itself.
             let use_smem = cols <= SMEM_MAX_COLS;
@@ -158,7 +169,13 @@ pub fn bwd(
                 Arg::I32(use_smem as i32),
             ];
             g.launch("layernorm", &kname(op, dt), cfg_rows(nblocks, block, smem), &args)?;
-            let args = [Arg::Ptr(dw.ptr(g)?), Arg::Ptr(db.ptr(g)?), Arg::Ptr(part.ptr(g)?), Arg::I32(nblocks as i32), Arg::I32(cols as i32)];
+            let args = [
+                Arg::Ptr(dw.ptr(g)?),
+                Arg::Ptr(db.ptr(g)?),
+                Arg::Ptr(part.ptr(g)?),
+                Arg::I32(nblocks as i32),
+                Arg::I32(cols as i32),
+            ];
             g.launch("layernorm", "layernorm_param_reduce", cfg_1d(2 * cols, 256), &args)
         }
     }
@@ -175,7 +192,9 @@ pub mod cpu {
 
     /// Two-pass statistics (mean, then the centred sum of squares), as the kernel does.
     #[allow(clippy::too_many_arguments)]
-    pub fn fwd<R: Real>(y: &mut [R], mean: &mut [R], rstd: &mut [R], x: &[R], w: &[R], b: &[R], rows: usize, cols: usize, eps: f32) {
+    pub fn fwd<R: Real>(
+        y: &mut [R], mean: &mut [R], rstd: &mut [R], x: &[R], w: &[R], b: &[R], rows: usize, cols: usize, eps: f32,
+    ) {
         let n = R::from_f64(cols as f64);
         for r in 0..rows {
             let xr = &x[r * cols..(r + 1) * cols];
@@ -192,15 +211,7 @@ pub mod cpu {
 
     #[allow(clippy::too_many_arguments)]
     pub fn bwd<R: Real>(
-        dx: &mut [R],
-        dw: &mut [R],
-        db: &mut [R],
-        dy: &[R],
-        x: &[R],
-        w: &[R],
-        mean: &[R],
-        rstd: &[R],
-        rows: usize,
+        dx: &mut [R], dw: &mut [R], db: &mut [R], dy: &[R], x: &[R], w: &[R], mean: &[R], rstd: &[R], rows: usize,
         cols: usize,
     ) {
         let n = R::from_f64(cols as f64);

@@ -58,7 +58,10 @@ pub fn fwd(dev: &Device, y: &mut Buf, x: &Buf, ad: &Adapter, t: usize, din: usiz
 /// dA [r, din] (f32, +=) = scale·(dy·B)ᵀ·x; dB [dout, r] (f32, +=) = scale·dyᵀ·(x·Aᵀ).
 /// A frozen adapter passes `da`/`db` as None and still contributes to dx.
 #[allow(clippy::too_many_arguments)]
-pub fn bwd(dev: &Device, dx: Option<&mut Buf>, da: Option<&mut Buf>, db: Option<&mut Buf>, dy: &Buf, x: &Buf, ad: &Adapter, t: usize, din: usize, dout: usize) -> Result<()> {
+pub fn bwd(
+    dev: &Device, dx: Option<&mut Buf>, da: Option<&mut Buf>, db: Option<&mut Buf>, dy: &Buf, x: &Buf, ad: &Adapter,
+    t: usize, din: usize, dout: usize,
+) -> Result<()> {
     let op = "lora_bwd";
     check_adapter(op, ad, din, dout)?;
     let r = ad.rank;
@@ -133,7 +136,9 @@ pub mod cpu {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn fwd<R: Real>(y: &mut [R], x: &[R], a: &[R], b: &[R], t: usize, din: usize, dout: usize, r: usize, scale: f32) {
+    pub fn fwd<R: Real>(
+        y: &mut [R], x: &[R], a: &[R], b: &[R], t: usize, din: usize, dout: usize, r: usize, scale: f32,
+    ) {
         let s = R::from_f64(scale as f64);
         let mut u = vec![R::ZERO; r];
         for i in 0..t {
@@ -148,18 +153,8 @@ pub mod cpu {
 
     #[allow(clippy::too_many_arguments)]
     pub fn bwd<R: Real>(
-        mut dx: Option<&mut [R]>,
-        mut da: Option<&mut [R]>,
-        mut db: Option<&mut [R]>,
-        dy: &[R],
-        x: &[R],
-        a: &[R],
-        b: &[R],
-        t: usize,
-        din: usize,
-        dout: usize,
-        r: usize,
-        scale: f32,
+        mut dx: Option<&mut [R]>, mut da: Option<&mut [R]>, mut db: Option<&mut [R]>, dy: &[R], x: &[R], a: &[R],
+        b: &[R], t: usize, din: usize, dout: usize, r: usize, scale: f32,
     ) {
         let s = R::from_f64(scale as f64);
         let (mut u, mut v) = (vec![R::ZERO; r], vec![R::ZERO; r]);

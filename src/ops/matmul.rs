@@ -20,13 +20,19 @@ fn gemm_type(d: DType, what: &str) -> Result<GemmType> {
 
 /// C = alpha·op(A)·op(B) + beta·C (row-major; see the module doc).
 #[allow(clippy::too_many_arguments)]
-pub fn fwd(dev: &Device, c: &mut Buf, a: &Buf, b: &Buf, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool, alpha: f32, beta: f32) -> Result<()> {
+pub fn fwd(
+    dev: &Device, c: &mut Buf, a: &Buf, b: &Buf, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool,
+    alpha: f32, beta: f32,
+) -> Result<()> {
     batched(dev, c, a, b, m, n, k, trans_a, trans_b, alpha, beta, 1)
 }
 
 /// `count` independent products over consecutive [m,k]/[k,n]/[m,n] blocks of a, b and c.
 #[allow(clippy::too_many_arguments)]
-pub fn batched(dev: &Device, c: &mut Buf, a: &Buf, b: &Buf, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool, alpha: f32, beta: f32, count: usize) -> Result<()> {
+pub fn batched(
+    dev: &Device, c: &mut Buf, a: &Buf, b: &Buf, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool,
+    alpha: f32, beta: f32, count: usize,
+) -> Result<()> {
     let op = "matmul";
     check(a, count * m * k, op, "a")?;
     check(b, count * k * n, op, "b")?;
@@ -39,7 +45,13 @@ pub fn batched(dev: &Device, c: &mut Buf, a: &Buf, b: &Buf, m: usize, n: usize, 
                     &mut c[i * m * n..(i + 1) * m * n],
                     &a[i * m * k..(i + 1) * m * k],
                     &b[i * k * n..(i + 1) * k * n],
-                    m, n, k, trans_a, trans_b, alpha, beta,
+                    m,
+                    n,
+                    k,
+                    trans_a,
+                    trans_b,
+                    alpha,
+                    beta,
                 );
             }
             Ok(())
@@ -54,9 +66,18 @@ pub fn batched(dev: &Device, c: &mut Buf, a: &Buf, b: &Buf, m: usize, n: usize, 
                 bail!("matmul: f32 operands cannot write a bf16 output");
             }
             g.blas.gemm(&Gemm {
-                m, n, k, trans_a, trans_b, alpha, beta,
-                a: a.ptr(g)?, b: b.ptr(g)?, c: c.ptr(g)?,
-                ab_type: ab, c_type: ct,
+                m,
+                n,
+                k,
+                trans_a,
+                trans_b,
+                alpha,
+                beta,
+                a: a.ptr(g)?,
+                b: b.ptr(g)?,
+                c: c.ptr(g)?,
+                ab_type: ab,
+                c_type: ct,
                 batch: (count, m * k, k * n, m * n),
             })
         }
@@ -65,7 +86,9 @@ pub fn batched(dev: &Device, c: &mut Buf, a: &Buf, b: &Buf, m: usize, n: usize, 
 
 /// y [t, dout] = x [t, din] · w[dout, din]ᵀ (+ bias [dout]).
 #[allow(clippy::too_many_arguments)]
-pub fn linear_fwd(dev: &Device, y: &mut Buf, x: &Buf, w: &Buf, bias: Option<&Buf>, t: usize, din: usize, dout: usize) -> Result<()> {
+pub fn linear_fwd(
+    dev: &Device, y: &mut Buf, x: &Buf, w: &Buf, bias: Option<&Buf>, t: usize, din: usize, dout: usize,
+) -> Result<()> {
     fwd(dev, y, x, w, t, dout, din, false, true, 1.0, 0.0)?;
     if let Some(b) = bias {
         elementwise::bias_add(dev, y, b, t, dout)?;
@@ -77,7 +100,10 @@ pub fn linear_fwd(dev: &Device, y: &mut Buf, x: &Buf, w: &Buf, bias: Option<&Buf
 /// dw is f32, or bf16 on CUDA (`GradStore::Bf16Linear`: cuBLAS reads the bf16 dw, adds the
 /// product in f32 and rounds once).
 #[allow(clippy::too_many_arguments)]
-pub fn linear_bwd(dev: &Device, dx: Option<&mut Buf>, dw: &mut Buf, db: Option<&mut Buf>, dy: &Buf, x: &Buf, w: &Buf, t: usize, din: usize, dout: usize) -> Result<()> {
+pub fn linear_bwd(
+    dev: &Device, dx: Option<&mut Buf>, dw: &mut Buf, db: Option<&mut Buf>, dy: &Buf, x: &Buf, w: &Buf, t: usize,
+    din: usize, dout: usize,
+) -> Result<()> {
     if !(dw.dtype() == DType::F32 || (dw.dtype() == DType::BF16 && dy.dtype() == DType::BF16)) {
         check_dtype(dw, DType::F32, "linear_bwd", "dw")?;
     }
@@ -95,7 +121,10 @@ pub mod cpu {
     /// C = alpha·op(A)·op(B) + beta·C in f32. Operands are first brought to the "A rows · B rows"
     /// form ([m,k] and [n,k]) so every output is a dot product of two contiguous rows.
     #[allow(clippy::too_many_arguments)]
-    pub fn gemm(c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool, alpha: f32, beta: f32) {
+    pub fn gemm(
+        c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool, alpha: f32,
+        beta: f32,
+    ) {
         let at;
         let a_rows: &[f32] = if trans_a {
             at = transpose(a, k, m);
@@ -110,7 +139,8 @@ pub mod cpu {
             bt = transpose(b, k, n);
             &bt
         };
-        let threads = if m * n * k > 1 << 16 { std::thread::available_parallelism().map_or(1, |p| p.get()).min(8) } else { 1 };
+        let threads =
+            if m * n * k > 1 << 16 { std::thread::available_parallelism().map_or(1, |p| p.get()).min(8) } else { 1 };
         let rows_per = m.div_ceil(threads).max(1);
         std::thread::scope(|s| {
             for (ti, cchunk) in c.chunks_mut(rows_per * n).enumerate() {

@@ -5,19 +5,19 @@
 //! Gradient convention (llm.c): activation gradients are written (`=`); parameter gradients are
 //! f32 and accumulated (`+=`), so gradient accumulation across micro-batches is free.
 
-pub mod patch_embed;
 pub mod act;
 pub mod adamw;
 pub mod attention;
 pub mod elementwise;
 pub mod embedding;
+pub mod grpo;
 pub mod init;
 pub mod layernorm;
-pub mod matmul;
-pub mod rmsnorm;
 pub mod logprob;
 pub mod lora;
-pub mod grpo;
+pub mod matmul;
+pub mod patch_embed;
+pub mod rmsnorm;
 pub mod rope;
 pub mod sample;
 

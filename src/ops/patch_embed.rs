@@ -55,7 +55,9 @@ impl RowIndex {
 
 /// y [n, d] = x[perm] · wᵀ, with x [n_src, k] f32 pixel rows (n_src = n without perm), w [d, k].
 #[allow(clippy::too_many_arguments)]
-pub fn fwd(dev: &Device, y: &mut Buf, x: &Buf, w: &Buf, perm: Option<&RowIndex>, n: usize, k: usize, d: usize) -> Result<()> {
+pub fn fwd(
+    dev: &Device, y: &mut Buf, x: &Buf, w: &Buf, perm: Option<&RowIndex>, n: usize, k: usize, d: usize,
+) -> Result<()> {
     let op = "patch_embed_fwd";
     let n_src = check_inputs(op, x, perm, n, k)?;
     check(y, n * d, op, "y")?;
@@ -89,7 +91,9 @@ pub fn fwd(dev: &Device, y: &mut Buf, x: &Buf, w: &Buf, perm: Option<&RowIndex>,
 
 /// dw [d, k] (f32, +=) = dyᵀ · x[perm], dy [n, d].
 #[allow(clippy::too_many_arguments)]
-pub fn bwd(dev: &Device, dw: &mut Buf, dy: &Buf, x: &Buf, perm: Option<&RowIndex>, n: usize, k: usize, d: usize) -> Result<()> {
+pub fn bwd(
+    dev: &Device, dw: &mut Buf, dy: &Buf, x: &Buf, perm: Option<&RowIndex>, n: usize, k: usize, d: usize,
+) -> Result<()> {
     let op = "patch_embed_bwd";
     let n_src = check_inputs(op, x, perm, n, k)?;
     check(dy, n * d, op, "dy")?;
@@ -151,13 +155,22 @@ fn gemm_type(dt: DType) -> GemmType {
 
 /// The window-ordered GEMM operand [n, k] in `dt`.
 #[allow(clippy::too_many_arguments)]
-fn gather(dev: &Device, g: &Gpu, x: &Buf, perm: Option<&RowIndex>, n: usize, n_src: usize, k: usize, dt: DType) -> Result<Buf> {
+fn gather(
+    dev: &Device, g: &Gpu, x: &Buf, perm: Option<&RowIndex>, n: usize, n_src: usize, k: usize, dt: DType,
+) -> Result<Buf> {
     let out = dev.zeros(dt, n * k)?;
     let pptr = match perm {
         Some(p) => p.dev.ptr(g)?,
         None => 0,
     };
-    let args = [Arg::Ptr(out.ptr(g)?), Arg::Ptr(x.ptr(g)?), Arg::Ptr(pptr), Arg::I32(n as i32), Arg::I32(n_src as i32), Arg::I32(k as i32)];
+    let args = [
+        Arg::Ptr(out.ptr(g)?),
+        Arg::Ptr(x.ptr(g)?),
+        Arg::Ptr(pptr),
+        Arg::I32(n as i32),
+        Arg::I32(n_src as i32),
+        Arg::I32(k as i32),
+    ];
     g.launch("patch_embed", &kname("patch_embed_gather", dt), cfg_rows(n, 256, 0), &args)?;
     Ok(out)
 }
@@ -217,7 +230,9 @@ pub fn scatter_rows(dev: &Device, out: &mut Buf, x: &Buf, idx: &RowIndex, cols: 
 }
 
 /// Launches rows_gather (`zero_src` Some) or rows_scatter (None): one block per moved row.
-fn rows_launch(g: &Gpu, base: &str, out: &Buf, x: &Buf, idx: &RowIndex, cols: usize, zero_src: Option<i32>) -> Result<()> {
+fn rows_launch(
+    g: &Gpu, base: &str, out: &Buf, x: &Buf, idx: &RowIndex, cols: usize, zero_src: Option<i32>,
+) -> Result<()> {
     let dt = same_float_dtype(base, &[out, x])?;
     if idx.is_empty() || cols == 0 {
         return Ok(());

@@ -4,13 +4,15 @@
 use super::elementwise::use_v2;
 use super::{check, check_dtype, kname, same_float_dtype};
 use crate::cuda::{cfg_1d, cfg_rows, dptr, Arg, Gpu};
-use cudarc::driver::LaunchConfig;
 use crate::tensor::{Buf, DType, Device};
 use anyhow::Result;
+use cudarc::driver::LaunchConfig;
 
 /// y [rows, cols], rstd [rows] (f32) = rmsnorm(x [rows, cols], w [cols]).
 #[allow(clippy::too_many_arguments)]
-pub fn fwd(dev: &Device, y: &mut Buf, rstd: &mut Buf, x: &Buf, w: &Buf, rows: usize, cols: usize, eps: f32) -> Result<()> {
+pub fn fwd(
+    dev: &Device, y: &mut Buf, rstd: &mut Buf, x: &Buf, w: &Buf, rows: usize, cols: usize, eps: f32,
+) -> Result<()> {
     let op = "rmsnorm_fwd";
     check(x, rows * cols, op, "x")?;
     check(y, rows * cols, op, "y")?;
@@ -40,9 +42,18 @@ pub fn fwd(dev: &Device, y: &mut Buf, rstd: &mut Buf, x: &Buf, w: &Buf, rows: us
 
 /// dx [rows, cols] (=), dw [cols] (f32, +=) from dy, x, w and the saved rstd.
 #[allow(clippy::too_many_arguments)]
-pub fn bwd(dev: &Device, dx: &mut Buf, dw: &mut Buf, dy: &Buf, x: &Buf, w: &Buf, rstd: &Buf, rows: usize, cols: usize) -> Result<()> {
+pub fn bwd(
+    dev: &Device, dx: &mut Buf, dw: &mut Buf, dy: &Buf, x: &Buf, w: &Buf, rstd: &Buf, rows: usize, cols: usize,
+) -> Result<()> {
     let op = "rmsnorm_bwd";
-    for (b, n, a) in [(&*dx, rows * cols, "dx"), (dy, rows * cols, "dy"), (x, rows * cols, "x"), (w, cols, "w"), (rstd, rows, "rstd"), (&*dw, cols, "dw")] {
+    for (b, n, a) in [
+        (&*dx, rows * cols, "dx"),
+        (dy, rows * cols, "dy"),
+        (x, rows * cols, "x"),
+        (w, cols, "w"),
+        (rstd, rows, "rstd"),
+        (&*dw, cols, "dw"),
+    ] {
         check(b, n, op, a)?;
     }
     check_dtype(dw, DType::F32, op, "dw")?;
@@ -75,7 +86,13 @@ pub fn bwd(dev: &Device, dx: &mut Buf, dw: &mut Buf, dy: &Buf, x: &Buf, w: &Buf,
                 Arg::I32(rpb as i32),
             ];
             g.launch("rmsnorm", &kname(op, dt), cfg_rows(nblocks, block_for(cols, dt), 0), &args)?;
-            let args = [Arg::Ptr(dw.ptr(g)?), Arg::Ptr(part.ptr(g)?), Arg::I32(nblocks as i32), Arg::I32(cols as i32), Arg::I32(1)];
+            let args = [
+                Arg::Ptr(dw.ptr(g)?),
+                Arg::Ptr(part.ptr(g)?),
+                Arg::I32(nblocks as i32),
+                Arg::I32(cols as i32),
+                Arg::I32(1),
+            ];
             g.launch("rmsnorm", "rmsnorm_dw_reduce", cfg_1d(cols, 256), &args)
         }
     }
@@ -96,7 +113,12 @@ impl V2Plan {
     /// grid is one wave of them); vpt = 4 kernels keep their registers at one block per SM.
     pub(crate) fn new(g: &Gpu, dt: DType, rows: usize, cols: usize, ptrs: &[u64], per_sm: usize) -> Option<V2Plan> {
         let n = 16 / dt.size();
-        if rows == 0 || cols == 0 || !cols.is_multiple_of(n) || ptrs.iter().any(|p| !p.is_multiple_of(16)) || rows > i32::MAX as usize {
+        if rows == 0
+            || cols == 0
+            || !cols.is_multiple_of(n)
+            || ptrs.iter().any(|p| !p.is_multiple_of(16))
+            || rows > i32::MAX as usize
+        {
             return None;
         }
         let nvec = cols / n;
@@ -114,15 +136,31 @@ impl V2Plan {
 
 /// out0[j] += Σ_p part[p][j] for j < split, out1[j − split] += … for split ≤ j < ncols, summed in
 /// a fixed order (deterministic). `part` is [nparts, ncols] f32 (kernel param_colsum_reduce).
-pub(crate) fn colsum_reduce(g: &Gpu, out0: u64, out1: u64, part: u64, nparts: usize, ncols: usize, split: usize) -> Result<()> {
-    let cfg = LaunchConfig { grid_dim: (ncols.div_ceil(32).max(1) as u32, 1, 1), block_dim: (32, 16, 1), shared_mem_bytes: 0 };
-    let args = [Arg::Ptr(out0), Arg::Ptr(out1), Arg::Ptr(part), Arg::I32(nparts as i32), Arg::I32(ncols as i32), Arg::I32(split as i32)];
+pub(crate) fn colsum_reduce(
+    g: &Gpu, out0: u64, out1: u64, part: u64, nparts: usize, ncols: usize, split: usize,
+) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: (ncols.div_ceil(32).max(1) as u32, 1, 1),
+        block_dim: (32, 16, 1),
+        shared_mem_bytes: 0,
+    };
+    let args = [
+        Arg::Ptr(out0),
+        Arg::Ptr(out1),
+        Arg::Ptr(part),
+        Arg::I32(nparts as i32),
+        Arg::I32(ncols as i32),
+        Arg::I32(split as i32),
+    ];
     g.launch("rmsnorm", "param_colsum_reduce", cfg, &args)
 }
 
 /// V2 backward: one pass over x and dy (rows held in registers), dw partials in a cached scratch.
 #[allow(clippy::too_many_arguments)]
-fn bwd_v2(g: &Gpu, plan: &V2Plan, dx: &mut Buf, dw: &mut Buf, dy: &Buf, x: &Buf, w: &Buf, rstd: &Buf, rows: usize, cols: usize) -> Result<()> {
+fn bwd_v2(
+    g: &Gpu, plan: &V2Plan, dx: &mut Buf, dw: &mut Buf, dy: &Buf, x: &Buf, w: &Buf, rstd: &Buf, rows: usize,
+    cols: usize,
+) -> Result<()> {
     let dt = dx.dtype();
     let part = g.scratch_f32(plan.nblocks * cols)?; // [nblocks, cols]
     let pp = dptr(&*part, &g.stream);

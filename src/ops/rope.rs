@@ -11,9 +11,9 @@
 
 use super::{check, check_dtype, kname, same_float_dtype};
 use crate::cuda::Arg;
-use cudarc::driver::LaunchConfig;
 use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
+use cudarc::driver::LaunchConfig;
 
 /// `1 / base^(f32(2i) / d)` for i < d/2, in f32 as transformers computes it
 /// (`1.0 / (base ** (torch.arange(0, d, 2).float() / d))`). The power is evaluated in f64 and
@@ -60,7 +60,9 @@ pub fn table_1d(pos: &[i32], head_dim: usize, theta: f32) -> Result<(Vec<f32>, V
 /// cat(angle, angle) by `mrope_section * 2` and picks axis `chunk % 3`, so dim D/2 + i uses the
 /// same axis as dim i — exactly what rotating the pair (i, i + D/2) by angle[t][i] does.
 /// Returns (cos, sin), each [tokens, head_dim/2].
-pub fn table_mrope(pos3: &[i32], tokens: usize, head_dim: usize, theta: f32, sections: &[usize]) -> Result<(Vec<f32>, Vec<f32>)> {
+pub fn table_mrope(
+    pos3: &[i32], tokens: usize, head_dim: usize, theta: f32, sections: &[usize],
+) -> Result<(Vec<f32>, Vec<f32>)> {
     if head_dim == 0 || !head_dim.is_multiple_of(2) {
         bail!("rope table_mrope: head_dim {head_dim} must be even and positive");
     }
@@ -129,17 +131,24 @@ pub fn upload_table(dev: &Device, cos: &[f32], sin: &[f32]) -> Result<(Buf, Buf)
 }
 
 /// Rotates x [tokens, heads, head_dim] in place by the angles of cos/sin [tokens, head_dim/2] (f32).
-pub fn fwd(dev: &Device, x: &mut Buf, cos: &Buf, sin: &Buf, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
+pub fn fwd(
+    dev: &Device, x: &mut Buf, cos: &Buf, sin: &Buf, tokens: usize, heads: usize, head_dim: usize,
+) -> Result<()> {
     apply(dev, "rope_fwd", x, cos, sin, tokens, heads, head_dim, false)
 }
 
 /// Backward of `fwd`, in place on dx [tokens, heads, head_dim]: the inverse rotation (by −θ).
-pub fn bwd(dev: &Device, dx: &mut Buf, cos: &Buf, sin: &Buf, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
+pub fn bwd(
+    dev: &Device, dx: &mut Buf, cos: &Buf, sin: &Buf, tokens: usize, heads: usize, head_dim: usize,
+) -> Result<()> {
     apply(dev, "rope_bwd", dx, cos, sin, tokens, heads, head_dim, true)
 }
 
 #[allow(clippy::too_many_arguments)]
-fn apply(dev: &Device, op: &str, x: &mut Buf, cos: &Buf, sin: &Buf, tokens: usize, heads: usize, head_dim: usize, inverse: bool) -> Result<()> {
+fn apply(
+    dev: &Device, op: &str, x: &mut Buf, cos: &Buf, sin: &Buf, tokens: usize, heads: usize, head_dim: usize,
+    inverse: bool,
+) -> Result<()> {
     if !head_dim.is_multiple_of(2) {
         bail!("{op}: head_dim {head_dim} must be even");
     }
@@ -186,7 +195,9 @@ pub mod cpu {
     use crate::real::Real;
 
     /// In-place rotation of each (i, i + D/2) pair; `inverse` rotates by −θ (the backward).
-    pub fn apply<R: Real>(x: &mut [R], cos: &[R], sin: &[R], tokens: usize, heads: usize, head_dim: usize, inverse: bool) {
+    pub fn apply<R: Real>(
+        x: &mut [R], cos: &[R], sin: &[R], tokens: usize, heads: usize, head_dim: usize, inverse: bool,
+    ) {
         let half = head_dim / 2;
         for t in 0..tokens {
             let (ct, st) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);

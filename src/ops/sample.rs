@@ -100,7 +100,9 @@ pub struct Sampled {
 /// key by construction of one coordinate.
 pub fn stream_key(seed: u64, dialogue: u64, rollout: u64, step: u64) -> u64 {
     let mut h = cpu::mix64(seed ^ 0x243F_6A88_85A3_08D3);
-    for (salt, v) in [(0x1319_8A2E_0370_7344u64, dialogue), (0xA409_3822_299F_31D0, rollout), (0x082E_FA98_EC4E_6C89, step)] {
+    for (salt, v) in
+        [(0x1319_8A2E_0370_7344u64, dialogue), (0xA409_3822_299F_31D0, rollout), (0x082E_FA98_EC4E_6C89, step)]
+    {
         h = cpu::mix64(h.wrapping_add(0x9E37_79B9_7F4A_7C15) ^ cpu::mix64(v ^ salt));
     }
     h
@@ -157,7 +159,9 @@ impl Sampler {
     /// Samples one token per row of `logits` (its first rows × vocab elements, row-major; bf16 or
     /// f32 on the GPU) with each row's params and stream key. On the GPU: two small uploads into
     /// the preallocated buffers, one launch, a rows × 8 byte download.
-    pub fn sample(&mut self, dev: &Device, logits: &Buf, rows: usize, params: &[SampleParams], keys: &[u64]) -> Result<Vec<Sampled>> {
+    pub fn sample(
+        &mut self, dev: &Device, logits: &Buf, rows: usize, params: &[SampleParams], keys: &[u64],
+    ) -> Result<Vec<Sampled>> {
         let op = "sample";
         let v = self.vocab;
         if rows > self.max_rows {
@@ -179,7 +183,8 @@ impl Sampler {
                 self.host_thr.clear();
                 let mut out = Vec::with_capacity(rows);
                 for r in 0..rows {
-                    let (s, thr) = cpu::sample(&l[r * v..(r + 1) * v], &params[r], keys[r]).with_context(|| format!("{op}: row {r}"))?;
+                    let (s, thr) = cpu::sample(&l[r * v..(r + 1) * v], &params[r], keys[r])
+                        .with_context(|| format!("{op}: row {r}"))?;
                     out.push(s);
                     self.host_thr.push(thr);
                 }
@@ -195,7 +200,12 @@ impl Sampler {
                 }
                 let mut hp = Vec::with_capacity(4 * rows);
                 for p in params {
-                    hp.extend_from_slice(&[p.inv_temperature().to_bits(), p.top_k.min(u32::MAX as usize) as u32, p.top_p.to_bits(), p.greedy as u32]);
+                    hp.extend_from_slice(&[
+                        p.inv_temperature().to_bits(),
+                        p.top_k.min(u32::MAX as usize) as u32,
+                        p.top_p.to_bits(),
+                        p.greedy as u32,
+                    ]);
                 }
                 g.stream.memcpy_htod(&hp, &mut b.params).context("sample: uploading params")?;
                 g.stream.memcpy_htod(keys, &mut b.keys).context("sample: uploading keys")?;
@@ -235,7 +245,9 @@ impl Sampler {
             (Device::Cuda(g), Some(b)) => {
                 let mut h = vec![0f32; self.last_rows];
                 if self.last_rows > 0 {
-                    g.stream.memcpy_dtoh(&b.thr.slice(0..self.last_rows), &mut h).context("sample: downloading thresholds")?;
+                    g.stream
+                        .memcpy_dtoh(&b.thr.slice(0..self.last_rows), &mut h)
+                        .context("sample: downloading thresholds")?;
                     g.sync()?;
                 }
                 Ok(h)
@@ -415,7 +427,9 @@ pub mod cpu {
         let m = max_of(&x);
         let t = threshold_scaled(&x, p);
         let tok = if p.greedy {
-            x.iter().position(|&v| v == m).ok_or_else(|| anyhow::anyhow!("sample: a row of {} logits has no maximum", x.len()))?
+            x.iter()
+                .position(|&v| v == m)
+                .ok_or_else(|| anyhow::anyhow!("sample: a row of {} logits has no maximum", x.len()))?
         } else {
             let seed = mix64(key);
             let (mut best, mut bj) = (f32::NEG_INFINITY, usize::MAX);

@@ -91,7 +91,10 @@ struct Live {
 enum Slot {
     Free,
     /// Waits for the leader slot's first prompt.
-    Follower { leader: usize, index: usize },
+    Follower {
+        leader: usize,
+        index: usize,
+    },
     Busy(Box<Live>),
 }
 
@@ -105,12 +108,7 @@ pub fn dialogue_uid(id: &str) -> u64 {
 /// with the images they show and the call's statistics. `progress(done, total)` is called as
 /// rollouts finish.
 pub fn generate(
-    dev: &Device,
-    model: &VlModel,
-    tok: &Tokenizer,
-    pp: &Processor,
-    dialogues: &[DialogueSpec],
-    cfg: &RolloutConfig,
+    dev: &Device, model: &VlModel, tok: &Tokenizer, pp: &Processor, dialogues: &[DialogueSpec], cfg: &RolloutConfig,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Vec<Rollout>, ImageBank, RolloutStats)> {
     generate_with(dev, model, tok, pp, dialogues, cfg, progress, &mut |_| Ok(()))
@@ -120,14 +118,8 @@ pub fn generate(
 /// dialogues to the judge while the others are still decoding).
 #[allow(clippy::too_many_arguments)]
 pub fn generate_with(
-    dev: &Device,
-    model: &VlModel,
-    tok: &Tokenizer,
-    pp: &Processor,
-    dialogues: &[DialogueSpec],
-    cfg: &RolloutConfig,
-    progress: &mut dyn FnMut(usize, usize),
-    on_done: &mut dyn FnMut(&Rollout) -> Result<()>,
+    dev: &Device, model: &VlModel, tok: &Tokenizer, pp: &Processor, dialogues: &[DialogueSpec], cfg: &RolloutConfig,
+    progress: &mut dyn FnMut(usize, usize), on_done: &mut dyn FnMut(&Rollout) -> Result<()>,
 ) -> Result<(Vec<Rollout>, ImageBank, RolloutStats)> {
     let t0 = Instant::now();
     if cfg.n == 0 || cfg.max_new_tokens == 0 {
@@ -140,13 +132,20 @@ pub fn generate_with(
     let mut bank = ImageBank::new(pp);
     let mut segs = Vec::with_capacity(dialogues.len());
     let mut bound = 0usize;
-    let limits = [(Some(model.max_positions()), "the model's max_position_embeddings"), (cfg.max_len, "the cache's max_len")];
+    let limits =
+        [(Some(model.max_positions()), "the model's max_position_embeddings"), (cfg.max_len, "the cache's max_len")];
     for d in dialogues {
         let s = segments(model, &tmpl, &mut bank, d).with_context(|| format!("dialogue {} ({})", d.id, d.origin))?;
         let len = dialogue_bound(&s, cfg.max_new_tokens);
         for (limit, what) in limits {
             if let Some(m) = limit.filter(|&m| len > m) {
-                bail!("dialogue {} ({}): up to {len} tokens with {} turns of at most {} new tokens, more than {what} {m}", d.id, d.origin, d.turns.len(), cfg.max_new_tokens);
+                bail!(
+                    "dialogue {} ({}): up to {len} tokens with {} turns of at most {} new tokens, more than {what} {m}",
+                    d.id,
+                    d.origin,
+                    d.turns.len(),
+                    cfg.max_new_tokens
+                );
             }
         }
         bound = bound.max(len);
@@ -251,7 +250,11 @@ pub fn generate_with(
                 }
             }
         }
-        let mut batch_logits = if requests.len() == busy.len() { logits } else { repeat_rows(dev, &logits, &requests, busy.len(), vocab)? };
+        let mut batch_logits = if requests.len() == busy.len() {
+            logits
+        } else {
+            repeat_rows(dev, &logits, &requests, busy.len(), vocab)?
+        };
         crate::ops::elementwise::bias_add(dev, &mut batch_logits, &ban, requests.len(), vocab)?;
         let mut params = Vec::with_capacity(requests.len());
         let mut keys = Vec::with_capacity(requests.len());
@@ -322,10 +325,14 @@ fn segments(model: &VlModel, tmpl: &TurnTemplate, bank: &mut ImageBank, d: &Dial
     }
     let mut ids = Vec::with_capacity(d.images.len());
     for (k, p) in d.images.iter().enumerate() {
-        ids.push(bank.add(model, p, &format!("dialogue {} ({})", d.id, d.origin)).with_context(|| format!("image {} ({})", k + 1, p.display()))?);
+        ids.push(
+            bank.add(model, p, &format!("dialogue {} ({})", d.id, d.origin))
+                .with_context(|| format!("image {} ({})", k + 1, p.display()))?,
+        );
     }
     let counts: Vec<usize> = ids.iter().map(|&i| bank.tokens(i)).collect();
-    let images: Vec<Vec<usize>> = d.turns.iter().map(|t| TurnTemplate::images_of(t).into_iter().map(|k| ids[k]).collect()).collect();
+    let images: Vec<Vec<usize>> =
+        d.turns.iter().map(|t| TurnTemplate::images_of(t).into_iter().map(|k| ids[k]).collect()).collect();
     let first = tmpl.first(d.system.as_deref(), &d.turns[0], &counts)?;
     if !d.history.is_empty() {
         // Given history: one prompt of the scripted replies, each closed by the template's
@@ -361,7 +368,10 @@ pub fn kv_bytes(dev: &Device, model: &VlModel, slots: usize, max_len: usize) -> 
 
 /// The KV cache a call of `slots` rollouts over `dialogues` needs: (max_len, bytes), the longest
 /// dialogue's bound (prompt segments + turns × max_new_tokens), computed without generating.
-pub fn cache_plan(dev: &Device, model: &VlModel, tok: &Tokenizer, pp: &Processor, dialogues: &[DialogueSpec], slots: usize, max_new_tokens: usize) -> Result<(usize, usize)> {
+pub fn cache_plan(
+    dev: &Device, model: &VlModel, tok: &Tokenizer, pp: &Processor, dialogues: &[DialogueSpec], slots: usize,
+    max_new_tokens: usize,
+) -> Result<(usize, usize)> {
     let tmpl = TurnTemplate::new(model, tok)?;
     let mut bank = ImageBank::new(pp);
     let mut bound = 1;
@@ -412,7 +422,9 @@ impl VlModel {
     }
 
     /// One ragged step (see `QwenVl::step_ragged`): logits [active, V].
-    pub fn step_ragged(&self, dev: &Device, cache: &mut LmCache, ids: &[i32], pos: &[i32], cu_new: &[i32], image_rows: Option<&Buf>) -> Result<Buf> {
+    pub fn step_ragged(
+        &self, dev: &Device, cache: &mut LmCache, ids: &[i32], pos: &[i32], cu_new: &[i32], image_rows: Option<&Buf>,
+    ) -> Result<Buf> {
         match &self.net {
             crate::stages::model::Net::Qwen(m) => m.step_ragged(dev, cache, ids, pos, cu_new, image_rows),
             crate::stages::model::Net::Llava(m) => m.step_ragged(dev, cache, ids, pos, cu_new, image_rows),

@@ -30,6 +30,16 @@ impl Rollout {
             Net::Qwen(m) => mrope_positions(&self.seq, &grids, &m.cfg)?.0,
             Net::Llava(_) => Vec::new(),
         };
-        Ok(Example { id: id.to_string(), kind: Kind::General, ids: self.seq.clone(), targets, weights, pos3, pixels, grids, image_sizes })
+        Ok(Example {
+            id: id.to_string(),
+            kind: Kind::General,
+            ids: self.seq.clone(),
+            targets,
+            weights,
+            pos3,
+            pixels,
+            grids,
+            image_sizes,
+        })
     }
 }

@@ -86,7 +86,16 @@ impl ImageBank {
         };
         let i = self.entries.len();
         self.by_path.insert(path.to_path_buf(), i);
-        self.entries.push(Entry { path: path.to_path_buf(), who: who.to_string(), grid, size, tokens, patches, pixels: None, embeds: None });
+        self.entries.push(Entry {
+            path: path.to_path_buf(),
+            who: who.to_string(),
+            grid,
+            size,
+            tokens,
+            patches,
+            pixels: None,
+            embeds: None,
+        });
         Ok(i)
     }
 
@@ -112,7 +121,12 @@ impl ImageBank {
             Processor::Qwen(pp) => {
                 let img = process_qwen(&e.path, pp).with_context(ctx)?;
                 if Some(img.grid_thw) != e.grid {
-                    bail!("image {}: decoded to grid {:?}, its header said {:?}", e.path.display(), img.grid_thw, e.grid);
+                    bail!(
+                        "image {}: decoded to grid {:?}, its header said {:?}",
+                        e.path.display(),
+                        img.grid_thw,
+                        e.grid
+                    );
                 }
                 img.pixel_values
             }

@@ -32,13 +32,27 @@ impl DialogueSpec {
                 Role::Assistant => {}
             }
         }
-        DialogueSpec { id: s.id.clone(), system, turns, images: s.images.clone(), origin: s.origin.clone(), history: Vec::new() }
+        DialogueSpec {
+            id: s.id.clone(),
+            system,
+            turns,
+            images: s.images.clone(),
+            origin: s.origin.clone(),
+            history: Vec::new(),
+        }
     }
 
     /// A one-turn dialogue (`am3 generate --prompt`): optional images first, then the text.
     pub fn single(prompt: &str, images: Vec<PathBuf>) -> DialogueSpec {
         let mut parts: Vec<Part> = (0..images.len()).map(Part::Image).collect();
         parts.push(Part::Text(prompt.to_string()));
-        DialogueSpec { id: "prompt".into(), system: None, turns: vec![parts], images, origin: "--prompt".into(), history: Vec::new() }
+        DialogueSpec {
+            id: "prompt".into(),
+            system: None,
+            turns: vec![parts],
+            images,
+            origin: "--prompt".into(),
+            history: Vec::new(),
+        }
     }
 }

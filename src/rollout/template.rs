@@ -32,16 +32,29 @@ impl<'a> TurnTemplate<'a> {
         let id = |t: &str| tok.token_to_id(t).map(|i| i as i32);
         match &model.net {
             Net::Qwen(m) => {
-                let im_end = id("<|im_end|>").ok_or_else(|| anyhow!("the tokenizer has no <|im_end|> token (not a Qwen chat tokenizer)"))?;
+                let im_end = id("<|im_end|>")
+                    .ok_or_else(|| anyhow!("the tokenizer has no <|im_end|> token (not a Qwen chat tokenizer)"))?;
                 let mut stop_ids = vec![im_end];
                 // generation_config.json of Qwen2.5-VL stops on <|endoftext|> too.
                 stop_ids.extend(id("<|endoftext|>"));
-                Ok(TurnTemplate { tok, kind: Kind::Qwen, image_token: m.cfg.image_token_id as i32, stop_ids, banned: vec![m.cfg.image_token_id as i32, m.cfg.video_token_id as i32] })
+                Ok(TurnTemplate {
+                    tok,
+                    kind: Kind::Qwen,
+                    image_token: m.cfg.image_token_id as i32,
+                    stop_ids,
+                    banned: vec![m.cfg.image_token_id as i32, m.cfg.video_token_id as i32],
+                })
             }
             Net::Llava(m) => {
                 let kind = TemplateKind::for_family(m.cfg.text.family);
                 let stop_ids = vec![m.cfg.text.eos_token_id as i32];
-                Ok(TurnTemplate { tok, kind: Kind::Llava { kind, bos: m.cfg.text.bos_token_id as i32 }, image_token: m.cfg.image_token_index as i32, stop_ids, banned: vec![m.cfg.image_token_index as i32] })
+                Ok(TurnTemplate {
+                    tok,
+                    kind: Kind::Llava { kind, bos: m.cfg.text.bos_token_id as i32 },
+                    image_token: m.cfg.image_token_index as i32,
+                    stop_ids,
+                    banned: vec![m.cfg.image_token_index as i32],
+                })
             }
         }
     }

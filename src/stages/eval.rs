@@ -11,8 +11,8 @@
 use crate::data::dataset::{load_jsonl_with, LoadOptions, Purpose, Role, Sample};
 use crate::data::safemt::load_safemt;
 use crate::eval::{
-    compute_metrics, metrics_table, write_answers_jsonl, write_report, write_turn_chart, EvalConfig, EvalRecord, HistoryMode, Metrics,
-    PairRecord, Report,
+    compute_metrics, metrics_table, write_answers_jsonl, write_report, write_turn_chart, EvalConfig, EvalRecord,
+    HistoryMode, Metrics, PairRecord, Report,
 };
 use crate::judge::{from_config, Judge, JudgeConfig, JudgeDialogue, PairQuery, PairVerdict, TurnScore};
 use crate::ops::sample::SampleParams;
@@ -136,7 +136,13 @@ impl EvalArgs {
                 max_batch: (self.max_batch as usize).max(n),
                 max_len: None,
             },
-            eval: EvalConfig { threshold: self.threshold, history: self.history.into(), resamples: self.bootstrap, seed: self.seed, ..EvalConfig::default() },
+            eval: EvalConfig {
+                threshold: self.threshold,
+                history: self.history.into(),
+                resamples: self.bootstrap,
+                seed: self.seed,
+                ..EvalConfig::default()
+            },
             progress: true,
         })
     }
@@ -156,7 +162,14 @@ impl Default for EvalOptions {
     /// Greedy, one rollout, 64 new tokens, generated history, 1000 resamples.
     fn default() -> Self {
         EvalOptions {
-            rollout: RolloutConfig { n: 1, max_new_tokens: 64, sample: SampleParams::greedy(), seed: 0, max_batch: 64, max_len: None },
+            rollout: RolloutConfig {
+                n: 1,
+                max_new_tokens: 64,
+                sample: SampleParams::greedy(),
+                seed: 0,
+                max_batch: 64,
+                max_len: None,
+            },
             eval: EvalConfig::default(),
             progress: true,
         }
@@ -194,7 +207,8 @@ pub fn load_dialogues(path: &Path, format: DataFormat, skip_bad: bool) -> Result
 /// The scripted answers to every user turn but the last: the assistant message after each user
 /// turn, else `meta.scripted_replies` (SafeMT).
 pub fn scripted_history(s: &Sample) -> Result<Vec<String>> {
-    let users: Vec<usize> = s.messages.iter().enumerate().filter(|(_, m)| m.role == Role::User).map(|(j, _)| j).collect();
+    let users: Vec<usize> =
+        s.messages.iter().enumerate().filter(|(_, m)| m.role == Role::User).map(|(j, _)| j).collect();
     let need = users.len().saturating_sub(1);
     let meta: Vec<String> = s
         .meta
@@ -205,7 +219,12 @@ pub fn scripted_history(s: &Sample) -> Result<Vec<String>> {
         .unwrap_or_default();
     let mut out = Vec::with_capacity(need);
     for (k, &j) in users.iter().take(need).enumerate() {
-        let reply = s.messages.get(j + 1).filter(|m| m.role == Role::Assistant).map(|m| m.content.clone()).or_else(|| meta.get(k).cloned());
+        let reply = s
+            .messages
+            .get(j + 1)
+            .filter(|m| m.role == Role::Assistant)
+            .map(|m| m.content.clone())
+            .or_else(|| meta.get(k).cloned());
         match reply {
             Some(r) => out.push(r),
             None => bail!(
@@ -234,21 +253,19 @@ pub struct GivenSpec {
 /// scripted replies in place of generated ones). Returns rollouts with one turn each (the last),
 /// ordered by (dialogue, index).
 pub fn generate_given(
-    dev: &Device,
-    model: &VlModel,
-    tok: &Tokenizer,
-    pp: &Processor,
-    specs: &[GivenSpec],
-    cfg: &RolloutConfig,
+    dev: &Device, model: &VlModel, tok: &Tokenizer, pp: &Processor, specs: &[GivenSpec], cfg: &RolloutConfig,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Vec<Rollout>, ImageBank, RolloutStats)> {
-    let dialogues: Vec<DialogueSpec> = specs.iter().map(|g| DialogueSpec { history: g.history.clone(), ..g.dialogue.clone() }).collect();
+    let dialogues: Vec<DialogueSpec> =
+        specs.iter().map(|g| DialogueSpec { history: g.history.clone(), ..g.dialogue.clone() }).collect();
     generate(dev, model, tok, pp, &dialogues, cfg, progress)
 }
 
 /// Generates the answers of `model` to every sample: JudgeDialogues with `answers[rollout]`
 /// filled (with given history: the scripted answers, then the generated last one).
-pub fn generate_answers(dev: &Device, model: &VlModel, tok: &Tokenizer, pp: &Processor, samples: &[Sample], opts: &EvalOptions, label: &str) -> Result<Vec<JudgeDialogue>> {
+pub fn generate_answers(
+    dev: &Device, model: &VlModel, tok: &Tokenizer, pp: &Processor, samples: &[Sample], opts: &EvalOptions, label: &str,
+) -> Result<Vec<JudgeDialogue>> {
     let mut dialogues: Vec<JudgeDialogue> = samples.iter().map(judge_dialogue).collect();
     let total = samples.len() * opts.rollout.n;
     let bar = opts.progress.then(|| Progress::new(total as u64, label));
@@ -289,7 +306,9 @@ pub fn generate_answers(dev: &Device, model: &VlModel, tok: &Tokenizer, pp: &Pro
 const JUDGE_CHUNK: usize = 128;
 
 /// Scores every dialogue's answers and returns their EvalRecords.
-pub fn judge_records(judge: &mut dyn Judge, dialogues: &[JudgeDialogue], progress: Option<&str>) -> Result<Vec<EvalRecord>> {
+pub fn judge_records(
+    judge: &mut dyn Judge, dialogues: &[JudgeDialogue], progress: Option<&str>,
+) -> Result<Vec<EvalRecord>> {
     let bar = progress.map(|label| Progress::new(dialogues.len() as u64, label));
     let mut records = Vec::with_capacity(dialogues.len());
     let mut start = 0;
@@ -334,7 +353,10 @@ fn trim_scores(d: &JudgeDialogue, mut scores: Vec<Vec<Option<TurnScore>>>) -> Re
 /// Pairwise verdicts of the model's against the baseline's answers, both orders, for every
 /// judged (dialogue, turn) and rollout r of each (r-th against r-th). Both orders show the
 /// model's rollout as the history, so the orders differ only in position.
-pub fn compare_pairs(judge: &mut dyn Judge, model: &[JudgeDialogue], baseline: &[JudgeDialogue], history: HistoryMode, show_progress: bool) -> Result<Vec<PairRecord>> {
+pub fn compare_pairs(
+    judge: &mut dyn Judge, model: &[JudgeDialogue], baseline: &[JudgeDialogue], history: HistoryMode,
+    show_progress: bool,
+) -> Result<Vec<PairRecord>> {
     if model.len() != baseline.len() {
         bail!("compare: {} model dialogues, {} baseline dialogues", model.len(), baseline.len());
     }
@@ -396,12 +418,7 @@ pub fn compare_pairs(judge: &mut dyn Judge, model: &[JudgeDialogue], baseline: &
 /// Generates, judges and measures one model on `samples` (no baseline): the metrics and the
 /// judged records. For callers holding a model in memory (`am3 demo` before and after GRPO).
 pub fn evaluate(
-    dev: &Device,
-    model: &VlModel,
-    tok: &Tokenizer,
-    pp: &Processor,
-    samples: &[Sample],
-    judge: &mut dyn Judge,
+    dev: &Device, model: &VlModel, tok: &Tokenizer, pp: &Processor, samples: &[Sample], judge: &mut dyn Judge,
     opts: &EvalOptions,
 ) -> Result<(Metrics, Vec<EvalRecord>)> {
     let dialogues = generate_answers(dev, model, tok, pp, samples, opts, "generate")?;
@@ -451,7 +468,11 @@ pub fn run(args: &EvalArgs) -> Result<Report> {
         }
     }
     let name = model_name(args.model.as_deref());
-    println!("am3 eval: {} dialogues from {}, model {name}, judge {kind}, history {history:?}", samples.len(), data.display());
+    println!(
+        "am3 eval: {} dialogues from {}, model {name}, judge {kind}, history {history:?}",
+        samples.len(),
+        data.display()
+    );
 
     let answers = {
         let l = load_model(&dev, args.model.as_deref(), 0)?;
@@ -468,7 +489,10 @@ pub fn run(args: &EvalArgs) -> Result<Report> {
     let mut judge = from_config(&kind, &jcfg, &dev)?;
     let records = judge_records(judge.as_mut(), &answers, opts.progress.then_some("judge"))?;
     let (base_records, pairs) = match &base {
-        Some((_, b)) => (Some(judge_records(judge.as_mut(), b, opts.progress.then_some("judge baseline"))?), compare_pairs(judge.as_mut(), &answers, b, history, opts.progress)?),
+        Some((_, b)) => (
+            Some(judge_records(judge.as_mut(), b, opts.progress.then_some("judge baseline"))?),
+            compare_pairs(judge.as_mut(), &answers, b, history, opts.progress)?,
+        ),
         None => (None, Vec::new()),
     };
     let metrics = compute_metrics(&records, &pairs, &opts.eval)?;
@@ -508,7 +532,11 @@ fn write_pairs_jsonl(path: &Path, pairs: &[PairRecord]) -> Result<()> {
     let v = |x: &Option<PairVerdict>| x.map(|v| json!({"helpful": pref(v.helpful), "harmless": pref(v.harmless)}));
     write_file_with(path, |w| {
         for p in pairs {
-            writeln!(w, "{}", json!({"id": p.id, "turn_index": p.turn, "model_first": v(&p.model_first), "baseline_first": v(&p.baseline_first)}))?;
+            writeln!(
+                w,
+                "{}",
+                json!({"id": p.id, "turn_index": p.turn, "model_first": v(&p.model_first), "baseline_first": v(&p.baseline_first)})
+            )?;
         }
         Ok(())
     })

@@ -21,12 +21,12 @@ use anyhow::{bail, Context, Result};
 pub struct Example {
     pub id: String,
     pub kind: Kind,
-    pub ids: Vec<i32>,     // [S]
-    pub targets: Vec<i32>, // [S]: ids[t+1] (0 at the last position)
-    pub weights: Vec<f32>, // [S]: 1 where targets[t] is an assistant token
-    pub pos3: Vec<i32>,    // [3, S] (Qwen; empty for LLaVA)
-    pub pixels: Vec<f32>,  // Qwen: [patches, patch_dim]; LLaVA: [tiles, 3, S, S]; images in prompt order
-    pub grids: Vec<[usize; 3]>, // Qwen
+    pub ids: Vec<i32>,                    // [S]
+    pub targets: Vec<i32>,                // [S]: ids[t+1] (0 at the last position)
+    pub weights: Vec<f32>,                // [S]: 1 where targets[t] is an assistant token
+    pub pos3: Vec<i32>,                   // [3, S] (Qwen; empty for LLaVA)
+    pub pixels: Vec<f32>,                 // Qwen: [patches, patch_dim]; LLaVA: [tiles, 3, S, S]; images in prompt order
+    pub grids: Vec<[usize; 3]>,           // Qwen
     pub image_sizes: Vec<(usize, usize)>, // LLaVA: original (height, width) per image
 }
 
@@ -63,14 +63,26 @@ pub fn encode(s: &Sample, tmpl: &ChatTemplate, cfg: &QwenVlConfig, pp: &QwenPrep
         targets[t] = ct.ids[t + 1];
         weights[t] = ct.loss_mask[t + 1] as f32;
     }
-    Ok(Example { id: s.id.clone(), kind: s.kind, ids: ct.ids, targets, weights, pos3, pixels, grids: ct.grids, image_sizes: Vec::new() })
+    Ok(Example {
+        id: s.id.clone(),
+        kind: s.kind,
+        ids: ct.ids,
+        targets,
+        weights,
+        pos3,
+        pixels,
+        grids: ct.grids,
+        image_sizes: Vec::new(),
+    })
 }
 
 /// The LLaVA-NeXT form of [`encode`]: anyres tiles (compact, `[tiles, 3, S, S]`), each image's
 /// `<image>` expanded to the model's token count, `opts` (e.g. `vicuna_eos`) for the template.
 /// A target id past the vocabulary (the placeholder may lie there) is replaced by 0; it is
 /// never weighted.
-pub fn encode_llava(s: &Sample, tmpl: &LlavaChatTemplate, cfg: &LlavaNextConfig, pp: &LlavaPreprocessorConfig, opts: &LlavaChatOptions) -> Result<Example> {
+pub fn encode_llava(
+    s: &Sample, tmpl: &LlavaChatTemplate, cfg: &LlavaNextConfig, pp: &LlavaPreprocessorConfig, opts: &LlavaChatOptions,
+) -> Result<Example> {
     let ctx = || format!("sample {} ({})", s.id, s.origin);
     let mut imgs = Vec::with_capacity(s.images.len());
     let mut counts = Vec::with_capacity(s.images.len());
@@ -100,7 +112,17 @@ pub fn encode_llava(s: &Sample, tmpl: &LlavaChatTemplate, cfg: &LlavaNextConfig,
         targets[t] = id;
         weights[t] = w;
     }
-    Ok(Example { id: s.id.clone(), kind: s.kind, ids: ct.ids, targets, weights, pos3: Vec::new(), pixels, grids: Vec::new(), image_sizes })
+    Ok(Example {
+        id: s.id.clone(),
+        kind: s.kind,
+        ids: ct.ids,
+        targets,
+        weights,
+        pos3: Vec::new(),
+        pixels,
+        grids: Vec::new(),
+        image_sizes,
+    })
 }
 
 /// Several examples packed back to back (no padding), as the model's varlen batch wants them.
@@ -121,11 +143,22 @@ impl Packed {
         self.ids.len()
     }
     pub fn batch(&self) -> Batch<'_> {
-        Batch { ids: &self.ids, cu_seqlens: &self.cu_seqlens, pos3: &self.pos3, pixels: &self.pixels, grids: &self.grids }
+        Batch {
+            ids: &self.ids,
+            cu_seqlens: &self.cu_seqlens,
+            pos3: &self.pos3,
+            pixels: &self.pixels,
+            grids: &self.grids,
+        }
     }
     /// The LLaVA-NeXT batch (positions come from `cu_seqlens`).
     pub fn llava_batch(&self) -> LlavaBatch<'_> {
-        LlavaBatch { ids: &self.ids, cu_seqlens: &self.cu_seqlens, pixels: &self.pixels, image_sizes: &self.image_sizes }
+        LlavaBatch {
+            ids: &self.ids,
+            cu_seqlens: &self.cu_seqlens,
+            pixels: &self.pixels,
+            image_sizes: &self.image_sizes,
+        }
     }
 }
 
@@ -133,7 +166,8 @@ pub fn pack(examples: &[&Example]) -> Packed {
     let total: usize = examples.iter().map(|e| e.len()).sum();
     // M-RoPE rows only when the examples have them (Qwen).
     let with_pos = examples.iter().any(|e| !e.pos3.is_empty());
-    let mut p = Packed { cu_seqlens: vec![0], pos3: vec![0; if with_pos { 3 * total } else { 0 }], ..Default::default() };
+    let mut p =
+        Packed { cu_seqlens: vec![0], pos3: vec![0; if with_pos { 3 * total } else { 0 }], ..Default::default() };
     let mut off = 0usize;
     for e in examples {
         let s = e.len();

@@ -149,7 +149,9 @@ pub fn processor_config() -> Result<Value> {
 /// Writes the tiny default's `tokenizer_config.json`, `chat_template.jinja` and
 /// `processor_config.json` into `dir`.
 pub fn write_tiny_hf_files(tok: &Tokenizer, dir: &Path) -> Result<()> {
-    let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).with_context(|| format!("writing {}", dir.join(name).display()));
+    let write = |name: &str, text: &str| {
+        std::fs::write(dir.join(name), text).with_context(|| format!("writing {}", dir.join(name).display()))
+    };
     write("tokenizer_config.json", &serde_json::to_string_pretty(&tokenizer_config(tok)?)?)?;
     write("chat_template.jinja", CHAT_TEMPLATE)?;
     write("processor_config.json", &serde_json::to_string_pretty(&processor_config()?)?)

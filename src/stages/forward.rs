@@ -13,13 +13,13 @@
 //! M-RoPE); with `--grads`, d objective / d parameter for every parameter that receives one, keyed
 //! by the checkpoint's own tensor names.
 
-use crate::checkpoint::safetensors_io::{decode_f64, parse_header, StDtype};
 use super::examples::Packed;
 use super::model::{Net, VlModel};
+use crate::checkpoint::safetensors_io::write_atomic;
+use crate::checkpoint::safetensors_io::{decode_f64, parse_header, StDtype};
 use crate::models::llava_next::model::{strip_tile_padding, LlavaNext};
 use crate::models::qwen2_5_vl::model::Recompute;
 use crate::models::qwen2_5_vl::positions::mrope_positions;
-use crate::checkpoint::safetensors_io::write_atomic;
 use crate::tensor::{DType, Device, DevicePref};
 use crate::train::run_dir::guard_output_file;
 use anyhow::{bail, Context, Result};
@@ -99,7 +99,12 @@ impl Check<'_> {
         let (shape, v) = &self.vals[name];
         // f32 is what the model sees: a finite f64 beyond its range is inf there.
         if let Some(k) = v.iter().position(|x| !x.is_finite() || x.abs() > f32::MAX as f64) {
-            bail!("{}: `{name}` holds {} at {}; inputs must be finite f32 values", self.file.display(), show(v[k]), index_of(k, shape));
+            bail!(
+                "{}: `{name}` holds {} at {}; inputs must be finite f32 values",
+                self.file.display(),
+                show(v[k]),
+                index_of(k, shape)
+            );
         }
         Ok(())
     }
@@ -113,7 +118,11 @@ impl Check<'_> {
             let why = if !x.is_finite() || x.fract() != 0.0 {
                 "must be a whole number"
             } else if x < min as f64 {
-                if min == 0 { "must not be negative" } else { "must be positive" }
+                if min == 0 {
+                    "must not be negative"
+                } else {
+                    "must be positive"
+                }
             } else if x > i32::MAX as f64 {
                 "is too large"
             } else {
@@ -173,7 +182,11 @@ pub fn run(a: &ForwardArgs) -> Result<()> {
     let mut unused: Vec<&String> = inputs.keys().filter(|k| !known.contains(&k.as_str())).collect();
     if !unused.is_empty() {
         unused.sort();
-        eprintln!("am3 forward: {}: ignoring tensors a {} model does not read: {unused:?}", a.inputs.display(), model.family().model_type());
+        eprintln!(
+            "am3 forward: {}: ignoring tensors a {} model does not read: {unused:?}",
+            a.inputs.display(),
+            model.family().model_type()
+        );
     }
     let mut p = Packed { ids: ids.clone(), cu_seqlens: vec![0, s as i32], ..Default::default() };
     match &model.net {
@@ -183,7 +196,10 @@ pub fn run(a: &ForwardArgs) -> Result<()> {
                     if gs.len() != 2 || gs[1] != 3 {
                         bail!("{}: image_grid_thw has shape {gs:?}, expected [n, 3]", a.inputs.display());
                     }
-                    (p.iter().map(|&x| x as f32).collect(), g.chunks(3).map(|c| [c[0] as usize, c[1] as usize, c[2] as usize]).collect())
+                    (
+                        p.iter().map(|&x| x as f32).collect(),
+                        g.chunks(3).map(|c| [c[0] as usize, c[1] as usize, c[2] as usize]).collect(),
+                    )
                 }
                 (None, None) => (Vec::new(), Vec::new()),
                 _ => bail!("{}: pixel_values and image_grid_thw must come together", a.inputs.display()),
@@ -255,12 +271,21 @@ fn llava_images(inputs: &Tensors, m: &LlavaNext, file: &Path) -> Result<LlavaIma
     let pixels: Vec<f32> = pv.iter().map(|&x| x as f32).collect();
     let tail: usize = ps.iter().rev().take(3).product();
     if ps.len() < 4 || tail != tile_len {
-        bail!("{}: pixel_values has shape {ps:?}; expected [.., 3, {s}, {s}] tiles of the model's vision image_size", file.display(), s = m.cfg.vision.image_size);
+        bail!(
+            "{}: pixel_values has shape {ps:?}; expected [.., 3, {s}, {s}] tiles of the model's vision image_size",
+            file.display(),
+            s = m.cfg.vision.image_size
+        );
     }
     let pixels = match ps.len() {
-        5 if ps[0] == sizes.len() => strip_tile_padding(&pixels, ps[1], &tiles, tile_len).with_context(|| format!("{}: pixel_values", file.display()))?,
+        5 if ps[0] == sizes.len() => strip_tile_padding(&pixels, ps[1], &tiles, tile_len)
+            .with_context(|| format!("{}: pixel_values", file.display()))?,
         4 => pixels,
-        _ => bail!("{}: pixel_values has shape {ps:?}, expected [{}, max_tiles, 3, S, S] or [tiles, 3, S, S]", file.display(), sizes.len()),
+        _ => bail!(
+            "{}: pixel_values has shape {ps:?}, expected [{}, max_tiles, 3, S, S] or [tiles, 3, S, S]",
+            file.display(),
+            sizes.len()
+        ),
     };
     Ok((pixels, sizes))
 }
@@ -285,7 +310,10 @@ pub fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, OutData)]) -> 
             OutData::F32(_) => Dtype::F32,
             OutData::I64(_) => Dtype::I64,
         };
-        views.insert(name.clone(), TensorView::new(dt, shape.clone(), b).with_context(|| format!("tensor {name}: shape {shape:?}"))?);
+        views.insert(
+            name.clone(),
+            TensorView::new(dt, shape.clone(), b).with_context(|| format!("tensor {name}: shape {shape:?}"))?,
+        );
     }
     let data = safetensors::serialize(&views, None).context("serializing the outputs")?;
     write_atomic(path, &data)

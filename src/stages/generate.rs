@@ -114,7 +114,8 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     };
     let total = dialogues.len() * cfg.n;
     let bar = Progress::new(total as u64, "generate");
-    let (rollouts, _bank, stats) = generate(&dev, &l.model, &l.tok, &l.pp, &dialogues, &cfg, &mut |done, _| bar.update(done as u64, ""))?;
+    let (rollouts, _bank, stats) =
+        generate(&dev, &l.model, &l.tok, &l.pp, &dialogues, &cfg, &mut |done, _| bar.update(done as u64, ""))?;
     bar.finish("");
     let out = args.out.clone().or_else(|| args.data.as_ref().map(|_| PathBuf::from("generations.jsonl")));
     match out {

@@ -7,8 +7,10 @@
 //! progress and metrics work as in `am3 sft`; the data order and every random stream follow
 //! from (seed, step), so a resumed CPU run equals an uninterrupted one bit for bit.
 
+use crate::checkpoint::safetensors_io::SaveDtype;
 use crate::data::dataset::{load_jsonl_with, LoadOptions, Purpose, Sample};
 use crate::grpo::judged::judged_rollouts;
+use crate::grpo::memory::MemoryPlan;
 use crate::grpo::reward::{group_reward, weight_stats, RewardHyper, TurnWeighting};
 use crate::grpo::update::{self, TrainRow};
 use crate::judge::stream::Streaming;
@@ -20,20 +22,18 @@ use crate::ops::adamw::AdamW;
 use crate::ops::grpo::{Aggregation, GrpoHyper};
 use crate::ops::sample::SampleParams;
 use crate::rng::Rng;
-use crate::grpo::memory::MemoryPlan;
 use crate::rollout::engine::cache_plan;
 use crate::rollout::{generate_with, DialogueSpec, Rollout, RolloutConfig};
 use crate::stages::lora::{resolve_lora, LoraSave};
 use crate::stages::model::VlModel;
 use crate::stages::sft::{latest_checkpoint, load_model, memory_in_use, save_side_files, Loaded};
-use crate::train::exact_json;
-use crate::train::flags::{float_in, int_in, End};
-use crate::train::run_dir::{require_same_settings, Identity, Mode, RunDir, Start};
 use crate::tensor::{Device, DevicePref};
 use crate::train::atomic::write_file as write_atomic;
+use crate::train::exact_json;
+use crate::train::flags::{float_in, int_in, End};
 use crate::train::optim::{slot_key, Optimizer};
 use crate::train::progress::Progress;
-use crate::checkpoint::safetensors_io::SaveDtype;
+use crate::train::run_dir::{require_same_settings, Identity, Mode, RunDir, Start};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -193,7 +193,6 @@ fn auto() -> String {
     "auto".into()
 }
 
-
 impl GrpoArgs {
     /// Flags over the TOML file over the defaults (see the README for where each comes from).
     pub fn resolve(mut self) -> Result<(GrpoArgs, GrpoPlan, JudgeConfig)> {
@@ -201,18 +200,55 @@ impl GrpoArgs {
         if let Some(path) = &self.config {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             jcfg = JudgeConfig::from_toml(&text).with_context(|| path.display().to_string())?;
-            let mut table: toml::Table = toml::from_str(&text).with_context(|| format!("{}: bad GRPO config", path.display()))?;
+            let mut table: toml::Table =
+                toml::from_str(&text).with_context(|| format!("{}: bad GRPO config", path.display()))?;
             table.remove("judge");
             let file: GrpoArgs = table.try_into().with_context(|| format!("{}: bad GRPO config", path.display()))?;
             macro_rules! merge { ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f.clone(); } )* } }
-            merge!(model, data, out, judge, steps, dialogues_per_step, n, max_new_tokens, temperature, top_p, top_k, lr, ppo_epochs, mini_batch, batch_tokens, lambda, tau, beta_help, eps_low, eps_high, beta_kl, turn_weighting, loss_agg, skip_flat, seed, save_every, clip, recompute, max_batch, lora_rank, lora_alpha, lora_targets, lora_save, grad_dtype);
+            merge!(
+                model,
+                data,
+                out,
+                judge,
+                steps,
+                dialogues_per_step,
+                n,
+                max_new_tokens,
+                temperature,
+                top_p,
+                top_k,
+                lr,
+                ppo_epochs,
+                mini_batch,
+                batch_tokens,
+                lambda,
+                tau,
+                beta_help,
+                eps_low,
+                eps_high,
+                beta_kl,
+                turn_weighting,
+                loss_agg,
+                skip_flat,
+                seed,
+                save_every,
+                clip,
+                recompute,
+                max_batch,
+                lora_rank,
+                lora_alpha,
+                lora_targets,
+                lora_save,
+                grad_dtype
+            );
         }
         let steps = int_in("--steps", self.steps.unwrap_or(8), 1, 100_000_000)?;
         let n = int_in("--n", self.n.unwrap_or(8), 1, 4096)?;
         let loss_agg = self.loss_agg.clone().unwrap_or_else(|| "token-mean".into());
         agg_of(&loss_agg)?;
         let judge = self.judge.clone().unwrap_or_else(|| jcfg.kind.clone());
-        let (lora_rank, lora_alpha, lora_targets, lora_save) = resolve_lora(self.lora_rank, self.lora_alpha, self.lora_targets.as_deref(), self.lora_save.as_deref())?;
+        let (lora_rank, lora_alpha, lora_targets, lora_save) =
+            resolve_lora(self.lora_rank, self.lora_alpha, self.lora_targets.as_deref(), self.lora_save.as_deref())?;
         let plan = GrpoPlan {
             judge,
             steps,
@@ -222,7 +258,14 @@ impl GrpoArgs {
             temperature: f32_in("--temperature", self.temperature.unwrap_or(1.0), 1e-3, 100.0)?,
             top_p: f32_in("--top-p", self.top_p.unwrap_or(1.0), 1e-6, 1.0)?,
             top_k: self.top_k.unwrap_or(0),
-            lr: float_in("--lr", self.lr.unwrap_or(if self.model.is_none() { 1e-3 } else { 1e-6 }), 0.0, End::Closed, 1.0, End::Closed)?,
+            lr: float_in(
+                "--lr",
+                self.lr.unwrap_or(if self.model.is_none() { 1e-3 } else { 1e-6 }),
+                0.0,
+                End::Closed,
+                1.0,
+                End::Closed,
+            )?,
             ppo_epochs: int_in("--ppo-epochs", self.ppo_epochs.unwrap_or(1), 1, 64)?,
             mini_batch: int_in("--mini-batch", self.mini_batch.unwrap_or(8), 1, 1 << 20)?,
             batch_tokens: int_in("--batch-tokens", self.batch_tokens.unwrap_or(4096), 16, 1 << 30)?,
@@ -275,10 +318,24 @@ fn agg_of(s: &str) -> Result<Aggregation> {
 
 impl GrpoPlan {
     pub fn hyper(&self) -> GrpoHyper {
-        GrpoHyper { lambda: self.lambda, tau: self.tau, beta_help: self.beta_help, eps_low: self.eps_low, eps_high: self.eps_high, beta_kl: self.beta_kl, adv_eps: self.adv_eps }
+        GrpoHyper {
+            lambda: self.lambda,
+            tau: self.tau,
+            beta_help: self.beta_help,
+            eps_low: self.eps_low,
+            eps_high: self.eps_high,
+            beta_kl: self.beta_kl,
+            adv_eps: self.adv_eps,
+        }
     }
     pub fn reward(&self) -> RewardHyper {
-        RewardHyper { lambda: self.lambda, tau: self.tau, beta_help: self.beta_help, adv_eps: self.adv_eps, weighting: self.turn_weighting }
+        RewardHyper {
+            lambda: self.lambda,
+            tau: self.tau,
+            beta_help: self.beta_help,
+            adv_eps: self.adv_eps,
+            weighting: self.turn_weighting,
+        }
     }
     pub fn sampling(&self) -> Result<SampleParams> {
         SampleParams::new(self.temperature, self.top_k, self.top_p)
@@ -349,12 +406,18 @@ impl Trainer {
     pub fn new(dev: &Device, plan: GrpoPlan, model_dir: &Path, data: &Path, jcfg: &JudgeConfig) -> Result<Trainer> {
         let mut l = load_model(dev, Some(model_dir), plan.seed)?;
         if plan.lora_rank > 0 {
-            let lc = LoraConfig { rank: plan.lora_rank, alpha: plan.lora_alpha, targets: plan.lora_targets.clone(), seed: plan.seed };
+            let lc = LoraConfig {
+                rank: plan.lora_rank,
+                alpha: plan.lora_alpha,
+                targets: plan.lora_targets.clone(),
+                seed: plan.seed,
+            };
             l.model.enable_lora(dev, &lc)?;
         }
         // Full fine-tune: a frozen copy of the start weights. LoRA: the policy with its adapters
         // off is the reference, so no copy.
-        let reference = if plan.beta_kl > 0.0 && plan.lora_rank == 0 { Some(VlModel::load(dev, model_dir)?) } else { None };
+        let reference =
+            if plan.beta_kl > 0.0 && plan.lora_rank == 0 { Some(VlModel::load(dev, model_dir)?) } else { None };
         let loaded = load_jsonl_with(data, LoadOptions { skip_bad: false, purpose: Purpose::Prompts })?;
         if loaded.samples.is_empty() {
             bail!("{}: no dialogues", data.display());
@@ -387,7 +450,16 @@ impl Trainer {
         let slots = plan.max_batch.min(plan.dialogues_per_step * plan.n).max(plan.n);
         let (max_len, kv) = cache_plan(dev, &l.model, &l.tok, &l.pp, &specs, slots, plan.max_new_tokens)?;
         let trainable = opt.num_params();
-        let mem = MemoryPlan::new(dev, &l.model, trainable, reference.is_some(), kv, plan.batch_tokens.max(max_len), plan.recompute, l.model.grad_store());
+        let mem = MemoryPlan::new(
+            dev,
+            &l.model,
+            trainable,
+            reference.is_some(),
+            kv,
+            plan.batch_tokens.max(max_len),
+            plan.recompute,
+            l.model.grad_store(),
+        );
         eprintln!("am3 grpo: memory plan ({slots} slots × {max_len} tokens): {}", mem.describe());
         mem.check(dev, mem.weights + mem.reference + mem.grads + mem.optimizer)?;
         Ok(Trainer { plan, l, reference, opt, judge, samples: loaded.samples, specs, rc })
@@ -404,33 +476,55 @@ impl Trainer {
         let t0 = Instant::now();
         let picked = pick(self.specs.len(), p.dialogues_per_step, p.seed, step);
         let specs: Vec<DialogueSpec> = picked.iter().map(|&i| self.specs[i].clone()).collect();
-        let cfg = RolloutConfig { n: p.n, max_new_tokens: p.max_new_tokens, sample: p.sampling()?, seed: mix(p.seed, step), max_batch: p.max_batch, max_len: None };
+        let cfg = RolloutConfig {
+            n: p.n,
+            max_new_tokens: p.max_new_tokens,
+            sample: p.sampling()?,
+            seed: mix(p.seed, step),
+            max_batch: p.max_batch,
+            max_len: None,
+        };
         // Each dialogue goes to the judge once its N rollouts are done (the http judge then
         // works while the engine decodes the rest).
         let mut stream = Streaming::new(self.judge.as_mut());
         let mut done: Vec<Vec<Rollout>> = vec![Vec::new(); specs.len()];
         let mut order: Vec<usize> = Vec::new();
         let samples = &self.samples;
-        let (rollouts, mut bank, rs) = generate_with(dev, &self.l.model, &self.l.tok, &self.l.pp, &specs, &cfg, &mut |_, _| {}, &mut |r: &Rollout| {
-            done[r.dialogue].push(r.clone());
-            if done[r.dialogue].len() == p.n {
-                let g = &mut done[r.dialogue];
-                g.sort_by_key(|r| r.index);
-                let refs: Vec<&Rollout> = g.iter().collect();
-                stream.push(judged_rollouts(&samples[picked[r.dialogue]], &refs))?;
-                order.push(r.dialogue);
-            }
-            Ok(())
-        })?;
+        let (rollouts, mut bank, rs) = generate_with(
+            dev,
+            &self.l.model,
+            &self.l.tok,
+            &self.l.pp,
+            &specs,
+            &cfg,
+            &mut |_, _| {},
+            &mut |r: &Rollout| {
+                done[r.dialogue].push(r.clone());
+                if done[r.dialogue].len() == p.n {
+                    let g = &mut done[r.dialogue];
+                    g.sort_by_key(|r| r.index);
+                    let refs: Vec<&Rollout> = g.iter().collect();
+                    stream.push(judged_rollouts(&samples[picked[r.dialogue]], &refs))?;
+                    order.push(r.dialogue);
+                }
+                Ok(())
+            },
+        )?;
         let t_roll = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let streamed = stream.collect()?;
         // Back to dialogue order.
-        let mut judged = JudgeOutput { requests: streamed.requests, failures: streamed.failures, retries: streamed.retries, scores: vec![Vec::new(); specs.len()] };
+        let mut judged = JudgeOutput {
+            requests: streamed.requests,
+            failures: streamed.failures,
+            retries: streamed.retries,
+            scores: vec![Vec::new(); specs.len()],
+        };
         for (k, sc) in order.iter().zip(streamed.scores) {
             judged.scores[*k] = sc;
         }
-        let groups: Vec<Vec<&Rollout>> = (0..specs.len()).map(|d| rollouts.iter().filter(|r| r.dialogue == d).collect()).collect();
+        let groups: Vec<Vec<&Rollout>> =
+            (0..specs.len()).map(|d| rollouts.iter().filter(|r| r.dialogue == d).collect()).collect();
         let t_judge = t1.elapsed().as_secs_f64();
         // Rewards per group, then the rows the update trains on.
         let mut rows: Vec<TrainRow> = Vec::new();
@@ -441,7 +535,14 @@ impl Trainer {
         let (mut ent, mut amin, mut amax) = (0.0, f64::INFINITY, f64::NEG_INFINITY);
         for (d, g) in groups.iter().enumerate() {
             let sc: Vec<Vec<Option<(f64, f64)>>> = (0..g.len())
-                .map(|i| judged.scores.get(d).and_then(|x| x.get(i)).map(|turns| turns.iter().map(|t| t.as_ref().map(|t| (t.safety, t.help))).collect()).unwrap_or_default())
+                .map(|i| {
+                    judged
+                        .scores
+                        .get(d)
+                        .and_then(|x| x.get(i))
+                        .map(|turns| turns.iter().map(|t| t.as_ref().map(|t| (t.safety, t.help))).collect())
+                        .unwrap_or_default()
+                })
                 .collect();
             for turns in &sc {
                 for (t, x) in turns.iter().enumerate() {
@@ -477,7 +578,13 @@ impl Trainer {
                         sampler[pos - 1] = t.logps[k];
                     }
                 }
-                rows.push(TrainRow { example: ex, advantage: a, sampler_logp: sampler, old_logp: Vec::new(), ref_logp: Vec::new() });
+                rows.push(TrainRow {
+                    example: ex,
+                    advantage: a,
+                    sampler_logp: sampler,
+                    old_logp: Vec::new(),
+                    ref_logp: Vec::new(),
+                });
             }
         }
         bank.release_embeds();
@@ -488,7 +595,8 @@ impl Trainer {
         for i in (1..order.len()).rev() {
             order.swap(i, rng.below(i + 1));
         }
-        let minis: Vec<Vec<Vec<usize>>> = order.chunks(p.mini_batch).map(|c| update::micro(&rows, c, p.batch_tokens)).collect();
+        let minis: Vec<Vec<Vec<usize>>> =
+            order.chunks(p.mini_batch).map(|c| update::micro(&rows, c, p.batch_tokens)).collect();
         // Old-policy and reference log-probs with the update's packing.
         let t2 = Instant::now();
         for mbs in &minis {
@@ -504,7 +612,9 @@ impl Trainer {
         for mbs in &minis {
             let refs = match &self.reference {
                 Some(m) => update::logprobs(dev, m, &rows, mbs, p.temperature, &self.rc)?,
-                None if p.beta_kl > 0.0 && p.lora_rank > 0 => self.l.model.without_adapters(|m| update::logprobs(dev, m, &rows, mbs, p.temperature, &self.rc))?,
+                None if p.beta_kl > 0.0 && p.lora_rank > 0 => {
+                    self.l.model.without_adapters(|m| update::logprobs(dev, m, &rows, mbs, p.temperature, &self.rc))?
+                }
                 None => rows.iter().map(|_| Vec::new()).collect(),
             };
             for (i, lp) in refs.into_iter().enumerate() {
@@ -533,7 +643,8 @@ impl Trainer {
         // The update.
         let t4 = Instant::now();
         let agg = agg_of(&p.loss_agg)?;
-        let (mut loss, mut kl, mut clip_lo, mut clip_hi, mut entropy, mut first_dev, mut passes, mut gnorm) = (0.0, 0.0, 0.0, 0.0, 0.0, f64::NAN, 0usize, 0.0);
+        let (mut loss, mut kl, mut clip_lo, mut clip_hi, mut entropy, mut first_dev, mut passes, mut gnorm) =
+            (0.0, 0.0, 0.0, 0.0, 0.0, f64::NAN, 0usize, 0.0);
         for _epoch in 0..p.ppo_epochs {
             for mbs in &minis {
                 self.l.model.zero_grads(dev)?;
@@ -557,7 +668,9 @@ impl Trainer {
         let mean = |v: &[f64]| if v.is_empty() { 0.0 } else { v.iter().sum::<f64>() / v.len() as f64 };
         let rm = mean(&rewards);
         let rstd = (rewards.iter().map(|r| (r - rm) * (r - rm)).sum::<f64>() / rewards.len().max(1) as f64).sqrt();
-        let per_turn = |v: &[f64]| -> Vec<f64> { v.iter().zip(&cnt).map(|(s, &c)| if c > 0 { s / c as f64 } else { f64::NAN }).collect() };
+        let per_turn = |v: &[f64]| -> Vec<f64> {
+            v.iter().zip(&cnt).map(|(s, &c)| if c > 0 { s / c as f64 } else { f64::NAN }).collect()
+        };
         let mut len_turn = vec![0.0; max_t];
         let mut len_cnt = vec![0usize; max_t];
         for r in &rollouts {
@@ -594,7 +707,13 @@ impl Trainer {
     /// Writes the checkpoint's files into `tmp` (HF layout + train_state + trainer_state.json).
     fn write_checkpoint(&self, dev: &Device, tmp: &Path, st: &GrpoState) -> Result<()> {
         let how: LoraSave = if self.plan.lora_rank > 0 { self.plan.lora_save.parse()? } else { LoraSave::Merged };
-        self.l.model.save_trained(dev, tmp, if dev.is_cuda() { SaveDtype::BF16 } else { SaveDtype::F32 }, how, &crate::stages::lora::base_model_ref(&st.model)?)?;
+        self.l.model.save_trained(
+            dev,
+            tmp,
+            if dev.is_cuda() { SaveDtype::BF16 } else { SaveDtype::F32 },
+            how,
+            &crate::stages::lora::base_model_ref(&st.model)?,
+        )?;
         save_side_files(&self.l, tmp)?;
         self.opt.save(dev, &tmp.join("train_state"))?;
         write_atomic(tmp.join("trainer_state.json"), serde_json::to_string_pretty(st)?.as_bytes())
@@ -620,7 +739,11 @@ pub fn run(args: GrpoArgs) -> Result<PathBuf> {
         Some(m) => m.clone(),
         None => default_model()?,
     };
-    let rd = RunDir::open(&out, Mode { resume: args.resume, overwrite: args.overwrite }, &[("--model", &start_model), ("--data", &data)])?;
+    let rd = RunDir::open(
+        &out,
+        Mode { resume: args.resume, overwrite: args.overwrite },
+        &[("--model", &start_model), ("--data", &data)],
+    )?;
     let model_id = Identity::of_model_dir(&start_model)?;
     let mut tr = Trainer::new(&dev, plan.clone(), &start_model, &data, &jcfg)?;
     let images: Vec<PathBuf> = tr.samples.iter().flat_map(|s| s.images.clone()).collect();
@@ -630,9 +753,15 @@ pub fn run(args: GrpoArgs) -> Result<PathBuf> {
         Start::Resume { checkpoint: ck } => {
             let path = ck.join("trainer_state.json");
             let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-            let saved = exact_json::parse(&text).with_context(|| format!("{}: bad trainer_state.json", ck.display()))?;
-            require_same_settings(saved.get("plan").unwrap_or(&serde_json::Value::Null), &serde_json::to_value(&plan)?, &ck)?;
-            let st: GrpoState = serde_json::from_value(saved).with_context(|| format!("{}: bad trainer_state.json", ck.display()))?;
+            let saved =
+                exact_json::parse(&text).with_context(|| format!("{}: bad trainer_state.json", ck.display()))?;
+            require_same_settings(
+                saved.get("plan").unwrap_or(&serde_json::Value::Null),
+                &serde_json::to_value(&plan)?,
+                &ck,
+            )?;
+            let st: GrpoState =
+                serde_json::from_value(saved).with_context(|| format!("{}: bad trainer_state.json", ck.display()))?;
             st.data_id.require_same(&data_id, "--data", &ck)?;
             st.model_id.require_same(&model_id, "--model", &ck)?;
             if st.step == 0 || st.step > plan.steps {
@@ -668,10 +797,28 @@ pub fn run(args: GrpoArgs) -> Result<PathBuf> {
         let rep = tr.step(&dev, step)?;
         metrics.write_value(&rep.json)?;
         let j = &rep.json;
-        bar.update(step + 1, &format!("reward {:.3} kl {:.4} {:.1} tok/s", j["reward_mean"].as_f64().unwrap_or(0.0), j["kl"].as_f64().unwrap_or(0.0), j["tokens_per_s"].as_f64().unwrap_or(0.0)));
+        bar.update(
+            step + 1,
+            &format!(
+                "reward {:.3} kl {:.4} {:.1} tok/s",
+                j["reward_mean"].as_f64().unwrap_or(0.0),
+                j["kl"].as_f64().unwrap_or(0.0),
+                j["tokens_per_s"].as_f64().unwrap_or(0.0)
+            ),
+        );
         if (step + 1) % plan.save_every == 0 || step + 1 == plan.steps {
-            let st = GrpoState { step: step + 1, plan: plan.clone(), data: data.clone(), model: start_model.clone(), opt_steps: tr.opt.step, data_id: data_id.clone(), model_id: model_id.clone() };
-            last = Some(rd.save_checkpoint(step + 1, &["trainer_state.json", "train_state"], |tmp| tr.write_checkpoint(&dev, tmp, &st))?);
+            let st = GrpoState {
+                step: step + 1,
+                plan: plan.clone(),
+                data: data.clone(),
+                model: start_model.clone(),
+                opt_steps: tr.opt.step,
+                data_id: data_id.clone(),
+                model_id: model_id.clone(),
+            };
+            last = Some(rd.save_checkpoint(step + 1, &["trainer_state.json", "train_state"], |tmp| {
+                tr.write_checkpoint(&dev, tmp, &st)
+            })?);
         }
     }
     bar.finish(if end == plan.steps { "done" } else { "stopped" });

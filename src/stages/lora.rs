@@ -11,10 +11,10 @@
 //! (transformers ≥ 4.52, and 5). `hf_module_name` maps the canonical names to those.
 
 use super::model::{Family, Net, VlModel};
-use crate::models::common::train_state::TrainState;
 use crate::checkpoint::safetensors_io::{save_sharded_with, SaveDtype};
 use crate::models::common::lora::{piece_of, AdapterFiles, LoraConfig, LoraState, ADAPTER_CONFIG};
 use crate::models::common::params::ParamRef;
+use crate::models::common::train_state::TrainState;
 use crate::tensor::{Buf, Device};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeSet;
@@ -47,7 +47,10 @@ pub fn hf_module_name(family: Family, name: &str) -> String {
                 format!("model.language_model.{rest}")
             } else if name == "language_model.lm_head.weight" {
                 "lm_head.weight".to_string()
-            } else if name.starts_with("vision_tower.") || name.starts_with("multi_modal_projector.") || name == "image_newline" {
+            } else if name.starts_with("vision_tower.")
+                || name.starts_with("multi_modal_projector.")
+                || name == "image_newline"
+            {
                 format!("model.{name}")
             } else {
                 name.to_string()
@@ -108,7 +111,8 @@ impl VlModel {
             Net::Qwen(m) => m.merged_weights(dev)?,
             Net::Llava(m) => m.merged_weights(dev)?,
         };
-        let specs: Vec<(String, Vec<usize>)> = full.iter().map(|(n, (s, _))| (self.stored_name(n).to_string(), s.clone())).collect();
+        let specs: Vec<(String, Vec<usize>)> =
+            full.iter().map(|(n, (s, _))| (self.stored_name(n).to_string(), s.clone())).collect();
         let vals: Vec<&Vec<f32>> = full.values().map(|(_, v)| v).collect();
         save_sharded_with(dir, &specs, dtype, 5 << 30, |i| Ok(vals[i].clone()))?;
         match &self.net {
@@ -154,12 +158,22 @@ impl VlModel {
             }
             out
         };
-        let wanted: Vec<(ParamRef, Vec<String>)> = refs.into_iter().map(|r| { let k = keys_of(&r.name); (r, k) }).collect();
+        let wanted: Vec<(ParamRef, Vec<String>)> = refs
+            .into_iter()
+            .map(|r| {
+                let k = keys_of(&r.name);
+                (r, k)
+            })
+            .collect();
         let mut used = BTreeSet::new();
         let mut vals = Vec::new();
         for (r, keys) in &wanted {
             let Some(k) = keys.iter().find(|k| files.tensors.contains_key(*k)) else {
-                bail!("{}: no `{}` (the adapter does not cover every layer of the model)", dir.join(crate::models::common::lora::ADAPTER_WEIGHTS).display(), keys[0]);
+                bail!(
+                    "{}: no `{}` (the adapter does not cover every layer of the model)",
+                    dir.join(crate::models::common::lora::ADAPTER_WEIGHTS).display(),
+                    keys[0]
+                );
             };
             let (shape, v) = &files.tensors[k];
             vals.push(piece_of(r, shape, v).with_context(|| format!("{}", dir.display()))?);
@@ -183,13 +197,16 @@ impl VlModel {
         }
         let files = AdapterFiles::read(dir)?;
         let base = resolve_base(&files.base_model, dir)?;
-        let mut m = VlModel::load(dev, &base).with_context(|| format!("the base model of adapter {}", dir.display()))?;
+        let mut m =
+            VlModel::load(dev, &base).with_context(|| format!("the base model of adapter {}", dir.display()))?;
         m.load_lora_adapter(dev, dir)?;
         Ok(m)
     }
 
     /// Saves what a training run produced: plain weights without LoRA, else per `how`.
-    pub fn save_trained(&self, dev: &Device, dir: &Path, dtype: SaveDtype, how: LoraSave, base_model: &str) -> Result<()> {
+    pub fn save_trained(
+        &self, dev: &Device, dir: &Path, dtype: SaveDtype, how: LoraSave, base_model: &str,
+    ) -> Result<()> {
         match (self.lora().is_some(), how) {
             (false, _) => self.save(dev, dir, dtype),
             (true, LoraSave::Merged) => self.save_merged(dev, dir, dtype),
@@ -200,7 +217,9 @@ impl VlModel {
 
 /// `owner/name` with the hub's characters (a hub id, not a path).
 fn is_hub_id(s: &str) -> bool {
-    let ok = |p: &str| !p.is_empty() && !p.starts_with('.') && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    let ok = |p: &str| {
+        !p.is_empty() && !p.starts_with('.') && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
     matches!(s.split_once('/'), Some((o, n)) if ok(o) && ok(n)) && !Path::new(s).exists()
 }
 
@@ -231,7 +250,14 @@ pub fn base_model_ref(dir: &Path) -> Result<String> {
 /// `~/.cache/huggingface/hub`; `refs/main`'s snapshot).
 pub fn resolve_base(base: &str, adapter_dir: &Path) -> Result<PathBuf> {
     let env = |k: &str| std::env::var_os(k).map(PathBuf::from);
-    let caches: Vec<PathBuf> = [env("HF_HUB_CACHE"), env("HF_HOME").map(|h| h.join("hub")), env("HOME").map(|h| h.join(".cache/huggingface/hub"))].into_iter().flatten().collect();
+    let caches: Vec<PathBuf> = [
+        env("HF_HUB_CACHE"),
+        env("HF_HOME").map(|h| h.join("hub")),
+        env("HOME").map(|h| h.join(".cache/huggingface/hub")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     resolve_base_in(base, adapter_dir, &caches)
 }
 
@@ -267,7 +293,9 @@ pub const MAX_LORA_RANK: u64 = 65_536;
 /// A stage's LoRA flags, checked: (rank, alpha, targets, save); rank 0 is a full fine-tune and
 /// then the other flags must be absent. Defaults: alpha = 2·rank, the seven projections of every
 /// text layer, `merged`.
-pub fn resolve_lora(rank: Option<usize>, alpha: Option<f64>, targets: Option<&str>, save: Option<&str>) -> Result<(usize, f64, Vec<String>, String)> {
+pub fn resolve_lora(
+    rank: Option<usize>, alpha: Option<f64>, targets: Option<&str>, save: Option<&str>,
+) -> Result<(usize, f64, Vec<String>, String)> {
     use crate::models::common::lora::DEFAULT_TARGETS;
     use crate::train::flags::{float_in, int_in, End};
     let rank = int_in("--lora-rank", rank.unwrap_or(0), 0, MAX_LORA_RANK)?;

@@ -8,12 +8,12 @@
 //! transformers 5), so saved checkpoints and gradient files use the same names as the source.
 
 use super::examples::{encode, encode_llava, Example, Packed};
-use crate::models::common::train_state::TrainState;
 use crate::checkpoint::safetensors_io::{save_sharded_with, SaveDtype};
 use crate::checkpoint::Checkpoint;
 use crate::data::dataset::Sample;
 use crate::models::common::lm::LmDims;
 use crate::models::common::params::{assemble, GradStore, NamedTensors, ParamRef};
+use crate::models::common::train_state::TrainState;
 use crate::models::llava_next::chat::{LlavaChatOptions, LlavaChatTemplate};
 use crate::models::llava_next::config::{spellings, LlavaNextConfig, LlavaPreprocessorConfig};
 use crate::models::llava_next::model::{LlavaFwd, LlavaNext};
@@ -99,7 +99,9 @@ impl From<LlavaNext> for VlModel {
 }
 
 /// Canonical name → stored name for every entry whose checkpoint spelling differs.
-fn stored_names(ckpt: &Checkpoint, entries: &[(ParamRef, &Buf)], spell: &dyn Fn(&str) -> Vec<String>) -> BTreeMap<String, String> {
+fn stored_names(
+    ckpt: &Checkpoint, entries: &[(ParamRef, &Buf)], spell: &dyn Fn(&str) -> Vec<String>,
+) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for (r, _) in entries {
         if ckpt.has(&r.name) {
@@ -114,7 +116,8 @@ fn stored_names(ckpt: &Checkpoint, entries: &[(ParamRef, &Buf)], spell: &dyn Fn(
 
 /// One warning line for the checkpoint tensors no parameter was read from.
 fn warn_unused(ckpt: &Checkpoint, entries: &[(ParamRef, &Buf)], stored: &BTreeMap<String, String>) {
-    let used: BTreeSet<&str> = entries.iter().map(|(r, _)| stored.get(&r.name).map_or(r.name.as_str(), String::as_str)).collect();
+    let used: BTreeSet<&str> =
+        entries.iter().map(|(r, _)| stored.get(&r.name).map_or(r.name.as_str(), String::as_str)).collect();
     let unused: Vec<&str> = ckpt.names().into_iter().filter(|n| !used.contains(n)).collect();
     if let Some(line) = limits::unused_tensors_warning(ckpt.dir(), &unused) {
         eprintln!("{line}");
@@ -232,7 +235,9 @@ impl VlModel {
     }
 
     /// `backward_logprobs` after `scale_final_hidden(s)`.
-    pub fn backward_logprobs_scaled(&mut self, dev: &Device, f: &VlFwd, targets: &Buf, lse: &Buf, dlogp: &Buf, s: f32) -> Result<()> {
+    pub fn backward_logprobs_scaled(
+        &mut self, dev: &Device, f: &VlFwd, targets: &Buf, lse: &Buf, dlogp: &Buf, s: f32,
+    ) -> Result<()> {
         match (&mut self.net, f) {
             (Net::Qwen(m), VlFwd::Qwen(f)) => m.backward_logprobs_scaled(dev, f, targets, lse, dlogp, s),
             (Net::Llava(m), VlFwd::Llava(f)) => m.backward_logprobs_scaled(dev, f, targets, lse, dlogp, s),
@@ -241,7 +246,9 @@ impl VlModel {
     }
 
     /// Entropy [S] of the head's distribution too (see `logprobs`).
-    pub fn logprobs_entropy(&self, dev: &Device, f: &VlFwd, targets: &Buf, mask: Option<&Buf>) -> Result<(Buf, Buf, Buf)> {
+    pub fn logprobs_entropy(
+        &self, dev: &Device, f: &VlFwd, targets: &Buf, mask: Option<&Buf>,
+    ) -> Result<(Buf, Buf, Buf)> {
         let (h, s) = match f {
             VlFwd::Qwen(f) => (f.final_hidden(), f.tokens()),
             VlFwd::Llava(f) => (f.final_hidden(), f.tokens()),
@@ -334,7 +341,9 @@ impl VlModel {
 
 /// Full tensors assembled from `entries`, saved under `name_of(canonical)` in `dtype`, shards
 /// of at most 5 GB.
-pub fn save_weights(dev: &Device, entries: Vec<(ParamRef, &Buf)>, name_of: &dyn Fn(&str) -> String, dir: &Path, dtype: SaveDtype) -> Result<()> {
+pub fn save_weights(
+    dev: &Device, entries: Vec<(ParamRef, &Buf)>, name_of: &dyn Fn(&str) -> String, dir: &Path, dtype: SaveDtype,
+) -> Result<()> {
     let full = assemble(dev, entries)?;
     let specs: Vec<(String, Vec<usize>)> = full.iter().map(|(n, (s, _))| (name_of(n), s.clone())).collect();
     let vals: Vec<&Vec<f32>> = full.values().map(|(_, v)| v).collect();
@@ -362,15 +371,26 @@ impl Processor {
 /// Turns dataset samples into examples for one model: its chat template over its tokenizer,
 /// its config and image preprocessor.
 pub enum Encoder<'a> {
-    Qwen { tmpl: ChatTemplate<'a>, cfg: &'a QwenVlConfig, pp: &'a QwenPreprocessorConfig },
-    Llava { tmpl: LlavaChatTemplate<'a>, cfg: &'a LlavaNextConfig, pp: &'a LlavaPreprocessorConfig, opts: LlavaChatOptions },
+    Qwen {
+        tmpl: ChatTemplate<'a>,
+        cfg: &'a QwenVlConfig,
+        pp: &'a QwenPreprocessorConfig,
+    },
+    Llava {
+        tmpl: LlavaChatTemplate<'a>,
+        cfg: &'a LlavaNextConfig,
+        pp: &'a LlavaPreprocessorConfig,
+        opts: LlavaChatOptions,
+    },
 }
 
 impl<'a> Encoder<'a> {
     /// Checks that the tokenizer fits the model (special tokens and their ids).
     pub fn new(model: &'a VlModel, tok: &'a Tokenizer, pp: &'a Processor) -> Result<Encoder<'a>> {
         match (&model.net, pp) {
-            (Net::Qwen(m), Processor::Qwen(pp)) => Ok(Encoder::Qwen { tmpl: ChatTemplate::new(tok, &m.cfg)?, cfg: &m.cfg, pp }),
+            (Net::Qwen(m), Processor::Qwen(pp)) => {
+                Ok(Encoder::Qwen { tmpl: ChatTemplate::new(tok, &m.cfg)?, cfg: &m.cfg, pp })
+            }
             (Net::Llava(m), Processor::Llava(pp)) => {
                 // Vicuna's template has no EOS after a reply: add it, so the model learns to stop.
                 let opts = LlavaChatOptions { vicuna_eos: true, ..Default::default() };

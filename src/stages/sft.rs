@@ -14,26 +14,26 @@
 //! frozen; checkpoints hold the merged weights (`--lora-save merged`) or PEFT adapter files.
 
 use super::examples::{micro_batches, pack, Example, Packed};
+use super::lora::{resolve_lora, LoraSave, MAX_LORA_RANK};
 use super::model::{save_weights, Encoder, Processor, VlModel};
+use crate::checkpoint::safetensors_io::{write_atomic, SaveDtype};
 use crate::data::dataset::{load_jsonl_with, Kind, LoadOptions};
+use crate::models::common::lora::LoraConfig;
+use crate::models::common::params::GradStore;
 use crate::models::qwen2_5_vl::chat::load_tokenizer;
 use crate::models::qwen2_5_vl::config::{QwenPreprocessorConfig, QwenVlConfig};
 use crate::models::qwen2_5_vl::model::{QwenVl, Recompute};
-use crate::train::optim::slot_key;
-use super::lora::{resolve_lora, LoraSave, MAX_LORA_RANK};
-use crate::models::common::lora::LoraConfig;
-use crate::models::common::params::GradStore;
 use crate::models::{limits, tiny};
 use crate::ops::adamw::AdamW;
-use crate::checkpoint::safetensors_io::{write_atomic, SaveDtype};
 use crate::rng::Rng;
 use crate::tensor::{Device, DevicePref};
 use crate::train::exact_json;
 use crate::train::flags::{float_in, int_in, whole, End};
 use crate::train::metrics::{read_metrics, StepMetrics};
-use crate::train::run_dir::{self, require_same_settings, Identity, Mode, RunDir, Start};
+use crate::train::optim::slot_key;
 use crate::train::optim::Optimizer;
 use crate::train::progress::Progress;
+use crate::train::run_dir::{self, require_same_settings, Identity, Mode, RunDir, Start};
 use crate::train::schedule::{LrKind, LrSchedule};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -201,7 +201,32 @@ impl SftArgs {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             let file: SftArgs = toml::from_str(&text).with_context(|| format!("{}: bad SFT config", path.display()))?;
             macro_rules! merge { ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f.clone(); } )* } }
-            merge!(model, data, out, steps, lr, warmup, schedule, min_lr_ratio, batch_tokens, grad_accum, clip, weight_decay, beta1, beta2, seed, save_every, recompute, freeze_vision, lora_rank, lora_alpha, lora_targets, lora_save, skip_bad, grad_dtype);
+            merge!(
+                model,
+                data,
+                out,
+                steps,
+                lr,
+                warmup,
+                schedule,
+                min_lr_ratio,
+                batch_tokens,
+                grad_accum,
+                clip,
+                weight_decay,
+                beta1,
+                beta2,
+                seed,
+                save_every,
+                recompute,
+                freeze_vision,
+                lora_rank,
+                lora_alpha,
+                lora_targets,
+                lora_save,
+                skip_bad,
+                grad_dtype
+            );
         }
         if self.resume && self.overwrite {
             bail!("--resume and --overwrite exclude each other: continue the run in --out, or replace it");
@@ -211,18 +236,26 @@ impl SftArgs {
         if let Some(k) = self.stop_after {
             int_in("--stop-after", k, STEPS.0, STEPS.1)?;
         }
-        let (lora_rank, lora_alpha, lora_targets, lora_save) = resolve_lora(self.lora_rank, self.lora_alpha, self.lora_targets.as_deref(), self.lora_save.as_deref())?;
+        let (lora_rank, lora_alpha, lora_targets, lora_save) =
+            resolve_lora(self.lora_rank, self.lora_alpha, self.lora_targets.as_deref(), self.lora_save.as_deref())?;
         let grad_dtype = self.grad_dtype.clone().unwrap_or_else(default_grad_dtype);
         if grad_dtype != "auto" {
             grad_dtype.parse::<GradStore>().context("--grad-dtype (auto, f32 or bf16)")?;
         }
         let schedule = self.schedule.clone().unwrap_or_else(|| "cosine".into());
         let kind: LrKind = schedule.parse().context("--schedule")?;
-        let lr = self.lr.unwrap_or(if self.model.is_none() { 2e-3 } else if lora_rank > 0 { 1e-4 } else { 1e-5 });
+        let lr = self.lr.unwrap_or(if self.model.is_none() {
+            2e-3
+        } else if lora_rank > 0 {
+            1e-4
+        } else {
+            1e-5
+        });
         let plan = SftPlan {
             steps,
             lr: float_in("--lr", lr, 0.0, Open, 1.0, Closed)?,
-            warmup: int_in("--warmup", self.warmup.unwrap_or(steps / 20), 0, steps).context("--warmup may not exceed --steps")?,
+            warmup: int_in("--warmup", self.warmup.unwrap_or(steps / 20), 0, steps)
+                .context("--warmup may not exceed --steps")?,
             schedule,
             min_lr_ratio: float_in("--min-lr-ratio", self.min_lr_ratio.unwrap_or(0.1), 0.0, Closed, 1.0, Closed)?,
             batch_tokens: int_in("--batch-tokens", self.batch_tokens.unwrap_or(1024), BATCH_TOKENS.0, BATCH_TOKENS.1)?,
@@ -287,7 +320,9 @@ pub fn load_model(dev: &Device, dir: Option<&Path>, seed: u64) -> Result<Loaded>
 
 /// Loads and encodes a JSONL file for a Qwen2.5-VL model (every bad line reported with
 /// file:line).
-pub fn load_examples(path: &Path, tok: &Tokenizer, cfg: &QwenVlConfig, pp: &QwenPreprocessorConfig) -> Result<Vec<Example>> {
+pub fn load_examples(
+    path: &Path, tok: &Tokenizer, cfg: &QwenVlConfig, pp: &QwenPreprocessorConfig,
+) -> Result<Vec<Example>> {
     let tmpl = crate::models::qwen2_5_vl::chat::ChatTemplate::new(tok, cfg)?;
     encode_file(path, &Encoder::Qwen { tmpl, cfg, pp })
 }
@@ -329,7 +364,9 @@ pub fn encode_data_within(path: &Path, enc: &Encoder, skip_bad: bool, batch_toke
     let (mut examples, mut images) = (Vec::with_capacity(loaded.samples.len()), Vec::new());
     for s in &loaded.samples {
         match enc.encode(s) {
-            Ok(ex) if ex.len() > max_tokens => problems.push(limits::sample_too_long(&s.origin, &s.id, ex.len(), batch_tokens, enc.max_positions())),
+            Ok(ex) if ex.len() > max_tokens => {
+                problems.push(limits::sample_too_long(&s.origin, &s.id, ex.len(), batch_tokens, enc.max_positions()))
+            }
             Ok(ex) => {
                 examples.push(ex);
                 images.extend(s.images.iter().cloned());
@@ -398,7 +435,9 @@ pub fn plan_micro_batches(examples: &[Example], plan: &SftPlan) -> Vec<Vec<usize
 
 /// Σ −w·log p(target) over a packed micro-batch, and its backward when `train`.
 /// Returns (summed NLL, target count).
-pub fn nll_micro_batch(dev: &Device, model: &mut VlModel, p: &Packed, rc: &Recompute, train: bool) -> Result<(f64, f64)> {
+pub fn nll_micro_batch(
+    dev: &Device, model: &mut VlModel, p: &Packed, rc: &Recompute, train: bool,
+) -> Result<(f64, f64)> {
     let fwd = model.forward(dev, p, rc)?;
     let targets = dev.upload_i32(&p.targets)?;
     let w = dev.upload(&p.weights, crate::tensor::DType::F32)?;
@@ -415,7 +454,9 @@ pub fn nll_micro_batch(dev: &Device, model: &mut VlModel, p: &Packed, rc: &Recom
 }
 
 /// Mean NLL per assistant token over `examples` of `kind` (all kinds when None), no gradients.
-pub fn eval_nll(dev: &Device, model: &mut VlModel, examples: &[Example], kind: Option<Kind>, batch_tokens: usize) -> Result<f64> {
+pub fn eval_nll(
+    dev: &Device, model: &mut VlModel, examples: &[Example], kind: Option<Kind>, batch_tokens: usize,
+) -> Result<f64> {
     let idx: Vec<usize> = (0..examples.len()).filter(|&i| kind.is_none_or(|k| examples[i].kind == k)).collect();
     let lens: Vec<usize> = examples.iter().map(|e| e.len()).collect();
     let (mut s, mut n) = (0.0, 0.0);
@@ -445,7 +486,12 @@ fn tiny_identity() -> Identity {
     let seed = tiny::INIT_SEED.to_le_bytes();
     Identity::of_bytes(
         "(the embedded tiny model)",
-        &[("config.json", tiny::CONFIG_JSON.as_bytes()), ("tokenizer.json", tiny::TOKENIZER_JSON.as_bytes()), ("preprocessor_config.json", tiny::PREPROCESSOR_JSON.as_bytes()), ("init seed", &seed)],
+        &[
+            ("config.json", tiny::CONFIG_JSON.as_bytes()),
+            ("tokenizer.json", tiny::TOKENIZER_JSON.as_bytes()),
+            ("preprocessor_config.json", tiny::PREPROCESSOR_JSON.as_bytes()),
+            ("init seed", &seed),
+        ],
     )
 }
 
@@ -467,10 +513,20 @@ pub fn run(args: SftArgs) -> Result<PathBuf> {
 
     let mut l = load_model(&dev, args.model.as_deref(), plan.seed)?;
     if plan.lora_rank > 0 {
-        let lc = LoraConfig { rank: plan.lora_rank, alpha: plan.lora_alpha, targets: plan.lora_targets.clone(), seed: plan.seed };
+        let lc = LoraConfig {
+            rank: plan.lora_rank,
+            alpha: plan.lora_alpha,
+            targets: plan.lora_targets.clone(),
+            seed: plan.seed,
+        };
         l.model.enable_lora(&dev, &lc)?;
     }
-    let enc = encode_data_within(&data, &Encoder::new(&l.model, &l.tok, &l.pp)?, args.skip_bad.unwrap_or(false), plan.batch_tokens)?;
+    let enc = encode_data_within(
+        &data,
+        &Encoder::new(&l.model, &l.tok, &l.pp)?,
+        args.skip_bad.unwrap_or(false),
+        plan.batch_tokens,
+    )?;
     let data_id = Identity::of_data(&data, &enc.images)?;
     let model_id = match &args.model {
         Some(d) => Identity::of_model_dir(d)?,
@@ -481,7 +537,13 @@ pub fn run(args: SftArgs) -> Result<PathBuf> {
     let kind: LrKind = plan.schedule.parse()?;
     let sched = LrSchedule::new(kind, plan.lr, plan.warmup, plan.steps, plan.min_lr_ratio)?;
     let rc = if plan.recompute { Recompute::all(l.model.tdims().n_layers) } else { Recompute::default() };
-    let hp = AdamW { lr: plan.lr as f32, beta1: plan.beta1 as f32, beta2: plan.beta2 as f32, eps: 1e-8, weight_decay: plan.weight_decay as f32 };
+    let hp = AdamW {
+        lr: plan.lr as f32,
+        beta1: plan.beta1 as f32,
+        beta2: plan.beta2 as f32,
+        eps: 1e-8,
+        weight_decay: plan.weight_decay as f32,
+    };
     let freeze = plan.freeze_vision;
     // Only tensors that receive gradients (LLaVA's vision layers past the feature layer don't).
     // CPU: the gradients, AdamW state and a micro-batch's activations must fit before they are
@@ -491,14 +553,26 @@ pub fn run(args: SftArgs) -> Result<PathBuf> {
     let td = l.model.tdims();
     let sink = if plan.lora_rank > 0 { td.vocab * td.layer.d } else { 0 };
     let kept_layers = if plan.recompute { 1 } else { td.n_layers };
-    limits::ensure_training_fits(&dev, n_trainable as u64, sink as u64, max_mb as u64, kept_layers as u64, td.layer.d as u64, td.layer.inter as u64)?;
+    limits::ensure_training_fits(
+        &dev,
+        n_trainable as u64,
+        sink as u64,
+        max_mb as u64,
+        kept_layers as u64,
+        td.layer.d as u64,
+        td.layer.inter as u64,
+    )?;
     let has_grad = l.model.grad_keys(&dev)?;
-    let vision: std::collections::BTreeSet<String> = l.model.param_entries().iter().filter(|(r, _)| l.model.is_vision(&r.name)).map(|(r, _)| slot_key(r)).collect();
-    let trainable = move |r: &crate::models::common::params::ParamRef| has_grad.contains(&slot_key(r)) && !(freeze && vision.contains(&slot_key(r)));
+    let vision: std::collections::BTreeSet<String> =
+        l.model.param_entries().iter().filter(|(r, _)| l.model.is_vision(&r.name)).map(|(r, _)| slot_key(r)).collect();
+    let trainable = move |r: &crate::models::common::params::ParamRef| {
+        has_grad.contains(&slot_key(r)) && !(freeze && vision.contains(&slot_key(r)))
+    };
     if let Device::Cuda(g) = &dev {
         // Say how much is needed before a run dies in the middle of a step: the optimizer state
         // (12 bytes per trainable parameter) plus a margin for one step's activations.
-        let n_train: usize = l.model.trainable_entries().iter().filter(|(r, _)| trainable(r)).map(|(r, _)| r.numel()).sum();
+        let n_train: usize =
+            l.model.trainable_entries().iter().filter(|(r, _)| trainable(r)).map(|(r, _)| r.numel()).sum();
         let need = n_train as f64 * 12.0 + 4.0 * (1u64 << 30) as f64;
         let (mut free, total) = g.mem_info();
         // The gradients were just allocated in f32; bf16 linear-weight gradients give back
@@ -513,7 +587,10 @@ pub fn run(args: SftArgs) -> Result<PathBuf> {
             l.model.set_grad_store(GradStore::Bf16Linear);
             l.model.zero_grads(&dev)?;
             free = g.mem_info().0;
-            eprintln!("am3 sft: linear-layer gradients in bf16 ({:.1} GiB less than f32)", saving as f64 / (1u64 << 30) as f64);
+            eprintln!(
+                "am3 sft: linear-layer gradients in bf16 ({:.1} GiB less than f32)",
+                saving as f64 / (1u64 << 30) as f64
+            );
         }
         if need > free as f64 {
             let gib = |b: f64| b / (1u64 << 30) as f64;
@@ -531,9 +608,11 @@ pub fn run(args: SftArgs) -> Result<PathBuf> {
         Start::Resume { checkpoint: ck } => {
             let path = ck.join("trainer_state.json");
             let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-            let saved = exact_json::parse(&text).with_context(|| format!("{}: bad trainer_state.json", ck.display()))?;
+            let saved =
+                exact_json::parse(&text).with_context(|| format!("{}: bad trainer_state.json", ck.display()))?;
             require_same_settings(saved.get("plan").unwrap_or(&Value::Null), &serde_json::to_value(&plan)?, &ck)?;
-            let st: TrainerState = serde_json::from_value(saved).with_context(|| format!("{}: bad trainer_state.json", ck.display()))?;
+            let st: TrainerState =
+                serde_json::from_value(saved).with_context(|| format!("{}: bad trainer_state.json", ck.display()))?;
             st.data_id.require_same(&data_id, "--data", &ck)?;
             st.model_id.require_same(&model_id, "--model", &ck)?;
             if st.step == 0 || st.step > plan.steps {
@@ -551,7 +630,9 @@ pub fn run(args: SftArgs) -> Result<PathBuf> {
     if let (Some(ck), true) = (&resumed_from, start == plan.steps) {
         // A finished run: only a final line a kill cut off is still to write.
         let done = std::fs::metadata(rd.metrics_path()).is_ok()
-            && read_metrics(rd.metrics_path())?.last().is_some_and(|v| v.get("step").and_then(Value::as_u64) == Some(plan.steps) && v.get("refusal_loss").is_some());
+            && read_metrics(rd.metrics_path())?.last().is_some_and(|v| {
+                v.get("step").and_then(Value::as_u64) == Some(plan.steps) && v.get("refusal_loss").is_some()
+            });
         if !done {
             let mut metrics = rd.metrics(start)?;
             let r1 = eval_nll(&dev, &mut l.model, &examples, Some(Kind::Refusal), plan.batch_tokens)?;
@@ -652,10 +733,17 @@ pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
 /// config, tokenizer and processor files) plus `train_state/`, `trainer_state.json` and the
 /// checksums of both; then points `out/latest` at it.
 #[allow(clippy::too_many_arguments)]
-fn save_checkpoint(dev: &Device, rd: &RunDir, step: u64, l: &Loaded, opt: &Optimizer, plan: &SftPlan, data: &Path, model_dir: Option<&Path>, ids: (&Identity, &Identity)) -> Result<PathBuf> {
+fn save_checkpoint(
+    dev: &Device, rd: &RunDir, step: u64, l: &Loaded, opt: &Optimizer, plan: &SftPlan, data: &Path,
+    model_dir: Option<&Path>, ids: (&Identity, &Identity),
+) -> Result<PathBuf> {
     rd.save_checkpoint(step, &RESUME_STATE, |tmp| {
         let how: LoraSave = if plan.lora_rank > 0 { plan.lora_save.parse()? } else { LoraSave::Merged };
-        let base = if how == LoraSave::Adapter { super::export::adapter_base(dev, l, rd.path(), model_dir)? } else { String::new() };
+        let base = if how == LoraSave::Adapter {
+            super::export::adapter_base(dev, l, rd.path(), model_dir)?
+        } else {
+            String::new()
+        };
         l.model.save_trained(dev, tmp, if dev.is_cuda() { SaveDtype::BF16 } else { SaveDtype::F32 }, how, &base)?;
         save_side_files(l, tmp)?;
         opt.save(dev, &tmp.join("train_state"))?;
@@ -683,7 +771,19 @@ pub fn save_side_files(l: &Loaded, dir: &Path) -> Result<()> {
     match &l.src_dir {
         Some(src) => {
             // Qwen's and llava-hf's processor and tokenizer files, whichever the source has.
-            for f in ["preprocessor_config.json", "processor_config.json", "tokenizer_config.json", "generation_config.json", "chat_template.json", "chat_template.jinja", "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt"] {
+            for f in [
+                "preprocessor_config.json",
+                "processor_config.json",
+                "tokenizer_config.json",
+                "generation_config.json",
+                "chat_template.json",
+                "chat_template.jinja",
+                "special_tokens_map.json",
+                "added_tokens.json",
+                "tokenizer.model",
+                "vocab.json",
+                "merges.txt",
+            ] {
                 if src.join(f).is_file() {
                     std::fs::copy(src.join(f), dir.join(f)).with_context(|| format!("copying {f}"))?;
                 }

@@ -62,7 +62,8 @@ impl StagedFile {
             let file = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
             let mut w = BufWriter::with_capacity(1 << 20, file);
             body(&mut w)?;
-            let file = w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", tmp.display()))?;
+            let file =
+                w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", tmp.display()))?;
             file.sync_all().with_context(|| format!("syncing {}", tmp.display()))
         })();
         if let Err(e) = result {
@@ -79,7 +80,8 @@ impl StagedFile {
 
     /// Step two: rename over the destination and sync the directory.
     pub fn commit(mut self) -> Result<()> {
-        fs::rename(&self.tmp, &self.dest).with_context(|| format!("renaming {} to {}", self.tmp.display(), self.dest.display()))?;
+        fs::rename(&self.tmp, &self.dest)
+            .with_context(|| format!("renaming {} to {}", self.tmp.display(), self.dest.display()))?;
         self.committed = true;
         if let Ok((dir, _)) = split(&self.dest) {
             sync_dir(&dir);
@@ -102,7 +104,9 @@ pub fn write_file(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
 }
 
 /// Writes `path` atomically through a buffered writer.
-pub fn write_file_with(path: impl AsRef<Path>, body: impl FnOnce(&mut BufWriter<fs::File>) -> Result<()>) -> Result<()> {
+pub fn write_file_with(
+    path: impl AsRef<Path>, body: impl FnOnce(&mut BufWriter<fs::File>) -> Result<()>,
+) -> Result<()> {
     StagedFile::stage_with(path.as_ref(), body)?.commit()
 }
 
@@ -140,8 +144,9 @@ impl StagedDir {
             if !self.dest.is_dir() {
                 bail!("{} exists and is not a directory", self.dest.display());
             }
-            fs::rename(&self.dest, &backup)
-                .with_context(|| format!("moving the previous {} aside to {}", self.dest.display(), backup.display()))?;
+            fs::rename(&self.dest, &backup).with_context(|| {
+                format!("moving the previous {} aside to {}", self.dest.display(), backup.display())
+            })?;
             sync_dir(&parent);
         }
         if let Err(e) = fs::rename(&self.tmp, &self.dest) {
@@ -154,7 +159,8 @@ impl StagedDir {
         self.committed = true;
         sync_dir(&parent);
         if had_old {
-            fs::remove_dir_all(&backup).with_context(|| format!("removing the previous version {}", backup.display()))?;
+            fs::remove_dir_all(&backup)
+                .with_context(|| format!("removing the previous version {}", backup.display()))?;
         }
         Ok(())
     }

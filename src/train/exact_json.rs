@@ -172,7 +172,11 @@ impl Parser<'_> {
     }
 
     fn hex4(&mut self) -> Result<u32> {
-        let h = self.s.get(self.i..self.i + 4).and_then(|b| std::str::from_utf8(b).ok()).and_then(|t| u32::from_str_radix(t, 16).ok());
+        let h = self
+            .s
+            .get(self.i..self.i + 4)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|t| u32::from_str_radix(t, 16).ok());
         match h {
             Some(v) => {
                 self.i += 4;
@@ -254,7 +258,9 @@ mod tests {
             let v = parse(&text).unwrap();
             assert_eq!(v["v"].as_f64().unwrap().to_bits(), x.to_bits(), "{text}");
         }
-        let v = parse(r#" {"a": "x\"\u00e9\ud83d\ude00", "b": [true, false, null], "c": 18446744073709551615, "d": -9} "#).unwrap();
+        let v =
+            parse(r#" {"a": "x\"\u00e9\ud83d\ude00", "b": [true, false, null], "c": 18446744073709551615, "d": -9} "#)
+                .unwrap();
         assert_eq!(v["a"], "x\"é😀");
         assert_eq!(v["c"].as_u64(), Some(u64::MAX));
         assert_eq!(v["d"].as_i64(), Some(-9));

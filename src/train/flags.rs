@@ -62,9 +62,15 @@ mod tests {
         assert_eq!(whole::<u64, 1, 10>("3"), Ok(3));
         assert_eq!(whole::<u64, 1, 10>("-1").unwrap_err(), "-1 is out of range: allowed [1, 10]");
         assert!(whole::<usize, 1, 10>("1.5").unwrap_err().contains("whole number in [1, 10]"));
-        assert!(float_in("--beta1", 1.0, 0.0, End::Closed, 1.0, End::Open).unwrap_err().to_string().contains("allowed [0, 1)"));
+        assert!(float_in("--beta1", 1.0, 0.0, End::Closed, 1.0, End::Open)
+            .unwrap_err()
+            .to_string()
+            .contains("allowed [0, 1)"));
         assert!(float_in("--lr", f64::NAN, 0.0, End::Open, 1.0, End::Closed).is_err());
         assert!(float_in("--lr", f64::INFINITY, 0.0, End::Open, f64::INFINITY, End::Closed).is_err());
-        assert_eq!(int_in("--grad-accum", 0usize, 1, 5).unwrap_err().to_string(), "--grad-accum 0 is out of range: allowed [1, 5]");
+        assert_eq!(
+            int_in("--grad-accum", 0usize, 1, 5).unwrap_err().to_string(),
+            "--grad-accum 0 is out of range: allowed [1, 5]"
+        );
     }
 }

@@ -67,8 +67,11 @@ impl MetricsWriter {
     }
 
     fn open_append(path: PathBuf) -> Result<MetricsWriter> {
-        let file =
-            OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening metrics log {}", path.display()))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening metrics log {}", path.display()))?;
         Ok(MetricsWriter { file, path })
     }
 
@@ -104,7 +107,8 @@ impl MetricsWriter {
 
 /// Truncates `path` after its last newline (a line without one was torn by a crash).
 fn cut_torn_tail(path: &Path) -> Result<()> {
-    let mut f = OpenOptions::new().read(true).write(true).open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut f =
+        OpenOptions::new().read(true).write(true).open(path).with_context(|| format!("opening {}", path.display()))?;
     let len = f.metadata()?.len();
     if len == 0 {
         return Ok(());
@@ -164,7 +168,8 @@ pub fn truncate_after(path: impl AsRef<Path>, last_step: u64) -> Result<()> {
     let mut line_no = 0usize;
     while let Some(nl) = bytes[keep..].iter().position(|&b| b == b'\n') {
         line_no += 1;
-        let line = std::str::from_utf8(&bytes[keep..keep + nl]).with_context(|| format!("{}:{line_no}: not UTF-8", path.display()))?;
+        let line = std::str::from_utf8(&bytes[keep..keep + nl])
+            .with_context(|| format!("{}:{line_no}: not UTF-8", path.display()))?;
         if !line.trim().is_empty() {
             let v = exact_json::parse(line).with_context(|| format!("{}:{line_no}: not valid JSON", path.display()))?;
             if v.get("step").and_then(Value::as_u64).is_some_and(|s| s > last_step) {

@@ -49,7 +49,9 @@ pub struct StepReport {
 impl Optimizer {
     /// Fresh state for `params` (their current values become the masters). `trainable` picks the
     /// tensors to update (e.g. everything but a frozen vision tower).
-    pub fn new(dev: &Device, hp: adamw::AdamW, params: &[(ParamRef, &Buf)], trainable: &dyn Fn(&ParamRef) -> bool) -> Result<Self> {
+    pub fn new(
+        dev: &Device, hp: adamw::AdamW, params: &[(ParamRef, &Buf)], trainable: &dyn Fn(&ParamRef) -> bool,
+    ) -> Result<Self> {
         let mut slots = Vec::new();
         for (r, p) in params.iter().filter(|(r, _)| trainable(r)) {
             let n = r.numel();
@@ -66,7 +68,10 @@ impl Optimizer {
 
     /// Bytes of the allocated state (masters and both moments), for memory accounting.
     pub fn state_bytes(&self) -> usize {
-        self.slots.iter().map(|s| [&s.master, &s.m, &s.v].iter().map(|b| b.len() * b.dtype().size()).sum::<usize>()).sum()
+        self.slots
+            .iter()
+            .map(|s| [&s.master, &s.m, &s.v].iter().map(|b| b.len() * b.dtype().size()).sum::<usize>())
+            .sum()
     }
 
     /// Global gradient norm over the trainable tensors, with `grad_scale` applied first.
@@ -82,10 +87,15 @@ impl Optimizer {
 
     /// One AdamW step at learning rate `lr`. `grad_scale` averages accumulated gradients
     /// (1/tokens, say); `clip` > 0 clips the global norm of the scaled gradient to it.
-    pub fn step(&mut self, dev: &Device, pg: Vec<(ParamRef, &mut Buf, &Buf)>, lr: f64, grad_scale: f64, clip: f64) -> Result<StepReport> {
+    pub fn step(
+        &mut self, dev: &Device, pg: Vec<(ParamRef, &mut Buf, &Buf)>, lr: f64, grad_scale: f64, clip: f64,
+    ) -> Result<StepReport> {
         let grad_norm = self.grad_norm(dev, &pg, grad_scale)?;
         if !grad_norm.is_finite() {
-            bail!("the gradient norm is {grad_norm} at step {}: the loss diverged (lower the learning rate)", self.step + 1);
+            bail!(
+                "the gradient norm is {grad_norm} at step {}: the loss diverged (lower the learning rate)",
+                self.step + 1
+            );
         }
         let clip_scale = if clip > 0.0 && grad_norm > clip { clip / grad_norm } else { 1.0 };
         self.step += 1;
@@ -94,8 +104,19 @@ impl Optimizer {
         for (r, p, g) in pg {
             let Some(i) = self.find(&slot_key(&r)) else { continue };
             let s = &mut self.slots[i];
-            adamw::step(dev, p, &mut s.master, g, &mut s.m, &mut s.v, s.n, &hp, self.step, (grad_scale * clip_scale) as f32)
-                .with_context(|| format!("AdamW step on `{}`", r.name))?;
+            adamw::step(
+                dev,
+                p,
+                &mut s.master,
+                g,
+                &mut s.m,
+                &mut s.v,
+                s.n,
+                &hp,
+                self.step,
+                (grad_scale * clip_scale) as f32,
+            )
+            .with_context(|| format!("AdamW step on `{}`", r.name))?;
             seen += 1;
         }
         if seen != self.slots.len() {

@@ -29,8 +29,9 @@ impl Progress {
     pub fn new(total: u64, label: &str) -> Progress {
         if std::io::stderr().is_terminal() {
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-            let style = ProgressStyle::with_template("{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} (eta {eta}) {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar());
+            let style =
+                ProgressStyle::with_template("{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} (eta {eta}) {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar());
             bar.set_style(style);
             bar.set_prefix(label.to_string());
             Progress { sink: Sink::Bar(bar), label: label.to_string(), total, start: Instant::now() }
@@ -89,7 +90,9 @@ impl Progress {
     pub fn finish(&self, msg: &str) {
         match &self.sink {
             Sink::Bar(bar) => bar.finish_with_message(msg.to_string()),
-            Sink::Lines { .. } => self.line(&format!("{}: done in {} {msg}", self.label, fmt_dur(self.start.elapsed()))),
+            Sink::Lines { .. } => {
+                self.line(&format!("{}: done in {} {msg}", self.label, fmt_dur(self.start.elapsed())))
+            }
         }
     }
 
@@ -102,7 +105,9 @@ impl Progress {
             let rest = el.as_secs_f64() * (self.total - done) as f64 / done as f64;
             format!(" eta {}", fmt_dur(Duration::from_secs_f64(rest)))
         };
-        format!("{} {done}/{} ({pct:.0}%) elapsed {}{eta} {msg}", self.label, self.total, fmt_dur(el)).trim_end().to_string()
+        format!("{} {done}/{} ({pct:.0}%) elapsed {}{eta} {msg}", self.label, self.total, fmt_dur(el))
+            .trim_end()
+            .to_string()
     }
 
     fn line(&self, s: &str) {

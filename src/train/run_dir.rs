@@ -48,7 +48,9 @@ pub struct Mode {
 pub enum Start {
     Fresh,
     /// From this checkpoint (its checksums verified).
-    Resume { checkpoint: PathBuf },
+    Resume {
+        checkpoint: PathBuf,
+    },
 }
 
 /// An open, locked run directory. Dropping it releases the lock.
@@ -147,7 +149,11 @@ impl RunDir {
         if self.mode.overwrite {
             eprintln!("am3: --overwrite: removing the earlier run in {} ({} entries)", self.path.display(), used.len());
         } else {
-            eprintln!("am3: --resume: {} has no checkpoint; the earlier run's {} is replaced", self.path.display(), used.join(", "));
+            eprintln!(
+                "am3: --resume: {} has no checkpoint; the earlier run's {} is replaced",
+                self.path.display(),
+                used.join(", ")
+            );
         }
         // Newest checkpoints first, `latest` last: a half-done clean-up still reads as a run.
         let mut order = used;
@@ -183,7 +189,9 @@ impl RunDir {
     /// Writes `checkpoint-NNNNNN/` atomically: `body` fills the (temporary) folder, then
     /// `checksums.json` covers the entries `covers` names (files or folders, relative); then
     /// `latest` names it.
-    pub fn save_checkpoint(&self, step: u64, covers: &[&str], body: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    pub fn save_checkpoint(
+        &self, step: u64, covers: &[&str], body: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<PathBuf> {
         let name = Self::checkpoint_name(step);
         let dir = self.path.join(&name);
         atomic::write_dir(&dir, |tmp| {
@@ -213,7 +221,9 @@ impl RunDir {
         for e in fs::read_dir(&self.path).with_context(|| format!("listing {}", self.path.display()))? {
             let e = e?;
             let n = e.file_name().to_string_lossy().into_owned();
-            if let Some(orig) = n.strip_prefix('.').and_then(|s| s.strip_suffix(".old")).filter(|s| s.starts_with("checkpoint-")) {
+            if let Some(orig) =
+                n.strip_prefix('.').and_then(|s| s.strip_suffix(".old")).filter(|s| s.starts_with("checkpoint-"))
+            {
                 atomic::recover_dir(self.path.join(orig))?;
                 continue;
             }
@@ -226,7 +236,12 @@ impl RunDir {
         }
         if !removed.is_empty() {
             removed.sort();
-            eprintln!("am3: {}: removed {} temporary entries left by dead runs: {}", self.path.display(), removed.len(), removed.join(", "));
+            eprintln!(
+                "am3: {}: removed {} temporary entries left by dead runs: {}",
+                self.path.display(),
+                removed.len(),
+                removed.join(", ")
+            );
             sync_dir(&self.path);
         }
         Ok(())
@@ -254,7 +269,9 @@ pub fn temp_entry_pid(name: &str) -> Option<u32> {
     let at = name.rfind(".tmp-")?;
     let rest = &name[at + 5..];
     let pid = rest.split('-').next()?;
-    let tail_ok = rest[pid.len()..].strip_prefix('-').is_none_or(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric()));
+    let tail_ok = rest[pid.len()..]
+        .strip_prefix('-')
+        .is_none_or(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric()));
     (!pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) && tail_ok).then(|| pid.parse().ok()).flatten()
 }
 
@@ -273,12 +290,8 @@ pub fn pid_alive(pid: u32) -> bool {
 
 fn remove_any(p: &Path) -> Result<()> {
     let ty = fs::symlink_metadata(p).with_context(|| format!("reading {}", p.display()))?.file_type();
-    if ty.is_dir() {
-        fs::remove_dir_all(p)
-    } else {
-        fs::remove_file(p)
-    }
-    .with_context(|| format!("removing {}", p.display()))
+    if ty.is_dir() { fs::remove_dir_all(p) } else { fs::remove_file(p) }
+        .with_context(|| format!("removing {}", p.display()))
 }
 
 fn sync_dir(dir: &Path) {
@@ -330,7 +343,8 @@ fn take_lock(out: &Path, path: &Path) -> Result<File> {
                 continue;
             }
             Err(fs::TryLockError::Error(e)) => {
-                return Err(e).with_context(|| format!("locking {} (does this filesystem support file locks?)", path.display()));
+                return Err(e)
+                    .with_context(|| format!("locking {} (does this filesystem support file locks?)", path.display()));
             }
         }
         // The holder we waited on may have unlinked the file just before we locked it.
@@ -409,7 +423,11 @@ pub fn guard_output_file(out_flag: &str, out: &Path, inputs: &[(&str, &Path)]) -
         let (ie, ifull) = (entry_path(input), resolve(input));
         if input.is_dir() {
             if entry.starts_with(&ifull) || entry.starts_with(&ie) || full.starts_with(&ifull) {
-                bail!("{out_flag} {} lies inside the {flag} directory {}: refusing to write into it", out.display(), input.display());
+                bail!(
+                    "{out_flag} {} lies inside the {flag} directory {}: refusing to write into it",
+                    out.display(),
+                    input.display()
+                );
             }
             continue;
         }
@@ -418,7 +436,11 @@ pub fn guard_output_file(out_flag: &str, out: &Path, inputs: &[(&str, &Path)]) -
             _ => false,
         };
         if entry == ie || entry == ifull || full == ifull || same_inode {
-            bail!("{out_flag} {} is the {flag} file {}: refusing to overwrite an input", out.display(), input.display());
+            bail!(
+                "{out_flag} {} is the {flag} file {}: refusing to overwrite an input",
+                out.display(),
+                input.display()
+            );
         }
     }
     Ok(())
@@ -526,11 +548,16 @@ impl Hasher {
         let mut tail = [0u8; 32];
         tail[..self.buf_len].copy_from_slice(&self.buf[..self.buf_len]);
         for (k, w) in tail.chunks_exact(8).enumerate() {
-            l[k] = lane_round(l[k], u64::from_le_bytes(w.try_into().expect("8 bytes")) ^ (self.buf_len as u64).wrapping_mul(K1));
+            l[k] = lane_round(
+                l[k],
+                u64::from_le_bytes(w.try_into().expect("8 bytes")) ^ (self.buf_len as u64).wrapping_mul(K1),
+            );
         }
         let t = self.total.wrapping_mul(K2);
         let a = fmix(l[0].rotate_left(1) ^ l[1].rotate_left(7) ^ l[2].rotate_left(12) ^ l[3].rotate_left(18) ^ t);
-        let b = fmix(l[0].wrapping_add(l[2].rotate_left(29)) ^ l[1].wrapping_mul(K1) ^ l[3].wrapping_add(t).rotate_left(41) ^ a);
+        let b = fmix(
+            l[0].wrapping_add(l[2].rotate_left(29)) ^ l[1].wrapping_mul(K1) ^ l[3].wrapping_add(t).rotate_left(41) ^ a,
+        );
         format!("{a:016x}{b:016x}")
     }
 }
@@ -686,7 +713,8 @@ impl Identity {
             if data_start == 0 && size <= WHOLE_FILE_LIMIT {
                 hash_range(&mut h, &mut f, 0, size).with_context(|| format!("reading {}", p.display()))?;
             } else {
-                hash_sampled(&mut h, &mut f, data_start, size, SAMPLED_BLOCKS).with_context(|| format!("reading {}", p.display()))?;
+                hash_sampled(&mut h, &mut f, data_start, size, SAMPLED_BLOCKS)
+                    .with_context(|| format!("reading {}", p.display()))?;
             }
             parts.insert(n, h.hex());
         }
@@ -743,7 +771,11 @@ pub fn require_same_settings(saved: &Value, now: &Value, run: &Path) -> Result<(
         }
     }
     if !diffs.is_empty() {
-        bail!("--resume: the settings differ from the run in {}: {}; pass the run's settings, or start a new --out", run.display(), diffs.join("; "));
+        bail!(
+            "--resume: the settings differ from the run in {}: {}; pass the run's settings, or start a new --out",
+            run.display(),
+            diffs.join("; ")
+        );
     }
     Ok(())
 }
@@ -771,7 +803,9 @@ fn files_under(dir: &Path, rel: &str, out: &mut Vec<String>) -> Result<()> {
         out.push(rel.to_string());
         return Ok(());
     }
-    let mut names: Vec<String> = fs::read_dir(&p)?.map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned())).collect::<std::io::Result<_>>()?;
+    let mut names: Vec<String> = fs::read_dir(&p)?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()?;
     names.sort();
     for n in names {
         files_under(dir, &format!("{rel}/{n}"), out)?;
@@ -797,9 +831,11 @@ pub fn write_checksums(dir: &Path, covers: &[&str]) -> Result<()> {
 /// Checks every file `checksums.json` lists, and that the covered folders hold no others.
 pub fn verify_checksums(dir: &Path) -> Result<()> {
     let p = dir.join(CHECKSUMS_FILE);
-    let text = fs::read_to_string(&p)
-        .with_context(|| format!("checkpoint {} has no readable {CHECKSUMS_FILE}, so it cannot be verified", dir.display()))?;
-    let c: Checksums = exact_json::from_str(&text).with_context(|| format!("{}: not a valid checksums file", p.display()))?;
+    let text = fs::read_to_string(&p).with_context(|| {
+        format!("checkpoint {} has no readable {CHECKSUMS_FILE}, so it cannot be verified", dir.display())
+    })?;
+    let c: Checksums =
+        exact_json::from_str(&text).with_context(|| format!("{}: not a valid checksums file", p.display()))?;
     let mut present = Vec::new();
     for cov in &c.covers {
         files_under(dir, cov, &mut present).with_context(|| format!("checkpoint {}", dir.display()))?;

@@ -57,7 +57,9 @@ pub struct LrSchedule {
 }
 
 impl LrSchedule {
-    pub fn new(kind: LrKind, peak_lr: f64, warmup_steps: u64, total_steps: u64, min_lr_ratio: f64) -> Result<LrSchedule> {
+    pub fn new(
+        kind: LrKind, peak_lr: f64, warmup_steps: u64, total_steps: u64, min_lr_ratio: f64,
+    ) -> Result<LrSchedule> {
         let s = LrSchedule { kind, peak_lr, warmup_steps, total_steps, min_lr_ratio };
         s.validate()?;
         Ok(s)

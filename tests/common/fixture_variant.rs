@@ -69,7 +69,10 @@ impl LlavaKeys {
     /// `model.vision_tower.*` without `vision_model.`).
     pub fn canonical(self, name: &str) -> String {
         let inner = name.strip_prefix("model.").filter(|r| {
-            r.starts_with("vision_tower.") || r.starts_with("language_model.") || r.starts_with("multi_modal_projector.") || *r == "image_newline"
+            r.starts_with("vision_tower.")
+                || r.starts_with("language_model.")
+                || r.starts_with("multi_modal_projector.")
+                || *r == "image_newline"
         });
         let n = inner.unwrap_or(name);
         if n == "lm_head.weight" {
@@ -194,15 +197,20 @@ pub fn weight_files(dir: &Path) -> Vec<PathBuf> {
         return vec![single];
     }
     let index = dir.join("model.safetensors.index.json");
-    let v: Value = serde_json::from_str(&fs::read_to_string(&index).unwrap_or_else(|e| panic!("{}: {e}", index.display()))).unwrap();
-    let mut files: Vec<PathBuf> = v["weight_map"].as_object().unwrap().values().map(|f| dir.join(f.as_str().unwrap())).collect();
+    let v: Value =
+        serde_json::from_str(&fs::read_to_string(&index).unwrap_or_else(|e| panic!("{}: {e}", index.display())))
+            .unwrap();
+    let mut files: Vec<PathBuf> =
+        v["weight_map"].as_object().unwrap().values().map(|f| dir.join(f.as_str().unwrap())).collect();
     files.sort();
     files.dedup();
     files
 }
 
 fn is_weight_file(name: &str) -> bool {
-    name == "model.safetensors" || name == "model.safetensors.index.json" || (name.starts_with("model-") && name.ends_with(".safetensors"))
+    name == "model.safetensors"
+        || name == "model.safetensors.index.json"
+        || (name.starts_with("model-") && name.ends_with(".safetensors"))
 }
 
 /// Writes `tensors` into `dir` as `model.safetensors` (shards = 1) or as `shards` files
@@ -240,7 +248,9 @@ pub fn write_weights(dir: &Path, mut tensors: Vec<RawTensor>, meta: Option<HashM
 /// Writes the variant of the fixture `src` into `dst`: weights and `grads.safetensors` renamed
 /// by `rename` (source checkpoint name → variant name), `config` as config.json, every other
 /// file copied. Every gradient must be keyed by a weight's name.
-pub fn write_variant(src: &Path, dst: &Path, rename: &dyn Fn(&str) -> String, config: &Value, shards: usize) -> BTreeMap<String, String> {
+pub fn write_variant(
+    src: &Path, dst: &Path, rename: &dyn Fn(&str) -> String, config: &Value, shards: usize,
+) -> BTreeMap<String, String> {
     let _ = fs::remove_dir_all(dst);
     fs::create_dir_all(dst).unwrap();
     let (mut weights, mut meta) = (Vec::new(), None);
@@ -261,7 +271,9 @@ pub fn write_variant(src: &Path, dst: &Path, rename: &dyn Fn(&str) -> String, co
 
     let (mut grads, gmeta) = read_raw(&src.join("grads.safetensors"));
     for g in grads.iter_mut() {
-        let new = renamed.get(&g.name).unwrap_or_else(|| panic!("{}: gradient `{}` is not a weight's name", src.display(), g.name));
+        let new = renamed
+            .get(&g.name)
+            .unwrap_or_else(|| panic!("{}: gradient `{}` is not a weight's name", src.display(), g.name));
         g.name = new.clone();
     }
     write_raw(&dst.join("grads.safetensors"), &grads, gmeta);
@@ -416,7 +428,8 @@ pub fn llava_other_family(v: &Value, sizes: [usize; 4]) -> Option<(Value, &'stat
             t.remove("sliding_window");
             t.insert("attention_bias".into(), json!(false));
             t.insert("mlp_bias".into(), json!(false));
-            let theta = t.remove("rope_theta").or_else(|| t.get("rope_parameters").and_then(|r| r.get("rope_theta")).cloned());
+            let theta =
+                t.remove("rope_theta").or_else(|| t.get("rope_parameters").and_then(|r| r.get("rope_theta")).cloned());
             let mut rope = json!({"rope_type": "default"});
             if let Some(th) = theta {
                 rope["rope_theta"] = th;
@@ -467,7 +480,11 @@ pub fn llava_variants(src: &Path, root: &Path, sizes: [usize; 4]) -> Vec<Variant
             String::new(),
         ),
     ] {
-        let what = if what.is_empty() { format!("keys {from:?} → {to:?}, 2 shards + index; config unchanged") } else { what };
+        let what = if what.is_empty() {
+            format!("keys {from:?} → {to:?}, 2 shards + index; config unchanged")
+        } else {
+            what
+        };
         let dir = root.join(name).join("llava_next_tiny");
         let renamed = write_variant(src, &dir, &|n| to.spell(&from.canonical(n)), &cfg, shards);
         out.push(Variant { name: name.to_string(), dir, renamed, what });

@@ -54,7 +54,9 @@ pub fn cuda_or_skip(test: &str) -> Option<Device> {
 
 /// Central finite differences in f64: checks d(loss)/d(x) = `analytic` for the scalar loss
 /// `f(x)`, at a sample of up to `max_points` coordinates. Returns the worst relative error.
-pub fn gradcheck(name: &str, x: &[f64], analytic: &[f64], f: &mut dyn FnMut(&[f64]) -> f64, max_points: usize, tol: f64) {
+pub fn gradcheck(
+    name: &str, x: &[f64], analytic: &[f64], f: &mut dyn FnMut(&[f64]) -> f64, max_points: usize, tol: f64,
+) {
     assert_eq!(x.len(), analytic.len(), "{name}: gradient length");
     let h = 1e-6;
     let step = (x.len() / max_points.max(1)).max(1);
@@ -70,7 +72,11 @@ pub fn gradcheck(name: &str, x: &[f64], analytic: &[f64], f: &mut dyn FnMut(&[f6
         let num = (fp - fm) / (2.0 * h);
         let err = (num - analytic[i]).abs() / (num.abs().max(analytic[i].abs()).max(1e-3 * scale));
         worst = worst.max(err);
-        assert!(err < tol, "{name}[{i}]: finite difference {num:.9e} vs analytic {:.9e} (rel err {err:.2e})", analytic[i]);
+        assert!(
+            err < tol,
+            "{name}[{i}]: finite difference {num:.9e} vs analytic {:.9e} (rel err {err:.2e})",
+            analytic[i]
+        );
     }
     println!("gradcheck {name}: {} points, worst rel err {worst:.2e}", x.len().div_ceil(step));
 }
@@ -175,7 +181,9 @@ pub fn grad_rel_err(got: &[f32], want: &[f32], sibling_scale: Option<f64>) -> f6
 /// The error of gradient `name` in `got` against `want` (two name → tensor maps of the same
 /// naming), with the sibling scale taken from `want` for a gradient that cancels. `cancels`:
 /// whether the model's `k_proj.bias` gradients are 0 in theory (LLaVA-NeXT: yes; Qwen2.5-VL: no).
-pub fn named_grad_err(name: &str, got: &[f32], want: &std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>, cancels: bool) -> f64 {
+pub fn named_grad_err(
+    name: &str, got: &[f32], want: &std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>, cancels: bool,
+) -> f64 {
     let scale = if cancels { cancelling_sibling(name).and_then(|s| want.get(&s)).map(|(_, w)| norm2(w)) } else { None };
     grad_rel_err(got, &want[name].1, scale)
 }

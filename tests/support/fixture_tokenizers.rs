@@ -12,7 +12,12 @@ pub fn qwen_fixture_tokenizer(cfg: &Value) -> Tokenizer {
     let mut t: Value = serde_json::from_str(tiny::TOKENIZER_JSON).unwrap();
     let id = |k: &str| cfg[k].as_u64().unwrap();
     // The fixture's ids for the tokens the chat code checks; the other specials fill 580.. in order.
-    let fixed = [("<|image_pad|>", id("image_token_id")), ("<|video_pad|>", id("video_token_id")), ("<|vision_start|>", id("vision_start_token_id")), ("<|vision_end|>", id("vision_end_token_id"))];
+    let fixed = [
+        ("<|image_pad|>", id("image_token_id")),
+        ("<|video_pad|>", id("video_token_id")),
+        ("<|vision_start|>", id("vision_start_token_id")),
+        ("<|vision_end|>", id("vision_end_token_id")),
+    ];
     let taken: Vec<u64> = fixed.iter().map(|f| f.1).collect();
     let mut free = (580u64..).filter(|i| !taken.contains(i));
     let added = t["added_tokens"].as_array_mut().unwrap();
@@ -36,7 +41,31 @@ pub fn qwen_fixture_tokenizer(cfg: &Value) -> Tokenizer {
 
 /// The LLaVA fixture tokenizer over the words the judge prompts use.
 pub fn llava_fixture_tokenizer() -> Tokenizer {
-    llava_word_tokenizer(&["safe", "unsafe", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "User", "Assistant", "Turn", "Question", "image", "circle", "gun", "I", "can", "t", "help"])
+    llava_word_tokenizer(&[
+        "safe",
+        "unsafe",
+        "0",
+        "1",
+        "2",
+        "3",
+        "4",
+        "5",
+        "6",
+        "7",
+        "8",
+        "9",
+        "User",
+        "Assistant",
+        "Turn",
+        "Question",
+        "image",
+        "circle",
+        "gun",
+        "I",
+        "can",
+        "t",
+        "help",
+    ])
 }
 
 /// A word-level tokenizer with the LLaVA special tokens at the fixture's ids (`<unk>` 0, `<s>`

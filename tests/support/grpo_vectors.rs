@@ -32,7 +32,9 @@ impl Vectors {
 
 pub fn load() -> Vectors {
     let path = grpo_vectors_path();
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("reading the GRPO reference vectors {}: {e} (set AM3_GRPO_VECTORS)", path.display()));
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+        panic!("reading the GRPO reference vectors {}: {e} (set AM3_GRPO_VECTORS)", path.display())
+    });
     let (_, meta) = SafeTensors::read_metadata(&bytes).expect("grpo vectors: bad safetensors header");
     let meta = meta.metadata().clone().expect("grpo vectors: no metadata header");
     let hp = GrpoHyper::from_metadata(&meta).expect("grpo vectors: hyper-parameters");
@@ -50,4 +52,3 @@ pub fn load() -> Vectors {
     println!("grpo vectors: P={p} N={n} T={tt} L={l}");
     v
 }
-

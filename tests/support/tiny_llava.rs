@@ -17,7 +17,10 @@ use tokenizers::{AddedToken, Tokenizer};
 /// The demo tokenizer extended with LLaVA's special tokens (ids after the demo vocabulary).
 pub fn llava_tokenizer() -> Tokenizer {
     let mut tok = tiny::tokenizer().unwrap();
-    let specials: Vec<AddedToken> = ["<s>", "</s>", "<image>", "[INST]", "[/INST]"].iter().map(|t| AddedToken::from(*t, true).normalized(false)).collect();
+    let specials: Vec<AddedToken> = ["<s>", "</s>", "<image>", "[INST]", "[/INST]"]
+        .iter()
+        .map(|t| AddedToken::from(*t, true).normalized(false))
+        .collect();
     tok.add_special_tokens(&specials);
     tok
 }
@@ -46,7 +49,8 @@ pub fn tiny_config(tok: &Tokenizer, family: &str) -> LlavaNextConfig {
             "layer_norm_eps": 1e-5, "hidden_act": "quick_gelu", "projection_dim": 32}}}}"#,
         img = id("<image>")
     );
-    LlavaNextConfig::from_json(&serde_json::from_str(&json).unwrap(), Path::new("<tiny llava config>")).unwrap_or_else(|e| panic!("{e:#}"))
+    LlavaNextConfig::from_json(&serde_json::from_str(&json).unwrap(), Path::new("<tiny llava config>"))
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Random init: N(0, 0.05) weights, unit norm weights, zero biases.
@@ -90,4 +94,3 @@ pub fn write_tiny_dir(dir: &Path, family: &str, seed: u64) -> LlavaNext {
     std::fs::write(dir.join("preprocessor_config.json"), pp).unwrap();
     model
 }
-

@@ -158,7 +158,9 @@ impl LayerParams {
             v.push((Slot::Bo, vec![d]));
         }
         v.push((Slot::Ln2, vec![d]));
-        for (w, b, shape) in [(Slot::Wg, Slot::Bg, vec![i, d]), (Slot::Wu, Slot::Bu, vec![i, d]), (Slot::Wd, Slot::Bd, vec![d, i])] {
+        for (w, b, shape) in
+            [(Slot::Wg, Slot::Bg, vec![i, d]), (Slot::Wu, Slot::Bu, vec![i, d]), (Slot::Wd, Slot::Bd, vec![d, i])]
+        {
             let rows = shape[0];
             v.push((w, shape));
             if flags.mlp_bias {
@@ -169,12 +171,16 @@ impl LayerParams {
     }
 
     /// Builds every present slot with `make(slot, shape)`.
-    pub fn build(dims: &LayerDims, flags: LayerFlags, make: &mut dyn FnMut(Slot, &[usize]) -> Result<Buf>) -> Result<Self> {
+    pub fn build(
+        dims: &LayerDims, flags: LayerFlags, make: &mut dyn FnMut(Slot, &[usize]) -> Result<Buf>,
+    ) -> Result<Self> {
         let mut got: Vec<(Slot, Buf)> = Vec::new();
         for (s, shape) in Self::shapes(dims, flags) {
             got.push((s, make(s, &shape)?));
         }
-        let req = |got: &mut Vec<(Slot, Buf)>, s: Slot| take_opt(got, s).ok_or_else(|| anyhow::anyhow!("layer tensor {s:?} missing"));
+        let req = |got: &mut Vec<(Slot, Buf)>, s: Slot| {
+            take_opt(got, s).ok_or_else(|| anyhow::anyhow!("layer tensor {s:?} missing"))
+        };
         Ok(LayerParams {
             ln1: req(&mut got, Slot::Ln1)?,
             wq: req(&mut got, Slot::Wq)?,
@@ -361,7 +367,9 @@ impl Block<'_> {
     }
 
     /// dx [T, D] (=) from dout [T, D]; parameter gradients accumulate into `g`.
-    pub fn backward(&self, dev: &Device, dx: &mut Buf, g: &mut LayerGrads, dout: &Buf, x: &Buf, a: &LayerActs) -> Result<()> {
+    pub fn backward(
+        &self, dev: &Device, dx: &mut Buf, g: &mut LayerGrads, dout: &Buf, x: &Buf, a: &LayerActs,
+    ) -> Result<()> {
         let (d, w, t, dt) = (self.dims, self.w, self.segs.total(), self.dt());
         // MLP.
         let mut dh = dev.zeros(dt, t * d.inter)?;
@@ -381,7 +389,20 @@ impl Block<'_> {
         self.proj_bwd(dev, g, Slot::Wo, &mut datt, &dmid, &a.att, t, d.q_dim(), d.d)?;
         let mut dq = dev.zeros(dt, t * d.q_dim())?;
         let (mut dk, mut dv) = (dev.zeros(dt, t * d.kv_dim())?, dev.zeros(dt, t * d.kv_dim())?);
-        attention::bwd(dev, &mut dq, &mut dk, &mut dv, &datt, &a.q, &a.k, &a.v, &a.att, &a.lse, self.segs, &self.shape())?;
+        attention::bwd(
+            dev,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &datt,
+            &a.q,
+            &a.k,
+            &a.v,
+            &a.att,
+            &a.lse,
+            self.segs,
+            &self.shape(),
+        )?;
         rope::bwd(dev, &mut dq, &self.rope.cos, &self.rope.sin, t, d.heads, d.head_dim)?;
         rope::bwd(dev, &mut dk, &self.rope.cos, &self.rope.sin, t, d.kv_heads, d.head_dim)?;
         self.proj_bwd(dev, g, Slot::Wq, &mut dy, &dq, &a.y1, t, d.d, d.q_dim())?;
@@ -407,7 +428,10 @@ impl Block<'_> {
     /// Backward of `proj`: dx (=) from dy; dW, db (+=) unless the base is frozen; dA, dB (+=)
     /// when the projection is adapted and its adapter trains.
     #[allow(clippy::too_many_arguments)]
-    fn proj_bwd(&self, dev: &Device, g: &mut LayerGrads, s: Slot, dx: &mut Buf, dy: &Buf, x: &Buf, t: usize, din: usize, dout: usize) -> Result<()> {
+    fn proj_bwd(
+        &self, dev: &Device, g: &mut LayerGrads, s: Slot, dx: &mut Buf, dy: &Buf, x: &Buf, t: usize, din: usize,
+        dout: usize,
+    ) -> Result<()> {
         let (w, _) = self.w.linear(s)?;
         match g.base.as_deref_mut() {
             Some(gp) => {
@@ -428,7 +452,9 @@ impl Block<'_> {
     /// [batch·n_new, D] (sequence-major); the new keys and values are appended to `cache` and the
     /// queries attend causally to everything cached. `self.rope` covers the new tokens;
     /// `self.segs` is not used.
-    pub fn forward_cached(&self, dev: &Device, out: &mut Buf, x: &Buf, cache: &mut KvCache, n_new: usize) -> Result<()> {
+    pub fn forward_cached(
+        &self, dev: &Device, out: &mut Buf, x: &Buf, cache: &mut KvCache, n_new: usize,
+    ) -> Result<()> {
         let t = cache.batch * n_new;
         let mut a = LayerActs::new(dev, self.dims, t, self.dt())?; // scratch: no backward follows
         self.qkv(dev, x, &mut a, t)?;
@@ -439,7 +465,9 @@ impl Block<'_> {
 
     /// Ragged inference step: sequence b of the cache gets cu_new[b+1] − cu_new[b] new tokens
     /// (0: idle). out, x [T_new, D] packed in sequence order; `self.rope` covers the new tokens.
-    pub fn forward_cached_varlen(&self, dev: &Device, out: &mut Buf, x: &Buf, cache: &mut KvCache, cu_new: &Varlen) -> Result<()> {
+    pub fn forward_cached_varlen(
+        &self, dev: &Device, out: &mut Buf, x: &Buf, cache: &mut KvCache, cu_new: &Varlen,
+    ) -> Result<()> {
         let t = cu_new.total();
         let mut a = LayerActs::new(dev, self.dims, t, self.dt())?; // scratch: no backward follows
         self.qkv(dev, x, &mut a, t)?;
@@ -478,7 +506,9 @@ impl Block<'_> {
 /// Runs blocks 0..n in order: `hs[0]` is the input and each output is pushed onto `hs` (so
 /// hs[l] is block l's input). Returns each block's activations, None where `recompute(l)`:
 /// `stack_backward` reruns those blocks from hs[l].
-pub fn stack_forward<'a>(dev: &Device, n: usize, block: &dyn Fn(usize) -> Block<'a>, hs: &mut Vec<Buf>, recompute: &dyn Fn(usize) -> bool) -> Result<Vec<Option<LayerActs>>> {
+pub fn stack_forward<'a>(
+    dev: &Device, n: usize, block: &dyn Fn(usize) -> Block<'a>, hs: &mut Vec<Buf>, recompute: &dyn Fn(usize) -> bool,
+) -> Result<Vec<Option<LayerActs>>> {
     let mut acts = Vec::with_capacity(n);
     for l in 0..n {
         let blk = block(l);
@@ -496,13 +526,8 @@ pub fn stack_forward<'a>(dev: &Device, n: usize, block: &dyn Fn(usize) -> Block<
 /// accumulates `grads[l]` (None: the base is frozen) and `lora_grads[l]` (None: no trained
 /// adapters) and returns d(hs[0]).
 pub fn stack_backward<'a>(
-    dev: &Device,
-    block: &dyn Fn(usize) -> Block<'a>,
-    hs: &[Buf],
-    acts: &[Option<LayerActs>],
-    mut grads: Option<&mut [LayerParams]>,
-    mut lora_grads: Option<&mut [LayerLora]>,
-    dout: Buf,
+    dev: &Device, block: &dyn Fn(usize) -> Block<'a>, hs: &[Buf], acts: &[Option<LayerActs>],
+    mut grads: Option<&mut [LayerParams]>, mut lora_grads: Option<&mut [LayerLora]>, dout: Buf,
 ) -> Result<Buf> {
     let mut dx = dout;
     let mut din: Option<Buf> = None;
@@ -524,7 +549,10 @@ pub fn stack_backward<'a>(
             Some(b) => b,
             None => dev.zeros(dt, t * blk.dims.d)?,
         };
-        let mut g = LayerGrads { base: grads.as_deref_mut().and_then(|v| v.get_mut(l)), lora: lora_grads.as_deref_mut().and_then(|v| v.get_mut(l)) };
+        let mut g = LayerGrads {
+            base: grads.as_deref_mut().and_then(|v| v.get_mut(l)),
+            lora: lora_grads.as_deref_mut().and_then(|v| v.get_mut(l)),
+        };
         blk.backward(dev, &mut next, &mut g, &dx, &hs[l], a)?;
         din = Some(std::mem::replace(&mut dx, next));
     }
@@ -533,7 +561,9 @@ pub fn stack_backward<'a>(
 
 /// RMSNorm backward into `dw` (+=), or into a throw-away buffer when the norm is frozen.
 #[allow(clippy::too_many_arguments)]
-fn norm_bwd(dev: &Device, dw: Option<&mut Buf>, dx: &mut Buf, dy: &Buf, x: &Buf, w: &Buf, rstd: &Buf, t: usize, d: usize) -> Result<()> {
+fn norm_bwd(
+    dev: &Device, dw: Option<&mut Buf>, dx: &mut Buf, dy: &Buf, x: &Buf, w: &Buf, rstd: &Buf, t: usize, d: usize,
+) -> Result<()> {
     match dw {
         Some(dw) => rmsnorm::bwd(dev, dx, dw, dy, x, w, rstd, t, d),
         None => rmsnorm::bwd(dev, dx, &mut dev.zeros_f32(d)?, dy, x, w, rstd, t, d),

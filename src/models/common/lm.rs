@@ -12,7 +12,9 @@
 //! LoRA: `lora` holds one `LayerLora` per layer (an empty slice: none); with the base frozen
 //! (`g` None in `backward`) only the adapters get gradients.
 
-use super::decoder::{stack_backward, stack_forward, Block, LayerActs, LayerDims, LayerFlags, LayerParams, RopeKind, RopeTable, Slot};
+use super::decoder::{
+    stack_backward, stack_forward, Block, LayerActs, LayerDims, LayerFlags, LayerParams, RopeKind, RopeTable, Slot,
+};
 use super::lora::LayerLora;
 use super::params::ParamRef;
 use crate::ops::attention::{KvCache, Varlen};
@@ -147,10 +149,10 @@ pub struct LmFwd {
     seqs: Varlen,
     rope: RopeTable,
     inject: Option<RowIndex>,
-    hs: Vec<Buf>, // n_layers + 1 residual streams [S, D]
+    hs: Vec<Buf>,                 // n_layers + 1 residual streams [S, D]
     acts: Vec<Option<LayerActs>>, // None: recompute in backward
-    rstd_f: Buf, // [S] f32
-    xf: Buf,     // [S, D] after the final norm
+    rstd_f: Buf,                  // [S] f32
+    xf: Buf,                      // [S, D] after the final norm
 }
 
 impl LmFwd {
@@ -171,7 +173,9 @@ impl LmFwd {
 }
 
 /// Embeds `ids` [S] and writes `inject` rows over their positions (placeholder tokens).
-fn embed(dev: &Device, dims: &LmDims, p: &LmParams, ids: &Buf, ids_host: &[i32], inject: Option<(&Buf, &RowIndex)>) -> Result<Buf> {
+fn embed(
+    dev: &Device, dims: &LmDims, p: &LmParams, ids: &Buf, ids_host: &[i32], inject: Option<(&Buf, &RowIndex)>,
+) -> Result<Buf> {
     let (s, d, dt) = (ids_host.len(), dims.layer.d, p.embed.dtype());
     let mut x = dev.zeros(dt, s * d)?;
     embedding::fwd(dev, &mut x, &p.embed, ids, Some(ids_host), s, d, dims.vocab)?;
@@ -189,7 +193,10 @@ fn inject_index(dev: &Device, inject: &Option<Inject>, s: usize) -> Result<Optio
 /// `cu_seqlens` [nseq + 1]. `recompute[l]` (missing = false) keeps only layer l's input.
 /// `lora`: the layers' adapters (empty: none).
 #[allow(clippy::too_many_arguments)]
-pub fn forward(dev: &Device, dims: &LmDims, p: &LmParams, lora: &[LayerLora], ids: &[i32], pos: &[i32], cu_seqlens: &[i32], inject: Option<Inject>, recompute: &[bool]) -> Result<LmFwd> {
+pub fn forward(
+    dev: &Device, dims: &LmDims, p: &LmParams, lora: &[LayerLora], ids: &[i32], pos: &[i32], cu_seqlens: &[i32],
+    inject: Option<Inject>, recompute: &[bool],
+) -> Result<LmFwd> {
     let (s, d, dt) = (ids.len(), dims.layer.d, p.embed.dtype());
     let seqs = Varlen::new(dev, cu_seqlens)?;
     if seqs.total() != s {
@@ -199,7 +206,17 @@ pub fn forward(dev: &Device, dims: &LmDims, p: &LmParams, lora: &[LayerLora], id
     let inject_idx = inject_index(dev, &inject, s)?;
     let ids_buf = dev.upload_i32(ids)?;
     let x0 = embed(dev, dims, p, &ids_buf, ids, inject.as_ref().zip(inject_idx.as_ref()).map(|(i, r)| (i.rows, r)))?;
-    let mut f = LmFwd { ids: ids_buf, ids_host: ids.to_vec(), seqs, rope, inject: inject_idx, hs: vec![x0], acts: Vec::new(), rstd_f: dev.zeros_f32(s)?, xf: dev.zeros(dt, s * d)? };
+    let mut f = LmFwd {
+        ids: ids_buf,
+        ids_host: ids.to_vec(),
+        seqs,
+        rope,
+        inject: inject_idx,
+        hs: vec![x0],
+        acts: Vec::new(),
+        rstd_f: dev.zeros_f32(s)?,
+        xf: dev.zeros(dt, s * d)?,
+    };
     let (rope, segs) = (&f.rope, &f.seqs);
     let block = |l: usize| Block { dims: &dims.layer, w: &p.layers[l], rope, segs, causal: true, lora: lora.get(l) };
     f.acts = stack_forward(dev, dims.n_layers, &block, &mut f.hs, &|l| recompute.get(l).copied().unwrap_or(false))?;
@@ -220,7 +237,10 @@ pub fn logits(dev: &Device, dims: &LmDims, p: &LmParams, hidden: &Buf, t: usize)
 /// base is frozen (no base gradient is computed); `lora_grads` takes the adapters' (`lora` as
 /// in the forward).
 #[allow(clippy::too_many_arguments)]
-pub fn backward(dev: &Device, dims: &LmDims, p: &LmParams, lora: &[LayerLora], mut g: Option<&mut LmParams>, lora_grads: Option<&mut [LayerLora]>, f: &LmFwd, dxf: &Buf) -> Result<Option<Buf>> {
+pub fn backward(
+    dev: &Device, dims: &LmDims, p: &LmParams, lora: &[LayerLora], mut g: Option<&mut LmParams>,
+    lora_grads: Option<&mut [LayerLora]>, f: &LmFwd, dxf: &Buf,
+) -> Result<Option<Buf>> {
     let (s, d, dt) = (f.tokens(), dims.layer.d, p.embed.dtype());
     let mut dx = dev.zeros(dt, s * d)?;
     let mut norm_sink = None;
@@ -229,8 +249,16 @@ pub fn backward(dev: &Device, dims: &LmDims, p: &LmParams, lora: &[LayerLora], m
         None => norm_sink.insert(dev.zeros_f32(d)?),
     };
     rmsnorm::bwd(dev, &mut dx, dnorm, dxf, &f.hs[dims.n_layers], &p.norm, &f.rstd_f, s, d)?;
-    let block = |l: usize| Block { dims: &dims.layer, w: &p.layers[l], rope: &f.rope, segs: &f.seqs, causal: true, lora: lora.get(l) };
-    let mut dx = stack_backward(dev, &block, &f.hs, &f.acts, g.as_deref_mut().map(|g| &mut g.layers[..]), lora_grads, dx)?;
+    let block = |l: usize| Block {
+        dims: &dims.layer,
+        w: &p.layers[l],
+        rope: &f.rope,
+        segs: &f.seqs,
+        causal: true,
+        lora: lora.get(l),
+    };
+    let mut dx =
+        stack_backward(dev, &block, &f.hs, &f.acts, g.as_deref_mut().map(|g| &mut g.layers[..]), lora_grads, dx)?;
     // Injected rows replaced their token embeddings: their gradient goes to the vision side only.
     let d_inject = match &f.inject {
         Some(at) => {
@@ -257,10 +285,16 @@ impl LmCache {
     pub fn new(dev: &Device, dims: &LmDims, dt: DType, batch: usize, max_len: usize) -> Result<Self> {
         let l = &dims.layer;
         // k and v per layer; checked before the first one is allocated.
-        let per_layer = [batch, max_len, l.kv_heads, l.head_dim, dt.size(), 2].iter().try_fold(1u64, |a, &x| a.checked_mul(x as u64));
+        let per_layer = [batch, max_len, l.kv_heads, l.head_dim, dt.size(), 2]
+            .iter()
+            .try_fold(1u64, |a, &x| a.checked_mul(x as u64));
         let bytes = per_layer.and_then(|b| b.checked_mul(dims.n_layers as u64)).unwrap_or(u64::MAX);
-        crate::models::limits::ensure_fits(dev, bytes, &|| format!("a KV cache of {batch} sequences × {max_len} tokens × {} layers", dims.n_layers))?;
-        let layers = (0..dims.n_layers).map(|_| KvCache::with_dtype(dev, dt, batch, max_len, l.kv_heads, l.head_dim)).collect::<Result<Vec<_>>>()?;
+        crate::models::limits::ensure_fits(dev, bytes, &|| {
+            format!("a KV cache of {batch} sequences × {max_len} tokens × {} layers", dims.n_layers)
+        })?;
+        let layers = (0..dims.n_layers)
+            .map(|_| KvCache::with_dtype(dev, dt, batch, max_len, l.kv_heads, l.head_dim))
+            .collect::<Result<Vec<_>>>()?;
         Ok(LmCache { layers, batch })
     }
     /// Tokens cached per sequence.
@@ -273,7 +307,10 @@ impl LmCache {
 /// RoPE positions `pos` for them) through the LM, appending their keys and values; returns the
 /// final-norm hidden states [batch·n_new, D]. Used for prefill, appended turns and decoding.
 #[allow(clippy::too_many_arguments)]
-pub fn extend(dev: &Device, dims: &LmDims, p: &LmParams, lora: &[LayerLora], cache: &mut LmCache, ids: &[i32], pos: &[i32], n_new: usize, inject: Option<Inject>) -> Result<Buf> {
+pub fn extend(
+    dev: &Device, dims: &LmDims, p: &LmParams, lora: &[LayerLora], cache: &mut LmCache, ids: &[i32], pos: &[i32],
+    n_new: usize, inject: Option<Inject>,
+) -> Result<Buf> {
     let (t, d, dt) = (ids.len(), dims.layer.d, p.embed.dtype());
     if n_new == 0 || t != cache.batch * n_new {
         bail!("LM extend: {t} ids for {} sequences of {n_new} new tokens", cache.batch);
@@ -285,7 +322,8 @@ pub fn extend(dev: &Device, dims: &LmDims, p: &LmParams, lora: &[LayerLora], cac
     let no_segs = Varlen::new(dev, &[0, t as i32])?;
     let mut out = dev.zeros(dt, t * d)?;
     for (l, kv) in cache.layers.iter_mut().enumerate() {
-        let blk = Block { dims: &dims.layer, w: &p.layers[l], rope: &rope, segs: &no_segs, causal: true, lora: lora.get(l) };
+        let blk =
+            Block { dims: &dims.layer, w: &p.layers[l], rope: &rope, segs: &no_segs, causal: true, lora: lora.get(l) };
         blk.forward_cached(dev, &mut out, &x, kv, n_new)?;
         std::mem::swap(&mut x, &mut out);
     }
@@ -299,10 +337,18 @@ pub fn extend(dev: &Device, dims: &LmDims, p: &LmParams, lora: &[LayerLora], cac
 /// sequence and decoding of the others share the step. Returns the final-norm hidden states
 /// [T_new, D].
 #[allow(clippy::too_many_arguments)]
-pub fn extend_ragged(dev: &Device, dims: &LmDims, p: &LmParams, lora: &[LayerLora], cache: &mut LmCache, ids: &[i32], pos: &[i32], cu_new: &[i32], inject: Option<Inject>) -> Result<Buf> {
+pub fn extend_ragged(
+    dev: &Device, dims: &LmDims, p: &LmParams, lora: &[LayerLora], cache: &mut LmCache, ids: &[i32], pos: &[i32],
+    cu_new: &[i32], inject: Option<Inject>,
+) -> Result<Buf> {
     let (t, d, dt) = (ids.len(), dims.layer.d, p.embed.dtype());
     if cu_new.len() != cache.batch + 1 || cu_new.last().copied() != Some(t as i32) {
-        bail!("LM extend_ragged: cu_new has {} entries ending at {:?} for {} sequences and {t} ids", cu_new.len(), cu_new.last(), cache.batch);
+        bail!(
+            "LM extend_ragged: cu_new has {} entries ending at {:?} for {} sequences and {t} ids",
+            cu_new.len(),
+            cu_new.last(),
+            cache.batch
+        );
     }
     if t == 0 {
         bail!("LM extend_ragged: no new tokens");
@@ -314,7 +360,8 @@ pub fn extend_ragged(dev: &Device, dims: &LmDims, p: &LmParams, lora: &[LayerLor
     let mut x = embed(dev, dims, p, &ids_buf, ids, inject.as_ref().zip(inject_idx.as_ref()).map(|(i, r)| (i.rows, r)))?;
     let mut out = dev.zeros(dt, t * d)?;
     for (l, kv) in cache.layers.iter_mut().enumerate() {
-        let blk = Block { dims: &dims.layer, w: &p.layers[l], rope: &rope, segs: &seqs, causal: true, lora: lora.get(l) };
+        let blk =
+            Block { dims: &dims.layer, w: &p.layers[l], rope: &rope, segs: &seqs, causal: true, lora: lora.get(l) };
         blk.forward_cached_varlen(dev, &mut out, &x, kv, &seqs)?;
         std::mem::swap(&mut x, &mut out);
     }
@@ -338,7 +385,9 @@ impl LmCache {
 pub fn inject_checked<'a>(at: &'a [usize], rows: Option<&'a Buf>, d: usize) -> Result<Option<Inject<'a>>> {
     match rows {
         Some(r) if r.len() == at.len() * d => Ok(Some(Inject { rows: r, at })),
-        Some(r) => bail!("rollout step: {} image rows of width {d} for {} placeholder tokens", r.len() / d.max(1), at.len()),
+        Some(r) => {
+            bail!("rollout step: {} image rows of width {d} for {} placeholder tokens", r.len() / d.max(1), at.len())
+        }
         None if at.is_empty() => Ok(None),
         None => bail!("rollout step: {} image placeholder tokens but no image embeddings", at.len()),
     }
@@ -353,4 +402,3 @@ pub fn last_logits(dev: &Device, dims: &LmDims, p: &LmParams, hidden: &Buf, cu: 
     gather_rows(dev, &mut rows, hidden, &idx, d)?;
     logits(dev, dims, p, &rows, last.len())
 }
-

@@ -100,7 +100,8 @@ impl LoraConfig {
         for t in &self.targets {
             let known = TEXT_TARGETS.iter().any(|(n, _)| n == t) || VISION_TARGETS.iter().any(|(n, _)| n == t);
             if !known {
-                let all: Vec<&str> = TEXT_TARGETS.iter().map(|(n, _)| *n).chain(VISION_TARGETS.iter().map(|(n, _)| *n)).collect();
+                let all: Vec<&str> =
+                    TEXT_TARGETS.iter().map(|(n, _)| *n).chain(VISION_TARGETS.iter().map(|(n, _)| *n)).collect();
                 bail!("LoRA: unknown target module `{t}` (known: {})", all.join(", "));
             }
             if !seen.insert(t.as_str()) {
@@ -117,7 +118,11 @@ impl LoraConfig {
 
     /// The vision-block slots to adapt, in `Slot` order.
     pub fn vision_slots(&self) -> Vec<Slot> {
-        VISION_TARGETS.iter().filter(|(n, _)| self.targets.iter().any(|t| t == n)).flat_map(|(_, s)| s.iter().copied()).collect()
+        VISION_TARGETS
+            .iter()
+            .filter(|(n, _)| self.targets.iter().any(|t| t == n))
+            .flat_map(|(_, s)| s.iter().copied())
+            .collect()
     }
 }
 
@@ -155,7 +160,9 @@ fn name_seed(seed: u64, name: &str) -> u64 {
 impl LayerLora {
     /// Adapters on `slots`, each for the base tensor `base_ref(slot)` ([out, in], or a row piece
     /// of one): A ~ U(±1/√in), B = 0, in `dt`.
-    pub fn new(dev: &Device, dt: DType, cfg: &LoraConfig, slots: &[Slot], base_ref: &dyn Fn(Slot) -> ParamRef, fused_qkv: bool) -> Result<Self> {
+    pub fn new(
+        dev: &Device, dt: DType, cfg: &LoraConfig, slots: &[Slot], base_ref: &dyn Fn(Slot) -> ParamRef, fused_qkv: bool,
+    ) -> Result<Self> {
         let r = cfg.rank;
         let mut l = LayerLora { rank: r, scale: cfg.scale(), fused_qkv, a: Vec::new(), b: Vec::new() };
         if fused_qkv {
@@ -171,14 +178,24 @@ impl LayerLora {
             }
             let (out_full, din) = (base.full_shape[0], base.full_shape[1]);
             let module = module_of(&base)?.to_string();
-            let bname = ParamRef::piece(&format!("base_model.model.{module}.lora_B.weight"), &[out_full, r], base.row0, base.rows);
+            let bname = ParamRef::piece(
+                &format!("base_model.model.{module}.lora_B.weight"),
+                &[out_full, r],
+                base.row0,
+                base.rows,
+            );
             let b = dev.zeros(dt, base.rows * r)?;
             if l.a_slot(s) == s {
                 let aname = ParamRef::whole(&format!("base_model.model.{module}.lora_A.weight"), &[r, din]);
                 let bound = 1.0 / (din as f64).sqrt();
                 let v = Rng::new(name_seed(cfg.seed, &aname.name)).uniform_vec(r * din, -bound, bound);
                 let a = dev.upload(&v, dt)?;
-                l.a.push(LoraTensor { slot: s, name: aname, base: ParamRef::whole(&base.name, &base.full_shape), buf: a });
+                l.a.push(LoraTensor {
+                    slot: s,
+                    name: aname,
+                    base: ParamRef::whole(&base.name, &base.full_shape),
+                    buf: a,
+                });
             }
             l.b.push(LoraTensor { slot: s, name: bname, base, buf: b });
         }
@@ -213,7 +230,16 @@ impl LayerLora {
     /// f32 zeros of the same tensors (a gradient accumulator).
     pub fn zeros_f32_like(&self, dev: &Device) -> Result<Self> {
         let z = |v: &[LoraTensor]| -> Result<Vec<LoraTensor>> {
-            v.iter().map(|t| Ok(LoraTensor { slot: t.slot, name: t.name.clone(), base: t.base.clone(), buf: dev.zeros_f32(t.buf.len())? })).collect()
+            v.iter()
+                .map(|t| {
+                    Ok(LoraTensor {
+                        slot: t.slot,
+                        name: t.name.clone(),
+                        base: t.base.clone(),
+                        buf: dev.zeros_f32(t.buf.len())?,
+                    })
+                })
+                .collect()
         };
         Ok(LayerLora { rank: self.rank, scale: self.scale, fused_qkv: self.fused_qkv, a: z(&self.a)?, b: z(&self.b)? })
     }
@@ -241,7 +267,9 @@ impl StackSpec<'_> {
         if self.slots.is_empty() {
             return Ok(Vec::new());
         }
-        (0..self.blocks).map(|i| LayerLora::new(dev, dt, cfg, &self.slots, &|s| (self.base_ref)(i, s), self.fused_qkv)).collect()
+        (0..self.blocks)
+            .map(|i| LayerLora::new(dev, dt, cfg, &self.slots, &|s| (self.base_ref)(i, s), self.fused_qkv))
+            .collect()
     }
 }
 
@@ -333,11 +361,23 @@ impl LoraState {
                 let sa = l.a_slot(bt.slot);
                 let Some(at) = l.a.iter().find(|t| t.slot == sa) else { bail!("LoRA: no A for `{}`", bt.name.name) };
                 let (a, b) = (dev.to_vec(&at.buf)?, dev.to_vec(&bt.buf)?); // [r, in], [rows, r]
-                let Some((shape, w)) = full.get_mut(&bt.base.name) else { bail!("LoRA merge: base tensor `{}` not found", bt.base.name) };
+                let Some((shape, w)) = full.get_mut(&bt.base.name) else {
+                    bail!("LoRA merge: base tensor `{}` not found", bt.base.name)
+                };
                 let din = shape.get(1).copied().unwrap_or(0);
                 let (r0, rows) = (bt.base.row0 * din, bt.base.rows * din);
-                if shape.len() != 2 || r0 + rows > w.len() || a.len() != l.rank * din || b.len() != bt.base.rows * l.rank {
-                    bail!("LoRA merge: `{}` {shape:?} does not fit its adapter (rank {}, rows {}..{})", bt.base.name, l.rank, bt.base.row0, bt.base.row0 + bt.base.rows);
+                if shape.len() != 2
+                    || r0 + rows > w.len()
+                    || a.len() != l.rank * din
+                    || b.len() != bt.base.rows * l.rank
+                {
+                    bail!(
+                        "LoRA merge: `{}` {shape:?} does not fit its adapter (rank {}, rows {}..{})",
+                        bt.base.name,
+                        l.rank,
+                        bt.base.row0,
+                        bt.base.row0 + bt.base.rows
+                    );
                 }
                 // W[rows] [rows, in] += scale · B [rows, r] · A [r, in]
                 matmul::cpu::gemm(&mut w[r0..r0 + rows], &b, &a, bt.base.rows, din, l.rank, false, false, l.scale, 1.0);
@@ -356,7 +396,13 @@ impl LoraState {
                 let base = ParamRef { name: name_of(&t.base.name), ..t.base.clone() };
                 let parts: Vec<String> = module_of(&base)?
                     .split('.')
-                    .map(|p| if !p.is_empty() && p.bytes().all(|c| c.is_ascii_digit()) { r"\d+".to_string() } else { escape(p) })
+                    .map(|p| {
+                        if !p.is_empty() && p.bytes().all(|c| c.is_ascii_digit()) {
+                            r"\d+".to_string()
+                        } else {
+                            escape(p)
+                        }
+                    })
                     .collect();
                 alts.insert(parts.join(r"\."));
             }
@@ -393,7 +439,9 @@ impl LoraState {
     /// each atomically (the weights are staged in a hidden folder and renamed in). `name_of`
     /// maps a base weight's canonical name to the one the base checkpoint uses (the PEFT module
     /// paths must be the loaded model's).
-    pub fn save_adapter(&self, dev: &Device, dir: &Path, base_model: &str, dtype: SaveDtype, name_of: &dyn Fn(&str) -> String) -> Result<()> {
+    pub fn save_adapter(
+        &self, dev: &Device, dir: &Path, base_model: &str, dtype: SaveDtype, name_of: &dyn Fn(&str) -> String,
+    ) -> Result<()> {
         let mut pieces = Vec::new();
         for l in self.text.iter().chain(&self.vision) {
             for t in l.a.iter().chain(&l.b) {
@@ -406,8 +454,10 @@ impl LoraState {
         let _ = std::fs::remove_dir_all(&stage);
         let specs: Vec<(String, Vec<usize>)> = full.iter().map(|(n, (s, _))| (n.clone(), s.clone())).collect();
         let vals: Vec<&Vec<f32>> = full.values().map(|(_, v)| v).collect();
-        let staged = save_sharded_with(&stage, &specs, dtype, usize::MAX, |i| Ok(vals[i].clone()))
-            .and_then(|_| std::fs::rename(stage.join(SINGLE_FILE), dir.join(ADAPTER_WEIGHTS)).with_context(|| format!("moving the adapter weights into {}", dir.display())));
+        let staged = save_sharded_with(&stage, &specs, dtype, usize::MAX, |i| Ok(vals[i].clone())).and_then(|_| {
+            std::fs::rename(stage.join(SINGLE_FILE), dir.join(ADAPTER_WEIGHTS))
+                .with_context(|| format!("moving the adapter weights into {}", dir.display()))
+        });
         let _ = std::fs::remove_dir_all(&stage);
         staged?;
         if let Ok(d) = std::fs::File::open(dir) {
@@ -455,10 +505,18 @@ impl AdapterFiles {
             Some("LORA") => {}
             other => bail!(ctx(format!("peft_type {other:?} is not \"LORA\""))),
         }
-        let rank = get("r").and_then(|v| v.as_u64()).filter(|&r| r > 0).with_context(|| ctx("`r` must be a positive integer".into()))? as usize;
-        let alpha = get("lora_alpha").and_then(|v| v.as_f64()).with_context(|| ctx("`lora_alpha` must be a number".into()))?;
+        let rank = get("r")
+            .and_then(|v| v.as_u64())
+            .filter(|&r| r > 0)
+            .with_context(|| ctx("`r` must be a positive integer".into()))? as usize;
+        let alpha =
+            get("lora_alpha").and_then(|v| v.as_f64()).with_context(|| ctx("`lora_alpha` must be a number".into()))?;
         let on = |k: &str| get(k).and_then(|v| v.as_bool()).unwrap_or(false);
-        let non_empty = |k: &str| get(k).is_some_and(|v| v.as_object().is_some_and(|m| !m.is_empty()) || v.as_array().is_some_and(|a| !a.is_empty()));
+        let non_empty = |k: &str| {
+            get(k).is_some_and(|v| {
+                v.as_object().is_some_and(|m| !m.is_empty()) || v.as_array().is_some_and(|a| !a.is_empty())
+            })
+        };
         for k in ["use_dora", "fan_in_fan_out"] {
             if on(k) {
                 bail!(ctx(format!("`{k}: true` is not supported")));
@@ -466,7 +524,9 @@ impl AdapterFiles {
         }
         for k in ["rank_pattern", "alpha_pattern", "modules_to_save"] {
             if non_empty(k) {
-                bail!(ctx(format!("`{k}` is not supported (one rank and alpha for every module, no extra trained modules)")));
+                bail!(ctx(format!(
+                    "`{k}` is not supported (one rank and alpha for every module, no extra trained modules)"
+                )));
             }
         }
         if get("bias").and_then(|v| v.as_str()).is_some_and(|b| b != "none") {
@@ -486,7 +546,9 @@ impl AdapterFiles {
             let m = k
                 .strip_prefix("base_model.model.")
                 .and_then(|m| m.strip_suffix(".lora_A.weight").or_else(|| m.strip_suffix(".lora_B.weight")))
-                .with_context(|| format!("{ADAPTER_WEIGHTS}: `{k}` is not a LoRA tensor (base_model.model.<module>.lora_A/B.weight)"))?;
+                .with_context(|| {
+                    format!("{ADAPTER_WEIGHTS}: `{k}` is not a LoRA tensor (base_model.model.<module>.lora_A/B.weight)")
+                })?;
             out.insert(m.to_string());
         }
         Ok(out)

@@ -3,7 +3,7 @@
 //! LM built from it, and parameters keyed by checkpoint name.
 
 pub mod decoder; // defines: LayerDims, LayerFlags, RopeKind, LayerParams (+ Slot), LayerActs, Block (fwd, bwd, cached fwd), stack_forward / stack_backward (with recompute)
-pub mod lora; // defines: LoraConfig (rank, alpha, targets), LayerLora (one block's adapters), LoraState (a model's adapters: grads, merge, PEFT adapter files)
 pub mod lm; // defines: LmDims, LmNames, LmParams, LmFwd, forward / backward / logits, LmCache + extend (KV-cached prefill/decode)
-pub mod train_state; // defines: TrainState (trainable entries, merged weights, gradients by name: the glue both families share)
-pub mod params; // defines: ParamRef (a checkpoint tensor or row range of one), read_piece, assemble (gradients by name), NamedTensors
+pub mod lora; // defines: LoraConfig (rank, alpha, targets), LayerLora (one block's adapters), LoraState (a model's adapters: grads, merge, PEFT adapter files)
+pub mod params;
+pub mod train_state; // defines: TrainState (trainable entries, merged weights, gradients by name: the glue both families share) // defines: ParamRef (a checkpoint tensor or row range of one), read_piece, assemble (gradients by name), NamedTensors

@@ -22,7 +22,12 @@ pub struct ParamRef {
 
 impl ParamRef {
     pub fn whole(name: &str, shape: &[usize]) -> Self {
-        ParamRef { name: name.to_string(), full_shape: shape.to_vec(), row0: 0, rows: shape.first().copied().unwrap_or(1) }
+        ParamRef {
+            name: name.to_string(),
+            full_shape: shape.to_vec(),
+            row0: 0,
+            rows: shape.first().copied().unwrap_or(1),
+        }
     }
     pub fn piece(name: &str, full_shape: &[usize], row0: usize, rows: usize) -> Self {
         ParamRef { name: name.to_string(), full_shape: full_shape.to_vec(), row0, rows }
@@ -66,10 +71,19 @@ pub fn assemble(dev: &Device, pieces: Vec<(ParamRef, &Buf)>) -> Result<NamedTens
     let mut covered: BTreeMap<String, usize> = BTreeMap::new();
     for (r, buf) in pieces {
         if buf.len() != r.numel() {
-            bail!("tensor `{}` rows {}..{}: buffer has {} elements, expected {}", r.name, r.row0, r.row0 + r.rows, buf.len(), r.numel());
+            bail!(
+                "tensor `{}` rows {}..{}: buffer has {} elements, expected {}",
+                r.name,
+                r.row0,
+                r.row0 + r.rows,
+                buf.len(),
+                r.numel()
+            );
         }
         let vals = dev.to_vec(buf)?;
-        let entry = out.entry(r.name.clone()).or_insert_with(|| (r.full_shape.clone(), vec![0.0; r.full_shape.iter().product()]));
+        let entry = out
+            .entry(r.name.clone())
+            .or_insert_with(|| (r.full_shape.clone(), vec![0.0; r.full_shape.iter().product()]));
         if entry.0 != r.full_shape {
             bail!("tensor `{}`: pieces disagree on its shape ({:?} vs {:?})", r.name, entry.0, r.full_shape);
         }

@@ -181,17 +181,27 @@ impl<'a> LlavaChatTemplate<'a> {
     pub fn new(tok: &'a Tokenizer, cfg: &LlavaNextConfig) -> Result<LlavaChatTemplate<'a>> {
         match tok.token_to_id(IMAGE_TOKEN) {
             Some(id) if id == cfg.image_token_index => {}
-            Some(id) => bail!("the tokenizer maps {IMAGE_TOKEN} to {id} but the model config's image_token_index is {}", cfg.image_token_index),
+            Some(id) => bail!(
+                "the tokenizer maps {IMAGE_TOKEN} to {id} but the model config's image_token_index is {}",
+                cfg.image_token_index
+            ),
             None => bail!("the tokenizer has no {IMAGE_TOKEN} token (not a LLaVA tokenizer)"),
         }
-        for (t, want, field) in [(BOS, cfg.text.bos_token_id, "bos_token_id"), (EOS, cfg.text.eos_token_id, "eos_token_id")] {
+        for (t, want, field) in
+            [(BOS, cfg.text.bos_token_id, "bos_token_id"), (EOS, cfg.text.eos_token_id, "eos_token_id")]
+        {
             if let Some(id) = tok.token_to_id(t) {
                 if id != want {
                     bail!("the tokenizer maps {t} to {id} but the model config's {field} is {want}");
                 }
             }
         }
-        Ok(LlavaChatTemplate { tok, kind: TemplateKind::for_family(cfg.text.family), image_token: cfg.image_token_index, bos: cfg.text.bos_token_id })
+        Ok(LlavaChatTemplate {
+            tok,
+            kind: TemplateKind::for_family(cfg.text.family),
+            image_token: cfg.image_token_index,
+            bos: cfg.text.bos_token_id,
+        })
     }
 
     /// The same with another template than the family's.
@@ -215,7 +225,9 @@ impl<'a> LlavaChatTemplate<'a> {
     /// `ProcessedImage::geometry.num_tokens()` or `packing::image_token_count`). The whole text
     /// is tokenised in one call, as the processor does; `<image>` is a special token, so
     /// expanding it after tokenising gives the ids of tokenising the expanded text.
-    pub fn encode_chat(&self, messages: &[ChatMessage], image_token_counts: &[usize], opts: &LlavaChatOptions) -> Result<LlavaChatTokens> {
+    pub fn encode_chat(
+        &self, messages: &[ChatMessage], image_token_counts: &[usize], opts: &LlavaChatOptions,
+    ) -> Result<LlavaChatTokens> {
         let r = render_chat(self.kind, messages, opts)?;
         let (raw_ids, offsets) = self.encode(&r.text)?;
         let found = raw_ids.iter().filter(|&&i| i == self.image_token).count();
@@ -227,9 +239,9 @@ impl<'a> LlavaChatTemplate<'a> {
         }
         let mut counts = Vec::with_capacity(r.image_order.len());
         for &idx in &r.image_order {
-            let n = *image_token_counts
-                .get(idx)
-                .with_context(|| format!("chat refers to image {idx} but only {} token counts were given", image_token_counts.len()))?;
+            let n = *image_token_counts.get(idx).with_context(|| {
+                format!("chat refers to image {idx} but only {} token counts were given", image_token_counts.len())
+            })?;
             if n == 0 {
                 bail!("image {idx}: a token count of 0");
             }

@@ -12,8 +12,10 @@
 //! `lm_head.weight`, ...), and [`weight_shapes`] lists every tensor with its expected shape.
 
 use crate::checkpoint::{write_atomic, Checkpoint};
+use crate::models::limits::{
+    MAX_IMAGE_PATCHES, MAX_IMAGE_SIDE, MAX_INTERMEDIATE, MAX_LAYERS, MAX_PATCH, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH,
+};
 use crate::models::qwen2_5_vl::config::{saved_json, SourceJson, CLIP_MEAN, CLIP_STD};
-use crate::models::limits::{MAX_IMAGE_PATCHES, MAX_IMAGE_SIDE, MAX_INTERMEDIATE, MAX_LAYERS, MAX_PATCH, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH};
 use crate::models::{read_json, root_object, Fields};
 use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Map, Value};
@@ -147,11 +149,19 @@ impl LlavaNextConfig {
         let root = Fields::new(root_object(v, file)?, "", file);
         match root.opt_str("model_type")? {
             Some("llava_next") => {}
-            Some(other) => return Err(root.err("model_type", format!("expected \"llava_next\", got {other:?} (not a LLaVA-NeXT checkpoint)"))),
+            Some(other) => {
+                return Err(root.err(
+                    "model_type",
+                    format!("expected \"llava_next\", got {other:?} (not a LLaVA-NeXT checkpoint)"),
+                ))
+            }
             None => {
                 let archs = root.get("architectures").map(|a| a.to_string()).unwrap_or_default();
                 if !archs.contains("LlavaNext") {
-                    return Err(root.err("model_type", "missing, and `architectures` does not name LlavaNextForConditionalGeneration"));
+                    return Err(root.err(
+                        "model_type",
+                        "missing, and `architectures` does not name LlavaNextForConditionalGeneration",
+                    ));
                 }
             }
         }
@@ -190,7 +200,10 @@ impl LlavaNextConfig {
             if h % vision.image_size != 0 || w % vision.image_size != 0 {
                 return Err(root.err(
                     "image_grid_pinpoints",
-                    format!("[{h}, {w}] is not a multiple of vision_config.image_size {} (tiles would be partial)", vision.image_size),
+                    format!(
+                        "[{h}, {w}] is not a multiple of vision_config.image_size {} (tiles would be partial)",
+                        vision.image_size
+                    ),
                 ));
             }
             // The base image plus the canvas's tiles, all through the tower.
@@ -198,14 +211,19 @@ impl LlavaNextConfig {
             if patches > MAX_IMAGE_PATCHES {
                 return Err(root.err(
                     "image_grid_pinpoints",
-                    format!("[{h}, {w}] gives {patches} vision patches per image, above the limit of {MAX_IMAGE_PATCHES}"),
+                    format!(
+                        "[{h}, {w}] gives {patches} vision patches per image, above the limit of {MAX_IMAGE_PATCHES}"
+                    ),
                 ));
             }
         }
 
         let projector_hidden_act = root.opt_str("projector_hidden_act")?.unwrap_or("gelu").to_string();
         if projector_hidden_act != "gelu" {
-            return Err(root.err("projector_hidden_act", format!("{projector_hidden_act:?} is not supported (LLaVA-NeXT uses \"gelu\")")));
+            return Err(root.err(
+                "projector_hidden_act",
+                format!("{projector_hidden_act:?} is not supported (LLaVA-NeXT uses \"gelu\")"),
+            ));
         }
         let cfg = LlavaNextConfig {
             image_token_index,
@@ -217,7 +235,12 @@ impl LlavaNextConfig {
             image_seq_length: root.opt_usize("image_seq_length")?.unwrap_or(576),
             torch_dtype: match root.opt_str("torch_dtype")? {
                 Some(s) => s.to_string(),
-                None => root.opt_str("dtype")?.or(t.opt_str("torch_dtype")?).or(t.opt_str("dtype")?).unwrap_or("float16").to_string(),
+                None => root
+                    .opt_str("dtype")?
+                    .or(t.opt_str("torch_dtype")?)
+                    .or(t.opt_str("dtype")?)
+                    .unwrap_or("float16")
+                    .to_string(),
             },
             text,
             vision,
@@ -259,7 +282,11 @@ impl LlavaNextConfig {
             TextFamily::Mistral => "MistralForCausalLM",
             TextFamily::Llama => "LlamaForCausalLM",
         };
-        let layer = if self.vision_feature_layer.len() == 1 { json!(self.vision_feature_layer[0]) } else { json!(self.vision_feature_layer) };
+        let layer = if self.vision_feature_layer.len() == 1 {
+            json!(self.vision_feature_layer[0])
+        } else {
+            json!(self.vision_feature_layer)
+        };
         let mut text = json!({
             "architectures": [arch],
             "model_type": t.family.model_type(),
@@ -323,7 +350,8 @@ impl LlavaNextConfig {
     /// What `save` writes: the source file with only the fields this project changed rewritten
     /// (`qwen2_5_vl::config::saved_json`), `dtype` (or the recorded one) as the storage dtype.
     pub fn to_saved_json(&self, dtype: Option<&str>) -> Value {
-        let reparsed = self.source.get().and_then(|v| Self::from_json(v, Path::new("<source>")).ok()).map(|c| c.to_json());
+        let reparsed =
+            self.source.get().and_then(|v| Self::from_json(v, Path::new("<source>")).ok()).map(|c| c.to_json());
         saved_json(self.source.get(), reparsed.as_ref(), &self.to_json(), dtype.unwrap_or(&self.torch_dtype))
     }
 
@@ -347,10 +375,18 @@ struct TextDefaults {
     sliding_window: Option<usize>,
 }
 
-const MISTRAL_DEFAULTS: TextDefaults =
-    TextDefaults { intermediate_size: 14336, num_key_value_heads: Some(8), max_position_embeddings: 4096 * 32, sliding_window: Some(4096) };
-const LLAMA_DEFAULTS: TextDefaults =
-    TextDefaults { intermediate_size: 11008, num_key_value_heads: None, max_position_embeddings: 2048, sliding_window: None };
+const MISTRAL_DEFAULTS: TextDefaults = TextDefaults {
+    intermediate_size: 14336,
+    num_key_value_heads: Some(8),
+    max_position_embeddings: 4096 * 32,
+    sliding_window: Some(4096),
+};
+const LLAMA_DEFAULTS: TextDefaults = TextDefaults {
+    intermediate_size: 11008,
+    num_key_value_heads: None,
+    max_position_embeddings: 2048,
+    sliding_window: None,
+};
 
 fn parse_text(root: Fields, t: Fields) -> Result<TextConfig> {
     // LlavaNextConfig makes a LlamaConfig when text_config (or its model_type) is absent.
@@ -358,7 +394,10 @@ fn parse_text(root: Fields, t: Fields) -> Result<TextConfig> {
         None | Some("llama") => TextFamily::Llama,
         Some("mistral") => TextFamily::Mistral,
         Some(other) => {
-            return Err(t.err("model_type", format!("{other:?} is not supported (LLaVA-NeXT text models here are \"mistral\" or \"llama\")")))
+            return Err(t.err(
+                "model_type",
+                format!("{other:?} is not supported (LLaVA-NeXT text models here are \"mistral\" or \"llama\")"),
+            ))
         }
     };
     let d = match family {
@@ -368,15 +407,22 @@ fn parse_text(root: Fields, t: Fields) -> Result<TextConfig> {
     // Omitted sizes: MistralConfig's / LlamaConfig's class defaults (the published files rely on them).
     let hidden_size = t.size_or("hidden_size", 4096, MAX_WIDTH)?;
     let num_attention_heads = t.size_or("num_attention_heads", 32, MAX_WIDTH)?;
-    let num_key_value_heads = t.size_or("num_key_value_heads", d.num_key_value_heads.unwrap_or(num_attention_heads), MAX_WIDTH)?;
+    let num_key_value_heads =
+        t.size_or("num_key_value_heads", d.num_key_value_heads.unwrap_or(num_attention_heads), MAX_WIDTH)?;
     if num_attention_heads % num_key_value_heads != 0 {
-        return Err(t.err("num_key_value_heads", format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}")));
+        return Err(t.err(
+            "num_key_value_heads",
+            format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"),
+        ));
     }
     let head_dim = match t.opt_usize("head_dim")? {
         Some(hd) => t.within("head_dim", hd, MAX_WIDTH)?,
         None => {
             if hidden_size % num_attention_heads != 0 {
-                return Err(t.err("num_attention_heads", format!("{num_attention_heads} does not divide hidden_size {hidden_size}")));
+                return Err(t.err(
+                    "num_attention_heads",
+                    format!("{num_attention_heads} does not divide hidden_size {hidden_size}"),
+                ));
             }
             hidden_size / num_attention_heads
         }
@@ -385,7 +431,10 @@ fn parse_text(root: Fields, t: Fields) -> Result<TextConfig> {
         return Err(t.err("head_dim", format!("{head_dim} must be even for RoPE")));
     }
     if num_attention_heads * head_dim > MAX_WIDTH {
-        return Err(t.err("head_dim", format!("{head_dim} × num_attention_heads {num_attention_heads} is above the limit of {MAX_WIDTH}")));
+        return Err(t.err(
+            "head_dim",
+            format!("{head_dim} × num_attention_heads {num_attention_heads} is above the limit of {MAX_WIDTH}"),
+        ));
     }
     let hidden_act = t.opt_str("hidden_act")?.unwrap_or("silu").to_string();
     if hidden_act != "silu" {
@@ -406,7 +455,11 @@ fn parse_text(root: Fields, t: Fields) -> Result<TextConfig> {
             let tk = if r.has("rope_type") { "rope_type" } else { "type" };
             match r.opt_str(tk)? {
                 None | Some("default") => {}
-                Some(other) => return Err(r.err(tk, format!("rope type {other:?} is not supported (only plain RoPE, \"default\")"))),
+                Some(other) => {
+                    return Err(
+                        r.err(tk, format!("rope type {other:?} is not supported (only plain RoPE, \"default\")"))
+                    )
+                }
             }
             if let Some(th) = r.opt_f64("rope_theta")? {
                 rope_theta = Some(th);
@@ -437,7 +490,9 @@ fn parse_text(root: Fields, t: Fields) -> Result<TextConfig> {
     let tie_text = t.opt_bool("tie_word_embeddings")?;
     let tie_word_embeddings = match (tie_root, tie_text) {
         (Some(a), Some(b)) if a != b => {
-            return Err(root.err("tie_word_embeddings", format!("{a} conflicts with text_config.tie_word_embeddings = {b}")))
+            return Err(
+                root.err("tie_word_embeddings", format!("{a} conflicts with text_config.tie_word_embeddings = {b}"))
+            )
         }
         (Some(a), _) | (None, Some(a)) => a,
         (None, None) => false,
@@ -484,18 +539,31 @@ struct VisionDefaults {
     projection_dim: usize,
 }
 
-const CLIP_CLASS_DEFAULTS: VisionDefaults =
-    VisionDefaults { hidden_size: 768, intermediate_size: 3072, num_hidden_layers: 12, num_attention_heads: 12, image_size: 224, patch_size: 32, projection_dim: 512 };
+const CLIP_CLASS_DEFAULTS: VisionDefaults = VisionDefaults {
+    hidden_size: 768,
+    intermediate_size: 3072,
+    num_hidden_layers: 12,
+    num_attention_heads: 12,
+    image_size: 224,
+    patch_size: 32,
+    projection_dim: 512,
+};
 
 fn parse_vision(v: Fields, d: &VisionDefaults) -> Result<VisionConfig> {
     match v.opt_str("model_type")? {
         None | Some("clip_vision_model") => {}
-        Some(other) => return Err(v.err("model_type", format!("{other:?} is not supported (only a CLIP tower, \"clip_vision_model\")"))),
+        Some(other) => {
+            return Err(
+                v.err("model_type", format!("{other:?} is not supported (only a CLIP tower, \"clip_vision_model\")"))
+            )
+        }
     }
     let hidden_size = v.size_or("hidden_size", d.hidden_size, MAX_WIDTH)?;
     let num_attention_heads = v.size_or("num_attention_heads", d.num_attention_heads, MAX_WIDTH)?;
     if hidden_size % num_attention_heads != 0 {
-        return Err(v.err("num_attention_heads", format!("{num_attention_heads} does not divide hidden_size {hidden_size}")));
+        return Err(
+            v.err("num_attention_heads", format!("{num_attention_heads} does not divide hidden_size {hidden_size}"))
+        );
     }
     let image_size = v.size_or("image_size", d.image_size, MAX_IMAGE_SIDE)?;
     let patch_size = v.size_or("patch_size", d.patch_size, MAX_PATCH)?;
@@ -504,7 +572,10 @@ fn parse_vision(v: Fields, d: &VisionDefaults) -> Result<VisionConfig> {
     }
     let per_tile = (image_size / patch_size) * (image_size / patch_size);
     if per_tile > MAX_IMAGE_PATCHES {
-        return Err(v.err("image_size", format!("{image_size} gives {per_tile} patches per tile, above the limit of {MAX_IMAGE_PATCHES}")));
+        return Err(v.err(
+            "image_size",
+            format!("{image_size} gives {per_tile} patches per tile, above the limit of {MAX_IMAGE_PATCHES}"),
+        ));
     }
     let num_channels = v.pos_usize("num_channels", 3)?;
     if num_channels != 3 {
@@ -543,14 +614,18 @@ fn parse_feature_layers(root: Fields, n_layers: usize) -> Result<Vec<i64>> {
     };
     let n = n_layers as i64;
     if let Some(&bad) = layers.iter().find(|&&l| l < -(n + 1) || l > n) {
-        return Err(root.err(key, format!("{bad} is not a hidden state of a {n_layers}-layer vision tower (valid: {} ..= {n})", -(n + 1))));
+        return Err(root.err(
+            key,
+            format!("{bad} is not a hidden state of a {n_layers}-layer vision tower (valid: {} ..= {n})", -(n + 1)),
+        ));
     }
     Ok(layers)
 }
 
 fn parse_pinpoints(f: Fields, v: &Value) -> Result<Vec<(usize, usize)>> {
     let key = "image_grid_pinpoints";
-    let bad = || f.err(key, format!("expected a non-empty list of [height, width] pairs of positive integers, got {v}"));
+    let bad =
+        || f.err(key, format!("expected a non-empty list of [height, width] pairs of positive integers, got {v}"));
     let Value::Array(list) = v else { return Err(bad()) };
     if list.is_empty() {
         return Err(bad());
@@ -561,7 +636,9 @@ fn parse_pinpoints(f: Fields, v: &Value) -> Result<Vec<(usize, usize)>> {
             Some(a) if a.len() == 2 => match (a[0], a[1]) {
                 (Some(h), Some(w)) if h > 0 && w > 0 => {
                     if h.max(w) > MAX_IMAGE_SIDE as u64 {
-                        return Err(f.err(key, format!("[{h}, {w}] has a side above the limit of {MAX_IMAGE_SIDE} pixels")));
+                        return Err(
+                            f.err(key, format!("[{h}, {w}] has a side above the limit of {MAX_IMAGE_SIDE} pixels"))
+                        );
                     }
                     out.push((h as usize, w as usize))
                 }
@@ -629,7 +706,12 @@ impl LlavaPreprocessorConfig {
     /// Defaults matched to a model config.
     pub fn for_model(model: &LlavaNextConfig) -> LlavaPreprocessorConfig {
         let s = model.vision.image_size;
-        LlavaPreprocessorConfig { shortest_edge: s, crop_size: (s, s), image_grid_pinpoints: model.image_grid_pinpoints.clone(), ..Self::default() }
+        LlavaPreprocessorConfig {
+            shortest_edge: s,
+            crop_size: (s, s),
+            image_grid_pinpoints: model.image_grid_pinpoints.clone(),
+            ..Self::default()
+        }
     }
 
     pub fn from_json(v: &Value, file: &Path) -> Result<LlavaPreprocessorConfig> {
@@ -647,7 +729,11 @@ impl LlavaPreprocessorConfig {
                 match (s.opt_usize("shortest_edge")?, s.opt_usize("height")?, s.opt_usize("width")?) {
                     (Some(e), _, _) if e > 0 => s.within("shortest_edge", e, MAX_IMAGE_SIDE)?,
                     (None, Some(h), Some(w)) if h == w && h > 0 => s.within("height", h, MAX_IMAGE_SIDE)?,
-                    _ => return Err(s.err("shortest_edge", "expected a positive shortest_edge (or equal height and width)")),
+                    _ => {
+                        return Err(
+                            s.err("shortest_edge", "expected a positive shortest_edge (or equal height and width)")
+                        )
+                    }
                 }
             }
         };
@@ -672,8 +758,12 @@ impl LlavaPreprocessorConfig {
         let triple = |key: &str, default: [f32; 3], positive: bool| -> Result<[f32; 3]> {
             match f.opt_f64_list(key)? {
                 None => Ok(default),
-                Some(l) if l.len() == 3 && (!positive || l.iter().all(|&x| x > 0.0)) => Ok([l[0] as f32, l[1] as f32, l[2] as f32]),
-                Some(l) => Err(f.err(key, format!("expected 3 {}numbers, got {l:?}", if positive { "positive " } else { "" }))),
+                Some(l) if l.len() == 3 && (!positive || l.iter().all(|&x| x > 0.0)) => {
+                    Ok([l[0] as f32, l[1] as f32, l[2] as f32])
+                }
+                Some(l) => {
+                    Err(f.err(key, format!("expected 3 {}numbers, got {l:?}", if positive { "positive " } else { "" })))
+                }
             }
         };
         let resample = f.opt_usize("resample")?.unwrap_or(3) as u32;
@@ -700,7 +790,11 @@ impl LlavaPreprocessorConfig {
     /// the same pinpoints (the token count the processor writes must equal the model's).
     pub fn check_against(&self, model: &LlavaNextConfig) -> Result<()> {
         if self.shortest_edge != model.vision.image_size {
-            bail!("size.shortest_edge {} does not match the model's vision_config.image_size {}", self.shortest_edge, model.vision.image_size);
+            bail!(
+                "size.shortest_edge {} does not match the model's vision_config.image_size {}",
+                self.shortest_edge,
+                model.vision.image_size
+            );
         }
         if self.image_grid_pinpoints != model.image_grid_pinpoints {
             bail!(
@@ -742,7 +836,10 @@ pub fn spellings(canonical: &str) -> Vec<String> {
 /// Names outside the model are returned unchanged.
 pub fn canonical_name(name: &str) -> String {
     let n = name.strip_prefix("model.").filter(|r| {
-        r.starts_with("vision_tower.") || r.starts_with("language_model.") || r.starts_with("multi_modal_projector.") || *r == "image_newline"
+        r.starts_with("vision_tower.")
+            || r.starts_with("language_model.")
+            || r.starts_with("multi_modal_projector.")
+            || *r == "image_newline"
     });
     let in_memory = n.is_some();
     let n = n.unwrap_or(name);
@@ -772,7 +869,11 @@ pub fn resolve(ckpt: &Checkpoint, canonical: &str) -> Result<String> {
     }
     // The checkpoint's own not-found message names its directory and files.
     let inner = ckpt.raw(&cands[0]).err().map(|e| e.to_string()).unwrap_or_default();
-    bail!("LLaVA-NeXT weight `{}` is missing: none of its spellings [{}] is present; {inner}", cands[0], cands.join(", "))
+    bail!(
+        "LLaVA-NeXT weight `{}` is missing: none of its spellings [{}] is present; {inner}",
+        cands[0],
+        cands.join(", ")
+    )
 }
 
 /// Every tensor of a LLaVA-NeXT checkpoint for `cfg`, canonical name and shape, in model order

@@ -3,7 +3,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod model;
 pub mod packing;
 pub mod processor;
 pub mod vision;
-pub mod model;

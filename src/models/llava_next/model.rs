@@ -122,8 +122,15 @@ pub struct LlavaNext {
 /// Decoder sizes from the config.
 pub fn lm_dims(cfg: &LlavaNextConfig) -> Result<LmDims> {
     let c = &cfg.text;
-    if c.num_attention_heads == 0 || c.num_key_value_heads == 0 || !c.num_attention_heads.is_multiple_of(c.num_key_value_heads) {
-        bail!("text_config: num_attention_heads {} must be a positive multiple of num_key_value_heads {}", c.num_attention_heads, c.num_key_value_heads);
+    if c.num_attention_heads == 0
+        || c.num_key_value_heads == 0
+        || !c.num_attention_heads.is_multiple_of(c.num_key_value_heads)
+    {
+        bail!(
+            "text_config: num_attention_heads {} must be a positive multiple of num_key_value_heads {}",
+            c.num_attention_heads,
+            c.num_key_value_heads
+        );
     }
     Ok(LmDims {
         layer: LayerDims {
@@ -156,12 +163,20 @@ fn aliases(name: &str) -> Vec<String> {
 /// `[Σ tiles, 3, S, S]` the model takes, keeping `num_tiles[i]` tiles of image i.
 pub fn strip_tile_padding(pixels: &[f32], max_tiles: usize, num_tiles: &[usize], tile_len: usize) -> Result<Vec<f32>> {
     if pixels.len() != num_tiles.len() * max_tiles * tile_len {
-        bail!("pixel_values has {} values, expected {} images × {max_tiles} tiles × {tile_len}", pixels.len(), num_tiles.len());
+        bail!(
+            "pixel_values has {} values, expected {} images × {max_tiles} tiles × {tile_len}",
+            pixels.len(),
+            num_tiles.len()
+        );
     }
     if let Some(&n) = num_tiles.iter().find(|&&n| n > max_tiles) {
         bail!("an image has {n} tiles, more than the batch's {max_tiles}");
     }
-    Ok(num_tiles.iter().enumerate().flat_map(|(i, &n)| pixels[i * max_tiles * tile_len..][..n * tile_len].iter().copied()).collect())
+    Ok(num_tiles
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &n)| pixels[i * max_tiles * tile_len..][..n * tile_len].iter().copied())
+        .collect())
 }
 
 impl TrainState for LlavaNext {
@@ -216,7 +231,18 @@ impl LlavaNext {
         let names = lm_names();
         let gelu = Gelu::from_hf(&cfg.projector_hidden_act)?;
         let params = build_params(&cfg, &vdims, &tdims, &names, false, make)?;
-        Ok(LlavaNext { cfg, vdims, tdims, names, params, gelu, grads: None, lora: None, adapters_off: std::cell::Cell::new(false), grad_store: GradStore::F32 })
+        Ok(LlavaNext {
+            cfg,
+            vdims,
+            tdims,
+            names,
+            params,
+            gelu,
+            grads: None,
+            lora: None,
+            adapters_off: std::cell::Cell::new(false),
+            grad_store: GradStore::F32,
+        })
     }
 
     /// The dtype of weights and activations.
@@ -273,7 +299,8 @@ impl LlavaNext {
         let (cfg, vd, td, names) = (&self.cfg, &self.vdims, &self.tdims, &self.names);
         let LlavaParams { vision, proj, newline, text } = &mut self.params;
         // The gradient set's vision list is a prefix of the parameters' (see ClipParams::entries).
-        let mut out: Vec<(ParamRef, &mut Buf, &Buf)> = vision.entries_mut(vd).into_iter().zip(g.vision.entries(vd)).map(|((r, p), (_, g))| (r, p, g)).collect();
+        let mut out: Vec<(ParamRef, &mut Buf, &Buf)> =
+            vision.entries_mut(vd).into_iter().zip(g.vision.entries(vd)).map(|((r, p), (_, g))| (r, p, g)).collect();
         let rest_g = head_entries(&g.proj, &g.newline, cfg).into_iter().chain(g.text.entries(td, names));
         let rest_p = head_entries_mut(proj, newline, cfg).into_iter().chain(text.entries_mut(td, names));
         out.extend(rest_p.zip(rest_g).map(|((r, p), (_, g))| (r, p, g)));
@@ -283,7 +310,10 @@ impl LlavaNext {
     /// Anyres layout of each image.
     pub fn geometries(&self, image_sizes: &[(usize, usize)]) -> Result<Vec<AnyresGeometry>> {
         let v = &self.cfg.vision;
-        image_sizes.iter().map(|&hw| AnyresGeometry::new(hw, &self.cfg.image_grid_pinpoints, v.image_size, v.patch_size)).collect()
+        image_sizes
+            .iter()
+            .map(|&hw| AnyresGeometry::new(hw, &self.cfg.image_grid_pinpoints, v.image_size, v.patch_size))
+            .collect()
     }
 
     /// Packed image features [Σ tokens, Dt] (what replaces the `<image>` tokens), images in order.
@@ -291,7 +321,9 @@ impl LlavaNext {
         Ok(self.image_forward(dev, pixels, image_sizes, false)?.0)
     }
 
-    fn image_forward(&self, dev: &Device, pixels: &[f32], image_sizes: &[(usize, usize)], recompute: bool) -> Result<(Buf, ImageFwd)> {
+    fn image_forward(
+        &self, dev: &Device, pixels: &[f32], image_sizes: &[(usize, usize)], recompute: bool,
+    ) -> Result<(Buf, ImageFwd)> {
         let (vd, dt) = (&self.vdims, self.dtype());
         let geos = self.geometries(image_sizes)?;
         let tiles: usize = geos.iter().map(|g| g.num_tiles()).sum();
@@ -332,7 +364,18 @@ impl LlavaNext {
         let mut dh1 = dproj; // reuse [n, Dt]
         act::gelu_bwd(dev, &mut dh1, &da1, &f.h1, n * dtx, self.gelu)?;
         let mut dfeat = dev.zeros(dt, n * vd.d)?;
-        matmul::linear_bwd(dev, Some(&mut dfeat), &mut g.proj.w1, g.proj.b1.as_mut(), &dh1, &f.feats, &p.w1, n, vd.d, dtx)?;
+        matmul::linear_bwd(
+            dev,
+            Some(&mut dfeat),
+            &mut g.proj.w1,
+            g.proj.b1.as_mut(),
+            &dh1,
+            &f.feats,
+            &p.w1,
+            n,
+            vd.d,
+            dtx,
+        )?;
         vision::backward(dev, vd, &self.params.vision, &mut g.vision, &f.clip, &dfeat)
     }
 
@@ -344,7 +387,11 @@ impl LlavaNext {
         let at: Vec<usize> = ids.iter().enumerate().filter(|(_, &id)| id as i64 == img).map(|(i, _)| i).collect();
         let want: usize = self.geometries(image_sizes)?.iter().map(|g| g.num_tokens()).sum();
         if at.len() != want {
-            bail!("LLaVA-NeXT: {} <image> tokens, but the {} image(s) of sizes {image_sizes:?} give {want} features", at.len(), image_sizes.len());
+            bail!(
+                "LLaVA-NeXT: {} <image> tokens, but the {} image(s) of sizes {image_sizes:?} give {want} features",
+                at.len(),
+                image_sizes.len()
+            );
         }
         let ids = ids.iter().map(|&id| if id as i64 == img { 0 } else { id }).collect();
         Ok((at, ids))
@@ -353,7 +400,9 @@ impl LlavaNext {
     /// Mistral's sliding window (if set) must cover every sequence: it is not applied.
     fn check_window(&self, len: usize) -> Result<()> {
         match self.cfg.text.sliding_window {
-            Some(w) if len > w => bail!("LLaVA-NeXT: a sequence of {len} tokens exceeds Mistral's sliding_window {w}, which is not implemented"),
+            Some(w) if len > w => bail!(
+                "LLaVA-NeXT: a sequence of {len} tokens exceeds Mistral's sliding_window {w}, which is not implemented"
+            ),
             _ => Ok(()),
         }
     }
@@ -377,7 +426,17 @@ impl LlavaNext {
             (Some(e), Some(f))
         };
         let inject = embeds.as_ref().map(|rows| Inject { rows, at: &at });
-        let text = lm::forward(dev, &self.tdims, &self.params.text, self.lora_text(), &ids, &pos, b.cu_seqlens, inject, &rc.text)?;
+        let text = lm::forward(
+            dev,
+            &self.tdims,
+            &self.params.text,
+            self.lora_text(),
+            &ids,
+            &pos,
+            b.cu_seqlens,
+            inject,
+            &rc.text,
+        )?;
         Ok(LlavaFwd { image, text })
     }
 
@@ -390,18 +449,34 @@ impl LlavaNext {
     pub fn logprobs(&self, dev: &Device, f: &LlavaFwd, targets: &Buf, mask: Option<&Buf>) -> Result<(Buf, Buf)> {
         let (s, d, v) = (f.tokens(), self.tdims.layer.d, self.tdims.vocab);
         let (mut logp, mut lse) = (dev.zeros_f32(s)?, dev.zeros_f32(s)?);
-        logprob::fwd(dev, &mut logp, &mut lse, None, f.final_hidden(), self.params.text.head(), targets, mask, s, d, v)?;
+        logprob::fwd(
+            dev,
+            &mut logp,
+            &mut lse,
+            None,
+            f.final_hidden(),
+            self.params.text.head(),
+            targets,
+            mask,
+            s,
+            d,
+            v,
+        )?;
         Ok((logp, lse))
     }
 
     /// Backward from d objective / d logp [S] (f32) of `logprobs`: accumulates every gradient.
-    pub fn backward_logprobs(&mut self, dev: &Device, f: &LlavaFwd, targets: &Buf, lse: &Buf, dlogp: &Buf) -> Result<()> {
+    pub fn backward_logprobs(
+        &mut self, dev: &Device, f: &LlavaFwd, targets: &Buf, lse: &Buf, dlogp: &Buf,
+    ) -> Result<()> {
         self.backward_logprobs_scaled(dev, f, targets, lse, dlogp, 1.0)
     }
 
     /// As `backward_logprobs` after the final hidden states were scaled by `hidden_scale`
     /// (1/T: log-probs at temperature T): the head saw h·s, so d h = s · d(h·s).
-    pub fn backward_logprobs_scaled(&mut self, dev: &Device, f: &LlavaFwd, targets: &Buf, lse: &Buf, dlogp: &Buf, hidden_scale: f32) -> Result<()> {
+    pub fn backward_logprobs_scaled(
+        &mut self, dev: &Device, f: &LlavaFwd, targets: &Buf, lse: &Buf, dlogp: &Buf, hidden_scale: f32,
+    ) -> Result<()> {
         let (s, d, v) = (f.tokens(), self.tdims.layer.d, self.tdims.vocab);
         self.ensure_grads(dev)?;
         let mut dxf = dev.zeros(self.dtype(), s * d)?;
@@ -455,7 +530,10 @@ impl LlavaNext {
     /// pixels and sizes. Returns logits [batch·n_new, V], or with `last_only` [batch, V] for
     /// each sequence's last new token (sampling).
     #[allow(clippy::too_many_arguments)]
-    pub fn extend(&self, dev: &Device, s: &mut Session, ids: &[i32], n_new: usize, pixels: &[f32], image_sizes: &[(usize, usize)], last_only: bool) -> Result<Buf> {
+    pub fn extend(
+        &self, dev: &Device, s: &mut Session, ids: &[i32], n_new: usize, pixels: &[f32],
+        image_sizes: &[(usize, usize)], last_only: bool,
+    ) -> Result<Buf> {
         let (at, ids) = self.placeholders(ids, image_sizes)?;
         let lens = s.lm.lens().to_vec();
         if n_new == 0 || ids.len() != lens.len() * n_new {
@@ -468,7 +546,8 @@ impl LlavaNext {
         }
         let embeds = if image_sizes.is_empty() { None } else { Some(self.image_embeds(dev, pixels, image_sizes)?) };
         let inject = embeds.as_ref().map(|rows| Inject { rows, at: &at });
-        let hidden = lm::extend(dev, &self.tdims, &self.params.text, self.lora_text(), &mut s.lm, &ids, &pos, n_new, inject)?;
+        let hidden =
+            lm::extend(dev, &self.tdims, &self.params.text, self.lora_text(), &mut s.lm, &ids, &pos, n_new, inject)?;
         let (t, d) = (ids.len(), self.tdims.layer.d);
         if !last_only {
             return lm::logits(dev, &self.tdims, &self.params.text, &hidden, t);
@@ -485,7 +564,9 @@ impl LlavaNext {
     /// A ragged rollout step (see `QwenVl::step_ragged`); positions `pos` [T_new] continue each
     /// sequence's cache. `<image>` ids are replaced by 0 before the embedding (the placeholder may
     /// lie past the vocabulary); their rows come from `image_rows`.
-    pub fn step_ragged(&self, dev: &Device, cache: &mut LmCache, ids: &[i32], pos: &[i32], cu_new: &[i32], image_rows: Option<&Buf>) -> Result<Buf> {
+    pub fn step_ragged(
+        &self, dev: &Device, cache: &mut LmCache, ids: &[i32], pos: &[i32], cu_new: &[i32], image_rows: Option<&Buf>,
+    ) -> Result<Buf> {
         let img = self.cfg.image_token_index as i64;
         let at: Vec<usize> = ids.iter().enumerate().filter(|(_, &id)| id as i64 == img).map(|(i, _)| i).collect();
         let ids: Vec<i32> = ids.iter().map(|&id| if id as i64 == img { 0 } else { id }).collect();
@@ -493,7 +574,8 @@ impl LlavaNext {
             self.check_window(l as usize + (cu_new[b + 1] - cu_new[b]) as usize)?;
         }
         let inject = lm::inject_checked(&at, image_rows, self.tdims.layer.d)?;
-        let hidden = lm::extend_ragged(dev, &self.tdims, &self.params.text, self.lora_text(), cache, &ids, pos, cu_new, inject)?;
+        let hidden =
+            lm::extend_ragged(dev, &self.tdims, &self.params.text, self.lora_text(), cache, &ids, pos, cu_new, inject)?;
         lm::last_logits(dev, &self.tdims, &self.params.text, &hidden, cu_new, self.dtype())
     }
 }
@@ -518,7 +600,12 @@ fn packing(dev: &Device, geos: &[AnyresGeometry], g: usize, n_feat: usize) -> Re
         feat_off += geo.num_tiles() * g * g;
         tok_off += geo.num_tokens();
     }
-    Ok(Packing { src: RowIndex::new(dev, &src, n_feat)?, dst: RowIndex::new(dev, &dst, tok_off)?, newline: RowIndex::new(dev, &newline, tok_off)?, tokens: tok_off })
+    Ok(Packing {
+        src: RowIndex::new(dev, &src, n_feat)?,
+        dst: RowIndex::new(dev, &dst, tok_off)?,
+        newline: RowIndex::new(dev, &newline, tok_off)?,
+        tokens: tok_off,
+    })
 }
 
 /// Projector (w1, b1, w2, b2) and image_newline names; biases per the config.
@@ -533,7 +620,10 @@ fn head_refs(cfg: &LlavaNextConfig) -> [ParamRef; 5] {
     ]
 }
 
-fn build_params(cfg: &LlavaNextConfig, vd: &ClipDims, td: &LmDims, names: &LmNames, grads: bool, make: &mut dyn FnMut(&ParamRef) -> Result<Buf>) -> Result<LlavaParams> {
+fn build_params(
+    cfg: &LlavaNextConfig, vd: &ClipDims, td: &LmDims, names: &LmNames, grads: bool,
+    make: &mut dyn FnMut(&ParamRef) -> Result<Buf>,
+) -> Result<LlavaParams> {
     let vision = ClipParams::build(vd, grads, make)?;
     let [rw1, rb1, rw2, rb2, rnl] = head_refs(cfg);
     let bias = cfg.multimodal_projector_bias;
@@ -556,7 +646,9 @@ fn head_entries<'a>(p: &'a Projector, newline: &'a Buf, cfg: &LlavaNextConfig) -
     v
 }
 
-fn head_entries_mut<'a>(p: &'a mut Projector, newline: &'a mut Buf, cfg: &LlavaNextConfig) -> Vec<(ParamRef, &'a mut Buf)> {
+fn head_entries_mut<'a>(
+    p: &'a mut Projector, newline: &'a mut Buf, cfg: &LlavaNextConfig,
+) -> Vec<(ParamRef, &'a mut Buf)> {
     let [rw1, rb1, rw2, rb2, rnl] = head_refs(cfg);
     let Projector { w1, b1, w2, b2 } = p;
     let mut v = vec![(rw1, w1)];
@@ -567,7 +659,9 @@ fn head_entries_mut<'a>(p: &'a mut Projector, newline: &'a mut Buf, cfg: &LlavaN
     v
 }
 
-fn entries<'a>(p: &'a LlavaParams, cfg: &LlavaNextConfig, vd: &ClipDims, td: &LmDims, names: &LmNames) -> Vec<(ParamRef, &'a Buf)> {
+fn entries<'a>(
+    p: &'a LlavaParams, cfg: &LlavaNextConfig, vd: &ClipDims, td: &LmDims, names: &LmNames,
+) -> Vec<(ParamRef, &'a Buf)> {
     let mut v = p.vision.entries(vd);
     v.extend(head_entries(&p.proj, &p.newline, cfg));
     v.extend(p.text.entries(td, names));

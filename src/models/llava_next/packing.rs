@@ -143,7 +143,9 @@ pub struct AnyresGeometry {
 
 impl AnyresGeometry {
     /// The layout of an image of `orig_hw` for the given pinpoints, tile size and patch size.
-    pub fn new(orig_hw: (usize, usize), pinpoints: &[(usize, usize)], tile_px: usize, patch_px: usize) -> Result<AnyresGeometry> {
+    pub fn new(
+        orig_hw: (usize, usize), pinpoints: &[(usize, usize)], tile_px: usize, patch_px: usize,
+    ) -> Result<AnyresGeometry> {
         let best = select_best_resolution(orig_hw, pinpoints)?;
         Self::with_canvas(orig_hw, best, tile_px, patch_px)
     }
@@ -154,7 +156,9 @@ impl AnyresGeometry {
     }
 
     /// The layout for an already chosen canvas `best_hw`.
-    pub fn with_canvas(orig_hw: (usize, usize), best_hw: (usize, usize), tile_px: usize, patch_px: usize) -> Result<AnyresGeometry> {
+    pub fn with_canvas(
+        orig_hw: (usize, usize), best_hw: (usize, usize), tile_px: usize, patch_px: usize,
+    ) -> Result<AnyresGeometry> {
         let (h, w) = orig_hw;
         if h == 0 || w == 0 {
             bail!("anyres: image of size {h}x{w} has an empty side");
@@ -219,7 +223,9 @@ impl AnyresGeometry {
 
 /// The pack plan of one image (see [`AnyresGeometry::plan`]): `orig_hw` its original size,
 /// `best_hw` the chosen pinpoint canvas, `tile_px` the vision image_size, `patches_per_side` g.
-pub fn pack_plan(orig_hw: (usize, usize), best_hw: (usize, usize), tile_px: usize, patches_per_side: usize) -> Result<Vec<PackSrc>> {
+pub fn pack_plan(
+    orig_hw: (usize, usize), best_hw: (usize, usize), tile_px: usize, patches_per_side: usize,
+) -> Result<Vec<PackSrc>> {
     if patches_per_side == 0 || !tile_px.is_multiple_of(patches_per_side) {
         bail!("pack_plan: {patches_per_side} patches per side do not divide the tile size {tile_px}");
     }
@@ -228,7 +234,9 @@ pub fn pack_plan(orig_hw: (usize, usize), best_hw: (usize, usize), tile_px: usiz
 
 /// `<image>` tokens an image of `orig_hw` takes (the processor's count, which the model's
 /// packing reproduces).
-pub fn image_token_count(orig_hw: (usize, usize), pinpoints: &[(usize, usize)], tile_px: usize, patch_px: usize) -> Result<usize> {
+pub fn image_token_count(
+    orig_hw: (usize, usize), pinpoints: &[(usize, usize)], tile_px: usize, patch_px: usize,
+) -> Result<usize> {
     Ok(AnyresGeometry::new(orig_hw, pinpoints, tile_px, patch_px)?.num_tokens())
 }
 

@@ -48,7 +48,8 @@ pub fn resize_bicubic_pillow(img: &RgbImage, new_w: usize, new_h: usize) -> Resu
     let dh = h - new_h as i64;
     let vertical_first = dh > 0 && dh > (w - new_w as i64) * 2;
     // One axis per call, so the order is ours whatever `resize_bicubic` does with two.
-    let first = if vertical_first { resize_bicubic(img, img.width, new_h)? } else { resize_bicubic(img, new_w, img.height)? };
+    let first =
+        if vertical_first { resize_bicubic(img, img.width, new_h)? } else { resize_bicubic(img, new_w, img.height)? };
     resize_bicubic(&first, new_w, new_h)
 }
 
@@ -83,7 +84,11 @@ fn write_tile(dst: &mut [f32], img: &RgbImage, offset: (usize, usize), y0: usize
             let iy = cy - oy;
             for (x, v) in row.iter_mut().enumerate() {
                 let cx = x0 + x;
-                *v = if cx < ox || cx >= ox + img.width { black } else { lut[c * 256 + img.at(cx - ox, iy, c) as usize] };
+                *v = if cx < ox || cx >= ox + img.width {
+                    black
+                } else {
+                    lut[c * 256 + img.at(cx - ox, iy, c) as usize]
+                };
             }
         }
     }
@@ -126,7 +131,13 @@ pub fn process_image(img: &RgbImage, cfg: &LlavaPreprocessorConfig) -> Result<Pr
             write_tile(&mut pv[t * tile_len..(t + 1) * tile_len], resized, geo.pad_top_left, ty * s, tx * s, s, &lut);
         }
     }
-    Ok(ProcessedImage { pixel_values: pv, num_tiles: geo.num_tiles(), tile_size: s, image_size: (img.height, img.width), geometry: geo })
+    Ok(ProcessedImage {
+        pixel_values: pv,
+        num_tiles: geo.num_tiles(),
+        tile_size: s,
+        image_size: (img.height, img.width),
+        geometry: geo,
+    })
 }
 
 /// Decodes and preprocesses an image file.

@@ -55,8 +55,18 @@ impl ClipDims {
         let [feature_state] = states[..] else {
             bail!("LLaVA-NeXT: vision_feature_layer {:?} selects {} hidden states; only a single feature layer is supported", cfg.vision_feature_layer, states.len());
         };
-        if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) || v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
-            bail!("vision_config: hidden {} / heads {}, image {} / patch {} must divide", v.hidden_size, v.num_attention_heads, v.image_size, v.patch_size);
+        if v.num_attention_heads == 0
+            || !v.hidden_size.is_multiple_of(v.num_attention_heads)
+            || v.patch_size == 0
+            || !v.image_size.is_multiple_of(v.patch_size)
+        {
+            bail!(
+                "vision_config: hidden {} / heads {}, image {} / patch {} must divide",
+                v.hidden_size,
+                v.num_attention_heads,
+                v.image_size,
+                v.patch_size
+            );
         }
         Ok(ClipDims {
             d: v.hidden_size,
@@ -128,8 +138,29 @@ const LAYER_NAMES: [&str; 16] = [
 
 fn layer_refs(dims: &ClipDims, l: usize) -> Vec<ParamRef> {
     let (d, i) = (dims.d, dims.inter);
-    let shapes: [&[usize]; 16] = [&[d], &[d], &[d, d], &[d], &[d, d], &[d], &[d, d], &[d], &[d, d], &[d], &[d], &[d], &[i, d], &[i], &[d, i], &[d]];
-    LAYER_NAMES.iter().zip(shapes).map(|(n, s)| ParamRef::whole(&format!("{PREFIX}encoder.layers.{l}.{n}"), s)).collect()
+    let shapes: [&[usize]; 16] = [
+        &[d],
+        &[d],
+        &[d, d],
+        &[d],
+        &[d, d],
+        &[d],
+        &[d, d],
+        &[d],
+        &[d, d],
+        &[d],
+        &[d],
+        &[d],
+        &[i, d],
+        &[i],
+        &[d, i],
+        &[d],
+    ];
+    LAYER_NAMES
+        .iter()
+        .zip(shapes)
+        .map(|(n, s)| ParamRef::whole(&format!("{PREFIX}encoder.layers.{l}.{n}"), s))
+        .collect()
 }
 
 impl ClipLayer {
@@ -137,13 +168,30 @@ impl ClipLayer {
         let mut v = refs.iter().map(make).collect::<Result<Vec<_>>>()?.into_iter();
         let mut next = || v.next().ok_or_else(|| anyhow::anyhow!("CLIP layer: tensor list too short"));
         Ok(ClipLayer {
-            ln1_w: next()?, ln1_b: next()?, wq: next()?, bq: next()?, wk: next()?, bk: next()?, wv: next()?, bv: next()?,
-            wo: next()?, bo: next()?, ln2_w: next()?, ln2_b: next()?, fc1_w: next()?, fc1_b: next()?, fc2_w: next()?, fc2_b: next()?,
+            ln1_w: next()?,
+            ln1_b: next()?,
+            wq: next()?,
+            bq: next()?,
+            wk: next()?,
+            bk: next()?,
+            wv: next()?,
+            bv: next()?,
+            wo: next()?,
+            bo: next()?,
+            ln2_w: next()?,
+            ln2_b: next()?,
+            fc1_w: next()?,
+            fc1_b: next()?,
+            fc2_w: next()?,
+            fc2_b: next()?,
         })
     }
     fn all(&self) -> [&Buf; 16] {
         let p = self;
-        [&p.ln1_w, &p.ln1_b, &p.wq, &p.bq, &p.wk, &p.bk, &p.wv, &p.bv, &p.wo, &p.bo, &p.ln2_w, &p.ln2_b, &p.fc1_w, &p.fc1_b, &p.fc2_w, &p.fc2_b]
+        [
+            &p.ln1_w, &p.ln1_b, &p.wq, &p.bq, &p.wk, &p.bk, &p.wv, &p.bv, &p.wo, &p.bo, &p.ln2_w, &p.ln2_b, &p.fc1_w,
+            &p.fc1_b, &p.fc2_w, &p.fc2_b,
+        ]
     }
     fn all_mut(&mut self) -> [&mut Buf; 16] {
         let ClipLayer { ln1_w, ln1_b, wq, bq, wk, bk, wv, bv, wo, bo, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b } = self;
@@ -193,7 +241,8 @@ impl ClipParams {
     /// parameter set's (layers in order, post_layernorm last).
     pub fn entries(&self, dims: &ClipDims) -> Vec<(ParamRef, &Buf)> {
         let [rc, rp, rpos, rw, rb, rpw, rpb] = outer_refs(dims);
-        let mut v = vec![(rc, &self.class_emb), (rp, &self.patch), (rpos, &self.pos), (rw, &self.pre_w), (rb, &self.pre_b)];
+        let mut v =
+            vec![(rc, &self.class_emb), (rp, &self.patch), (rpos, &self.pos), (rw, &self.pre_w), (rb, &self.pre_b)];
         for (l, layer) in self.layers.iter().enumerate() {
             v.extend(layer_refs(dims, l).into_iter().zip(layer.all()));
         }
@@ -242,8 +291,20 @@ impl ClipActs {
         let a = |n: usize| dev.zeros(dt, n);
         let f = |n: usize| dev.zeros_f32(n);
         Ok(ClipActs {
-            mean1: f(t)?, rstd1: f(t)?, y1: a(t * d)?, q: a(t * d)?, k: a(t * d)?, v: a(t * d)?, att: a(t * d)?, lse: f(dims.heads * t)?,
-            mid: a(t * d)?, mean2: f(t)?, rstd2: f(t)?, y2: a(t * d)?, h: a(t * i)?, a: a(t * i)?,
+            mean1: f(t)?,
+            rstd1: f(t)?,
+            y1: a(t * d)?,
+            q: a(t * d)?,
+            k: a(t * d)?,
+            v: a(t * d)?,
+            att: a(t * d)?,
+            lse: f(dims.heads * t)?,
+            mid: a(t * d)?,
+            mean2: f(t)?,
+            rstd2: f(t)?,
+            y2: a(t * d)?,
+            h: a(t * i)?,
+            a: a(t * i)?,
         })
     }
 }
@@ -298,7 +359,20 @@ impl Layer<'_> {
         let mut datt = dev.zeros(dt, t * d)?;
         matmul::linear_bwd(dev, Some(&mut datt), &mut g.wo, Some(&mut g.bo), &dmid, &a.att, &w.wo, t, d, d)?;
         let (mut dq, mut dk, mut dv) = (dev.zeros(dt, t * d)?, dev.zeros(dt, t * d)?, dev.zeros(dt, t * d)?);
-        attention::bwd(dev, &mut dq, &mut dk, &mut dv, &datt, &a.q, &a.k, &a.v, &a.att, &a.lse, self.segs, &self.shape())?;
+        attention::bwd(
+            dev,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &datt,
+            &a.q,
+            &a.k,
+            &a.v,
+            &a.att,
+            &a.lse,
+            self.segs,
+            &self.shape(),
+        )?;
         let mut tmp = datt; // reuse [T, D]
         matmul::linear_bwd(dev, Some(&mut dy), &mut g.wq, Some(&mut g.bq), &dq, &a.y1, &w.wq, t, d, d)?;
         matmul::linear_bwd(dev, Some(&mut tmp), &mut g.wk, Some(&mut g.bk), &dk, &a.y1, &w.wk, t, d, d)?;
@@ -338,14 +412,14 @@ pub fn patchify(pixels: &[f32], tiles: usize, dims: &ClipDims) -> Result<Vec<f32
 /// What the tower's forward keeps for its backward.
 pub struct ClipFwd {
     pub tiles: usize,
-    patches: Buf,         // [tiles·g², C·P·P] f32
-    patch_rows: RowIndex, // [tiles·g²] rows of the patch tokens in [tiles·(g²+1)]
-    cls_rows: RowIndex,   // [tiles] the CLS rows
-    segs: Varlen,         // one segment of g²+1 tokens per tile
-    emb: Buf,             // [T, D] input of pre_layrnorm
-    pre_mean: Buf,        // [T] f32
-    pre_rstd: Buf,        // [T] f32
-    hs: Vec<Buf>,         // feature_state + 1 hidden states [T, D]
+    patches: Buf,                // [tiles·g², C·P·P] f32
+    patch_rows: RowIndex,        // [tiles·g²] rows of the patch tokens in [tiles·(g²+1)]
+    cls_rows: RowIndex,          // [tiles] the CLS rows
+    segs: Varlen,                // one segment of g²+1 tokens per tile
+    emb: Buf,                    // [T, D] input of pre_layrnorm
+    pre_mean: Buf,               // [T] f32
+    pre_rstd: Buf,               // [T] f32
+    hs: Vec<Buf>,                // feature_state + 1 hidden states [T, D]
     acts: Vec<Option<ClipActs>>, // None: recompute in backward
 }
 
@@ -357,14 +431,17 @@ impl ClipFwd {
 
 /// Patch features [tiles·g², D] (CLS dropped) of `tiles` tile images `pixels` [tiles, C, S, S],
 /// and the saved state; with `recompute` the layers keep only their inputs.
-pub fn forward(dev: &Device, dims: &ClipDims, p: &ClipParams, pixels: &[f32], tiles: usize, recompute: bool) -> Result<(Buf, ClipFwd)> {
+pub fn forward(
+    dev: &Device, dims: &ClipDims, p: &ClipParams, pixels: &[f32], tiles: usize, recompute: bool,
+) -> Result<(Buf, ClipFwd)> {
     if tiles == 0 {
         bail!("CLIP: no tiles");
     }
     let (d, seq, gg, k, dt) = (dims.d, dims.seq(), dims.g * dims.g, dims.patch_dim(), p.patch.dtype());
     let (n, t) = (tiles * gg, tiles * seq);
     let patches = dev.upload(&patchify(pixels, tiles, dims)?, DType::F32)?;
-    let patch_rows = RowIndex::new(dev, &(0..tiles).flat_map(|i| (1..seq).map(move |j| i * seq + j)).collect::<Vec<_>>(), t)?;
+    let patch_rows =
+        RowIndex::new(dev, &(0..tiles).flat_map(|i| (1..seq).map(move |j| i * seq + j)).collect::<Vec<_>>(), t)?;
     let cls_rows = RowIndex::new(dev, &(0..tiles).map(|i| i * seq).collect::<Vec<_>>(), t)?;
     // Embeddings: patch GEMM rows and the class token placed per tile, plus positions.
     let mut emb = dev.zeros(dt, t * d)?;
@@ -379,7 +456,8 @@ pub fn forward(dev: &Device, dims: &ClipDims, p: &ClipParams, pixels: &[f32], ti
     let (mut pre_mean, mut pre_rstd) = (dev.zeros_f32(t)?, dev.zeros_f32(t)?);
     layernorm::fwd(dev, &mut h0, &mut pre_mean, &mut pre_rstd, &emb, &p.pre_w, &p.pre_b, t, d, dims.eps)?;
     let segs = Varlen::uniform(dev, tiles, seq)?;
-    let mut f = ClipFwd { tiles, patches, patch_rows, cls_rows, segs, emb, pre_mean, pre_rstd, hs: vec![h0], acts: Vec::new() };
+    let mut f =
+        ClipFwd { tiles, patches, patch_rows, cls_rows, segs, emb, pre_mean, pre_rstd, hs: vec![h0], acts: Vec::new() };
     if p.layers.len() < dims.feature_state {
         bail!("CLIP: {} layers loaded, the feature layer needs {}", p.layers.len(), dims.feature_state);
     }
@@ -397,7 +475,9 @@ pub fn forward(dev: &Device, dims: &ClipDims, p: &ClipParams, pixels: &[f32], ti
 
 /// Accumulates the tower's gradients into `g` (a gradient set: `ClipParams::build` with
 /// `grads`) from d features [tiles·g², D].
-pub fn backward(dev: &Device, dims: &ClipDims, p: &ClipParams, g: &mut ClipParams, f: &ClipFwd, dfeat: &Buf) -> Result<()> {
+pub fn backward(
+    dev: &Device, dims: &ClipDims, p: &ClipParams, g: &mut ClipParams, f: &ClipFwd, dfeat: &Buf,
+) -> Result<()> {
     let (d, seq, gg, k, dt) = (dims.d, dims.seq(), dims.g * dims.g, dims.patch_dim(), p.patch.dtype());
     let (tiles, n, t) = (f.tiles, f.tiles * gg, f.tiles * seq);
     if g.layers.len() < dims.feature_state {

@@ -171,8 +171,11 @@ impl<'a> ChatTemplate<'a> {
                 bail!("the tokenizer has no {t} token (not a Qwen chat tokenizer)");
             }
         }
-        for (t, want) in [(IMAGE_PAD, cfg.image_token_id), (VISION_START, cfg.vision_start_token_id), (VISION_END, cfg.vision_end_token_id)]
-        {
+        for (t, want) in [
+            (IMAGE_PAD, cfg.image_token_id),
+            (VISION_START, cfg.vision_start_token_id),
+            (VISION_END, cfg.vision_end_token_id),
+        ] {
             match tok.token_to_id(t) {
                 Some(id) if id == want => {}
                 Some(id) => bail!("the tokenizer maps {t} to {id} but the model config says {want}"),
@@ -195,7 +198,9 @@ impl<'a> ChatTemplate<'a> {
 
     /// Tokenises `messages`. `Part::Image(i)` refers to `image_grids[i]` (`[t, h, w]` in
     /// patches, from the image processor); its placeholder becomes t·h·w/merge² tokens.
-    pub fn encode_chat(&self, messages: &[ChatMessage], image_grids: &[[usize; 3]], opts: &ChatOptions) -> Result<ChatTokens> {
+    pub fn encode_chat(
+        &self, messages: &[ChatMessage], image_grids: &[[usize; 3]], opts: &ChatOptions,
+    ) -> Result<ChatTokens> {
         let r = render_chat(messages, opts)?;
         let (raw_ids, offsets) = self.encode(&r.text)?;
         let pads = raw_ids.iter().filter(|&&i| i == self.image_pad).count();
@@ -207,9 +212,9 @@ impl<'a> ChatTemplate<'a> {
         }
         let mut grids = Vec::with_capacity(r.image_order.len());
         for &idx in &r.image_order {
-            let g = *image_grids
-                .get(idx)
-                .with_context(|| format!("chat refers to image {idx} but only {} grids were given", image_grids.len()))?;
+            let g = *image_grids.get(idx).with_context(|| {
+                format!("chat refers to image {idx} but only {} grids were given", image_grids.len())
+            })?;
             if g.contains(&0) || g[1] % self.merge != 0 || g[2] % self.merge != 0 {
                 bail!("image {idx}: grid {g:?} is not a positive multiple of the merge size {}", self.merge);
             }
@@ -249,11 +254,7 @@ impl<'a> ChatTemplate<'a> {
 
 /// One-call form: tokenises a chat for `cfg` with `tok`.
 pub fn build_prompt(
-    tok: &Tokenizer,
-    cfg: &QwenVlConfig,
-    messages: &[ChatMessage],
-    image_grids: &[[usize; 3]],
-    opts: &ChatOptions,
+    tok: &Tokenizer, cfg: &QwenVlConfig, messages: &[ChatMessage], image_grids: &[[usize; 3]], opts: &ChatOptions,
 ) -> Result<ChatTokens> {
     ChatTemplate::new(tok, cfg)?.encode_chat(messages, image_grids, opts)
 }

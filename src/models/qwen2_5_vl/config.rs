@@ -13,7 +13,10 @@
 //! capped (`models::limits`).
 
 use crate::checkpoint::write_atomic;
-use crate::models::limits::{MAX_IMAGE_PATCHES, MAX_IMAGE_SIDE, MAX_INTERMEDIATE, MAX_LAYERS, MAX_MERGE, MAX_PATCH, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH};
+use crate::models::limits::{
+    MAX_IMAGE_PATCHES, MAX_IMAGE_SIDE, MAX_INTERMEDIATE, MAX_LAYERS, MAX_MERGE, MAX_PATCH, MAX_POSITIONS, MAX_VOCAB,
+    MAX_WIDTH,
+};
 use crate::models::{read_json, root_object, Fields};
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
@@ -130,12 +133,18 @@ impl QwenVlConfig {
         match root.opt_str("model_type")? {
             Some("qwen2_5_vl") => {}
             Some(other) => {
-                return Err(root.err("model_type", format!("expected \"qwen2_5_vl\", got {other:?} (not a Qwen2.5-VL checkpoint)")))
+                return Err(root.err(
+                    "model_type",
+                    format!("expected \"qwen2_5_vl\", got {other:?} (not a Qwen2.5-VL checkpoint)"),
+                ))
             }
             None => {
                 let archs = root.get("architectures").map(|a| a.to_string()).unwrap_or_default();
                 if !archs.contains("Qwen2_5_VLForConditionalGeneration") {
-                    return Err(root.err("model_type", "missing, and `architectures` does not name Qwen2_5_VLForConditionalGeneration"));
+                    return Err(root.err(
+                        "model_type",
+                        "missing, and `architectures` does not name Qwen2_5_VLForConditionalGeneration",
+                    ));
                 }
             }
         }
@@ -251,7 +260,8 @@ impl QwenVlConfig {
     /// (its layout, `transformers_version` and unmodelled fields kept), `dtype` (or the
     /// recorded one) as the storage dtype; `to_json` when there is no source.
     pub fn to_saved_json(&self, dtype: Option<&str>) -> Value {
-        let reparsed = self.source.get().and_then(|v| Self::from_json(v, Path::new("<source>")).ok()).map(|c| c.to_json());
+        let reparsed =
+            self.source.get().and_then(|v| Self::from_json(v, Path::new("<source>")).ok()).map(|c| c.to_json());
         saved_json(self.source.get(), reparsed.as_ref(), &self.to_json(), dtype.unwrap_or(&self.torch_dtype))
     }
 
@@ -376,12 +386,15 @@ fn parse_text(root: Fields, t: Fields) -> Result<TextConfig> {
     let num_attention_heads = t.size("num_attention_heads", MAX_WIDTH)?;
     let num_key_value_heads = t.size("num_key_value_heads", MAX_WIDTH)?;
     if hidden_size % num_attention_heads != 0 {
-        return Err(t.err("num_attention_heads", format!("{num_attention_heads} does not divide hidden_size {hidden_size}")));
+        return Err(
+            t.err("num_attention_heads", format!("{num_attention_heads} does not divide hidden_size {hidden_size}"))
+        );
     }
     if num_attention_heads % num_key_value_heads != 0 {
-        return Err(
-            t.err("num_key_value_heads", format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"))
-        );
+        return Err(t.err(
+            "num_key_value_heads",
+            format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"),
+        ));
     }
     let head_dim = hidden_size / num_attention_heads;
     if head_dim % 2 != 0 {
@@ -404,10 +417,14 @@ fn parse_text(root: Fields, t: Fields) -> Result<TextConfig> {
     // RoPE: `rope_parameters` (v5) or `rope_scaling` (published); theta inside either, or at the
     // level of the text fields.
     let rope_obj = match t.object("rope_parameters")? {
-        Some(m) => Some(Fields::new(m, if t.prefix.is_empty() { "rope_parameters" } else { "text_config.rope_parameters" }, t.file)),
-        None => t
-            .object("rope_scaling")?
-            .map(|m| Fields::new(m, if t.prefix.is_empty() { "rope_scaling" } else { "text_config.rope_scaling" }, t.file)),
+        Some(m) => Some(Fields::new(
+            m,
+            if t.prefix.is_empty() { "rope_parameters" } else { "text_config.rope_parameters" },
+            t.file,
+        )),
+        None => t.object("rope_scaling")?.map(|m| {
+            Fields::new(m, if t.prefix.is_empty() { "rope_scaling" } else { "text_config.rope_scaling" }, t.file)
+        }),
     };
     let mut rope_theta = t.opt_f64("rope_theta")?;
     let mut mrope_section = None;
@@ -415,7 +432,11 @@ fn parse_text(root: Fields, t: Fields) -> Result<TextConfig> {
         let key = if r.has("rope_type") { "rope_type" } else { "type" };
         match r.opt_str(key)? {
             None | Some("mrope") | Some("default") => {}
-            Some(other) => return Err(r.err(key, format!("rope type {other:?} is not supported (expected \"mrope\" or \"default\")"))),
+            Some(other) => {
+                return Err(
+                    r.err(key, format!("rope type {other:?} is not supported (expected \"mrope\" or \"default\")"))
+                )
+            }
         }
         if let Some(th) = r.opt_f64("rope_theta")? {
             rope_theta = Some(th);
@@ -429,7 +450,10 @@ fn parse_text(root: Fields, t: Fields) -> Result<TextConfig> {
     let mrope_section = mrope_section.unwrap_or_else(|| vec![16, 24, 24]);
     if mrope_section.len() != 3 || mrope_section.iter().sum::<usize>() != head_dim / 2 {
         let r = rope_obj.unwrap_or(t);
-        return Err(r.err("mrope_section", format!("{mrope_section:?} must have 3 entries summing to head_dim/2 = {}", head_dim / 2)));
+        return Err(r.err(
+            "mrope_section",
+            format!("{mrope_section:?} must have 3 entries summing to head_dim/2 = {}", head_dim / 2),
+        ));
     }
 
     // tie_word_embeddings: top level (both layouts) or text_config; they must agree if both say.
@@ -437,7 +461,9 @@ fn parse_text(root: Fields, t: Fields) -> Result<TextConfig> {
     let tie_text = if t.prefix.is_empty() { None } else { t.opt_bool("tie_word_embeddings")? };
     let tie_word_embeddings = match (tie_root, tie_text) {
         (Some(a), Some(b)) if a != b => {
-            return Err(root.err("tie_word_embeddings", format!("{a} conflicts with text_config.tie_word_embeddings = {b}")))
+            return Err(
+                root.err("tie_word_embeddings", format!("{a} conflicts with text_config.tie_word_embeddings = {b}"))
+            )
         }
         (Some(a), _) | (None, Some(a)) => a,
         (None, None) => false,
@@ -469,9 +495,10 @@ fn parse_vision(v: Fields) -> Result<VisionConfig> {
     let hidden_size = v.size("hidden_size", MAX_WIDTH)?;
     let num_heads = v.size("num_heads", MAX_WIDTH)?;
     if hidden_size % num_heads != 0 || (hidden_size / num_heads) % 4 != 0 {
-        return Err(
-            v.err("num_heads", format!("{num_heads} must divide hidden_size {hidden_size} into heads of a multiple of 4 (2-D RoPE)"))
-        );
+        return Err(v.err(
+            "num_heads",
+            format!("{num_heads} must divide hidden_size {hidden_size} into heads of a multiple of 4 (2-D RoPE)"),
+        ));
     }
     let in_channels = match v.opt_usize("in_channels")? {
         Some(c) => c,
@@ -486,7 +513,10 @@ fn parse_vision(v: Fields) -> Result<VisionConfig> {
     if window_size % (patch_size * spatial_merge_size) != 0 {
         return Err(v.err(
             "window_size",
-            format!("{window_size} is not a multiple of patch_size·spatial_merge_size = {}", patch_size * spatial_merge_size),
+            format!(
+                "{window_size} is not a multiple of patch_size·spatial_merge_size = {}",
+                patch_size * spatial_merge_size
+            ),
         ));
     }
     let fullatt_block_indexes = v.opt_usize_list("fullatt_block_indexes")?.unwrap_or_else(|| vec![7, 15, 23, 31]);
@@ -610,8 +640,12 @@ impl QwenPreprocessorConfig {
         let triple = |key: &str, default: [f32; 3], positive: bool| -> Result<[f32; 3]> {
             match f.opt_f64_list(key)? {
                 None => Ok(default),
-                Some(l) if l.len() == 3 && (!positive || l.iter().all(|&x| x > 0.0)) => Ok([l[0] as f32, l[1] as f32, l[2] as f32]),
-                Some(l) => Err(f.err(key, format!("expected 3 {}numbers, got {l:?}", if positive { "positive " } else { "" }))),
+                Some(l) if l.len() == 3 && (!positive || l.iter().all(|&x| x > 0.0)) => {
+                    Ok([l[0] as f32, l[1] as f32, l[2] as f32])
+                }
+                Some(l) => {
+                    Err(f.err(key, format!("expected 3 {}numbers, got {l:?}", if positive { "positive " } else { "" })))
+                }
             }
         };
         let cfg = QwenPreprocessorConfig {
@@ -632,7 +666,10 @@ impl QwenPreprocessorConfig {
 
     /// Checks that these settings fit the model's vision tower.
     pub fn check_against(&self, v: &VisionConfig) -> Result<()> {
-        if self.patch_size != v.patch_size || self.merge_size != v.spatial_merge_size || self.temporal_patch_size != v.temporal_patch_size {
+        if self.patch_size != v.patch_size
+            || self.merge_size != v.spatial_merge_size
+            || self.temporal_patch_size != v.temporal_patch_size
+        {
             bail!(
                 "preprocessor patch/merge/temporal sizes {}/{}/{} do not match the vision config's {}/{}/{}",
                 self.patch_size,

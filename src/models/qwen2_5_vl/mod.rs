@@ -1,7 +1,7 @@
-pub mod config;
-pub mod processor;
-pub mod positions;
 pub mod chat;
+pub mod config;
 pub mod model;
+pub mod positions;
+pub mod processor;
 pub mod text;
 pub mod vision;

@@ -152,8 +152,22 @@ impl QwenVl {
         let tdims = lm_dims(&cfg.text)?;
         let names = lm_names();
         let patch_shape = vec![v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size];
-        let params = QwenParams { vision: VisionParams::build(&vdims, &patch_shape, make)?, text: LmParams::build(&tdims, &names, make)? };
-        Ok(QwenVl { cfg, vdims, tdims, names, patch_shape, params, grads: None, lora: None, adapters_off: std::cell::Cell::new(false), grad_store: GradStore::F32 })
+        let params = QwenParams {
+            vision: VisionParams::build(&vdims, &patch_shape, make)?,
+            text: LmParams::build(&tdims, &names, make)?,
+        };
+        Ok(QwenVl {
+            cfg,
+            vdims,
+            tdims,
+            names,
+            patch_shape,
+            params,
+            grads: None,
+            lora: None,
+            adapters_off: std::cell::Cell::new(false),
+            grad_store: GradStore::F32,
+        })
     }
 
     /// Every parameter tensor with its checkpoint name (and row range).
@@ -213,7 +227,10 @@ impl QwenVl {
     fn zeros_like(&self, dev: &Device) -> Result<QwenParams> {
         let store = self.grad_store;
         let mut z = |r: &ParamRef| dev.zeros(store.dtype(dev, r), r.numel());
-        Ok(QwenParams { vision: VisionParams::build(&self.vdims, &self.patch_shape, &mut z)?, text: LmParams::build(&self.tdims, &self.names, &mut z)? })
+        Ok(QwenParams {
+            vision: VisionParams::build(&self.vdims, &self.patch_shape, &mut z)?,
+            text: LmParams::build(&self.tdims, &self.names, &mut z)?,
+        })
     }
 
     /// Vision tower alone: image embeddings [tokens, out_hidden] in image order.
@@ -230,7 +247,11 @@ impl QwenVl {
         let unit = self.vdims.unit();
         let want: usize = grids.iter().map(|g| g[0] * g[1] * g[2] / unit).sum();
         if at.len() != want {
-            bail!("Qwen2.5-VL: {} image placeholder tokens, but the {} image(s) give {want} features", at.len(), grids.len());
+            bail!(
+                "Qwen2.5-VL: {} image placeholder tokens, but the {} image(s) give {want} features",
+                at.len(),
+                grids.len()
+            );
         }
         Ok(at)
     }
@@ -241,11 +262,29 @@ impl QwenVl {
         let (embeds, vfwd) = if b.grids.is_empty() {
             (None, None)
         } else {
-            let (e, f) = vision::forward(dev, &self.vdims, &self.params.vision, self.lora_vision(), b.pixels, b.grids, rc.vision)?;
+            let (e, f) = vision::forward(
+                dev,
+                &self.vdims,
+                &self.params.vision,
+                self.lora_vision(),
+                b.pixels,
+                b.grids,
+                rc.vision,
+            )?;
             (Some(e), Some(f))
         };
         let inject = embeds.as_ref().map(|rows| Inject { rows, at: &at });
-        let text = lm::forward(dev, &self.tdims, &self.params.text, self.lora_text(), b.ids, b.pos3, b.cu_seqlens, inject, &rc.text)?;
+        let text = lm::forward(
+            dev,
+            &self.tdims,
+            &self.params.text,
+            self.lora_text(),
+            b.ids,
+            b.pos3,
+            b.cu_seqlens,
+            inject,
+            &rc.text,
+        )?;
         Ok(QwenFwd { vision: vfwd, text })
     }
 
@@ -259,18 +298,34 @@ impl QwenVl {
     pub fn logprobs(&self, dev: &Device, f: &QwenFwd, targets: &Buf, mask: Option<&Buf>) -> Result<(Buf, Buf)> {
         let (s, d, v) = (f.tokens(), self.tdims.layer.d, self.tdims.vocab);
         let (mut logp, mut lse) = (dev.zeros_f32(s)?, dev.zeros_f32(s)?);
-        logprob::fwd(dev, &mut logp, &mut lse, None, f.final_hidden(), self.params.text.head(), targets, mask, s, d, v)?;
+        logprob::fwd(
+            dev,
+            &mut logp,
+            &mut lse,
+            None,
+            f.final_hidden(),
+            self.params.text.head(),
+            targets,
+            mask,
+            s,
+            d,
+            v,
+        )?;
         Ok((logp, lse))
     }
 
     /// Backward from d objective / d logp [S] (f32) of `logprobs`: accumulates every gradient.
-    pub fn backward_logprobs(&mut self, dev: &Device, f: &QwenFwd, targets: &Buf, lse: &Buf, dlogp: &Buf) -> Result<()> {
+    pub fn backward_logprobs(
+        &mut self, dev: &Device, f: &QwenFwd, targets: &Buf, lse: &Buf, dlogp: &Buf,
+    ) -> Result<()> {
         self.backward_logprobs_scaled(dev, f, targets, lse, dlogp, 1.0)
     }
 
     /// As `backward_logprobs` after the final hidden states were scaled by `hidden_scale`
     /// (1/T: log-probs at temperature T): the head saw h·s, so d h = s · d(h·s).
-    pub fn backward_logprobs_scaled(&mut self, dev: &Device, f: &QwenFwd, targets: &Buf, lse: &Buf, dlogp: &Buf, hidden_scale: f32) -> Result<()> {
+    pub fn backward_logprobs_scaled(
+        &mut self, dev: &Device, f: &QwenFwd, targets: &Buf, lse: &Buf, dlogp: &Buf, hidden_scale: f32,
+    ) -> Result<()> {
         let (s, d, v, dt) = (f.tokens(), self.tdims.layer.d, self.tdims.vocab, self.dtype());
         self.ensure_grads(dev)?;
         let mut dxf = dev.zeros(dt, s * d)?;
@@ -290,7 +345,8 @@ impl QwenVl {
             // Frozen base: only the adapters' gradients; the tower only when it has adapters.
             let LoraState { text, vision: vlora, grads, .. } = l;
             let Some(lg) = grads.as_mut() else { bail!("gradients not allocated") };
-            let d_img = lm::backward(dev, &self.tdims, &self.params.text, text, None, Some(&mut lg.text), &f.text, dxf)?;
+            let d_img =
+                lm::backward(dev, &self.tdims, &self.params.text, text, None, Some(&mut lg.text), &f.text, dxf)?;
             if let (false, Some(vf), Some(d_img)) = (vlora.is_empty(), &f.vision, d_img) {
                 vision::backward(dev, &self.vdims, &self.params.vision, vlora, None, Some(&mut lg.vision), vf, &d_img)?;
             }
@@ -322,11 +378,15 @@ impl QwenVl {
     /// grids. Returns logits [batch·n_new, V], or with `last_only` [batch, V] for each sequence's
     /// last new token (sampling).
     #[allow(clippy::too_many_arguments)]
-    pub fn extend(&self, dev: &Device, s: &mut Session, ids: &[i32], pos3: &[i32], n_new: usize, pixels: &[f32], grids: &[[usize; 3]], last_only: bool) -> Result<Buf> {
+    pub fn extend(
+        &self, dev: &Device, s: &mut Session, ids: &[i32], pos3: &[i32], n_new: usize, pixels: &[f32],
+        grids: &[[usize; 3]], last_only: bool,
+    ) -> Result<Buf> {
         let at = self.placeholders(ids, grids)?;
         let embeds = if grids.is_empty() { None } else { Some(self.image_embeds(dev, pixels, grids)?) };
         let inject = embeds.as_ref().map(|rows| Inject { rows, at: &at });
-        let hidden = lm::extend(dev, &self.tdims, &self.params.text, self.lora_text(), &mut s.lm, ids, pos3, n_new, inject)?;
+        let hidden =
+            lm::extend(dev, &self.tdims, &self.params.text, self.lora_text(), &mut s.lm, ids, pos3, n_new, inject)?;
         let (t, d, dt) = (ids.len(), self.tdims.layer.d, self.dtype());
         if !last_only {
             return lm::logits(dev, &self.tdims, &self.params.text, &hidden, t);
@@ -344,15 +404,20 @@ impl QwenVl {
     /// with M-RoPE positions `pos3` [3, T_new]; `image_rows` [n, D] are the embeddings of the
     /// step's `<|image_pad|>` tokens in order (from `image_embeds`, computed once per image).
     /// Returns logits [active, V] of each non-idle sequence's last new token, in slot order.
-    pub fn step_ragged(&self, dev: &Device, cache: &mut LmCache, ids: &[i32], pos3: &[i32], cu_new: &[i32], image_rows: Option<&Buf>) -> Result<Buf> {
+    pub fn step_ragged(
+        &self, dev: &Device, cache: &mut LmCache, ids: &[i32], pos3: &[i32], cu_new: &[i32], image_rows: Option<&Buf>,
+    ) -> Result<Buf> {
         let at = image_positions(ids, self.cfg.image_token_id);
         let inject = lm::inject_checked(&at, image_rows, self.tdims.layer.d)?;
-        let hidden = lm::extend_ragged(dev, &self.tdims, &self.params.text, self.lora_text(), cache, ids, pos3, cu_new, inject)?;
+        let hidden =
+            lm::extend_ragged(dev, &self.tdims, &self.params.text, self.lora_text(), cache, ids, pos3, cu_new, inject)?;
         lm::last_logits(dev, &self.tdims, &self.params.text, &hidden, cu_new, self.dtype())
     }
 }
 
-fn entries<'a>(p: &'a QwenParams, vd: &VisionDims, ps: &[usize], td: &LmDims, names: &LmNames) -> Vec<(ParamRef, &'a Buf)> {
+fn entries<'a>(
+    p: &'a QwenParams, vd: &VisionDims, ps: &[usize], td: &LmDims, names: &LmNames,
+) -> Vec<(ParamRef, &'a Buf)> {
     let mut v = p.vision.entries(vd, ps);
     v.extend(p.text.entries(td, names));
     v

@@ -103,7 +103,10 @@ impl MropeState {
                             );
                         };
                         if grid[1] % m != 0 || grid[2] % m != 0 || grid.contains(&0) {
-                            bail!("M-RoPE: image {} has grid {grid:?}, not a positive multiple of the merge size {m}", self.images);
+                            bail!(
+                                "M-RoPE: image {} has grid {grid:?}, not a positive multiple of the merge size {m}",
+                                self.images
+                            );
                         }
                         next_grid += 1;
                         self.images += 1;

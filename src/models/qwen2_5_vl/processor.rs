@@ -34,7 +34,9 @@ pub fn image_tokens(g: [usize; 3], merge_size: usize) -> usize {
 /// Target (height, width) for an image of `height`×`width`, with Python's arithmetic:
 /// round-half-to-even to the nearest multiple of `factor`, then scaled (keeping the aspect
 /// ratio) into [min_pixels, max_pixels]. An aspect ratio above 200 is an error.
-pub fn smart_resize(height: usize, width: usize, factor: usize, min_pixels: usize, max_pixels: usize) -> Result<(usize, usize)> {
+pub fn smart_resize(
+    height: usize, width: usize, factor: usize, min_pixels: usize, max_pixels: usize,
+) -> Result<(usize, usize)> {
     if height == 0 || width == 0 || factor == 0 {
         bail!("smart_resize: image {height}x{width} (factor {factor}) has an empty side");
     }

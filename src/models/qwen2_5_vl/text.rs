@@ -12,8 +12,15 @@ use anyhow::{bail, Result};
 pub const TEXT_FLAGS: LayerFlags = LayerFlags { qkv_bias: true, o_bias: false, mlp_bias: false };
 
 pub fn lm_dims(c: &TextConfig) -> Result<LmDims> {
-    if c.num_attention_heads == 0 || c.num_key_value_heads == 0 || !c.num_attention_heads.is_multiple_of(c.num_key_value_heads) {
-        bail!("text: num_attention_heads {} must be a positive multiple of num_key_value_heads {}", c.num_attention_heads, c.num_key_value_heads);
+    if c.num_attention_heads == 0
+        || c.num_key_value_heads == 0
+        || !c.num_attention_heads.is_multiple_of(c.num_key_value_heads)
+    {
+        bail!(
+            "text: num_attention_heads {} must be a positive multiple of num_key_value_heads {}",
+            c.num_attention_heads,
+            c.num_key_value_heads
+        );
     }
     Ok(LmDims {
         layer: LayerDims {

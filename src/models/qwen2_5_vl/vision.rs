@@ -15,9 +15,11 @@
 //! frozen (`g` None in `backward`) only the adapters get gradients.
 
 use super::config::VisionConfig;
-use crate::models::common::params::ParamRef;
-use crate::models::common::decoder::{stack_backward, stack_forward, Block, LayerActs, LayerDims, LayerFlags, LayerParams, RopeKind, RopeTable, Slot};
+use crate::models::common::decoder::{
+    stack_backward, stack_forward, Block, LayerActs, LayerDims, LayerFlags, LayerParams, RopeKind, RopeTable, Slot,
+};
 use crate::models::common::lora::LayerLora;
+use crate::models::common::params::ParamRef;
 use crate::ops::act::{self, Gelu};
 use crate::ops::attention::Varlen;
 use crate::ops::patch_embed::{self, RowIndex};
@@ -52,14 +54,25 @@ impl VisionDims {
         }
         let vws = c.window_size / c.spatial_merge_size.max(1) / c.patch_size.max(1);
         if vws == 0 {
-            bail!("vision: window_size {} is smaller than one merged token ({} px)", c.window_size, c.spatial_merge_size * c.patch_size);
+            bail!(
+                "vision: window_size {} is smaller than one merged token ({} px)",
+                c.window_size,
+                c.spatial_merge_size * c.patch_size
+            );
         }
         if let Some(&i) = c.fullatt_block_indexes.iter().find(|&&i| i >= c.depth) {
             bail!("vision: fullatt_block_indexes names block {i}, but depth is {}", c.depth);
         }
         let d = c.hidden_size;
         Ok(VisionDims {
-            block: LayerDims { d, heads: c.num_heads, kv_heads: c.num_heads, head_dim: d / c.num_heads, inter: c.intermediate_size, eps: VISION_EPS },
+            block: LayerDims {
+                d,
+                heads: c.num_heads,
+                kv_heads: c.num_heads,
+                head_dim: d / c.num_heads,
+                inter: c.intermediate_size,
+                eps: VISION_EPS,
+            },
             depth: c.depth,
             patch_dim: c.patch_dim(),
             merge: c.spatial_merge_size,
@@ -80,13 +93,13 @@ impl VisionDims {
 
 /// The tower's parameters (or their f32 gradients).
 pub struct VisionParams {
-    pub patch: Buf,            // [D, patch_dim]
+    pub patch: Buf, // [D, patch_dim]
     pub blocks: Vec<LayerParams>,
-    pub ln_q: Buf,             // [D]
-    pub mlp0_w: Buf,           // [4D, 4D]
-    pub mlp0_b: Buf,           // [4D]
-    pub mlp2_w: Buf,           // [out, 4D]
-    pub mlp2_b: Buf,           // [out]
+    pub ln_q: Buf,   // [D]
+    pub mlp0_w: Buf, // [4D, 4D]
+    pub mlp0_b: Buf, // [4D]
+    pub mlp2_w: Buf, // [out, 4D]
+    pub mlp2_b: Buf, // [out]
 }
 
 /// The checkpoint tensor (or row range of one: q, k, v share `attn.qkv`) behind a block slot.
@@ -133,17 +146,32 @@ fn head_refs(dims: &VisionDims, patch_shape: &[usize]) -> [ParamRef; 6] {
 impl VisionParams {
     /// Builds every tensor with `make`. `patch_shape` is the checkpoint's 5-D conv shape
     /// [D, C, T, P, P] (its rows are our [D, patch_dim] rows).
-    pub fn build(dims: &VisionDims, patch_shape: &[usize], make: &mut dyn FnMut(&ParamRef) -> Result<Buf>) -> Result<Self> {
+    pub fn build(
+        dims: &VisionDims, patch_shape: &[usize], make: &mut dyn FnMut(&ParamRef) -> Result<Buf>,
+    ) -> Result<Self> {
         let [r_patch, r_lnq, r_w0, r_b0, r_w2, r_b2] = head_refs(dims, patch_shape);
-        if patch_shape.first() != Some(&dims.block.d) || patch_shape.iter().skip(1).product::<usize>() != dims.patch_dim {
-            bail!("vision: patch_embed shape {patch_shape:?} does not match hidden {} × patch_dim {}", dims.block.d, dims.patch_dim);
+        if patch_shape.first() != Some(&dims.block.d) || patch_shape.iter().skip(1).product::<usize>() != dims.patch_dim
+        {
+            bail!(
+                "vision: patch_embed shape {patch_shape:?} does not match hidden {} × patch_dim {}",
+                dims.block.d,
+                dims.patch_dim
+            );
         }
         let patch = make(&r_patch)?;
         let mut blocks = Vec::with_capacity(dims.depth);
         for i in 0..dims.depth {
             blocks.push(LayerParams::build(&dims.block, VISION_FLAGS, &mut |s, _| make(&block_ref(dims, i, s)))?);
         }
-        Ok(VisionParams { patch, blocks, ln_q: make(&r_lnq)?, mlp0_w: make(&r_w0)?, mlp0_b: make(&r_b0)?, mlp2_w: make(&r_w2)?, mlp2_b: make(&r_b2)? })
+        Ok(VisionParams {
+            patch,
+            blocks,
+            ln_q: make(&r_lnq)?,
+            mlp0_w: make(&r_w0)?,
+            mlp0_b: make(&r_b0)?,
+            mlp2_w: make(&r_w2)?,
+            mlp2_b: make(&r_b2)?,
+        })
     }
 
     /// Every tensor with the checkpoint tensor it belongs to.
@@ -153,7 +181,13 @@ impl VisionParams {
         for (i, b) in self.blocks.iter().enumerate() {
             v.extend(b.all().into_iter().map(|(s, buf)| (block_ref(dims, i, s), buf)));
         }
-        v.extend([(r_lnq, &self.ln_q), (r_w0, &self.mlp0_w), (r_b0, &self.mlp0_b), (r_w2, &self.mlp2_w), (r_b2, &self.mlp2_b)]);
+        v.extend([
+            (r_lnq, &self.ln_q),
+            (r_w0, &self.mlp0_w),
+            (r_b0, &self.mlp0_b),
+            (r_w2, &self.mlp2_w),
+            (r_b2, &self.mlp2_b),
+        ]);
         v
     }
 
@@ -193,7 +227,10 @@ impl VisionLayout {
         let mut offset = 0usize; // merged tokens of earlier images
         for (i, &[gt, gh, gw]) in grids.iter().enumerate() {
             if gt == 0 || gh == 0 || gw == 0 || gh % merge != 0 || gw % merge != 0 {
-                bail!("vision: image {i} has grid {:?}; h and w must be positive multiples of the merge size {merge}", [gt, gh, gw]);
+                bail!(
+                    "vision: image {i} has grid {:?}; h and w must be positive multiples of the merge size {merge}",
+                    [gt, gh, gw]
+                );
             }
             let (lh, lw) = (gh / merge, gw / merge);
             for t in 0..gt {
@@ -253,23 +290,26 @@ impl VisionLayout {
 /// What the tower's forward keeps for its backward.
 pub struct VisionFwd {
     pub layout: VisionLayout,
-    pixels: Buf,           // [N, patch_dim] f32
-    patch_perm: RowIndex,  // [N] window row ← patch row
-    to_window: RowIndex,   // [Nm] window slot ← image-order merged row (= window_index)
+    pixels: Buf,          // [N, patch_dim] f32
+    patch_perm: RowIndex, // [N] window row ← patch row
+    to_window: RowIndex,  // [Nm] window slot ← image-order merged row (= window_index)
     win: Varlen,
     full: Varlen,
-    rope: RopeTable,       // [N, hd/2], window order
-    hs: Vec<Buf>,          // depth + 1 residual streams [N, D], window order
+    rope: RopeTable,              // [N, hd/2], window order
+    hs: Vec<Buf>,                 // depth + 1 residual streams [N, D], window order
     acts: Vec<Option<LayerActs>>, // None: recompute in backward
-    rstd_q: Buf,           // [N] f32
-    yq: Buf,               // [N, D] = [Nm, 4D]
-    h1: Buf,               // [Nm, 4D] before GELU
-    g1: Buf,               // [Nm, 4D] after GELU
+    rstd_q: Buf,                  // [N] f32
+    yq: Buf,                      // [N, D] = [Nm, 4D]
+    h1: Buf,                      // [Nm, 4D] before GELU
+    g1: Buf,                      // [Nm, 4D] after GELU
 }
 
 /// Block i of the tower: window attention, or whole-frame attention on `fullatt` blocks.
 #[allow(clippy::too_many_arguments)]
-fn block<'a>(dims: &'a VisionDims, p: &'a VisionParams, lora: &'a [LayerLora], rope: &'a RopeTable, win: &'a Varlen, full: &'a Varlen, i: usize) -> Block<'a> {
+fn block<'a>(
+    dims: &'a VisionDims, p: &'a VisionParams, lora: &'a [LayerLora], rope: &'a RopeTable, win: &'a Varlen,
+    full: &'a Varlen, i: usize,
+) -> Block<'a> {
     let segs = if dims.fullatt.contains(&i) { full } else { win };
     Block { dims: &dims.block, w: &p.blocks[i], rope, segs, causal: false, lora: lora.get(i) }
 }
@@ -277,11 +317,18 @@ fn block<'a>(dims: &'a VisionDims, p: &'a VisionParams, lora: &'a [LayerLora], r
 /// Image embeddings [Nm, out] in image order (what replaces the `<|image_pad|>` tokens), and the
 /// saved state. `pixels` [N, patch_dim] as the processor wrote them; with `recompute` the
 /// blocks keep only their inputs and rerun during backward.
-pub fn forward(dev: &Device, dims: &VisionDims, p: &VisionParams, lora: &[LayerLora], pixels: &[f32], grids: &[[usize; 3]], recompute: bool) -> Result<(Buf, VisionFwd)> {
+pub fn forward(
+    dev: &Device, dims: &VisionDims, p: &VisionParams, lora: &[LayerLora], pixels: &[f32], grids: &[[usize; 3]],
+    recompute: bool,
+) -> Result<(Buf, VisionFwd)> {
     let layout = VisionLayout::new(grids, dims.merge, dims.vws)?;
     let (n, nm, unit, d) = (layout.n_patches, layout.n_merged, dims.unit(), dims.block.d);
     if pixels.len() != n * dims.patch_dim {
-        bail!("vision: pixel_values has {} values; the grids {grids:?} need {n} patches × {}", pixels.len(), dims.patch_dim);
+        bail!(
+            "vision: pixel_values has {} values; the grids {grids:?} need {n} patches × {}",
+            pixels.len(),
+            dims.patch_dim
+        );
     }
     let (bd, dt) = (&dims.block, p.patch.dtype());
     let pixels = dev.upload(pixels, DType::F32)?;
@@ -324,20 +371,45 @@ pub fn forward(dev: &Device, dims: &VisionDims, p: &VisionParams, lora: &[LayerL
 /// Accumulates the tower's parameter gradients into `g` (None: the base is frozen) and the
 /// adapters' into `lora_grads` from d(image embeddings) [Nm, out] (image order).
 #[allow(clippy::too_many_arguments)]
-pub fn backward(dev: &Device, dims: &VisionDims, p: &VisionParams, lora: &[LayerLora], mut g: Option<&mut VisionParams>, lora_grads: Option<&mut [LayerLora]>, f: &VisionFwd, d_embeds: &Buf) -> Result<()> {
+pub fn backward(
+    dev: &Device, dims: &VisionDims, p: &VisionParams, lora: &[LayerLora], mut g: Option<&mut VisionParams>,
+    lora_grads: Option<&mut [LayerLora]>, f: &VisionFwd, d_embeds: &Buf,
+) -> Result<()> {
     let (n, nm, d, md, dt) = (f.layout.n_patches, f.layout.n_merged, dims.block.d, dims.merged_dim(), p.patch.dtype());
     let mut dmerged = dev.zeros(dt, nm * dims.out)?;
     patch_embed::gather_rows(dev, &mut dmerged, d_embeds, &f.to_window, dims.out)?;
     let mut dg1 = dev.zeros(dt, nm * md)?;
     match g.as_deref_mut() {
-        Some(g) => matmul::linear_bwd(dev, Some(&mut dg1), &mut g.mlp2_w, Some(&mut g.mlp2_b), &dmerged, &f.g1, &p.mlp2_w, nm, md, dims.out)?,
+        Some(g) => matmul::linear_bwd(
+            dev,
+            Some(&mut dg1),
+            &mut g.mlp2_w,
+            Some(&mut g.mlp2_b),
+            &dmerged,
+            &f.g1,
+            &p.mlp2_w,
+            nm,
+            md,
+            dims.out,
+        )?,
         None => matmul::fwd(dev, &mut dg1, &dmerged, &p.mlp2_w, nm, md, dims.out, false, false, 1.0, 0.0)?,
     }
     let mut dh1 = dev.zeros(dt, nm * md)?;
     act::gelu_bwd(dev, &mut dh1, &dg1, &f.h1, nm * md, Gelu::Erf)?;
     let mut dyq = dg1; // reuse: [Nm, 4D] = [N, D]
     match g.as_deref_mut() {
-        Some(g) => matmul::linear_bwd(dev, Some(&mut dyq), &mut g.mlp0_w, Some(&mut g.mlp0_b), &dh1, &f.yq, &p.mlp0_w, nm, md, md)?,
+        Some(g) => matmul::linear_bwd(
+            dev,
+            Some(&mut dyq),
+            &mut g.mlp0_w,
+            Some(&mut g.mlp0_b),
+            &dh1,
+            &f.yq,
+            &p.mlp0_w,
+            nm,
+            md,
+            md,
+        )?,
         None => matmul::fwd(dev, &mut dyq, &dh1, &p.mlp0_w, nm, md, md, false, false, 1.0, 0.0)?,
     }
     let mut dx = dev.zeros(dt, n * d)?;
@@ -348,7 +420,15 @@ pub fn backward(dev: &Device, dims: &VisionDims, p: &VisionParams, lora: &[Layer
     };
     rmsnorm::bwd(dev, &mut dx, dlnq, &dyq, &f.hs[dims.depth], &p.ln_q, &f.rstd_q, n, d)?;
     let blocks = g.as_deref_mut().map(|g| &mut g.blocks[..]);
-    let dx = stack_backward(dev, &|i| block(dims, p, lora, &f.rope, &f.win, &f.full, i), &f.hs, &f.acts, blocks, lora_grads, dx)?;
+    let dx = stack_backward(
+        dev,
+        &|i| block(dims, p, lora, &f.rope, &f.win, &f.full, i),
+        &f.hs,
+        &f.acts,
+        blocks,
+        lora_grads,
+        dx,
+    )?;
     match g {
         Some(g) => patch_embed::bwd(dev, &mut g.patch, &dx, &f.pixels, Some(&f.patch_perm), n, dims.patch_dim, d),
         None => Ok(()),

@@ -8,15 +8,26 @@ use crate::tensor::{Buf, Device};
 use anyhow::Result;
 
 /// dvec [hq, T] (f32): D[h, t] = dout·out of row (t, h), the softmax-backward correction term.
-pub(super) fn rowdot(dev: &Device, g: &Gpu, module: &'static str, dout: &Buf, out: &Buf, t: usize, s: &AttnShape) -> Result<Buf> {
+pub(super) fn rowdot(
+    dev: &Device, g: &Gpu, module: &'static str, dout: &Buf, out: &Buf, t: usize, s: &AttnShape,
+) -> Result<Buf> {
     let dvec = dev.zeros_f32(s.hq * t)?;
-    let args = [Arg::Ptr(dvec.ptr(g)?), Arg::Ptr(dout.ptr(g)?), Arg::Ptr(out.ptr(g)?), Arg::I32(t as i32), Arg::I32(s.hq as i32), Arg::I32(s.d as i32)];
+    let args = [
+        Arg::Ptr(dvec.ptr(g)?),
+        Arg::Ptr(dout.ptr(g)?),
+        Arg::Ptr(out.ptr(g)?),
+        Arg::I32(t as i32),
+        Arg::I32(s.hq as i32),
+        Arg::I32(s.d as i32),
+    ];
     g.launch(module, "attention_bwd_rowdot_bf16", cfg_1d(t * s.hq, 256), &args)?;
     Ok(dvec)
 }
 
 /// dq [T, hq, d] (bf16, =) = dq_acc rounded; d is a multiple of 8.
-pub(super) fn round_dq(g: &Gpu, module: &'static str, dq: &mut Buf, dq_acc: &Buf, t: usize, s: &AttnShape) -> Result<()> {
+pub(super) fn round_dq(
+    g: &Gpu, module: &'static str, dq: &mut Buf, dq_acc: &Buf, t: usize, s: &AttnShape,
+) -> Result<()> {
     let n8 = t * s.hq * s.d / 8;
     let args = [Arg::Ptr(dq.ptr(g)?), Arg::Ptr(dq_acc.ptr(g)?), Arg::I64(n8 as i64)];
     g.launch(module, "attention_bwd_dq_round_bf16", cfg_1d(n8, 256), &args)

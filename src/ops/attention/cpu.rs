@@ -76,16 +76,7 @@ pub fn fwd<R: Real>(out: &mut [R], lse: &mut [R], q: &[R], k: &[R], v: &[R], cu:
 /// dq = scale Σ ds_j k_j, dk_j += scale ds_j q, dv_j += p_j dout.
 #[allow(clippy::too_many_arguments)]
 pub fn bwd<R: Real>(
-    dq: &mut [R],
-    dk: &mut [R],
-    dv: &mut [R],
-    dout: &[R],
-    q: &[R],
-    k: &[R],
-    v: &[R],
-    out: &[R],
-    lse: &[R],
-    cu: &[i32],
+    dq: &mut [R], dk: &mut [R], dv: &mut [R], dout: &[R], q: &[R], k: &[R], v: &[R], out: &[R], lse: &[R], cu: &[i32],
     s: &AttnShape,
 ) {
     let (hq, hkv, d) = (s.hq, s.hkv, s.d);
@@ -124,7 +115,9 @@ pub fn bwd<R: Real>(
 /// [B, max_len, hkv, d] holding lens[b] tokens, the last n_new of which are the new tokens.
 /// New token i sits at position lens[b] − n_new + i and (causal) attends to positions 0..=that.
 #[allow(clippy::too_many_arguments)]
-pub fn decode<R: Real>(out: &mut [R], q: &[R], kc: &[R], vc: &[R], lens: &[i32], max_len: usize, n_new: usize, s: &AttnShape) {
+pub fn decode<R: Real>(
+    out: &mut [R], q: &[R], kc: &[R], vc: &[R], lens: &[i32], max_len: usize, n_new: usize, s: &AttnShape,
+) {
     let cu: Vec<i32> = (0..=lens.len()).map(|b| (b * n_new) as i32).collect();
     decode_varlen(out, q, kc, vc, lens, &cu, max_len, s)
 }
@@ -133,7 +126,9 @@ pub fn decode<R: Real>(out: &mut [R], q: &[R], kc: &[R], vc: &[R], lens: &[i32],
 /// tokens, possibly none) against a cache holding lens[b] tokens, the new ones last. Same
 /// arithmetic, in the same order, as `fwd`.
 #[allow(clippy::too_many_arguments)]
-pub fn decode_varlen<R: Real>(out: &mut [R], q: &[R], kc: &[R], vc: &[R], lens: &[i32], cu: &[i32], max_len: usize, s: &AttnShape) {
+pub fn decode_varlen<R: Real>(
+    out: &mut [R], q: &[R], kc: &[R], vc: &[R], lens: &[i32], cu: &[i32], max_len: usize, s: &AttnShape,
+) {
     let (hq, hkv, d) = (s.hq, s.hkv, s.d);
     let grp = hq / hkv;
     let scale = R::from_f64(s.scale as f64);
@@ -163,7 +158,9 @@ pub fn decode_varlen<R: Real>(out: &mut [R], q: &[R], kc: &[R], vc: &[R], lens: 
 /// Appends packed rows k_new/v_new [T_new, hkv, d] (sequence b owns rows cu[b]..cu[b+1]) to the
 /// cache k/v [B, max_len, hkv, d] at positions lens[b].. (lens is not changed here).
 #[allow(clippy::too_many_arguments)]
-pub fn kv_append<R: Real>(kc: &mut [R], vc: &mut [R], lens: &[i32], k_new: &[R], v_new: &[R], cu: &[i32], max_len: usize, row: usize) {
+pub fn kv_append<R: Real>(
+    kc: &mut [R], vc: &mut [R], lens: &[i32], k_new: &[R], v_new: &[R], cu: &[i32], max_len: usize, row: usize,
+) {
     for (b, w) in cu.windows(2).enumerate() {
         for t in w[0] as usize..w[1] as usize {
             let pos = lens[b] as usize + t - w[0] as usize;

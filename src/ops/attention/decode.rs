@@ -113,7 +113,9 @@ impl KvCache {
 
     /// `uniform_n` > 0: sequence b owns rows b·n..(b+1)·n (the kernel needs no offsets);
     /// else `cu_buf` holds the offsets on the device.
-    fn append_rows(&mut self, dev: &Device, k_new: &Buf, v_new: &Buf, cu: &[i32], cu_buf: Option<&Buf>, uniform_n: usize) -> Result<()> {
+    fn append_rows(
+        &mut self, dev: &Device, k_new: &Buf, v_new: &Buf, cu: &[i32], cu_buf: Option<&Buf>, uniform_n: usize,
+    ) -> Result<()> {
         let op = "kv_append";
         let row = self.hkv * self.d;
         let total = *cu.last().unwrap_or(&0) as usize;
@@ -195,7 +197,9 @@ fn copy_within(dev: &Device, buf: &mut Buf, a: usize, b: usize, n: usize) -> Res
     Ok(())
 }
 
-fn dtod<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(g: &crate::cuda::Gpu, s: &mut cudarc::driver::CudaSlice<T>, a: usize, b: usize, n: usize) -> Result<()> {
+fn dtod<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    g: &crate::cuda::Gpu, s: &mut cudarc::driver::CudaSlice<T>, a: usize, b: usize, n: usize,
+) -> Result<()> {
     // Stage through a scratch slice: two views of one allocation cannot be borrowed at once.
     let mut tmp = g.stream.alloc_zeros::<T>(n)?;
     g.stream.memcpy_dtod(&s.slice(a..a + n), &mut tmp)?;
@@ -207,7 +211,9 @@ fn dtod<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(g: &cra
 /// has cu_new[b+1] − cu_new[b] new tokens, 0 for an idle slot), already appended to `cache`.
 /// New token i of sequence b sits at position lens[b] − n_b + i. Uniform steps (every sequence
 /// the same n_new ≥ 1) take `decode`'s tensor-core kernels.
-pub fn decode_varlen(dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, cu_new: &Varlen, s: &AttnShape) -> Result<()> {
+pub fn decode_varlen(
+    dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, cu_new: &Varlen, s: &AttnShape,
+) -> Result<()> {
     let op = "attention_decode_varlen";
     s.validate(op)?;
     if cu_new.nseq() != cache.batch {
@@ -227,7 +233,11 @@ pub fn decode_varlen(dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, cu_n
     }
     for (b, w) in cu_new.host.windows(2).enumerate() {
         if cache.lens[b] < w[1] - w[0] {
-            bail!("{op}: sequence {b} holds {} tokens, fewer than its {} new ones (append them first)", cache.lens[b], w[1] - w[0]);
+            bail!(
+                "{op}: sequence {b} holds {} tokens, fewer than its {} new ones (append them first)",
+                cache.lens[b],
+                w[1] - w[0]
+            );
         }
     }
     if total == 0 {
@@ -235,7 +245,16 @@ pub fn decode_varlen(dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, cu_n
     }
     match dev {
         Device::Cpu => {
-            cpu::decode_varlen(out.host_mut()?, q.host()?, cache.k.host()?, cache.v.host()?, &cache.lens, &cu_new.host, cache.max_len, s);
+            cpu::decode_varlen(
+                out.host_mut()?,
+                q.host()?,
+                cache.k.host()?,
+                cache.v.host()?,
+                &cache.lens,
+                &cu_new.host,
+                cache.max_len,
+                s,
+            );
             Ok(())
         }
         Device::Cuda(g) => {
@@ -268,7 +287,9 @@ pub fn decode(dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, n_new: usiz
 }
 
 /// `decode` with an explicit kernel variant (the bench and tests run both).
-pub fn decode_with(dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, n_new: usize, s: &AttnShape, variant: Variant) -> Result<()> {
+pub fn decode_with(
+    dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, n_new: usize, s: &AttnShape, variant: Variant,
+) -> Result<()> {
     let op = "attention_decode";
     s.validate(op)?;
     check_cache_shape(op, s, cache)?;
@@ -289,14 +310,24 @@ pub fn decode_with(dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, n_new:
     }
     match dev {
         Device::Cpu => {
-            cpu::decode(out.host_mut()?, q.host()?, cache.k.host()?, cache.v.host()?, &cache.lens, cache.max_len, n_new, s);
+            cpu::decode(
+                out.host_mut()?,
+                q.host()?,
+                cache.k.host()?,
+                cache.v.host()?,
+                &cache.lens,
+                cache.max_len,
+                n_new,
+                s,
+            );
             Ok(())
         }
         Device::Cuda(g) => {
             let dt = same_float_dtype(op, &[out, q, &cache.k, &cache.v])?;
             check_dtype(&cache.lens_buf, DType::I32, op, "lens")?;
             let grp = hq / s.hkv;
-            let tc = dt == DType::BF16 && tc_head_dim(d) && tc_enabled() && aligned16(g, &[out, q, &cache.k, &cache.v])?;
+            let tc =
+                dt == DType::BF16 && tc_head_dim(d) && tc_enabled() && aligned16(g, &[out, q, &cache.k, &cache.v])?;
             if !tc {
                 let args = [
                     Arg::Ptr(out.ptr(g)?),
@@ -313,7 +344,12 @@ pub fn decode_with(dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, n_new:
                     Arg::F32(s.scale),
                     Arg::I32(s.causal as i32),
                 ];
-                return g.launch("attention_simple", &kname("attention_simple_decode", dt), cfg_1d(rows * 32, 128), &args);
+                return g.launch(
+                    "attention_simple",
+                    &kname("attention_simple_decode", dt),
+                    cfg_1d(rows * 32, 128),
+                    &args,
+                );
             }
             if variant == Variant::V2 && n_new * grp <= 16 {
                 return decode_v2(g, dev, out, q, cache, n_new, s, rows);
@@ -353,7 +389,14 @@ pub fn decode_with(dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, n_new:
                 shared_mem_bytes: (5 * TILE * (d + 8) * 2) as u32,
             };
             g.launch("attention_decode", &format!("attention_decode_bf16_d{d}"), cfg, &args)?;
-            let args = [Arg::Ptr(out.ptr(g)?), Arg::Ptr(part_o.ptr(g)?), Arg::Ptr(part_ml.ptr(g)?), Arg::I32(rows as i32), Arg::I32(nsplit as i32), Arg::I32(d as i32)];
+            let args = [
+                Arg::Ptr(out.ptr(g)?),
+                Arg::Ptr(part_o.ptr(g)?),
+                Arg::Ptr(part_ml.ptr(g)?),
+                Arg::I32(rows as i32),
+                Arg::I32(nsplit as i32),
+                Arg::I32(d as i32),
+            ];
             g.launch("attention_decode", "attention_decode_combine_bf16", cfg_rows(rows, 128, 0), &args)
         }
     }
@@ -362,7 +405,10 @@ pub fn decode_with(dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, n_new:
 /// V2 decode for n_new · group ≤ 16 query rows per (sequence, kv head): grid (chunks, hkv, batch)
 /// sized to one wave of two blocks per SM, partials cached in `cache`, then the V1 combine.
 #[allow(clippy::too_many_arguments)]
-fn decode_v2(g: &crate::cuda::Gpu, dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, n_new: usize, s: &AttnShape, rows: usize) -> Result<()> {
+fn decode_v2(
+    g: &crate::cuda::Gpu, dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, n_new: usize, s: &AttnShape,
+    rows: usize,
+) -> Result<()> {
     let op = "attention_decode";
     let (b, d) = (cache.batch, s.d);
     let base = b * s.hkv;
@@ -405,6 +451,13 @@ fn decode_v2(g: &crate::cuda::Gpu, dev: &Device, out: &mut Buf, q: &Buf, cache: 
         shared_mem_bytes: ((16 + 6 * TILE) * (d + 8) * 2) as u32,
     };
     g.launch("attention_v2", &format!("attention_decode16_bf16_d{d}"), cfg, &args)?;
-    let args = [Arg::Ptr(out.ptr(g)?), Arg::Ptr(part_o.ptr(g)?), Arg::Ptr(part_ml.ptr(g)?), Arg::I32(rows as i32), Arg::I32(nsplit as i32), Arg::I32(d as i32)];
+    let args = [
+        Arg::Ptr(out.ptr(g)?),
+        Arg::Ptr(part_o.ptr(g)?),
+        Arg::Ptr(part_ml.ptr(g)?),
+        Arg::I32(rows as i32),
+        Arg::I32(nsplit as i32),
+        Arg::I32(d as i32),
+    ];
     g.launch("attention_decode", "attention_decode_combine_bf16", cfg_rows(rows, 128, 0), &args)
 }

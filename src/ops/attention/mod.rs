@@ -29,9 +29,9 @@
 //!   (`v4_bwd`: V2's 64-key blocks walking the GQA group, with FA2's 2 × 2 warp tiles and P/dS
 //!   through shared memory) for every bf16 tensor-core shape, windows included.
 
+mod bwd_rows;
 pub mod cpu;
 pub mod decode;
-mod bwd_rows;
 mod v3_bwd;
 mod v3_fwd;
 mod v4_bwd;
@@ -238,13 +238,18 @@ fn check_packed(op: &str, q: &Buf, k: &Buf, v: &Buf, seqs: &Varlen, s: &AttnShap
 
 /// out [T, hq, d] (=), lse [hq, T] (f32, =) = softmax(q·kᵀ·scale)·v over each sequence of `seqs`.
 #[allow(clippy::too_many_arguments)]
-pub fn fwd(dev: &Device, out: &mut Buf, lse: &mut Buf, q: &Buf, k: &Buf, v: &Buf, seqs: &Varlen, s: &AttnShape) -> Result<()> {
+pub fn fwd(
+    dev: &Device, out: &mut Buf, lse: &mut Buf, q: &Buf, k: &Buf, v: &Buf, seqs: &Varlen, s: &AttnShape,
+) -> Result<()> {
     fwd_with(dev, out, lse, q, k, v, seqs, s, Variant::default_fwd(seqs.max_len))
 }
 
 /// `fwd` with an explicit kernel variant (the bench and tests run both).
 #[allow(clippy::too_many_arguments)]
-pub fn fwd_with(dev: &Device, out: &mut Buf, lse: &mut Buf, q: &Buf, k: &Buf, v: &Buf, seqs: &Varlen, s: &AttnShape, variant: Variant) -> Result<()> {
+pub fn fwd_with(
+    dev: &Device, out: &mut Buf, lse: &mut Buf, q: &Buf, k: &Buf, v: &Buf, seqs: &Varlen, s: &AttnShape,
+    variant: Variant,
+) -> Result<()> {
     let op = "attention_fwd";
     let t = check_packed(op, q, k, v, seqs, s)?;
     check(out, t * s.hq * s.d, op, "out")?;
@@ -261,27 +266,54 @@ pub fn fwd_with(dev: &Device, out: &mut Buf, lse: &mut Buf, q: &Buf, k: &Buf, v:
                 return Ok(());
             }
             let nseq = seqs.nseq();
-            let base = [Arg::Ptr(out.ptr(g)?), Arg::Ptr(lse.ptr(g)?), Arg::Ptr(q.ptr(g)?), Arg::Ptr(k.ptr(g)?), Arg::Ptr(v.ptr(g)?), Arg::Ptr(seqs.buf.ptr(g)?)];
+            let base = [
+                Arg::Ptr(out.ptr(g)?),
+                Arg::Ptr(lse.ptr(g)?),
+                Arg::Ptr(q.ptr(g)?),
+                Arg::Ptr(k.ptr(g)?),
+                Arg::Ptr(v.ptr(g)?),
+                Arg::Ptr(seqs.buf.ptr(g)?),
+            ];
             if use_tc(g, dt, s.d, &[out, q, k, v])? {
                 check_grid(op, seqs, s)?;
                 let mut args = base.to_vec();
-                args.extend([Arg::I32(t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32), Arg::F32(s.scale * std::f32::consts::LOG2_E), Arg::I32(s.causal as i32)]);
+                args.extend([
+                    Arg::I32(t as i32),
+                    Arg::I32(s.hq as i32),
+                    Arg::I32(s.hkv as i32),
+                    Arg::F32(s.scale * std::f32::consts::LOG2_E),
+                    Arg::I32(s.causal as i32),
+                ]);
                 // V3: sequences longer than one tile (windows take V2's kernel below).
                 if matches!(variant, Variant::V3 | Variant::V4) && seqs.max_len > TILE {
                     return v3_fwd::launch(g, &args, seqs, s);
                 }
                 // Windows (every sequence ≤ 64 tokens): persistent blocks that prefetch the next
                 // (sequence, head) item; longer sequences: 128-row tiles with a K/V ring.
-                if matches!(variant, Variant::V2 | Variant::V3 | Variant::V4) && seqs.max_len <= TILE && nseq * s.hq < i32::MAX as usize {
+                if matches!(variant, Variant::V2 | Variant::V3 | Variant::V4)
+                    && seqs.max_len <= TILE
+                    && nseq * s.hq < i32::MAX as usize
+                {
                     let items = nseq * s.hq;
                     let smem = win_smem(s.d);
                     // Resident blocks per SM: 228 KiB of shared memory (1 KiB reserved per
                     // block), and at most 3 by registers (≤ 144 per thread at 128 threads).
                     let per_sm = (233_472 / (smem as usize + 1024)).clamp(1, 3);
                     let blocks = items.min(per_sm * g.sm_count as usize).max(1);
-                    let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem };
+                    let cfg = LaunchConfig {
+                        grid_dim: (blocks as u32, 1, 1),
+                        block_dim: (128, 1, 1),
+                        shared_mem_bytes: smem,
+                    };
                     let mut args = base.to_vec();
-                    args.extend([Arg::I32(nseq as i32), Arg::I32(t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32), Arg::F32(s.scale * std::f32::consts::LOG2_E), Arg::I32(s.causal as i32)]);
+                    args.extend([
+                        Arg::I32(nseq as i32),
+                        Arg::I32(t as i32),
+                        Arg::I32(s.hq as i32),
+                        Arg::I32(s.hkv as i32),
+                        Arg::F32(s.scale * std::f32::consts::LOG2_E),
+                        Arg::I32(s.causal as i32),
+                    ]);
                     return g.launch("attention_v2", &format!("attention_win_bf16_d{}", s.d), cfg, &args);
                 }
                 if variant == Variant::V2 {
@@ -310,18 +342,8 @@ pub fn fwd_with(dev: &Device, out: &mut Buf, lse: &mut Buf, q: &Buf, k: &Buf, v:
 /// dq [T, hq, d], dk, dv [T, hkv, d] (all activation dtype, =) from dout and the forward's out and lse.
 #[allow(clippy::too_many_arguments)]
 pub fn bwd(
-    dev: &Device,
-    dq: &mut Buf,
-    dk: &mut Buf,
-    dv: &mut Buf,
-    dout: &Buf,
-    q: &Buf,
-    k: &Buf,
-    v: &Buf,
-    out: &Buf,
-    lse: &Buf,
-    seqs: &Varlen,
-    s: &AttnShape,
+    dev: &Device, dq: &mut Buf, dk: &mut Buf, dv: &mut Buf, dout: &Buf, q: &Buf, k: &Buf, v: &Buf, out: &Buf,
+    lse: &Buf, seqs: &Varlen, s: &AttnShape,
 ) -> Result<()> {
     bwd_with(dev, dq, dk, dv, dout, q, k, v, out, lse, seqs, s, Variant::default_bwd(seqs.max_len))
 }
@@ -329,23 +351,19 @@ pub fn bwd(
 /// `bwd` with an explicit kernel variant (the bench and tests run both).
 #[allow(clippy::too_many_arguments)]
 pub fn bwd_with(
-    dev: &Device,
-    dq: &mut Buf,
-    dk: &mut Buf,
-    dv: &mut Buf,
-    dout: &Buf,
-    q: &Buf,
-    k: &Buf,
-    v: &Buf,
-    out: &Buf,
-    lse: &Buf,
-    seqs: &Varlen,
-    s: &AttnShape,
-    variant: Variant,
+    dev: &Device, dq: &mut Buf, dk: &mut Buf, dv: &mut Buf, dout: &Buf, q: &Buf, k: &Buf, v: &Buf, out: &Buf,
+    lse: &Buf, seqs: &Varlen, s: &AttnShape, variant: Variant,
 ) -> Result<()> {
     let op = "attention_bwd";
     let t = check_packed(op, q, k, v, seqs, s)?;
-    for (b, n, a) in [(&*dq, t * s.hq * s.d, "dq"), (&*dk, t * s.hkv * s.d, "dk"), (&*dv, t * s.hkv * s.d, "dv"), (dout, t * s.hq * s.d, "dout"), (out, t * s.hq * s.d, "out"), (lse, s.hq * t, "lse")] {
+    for (b, n, a) in [
+        (&*dq, t * s.hq * s.d, "dq"),
+        (&*dk, t * s.hkv * s.d, "dk"),
+        (&*dv, t * s.hkv * s.d, "dv"),
+        (dout, t * s.hq * s.d, "dout"),
+        (out, t * s.hq * s.d, "out"),
+        (lse, s.hq * t, "lse"),
+    ] {
         check(b, n, op, a)?;
     }
     check_dtype(lse, DType::F32, op, "lse")?;
@@ -374,9 +392,24 @@ pub fn bwd_with(
             let nseq = seqs.nseq();
             // D[h, t] = dout·out per row, the softmax-backward correction term.
             let dvec = dev.zeros_f32(s.hq * t)?;
-            let args = [Arg::Ptr(dvec.ptr(g)?), Arg::Ptr(dout.ptr(g)?), Arg::Ptr(out.ptr(g)?), Arg::I32(t as i32), Arg::I32(s.hq as i32), Arg::I32(s.d as i32)];
+            let args = [
+                Arg::Ptr(dvec.ptr(g)?),
+                Arg::Ptr(dout.ptr(g)?),
+                Arg::Ptr(out.ptr(g)?),
+                Arg::I32(t as i32),
+                Arg::I32(s.hq as i32),
+                Arg::I32(s.d as i32),
+            ];
             g.launch("attention_simple", &kname("attention_bwd_dot", dt), cfg_warps(t * s.hq), &args)?;
-            let inputs = [Arg::Ptr(q.ptr(g)?), Arg::Ptr(k.ptr(g)?), Arg::Ptr(v.ptr(g)?), Arg::Ptr(dout.ptr(g)?), Arg::Ptr(lse.ptr(g)?), Arg::Ptr(dvec.ptr(g)?), Arg::Ptr(seqs.buf.ptr(g)?)];
+            let inputs = [
+                Arg::Ptr(q.ptr(g)?),
+                Arg::Ptr(k.ptr(g)?),
+                Arg::Ptr(v.ptr(g)?),
+                Arg::Ptr(dout.ptr(g)?),
+                Arg::Ptr(lse.ptr(g)?),
+                Arg::Ptr(dvec.ptr(g)?),
+                Arg::Ptr(seqs.buf.ptr(g)?),
+            ];
             if use_tc(g, dt, s.d, &[dq, dk, dv, dout, q, k, v])? {
                 check_grid(op, seqs, s)?;
                 let grp = s.hq / s.hkv;
@@ -386,7 +419,14 @@ pub fn bwd_with(
                     let dq_acc = dev.zeros_f32(t * s.hq * s.d)?;
                     let mut args = vec![Arg::Ptr(dq_acc.ptr(g)?), Arg::Ptr(dk.ptr(g)?), Arg::Ptr(dv.ptr(g)?)];
                     args.extend(inputs);
-                    args.extend([Arg::I32(t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32), Arg::F32(s.scale), Arg::F32(s.scale * std::f32::consts::LOG2_E), Arg::I32(s.causal as i32)]);
+                    args.extend([
+                        Arg::I32(t as i32),
+                        Arg::I32(s.hq as i32),
+                        Arg::I32(s.hkv as i32),
+                        Arg::F32(s.scale),
+                        Arg::F32(s.scale * std::f32::consts::LOG2_E),
+                        Arg::I32(s.causal as i32),
+                    ]);
                     let cfg = LaunchConfig {
                         // Causal: (kv heads, sequences, key tiles), longest first; else (key
                         // tiles, kv heads, sequences) (see the kernel).
@@ -417,14 +457,22 @@ pub fn bwd_with(
                 // dQ accumulates in f32 across KV blocks; with GQA each q head writes its own
                 // dK/dV partial [T, hq, d] (f32) and the finish kernel sums the group.
                 let dq_acc = dev.zeros_f32(t * s.hq * s.d)?;
-                let parts = if grp > 1 { Some((dev.zeros_f32(t * s.hq * s.d)?, dev.zeros_f32(t * s.hq * s.d)?)) } else { None };
+                let parts =
+                    if grp > 1 { Some((dev.zeros_f32(t * s.hq * s.d)?, dev.zeros_f32(t * s.hq * s.d)?)) } else { None };
                 let (dk_dst, dv_dst) = match &parts {
                     Some((a, b)) => (a.ptr(g)?, b.ptr(g)?),
                     None => (dk.ptr(g)?, dv.ptr(g)?),
                 };
                 let mut args = vec![Arg::Ptr(dq_acc.ptr(g)?), Arg::Ptr(dk_dst), Arg::Ptr(dv_dst)];
                 args.extend(inputs);
-                args.extend([Arg::I32(t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32), Arg::F32(s.scale), Arg::F32(s.scale * std::f32::consts::LOG2_E), Arg::I32(s.causal as i32)]);
+                args.extend([
+                    Arg::I32(t as i32),
+                    Arg::I32(s.hq as i32),
+                    Arg::I32(s.hkv as i32),
+                    Arg::F32(s.scale),
+                    Arg::F32(s.scale * std::f32::consts::LOG2_E),
+                    Arg::I32(s.causal as i32),
+                ]);
                 let cfg = LaunchConfig {
                     grid_dim: (seqs.max_len.div_ceil(TILE) as u32, s.hq as u32, nseq as u32),
                     block_dim: (128, 1, 1),
@@ -465,7 +513,15 @@ pub fn bwd_with(
 
 /// The trailing scalar arguments of the simple kernels: nseq, T, hq, hkv, d, scale, causal.
 fn simple_dims(nseq: usize, t: usize, s: &AttnShape) -> [Arg; 7] {
-    [Arg::I32(nseq as i32), Arg::I32(t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32), Arg::I32(s.d as i32), Arg::F32(s.scale), Arg::I32(s.causal as i32)]
+    [
+        Arg::I32(nseq as i32),
+        Arg::I32(t as i32),
+        Arg::I32(s.hq as i32),
+        Arg::I32(s.hkv as i32),
+        Arg::I32(s.d as i32),
+        Arg::F32(s.scale),
+        Arg::I32(s.causal as i32),
+    ]
 }
 
 /// Whether this call takes the bf16 tensor-core kernels.

@@ -36,20 +36,8 @@ fn smem(d: usize) -> u32 {
 /// alignment of every bf16 buffer (out included), T > 0, T·hq·d < 2^31 and nseq ≤ 65535.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn bwd(
-    dev: &Device,
-    g: &Gpu,
-    dq: &mut Buf,
-    dk: &mut Buf,
-    dv: &mut Buf,
-    dout: &Buf,
-    q: &Buf,
-    k: &Buf,
-    v: &Buf,
-    out: &Buf,
-    lse: &Buf,
-    seqs: &Varlen,
-    s: &AttnShape,
-    t: usize,
+    dev: &Device, g: &Gpu, dq: &mut Buf, dk: &mut Buf, dv: &mut Buf, dout: &Buf, q: &Buf, k: &Buf, v: &Buf, out: &Buf,
+    lse: &Buf, seqs: &Varlen, s: &AttnShape, t: usize,
 ) -> Result<()> {
     let nseq = seqs.nseq();
     // One-dimensional grid, key block slowest: all (sequence, kv head) pairs of key block 0 (the

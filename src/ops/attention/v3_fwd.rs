@@ -30,8 +30,16 @@ fn smem(d: usize) -> u32 {
 pub(super) fn launch(g: &Gpu, args: &[Arg], seqs: &Varlen, s: &AttnShape) -> Result<()> {
     let tiles = seqs.max_len.div_ceil(BM);
     if tiles > 65535 || seqs.nseq() > 65535 {
-        bail!("attention_fwd: {} sequences of up to {} tokens exceed the V3 grid limits (65535 each in y, z)", seqs.nseq(), seqs.max_len);
+        bail!(
+            "attention_fwd: {} sequences of up to {} tokens exceed the V3 grid limits (65535 each in y, z)",
+            seqs.nseq(),
+            seqs.max_len
+        );
     }
-    let cfg = LaunchConfig { grid_dim: (s.hq as u32, seqs.nseq() as u32, tiles as u32), block_dim: (128, 1, 1), shared_mem_bytes: smem(s.d) };
+    let cfg = LaunchConfig {
+        grid_dim: (s.hq as u32, seqs.nseq() as u32, tiles as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: smem(s.d),
+    };
     g.launch("attention_v3", &format!("attention_fwd_v3_bf16_d{}", s.d), cfg, args)
 }

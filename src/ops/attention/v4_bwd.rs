@@ -33,20 +33,8 @@ fn smem(d: usize) -> u32 {
 /// (sequences, heads and 64-token tiles ≤ 65535).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn bwd(
-    dev: &Device,
-    g: &Gpu,
-    dq: &mut Buf,
-    dk: &mut Buf,
-    dv: &mut Buf,
-    dout: &Buf,
-    q: &Buf,
-    k: &Buf,
-    v: &Buf,
-    out: &Buf,
-    lse: &Buf,
-    seqs: &Varlen,
-    s: &AttnShape,
-    t: usize,
+    dev: &Device, g: &Gpu, dq: &mut Buf, dk: &mut Buf, dv: &mut Buf, dout: &Buf, q: &Buf, k: &Buf, v: &Buf, out: &Buf,
+    lse: &Buf, seqs: &Varlen, s: &AttnShape, t: usize,
 ) -> Result<()> {
     let nseq = seqs.nseq();
     let dvec = bwd_rows::rowdot(dev, g, "attention_v4_bwd", dout, out, t, s)?; // [hq, T]

@@ -19,7 +19,10 @@ fn logits_row<R: Real>(row: &mut [R], x: &[R], w: &[R], h: usize) {
 
 /// logp, lse, entropy [t] from hidden [t, h], w [v, h], targets [t]; masked tokens get 0.
 #[allow(clippy::too_many_arguments)]
-pub fn fwd<R: Real>(logp: &mut [R], lse: &mut [R], mut entropy: Option<&mut [R]>, hidden: &[R], w: &[R], targets: &[i32], mask: Option<&[R]>, t: usize, h: usize, v: usize) -> Result<()> {
+pub fn fwd<R: Real>(
+    logp: &mut [R], lse: &mut [R], mut entropy: Option<&mut [R]>, hidden: &[R], w: &[R], targets: &[i32],
+    mask: Option<&[R]>, t: usize, h: usize, v: usize,
+) -> Result<()> {
     let mut row = vec![R::ZERO; v];
     for i in 0..t {
         if mask.is_some_and(|m| m[i] == R::ZERO) {
@@ -48,7 +51,10 @@ pub fn fwd<R: Real>(logp: &mut [R], lse: &mut [R], mut entropy: Option<&mut [R]>
 
 /// dhidden [t, h] (=), dw [v, h] (+=) from dlogp [t] and lse [t]; tokens with dlogp == 0 are skipped.
 #[allow(clippy::too_many_arguments)]
-pub fn bwd<R: Real>(dhidden: &mut [R], dw: &mut [R], dlogp: &[R], hidden: &[R], w: &[R], targets: &[i32], lse: &[R], t: usize, h: usize, v: usize) -> Result<()> {
+pub fn bwd<R: Real>(
+    dhidden: &mut [R], dw: &mut [R], dlogp: &[R], hidden: &[R], w: &[R], targets: &[i32], lse: &[R], t: usize,
+    h: usize, v: usize,
+) -> Result<()> {
     let mut row = vec![R::ZERO; v];
     // dhidden sums over the vocabulary: accumulated in f64 (see fwd).
     let mut acc = vec![0f64; h];

@@ -64,19 +64,33 @@ fn active_tokens(g: &Gpu, dev: &Device, flags: &Buf, t: usize, meter: &mut usize
     let idx = scratch(dev, DType::I32, t, meter)?;
     let pos = scratch(dev, DType::I32, t, meter)?;
     let cnt = scratch(dev, DType::I32, 1, meter)?;
-    let args = [Arg::Ptr(idx.ptr(g)?), Arg::Ptr(pos.ptr(g)?), Arg::Ptr(cnt.ptr(g)?), Arg::Ptr(flags.ptr(g)?), Arg::I32(t as i32)];
+    let args = [
+        Arg::Ptr(idx.ptr(g)?),
+        Arg::Ptr(pos.ptr(g)?),
+        Arg::Ptr(cnt.ptr(g)?),
+        Arg::Ptr(flags.ptr(g)?),
+        Arg::I32(t as i32),
+    ];
     g.launch(MODULE, "logprob_scan_nonzero", cfg_rows(1, 1024, 0), &args)?;
     let n = dev.to_vec_i32(&cnt)?.first().copied().unwrap_or(0).max(0) as usize;
     Ok(if n == t { None } else { Some(Active { n, idx, pos }) })
 }
 
 /// The packed copies of hidden [ta, h] and targets [ta] when tokens were compacted.
-fn gather_inputs(g: &Gpu, dev: &Device, a: &Active, hidden: &Buf, targets: &Buf, h: usize, meter: &mut usize) -> Result<(Buf, Buf)> {
+fn gather_inputs(
+    g: &Gpu, dev: &Device, a: &Active, hidden: &Buf, targets: &Buf, h: usize, meter: &mut usize,
+) -> Result<(Buf, Buf)> {
     let dt = hidden.dtype();
     let hp = scratch(dev, dt, a.n * h, meter)?;
     let tp = scratch(dev, DType::I32, a.n, meter)?;
     if a.n > 0 {
-        let args = [Arg::Ptr(hp.ptr(g)?), Arg::Ptr(hidden.ptr(g)?), Arg::Ptr(a.idx.ptr(g)?), Arg::I32(a.n as i32), Arg::I32(h as i32)];
+        let args = [
+            Arg::Ptr(hp.ptr(g)?),
+            Arg::Ptr(hidden.ptr(g)?),
+            Arg::Ptr(a.idx.ptr(g)?),
+            Arg::I32(a.n as i32),
+            Arg::I32(h as i32),
+        ];
         g.launch(MODULE, &kname("logprob_gather_rows", dt), cfg_rows(a.n, BLOCK, 0), &args)?;
         let args = [Arg::Ptr(tp.ptr(g)?), Arg::Ptr(targets.ptr(g)?), Arg::Ptr(a.idx.ptr(g)?), Arg::I32(a.n as i32)];
         g.launch(MODULE, "logprob_gather_vec_i32", cfg_1d(a.n, 256), &args)?;
@@ -129,7 +143,9 @@ impl Pass {
     /// Folds every vocab tile of the chunk's rows into `stats` [n, 4]; with `store`, also keeps
     /// the tiles ([n, v] at the storage dtype, values relative to `moff` [n, nsub]).
     #[allow(clippy::too_many_arguments)]
-    fn fold_rows(&self, g: &Gpu, tile: u64, stats: u64, store: u64, moff: u64, hid: u64, tgt: u64, n: usize, vc: usize) -> Result<()> {
+    fn fold_rows(
+        &self, g: &Gpu, tile: u64, stats: u64, store: u64, moff: u64, hid: u64, tgt: u64, n: usize, vc: usize,
+    ) -> Result<()> {
         let nsub = self.v.div_ceil(vc);
         let name = kname("logprob_fold", self.dt);
         for j in 0..nsub {
@@ -163,7 +179,9 @@ impl Pass {
     /// dst rows (idx[i], or row0 + i) = gs[i] · Σ_p src[p] [n, h] (f32 partials `pstride`
     /// elements apart; gs null = 1), converted to the storage dtype.
     #[allow(clippy::too_many_arguments)]
-    fn scatter_sum(&self, g: &Gpu, dst: u64, src: u64, gs: u64, idx: u64, row0: usize, n: usize, nsplit: usize, pstride: usize) -> Result<()> {
+    fn scatter_sum(
+        &self, g: &Gpu, dst: u64, src: u64, gs: u64, idx: u64, row0: usize, n: usize, nsplit: usize, pstride: usize,
+    ) -> Result<()> {
         let args = [
             Arg::Ptr(dst),
             Arg::Ptr(src),
@@ -201,7 +219,9 @@ impl Pass {
 
     /// partial[p] [n, h] f32 (β)= U[:, slice p] · W[v0 + slice p, :]; U [n, k] at `u`, row stride `ldu`.
     #[allow(clippy::too_many_arguments)]
-    fn dhidden(&self, g: &Gpu, part: u64, u: u64, ldu: usize, v0: usize, k: usize, n: usize, beta: f32, splits: Splits) -> Result<()> {
+    fn dhidden(
+        &self, g: &Gpu, part: u64, u: u64, ldu: usize, v0: usize, k: usize, n: usize, beta: f32, splits: Splits,
+    ) -> Result<()> {
         let sg = SplitGemm { u, ldu, w: at(self.w, v0 * self.h, self.dt), part, m: n, h: self.h, k, ab: self.gt, beta };
         splitk::gemm(g, &sg, splits)
     }
@@ -265,7 +285,9 @@ pub(super) fn fused_splits(g: &Gpu, tune: &Tuning, ta: usize, h: usize, v: usize
 
 /// The fused pass's dhidden GEMM for one chunk of n rows (see `super::dhidden_split_gemm`).
 #[allow(clippy::too_many_arguments)]
-pub(super) fn dhidden_stage(g: &Gpu, tune: &Tuning, lm_head: &Buf, u: u64, part: u64, n: usize, h: usize, v: usize) -> Result<usize> {
+pub(super) fn dhidden_stage(
+    g: &Gpu, tune: &Tuning, lm_head: &Buf, u: u64, part: u64, n: usize, h: usize, v: usize,
+) -> Result<usize> {
     let ps = pass(g, lm_head, h, v)?;
     let splits = dh_splits(g, tune, n, h, v, 8.0 * (n * h) as f64);
     ps.dhidden(g, part, u, v, 0, v, n, 0.0, splits)?;
@@ -279,7 +301,10 @@ fn take(dev: &Device, tune: &Tuning, lay: &Layout, meter: &mut usize) -> Result<
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(super) fn fwd(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, logp: &mut Buf, lse: &mut Buf, entropy: Option<&mut Buf>, hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize, h: usize, v: usize) -> Result<()> {
+pub(super) fn fwd(
+    g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, logp: &mut Buf, lse: &mut Buf, entropy: Option<&mut Buf>,
+    hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize, h: usize, v: usize,
+) -> Result<()> {
     let ps = pass(g, lm_head, h, v)?;
     let act = match mask {
         Some(m) if t > 0 => active_tokens(g, dev, m, t, meter)?,
@@ -296,7 +321,11 @@ pub(super) fn fwd(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, logp:
     };
     // Packed outputs: the outputs themselves unless tokens were compacted.
     let tmp = match &act {
-        Some(_) => Some((scratch(dev, DType::F32, ta, meter)?, scratch(dev, DType::F32, ta, meter)?, scratch(dev, DType::F32, ta, meter)?)),
+        Some(_) => Some((
+            scratch(dev, DType::F32, ta, meter)?,
+            scratch(dev, DType::F32, ta, meter)?,
+            scratch(dev, DType::F32, ta, meter)?,
+        )),
         None => None,
     };
     let (lp, ls, en) = match &tmp {
@@ -336,7 +365,10 @@ pub(super) fn fwd(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, logp:
 /// `fwd_bwd_v3` (fold_u, stopped before it writes u), so logp, lse and the entropy equal the fused
 /// pass's bit for bit. lp, ls, en: packed outputs [ta] (en may be 0).
 #[allow(clippy::too_many_arguments)]
-fn fwd_kept(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, ps: &Pass, hid: u64, tgt: u64, lp: u64, ls: u64, en: u64, ta: usize) -> Result<()> {
+fn fwd_kept(
+    g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, ps: &Pass, hid: u64, tgt: u64, lp: u64, ls: u64, en: u64,
+    ta: usize,
+) -> Result<()> {
     let (h, v) = (ps.h, ps.v);
     let tc = fused_rows(ta, v, ps.dt, tune);
     let mut lay = Layout::default();
@@ -353,7 +385,17 @@ fn fwd_kept(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, ps: &Pass, 
         ps.logits_kept(g, store, hid_t0, n)?;
         if tune.fused_v3 {
             let cfg = LaunchConfig { grid_dim: (n_blocks(n), 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
-            let args = [Arg::Ptr(store), Arg::Ptr(lp_t0), Arg::Ptr(ls_t0), Arg::Ptr(en_t0), Arg::Ptr(tgt_t0), Arg::I32(n as i32), Arg::I32(v as i32), Arg::I32(0), Arg::I32(0)];
+            let args = [
+                Arg::Ptr(store),
+                Arg::Ptr(lp_t0),
+                Arg::Ptr(ls_t0),
+                Arg::Ptr(en_t0),
+                Arg::Ptr(tgt_t0),
+                Arg::I32(n as i32),
+                Arg::I32(v as i32),
+                Arg::I32(0),
+                Arg::I32(0),
+            ];
             g.launch(MODULE, &kname("logprob_fold_u", ps.dt), cfg, &args)?;
         } else {
             let args = [Arg::Ptr(stats), Arg::Ptr(store), Arg::Ptr(tgt_t0), Arg::I32(n as i32), Arg::I32(v as i32)];
@@ -365,7 +407,10 @@ fn fwd_kept(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, ps: &Pass, 
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(super) fn bwd(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, dhidden: &mut Buf, dlm_head: &mut Buf, dlogp: &Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, lse: &Buf, t: usize, h: usize, v: usize) -> Result<()> {
+pub(super) fn bwd(
+    g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, dhidden: &mut Buf, dlm_head: &mut Buf, dlogp: &Buf,
+    hidden: &Buf, lm_head: &Buf, targets: &Buf, lse: &Buf, t: usize, h: usize, v: usize,
+) -> Result<()> {
     let ps = pass(g, lm_head, h, v)?;
     if t == 0 {
         return if tune.dw_overwrite { zero(g, dlm_head) } else { Ok(()) };
@@ -381,7 +426,14 @@ pub(super) fn bwd(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, dhidd
             let lp = scratch(dev, DType::F32, a.n, meter)?;
             if a.n > 0 {
                 for (dst, src) in [(&dp, dlogp), (&lp, lse)] {
-                    let args = [Arg::Ptr(dst.ptr(g)?), Arg::Ptr(src.ptr(g)?), Arg::Ptr(a.idx.ptr(g)?), Arg::I32(0), Arg::I32(a.n as i32), Arg::F32(1.0)];
+                    let args = [
+                        Arg::Ptr(dst.ptr(g)?),
+                        Arg::Ptr(src.ptr(g)?),
+                        Arg::Ptr(a.idx.ptr(g)?),
+                        Arg::I32(0),
+                        Arg::I32(a.n as i32),
+                        Arg::F32(1.0),
+                    ];
                     g.launch(MODULE, "logprob_gather_vec_f32", cfg_1d(a.n, 256), &args)?;
                 }
             }
@@ -425,11 +477,28 @@ pub(super) fn bwd(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, dhidd
             let nv = vc.min(v - v0);
             if kept {
                 ps.logits_as(g, dl, hid_t0, n, v0, nv, ps.gt)?;
-                let args = [Arg::Ptr(dl), Arg::Ptr(ls_t0), Arg::Ptr(dlp_t0), Arg::Ptr(tgt_t0), Arg::I32(n as i32), Arg::I32(nv as i32), Arg::I32(v0 as i32)];
+                let args = [
+                    Arg::Ptr(dl),
+                    Arg::Ptr(ls_t0),
+                    Arg::Ptr(dlp_t0),
+                    Arg::Ptr(tgt_t0),
+                    Arg::I32(n as i32),
+                    Arg::I32(nv as i32),
+                    Arg::I32(v0 as i32),
+                ];
                 g.launch(MODULE, &name_kept, cfg_cols(nv, vec_n(ps.dt), n), &args)?;
             } else {
                 ps.logits(g, tile, hid_t0, n, v0, nv)?;
-                let args = [Arg::Ptr(dl), Arg::Ptr(tile), Arg::Ptr(ls_t0), Arg::Ptr(dlp_t0), Arg::Ptr(tgt_t0), Arg::I32(n as i32), Arg::I32(nv as i32), Arg::I32(v0 as i32)];
+                let args = [
+                    Arg::Ptr(dl),
+                    Arg::Ptr(tile),
+                    Arg::Ptr(ls_t0),
+                    Arg::Ptr(dlp_t0),
+                    Arg::Ptr(tgt_t0),
+                    Arg::I32(n as i32),
+                    Arg::I32(nv as i32),
+                    Arg::I32(v0 as i32),
+                ];
                 g.launch(MODULE, &name, cfg_cols(nv, vec_n(ps.dt), n), &args)?;
             }
             // dh partials [n, h] (+)= dl [n, nv] · W[v0 .. v0 + nv, :], slice by slice. The first
@@ -445,7 +514,11 @@ pub(super) fn bwd(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, dhidd
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(super) fn fwd_bwd(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, logp: &mut Buf, entropy: Option<&mut Buf>, dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize, h: usize, v: usize, grad: &mut GradFn) -> Result<()> {
+pub(super) fn fwd_bwd(
+    g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, logp: &mut Buf, entropy: Option<&mut Buf>,
+    dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize,
+    h: usize, v: usize, grad: &mut GradFn,
+) -> Result<()> {
     let ps = pass(g, lm_head, h, v)?;
     let act = match mask {
         Some(m) if t > 0 => active_tokens(g, dev, m, t, meter)?,
@@ -482,7 +555,8 @@ pub(super) fn fwd_bwd(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, l
         // Cached, not zeroed: [tc, vc] f32 tile, [tc, v] kept chunk (every row fully written by
         // the fold), S × [tc, h] f32 dhidden partials.
         let mut lay = Layout::default();
-        let (o_tile, o_store, o_dh) = (lay.part(tc * vc * 4), lay.part(tc * v * ps.dt.size()), lay.part(splits.count * tc * h * 4));
+        let (o_tile, o_store, o_dh) =
+            (lay.part(tc * vc * 4), lay.part(tc * v * ps.dt.size()), lay.part(splits.count * tc * h * 4));
         let sc = take(dev, tune, &lay, meter)?;
         let (tile, store, dh) = (sc.at(o_tile), sc.at(o_store), sc.at(o_dh));
         let moff = scratch(dev, DType::F32, tc * nsub, meter)?;
@@ -549,7 +623,11 @@ pub(super) fn fwd_bwd(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, l
 ///
 /// The kept buffer is not zeroed: the GEMM writes all of rows 0 .. n before anything reads them.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn fwd_bwd_v2(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, logp: &mut Buf, entropy: Option<&mut Buf>, dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize, h: usize, v: usize, grad: &mut GradFn) -> Result<()> {
+pub(super) fn fwd_bwd_v2(
+    g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, logp: &mut Buf, entropy: Option<&mut Buf>,
+    dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize,
+    h: usize, v: usize, grad: &mut GradFn,
+) -> Result<()> {
     let ps = pass(g, lm_head, h, v)?;
     let act = match mask {
         Some(m) if t > 0 => active_tokens(g, dev, m, t, meter)?,
@@ -660,7 +738,11 @@ const FOLD_U_SMEM: usize = 160 << 10;
 ///
 /// HBM per chunk: the GEMM's write, one read and one write of the buffer (variant 2: one more read).
 #[allow(clippy::too_many_arguments)]
-pub(super) fn fwd_bwd_v3(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, logp: &mut Buf, entropy: Option<&mut Buf>, dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize, h: usize, v: usize, grad: &mut GradFn) -> Result<()> {
+pub(super) fn fwd_bwd_v3(
+    g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, logp: &mut Buf, entropy: Option<&mut Buf>,
+    dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize,
+    h: usize, v: usize, grad: &mut GradFn,
+) -> Result<()> {
     let ps = pass(g, lm_head, h, v)?;
     let act = match mask {
         Some(m) if t > 0 => active_tokens(g, dev, m, t, meter)?,
@@ -695,7 +777,8 @@ pub(super) fn fwd_bwd_v3(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize
         // Cached, not zeroed: [tc, v] storage dtype (the chunk's logits, then u), [tc, h] g-scaled
         // hidden rows (storage dtype) and S × [tc, h] f32 partials of U·W.
         let mut lay = Layout::default();
-        let (o_store, o_hg, o_dh) = (lay.part(tc * v * ps.dt.size()), lay.part(tc * h * ps.dt.size()), lay.part(splits.count * tc * h * 4));
+        let (o_store, o_hg, o_dh) =
+            (lay.part(tc * v * ps.dt.size()), lay.part(tc * h * ps.dt.size()), lay.part(splits.count * tc * h * 4));
         let sc = take(dev, tune, &lay, meter)?;
         let (store, hg, dh) = (sc.at(o_store), sc.at(o_hg), sc.at(o_dh));
         let lse = scratch(dev, DType::F32, tc, meter)?;
@@ -715,7 +798,11 @@ pub(super) fn fwd_bwd_v3(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize
         let vn = vec_n(ps.dt);
         let cache = (FOLD_U_SMEM / ps.dt.size()).min(v) / vn * vn;
         let cache = if cache == 0 { v.min(FOLD_U_SMEM / ps.dt.size()) } else { cache };
-        let fold_cfg = LaunchConfig { grid_dim: (n_blocks(tc), 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: (cache * ps.dt.size()) as u32 };
+        let fold_cfg = LaunchConfig {
+            grid_dim: (n_blocks(tc), 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: (cache * ps.dt.size()) as u32,
+        };
         let fold = kname("logprob_fold_u", ps.dt);
         let scale = kname("logprob_scale_rows", ps.dt);
         for t0 in (0..ta).step_by(tc) {
@@ -726,11 +813,26 @@ pub(super) fn fwd_bwd_v3(g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize
             // logits [n, v] = hidden rows [n, h] · W [v, h]ᵀ, rounded once to the storage dtype.
             ps.logits_kept(g, store, hid_t0, n)?;
             let en_t0 = if en == 0 { 0 } else { at(en, t0, DType::F32) };
-            let args = [Arg::Ptr(store), Arg::Ptr(at(lp, t0, DType::F32)), Arg::Ptr(lse), Arg::Ptr(en_t0), Arg::Ptr(tgt_t0), Arg::I32(n as i32), Arg::I32(v as i32), Arg::I32(cache as i32), Arg::I32(1)];
+            let args = [
+                Arg::Ptr(store),
+                Arg::Ptr(at(lp, t0, DType::F32)),
+                Arg::Ptr(lse),
+                Arg::Ptr(en_t0),
+                Arg::Ptr(tgt_t0),
+                Arg::I32(n as i32),
+                Arg::I32(v as i32),
+                Arg::I32(cache as i32),
+                Arg::I32(1),
+            ];
             g.launch(MODULE, &fold, LaunchConfig { grid_dim: (n_blocks(n), 1, 1), ..fold_cfg }, &args)?;
             grad(GradChunk { p0: t0, n, idx: act.as_ref().map(|a| &a.idx), logp: logp_p, dlogp: &mut dlogp_p })?;
             // hg = diag(g) · hidden rows
-            g.launch(MODULE, &scale, cfg_rows(n, BLOCK, 0), &[Arg::Ptr(hg), Arg::Ptr(hid_t0), Arg::Ptr(dlp_t0), Arg::I32(n as i32), Arg::I32(h as i32)])?;
+            g.launch(
+                MODULE,
+                &scale,
+                cfg_rows(n, BLOCK, 0),
+                &[Arg::Ptr(hg), Arg::Ptr(hid_t0), Arg::Ptr(dlp_t0), Arg::I32(n as i32), Arg::I32(h as i32)],
+            )?;
             // dh partials [n, h] = U [n, v slice] · W [v slice, h] (split-K over V)
             ps.dhidden(g, dh, store, v, 0, v, n, 0.0, splits)?;
             // dW [v, h] (+)= Uᵀ [v, n] · hg [n, h]

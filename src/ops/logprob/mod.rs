@@ -159,13 +159,19 @@ pub type GradFn<'f> = dyn FnMut(GradChunk<'_>) -> Result<()> + 'f;
 /// lm_head [v, h] and targets [t] (i32). Tokens with mask [t] == 0 are skipped: their logp, lse
 /// and entropy are 0. A target outside [0, v) is an error on the CPU and gives NaN on the GPU.
 #[allow(clippy::too_many_arguments)]
-pub fn fwd(dev: &Device, logp: &mut Buf, lse: &mut Buf, entropy: Option<&mut Buf>, hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize, h: usize, v: usize) -> Result<()> {
+pub fn fwd(
+    dev: &Device, logp: &mut Buf, lse: &mut Buf, entropy: Option<&mut Buf>, hidden: &Buf, lm_head: &Buf, targets: &Buf,
+    mask: Option<&Buf>, t: usize, h: usize, v: usize,
+) -> Result<()> {
     fwd_with(dev, &Tuning::default(), logp, lse, entropy, hidden, lm_head, targets, mask, t, h, v)
 }
 
 /// `fwd` with explicit chunk sizes.
 #[allow(clippy::too_many_arguments)]
-pub fn fwd_with(dev: &Device, tune: &Tuning, logp: &mut Buf, lse: &mut Buf, mut entropy: Option<&mut Buf>, hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize, h: usize, v: usize) -> Result<()> {
+pub fn fwd_with(
+    dev: &Device, tune: &Tuning, logp: &mut Buf, lse: &mut Buf, mut entropy: Option<&mut Buf>, hidden: &Buf,
+    lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize, h: usize, v: usize,
+) -> Result<()> {
     let op = "logprob_fwd";
     check_head(op, hidden, lm_head, targets, t, h, v)?;
     for (b, a) in [(&*logp, "logp"), (&*lse, "lse")] {
@@ -212,13 +218,19 @@ pub fn fwd_with(dev: &Device, tune: &Tuning, logp: &mut Buf, lse: &mut Buf, mut 
 /// `fwd`. Tokens with dlogp == 0 are skipped (their dhidden rows are 0), so masked tokens cost
 /// nothing. Recomputes the logits tile by tile.
 #[allow(clippy::too_many_arguments)]
-pub fn bwd(dev: &Device, dhidden: &mut Buf, dlm_head: &mut Buf, dlogp: &Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, lse: &Buf, t: usize, h: usize, v: usize) -> Result<()> {
+pub fn bwd(
+    dev: &Device, dhidden: &mut Buf, dlm_head: &mut Buf, dlogp: &Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf,
+    lse: &Buf, t: usize, h: usize, v: usize,
+) -> Result<()> {
     bwd_with(dev, &Tuning::default(), dhidden, dlm_head, dlogp, hidden, lm_head, targets, lse, t, h, v)
 }
 
 /// `bwd` with explicit chunk sizes.
 #[allow(clippy::too_many_arguments)]
-pub fn bwd_with(dev: &Device, tune: &Tuning, dhidden: &mut Buf, dlm_head: &mut Buf, dlogp: &Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, lse: &Buf, t: usize, h: usize, v: usize) -> Result<()> {
+pub fn bwd_with(
+    dev: &Device, tune: &Tuning, dhidden: &mut Buf, dlm_head: &mut Buf, dlogp: &Buf, hidden: &Buf, lm_head: &Buf,
+    targets: &Buf, lse: &Buf, t: usize, h: usize, v: usize,
+) -> Result<()> {
     let op = "logprob_bwd";
     check_head(op, hidden, lm_head, targets, t, h, v)?;
     check(dhidden, t * h, op, "dhidden")?;
@@ -234,11 +246,23 @@ pub fn bwd_with(dev: &Device, tune: &Tuning, dhidden: &mut Buf, dlm_head: &mut B
             if tune.dw_overwrite {
                 dlm_head.host_mut()?.iter_mut().for_each(|x| *x = 0.0);
             }
-            cpu::bwd(dhidden.host_mut()?, dlm_head.host_mut()?, dlogp.host()?, hidden.host()?, lm_head.host()?, targets.host_i32()?, lse.host()?, t, h, v)
+            cpu::bwd(
+                dhidden.host_mut()?,
+                dlm_head.host_mut()?,
+                dlogp.host()?,
+                hidden.host()?,
+                lm_head.host()?,
+                targets.host_i32()?,
+                lse.host()?,
+                t,
+                h,
+                v,
+            )
         }
         Device::Cuda(g) => {
             let mut meter = 0;
-            let r = gpu::bwd(g, dev, tune, &mut meter, dhidden, dlm_head, dlogp, hidden, lm_head, targets, lse, t, h, v);
+            let r =
+                gpu::bwd(g, dev, tune, &mut meter, dhidden, dlm_head, dlogp, hidden, lm_head, targets, lse, t, h, v);
             LAST_SCRATCH.store(meter, Ordering::Relaxed);
             r
         }
@@ -249,13 +273,34 @@ pub fn bwd_with(dev: &Device, tune: &Tuning, dhidden: &mut Buf, dlm_head: &mut B
 /// dhidden [t, h] (=) and dlm_head [v, h] (f32, +=), where `grad` supplies d loss / d logp for
 /// each chunk of finished log-probs (see `GradChunk`). Masked tokens get dlogp = 0 and dhidden 0.
 #[allow(clippy::too_many_arguments)]
-pub fn fwd_bwd(dev: &Device, logp: &mut Buf, entropy: Option<&mut Buf>, dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize, h: usize, v: usize, grad: &mut GradFn) -> Result<()> {
-    fwd_bwd_with(dev, &Tuning::default(), logp, entropy, dhidden, dlm_head, hidden, lm_head, targets, mask, t, h, v, grad)
+pub fn fwd_bwd(
+    dev: &Device, logp: &mut Buf, entropy: Option<&mut Buf>, dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf,
+    lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize, h: usize, v: usize, grad: &mut GradFn,
+) -> Result<()> {
+    fwd_bwd_with(
+        dev,
+        &Tuning::default(),
+        logp,
+        entropy,
+        dhidden,
+        dlm_head,
+        hidden,
+        lm_head,
+        targets,
+        mask,
+        t,
+        h,
+        v,
+        grad,
+    )
 }
 
 /// `fwd_bwd` with explicit chunk sizes.
 #[allow(clippy::too_many_arguments)]
-pub fn fwd_bwd_with(dev: &Device, tune: &Tuning, logp: &mut Buf, mut entropy: Option<&mut Buf>, dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize, h: usize, v: usize, grad: &mut GradFn) -> Result<()> {
+pub fn fwd_bwd_with(
+    dev: &Device, tune: &Tuning, logp: &mut Buf, mut entropy: Option<&mut Buf>, dhidden: &mut Buf, dlm_head: &mut Buf,
+    hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize, h: usize, v: usize, grad: &mut GradFn,
+) -> Result<()> {
     let op = "logprob_fwd_bwd";
     check_head(op, hidden, lm_head, targets, t, h, v)?;
     check(logp, t, op, "logp")?;
@@ -282,11 +327,20 @@ pub fn fwd_bwd_with(dev: &Device, tune: &Tuning, logp: &mut Buf, mut entropy: Op
         Device::Cuda(g) => {
             let mut meter = 0;
             let r = if tune.fused_v3 {
-                gpu::fwd_bwd_v3(g, dev, tune, &mut meter, logp, entropy, dhidden, dlm_head, hidden, lm_head, targets, mask, t, h, v, grad)
+                gpu::fwd_bwd_v3(
+                    g, dev, tune, &mut meter, logp, entropy, dhidden, dlm_head, hidden, lm_head, targets, mask, t, h,
+                    v, grad,
+                )
             } else if tune.fused_v2 {
-                gpu::fwd_bwd_v2(g, dev, tune, &mut meter, logp, entropy, dhidden, dlm_head, hidden, lm_head, targets, mask, t, h, v, grad)
+                gpu::fwd_bwd_v2(
+                    g, dev, tune, &mut meter, logp, entropy, dhidden, dlm_head, hidden, lm_head, targets, mask, t, h,
+                    v, grad,
+                )
             } else {
-                gpu::fwd_bwd(g, dev, tune, &mut meter, logp, entropy, dhidden, dlm_head, hidden, lm_head, targets, mask, t, h, v, grad)
+                gpu::fwd_bwd(
+                    g, dev, tune, &mut meter, logp, entropy, dhidden, dlm_head, hidden, lm_head, targets, mask, t, h,
+                    v, grad,
+                )
             };
             LAST_SCRATCH.store(meter, Ordering::Relaxed);
             r
@@ -313,7 +367,9 @@ pub fn fused_plan(dev: &Device, tune: &Tuning, ta: usize, h: usize, v: usize, dt
 /// sizes. Returns S, the number of partials written (fewer than asked when v is short);
 /// `logprob_scatter_sum_<dtype>` adds them up.
 #[allow(clippy::too_many_arguments)]
-pub fn dhidden_split_gemm(g: &Gpu, lm_head: &Buf, u: u64, part: u64, n: usize, h: usize, v: usize, splits: usize) -> Result<usize> {
+pub fn dhidden_split_gemm(
+    g: &Gpu, lm_head: &Buf, u: u64, part: u64, n: usize, h: usize, v: usize, splits: usize,
+) -> Result<usize> {
     check(lm_head, v * h, "logprob_dhidden_split_gemm", "lm_head")?;
     let tune = Tuning { dhidden_splits: splits, ..Tuning::default() };
     gpu::dhidden_stage(g, &tune, lm_head, u, part, n, h, v)
@@ -322,7 +378,9 @@ pub fn dhidden_split_gemm(g: &Gpu, lm_head: &Buf, u: u64, part: u64, n: usize, h
 /// dst[p] = scale · src[idx[p]] (src[p] when idx is None) for p in p0 .. p0 + n: the building
 /// block of simple `fwd_bwd` callbacks, e.g. the SFT NLL is `gather_scaled(dlogp, weight, idx,
 /// p0, n, -1.0)` with weight [t] = 1 / (assistant tokens) on assistant tokens.
-pub fn gather_scaled(dev: &Device, dst: &mut Buf, src: &Buf, idx: Option<&Buf>, p0: usize, n: usize, scale: f32) -> Result<()> {
+pub fn gather_scaled(
+    dev: &Device, dst: &mut Buf, src: &Buf, idx: Option<&Buf>, p0: usize, n: usize, scale: f32,
+) -> Result<()> {
     let op = "logprob_gather_scaled";
     check_dtype(dst, DType::F32, op, "dst")?;
     check_dtype(src, DType::F32, op, "src")?;
@@ -363,7 +421,14 @@ pub fn gather_scaled(dev: &Device, dst: &mut Buf, src: &Buf, idx: Option<&Buf>, 
                 Some(b) => b.ptr(g)?,
                 None => 0,
             };
-            let args = [Arg::Ptr(dst.ptr(g)?), Arg::Ptr(src.ptr(g)?), Arg::Ptr(ip), Arg::I32(p0 as i32), Arg::I32(n as i32), Arg::F32(scale)];
+            let args = [
+                Arg::Ptr(dst.ptr(g)?),
+                Arg::Ptr(src.ptr(g)?),
+                Arg::Ptr(ip),
+                Arg::I32(p0 as i32),
+                Arg::I32(n as i32),
+                Arg::F32(scale),
+            ];
             g.launch(MODULE, "logprob_gather_vec_f32", cfg_1d(n, 256), &args)
         }
     }
@@ -386,7 +451,10 @@ fn check_head(op: &str, hidden: &Buf, lm_head: &Buf, targets: &Buf, t: usize, h:
 
 /// CPU `fwd_bwd`: the forward, one callback over every active token, the backward.
 #[allow(clippy::too_many_arguments)]
-fn cpu_fwd_bwd(logp: &mut Buf, entropy: Option<&mut Buf>, dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize, h: usize, v: usize, grad: &mut GradFn) -> Result<()> {
+fn cpu_fwd_bwd(
+    logp: &mut Buf, entropy: Option<&mut Buf>, dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf,
+    targets: &Buf, mask: Option<&Buf>, t: usize, h: usize, v: usize, grad: &mut GradFn,
+) -> Result<()> {
     let mask = match mask {
         Some(m) => Some(m.host()?),
         None => None,
@@ -412,13 +480,24 @@ fn cpu_fwd_bwd(logp: &mut Buf, entropy: Option<&mut Buf>, dhidden: &mut Buf, dlm
     for (p, &i) in active.iter().enumerate() {
         dlogp[i] = dlogp_p.host()?[p];
     }
-    cpu::bwd(dhidden.host_mut()?, dlm_head.host_mut()?, &dlogp, hidden.host()?, lm_head.host()?, targets.host_i32()?, &lse, t, h, v)
+    cpu::bwd(
+        dhidden.host_mut()?,
+        dlm_head.host_mut()?,
+        &dlogp,
+        hidden.host()?,
+        lm_head.host()?,
+        targets.host_i32()?,
+        &lse,
+        t,
+        h,
+        v,
+    )
 }
 
-/// The CUDA launchers (gpu.rs). Pointers are raw device addresses; `meter` sums the scratch allocated.
-mod gpu;
 /// The per-process cache of the large device scratch.
 mod arena;
+/// The CUDA launchers (gpu.rs). Pointers are raw device addresses; `meter` sums the scratch allocated.
+mod gpu;
 /// The split-K dhidden GEMM.
 mod splitk;
 

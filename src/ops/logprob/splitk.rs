@@ -170,7 +170,15 @@ fn call(g: &Gpu, s: &SplitGemm, first: usize, stride: usize, len: usize, count: 
             )
         }
     };
-    r.map_err(|e| anyhow!("cuBLAS split dhidden GEMM m={} h={} k={} (slices {first}..{} of {len} columns) failed: {e:?}", s.m, s.h, s.k, first + count))
+    r.map_err(|e| {
+        anyhow!(
+            "cuBLAS split dhidden GEMM m={} h={} k={} (slices {first}..{} of {len} columns) failed: {e:?}",
+            s.m,
+            s.h,
+            s.k,
+            first + count
+        )
+    })
 }
 
 #[cfg(test)]
