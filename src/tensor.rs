@@ -11,7 +11,21 @@ use crate::cuda::{dptr, Gpu};
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::CudaSlice;
 use half::bf16;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Once};
+
+/// Buffers allocated through `Device` (zeros and uploads), on either device, since the start of
+/// the process: the rollout engine's decode step must leave it unchanged (tests/rollout_alloc.rs).
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+/// The process-wide count of `Device` buffer allocations so far.
+pub fn allocations() -> u64 {
+    ALLOCATIONS.load(Ordering::Relaxed)
+}
+
+fn count_allocation() {
+    ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
@@ -121,6 +135,7 @@ impl Device {
     }
 
     pub fn zeros(&self, dtype: DType, n: usize) -> Result<Buf> {
+        count_allocation();
         Ok(match (self, dtype) {
             (Device::Cpu, DType::F32 | DType::BF16) => Buf::HostF32(host_zeros(n)?),
             (Device::Cpu, DType::I32) => Buf::HostI32(host_zeros(n)?),
@@ -140,6 +155,7 @@ impl Device {
 
     /// Uploads f32 host data as `dtype` (bf16 rounds to nearest even).
     pub fn upload(&self, v: &[f32], dtype: DType) -> Result<Buf> {
+        count_allocation();
         Ok(match (self, dtype) {
             (Device::Cpu, DType::F32) => Buf::HostF32(host_copy(v)?),
             // The CPU backend computes in f32: its "bf16" buffers are f32.
@@ -159,6 +175,7 @@ impl Device {
     }
 
     pub fn upload_i32(&self, v: &[i32]) -> Result<Buf> {
+        count_allocation();
         Ok(match self {
             Device::Cpu => Buf::HostI32(host_copy(v)?),
             Device::Cuda(g) => Buf::DevI32(g.upload(v)?, v.len()),
@@ -323,6 +340,60 @@ impl Buf {
     }
     pub fn is_host(&self) -> bool {
         matches!(self, Buf::HostF32(_) | Buf::HostI32(_))
+    }
+
+    /// Elements the allocation holds; `set_len` may move the logical length up to this.
+    pub fn capacity(&self) -> usize {
+        match self {
+            Buf::HostF32(v) => v.capacity(),
+            Buf::HostI32(v) => v.capacity(),
+            Buf::DevF32(d, _) => d.len(),
+            Buf::DevBf16(d, _) => d.len(),
+            Buf::DevI32(d, _) => d.len(),
+        }
+    }
+
+    /// Sets the logical length within the capacity, without allocating: preallocated scratch
+    /// serves every step shape up to its size (host elements past the old length read 0).
+    pub fn set_len(&mut self, n: usize) -> Result<()> {
+        if n > self.capacity() {
+            bail!("buffer {:?}: length {n} exceeds its capacity {}", self, self.capacity());
+        }
+        match self {
+            Buf::HostF32(v) => v.resize(n, 0.0),
+            Buf::HostI32(v) => v.resize(n, 0),
+            Buf::DevF32(_, l) | Buf::DevBf16(_, l) | Buf::DevI32(_, l) => *l = n,
+        }
+        Ok(())
+    }
+
+    /// Overwrites the buffer with `v` (its length becomes v.len(), within the capacity): the
+    /// upload of a step's ids, offsets and positions into preallocated device memory.
+    pub fn write_i32(&mut self, dev: &Device, v: &[i32]) -> Result<()> {
+        self.set_len(v.len())?;
+        match (self, dev) {
+            (Buf::HostI32(h), _) => h.copy_from_slice(v),
+            (Buf::DevI32(d, _), Device::Cuda(g)) if !v.is_empty() => {
+                g.stream.memcpy_htod(v, &mut d.slice_mut(..v.len()))?
+            }
+            (Buf::DevI32(..), Device::Cuda(_)) => {}
+            (b, _) => bail!("write_i32: buffer {b:?} is not an i32 buffer on {}", dev.name()),
+        }
+        Ok(())
+    }
+
+    /// `write_i32` for f32 data (f32 buffers only: rounding to bf16 would need a staging copy).
+    pub fn write_f32(&mut self, dev: &Device, v: &[f32]) -> Result<()> {
+        self.set_len(v.len())?;
+        match (self, dev) {
+            (Buf::HostF32(h), _) => h.copy_from_slice(v),
+            (Buf::DevF32(d, _), Device::Cuda(g)) if !v.is_empty() => {
+                g.stream.memcpy_htod(v, &mut d.slice_mut(..v.len()))?
+            }
+            (Buf::DevF32(..), Device::Cuda(_)) => {}
+            (b, _) => bail!("write_f32: buffer {b:?} is not an f32 buffer on {}", dev.name()),
+        }
+        Ok(())
     }
 
     /// Checks the length; `what` names the tensor in the error.

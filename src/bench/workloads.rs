@@ -482,10 +482,11 @@ pub fn prefill(c: &Ctx) -> Result<Vec<Figure>> {
         let ids = text_ids(m, n, n as u64);
         let pos: Vec<i32> = (0..rows).flat_map(|_| 0..n as i32).collect();
         let cu = [0, n as i32];
+        let mut scratch = crate::models::common::step::StepScratch::default();
         let r = m.new_cache(dev, 1, n + 1).and_then(|mut cache| {
             measure(dev, set.warmup, set.prefill_iters, &mut || {
                 cache.reset(dev, 0)?;
-                m.step_ragged(dev, &mut cache, &ids, &pos, &cu, None).map(|_| ())
+                m.step_ragged(dev, &mut cache, &mut scratch, &ids, &pos, &cu, None).map(|_| ())
             })
         });
         match r {

@@ -12,6 +12,7 @@ use super::spec::DialogueSpec;
 use super::template::TurnTemplate;
 use super::{Rollout, TurnOut};
 use crate::models::common::lm::LmCache;
+use crate::models::common::step::StepScratch;
 use crate::ops::patch_embed::{gather_rows, RowIndex};
 use crate::ops::sample::{stream_key, SampleParams, Sampler};
 use crate::stages::model::{Processor, VlModel};
@@ -57,6 +58,12 @@ pub struct RolloutStats {
     /// Turns cut at max_new_tokens.
     pub cut_turns: usize,
     pub turns: usize,
+    /// Device buffers allocated by pure decode steps (forward and sampling): 0 once the step
+    /// scratch has grown, which is what a CUDA graph of the step needs.
+    pub decode_allocations: u64,
+    /// Bytes of the step scratch at the end of the call, and the pre-flight's bound on them.
+    pub scratch_bytes: usize,
+    pub scratch_plan_bytes: usize,
 }
 
 /// A dialogue's prompt segments: the first, then for each later turn the forms after a
@@ -155,14 +162,24 @@ pub fn generate_with(
     let total = dialogues.len() * cfg.n;
     let slots_n = cfg.max_batch.min(total.max(cfg.n));
     let vocab = model.tdims().vocab;
-    let cache_bytes = preflight(dev, model, slots_n, max_len)?;
-    let mut stats = RolloutStats { slots: slots_n, max_len, cache_bytes, ..Default::default() };
+    // The largest step: every leader feeds its first prompt and every other slot its longest
+    // later segment (all cut at max_new_tokens at once).
+    let longest = |f: &dyn Fn(&Segments) -> usize| segs.iter().map(f).max().unwrap_or(1);
+    let first = longest(&|s| s.first.len());
+    let later = longest(&|s| s.next.iter().flatten().map(Vec::len).max().unwrap_or(1)).max(1);
+    let step_tokens = ((slots_n / cfg.n).max(1) * first + slots_n * later).min(slots_n * max_len);
+    let elem = if dev.is_cuda() { 2 } else { 4 };
+    let scratch_plan = StepScratch::plan_bytes(model.tdims(), elem, step_tokens, slots_n);
+    let cache_bytes = preflight(dev, model, slots_n, max_len, scratch_plan)?;
+    let mut stats =
+        RolloutStats { slots: slots_n, max_len, cache_bytes, scratch_plan_bytes: scratch_plan, ..Default::default() };
     let mut out: Vec<Rollout> = Vec::with_capacity(total);
     if total == 0 {
         return Ok((out, bank, stats));
     }
     let mut cache = model.new_cache(dev, slots_n, max_len)?;
     let mut sampler = Sampler::new(dev, slots_n, vocab)?;
+    let mut scratch = StepScratch::default();
     // −inf on the placeholder ids (a sampled placeholder would have no image behind it).
     let mut ban = vec![0f32; vocab];
     tmpl.banned.iter().filter(|&&b| (0..vocab as i32).contains(&b)).for_each(|&b| ban[b as usize] = f32::NEG_INFINITY);
@@ -206,6 +223,7 @@ pub fn generate_with(
         }
         // Pack the step: each busy slot feeds what it has not fed yet.
         let step_t0 = Instant::now();
+        let allocs0 = crate::tensor::allocations();
         let mut ids = Vec::new();
         let mut cu = vec![0i32];
         let mut pos = StepPositions::new(pos_rows);
@@ -232,7 +250,7 @@ pub fn generate_with(
         bank.ensure_embeds(dev, model, &step_images)?;
         let rows = bank.rows_for(dev, &step_images, d_model)?;
         stats.vision_s += tv.elapsed().as_secs_f64();
-        let logits = model.step_ragged(dev, &mut cache, &ids, &pos.finish(), &cu, rows.as_ref())?;
+        let logits = model.step_ragged(dev, &mut cache, &mut scratch, &ids, &pos.finish(), &cu, rows.as_ref())?;
         // Followers of a leader that just prefilled take its cache and state.
         let mut requests: Vec<(usize, usize)> = Vec::new(); // (slot, logits row)
         for (row, &s) in busy.iter().enumerate() {
@@ -250,12 +268,14 @@ pub fn generate_with(
                 }
             }
         }
-        let mut batch_logits = if requests.len() == busy.len() {
+        let mut repeated;
+        let batch_logits: &mut Buf = if requests.len() == busy.len() {
             logits
         } else {
-            repeat_rows(dev, &logits, &requests, busy.len(), vocab)?
+            repeated = repeat_rows(dev, logits, &requests, busy.len(), vocab)?;
+            &mut repeated
         };
-        crate::ops::elementwise::bias_add(dev, &mut batch_logits, &ban, requests.len(), vocab)?;
+        crate::ops::elementwise::bias_add(dev, batch_logits, &ban, requests.len(), vocab)?;
         let mut params = Vec::with_capacity(requests.len());
         let mut keys = Vec::with_capacity(requests.len());
         for &(s, _) in &requests {
@@ -263,7 +283,10 @@ pub fn generate_with(
             params.push(cfg.sample);
             keys.push(stream_key(cfg.seed, dialogue_uid(&dialogues[l.dialogue].id), l.index as u64, l.sampled));
         }
-        let drawn = sampler.sample(dev, &batch_logits, requests.len(), &params, &keys)?;
+        let drawn = sampler.sample(dev, batch_logits, requests.len(), &params, &keys)?;
+        if !any_prefill {
+            stats.decode_allocations += crate::tensor::allocations() - allocs0;
+        }
         stats.steps += 1;
         stats.decode_tokens += drawn.len();
         for (&(s, _), d) in requests.iter().zip(&drawn) {
@@ -314,6 +337,7 @@ pub fn generate_with(
     }
     out.sort_by_key(|r| (r.dialogue, r.index));
     stats.rollouts = out.len();
+    stats.scratch_bytes = scratch.bytes();
     stats.total_s = t0.elapsed().as_secs_f64();
     Ok((out, bank, stats))
 }
@@ -383,14 +407,10 @@ pub fn cache_plan(
 }
 
 /// KV-cache bytes; on a GPU, fails with the numbers when the cache and scratch do not fit.
-fn preflight(dev: &Device, model: &VlModel, slots: usize, max_len: usize) -> Result<usize> {
-    let t = model.tdims();
-    let elem = if dev.is_cuda() { 2 } else { 4 };
+fn preflight(dev: &Device, model: &VlModel, slots: usize, max_len: usize, scratch: usize) -> Result<usize> {
     let bytes = kv_bytes(dev, model, slots, max_len);
     if let Device::Cuda(g) = dev {
         let (free, _) = g.mem_info();
-        // Logits rows and per-step activations on top of the cache.
-        let scratch = slots * (t.vocab * 4 + 16 * t.layer.d.max(t.layer.inter) * elem);
         if bytes + scratch > free {
             let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
             bail!(
@@ -421,13 +441,15 @@ impl VlModel {
         LmCache::new(dev, self.tdims(), dt, batch, max_len)
     }
 
-    /// One ragged step (see `QwenVl::step_ragged`): logits [active, V].
-    pub fn step_ragged(
-        &self, dev: &Device, cache: &mut LmCache, ids: &[i32], pos: &[i32], cu_new: &[i32], image_rows: Option<&Buf>,
-    ) -> Result<Buf> {
+    /// One ragged step (see `QwenVl::step_ragged`): logits [active, V], in `scratch`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_ragged<'s>(
+        &self, dev: &Device, cache: &mut LmCache, scratch: &'s mut StepScratch, ids: &[i32], pos: &[i32],
+        cu_new: &[i32], image_rows: Option<&Buf>,
+    ) -> Result<&'s mut Buf> {
         match &self.net {
-            crate::stages::model::Net::Qwen(m) => m.step_ragged(dev, cache, ids, pos, cu_new, image_rows),
-            crate::stages::model::Net::Llava(m) => m.step_ragged(dev, cache, ids, pos, cu_new, image_rows),
+            crate::stages::model::Net::Qwen(m) => m.step_ragged(dev, cache, scratch, ids, pos, cu_new, image_rows),
+            crate::stages::model::Net::Llava(m) => m.step_ragged(dev, cache, scratch, ids, pos, cu_new, image_rows),
         }
     }
 }

@@ -328,6 +328,53 @@ impl LayerActs {
     }
 }
 
+/// A ragged inference step's block activations for up to `capacity` tokens, allocated once and
+/// shared by every layer and step (`resize` moves logical lengths only).
+pub struct StepActs {
+    acts: LayerActs,
+    tmp: Buf, // [T, D] o_proj output
+}
+
+impl StepActs {
+    pub fn new(dev: &Device, dims: &LayerDims, capacity: usize, dt: DType) -> Result<Self> {
+        Ok(StepActs { acts: LayerActs::new(dev, dims, capacity, dt)?, tmp: dev.zeros(dt, capacity * dims.d)? })
+    }
+    /// Tokens the buffers hold at most.
+    pub fn capacity(&self) -> usize {
+        self.acts.rstd1.capacity()
+    }
+    /// Device bytes held.
+    pub fn bytes(&self) -> usize {
+        let a = &self.acts;
+        [&a.rstd1, &a.y1, &a.q, &a.k, &a.v, &a.att, &a.lse, &a.mid, &a.rstd2, &a.y2, &a.gate, &a.up, &a.h, &self.tmp]
+            .into_iter()
+            .map(|b| b.capacity() * b.dtype().size())
+            .sum()
+    }
+    fn resize(&mut self, dims: &LayerDims, t: usize) -> Result<()> {
+        let a = &mut self.acts;
+        for (b, n) in [
+            (&mut a.rstd1, t),
+            (&mut a.y1, t * dims.d),
+            (&mut a.q, t * dims.q_dim()),
+            (&mut a.k, t * dims.kv_dim()),
+            (&mut a.v, t * dims.kv_dim()),
+            (&mut a.att, t * dims.q_dim()),
+            (&mut a.lse, dims.heads * t),
+            (&mut a.mid, t * dims.d),
+            (&mut a.rstd2, t),
+            (&mut a.y2, t * dims.d),
+            (&mut a.gate, t * dims.inter),
+            (&mut a.up, t * dims.inter),
+            (&mut a.h, t * dims.inter),
+            (&mut self.tmp, t * dims.d),
+        ] {
+            b.set_len(n)?;
+        }
+        Ok(())
+    }
+}
+
 /// One block's shapes, weights, RoPE table and attention segments, for the calls below.
 pub struct Block<'a> {
     pub dims: &'a LayerDims,
@@ -363,7 +410,8 @@ impl Block<'_> {
         let t = self.segs.total();
         self.qkv(dev, x, acts, t)?;
         attention::fwd(dev, &mut acts.att, &mut acts.lse, &acts.q, &acts.k, &acts.v, self.segs, &self.shape())?;
-        self.finish(dev, out, x, acts, t)
+        let mut tmp = dev.zeros(self.dt(), t * self.dims.d)?;
+        self.finish(dev, out, x, acts, &mut tmp, t)
     }
 
     /// dx [T, D] (=) from dout [T, D]; parameter gradients accumulate into `g`.
@@ -460,20 +508,23 @@ impl Block<'_> {
         self.qkv(dev, x, &mut a, t)?;
         cache.append(dev, &a.k, &a.v, n_new)?;
         attention::decode(dev, &mut a.att, &a.q, cache, n_new, &self.shape())?;
-        self.finish(dev, out, x, &mut a, t)
+        let mut tmp = dev.zeros(self.dt(), t * self.dims.d)?;
+        self.finish(dev, out, x, &mut a, &mut tmp, t)
     }
 
     /// Ragged inference step: sequence b of the cache gets cu_new[b+1] − cu_new[b] new tokens
     /// (0: idle). out, x [T_new, D] packed in sequence order; `self.rope` covers the new tokens.
+    /// `scratch` holds the step's activations (no backward follows; every layer reuses it).
     pub fn forward_cached_varlen(
-        &self, dev: &Device, out: &mut Buf, x: &Buf, cache: &mut KvCache, cu_new: &Varlen,
+        &self, dev: &Device, out: &mut Buf, x: &Buf, cache: &mut KvCache, cu_new: &Varlen, scratch: &mut StepActs,
     ) -> Result<()> {
         let t = cu_new.total();
-        let mut a = LayerActs::new(dev, self.dims, t, self.dt())?; // scratch: no backward follows
-        self.qkv(dev, x, &mut a, t)?;
+        scratch.resize(self.dims, t)?;
+        let StepActs { acts: a, tmp } = scratch;
+        self.qkv(dev, x, a, t)?;
         cache.append_varlen(dev, &a.k, &a.v, cu_new)?;
         attention::decode_varlen(dev, &mut a.att, &a.q, cache, cu_new, &self.shape())?;
-        self.finish(dev, out, x, &mut a, t)
+        self.finish(dev, out, x, a, tmp, t)
     }
 
     /// y1 = RMSNorm(x), q/k/v projections, RoPE on q and k.
@@ -489,11 +540,11 @@ impl Block<'_> {
 
     /// From the attention output on: mid = x + o_proj(att); out = mid + down(silu(gate(y2)) ·
     /// up(y2)) with y2 = RMSNorm(mid).
-    fn finish(&self, dev: &Device, out: &mut Buf, x: &Buf, a: &mut LayerActs, t: usize) -> Result<()> {
+    /// `tmp` [T, D] is scratch for the o_proj output.
+    fn finish(&self, dev: &Device, out: &mut Buf, x: &Buf, a: &mut LayerActs, tmp: &mut Buf, t: usize) -> Result<()> {
         let (d, w) = (self.dims, self.w);
-        let mut tmp = dev.zeros(self.dt(), t * d.d)?;
-        self.proj(dev, Slot::Wo, &mut tmp, &a.att, t, d.q_dim(), d.d)?;
-        elementwise::add_into(dev, &mut a.mid, x, &tmp, t * d.d)?;
+        self.proj(dev, Slot::Wo, tmp, &a.att, t, d.q_dim(), d.d)?;
+        elementwise::add_into(dev, &mut a.mid, x, tmp, t * d.d)?;
         rmsnorm::fwd(dev, &mut a.y2, &mut a.rstd2, &a.mid, &w.ln2, t, d.d, d.eps)?;
         self.proj(dev, Slot::Wg, &mut a.gate, &a.y2, t, d.d, d.inter)?;
         self.proj(dev, Slot::Wu, &mut a.up, &a.y2, t, d.d, d.inter)?;

@@ -18,7 +18,7 @@ use super::decoder::{
 use super::lora::LayerLora;
 use super::params::ParamRef;
 use crate::ops::attention::{KvCache, Varlen};
-use crate::ops::patch_embed::{gather_rows, scatter_rows, take_rows, RowIndex};
+use crate::ops::patch_embed::{scatter_rows, take_rows, RowIndex};
 use crate::ops::{embedding, matmul, rmsnorm};
 use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
@@ -176,16 +176,25 @@ impl LmFwd {
 fn embed(
     dev: &Device, dims: &LmDims, p: &LmParams, ids: &Buf, ids_host: &[i32], inject: Option<(&Buf, &RowIndex)>,
 ) -> Result<Buf> {
-    let (s, d, dt) = (ids_host.len(), dims.layer.d, p.embed.dtype());
-    let mut x = dev.zeros(dt, s * d)?;
-    embedding::fwd(dev, &mut x, &p.embed, ids, Some(ids_host), s, d, dims.vocab)?;
-    if let Some((rows, at)) = inject {
-        scatter_rows(dev, &mut x, rows, at, d)?;
-    }
+    let mut x = dev.zeros(p.embed.dtype(), ids_host.len() * dims.layer.d)?;
+    embed_into(dev, dims, p, &mut x, ids, ids_host, inject)?;
     Ok(x)
 }
 
-fn inject_index(dev: &Device, inject: &Option<Inject>, s: usize) -> Result<Option<RowIndex>> {
+/// `embed` into x [S, D].
+pub(super) fn embed_into(
+    dev: &Device, dims: &LmDims, p: &LmParams, x: &mut Buf, ids: &Buf, ids_host: &[i32],
+    inject: Option<(&Buf, &RowIndex)>,
+) -> Result<()> {
+    let (s, d) = (ids_host.len(), dims.layer.d);
+    embedding::fwd(dev, x, &p.embed, ids, Some(ids_host), s, d, dims.vocab)?;
+    if let Some((rows, at)) = inject {
+        scatter_rows(dev, x, rows, at, d)?;
+    }
+    Ok(())
+}
+
+pub(super) fn inject_index(dev: &Device, inject: &Option<Inject>, s: usize) -> Result<Option<RowIndex>> {
     inject.as_ref().map(|i| RowIndex::new(dev, i.at, s)).transpose()
 }
 
@@ -332,44 +341,6 @@ pub fn extend(
     Ok(out)
 }
 
-/// A ragged step over the cached sequences: sequence b gets ids[cu_new[b]..cu_new[b+1]] (none
-/// for an idle slot), with RoPE positions `pos` for the packed new tokens. Prefill of one
-/// sequence and decoding of the others share the step. Returns the final-norm hidden states
-/// [T_new, D].
-#[allow(clippy::too_many_arguments)]
-pub fn extend_ragged(
-    dev: &Device, dims: &LmDims, p: &LmParams, lora: &[LayerLora], cache: &mut LmCache, ids: &[i32], pos: &[i32],
-    cu_new: &[i32], inject: Option<Inject>,
-) -> Result<Buf> {
-    let (t, d, dt) = (ids.len(), dims.layer.d, p.embed.dtype());
-    if cu_new.len() != cache.batch + 1 || cu_new.last().copied() != Some(t as i32) {
-        bail!(
-            "LM extend_ragged: cu_new has {} entries ending at {:?} for {} sequences and {t} ids",
-            cu_new.len(),
-            cu_new.last(),
-            cache.batch
-        );
-    }
-    if t == 0 {
-        bail!("LM extend_ragged: no new tokens");
-    }
-    let seqs = Varlen::new(dev, cu_new)?;
-    let rope = dims.rope.upload(dev, pos, t, dims.layer.head_dim)?;
-    let inject_idx = inject_index(dev, &inject, t)?;
-    let ids_buf = dev.upload_i32(ids)?;
-    let mut x = embed(dev, dims, p, &ids_buf, ids, inject.as_ref().zip(inject_idx.as_ref()).map(|(i, r)| (i.rows, r)))?;
-    let mut out = dev.zeros(dt, t * d)?;
-    for (l, kv) in cache.layers.iter_mut().enumerate() {
-        let blk =
-            Block { dims: &dims.layer, w: &p.layers[l], rope: &rope, segs: &seqs, causal: true, lora: lora.get(l) };
-        blk.forward_cached_varlen(dev, &mut out, &x, kv, &seqs)?;
-        std::mem::swap(&mut x, &mut out);
-    }
-    let mut rstd = dev.zeros_f32(t)?;
-    rmsnorm::fwd(dev, &mut out, &mut rstd, &x, &p.norm, t, d, dims.layer.eps)?;
-    Ok(out)
-}
-
 impl LmCache {
     /// Gives sequence `dst` the first `len` cached tokens of `src`, in every layer.
     pub fn copy_prefix(&mut self, dev: &Device, src: usize, dst: usize, len: usize) -> Result<()> {
@@ -391,14 +362,4 @@ pub fn inject_checked<'a>(at: &'a [usize], rows: Option<&'a Buf>, d: usize) -> R
         None if at.is_empty() => Ok(None),
         None => bail!("rollout step: {} image placeholder tokens but no image embeddings", at.len()),
     }
-}
-
-/// logits [active, V] at each non-empty sequence's last row of `hidden` [T, D].
-pub fn last_logits(dev: &Device, dims: &LmDims, p: &LmParams, hidden: &Buf, cu: &[i32], dt: DType) -> Result<Buf> {
-    let last: Vec<usize> = cu.windows(2).filter(|w| w[1] > w[0]).map(|w| w[1] as usize - 1).collect();
-    let (t, d) = (*cu.last().unwrap_or(&0) as usize, dims.layer.d);
-    let idx = RowIndex::new(dev, &last, t)?;
-    let mut rows = dev.zeros(dt, last.len() * d)?;
-    gather_rows(dev, &mut rows, hidden, &idx, d)?;
-    logits(dev, dims, p, &rows, last.len())
 }

@@ -1,9 +1,10 @@
 //! Building blocks shared by the model families: the pre-norm transformer block (Qwen2 / Llama /
 //! Mistral decoders and the Qwen2.5-VL vision tower) with its explicit backward, the decoder-only
-//! LM built from it, and parameters keyed by checkpoint name.
+//! LM built from it, its preallocated rollout step, and parameters keyed by checkpoint name.
 
-pub mod decoder; // defines: LayerDims, LayerFlags, RopeKind, LayerParams (+ Slot), LayerActs, Block (fwd, bwd, cached fwd), stack_forward / stack_backward (with recompute)
-pub mod lm; // defines: LmDims, LmNames, LmParams, LmFwd, forward / backward / logits, LmCache + extend (KV-cached prefill/decode)
-pub mod lora; // defines: LoraConfig (rank, alpha, targets), LayerLora (one block's adapters), LoraState (a model's adapters: grads, merge, PEFT adapter files)
-pub mod params;
-pub mod train_state; // defines: TrainState (trainable entries, merged weights, gradients by name: the glue both families share) // defines: ParamRef (a checkpoint tensor or row range of one), read_piece, assemble (gradients by name), NamedTensors
+pub mod decoder; // LayerDims, LayerFlags, RopeKind, LayerParams (+ Slot), LayerActs, StepActs, Block (fwd, bwd, cached fwd), stack_forward / stack_backward (with recompute)
+pub mod lm; // LmDims, LmNames, LmParams, LmFwd, forward / backward / logits, LmCache + extend (KV-cached prefill/decode)
+pub mod lora; // LoraConfig (rank, alpha, targets), LayerLora (one block's adapters), LoraState (a model's adapters: grads, merge, PEFT adapter files)
+pub mod params; // ParamRef (a checkpoint tensor or row range of one), read_piece, assemble (gradients by name), NamedTensors
+pub mod step; // StepScratch (a ragged step's preallocated buffers), step_logits (the rollout engine's step)
+pub mod train_state; // TrainState (trainable entries, merged weights, gradients by name: the glue both families share)

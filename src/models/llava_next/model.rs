@@ -27,6 +27,7 @@ use crate::models::common::decoder::{LayerDims, LayerFlags, RopeKind, Slot};
 use crate::models::common::lm::{self, Inject, LmCache, LmDims, LmFwd, LmNames, LmParams};
 use crate::models::common::lora::{LayerLora, LoraConfig, LoraState, StackSpec};
 use crate::models::common::params::{read_piece, GradStore, ParamRef};
+use crate::models::common::step::{self, StepScratch};
 use crate::models::common::train_state::TrainState;
 use crate::ops::act::{self, Gelu};
 use crate::ops::patch_embed::{gather_rows, scatter_rows, RowIndex};
@@ -564,9 +565,10 @@ impl LlavaNext {
     /// A ragged rollout step (see `QwenVl::step_ragged`); positions `pos` [T_new] continue each
     /// sequence's cache. `<image>` ids are replaced by 0 before the embedding (the placeholder may
     /// lie past the vocabulary); their rows come from `image_rows`.
-    pub fn step_ragged(
-        &self, dev: &Device, cache: &mut LmCache, ids: &[i32], pos: &[i32], cu_new: &[i32], image_rows: Option<&Buf>,
-    ) -> Result<Buf> {
+    pub fn step_ragged<'s>(
+        &self, dev: &Device, cache: &mut LmCache, scratch: &'s mut StepScratch, ids: &[i32], pos: &[i32],
+        cu_new: &[i32], image_rows: Option<&Buf>,
+    ) -> Result<&'s mut Buf> {
         let img = self.cfg.image_token_index as i64;
         let at: Vec<usize> = ids.iter().enumerate().filter(|(_, &id)| id as i64 == img).map(|(i, _)| i).collect();
         let ids: Vec<i32> = ids.iter().map(|&id| if id as i64 == img { 0 } else { id }).collect();
@@ -574,9 +576,18 @@ impl LlavaNext {
             self.check_window(l as usize + (cu_new[b + 1] - cu_new[b]) as usize)?;
         }
         let inject = lm::inject_checked(&at, image_rows, self.tdims.layer.d)?;
-        let hidden =
-            lm::extend_ragged(dev, &self.tdims, &self.params.text, self.lora_text(), cache, &ids, pos, cu_new, inject)?;
-        lm::last_logits(dev, &self.tdims, &self.params.text, &hidden, cu_new, self.dtype())
+        step::step_logits(
+            dev,
+            &self.tdims,
+            &self.params.text,
+            self.lora_text(),
+            cache,
+            scratch,
+            &ids,
+            pos,
+            cu_new,
+            inject,
+        )
     }
 }
 

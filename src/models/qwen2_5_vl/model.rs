@@ -20,6 +20,7 @@ use crate::models::common::decoder::Slot;
 use crate::models::common::lm::{self, Inject, LmCache, LmDims, LmFwd, LmNames, LmParams};
 use crate::models::common::lora::{LayerLora, LoraConfig, LoraState, StackSpec};
 use crate::models::common::params::{read_piece, GradStore, ParamRef};
+use crate::models::common::step::{self, StepScratch};
 use crate::models::common::train_state::TrainState;
 use crate::ops::logprob;
 use crate::ops::patch_embed::{gather_rows, RowIndex};
@@ -404,14 +405,24 @@ impl QwenVl {
     /// with M-RoPE positions `pos3` [3, T_new]; `image_rows` [n, D] are the embeddings of the
     /// step's `<|image_pad|>` tokens in order (from `image_embeds`, computed once per image).
     /// Returns logits [active, V] of each non-idle sequence's last new token, in slot order.
-    pub fn step_ragged(
-        &self, dev: &Device, cache: &mut LmCache, ids: &[i32], pos3: &[i32], cu_new: &[i32], image_rows: Option<&Buf>,
-    ) -> Result<Buf> {
+    pub fn step_ragged<'s>(
+        &self, dev: &Device, cache: &mut LmCache, scratch: &'s mut StepScratch, ids: &[i32], pos3: &[i32],
+        cu_new: &[i32], image_rows: Option<&Buf>,
+    ) -> Result<&'s mut Buf> {
         let at = image_positions(ids, self.cfg.image_token_id);
         let inject = lm::inject_checked(&at, image_rows, self.tdims.layer.d)?;
-        let hidden =
-            lm::extend_ragged(dev, &self.tdims, &self.params.text, self.lora_text(), cache, ids, pos3, cu_new, inject)?;
-        lm::last_logits(dev, &self.tdims, &self.params.text, &hidden, cu_new, self.dtype())
+        step::step_logits(
+            dev,
+            &self.tdims,
+            &self.params.text,
+            self.lora_text(),
+            cache,
+            scratch,
+            ids,
+            pos3,
+            cu_new,
+            inject,
+        )
     }
 }
 

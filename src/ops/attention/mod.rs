@@ -82,23 +82,40 @@ pub struct Varlen {
     pub max_len: usize,
 }
 
+/// The longest segment of valid cu_seqlens (see `Varlen::new`).
+fn longest_segment(cu: &[i32]) -> Result<usize> {
+    if cu.len() < 2 {
+        bail!("cu_seqlens needs at least 2 entries (one sequence), got {}", cu.len());
+    }
+    if cu[0] != 0 {
+        bail!("cu_seqlens[0] must be 0, got {}", cu[0]);
+    }
+    let mut max_len = 0usize;
+    for (i, w) in cu.windows(2).enumerate() {
+        if w[1] < w[0] {
+            bail!("cu_seqlens is not monotone: cu[{}] = {} > cu[{}] = {}", i, w[0], i + 1, w[1]);
+        }
+        max_len = max_len.max((w[1] - w[0]) as usize);
+    }
+    Ok(max_len)
+}
+
 impl Varlen {
     /// Checks cu_seqlens: at least one sequence, cu[0] = 0, non-decreasing (empty sequences are allowed).
     pub fn new(dev: &Device, cu: &[i32]) -> Result<Varlen> {
-        if cu.len() < 2 {
-            bail!("cu_seqlens needs at least 2 entries (one sequence), got {}", cu.len());
-        }
-        if cu[0] != 0 {
-            bail!("cu_seqlens[0] must be 0, got {}", cu[0]);
-        }
-        let mut max_len = 0usize;
-        for (i, w) in cu.windows(2).enumerate() {
-            if w[1] < w[0] {
-                bail!("cu_seqlens is not monotone: cu[{}] = {} > cu[{}] = {}", i, w[0], i + 1, w[1]);
-            }
-            max_len = max_len.max((w[1] - w[0]) as usize);
-        }
+        let max_len = longest_segment(cu)?;
         Ok(Varlen { host: cu.to_vec(), buf: dev.upload_i32(cu)?, max_len })
+    }
+
+    /// Overwrites the offsets in place, with `new`'s checks, within the device copy's capacity:
+    /// the rollout step's offsets without a new allocation.
+    pub fn refill(&mut self, dev: &Device, cu: &[i32]) -> Result<()> {
+        let max_len = longest_segment(cu)?;
+        self.buf.write_i32(dev, cu)?;
+        self.host.clear();
+        self.host.extend_from_slice(cu);
+        self.max_len = max_len;
+        Ok(())
     }
 
     /// Equal-length sequences: nseq sequences of len tokens.
