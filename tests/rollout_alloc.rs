@@ -40,6 +40,7 @@ fn check_family(dev: &Device, l: &Loaded, what: &str) {
     assert_eq!(rollouts.len(), 8, "{what}");
     assert!(stats.decode_s > 0.0 && stats.decode_tokens > stats.steps / 2, "{what}: decode steps ran: {stats:?}");
     assert_eq!(stats.decode_allocations, 0, "{what}: pure decode steps allocated device buffers");
+    assert!(stats.padded_steps > 0, "{what}: no decode step ran with a free slot padded: {stats:?}");
     assert!(
         stats.scratch_bytes > 0 && stats.scratch_bytes <= stats.scratch_plan_bytes,
         "{what}: step scratch {} B above the pre-flight's bound {} B",
@@ -47,8 +48,8 @@ fn check_family(dev: &Device, l: &Loaded, what: &str) {
         stats.scratch_plan_bytes
     );
     println!(
-        "{what}: {} steps, {} decode tokens, 0 allocations in decode steps, scratch {} B (bound {} B)",
-        stats.steps, stats.decode_tokens, stats.scratch_bytes, stats.scratch_plan_bytes
+        "{what}: {} steps ({} padded), {} decode tokens, 0 allocations in decode steps, scratch {} B (bound {} B)",
+        stats.steps, stats.padded_steps, stats.decode_tokens, stats.scratch_bytes, stats.scratch_plan_bytes
     );
 
     // At the model level: a prefill, then decode steps over the same scratch allocate nothing,

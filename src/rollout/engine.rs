@@ -61,6 +61,8 @@ pub struct RolloutStats {
     /// Device buffers allocated by pure decode steps (forward and sampling): 0 once the step
     /// scratch has grown, which is what a CUDA graph of the step needs.
     pub decode_allocations: u64,
+    /// Decode steps whose free slots were fed a pad token (see `generate_with`).
+    pub padded_steps: usize,
     /// Bytes of the step scratch at the end of the call, and the pre-flight's bound on them.
     pub scratch_bytes: usize,
     pub scratch_plan_bytes: usize,
@@ -229,7 +231,20 @@ pub fn generate_with(
         let mut pos = StepPositions::new(pos_rows);
         let mut step_images = Vec::new();
         let mut any_prefill = false;
+        // A pure decode step with free slots feeds them a pad token (id 0 at position 0, dropped
+        // after the step): every decode step then has one token per slot, the uniform shape
+        // that takes the tensor-core decode kernels and that a CUDA graph can replay.
+        let pad = busy.len() < slots_n
+            && slots.iter().all(|s| match s {
+                Slot::Free => true,
+                Slot::Follower { .. } => false,
+                Slot::Busy(l) => l.seq.len() == l.fed + 1 && l.images.len() == l.images_fed,
+            });
         for slot in slots.iter_mut() {
+            if pad && matches!(slot, Slot::Free) {
+                ids.push(0);
+                pos.push(vec![0; pos_rows]);
+            }
             if let Slot::Busy(l) = slot {
                 let new = &l.seq[l.fed..];
                 let imgs = &l.images[l.images_fed..];
@@ -254,7 +269,7 @@ pub fn generate_with(
         // Followers of a leader that just prefilled take its cache and state.
         let mut requests: Vec<(usize, usize)> = Vec::new(); // (slot, logits row)
         for (row, &s) in busy.iter().enumerate() {
-            requests.push((s, row));
+            requests.push((s, if pad { s } else { row }));
             for f in 0..slots_n {
                 if let Slot::Follower { leader, index } = slots[f] {
                     if leader == s {
@@ -269,21 +284,33 @@ pub fn generate_with(
             }
         }
         let mut repeated;
-        let batch_logits: &mut Buf = if requests.len() == busy.len() {
+        let batch_logits: &mut Buf = if pad || requests.len() == busy.len() {
             logits
         } else {
             repeated = repeat_rows(dev, logits, &requests, busy.len(), vocab)?;
             &mut repeated
         };
-        crate::ops::elementwise::bias_add(dev, batch_logits, &ban, requests.len(), vocab)?;
-        let mut params = Vec::with_capacity(requests.len());
-        let mut keys = Vec::with_capacity(requests.len());
-        for &(s, _) in &requests {
+        // Padded steps sample every row (a pad row's draw is dropped): no gather, no allocation.
+        let n_rows = if pad { slots_n } else { requests.len() };
+        crate::ops::elementwise::bias_add(dev, batch_logits, &ban, n_rows, vocab)?;
+        let mut params = vec![cfg.sample; n_rows];
+        let mut keys = vec![0u64; n_rows];
+        for (i, &(s, row)) in requests.iter().enumerate() {
             let Slot::Busy(l) = &slots[s] else { unreachable!() };
-            params.push(cfg.sample);
-            keys.push(stream_key(cfg.seed, dialogue_uid(&dialogues[l.dialogue].id), l.index as u64, l.sampled));
+            keys[if pad { row } else { i }] =
+                stream_key(cfg.seed, dialogue_uid(&dialogues[l.dialogue].id), l.index as u64, l.sampled);
         }
-        let drawn = sampler.sample(dev, batch_logits, requests.len(), &params, &keys)?;
+        if pad {
+            (0..slots_n).filter(|&s| matches!(slots[s], Slot::Free)).for_each(|s| params[s] = SampleParams::greedy());
+        }
+        let drawn = sampler.sample(dev, batch_logits, n_rows, &params, &keys)?;
+        let drawn: Vec<_> = if pad { requests.iter().map(|&(_, row)| drawn[row]).collect() } else { drawn };
+        if pad {
+            stats.padded_steps += 1;
+            for s in (0..slots_n).filter(|&s| matches!(slots[s], Slot::Free)) {
+                cache.reset(dev, s)?;
+            }
+        }
         if !any_prefill {
             stats.decode_allocations += crate::tensor::allocations() - allocs0;
         }
