@@ -88,8 +88,9 @@ if [ -x "$dst/bin/am3" ] && [ "${AM3_SKIP_SFT:-0}" != 1 ]; then
   AM3_DEMO_DATA="$root/data/demo/train.jsonl" timeout 300 "$dst/bin/am3" demo --device cuda --out /tmp/am3-demo-gpu > "$out/demo-gpu.log" 2>&1
   rc=$?; [ $rc -ne 0 ] && fail=1
   summary+=$(printf "%-34s rc=%-3s %s" "am3 demo --device cuda" "$rc" "$(grep -E '^(ASR|over-refusal) ' "$out/demo-gpu.log" | tr -s ' ' | tr '\n' ';')")$'\n'
-  # The rollout engine's decode suite on the 7B shape (not part of the kernel bench binary).
-  timeout 200 "$dst/bin/am3" bench rollout > "$out/bench-rollout.txt" 2>&1
+  # The rollout engine on the 7B-shaped Qwen2.5-VL (not part of the kernel bench binary): decode
+  # at batch 1-128 and one GRPO-shaped call (8 dialogues × 8 rollouts × 3 turns × 128 new tokens).
+  timeout 240 "$dst/bin/am3" bench --shape qwen2.5-vl-7b rollout --json "$res/bench-rollout.json" > "$out/bench-rollout.txt" 2>&1
   echo "bench rollout rc=$?"
 fi
 if [ -x "$dst/bin/bench-kernels" ] && [ "${AM3_SKIP_BENCH:-0}" != 1 ]; then

@@ -4,18 +4,26 @@
 //! weights once plus every slot's cached keys and values (at 4.2 TB/s on the H200);
 //! transformers `generate` on the same card: 14.7 tokens/s at batch 1, 445 at batch 32.
 //!
+//! Then one GRPO-shaped call of the engine itself (`grpo_call`: dialogues × N rollouts × turns
+//! × new tokens, one image in turn 1, sampled at T = 1): total, prefill and decode tokens/s and
+//! peak memory.
+//!
 //! `decode` runs on any device and model (the workload suite, `--shape`); `run` is the kernel
 //! suite's form on the 7B-shaped Qwen2.5-VL (GPU only).
 
-use super::measure::{time_runs, MemWatch};
+use super::measure::{memory_source, time_runs, MemWatch};
 use super::report::{Baseline, Figure};
 use super::shape::act_bytes;
+use super::synth;
 use super::train7b::random_7b;
 use super::workloads::{gib, text_ids, Ctx};
 use super::{BenchRow, HBM_BYTES_PER_S};
+use crate::data::dataset::{load_jsonl_with, LoadOptions, Purpose};
 use crate::models::common::step::StepScratch;
 use crate::ops::sample::{stream_key, SampleParams, Sampler};
+use crate::rollout::{generate, DialogueSpec, RolloutConfig};
 use crate::stages::model::{Net, VlModel};
+use crate::stages::sft::Loaded;
 use crate::tensor::Device;
 use anyhow::Result;
 
@@ -180,7 +188,69 @@ pub fn suite(c: &Ctx) -> Result<Vec<Figure>> {
                 .note(super::measure::memory_source(dev)),
         );
     }
+    match grpo_call(c, &l) {
+        Ok(f) => out.extend(f),
+        Err(e) => c.fail("rollout/GRPO-shaped call", e),
+    }
     Ok(out)
+}
+
+/// `warmup` + `grpo_steps` calls of the engine on the GRPO shape of the settings.
+fn grpo_call(c: &Ctx, l: &Loaded) -> Result<Vec<Figure>> {
+    let (dev, set) = (c.dev, c.set);
+    let data = synth::write_prompts(c.tmp, set.grpo_dialogues, set.grpo_turns, set.grpo_image_side)?;
+    let loaded = load_jsonl_with(&data, LoadOptions { skip_bad: false, purpose: Purpose::Prompts })?;
+    let specs: Vec<DialogueSpec> = loaded.samples.iter().map(DialogueSpec::from_sample).collect();
+    let cfg = RolloutConfig {
+        n: set.grpo_n,
+        max_new_tokens: set.grpo_max_new,
+        sample: SampleParams::new(1.0, 0, 1.0)?,
+        seed: 0,
+        max_batch: specs.len() * set.grpo_n,
+        max_len: None,
+    };
+    let (mut total, mut prefill, mut decode, mut vision, mut peak) = (vec![], vec![], vec![], vec![], vec![]);
+    let mut last = None;
+    for run in 0..set.warmup + set.grpo_steps.max(1) {
+        let watch = MemWatch::start(dev);
+        let (_, _, st) = generate(dev, &l.model, &l.tok, &l.pp, &specs, &cfg, &mut |_, _| {})?;
+        let p = super::measure::peak(&watch.finish());
+        if run < set.warmup {
+            continue;
+        }
+        total.push((st.prefill_tokens + st.decode_tokens) as f64 / st.total_s.max(1e-9));
+        prefill.push(st.prefill_tokens as f64 / st.prefill_s.max(1e-9));
+        decode.push(st.decode_step_tokens.max(1) as f64 / st.decode_s.max(1e-9));
+        vision.push(st.vision_s.max(1e-9));
+        peak.push(gib(p));
+        last = Some(st);
+    }
+    let st = last.expect("at least one timed call");
+    let what = format!(
+        "{} dialogues × {} rollouts × {} turns, ≤{} new tokens per turn, one {}² image; last call: {} prefill + {} generated tokens in {} steps ({} padded), {} allocations in decode steps, KV cache {} GiB, step scratch {} GiB",
+        specs.len(),
+        set.grpo_n,
+        set.grpo_turns,
+        set.grpo_max_new,
+        set.grpo_image_side,
+        st.prefill_tokens,
+        st.decode_tokens,
+        st.steps,
+        st.padded_steps,
+        st.decode_allocations,
+        super::report::num(gib(st.cache_bytes as u64)),
+        super::report::num(gib(st.scratch_bytes as u64)),
+    );
+    let name = "GRPO-shaped call";
+    Ok(vec![
+        Figure::of("rollout", &format!("{name}: tok/s"), "tok/s", &total).note(what),
+        Figure::of("rollout", &format!("{name}: prefill tok/s"), "tok/s", &prefill)
+            .note("prompt tokens per second of the steps that fed a prompt segment (their decode rows included)"),
+        Figure::of("rollout", &format!("{name}: decode tok/s"), "tok/s", &decode)
+            .note("generated tokens per second of the pure decode steps"),
+        Figure::of("rollout", &format!("{name}: vision s"), "s", &vision),
+        Figure::of("rollout", &format!("{name}: peak memory"), "GiB", &peak).note(memory_source(dev)),
+    ])
 }
 
 /// The kernel suite's form: the 7B-shaped Qwen2.5-VL on the GPU (no rows on the CPU).

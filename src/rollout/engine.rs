@@ -43,8 +43,9 @@ pub struct RolloutStats {
     pub steps: usize,
     /// Prompt tokens fed (first prompts once per dialogue, later segments per rollout).
     pub prefill_tokens: usize,
-    /// Tokens sampled.
+    /// Tokens sampled, and those of them sampled in pure decode steps (per `decode_s`).
     pub decode_tokens: usize,
+    pub decode_step_tokens: usize,
     /// Seconds in steps that fed a prompt segment (their decode rows included) and in pure
     /// decode steps.
     pub prefill_s: f64,
@@ -313,6 +314,7 @@ pub fn generate_with(
         }
         if !any_prefill {
             stats.decode_allocations += crate::tensor::allocations() - allocs0;
+            stats.decode_step_tokens += requests.len();
         }
         stats.steps += 1;
         stats.decode_tokens += drawn.len();
