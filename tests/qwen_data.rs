@@ -151,12 +151,15 @@ fn config_both_layouts_and_roundtrip() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// (what the case breaks, how it edits config.json, the field the error must name).
+type ConfigCase = (&'static str, Box<dyn Fn(&mut Value)>, &'static str);
+
 #[test]
 fn config_errors_name_field_and_file() {
     let dir = fixtures();
     let raw: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let file = Path::new("/some/ckpt/config.json");
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>, &str)> = vec![
+    let cases: Vec<ConfigCase> = vec![
         ("model_type", Box::new(|v| v["model_type"] = json!("llava_next")), "model_type"),
         (
             "mrope sum",
@@ -434,9 +437,12 @@ fn image_errors_and_resize_identity() {
 /// Pillow 13.0 `Image.resize(..., BICUBIC)` outputs of a synthetic image, as FNV-1a-64 hashes of
 /// the RGB bytes plus the first two pixels. Covers down- and upscaling, mixed axes and both pass
 /// orders (11×29→8×7 and 30×90→28×28 run the vertical pass first).
+/// ((width, height) in, (width, height) out, FNV-1a-64 of the output, its first two pixels).
+type ResizeCase = ((usize, usize), (usize, usize), u64, [u8; 6]);
+
 #[test]
 fn bicubic_resize_matches_pillow() {
-    let cases: [((usize, usize), (usize, usize), u64, [u8; 6]); 6] = [
+    let cases: [ResizeCase; 6] = [
         ((23, 17), (9, 5), 0xf758328de5ee6ac1, [117, 138, 135, 144, 139, 142]),
         ((11, 29), (8, 7), 0x90fc21caa2d2d110, [102, 138, 133, 125, 153, 128]),
         ((9, 6), (20, 13), 0x4b0ea62d8f07e08a, [0, 42, 95, 0, 48, 101]),
@@ -561,11 +567,9 @@ fn tiny_tokenizer(dir: &Path) -> tokenizers::Tokenizer {
         (&*format!("{sp}"), "c"),
     ];
     let mut merges = Vec::new();
-    let mut next = 256;
-    for (a, b) in merge_pairs {
+    for (next, (a, b)) in (256..).zip(merge_pairs) {
         vocab.insert(format!("{a}{b}"), json!(next));
         merges.push(json!([a, b]));
-        next += 1;
     }
     let special = [
         ("<|endoftext|>", 580),
