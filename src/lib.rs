@@ -2,6 +2,7 @@
 //! Hand-written CUDA kernels with a complete plain-Rust CPU reference backend.
 
 pub mod bench; // defines: bench harness (CUDA-event timing, GB/s and TFLOP/s table), suites per area
+pub mod check; // defines: error norms, the per-op tolerance table (Tol), assert_close, the fixture finder
 pub mod checkpoint; // defines: Checkpoint (memory-mapped safetensors model dirs), atomic sharded saving, fixture reading
 pub mod cuda; // defines: Gpu (context, stream, module cache, launch), blas (cuBLAS GEMM), kernels (embedded modules)
 pub mod data; // defines: image decoding and Pillow-compatible bicubic resize (datasets follow)

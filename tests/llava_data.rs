@@ -32,13 +32,10 @@ use tokenizers::Tokenizer;
 type Tensors = HashMap<String, (Vec<usize>, Vec<f64>)>;
 
 fn fixture_dir() -> PathBuf {
-    let dir = match std::env::var("AM3_LLAVA_FIXTURES") {
-        Ok(d) => PathBuf::from(d),
-        Err(_) => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/llava_next_tiny"),
-    };
+    let dir = common::fixture_dir("llava_next_tiny");
     assert!(
         dir.join("config.json").is_file(),
-        "LLaVA fixtures not found in {} (set AM3_LLAVA_FIXTURES)",
+        "LLaVA fixtures not found in {} (set AM3_LLAVA_FIXTURES or AM3_FIXTURES)",
         dir.display()
     );
     dir
