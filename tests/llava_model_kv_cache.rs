@@ -13,7 +13,7 @@ use llava_model_support::*;
 
 #[test]
 fn llava_cpu_kv_cache_matches_full_forward() {
-    fixture_kv_cache_check(&Device::Cpu, DType::F32, 1e-5, "cpu f32");
+    fixture_kv_cache_check(&Device::Cpu, DType::F32, Tol::KvCache.value(), "cpu f32");
 }
 
 /// A random tiny LLaVA-NeXT (CLIP + Llama MHA decoder, built here from a config written in the
@@ -31,14 +31,21 @@ fn llava_cpu_kv_cache_adjacent_images() {
     let (s, vocab) = (x.ids.len(), model.tdims.vocab);
     let auto = kv_splits(&spans, s);
     assert_eq!(auto[0], spans[1].start, "kv_splits splits the shared run between the two images");
-    kv_cache_check(&dev, &model, &x, &auto, 1e-5, "cpu f32 (adjacent images, split between them)");
-    kv_cache_check(&dev, &model, &x, &[spans[1].end + 1, s - 2], 1e-5, "cpu f32 (adjacent images in one chunk)");
+    kv_cache_check(&dev, &model, &x, &auto, Tol::KvCache.value(), "cpu f32 (adjacent images, split between them)");
+    kv_cache_check(
+        &dev,
+        &model,
+        &x,
+        &[spans[1].end + 1, s - 2],
+        Tol::KvCache.value(),
+        "cpu f32 (adjacent images in one chunk)",
+    );
     kv_cache_check(
         &dev,
         &model,
         &x,
         &[spans[0].start - 2, spans[2].end + 1],
-        1e-5,
+        Tol::KvCache.value(),
         "cpu f32 (text prefill, all images appended in one chunk)",
     );
     // Each image's features land in its own tokens: changing one image's pixels leaves every

@@ -126,7 +126,7 @@ fn lora_op_cuda_matches_cpu() {
     let shapes: &[(usize, usize, usize, usize)] =
         &[(1, 1, 1, 1), (3, 7, 5, 2), (17, 33, 65, 8), (64, 128, 80, 16), (129, 257, 96, 4), (200, 512, 1000, 64)];
     let mut rng = Rng::new(14);
-    for (dt, tol) in [(DType::BF16, 1e-2), (DType::F32, 1e-5)] {
+    for (dt, tol) in [(DType::BF16, Tol::Bf16Op.value()), (DType::F32, Tol::F32Reference.value())] {
         for &(t, din, dout, r) in shapes {
             for accumulate in [false, true] {
                 let round = |v: Vec<f32>| if dt == DType::BF16 { bf16_round(&v) } else { v };

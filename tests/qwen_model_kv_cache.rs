@@ -12,7 +12,7 @@ use qwen_model_support::*;
 
 #[test]
 fn qwen_cpu_kv_cache_matches_full_forward() {
-    fixture_kv_cache_check(&Device::Cpu, DType::F32, 1e-5, "cpu f32");
+    fixture_kv_cache_check(&Device::Cpu, DType::F32, Tol::KvCache.value(), "cpu f32");
 }
 
 /// A random model of the fixture's config with three images, two of them back to back in one
@@ -27,14 +27,14 @@ fn qwen_cpu_kv_cache_three_images() {
     let (x, spans) = three_image_inputs(&cfg);
     let s = x.ids.len();
     let tag = "cpu f32 (three images)";
-    kv_cache_check(&dev, &model, &cfg, &x, &kv_splits(&spans, s), 1e-5, tag);
+    kv_cache_check(&dev, &model, &cfg, &x, &kv_splits(&spans, s), Tol::KvCache.value(), tag);
     kv_cache_check(
         &dev,
         &model,
         &cfg,
         &x,
         &[spans[0].end + 1, s - 2],
-        1e-5,
+        Tol::KvCache.value(),
         &format!("{tag}, split between images 0 and 1"),
     );
     kv_cache_check(
@@ -43,7 +43,7 @@ fn qwen_cpu_kv_cache_three_images() {
         &cfg,
         &x,
         &[spans[0].start - 3, spans[1].end + 1, spans[2].end + 1],
-        1e-5,
+        Tol::KvCache.value(),
         &format!("{tag}, two images in one chunk"),
     );
 }

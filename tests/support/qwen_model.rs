@@ -236,11 +236,16 @@ pub fn cpu_matches_transformers(fx: &Fixture, tag: &str) {
     );
     let mut model = fx.model(&dev, DType::F32);
     let r = run(fx, &dev, &mut model, &Recompute::default());
-    report(tag, "logits", rel_err(&r.logits, &fx.reference("logits")), 1e-4);
-    report(tag, "token log-probs", rel_err(&r.logp, &fx.reference("token_logprobs")), 1e-4);
+    report(tag, "logits", rel_err(&r.logits, &fx.reference("logits")), Tol::FixtureLogits);
+    report(tag, "token log-probs", rel_err(&r.logp, &fx.reference("token_logprobs")), Tol::FixtureLogits);
     let want = fx.reference["objective"].1[0];
-    report(tag, &format!("objective ({:.6} vs {want:.6})", r.objective), ((r.objective - want) / want).abs(), 1e-5);
-    check_grads(fx, &r.grads, 1e-3, tag);
+    report(
+        tag,
+        &format!("objective ({:.6} vs {want:.6})", r.objective),
+        ((r.objective - want) / want).abs(),
+        Tol::FixtureObjective,
+    );
+    check_grads(fx, &r.grads, Tol::FixtureGrads.value(), tag);
 
     // Activation checkpointing recomputes the same numbers.
     let mut model2 = fx.model(&dev, DType::F32);
@@ -249,9 +254,9 @@ pub fn cpu_matches_transformers(fx: &Fixture, tag: &str) {
         tag,
         "recompute-all grads vs kept activations (worst tensor)",
         worst_grad_err(&r2.grads, &r.grads, tag),
-        1e-6,
+        Tol::RecomputeGrads,
     );
-    report(tag, "recompute-all logits vs kept", rel_err(&r2.logits, &r.logits), 1e-7);
+    report(tag, "recompute-all logits vs kept", rel_err(&r2.logits, &r.logits), Tol::Recompute);
 }
 
 /// Feeds a single sequence through a KV-cached session in chunks — [0, splits[0]),
