@@ -19,13 +19,7 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn fixture(model: &str) -> PathBuf {
-    if let Ok(p) = std::env::var("AM3_FIXTURES") {
-        let p = PathBuf::from(p);
-        if p.join(model).join("config.json").is_file() {
-            return p.join(model);
-        }
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures").join(model)
+    am3safety::check::fixture_dir(model)
 }
 
 fn demo_image(name: &str) -> String {

@@ -23,19 +23,8 @@ use tokenizers::Tokenizer;
 mod fixture_tokenizers;
 use fixture_tokenizers::{llava_fixture_tokenizer, qwen_fixture_tokenizer};
 
-fn fixture(model: &str, var: &str) -> PathBuf {
-    for v in [var, "AM3_FIXTURES"] {
-        if let Ok(p) = std::env::var(v) {
-            let p = PathBuf::from(p);
-            if p.ends_with(model) && p.join("config.json").is_file() {
-                return p;
-            }
-            if p.join(model).join("config.json").is_file() {
-                return p.join(model);
-            }
-        }
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures").join(model)
+fn fixture(model: &str) -> PathBuf {
+    am3safety::check::fixture_dir(model)
 }
 
 fn demo_image(name: &str) -> PathBuf {
@@ -216,7 +205,7 @@ fn tiny_model_compare_and_errors() {
 
 #[test]
 fn qwen_fixture_scores_match_forward_and_am3_forward() {
-    let dir = fixture("qwen2_5_vl_tiny", "AM3_QWEN_FIXTURES");
+    let dir = fixture("qwen2_5_vl_tiny");
     assert!(!dir.join("tokenizer.json").exists(), "the fixture now ships a tokenizer: use it here");
     let cfg: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let tok = qwen_fixture_tokenizer(&cfg);
@@ -280,7 +269,7 @@ fn qwen_fixture_scores_match_forward_and_am3_forward() {
 
 #[test]
 fn llava_fixture_scores_match_an_independent_forward() {
-    let dir = fixture("llava_next_tiny", "AM3_LLAVA_FIXTURES");
+    let dir = fixture("llava_next_tiny");
     assert!(!dir.join("tokenizer.json").exists(), "the fixture now ships a tokenizer: use it here");
     let dev = Device::Cpu;
     let model = VlModel::load(&dev, &dir).unwrap();

@@ -53,7 +53,11 @@ fn read(path: &Path) -> Tensors {
 
 /// logits, token_logprobs and objective of `got` vs the fixture's reference.
 fn check_outputs(tag: &str, got: &Tensors, want: &Tensors) {
-    for (name, tol) in [("logits", 1e-4), ("token_logprobs", 1e-4), ("objective", 1e-5)] {
+    for (name, tol) in [
+        ("logits", Tol::FixtureLogits.value()),
+        ("token_logprobs", Tol::FixtureLogits.value()),
+        ("objective", Tol::FixtureObjective.value()),
+    ] {
         assert_eq!(got[name].0, want[name].0, "{tag} {name} shape");
         let e = rel_err(&f32s(&got[name].1), &f32s(&want[name].1));
         println!("{tag} am3 forward {name}: rel err {e:.2e} (tol {tol:.0e})");
@@ -83,7 +87,7 @@ fn forward_cli_llava_matches_reference() {
             None => rel_err(&f32s(g), &f32s(w)),
         };
         worst = worst.max(e);
-        if e > 1e-3 {
+        if e > Tol::FixtureGrads.value() {
             failed.push(format!("{name}: {e:.2e}"));
         }
     }

@@ -107,7 +107,7 @@ fn act_bad_lengths_are_errors() {
 }
 
 fn check_close(what: &str, dt: DType, n: usize, got: &[f32], want: &[f32]) {
-    let tol = if dt == DType::BF16 { 1e-2 } else { 1e-5 };
+    let tol = if dt == DType::BF16 { Tol::Bf16Op.value() } else { Tol::F32Reference.value() };
     let e = rel_err(got, want);
     println!("{what} {} n={n}: rel err {e:.2e} (max abs {:.2e})", dt.suffix(), max_abs(got, want));
     assert!(e <= tol, "{what} {} n={n}: rel err {e:.2e} > {tol:.0e}", dt.suffix());

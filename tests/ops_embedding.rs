@@ -154,7 +154,7 @@ fn embedding_cuda_matches_cpu() {
             for host in [true, false] {
                 let (out1, dt1) = run(&gpu, dt, host);
                 // The gather is exact; the scatter-add differs only in summation order.
-                let tol = if dt == DType::BF16 { 1e-2 } else { 1e-5 };
+                let tol = if dt == DType::BF16 { Tol::Bf16Op.value() } else { Tol::F32Reference.value() };
                 for (name, a, b, tol) in [("out", &out1, &out0, 0.0), ("dtable", &dt1, &dt0, tol)] {
                     let e = rel_err(a, b);
                     println!("embedding {name} {} [t={t} c={c} v={v}] ids_host={host}: rel err {e:.2e}", dt.suffix());

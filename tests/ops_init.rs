@@ -26,7 +26,7 @@ fn init_cuda_matches_cpu() {
     for &n in &[1usize, 7, 1000, 1_234_567] {
         let mut want = vec![0f32; n];
         init::cpu::normal(&mut want, 9, 0.5, 0.02);
-        for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+        for (dt, tol) in [(DType::F32, Tol::F32Reference.value()), (DType::BF16, Tol::Bf16Op.value())] {
             let mut x = gpu.upload(&vec![f32::NAN; n], dt).unwrap();
             init::normal(&gpu, &mut x, n, 9, 0.5, 0.02).unwrap();
             let e = rel_err(&gpu.to_vec(&x).unwrap(), &want);

@@ -86,7 +86,7 @@ fn patch_embed_matches_conv3d() {
     }
     let e = rel_err64(&y, &want);
     println!("patch_embed vs conv3d: rel err {e:.2e}");
-    assert!(e < 1e-12);
+    assert_err("patch_embed", e, Tol::F64Reference);
 }
 
 #[test]
@@ -127,7 +127,7 @@ fn patch_embed_cuda_matches_cpu() {
                     run(&cpu_dev, DType::F32)
                 };
                 let (y1, dw1) = run(&gpu, dt);
-                let tol = if dt == DType::BF16 { 1e-2 } else { 1e-5 };
+                let tol = if dt == DType::BF16 { Tol::Bf16Op.value() } else { Tol::F32Reference.value() };
                 for (name, a, b) in [("y", &y1, &y0), ("dw", &dw1, &dw_0)] {
                     let e = rel_err(a, b);
                     println!("patch_embed {name} {} [{n}x{k}->{d}] perm={use_perm}: rel err {e:.2e}", dt.suffix());

@@ -63,7 +63,7 @@ fn check_cuda(gpu: &Device, var: &str) {
             };
             let (y0, dx0, dw0) = run(&cpu_dev, DType::F32);
             let (y1, dx1, dw1) = run(gpu, dt);
-            let tol = if dt == DType::BF16 { 1e-2 } else { 1e-5 };
+            let tol = if dt == DType::BF16 { Tol::Bf16Op.value() } else { Tol::F32Reference.value() };
             // dx = rstd·(dy·w − x·rstd²·mean(dy·w·x)): the two terms cancel exactly when a row has
             // one element, so judge dx against the size of its first term.
             let r0 = Device::Cpu

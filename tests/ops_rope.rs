@@ -298,7 +298,7 @@ fn rope_cuda_matches_cpu() {
                 }
                 dev.to_vec(&xb).unwrap()
             };
-            let tol = if dt == DType::BF16 { 1e-2 } else { 1e-5 };
+            let tol = if dt == DType::BF16 { Tol::Bf16Op.value() } else { Tol::F32Reference.value() };
             for (name, backward) in [("fwd", false), ("bwd", true)] {
                 let want = run(&cpu_dev, DType::F32, backward);
                 let got = run(&gpu, dt, backward);

@@ -8,6 +8,7 @@
 //! or dx), so its rows are judged by GB/s. The first rows of y are checked against the CPU.
 
 use super::{time_gpu, BenchRow};
+use crate::check::rel_err;
 use crate::ops::{lora, matmul};
 use crate::rng::Rng;
 use crate::tensor::{DType, Device};
@@ -105,17 +106,4 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
 
 fn bf16_round(v: Vec<f32>) -> Vec<f32> {
     v.into_iter().map(|x| half::bf16::from_f32(x).to_f32()).collect()
-}
-
-/// ‖a − b‖ / ‖b‖; infinite when `a` has a non-finite entry.
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let (mut num, mut den) = (0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        if !x.is_finite() {
-            return f64::INFINITY;
-        }
-        num += (x as f64 - y as f64).powi(2);
-        den += (y as f64).powi(2);
-    }
-    num.sqrt() / den.sqrt().max(1e-30)
 }

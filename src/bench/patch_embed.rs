@@ -7,6 +7,7 @@
 //! its first 4 output rows against the CPU reference.
 
 use super::{time_gpu, BenchRow};
+use crate::check::rel_err;
 use crate::ops::patch_embed::{self, cpu, gather_rows, RowIndex};
 use crate::rng::Rng;
 use crate::tensor::{DType, Device};
@@ -85,14 +86,4 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
 
 fn bf16_round(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
-}
-
-/// ‖a − b‖ / ‖b‖; infinite when a holds a non-finite value.
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    if a.iter().any(|x| !x.is_finite()) {
-        return f64::INFINITY;
-    }
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    num.sqrt() / den.sqrt().max(1e-30)
 }

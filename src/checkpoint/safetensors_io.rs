@@ -227,16 +227,16 @@ pub fn decode_f64(dtype: StDtype, raw: &[u8]) -> Vec<f64> {
     }
 }
 
+/// Tensors by name: (shape, values as f64), as [`read_tensor_file`] returns them.
+pub type TensorMap = HashMap<String, (Vec<usize>, Vec<f64>)>;
+
 /// A whole safetensors file (any dtype) as name → (shape, values as f64). For test fixtures.
-pub fn read_tensor_file(path: impl AsRef<Path>) -> Result<HashMap<String, (Vec<usize>, Vec<f64>)>> {
+pub fn read_tensor_file(path: impl AsRef<Path>) -> Result<TensorMap> {
     Ok(read_tensor_file_with_metadata(path)?.0)
 }
 
 /// As [`read_tensor_file`], plus the header's `__metadata__` strings (hyper-parameters of fixtures).
-#[allow(clippy::type_complexity)]
-pub fn read_tensor_file_with_metadata(
-    path: impl AsRef<Path>,
-) -> Result<(HashMap<String, (Vec<usize>, Vec<f64>)>, HashMap<String, String>)> {
+pub fn read_tensor_file_with_metadata(path: impl AsRef<Path>) -> Result<(TensorMap, HashMap<String, String>)> {
     let path = path.as_ref();
     let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let header = parse_header(&bytes, path)?;

@@ -1,6 +1,16 @@
-//! One file per op. Each holds the op's CPU reference (`cpu` submodule, generic over `Real`, so
-//! f64 drives the finite-difference checks) and its CUDA launcher, behind one function per
-//! direction that dispatches on the `Device`.
+//! The ops the models are built from, one module each: a file, or a folder for the two large ones
+//! (`attention`: flash attention over packed varlen sequences, its backward and KV-cache decode;
+//! `logprob`: the lm_head fused with the log-softmax, never a [tokens × vocab] tensor). Each holds
+//! the op's plain-Rust CPU reference (a `cpu` submodule, generic over `Real`, so f64 drives the
+//! finite-difference checks; the CPU backend runs it in f32) and its CUDA launcher (kernels in
+//! `kernels/`; `matmul` calls cuBLAS), behind one function per direction that dispatches on the
+//! `Device`.
+//!
+//! `act` (SwiGLU, GELUs), `adamw` (fused step, clipping's sum of squares), `elementwise` (bias,
+//! residual, scale, casts, copies), `embedding`, `grpo` (turn-aware rewards and the clipped
+//! surrogate + KL loss), `init` (counter-based random init), `layernorm`, `lora` (the adapter
+//! branch), `matmul`, `patch_embed` (Qwen2.5-VL's Conv3d as a GEMM), `rmsnorm`, `rope`, `sample`
+//! (top-k/top-p sampling on the device). Below: the dtype and length checks the launchers share.
 //!
 //! Gradient convention (llm.c): activation gradients are written (`=`); parameter gradients are
 //! f32 and accumulated (`+=`), so gradient accumulation across micro-batches is free.

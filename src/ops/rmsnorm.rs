@@ -203,9 +203,8 @@ pub mod cpu {
 
     #[allow(clippy::too_many_arguments)]
     pub fn bwd<R: Real>(dx: &mut [R], dw: &mut [R], dy: &[R], x: &[R], w: &[R], rstd: &[R], rows: usize, cols: usize) {
-        for r in 0..rows {
+        for (r, &rs) in rstd.iter().enumerate().take(rows) {
             let o = r * cols;
-            let rs = rstd[r];
             let mut dot = R::ZERO;
             for c in 0..cols {
                 dot += dy[o + c] * w[c] * x[o + c];

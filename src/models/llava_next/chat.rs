@@ -23,6 +23,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use std::ops::Range;
 use tokenizers::Tokenizer;
 
+/// Token ids with the byte range of each in the text.
+type IdsOffsets = (Vec<u32>, Vec<(usize, usize)>);
+
 pub const IMAGE_TOKEN: &str = "<image>";
 pub const BOS: &str = "<s>";
 pub const EOS: &str = "</s>";
@@ -211,7 +214,7 @@ impl<'a> LlavaChatTemplate<'a> {
     }
 
     /// Ids of `text` (special tokens recognised, nothing added), with byte offsets.
-    fn encode(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    fn encode(&self, text: &str) -> Result<IdsOffsets> {
         let enc = self.tok.encode(text, false).map_err(|e| anyhow!("tokenizing the chat: {e}"))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }

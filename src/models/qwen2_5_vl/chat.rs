@@ -16,6 +16,9 @@ use std::ops::Range;
 use std::path::Path;
 use tokenizers::Tokenizer;
 
+/// Token ids with the byte range of each in the text.
+type IdsOffsets = (Vec<u32>, Vec<(usize, usize)>);
+
 pub const IM_START: &str = "<|im_start|>";
 pub const IM_END: &str = "<|im_end|>";
 pub const VISION_START: &str = "<|vision_start|>";
@@ -186,7 +189,7 @@ impl<'a> ChatTemplate<'a> {
     }
 
     /// Ids of `text` (special tokens recognised, nothing added), with byte offsets.
-    fn encode(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    fn encode(&self, text: &str) -> Result<IdsOffsets> {
         let enc = self.tok.encode(text, false).map_err(|e| anyhow!("tokenizing the chat: {e}"))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
