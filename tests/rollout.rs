@@ -9,7 +9,7 @@ mod common;
 mod tiny_llava;
 
 use am3safety::data::dataset::{load_jsonl_with, LoadOptions, Purpose};
-use am3safety::models::common::step::StepScratch;
+use am3safety::models::common::step::{StepInput, StepScratch};
 use am3safety::models::qwen2_5_vl::chat::Part;
 use am3safety::models::qwen2_5_vl::model::Recompute;
 use am3safety::ops::sample::SampleParams;
@@ -168,30 +168,54 @@ fn shared_prefix_copy_decodes_like_its_own_prefill() {
         &dev,
         &mut two,
         &mut sc,
-        &ex.ids[..prompt],
-        &take_pos(0, prompt),
-        &[0, prompt as i32, prompt as i32],
-        rows.as_ref(),
+        StepInput {
+            ids: &ex.ids[..prompt],
+            pos: &take_pos(0, prompt),
+            cu_new: &[0, prompt as i32, prompt as i32],
+            image_rows: rows.as_ref(),
+        },
     )
     .unwrap();
     two.copy_prefix(&dev, 0, 1, prompt).unwrap();
     let tok = [ex.ids[prompt], ex.ids[prompt]];
     let p1 = take_pos(prompt, prompt + 1);
     let pos2: Vec<i32> = (0..3).flat_map(|row| [p1[row], p1[row]]).collect();
-    let both = dev.to_vec(m.step_ragged(&dev, &mut two, &mut sc, &tok, &pos2, &[0, 1, 2], None).unwrap()).unwrap();
+    let both = dev
+        .to_vec(
+            m.step_ragged(
+                &dev,
+                &mut two,
+                &mut sc,
+                StepInput { ids: &tok, pos: &pos2, cu_new: &[0, 1, 2], image_rows: None },
+            )
+            .unwrap(),
+        )
+        .unwrap();
     let mut one = m.new_cache(&dev, 1, prompt + 4).unwrap();
     let mut sc1 = StepScratch::default();
     m.step_ragged(
         &dev,
         &mut one,
         &mut sc1,
-        &ex.ids[..prompt],
-        &take_pos(0, prompt),
-        &[0, prompt as i32],
-        rows.as_ref(),
+        StepInput {
+            ids: &ex.ids[..prompt],
+            pos: &take_pos(0, prompt),
+            cu_new: &[0, prompt as i32],
+            image_rows: rows.as_ref(),
+        },
     )
     .unwrap();
-    let own = dev.to_vec(m.step_ragged(&dev, &mut one, &mut sc1, &tok[..1], &p1, &[0, 1], None).unwrap()).unwrap();
+    let own = dev
+        .to_vec(
+            m.step_ragged(
+                &dev,
+                &mut one,
+                &mut sc1,
+                StepInput { ids: &tok[..1], pos: &p1, cu_new: &[0, 1], image_rows: None },
+            )
+            .unwrap(),
+        )
+        .unwrap();
     let v = m.tdims().vocab;
     assert_eq!(&both[..v], &own[..], "slot 0");
     assert_eq!(&both[v..], &own[..], "slot 1 (copied prefix)");

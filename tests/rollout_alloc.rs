@@ -7,7 +7,7 @@ mod common;
 mod tiny_llava;
 
 use am3safety::data::dataset::{load_jsonl_with, LoadOptions, Purpose};
-use am3safety::models::common::step::StepScratch;
+use am3safety::models::common::step::{StepInput, StepScratch};
 use am3safety::ops::sample::SampleParams;
 use am3safety::rollout::{generate, DialogueSpec, RolloutConfig};
 use am3safety::stages::sft::{load_model, Loaded};
@@ -62,13 +62,25 @@ fn check_family(dev: &Device, l: &Loaded, what: &str) {
     let mut sc = StepScratch::default();
     let ids: Vec<i32> = text.iter().chain(&text).copied().collect();
     let pos: Vec<i32> = (0..rows).flat_map(|_| (0..b).flat_map(|_| 0..p as i32)).collect();
-    m.step_ragged(dev, &mut cache, &mut sc, &ids, &pos, &[0, p as i32, 2 * p as i32], None).unwrap();
+    m.step_ragged(
+        dev,
+        &mut cache,
+        &mut sc,
+        StepInput { ids: &ids, pos: &pos, cu_new: &[0, p as i32, 2 * p as i32], image_rows: None },
+    )
+    .unwrap();
     let elem = if dev.is_cuda() { 2 } else { 4 };
     assert_eq!(sc.bytes(), StepScratch::plan_bytes(m.tdims(), elem, 2 * p, b), "{what}: plan_bytes");
     let before = allocations();
     for i in 0..4 {
         let pos1 = vec![(p + i) as i32; rows * b];
-        m.step_ragged(dev, &mut cache, &mut sc, &[text[i], text[i + 1]], &pos1, &[0, 1, 2], None).unwrap();
+        m.step_ragged(
+            dev,
+            &mut cache,
+            &mut sc,
+            StepInput { ids: &[text[i], text[i + 1]], pos: &pos1, cu_new: &[0, 1, 2], image_rows: None },
+        )
+        .unwrap();
     }
     assert_eq!(allocations() - before, 0, "{what}: decode steps allocated");
 }

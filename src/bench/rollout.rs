@@ -19,7 +19,7 @@ use super::train7b::random_7b;
 use super::workloads::{gib, text_ids, Ctx};
 use super::{BenchRow, HBM_BYTES_PER_S};
 use crate::data::dataset::{load_jsonl_with, LoadOptions, Purpose};
-use crate::models::common::step::StepScratch;
+use crate::models::common::step::{StepInput, StepScratch};
 use crate::ops::sample::{stream_key, SampleParams, Sampler};
 use crate::rollout::{generate, DialogueSpec, RolloutConfig};
 use crate::stages::model::{Net, VlModel};
@@ -81,7 +81,12 @@ pub fn decode(
             let pos: Vec<i32> = (0..rows).flat_map(|_| (0..b).flat_map(|_| 0..ctx as i32)).collect();
             let cu: Vec<i32> = (0..=b).map(|i| (i * ctx) as i32).collect();
             let mut scratch = StepScratch::default();
-            m.step_ragged(dev, &mut cache, &mut scratch, &ids, &pos, &cu, None)?;
+            m.step_ragged(
+                dev,
+                &mut cache,
+                &mut scratch,
+                StepInput { ids: &ids, pos: &pos, cu_new: &cu, image_rows: None },
+            )?;
             let mut sampler = Sampler::new(dev, b, t.vocab)?;
             let params = vec![SampleParams::new(1.0, 0, 1.0)?; b];
             let (first, limit) = (text_ids(m, 1, 0)[0], text_limit(m));
@@ -92,7 +97,12 @@ pub fn decode(
             let secs = time_runs(dev, warmup, iters, &mut || {
                 let p = ctx as i32 + step as i32;
                 let pos1: Vec<i32> = vec![p; rows * b];
-                let logits = m.step_ragged(dev, &mut cache, &mut scratch, &tok, &pos1, &cu1, None)?;
+                let logits = m.step_ragged(
+                    dev,
+                    &mut cache,
+                    &mut scratch,
+                    StepInput { ids: &tok, pos: &pos1, cu_new: &cu1, image_rows: None },
+                )?;
                 let keys: Vec<u64> = (0..b).map(|i| stream_key(0, 0, i as u64, step)).collect();
                 let drawn = sampler.sample(dev, logits, b, &params, &keys)?;
                 // A sampled placeholder id would need an image: feed ordinary text instead.

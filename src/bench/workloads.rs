@@ -486,7 +486,13 @@ pub fn prefill(c: &Ctx) -> Result<Vec<Figure>> {
         let r = m.new_cache(dev, 1, n + 1).and_then(|mut cache| {
             measure(dev, set.warmup, set.prefill_iters, &mut || {
                 cache.reset(dev, 0)?;
-                m.step_ragged(dev, &mut cache, &mut scratch, &ids, &pos, &cu, None).map(|_| ())
+                m.step_ragged(
+                    dev,
+                    &mut cache,
+                    &mut scratch,
+                    crate::models::common::step::StepInput { ids: &ids, pos: &pos, cu_new: &cu, image_rows: None },
+                )
+                .map(|_| ())
             })
         });
         match r {

@@ -12,7 +12,7 @@ use super::spec::DialogueSpec;
 use super::template::TurnTemplate;
 use super::{Rollout, TurnOut};
 use crate::models::common::lm::LmCache;
-use crate::models::common::step::StepScratch;
+use crate::models::common::step::{StepInput, StepScratch};
 use crate::ops::patch_embed::{gather_rows, RowIndex};
 use crate::ops::sample::{stream_key, SampleParams, Sampler};
 use crate::stages::model::{Processor, VlModel};
@@ -266,7 +266,12 @@ pub fn generate_with(
         bank.ensure_embeds(dev, model, &step_images)?;
         let rows = bank.rows_for(dev, &step_images, d_model)?;
         stats.vision_s += tv.elapsed().as_secs_f64();
-        let logits = model.step_ragged(dev, &mut cache, &mut scratch, &ids, &pos.finish(), &cu, rows.as_ref())?;
+        let logits = model.step_ragged(
+            dev,
+            &mut cache,
+            &mut scratch,
+            StepInput { ids: &ids, pos: &pos.finish(), cu_new: &cu, image_rows: rows.as_ref() },
+        )?;
         // Followers of a leader that just prefilled take its cache and state.
         let mut requests: Vec<(usize, usize)> = Vec::new(); // (slot, logits row)
         for (row, &s) in busy.iter().enumerate() {
@@ -471,14 +476,12 @@ impl VlModel {
     }
 
     /// One ragged step (see `QwenVl::step_ragged`): logits [active, V], in `scratch`.
-    #[allow(clippy::too_many_arguments)]
     pub fn step_ragged<'s>(
-        &self, dev: &Device, cache: &mut LmCache, scratch: &'s mut StepScratch, ids: &[i32], pos: &[i32],
-        cu_new: &[i32], image_rows: Option<&Buf>,
+        &self, dev: &Device, cache: &mut LmCache, scratch: &'s mut StepScratch, input: StepInput,
     ) -> Result<&'s mut Buf> {
         match &self.net {
-            crate::stages::model::Net::Qwen(m) => m.step_ragged(dev, cache, scratch, ids, pos, cu_new, image_rows),
-            crate::stages::model::Net::Llava(m) => m.step_ragged(dev, cache, scratch, ids, pos, cu_new, image_rows),
+            crate::stages::model::Net::Qwen(m) => m.step_ragged(dev, cache, scratch, input),
+            crate::stages::model::Net::Llava(m) => m.step_ragged(dev, cache, scratch, input),
         }
     }
 }

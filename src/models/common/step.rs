@@ -15,6 +15,17 @@ use crate::ops::{matmul, rmsnorm};
 use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
 
+/// A ragged step's input: sequence b of the cache gets ids[cu_new[b]..cu_new[b+1]] (none for an
+/// idle slot) at RoPE positions `pos` (the family's layout), and `image_rows` fill the step's
+/// image placeholders in order.
+#[derive(Clone, Copy)]
+pub struct StepInput<'a> {
+    pub ids: &'a [i32],
+    pub pos: &'a [i32],
+    pub cu_new: &'a [i32],
+    pub image_rows: Option<&'a Buf>,
+}
+
 /// Buffers of the ragged step, grown (to powers of two) when a step needs more than they hold.
 #[derive(Default)]
 pub struct StepScratch {

@@ -27,7 +27,7 @@ use crate::models::common::decoder::{LayerDims, LayerFlags, RopeKind, Slot};
 use crate::models::common::lm::{self, Inject, LmCache, LmDims, LmFwd, LmNames, LmParams};
 use crate::models::common::lora::{LayerLora, LoraConfig, LoraState, StackSpec};
 use crate::models::common::params::{read_piece, GradStore, ParamRef};
-use crate::models::common::step::{self, StepScratch};
+use crate::models::common::step::{self, StepInput, StepScratch};
 use crate::models::common::train_state::TrainState;
 use crate::ops::act::{self, Gelu};
 use crate::ops::patch_embed::{gather_rows, scatter_rows, RowIndex};
@@ -566,9 +566,9 @@ impl LlavaNext {
     /// sequence's cache. `<image>` ids are replaced by 0 before the embedding (the placeholder may
     /// lie past the vocabulary); their rows come from `image_rows`.
     pub fn step_ragged<'s>(
-        &self, dev: &Device, cache: &mut LmCache, scratch: &'s mut StepScratch, ids: &[i32], pos: &[i32],
-        cu_new: &[i32], image_rows: Option<&Buf>,
+        &self, dev: &Device, cache: &mut LmCache, scratch: &'s mut StepScratch, input: StepInput,
     ) -> Result<&'s mut Buf> {
+        let StepInput { ids, pos, cu_new, image_rows } = input;
         let img = self.cfg.image_token_index as i64;
         let at: Vec<usize> = ids.iter().enumerate().filter(|(_, &id)| id as i64 == img).map(|(i, _)| i).collect();
         let ids: Vec<i32> = ids.iter().map(|&id| if id as i64 == img { 0 } else { id }).collect();

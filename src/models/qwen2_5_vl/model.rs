@@ -20,7 +20,7 @@ use crate::models::common::decoder::Slot;
 use crate::models::common::lm::{self, Inject, LmCache, LmDims, LmFwd, LmNames, LmParams};
 use crate::models::common::lora::{LayerLora, LoraConfig, LoraState, StackSpec};
 use crate::models::common::params::{read_piece, GradStore, ParamRef};
-use crate::models::common::step::{self, StepScratch};
+use crate::models::common::step::{self, StepInput, StepScratch};
 use crate::models::common::train_state::TrainState;
 use crate::ops::logprob;
 use crate::ops::patch_embed::{gather_rows, RowIndex};
@@ -406,9 +406,9 @@ impl QwenVl {
     /// step's `<|image_pad|>` tokens in order (from `image_embeds`, computed once per image).
     /// Returns logits [active, V] of each non-idle sequence's last new token, in slot order.
     pub fn step_ragged<'s>(
-        &self, dev: &Device, cache: &mut LmCache, scratch: &'s mut StepScratch, ids: &[i32], pos3: &[i32],
-        cu_new: &[i32], image_rows: Option<&Buf>,
+        &self, dev: &Device, cache: &mut LmCache, scratch: &'s mut StepScratch, input: StepInput,
     ) -> Result<&'s mut Buf> {
+        let StepInput { ids, pos: pos3, cu_new, image_rows } = input;
         let at = image_positions(ids, self.cfg.image_token_id);
         let inject = lm::inject_checked(&at, image_rows, self.tdims.layer.d)?;
         step::step_logits(
