@@ -199,13 +199,13 @@ pub fn plan_lines(
             format!("LM fwd, {hq}/{hkv} heads d{d}, {train_len} tokens"),
             format!("{:?}", plan_fwd(bf, d, train_len, true)),
         ),
-        (format!("LM bwd, same"), format!("{:?}", plan_bwd(bf, d, train_len, true))),
-        (format!("LM decode, 1 new token"), format!("{:?}", plan_decode(bf, d, 1, hq / hkv, true))),
+        ("LM bwd, same".to_string(), format!("{:?}", plan_bwd(bf, d, train_len, true))),
+        ("LM decode, 1 new token".to_string(), format!("{:?}", plan_decode(bf, d, 1, hq / hkv, true))),
         (
             format!("vision fwd, {vh} heads d{vd}, {vis_len}-token sequences"),
             format!("{:?}", plan_fwd(bf, vd, vis_len, true)),
         ),
-        (format!("vision bwd, same"), format!("{:?}", plan_bwd(bf, vd, vis_len, true))),
+        ("vision bwd, same".to_string(), format!("{:?}", plan_bwd(bf, vd, vis_len, true))),
     ]
 }
 
