@@ -135,7 +135,13 @@ fn every_launch_site_names_a_known_kernel() {
             let ok = if let Some(lit) = literal(after) {
                 Some(names.iter().any(|(m, n)| m == module && n == lit))
             } else if let Some(r) = after.strip_prefix("kname(") {
-                literal(r.trim_start()).map(|stem| {
+                // `kname("stem", dt)`, or `kname(op, dt)` with the nearest `let op = "stem";` above.
+                let stem = literal(r.trim_start()).or_else(|| {
+                    r.trim_start().strip_prefix("op,")?;
+                    let j = text[..i].rfind("let op = \"")?;
+                    literal(&text[j + 9..])
+                });
+                stem.map(|stem| {
                     ["bf16", "f32"]
                         .iter()
                         .all(|dt| names.iter().any(|(m, n)| m == module && *n == format!("{stem}_{dt}")))
