@@ -23,6 +23,9 @@ pub enum Arg {
     F32(f32),
 }
 
+/// A loaded kernel with its signature from `sigs::KERNELS`.
+type LoadedKernel = (CudaFunction, &'static sigs::KernelSig);
+
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
@@ -30,7 +33,7 @@ pub struct Gpu {
     pub name: String,
     pub sm_count: u32,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    funcs: Mutex<HashMap<(&'static str, String), (CudaFunction, &'static sigs::KernelSig)>>,
+    funcs: Mutex<HashMap<(&'static str, String), LoadedKernel>>,
     /// The reusable f32 scratch of `scratch_f32` (grown, never shrunk).
     scratch: Mutex<Option<Arc<CudaSlice<f32>>>>,
 }
@@ -86,7 +89,7 @@ impl Gpu {
 
     /// The kernel `module::name` with its signature (`sigs::KERNELS`); an error when the table
     /// has no entry for it, so every launched kernel is one the PTX test checks.
-    pub fn func(&self, module: &'static str, name: &str) -> Result<(CudaFunction, &'static sigs::KernelSig)> {
+    pub fn func(&self, module: &'static str, name: &str) -> Result<LoadedKernel> {
         let key = (module, name.to_string());
         if let Some(f) = self.funcs.lock().map_err(|_| anyhow!("function cache poisoned"))?.get(&key) {
             return Ok(f.clone());
