@@ -103,20 +103,6 @@ template <int KIND> __device__ __forceinline__ float gelu_df(float x) {
 }
 
 template <typename T, int KIND>
-__device__ void gelu_fwd_k(T* __restrict__ out, const T* __restrict__ x, long n) {
-    bool vec = aligned16(out) && aligned16(x);
-    long nv = vec ? n / ACT_VEC : 0;
-    for (long i = act_tid(); i < nv; i += act_stride()) {
-        float v[ACT_VEC];
-        act_ld8(x + i * ACT_VEC, v);
-#pragma unroll
-        for (int k = 0; k < ACT_VEC; k++) v[k] = gelu_f<KIND>(v[k]);
-        act_st8(out + i * ACT_VEC, v);
-    }
-    for (long i = nv * ACT_VEC + act_tid(); i < n; i += act_stride()) st(out, i, gelu_f<KIND>(ld(x, i)));
-}
-
-template <typename T, int KIND>
 __device__ void gelu_bwd_k(T* __restrict__ dx, const T* __restrict__ dout, const T* __restrict__ x, long n) {
     bool vec = aligned16(dx) && aligned16(dout) && aligned16(x);
     long nv = vec ? n / ACT_VEC : 0;
@@ -133,12 +119,6 @@ __device__ void gelu_bwd_k(T* __restrict__ dx, const T* __restrict__ dout, const
 
 // An unknown kind writes nothing; the launcher only passes 0, 1 or 2.
 template <typename T>
-__device__ void gelu_fwd(T* out, const T* x, long n, int kind) {
-    if (kind == 0) gelu_fwd_k<T, 0>(out, x, n);
-    else if (kind == 1) gelu_fwd_k<T, 1>(out, x, n);
-    else if (kind == 2) gelu_fwd_k<T, 2>(out, x, n);
-}
-template <typename T>
 __device__ void gelu_bwd(T* dx, const T* dout, const T* x, long n, int kind) {
     if (kind == 0) gelu_bwd_k<T, 0>(dx, dout, x, n);
     else if (kind == 1) gelu_bwd_k<T, 1>(dx, dout, x, n);
@@ -153,13 +133,12 @@ __device__ void gelu_bwd(T* dx, const T* dout, const T* x, long n, int kind) {
                                               const T* up, long n) {                                     \
         swiglu_bwd<T>(dgate, dup, dout, gate, up, n);                                                    \
     }                                                                                                    \
-    extern "C" __global__ void gelu_fwd_##S(T* out, const T* x, long n, int kind) { gelu_fwd<T>(out, x, n, kind); } \
     extern "C" __global__ void gelu_bwd_##S(T* dx, const T* dout, const T* x, long n, int kind) {       \
         gelu_bwd<T>(dx, dout, x, n, kind);                                                               \
     }
 AM3_BOTH_DTYPES(ACT_ENTRY)
 
-// ---- V2 GELU forward (perf round 3) ------------------------------------------------------------
+// ---- GELU forward ------------------------------------------------------------------------------
 // Two vectors per thread per trip, loads issued together (32 bytes in flight per thread for
 // bf16 instead of 16), so the erf/tanh math of one vector overlaps the other's load; <= 40
 // registers (6 blocks of 256 per SM; the launcher sizes the grid to that).
@@ -177,13 +156,13 @@ __device__ __forceinline__ float one_plus_erf_fast(float z) {
 }
 // The fast erf only for bf16 output, whose rounding (2^-9) dwarfs its 1.5e-7 error; f32 keeps
 // erff (the fast form's relative error reaches ~2e-4 where the GELU is small, for x < -2).
-template <typename T, int KIND> __device__ __forceinline__ float gelu_f_v2(float x) {
+template <typename T, int KIND> __device__ __forceinline__ float gelu_f_fast(float x) {
     if (KIND == 1 && sizeof(T) == 2) return 0.5f * x * one_plus_erf_fast(x * INV_SQRT2);
     return gelu_f<KIND>(x);
 }
 
 template <typename T, int KIND>
-__device__ void gelu_fwd_v2_k(T* __restrict__ out, const T* __restrict__ x, long n) {
+__device__ void gelu_fwd_k(T* __restrict__ out, const T* __restrict__ x, long n) {
     bool vec = aligned16(out) && aligned16(x);
     long nv = vec ? n / ACT_VEC : 0;
     long stride = act_stride();
@@ -193,21 +172,21 @@ __device__ void gelu_fwd_v2_k(T* __restrict__ out, const T* __restrict__ x, long
         act_ld8(x + i * ACT_VEC, v[0]);
         if (has1) act_ld8(x + (i + stride) * ACT_VEC, v[1]);
 #pragma unroll
-        for (int k = 0; k < ACT_VEC; k++) v[0][k] = gelu_f_v2<T, KIND>(v[0][k]);
+        for (int k = 0; k < ACT_VEC; k++) v[0][k] = gelu_f_fast<T, KIND>(v[0][k]);
         act_st8(out + i * ACT_VEC, v[0]);
         if (has1) {
 #pragma unroll
-            for (int k = 0; k < ACT_VEC; k++) v[1][k] = gelu_f_v2<T, KIND>(v[1][k]);
+            for (int k = 0; k < ACT_VEC; k++) v[1][k] = gelu_f_fast<T, KIND>(v[1][k]);
             act_st8(out + (i + stride) * ACT_VEC, v[1]);
         }
     }
-    for (long i = nv * ACT_VEC + act_tid(); i < n; i += stride) st(out, i, gelu_f_v2<T, KIND>(ld(x, i)));
+    for (long i = nv * ACT_VEC + act_tid(); i < n; i += stride) st(out, i, gelu_f_fast<T, KIND>(ld(x, i)));
 }
 
-#define ACT_V2_ENTRY(T, S)                                                                               \
-    extern "C" __global__ void __launch_bounds__(256, 6) gelu_fwd_v2_##S(T* out, const T* x, long n, int kind) {                 \
-        if (kind == 0) gelu_fwd_v2_k<T, 0>(out, x, n);                                                   \
-        else if (kind == 1) gelu_fwd_v2_k<T, 1>(out, x, n);                                              \
-        else if (kind == 2) gelu_fwd_v2_k<T, 2>(out, x, n);                                              \
+#define GELU_FWD_ENTRY(T, S)                                                                               \
+    extern "C" __global__ void __launch_bounds__(256, 6) gelu_fwd_##S(T* out, const T* x, long n, int kind) {                 \
+        if (kind == 0) gelu_fwd_k<T, 0>(out, x, n);                                                   \
+        else if (kind == 1) gelu_fwd_k<T, 1>(out, x, n);                                              \
+        else if (kind == 2) gelu_fwd_k<T, 2>(out, x, n);                                              \
     }
-AM3_BOTH_DTYPES(ACT_V2_ENTRY)
+AM3_BOTH_DTYPES(GELU_FWD_ENTRY)

@@ -64,34 +64,6 @@ __device__ void adamw_step(T* __restrict__ param, float* __restrict__ master, co
     }
 }
 
-// part[block] = sum of x^2 over the block's grid-stride share, accumulated in double, so the
-// host's in-order sum of the partials is deterministic and exact to ~1e-16.
-template <typename T>
-__device__ void sum_squares(double* __restrict__ part, const T* __restrict__ x, long n) {
-    __shared__ double scratch[32];
-    double acc = 0.0;
-    long nv = aligned16(x) ? n / AW_VEC : 0;
-    for (long i = aw_tid(); i < nv; i += aw_stride()) {
-        float v[AW_VEC];
-        aw_ld8(x + i * AW_VEC, v);
-#pragma unroll
-        for (int k = 0; k < AW_VEC; k++) acc += (double)v[k] * (double)v[k];
-    }
-    for (long i = nv * AW_VEC + aw_tid(); i < n; i += aw_stride()) {
-        double t = ld(x, i);
-        acc += t * t;
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = CEIL_DIV(blockDim.x, WARP);
-    if (lane == 0) scratch[wid] = acc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        double t = 0.0;
-        for (int w = 0; w < nw; w++) t += scratch[w];
-        part[blockIdx.x] = t;
-    }
-}
 
 #define AW_ENTRY(T, S)                                                                                  \
     extern "C" __global__ void adamw_step_##S(T* param, float* master, const float* grad, float* m,     \
@@ -107,15 +79,15 @@ __device__ void sum_squares(double* __restrict__ part, const T* __restrict__ x, 
                                                   float grad_scale) {                                   \
         adamw_step<T, bf16>(param, master, grad, m, v, n,                                               \
                             AwHp{b1, b2, eps, decay, step_size, sqrt_bc2, grad_scale});                  \
-    }                                                                                                   \
-    extern "C" __global__ void sum_squares_##S(double* part, const T* x, long n) { sum_squares<T>(part, x, n); }
+    }
 AM3_BOTH_DTYPES(AW_ENTRY)
 
-// ---- V2 sum of squares (perf round 3) ----------------------------------------------------------
-// As sum_squares, with two vectors per thread per trip whose loads are issued together (64 bytes
-// in flight per thread for f32). Per-thread order is fixed, so the result is deterministic.
+// ---- Sum of squares ----------------------------------------------------------------------------
+// part[block] = sum of x^2 over the block's grid-stride share, accumulated in double, so the
+// host's in-order sum of the partials is deterministic and exact to ~1e-16. Two vectors per
+// thread per trip whose loads are issued together (64 bytes in flight per thread for f32).
 template <typename T>
-__device__ void sum_squares_v2(double* __restrict__ part, const T* __restrict__ x, long n) {
+__device__ void sum_squares(double* __restrict__ part, const T* __restrict__ x, long n) {
     __shared__ double scratch[32];
     double acc = 0.0;
     long nv = aligned16(x) ? n / AW_VEC : 0;
@@ -148,6 +120,6 @@ __device__ void sum_squares_v2(double* __restrict__ part, const T* __restrict__ 
     }
 }
 
-#define AW_V2_ENTRY(T, S)                                                                               \
-    extern "C" __global__ void sum_squares_v2_##S(double* part, const T* x, long n) { sum_squares_v2<T>(part, x, n); }
-AM3_BOTH_DTYPES(AW_V2_ENTRY)
+#define AW_SUMSQ_ENTRY(T, S)                                                                               \
+    extern "C" __global__ void sum_squares_##S(double* part, const T* x, long n) { sum_squares<T>(part, x, n); }
+AM3_BOTH_DTYPES(AW_SUMSQ_ENTRY)

@@ -1,4 +1,5 @@
-// Tensor-core building blocks shared by the attention kernels (attention.cu, attention_decode.cu):
+// Tensor-core building blocks shared by the attention kernels (attention_fwd.cu, attention_bwd.cu,
+// attention_decode.cu):
 // cp.async tile loads into padded shared memory, ldmatrix fragment addressing and the bf16
 // mma.sync.m16n8k16 (f32 accumulate). Everything here is warp- or block-level and header-free.
 //
@@ -173,6 +174,16 @@ __device__ __forceinline__ void pv_tile(float (*o)[4], float (*s)[4], const bf16
             mma_bf16(o[dn + 1], a, b[2], b[3]);
         }
     }
+}
+
+// Vector atomic add of two adjacent floats (8-byte aligned): the backwards' dQ accumulation.
+__device__ __forceinline__ void red_add2(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
 }
 
 #endif

@@ -132,38 +132,8 @@ AM3_BOTH_DTYPES(EW_ENTRY)
 
 // Casts; f2bf rounds to nearest even (cvt.rn), as PyTorch's .to(torch.bfloat16) does.
 extern "C" __global__ void cast_f32_bf16(bf16* dst, const float* src, long n) { ew_map1(dst, src, n, EwIdent()); }
-extern "C" __global__ void cast_bf16_f32(float* dst, const bf16* src, long n) { ew_map1(dst, src, n, EwIdent()); }
 
-// ---- V2 (perf round 3) -------------------------------------------------------------------------
-// out[i] = f(a[i]) with U vectors per thread per trip: the U loads are issued together, so a
-// thread keeps U * 16 bytes (bf16) in flight instead of 16. In place (out == a) is safe: each
-// element is read before it is written, by the same thread.
-template <int U, typename TO, typename TA, typename F>
-__device__ __forceinline__ void ew_map1_u(TO* out, const TA* a, long n, F f) {
-    bool vec = aligned16(out) && aligned16(a);
-    long nv = vec ? n / EW_VEC : 0;
-    long stride = ew_stride();
-    for (long i = ew_tid(); i < nv; i += U * stride) {
-        float x[U][EW_VEC];
-#pragma unroll
-        for (int u = 0; u < U; u++)
-            if (i + u * stride < nv) ew_ld8(a + (i + u * stride) * EW_VEC, x[u]);
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            if (i + u * stride < nv) {
-#pragma unroll
-                for (int k = 0; k < EW_VEC; k++) x[u][k] = f(x[u][k]);
-                ew_st8(out + (i + u * stride) * EW_VEC, x[u]);
-            }
-        }
-    }
-    for (long i = nv * EW_VEC + ew_tid(); i < n; i += stride) st(out, i, f(ld(a, i)));
-}
-
-// bf16 -> f32 reads 16 bytes and writes 32 per vector: 4 vectors per trip keep 64 bytes of loads
-// in flight per thread.
-extern "C" __global__ void __launch_bounds__(256, 4) cast_bf16_f32_v2(float* dst, const bf16* src, long n) { ew_map1_u<4>(dst, src, n, EwIdent()); }
-
+// ---- Bias gradient (perf round 3) -------------------------------------------------------------
 // Bias gradient pass 1, V2: 16-byte loads. Grid (ceil(cols / N / 32), nchunks), block (32, 8):
 // thread (x, y) owns the column vector cv = blockIdx.x * 32 + x (N columns) and the rows
 // r0 + y, r0 + y + 8, ... of its chunk, four rows per trip with their loads issued together; the
@@ -225,7 +195,7 @@ __device__ void bias_bwd_part_v2(float* __restrict__ part, const T* __restrict__
     }
 AM3_BOTH_DTYPES(EW_V2_ENTRY)
 
-// ---- V3 cast and the write-only reference (perf round 4) --------------------------------------
+// ---- Cast bf16 -> f32 and the write-only reference (perf round 4) ----------------------------
 // bf16 -> f32 is 1/3 reads, 2/3 writes. One vector per thread and no loop (a one-shot grid of
 // n/8 threads keeps every load in flight at once), with streaming stores (st.global.cs: evict
 // first, the output is not re-read by this kernel) so the 2:1 write stream does not push the
@@ -234,7 +204,7 @@ __device__ __forceinline__ void st_cs4(float* p, float a, float b, float c, floa
     asm volatile("st.global.cs.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
 }
 
-extern "C" __global__ void __launch_bounds__(256) cast_bf16_f32_v3(float* dst, const bf16* src, long n) {
+extern "C" __global__ void __launch_bounds__(256) cast_bf16_f32(float* dst, const bf16* src, long n) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (aligned16(dst) && aligned16(src)) {
         long nv = n / EW_VEC;

@@ -178,7 +178,7 @@ __device__ void logprob_dlogits(T* __restrict__ out, const float* __restrict__ l
     }
 }
 
-// Backward with recompute in variant-2/3 mode (Tuning::fused_v2 / fused_v3): the tile's logits
+// Backward with recompute at LogitPrecision::Bf16: the tile's logits
 // arrive rounded to the storage type, as in the fused pass and in `fwd` of that mode (whose lse
 // this uses), and are replaced in place by d logit = g * (onehot(target) - e^(l - lse)).
 // buf: [n, nv] (vocab columns v0 ..). Grid: (ceil(nv / (blockDim * N)), n).
@@ -370,10 +370,7 @@ extern "C" __global__ void logprob_expand_vec_f32(float* __restrict__ dst, const
     dst[t] = q >= 0 ? src[q] : 0.f;
 }
 
-// ---- Variant 2 of the fused pass (Tuning::fused_v2) ----
-// cuBLAS writes the chunk's logits [n, V] straight into the kept buffer at the storage type (no
-// f32 tile); one single-pass kernel per chunk folds each whole row; the backward reuses
-// logprob_dlogits_stored with nsub = 1 and a zero offset row.
+// ---- Row fold helpers of the bf16-logit pass (LogitPrecision::Bf16) ----
 
 // Online log-sum-exp state of one thread: m = max, s = sum e^(x - m), u = sum e^(x - m) (x - m).
 // Merges (m2, s2, u2) into (m, s, u). An empty side (s == 0) is skipped, so -inf maxima never
@@ -407,87 +404,15 @@ __device__ __forceinline__ void lse_fold_group(const float* x, float& m, float& 
     }
 }
 
-// One block per row: folds the whole row logits[row, 0 .. V) (storage type) into
-// stats[row] = {m, s, u, target logit}, reading each value once (two 16-byte loads in flight per
-// thread). A target outside [0, V) leaves NaN, so its logp is NaN.
-template <typename T>
-__device__ void logprob_fold_full(float* __restrict__ stats, const T* __restrict__ logits,
-                                  const int* __restrict__ targets, int n, int V) {
-    __shared__ float sm[32], ss[32], su[32];
-    int row = blockIdx.x;
-    if (row >= n) return;
-    const T* lr = logits + (long)row * V;
-    float m = NEG_INF, s = 0.f, u = 0.f;
-    constexpr int N = V16<T>::N;
-    if ((V % N == 0) && aligned16(lr)) {
-        int nvec = V / N, stride = blockDim.x;
-        int i = threadIdx.x;
-        for (; i + stride < nvec; i += 2 * stride) {
-            float a[N], b[N];
-            ld16<T>(lr + (long)i * N, a);
-            ld16<T>(lr + (long)(i + stride) * N, b);
-            lse_fold_group<N>(a, m, s, u);
-            lse_fold_group<N>(b, m, s, u);
-        }
-        if (i < nvec) {
-            float a[N];
-            ld16<T>(lr + (long)i * N, a);
-            lse_fold_group<N>(a, m, s, u);
-        }
-    } else {
-        for (int c = threadIdx.x; c < V; c += blockDim.x) {
-            float a[1] = {ld(lr, c)};
-            lse_fold_group<1>(a, m, s, u);
-        }
-    }
-    // Warp butterfly, then the warps' partial states through shared memory.
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        float m2 = __shfl_xor_sync(0xffffffffu, m, o);
-        float s2 = __shfl_xor_sync(0xffffffffu, s, o);
-        float u2 = __shfl_xor_sync(0xffffffffu, u, o);
-        lse_merge(m, s, u, m2, s2, u2);
-    }
-    int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = CEIL_DIV(blockDim.x, WARP);
-    if (lane == 0) { sm[wid] = m; ss[wid] = s; su[wid] = u; }
-    __syncthreads();
-    if (wid == 0) {
-        m = lane < nw ? sm[lane] : NEG_INF;
-        s = lane < nw ? ss[lane] : 0.f;
-        u = lane < nw ? su[lane] : 0.f;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            float m2 = __shfl_xor_sync(0xffffffffu, m, o);
-            float s2 = __shfl_xor_sync(0xffffffffu, s, o);
-            float u2 = __shfl_xor_sync(0xffffffffu, u, o);
-            lse_merge(m, s, u, m2, s2, u2);
-        }
-        if (lane == 0) {
-            int tg = targets[row];
-            float* st = stats + (long)row * 4;
-            st[0] = m;
-            st[1] = s;
-            st[2] = u;
-            st[3] = (tg >= 0 && tg < V) ? ld(lr, tg) : NAN_F;
-        }
-    }
-}
-
-#define LOGPROB_V2_ENTRY(T, S)                                                                       \
-    extern "C" __global__ void logprob_fold_full_##S(float* stats, const T* logits, const int* targets, \
-                                                     int n, int V) {                                  \
-        logprob_fold_full<T>(stats, logits, targets, n, V);                                           \
-    }
-AM3_BOTH_DTYPES(LOGPROB_V2_ENTRY)
-
-// ---- Variant 3 (Tuning::fused_v3): variant 2's GEMM, then fold and dlogits in one kernel ----
+// ---- The bf16-logit pass (LogitPrecision::Bf16): one logits GEMM per chunk straight into the
+// kept buffer at the storage type, then fold and dlogits in one kernel ----
 // dlogits = g * u with u = onehot(target) - softmax, which does not depend on g = dlogp: one
 // kernel per chunk folds each row, finishes lse / logp / entropy, and overwrites the row with u
 // (storage type). The caller applies g after: dhidden = diag(g) (U W) in the scatter and
 // dW += U^T (diag(g) hidden). One block per row; the first `cache` values of the row are kept in
 // dynamic shared memory between the two passes, the rest are re-read (from L2 when few rows are
 // in flight: one 1024-thread block per SM). With write_u == 0 the kernel stops after lse / logp /
-// entropy: the no-grad forward in variant-3 mode (Tuning::fused_v3 in `fwd`) runs the very same
+// entropy: the no-grad forward of the same precision (`fwd` with LogitPrecision::Bf16) runs the very same
 // fold, so its log-probs equal the fused pass's bit for bit (pass `cache` = 0, no shared memory).
 // The vector-or-scalar choice depends on V and the row's alignment only, never on `cache`
 // (whole 16-byte vectors are cached), so both uses take the same path.
@@ -598,7 +523,7 @@ __device__ void logprob_scale_rows(T* __restrict__ dst, const T* __restrict__ sr
     }
 }
 
-#define LOGPROB_V3_ENTRY(T, S)                                                                       \
+#define LOGPROB_FOLD_U_ENTRY(T, S)                                                                       \
     extern "C" __global__ void __launch_bounds__(1024) logprob_fold_u_##S(T* buf, float* logp, float* lse, \
                                                      float* ent, const int* targets, int n, int V,    \
                                                      int cache, int write_u) {                        \
@@ -608,4 +533,4 @@ __device__ void logprob_scale_rows(T* __restrict__ dst, const T* __restrict__ sr
                                                       int cols) {                                     \
         logprob_scale_rows<T>(dst, src, g, n, cols);                                                  \
     }
-AM3_BOTH_DTYPES(LOGPROB_V3_ENTRY)
+AM3_BOTH_DTYPES(LOGPROB_FOLD_U_ENTRY)

@@ -93,6 +93,18 @@ fn run(cli: Cli) -> Result<()> {
             for m in KERNEL_MODULES {
                 println!("  {}", m.name);
             }
+            // The kernel each op's plan takes at the 7B shapes (bf16, 16-byte aligned buffers).
+            println!("kernel plans (bf16, 4096-token training sequences):");
+            let models =
+                [("Qwen2.5-VL-7B", (28, 4, 128), (16, 80), 64), ("LLaVA-NeXT-7B", (32, 8, 128), (16, 64), 577)];
+            for (model, lm, vision, vis_len) in models {
+                println!("  {model}");
+                for (what, kernel) in am3safety::ops::attention::plan_lines(lm, 4096, vision, vis_len) {
+                    println!("    attention {what}: {kernel}");
+                }
+            }
+            let precision = am3safety::ops::logprob::Tuning::default().precision;
+            println!("  log-prob / GRPO loss: {precision:?} logits");
             Ok(())
         }
         Cmd::Bench(args) => am3safety::bench::cli::run(&args),

@@ -1,10 +1,14 @@
 //! Fused attention: CPU backward vs finite differences (f64); CPU packing and decode consistency;
 //! input validation; CUDA (bf16 tensor cores, f32 and other head dims on CUDA cores) vs the CPU
 //! for forward, backward and decode over a KV cache, outputs poisoned with NaN before each run;
-//! the bf16 GPU checks run every kernel variant (`Variant::V1` … `Variant::V4`), and the V3 and V4
-//! backwards also alone after V1's forward, and the V3 forward alone (out and lse).
+//! the bf16 GPU checks run the planned kernels (the plain calls) and each live tensor-core kernel
+//! explicitly (`AttnFwdKernel::{Q64, Q128}`, `AttnBwdKernel::{QHead, KvHead}`,
+//! `AttnDecodeKernel::{Rows64, Rows16}`), the KvHead backward also alone after the Q64 forward,
+//! and the Q128 forward alone (out and lse).
 mod common;
-use am3safety::ops::attention::{self, cpu, AttnShape, KvCache, Variant, Varlen};
+use am3safety::ops::attention::{
+    self, cpu, AttnBwdKernel, AttnDecodeKernel, AttnFwdKernel, AttnShape, KvCache, Varlen,
+};
 use am3safety::tensor::{DType, Device};
 use common::*;
 
@@ -191,10 +195,13 @@ fn attention_rejects_bad_input() {
     assert_eq!(cache.lens(), &[1, 1], "a failed append must not change the lengths");
 }
 
+/// The kernels of one run: None = the plain calls (`fwd`/`bwd`, the plans), else explicit ones.
+type Kernels = Option<(AttnFwdKernel, AttnBwdKernel)>;
+
 /// One forward + backward on `dev` in `dt`: (out, lse, dq, dk, dv), every output NaN-poisoned first.
 #[allow(clippy::too_many_arguments)]
 fn run_fwd_bwd(
-    dev: &Device, dt: DType, q: &[f32], k: &[f32], v: &[f32], dout: &[f32], cu: &[i32], s: &AttnShape, variant: Variant,
+    dev: &Device, dt: DType, q: &[f32], k: &[f32], v: &[f32], dout: &[f32], cu: &[i32], s: &AttnShape, kernels: Kernels,
 ) -> [Vec<f32>; 5] {
     let t = *cu.last().unwrap() as usize;
     let seqs = Varlen::new(dev, cu).unwrap();
@@ -203,9 +210,18 @@ fn run_fwd_bwd(
     let (qb, kb, vb, dob) = (up(q), up(k), up(v), up(dout));
     let mut out = nan(q.len(), dt);
     let mut lse = nan(s.hq * t, DType::F32);
-    attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, s, variant).unwrap();
     let (mut dq, mut dk, mut dv) = (nan(q.len(), dt), nan(k.len(), dt), nan(v.len(), dt));
-    attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, s, variant).unwrap();
+    match kernels {
+        None => {
+            attention::fwd(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, s).unwrap();
+            attention::bwd(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, s).unwrap();
+        }
+        Some((kf, kbw)) => {
+            attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, s, kf).unwrap();
+            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, s, kbw)
+                .unwrap();
+        }
+    }
     [&out, &lse, &dq, &dk, &dv].map(|b| dev.to_vec(b).unwrap())
 }
 
@@ -238,8 +254,7 @@ fn attention_cuda_matches_cpu() {
     // (sequence lengths, hq, hkv, causal): length 1, odd lengths around the 64-row tiles, GQA 1/4/7,
     // an empty sequence, non-causal packing, and vision-style windows of 64 tokens.
     let windows = vec![64usize; 12];
-    // More (window, head) items than V2's persistent window kernel has blocks (≤ 3 per SM), so
-    // each block walks several items through its prefetch buffers; ragged and empty windows.
+    // Many (window, head) items (more than three blocks per SM); ragged and empty windows.
     let many: Vec<usize> = (0..44).map(|i| [64, 64, 33, 64, 1, 64, 0, 50][i % 8]).collect();
     let cases: Vec<(Vec<usize>, usize, usize, bool)> = vec![
         (vec![1], 4, 4, true),
@@ -249,7 +264,7 @@ fn attention_cuda_matches_cpu() {
         (vec![300], 8, 2, true),
         (vec![5, 77], 14, 2, false),
         (windows, 16, 16, false),
-        // several 128-row tiles of the V2 forward with ragged ends, causal and not
+        // several 128-row tiles of the Q128 forward with ragged ends, causal and not
         (vec![383, 128, 2], 4, 2, true),
         (vec![257, 129], 2, 1, false),
         (many.clone(), 16, 8, false),
@@ -265,20 +280,20 @@ fn attention_cuda_matches_cpu() {
             let k = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
             let v = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
             let dout = bf16_round(&rng.normal_vec(t * hq * d, 1.0));
-            let want = run_fwd_bwd(&Device::Cpu, DType::F32, &q, &k, &v, &dout, &cu, &s, Variant::V1);
-            for &(dt, variant) in &[
-                (DType::BF16, Variant::V1),
-                (DType::BF16, Variant::V2),
-                (DType::BF16, Variant::V3),
-                (DType::BF16, Variant::V4),
-                (DType::F32, Variant::V1),
-            ] {
-                let got = run_fwd_bwd(&gpu, dt, &q, &k, &v, &dout, &cu, &s, variant);
+            let want = run_fwd_bwd(&Device::Cpu, DType::F32, &q, &k, &v, &dout, &cu, &s, None);
+            let tc = matches!(d, 64 | 80 | 128);
+            let mut runs: Vec<(DType, Kernels)> = vec![(DType::BF16, None), (DType::F32, None)];
+            if tc {
+                runs.push((DType::BF16, Some((AttnFwdKernel::Q64, AttnBwdKernel::QHead))));
+                runs.push((DType::BF16, Some((AttnFwdKernel::Q128, AttnBwdKernel::KvHead))));
+            }
+            for (dt, kernels) in runs {
+                let got = run_fwd_bwd(&gpu, dt, &q, &k, &v, &dout, &cu, &s, kernels);
                 let tol = if dt == DType::BF16 { 1e-2 } else { 1e-5 };
-                let path = if dt == DType::BF16 && matches!(d, 64 | 80 | 128) {
-                    format!("tensor cores {variant:?}")
-                } else {
-                    "cuda cores".to_string()
+                let path = match kernels {
+                    None if dt == DType::BF16 && tc => "tensor cores, planned".to_string(),
+                    None => "cuda cores".to_string(),
+                    Some((kf, kbw)) => format!("tensor cores {kf:?} + {kbw:?}"),
                 };
                 for (i, name) in ["out", "lse", "dq", "dk", "dv"].iter().enumerate() {
                     // dq and dk vanish where every row sees a single key (p = 1, so dS = 0): their
@@ -300,31 +315,8 @@ fn attention_cuda_matches_cpu() {
     }
 }
 
-/// The V3 backward alone (kernels/attention_v3_bwd.cu): V1's verified forward gives out and lse,
-/// then `bwd_with(.., Variant::V3)` against the CPU, outputs NaN-poisoned. Shapes that reach its
-/// special paths: several 128-key blocks per sequence, blocks walking many (q head, query tile)
-/// steps through the two-stage ring (GQA 7 and 4 over 829 tokens), ragged varlen ends (1, 63,
-/// 65, 130, 200), an empty sequence, the causal diagonal inside a block (pairs of warps idle on
-/// the first tile), non-causal packing, and a batch whose longest sequence is 65 tokens.
-#[test]
-fn attention_cuda_bwd_v3_matches_cpu() {
-    let Some(gpu) = cuda_or_skip("attention_cuda_bwd_v3_matches_cpu") else { return };
-    let mut rng = Rng::new(16);
-    // (sequence lengths, hq, hkv, causal, q scale)
-    let cases: Vec<BwdCase> = vec![
-        (vec![65], 1, 1, true, 1.0),
-        (vec![1, 63, 65, 130, 200], 4, 4, true, 1.0),
-        (vec![1, 63, 65, 130, 200], 4, 1, false, 1.0),
-        (vec![300, 17], 7, 1, true, 1.0),
-        (vec![200, 0, 129], 8, 2, false, 1.0),
-        (vec![700, 129], 14, 2, true, 1.0),
-        (vec![257, 3], 2, 2, true, 1.0),
-    ];
-    bwd_alone_matches_cpu(&gpu, &mut rng, &cases, Variant::V3);
-}
-
-/// The V4 backward alone (kernels/attention_v4_bwd.cu): V1's verified forward gives out and lse,
-/// then `bwd_with(.., Variant::V4)` against the CPU, dq/dk/dv NaN-poisoned. Shapes that reach its
+/// The KvHead backward alone (kernels/attention_bwd.cu): the Q64 forward gives out and lse,
+/// then `bwd_with(.., AttnBwdKernel::KvHead)` against the CPU, dq/dk/dv NaN-poisoned. Shapes that reach its
 /// special paths: windows (one step per q head), blocks walking many (q head, query tile) steps
 /// with the double-buffered Q (GQA 7 over 300 tokens: 35 steps; GQA 7 over 829 tokens), ragged
 /// varlen ends (1, 63, 65, 130, 200: warps whose 32 keys or queries lie partly or wholly past the
@@ -332,8 +324,8 @@ fn attention_cuda_bwd_v3_matches_cpu() {
 /// non-causal packing, MHA (GQA 1), and q scaled by 4 (peaked P: exp2 of large negative
 /// arguments).
 #[test]
-fn attention_cuda_bwd_v4_matches_cpu() {
-    let Some(gpu) = cuda_or_skip("attention_cuda_bwd_v4_matches_cpu") else { return };
+fn attention_cuda_bwd_kvhead_matches_cpu() {
+    let Some(gpu) = cuda_or_skip("attention_cuda_bwd_kvhead_matches_cpu") else { return };
     let mut rng = Rng::new(18);
     // (sequence lengths, hq, hkv, causal, q scale)
     let cases: Vec<BwdCase> = vec![
@@ -348,10 +340,10 @@ fn attention_cuda_bwd_v4_matches_cpu() {
         (vec![700, 129], 14, 2, true, 1.0),
         (vec![257, 64], 4, 1, true, 4.0),
     ];
-    bwd_alone_matches_cpu(&gpu, &mut rng, &cases, Variant::V4);
+    bwd_alone_matches_cpu(&gpu, &mut rng, &cases, AttnBwdKernel::KvHead);
 }
 
-/// The V3 forward alone (kernels/attention_v3.cu) against the CPU forward, out and lse
+/// The Q128 forward alone (kernels/attention_fwd.cu) against the CPU forward, out and lse
 /// NaN-poisoned. Shapes that reach its special paths: a single 65-token sequence (one 128-row
 /// block: warp 3 idle, warp 2 with one real row, a 1-key ragged second K/V tile), ragged varlen
 /// ends (1, 63, 65, 130, 200) with GQA 7 causal and GQA 2 non-causal, 9 query tiles per sequence
@@ -359,8 +351,8 @@ fn attention_cuda_bwd_v4_matches_cpu() {
 /// and q scaled by 4 (peaked rows: the running max moves by large steps, so the online rescale
 /// of O and l is exercised). lse is held to 1e-3 (it is computed from f32 scores).
 #[test]
-fn attention_cuda_fwd_v3_matches_cpu() {
-    let Some(gpu) = cuda_or_skip("attention_cuda_fwd_v3_matches_cpu") else { return };
+fn attention_cuda_fwd_q128_matches_cpu() {
+    let Some(gpu) = cuda_or_skip("attention_cuda_fwd_q128_matches_cpu") else { return };
     let mut rng = Rng::new(17);
     // (lengths, hq, hkv, causal, q scale)
     let cases: Vec<(Vec<usize>, usize, usize, bool, f64)> = vec![
@@ -388,11 +380,12 @@ fn attention_cuda_fwd_v3_matches_cpu() {
             let up = |x: &[f32]| dev.upload(x, DType::BF16).unwrap();
             let mut out = dev.upload(&vec![f32::NAN; q.len()], DType::BF16).unwrap();
             let mut lse = dev.upload(&vec![f32::NAN; hq * t], DType::F32).unwrap();
-            attention::fwd_with(dev, &mut out, &mut lse, &up(&q), &up(&k), &up(&v), &seqs, &s, Variant::V3).unwrap();
+            attention::fwd_with(dev, &mut out, &mut lse, &up(&q), &up(&k), &up(&v), &seqs, &s, AttnFwdKernel::Q128)
+                .unwrap();
             let (out, lse) = (dev.to_vec(&out).unwrap(), dev.to_vec(&lse).unwrap());
             for (name, got, want, tol) in [("out", &out, &o_ref, 1e-2), ("lse", &lse, &l_ref, 1e-3)] {
                 let e = rel_err(got, want);
-                let tag = format!("attention {name} bf16 (V3 fwd) d {d} hq {hq} hkv {hkv} causal {causal} q scale {qmul} lens {lens:?}");
+                let tag = format!("attention {name} bf16 (Q128 fwd) d {d} hq {hq} hkv {hkv} causal {causal} q scale {qmul} lens {lens:?}");
                 println!("{tag}: rel err {e:.2e}");
                 assert!(e <= tol, "{tag}: rel err {e:.2e} > {tol:.0e} (inf = an element left unwritten or non-finite)");
             }
@@ -408,7 +401,7 @@ type Turn = (Vec<f32>, Vec<f32>, Vec<f32>, usize);
 #[allow(clippy::too_many_arguments)]
 fn run_decode(
     dev: &Device, dt: DType, prompt: &[usize], kp: &[f32], vp: &[f32], turns: &[Turn], max_len: usize, s: &AttnShape,
-    variant: Variant,
+    kernel: Option<AttnDecodeKernel>,
 ) -> Vec<Vec<f32>> {
     let mut cache = KvCache::with_dtype(dev, dt, prompt.len(), max_len, s.hkv, s.d).unwrap();
     let seqs = Varlen::new(dev, &cu_of(prompt)).unwrap();
@@ -417,7 +410,15 @@ fn run_decode(
     for (q, k, v, n_new) in turns {
         cache.append(dev, &dev.upload(k, dt).unwrap(), &dev.upload(v, dt).unwrap(), *n_new).unwrap();
         let mut out = dev.upload(&vec![f32::NAN; q.len()], dt).unwrap();
-        attention::decode_with(dev, &mut out, &dev.upload(q, dt).unwrap(), &cache, *n_new, s, variant).unwrap();
+        let qb = dev.upload(q, dt).unwrap();
+        // Rows16 takes at most 16 query rows per kv head: larger turns run Rows64.
+        match kernel {
+            None => attention::decode(dev, &mut out, &qb, &cache, *n_new, s).unwrap(),
+            Some(AttnDecodeKernel::Rows16) if n_new * (s.hq / s.hkv) > 16 => {
+                attention::decode_with(dev, &mut out, &qb, &cache, *n_new, s, AttnDecodeKernel::Rows64).unwrap()
+            }
+            Some(k) => attention::decode_with(dev, &mut out, &qb, &cache, *n_new, s, k).unwrap(),
+        }
         outs.push(dev.to_vec(&out).unwrap());
     }
     outs
@@ -438,7 +439,7 @@ fn attention_cuda_decode_matches_cpu() {
         (vec![90, 7], 4, 2, 2, false),
         // 64 (sequence, kv head) pairs: the split leaves several 64-key tiles per chunk (on 132 SMs).
         (vec![1500, 700, 64, 1, 1000, 333, 90, 1200], 8, 8, 1, true),
-        // V2's 16-row kernel at its limit (16 rows: 2 new tokens × GQA 8), a long cache split
+        // The Rows16 kernel at its limit (16 rows: 2 new tokens × GQA 8), a long cache split
         // into multi-tile chunks (three-stage ring), and one kv head for the wave sizing.
         (vec![5000, 3], 8, 1, 2, true),
         (vec![2100], 16, 1, 1, false),
@@ -461,13 +462,18 @@ fn attention_cuda_decode_matches_cpu() {
                     (q, k, v, n)
                 })
                 .collect();
-            let want = run_decode(&Device::Cpu, DType::F32, prompt, &kp, &vp, &turns, max_len, &s, Variant::V1);
-            for &(dt, variant) in &[(DType::BF16, Variant::V1), (DType::BF16, Variant::V2), (DType::F32, Variant::V1)] {
-                let got = run_decode(&gpu, dt, prompt, &kp, &vp, &turns, max_len, &s, variant);
+            let want = run_decode(&Device::Cpu, DType::F32, prompt, &kp, &vp, &turns, max_len, &s, None);
+            let mut runs: Vec<(DType, Option<AttnDecodeKernel>)> = vec![(DType::BF16, None), (DType::F32, None)];
+            if matches!(d, 64 | 80 | 128) {
+                runs.push((DType::BF16, Some(AttnDecodeKernel::Rows64)));
+                runs.push((DType::BF16, Some(AttnDecodeKernel::Rows16)));
+            }
+            for (dt, kernel) in runs {
+                let got = run_decode(&gpu, dt, prompt, &kp, &vp, &turns, max_len, &s, kernel);
                 let tol = if dt == DType::BF16 { 1e-2 } else { 1e-5 };
                 for (turn, (a, w)) in got.iter().zip(&want).enumerate() {
                     let e = rel_err(a, w);
-                    let tag = format!("decode {} {variant:?} d {d} hq {hq} hkv {hkv} prompts {prompt:?} turn {turn} (n_new {}) causal {causal}", dt.suffix(), turns[turn].3);
+                    let tag = format!("decode {} {kernel:?} d {d} hq {hq} hkv {hkv} prompts {prompt:?} turn {turn} (n_new {}) causal {causal}", dt.suffix(), turns[turn].3);
                     println!("{tag}: rel err {e:.2e}");
                     assert!(
                         e <= tol,
@@ -482,9 +488,9 @@ fn attention_cuda_decode_matches_cpu() {
 /// (sequence lengths, hq, hkv, causal, q scale).
 type BwdCase = (Vec<usize>, usize, usize, bool, f32);
 
-/// A backward variant alone: V1's verified forward gives out and lse, then `bwd_with(.., variant)`
+/// A backward kernel alone: the Q64 forward gives out and lse, then `bwd_with(.., kernel)`
 /// against the CPU at every case and d 64/80/128, dq/dk/dv NaN-poisoned.
-fn bwd_alone_matches_cpu(gpu: &Device, rng: &mut Rng, cases: &[BwdCase], variant: Variant) {
+fn bwd_alone_matches_cpu(gpu: &Device, rng: &mut Rng, cases: &[BwdCase], kernel: AttnBwdKernel) {
     for &d in &[64usize, 80, 128] {
         for (lens, hq, hkv, causal, qmul) in cases {
             let (hq, hkv, causal, qmul) = (*hq, *hkv, *causal, *qmul);
@@ -495,7 +501,7 @@ fn bwd_alone_matches_cpu(gpu: &Device, rng: &mut Rng, cases: &[BwdCase], variant
             let k = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
             let v = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
             let dout = bf16_round(&rng.normal_vec(t * hq * d, 1.0));
-            let want = run_fwd_bwd(&Device::Cpu, DType::F32, &q, &k, &v, &dout, &cu, &s, Variant::V1);
+            let want = run_fwd_bwd(&Device::Cpu, DType::F32, &q, &k, &v, &dout, &cu, &s, None);
             let dev = gpu;
             let seqs = Varlen::new(dev, &cu).unwrap();
             let up = |x: &[f32]| dev.upload(x, DType::BF16).unwrap();
@@ -503,17 +509,17 @@ fn bwd_alone_matches_cpu(gpu: &Device, rng: &mut Rng, cases: &[BwdCase], variant
             let (qb, kb, vb, dob) = (up(&q), up(&k), up(&v), up(&dout));
             let mut out = nan(q.len(), DType::BF16);
             let mut lse = nan(hq * t, DType::F32);
-            attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, Variant::V1).unwrap();
+            attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, AttnFwdKernel::Q64).unwrap();
             let (mut dq, mut dk, mut dv) =
                 (nan(q.len(), DType::BF16), nan(k.len(), DType::BF16), nan(v.len(), DType::BF16));
-            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, variant)
+            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, kernel)
                 .unwrap();
             let got = [&dq, &dk, &dv].map(|b| dev.to_vec(b).unwrap());
             for (i, name) in ["dq", "dk", "dv"].iter().enumerate() {
                 // As in attention_cuda_matches_cpu: dq and dk are also measured against ‖dv‖.
                 let floor = if i < 2 { norm(&want[4]) } else { 0.0 };
                 let e = rel_err_floor(&got[i], &want[2 + i], floor);
-                let tag = format!("attention {name} bf16 (V1 fwd, {variant:?} bwd) d {d} hq {hq} hkv {hkv} causal {causal} q x{qmul} lens {lens:?}");
+                let tag = format!("attention {name} bf16 (Q64 fwd, {kernel:?} bwd) d {d} hq {hq} hkv {hkv} causal {causal} q x{qmul} lens {lens:?}");
                 println!("{tag}: rel err {e:.2e}");
                 assert!(e <= 1e-2, "{tag}: rel err {e:.2e} > 1e-2 (inf = an element left unwritten or non-finite)");
             }

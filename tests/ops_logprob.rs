@@ -5,7 +5,7 @@
 //! GRPO loss on the GPU against the CPU.
 mod common;
 use am3safety::ops::grpo::{self, Aggregation, GrpoBatch, GrpoHyper};
-use am3safety::ops::logprob::{self, cpu, GradChunk, Tuning};
+use am3safety::ops::logprob::{self, cpu, GradChunk, LogitPrecision, Tuning};
 use am3safety::tensor::{Buf, DType, Device};
 use common::*;
 
@@ -80,9 +80,9 @@ fn reference(p: &Problem, masked: bool, dw0: &[f32]) -> Ref {
     Ref { logp: f(logp), lse: f(lse), ent: f(ent), dh: f(dh), dw: f(dw) }
 }
 
-/// Variant 2 (`Tuning::fused_v2`) with bf16 inputs rounds each logit to bf16 once (cuBLAS's f32
+/// `LogitPrecision::Bf16` with bf16 inputs rounds each logit to bf16 once (cuBLAS's f32
 /// accumulator, round to nearest) and then computes exactly. These f64 references do the same, so
-/// the variant's kernels are held to the usual 1e-2; the distance to the exact reference is printed.
+/// the Bf16 kernels are held to the usual 1e-2; the distance to the exact reference is printed.
 fn logits_bf16(x: &[f64], w: &[f64], i: usize, h: usize, v: usize) -> Vec<f64> {
     let xi = &x[i * h..(i + 1) * h];
     (0..v)
@@ -135,7 +135,7 @@ fn bwd_bf16_logits(
     (dh, dw)
 }
 
-/// `reference` for variant 2 with bf16 inputs (dW as a delta from zero).
+/// `reference` for the Bf16 pass with bf16 inputs (dW as a delta from zero).
 fn reference_bf16_logits(p: &Problem, masked: bool) -> Ref {
     let (t, h, v) = (p.t, p.h, p.v);
     let (x, w) = (to64(&p.x), to64(&p.w));
@@ -303,7 +303,7 @@ fn logprob_cpu_fused_matches_split() {
 fn tunings(v: usize, dt: DType) -> Vec<(&'static str, Tuning)> {
     // Tiles scale with V so the launch count stays modest.
     let k = if v <= 1000 { 1 } else { 32 };
-    let base = Tuning { fused_v2: false, fused_v3: false, ..Tuning::exact() };
+    let base = Tuning::exact();
     vec![
         ("default", base),
         // Several token chunks and vocab tiles, 8-aligned: the vector paths. dhidden in 3 slices
@@ -349,16 +349,18 @@ fn tunings(v: usize, dt: DType) -> Vec<(&'static str, Tuning)> {
                 ..base
             },
         ),
-        // Variant 2 of the fused pass: one chunk, then chunks of 3 and 2 tokens (a partial last one).
-        ("v2", Tuning { fused_v2: true, ..base }),
-        ("v2 chunked", Tuning { fused_bytes: 3 * v * dt.size(), fused_v2: true, ..base }),
-        ("v2 odd split3", Tuning { fused_bytes: 2 * v * dt.size(), fused_v2: true, dhidden_splits: 3, ..base }),
-        // Variant 3 (fold and u in one kernel, dlogp applied after the GEMMs).
-        ("v3", Tuning { fused_v3: true, ..base }),
-        ("v3 odd", Tuning { fused_bytes: 2 * v * dt.size(), fused_v3: true, ..base }),
+        // The Bf16 pass (fold and u in one kernel, dlogp applied after the GEMMs).
+        ("bf16", Tuning { precision: LogitPrecision::Bf16, ..base }),
+        ("bf16 odd", Tuning { fused_bytes: 2 * v * dt.size(), precision: LogitPrecision::Bf16, ..base }),
         (
-            "v3 split3 dW=",
-            Tuning { fused_bytes: 3 * v * dt.size(), fused_v3: true, dhidden_splits: 3, dw_overwrite: true, ..base },
+            "bf16 split3 dW=",
+            Tuning {
+                fused_bytes: 3 * v * dt.size(),
+                precision: LogitPrecision::Bf16,
+                dhidden_splits: 3,
+                dw_overwrite: true,
+                ..base
+            },
         ),
     ]
 }
@@ -370,7 +372,7 @@ fn check_gpu(gpu: &Device, base: &Problem, dt: DType, tunes: &[(&str, Tuning)], 
     let (t, h, v) = (p.t, p.h, p.v);
     let zeros = vec![0f32; v * h];
     let refs = [reference(&p, false, &zeros), reference(&p, true, &zeros)];
-    let refs_v2 = (dt == DType::BF16 && tunes.iter().any(|(_, tn)| tn.fused_v2 || tn.fused_v3))
+    let refs_bf16 = (dt == DType::BF16 && tunes.iter().any(|(_, tn)| tn.precision == LogitPrecision::Bf16))
         .then(|| [reference_bf16_logits(&p, false), reference_bf16_logits(&p, true)]);
     let up = |x: &[f32], d: DType| gpu.upload(x, d).unwrap();
     let nan = |n: usize, d: DType| gpu.upload(&vec![f32::NAN; n], d).unwrap();
@@ -398,9 +400,9 @@ fn check_gpu(gpu: &Device, base: &Problem, dt: DType, tunes: &[(&str, Tuning)], 
             let dw0 = if tune.dw_overwrite { vec![0f32; v * h] } else { dw_start(&r.dw) };
             let dw_init = if tune.dw_overwrite { vec![f32::NAN; v * h] } else { dw0.clone() };
             let mask = masked.then_some(&mk);
-            // In variant-2/3 mode `fwd` and `bwd` round the logits to bf16 like the fused pass: in
+            // At Bf16 precision `fwd` and `bwd` round the logits to bf16 like the fused pass: in
             // bf16 they are held to the bf16-logit reference.
-            let (want, tag) = match (&refs_v2, tune.fused_v2 || tune.fused_v3) {
+            let (want, tag) = match (&refs_bf16, tune.precision == LogitPrecision::Bf16) {
                 (Some(rv), true) => (&rv[mi], " (vs bf16-logit ref)"),
                 _ => (r, ""),
             };
@@ -450,9 +452,9 @@ fn check_gpu(gpu: &Device, base: &Problem, dt: DType, tunes: &[(&str, Tuning)], 
                 ("dhidden", dl(&dh2)),
                 ("dlm_head", minus(&dl(&dw2), &dw0)),
             ];
-            match (&refs_v2, tune.fused_v2 || tune.fused_v3) {
+            match (&refs_bf16, tune.precision == LogitPrecision::Bf16) {
                 (Some(rv), true) => {
-                    // Variant 2 in bf16: held to the bf16-logit reference; the rounding's own cost
+                    // The Bf16 pass in bf16: held to the bf16-logit reference; the rounding's own cost
                     // against the exact reference is printed for PERF-logprob.md.
                     let rv = &rv[mi];
                     for ((name, a), (want, exact)) in
@@ -512,7 +514,7 @@ fn logprob_cuda_full_vocab() {
         let v = 152_064;
         let p = problem(&mut rng, t, h, v, 6.0);
         for (dt, tol) in [(DType::BF16, 1e-2), (DType::F32, 1e-5)] {
-            let base = Tuning { fused_v2: false, fused_v3: false, ..Tuning::exact() };
+            let base = Tuning::exact();
             // Split-K at V = 152,064: automatic (4 equal slices of 38,016 here: few rows), 3
             // equal slices, and 5 (30,416 × 4 batched + a ragged 30,400); bwd tiles of 8,192 in 2.
             let tunes = [
@@ -524,14 +526,12 @@ fn logprob_cuda_full_vocab() {
                     Tuning { fused_bytes: 3 * v * dt.size(), bwd_tokens: 8, dhidden_splits: 3, ..base },
                 ),
                 ("split5 dW=", Tuning { dhidden_splits: 5, dw_overwrite: true, ..base }),
-                ("v2", Tuning { fused_v2: true, ..base }),
+                ("bf16", Tuning { precision: LogitPrecision::Bf16, ..base }),
+                ("bf16 chunked", Tuning { fused_bytes: 3 * v * dt.size(), precision: LogitPrecision::Bf16, ..base }),
                 (
-                    "v2 chunked split5",
-                    Tuning { fused_bytes: 3 * v * dt.size(), fused_v2: true, dhidden_splits: 5, ..base },
+                    "bf16 split7 uncached",
+                    Tuning { precision: LogitPrecision::Bf16, dhidden_splits: 7, cache_scratch: false, ..base },
                 ),
-                ("v3", Tuning { fused_v3: true, ..base }),
-                ("v3 chunked", Tuning { fused_bytes: 3 * v * dt.size(), fused_v3: true, ..base }),
-                ("v3 split7 uncached", Tuning { fused_v3: true, dhidden_splits: 7, cache_scratch: false, ..base }),
             ];
             fails.extend(check_gpu(&gpu, &p, dt, &tunes, tol));
         }
@@ -566,23 +566,23 @@ fn check_grpo_fused(dev: &Device, dtypes: &[(DType, f64)]) -> Vec<String> {
             // Round the inputs through f32 first: that is what the device sees.
             let r32 = |v: &[f64]| v.iter().map(|&x| x as f32 as f64).collect::<Vec<f64>>();
             let (old, rf, adv) = (r32(&old), r32(&rf), r32(&adv));
-            // Variant 2 on the GPU too; in bf16 it is held to the bf16-rounded-logit reference.
-            // Variant (1 = current, 2, 3); 2 and 3 round the logits to bf16.
-            let variants: &[u8] = if matches!(dev, Device::Cuda(_)) { &[1, 2, 3] } else { &[1] };
+            // The Bf16 pass on the GPU too; in bf16 it is held to the bf16-rounded-logit reference.
+            // var: 1 = ExactF32, 3 = Bf16 (rounds the logits to bf16).
+            let variants: &[u8] = if matches!(dev, Device::Cuda(_)) { &[1, 3] } else { &[1] };
             let rounded = (dt == DType::BF16 && variants.len() > 1)
                 .then(|| fwd_bf16_logits(&x64, &w64, &p.tg, Some(&m64), t, h, v));
             for (agg, &var) in [Aggregation::TokenMean, Aggregation::SeqMean]
                 .into_iter()
                 .flat_map(|a| variants.iter().map(move |b| (a, b)))
             {
-                let v2 = var > 1;
-                let (lp, ls) = match (&rounded, v2) {
+                let bf = var > 1;
+                let (lp, ls) = match (&rounded, bf) {
                     (Some((lpr, lsr, _)), true) => (lpr, lsr),
                     _ => (&lp, &ls),
                 };
                 let mut dl = vec![0f64; t];
                 let s64 = grpo::cpu::loss_fwd_bwd::<f64>(&mut dl, lp, &old, &rf, &m64, &adv, rows, l, &hp, agg);
-                let (dh, dw) = if rounded.is_some() && v2 {
+                let (dh, dw) = if rounded.is_some() && bf {
                     bwd_bf16_logits(&dl, &x64, &w64, &p.tg, ls, t, h, v)
                 } else {
                     let mut dh = vec![0f64; t * h];
@@ -607,8 +607,7 @@ fn check_grpo_fused(dev: &Device, dtypes: &[(DType, f64)]) -> Vec<String> {
                 let tune = Tuning {
                     fused_bytes: 3 * v * dt.size(),
                     fused_vocab: 1000,
-                    fused_v2: var == 2,
-                    fused_v3: var == 3,
+                    precision: if var == 3 { LogitPrecision::Bf16 } else { LogitPrecision::ExactF32 },
                     ..Tuning::exact()
                 };
                 let s = grpo::fused_loss_with(
@@ -617,8 +616,8 @@ fn check_grpo_fused(dev: &Device, dtypes: &[(DType, f64)]) -> Vec<String> {
                 .unwrap();
                 let tag = match (var, rounded.is_some()) {
                     (1, _) => String::new(),
-                    (_, false) => format!(" v{var}"),
-                    (_, true) => format!(" v{var} (vs bf16-logit ref)"),
+                    (_, false) => " bf16".to_string(),
+                    (_, true) => " bf16 (vs bf16-logit ref)".to_string(),
                 };
                 let what =
                     format!("grpo fused{tag} {} {} [rows={rows} l={l} h={h} v={v}] {agg:?}", dev.name(), dt.suffix());
@@ -662,7 +661,7 @@ fn grpo_fused_cuda_matches_cpu() {
     assert!(fails.is_empty(), "grpo fused cuda vs cpu: {} failure(s):\n{}", fails.len(), fails.join("\n"));
 }
 
-/// The bf16-logit references used for variant 2 equal the exact ones when every logit is
+/// The bf16-logit references used for the Bf16 pass equal the exact ones when every logit is
 /// representable in bf16 (small multiples of 1/4), and stay within bf16 rounding otherwise.
 #[test]
 fn bf16_logit_reference_matches_exact_when_representable() {
@@ -712,19 +711,20 @@ fn bit_diff(a: &[f32], b: &[f32]) -> (usize, f64) {
     (n, max_abs(a, b))
 }
 
-/// The variant-2/3 tunings whose `fwd` must reproduce the fused pass's log-probs.
+/// The Bf16 tunings whose `fwd` must reproduce the fused pass's log-probs.
 fn kept_tunings(v: usize, dt: DType) -> Vec<(&'static str, Tuning)> {
-    let base = Tuning { fused_v2: false, fused_v3: false, ..Tuning::exact() };
+    let base = Tuning::exact();
     vec![
-        ("v2", Tuning { fused_v2: true, ..base }),
-        ("v2 chunked", Tuning { fused_bytes: 3 * v * dt.size(), fused_v2: true, ..base }),
-        ("v3", Tuning { fused_v3: true, ..base }),
-        ("v3 chunked split3", Tuning { fused_bytes: 2 * v * dt.size(), fused_v3: true, dhidden_splits: 3, ..base }),
+        ("bf16", Tuning { precision: LogitPrecision::Bf16, ..base }),
+        (
+            "bf16 chunked split3",
+            Tuning { fused_bytes: 2 * v * dt.size(), precision: LogitPrecision::Bf16, dhidden_splits: 3, ..base },
+        ),
     ]
 }
 
 /// On the CPU every path computes the exact log-probs: `fwd` and `fwd_bwd` agree (to 1e-6) for
-/// every tuning, variant-2/3 ones included (they only change the GPU's kernels).
+/// every tuning, Bf16 ones included (they only change the GPU's kernels).
 #[test]
 fn logprob_fwd_matches_fused_cpu() {
     let dev = Device::Cpu;
@@ -755,10 +755,10 @@ fn logprob_fwd_matches_fused_cpu() {
     }
 }
 
-/// In variant-2/3 mode `fwd` (used for the old policy and the reference) computes the logits and
+/// At Bf16 precision `fwd` (used for the old policy and the reference) computes the logits and
 /// the fold exactly as the fused pass does: logp and the entropy agree bit for bit on the GPU, for
 /// the same weights, inputs, mask and `Tuning`, bf16 and f32, odd shapes and V = 152,064. The
-/// exact path's `fwd` against the variant-3 pass is printed for scale (bf16 rounding of logits).
+/// exact path's `fwd` against the Bf16 pass is printed for scale (bf16 rounding of logits).
 #[test]
 fn logprob_fwd_matches_fused_bitwise_cuda() {
     let Some(gpu) = cuda_or_skip("logprob_fwd_matches_fused_bitwise_cuda") else { return };
@@ -773,7 +773,7 @@ fn logprob_fwd_matches_fused_bitwise_cuda() {
             let g = up(&p.g, DType::F32);
             for masked in [false, true] {
                 let mask = masked.then_some(&mk);
-                let mut fused_v3 = None;
+                let mut fused_bf16 = None;
                 for (name, tune) in kept_tunings(v, dt) {
                     let what =
                         format!("logprob fwd vs fused {} [t={t} h={h} v={v}] {name} masked={masked}", dt.suffix());
@@ -818,17 +818,17 @@ fn logprob_fwd_matches_fused_bitwise_cuda() {
                             "{what}: logp {nl} / entropy {ne} of {t} not bit-identical (max {dlp:.2e} / {den:.2e})"
                         ));
                     }
-                    if name == "v3" {
-                        fused_v3 = Some(b);
+                    if name == "bf16" {
+                        fused_bf16 = Some(b);
                     }
                 }
-                // For scale: the exact `fwd` against the variant-3 pass (no bit identity expected in bf16).
-                let exact = Tuning { fused_v2: false, fused_v3: false, ..Tuning::exact() };
+                // For scale: the exact `fwd` against the Bf16 pass (no bit identity expected in bf16).
+                let exact = Tuning::exact();
                 let (mut lp, mut ls) = (up(&vec![f32::NAN; t], DType::F32), up(&vec![f32::NAN; t], DType::F32));
                 logprob::fwd_with(&gpu, &exact, &mut lp, &mut ls, None, &x, &w, &tg, mask, t, h, v).unwrap();
-                if let Some(b) = fused_v3 {
+                if let Some(b) = fused_bf16 {
                     let e = max_abs(&gpu.to_vec(&lp).unwrap(), &b);
-                    println!("logprob exact fwd vs fused v3 {} [t={t} h={h} v={v}] masked={masked}: max |logp diff| {e:.2e} (info: what a ratio would see without item 4)", dt.suffix());
+                    println!("logprob exact fwd vs fused bf16 {} [t={t} h={h} v={v}] masked={masked}: max |logp diff| {e:.2e} (info: what a ratio would see without item 4)", dt.suffix());
                 }
             }
         }
@@ -836,7 +836,7 @@ fn logprob_fwd_matches_fused_bitwise_cuda() {
     assert!(fails.is_empty(), "logprob fwd vs fused: {} failure(s):\n{}", fails.len(), fails.join("\n"));
 }
 
-/// GRPO at policy == old == reference, variants 2 and 3: with old and ref log-probs from `fwd` of
+/// GRPO at policy == old == reference, Bf16 precision: with old and ref log-probs from `fwd` of
 /// the same mode, the fused loss sees ratio e^(logp − old) = 1 exactly: no clipped token, k3 = 0
 /// exactly, logp equal to old bit for bit, and loss = −Σ w·A (TokenMean and SeqMean).
 #[test]
@@ -957,7 +957,7 @@ fn logprob_cpu_dw_overwrite() {
 }
 
 /// The same on CUDA with every token masked (no GEMM runs): dlm_head must still be written (0),
-/// for every variant; a NaN start would survive if it were not.
+/// for both precisions; a NaN start would survive if it were not.
 #[test]
 fn logprob_cuda_dw_overwrite_all_masked() {
     let Some(gpu) = cuda_or_skip("logprob_cuda_dw_overwrite_all_masked") else { return };
@@ -974,8 +974,12 @@ fn logprob_cuda_dw_overwrite_all_masked() {
         up(&p.g, DType::F32),
     );
     let mut fails = Vec::new();
-    for var in [1u8, 2, 3] {
-        let tune = Tuning { fused_v2: var == 2, fused_v3: var == 3, dw_overwrite: true, ..Tuning::exact() };
+    for var in [1u8, 3] {
+        let tune = Tuning {
+            precision: if var == 3 { LogitPrecision::Bf16 } else { LogitPrecision::ExactF32 },
+            dw_overwrite: true,
+            ..Tuning::exact()
+        };
         let (mut lp, mut dh, mut dw) = (
             up(&vec![f32::NAN; t], DType::F32),
             up(&vec![f32::NAN; t * h], dt),

@@ -30,7 +30,7 @@ fn rmsnorm_cpu_gradcheck() {
 #[test]
 fn rmsnorm_cuda_matches_cpu() {
     let Some(gpu) = cuda_or_skip("rmsnorm_cuda_matches_cpu") else { return };
-    // Both kernel variants: V1 (verified) and V2 (AM3_V2), the same checks.
+    // Both kernels: V2 and its V1 fallback (forced with `with_v2`), the same checks.
     for v2 in [false, true] {
         with_v2(v2, || check_cuda(&gpu, if v2 { " v2" } else { "" }));
     }

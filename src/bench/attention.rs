@@ -11,15 +11,14 @@
 //! all of sequence 0 for the non-causal forwards (the first window), and sequence 0 of the
 //! decode batch. Full runs add non-causal d64 (577 tokens) and d80 (576) multi-tile forwards.
 //!
-//! Kernel variants: every row runs `Variant::V1` (the verified kernels); where V2 applies
-//! (every forward; decode with n_new · group ≤ 16) a "v2" row follows, timed in the same run
-//! and checked the same way; the training cases also get "fwd v3" and "fwd+bwd v3fwd" rows (the
-//! V3 forward alone, and followed by V2's backward, as in run 3 of round 4), and "bwd v3" and "fwd+bwd v3"
-//! rows (the V3 backward, and the V3 forward followed by it), and "bwd v4" and "fwd+bwd v4" rows
-//! (the V4 backward, and V4 = the V3 forward followed by the V4 backward).
+//! Kernels: the forward rows run each live forward kernel (`AttnFwdKernel::Q64`, `Q128`), the
+//! backward rows each live backward (`AttnBwdKernel::QHead`, `KvHead`, on the out/lse of the
+//! planned forward), and the fwd+bwd row the planned pair (`plan_fwd` / `plan_bwd`, named in the
+//! note); decode runs `Rows64` and, where it applies (n_new · group ≤ 16), `Rows16`. Every row
+//! gets the same CPU check.
 
 use super::{time_gpu, BenchRow};
-use crate::ops::attention::{self, cpu, AttnShape, KvCache, Variant, Varlen};
+use crate::ops::attention::{self, cpu, AttnBwdKernel, AttnDecodeKernel, AttnFwdKernel, AttnShape, KvCache, Varlen};
 use crate::rng::Rng;
 use crate::tensor::{DType, Device};
 use anyhow::Result;
@@ -87,15 +86,11 @@ fn train_case(
     let mut lse = dev.zeros_f32(s.hq * t)?;
     let (mut dq, mut dk, mut dv) = (dev.zeros(bf, nq)?, dev.zeros(bf, nkv)?, dev.zeros(bf, nkv)?);
 
-    let v1 = Variant::V1;
-    let fwd_ms =
-        time_gpu(g, warm, iters, &mut || attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v1))?;
-    let bwd_ms = time_gpu(g, warm, iters, &mut || {
-        attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v1)
-    })?;
+    let pf = attention::plan_fwd(DType::BF16, s.d, len, true);
+    let pb = attention::plan_bwd(DType::BF16, s.d, len, true);
     let both_ms = time_gpu(g, warm, iters, &mut || {
-        attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v1)?;
-        attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v1)
+        attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, pf)?;
+        attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, pb)
     })?;
 
     // CPU check on the first min(64, len) tokens of sequence 0 (causal: they see only each
@@ -105,7 +100,6 @@ fn train_case(
     let (cq, ckv) = (c * s.hq * s.d, c * s.hkv * s.d);
     let (mut o_ref, mut l_ref) = (vec![0f32; cq], vec![0f32; s.hq * c]);
     cpu::fwd(&mut o_ref, &mut l_ref, &q[..cq], &k[..ckv], &v[..ckv], &cs, &s);
-    let out_err = rel_err(&dev.to_vec(&out)?[..cq], &o_ref);
     let mut dq_err = None;
     let mut dq_ref = None;
     if s.causal {
@@ -127,84 +121,28 @@ fn train_case(
         dq_ref = Some(dqr);
     }
 
-    // V2 (the forward: 128-row tiles, or the window kernel at len ≤ 64; the backward: the GQA
-    // group inside the block, V1's kernel without GQA): forward, backward, both, same checks.
-    let v2 = {
-        let v = Variant::V2;
-        let fwd2 = time_gpu(g, warm, iters, &mut || {
-            attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v)
-        })?;
-        let err2 = rel_err(&dev.to_vec(&out)?[..cq], &o_ref);
-        let bwd2 = time_gpu(g, warm, iters, &mut || {
-            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v)
-        })?;
-        let both2 = time_gpu(g, warm, iters, &mut || {
-            attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v)?;
-            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v)
-        })?;
-        let dq_err2 = match &dq_ref {
-            Some(r) => Some(rel_err(&dev.to_vec(&dq)?[..cq], r)),
+    let dq_err_now = |dq: &crate::tensor::Buf| -> Result<Option<f64>> {
+        Ok(match &dq_ref {
+            Some(r) => Some(rel_err(&dev.to_vec(dq)?[..cq], r)),
             None => None,
-        };
-        (fwd2, err2, bwd2, both2, dq_err2)
+        })
     };
-
-    // V3 forward (kernels/attention_v3.cu: 128-row tiles of 4 warps × 32 rows; V2's window
-    // kernel at len ≤ 64): alone, and followed by the default backward. Same out and dq checks.
-    let v3f = {
-        let (v, vb_default) = (Variant::V3, Variant::V2);
-        let fwd3 = time_gpu(g, warm, iters, &mut || {
-            attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v)
+    let mut fwd_rows = Vec::new();
+    for kernel in [AttnFwdKernel::Q64, AttnFwdKernel::Q128] {
+        let ms = time_gpu(g, warm, iters, &mut || {
+            attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, kernel)
         })?;
-        let err3 = rel_err(&dev.to_vec(&out)?[..cq], &o_ref);
-        let both3 = time_gpu(g, warm, iters, &mut || {
-            attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v)?;
-            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, vb_default)
+        fwd_rows.push((kernel, ms, rel_err(&dev.to_vec(&out)?[..cq], &o_ref)));
+    }
+    // The backward rows read the planned forward's out and lse.
+    attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, pf)?;
+    let mut bwd_rows = Vec::new();
+    for kernel in [AttnBwdKernel::QHead, AttnBwdKernel::KvHead] {
+        let ms = time_gpu(g, warm, iters, &mut || {
+            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, kernel)
         })?;
-        let dq_err3 = match &dq_ref {
-            Some(r) => Some(rel_err(&dev.to_vec(&dq)?[..cq], r)),
-            None => None,
-        };
-        (fwd3, err3, both3, dq_err3)
-    };
-
-    // V3 backward (kernels/attention_v3_bwd.cu: 128-key blocks of 8 warps walking the GQA group;
-    // V1's kernel for windows ≤ 64 tokens), timed on the out/lse left by the runs above, then
-    // after the V3 forward (the newest forward; V2's window kernel at len ≤ 64). Same dq check.
-    let v3 = {
-        let v = Variant::V3;
-        let bwd3 = time_gpu(g, warm, iters, &mut || {
-            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v)
-        })?;
-        let both3 = time_gpu(g, warm, iters, &mut || {
-            attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v)?;
-            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v)
-        })?;
-        let dq_err3 = match &dq_ref {
-            Some(r) => Some(rel_err(&dev.to_vec(&dq)?[..cq], r)),
-            None => None,
-        };
-        (bwd3, both3, dq_err3)
-    };
-
-    // V4 backward (kernels/attention_v4_bwd.cu: V2's 64-key blocks walking the GQA group with
-    // 2 × 2 warp tiles, P/dS through shared memory), timed on the out/lse left by the runs above,
-    // then after its forward (= V3's; V2's window kernel at len ≤ 64). Same dq check.
-    let v4 = {
-        let v = Variant::V4;
-        let bwd4 = time_gpu(g, warm, iters, &mut || {
-            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v)
-        })?;
-        let both4 = time_gpu(g, warm, iters, &mut || {
-            attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, v)?;
-            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, v)
-        })?;
-        let dq_err4 = match &dq_ref {
-            Some(r) => Some(rel_err(&dev.to_vec(&dq)?[..cq], r)),
-            None => None,
-        };
-        (bwd4, both4, dq_err4)
-    };
+        bwd_rows.push((kernel, ms, dq_err_now(&dq)?));
+    }
 
     let fl = nseq as f64 * 4.0 * (len * len) as f64 * (s.d * s.hq) as f64 * if s.causal { 0.5 } else { 1.0 };
     let (tq, tkv) = ((t * s.hq * s.d) as f64 * BF, (t * s.hkv * s.d) as f64 * BF); // one q-like / kv-like tensor
@@ -220,29 +158,23 @@ fn train_case(
         rel_err: err,
         note: note.into(),
     };
-    let mut rows = vec![
-        row("attention_fwd", fwd_ms, 2.0 * tq + 2.0 * tkv + lse_b, fl, Some(out_err)),
-        row("attention_bwd", bwd_ms, 4.0 * tq + 4.0 * tkv + 2.0 * lse_b, 2.5 * fl, dq_err),
-        row("attention_fwd+bwd", both_ms, 5.0 * tq + 4.0 * tkv + lse_b, 3.5 * fl, dq_err),
-    ];
-    let (fwd2, err2, bwd2, both2, dq_err2) = v2;
-    rows.push(row("attention_fwd v2", fwd2, 2.0 * tq + 2.0 * tkv + lse_b, fl, Some(err2)));
-    rows.push(row("attention_bwd v2", bwd2, 4.0 * tq + 4.0 * tkv + 2.0 * lse_b, 2.5 * fl, dq_err2));
-    rows.push(row("attention_fwd+bwd v2", both2, 5.0 * tq + 4.0 * tkv + lse_b, 3.5 * fl, dq_err2));
-    let (fwd3, err3, both3f, dq_err3f) = v3f;
-    rows.push(row("attention_fwd v3", fwd3, 2.0 * tq + 2.0 * tkv + lse_b, fl, Some(err3)));
-    rows.push(row("attention_fwd+bwd v3fwd", both3f, 5.0 * tq + 4.0 * tkv + lse_b, 3.5 * fl, dq_err3f));
-    let (bwd3, both3, dq_err3) = v3;
-    rows.push(row("attention_bwd v3", bwd3, 4.0 * tq + 4.0 * tkv + 2.0 * lse_b, 2.5 * fl, dq_err3));
-    rows.push(row("attention_fwd+bwd v3", both3, 5.0 * tq + 4.0 * tkv + lse_b, 3.5 * fl, dq_err3));
-    let (bwd4, both4, dq_err4) = v4;
-    rows.push(row("attention_bwd v4", bwd4, 4.0 * tq + 4.0 * tkv + 2.0 * lse_b, 2.5 * fl, dq_err4));
-    rows.push(row("attention_fwd+bwd v4", both4, 5.0 * tq + 4.0 * tkv + lse_b, 3.5 * fl, dq_err4));
+    let mut rows = Vec::new();
+    for (kernel, ms, err) in fwd_rows {
+        let op = format!("attention_fwd {}", format!("{kernel:?}").to_lowercase());
+        rows.push(row(&op, ms, 2.0 * tq + 2.0 * tkv + lse_b, fl, Some(err)));
+    }
+    for (kernel, ms, err) in bwd_rows {
+        let op = format!("attention_bwd {}", format!("{kernel:?}").to_lowercase());
+        rows.push(row(&op, ms, 4.0 * tq + 4.0 * tkv + 2.0 * lse_b, 2.5 * fl, err));
+    }
+    let mut both = row("attention_fwd+bwd", both_ms, 5.0 * tq + 4.0 * tkv + lse_b, 3.5 * fl, dq_err);
+    both.note = format!("{note}{}plan: {pf:?} + {pb:?}", if note.is_empty() { "" } else { "; " });
+    rows.push(both);
     Ok(rows)
 }
 
 /// Decode of n_new tokens per sequence against caches of `len` tokens (the new ones included),
-/// V1 and then V2 (a V2 row only where its kernel applies: n_new · group ≤ 16).
+/// with Rows64 and then Rows16 (only where it applies: n_new · group ≤ 16).
 #[allow(clippy::too_many_arguments)]
 fn decode_case(
     dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize), b: usize, len: usize, n_new: usize, s: AttnShape,
@@ -266,9 +198,9 @@ fn decode_case(
     let qo_bytes = 2.0 * q.len() as f64 * BF;
     let flops = 4.0 * (b * n_new * len * s.hq * s.d) as f64;
 
-    let mut variants = vec![(Variant::V1, "attention_decode")];
+    let mut variants = vec![(AttnDecodeKernel::Rows64, "attention_decode rows64")];
     if n_new * (s.hq / s.hkv) <= 16 {
-        variants.push((Variant::V2, "attention_decode v2"));
+        variants.push((AttnDecodeKernel::Rows16, "attention_decode rows16"));
     }
     let mut rows = Vec::new();
     for (v, name) in variants {

@@ -49,24 +49,12 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     let err = prefix_err(dev, &out, &dg)?.max(prefix_err(dev, &out2, &du)?);
     rows.push(row("swiglu_bwd", &shape, ms, 5.0 * 2.0 * nf, Some(err), "bf16"));
 
-    for (kind, v2) in [
-        (Gelu::Tanh, false),
-        (Gelu::Erf, false),
-        (Gelu::Quick, false),
-        (Gelu::Tanh, true),
-        (Gelu::Erf, true),
-        (Gelu::Quick, true),
-    ] {
-        let ms = with_v2(v2, || time(&mut || act::gelu_fwd(dev, &mut out, &gate, n, kind)))?;
+    for kind in [Gelu::Tanh, Gelu::Erf, Gelu::Quick] {
+        let ms = time(&mut || act::gelu_fwd(dev, &mut out, &gate, n, kind))?;
         let mut want = vec![0f32; CHECK];
         act::cpu::gelu_fwd(&mut want, &gate_h[..CHECK], kind);
         let err = prefix_err(dev, &out, &want)?;
-        let (name, note) = if v2 {
-            (format!("gelu_fwd {kind:?} v2"), "bf16, V2 (AM3_V2)")
-        } else {
-            (format!("gelu_fwd {kind:?}"), "bf16")
-        };
-        rows.push(row(&name, &shape, ms, 2.0 * 2.0 * nf, Some(err), note));
+        rows.push(row(&format!("gelu_fwd {kind:?}"), &shape, ms, 2.0 * 2.0 * nf, Some(err), "bf16"));
     }
     let ms = time(&mut || act::gelu_bwd(dev, &mut out, &dout, &gate, n, Gelu::Tanh))?;
     let mut want = vec![0f32; CHECK];
@@ -97,7 +85,7 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
         with_v2(v2, || ew::bias_bwd(dev, &mut db1, &dout, brows, cols))?;
         let d = dev.to_vec(&db1)?;
         let (name, err, note) = if v2 {
-            ("bias_bwd v2", Some(vec_err(&d, &db_v1)), "bf16 dy, f32 db +=; V2 (AM3_V2), err vs V1")
+            ("bias_bwd v2", Some(vec_err(&d, &db_v1)), "bf16 dy, f32 db +=; V2, err vs its V1 fallback")
         } else {
             ("bias_bwd", None, "bf16 dy, f32 db +=")
         };
@@ -110,25 +98,11 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     drop((y, out2));
 
     let mut f = dev.zeros_f32(n)?;
-    for v2 in [true, false] {
-        // V1 last: its output feeds the f32 -> bf16 cast below.
-        let ms = ew::with_cast_v3(false, || with_v2(v2, || time(&mut || ew::cast(dev, &mut f, &gate, n))))?;
-        let err = prefix_err(dev, &f, &gate_h[..CHECK])?;
-        let (name, note) = if v2 { ("cast bf16->f32 v2", "V2 (AM3_V2)") } else { ("cast bf16->f32", "") };
-        rows.push(row(name, &shape, ms, 6.0 * nf, Some(err), note));
-    }
-    // Round 4: one vector per thread with streaming stores, and the write-only reference with
-    // the same stores and grid (the cast writes 2/3 of its bytes).
-    let ms = ew::with_cast_v3(true, || time(&mut || ew::cast(dev, &mut f, &gate, n)))?;
+    // One vector per thread with streaming stores; the write-only reference below has the same
+    // stores and grid (the cast writes 2/3 of its bytes). Its output feeds the f32 -> bf16 cast.
+    let ms = time(&mut || ew::cast(dev, &mut f, &gate, n))?;
     let err = prefix_err(dev, &f, &gate_h[..CHECK])?;
-    rows.push(row(
-        "cast bf16->f32 v3",
-        &shape,
-        ms,
-        6.0 * nf,
-        Some(err),
-        "V3 (default; AM3_CAST=2: V2): st.global.cs, one-shot grid",
-    ));
+    rows.push(row("cast bf16->f32", &shape, ms, 6.0 * nf, Some(err), "st.global.cs, one-shot grid"));
     let mut w = dev.zeros_f32(n)?;
     let ms = time(&mut || ew::fill_f32_streaming(dev, &mut w, 1.5, n))?;
     rows.push(row("fill f32 (write-only ref)", &shape, ms, 4.0 * nf, None, "write ceiling for the cast"));
@@ -148,25 +122,8 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     let ms = time(&mut || adamw::step(dev, &mut param, &mut master, &grad, &mut m, &mut v, n, &hp, 10, 0.5))?;
     rows.push(row("adamw_step", &shape, ms, 30.0 * nf, None, "f32 master/m/v/grad, bf16 param"));
 
-    let mut s_v1 = 0f64;
-    for v2 in [false, true] {
-        let ms = with_v2(v2, || time(&mut || adamw::sum_squares(dev, &grad, n).map(|_| ())))?;
-        let s = with_v2(v2, || adamw::sum_squares(dev, &grad, n))?;
-        if v2 {
-            let err = (s - s_v1).abs() / s_v1.abs().max(1e-30);
-            rows.push(row(
-                "sum_squares v2",
-                &shape,
-                ms,
-                4.0 * nf,
-                Some(err),
-                "f32, incl. download; V2 (AM3_V2), err vs V1",
-            ));
-        } else {
-            s_v1 = s;
-            rows.push(row("sum_squares", &shape, ms, 4.0 * nf, None, "f32, includes the partials' download"));
-        }
-    }
+    let ms = time(&mut || adamw::sum_squares(dev, &grad, n).map(|_| ()))?;
+    rows.push(row("sum_squares", &shape, ms, 4.0 * nf, None, "f32, includes the partials' download"));
     Ok(rows)
 }
 

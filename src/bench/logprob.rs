@@ -5,14 +5,14 @@
 //! allocates; its inputs and its outputs — logp, dhidden, the f32 dlm_head — are not counted).
 //! A reference row times the three full-size cuBLAS GEMMs alone (what the PyTorch eager baseline
 //! runs, with a [T, V] logits tensor), the practical floor on this machine.
-//! The fused loss runs three ways side by side: the current pass, variant 2 (`Tuning::fused_v2`:
-//! one bf16 logits GEMM per chunk into the kept buffer, single-read fold) and variant 3
-//! (`fused_v3`: fold and u = onehot − softmax in one kernel, dlogp applied after the GEMMs), each
-//! checked against an f64 log-prob and against the current pass; `stage …` rows time each stage of
+//! The fused loss runs at both `LogitPrecision`s side by side: the exact pass (f32 logit tiles) and
+//! the bf16-logit pass (one bf16 logits GEMM per chunk into the kept buffer, then fold and
+//! u = onehot − softmax in one kernel, dlogp applied after the GEMMs), each checked against an f64
+//! log-prob and against the exact pass; `stage …` rows time each stage of
 //! one chunk alone. Those rows keep round 3's settings (one dhidden GEMM, scratch allocated per
 //! call); the `… r4` rows use round 4's defaults (split-K dhidden with the automatic slice count,
-//! cached scratch; `dW=`: dlm_head written, not accumulated), with S swept 1–4 for v3, plus
-//! `stage dhidden split S` per slice count and the variant-3 forward that matches the fused pass.
+//! cached scratch; `dW=`: dlm_head written, not accumulated), with S swept 1–4 for the bf16 pass,
+//! plus `stage dhidden split S` per slice count and the bf16 forward that matches the fused pass.
 //! Baselines on the H200 (from the issue): PyTorch eager log-prob fwd+bwd 52.8 ms / 15.0 GiB
 //! extra; full GRPO loss 53.1 ms / 19.6 GiB; Liger fused 531 ms / 4.1 GiB. Floor for the GRPO
 //! loss: 45 ms with ≤ 1 GiB extra; goal ≤ 1.15 × 34.8 ms (three GEMMs at 770 TFLOP/s) = 40 ms.
@@ -21,7 +21,7 @@ use super::{time_gpu, BenchRow};
 use crate::cuda::blas::{Gemm, GemmType};
 use crate::cuda::Gpu;
 use crate::ops::grpo::{self, Aggregation, GrpoBatch, GrpoHyper};
-use crate::ops::logprob::{self, Tuning};
+use crate::ops::logprob::{self, LogitPrecision, Tuning};
 use crate::rng::Rng;
 use crate::tensor::{Buf, DType, Device};
 use anyhow::Result;
@@ -61,23 +61,20 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
 
     // 1. Forward only (reference policy, old policy).
-    // The current fused pass and variant 2 are both timed, whatever AM3_LOGPROB_V2 says.
     // `tune*` reproduce round 3 (dhidden in one GEMM, scratch allocated per call), so the existing
     // rows stay comparable; `r4*` are the round-4 defaults: split-K dhidden (automatic S) and the
     // cached scratch.
     let tune = Tuning {
-        fused_v2: false,
-        fused_v3: false,
+        precision: LogitPrecision::ExactF32,
         fused_bytes: 640 << 20,
         dhidden_splits: 1,
         dw_overwrite: false,
         cache_scratch: false,
         ..Tuning::exact()
     };
-    let tune2 = Tuning { fused_v2: true, ..tune };
-    let tune3 = Tuning { fused_v3: true, ..tune };
+    let tune_bf = Tuning { precision: LogitPrecision::Bf16, ..tune };
     let r4 = Tuning { dhidden_splits: 0, cache_scratch: true, ..tune };
-    let r4v3 = Tuning { fused_v3: true, ..r4 };
+    let r4bf = Tuning { precision: LogitPrecision::Bf16, ..r4 };
     // "(tc, S)": chunk rows and dhidden slices of a fused tuning at this size.
     let plan = |tn: &Tuning| {
         logprob::fused_plan(dev, tn, t, h, v, bf).map_or("-".to_string(), |(tc, s)| format!("tc={tc} S={s}"))
@@ -101,23 +98,23 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
         ),
     });
 
-    // 1b. The forward in variant-3 mode (round 4): the old policy's / reference's log-probs
-    // computed exactly as the fused v3 pass computes the policy's (bf16 logits), so the ratio is
+    // 1b. The forward at bf16 precision (round 4): the old policy's / reference's log-probs
+    // computed exactly as the fused bf16 pass computes the policy's, so the ratio is
     // exactly 1 at policy == old. One logits GEMM per 2,048-token chunk + fold_u without the u pass.
     let ms = time_gpu(g, it.0, it.1, &mut || {
-        logprob::fwd_with(dev, &r4v3, &mut logp, &mut lse, None, &hidden, &lm_head, &targets, None, t, h, v)
+        logprob::fwd_with(dev, &r4bf, &mut logp, &mut lse, None, &hidden, &lm_head, &targets, None, t, h, v)
     })?;
     let err =
         if quick { None } else { Some(check_logp(dev, &logp, &x_host, &w_host, &tg_host, h, v, &[0, 1, t - 1])?) };
     rows.push(BenchRow {
-        op: "logprob fwd v3 mode r4".into(),
+        op: "logprob fwd bf16 r4".into(),
         shape: shape.clone(),
         ms,
         bytes: (2 * (t * h + v * h) + 2 * t * v + 8 * t) as f64,
         flops: gemm_flops,
         rel_err: err,
         note: format!(
-            "bf16 logits as fused v3 (bit-identical logp); extra {:.0} MiB (cached: {:.0} MiB held)",
+            "bf16 logits as the fused bf16 pass (bit-identical logp); extra {:.0} MiB (cached: {:.0} MiB held)",
             mib(logprob::last_scratch_bytes()),
             mib(logprob::cached_scratch_bytes())
         ),
@@ -160,28 +157,25 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     let floor_ms = 1e3 * 3.0 * gemm_flops / super::BF16_FLOP_PER_S;
     let mut cases: Vec<(String, Tuning, &Buf, f64)> = vec![
         ("grpo fused fwd+bwd".into(), tune, &ones, 1.0),
-        ("grpo fused v2 fwd+bwd".into(), tune2, &ones, 1.0),
-        ("grpo fused v3 fwd+bwd".into(), tune3, &ones, 1.0),
+        ("grpo fused bf16 fwd+bwd".into(), tune_bf, &ones, 1.0),
         ("grpo fused, 50% masked".into(), tune, &half_b, 0.5),
-        ("grpo fused v2, 50% masked".into(), tune2, &half_b, 0.5),
-        ("grpo fused v3, 50% masked".into(), tune3, &half_b, 0.5),
+        ("grpo fused bf16, 50% masked".into(), tune_bf, &half_b, 0.5),
     ];
     if !quick {
         for (bytes, vc) in [(320usize << 20, 8192usize), (640 << 20, 4096), (640 << 20, 16_384), (900 << 20, 8192)] {
             let tn = Tuning { fused_bytes: bytes, fused_vocab: vc, ..tune };
             cases.push((format!("grpo fused {}M/{}", bytes >> 20, vc), tn, &ones, 1.0));
         }
-        // Variant 2 with 3 chunks of 2,731 tokens (792 MiB kept logits): one f32 pass over dW fewer.
-        cases.push(("grpo fused v2 900M".into(), Tuning { fused_bytes: 900 << 20, ..tune2 }, &ones, 1.0));
-        cases.push(("grpo fused v3 900M".into(), Tuning { fused_bytes: 900 << 20, ..tune3 }, &ones, 1.0));
+        // 3 chunks of 2,731 tokens (792 MiB kept logits): one f32 pass over dW fewer.
+        cases.push(("grpo fused bf16 900M".into(), Tuning { fused_bytes: 900 << 20, ..tune_bf }, &ones, 1.0));
     }
     // Round 4: split-K dhidden (automatic S), cached scratch; then also dlm_head written (=).
     let r4_cases = [
         ("grpo fused default", Tuning::default()),
         ("grpo fused r4", r4),
-        ("grpo fused v3 r4", r4v3),
-        ("grpo fused v3 900M r4", Tuning { fused_bytes: 900 << 20, ..r4v3 }),
-        ("grpo fused v3 900M r4 dW=", Tuning { fused_bytes: 900 << 20, dw_overwrite: true, ..r4v3 }),
+        ("grpo fused bf16 r4", r4bf),
+        ("grpo fused bf16 900M r4", Tuning { fused_bytes: 900 << 20, ..r4bf }),
+        ("grpo fused bf16 900M r4 dW=", Tuning { fused_bytes: 900 << 20, dw_overwrite: true, ..r4bf }),
     ];
     for (name, tn) in r4_cases {
         cases.push((format!("{name} ({})", plan(&tn)), tn, &ones, 1.0));
@@ -189,21 +183,20 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     if !quick {
         let more = [
             ("grpo fused 900M r4", Tuning { fused_bytes: 900 << 20, ..r4 }),
-            ("grpo fused v2 r4", Tuning { fused_v2: true, ..r4 }),
-            ("grpo fused v3 r4 dW=", Tuning { dw_overwrite: true, ..r4v3 }),
+            ("grpo fused bf16 r4 dW=", Tuning { dw_overwrite: true, ..r4bf }),
             ("grpo fused r4, 50% masked", r4),
-            ("grpo fused v3 r4, 50% masked", r4v3),
+            ("grpo fused bf16 r4, 50% masked", r4bf),
         ];
         for (name, tn) in more {
             let (mask, frac) = if name.contains("masked") { (&half_b, 0.5) } else { (&ones, 1.0) };
             cases.push((format!("{name} ({})", plan(&tn)), tn, mask, frac));
         }
-        // The split alone: v3 at both chunk sizes, cached scratch, S = 1 .. 4 (S=1 against the
-        // round-3 v3 rows isolates the cache).
+        // The split alone: the bf16 pass at both chunk sizes, cached scratch, S = 1 .. 4 (S=1
+        // against the round-3 bf16 rows isolates the cache).
         for bytes in [640usize << 20, 900 << 20] {
             for sp in 1..=4 {
-                let tn = Tuning { fused_bytes: bytes, dhidden_splits: sp, ..r4v3 };
-                cases.push((format!("grpo fused v3 {}M r4 ({})", bytes >> 20, plan(&tn)), tn, &ones, 1.0));
+                let tn = Tuning { fused_bytes: bytes, dhidden_splits: sp, ..r4bf };
+                cases.push((format!("grpo fused bf16 {}M r4 ({})", bytes >> 20, plan(&tn)), tn, &ones, 1.0));
             }
         }
     }
@@ -232,8 +225,8 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
         let checked = name.ends_with("fwd+bwd")
             || name.starts_with("grpo fused default")
             || name.starts_with("grpo fused r4 (")
-            || name.starts_with("grpo fused v3 r4 (")
-            || name.starts_with("grpo fused v3 900M r4 (");
+            || name.starts_with("grpo fused bf16 r4 (")
+            || name.starts_with("grpo fused bf16 900M r4 (");
         let err = if quick || frac < 1.0 || !checked {
             None
         } else {
@@ -258,12 +251,12 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
         });
     }
 
-    // Variants 2 and 3 against the current pass: one call each from a zero dlm_head, outputs
-    // compared (the current pass is the precise one: its logits stay f32 until the fold).
+    // The bf16 pass against the exact one: one call each from a zero dlm_head, outputs compared
+    // (the exact pass's logits stay f32 until the fold).
     if !quick {
         let batch = GrpoBatch { old_logp: &old_b, ref_logp: &ref_b, mask: &ones, adv: &adv_b, rows: nroll, l: len };
         let mut outs = Vec::new();
-        for tn in [tune, tune2, tune3, r4, r4v3] {
+        for tn in [tune, tune_bf, r4, r4bf] {
             let mut dw0 = dev.zeros_f32(v * h)?;
             let s = grpo::fused_loss_with(
                 dev,
@@ -283,12 +276,9 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
             outs.push((dev.to_vec(&logp)?, dev.to_vec(&dhidden)?, dev.to_vec(&dw0)?, s.loss));
         }
         // r4 rows: split-K changes only the order of dhidden's f32 sums (logp and dlm_head exact).
-        for (i, j, name) in [
-            (1usize, 0usize, "grpo v2 vs current"),
-            (2, 0, "grpo v3 vs current"),
-            (3, 0, "grpo r4 vs current"),
-            (4, 2, "grpo v3 r4 vs v3"),
-        ] {
+        for (i, j, name) in
+            [(1usize, 0usize, "grpo bf16 vs exact"), (2, 0, "grpo r4 vs exact"), (3, 1, "grpo bf16 r4 vs bf16")]
+        {
             let (a, b) = (&outs[j], &outs[i]);
             let (e_lp, e_dh, e_dw) = (rel(&b.0, &a.0), rel(&b.1, &a.1), rel(&b.2, &a.2));
             let max_lp = a.0.iter().zip(&b.0).map(|(x, y)| (x - y).abs() as f64).fold(0f64, f64::max);
@@ -335,7 +325,7 @@ fn stages(
     dev: &Device, g: &Gpu, it: (usize, usize), hidden: &Buf, w: &Buf, targets: &Buf, dw: &mut Buf, t: usize, h: usize,
     v: usize, shape: &str,
 ) -> Result<Vec<BenchRow>> {
-    use crate::cuda::{cfg_1d, cfg_rows, Arg};
+    use crate::cuda::{cfg_rows, Arg};
     use cudarc::driver::LaunchConfig;
     let tc = 2048usize.min(t);
     let vc = 8192usize;
@@ -399,22 +389,6 @@ fn stages(
         ];
         g.launch("logprob", "logprob_fold_bf16", cfg_rows(tc, 256, 0), &args)
     };
-    let fold_v2 = || {
-        g.launch(
-            "logprob",
-            "logprob_fold_full_bf16",
-            cfg_rows(tc, 256, 0),
-            &[Arg::Ptr(stats), Arg::Ptr(store), Arg::Ptr(tg), Arg::I32(tc as i32), Arg::I32(v as i32)],
-        )
-    };
-    let finalize = || {
-        g.launch(
-            "logprob",
-            "logprob_finalize",
-            cfg_1d(tc, 256),
-            &[Arg::Ptr(lp), Arg::Ptr(lse), Arg::Ptr(0), Arg::Ptr(stats), Arg::I32(tc as i32)],
-        )
-    };
     let dlogits = |off: u64, vcol: usize, ns: usize| {
         let cfg = LaunchConfig {
             grid_dim: (v.div_ceil(256 * 8) as u32, tc as u32, 1),
@@ -458,20 +432,18 @@ fn stages(
         (0..nsub).try_for_each(|j| g.blas.gemm(&tile_gemm(j)).and_then(|_| fold_v1(j)))
     })?;
     row("stage v1 logits+fold", ms, 3.0 * sb + wb, chunk_flops, "interleaved as in the op");
-    // v2 forward: one GEMM writing bf16 logits into the store, one single-read fold.
-    let logits_v2 = gm(tc, v, h, false, true, x, wp, store, 0.0, GemmType::Bf16);
-    let ms = time_gpu(g, it.0, it.1, &mut || g.blas.gemm(&logits_v2))?;
-    row("stage v2 logits GEMM bf16", ms, sb + wb, chunk_flops, "one GEMM [2048 x V] bf16 out into the store");
-    let ms = time_gpu(g, it.0, it.1, &mut || fold_v2())?;
-    row("stage v2 fold_full", ms, sb, 0.0, "one launch, each bf16 logit read once");
-    // v3: fold + u in one kernel (each call rewrites the row with u; timing only). 160 KiB of
+    // bf16 forward: one GEMM writing bf16 logits into the store.
+    let logits_bf16 = gm(tc, v, h, false, true, x, wp, store, 0.0, GemmType::Bf16);
+    let ms = time_gpu(g, it.0, it.1, &mut || g.blas.gemm(&logits_bf16))?;
+    row("stage bf16 logits GEMM", ms, sb + wb, chunk_flops, "one GEMM [2048 x V] bf16 out into the store");
+    // fold + u in one kernel (each call rewrites the row with u; timing only). 160 KiB of
     // each row cached in shared memory, as in the op.
-    g.blas.gemm(&logits_v2)?;
+    g.blas.gemm(&logits_bf16)?;
     let cache = (160usize << 10) / 2;
     let cfg_u =
         LaunchConfig { grid_dim: (tc as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: (cache * 2) as u32 };
     let ms = time_gpu(g, it.0, it.1, &mut || {
-        g.blas.gemm(&logits_v2)?;
+        g.blas.gemm(&logits_bf16)?;
         let args = [
             Arg::Ptr(store),
             Arg::Ptr(lp),
@@ -485,11 +457,17 @@ fn stages(
         ];
         g.launch("logprob", "logprob_fold_u_bf16", cfg_u, &args)
     })?;
-    row("stage v3 logits GEMM + fold_u", ms, 3.0 * sb + wb, chunk_flops, "GEMM, then read each logit once (+ L2 re-read past 160 KiB), write u; compare with v2 GEMM + fold_full + dlogits");
-    // Round 4: `fwd` in variant-3 mode runs the same kernel with write_u = 0 and no shared memory.
+    row(
+        "stage bf16 logits GEMM + fold_u",
+        ms,
+        3.0 * sb + wb,
+        chunk_flops,
+        "GEMM, then read each logit once (+ L2 re-read past 160 KiB), write u",
+    );
+    // Round 4: `fwd` at bf16 precision runs the same kernel with write_u = 0 and no shared memory.
     let cfg_f = LaunchConfig { shared_mem_bytes: 0, ..cfg_u };
     let ms = time_gpu(g, it.0, it.1, &mut || {
-        g.blas.gemm(&logits_v2)?;
+        g.blas.gemm(&logits_bf16)?;
         let args = [
             Arg::Ptr(store),
             Arg::Ptr(lp),
@@ -504,15 +482,25 @@ fn stages(
         g.launch("logprob", "logprob_fold_u_bf16", cfg_f, &args)
     })?;
     row(
-        "stage v3 logits GEMM + fold (fwd)",
+        "stage bf16 logits GEMM + fold (fwd)",
         ms,
         sb + sb + wb,
         chunk_flops,
-        "fwd in v3 mode: GEMM, fold_u with write_u = 0 (one read of the chunk)",
+        "fwd at bf16 precision: GEMM, fold_u with write_u = 0 (one read of the chunk)",
     );
-    g.blas.gemm(&logits_v2)?;
-    fold_v2()?;
-    finalize()?;
+    g.blas.gemm(&logits_bf16)?;
+    let args = [
+        Arg::Ptr(store),
+        Arg::Ptr(lp),
+        Arg::Ptr(lse),
+        Arg::Ptr(0),
+        Arg::Ptr(tg),
+        Arg::I32(tc as i32),
+        Arg::I32(v as i32),
+        Arg::I32(0),
+        Arg::I32(0),
+    ];
+    g.launch("logprob", "logprob_fold_u_bf16", cfg_f, &args)?;
     // Shared backward stages (the store now holds logits; dlogits in place keeps it finite).
     let ms = time_gpu(g, it.0, it.1, &mut || dlogits(zoff, v, 1))?;
     row("stage dlogits in place", ms, 2.0 * sb, 0.0, "read + write the bf16 [2048 x V] chunk");
@@ -596,8 +584,8 @@ fn stages(
         0.0,
         "per call, not per chunk: the 687 MiB of v1 scratch, zeroed",
     );
-    // Round 4: the cost the scratch cache removes from v2/v3, whose kept buffer was allocated
-    // uninitialised per call: wall time of a cudaMallocAsync of the v3 arena (store + hg + 4
+    // Round 4: the cost the scratch cache removes from the bf16 pass, whose kept buffer was allocated
+    // uninitialised per call: wall time of a cudaMallocAsync of the bf16 pass's arena (store + hg + 4
     // partials) and its free, each followed by a sync as in the op (the pool trims at a sync).
     let arena = 2 * tc * v + 2 * tc * h + 16 * tc * h;
     let ms = super::time_cpu(1, 5, &mut || {

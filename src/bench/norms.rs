@@ -59,7 +59,7 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
         let mut dw1 = dev.zeros_f32(cols)?;
         with_v2(v2, || rmsnorm::bwd(dev, &mut dx, &mut dw1, &dyb, &xb, &wb, &rstd, rows, cols))?;
         let dwv = dev.to_vec(&dw1)?;
-        let note = if v2 { format!("V2 (AM3_V2); dw vs V1 {:.1e}", rel_err(&dwv, &dw_v1)) } else { String::new() };
+        let note = if v2 { format!("V2; dw vs V1 {:.1e}", rel_err(&dwv, &dw_v1)) } else { String::new() };
         dw_v1 = dwv;
         let mut rw = row(
             if v2 { "rmsnorm_bwd v2" } else { "rmsnorm_bwd" },
@@ -93,7 +93,7 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
             2.0 * BF * r * c + 2.0 * BF * c + 2.0 * F4 * r,
             err,
         );
-        rw.note = if v2 { "V2 (AM3_V2); err covers y, mean, rstd".into() } else { String::new() };
+        rw.note = if v2 { "V2; err covers y, mean, rstd".into() } else { String::new() };
         out.push(rw);
     }
 
@@ -112,7 +112,7 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
         with_v2(v2, || layernorm::bwd(dev, &mut dx, &mut dw1, &mut db1, &dyb, &xb, &wb, &mean, &rstd, rows, cols))?;
         let p = (dev.to_vec(&dw1)?, dev.to_vec(&db1)?);
         let note = if v2 {
-            format!("V2 (AM3_V2); dw, db vs V1 {:.1e}, {:.1e}", rel_err(&p.0, &p_v1.0), rel_err(&p.1, &p_v1.1))
+            format!("V2; dw, db vs V1 {:.1e}, {:.1e}", rel_err(&p.0, &p_v1.0), rel_err(&p.1, &p_v1.1))
         } else {
             String::new()
         };

@@ -4,6 +4,7 @@
 
 pub mod blas;
 pub mod kernels;
+pub mod sigs;
 
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{
@@ -22,6 +23,9 @@ pub enum Arg {
     F32(f32),
 }
 
+/// A loaded kernel with its signature from `sigs::KERNELS`.
+type LoadedKernel = (CudaFunction, &'static sigs::KernelSig);
+
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
@@ -29,7 +33,7 @@ pub struct Gpu {
     pub name: String,
     pub sm_count: u32,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    funcs: Mutex<HashMap<(&'static str, String), CudaFunction>>,
+    funcs: Mutex<HashMap<(&'static str, String), LoadedKernel>>,
     /// The reusable f32 scratch of `scratch_f32` (grown, never shrunk).
     scratch: Mutex<Option<Arc<CudaSlice<f32>>>>,
 }
@@ -83,22 +87,29 @@ impl Gpu {
         Ok(m)
     }
 
-    pub fn func(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
+    /// The kernel `module::name` with its signature (`sigs::KERNELS`); an error when the table
+    /// has no entry for it, so every launched kernel is one the PTX test checks.
+    pub fn func(&self, module: &'static str, name: &str) -> Result<LoadedKernel> {
         let key = (module, name.to_string());
         if let Some(f) = self.funcs.lock().map_err(|_| anyhow!("function cache poisoned"))?.get(&key) {
             return Ok(f.clone());
         }
+        let sig = sigs::find(module, name)
+            .ok_or_else(|| anyhow!("kernel {module}::{name} has no signature in src/cuda/sigs.rs"))?;
         let f = self
             .module(module)?
             .load_function(name)
             .with_context(|| format!("kernel {name} not found in module {module}"))?;
-        self.funcs.lock().map_err(|_| anyhow!("function cache poisoned"))?.insert(key, f.clone());
-        Ok(f)
+        self.funcs.lock().map_err(|_| anyhow!("function cache poisoned"))?.insert(key, (f.clone(), sig));
+        Ok((f, sig))
     }
 
-    /// Launches `module::name` on the stream. Errors name the kernel.
+    /// Launches `module::name` on the stream. Errors name the kernel; an argument list that does
+    /// not match the kernel's signature in `sigs::KERNELS` (count or kinds) is an error before
+    /// anything is launched.
     pub fn launch(&self, module: &'static str, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
-        let f = self.func(module, name)?;
+        let (f, sig) = self.func(module, name)?;
+        sigs::check_params(sig, name, args).map_err(|e| anyhow!(e))?;
         if cfg.shared_mem_bytes > 48 * 1024 {
             f.set_attribute(
                 sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -115,8 +126,9 @@ impl Gpu {
                 Arg::F32(v) => b.arg(v),
             };
         }
-        // SAFETY: every kernel's argument list is documented beside its launcher in src/ops,
-        // which passes pointers to live buffers whose sizes it has checked.
+        // SAFETY: the argument count and kinds match the kernel's PTX signature (checked above
+        // against sigs::KERNELS, which tests/kernel_symbols.rs checks against the PTX); the
+        // launchers in src/ops pass pointers to live buffers whose sizes they have checked.
         unsafe { b.launch(cfg) }.with_context(|| format!("launching {module}::{name}"))?;
         Ok(())
     }

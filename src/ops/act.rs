@@ -3,7 +3,7 @@
 //! Both are pure elementwise maps, so backward needs only the forward's inputs.
 //! Kernel: kernels/act.cu.
 
-use super::elementwise::{cfg_stream, cfg_stream_per_sm, i64_arg, use_v2};
+use super::elementwise::{cfg_stream, cfg_stream_per_sm, i64_arg};
 use super::{check, kname, same_float_dtype};
 use crate::cuda::Arg;
 use crate::tensor::{Buf, Device};
@@ -113,11 +113,8 @@ pub fn gelu_fwd(dev: &Device, out: &mut Buf, x: &Buf, n: usize, kind: Gelu) -> R
                 return Ok(());
             }
             let args = [Arg::Ptr(out.ptr(g)?), Arg::Ptr(x.ptr(g)?), i64_arg(n), Arg::I32(kind.code())];
-            if use_v2(op) {
-                // Two vectors per thread per trip, A&S erf; __launch_bounds__(256, 6).
-                return g.launch("act", &kname("gelu_fwd_v2", dt), cfg_stream_per_sm(g, n, 6), &args);
-            }
-            g.launch("act", &kname(op, dt), cfg_stream(g, n), &args)
+            // Two vectors per thread per trip, A&S erf for bf16; __launch_bounds__(256, 6).
+            g.launch("act", &kname(op, dt), cfg_stream_per_sm(g, n, 6), &args)
         }
     }
 }

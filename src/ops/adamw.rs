@@ -2,7 +2,7 @@
 //! bias-corrected moments), plus the sum of squares behind global-norm gradient clipping.
 //! Kernel: kernels/adamw.cu. Zeroing a gradient buffer is `elementwise::fill(.., 0.0, ..)`.
 
-use super::elementwise::{cfg_stream, i64_arg, use_v2};
+use super::elementwise::{cfg_stream, i64_arg};
 use super::{check, check_dtype, kname, same_float_dtype};
 use crate::cuda::{dptr, Arg};
 use crate::tensor::{Buf, DType, Device};
@@ -118,26 +118,20 @@ pub fn sum_squares(dev: &Device, x: &Buf, n: usize) -> Result<f64> {
             }
             let cfg = cfg_stream(g, n);
             let nblocks = cfg.grid_dim.0 as usize;
-            if use_v2(op) {
-                // Two vectors per thread per trip; the f64 partials [nblocks] live in the cached
-                // f32 scratch (two words each, 256-byte aligned), and only they are downloaded.
-                let part = g.scratch_f32(2 * nblocks)?;
-                let args = [Arg::Ptr(dptr(&*part, &g.stream)), Arg::Ptr(x.ptr(g)?), i64_arg(n)];
-                g.launch("adamw", &kname("sum_squares_v2", dt), cfg, &args)?;
-                let mut words = vec![0f32; 2 * nblocks];
-                g.stream.memcpy_dtoh(&part.slice(0..2 * nblocks), &mut words)?;
-                g.sync()?;
-                // Little-endian: the low word of each f64 comes first.
-                let sum = words
-                    .chunks_exact(2)
-                    .map(|w| f64::from_bits(w[0].to_bits() as u64 | (w[1].to_bits() as u64) << 32))
-                    .sum();
-                return Ok(sum);
-            }
-            let part = g.alloc::<f64>(nblocks)?; // [nblocks]
-            let args = [Arg::Ptr(dptr(&part, &g.stream)), Arg::Ptr(x.ptr(g)?), i64_arg(n)];
+            // Two vectors per thread per trip; the f64 partials [nblocks] live in the cached
+            // f32 scratch (two words each, 256-byte aligned), and only they are downloaded.
+            let part = g.scratch_f32(2 * nblocks)?;
+            let args = [Arg::Ptr(dptr(&*part, &g.stream)), Arg::Ptr(x.ptr(g)?), i64_arg(n)];
             g.launch("adamw", &kname(op, dt), cfg, &args)?;
-            Ok(g.download(&part, nblocks)?.iter().sum())
+            let mut words = vec![0f32; 2 * nblocks];
+            g.stream.memcpy_dtoh(&part.slice(0..2 * nblocks), &mut words)?;
+            g.sync()?;
+            // Little-endian: the low word of each f64 comes first.
+            let sum = words
+                .chunks_exact(2)
+                .map(|w| f64::from_bits(w[0].to_bits() as u64 | (w[1].to_bits() as u64) << 32))
+                .sum();
+            Ok(sum)
         }
     }
 }

@@ -8,31 +8,20 @@ use crate::tensor::{Buf, DType, Device};
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::LaunchConfig;
 
-/// Kernel variants of the memory-bound ops (perf round 3). `false` = the round-2 kernels,
-/// `true` = the V2 kernels (fewer passes, more bytes in flight, cached scratch), the default
-/// since the H200 run showed each faster (PERF.md). Both are tested on the GPU. Chosen per call:
-/// a thread-local override (`with_v2`, for the bench and the tests, which run side by side in
-/// threads), else the env var `AM3_V2`: `0` = all V1, `1`/`all` = all V2, or a comma list of the
-/// ops to run as V2 (`rmsnorm_bwd,layernorm_fwd,layernorm_bwd,bias_bwd,cast,gelu_fwd,sum_squares`).
-pub fn use_v2(op: &str) -> bool {
-    if let Some(on) = V2_OVERRIDE.with(|c| c.get()) {
-        return on;
-    }
-    // The env var is read once per process (this sits on every launch's path).
-    static ENV: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    match ENV.get_or_init(|| std::env::var("AM3_V2").ok()) {
-        Some(v) if v == "0" || v == "none" => false,
-        Some(v) => v == "1" || v == "all" || v.split(',').any(|o| o.trim() == op),
-        // Default: V2, measured faster on the H200 for every op it covers (PERF.md, run 4).
-        None => true,
-    }
+/// Whether the V2 kernels of the memory-bound ops that keep a V1 fallback (rmsnorm_bwd,
+/// layernorm_fwd/bwd, bias_bwd) are tried first: true, since the H200 run measured each V2 faster
+/// (PERF.md); V1 then runs only where V2 cannot (rows not whole 16-byte vectors, misaligned
+/// buffers). `with_v2(false, ..)` lets the tests and the bench run the fallback on this thread.
+pub fn use_v2(_op: &str) -> bool {
+    V2_OVERRIDE.with(|c| c.get()).unwrap_or(true)
 }
 
 thread_local! {
     static V2_OVERRIDE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
 }
 
-/// Runs `f` with every op's V2 variant forced on or off on this thread (restored afterwards).
+/// Runs `f` with the V2 kernels of the ops with a V1 fallback forced on or off on this thread
+/// (restored afterwards).
 pub fn with_v2<T>(on: bool, f: impl FnOnce() -> T) -> T {
     let prev = V2_OVERRIDE.with(|c| c.replace(Some(on)));
     let out = f();
@@ -307,46 +296,15 @@ pub fn cast(dev: &Device, dst: &mut Buf, src: &Buf, n: usize) -> Result<()> {
                 return Ok(());
             }
             let args = [Arg::Ptr(dst.ptr(g)?), Arg::Ptr(src.ptr(g)?), i64_arg(n)];
-            if name == "cast_bf16_f32" && cast_v3() {
-                return g.launch("elementwise", "cast_bf16_f32_v3", cfg_one_shot(n), &args);
-            }
-            if name == "cast_bf16_f32" && use_v2(op) {
-                // 4 vectors per thread per trip; __launch_bounds__(256, 4).
-                return g.launch("elementwise", "cast_bf16_f32_v2", cfg_stream_per_sm(g, n, 4), &args);
-            }
-            g.launch("elementwise", name, cfg_stream(g, n), &args)
+            // bf16 -> f32: one vector per thread, streaming stores (84 % of 4.2 TB/s on the H200
+            // against 62-64 % for grid-stride loops, PERF.md round 4).
+            let cfg = if name == "cast_bf16_f32" { cfg_one_shot(n) } else { cfg_stream(g, n) };
+            g.launch("elementwise", name, cfg, &args)
         }
     }
 }
 
-thread_local! {
-    static CAST_V3_OVERRIDE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
-}
-
-/// The bf16 → f32 cast's V3 (one vector per thread, streaming stores): the default (83.9 % of
-/// 4.2 TB/s on the H200 against V2's 64.1 %, PERF.md round 4); `AM3_CAST=2` (or `AM3_V2=0`)
-/// goes back to the V2/V1 kernels; `with_cast_v3` (bench, tests) overrides per thread.
-fn cast_v3() -> bool {
-    if let Some(on) = CAST_V3_OVERRIDE.with(|c| c.get()) {
-        return on;
-    }
-    static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENV.get_or_init(|| match std::env::var("AM3_CAST").ok().as_deref() {
-        Some("3") => true,
-        Some(_) => false,
-        None => !std::env::var("AM3_V2").is_ok_and(|v| v == "0" || v == "none"),
-    })
-}
-
-/// Runs `f` with the V3 cast forced on or off on this thread.
-pub fn with_cast_v3<T>(on: bool, f: impl FnOnce() -> T) -> T {
-    let prev = CAST_V3_OVERRIDE.with(|c| c.replace(Some(on)));
-    let out = f();
-    CAST_V3_OVERRIDE.with(|c| c.set(prev));
-    out
-}
-
-/// One thread per 8 elements, no grid-stride loop (the V3 cast).
+/// One thread per 8 elements, no grid-stride loop (the bf16 -> f32 cast).
 fn cfg_one_shot(n: usize) -> LaunchConfig {
     let blocks = (n / 8).div_ceil(BLOCK as usize).max(1);
     LaunchConfig {
@@ -357,7 +315,7 @@ fn cfg_one_shot(n: usize) -> LaunchConfig {
 }
 
 /// The write-only reference for the cast's bandwidth: dst[..n] = v (f32, streaming stores, the
-/// V3 cast's grid). Bench use.
+/// bf16 -> f32 cast's grid). Bench use.
 pub fn fill_f32_streaming(dev: &Device, dst: &mut Buf, v: f32, n: usize) -> Result<()> {
     check(dst, n, "fill_f32_streaming", "dst")?;
     check_dtype(dst, DType::F32, "fill_f32_streaming", "dst")?;

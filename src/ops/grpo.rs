@@ -230,7 +230,7 @@ pub struct GrpoBatch<'a> {
 /// and targets [rows·l] (i32), writes logp [rows·l] (f32, 0 on masked tokens), dhidden
 /// [rows·l, h] (=) and dlm_head [v, h] (f32, +=; = with `Tuning::dw_overwrite`) and returns the
 /// loss statistics. Masked tokens cost no GEMM work. Three GEMMs of 2·T·H·V in all. With
-/// `Tuning::fused_v2` / `fused_v3`, compute old_logp and ref_logp with `logprob::fwd_with` and the
+/// `LogitPrecision::Bf16` (the default), compute old_logp and ref_logp with `logprob::fwd_with` and the
 /// same `Tuning` and mask: they then match the policy's log-probs bit for bit at equal weights.
 #[allow(clippy::too_many_arguments)]
 pub fn fused_loss(

@@ -6,12 +6,13 @@
 //! each block takes one (sequence, kv head, 64-row query tile) and one chunk of the cache, so a
 //! long cache spreads over the GPU; a combine kernel merges the chunks' (max, sum, unnormalised
 //! output). Otherwise one warp per query row (kernels/attention_simple.cu).
-//! `Variant::V2` with n_new · group ≤ 16: kernels/attention_v2.cu's 16-row kernel (the four
-//! warps split each key tile, three-stage ring, one wave of chunks) and partial buffers kept in
-//! the cache across calls (no per-call allocation).
+//! With n_new · group ≤ 16 (`AttnDecodeKernel::Rows16`, see `plan_decode`): the 16-row kernel of
+//! the same file (the four warps split each key tile, three-stage ring, one wave of chunks) and
+//! partial buffers kept in the cache across calls (no per-call allocation).
 
-use super::{aligned16, cpu, kname, tc_enabled, tc_head_dim, AttnShape, Variant, Varlen, TILE};
+use super::{aligned16, check_tc, cpu, plan_decode, AttnDecodeKernel, AttnShape, Varlen, TILE};
 use crate::cuda::{cfg_1d, cfg_rows, Arg};
+use crate::ops::kname;
 use crate::ops::{check, check_dtype, same_float_dtype};
 use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
@@ -283,12 +284,21 @@ pub fn decode_varlen(
 /// q [batch, n_new, hq, d], already appended to `cache`) attend to the cache; causal: new token
 /// i sits at position lens[b] − n_new + i and sees positions 0..=that.
 pub fn decode(dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, n_new: usize, s: &AttnShape) -> Result<()> {
-    decode_with(dev, out, q, cache, n_new, s, Variant::default_decode())
+    let kernel = match dev {
+        Device::Cpu => AttnDecodeKernel::Simple,
+        Device::Cuda(g) => {
+            let aligned = aligned16(g, &[out, q, &cache.k, &cache.v])?;
+            plan_decode(q.dtype(), s.d, n_new, s.hq / s.hkv.max(1), aligned)
+        }
+    };
+    decode_with(dev, out, q, cache, n_new, s, kernel)
 }
 
-/// `decode` with an explicit kernel variant (the bench and tests run both).
+/// `decode` with an explicit kernel (the bench and tests run each); an error when a tensor-core
+/// kernel cannot take the call (dtype, head dim, alignment, > 16 rows for Rows16). On the CPU the
+/// kernel is ignored.
 pub fn decode_with(
-    dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, n_new: usize, s: &AttnShape, variant: Variant,
+    dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, n_new: usize, s: &AttnShape, kernel: AttnDecodeKernel,
 ) -> Result<()> {
     let op = "attention_decode";
     s.validate(op)?;
@@ -326,9 +336,7 @@ pub fn decode_with(
             let dt = same_float_dtype(op, &[out, q, &cache.k, &cache.v])?;
             check_dtype(&cache.lens_buf, DType::I32, op, "lens")?;
             let grp = hq / s.hkv;
-            let tc =
-                dt == DType::BF16 && tc_head_dim(d) && tc_enabled() && aligned16(g, &[out, q, &cache.k, &cache.v])?;
-            if !tc {
+            if kernel == AttnDecodeKernel::Simple {
                 let args = [
                     Arg::Ptr(out.ptr(g)?),
                     Arg::Ptr(q.ptr(g)?),
@@ -351,7 +359,11 @@ pub fn decode_with(
                     &args,
                 );
             }
-            if variant == Variant::V2 && n_new * grp <= 16 {
+            check_tc(op, kernel, dt, d, aligned16(g, &[out, q, &cache.k, &cache.v])?)?;
+            if kernel == AttnDecodeKernel::Rows16 {
+                if n_new * grp > 16 {
+                    bail!("{op}: kernel Rows16 takes at most 16 query rows per kv head, got {n_new} × {grp}");
+                }
                 return decode_v2(g, dev, out, q, cache, n_new, s, rows);
             }
             // Split the longest cache so that the grid covers the GPU about three times.
@@ -402,8 +414,8 @@ pub fn decode_with(
     }
 }
 
-/// V2 decode for n_new · group ≤ 16 query rows per (sequence, kv head): grid (chunks, hkv, batch)
-/// sized to one wave of two blocks per SM, partials cached in `cache`, then the V1 combine.
+/// Rows16 decode for n_new · group ≤ 16 query rows per (sequence, kv head): grid (chunks, hkv, batch)
+/// sized to one wave of two blocks per SM, partials cached in `cache`, then the combine kernel.
 #[allow(clippy::too_many_arguments)]
 fn decode_v2(
     g: &crate::cuda::Gpu, dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, n_new: usize, s: &AttnShape,
@@ -450,7 +462,7 @@ fn decode_v2(
         // a 16-row Q tile plus three stages of K and V tiles, rows padded by 8
         shared_mem_bytes: ((16 + 6 * TILE) * (d + 8) * 2) as u32,
     };
-    g.launch("attention_v2", &format!("attention_decode16_bf16_d{d}"), cfg, &args)?;
+    g.launch("attention_decode", &format!("attention_decode16_bf16_d{d}"), cfg, &args)?;
     let args = [
         Arg::Ptr(out.ptr(g)?),
         Arg::Ptr(part_o.ptr(g)?),

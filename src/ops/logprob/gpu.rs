@@ -1,5 +1,5 @@
-//! CUDA launchers of the grouped log-prob: the plain forward/backward, the fused GRPO pass and its
-//! v2/v3 variants (see PERF-logprob.md). Pointers are raw device addresses. The large scratch
+//! CUDA launchers of the grouped log-prob: the plain forward/backward and the fused GRPO pass, at
+//! either `LogitPrecision` (see PERF-logprob.md). Pointers are raw device addresses. The large scratch
 //! (kept logits, f32 tiles, dhidden partials) comes from the per-process cache in arena.rs and is
 //! never zeroed: each part is fully written by a GEMM or kernel before anything reads it. The
 //! dhidden GEMMs run split over vocabulary slices (splitk.rs).
@@ -120,7 +120,7 @@ impl Pass {
         self.logits_as(g, out, hid, n, v0, nv, GemmType::F32)
     }
 
-    /// `logits` with the output type `ct` (the storage type: logits rounded as variant 2 does).
+    /// `logits` with the output type `ct` (the storage type: logits rounded as at LogitPrecision::Bf16).
     #[allow(clippy::too_many_arguments)]
     fn logits_as(&self, g: &Gpu, out: u64, hid: u64, n: usize, v0: usize, nv: usize, ct: GemmType) -> Result<()> {
         g.blas.gemm(&Gemm {
@@ -197,7 +197,7 @@ impl Pass {
     }
 
     /// logits [n, v] at the storage dtype into `store` (row stride v) = hidden rows [n, h] at
-    /// `hid` · Wᵀ, rounded once. Variants 2 and 3 and `fwd` in their mode all call this, so the
+    /// `hid` · Wᵀ, rounded once. The Bf16 fused pass and `fwd` at that precision both call this, so the
     /// same chunk gives the same bits.
     fn logits_kept(&self, g: &Gpu, store: u64, hid: u64, n: usize) -> Result<()> {
         g.blas.gemm(&Gemm {
@@ -261,7 +261,7 @@ fn chunk_rows(total: usize, max: usize) -> usize {
     total.div_ceil(total.div_ceil(max))
 }
 
-/// Token rows per chunk of the fused pass (and of `fwd` in variant-2/3 mode): the kept
+/// Token rows per chunk of the fused pass (and of `fwd` at LogitPrecision::Bf16): the kept
 /// [rows, v] logits fit in `fused_bytes`.
 fn fused_rows(ta: usize, v: usize, dt: DType, tune: &Tuning) -> usize {
     chunk_rows(ta, tune.fused_bytes / (v * dt.size()).max(1))
@@ -332,7 +332,7 @@ pub(super) fn fwd(
         Some((a, b, c)) => (a.ptr(g)?, b.ptr(g)?, if entropy.is_some() { c.ptr(g)? } else { 0 }),
         None => (logp.ptr(g)?, lse.ptr(g)?, opt_ptr(g, entropy.as_deref())?),
     };
-    if ta > 0 && (tune.fused_v2 || tune.fused_v3) {
+    if ta > 0 && tune.precision == LogitPrecision::Bf16 {
         fwd_kept(g, dev, tune, meter, &ps, hid, tgt, lp, ls, en, ta)?;
     } else if ta > 0 {
         let tc = chunk_rows(ta, tune.fwd_tokens);
@@ -360,10 +360,10 @@ pub(super) fn fwd(
     Ok(())
 }
 
-/// `fwd` in variant-2/3 mode: per chunk of the fused pass's size, the same logits GEMM into a
-/// kept [tc, v] buffer and the same fold kernel as `fwd_bwd_v2` (fold_full + finalize) or
-/// `fwd_bwd_v3` (fold_u, stopped before it writes u), so logp, lse and the entropy equal the fused
-/// pass's bit for bit. lp, ls, en: packed outputs [ta] (en may be 0).
+/// `fwd` at `LogitPrecision::Bf16`: per chunk of the fused pass's size, the same logits GEMM into
+/// a kept [tc, v] buffer and the same fold kernel as `fwd_bwd_bf16` (fold_u, stopped before it
+/// writes u), so logp, lse and the entropy equal the fused pass's bit for bit. lp, ls, en: packed
+/// outputs [ta] (en may be 0).
 #[allow(clippy::too_many_arguments)]
 fn fwd_kept(
     g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, ps: &Pass, hid: u64, tgt: u64, lp: u64, ls: u64, en: u64,
@@ -375,33 +375,25 @@ fn fwd_kept(
     let o_store = lay.part(tc * v * ps.dt.size());
     let sc = take(dev, tune, &lay, meter)?;
     let store = sc.at(o_store);
-    let stats = if tune.fused_v3 { None } else { Some(scratch(dev, DType::F32, tc * 4, meter)?) };
-    let stats = opt_ptr(g, stats.as_ref())?;
     for t0 in (0..ta).step_by(tc) {
         let n = tc.min(ta - t0);
         let (hid_t0, tgt_t0) = (at(hid, t0 * h, ps.dt), at(tgt, t0, DType::I32));
         let (lp_t0, ls_t0) = (at(lp, t0, DType::F32), at(ls, t0, DType::F32));
         let en_t0 = if en == 0 { 0 } else { at(en, t0, DType::F32) };
         ps.logits_kept(g, store, hid_t0, n)?;
-        if tune.fused_v3 {
-            let cfg = LaunchConfig { grid_dim: (n_blocks(n), 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
-            let args = [
-                Arg::Ptr(store),
-                Arg::Ptr(lp_t0),
-                Arg::Ptr(ls_t0),
-                Arg::Ptr(en_t0),
-                Arg::Ptr(tgt_t0),
-                Arg::I32(n as i32),
-                Arg::I32(v as i32),
-                Arg::I32(0),
-                Arg::I32(0),
-            ];
-            g.launch(MODULE, &kname("logprob_fold_u", ps.dt), cfg, &args)?;
-        } else {
-            let args = [Arg::Ptr(stats), Arg::Ptr(store), Arg::Ptr(tgt_t0), Arg::I32(n as i32), Arg::I32(v as i32)];
-            g.launch(MODULE, &kname("logprob_fold_full", ps.dt), cfg_rows(n, BLOCK, 0), &args)?;
-            ps.finalize(g, lp_t0, ls_t0, en_t0, stats, n)?;
-        }
+        let cfg = LaunchConfig { grid_dim: (n_blocks(n), 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        let args = [
+            Arg::Ptr(store),
+            Arg::Ptr(lp_t0),
+            Arg::Ptr(ls_t0),
+            Arg::Ptr(en_t0),
+            Arg::Ptr(tgt_t0),
+            Arg::I32(n as i32),
+            Arg::I32(v as i32),
+            Arg::I32(0),
+            Arg::I32(0),
+        ];
+        g.launch(MODULE, &kname("logprob_fold_u", ps.dt), cfg, &args)?;
     }
     Ok(())
 }
@@ -457,9 +449,9 @@ pub(super) fn bwd(
     // dhidden per vocabulary tile, split into slices: S f32 accumulators [n, h], each re-read by
     // the next tile's β = 1 (hence the 8·tc·h bytes per extra slice and tile in the cost model).
     let splits = dh_splits(g, tune, tc, h, vc, 8.0 * (tc * h) as f64);
-    // Variant-2/3 mode: the tile's logits are rounded to the storage dtype, as `fwd` of that mode
-    // rounded them for the saved lse, and turned into dlogits in place (no f32 tile).
-    let kept = tune.fused_v2 || tune.fused_v3;
+    // Bf16 precision: the tile's logits are rounded to the storage dtype, as `fwd` of that
+    // precision rounded them for the saved lse, and turned into dlogits in place (no f32 tile).
+    let kept = tune.precision == LogitPrecision::Bf16;
     let mut lay = Layout::default();
     let o_tile = lay.part(if kept { 0 } else { tc * vc * 4 });
     let o_dl = lay.part(tc * vc * ps.dt.size());
@@ -513,8 +505,10 @@ pub(super) fn bwd(
     Ok(())
 }
 
+/// `fwd_bwd` at `LogitPrecision::ExactF32`: f32 logit tiles folded into the kept chunk relative
+/// to the running max (see the module doc of `logprob`).
 #[allow(clippy::too_many_arguments)]
-pub(super) fn fwd_bwd(
+pub(super) fn fwd_bwd_exact(
     g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, logp: &mut Buf, entropy: Option<&mut Buf>,
     dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize,
     h: usize, v: usize, grad: &mut GradFn,
@@ -613,132 +607,23 @@ pub(super) fn fwd_bwd(
     Ok(())
 }
 
-/// Variant 2 of `fwd_bwd` (`Tuning::fused_v2`). Per token chunk of n rows:
-/// 1. one GEMM writes logits [n, v] at the storage dtype straight into the kept buffer
-///    (row stride v; no f32 tile, no copy, no per-tile launches);
-/// 2. `logprob_fold_full` folds each whole row in one read into {m, s, u, target logit};
-/// 3. finalize, the callback, then `logprob_dlogits_stored` in place with one zero offset per
-///    row (nsub = 1, vc = v): the stored values are the logits themselves;
-/// 4. the two backward GEMMs and the scatter, as in `fwd_bwd`.
-///
-/// The kept buffer is not zeroed: the GEMM writes all of rows 0 .. n before anything reads them.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn fwd_bwd_v2(
-    g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, logp: &mut Buf, entropy: Option<&mut Buf>,
-    dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize,
-    h: usize, v: usize, grad: &mut GradFn,
-) -> Result<()> {
-    let ps = pass(g, lm_head, h, v)?;
-    let act = match mask {
-        Some(m) if t > 0 => active_tokens(g, dev, m, t, meter)?,
-        _ => None,
-    };
-    let ta = act.as_ref().map_or(t, |a| a.n);
-    if act.is_some() {
-        zero(g, dhidden)?;
-    }
-    let packed = match &act {
-        Some(a) => Some(gather_inputs(g, dev, a, hidden, targets, h, meter)?),
-        None => None,
-    };
-    let (hid, tgt) = match &packed {
-        Some((hp, tp)) => (hp.ptr(g)?, tp.ptr(g)?),
-        None => (hidden.ptr(g)?, targets.ptr(g)?),
-    };
-    let idx = match &act {
-        Some(a) => a.idx.ptr(g)?,
-        None => 0,
-    };
-    let tmp = match &act {
-        Some(_) => Some((scratch(dev, DType::F32, ta, meter)?, scratch(dev, DType::F32, ta, meter)?)),
-        None => None,
-    };
-    let mut dlogp_p = scratch(dev, DType::F32, ta, meter)?;
-    if ta == 0 && tune.dw_overwrite {
-        zero(g, dlm_head)?;
-    }
-    if ta > 0 {
-        let (tc, splits) = fused_splits(g, tune, ta, h, v, ps.dt);
-        // Cached, not zeroed: [tc, v] storage dtype (the chunk's logits, then its dlogits) and
-        // S × [tc, h] f32 dhidden partials.
-        let mut lay = Layout::default();
-        let (o_store, o_dh) = (lay.part(tc * v * ps.dt.size()), lay.part(splits.count * tc * h * 4));
-        let sc = take(dev, tune, &lay, meter)?;
-        let (store, dh) = (sc.at(o_store), sc.at(o_dh));
-        // [tc] zeros: the per-row offset `logprob_dlogits_stored` adds back (none here).
-        let zoff = scratch(dev, DType::F32, tc, meter)?;
-        let stats = scratch(dev, DType::F32, tc * 4, meter)?;
-        let lse = scratch(dev, DType::F32, tc, meter)?;
-        let (zoff, stats, lse) = (zoff.ptr(g)?, stats.ptr(g)?, lse.ptr(g)?);
-        let (dhid, dw, dlp) = (dhidden.ptr(g)?, dlm_head.ptr(g)?, dlogp_p.ptr(g)?);
-        let logp_p: &Buf = match &tmp {
-            Some((l, _)) => l,
-            None => &*logp,
-        };
-        let lp = logp_p.ptr(g)?;
-        let en = match (&tmp, entropy.as_deref()) {
-            (_, None) => 0,
-            (Some((_, e)), Some(_)) => e.ptr(g)?,
-            (None, Some(e)) => e.ptr(g)?,
-        };
-        let fold = kname("logprob_fold_full", ps.dt);
-        let dlogits = kname("logprob_dlogits_stored", ps.dt);
-        for t0 in (0..ta).step_by(tc) {
-            let n = tc.min(ta - t0);
-            let hid_t0 = at(hid, t0 * h, ps.dt);
-            let tgt_t0 = at(tgt, t0, DType::I32);
-            // logits [n, v] = hidden rows [n, h] · W [v, h]ᵀ, rounded once to the storage dtype.
-            ps.logits_kept(g, store, hid_t0, n)?;
-            let args = [Arg::Ptr(stats), Arg::Ptr(store), Arg::Ptr(tgt_t0), Arg::I32(n as i32), Arg::I32(v as i32)];
-            g.launch(MODULE, &fold, cfg_rows(n, BLOCK, 0), &args)?;
-            let en_t0 = if en == 0 { 0 } else { at(en, t0, DType::F32) };
-            ps.finalize(g, at(lp, t0, DType::F32), lse, en_t0, stats, n)?;
-            grad(GradChunk { p0: t0, n, idx: act.as_ref().map(|a| &a.idx), logp: logp_p, dlogp: &mut dlogp_p })?;
-            let args = [
-                Arg::Ptr(store),
-                Arg::Ptr(zoff),
-                Arg::Ptr(lse),
-                Arg::Ptr(at(dlp, t0, DType::F32)),
-                Arg::Ptr(tgt_t0),
-                Arg::I32(n as i32),
-                Arg::I32(v as i32),
-                Arg::I32(v as i32),
-                Arg::I32(1),
-            ];
-            g.launch(MODULE, &dlogits, cfg_cols(v, vec_n(ps.dt), n), &args)?;
-            // dh partials [n, h] = dlogits [n, v slice] · W [v slice, h] (split-K over V)
-            ps.dhidden(g, dh, store, v, 0, v, n, 0.0, splits)?;
-            // dW [v, h] (+)= dlogitsᵀ [v, n] · hidden [n, h]
-            ps.dw(g, dw, store, hid_t0, n, 0, v, if tune.dw_overwrite && t0 == 0 { 0.0 } else { 1.0 })?;
-            // dhidden rows = Σ partials
-            let idx_t0 = if idx == 0 { 0 } else { at(idx, t0, DType::I32) };
-            ps.scatter_sum(g, dhid, dh, 0, idx_t0, t0, n, splits.count, n * h)?;
-        }
-    }
-    if let (Some(a), Some((tl, te))) = (&act, &tmp) {
-        expand(g, logp, tl, a, t)?;
-        if let Some(e) = entropy.as_deref() {
-            expand(g, e, te, a, t)?;
-        }
-    }
-    Ok(())
-}
-
 /// Bytes of a row cached in shared memory by `logprob_fold_u` (the rest is re-read). Over half an
 /// SM's shared memory, so one block runs per SM and the re-read rows stay in L2; under A100's 164 KiB.
 const FOLD_U_SMEM: usize = 160 << 10;
 
-/// Variant 3 of `fwd_bwd` (`Tuning::fused_v3`). Per token chunk of n rows:
-/// 1. variant 2's GEMM: logits [n, v] at the storage dtype into the kept buffer;
+/// `fwd_bwd` at `LogitPrecision::Bf16`. Per token chunk of n rows:
+/// 1. one GEMM writes logits [n, v] at the storage dtype straight into the kept buffer (row
+///    stride v; no f32 tile, no copy, no per-tile launches; not zeroed: the GEMM writes all of
+///    rows 0 .. n before anything reads them);
 /// 2. `logprob_fold_u` (one 1024-thread block per row): the online fold, lse / logp /
 ///    entropy, then the row is overwritten with u = onehot − e^(l − lse); the row's first
 ///    160 KiB stay in shared memory between the two passes;
 /// 3. the callback writes g = dlogp for the chunk;
 /// 4. hg [n, h] = diag(g)·hidden rows, dh = U·W (f32), dW += Uᵀ·hg, dhidden rows = diag(g)·dh.
 ///
-/// HBM per chunk: the GEMM's write, one read and one write of the buffer (variant 2: one more read).
+/// HBM per chunk: the GEMM's write, one read and one write of the buffer.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn fwd_bwd_v3(
+pub(super) fn fwd_bwd_bf16(
     g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, logp: &mut Buf, entropy: Option<&mut Buf>,
     dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize,
     h: usize, v: usize, grad: &mut GradFn,

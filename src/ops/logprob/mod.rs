@@ -48,29 +48,14 @@ pub struct Tuning {
     /// token count), and vocab columns per f32 tile.
     pub fused_bytes: usize,
     pub fused_vocab: usize,
-    /// `fwd_bwd` variant 2 (kernels/logprob.cu, "Variant 2"): one logits GEMM per token chunk
-    /// writes the [tokens, V] logits straight into the kept buffer at the storage dtype, and one
-    /// single-read kernel folds each row (no f32 tile, `fused_vocab` unused). For bf16 the logits
-    /// are rounded to bf16 before the log-sum-exp, as in a framework's bf16 lm_head. Default: the
-    /// environment variable `AM3_LOGPROB_V2=1`. See PERF-logprob.md.
-    pub fused_v2: bool,
-    /// `fwd_bwd` variant 3 (takes precedence over `fused_v2`): variant 2's GEMM, then one kernel
-    /// per chunk folds each row and overwrites it with u = onehot − softmax (independent of dlogp),
-    /// and dlogp is applied after: dhidden = diag(g)·(U·W) in the scatter, dW += Uᵀ·(diag(g)·hidden).
-    /// Same bf16 logit rounding as variant 2. The default (see `Tuning::default`).
-    ///
-    /// `fwd` honours `fused_v2` / `fused_v3` too: it then computes the logits exactly as the fused
-    /// pass does (the same GEMM per chunk of `fused_bytes`, the same fold kernel), so the old
-    /// policy's and the reference's log-probs equal the fused pass's bit for bit for the same
-    /// weights, inputs and mask, and the GRPO ratio e^(logp − old) is exactly 1 at policy == old.
-    /// (Extra memory of `fwd` in this mode: the kept chunk, `fused_bytes`, instead of one f32
-    /// tile.) `bwd` honours them as well: it recomputes each tile's logits rounded to the storage
-    /// dtype, so its softmax matches the lse that `fwd` of this mode saved.
-    pub fused_v3: bool,
+    /// How the logits are rounded before the log-sum-exp (a numerics choice; both are tested and
+    /// measured in PERF-logprob.md). `fwd` and `bwd` honour it too, so old/ref/policy log-probs
+    /// computed with the same `Tuning` agree bit for bit.
+    pub precision: LogitPrecision,
     /// Vocabulary slices of the dhidden GEMM (split-K, PERF-logprob.md Round 4): dhidden = U·W is
     /// computed as S f32 partials over slices of V and summed in the scatter, so a chunk of 2,048
     /// tokens gets S× the output tiles. 0 = automatic (a wave-quantisation cost model: 4 at 2,048
-    /// tokens, 3 at 2,731, 1 for short vocabularies). Used by every `fwd_bwd` variant and by `bwd`
+    /// tokens, 3 at 2,731, 1 for short vocabularies). Used by `fwd_bwd` at either precision and by `bwd`
     /// (per vocabulary tile there, automatic = 1 at 8,192 tokens). Costs (S − 1) · tc · H · 4
     /// bytes of scratch.
     pub dhidden_splits: usize,
@@ -84,19 +69,30 @@ pub struct Tuning {
     pub cache_scratch: bool,
 }
 
+/// The rounding of the logits in the log-prob passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitPrecision {
+    /// Logits at the activation dtype (bf16 for a bf16 model), as a framework's bf16 lm_head
+    /// computes them: one logits GEMM per token chunk writes them straight into the kept buffer,
+    /// then one kernel per chunk folds each row and overwrites it with u = onehot − softmax
+    /// (independent of dlogp); dlogp is applied after: dhidden = diag(g)·(U·W) in the scatter,
+    /// dW += Uᵀ·(diag(g)·hidden). `fwd` computes the logits exactly as the fused pass does (the
+    /// same GEMM per chunk of `fused_bytes`, the same fold kernel), so the GRPO ratio
+    /// e^(logp − old) is exactly 1 at policy == old; its extra memory is the kept chunk,
+    /// `fused_bytes`, instead of one f32 tile. `bwd` recomputes each tile's logits rounded the same
+    /// way, so its softmax matches the lse that `fwd` saved.
+    Bf16,
+    /// f32 logit tiles from cuBLAS, each logit stored relative to its row's running max (error
+    /// 2⁻⁹·(max − l) instead of 2⁻⁹·|l|).
+    ExactF32,
+}
+
 impl Default for Tuning {
-    /// Variant 3 with 900 MiB chunks (measured fastest on the H200, PERF-logprob.md round 4:
-    /// 42.8 ms for the GRPO loss with 0.90 GiB extra): bf16 logits, as a framework's
-    /// bf16 lm_head computes them, with `fwd`/`bwd` rounding the same way so the GRPO ratio is
-    /// exactly 1 at policy == old. `AM3_LOGPROB_V2=0` selects `Tuning::exact()` (f32 logit
-    /// tiles, 47 ms), `=1` variant 2.
+    /// Bf16 logits with 900 MiB chunks (measured fastest on the H200, PERF-logprob.md round 4:
+    /// 42.8 ms for the GRPO loss with 0.90 GiB extra). `Tuning::exact()`: f32 logit
+    /// tiles (47 ms).
     fn default() -> Self {
-        let var = std::env::var("AM3_LOGPROB_V2").unwrap_or_default();
-        match var.as_str() {
-            "0" => Self::exact(),
-            "1" => Self { fused_v2: true, fused_v3: false, fused_bytes: 640 << 20, ..Self::exact() },
-            _ => Self { fused_v3: true, fused_bytes: 900 << 20, ..Self::exact() },
-        }
+        Self { precision: LogitPrecision::Bf16, fused_bytes: 900 << 20, ..Self::exact() }
     }
 }
 
@@ -112,8 +108,7 @@ impl Tuning {
             bwd_vocab: 8192,
             fused_bytes: 640 << 20,
             fused_vocab: 8192,
-            fused_v2: false,
-            fused_v3: false,
+            precision: LogitPrecision::ExactF32,
             dhidden_splits: 0,
             dw_overwrite: false,
             cache_scratch: true,
@@ -326,21 +321,15 @@ pub fn fwd_bwd_with(
         }
         Device::Cuda(g) => {
             let mut meter = 0;
-            let r = if tune.fused_v3 {
-                gpu::fwd_bwd_v3(
+            let r = match tune.precision {
+                LogitPrecision::Bf16 => gpu::fwd_bwd_bf16(
                     g, dev, tune, &mut meter, logp, entropy, dhidden, dlm_head, hidden, lm_head, targets, mask, t, h,
                     v, grad,
-                )
-            } else if tune.fused_v2 {
-                gpu::fwd_bwd_v2(
+                ),
+                LogitPrecision::ExactF32 => gpu::fwd_bwd_exact(
                     g, dev, tune, &mut meter, logp, entropy, dhidden, dlm_head, hidden, lm_head, targets, mask, t, h,
                     v, grad,
-                )
-            } else {
-                gpu::fwd_bwd(
-                    g, dev, tune, &mut meter, logp, entropy, dhidden, dlm_head, hidden, lm_head, targets, mask, t, h,
-                    v, grad,
-                )
+                ),
             };
             LAST_SCRATCH.store(meter, Ordering::Relaxed);
             r

@@ -1,0 +1,116 @@
+//! Launch of the training/vision forward (kernels/attention_fwd.cu, or attention_simple.cu).
+//!
+//! Q128 (`attention_fwd_q128_bf16_d{d}`): one block = 128 query rows of one (sequence, q head) as
+//! 4 warps × 32 rows (two m16 fragments per warp share every K/V fragment read from shared
+//! memory), 64-key K/V tiles through a two-stage cp.async ring. Grid (hq, nseq, query tiles): the
+//! kernel reverses the tile index (z), so the longest causal tiles of every (sequence, head) are
+//! dispatched first and the shortest last.
+//!
+//! Q64 (`attention_fwd_q64_bf16_d{d}`): one block = 64 query rows of one (sequence, head), 4 warps
+//! × 16 rows, grid (query tiles, hq, nseq).
+//!
+//! Both take the same arguments and give the same layouts (out [T, hq, d], lse [hq, T]), so either
+//! backward takes their lse.
+
+use super::{
+    cfg_warps, check, check_dtype, check_grid, check_packed, check_tc, cpu, simple_dims, AttnFwdKernel, AttnShape,
+    Varlen, TILE,
+};
+use crate::cuda::{Arg, Gpu};
+use crate::ops::{kname, same_float_dtype};
+use crate::tensor::{Buf, DType, Device};
+use anyhow::{bail, Result};
+use cudarc::driver::LaunchConfig;
+
+/// Query rows per Q128 block.
+const BM: usize = 128;
+/// Keys per Q128 K/V tile.
+const BN: usize = 64;
+
+/// Shared memory of Q64: Q, K, V tiles of 64 rows, rows padded by 8 elements.
+fn q64_smem(d: usize) -> u32 {
+    (3 * TILE * (d + 8) * 2) as u32
+}
+
+/// Shared memory of Q128: Q [128][d+8] and two stages of K and V [64][d+8] (bf16, rows padded by 8
+/// so ldmatrix rows fall in distinct banks), then the thread-partial row sums [4][128] f32.
+fn q128_smem(d: usize) -> u32 {
+    ((BM + 4 * BN) * (d + 8) * 2 + 4 * 128 * 4) as u32
+}
+
+/// `fwd` with an explicit kernel (the bench and tests run each); an error when a tensor-core
+/// kernel cannot take the call (dtype, head dim, alignment). On the CPU the kernel is ignored.
+#[allow(clippy::too_many_arguments)]
+pub fn fwd_with(
+    dev: &Device, out: &mut Buf, lse: &mut Buf, q: &Buf, k: &Buf, v: &Buf, seqs: &Varlen, s: &AttnShape,
+    kernel: AttnFwdKernel,
+) -> Result<()> {
+    let op = "attention_fwd";
+    let t = check_packed(op, q, k, v, seqs, s)?;
+    check(out, t * s.hq * s.d, op, "out")?;
+    check(lse, s.hq * t, op, "lse")?;
+    check_dtype(lse, DType::F32, op, "lse")?;
+    match dev {
+        Device::Cpu => {
+            cpu::fwd(out.host_mut()?, lse.host_mut()?, q.host()?, k.host()?, v.host()?, &seqs.host, s);
+            Ok(())
+        }
+        Device::Cuda(g) => {
+            let dt = same_float_dtype(op, &[out, q, k, v])?;
+            if t == 0 {
+                return Ok(());
+            }
+            let nseq = seqs.nseq();
+            let mut args = vec![
+                Arg::Ptr(out.ptr(g)?),
+                Arg::Ptr(lse.ptr(g)?),
+                Arg::Ptr(q.ptr(g)?),
+                Arg::Ptr(k.ptr(g)?),
+                Arg::Ptr(v.ptr(g)?),
+                Arg::Ptr(seqs.buf.ptr(g)?),
+            ];
+            if kernel == AttnFwdKernel::Simple {
+                args.extend(simple_dims(nseq, t, s));
+                return g.launch("attention_simple", &kname("attention_simple_fwd", dt), cfg_warps(t * s.hq), &args);
+            }
+            check_tc(op, kernel, dt, s.d, super::aligned16(g, &[out, q, k, v])?)?;
+            check_grid(op, seqs, s)?;
+            args.extend([
+                Arg::I32(t as i32),
+                Arg::I32(s.hq as i32),
+                Arg::I32(s.hkv as i32),
+                Arg::F32(s.scale * std::f32::consts::LOG2_E),
+                Arg::I32(s.causal as i32),
+            ]);
+            if kernel == AttnFwdKernel::Q128 {
+                return launch_q128(g, &args, seqs, s);
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (seqs.max_len.div_ceil(TILE) as u32, s.hq as u32, nseq as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: q64_smem(s.d),
+            };
+            g.launch("attention_fwd", &format!("attention_fwd_q64_bf16_d{}", s.d), cfg, &args)
+        }
+    }
+}
+
+/// Launches `attention_fwd_q128_bf16_d{d}`; `args` = out, lse, q, k, v, cu_seqlens, T, hq, hkv,
+/// scale·log2(e), causal. The caller has checked the buffers, the dtype (bf16), the head dim
+/// (64/80/128), the alignment and T·hq·d < 2^31 (the kernel indexes with 32-bit offsets).
+fn launch_q128(g: &Gpu, args: &[Arg], seqs: &Varlen, s: &AttnShape) -> Result<()> {
+    let tiles = seqs.max_len.div_ceil(BM);
+    if tiles > 65535 || seqs.nseq() > 65535 {
+        bail!(
+            "attention_fwd: {} sequences of up to {} tokens exceed the Q128 grid limits (65535 each in y, z)",
+            seqs.nseq(),
+            seqs.max_len
+        );
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (s.hq as u32, seqs.nseq() as u32, tiles as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: q128_smem(s.d),
+    };
+    g.launch("attention_fwd", &format!("attention_fwd_q128_bf16_d{}", s.d), cfg, args)
+}
