@@ -551,12 +551,12 @@ pub fn run(args: SftArgs) -> Result<PathBuf> {
     let n_trainable: usize = l.model.trainable_entries().iter().map(|(r, _)| r.numel()).sum();
     let max_mb = mbs.iter().map(|mb| mb.iter().map(|&i| examples[i].len()).sum::<usize>()).max().unwrap_or(0);
     let td = l.model.tdims();
-    let sink = if plan.lora_rank > 0 { td.vocab * td.layer.d } else { 0 };
     let kept_layers = if plan.recompute { 1 } else { td.n_layers };
+    // No head-gradient sink under LoRA: the frozen head's dW is skipped.
     limits::ensure_training_fits(
         &dev,
         n_trainable as u64,
-        sink as u64,
+        0,
         max_mb as u64,
         kept_layers as u64,
         td.layer.d as u64,

@@ -108,9 +108,8 @@ impl TrainState for QwenVl {
     }
 
     fn zero_grads(&mut self, dev: &Device) -> Result<()> {
-        let head = self.tdims.vocab * self.tdims.layer.d;
         match self.lora.as_mut() {
-            Some(l) => l.zero_grads(dev, head),
+            Some(l) => l.zero_grads(dev),
             None => {
                 // Free the old gradients first: at 7B they are 31 GiB, and two sets do not fit.
                 self.grads = None;
@@ -329,7 +328,7 @@ impl QwenVl {
         let (s, d, v, dt) = (f.tokens(), self.tdims.layer.d, self.tdims.vocab, self.dtype());
         self.ensure_grads(dev)?;
         let mut dxf = dev.zeros(dt, s * d)?;
-        let dhead = head_grad(&mut self.grads, &mut self.lora)?;
+        let dhead = head_grad(&mut self.grads, &self.lora)?;
         logprob::bwd(dev, &mut dxf, dhead, dlogp, f.final_hidden(), self.params.text.head(), targets, lse, s, d, v)?;
         if hidden_scale != 1.0 {
             crate::ops::elementwise::scale_inplace(dev, &mut dxf, hidden_scale, s * d)?;
@@ -361,10 +360,10 @@ impl QwenVl {
     }
 
     /// The lm_head gradient [V, D] (the embedding's when tied), allocating gradients if needed.
-    /// Under LoRA the head is frozen and this is a sink that is never read.
-    pub fn lm_head_grad(&mut self, dev: &Device) -> Result<&mut Buf> {
+    /// None under LoRA: the head is frozen and has no gradient (pass None to the head op).
+    pub fn lm_head_grad(&mut self, dev: &Device) -> Result<Option<&mut Buf>> {
         self.ensure_grads(dev)?;
-        head_grad(&mut self.grads, &mut self.lora)
+        head_grad(&mut self.grads, &self.lora)
     }
 
     /// Empty KV caches for `batch` sequences of up to `max_len` tokens.
@@ -423,16 +422,17 @@ fn entries<'a>(
     v
 }
 
-/// Where the head's backward writes d lm_head: the base gradient, or the LoRA sink.
-fn head_grad<'a>(grads: &'a mut Option<QwenParams>, lora: &'a mut Option<LoraState>) -> Result<&'a mut Buf> {
-    if let Some(l) = lora.as_mut() {
-        return match l.grads.as_mut() {
-            Some(g) => Ok(&mut g.head_sink),
+/// Where the head's backward writes d lm_head: the base gradient, or None under LoRA (the head
+/// is frozen, so the op skips its dW GEMM and nothing [V, D] is allocated).
+fn head_grad<'a>(grads: &'a mut Option<QwenParams>, lora: &'a Option<LoraState>) -> Result<Option<&'a mut Buf>> {
+    if let Some(l) = lora.as_ref() {
+        return match l.grads {
+            Some(_) => Ok(None),
             None => bail!("gradients not allocated"),
         };
     }
     match grads.as_mut() {
-        Some(g) => Ok(g.text.head_mut()),
+        Some(g) => Ok(Some(g.text.head_mut())),
         None => bail!("gradients not allocated"),
     }
 }
