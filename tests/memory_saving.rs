@@ -1,12 +1,18 @@
-//! Issue #14's memory savings, on the CPU:
+//! Issue #14's two memory savings, on the CPU:
 //! - LoRA: the frozen lm_head gets no gradient. `logprob::bwd` with `dlm_head` None skips the dW
 //!   GEMM and gives the same d hidden bit for bit; the LoRA state allocates no [V, D] sink; the
 //!   adapters' gradients of the SFT path (`backward_logprobs`) and of the GRPO path
 //!   (`backward_logprobs_scaled`, 1/T) equal those of the old path (the head's dW still run into
 //!   a sink) bit for bit, on a tiny Qwen2.5-VL (images, vision adapters) and a tiny LLaVA-NeXT.
+//! - `--optim-step per-layer`: N SFT steps give checkpoints (weights and AdamW state) that are
+//!   byte-identical to N whole-model steps, on the tiny Qwen and a tiny LLaVA, resume included;
+//!   the flag is refused with clipping, accumulation or LoRA; the per-layer gradient layout holds
+//!   no decoder layer, and the memory plan's gradient bytes drop by n_layers − 1 layers.
 mod common;
 #[path = "support/tiny_llava.rs"]
 mod tiny_llava;
+use am3safety::bench::plan::{Plan, PlanInput};
+use am3safety::models::common::decoder::LayerParams;
 use am3safety::models::common::lora::LoraConfig;
 use am3safety::models::common::params::NamedTensors;
 use am3safety::models::common::train_state::TrainState;
@@ -16,8 +22,12 @@ use am3safety::models::tiny;
 use am3safety::ops::{elementwise, logprob};
 use am3safety::rng::Rng;
 use am3safety::stages::examples::{pack, Packed};
-use am3safety::stages::sft::{self, load_examples};
-use am3safety::tensor::{Buf, DType, Device};
+use am3safety::stages::model::VlModel;
+use am3safety::stages::sft::{self, load_examples, SftArgs};
+use am3safety::tensor::{Buf, DType, Device, DevicePref};
+use am3safety::train::metrics::read_metrics;
+use common::*;
+use std::path::{Path, PathBuf};
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
@@ -178,4 +188,139 @@ fn lora_llava_frozen_head_grads_match_the_sink_path() {
         m.backward(&dev, &f, &dxf).unwrap();
         same_grads(&format!("llava lora, hidden scale {scale}"), &new, &m.grads_by_name(&dev).unwrap());
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. The per-layer optimizer step.
+
+fn sft_args(model: Option<&Path>, out: &Path, steps: u64, per_layer: bool) -> SftArgs {
+    SftArgs {
+        model: model.map(Path::to_path_buf),
+        out: Some(out.to_path_buf()),
+        steps: Some(steps),
+        save_every: Some(2),
+        warmup: Some(1),
+        weight_decay: Some(0.05),
+        lr: Some(2e-3),
+        clip: Some(0.0),
+        batch_tokens: model.map(|_| 640),
+        device: Some(DevicePref::Cpu),
+        optim_step: Some(if per_layer { "per-layer" } else { "whole" }.into()),
+        ..Default::default()
+    }
+}
+
+/// Every file of a checkpoint's weights and optimizer state, as bytes.
+fn checkpoint_bytes(ck: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut dirs = vec![ck.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "safetensors") {
+                out.push((p.strip_prefix(ck).unwrap().display().to_string(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    assert!(out.iter().any(|(n, _)| n.starts_with("train_state")), "{}: no optimizer state", ck.display());
+    out
+}
+
+fn losses(out: &Path) -> Vec<u64> {
+    let m = read_metrics(out.join("metrics.jsonl")).unwrap();
+    m.iter().filter_map(|v| v.get("loss").and_then(|x| x.as_f64())).map(f64::to_bits).collect()
+}
+
+fn same_checkpoints(tag: &str, a: &Path, b: &Path) {
+    let (x, y) = (checkpoint_bytes(a), checkpoint_bytes(b));
+    assert_eq!(x.iter().map(|f| &f.0).collect::<Vec<_>>(), y.iter().map(|f| &f.0).collect::<Vec<_>>(), "{tag}");
+    for ((n, p), (_, q)) in x.iter().zip(&y) {
+        assert!(p == q, "{tag}: {n} differs between the whole-model and the per-layer step");
+    }
+    println!("{tag}: {} safetensors files byte-identical", x.len());
+}
+
+/// Whole vs per-layer SFT for 4 steps, and per-layer stopped after 2 and resumed.
+fn per_layer_matches_whole(tag: &str, model: Option<&Path>, root: &Path) {
+    let (w, p, r) = (root.join("whole"), root.join("per-layer"), root.join("resumed"));
+    let run = |a: SftArgs| sft::run(a).unwrap_or_else(|e| panic!("{tag}: {e:#}"));
+    let ck_w = run(sft_args(model, &w, 4, false));
+    let ck_p = run(sft_args(model, &p, 4, true));
+    same_checkpoints(tag, &ck_w, &ck_p);
+    assert_eq!(losses(&w), losses(&p), "{tag}: the step losses differ");
+    run(SftArgs { stop_after: Some(2), ..sft_args(model, &r, 4, true) });
+    let ck_r = run(SftArgs { resume: true, ..sft_args(model, &r, 4, true) });
+    same_checkpoints(&format!("{tag}, resumed at step 2"), &ck_w, &ck_r);
+}
+
+#[test]
+fn per_layer_step_is_bit_identical_qwen() {
+    let root = fresh_tmp_dir("memsave-qwen");
+    per_layer_matches_whole("tiny qwen sft", None, &root);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn per_layer_step_is_bit_identical_llava() {
+    let root = fresh_tmp_dir("memsave-llava");
+    let src = root.join("src");
+    tiny_llava::write_tiny_dir(&src, "mistral", 11);
+    per_layer_matches_whole("tiny llava sft", Some(&src), &root);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn per_layer_step_is_refused_with_clip_accumulation_or_lora() {
+    let out = PathBuf::from("unused");
+    let base = || sft_args(None, &out, 4, true);
+    let err = |a: SftArgs| format!("{:#}", a.resolve().unwrap_err());
+    assert!(err(SftArgs { clip: None, ..base() }).contains("--clip 0"), "the default clip of 1.0");
+    assert!(err(SftArgs { clip: Some(0.5), ..base() }).contains("--clip 0"));
+    assert!(err(SftArgs { grad_accum: Some(2), ..base() }).contains("--grad-accum 1"));
+    assert!(err(SftArgs { lora_rank: Some(4), ..base() }).contains("full fine-tune"));
+    assert!(err(SftArgs { optim_step: Some("layer".into()), ..base() }).contains("whole or per-layer"));
+    let (_, plan) = base().resolve().unwrap();
+    assert!(plan.per_layer());
+    // The default stays the whole-model step, and is not written into trainer_state.json's plan
+    // (so runs saved before the flag existed still resume).
+    let (_, plan) = SftArgs::default().resolve().unwrap();
+    assert!(!plan.per_layer());
+    assert!(serde_json::to_value(&plan).unwrap().get("optim_step").is_none());
+}
+
+#[test]
+fn per_layer_gradients_hold_no_layer_and_the_plan_counts_one() {
+    let dev = Device::Cpu;
+    let mut m = VlModel::from(tiny::build(&dev, tiny::config(&tiny::tokenizer().unwrap()).unwrap(), 1).unwrap());
+    let td = m.tdims().clone();
+    let layer_f32: usize =
+        LayerParams::shapes(&td.layer, td.flags).iter().map(|(_, s)| s.iter().product::<usize>() * 4).sum();
+    m.zero_grads(&dev).unwrap();
+    let whole: usize = m.params_and_grads().iter().map(|(_, _, g)| g.len() * 4).sum();
+    m.set_per_layer_grads(true);
+    m.zero_grads(&dev).unwrap();
+    let pg = m.params_and_grads();
+    assert!(pg.iter().all(|(r, _, _)| !r.name.starts_with("model.layers.")), "a decoder layer's gradient is stored");
+    let outer: usize = pg.iter().map(|(_, _, g)| g.len() * 4).sum();
+    drop(pg);
+    assert_eq!(outer, whole - td.n_layers * layer_f32, "the per-layer layout drops exactly the decoder layers");
+    let plan = Plan::new(&m, PlanInput { seq: 256, kv_slots: 4, kv_len: 256 });
+    for (tag, c, cuda) in [("cpu", &plan.cpu, false), ("cuda", &plan.cuda, true)] {
+        assert!(c.grads_per_layer(cuda) < c.grads(cuda), "{tag}: the per-layer plan should need less");
+        assert!(c.sft_step_per_layer(cuda) < c.sft_step(cuda, true), "{tag}");
+    }
+    // CPU: every gradient f32; the plan counts the rest plus one live layer.
+    assert_eq!(plan.cpu.grads_f32, whole);
+    assert_eq!(plan.cpu.grads_per_layer_f32, outer + layer_f32);
+    assert_eq!(plan.cpu.grads_f32 - plan.cpu.grads_per_layer_f32, (td.n_layers - 1) * layer_f32);
+    let j = plan.to_json();
+    assert_eq!(j["cpu_f32"]["grads_per_layer_f32"].as_u64(), Some((outer + layer_f32) as u64));
+    println!(
+        "tiny qwen: gradients {whole} B whole, {} B per-layer ({} layers of {layer_f32} B)",
+        outer + layer_f32,
+        td.n_layers
+    );
 }
