@@ -7,7 +7,9 @@
 //! - `--optim-step per-layer`: N SFT steps give checkpoints (weights and AdamW state) that are
 //!   byte-identical to N whole-model steps, on the tiny Qwen and a tiny LLaVA, resume included;
 //!   the flag is refused with clipping, accumulation or LoRA; the per-layer gradient layout holds
-//!   no decoder layer, and the memory plan's gradient bytes drop by n_layers − 1 layers.
+//!   no decoder layer, and the memory plan's gradient bytes drop by n_layers − 1 layers. The same
+//!   for `am3 grpo` (2 steps × 2 epochs × 3 mini-batches = 12 AdamW steps, resume included), and
+//!   its refusal of a mini-batch that spans several micro-batches.
 mod common;
 #[path = "support/tiny_llava.rs"]
 mod tiny_llava;
@@ -22,6 +24,7 @@ use am3safety::models::tiny;
 use am3safety::ops::{elementwise, logprob};
 use am3safety::rng::Rng;
 use am3safety::stages::examples::{pack, Packed};
+use am3safety::stages::grpo::{self, GrpoArgs};
 use am3safety::stages::model::VlModel;
 use am3safety::stages::sft::{self, load_examples, SftArgs};
 use am3safety::tensor::{Buf, DType, Device, DevicePref};
@@ -323,4 +326,53 @@ fn per_layer_gradients_hold_no_layer_and_the_plan_counts_one() {
         outer + layer_f32,
         td.n_layers
     );
+}
+
+fn grpo_args(model: &Path, out: &Path, per_layer: bool) -> GrpoArgs {
+    GrpoArgs {
+        model: Some(model.to_path_buf()),
+        out: Some(out.to_path_buf()),
+        steps: Some(2),
+        dialogues_per_step: Some(3),
+        n: Some(3),
+        max_new_tokens: Some(12),
+        mini_batch: Some(4),
+        ppo_epochs: Some(2),
+        save_every: Some(1),
+        lr: Some(1e-3),
+        clip: Some(0.0),
+        batch_tokens: Some(1 << 16),
+        optim_step: Some(if per_layer { "per-layer" } else { "whole" }.into()),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn per_layer_step_is_bit_identical_grpo() {
+    let root = fresh_tmp_dir("memsave-grpo");
+    let sft_out = root.join("sft");
+    let ck = sft::run(SftArgs {
+        out: Some(sft_out),
+        steps: Some(10),
+        save_every: Some(10),
+        device: Some(DevicePref::Cpu),
+        ..Default::default()
+    })
+    .unwrap();
+    let run = |a: GrpoArgs| grpo::run(a).unwrap_or_else(|e| panic!("{e:#}"));
+    let ck_w = run(grpo_args(&ck, &root.join("whole"), false));
+    let ck_p = run(grpo_args(&ck, &root.join("per-layer"), true));
+    same_checkpoints("tiny qwen grpo", &ck_w, &ck_p);
+    let r = root.join("resumed");
+    run(GrpoArgs { stop_after: Some(1), ..grpo_args(&ck, &r, true) });
+    let ck_r = run(GrpoArgs { resume: true, ..grpo_args(&ck, &r, true) });
+    same_checkpoints("tiny qwen grpo, resumed at step 1", &ck_w, &ck_r);
+    // Refusals: clipping, LoRA, and a mini-batch split into micro-batches (found at the update).
+    let err = |a: GrpoArgs| format!("{:#}", a.resolve().unwrap_err());
+    assert!(err(GrpoArgs { clip: None, ..grpo_args(&ck, &r, true) }).contains("--clip 0"));
+    assert!(err(GrpoArgs { lora_rank: Some(4), ..grpo_args(&ck, &r, true) }).contains("full fine-tune"));
+    let small = GrpoArgs { batch_tokens: Some(64), ..grpo_args(&ck, &root.join("small"), true) };
+    let e = format!("{:#}", grpo::run(small).unwrap_err());
+    assert!(e.contains("one micro-batch"), "{e}");
+    let _ = std::fs::remove_dir_all(&root);
 }

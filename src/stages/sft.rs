@@ -306,26 +306,9 @@ impl SftArgs {
     }
 }
 
-/// `--optim-step per-layer` updates each layer before the next one's gradient exists, so it
-/// cannot know the global gradient norm (clipping) nor wait for more micro-batches
-/// (accumulation); LoRA has no base layers to step.
+/// `--optim-step` against the other settings (`optim::check_optim_step`).
 pub fn check_optim_step(plan: &SftPlan) -> Result<()> {
-    match plan.optim_step.as_str() {
-        "whole" => Ok(()),
-        "per-layer" => {
-            if plan.clip > 0.0 {
-                bail!("--optim-step per-layer needs --clip 0 (got {}): the global gradient norm is only known after every layer was already updated", plan.clip);
-            }
-            if plan.grad_accum > 1 {
-                bail!("--optim-step per-layer needs --grad-accum 1 (got {}): each layer is updated during the backward of the step's only micro-batch", plan.grad_accum);
-            }
-            if plan.lora_rank > 0 {
-                bail!("--optim-step per-layer is for a full fine-tune: with --lora-rank {} only the adapters train and their gradients are small", plan.lora_rank);
-            }
-            Ok(())
-        }
-        other => bail!("--optim-step: expected whole or per-layer, got {other:?}"),
-    }
+    crate::train::optim::check_optim_step(&plan.optim_step, plan.clip, plan.grad_accum, plan.lora_rank).map(|_| ())
 }
 
 /// The bundled demo data: `$AM3_DEMO_DATA`, else `data/demo/train.jsonl` under the current

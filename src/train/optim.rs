@@ -28,6 +28,29 @@ pub struct Optimizer {
     slots: Vec<Slot>,
 }
 
+/// Validates `--optim-step` (whole | per-layer); true for per-layer. The per-layer step updates
+/// each layer before the next one's gradient exists, so it cannot know the global gradient norm
+/// (clipping) nor wait for more micro-batches (accumulation); under LoRA there are no base
+/// layers to step.
+pub fn check_optim_step(mode: &str, clip: f64, grad_accum: usize, lora_rank: usize) -> Result<bool> {
+    match mode {
+        "whole" => Ok(false),
+        "per-layer" => {
+            if clip > 0.0 {
+                bail!("--optim-step per-layer needs --clip 0 (got {clip}): the global gradient norm is only known after every layer was already updated");
+            }
+            if grad_accum > 1 {
+                bail!("--optim-step per-layer needs --grad-accum 1 (got {grad_accum}): each layer is updated during the backward of the step's only micro-batch");
+            }
+            if lora_rank > 0 {
+                bail!("--optim-step per-layer is for a full fine-tune: with --lora-rank {lora_rank} only the adapters train and their gradients are small");
+            }
+            Ok(true)
+        }
+        other => bail!("--optim-step: expected whole or per-layer, got {other:?}"),
+    }
+}
+
 /// The key of a parameter piece in the optimizer state.
 pub fn slot_key(r: &ParamRef) -> String {
     if r.is_whole() {
