@@ -14,9 +14,10 @@ mod common;
 #[path = "support/tiny_llava.rs"]
 mod tiny_llava;
 use am3safety::bench::plan::{Plan, PlanInput};
+use am3safety::grpo::memory::MemoryPlan;
 use am3safety::models::common::decoder::LayerParams;
 use am3safety::models::common::lora::LoraConfig;
-use am3safety::models::common::params::NamedTensors;
+use am3safety::models::common::params::{GradStore, NamedTensors};
 use am3safety::models::common::train_state::TrainState;
 use am3safety::models::llava_next::model::{Batch as LlavaBatch, LlavaNext};
 use am3safety::models::qwen2_5_vl::model::{QwenVl, Recompute};
@@ -319,6 +320,13 @@ fn per_layer_gradients_hold_no_layer_and_the_plan_counts_one() {
     assert_eq!(plan.cpu.grads_f32, whole);
     assert_eq!(plan.cpu.grads_per_layer_f32, outer + layer_f32);
     assert_eq!(plan.cpu.grads_f32 - plan.cpu.grads_per_layer_f32, (td.n_layers - 1) * layer_f32);
+    // The GRPO stage's plan (grpo::memory) likewise.
+    let n_train: usize = m.trainable_entries().iter().map(|(r, _)| r.numel()).sum();
+    let mp = MemoryPlan::new(&dev, &m, n_train, true, 0, 256, true, GradStore::F32);
+    assert_eq!(mp.grads, whole);
+    let mp_l = mp.clone().per_layer(&dev, &m);
+    assert_eq!(mp_l.grads, outer + layer_f32, "the GRPO plan with the per-layer step");
+    assert_eq!(mp.peak() - mp_l.peak(), (td.n_layers - 1) * layer_f32);
     let j = plan.to_json();
     assert_eq!(j["cpu_f32"]["grads_per_layer_f32"].as_u64(), Some((outer + layer_f32) as u64));
     println!(
