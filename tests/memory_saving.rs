@@ -375,6 +375,13 @@ fn per_layer_step_is_bit_identical_grpo() {
     run(GrpoArgs { stop_after: Some(1), ..grpo_args(&ck, &r, true) });
     let ck_r = run(GrpoArgs { resume: true, ..grpo_args(&ck, &r, true) });
     same_checkpoints("tiny qwen grpo, resumed at step 1", &ck_w, &ck_r);
+    // LoRA GRPO (whole step, as before): a resumed run restores the adapters' masters too.
+    let lora = |out: &Path| GrpoArgs { lora_rank: Some(4), optim_step: None, ..grpo_args(&ck, out, false) };
+    let ck_a = run(lora(&root.join("lora")));
+    let lr_dir = root.join("lora-resumed");
+    run(GrpoArgs { stop_after: Some(1), ..lora(&lr_dir) });
+    let ck_b = run(GrpoArgs { resume: true, ..lora(&lr_dir) });
+    same_checkpoints("tiny qwen lora grpo, resumed at step 1", &ck_a, &ck_b);
     // Refusals: clipping, LoRA, and a mini-batch split into micro-batches (found at the update).
     let err = |a: GrpoArgs| format!("{:#}", a.resolve().unwrap_err());
     assert!(err(GrpoArgs { clip: None, ..grpo_args(&ck, &r, true) }).contains("--clip 0"));

@@ -323,6 +323,11 @@ impl LoraState {
         self.entries().iter().map(|(r, _)| r.numel()).sum()
     }
 
+    /// Every adapter tensor, mutably (e.g. to restore the optimizer's masters).
+    pub fn entries_mut(&mut self) -> Vec<(ParamRef, &mut Buf)> {
+        self.text.iter_mut().chain(self.vision.iter_mut()).flat_map(|l| l.entries_mut()).collect()
+    }
+
     /// Every adapter tensor, mutably, with its gradient (for the optimizer). Empty before the
     /// first `zero_grads`.
     pub fn params_and_grads(&mut self) -> Vec<(ParamRef, &mut Buf, &Buf)> {

@@ -314,13 +314,17 @@ impl LlavaNext {
         pair_grads(ps, gs)
     }
 
-    /// Every parameter tensor, mutably (frozen ones included), e.g. to restore the masters.
+    /// Every parameter tensor, mutably (frozen ones included), and the LoRA adapters when
+    /// enabled: what the optimizer's masters are restored into.
     pub fn params_mut(&mut self) -> Vec<(ParamRef, &mut Buf)> {
         let (cfg, vd, td, names) = (&self.cfg, &self.vdims, &self.tdims, &self.names);
         let LlavaParams { vision, proj, newline, text } = &mut self.params;
         let mut ps = vision.entries_mut(vd);
         ps.extend(head_entries_mut(proj, newline, cfg));
         ps.extend(text.entries_mut(td, names));
+        if let Some(l) = self.lora.as_mut() {
+            ps.extend(l.entries_mut());
+        }
         ps
     }
 

@@ -228,11 +228,15 @@ impl QwenVl {
         pair_grads(ps, gs)
     }
 
-    /// Every parameter tensor, mutably (frozen ones included), e.g. to restore the masters.
+    /// Every parameter tensor, mutably (frozen ones included), and the LoRA adapters when
+    /// enabled: what the optimizer's masters are restored into.
     pub fn params_mut(&mut self) -> Vec<(ParamRef, &mut Buf)> {
         let QwenParams { vision, text } = &mut self.params;
         let mut ps = vision.entries_mut(&self.vdims, &self.patch_shape);
         ps.extend(text.entries_mut(&self.tdims, &self.names));
+        if let Some(l) = self.lora.as_mut() {
+            ps.extend(l.entries_mut());
+        }
         ps
     }
 
