@@ -29,6 +29,10 @@ pub struct Components {
     /// Linear-layer weight gradients in bf16, the rest f32 (the CUDA full fine-tune's store;
     /// the CPU stores f32 only).
     pub grads_bf16_linear: usize,
+    /// `--optim-step per-layer`: the gradients outside the decoder layers plus one layer's
+    /// (f32, and with bf16 linear weights on CUDA).
+    pub grads_per_layer_f32: usize,
+    pub grads_per_layer_bf16_linear: usize,
     pub reference: usize,
     pub kv_cache: usize,
     pub act_keep: usize,
@@ -45,8 +49,20 @@ impl Components {
             self.grads_f32
         }
     }
+    /// As `grads` with the per-layer optimizer step.
+    pub fn grads_per_layer(&self, cuda: bool) -> usize {
+        if cuda {
+            self.grads_per_layer_bf16_linear
+        } else {
+            self.grads_per_layer_f32
+        }
+    }
     pub fn resident(&self, cuda: bool) -> usize {
         self.weights + self.master + self.adamw + self.grads(cuda)
+    }
+    /// The recompute SFT step with the per-layer optimizer step.
+    pub fn sft_step_per_layer(&self, cuda: bool) -> usize {
+        self.sft_step(cuda, true) - self.grads(cuda) + self.grads_per_layer(cuda)
     }
     pub fn sft_step(&self, cuda: bool, recompute: bool) -> usize {
         self.resident(cuda) + if recompute { self.act_recompute } else { self.act_keep } + self.logprob_scratch
@@ -71,6 +87,13 @@ fn components(m: &VlModel, inp: &PlanInput, elem: usize, cuda: bool) -> Componen
     let t = m.tdims();
     let l = &t.layer;
     let s = inp.seq;
+    // One decoder layer's gradient (its 2-D tensors are all linear weights); the per-layer step
+    // keeps one instead of n_layers.
+    let shapes = crate::models::common::decoder::LayerParams::shapes(l, t.flags);
+    let layer_bytes = |lin: usize| -> usize {
+        shapes.iter().map(|(_, sh)| sh.iter().product::<usize>() * if sh.len() == 2 { lin } else { 4 }).sum()
+    };
+    let drop_layers = t.n_layers.saturating_sub(1);
     // As grpo::memory::MemoryPlan: per layer the norms' inputs, q/k/v/o, the MLP's three
     // [S, inter] tensors and two f32 statistics; plus one residual stream per layer.
     let per_layer = s * (4 * l.d + 2 * l.q_dim() + 2 * l.kv_dim() + 3 * l.inter) * elem + 2 * s * 4;
@@ -81,6 +104,9 @@ fn components(m: &VlModel, inp: &PlanInput, elem: usize, cuda: bool) -> Componen
         adamw: trainable * 8,
         grads_f32: trainable * 4,
         grads_bf16_linear,
+        grads_per_layer_f32: (trainable * 4).saturating_sub(drop_layers * layer_bytes(4)),
+        grads_per_layer_bf16_linear: grads_bf16_linear
+            .saturating_sub(drop_layers * layer_bytes(if cuda { 2 } else { 4 })),
         reference: params * elem,
         kv_cache: 2 * t.n_layers * inp.kv_slots * inp.kv_len * l.kv_heads * l.head_dim * elem,
         act_keep: streams + per_layer * t.n_layers,
@@ -123,6 +149,7 @@ impl Plan {
             ("AdamW moments (2 × f32)".into(), g.adamw, c.adamw),
             ("gradients, all f32".into(), g.grads_f32, c.grads_f32),
             ("gradients, bf16 linear weights + f32 rest".into(), g.grads_bf16_linear, c.grads_bf16_linear),
+            ("gradients, per-layer step (one layer + rest)".into(), g.grads_per_layer(true), c.grads_per_layer(false)),
             ("reference copy (GRPO, β_kl > 0)".into(), g.reference, c.reference),
             (format!("KV cache ({} slots × {} tokens)", i.kv_slots, i.kv_len), g.kv_cache, c.kv_cache),
             (format!("activations, S = {}, kept", i.seq), g.act_keep, c.act_keep),
@@ -136,6 +163,7 @@ impl Plan {
         vec![
             ("SFT step, kept activations".into(), g.sft_step(true, false), c.sft_step(false, false)),
             ("SFT step, recompute".into(), g.sft_step(true, true), c.sft_step(false, true)),
+            ("SFT step, recompute, per-layer step".into(), g.sft_step_per_layer(true), c.sft_step_per_layer(false)),
             ("decode at the largest batch (weights + KV)".into(), g.weights + g.kv_cache, c.weights + c.kv_cache),
             (
                 "GRPO resident (+ reference copy)".into(),
@@ -188,6 +216,8 @@ impl Plan {
                 "grads_bf16_linear": c.grads_bf16_linear, "reference": c.reference, "kv_cache": c.kv_cache,
                 "activations_kept": c.act_keep, "activations_recompute": c.act_recompute, "logprob_scratch": c.logprob_scratch,
                 "sft_step_kept": c.sft_step(cuda, false), "sft_step_recompute": c.sft_step(cuda, true),
+                "grads_per_layer_f32": c.grads_per_layer_f32, "grads_per_layer_bf16_linear": c.grads_per_layer_bf16_linear,
+                "sft_step_recompute_per_layer": c.sft_step_per_layer(cuda),
             })
         };
         json!({

@@ -53,6 +53,22 @@ impl MemoryPlan {
         }
     }
 
+    /// The plan with `--optim-step per-layer`: the decoder layers' gradients but one are not
+    /// stored (one layer's gradient is reused down the stack).
+    pub fn per_layer(mut self, dev: &Device, model: &VlModel) -> MemoryPlan {
+        let t = model.tdims();
+        let store = model.grad_store();
+        let layer: usize = crate::models::common::decoder::LayerParams::shapes(&t.layer, t.flags)
+            .iter()
+            .map(|(_, sh)| {
+                let lin = sh.len() == 2 && store == GradStore::Bf16Linear && dev.is_cuda();
+                sh.iter().product::<usize>() * if lin { 2 } else { 4 }
+            })
+            .sum();
+        self.grads = self.grads.saturating_sub(t.n_layers.saturating_sub(1) * layer);
+        self
+    }
+
     /// The rollout phase (cache, no gradients' activations) or the update (activations,
     /// scratch), whichever is larger, over what both hold.
     pub fn peak(&self) -> usize {

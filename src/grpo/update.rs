@@ -7,12 +7,13 @@
 //! the whole mini-batch (all its generated tokens, or all its rollouts for the sequence mean),
 //! so the micro-batch split does not change the loss or the gradient.
 
+use crate::models::common::lm::StepFn;
 use crate::models::qwen2_5_vl::model::Recompute;
 use crate::ops::grpo::{cpu::token, Aggregation, GrpoHyper};
 use crate::stages::examples::{micro_batches, pack, Example};
 use crate::stages::model::{VlFwd, VlModel};
 use crate::tensor::{Buf, DType, Device};
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 /// One rollout ready for the update.
 pub struct TrainRow {
@@ -101,18 +102,27 @@ pub fn row_loss(
     d
 }
 
-/// Forward, loss and backward over one mini-batch (gradients accumulate into the model).
+/// Forward, loss and backward over one mini-batch (gradients accumulate into the model). With
+/// `step` (`--optim-step per-layer`) the backward runs the optimizer step layer by layer; the
+/// mini-batch must then be one micro-batch, and it runs even without a generated token (zero
+/// gradients), as the whole-model step would.
 #[allow(clippy::too_many_arguments)]
 pub fn pass(
     dev: &Device, model: &mut VlModel, rows: &[TrainRow], mbs: &[Vec<usize>], temp: f32, hp: &GrpoHyper,
-    agg: Aggregation, rc: &Recompute,
+    agg: Aggregation, rc: &Recompute, mut step: Option<&mut StepFn>,
 ) -> Result<PassStats> {
+    if step.is_some() && mbs.len() != 1 {
+        bail!(
+            "--optim-step per-layer needs each mini-batch in one micro-batch, but this one takes {}: raise --batch-tokens or lower --mini-batch",
+            mbs.len()
+        );
+    }
     let all: Vec<usize> = mbs.iter().flatten().copied().collect();
     let count = |i: usize| rows[i].example.weights.iter().filter(|&&w| w != 0.0).count();
     let total_tokens: usize = all.iter().map(|&i| count(i)).sum();
     let total_rows = all.iter().filter(|&&i| count(i) > 0).count();
     let mut st = PassStats::default();
-    if total_tokens == 0 {
+    if total_tokens == 0 && step.is_none() {
         return Ok(st);
     }
     for mb in mbs {
@@ -142,7 +152,10 @@ pub fn pass(
             off += n;
         }
         let d = dev.upload(&dlogp, DType::F32)?;
-        model.backward_logprobs_scaled(dev, &f, &targets, &lse, &d, 1.0 / temp)?;
+        match step.as_deref_mut() {
+            Some(s) => model.backward_logprobs_stepped(dev, &f, &targets, &lse, &d, 1.0 / temp, s)?,
+            None => model.backward_logprobs_scaled(dev, &f, &targets, &lse, &d, 1.0 / temp)?,
+        }
     }
     let n = st.tokens.max(1) as f64;
     st.kl /= n;

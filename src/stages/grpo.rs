@@ -134,6 +134,11 @@ pub struct GrpoArgs {
     /// bf16 on a GPU when a full fine-tune's f32 gradients would not fit.
     #[arg(long)]
     pub grad_dtype: Option<String>,
+    /// whole (the default) | per-layer: each decoder layer is updated as soon as its gradient is
+    /// final (as `am3 sft`); needs --clip 0, a full fine-tune, and every mini-batch in one
+    /// micro-batch (--batch-tokens).
+    #[arg(long)]
+    pub optim_step: Option<String>,
     #[arg(long, conflicts_with = "overwrite")]
     #[serde(skip)]
     pub resume: bool,
@@ -187,6 +192,24 @@ pub struct GrpoPlan {
     pub lora_save: String,
     #[serde(default = "auto")]
     pub grad_dtype: String,
+    /// whole | per-layer; not written when whole (older runs resume unchanged).
+    #[serde(default = "whole", skip_serializing_if = "is_whole")]
+    pub optim_step: String,
+}
+
+fn whole() -> String {
+    "whole".into()
+}
+
+fn is_whole(s: &str) -> bool {
+    s == "whole"
+}
+
+impl GrpoPlan {
+    /// `--optim-step per-layer`.
+    pub fn per_layer(&self) -> bool {
+        self.optim_step == "per-layer"
+    }
 }
 
 fn auto() -> String {
@@ -239,7 +262,8 @@ impl GrpoArgs {
                 lora_alpha,
                 lora_targets,
                 lora_save,
-                grad_dtype
+                grad_dtype,
+                optim_step
             );
         }
         let steps = int_in("--steps", self.steps.unwrap_or(8), 1, 100_000_000)?;
@@ -295,7 +319,9 @@ impl GrpoArgs {
                 }
                 g
             },
+            optim_step: self.optim_step.clone().unwrap_or_else(whole),
         };
+        crate::train::optim::check_optim_step(&plan.optim_step, plan.clip, 1, plan.lora_rank)?;
         Ok((self, plan, jcfg))
     }
 }
@@ -442,6 +468,11 @@ impl Trainer {
             l.model.set_grad_store(GradStore::Bf16Linear);
         }
         let has_grad = l.model.grad_keys(dev)?;
+        if plan.per_layer() {
+            // Drop the whole-model gradients grad_keys allocated before the optimizer state exists.
+            l.model.set_per_layer_grads(true);
+            l.model.zero_grads(dev)?;
+        }
         let trainable = move |r: &crate::models::common::params::ParamRef| has_grad.contains(&slot_key(r));
         let hp = AdamW { lr: plan.lr as f32, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
         let opt = Optimizer::new(dev, hp, &l.model.trainable_entries(), &trainable)?;
@@ -460,6 +491,7 @@ impl Trainer {
             plan.recompute,
             l.model.grad_store(),
         );
+        let mem = if plan.per_layer() { mem.per_layer(dev, &l.model) } else { mem };
         eprintln!("am3 grpo: memory plan ({slots} slots × {max_len} tokens): {}", mem.describe());
         mem.check(dev, mem.weights + mem.reference + mem.grads + mem.optimizer)?;
         Ok(Trainer { plan, l, reference, opt, judge, samples: loaded.samples, specs, rc })
@@ -648,11 +680,29 @@ impl Trainer {
         for _epoch in 0..p.ppo_epochs {
             for mbs in &minis {
                 self.l.model.zero_grads(dev)?;
-                let st = update::pass(dev, &mut self.l.model, &rows, mbs, p.temperature, &p.hyper(), agg, &self.rc)?;
+                let (hp, model, rc) = (p.hyper(), &mut self.l.model, &self.rc);
+                let (st, rep) = if p.per_layer() {
+                    // The backward of the mini-batch's one micro-batch runs the optimizer step.
+                    let mut ls = self.opt.begin_layered(p.lr, 1.0);
+                    let st = update::pass(
+                        dev,
+                        model,
+                        &rows,
+                        mbs,
+                        p.temperature,
+                        &hp,
+                        agg,
+                        rc,
+                        Some(&mut |pg| ls.apply(dev, pg)),
+                    )?;
+                    (st, ls.finish()?)
+                } else {
+                    let st = update::pass(dev, model, &rows, mbs, p.temperature, &hp, agg, rc, None)?;
+                    (st, self.opt.step(dev, self.l.model.params_and_grads(), p.lr, 1.0, p.clip)?)
+                };
                 if first_dev.is_nan() {
                     first_dev = st.max_ratio_dev;
                 }
-                let rep = self.opt.step(dev, self.l.model.params_and_grads(), p.lr, 1.0, p.clip)?;
                 gnorm = rep.grad_norm;
                 loss += st.loss;
                 kl += st.kl;
@@ -770,8 +820,7 @@ pub fn run(args: GrpoArgs) -> Result<PathBuf> {
             (start, opt_steps) = (st.step, st.opt_steps);
             // The trainable tensors (all weights, or the adapters) come back from the f32
             // masters; the model was built from the start weights, which stay the reference.
-            tr.l.model.zero_grads(&dev)?;
-            let params = tr.l.model.params_and_grads().into_iter().map(|(r, p, _)| (r, p)).collect();
+            let params = tr.l.model.params_mut();
             tr.opt.load(&dev, &ck.join("train_state"), params, opt_steps)?;
             eprintln!("am3 grpo: resuming from {} (step {start})", ck.display());
         }

@@ -245,6 +245,37 @@ impl VlModel {
         }
     }
 
+    /// `backward_logprobs_scaled` with the per-layer optimizer step (full fine-tune, after
+    /// `set_per_layer_grads(true)` and `zero_grads`): `step` receives each text layer's
+    /// (piece, weight, gradient) as soon as that gradient is final, then the rest.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_logprobs_stepped(
+        &mut self, dev: &Device, f: &VlFwd, targets: &Buf, lse: &Buf, dlogp: &Buf, s: f32,
+        step: &mut crate::models::common::lm::StepFn,
+    ) -> Result<()> {
+        match (&mut self.net, f) {
+            (Net::Qwen(m), VlFwd::Qwen(f)) => m.backward_logprobs_stepped(dev, f, targets, lse, dlogp, s, step),
+            (Net::Llava(m), VlFwd::Llava(f)) => m.backward_logprobs_stepped(dev, f, targets, lse, dlogp, s, step),
+            _ => bail!("a forward of one model family was given to the other"),
+        }
+    }
+
+    /// Whether the next `zero_grads` leaves the text layers' gradients out (the per-layer step).
+    pub fn set_per_layer_grads(&mut self, on: bool) {
+        match &mut self.net {
+            Net::Qwen(m) => m.per_layer_grads = on,
+            Net::Llava(m) => m.per_layer_grads = on,
+        }
+    }
+
+    /// Every parameter tensor, mutably (frozen ones included).
+    pub fn params_mut(&mut self) -> Vec<(ParamRef, &mut Buf)> {
+        match &mut self.net {
+            Net::Qwen(m) => m.params_mut(),
+            Net::Llava(m) => m.params_mut(),
+        }
+    }
+
     /// Entropy [S] of the head's distribution too (see `logprobs`).
     pub fn logprobs_entropy(
         &self, dev: &Device, f: &VlFwd, targets: &Buf, mask: Option<&Buf>,

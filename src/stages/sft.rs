@@ -124,6 +124,11 @@ pub struct SftArgs {
     /// for a full fine-tune of a 7B model on one 141 GB card).
     #[arg(long)]
     pub grad_dtype: Option<String>,
+    /// whole (the default: one AdamW step after the backward) | per-layer (full fine-tune: each
+    /// decoder layer is updated as soon as its gradient is final, so one layer's gradient is
+    /// stored instead of all of them; needs --clip 0 and --grad-accum 1).
+    #[arg(long)]
+    pub optim_step: Option<String>,
     /// LoRA rank; 0 (the default) trains every weight. With LoRA only the adapters train.
     #[arg(long, allow_negative_numbers = true, value_parser = whole::<usize, { LORA_RANK.0 }, { LORA_RANK.1 }>)]
     pub lora_rank: Option<usize>,
@@ -188,6 +193,25 @@ pub struct SftPlan {
     /// auto | f32 | bf16 (see `--grad-dtype`).
     #[serde(default = "default_grad_dtype")]
     pub grad_dtype: String,
+    /// whole | per-layer (see `--optim-step`). Not written when whole, so the runs saved before
+    /// the flag existed resume unchanged.
+    #[serde(default = "default_optim_step", skip_serializing_if = "is_whole")]
+    pub optim_step: String,
+}
+
+fn default_optim_step() -> String {
+    "whole".into()
+}
+
+fn is_whole(s: &str) -> bool {
+    s == "whole"
+}
+
+impl SftPlan {
+    /// `--optim-step per-layer`.
+    pub fn per_layer(&self) -> bool {
+        self.optim_step == "per-layer"
+    }
 }
 
 fn default_grad_dtype() -> String {
@@ -225,7 +249,8 @@ impl SftArgs {
                 lora_targets,
                 lora_save,
                 skip_bad,
-                grad_dtype
+                grad_dtype,
+                optim_step
             );
         }
         if self.resume && self.overwrite {
@@ -273,10 +298,17 @@ impl SftArgs {
             lora_targets,
             lora_save,
             grad_dtype,
+            optim_step: self.optim_step.clone().unwrap_or_else(default_optim_step),
         };
+        check_optim_step(&plan)?;
         LrSchedule::new(kind, plan.lr, plan.warmup, plan.steps, plan.min_lr_ratio)?;
         Ok((self, plan))
     }
+}
+
+/// `--optim-step` against the other settings (`optim::check_optim_step`).
+pub fn check_optim_step(plan: &SftPlan) -> Result<()> {
+    crate::train::optim::check_optim_step(&plan.optim_step, plan.clip, plan.grad_accum, plan.lora_rank).map(|_| ())
 }
 
 /// The bundled demo data: `$AM3_DEMO_DATA`, else `data/demo/train.jsonl` under the current
@@ -453,6 +485,24 @@ pub fn nll_micro_batch(
     Ok((nll, n))
 }
 
+/// `nll_micro_batch` (train) with the per-layer optimizer step: `step` updates each layer as
+/// soon as its gradient is final.
+pub fn nll_micro_batch_stepped(
+    dev: &Device, model: &mut VlModel, p: &Packed, rc: &Recompute, step: &mut crate::models::common::lm::StepFn,
+) -> Result<(f64, f64)> {
+    let fwd = model.forward(dev, p, rc)?;
+    let targets = dev.upload_i32(&p.targets)?;
+    let w = dev.upload(&p.weights, crate::tensor::DType::F32)?;
+    let (logp, lse) = model.logprobs(dev, &fwd, &targets, Some(&w))?;
+    let lp = dev.to_vec(&logp)?;
+    let nll: f64 = lp.iter().zip(&p.weights).map(|(&l, &w)| -(l as f64) * w as f64).sum();
+    let n: f64 = p.weights.iter().map(|&w| w as f64).sum();
+    let neg: Vec<f32> = p.weights.iter().map(|&w| -w).collect();
+    let dlogp = dev.upload(&neg, crate::tensor::DType::F32)?;
+    model.backward_logprobs_stepped(dev, &fwd, &targets, &lse, &dlogp, 1.0, step)?;
+    Ok((nll, n))
+}
+
 /// Mean NLL per assistant token over `examples` of `kind` (all kinds when None), no gradients.
 pub fn eval_nll(
     dev: &Device, model: &mut VlModel, examples: &[Example], kind: Option<Kind>, batch_tokens: usize,
@@ -551,18 +601,24 @@ pub fn run(args: SftArgs) -> Result<PathBuf> {
     let n_trainable: usize = l.model.trainable_entries().iter().map(|(r, _)| r.numel()).sum();
     let max_mb = mbs.iter().map(|mb| mb.iter().map(|&i| examples[i].len()).sum::<usize>()).max().unwrap_or(0);
     let td = l.model.tdims();
-    let sink = if plan.lora_rank > 0 { td.vocab * td.layer.d } else { 0 };
     let kept_layers = if plan.recompute { 1 } else { td.n_layers };
+    // No head-gradient sink under LoRA any more: the frozen head's dW is skipped. (With
+    // --optim-step per-layer this still counts every gradient: an over-estimate.)
     limits::ensure_training_fits(
         &dev,
         n_trainable as u64,
-        sink as u64,
+        0,
         max_mb as u64,
         kept_layers as u64,
         td.layer.d as u64,
         td.layer.inter as u64,
     )?;
     let has_grad = l.model.grad_keys(&dev)?;
+    if plan.per_layer() {
+        // Drop the whole-model gradients grad_keys allocated before the optimizer state exists.
+        l.model.set_per_layer_grads(true);
+        l.model.zero_grads(&dev)?;
+    }
     let vision: std::collections::BTreeSet<String> =
         l.model.param_entries().iter().filter(|(r, _)| l.model.is_vision(&r.name)).map(|(r, _)| slot_key(r)).collect();
     let trainable = move |r: &crate::models::common::params::ParamRef| {
@@ -595,7 +651,7 @@ pub fn run(args: SftArgs) -> Result<PathBuf> {
         if need > free as f64 {
             let gib = |b: f64| b / (1u64 << 30) as f64;
             bail!(
-                "not enough GPU memory: the AdamW state (f32 master, exp_avg, exp_avg_sq) of {:.2} B trainable parameters plus ~4 GiB of activations needs {:.1} GiB, but only {:.1} of {:.1} GiB are free on {} after the weights and gradients; use --freeze-vision, --lora-rank N, --grad-dtype bf16 or --recompute true",
+                "not enough GPU memory: the AdamW state (f32 master, exp_avg, exp_avg_sq) of {:.2} B trainable parameters plus ~4 GiB of activations needs {:.1} GiB, but only {:.1} of {:.1} GiB are free on {} after the weights and gradients; use --freeze-vision, --lora-rank N, --grad-dtype bf16, --recompute true or --optim-step per-layer (with --clip 0)",
                 n_train as f64 / 1e9, gib(need), gib(free as f64), gib(total as f64), g.name
             );
         }
@@ -618,8 +674,7 @@ pub fn run(args: SftArgs) -> Result<PathBuf> {
             if st.step == 0 || st.step > plan.steps {
                 bail!("{}: step {} is outside the run's 1..={}", path.display(), st.step, plan.steps);
             }
-            l.model.zero_grads(&dev)?;
-            let params = l.model.params_and_grads().into_iter().map(|(r, p, _)| (r, p)).collect();
+            let params = l.model.params_mut();
             opt.load(&dev, &ck.join("train_state"), params, st.step)?;
             start = st.step;
             eprintln!("am3 sft: resuming from {} (step {start})", ck.display());
@@ -668,16 +723,30 @@ pub fn run(args: SftArgs) -> Result<PathBuf> {
         let (mut nll, mut ntok, mut tokens) = (0.0, 0.0, 0usize);
         let group = &mbs[step as usize * plan.grad_accum..(step as usize + 1) * plan.grad_accum];
         let n_step: f64 = group.iter().flatten().map(|&i| examples[i].n_targets() as f64).sum();
-        for mb in group {
-            let refs: Vec<&Example> = mb.iter().map(|&i| &examples[i]).collect();
-            let p = pack(&refs);
-            tokens += p.tokens();
-            let (a, b) = nll_micro_batch(&dev, &mut l.model, &p, &rc, true)?;
-            nll += a;
-            ntok += b;
-        }
         let lr = sched.lr(step);
-        let rep = opt.step(&dev, l.model.params_and_grads(), lr, 1.0 / n_step.max(1.0), plan.clip)?;
+        let rep = if plan.per_layer() {
+            // One micro-batch (check_optim_step): its backward runs the step.
+            let mut ls = opt.begin_layered(lr, 1.0 / n_step.max(1.0));
+            for mb in group {
+                let refs: Vec<&Example> = mb.iter().map(|&i| &examples[i]).collect();
+                let p = pack(&refs);
+                tokens += p.tokens();
+                let (a, b) = nll_micro_batch_stepped(&dev, &mut l.model, &p, &rc, &mut |pg| ls.apply(&dev, pg))?;
+                nll += a;
+                ntok += b;
+            }
+            ls.finish()?
+        } else {
+            for mb in group {
+                let refs: Vec<&Example> = mb.iter().map(|&i| &examples[i]).collect();
+                let p = pack(&refs);
+                tokens += p.tokens();
+                let (a, b) = nll_micro_batch(&dev, &mut l.model, &p, &rc, true)?;
+                nll += a;
+                ntok += b;
+            }
+            opt.step(&dev, l.model.params_and_grads(), lr, 1.0 / n_step.max(1.0), plan.clip)?
+        };
         dev.sync()?;
         let dt = t0.elapsed().as_secs_f64();
         let loss = nll / ntok.max(1.0);

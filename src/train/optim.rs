@@ -28,6 +28,29 @@ pub struct Optimizer {
     slots: Vec<Slot>,
 }
 
+/// Validates `--optim-step` (whole | per-layer); true for per-layer. The per-layer step updates
+/// each layer before the next one's gradient exists, so it cannot know the global gradient norm
+/// (clipping) nor wait for more micro-batches (accumulation); under LoRA there are no base
+/// layers to step.
+pub fn check_optim_step(mode: &str, clip: f64, grad_accum: usize, lora_rank: usize) -> Result<bool> {
+    match mode {
+        "whole" => Ok(false),
+        "per-layer" => {
+            if clip > 0.0 {
+                bail!("--optim-step per-layer needs --clip 0 (got {clip}): the global gradient norm is only known after every layer was already updated");
+            }
+            if grad_accum > 1 {
+                bail!("--optim-step per-layer needs --grad-accum 1 (got {grad_accum}): each layer is updated during the backward of the step's only micro-batch");
+            }
+            if lora_rank > 0 {
+                bail!("--optim-step per-layer is for a full fine-tune: with --lora-rank {lora_rank} only the adapters train and their gradients are small");
+            }
+            Ok(true)
+        }
+        other => bail!("--optim-step: expected whole or per-layer, got {other:?}"),
+    }
+}
+
 /// The key of a parameter piece in the optimizer state.
 pub fn slot_key(r: &ParamRef) -> String {
     if r.is_whole() {
@@ -99,25 +122,9 @@ impl Optimizer {
         }
         let clip_scale = if clip > 0.0 && grad_norm > clip { clip / grad_norm } else { 1.0 };
         self.step += 1;
-        let hp = adamw::AdamW { lr: lr as f32, ..self.hp };
         let mut seen = 0;
         for (r, p, g) in pg {
-            let Some(i) = self.find(&slot_key(&r)) else { continue };
-            let s = &mut self.slots[i];
-            adamw::step(
-                dev,
-                p,
-                &mut s.master,
-                g,
-                &mut s.m,
-                &mut s.v,
-                s.n,
-                &hp,
-                self.step,
-                (grad_scale * clip_scale) as f32,
-            )
-            .with_context(|| format!("AdamW step on `{}`", r.name))?;
-            seen += 1;
+            seen += self.adamw_one(dev, &r, p, g, lr, grad_scale * clip_scale)? as usize;
         }
         if seen != self.slots.len() {
             bail!("optimizer: {} of {} parameter tensors had gradients", seen, self.slots.len());
@@ -125,6 +132,67 @@ impl Optimizer {
         Ok(StepReport { grad_norm, clip_scale })
     }
 
+    /// AdamW on one tensor at the current `self.step`; false when `r` is not trainable. The
+    /// whole-model and the per-layer step both go through here, so their updates are identical.
+    fn adamw_one(&mut self, dev: &Device, r: &ParamRef, p: &mut Buf, g: &Buf, lr: f64, scale: f64) -> Result<bool> {
+        let Some(i) = self.find(&slot_key(r)) else { return Ok(false) };
+        let hp = adamw::AdamW { lr: lr as f32, ..self.hp };
+        let s = &mut self.slots[i];
+        adamw::step(dev, p, &mut s.master, g, &mut s.m, &mut s.v, s.n, &hp, self.step, scale as f32)
+            .with_context(|| format!("AdamW step on `{}`", r.name))?;
+        Ok(true)
+    }
+
+    /// Starts a per-layer step (`--optim-step per-layer`): the backward hands each layer's
+    /// gradients to `LayerStep::apply` as soon as they are final, then `finish` ends the step.
+    /// No clipping: the global norm is only known after every tensor was updated.
+    pub fn begin_layered(&mut self, lr: f64, grad_scale: f64) -> LayerStep<'_> {
+        self.step += 1;
+        LayerStep { opt: self, lr, grad_scale, sum_squares: 0.0, seen: 0 }
+    }
+}
+
+/// One optimizer step applied piecewise, during the backward (see `Optimizer::begin_layered`).
+pub struct LayerStep<'o> {
+    opt: &'o mut Optimizer,
+    lr: f64,
+    grad_scale: f64,
+    sum_squares: f64,
+    seen: usize,
+}
+
+impl LayerStep<'_> {
+    /// AdamW on these tensors now (their gradients are final). A non-finite gradient stops the
+    /// step before the tensor is touched (layers above it are already updated: the run fails).
+    pub fn apply(&mut self, dev: &Device, pg: Vec<(ParamRef, &mut Buf, &Buf)>) -> Result<()> {
+        for (r, p, g) in pg {
+            if self.opt.find(&slot_key(&r)).is_none() {
+                continue;
+            }
+            let ss = adamw::sum_squares(dev, g, r.numel())?;
+            if !ss.is_finite() {
+                bail!(
+                    "the gradient of `{}` is not finite at step {}: the loss diverged (lower the learning rate)",
+                    r.name,
+                    self.opt.step
+                );
+            }
+            self.sum_squares += ss;
+            self.seen += self.opt.adamw_one(dev, &r, p, g, self.lr, self.grad_scale)? as usize;
+        }
+        Ok(())
+    }
+
+    /// Ends the step: every trainable tensor must have been updated exactly once.
+    pub fn finish(self) -> Result<StepReport> {
+        if self.seen != self.opt.slots.len() {
+            bail!("optimizer: {} of {} parameter tensors had gradients", self.seen, self.opt.slots.len());
+        }
+        Ok(StepReport { grad_norm: self.sum_squares.sqrt() * self.grad_scale, clip_scale: 1.0 })
+    }
+}
+
+impl Optimizer {
     fn find(&self, key: &str) -> Option<usize> {
         self.slots.iter().position(|s| s.key == key)
     }

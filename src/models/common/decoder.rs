@@ -610,6 +610,63 @@ pub fn stack_backward<'a>(
     Ok(dx)
 }
 
+/// What `stack_backward_stepped` builds each block from (full fine-tune: no adapters).
+pub struct StackCtx<'a> {
+    pub dims: &'a LayerDims,
+    pub rope: &'a RopeTable,
+    pub segs: &'a Varlen,
+    pub causal: bool,
+}
+
+/// `stack_backward` for the per-layer optimizer step: one layer's gradient `gl` (zeroed) is
+/// reused for every layer; as soon as layer l's backward has filled it, `step(l, weights,
+/// gradient)` updates that layer, then `gl` is zeroed for layer l − 1. Layer l's weights are not
+/// read again in this backward, so updating them here changes nothing below.
+#[allow(clippy::too_many_arguments)]
+pub fn stack_backward_stepped(
+    dev: &Device, ctx: &StackCtx, layers: &mut [LayerParams], hs: &[Buf], acts: &[Option<LayerActs>],
+    gl: &mut LayerParams, step: &mut dyn FnMut(usize, &mut LayerParams, &LayerParams) -> Result<()>, dout: Buf,
+) -> Result<Buf> {
+    if layers.len() != acts.len() {
+        bail!("stepped backward: {} layers of weights but {} of activations", layers.len(), acts.len());
+    }
+    let mut dx = dout;
+    let mut din: Option<Buf> = None;
+    for l in (0..acts.len()).rev() {
+        {
+            let blk =
+                Block { dims: ctx.dims, w: &layers[l], rope: ctx.rope, segs: ctx.segs, causal: ctx.causal, lora: None };
+            let (t, dt) = (blk.segs.total(), blk.dt());
+            let recomputed;
+            let a = match &acts[l] {
+                Some(a) => a,
+                None => {
+                    let mut a = LayerActs::new(dev, blk.dims, t, dt)?;
+                    let mut scratch = dev.zeros(dt, t * blk.dims.d)?;
+                    blk.forward(dev, &mut scratch, &hs[l], &mut a)?;
+                    recomputed = a;
+                    &recomputed
+                }
+            };
+            let mut next = match din.take() {
+                Some(b) => b,
+                None => dev.zeros(dt, t * blk.dims.d)?,
+            };
+            let mut g = LayerGrads { base: Some(&mut *gl), lora: None };
+            blk.backward(dev, &mut next, &mut g, &dx, &hs[l], a)?;
+            din = Some(std::mem::replace(&mut dx, next));
+        }
+        step(l, &mut layers[l], gl)?;
+        if l > 0 {
+            for (_, b) in gl.all_mut() {
+                let n = b.len();
+                elementwise::fill(dev, b, 0.0, n)?;
+            }
+        }
+    }
+    Ok(dx)
+}
+
 /// RMSNorm backward into `dw` (+=), or into a throw-away buffer when the norm is frozen.
 #[allow(clippy::too_many_arguments)]
 fn norm_bwd(

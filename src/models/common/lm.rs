@@ -13,7 +13,8 @@
 //! (`g` None in `backward`) only the adapters get gradients.
 
 use super::decoder::{
-    stack_backward, stack_forward, Block, LayerActs, LayerDims, LayerFlags, LayerParams, RopeKind, RopeTable, Slot,
+    stack_backward, stack_backward_stepped, stack_forward, Block, LayerActs, LayerDims, LayerFlags, LayerParams,
+    RopeKind, RopeTable, Slot, StackCtx,
 };
 use super::lora::LayerLora;
 use super::params::ParamRef;
@@ -98,6 +99,16 @@ impl LmParams {
         let norm = make(&r_norm)?;
         let lm_head = if dims.tied { None } else { Some(make(&r_head)?) };
         Ok(LmParams { embed, layers, norm, lm_head })
+    }
+
+    /// The tensors outside the decoder layers only (embedding, final norm, head; `layers`
+    /// empty): the gradient set of the per-layer optimizer step.
+    pub fn build_outer(dims: &LmDims, names: &LmNames, make: &mut dyn FnMut(&ParamRef) -> Result<Buf>) -> Result<Self> {
+        let [r_embed, r_norm, r_head] = names.outer(dims);
+        let embed = make(&r_embed)?;
+        let norm = make(&r_norm)?;
+        let lm_head = if dims.tied { None } else { Some(make(&r_head)?) };
+        Ok(LmParams { embed, layers: Vec::new(), norm, lm_head })
     }
 
     /// The lm_head matrix [V, D] (the embedding when tied).
@@ -280,6 +291,43 @@ pub fn backward(
     if let Some(g) = g {
         embedding::bwd(dev, &mut g.embed, &dx, &f.ids, Some(&f.ids_host), s, d, dims.vocab)?;
     }
+    Ok(d_inject)
+}
+
+/// What the per-layer step receives: (checkpoint piece, weight, final gradient) of some tensors.
+pub type StepFn<'f> = dyn FnMut(Vec<(ParamRef, &mut Buf, &Buf)>) -> Result<()> + 'f;
+
+/// `backward` of a full fine-tune with the per-layer optimizer step: `g` holds the embedding,
+/// final-norm and head gradients (`build_outer`), `gl` one layer's gradient (zeroed), reused
+/// for every layer; `step` updates each layer as soon as its backward is done. The same ops in
+/// the same order as `backward`, so every gradient is bit-identical to the whole-model one.
+/// Stepping `g` is the caller's (after the vision side). Returns the injected rows' gradient.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_stepped(
+    dev: &Device, dims: &LmDims, names: &LmNames, p: &mut LmParams, g: &mut LmParams, gl: &mut LayerParams, f: &LmFwd,
+    dxf: &Buf, step: &mut StepFn,
+) -> Result<Option<Buf>> {
+    if !g.layers.is_empty() {
+        bail!("per-layer step: the gradient set holds every layer (zero the gradients in the per-layer layout)");
+    }
+    let (s, d, dt) = (f.tokens(), dims.layer.d, p.embed.dtype());
+    let mut dx = dev.zeros(dt, s * d)?;
+    rmsnorm::bwd(dev, &mut dx, &mut g.norm, dxf, &f.hs[dims.n_layers], &p.norm, &f.rstd_f, s, d)?;
+    let ctx = StackCtx { dims: &dims.layer, rope: &f.rope, segs: &f.seqs, causal: true };
+    let mut per_layer = |l: usize, w: &mut LayerParams, gr: &LayerParams| {
+        let pg = w.all_mut().into_iter().zip(gr.all()).map(|((sl, pw), (_, gb))| (names.layer(dims, l, sl), pw, gb));
+        step(pg.collect())
+    };
+    let mut dx = stack_backward_stepped(dev, &ctx, &mut p.layers, &f.hs, &f.acts, gl, &mut per_layer, dx)?;
+    let d_inject = match &f.inject {
+        Some(at) => {
+            let mut rows = dev.zeros(dt, at.len() * d)?;
+            take_rows(dev, &mut rows, &mut dx, at, d)?;
+            Some(rows)
+        }
+        None => None,
+    };
+    embedding::bwd(dev, &mut g.embed, &dx, &f.ids, Some(&f.ids_host), s, d, dims.vocab)?;
     Ok(d_inject)
 }
 

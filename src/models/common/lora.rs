@@ -273,12 +273,11 @@ impl StackSpec<'_> {
     }
 }
 
-/// The adapters' gradients, plus a sink for the frozen lm_head's gradient (the fused log-prob
-/// backward always writes one; it is never read, so it is allocated once and not re-zeroed).
+/// The adapters' gradients. The lm_head is frozen and gets none: its backward runs with no dW
+/// (no [V, D] sink, 2.2 GB at 7B).
 pub struct LoraGrads {
     pub text: Vec<LayerLora>,
     pub vision: Vec<LayerLora>,
-    pub head_sink: Buf,
 }
 
 /// A model's adapters: one `LayerLora` per text layer, and per vision block when vision targets
@@ -324,6 +323,11 @@ impl LoraState {
         self.entries().iter().map(|(r, _)| r.numel()).sum()
     }
 
+    /// Every adapter tensor, mutably (e.g. to restore the optimizer's masters).
+    pub fn entries_mut(&mut self) -> Vec<(ParamRef, &mut Buf)> {
+        self.text.iter_mut().chain(self.vision.iter_mut()).flat_map(|l| l.entries_mut()).collect()
+    }
+
     /// Every adapter tensor, mutably, with its gradient (for the optimizer). Empty before the
     /// first `zero_grads`.
     pub fn params_and_grads(&mut self) -> Vec<(ParamRef, &mut Buf, &Buf)> {
@@ -334,15 +338,19 @@ impl LoraState {
         ps.zip(gs).map(|((r, p), (_, g))| (r, p, g)).collect()
     }
 
-    /// Zeroes the adapter gradients (allocating them, and a `head_numel` sink, on first use).
-    pub fn zero_grads(&mut self, dev: &Device, head_numel: usize) -> Result<()> {
-        let sink = match self.grads.take() {
-            Some(g) if g.head_sink.len() == head_numel => g.head_sink,
-            _ => dev.zeros_f32(head_numel)?,
-        };
+    /// Zeroes the adapter gradients (allocating them on first use).
+    pub fn zero_grads(&mut self, dev: &Device) -> Result<()> {
+        self.grads = None;
         let z = |v: &[LayerLora]| v.iter().map(|l| l.zeros_f32_like(dev)).collect::<Result<Vec<_>>>();
-        self.grads = Some(LoraGrads { text: z(&self.text)?, vision: z(&self.vision)?, head_sink: sink });
+        self.grads = Some(LoraGrads { text: z(&self.text)?, vision: z(&self.vision)? });
         Ok(())
+    }
+
+    /// Bytes of every gradient buffer this state holds (0 before `zero_grads`): the adapters'
+    /// f32 gradients only.
+    pub fn grad_bytes(&self) -> usize {
+        let Some(g) = &self.grads else { return 0 };
+        g.text.iter().chain(&g.vision).flat_map(|l| l.entries()).map(|(_, b)| b.len() * b.dtype().size()).sum()
     }
 
     /// The gradients as full tensors by PEFT name.

@@ -7,6 +7,17 @@ use super::lora::LoraState;
 use super::params::{assemble, NamedTensors, ParamRef};
 use crate::tensor::{Buf, Device};
 use anyhow::Result;
+use std::collections::HashMap;
+
+/// Each parameter with its gradient, matched by checkpoint piece (name, first row), in the
+/// parameters' order; parameters without a gradient (frozen, or the decoder layers of the
+/// per-layer step, whose gradients never outlive their backward) are left out.
+pub fn pair_grads<'p, 'g>(
+    ps: Vec<(ParamRef, &'p mut Buf)>, gs: Vec<(ParamRef, &'g Buf)>,
+) -> Vec<(ParamRef, &'p mut Buf, &'g Buf)> {
+    let mut by_key: HashMap<(String, usize), &'g Buf> = gs.into_iter().map(|(r, g)| ((r.name, r.row0), g)).collect();
+    ps.into_iter().filter_map(|(r, p)| by_key.remove(&(r.name.clone(), r.row0)).map(|g| (r, p, g))).collect()
+}
 
 pub trait TrainState {
     /// Every parameter as (checkpoint piece, buffer), frozen ones included.

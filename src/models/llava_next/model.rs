@@ -23,12 +23,12 @@ use super::config::{spellings, LlavaNextConfig};
 use super::packing::AnyresGeometry;
 use super::vision::{self, ClipDims, ClipFwd, ClipParams};
 use crate::checkpoint::Checkpoint;
-use crate::models::common::decoder::{LayerDims, LayerFlags, RopeKind, Slot};
+use crate::models::common::decoder::{LayerDims, LayerFlags, LayerParams, RopeKind, Slot};
 use crate::models::common::lm::{self, Inject, LmCache, LmDims, LmFwd, LmNames, LmParams};
 use crate::models::common::lora::{LayerLora, LoraConfig, LoraState, StackSpec};
 use crate::models::common::params::{read_piece, GradStore, ParamRef};
 use crate::models::common::step::{self, StepInput, StepScratch};
-use crate::models::common::train_state::TrainState;
+use crate::models::common::train_state::{pair_grads, TrainState};
 use crate::ops::act::{self, Gelu};
 use crate::ops::patch_embed::{gather_rows, scatter_rows, RowIndex};
 use crate::ops::{elementwise, logprob, matmul};
@@ -118,6 +118,9 @@ pub struct LlavaNext {
     pub adapters_off: std::cell::Cell<bool>,
     /// How `zero_grads` stores the gradients (f32 unless set).
     pub grad_store: GradStore,
+    /// `zero_grads` leaves the text layers out (the per-layer optimizer step keeps one layer's
+    /// gradient, in `backward_logprobs_stepped`).
+    pub per_layer_grads: bool,
 }
 
 /// Decoder sizes from the config.
@@ -196,13 +199,14 @@ impl TrainState for LlavaNext {
 
     fn zero_grads(&mut self, dev: &Device) -> Result<()> {
         if let Some(l) = self.lora.as_mut() {
-            return l.zero_grads(dev, self.tdims.vocab * self.tdims.layer.d);
+            return l.zero_grads(dev);
         }
         let store = self.grad_store;
         let mut z = |r: &ParamRef| dev.zeros(store.dtype(dev, r), r.numel());
         // Free the old gradients first: two sets of a 7B model's do not fit.
         self.grads = None;
-        self.grads = Some(build_params(&self.cfg, &self.vdims, &self.tdims, &self.names, true, &mut z)?);
+        let layers = !self.per_layer_grads;
+        self.grads = Some(build_params(&self.cfg, &self.vdims, &self.tdims, &self.names, true, layers, &mut z)?);
         Ok(())
     }
 }
@@ -231,7 +235,7 @@ impl LlavaNext {
         let tdims = lm_dims(&cfg)?;
         let names = lm_names();
         let gelu = Gelu::from_hf(&cfg.projector_hidden_act)?;
-        let params = build_params(&cfg, &vdims, &tdims, &names, false, make)?;
+        let params = build_params(&cfg, &vdims, &tdims, &names, false, true, make)?;
         Ok(LlavaNext {
             cfg,
             vdims,
@@ -243,6 +247,7 @@ impl LlavaNext {
             lora: None,
             adapters_off: std::cell::Cell::new(false),
             grad_store: GradStore::F32,
+            per_layer_grads: false,
         })
     }
 
@@ -298,14 +303,30 @@ impl LlavaNext {
         }
         let Some(g) = &self.grads else { return Vec::new() };
         let (cfg, vd, td, names) = (&self.cfg, &self.vdims, &self.tdims, &self.names);
+        let mut gs = g.vision.entries(vd);
+        gs.extend(head_entries(&g.proj, &g.newline, cfg));
+        gs.extend(g.text.entries(td, names));
         let LlavaParams { vision, proj, newline, text } = &mut self.params;
-        // The gradient set's vision list is a prefix of the parameters' (see ClipParams::entries).
-        let mut out: Vec<(ParamRef, &mut Buf, &Buf)> =
-            vision.entries_mut(vd).into_iter().zip(g.vision.entries(vd)).map(|((r, p), (_, g))| (r, p, g)).collect();
-        let rest_g = head_entries(&g.proj, &g.newline, cfg).into_iter().chain(g.text.entries(td, names));
-        let rest_p = head_entries_mut(proj, newline, cfg).into_iter().chain(text.entries_mut(td, names));
-        out.extend(rest_p.zip(rest_g).map(|((r, p), (_, g))| (r, p, g)));
-        out
+        let mut ps = vision.entries_mut(vd);
+        ps.extend(head_entries_mut(proj, newline, cfg));
+        ps.extend(text.entries_mut(td, names));
+        // By name: the vision list of the gradients is a prefix of the parameters', and the
+        // per-layer layout has no text layers.
+        pair_grads(ps, gs)
+    }
+
+    /// Every parameter tensor, mutably (frozen ones included), and the LoRA adapters when
+    /// enabled: what the optimizer's masters are restored into.
+    pub fn params_mut(&mut self) -> Vec<(ParamRef, &mut Buf)> {
+        let (cfg, vd, td, names) = (&self.cfg, &self.vdims, &self.tdims, &self.names);
+        let LlavaParams { vision, proj, newline, text } = &mut self.params;
+        let mut ps = vision.entries_mut(vd);
+        ps.extend(head_entries_mut(proj, newline, cfg));
+        ps.extend(text.entries_mut(td, names));
+        if let Some(l) = self.lora.as_mut() {
+            ps.extend(l.entries_mut());
+        }
+        ps
     }
 
     /// Anyres layout of each image.
@@ -481,12 +502,58 @@ impl LlavaNext {
         let (s, d, v) = (f.tokens(), self.tdims.layer.d, self.tdims.vocab);
         self.ensure_grads(dev)?;
         let mut dxf = dev.zeros(self.dtype(), s * d)?;
-        let dhead = head_grad(&mut self.grads, &mut self.lora)?;
+        let dhead = head_grad(&mut self.grads, &self.lora)?;
         logprob::bwd(dev, &mut dxf, dhead, dlogp, f.final_hidden(), self.params.text.head(), targets, lse, s, d, v)?;
         if hidden_scale != 1.0 {
             crate::ops::elementwise::scale_inplace(dev, &mut dxf, hidden_scale, s * d)?;
         }
         self.backward(dev, f, &dxf)
+    }
+
+    /// `backward_logprobs_scaled` of a full fine-tune with the per-layer optimizer step
+    /// (`per_layer_grads` set before `zero_grads`): each text layer is handed to `step` as soon
+    /// as its gradient is final and that gradient's storage is reused for the next layer; the
+    /// rest (tower, projector, newline, embedding, final norm, head) goes to `step` at the end.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_logprobs_stepped(
+        &mut self, dev: &Device, f: &LlavaFwd, targets: &Buf, lse: &Buf, dlogp: &Buf, hidden_scale: f32,
+        step: &mut lm::StepFn,
+    ) -> Result<()> {
+        if self.lora.is_some() {
+            bail!("the per-layer optimizer step is for a full fine-tune (under LoRA only the adapters train)");
+        }
+        let (s, d, v, dt) = (f.tokens(), self.tdims.layer.d, self.tdims.vocab, self.dtype());
+        self.ensure_grads(dev)?;
+        let Some(mut g) = self.grads.take() else { bail!("gradients not allocated") };
+        let r = self.stepped_into(dev, &mut g, f, targets, lse, dlogp, hidden_scale, (s, d, v, dt), step);
+        self.grads = Some(g);
+        r?;
+        step(self.params_and_grads())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn stepped_into(
+        &mut self, dev: &Device, g: &mut LlavaParams, f: &LlavaFwd, targets: &Buf, lse: &Buf, dlogp: &Buf,
+        hidden_scale: f32, (s, d, v, dt): (usize, usize, usize, DType), step: &mut lm::StepFn,
+    ) -> Result<()> {
+        let (td, names, store) = (&self.tdims, &self.names, self.grad_store);
+        let mut gl = LayerParams::build(&td.layer, td.flags, &mut |sl, _| {
+            let r = names.layer(td, 0, sl);
+            dev.zeros(store.dtype(dev, &r), r.numel())
+        })?;
+        let mut dxf = dev.zeros(dt, s * d)?;
+        let head = self.params.text.head();
+        logprob::bwd(dev, &mut dxf, Some(g.text.head_mut()), dlogp, f.final_hidden(), head, targets, lse, s, d, v)?;
+        if hidden_scale != 1.0 {
+            elementwise::scale_inplace(dev, &mut dxf, hidden_scale, s * d)?;
+        }
+        let d_img =
+            lm::backward_stepped(dev, td, names, &mut self.params.text, &mut g.text, &mut gl, &f.text, &dxf, step)?;
+        drop(gl);
+        match (&f.image, d_img) {
+            (Some(img), Some(d_img)) => self.image_backward(dev, g, img, &d_img),
+            _ => Ok(()),
+        }
     }
 
     /// Backward from d final_hidden [S, D] (the lm_head's own gradient is the caller's, e.g.
@@ -515,10 +582,10 @@ impl LlavaNext {
     }
 
     /// The lm_head gradient [V, D] (the embedding's when tied), allocating gradients if needed.
-    /// Under LoRA the head is frozen and this is a sink that is never read.
-    pub fn lm_head_grad(&mut self, dev: &Device) -> Result<&mut Buf> {
+    /// None under LoRA: the head is frozen and has no gradient (pass None to the head op).
+    pub fn lm_head_grad(&mut self, dev: &Device) -> Result<Option<&mut Buf>> {
         self.ensure_grads(dev)?;
-        head_grad(&mut self.grads, &mut self.lora)
+        head_grad(&mut self.grads, &self.lora)
     }
 
     /// Empty KV caches for `batch` sequences of up to `max_len` tokens.
@@ -631,8 +698,10 @@ fn head_refs(cfg: &LlavaNextConfig) -> [ParamRef; 5] {
     ]
 }
 
+/// `text_layers` false: the decoder layers are left out (the per-layer step's gradient set).
+#[allow(clippy::too_many_arguments)]
 fn build_params(
-    cfg: &LlavaNextConfig, vd: &ClipDims, td: &LmDims, names: &LmNames, grads: bool,
+    cfg: &LlavaNextConfig, vd: &ClipDims, td: &LmDims, names: &LmNames, grads: bool, text_layers: bool,
     make: &mut dyn FnMut(&ParamRef) -> Result<Buf>,
 ) -> Result<LlavaParams> {
     let vision = ClipParams::build(vd, grads, make)?;
@@ -643,7 +712,7 @@ fn build_params(
     let w2 = make(&rw2)?;
     let b2 = if bias { Some(make(&rb2)?) } else { None };
     let newline = make(&rnl)?;
-    let text = LmParams::build(td, names, make)?;
+    let text = if text_layers { LmParams::build(td, names, make)? } else { LmParams::build_outer(td, names, make)? };
     Ok(LlavaParams { vision, proj: Projector { w1, b1, w2, b2 }, newline, text })
 }
 
@@ -679,16 +748,17 @@ fn entries<'a>(
     v
 }
 
-/// Where the head's backward writes d lm_head: the base gradient, or the LoRA sink.
-fn head_grad<'a>(grads: &'a mut Option<LlavaParams>, lora: &'a mut Option<LoraState>) -> Result<&'a mut Buf> {
-    if let Some(l) = lora.as_mut() {
-        return match l.grads.as_mut() {
-            Some(g) => Ok(&mut g.head_sink),
+/// Where the head's backward writes d lm_head: the base gradient, or None under LoRA (the head
+/// is frozen, so the op skips its dW GEMM and nothing [V, D] is allocated).
+fn head_grad<'a>(grads: &'a mut Option<LlavaParams>, lora: &'a Option<LoraState>) -> Result<Option<&'a mut Buf>> {
+    if let Some(l) = lora.as_ref() {
+        return match l.grads {
+            Some(_) => Ok(None),
             None => bail!("gradients not allocated"),
         };
     }
     match grads.as_mut() {
-        Some(g) => Ok(g.text.head_mut()),
+        Some(g) => Ok(Some(g.text.head_mut())),
         None => bail!("gradients not allocated"),
     }
 }

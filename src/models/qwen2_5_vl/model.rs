@@ -16,12 +16,13 @@ use super::config::QwenVlConfig;
 use super::text::{aliases, image_positions, lm_dims, lm_names};
 use super::vision::{self, VisionDims, VisionFwd, VisionParams};
 use crate::checkpoint::Checkpoint;
+use crate::models::common::decoder::LayerParams;
 use crate::models::common::decoder::Slot;
 use crate::models::common::lm::{self, Inject, LmCache, LmDims, LmFwd, LmNames, LmParams};
 use crate::models::common::lora::{LayerLora, LoraConfig, LoraState, StackSpec};
 use crate::models::common::params::{read_piece, GradStore, ParamRef};
 use crate::models::common::step::{self, StepInput, StepScratch};
-use crate::models::common::train_state::TrainState;
+use crate::models::common::train_state::{pair_grads, TrainState};
 use crate::ops::logprob;
 use crate::ops::patch_embed::{gather_rows, RowIndex};
 use crate::tensor::{Buf, DType, Device};
@@ -93,6 +94,9 @@ pub struct QwenVl {
     pub adapters_off: std::cell::Cell<bool>,
     /// How `zero_grads` stores the gradients (f32 unless set).
     pub grad_store: GradStore,
+    /// `zero_grads` leaves the text layers out (the per-layer optimizer step keeps one layer's
+    /// gradient, in `backward_logprobs_stepped`).
+    pub per_layer_grads: bool,
 }
 
 impl TrainState for QwenVl {
@@ -109,9 +113,8 @@ impl TrainState for QwenVl {
     }
 
     fn zero_grads(&mut self, dev: &Device) -> Result<()> {
-        let head = self.tdims.vocab * self.tdims.layer.d;
         match self.lora.as_mut() {
-            Some(l) => l.zero_grads(dev, head),
+            Some(l) => l.zero_grads(dev),
             None => {
                 // Free the old gradients first: at 7B they are 31 GiB, and two sets do not fit.
                 self.grads = None;
@@ -168,6 +171,7 @@ impl QwenVl {
             lora: None,
             adapters_off: std::cell::Cell::new(false),
             grad_store: GradStore::F32,
+            per_layer_grads: false,
         })
     }
 
@@ -222,16 +226,31 @@ impl QwenVl {
         let QwenParams { vision, text } = &mut self.params;
         let mut ps = vision.entries_mut(&self.vdims, &self.patch_shape);
         ps.extend(text.entries_mut(&self.tdims, &self.names));
-        ps.into_iter().zip(gs).map(|((r, p), (_, g))| (r, p, g)).collect()
+        pair_grads(ps, gs)
+    }
+
+    /// Every parameter tensor, mutably (frozen ones included), and the LoRA adapters when
+    /// enabled: what the optimizer's masters are restored into.
+    pub fn params_mut(&mut self) -> Vec<(ParamRef, &mut Buf)> {
+        let QwenParams { vision, text } = &mut self.params;
+        let mut ps = vision.entries_mut(&self.vdims, &self.patch_shape);
+        ps.extend(text.entries_mut(&self.tdims, &self.names));
+        if let Some(l) = self.lora.as_mut() {
+            ps.extend(l.entries_mut());
+        }
+        ps
     }
 
     fn zeros_like(&self, dev: &Device) -> Result<QwenParams> {
         let store = self.grad_store;
         let mut z = |r: &ParamRef| dev.zeros(store.dtype(dev, r), r.numel());
-        Ok(QwenParams {
-            vision: VisionParams::build(&self.vdims, &self.patch_shape, &mut z)?,
-            text: LmParams::build(&self.tdims, &self.names, &mut z)?,
-        })
+        let vision = VisionParams::build(&self.vdims, &self.patch_shape, &mut z)?;
+        let text = if self.per_layer_grads && self.lora.is_none() {
+            LmParams::build_outer(&self.tdims, &self.names, &mut z)?
+        } else {
+            LmParams::build(&self.tdims, &self.names, &mut z)?
+        };
+        Ok(QwenParams { vision, text })
     }
 
     /// Vision tower alone: image embeddings [tokens, out_hidden] in image order.
@@ -330,12 +349,47 @@ impl QwenVl {
         let (s, d, v, dt) = (f.tokens(), self.tdims.layer.d, self.tdims.vocab, self.dtype());
         self.ensure_grads(dev)?;
         let mut dxf = dev.zeros(dt, s * d)?;
-        let dhead = head_grad(&mut self.grads, &mut self.lora)?;
+        let dhead = head_grad(&mut self.grads, &self.lora)?;
         logprob::bwd(dev, &mut dxf, dhead, dlogp, f.final_hidden(), self.params.text.head(), targets, lse, s, d, v)?;
         if hidden_scale != 1.0 {
             crate::ops::elementwise::scale_inplace(dev, &mut dxf, hidden_scale, s * d)?;
         }
         self.backward(dev, f, &dxf)
+    }
+
+    /// `backward_logprobs_scaled` of a full fine-tune with the per-layer optimizer step
+    /// (`per_layer_grads` set before `zero_grads`): each text layer is handed to `step` as soon
+    /// as its gradient is final and that gradient's storage is reused for the next layer; the
+    /// rest (vision tower, embedding, final norm, head) goes to `step` at the end.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_logprobs_stepped(
+        &mut self, dev: &Device, f: &QwenFwd, targets: &Buf, lse: &Buf, dlogp: &Buf, hidden_scale: f32,
+        step: &mut lm::StepFn,
+    ) -> Result<()> {
+        if self.lora.is_some() {
+            bail!("the per-layer optimizer step is for a full fine-tune (under LoRA only the adapters train)");
+        }
+        let (s, d, v, dt) = (f.tokens(), self.tdims.layer.d, self.tdims.vocab, self.dtype());
+        self.ensure_grads(dev)?;
+        let (td, names, store) = (&self.tdims, &self.names, self.grad_store);
+        let mut gl = LayerParams::build(&td.layer, td.flags, &mut |sl, _| {
+            let r = names.layer(td, 0, sl);
+            dev.zeros(store.dtype(dev, &r), r.numel())
+        })?;
+        let Some(g) = self.grads.as_mut() else { bail!("gradients not allocated") };
+        let mut dxf = dev.zeros(dt, s * d)?;
+        let head = self.params.text.head();
+        logprob::bwd(dev, &mut dxf, Some(g.text.head_mut()), dlogp, f.final_hidden(), head, targets, lse, s, d, v)?;
+        if hidden_scale != 1.0 {
+            crate::ops::elementwise::scale_inplace(dev, &mut dxf, hidden_scale, s * d)?;
+        }
+        let d_img =
+            lm::backward_stepped(dev, td, names, &mut self.params.text, &mut g.text, &mut gl, &f.text, &dxf, step)?;
+        drop(gl);
+        if let (Some(vf), Some(d_img)) = (&f.vision, d_img) {
+            vision::backward(dev, &self.vdims, &self.params.vision, &[], Some(&mut g.vision), None, vf, &d_img)?;
+        }
+        step(self.params_and_grads())
     }
 
     /// Backward from d final_hidden [S, D] (the head's own gradient is the caller's, e.g.
@@ -362,10 +416,10 @@ impl QwenVl {
     }
 
     /// The lm_head gradient [V, D] (the embedding's when tied), allocating gradients if needed.
-    /// Under LoRA the head is frozen and this is a sink that is never read.
-    pub fn lm_head_grad(&mut self, dev: &Device) -> Result<&mut Buf> {
+    /// None under LoRA: the head is frozen and has no gradient (pass None to the head op).
+    pub fn lm_head_grad(&mut self, dev: &Device) -> Result<Option<&mut Buf>> {
         self.ensure_grads(dev)?;
-        head_grad(&mut self.grads, &mut self.lora)
+        head_grad(&mut self.grads, &self.lora)
     }
 
     /// Empty KV caches for `batch` sequences of up to `max_len` tokens.
@@ -434,16 +488,17 @@ fn entries<'a>(
     v
 }
 
-/// Where the head's backward writes d lm_head: the base gradient, or the LoRA sink.
-fn head_grad<'a>(grads: &'a mut Option<QwenParams>, lora: &'a mut Option<LoraState>) -> Result<&'a mut Buf> {
-    if let Some(l) = lora.as_mut() {
-        return match l.grads.as_mut() {
-            Some(g) => Ok(&mut g.head_sink),
+/// Where the head's backward writes d lm_head: the base gradient, or None under LoRA (the head
+/// is frozen, so the op skips its dW GEMM and nothing [V, D] is allocated).
+fn head_grad<'a>(grads: &'a mut Option<QwenParams>, lora: &'a Option<LoraState>) -> Result<Option<&'a mut Buf>> {
+    if let Some(l) = lora.as_ref() {
+        return match l.grads {
+            Some(_) => Ok(None),
             None => bail!("gradients not allocated"),
         };
     }
     match grads.as_mut() {
-        Some(g) => Ok(g.text.head_mut()),
+        Some(g) => Ok(Some(g.text.head_mut())),
         None => bail!("gradients not allocated"),
     }
 }

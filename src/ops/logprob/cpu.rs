@@ -55,6 +55,15 @@ pub fn bwd<R: Real>(
     dhidden: &mut [R], dw: &mut [R], dlogp: &[R], hidden: &[R], w: &[R], targets: &[i32], lse: &[R], t: usize,
     h: usize, v: usize,
 ) -> Result<()> {
+    bwd_head(dhidden, Some(dw), dlogp, hidden, w, targets, lse, t, h, v)
+}
+
+/// `bwd` with dw optional: None (a frozen head) skips its accumulation; dhidden is unchanged.
+#[allow(clippy::too_many_arguments)]
+pub fn bwd_head<R: Real>(
+    dhidden: &mut [R], mut dw: Option<&mut [R]>, dlogp: &[R], hidden: &[R], w: &[R], targets: &[i32], lse: &[R],
+    t: usize, h: usize, v: usize,
+) -> Result<()> {
     let mut row = vec![R::ZERO; v];
     // dhidden sums over the vocabulary: accumulated in f64 (see fwd).
     let mut acc = vec![0f64; h];
@@ -73,11 +82,15 @@ pub fn bwd<R: Real>(
             let p = (row[j] - lse[i]).exp();
             let d = g * (if j == tg { R::ONE } else { R::ZERO } - p);
             let wr = &w[j * h..(j + 1) * h];
-            let dwr = &mut dw[j * h..(j + 1) * h];
             let d64 = d.to_f64();
             for k in 0..h {
                 acc[k] += d64 * wr[k].to_f64();
-                dwr[k] += d * x[k];
+            }
+            if let Some(dw) = dw.as_deref_mut() {
+                let dwr = &mut dw[j * h..(j + 1) * h];
+                for k in 0..h {
+                    dwr[k] += d * x[k];
+                }
             }
         }
         for (o, a) in dh.iter_mut().zip(&acc) {

@@ -400,12 +400,15 @@ fn fwd_kept(
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn bwd(
-    g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, dhidden: &mut Buf, dlm_head: &mut Buf, dlogp: &Buf,
-    hidden: &Buf, lm_head: &Buf, targets: &Buf, lse: &Buf, t: usize, h: usize, v: usize,
+    g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, dhidden: &mut Buf, dlm_head: Option<&mut Buf>,
+    dlogp: &Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, lse: &Buf, t: usize, h: usize, v: usize,
 ) -> Result<()> {
     let ps = pass(g, lm_head, h, v)?;
     if t == 0 {
-        return if tune.dw_overwrite { zero(g, dlm_head) } else { Ok(()) };
+        return match dlm_head {
+            Some(dw) if tune.dw_overwrite => zero(g, dw),
+            _ => Ok(()),
+        };
     }
     // Only tokens with a non-zero upstream gradient contribute.
     let act = active_tokens(g, dev, dlogp, t, meter)?;
@@ -434,7 +437,10 @@ pub(super) fn bwd(
         None => None,
     };
     if ta == 0 {
-        return if tune.dw_overwrite { zero(g, dlm_head) } else { Ok(()) };
+        return match dlm_head {
+            Some(dw) if tune.dw_overwrite => zero(g, dw),
+            _ => Ok(()),
+        };
     }
     let (hid, tgt, dlp, lsp) = match &packed {
         Some((hp, tp, dp, lp)) => (hp.ptr(g)?, tp.ptr(g)?, dp.ptr(g)?, lp.ptr(g)?),
@@ -458,7 +464,8 @@ pub(super) fn bwd(
     let o_dh = lay.part(splits.count * tc * h * 4);
     let sc = take(dev, tune, &lay, meter)?;
     let (tile, dl, dh) = (sc.at(o_tile), sc.at(o_dl), sc.at(o_dh));
-    let (dhid, dw) = (dhidden.ptr(g)?, dlm_head.ptr(g)?);
+    // A frozen head (None) skips the dW GEMM: the largest of the step at 7B.
+    let (dhid, dw) = (dhidden.ptr(g)?, dlm_head.as_deref().map(|b| b.ptr(g)).transpose()?);
     let name = kname("logprob_dlogits", ps.dt);
     let name_kept = kname("logprob_dlogits_inplace", ps.dt);
     for t0 in (0..ta).step_by(tc) {
@@ -497,7 +504,9 @@ pub(super) fn bwd(
             // tile (the widest) writes every partial; a shorter last tile may touch fewer.
             ps.dhidden(g, dh, dl, nv, v0, nv, n, if v0 == 0 { 0.0 } else { 1.0 }, splits)?;
             // dW[v0 .. v0 + nv, :] (+)= dlᵀ [nv, n] · hidden [n, h]
-            ps.dw(g, dw, dl, hid_t0, n, v0, nv, if tune.dw_overwrite && t0 == 0 { 0.0 } else { 1.0 })?;
+            if let Some(dw) = dw {
+                ps.dw(g, dw, dl, hid_t0, n, v0, nv, if tune.dw_overwrite && t0 == 0 { 0.0 } else { 1.0 })?;
+            }
         }
         let idx_t0 = if idx == 0 { 0 } else { at(idx, t0, DType::I32) };
         ps.scatter_sum(g, dhid, dh, 0, idx_t0, t0, n, splits.count, n * h)?;

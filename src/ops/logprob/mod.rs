@@ -211,11 +211,12 @@ pub fn fwd_with(
 
 /// dhidden [t, h] (=) and dlm_head [v, h] (f32, +=) from dlogp [t] (f32) and the lse saved by
 /// `fwd`. Tokens with dlogp == 0 are skipped (their dhidden rows are 0), so masked tokens cost
-/// nothing. Recomputes the logits tile by tile.
+/// nothing. Recomputes the logits tile by tile. `dlm_head` None: the head is frozen (LoRA), the
+/// dW GEMM is skipped and dhidden is bit-identical to the Some case.
 #[allow(clippy::too_many_arguments)]
 pub fn bwd(
-    dev: &Device, dhidden: &mut Buf, dlm_head: &mut Buf, dlogp: &Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf,
-    lse: &Buf, t: usize, h: usize, v: usize,
+    dev: &Device, dhidden: &mut Buf, dlm_head: Option<&mut Buf>, dlogp: &Buf, hidden: &Buf, lm_head: &Buf,
+    targets: &Buf, lse: &Buf, t: usize, h: usize, v: usize,
 ) -> Result<()> {
     bwd_with(dev, &Tuning::default(), dhidden, dlm_head, dlogp, hidden, lm_head, targets, lse, t, h, v)
 }
@@ -223,27 +224,37 @@ pub fn bwd(
 /// `bwd` with explicit chunk sizes.
 #[allow(clippy::too_many_arguments)]
 pub fn bwd_with(
-    dev: &Device, tune: &Tuning, dhidden: &mut Buf, dlm_head: &mut Buf, dlogp: &Buf, hidden: &Buf, lm_head: &Buf,
-    targets: &Buf, lse: &Buf, t: usize, h: usize, v: usize,
+    dev: &Device, tune: &Tuning, dhidden: &mut Buf, mut dlm_head: Option<&mut Buf>, dlogp: &Buf, hidden: &Buf,
+    lm_head: &Buf, targets: &Buf, lse: &Buf, t: usize, h: usize, v: usize,
 ) -> Result<()> {
     let op = "logprob_bwd";
     check_head(op, hidden, lm_head, targets, t, h, v)?;
     check(dhidden, t * h, op, "dhidden")?;
     check_dtype(dhidden, hidden.dtype(), op, "dhidden")?;
-    check(dlm_head, v * h, op, "dlm_head")?;
-    check_dtype(dlm_head, DType::F32, op, "dlm_head")?;
+    if let Some(dw) = dlm_head.as_deref() {
+        check(dw, v * h, op, "dlm_head")?;
+        check_dtype(dw, DType::F32, op, "dlm_head")?;
+    }
     for (b, a) in [(dlogp, "dlogp"), (lse, "lse")] {
         check(b, t, op, a)?;
         check_dtype(b, DType::F32, op, a)?;
     }
     match dev {
         Device::Cpu => {
-            if tune.dw_overwrite {
-                dlm_head.host_mut()?.iter_mut().for_each(|x| *x = 0.0);
-            }
-            cpu::bwd(
+            let dw = match dlm_head.as_deref_mut() {
+                Some(b) => Some(b.host_mut()?),
+                None => None,
+            };
+            let dw = match dw {
+                Some(w) if tune.dw_overwrite => {
+                    w.iter_mut().for_each(|x| *x = 0.0);
+                    Some(w)
+                }
+                w => w,
+            };
+            cpu::bwd_head(
                 dhidden.host_mut()?,
-                dlm_head.host_mut()?,
+                dw,
                 dlogp.host()?,
                 hidden.host()?,
                 lm_head.host()?,
