@@ -52,7 +52,7 @@ enum Cmd {
     /// with the rules judge, eval again, and a before/after table (the main job).
     Demo(am3safety::stages::demo::DemoArgs),
     /// Cold-start refusal SFT. With no arguments: the embedded tiny model on the bundled demo data.
-    Sft(am3safety::stages::sft::SftArgs),
+    Sft(Box<am3safety::stages::sft::SftArgs>),
     /// Write the embedded tiny default as a complete Hugging Face checkpoint (weights, config,
     /// tokenizer with chat template, processor files).
     Export(am3safety::stages::export::ExportArgs),
@@ -119,7 +119,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Data(args) => am3safety::stages::data_cmd::run(&args),
         Cmd::Demo(args) => am3safety::stages::demo::run(&args).map(|_| ()),
         Cmd::Sft(args) => {
-            let ck = am3safety::stages::sft::run(args)?;
+            let ck = am3safety::stages::sft::run(*args)?;
             println!("checkpoint: {}", ck.display());
             Ok(())
         }

@@ -75,7 +75,7 @@ for t in "$out"/test-*.log; do
 done
 # The NVRTC path (what a build without nvcc runs): the same binaries with the fatbins ignored.
 nvrtc=""
-for t in test-test-ops_rmsnorm test-test-ops_attention test-test-ops_logprob test-test-ops_elementwise test-test-qwen_model_cuda; do
+for t in test-test-ops_rmsnorm test-test-ops_attention test-test-ops_logprob_cuda test-test-ops_logprob_grpo test-test-ops_elementwise test-test-qwen_model_cuda; do
   [ -x "$dst/bin/$t" ] && [ "${AM3_SKIP_NVRTC:-0}" != 1 ] || continue
   AM3_FORCE_NVRTC=1 timeout 300 "$dst/bin/$t" --test-threads=1 --nocapture > "$out/nvrtc-$t.log" 2>&1
   rc=$?; [ $rc -ne 0 ] && fail=1

@@ -8,14 +8,6 @@ cd "$(dirname "$0")/.."
 cargo fmt --check
 cargo clippy --release --all-targets -- -D warnings
 
-# Temporary exceptions: restructured in the kernel-layout change (remove once it lands).
-exempt() {
-  case "$1" in
-    src/ops/logprob/gpu.rs | tests/ops_logprob.rs | tests/ops_attention.rs | src/ops/attention/* | kernels/*) return 0 ;;
-  esac
-  return 1
-}
-
 over=0
 while IFS= read -r f; do
   case "$f" in
@@ -25,12 +17,8 @@ while IFS= read -r f; do
   esac
   n=$(wc -l <"$f")
   if [ "$n" -gt "$budget" ]; then
-    if exempt "$f"; then
-      echo "size: $f: $n lines (budget $budget; temporary exception)"
-    else
-      echo "size: $f: $n lines, over the budget of $budget" >&2
-      over=1
-    fi
+    echo "size: $f: $n lines, over the budget of $budget" >&2
+    over=1
   fi
 done < <(find src tests benches -name '*.rs' 2>/dev/null | sort)
 if [ "$over" = 1 ]; then

@@ -18,6 +18,7 @@
 //! gets the same CPU check.
 
 use super::{time_gpu, BenchRow};
+use crate::check::rel_err;
 use crate::ops::attention::{self, cpu, AttnBwdKernel, AttnDecodeKernel, AttnFwdKernel, AttnShape, KvCache, Varlen};
 use crate::rng::Rng;
 use crate::tensor::{DType, Device};
@@ -223,17 +224,4 @@ fn decode_case(
 
 fn bf16_round(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
-}
-
-/// ‖a − b‖ / ‖b‖; infinite when a holds a non-finite value.
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let (mut num, mut den) = (0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        if !x.is_finite() {
-            return f64::INFINITY;
-        }
-        num += (x as f64 - y as f64).powi(2);
-        den += (y as f64).powi(2);
-    }
-    num.sqrt() / den.sqrt().max(1e-30)
 }

@@ -5,6 +5,7 @@
 //! first few output rows against the CPU reference (for the backward ops, of dx).
 
 use super::{time_gpu, BenchRow};
+use crate::check::rel_err;
 use crate::ops::elementwise::with_v2;
 use crate::ops::{embedding, layernorm, rmsnorm, rope};
 use crate::rng::Rng;
@@ -176,17 +177,4 @@ fn row(op: &str, shape: &str, ms: f64, bytes: f64, err: f64) -> BenchRow {
 /// Rounds through bf16 in place (the collect reuses the allocation).
 fn bf16_round(v: Vec<f32>) -> Vec<f32> {
     v.into_iter().map(|x| half::bf16::from_f32(x).to_f32()).collect()
-}
-
-/// ‖a − b‖ / ‖b‖; infinite when `a` has a non-finite entry.
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let (mut num, mut den) = (0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        if !x.is_finite() {
-            return f64::INFINITY;
-        }
-        num += (x as f64 - y as f64).powi(2);
-        den += (y as f64).powi(2);
-    }
-    num.sqrt() / den.sqrt().max(1e-30)
 }
