@@ -3,8 +3,10 @@
 //! the idle rest (rewards, packing, bookkeeping) — with seconds, tokens/s and peak memory per
 //! phase. The tiny shape starts from a freshly written random checkpoint on the bundled
 //! `data/demo/grpo.jsonl`; the 7B shapes from a random checkpoint with the synthetic
-//! tokenizer on synthetic prompts (three user turns, one image), LoRA rank 64 so that one
-//! card holds the step (a full fine-tune with f32 gradients and AdamW needs ~139 GiB at 7B).
+//! tokenizer on synthetic prompts (three user turns, one image). Two set-ups run: LoRA rank 64
+//! at 7B (a full fine-tune elsewhere), then a full fine-tune with the per-layer optimizer step
+//! (bf16 gradients at 7B: f32 master, AdamW and the reference beside whole-model gradients would
+//! not fit one card), its figures prefixed "full fine-tune, per-layer step: ".
 
 use super::measure::{memory_source, peak_in, MemWatch};
 use super::report::Figure;
@@ -21,17 +23,42 @@ use std::time::Instant;
 
 const B_EASYR1: &str = "EasyR1 GRPO, Qwen2.5-VL-7B, 8×H100, per GPU (issue #14; full fine-tune sharded over 8 cards, not this bench's one-card set-up)";
 
+/// One set-up of the step: LoRA (the 7B default: one card holds it with room to spare) or a
+/// full fine-tune, with the whole-model or the per-layer optimizer step.
+struct Variant {
+    /// Prefix of the figure names ("" for the first variant, so runs compare by name).
+    prefix: &'static str,
+    lora_rank: Option<usize>,
+    per_layer: bool,
+}
+
 pub fn suite(c: &Ctx) -> Result<Vec<Figure>> {
-    let (dev, set) = (c.dev, c.set);
-    let dir = c.subject.model_dir(dev, c.tmp, 0)?;
     let big = c.skeleton.param_entries().iter().map(|(r, _)| r.numel()).sum::<usize>() > 1_000_000_000;
+    // At 7B: LoRA, then the full fine-tune with bf16 gradients and the per-layer step (issue #13's
+    // one-card step: whole-model gradients would not fit beside AdamW and the reference).
+    let first = Variant { prefix: "", lora_rank: big.then_some(64), per_layer: false };
+    let full = Variant { prefix: "full fine-tune, per-layer step: ", lora_rank: None, per_layer: true };
+    let dir = c.subject.model_dir(c.dev, c.tmp, 0)?;
+    let mut out = Vec::new();
+    for v in [first, full] {
+        match variant(c, &v, big, &dir) {
+            Ok(f) => out.extend(f),
+            Err(e) if !v.prefix.is_empty() => c.fail(&format!("grpo/{}", v.prefix.trim_end_matches(": ")), e),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+fn variant(c: &Ctx, v: &Variant, big: bool, dir: &std::path::Path) -> Result<Vec<Figure>> {
+    let (dev, set) = (c.dev, c.set);
     let data = if c.subject.is_tiny() {
         demo_prompts()
     } else {
         synth::write_prompts(c.tmp, 2 * set.grpo_dialogues, set.grpo_turns, set.grpo_image_side)?
     };
     let args = GrpoArgs {
-        model: Some(dir.clone()),
+        model: Some(dir.to_path_buf()),
         data: Some(data.clone()),
         judge: Some("rules".into()),
         steps: Some((set.warmup + set.grpo_steps) as u64),
@@ -41,12 +68,16 @@ pub fn suite(c: &Ctx) -> Result<Vec<Figure>> {
         // Every group trains, so the log-prob and update phases run every step.
         skip_flat: Some(false),
         recompute: Some(big),
-        lora_rank: big.then_some(64),
+        lora_rank: v.lora_rank,
+        // The per-layer step takes no global clip (the norm of all gradients never exists).
+        clip: v.per_layer.then_some(0.0),
+        grad_dtype: (v.per_layer && big).then(|| "bf16".to_string()),
+        optim_step: v.per_layer.then(|| "per-layer".to_string()),
         seed: Some(0),
         ..Default::default()
     };
     let (_, plan, jcfg) = args.resolve()?;
-    let mut tr = Trainer::new(dev, plan.clone(), &dir, &data, &jcfg)?;
+    let mut tr = Trainer::new(dev, plan.clone(), dir, &data, &jcfg)?;
 
     // The stage's own memory plan (as Trainer::new prints it), for the peak check.
     let loaded = load_jsonl_with(&data, LoadOptions { skip_bad: false, purpose: Purpose::Prompts })?;
@@ -68,6 +99,7 @@ pub fn suite(c: &Ctx) -> Result<Vec<Figure>> {
         plan.recompute,
         tr.l.model.grad_store(),
     );
+    let mem = if plan.per_layer() { mem.per_layer(dev, &tr.l.model) } else { mem };
 
     let phases = ["rollout", "judge", "old log-probs", "reference log-probs", "update"];
     let (mut secs, mut rates, mut peaks) =
@@ -115,34 +147,45 @@ pub fn suite(c: &Ctx) -> Result<Vec<Figure>> {
         plan.dialogues_per_step,
         plan.n,
         plan.max_new_tokens,
-        if plan.lora_rank > 0 { format!("LoRA rank {}", plan.lora_rank) } else { "full fine-tune".into() }
+        if plan.lora_rank > 0 {
+            format!("LoRA rank {}", plan.lora_rank)
+        } else {
+            format!("full fine-tune, {} gradients, {} optimizer step", plan.grad_dtype, plan.optim_step)
+        }
     );
     let mut out = Vec::new();
     for (k, p) in phases.iter().enumerate() {
-        out.push(Figure::of("grpo", &format!("{p}: s"), "s", &secs[k]).note(what.clone()));
+        out.push(Figure::of("grpo", &format!("{}{p}: s", v.prefix), "s", &secs[k]).note(what.clone()));
         let unit_note = match k {
             0 => "generated tokens per second",
             1 => "generated tokens judged per second",
             4 => "prompt + response tokens × PPO epochs per second",
             _ => "prompt + response tokens per second",
         };
-        out.push(Figure::of("grpo", &format!("{p}: tok/s"), "tok/s", &rates[k]).note(unit_note));
-        out.push(Figure::of("grpo", &format!("{p}: peak memory"), "GiB", &peaks[k]).note(memory_source(dev)));
+        out.push(Figure::of("grpo", &format!("{}{p}: tok/s", v.prefix), "tok/s", &rates[k]).note(unit_note));
+        out.push(
+            Figure::of("grpo", &format!("{}{p}: peak memory", v.prefix), "GiB", &peaks[k]).note(memory_source(dev)),
+        );
     }
-    out.push(Figure::of("grpo", "idle: s", "s", &idle).note("rewards, packing and bookkeeping between the phases"));
-    out.push(Figure::of("grpo", "step: s", "s", &step_s).note(what));
+    out.push(
+        Figure::of("grpo", &format!("{}idle: s", v.prefix), "s", &idle)
+            .note("rewards, packing and bookkeeping between the phases"),
+    );
+    out.push(Figure::of("grpo", &format!("{}step: s", v.prefix), "s", &step_s).note(what));
     let base = c.baseline(true, 1300.0, "1,200–1,400", B_EASYR1);
     out.push(
-        Figure::of("grpo", "step: tok/s", "tok/s", &step_tps)
+        Figure::of("grpo", &format!("{}step: tok/s", v.prefix), "tok/s", &step_tps)
             .with_baseline(base)
             .note("prompt + response tokens of all rollouts per second of the whole step (EasyR1's throughput)"),
     );
-    out.push(Figure::of("grpo", "step: generated tok/s", "tok/s", &gen_tps));
+    out.push(Figure::of("grpo", &format!("{}step: generated tok/s", v.prefix), "tok/s", &gen_tps));
     out.push(
-        Figure::of("grpo", "step: peak memory", "GiB", &step_peak)
+        Figure::of("grpo", &format!("{}step: peak memory", v.prefix), "GiB", &step_peak)
             .note(format!("the stage's plan: {}", mem.describe())),
     );
     let measured = step_peak.iter().fold(0.0f64, |a, &b| a.max(b));
-    c.measured.borrow_mut().grpo_peak = Some((mem.peak(), (measured * (1u64 << 30) as f64) as u64));
+    if v.prefix.is_empty() {
+        c.measured.borrow_mut().grpo_peak = Some((mem.peak(), (measured * (1u64 << 30) as f64) as u64));
+    }
     Ok(out)
 }

@@ -64,6 +64,15 @@ impl Components {
     pub fn sft_step_per_layer(&self, cuda: bool) -> usize {
         self.sft_step(cuda, true) - self.grads(cuda) + self.grads_per_layer(cuda)
     }
+    /// A full fine-tune GRPO step with the per-layer optimizer step and recompute: the resident
+    /// state, the reference copy, then the larger of the rollouts' KV cache and the update's
+    /// activations and log-prob scratch (the cache is freed before the update).
+    pub fn grpo_step_per_layer(&self, cuda: bool) -> usize {
+        self.resident(cuda) - self.grads(cuda)
+            + self.grads_per_layer(cuda)
+            + self.reference
+            + self.kv_cache.max(self.act_recompute + self.logprob_scratch)
+    }
     pub fn sft_step(&self, cuda: bool, recompute: bool) -> usize {
         self.resident(cuda) + if recompute { self.act_recompute } else { self.act_keep } + self.logprob_scratch
     }
@@ -169,6 +178,11 @@ impl Plan {
                 "GRPO resident (+ reference copy)".into(),
                 g.resident(true) + g.reference,
                 c.resident(false) + c.reference,
+            ),
+            (
+                "GRPO step, full fine-tune, per-layer step, recompute".into(),
+                g.grpo_step_per_layer(true),
+                c.grpo_step_per_layer(false),
             ),
         ]
     }
