@@ -6,7 +6,12 @@
 #                                 then the kernel benches, and prints a short table last.
 # Typical device call:  carry [".device"], command: bash tools/device-check.sh run
 # Knobs: AM3_BENCH_ARGS (bench suites/flags), AM3_TESTS=regex (only matching test binaries),
+#   AM3_SKIP_GRPO7B=1 (skip the 7B GRPO steps, ~5 min),
 #        AM3_SKIP_NVRTC=1, AM3_SKIP_SFT=1 (the GPU run of the main job, am3 demo), AM3_SKIP_BENCH=1.
+#        AM3_SKIP_WORKLOADS=1 (the 7B rollout and GRPO workload suites).
+# The timeouts add up to more than one 600 s device call: a first call with AM3_SKIP_WORKLOADS=1
+# AM3_SKIP_BENCH=1, a second with AM3_TESTS='^$' AM3_SKIP_NVRTC=1 AM3_SKIP_SFT=1 (the run times
+# are estimates: no device has run them yet).
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -88,10 +93,18 @@ if [ -x "$dst/bin/am3" ] && [ "${AM3_SKIP_SFT:-0}" != 1 ]; then
   AM3_DEMO_DATA="$root/data/demo/train.jsonl" timeout 300 "$dst/bin/am3" demo --device cuda --out /tmp/am3-demo-gpu > "$out/demo-gpu.log" 2>&1
   rc=$?; [ $rc -ne 0 ] && fail=1
   summary+=$(printf "%-34s rc=%-3s %s" "am3 demo --device cuda" "$rc" "$(grep -E '^(ASR|over-refusal) ' "$out/demo-gpu.log" | tr -s ' ' | tr '\n' ';')")$'\n'
+fi
+if [ -x "$dst/bin/am3" ] && [ "${AM3_SKIP_WORKLOADS:-0}" != 1 ]; then
   # The rollout engine on the 7B-shaped Qwen2.5-VL (not part of the kernel bench binary): decode
   # at batch 1-128 and one GRPO-shaped call (8 dialogues × 8 rollouts × 3 turns × 128 new tokens).
   timeout 240 "$dst/bin/am3" bench --shape qwen2.5-vl-7b rollout --json "$res/bench-rollout.json" > "$out/bench-rollout.txt" 2>&1
   echo "bench rollout rc=$?"
+  # Whole 7B-shaped GRPO steps (issue #13): LoRA, then the full fine-tune with the per-layer step.
+  if [ "${AM3_SKIP_GRPO7B:-0}" != 1 ]; then
+    timeout 360 "$dst/bin/am3" bench --shape qwen2.5-vl-7b grpo --json "$res/bench-grpo.json" > "$out/bench-grpo.txt" 2>&1
+    echo "bench grpo rc=$?"
+    cat "$out/bench-grpo.txt" >> "$out/bench-rollout.txt"
+  fi
 fi
 if [ -x "$dst/bin/bench-kernels" ] && [ "${AM3_SKIP_BENCH:-0}" != 1 ]; then
   timeout 400 "$dst/bin/bench-kernels" ${AM3_BENCH_ARGS:-} > "$out/bench.txt" 2>&1
