@@ -65,6 +65,41 @@ fn main() {
     }
 }
 
+/// The row-op plans (rmsnorm/layernorm backward and forward, bias gradient) at one 7B model's
+/// widths, for `am3 info`: bf16, 4096 rows, 16-byte aligned buffers.
+fn row_plan_lines(model: &str) -> Vec<(String, String)> {
+    use am3safety::ops::{elementwise, layernorm, rmsnorm};
+    let (bf, rows) = (am3safety::tensor::DType::BF16, 4096);
+    let rms = |what: &str, cols: usize| {
+        (format!("rmsnorm bwd, {what} {cols} cols"), format!("{:?}", rmsnorm::plan_bwd(bf, rows, cols, true)))
+    };
+    let bias = |what: &str, cols: usize| {
+        (format!("bias bwd, {what} {cols} cols"), format!("{:?}", elementwise::plan_bias_bwd(bf, cols, true)))
+    };
+    match model {
+        // Qwen2.5-VL-7B: LM hidden 3584 (q/k/v biases 3584 and 512), vision tower RMSNorm at 1280,
+        // its qkv bias 3840 and MLP biases 3420 / 1280.
+        "Qwen2.5-VL-7B" => vec![
+            rms("LM", 3584),
+            rms("vision", 1280),
+            bias("LM q", 3584),
+            bias("LM k/v", 512),
+            bias("vision qkv", 3840),
+            bias("vision MLP up", 3420),
+            bias("vision MLP down", 1280),
+        ],
+        // LLaVA-NeXT-7B: LM hidden 4096 (no biases), the CLIP tower's LayerNorm at 1024 with its
+        // biases 1024 and MLP 4096, the projector's 4096.
+        _ => vec![
+            rms("LM", 4096),
+            ("layernorm fwd, CLIP 1024 cols".to_string(), format!("{:?}", layernorm::plan_fwd(bf, rows, 1024, true))),
+            ("layernorm bwd, CLIP 1024 cols".to_string(), format!("{:?}", layernorm::plan_bwd(bf, rows, 1024, true))),
+            bias("CLIP q/k/v/out", 1024),
+            bias("CLIP MLP up, projector", 4096),
+        ],
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Export(args) => {
@@ -101,6 +136,9 @@ fn run(cli: Cli) -> Result<()> {
                 println!("  {model}");
                 for (what, kernel) in am3safety::ops::attention::plan_lines(lm, 4096, vision, vis_len) {
                     println!("    attention {what}: {kernel}");
+                }
+                for (what, kernel) in row_plan_lines(model) {
+                    println!("    {what}: {kernel}");
                 }
             }
             let precision = am3safety::ops::logprob::Tuning::default().precision;

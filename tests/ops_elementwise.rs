@@ -2,7 +2,6 @@
 //! CPU semantics and error paths, and CUDA (bf16 and f32) vs the CPU, with the casts checked bit
 //! for bit against round-to-nearest-even.
 mod common;
-use am3safety::ops::elementwise::with_v2;
 use am3safety::ops::elementwise::{self as ew, cpu};
 use am3safety::tensor::{Buf, DType, Device};
 use common::*;
@@ -102,15 +101,36 @@ fn check_close(what: &str, dt: DType, shape: &str, got: &[f32], want: &[f32]) {
     assert!(e <= tol, "{what} {} {shape}: rel err {e:.2e} > {tol:.0e}", dt.suffix());
 }
 
+/// `ew::bias_bwd`, or `bias_bwd_with(Scalar)` on the GPU when `force_scalar`.
+fn bias_bwd(dev: &Device, force_scalar: bool, db: &mut Buf, dy: &Buf, rows: usize, cols: usize) {
+    if force_scalar && dev.gpu().is_some() {
+        ew::bias_bwd_with(dev, ew::BiasBwdKernel::Scalar, db, dy, rows, cols)
+    } else {
+        ew::bias_bwd(dev, db, dy, rows, cols)
+    }
+    .unwrap()
+}
+
+#[test]
+fn bias_bwd_plan() {
+    use ew::BiasBwdKernel::*;
+    assert_eq!(ew::plan_bias_bwd(DType::BF16, 4096, true), Vec16);
+    assert_eq!(ew::plan_bias_bwd(DType::BF16, 3420, true), Scalar);
+    assert_eq!(ew::plan_bias_bwd(DType::F32, 3420, true), Vec16);
+    assert_eq!(ew::plan_bias_bwd(DType::BF16, 257, true), Scalar);
+    assert_eq!(ew::plan_bias_bwd(DType::BF16, 1024, false), Scalar);
+}
+
 #[test]
 fn bias_cuda_matches_cpu() {
     let Some(gpu) = cuda_or_skip("bias_cuda_matches_cpu") else { return };
-    // Both kernels: V2 and its V1 fallback (forced with `with_v2`), the same checks.
-    for v2 in [false, true] {
-        println!("bias_add/bias_bwd: variant {}", if v2 { "V2" } else { "V1" });
-        with_v2(v2, || {
+    // Both kernels: the plan's (Vec16 where it applies) and Scalar forced with `bias_bwd_with`,
+    // the same checks.
+    for force_scalar in [false, true] {
+        println!("bias_add/bias_bwd: {}", if force_scalar { "Scalar forced" } else { "planned kernel" });
+        {
             let mut rng = Rng::new(22);
-            // (3000, 4096): V2 with several row chunks and a ragged last chunk.
+            // (3000, 4096): Vec16 with several row chunks and a ragged last chunk.
             let shapes: Vec<(usize, usize)> = ROW_SHAPES
                 .iter()
                 .copied()
@@ -127,7 +147,7 @@ fn bias_cuda_matches_cpu() {
                         ew::bias_add(dev, &mut yb, &dev.upload(&b, dt).unwrap(), rows, cols).unwrap();
                         let mut db = dev.upload(&db0, DType::F32).unwrap();
                         // The backward of y's sum: column sums of the (biased) y.
-                        ew::bias_bwd(dev, &mut db, &yb, rows, cols).unwrap();
+                        bias_bwd(dev, force_scalar, &mut db, &yb, rows, cols);
                         (dev.to_vec(&yb).unwrap(), dev.to_vec(&db).unwrap())
                     };
                     let (y0, d0) = run(&Device::Cpu, DType::F32);
@@ -146,24 +166,25 @@ fn bias_cuda_matches_cpu() {
                     check_close("bias_bwd db", dt, &shape, &d1, &want);
                 }
             }
-        });
+        }
     }
 }
 
 #[test]
 fn bias_bwd_cuda_is_deterministic() {
     let Some(gpu) = cuda_or_skip("bias_bwd_cuda_is_deterministic") else { return };
-    // Both kernels: V2 and its V1 fallback (forced with `with_v2`), the same checks.
-    for v2 in [false, true] {
-        println!("bias_bwd determinism: variant {}", if v2 { "V2" } else { "V1" });
-        with_v2(v2, || {
+    // Both kernels: the plan's (Vec16 where it applies) and Scalar forced with `bias_bwd_with`,
+    // the same checks.
+    for force_scalar in [false, true] {
+        println!("bias_bwd determinism: {}", if force_scalar { "Scalar forced" } else { "planned kernel" });
+        {
             let mut rng = Rng::new(23);
-            // 257 columns are not whole 16-byte vectors (V1 even when V2 is on); 1024 are.
+            // 257 columns are not whole 16-byte vectors (Scalar even in the plan); 1024 are.
             for (rows, cols) in [(4099, 257), (4099, 1024)] {
                 let dy = gpu.upload(&rng.normal_vec(rows * cols, 1.0), DType::BF16).unwrap();
                 let once = || {
                     let mut db = gpu.zeros_f32(cols).unwrap();
-                    ew::bias_bwd(&gpu, &mut db, &dy, rows, cols).unwrap();
+                    bias_bwd(&gpu, force_scalar, &mut db, &dy, rows, cols);
                     gpu.to_vec(&db).unwrap()
                 };
                 let a = once();
@@ -176,7 +197,7 @@ fn bias_bwd_cuda_is_deterministic() {
                 }
                 println!("bias_bwd [{rows}x{cols}]: 4 runs bit-identical");
             }
-        });
+        }
     }
 }
 

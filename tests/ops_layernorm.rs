@@ -2,7 +2,6 @@
 //! errors, and CUDA (bf16 and f32) vs the CPU, including the shared-memory (> 48 KiB) and
 //! global-memory accumulation paths of the backward and non-zero starting dw/db (+=).
 mod common;
-use am3safety::ops::elementwise::with_v2;
 use am3safety::ops::layernorm::{self, cpu};
 use am3safety::tensor::{DType, Device};
 use common::*;
@@ -83,13 +82,29 @@ fn layernorm_bad_arguments_are_errors() {
 #[test]
 fn layernorm_cuda_matches_cpu() {
     let Some(gpu) = cuda_or_skip("layernorm_cuda_matches_cpu") else { return };
-    // Both kernels: V2 and its V1 fallback (forced with `with_v2`), the same checks.
-    for v2 in [false, true] {
-        with_v2(v2, || check_cuda(&gpu, if v2 { " v2" } else { "" }));
+    // Both kernels: the plan's (Vec16 where it applies) and Rows forced with `fwd_with` /
+    // `bwd_with`, the same checks.
+    for force_rows in [false, true] {
+        check_cuda(&gpu, force_rows);
     }
 }
 
-fn check_cuda(gpu: &Device, var: &str) {
+#[test]
+fn layernorm_plans() {
+    use layernorm::{LayerNormBwdKernel as B, LayerNormFwdKernel as F};
+    let (bf, f) = (DType::BF16, DType::F32);
+    assert_eq!(layernorm::plan_fwd(bf, 1000, 4096, true), F::Vec16 { vpt: 2 });
+    assert_eq!(layernorm::plan_bwd(f, 1000, 4096, true), B::Vec16 { vpt: 4 });
+    assert_eq!(layernorm::plan_fwd(bf, 577, 1024, true), F::Vec16 { vpt: 1 });
+    assert_eq!(layernorm::plan_bwd(bf, 2, 4104, true), B::Vec16 { vpt: 4 });
+    assert_eq!(layernorm::plan_fwd(bf, 3, 12289, true), F::Rows);
+    assert_eq!(layernorm::plan_bwd(bf, 4, 12800, true), B::Rows);
+    assert_eq!(layernorm::plan_fwd(bf, 600, 1024, false), F::Rows);
+    assert_eq!(layernorm::plan_bwd(bf, 600, 1024, false), B::Rows);
+}
+
+fn check_cuda(gpu: &Device, force_rows: bool) {
+    let var = if force_rows { " rows" } else { "" };
     let cpu_dev = Device::Cpu;
     let mut rng = Rng::new(12);
     // ROW_SHAPES plus: 8000 cols (64 KB of shared accumulators, above the 48 KB default),
@@ -97,7 +112,7 @@ fn check_cuda(gpu: &Device, var: &str) {
     // 12800 cols (global accumulation, vector path), 4000 rows (several rows per block).
     let mut shapes: Vec<(usize, usize)> = ROW_SHAPES.to_vec();
     shapes.extend_from_slice(&[(5, 8000), (3, 12289), (4, 12800), (4000, 96), (600, 1024)]);
-    // V2: many rows per block (prefetch; 2 vectors per thread in bf16, 4 in f32) and 4 vectors
+    // Vec16: many rows per block (prefetch; 2 vectors per thread in bf16, 4 in f32) and 4 vectors
     // per thread with partly inactive lanes.
     shapes.extend_from_slice(&[(1000, 4096), (2, 4104)]);
     for &dt in &[DType::BF16, DType::F32] {
@@ -116,10 +131,23 @@ fn check_cuda(gpu: &Device, var: &str) {
                 let mut y = up(&vec![f32::NAN; rows * cols], dt);
                 let mut m = up(&vec![f32::NAN; rows], DType::F32);
                 let mut r = up(&vec![f32::NAN; rows], DType::F32);
-                layernorm::fwd(dev, &mut y, &mut m, &mut r, &xb, &wb, &bb, rows, cols, 1e-5).unwrap();
+                let rows_kernel = force_rows && dev.gpu().is_some();
+                if rows_kernel {
+                    let k = layernorm::LayerNormFwdKernel::Rows;
+                    layernorm::fwd_with(dev, k, &mut y, &mut m, &mut r, &xb, &wb, &bb, rows, cols, 1e-5)
+                } else {
+                    layernorm::fwd(dev, &mut y, &mut m, &mut r, &xb, &wb, &bb, rows, cols, 1e-5)
+                }
+                .unwrap();
                 let mut dx = up(&vec![f32::NAN; rows * cols], dt);
                 let (mut dw, mut db) = (up(&dw0, DType::F32), up(&db0, DType::F32));
-                layernorm::bwd(dev, &mut dx, &mut dw, &mut db, &dyb, &xb, &wb, &m, &r, rows, cols).unwrap();
+                if rows_kernel {
+                    let k = layernorm::LayerNormBwdKernel::Rows;
+                    layernorm::bwd_with(dev, k, &mut dx, &mut dw, &mut db, &dyb, &xb, &wb, &m, &r, rows, cols)
+                } else {
+                    layernorm::bwd(dev, &mut dx, &mut dw, &mut db, &dyb, &xb, &wb, &m, &r, rows, cols)
+                }
+                .unwrap();
                 [&y, &m, &r, &dx, &dw, &db].map(|b| dev.to_vec(b).unwrap())
             };
             let want = run(&cpu_dev, DType::F32);

@@ -1,7 +1,6 @@
 //! RMSNorm: CPU backward vs finite differences (f64); CUDA (bf16 and f32) vs the CPU.
 mod common;
-use am3safety::ops::elementwise::with_v2;
-use am3safety::ops::rmsnorm::{self, cpu};
+use am3safety::ops::rmsnorm::{self, cpu, RmsNormBwdKernel};
 use am3safety::tensor::{DType, Device};
 use common::*;
 
@@ -30,18 +29,50 @@ fn rmsnorm_cpu_gradcheck() {
 #[test]
 fn rmsnorm_cuda_matches_cpu() {
     let Some(gpu) = cuda_or_skip("rmsnorm_cuda_matches_cpu") else { return };
-    // Both kernels: V2 and its V1 fallback (forced with `with_v2`), the same checks.
-    for v2 in [false, true] {
-        with_v2(v2, || check_cuda(&gpu, if v2 { " v2" } else { "" }));
+    // Both kernels: the plan's (Vec16 where it applies) and Rows forced with `bwd_with`, the same
+    // checks.
+    for force_rows in [false, true] {
+        check_cuda(&gpu, force_rows);
     }
 }
 
-/// ROW_SHAPES plus V2's cases: many rows per block with the next-row prefetch (1000 x 4096:
+#[test]
+fn rmsnorm_bwd_plan() {
+    use RmsNormBwdKernel::*;
+    let (bf, f) = (DType::BF16, DType::F32);
+    assert_eq!(rmsnorm::plan_bwd(bf, 1000, 4096, true), Vec16 { vpt: 2 });
+    assert_eq!(rmsnorm::plan_bwd(f, 1000, 4096, true), Vec16 { vpt: 4 });
+    assert_eq!(rmsnorm::plan_bwd(bf, 700, 1280, true), Vec16 { vpt: 1 });
+    assert_eq!(rmsnorm::plan_bwd(bf, 2, 4104, true), Vec16 { vpt: 4 });
+    assert_eq!(rmsnorm::plan_bwd(bf, 2, 4104, false), Rows);
+    assert_eq!(rmsnorm::plan_bwd(bf, 5, 8200, true), Rows);
+    assert_eq!(rmsnorm::plan_bwd(f, 3, 8192, true), Rows);
+    assert_eq!(rmsnorm::plan_bwd(bf, 3, 4097, true), Rows);
+    assert_eq!(rmsnorm::plan_bwd(bf, 0, 4096, true), Rows);
+}
+
+#[test]
+fn rmsnorm_bwd_forced_vec16_errors_when_it_cannot_run() {
+    let Some(gpu) = cuda_or_skip("rmsnorm_bwd_forced_vec16_errors_when_it_cannot_run") else { return };
+    let (rows, cols) = (5, 8200);
+    let up = |n: usize| gpu.upload(&vec![1.0; n], DType::BF16).unwrap();
+    let (mut dx, dy, x, w) = (up(rows * cols), up(rows * cols), up(rows * cols), up(cols));
+    let rstd = gpu.upload(&vec![1.0; rows], DType::F32).unwrap();
+    let mut dw = gpu.zeros_f32(cols).unwrap();
+    let e =
+        rmsnorm::bwd_with(&gpu, RmsNormBwdKernel::Vec16 { vpt: 4 }, &mut dx, &mut dw, &dy, &x, &w, &rstd, rows, cols)
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains("rmsnorm_bwd") && e.contains("Vec16"), "{e}");
+}
+
+/// ROW_SHAPES plus Vec16's cases: many rows per block with the next-row prefetch (1000 x 4096:
 /// 2 vectors per thread in bf16, 4 in f32), the Qwen vision width, 4 vectors per thread with
-/// partly inactive lanes (4104), and rows too long for V2 (8200 bf16, 8192 f32: V1 fallback).
+/// partly inactive lanes (4104), and rows too long for Vec16 (8200 bf16, 8192 f32: Rows).
 const V2_SHAPES: &[(usize, usize)] = &[(1000, 4096), (700, 1280), (2, 4104), (3, 8192), (5, 8200)];
 
-fn check_cuda(gpu: &Device, var: &str) {
+fn check_cuda(gpu: &Device, force_rows: bool) {
+    let var = if force_rows { " rows" } else { "" };
     let cpu_dev = Device::Cpu;
     let mut rng = Rng::new(2);
     for &dt in &[DType::BF16, DType::F32] {
@@ -58,7 +89,12 @@ fn check_cuda(gpu: &Device, var: &str) {
                 rmsnorm::fwd(dev, &mut y, &mut r, &xb, &wb, rows, cols, 1e-6).unwrap();
                 let mut dx = dev.upload(&vec![f32::NAN; rows * cols], dt).unwrap();
                 let mut dw = dev.zeros_f32(cols).unwrap();
-                rmsnorm::bwd(dev, &mut dx, &mut dw, &dyb, &xb, &wb, &r, rows, cols).unwrap();
+                if force_rows && dev.gpu().is_some() {
+                    rmsnorm::bwd_with(dev, RmsNormBwdKernel::Rows, &mut dx, &mut dw, &dyb, &xb, &wb, &r, rows, cols)
+                } else {
+                    rmsnorm::bwd(dev, &mut dx, &mut dw, &dyb, &xb, &wb, &r, rows, cols)
+                }
+                .unwrap();
                 (dev.to_vec(&y).unwrap(), dev.to_vec(&dx).unwrap(), dev.to_vec(&dw).unwrap())
             };
             let (y0, dx0, dw0) = run(&cpu_dev, DType::F32);

@@ -8,7 +8,7 @@
 use super::{time_gpu, BenchRow};
 use crate::ops::act::{self, Gelu};
 use crate::ops::adamw::{self, AdamW};
-use crate::ops::elementwise::{self as ew, with_v2};
+use crate::ops::elementwise::{self as ew, BiasBwdKernel};
 use crate::rng::Rng;
 use crate::tensor::{Buf, DType, Device};
 use anyhow::Result;
@@ -77,19 +77,19 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
         "bf16, in place",
     ));
     let mut db = dev.zeros_f32(cols)?;
-    let mut db_v1 = Vec::new();
-    for v2 in [false, true] {
-        let ms = with_v2(v2, || time(&mut || ew::bias_bwd(dev, &mut db, &dout, brows, cols)))?;
-        // One call from zero; V2 is compared with V1 (both deterministic).
+    let mut db_scalar = Vec::new();
+    for kernel in [BiasBwdKernel::Scalar, BiasBwdKernel::Vec16] {
+        let ms = time(&mut || ew::bias_bwd_with(dev, kernel, &mut db, &dout, brows, cols))?;
+        // One call from zero; Vec16 is compared with Scalar (both deterministic).
         let mut db1 = dev.zeros_f32(cols)?;
-        with_v2(v2, || ew::bias_bwd(dev, &mut db1, &dout, brows, cols))?;
+        ew::bias_bwd_with(dev, kernel, &mut db1, &dout, brows, cols)?;
         let d = dev.to_vec(&db1)?;
-        let (name, err, note) = if v2 {
-            ("bias_bwd v2", Some(vec_err(&d, &db_v1)), "bf16 dy, f32 db +=; V2, err vs its V1 fallback")
+        let (name, err, note) = if kernel == BiasBwdKernel::Vec16 {
+            ("bias_bwd", Some(vec_err(&d, &db_scalar)), "bf16 dy, f32 db +=; Vec16, err vs Scalar")
         } else {
-            ("bias_bwd", None, "bf16 dy, f32 db +=")
+            ("bias_bwd scalar", None, "bf16 dy, f32 db +=")
         };
-        db_v1 = d;
+        db_scalar = d;
         rows.push(row(name, &format!("[{brows}x{cols}]"), ms, 2.0 * nf + 8.0 * cols as f64, err, note));
     }
 

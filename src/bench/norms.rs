@@ -6,7 +6,6 @@
 
 use super::{time_gpu, BenchRow};
 use crate::check::rel_err;
-use crate::ops::elementwise::with_v2;
 use crate::ops::{embedding, layernorm, rmsnorm, rope};
 use crate::rng::Rng;
 use crate::tensor::{DType, Device};
@@ -50,20 +49,23 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     let mut dw = dev.zeros_f32(cols)?;
     let (mut dxr, mut dwr) = (vec![0f32; k * cols], vec![0f32; cols]);
     rmsnorm::cpu::bwd(&mut dxr, &mut dwr, dyk, xk, &w, &rr, k, cols);
-    // V1 (verified) and V2 side by side; V2's dw is compared with V1's after one call from zero.
-    let mut dw_v1 = Vec::new();
-    for v2 in [false, true] {
-        let ms = with_v2(v2, || {
-            time_gpu(g, warm, iters, &mut || rmsnorm::bwd(dev, &mut dx, &mut dw, &dyb, &xb, &wb, &rstd, rows, cols))
+    // The Rows kernel (verified) and the plan's (Vec16 at this shape) side by side; the plan's dw
+    // is compared with Rows' after one call from zero.
+    let mut dw_rows = Vec::new();
+    let planned = rmsnorm::plan_bwd(bf, rows, cols, true);
+    for kernel in [rmsnorm::RmsNormBwdKernel::Rows, planned] {
+        let vec = kernel != rmsnorm::RmsNormBwdKernel::Rows;
+        let ms = time_gpu(g, warm, iters, &mut || {
+            rmsnorm::bwd_with(dev, kernel, &mut dx, &mut dw, &dyb, &xb, &wb, &rstd, rows, cols)
         })?;
         let err = rel_err(&dev.to_vec(&dx)?[..k * cols], &dxr);
         let mut dw1 = dev.zeros_f32(cols)?;
-        with_v2(v2, || rmsnorm::bwd(dev, &mut dx, &mut dw1, &dyb, &xb, &wb, &rstd, rows, cols))?;
+        rmsnorm::bwd_with(dev, kernel, &mut dx, &mut dw1, &dyb, &xb, &wb, &rstd, rows, cols)?;
         let dwv = dev.to_vec(&dw1)?;
-        let note = if v2 { format!("V2; dw vs V1 {:.1e}", rel_err(&dwv, &dw_v1)) } else { String::new() };
-        dw_v1 = dwv;
+        let note = if vec { format!("{kernel:?}; dw vs Rows {:.1e}", rel_err(&dwv, &dw_rows)) } else { String::new() };
+        dw_rows = dwv;
         let mut rw = row(
-            if v2 { "rmsnorm_bwd v2" } else { "rmsnorm_bwd" },
+            if vec { "rmsnorm_bwd" } else { "rmsnorm_bwd rows" },
             &shape,
             ms,
             3.0 * BF * r * c + BF * c + F4 * r + 2.0 * F4 * c,
@@ -77,49 +79,47 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     let mut mean = dev.zeros_f32(rows)?;
     let (mut yr, mut mr, mut rr) = (vec![0f32; k * cols], vec![0f32; k], vec![0f32; k]);
     layernorm::cpu::fwd(&mut yr, &mut mr, &mut rr, xk, &w, &b, k, cols, 1e-5);
-    for v2 in [true, false] {
-        // V1 last, so the backward below uses V1's mean/rstd.
-        let ms = with_v2(v2, || {
-            time_gpu(g, warm, iters, &mut || {
-                layernorm::fwd(dev, &mut y, &mut mean, &mut rstd, &xb, &wb, &bb, rows, cols, 1e-5)
-            })
+    for kernel in [layernorm::plan_fwd(bf, rows, cols, true), layernorm::LayerNormFwdKernel::Rows] {
+        // Rows last, so the backward below uses its mean/rstd.
+        let vec = kernel != layernorm::LayerNormFwdKernel::Rows;
+        let ms = time_gpu(g, warm, iters, &mut || {
+            layernorm::fwd_with(dev, kernel, &mut y, &mut mean, &mut rstd, &xb, &wb, &bb, rows, cols, 1e-5)
         })?;
         let err = rel_err(&dev.to_vec(&y)?[..k * cols], &yr)
             .max(rel_err(&dev.to_vec(&mean)?[..k], &mr))
             .max(rel_err(&dev.to_vec(&rstd)?[..k], &rr));
         let mut rw = row(
-            if v2 { "layernorm_fwd v2" } else { "layernorm_fwd" },
+            if vec { "layernorm_fwd" } else { "layernorm_fwd rows" },
             &shape,
             ms,
             2.0 * BF * r * c + 2.0 * BF * c + 2.0 * F4 * r,
             err,
         );
-        rw.note = if v2 { "V2; err covers y, mean, rstd".into() } else { String::new() };
+        rw.note = if vec { format!("{kernel:?}; err covers y, mean, rstd") } else { String::new() };
         out.push(rw);
     }
 
     let mut db = dev.zeros_f32(cols)?;
     let (mut dxr, mut dwr, mut dbr) = (vec![0f32; k * cols], vec![0f32; cols], vec![0f32; cols]);
     layernorm::cpu::bwd(&mut dxr, &mut dwr, &mut dbr, dyk, xk, &w, &mr, &rr, k, cols);
-    let mut p_v1 = (Vec::new(), Vec::new());
-    for v2 in [false, true] {
-        let ms = with_v2(v2, || {
-            time_gpu(g, warm, iters, &mut || {
-                layernorm::bwd(dev, &mut dx, &mut dw, &mut db, &dyb, &xb, &wb, &mean, &rstd, rows, cols)
-            })
+    let mut p_rows = (Vec::new(), Vec::new());
+    for kernel in [layernorm::LayerNormBwdKernel::Rows, layernorm::plan_bwd(bf, rows, cols, true)] {
+        let vec = kernel != layernorm::LayerNormBwdKernel::Rows;
+        let ms = time_gpu(g, warm, iters, &mut || {
+            layernorm::bwd_with(dev, kernel, &mut dx, &mut dw, &mut db, &dyb, &xb, &wb, &mean, &rstd, rows, cols)
         })?;
         let err = rel_err(&dev.to_vec(&dx)?[..k * cols], &dxr);
         let (mut dw1, mut db1) = (dev.zeros_f32(cols)?, dev.zeros_f32(cols)?);
-        with_v2(v2, || layernorm::bwd(dev, &mut dx, &mut dw1, &mut db1, &dyb, &xb, &wb, &mean, &rstd, rows, cols))?;
+        layernorm::bwd_with(dev, kernel, &mut dx, &mut dw1, &mut db1, &dyb, &xb, &wb, &mean, &rstd, rows, cols)?;
         let p = (dev.to_vec(&dw1)?, dev.to_vec(&db1)?);
-        let note = if v2 {
-            format!("V2; dw, db vs V1 {:.1e}, {:.1e}", rel_err(&p.0, &p_v1.0), rel_err(&p.1, &p_v1.1))
+        let note = if vec {
+            format!("{kernel:?}; dw, db vs Rows {:.1e}, {:.1e}", rel_err(&p.0, &p_rows.0), rel_err(&p.1, &p_rows.1))
         } else {
             String::new()
         };
-        p_v1 = p;
+        p_rows = p;
         let mut rw = row(
-            if v2 { "layernorm_bwd v2" } else { "layernorm_bwd" },
+            if vec { "layernorm_bwd" } else { "layernorm_bwd rows" },
             &shape,
             ms,
             3.0 * BF * r * c + BF * c + 2.0 * F4 * r + 4.0 * F4 * c,

@@ -8,27 +8,6 @@ use crate::tensor::{Buf, DType, Device};
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::LaunchConfig;
 
-/// Whether the V2 kernels of the memory-bound ops that keep a V1 fallback (rmsnorm_bwd,
-/// layernorm_fwd/bwd, bias_bwd) are tried first: true, since the H200 run measured each V2 faster
-/// (PERF.md); V1 then runs only where V2 cannot (rows not whole 16-byte vectors, misaligned
-/// buffers). `with_v2(false, ..)` lets the tests and the bench run the fallback on this thread.
-pub fn use_v2(_op: &str) -> bool {
-    V2_OVERRIDE.with(|c| c.get()).unwrap_or(true)
-}
-
-thread_local! {
-    static V2_OVERRIDE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
-}
-
-/// Runs `f` with the V2 kernels of the ops with a V1 fallback forced on or off on this thread
-/// (restored afterwards).
-pub fn with_v2<T>(on: bool, f: impl FnOnce() -> T) -> T {
-    let prev = V2_OVERRIDE.with(|c| c.replace(Some(on)));
-    let out = f();
-    V2_OVERRIDE.with(|c| c.set(prev));
-    out
-}
-
 /// Threads per block of the streaming kernels.
 pub const BLOCK: u32 = 256;
 /// Elements per thread per loop trip (the kernels' 8-element vectors).
@@ -87,9 +66,43 @@ pub fn bias_add(dev: &Device, y: &mut Buf, b: &Buf, rows: usize, cols: usize) ->
     }
 }
 
+/// The kernel of a bias gradient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BiasBwdKernel {
+    /// bias_bwd: 32-column tiles × row chunks, one element per thread per row, partials in a
+    /// fresh [chunks, cols] buffer; any row length and alignment.
+    Scalar,
+    /// bias_bwd_v2: 32 16-byte column vectors per block, 4 rows in flight per thread, partials in
+    /// a cached scratch. Rows of whole 16-byte vectors, dy 16-byte aligned.
+    Vec16,
+}
+
+/// The bias-gradient kernel for rows of `cols` columns; `aligned`: dy 16-byte aligned. Vec16
+/// wherever it applies (0.0411 ms, 77.9 % of 4.2 TB/s against 58 % for Scalar on the H200,
+/// PERF.md round 3); Scalar otherwise.
+pub fn plan_bias_bwd(dtype: DType, cols: usize, aligned: bool) -> BiasBwdKernel {
+    if aligned && cols.is_multiple_of(16 / dtype.size()) {
+        BiasBwdKernel::Vec16
+    } else {
+        BiasBwdKernel::Scalar
+    }
+}
+
 /// db [cols] (f32, +=) += column sums of dy [rows, cols]. On the GPU: per-chunk partial sums,
 /// then an in-order reduction over chunks, so the result is deterministic.
 pub fn bias_bwd(dev: &Device, db: &mut Buf, dy: &Buf, rows: usize, cols: usize) -> Result<()> {
+    let kernel = match dev {
+        Device::Cpu => BiasBwdKernel::Scalar,
+        Device::Cuda(g) => plan_bias_bwd(dy.dtype(), cols, dy.ptr(g)?.is_multiple_of(16)),
+    };
+    bias_bwd_with(dev, kernel, db, dy, rows, cols)
+}
+
+/// `bias_bwd` with an explicit kernel (the bench and tests run each); an error when Vec16 cannot
+/// take the call (rows not whole 16-byte vectors, dy misaligned). On the CPU the kernel is ignored.
+pub fn bias_bwd_with(
+    dev: &Device, kernel: BiasBwdKernel, db: &mut Buf, dy: &Buf, rows: usize, cols: usize,
+) -> Result<()> {
     let op = "bias_bwd";
     check(dy, numel(rows, cols, op)?, op, "dy")?;
     check(db, cols, op, "db")?;
@@ -104,9 +117,15 @@ pub fn bias_bwd(dev: &Device, db: &mut Buf, dy: &Buf, rows: usize, cols: usize) 
             if rows == 0 || cols == 0 {
                 return Ok(());
             }
-            let vec = 16 / dt.size();
-            if use_v2(op) && cols.is_multiple_of(vec) && dy.ptr(g)?.is_multiple_of(16) {
-                return bias_bwd_v2(g, db, dy, rows, cols, dt);
+            if kernel == BiasBwdKernel::Vec16 {
+                let aligned = dy.ptr(g)?.is_multiple_of(16);
+                if !aligned || !cols.is_multiple_of(16 / dt.size()) {
+                    bail!(
+                        "{op}: kernel Vec16 needs rows of whole 16-byte vectors and a 16-byte aligned dy (got {} cols = {cols}, aligned = {aligned})",
+                        dt.suffix()
+                    );
+                }
+                return bias_bwd_vec16(g, db, dy, rows, cols, dt);
             }
             // Column tiles of 32 × row chunks: about one wave of 256-thread blocks, and each
             // chunk at least 8 rows (one per row lane) so the partial buffer stays small.
@@ -144,9 +163,9 @@ pub fn bias_bwd(dev: &Device, db: &mut Buf, dy: &Buf, rows: usize, cols: usize) 
     }
 }
 
-/// V2 bias gradient: 16-byte loads of dy, 4 rows in flight per thread, partials in the cached
+/// Vec16 bias gradient: 16-byte loads of dy, 4 rows in flight per thread, partials in the cached
 /// scratch [chunks, cols], then the fixed-order column reduction shared with the norms.
-fn bias_bwd_v2(g: &Gpu, db: &mut Buf, dy: &Buf, rows: usize, cols: usize, dt: DType) -> Result<()> {
+fn bias_bwd_vec16(g: &Gpu, db: &mut Buf, dy: &Buf, rows: usize, cols: usize, dt: DType) -> Result<()> {
     let op = "bias_bwd";
     let tiles = (cols / (16 / dt.size())).div_ceil(32); // 32 column vectors per block
                                                         // About one wave of 256-thread blocks (6 per SM at the kernel's 38 registers), each chunk at

@@ -1,11 +1,10 @@
 //! RMSNorm (Qwen2, Llama, Mistral, the Qwen vision tower): y = x · rsqrt(mean(x²) + eps) · w.
 //! Forward saves rstd [rows] (f32). Kernel: kernels/rmsnorm.cu.
 
-use super::elementwise::use_v2;
 use super::{check, check_dtype, kname, same_float_dtype};
 use crate::cuda::{cfg_1d, cfg_rows, dptr, Arg, Gpu};
 use crate::tensor::{Buf, DType, Device};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use cudarc::driver::LaunchConfig;
 
 /// y [rows, cols], rstd [rows] (f32) = rmsnorm(x [rows, cols], w [cols]).
@@ -40,10 +39,48 @@ pub fn fwd(
     }
 }
 
+/// The kernel of an rmsnorm backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RmsNormBwdKernel {
+    /// rmsnorm_bwd: one block per run of rows, x and dy read twice with scalar loads, dw partials
+    /// in a fresh [blocks, cols] buffer; any row length and alignment.
+    Rows,
+    /// rmsnorm_bwd_v2x{vpt}: persistent blocks, each thread holding `vpt` 16-byte column vectors
+    /// of a row in registers (one pass over x and dy), dw partials in a cached scratch. Rows of
+    /// whole 16-byte vectors, at most 4 per thread (1024 vectors: 8192 bf16 / 4096 f32 columns),
+    /// 16-byte aligned dx, dy, x, w.
+    Vec16 { vpt: usize },
+}
+
+/// The backward kernel for `rows` rows of `cols` columns; `aligned`: dx, dy, x and w all 16-byte
+/// aligned. Vec16 wherever it applies (0.1182 ms, 81.1 % of 4.2 TB/s against 24 % for Rows on the
+/// H200, PERF.md round 3); Rows otherwise.
+pub fn plan_bwd(dtype: DType, rows: usize, cols: usize, aligned: bool) -> RmsNormBwdKernel {
+    match vec16_vpt(dtype, rows, cols) {
+        Some(vpt) if aligned => RmsNormBwdKernel::Vec16 { vpt },
+        _ => RmsNormBwdKernel::Rows,
+    }
+}
+
 /// dx [rows, cols] (=), dw [cols] (f32, +=) from dy, x, w and the saved rstd.
 #[allow(clippy::too_many_arguments)]
 pub fn bwd(
     dev: &Device, dx: &mut Buf, dw: &mut Buf, dy: &Buf, x: &Buf, w: &Buf, rstd: &Buf, rows: usize, cols: usize,
+) -> Result<()> {
+    let kernel = match dev {
+        Device::Cpu => RmsNormBwdKernel::Rows,
+        Device::Cuda(g) => plan_bwd(dx.dtype(), rows, cols, aligned16(g, &[dx, dy, x, w])?),
+    };
+    bwd_with(dev, kernel, dx, dw, dy, x, w, rstd, rows, cols)
+}
+
+/// `bwd` with an explicit kernel (the bench and tests run each); an error when Vec16 cannot take
+/// the call (row length, alignment, or a `vpt` other than the one the row needs). On the CPU the
+/// kernel is ignored.
+#[allow(clippy::too_many_arguments)]
+pub fn bwd_with(
+    dev: &Device, kernel: RmsNormBwdKernel, dx: &mut Buf, dw: &mut Buf, dy: &Buf, x: &Buf, w: &Buf, rstd: &Buf,
+    rows: usize, cols: usize,
 ) -> Result<()> {
     let op = "rmsnorm_bwd";
     for (b, n, a) in [
@@ -64,10 +101,10 @@ pub fn bwd(
         }
         Device::Cuda(g) => {
             let dt = same_float_dtype(op, &[dx, dy, x, w])?;
-            if use_v2(op) {
-                if let Some(plan) = V2Plan::new(g, dt, rows, cols, &[dx.ptr(g)?, dy.ptr(g)?, x.ptr(g)?, w.ptr(g)?], 3) {
-                    return bwd_v2(g, &plan, dx, dw, dy, x, w, rstd, rows, cols);
-                }
+            if let RmsNormBwdKernel::Vec16 { vpt } = kernel {
+                check_vec16(op, kernel, dt, rows, cols, vpt, aligned16(g, &[dx, dy, x, w])?)?;
+                let plan = VecLaunch::new(g, rows, vpt, cols / (16 / dt.size()), 3);
+                return bwd_vec16(g, &plan, dx, dw, dy, x, w, rstd, rows, cols);
             }
             // Enough blocks to fill the GPU; each owns a run of rows and writes one partial dw row.
             let nblocks = rows.clamp(1, 2 * g.sm_count as usize);
@@ -98,35 +135,61 @@ pub fn bwd(
     }
 }
 
-/// Launch shape of the V2 row kernels (rmsnorm_bwd, layernorm_fwd/bwd V2): persistent blocks
+/// The 16-byte vectors per thread of the vector row kernels (rmsnorm_bwd, layernorm_fwd/bwd
+/// Vec16) for a row of `cols` elements: None when they do not apply (rows not whole 16-byte
+/// vectors, more than 4 vectors per thread, no rows or columns, rows past the 32-bit range).
+pub(crate) fn vec16_vpt(dt: DType, rows: usize, cols: usize) -> Option<usize> {
+    let n = 16 / dt.size();
+    if rows == 0 || cols == 0 || !cols.is_multiple_of(n) || rows > i32::MAX as usize {
+        return None;
+    }
+    let nvec = cols / n;
+    [1usize, 2, 4].into_iter().find(|&v| nvec <= 256 * v)
+}
+
+/// An error for an explicit Vec16 kernel that cannot take the call.
+pub(crate) fn check_vec16(
+    op: &str, kernel: impl std::fmt::Debug, dt: DType, rows: usize, cols: usize, vpt: usize, aligned: bool,
+) -> Result<()> {
+    let want = vec16_vpt(dt, rows, cols);
+    if !aligned || want != Some(vpt) {
+        bail!(
+            "{op}: kernel {kernel:?} needs rows of whole 16-byte vectors, at most 4 per thread, vpt = the row's \
+             ({}), and 16-byte aligned buffers (got {} {rows} x {cols}, aligned = {aligned})",
+            want.map_or("none".to_string(), |v| v.to_string()),
+            dt.suffix()
+        );
+    }
+    Ok(())
+}
+
+/// Every pointer 16-byte aligned (the 16-byte vector loads need it).
+pub(crate) fn aligned16(g: &Gpu, bufs: &[&Buf]) -> Result<bool> {
+    for b in bufs {
+        if !b.ptr(g)?.is_multiple_of(16) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Launch shape of the Vec16 row kernels (rmsnorm_bwd, layernorm_fwd/bwd): persistent blocks
 /// of `block` threads, each thread owning `vpt` 16-byte column vectors of every row it visits.
-pub(crate) struct V2Plan {
+pub(crate) struct VecLaunch {
     pub vpt: usize,
     pub block: u32,
     pub nblocks: usize,
 }
 
-impl V2Plan {
-    /// None when the V2 kernels do not apply (rows not whole 16-byte vectors, a misaligned
-    /// pointer, more than 4 vectors per thread, or nothing to do): the caller uses V1.
+impl VecLaunch {
+    /// For `rows` rows of `nvec` 16-byte vectors at `vpt` per thread (checked by the caller).
     /// `per_sm`: blocks resident per SM at the kernel's `__launch_bounds__` for vpt <= 2 (the
     /// grid is one wave of them); vpt = 4 kernels keep their registers at one block per SM.
-    pub(crate) fn new(g: &Gpu, dt: DType, rows: usize, cols: usize, ptrs: &[u64], per_sm: usize) -> Option<V2Plan> {
-        let n = 16 / dt.size();
-        if rows == 0
-            || cols == 0
-            || !cols.is_multiple_of(n)
-            || ptrs.iter().any(|p| !p.is_multiple_of(16))
-            || rows > i32::MAX as usize
-        {
-            return None;
-        }
-        let nvec = cols / n;
-        let vpt = [1usize, 2, 4].into_iter().find(|&v| nvec <= 256 * v)?;
+    pub(crate) fn new(g: &Gpu, rows: usize, vpt: usize, nvec: usize, per_sm: usize) -> VecLaunch {
         let block = nvec.div_ceil(vpt).next_power_of_two().clamp(32, 256) as u32;
         let per_sm = if vpt <= 2 { per_sm.max(1) } else { 1 };
         let nblocks = rows.min(g.sm_count as usize * per_sm).max(1);
-        Some(V2Plan { vpt, block, nblocks })
+        VecLaunch { vpt, block, nblocks }
     }
 
     pub(crate) fn cfg(&self, smem: u32) -> LaunchConfig {
@@ -155,10 +218,10 @@ pub(crate) fn colsum_reduce(
     g.launch("rmsnorm", "param_colsum_reduce", cfg, &args)
 }
 
-/// V2 backward: one pass over x and dy (rows held in registers), dw partials in a cached scratch.
+/// Vec16 backward: one pass over x and dy (rows held in registers), dw partials in a cached scratch.
 #[allow(clippy::too_many_arguments)]
-fn bwd_v2(
-    g: &Gpu, plan: &V2Plan, dx: &mut Buf, dw: &mut Buf, dy: &Buf, x: &Buf, w: &Buf, rstd: &Buf, rows: usize,
+fn bwd_vec16(
+    g: &Gpu, plan: &VecLaunch, dx: &mut Buf, dw: &mut Buf, dy: &Buf, x: &Buf, w: &Buf, rstd: &Buf, rows: usize,
     cols: usize,
 ) -> Result<()> {
     let dt = dx.dtype();
