@@ -28,6 +28,22 @@ pub struct Optimizer {
     slots: Vec<Slot>,
 }
 
+/// The default `optim_step` of the stages' resolved plans.
+pub fn whole_step() -> String {
+    "whole".into()
+}
+
+/// Serde's skip test for `optim_step`: "whole" is not written, so the runs saved before the flag
+/// existed resume unchanged.
+pub fn is_whole_step(s: &str) -> bool {
+    s == "whole"
+}
+
+/// Does a resolved `optim_step` ask for the per-layer step?
+pub fn is_per_layer_step(s: &str) -> bool {
+    s == "per-layer"
+}
+
 /// Validates `--optim-step` (whole | per-layer); true for per-layer. The per-layer step updates
 /// each layer before the next one's gradient exists, so it cannot know the global gradient norm
 /// (clipping) nor wait for more micro-batches (accumulation); under LoRA there are no base

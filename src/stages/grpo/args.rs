@@ -167,22 +167,14 @@ pub struct GrpoPlan {
     #[serde(default = "auto")]
     pub grad_dtype: String,
     /// whole | per-layer; not written when whole (older runs resume unchanged).
-    #[serde(default = "whole", skip_serializing_if = "is_whole")]
+    #[serde(default = "crate::train::optim::whole_step", skip_serializing_if = "crate::train::optim::is_whole_step")]
     pub optim_step: String,
-}
-
-fn whole() -> String {
-    "whole".into()
-}
-
-fn is_whole(s: &str) -> bool {
-    s == "whole"
 }
 
 impl GrpoPlan {
     /// `--optim-step per-layer`.
     pub fn per_layer(&self) -> bool {
-        self.optim_step == "per-layer"
+        crate::train::optim::is_per_layer_step(&self.optim_step)
     }
 }
 
@@ -293,7 +285,7 @@ impl GrpoArgs {
                 }
                 g
             },
-            optim_step: self.optim_step.clone().unwrap_or_else(whole),
+            optim_step: self.optim_step.clone().unwrap_or_else(crate::train::optim::whole_step),
         };
         crate::train::optim::check_optim_step(&plan.optim_step, plan.clip, 1, plan.lora_rank)?;
         Ok((self, plan, jcfg))

@@ -163,22 +163,14 @@ pub struct SftPlan {
     pub grad_dtype: String,
     /// whole | per-layer (see `--optim-step`). Not written when whole, so the runs saved before
     /// the flag existed resume unchanged.
-    #[serde(default = "default_optim_step", skip_serializing_if = "is_whole")]
+    #[serde(default = "crate::train::optim::whole_step", skip_serializing_if = "crate::train::optim::is_whole_step")]
     pub optim_step: String,
-}
-
-fn default_optim_step() -> String {
-    "whole".into()
-}
-
-fn is_whole(s: &str) -> bool {
-    s == "whole"
 }
 
 impl SftPlan {
     /// `--optim-step per-layer`.
     pub fn per_layer(&self) -> bool {
-        self.optim_step == "per-layer"
+        crate::train::optim::is_per_layer_step(&self.optim_step)
     }
 }
 
@@ -266,7 +258,7 @@ impl SftArgs {
             lora_targets,
             lora_save,
             grad_dtype,
-            optim_step: self.optim_step.clone().unwrap_or_else(default_optim_step),
+            optim_step: self.optim_step.clone().unwrap_or_else(crate::train::optim::whole_step),
         };
         check_optim_step(&plan)?;
         LrSchedule::new(kind, plan.lr, plan.warmup, plan.steps, plan.min_lr_ratio)?;
