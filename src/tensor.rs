@@ -305,6 +305,14 @@ pub fn host_copy<T: Copy>(v: &[T]) -> Result<Vec<T>> {
     Ok(out)
 }
 
+/// Copies `v` over the first v.len() elements of `d` (nothing for an empty `v`).
+fn htod_prefix<T: cudarc::driver::DeviceRepr>(g: &Gpu, d: &mut CudaSlice<T>, v: &[T]) -> Result<()> {
+    if !v.is_empty() {
+        g.stream.memcpy_htod(v, &mut d.slice_mut(..v.len()))?;
+    }
+    Ok(())
+}
+
 /// A flat buffer. Device variants carry their logical length (allocations are at least 1 long).
 pub enum Buf {
     HostF32(Vec<f32>),
@@ -373,10 +381,7 @@ impl Buf {
         self.set_len(v.len())?;
         match (self, dev) {
             (Buf::HostI32(h), _) => h.copy_from_slice(v),
-            (Buf::DevI32(d, _), Device::Cuda(g)) if !v.is_empty() => {
-                g.stream.memcpy_htod(v, &mut d.slice_mut(..v.len()))?
-            }
-            (Buf::DevI32(..), Device::Cuda(_)) => {}
+            (Buf::DevI32(d, _), Device::Cuda(g)) => htod_prefix(g, d, v)?,
             (b, _) => bail!("write_i32: buffer {b:?} is not an i32 buffer on {}", dev.name()),
         }
         Ok(())
@@ -387,10 +392,7 @@ impl Buf {
         self.set_len(v.len())?;
         match (self, dev) {
             (Buf::HostF32(h), _) => h.copy_from_slice(v),
-            (Buf::DevF32(d, _), Device::Cuda(g)) if !v.is_empty() => {
-                g.stream.memcpy_htod(v, &mut d.slice_mut(..v.len()))?
-            }
-            (Buf::DevF32(..), Device::Cuda(_)) => {}
+            (Buf::DevF32(d, _), Device::Cuda(g)) => htod_prefix(g, d, v)?,
             (b, _) => bail!("write_f32: buffer {b:?} is not an f32 buffer on {}", dev.name()),
         }
         Ok(())

@@ -235,7 +235,7 @@ fn grpo_call(c: &Ctx, l: &Loaded) -> Result<Vec<Figure>> {
         peak.push(gib(p));
         last = Some(st);
     }
-    let st = last.expect("at least one timed call");
+    let st = last.ok_or_else(|| anyhow::anyhow!("GRPO-shaped call: no timed run"))?;
     let what = format!(
         "{} dialogues × {} rollouts × {} turns, ≤{} new tokens per turn, one {}² image; last call: {} prefill + {} generated tokens in {} steps ({} padded), {} allocations in decode steps, KV cache {} GiB, step scratch {} GiB",
         specs.len(),

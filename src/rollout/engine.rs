@@ -299,23 +299,21 @@ pub fn generate_with(
         // Padded steps sample every row (a pad row's draw is dropped): no gather, no allocation.
         let n_rows = if pad { slots_n } else { requests.len() };
         crate::ops::elementwise::bias_add(dev, batch_logits, &ban, n_rows, vocab)?;
+        // Request i is sampled from row at[i] of batch_logits; pad rows draw greedily.
+        let at: Vec<usize> = requests.iter().enumerate().map(|(i, &(_, row))| if pad { row } else { i }).collect();
+        let pads: Vec<usize> = (0..slots_n).filter(|&s| pad && matches!(slots[s], Slot::Free)).collect();
         let mut params = vec![cfg.sample; n_rows];
         let mut keys = vec![0u64; n_rows];
-        for (i, &(s, row)) in requests.iter().enumerate() {
+        for (&(s, _), &r) in requests.iter().zip(&at) {
             let Slot::Busy(l) = &slots[s] else { unreachable!() };
-            keys[if pad { row } else { i }] =
-                stream_key(cfg.seed, dialogue_uid(&dialogues[l.dialogue].id), l.index as u64, l.sampled);
+            keys[r] = stream_key(cfg.seed, dialogue_uid(&dialogues[l.dialogue].id), l.index as u64, l.sampled);
         }
-        if pad {
-            (0..slots_n).filter(|&s| matches!(slots[s], Slot::Free)).for_each(|s| params[s] = SampleParams::greedy());
-        }
+        pads.iter().for_each(|&s| params[s] = SampleParams::greedy());
         let drawn = sampler.sample(dev, batch_logits, n_rows, &params, &keys)?;
-        let drawn: Vec<_> = if pad { requests.iter().map(|&(_, row)| drawn[row]).collect() } else { drawn };
-        if pad {
-            stats.padded_steps += 1;
-            for s in (0..slots_n).filter(|&s| matches!(slots[s], Slot::Free)) {
-                cache.reset(dev, s)?;
-            }
+        let drawn: Vec<_> = at.iter().map(|&r| drawn[r]).collect();
+        stats.padded_steps += pad as usize;
+        for &s in &pads {
+            cache.reset(dev, s)?;
         }
         if !any_prefill {
             stats.decode_allocations += crate::tensor::allocations() - allocs0;

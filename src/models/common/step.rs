@@ -13,7 +13,7 @@ use crate::ops::attention::Varlen;
 use crate::ops::patch_embed::{gather_rows, RowIndex};
 use crate::ops::{matmul, rmsnorm};
 use crate::tensor::{Buf, DType, Device};
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 
 /// A ragged step's input: sequence b of the cache gets ids[cu_new[b]..cu_new[b+1]] (none for an
 /// idle slot) at RoPE positions `pos` (the family's layout), and `image_rows` fill the step's
@@ -33,11 +33,9 @@ pub struct StepScratch {
     rows: Option<RowBufs>,
 }
 
-/// Per-token buffers for up to `cap` tokens and `cap_seqs` sequences.
+/// Per-token buffers; their capacities (tokens: `ids`, sequences: `cu`) and dtype (`x`) say
+/// what steps they take.
 struct TokenBufs {
-    cap: usize,
-    cap_seqs: usize,
-    dt: DType,
     ids: Buf,
     cu: Varlen,
     rope: RopeTable,
@@ -47,10 +45,14 @@ struct TokenBufs {
     acts: StepActs,
 }
 
-/// Per-output-row buffers (one row per sequence with new tokens) for up to `cap` rows.
+impl TokenBufs {
+    fn takes(&self, dt: DType, t: usize, seqs: usize) -> bool {
+        self.x.dtype() == dt && self.ids.capacity() >= t && self.cu.buf.capacity() > seqs
+    }
+}
+
+/// Per-output-row buffers (one row per sequence with new tokens); capacity: `last`'s.
 struct RowBufs {
-    cap: usize,
-    dt: DType,
     last: RowIndex,
     hidden: Buf,
     logits: Buf,
@@ -92,20 +94,16 @@ impl StepScratch {
 fn tokens<'a>(
     slot: &'a mut Option<TokenBufs>, dev: &Device, dims: &LmDims, dt: DType, t: usize, seqs: usize,
 ) -> Result<&'a mut TokenBufs> {
-    let fits = slot.as_ref().is_some_and(|b| b.dt == dt && b.cap >= t && b.cap_seqs >= seqs);
-    if !fits {
-        let (cap, cap_seqs) = match &*slot {
-            Some(b) if b.dt == dt => (grown(t).max(b.cap), grown(seqs).max(b.cap_seqs)),
-            _ => (grown(t), grown(seqs)),
+    if !slot.as_ref().is_some_and(|b| b.takes(dt, t, seqs)) {
+        let (cap, cap_seqs) = match slot.as_ref().filter(|b| b.x.dtype() == dt) {
+            Some(b) => (grown(t).max(b.ids.capacity()), grown(seqs).max(b.cu.buf.capacity() - 1)),
+            None => (grown(t), grown(seqs)),
         };
         *slot = None; // free the smaller set first
         let (d, half) = (dims.layer.d, dims.layer.head_dim / 2);
         let mut cu = Varlen::new(dev, &vec![0; cap_seqs + 1])?;
         cu.buf.set_len(1)?;
-        *slot = Some(TokenBufs {
-            cap,
-            cap_seqs,
-            dt,
+        return Ok(slot.insert(TokenBufs {
             ids: dev.zeros(DType::I32, cap)?,
             cu,
             rope: RopeTable { cos: dev.zeros_f32(cap * half)?, sin: dev.zeros_f32(cap * half)? },
@@ -113,26 +111,25 @@ fn tokens<'a>(
             out: dev.zeros(dt, cap * d)?,
             rstd: dev.zeros_f32(cap)?,
             acts: StepActs::new(dev, &dims.layer, cap, dt)?,
-        });
+        }));
     }
-    Ok(slot.as_mut().expect("allocated above"))
+    slot.as_mut().ok_or_else(|| anyhow!("step scratch: no token buffers"))
 }
 
 fn rows<'a>(
     slot: &'a mut Option<RowBufs>, dev: &Device, dims: &LmDims, dt: DType, r: usize,
 ) -> Result<&'a mut RowBufs> {
-    if !slot.as_ref().is_some_and(|b| b.dt == dt && b.cap >= r) {
-        let cap = grown(r).max(slot.as_ref().filter(|b| b.dt == dt).map_or(0, |b| b.cap));
+    let same_dt = slot.as_ref().filter(|b| b.logits.dtype() == dt);
+    if same_dt.is_none_or(|b| b.last.dev.capacity() < r) {
+        let cap = grown(r).max(same_dt.map_or(0, |b| b.last.dev.capacity()));
         *slot = None;
-        *slot = Some(RowBufs {
-            cap,
-            dt,
+        return Ok(slot.insert(RowBufs {
             last: RowIndex::with_repeats(dev, &vec![0; cap], 1)?,
             hidden: dev.zeros(dt, cap * dims.layer.d)?,
             logits: dev.zeros(dt, cap * dims.vocab)?,
-        });
+        }));
     }
-    Ok(slot.as_mut().expect("allocated above"))
+    slot.as_mut().ok_or_else(|| anyhow!("step scratch: no row buffers"))
 }
 
 /// A ragged step over the cached sequences: sequence b gets ids[cu_new[b]..cu_new[b+1]] (none
@@ -167,7 +164,7 @@ pub fn step_logits<'s>(
     for b in [&mut tb.x, &mut tb.out] {
         b.set_len(t * d)?;
     }
-    let TokenBufs { ids: ids_buf, cu, rope, x, out, rstd, acts, .. } = tb;
+    let TokenBufs { ids: ids_buf, cu, rope, x, out, rstd, acts } = tb;
     embed_into(dev, dims, p, x, ids_buf, ids, inject.as_ref().zip(inject_idx.as_ref()).map(|(i, r)| (i.rows, r)))?;
     for (l, kv) in cache.layers.iter_mut().enumerate() {
         let blk = Block { dims: &dims.layer, w: &p.layers[l], rope, segs: cu, causal: true, lora: lora.get(l) };
