@@ -1,12 +1,17 @@
 //! Compiles every `kernels/*.cu` to a fatbin (sm_90 SASS + compute_90 PTX) and embeds it.
 //! Without nvcc the crate still builds: the sources are embedded instead and the CUDA
 //! backend compiles them with NVRTC at start-up. Either way `$OUT_DIR/kernels.rs` lists
-//! every module with its (header-inlined) source, and its fatbin when nvcc was found.
+//! every module with its (header-inlined) source, and its fatbin when nvcc was found, and
+//! `$OUT_DIR/kernel_api.rs` holds the typed launchers generated from the kernels' declarations
+//! (kernels/api_gen.rs).
 
 use std::env;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+#[path = "kernels/api_gen.rs"]
+mod api_gen;
 
 fn main() {
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
@@ -56,6 +61,13 @@ fn main() {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
+    let mut apis = Vec::new();
+    for (name, src_path, _) in &results {
+        let src = fs::read_to_string(src_path).unwrap();
+        apis.push(api_gen::parse_module(name, &src).unwrap_or_else(|e| panic!("kernels/{name}.cu: {e}")));
+    }
+    let api = api_gen::render(&apis).unwrap_or_else(|e| panic!("generating the kernel API: {e}"));
+    fs::write(out.join("kernel_api.rs"), api).unwrap();
     for (name, src_path, fatbin) in results {
         let fat = match fatbin {
             Some(p) => format!("Some(include_bytes!({:?}))", p.display().to_string()),

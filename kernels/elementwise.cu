@@ -140,7 +140,7 @@ extern "C" __global__ void cast_f32_bf16(bf16* dst, const float* src, long n) { 
 // 8 row lanes are then added in a fixed order (deterministic). Needs cols % N == 0 and an
 // aligned dy (the launcher checks). part [nchunks, cols].
 template <typename T>
-__device__ void bias_bwd_part_v2(float* __restrict__ part, const T* __restrict__ dy, int rows, int cols, int rpc) {
+__device__ void bias_bwd_part_vec16(float* __restrict__ part, const T* __restrict__ dy, int rows, int cols, int rpc) {
     constexpr int N = V16<T>::N;
     __shared__ __align__(16) float s[8][32 * N];
     int cv = blockIdx.x * 32 + threadIdx.x;
@@ -189,11 +189,11 @@ __device__ void bias_bwd_part_v2(float* __restrict__ part, const T* __restrict__
     }
 }
 
-#define EW_V2_ENTRY(T, S)                                                                                    \
-    extern "C" __global__ void bias_bwd_v2_##S(float* part, const T* dy, int rows, int cols, int rpc) {     \
-        bias_bwd_part_v2<T>(part, dy, rows, cols, rpc);                                                      \
+#define EW_VEC16_ENTRY(T, S)                                                                                    \
+    extern "C" __global__ void bias_bwd_vec16_##S(float* part, const T* dy, int rows, int cols, int rpc) {     \
+        bias_bwd_part_vec16<T>(part, dy, rows, cols, rpc);                                                      \
     }
-AM3_BOTH_DTYPES(EW_V2_ENTRY)
+AM3_BOTH_DTYPES(EW_VEC16_ENTRY)
 
 // ---- Cast bf16 -> f32 and the write-only reference (perf round 4) ----------------------------
 // bf16 -> f32 is 1/3 reads, 2/3 writes. One vector per thread and no loop (a one-shot grid of

@@ -300,7 +300,7 @@ __device__ __forceinline__ float2 ln_block_sum2(float a, float b, float2* scratc
 }
 
 template <typename T, int VPT>
-__device__ void layernorm_fwd_v2(T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out,
+__device__ void layernorm_fwd_vec16(T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out,
                                  const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
                                  int rows, int cols, float eps) {
     __shared__ float scratch[32];
@@ -369,7 +369,7 @@ __device__ void layernorm_fwd_v2(T* __restrict__ y, float* __restrict__ mean_out
 // The dw sums stay in registers; the db sums live in dynamic shared memory (cols floats, each
 // thread touching only its own vectors, so no barriers) to stay within 80 registers.
 template <typename T, int VPT>
-__device__ void layernorm_bwd_v2(T* __restrict__ dx, float* __restrict__ part, const T* __restrict__ dy,
+__device__ void layernorm_bwd_vec16(T* __restrict__ dx, float* __restrict__ part, const T* __restrict__ dy,
                                  const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ mean,
                                  const float* __restrict__ rstd, int rows, int cols) {
     __shared__ float2 scratch2[32];
@@ -460,14 +460,15 @@ __device__ void layernorm_bwd_v2(T* __restrict__ dx, float* __restrict__ part, c
 // __launch_bounds__: forward 4 blocks of 256 per SM (<= 64 registers) for VPT <= 2, backward 3
 // (<= 80); VPT = 4 keeps its registers at one block per SM rather than spill (src/ops/layernorm.rs
 // sizes the grids to match).
-#define LAYERNORM_V2_VPT(T, S, V, MINF, MINB)                                                                        \
-    extern "C" __global__ void __launch_bounds__(256, MINF) layernorm_fwd_v2x##V##_##S(T* y, float* mean, float* rstd, \
+#define LAYERNORM_VEC16_VPT(T, S, VPT, MINF, MINB)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256, MINF) layernorm_fwd_vec16_vpt##VPT##_##S(T* y, float* mean, float* rstd, \
         const T* x, const T* w, const T* b, int rows, int cols, float eps) {                                          \
-        layernorm_fwd_v2<T, V>(y, mean, rstd, x, w, b, rows, cols, eps);                                               \
+        layernorm_fwd_vec16<T, VPT>(y, mean, rstd, x, w, b, rows, cols, eps);                                               \
     }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(256, MINB) layernorm_bwd_v2x##V##_##S(T* dx, float* part, const T* dy, \
+    extern "C" __global__ void __launch_bounds__(256, MINB) layernorm_bwd_vec16_vpt##VPT##_##S(T* dx, float* part, const T* dy, \
         const T* x, const T* w, const float* mean, const float* rstd, int rows, int cols) {                           \
-        layernorm_bwd_v2<T, V>(dx, part, dy, x, w, mean, rstd, rows, cols);                                            \
+        layernorm_bwd_vec16<T, VPT>(dx, part, dy, x, w, mean, rstd, rows, cols);                                            \
     }
-#define LAYERNORM_V2_ENTRY(T, S) LAYERNORM_V2_VPT(T, S, 1, 4, 3) LAYERNORM_V2_VPT(T, S, 2, 4, 3) LAYERNORM_V2_VPT(T, S, 4, 1, 1)
-AM3_BOTH_DTYPES(LAYERNORM_V2_ENTRY)
+#define LAYERNORM_VEC16_ENTRY(T, S) \
+    LAYERNORM_VEC16_VPT(T, S, 1, 4, 3) LAYERNORM_VEC16_VPT(T, S, 2, 4, 3) LAYERNORM_VEC16_VPT(T, S, 4, 1, 1)
+AM3_BOTH_DTYPES(LAYERNORM_VEC16_ENTRY)

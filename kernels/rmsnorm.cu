@@ -97,7 +97,7 @@ template <> __device__ __forceinline__ float rn_elem<float>(const Vec16& v, int 
 __device__ __forceinline__ Vec16 rn_ld(const void* p) { return *reinterpret_cast<const Vec16*>(p); }
 
 template <typename T, int VPT>
-__device__ void rmsnorm_bwd_v2(T* __restrict__ dx, float* __restrict__ part, const T* __restrict__ dy,
+__device__ void rmsnorm_bwd_vec16(T* __restrict__ dx, float* __restrict__ part, const T* __restrict__ dy,
                                const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ rstd,
                                int rows, int cols) {
     __shared__ float scratch[32];
@@ -190,17 +190,11 @@ extern "C" __global__ void __launch_bounds__(512) param_colsum_reduce(float* __r
     }
 }
 
-#define RMSNORM_V2_ENTRY(T, S)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(256, 3) rmsnorm_bwd_v2x1_##S(T* dx, float* part, const T* dy,       \
-        const T* x, const T* w, const float* rstd, int rows, int cols) {                                            \
-        rmsnorm_bwd_v2<T, 1>(dx, part, dy, x, w, rstd, rows, cols);                                                  \
-    }                                                                                                                \
-    extern "C" __global__ void __launch_bounds__(256, 3) rmsnorm_bwd_v2x2_##S(T* dx, float* part, const T* dy,       \
-        const T* x, const T* w, const float* rstd, int rows, int cols) {                                            \
-        rmsnorm_bwd_v2<T, 2>(dx, part, dy, x, w, rstd, rows, cols);                                                  \
-    }                                                                                                                \
-    extern "C" __global__ void __launch_bounds__(256, 1) rmsnorm_bwd_v2x4_##S(T* dx, float* part, const T* dy,       \
-        const T* x, const T* w, const float* rstd, int rows, int cols) {                                            \
-        rmsnorm_bwd_v2<T, 4>(dx, part, dy, x, w, rstd, rows, cols);                                                  \
+// __launch_bounds__: 3 blocks of 256 per SM for VPT <= 2, one for VPT = 4 (no spills).
+#define RMSNORM_VEC16_VPT(T, S, VPT, MINB)                                                                          \
+    extern "C" __global__ void __launch_bounds__(256, MINB) rmsnorm_bwd_vec16_vpt##VPT##_##S(T* dx, float* part,     \
+        const T* dy, const T* x, const T* w, const float* rstd, int rows, int cols) {                               \
+        rmsnorm_bwd_vec16<T, VPT>(dx, part, dy, x, w, rstd, rows, cols);                                                \
     }
-AM3_BOTH_DTYPES(RMSNORM_V2_ENTRY)
+#define RMSNORM_VEC16_ENTRY(T, S) RMSNORM_VEC16_VPT(T, S, 1, 3) RMSNORM_VEC16_VPT(T, S, 2, 3) RMSNORM_VEC16_VPT(T, S, 4, 1)
+AM3_BOTH_DTYPES(RMSNORM_VEC16_ENTRY)

@@ -18,6 +18,7 @@
 //! loss: 45 ms with ≤ 1 GiB extra; goal ≤ 1.15 × 34.8 ms (three GEMMs at 770 TFLOP/s) = 40 ms.
 
 use super::{time_gpu, BenchRow};
+use crate::cuda::api;
 use crate::cuda::blas::{Gemm, GemmType};
 use crate::cuda::Gpu;
 use crate::ops::grpo::{self, Aggregation, GrpoBatch, GrpoHyper};
@@ -325,7 +326,7 @@ fn stages(
     dev: &Device, g: &Gpu, it: (usize, usize), hidden: &Buf, w: &Buf, targets: &Buf, dw: &mut Buf, t: usize, h: usize,
     v: usize, shape: &str,
 ) -> Result<Vec<BenchRow>> {
-    use crate::cuda::{cfg_rows, Arg};
+    use crate::cuda::cfg_rows;
     use cudarc::driver::LaunchConfig;
     let tc = 2048usize.min(t);
     let vc = 8192usize;
@@ -373,21 +374,21 @@ fn stages(
     };
     let fold_v1 = |j: usize| -> Result<()> {
         let nv = vc.min(v - j * vc);
-        let args = [
-            Arg::Ptr(stats),
-            Arg::Ptr(store),
-            Arg::Ptr(moff),
-            Arg::Ptr(tile),
-            Arg::Ptr(tg),
-            Arg::I32(tc as i32),
-            Arg::I32(nv as i32),
-            Arg::I32((j * vc) as i32),
-            Arg::I32(v as i32),
-            Arg::I32(j as i32),
-            Arg::I32(nsub as i32),
-            Arg::I32((j == 0) as i32),
-        ];
-        g.launch("logprob", "logprob_fold_bf16", cfg_rows(tc, 256, 0), &args)
+        api::logprob::LogprobFold {
+            stats,
+            store,
+            moff,
+            logits: tile,
+            targets: tg,
+            n: tc as i32,
+            nv: nv as i32,
+            v0: (j * vc) as i32,
+            v: v as i32,
+            sub: j as i32,
+            nsub: nsub as i32,
+            first: (j == 0) as i32,
+        }
+        .launch(g, DType::BF16, cfg_rows(tc, 256, 0))
     };
     let dlogits = |off: u64, vcol: usize, ns: usize| {
         let cfg = LaunchConfig {
@@ -395,18 +396,18 @@ fn stages(
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let args = [
-            Arg::Ptr(store),
-            Arg::Ptr(off),
-            Arg::Ptr(lse),
-            Arg::Ptr(dlogp),
-            Arg::Ptr(tg),
-            Arg::I32(tc as i32),
-            Arg::I32(v as i32),
-            Arg::I32(vcol as i32),
-            Arg::I32(ns as i32),
-        ];
-        g.launch("logprob", "logprob_dlogits_stored_bf16", cfg, &args)
+        api::logprob::LogprobDlogitsStored {
+            buf: store,
+            moff: off,
+            lse,
+            dlogp,
+            targets: tg,
+            n: tc as i32,
+            v: v as i32,
+            vc: vcol as i32,
+            nsub: ns as i32,
+        }
+        .launch(g, DType::BF16, cfg)
     };
     let chunk_flops = 2.0 * (tc * h * v) as f64;
     let (wb, sb) = ((2 * v * h) as f64, (2 * tc * v) as f64);
@@ -444,18 +445,18 @@ fn stages(
         LaunchConfig { grid_dim: (tc as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: (cache * 2) as u32 };
     let ms = time_gpu(g, it.0, it.1, &mut || {
         g.blas.gemm(&logits_bf16)?;
-        let args = [
-            Arg::Ptr(store),
-            Arg::Ptr(lp),
-            Arg::Ptr(lse),
-            Arg::Ptr(0),
-            Arg::Ptr(tg),
-            Arg::I32(tc as i32),
-            Arg::I32(v as i32),
-            Arg::I32(cache as i32),
-            Arg::I32(1),
-        ];
-        g.launch("logprob", "logprob_fold_u_bf16", cfg_u, &args)
+        api::logprob::LogprobFoldU {
+            buf: store,
+            logp: lp,
+            lse,
+            ent: 0,
+            targets: tg,
+            n: tc as i32,
+            v: v as i32,
+            cache: cache as i32,
+            write_u: 1,
+        }
+        .launch(g, DType::BF16, cfg_u)
     })?;
     row(
         "stage bf16 logits GEMM + fold_u",
@@ -468,18 +469,18 @@ fn stages(
     let cfg_f = LaunchConfig { shared_mem_bytes: 0, ..cfg_u };
     let ms = time_gpu(g, it.0, it.1, &mut || {
         g.blas.gemm(&logits_bf16)?;
-        let args = [
-            Arg::Ptr(store),
-            Arg::Ptr(lp),
-            Arg::Ptr(lse),
-            Arg::Ptr(0),
-            Arg::Ptr(tg),
-            Arg::I32(tc as i32),
-            Arg::I32(v as i32),
-            Arg::I32(0),
-            Arg::I32(0),
-        ];
-        g.launch("logprob", "logprob_fold_u_bf16", cfg_f, &args)
+        api::logprob::LogprobFoldU {
+            buf: store,
+            logp: lp,
+            lse,
+            ent: 0,
+            targets: tg,
+            n: tc as i32,
+            v: v as i32,
+            cache: 0,
+            write_u: 0,
+        }
+        .launch(g, DType::BF16, cfg_f)
     })?;
     row(
         "stage bf16 logits GEMM + fold (fwd)",
@@ -489,18 +490,18 @@ fn stages(
         "fwd at bf16 precision: GEMM, fold_u with write_u = 0 (one read of the chunk)",
     );
     g.blas.gemm(&logits_bf16)?;
-    let args = [
-        Arg::Ptr(store),
-        Arg::Ptr(lp),
-        Arg::Ptr(lse),
-        Arg::Ptr(0),
-        Arg::Ptr(tg),
-        Arg::I32(tc as i32),
-        Arg::I32(v as i32),
-        Arg::I32(0),
-        Arg::I32(0),
-    ];
-    g.launch("logprob", "logprob_fold_u_bf16", cfg_f, &args)?;
+    api::logprob::LogprobFoldU {
+        buf: store,
+        logp: lp,
+        lse,
+        ent: 0,
+        targets: tg,
+        n: tc as i32,
+        v: v as i32,
+        cache: 0,
+        write_u: 0,
+    }
+    .launch(g, DType::BF16, cfg_f)?;
     // Shared backward stages (the store now holds logits; dlogits in place keeps it finite).
     let ms = time_gpu(g, it.0, it.1, &mut || dlogits(zoff, v, 1))?;
     row("stage dlogits in place", ms, 2.0 * sb, 0.0, "read + write the bf16 [2048 x V] chunk");
@@ -525,20 +526,20 @@ fn stages(
                     count = logprob::dhidden_split_gemm(g, w, u, part, rows, h, v, sp)?;
                     Ok(())
                 })?;
-                let args = [
-                    Arg::Ptr(dhb),
-                    Arg::Ptr(part),
-                    Arg::Ptr(0),
-                    Arg::Ptr(0),
-                    Arg::I32(0),
-                    Arg::I32(rows as i32),
-                    Arg::I32(h as i32),
-                    Arg::I32(count as i32),
-                    Arg::I64((rows * h) as i64),
-                ];
                 let ms = time_gpu(g, it.0, it.1, &mut || {
                     logprob::dhidden_split_gemm(g, w, u, part, rows, h, v, sp)?;
-                    g.launch("logprob", "logprob_scatter_sum_bf16", cfg_rows(rows, 256, 0), &args)
+                    api::logprob::LogprobScatterSum {
+                        dst: dhb,
+                        src: part,
+                        g: 0,
+                        idx: 0,
+                        row0: 0,
+                        n: rows as i32,
+                        cols: h as i32,
+                        nsplit: count as i32,
+                        pstride: (rows * h) as i64,
+                    }
+                    .launch(g, DType::BF16, cfg_rows(rows, 256, 0))
                 })?;
                 let tiles = rows.div_ceil(128) * h.div_ceil(256) * count;
                 let op = if rows == tc {
@@ -608,14 +609,14 @@ fn stages(
     let flags = dev.upload(&vec![1.0; t], DType::F32)?;
     let (idx, pos, cnt) = (dev.zeros(DType::I32, t)?, dev.zeros(DType::I32, t)?, dev.zeros(DType::I32, 1)?);
     let ms = time_gpu(g, it.0, it.1, &mut || {
-        let args = [
-            Arg::Ptr(idx.ptr(g)?),
-            Arg::Ptr(pos.ptr(g)?),
-            Arg::Ptr(cnt.ptr(g)?),
-            Arg::Ptr(flags.ptr(g)?),
-            Arg::I32(t as i32),
-        ];
-        g.launch("logprob", "logprob_scan_nonzero", cfg_rows(1, 1024, 0), &args)?;
+        api::logprob::LogprobScanNonzero {
+            idx: idx.ptr(g)?,
+            pos: pos.ptr(g)?,
+            count: cnt.ptr(g)?,
+            flags: flags.ptr(g)?,
+            n: t as i32,
+        }
+        .launch(g, cfg_rows(1, 1024, 0))?;
         dev.to_vec_i32(&cnt).map(|_| ())
     })?;
     row(

@@ -2,9 +2,9 @@
 //! cudarc's multi-stream event tracking is switched off: everything runs in order on one stream,
 //! so kernels take raw device pointers (which also makes sub-buffer offsets free).
 
+pub mod api;
 pub mod blas;
 pub mod kernels;
-pub mod sigs;
 
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{
@@ -19,12 +19,11 @@ use std::sync::{Arc, Mutex};
 pub enum Arg {
     Ptr(u64),
     I32(i32),
+    U32(u32),
     I64(i64),
+    U64(u64),
     F32(f32),
 }
-
-/// A loaded kernel with its signature from `sigs::KERNELS`.
-type LoadedKernel = (CudaFunction, &'static sigs::KernelSig);
 
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
@@ -32,8 +31,9 @@ pub struct Gpu {
     pub blas: blas::Blas,
     pub name: String,
     pub sm_count: u32,
-    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    funcs: Mutex<HashMap<(&'static str, String), LoadedKernel>>,
+    modules: Mutex<HashMap<api::Module, Arc<CudaModule>>>,
+    /// Loaded kernels, indexed by their id in `api::KERNELS`.
+    funcs: Mutex<Vec<Option<CudaFunction>>>,
     /// The reusable f32 scratch of `scratch_f32` (grown, never shrunk).
     scratch: Mutex<Option<Arc<CudaSlice<f32>>>>,
 }
@@ -72,64 +72,65 @@ impl Gpu {
             name,
             sm_count,
             modules: Mutex::new(HashMap::new()),
-            funcs: Mutex::new(HashMap::new()),
+            funcs: Mutex::new(vec![None; api::KERNELS.len()]),
             scratch: Mutex::new(None),
         })))
     }
 
-    fn module(&self, name: &'static str) -> Result<Arc<CudaModule>> {
+    fn module(&self, m: api::Module) -> Result<Arc<CudaModule>> {
         let mut mods = self.modules.lock().map_err(|_| anyhow!("module cache poisoned"))?;
-        if let Some(m) = mods.get(name) {
-            return Ok(m.clone());
+        if let Some(loaded) = mods.get(&m) {
+            return Ok(loaded.clone());
         }
-        let m = kernels::load(&self.ctx, name)?;
-        mods.insert(name, m.clone());
-        Ok(m)
+        let loaded = kernels::load(&self.ctx, m.name())?;
+        mods.insert(m, loaded.clone());
+        Ok(loaded)
     }
 
-    /// The kernel `module::name` with its signature (`sigs::KERNELS`); an error when the table
-    /// has no entry for it, so every launched kernel is one the PTX test checks.
-    pub fn func(&self, module: &'static str, name: &str) -> Result<LoadedKernel> {
-        let key = (module, name.to_string());
-        if let Some(f) = self.funcs.lock().map_err(|_| anyhow!("function cache poisoned"))?.get(&key) {
+    /// The kernel `api::KERNELS[id]`, loaded on first use.
+    fn func(&self, id: usize) -> Result<CudaFunction> {
+        let info = api::KERNELS.get(id).ok_or_else(|| anyhow!("no kernel with id {id}"))?;
+        if let Some(Some(f)) = self.funcs.lock().map_err(|_| anyhow!("function cache poisoned"))?.get(id) {
             return Ok(f.clone());
         }
-        let sig = sigs::find(module, name)
-            .ok_or_else(|| anyhow!("kernel {module}::{name} has no signature in src/cuda/sigs.rs"))?;
         let f = self
-            .module(module)?
-            .load_function(name)
-            .with_context(|| format!("kernel {name} not found in module {module}"))?;
-        self.funcs.lock().map_err(|_| anyhow!("function cache poisoned"))?.insert(key, (f.clone(), sig));
-        Ok((f, sig))
+            .module(info.module)?
+            .load_function(info.name)
+            .with_context(|| format!("kernel {} not found in module {}", info.name, info.module.name()))?;
+        self.funcs.lock().map_err(|_| anyhow!("function cache poisoned"))?[id] = Some(f.clone());
+        Ok(f)
     }
 
-    /// Launches `module::name` on the stream. Errors name the kernel; an argument list that does
-    /// not match the kernel's signature in `sigs::KERNELS` (count or kinds) is an error before
-    /// anything is launched.
-    pub fn launch(&self, module: &'static str, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
-        let (f, sig) = self.func(module, name)?;
-        sigs::check_params(sig, name, args).map_err(|e| anyhow!(e))?;
+    /// Launches `api::KERNELS[id]` on the stream; the generated launchers in `api` are the only
+    /// callers, and pass the arguments in the kernel's order and kinds. Errors name the kernel.
+    pub fn launch_kernel(&self, id: usize, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        let f = self.func(id)?;
+        let info = &api::KERNELS[id];
+        if args.len() != info.params.len() || args.iter().zip(info.params).any(|(a, p)| api::Kind::of(a) != p.1) {
+            bail!("launch of {}::{}: arguments {args:?} do not match its parameters", info.module.name(), info.name);
+        }
         if cfg.shared_mem_bytes > 48 * 1024 {
             f.set_attribute(
                 sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 cfg.shared_mem_bytes as i32,
             )
-            .with_context(|| format!("raising the shared-memory limit of {name}"))?;
+            .with_context(|| format!("raising the shared-memory limit of {}", info.name))?;
         }
         let mut b = self.stream.launch_builder(&f);
         for a in args {
             match a {
                 Arg::Ptr(p) => b.arg(p),
                 Arg::I32(v) => b.arg(v),
+                Arg::U32(v) => b.arg(v),
                 Arg::I64(v) => b.arg(v),
+                Arg::U64(v) => b.arg(v),
                 Arg::F32(v) => b.arg(v),
             };
         }
-        // SAFETY: the argument count and kinds match the kernel's PTX signature (checked above
-        // against sigs::KERNELS, which tests/kernel_symbols.rs checks against the PTX); the
+        // SAFETY: the argument count and kinds match the kernel's declaration (generated from
+        // it, checked above, and tests/kernel_symbols.rs checks the table against the PTX); the
         // launchers in src/ops pass pointers to live buffers whose sizes they have checked.
-        unsafe { b.launch(cfg) }.with_context(|| format!("launching {module}::{name}"))?;
+        unsafe { b.launch(cfg) }.with_context(|| format!("launching {}::{}", info.module.name(), info.name))?;
         Ok(())
     }
 

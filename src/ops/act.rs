@@ -3,9 +3,9 @@
 //! Both are pure elementwise maps, so backward needs only the forward's inputs.
 //! Kernel: kernels/act.cu.
 
-use super::elementwise::{cfg_stream, cfg_stream_per_sm, i64_arg};
-use super::{check, kname, same_float_dtype};
-use crate::cuda::Arg;
+use super::elementwise::{cfg_stream, cfg_stream_per_sm};
+use super::{check, same_float_dtype};
+use crate::cuda::api;
 use crate::tensor::{Buf, Device};
 use anyhow::{bail, Result};
 
@@ -60,8 +60,11 @@ pub fn swiglu_fwd(dev: &Device, out: &mut Buf, gate: &Buf, up: &Buf, n: usize) -
             if n == 0 {
                 return Ok(());
             }
-            let args = [Arg::Ptr(out.ptr(g)?), Arg::Ptr(gate.ptr(g)?), Arg::Ptr(up.ptr(g)?), i64_arg(n)];
-            g.launch("act", &kname(op, dt), cfg_stream(g, n), &args)
+            api::act::SwigluFwd { out: out.ptr(g)?, gate: gate.ptr(g)?, up: up.ptr(g)?, n: n as i64 }.launch(
+                g,
+                dt,
+                cfg_stream(g, n),
+            )
         }
     }
 }
@@ -84,15 +87,15 @@ pub fn swiglu_bwd(
             if n == 0 {
                 return Ok(());
             }
-            let args = [
-                Arg::Ptr(dgate.ptr(g)?),
-                Arg::Ptr(dup.ptr(g)?),
-                Arg::Ptr(dout.ptr(g)?),
-                Arg::Ptr(gate.ptr(g)?),
-                Arg::Ptr(up.ptr(g)?),
-                i64_arg(n),
-            ];
-            g.launch("act", &kname(op, dt), cfg_stream(g, n), &args)
+            api::act::SwigluBwd {
+                dgate: dgate.ptr(g)?,
+                dup: dup.ptr(g)?,
+                dout: dout.ptr(g)?,
+                gate: gate.ptr(g)?,
+                up: up.ptr(g)?,
+                n: n as i64,
+            }
+            .launch(g, dt, cfg_stream(g, n))
         }
     }
 }
@@ -112,9 +115,12 @@ pub fn gelu_fwd(dev: &Device, out: &mut Buf, x: &Buf, n: usize, kind: Gelu) -> R
             if n == 0 {
                 return Ok(());
             }
-            let args = [Arg::Ptr(out.ptr(g)?), Arg::Ptr(x.ptr(g)?), i64_arg(n), Arg::I32(kind.code())];
             // Two vectors per thread per trip, A&S erf for bf16; __launch_bounds__(256, 6).
-            g.launch("act", &kname(op, dt), cfg_stream_per_sm(g, n, 6), &args)
+            api::act::GeluFwd { out: out.ptr(g)?, x: x.ptr(g)?, n: n as i64, kind: kind.code() }.launch(
+                g,
+                dt,
+                cfg_stream_per_sm(g, n, 6),
+            )
         }
     }
 }
@@ -135,9 +141,8 @@ pub fn gelu_bwd(dev: &Device, dx: &mut Buf, dout: &Buf, x: &Buf, n: usize, kind:
             if n == 0 {
                 return Ok(());
             }
-            let args =
-                [Arg::Ptr(dx.ptr(g)?), Arg::Ptr(dout.ptr(g)?), Arg::Ptr(x.ptr(g)?), i64_arg(n), Arg::I32(kind.code())];
-            g.launch("act", &kname(op, dt), cfg_stream(g, n), &args)
+            api::act::GeluBwd { dx: dx.ptr(g)?, dout: dout.ptr(g)?, x: x.ptr(g)?, n: n as i64, kind: kind.code() }
+                .launch(g, dt, cfg_stream(g, n))
         }
     }
 }

@@ -2,9 +2,10 @@
 //! bias-corrected moments), plus the sum of squares behind global-norm gradient clipping.
 //! Kernel: kernels/adamw.cu. Zeroing a gradient buffer is `elementwise::fill(.., 0.0, ..)`.
 
-use super::elementwise::{cfg_stream, i64_arg};
-use super::{check, check_dtype, kname, same_float_dtype};
-use crate::cuda::{dptr, Arg};
+use super::elementwise::cfg_stream;
+use super::{check, check_dtype, same_float_dtype};
+use crate::cuda::api;
+use crate::cuda::dptr;
 use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
 
@@ -83,23 +84,57 @@ pub fn step(
             if n == 0 {
                 return Ok(());
             }
-            let args = [
-                Arg::Ptr(param.ptr(g)?),
-                Arg::Ptr(master.ptr(g)?),
-                Arg::Ptr(grad.ptr(g)?),
-                Arg::Ptr(m.ptr(g)?),
-                Arg::Ptr(v.ptr(g)?),
-                i64_arg(n),
-                Arg::F32(hp.beta1),
-                Arg::F32(hp.beta2),
-                Arg::F32(hp.eps),
-                Arg::F32(sc.decay as f32),
-                Arg::F32(sc.step_size as f32),
-                Arg::F32(sc.sqrt_bc2 as f32),
-                Arg::F32(grad_scale),
-            ];
-            let name = if grad_bf16 { kname("adamw_step_g16", dt) } else { kname(op, dt) };
-            g.launch("adamw", &name, cfg_stream(g, n), &args)
+            let cfg = cfg_stream(g, n);
+            let a = api::adamw::AdamwStep {
+                param: param.ptr(g)?,
+                master: master.ptr(g)?,
+                grad: grad.ptr(g)?,
+                m: m.ptr(g)?,
+                v: v.ptr(g)?,
+                n: n as i64,
+                b1: hp.beta1,
+                b2: hp.beta2,
+                eps: hp.eps,
+                decay: sc.decay as f32,
+                step_size: sc.step_size as f32,
+                sqrt_bc2: sc.sqrt_bc2 as f32,
+                grad_scale,
+            };
+            if grad_bf16 {
+                // The same parameters, with the gradient read as bf16.
+                let api::adamw::AdamwStep {
+                    param,
+                    master,
+                    grad,
+                    m,
+                    v,
+                    n,
+                    b1,
+                    b2,
+                    eps,
+                    decay,
+                    step_size,
+                    sqrt_bc2,
+                    grad_scale,
+                } = a;
+                let a = api::adamw::AdamwStepG16 {
+                    param,
+                    master,
+                    grad,
+                    m,
+                    v,
+                    n,
+                    b1,
+                    b2,
+                    eps,
+                    decay,
+                    step_size,
+                    sqrt_bc2,
+                    grad_scale,
+                };
+                return a.launch(g, dt, cfg);
+            }
+            a.launch(g, dt, cfg)
         }
     }
 }
@@ -121,8 +156,7 @@ pub fn sum_squares(dev: &Device, x: &Buf, n: usize) -> Result<f64> {
             // Two vectors per thread per trip; the f64 partials [nblocks] live in the cached
             // f32 scratch (two words each, 256-byte aligned), and only they are downloaded.
             let part = g.scratch_f32(2 * nblocks)?;
-            let args = [Arg::Ptr(dptr(&*part, &g.stream)), Arg::Ptr(x.ptr(g)?), i64_arg(n)];
-            g.launch("adamw", &kname(op, dt), cfg, &args)?;
+            api::adamw::SumSquares { part: dptr(&*part, &g.stream), x: x.ptr(g)?, n: n as i64 }.launch(g, dt, cfg)?;
             let mut words = vec![0f32; 2 * nblocks];
             g.stream.memcpy_dtoh(&part.slice(0..2 * nblocks), &mut words)?;
             g.sync()?;

@@ -2,8 +2,9 @@
 //! fill, f32 ↔ bf16 casts (round to nearest even) and element-range copies. Kernels:
 //! kernels/elementwise.cu. `cfg_stream` is the grid shape of every streaming kernel (act, adamw too).
 
-use super::{check, check_dtype, kname, same_float_dtype};
-use crate::cuda::{cfg_1d, Arg, Gpu};
+use super::{check, check_dtype, same_float_dtype};
+use crate::cuda::api;
+use crate::cuda::{cfg_1d, Gpu};
 use crate::tensor::{Buf, DType, Device};
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::LaunchConfig;
@@ -29,14 +30,9 @@ pub fn cfg_stream_per_sm(g: &Gpu, n: usize, per_sm: usize) -> LaunchConfig {
     c
 }
 
-/// A size as the kernels' 64-bit count.
-pub fn i64_arg(n: usize) -> Arg {
-    Arg::I64(n as i64)
-}
-
 /// A size that a kernel takes as `int`; an error, not a wrap-around, when it does not fit.
-pub fn i32_arg(x: usize, op: &str, what: &str) -> Result<Arg> {
-    i32::try_from(x).map(Arg::I32).map_err(|_| anyhow!("{op}: {what} = {x} exceeds the kernel's 32-bit range"))
+pub fn i32_arg(x: usize, op: &str, what: &str) -> Result<i32> {
+    i32::try_from(x).map_err(|_| anyhow!("{op}: {what} = {x} exceeds the kernel's 32-bit range"))
 }
 
 /// rows · cols without silent overflow.
@@ -60,8 +56,8 @@ pub fn bias_add(dev: &Device, y: &mut Buf, b: &Buf, rows: usize, cols: usize) ->
             if n == 0 {
                 return Ok(());
             }
-            let args = [Arg::Ptr(y.ptr(g)?), Arg::Ptr(b.ptr(g)?), i64_arg(n), i32_arg(cols, op, "cols")?];
-            g.launch("elementwise", &kname(op, dt), cfg_stream(g, n), &args)
+            api::elementwise::BiasAdd { y: y.ptr(g)?, b: b.ptr(g)?, n: n as i64, cols: i32_arg(cols, op, "cols")? }
+                .launch(g, dt, cfg_stream(g, n))
         }
     }
 }
@@ -72,7 +68,7 @@ pub enum BiasBwdKernel {
     /// bias_bwd: 32-column tiles × row chunks, one element per thread per row, partials in a
     /// fresh [chunks, cols] buffer; any row length and alignment.
     Scalar,
-    /// bias_bwd_v2: 32 16-byte column vectors per block, 4 rows in flight per thread, partials in
+    /// bias_bwd_vec16: 32 16-byte column vectors per block, 4 rows in flight per thread, partials in
     /// a cached scratch. Rows of whole 16-byte vectors, dy 16-byte aligned.
     Vec16,
 }
@@ -144,21 +140,21 @@ pub fn bias_bwd_with(
                 block_dim: (32, 8, 1),
                 shared_mem_bytes: 0,
             };
-            let args = [
-                Arg::Ptr(part.ptr(g)?),
-                Arg::Ptr(dy.ptr(g)?),
-                i32_arg(rows, op, "rows")?,
-                i32_arg(cols, op, "cols")?,
-                i32_arg(rpc, op, "rows per chunk")?,
-            ];
-            g.launch("elementwise", &kname(op, dt), cfg, &args)?;
-            let args = [
-                Arg::Ptr(db.ptr(g)?),
-                Arg::Ptr(part.ptr(g)?),
-                i32_arg(chunks, op, "chunks")?,
-                i32_arg(cols, op, "cols")?,
-            ];
-            g.launch("elementwise", "bias_bwd_reduce", cfg_1d(cols, 256), &args)
+            api::elementwise::BiasBwd {
+                part: part.ptr(g)?,
+                dy: dy.ptr(g)?,
+                rows: i32_arg(rows, op, "rows")?,
+                cols: i32_arg(cols, op, "cols")?,
+                rpc: i32_arg(rpc, op, "rows per chunk")?,
+            }
+            .launch(g, dt, cfg)?;
+            api::elementwise::BiasBwdReduce {
+                db: db.ptr(g)?,
+                part: part.ptr(g)?,
+                nparts: i32_arg(chunks, op, "chunks")?,
+                cols: i32_arg(cols, op, "cols")?,
+            }
+            .launch(g, cfg_1d(cols, 256))
         }
     }
 }
@@ -181,14 +177,14 @@ fn bias_bwd_vec16(g: &Gpu, db: &mut Buf, dy: &Buf, rows: usize, cols: usize, dt:
         block_dim: (32, 8, 1),
         shared_mem_bytes: 0,
     };
-    let args = [
-        Arg::Ptr(pp),
-        Arg::Ptr(dy.ptr(g)?),
-        i32_arg(rows, op, "rows")?,
-        i32_arg(cols, op, "cols")?,
-        i32_arg(rpc, op, "rows per chunk")?,
-    ];
-    g.launch("elementwise", &kname("bias_bwd_v2", dt), cfg, &args)?;
+    api::elementwise::BiasBwdVec16 {
+        part: pp,
+        dy: dy.ptr(g)?,
+        rows: i32_arg(rows, op, "rows")?,
+        cols: i32_arg(cols, op, "cols")?,
+        rpc: i32_arg(rpc, op, "rows per chunk")?,
+    }
+    .launch(g, dt, cfg)?;
     let dbp = db.ptr(g)?;
     super::rmsnorm::colsum_reduce(g, dbp, dbp, pp, chunks, cols, cols)
 }
@@ -210,12 +206,7 @@ pub fn add_inplace(dev: &Device, y: &mut Buf, x: &Buf, n: usize) -> Result<()> {
             if n == 0 {
                 return Ok(());
             }
-            g.launch(
-                "elementwise",
-                &kname(op, dt),
-                cfg_stream(g, n),
-                &[Arg::Ptr(y.ptr(g)?), Arg::Ptr(x.ptr(g)?), i64_arg(n)],
-            )
+            api::elementwise::AddInplace { y: y.ptr(g)?, x: x.ptr(g)?, n: n as i64 }.launch(g, dt, cfg_stream(g, n))
         }
     }
 }
@@ -238,8 +229,11 @@ pub fn add_into(dev: &Device, out: &mut Buf, a: &Buf, b: &Buf, n: usize) -> Resu
             if n == 0 {
                 return Ok(());
             }
-            let args = [Arg::Ptr(out.ptr(g)?), Arg::Ptr(a.ptr(g)?), Arg::Ptr(b.ptr(g)?), i64_arg(n)];
-            g.launch("elementwise", &kname(op, dt), cfg_stream(g, n), &args)
+            api::elementwise::AddInto { out: out.ptr(g)?, a: a.ptr(g)?, b: b.ptr(g)?, n: n as i64 }.launch(
+                g,
+                dt,
+                cfg_stream(g, n),
+            )
         }
     }
 }
@@ -260,7 +254,7 @@ pub fn scale_inplace(dev: &Device, y: &mut Buf, s: f32, n: usize) -> Result<()> 
             if n == 0 {
                 return Ok(());
             }
-            g.launch("elementwise", &kname(op, dt), cfg_stream(g, n), &[Arg::Ptr(y.ptr(g)?), Arg::F32(s), i64_arg(n)])
+            api::elementwise::ScaleInplace { y: y.ptr(g)?, s, n: n as i64 }.launch(g, dt, cfg_stream(g, n))
         }
     }
 }
@@ -279,12 +273,7 @@ pub fn fill(dev: &Device, y: &mut Buf, value: f32, n: usize) -> Result<()> {
             if n == 0 {
                 return Ok(());
             }
-            g.launch(
-                "elementwise",
-                &kname(op, dt),
-                cfg_stream(g, n),
-                &[Arg::Ptr(y.ptr(g)?), Arg::F32(value), i64_arg(n)],
-            )
+            api::elementwise::Fill { y: y.ptr(g)?, v: value, n: n as i64 }.launch(g, dt, cfg_stream(g, n))
         }
     }
 }
@@ -306,19 +295,18 @@ pub fn cast(dev: &Device, dst: &mut Buf, src: &Buf, n: usize) -> Result<()> {
             Ok(())
         }
         Device::Cuda(g) => {
-            let name = match (src.dtype(), dst.dtype()) {
-                (DType::F32, DType::BF16) => "cast_f32_bf16",
-                (DType::BF16, DType::F32) => "cast_bf16_f32",
-                _ => return dtod(g, dst, 0, src, 0, n), // same dtype: a copy
-            };
-            if n == 0 {
-                return Ok(());
+            let (d, s, n64) = (dst.ptr(g)?, src.ptr(g)?, n as i64);
+            match (src.dtype(), dst.dtype()) {
+                (DType::F32, DType::BF16) if n > 0 => {
+                    api::elementwise::CastF32Bf16 { dst: d, src: s, n: n64 }.launch(g, cfg_stream(g, n))
+                }
+                // bf16 -> f32: one vector per thread, streaming stores (PERF.md: cast).
+                (DType::BF16, DType::F32) if n > 0 => {
+                    api::elementwise::CastBf16F32 { dst: d, src: s, n: n64 }.launch(g, cfg_one_shot(n))
+                }
+                (DType::F32, DType::BF16) | (DType::BF16, DType::F32) => Ok(()),
+                _ => dtod(g, dst, 0, src, 0, n), // same dtype: a copy
             }
-            let args = [Arg::Ptr(dst.ptr(g)?), Arg::Ptr(src.ptr(g)?), i64_arg(n)];
-            // bf16 -> f32: one vector per thread, streaming stores (84 % of 4.2 TB/s on the H200
-            // against 62-64 % for grid-stride loops, PERF.md round 4).
-            let cfg = if name == "cast_bf16_f32" { cfg_one_shot(n) } else { cfg_stream(g, n) };
-            g.launch("elementwise", name, cfg, &args)
         }
     }
 }
@@ -345,7 +333,7 @@ pub fn fill_f32_streaming(dev: &Device, dst: &mut Buf, v: f32, n: usize) -> Resu
         }
         Device::Cuda(g) => {
             let cfg = cfg_one_shot(2 * n); // n/4 threads
-            g.launch("elementwise", "fill_f32_cs", cfg, &[Arg::Ptr(dst.ptr(g)?), Arg::F32(v), i64_arg(n)])
+            api::elementwise::FillF32Cs { dst: dst.ptr(g)?, v, n: n as i64 }.launch(g, cfg)
         }
     }
 }

@@ -10,8 +10,8 @@
 //! read or write outside the table for a bad id (NaN output row, dropped gradient row), so a stale
 //! `ids_host` cannot corrupt memory.
 
-use super::{check, check_dtype, kname, same_float_dtype};
-use crate::cuda::Arg;
+use super::{check, check_dtype, same_float_dtype};
+use crate::cuda::api;
 use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
 use cudarc::driver::LaunchConfig;
@@ -43,15 +43,15 @@ pub fn fwd(
         }
         Device::Cuda(g) => {
             let dt = same_float_dtype(op, &[out, table])?;
-            let args = [
-                Arg::Ptr(out.ptr(g)?),
-                Arg::Ptr(table.ptr(g)?),
-                Arg::Ptr(ids.ptr(g)?),
-                Arg::I32(t as i32),
-                Arg::I32(c as i32),
-                Arg::I32(v as i32),
-            ];
-            g.launch("embedding", &kname(op, dt), launch_cfg(t, c, dt, g.sm_count), &args)
+            api::embedding::EmbeddingFwd {
+                out: out.ptr(g)?,
+                table: table.ptr(g)?,
+                ids: ids.ptr(g)?,
+                tokens: t as i32,
+                cols: c as i32,
+                vocab: v as i32,
+            }
+            .launch(g, dt, launch_cfg(t, c, dt, g.sm_count))
         }
     }
 }
@@ -76,15 +76,15 @@ pub fn bwd(
         }
         Device::Cuda(g) => {
             let dt = same_float_dtype(op, &[dout])?;
-            let args = [
-                Arg::Ptr(dtable.ptr(g)?),
-                Arg::Ptr(dout.ptr(g)?),
-                Arg::Ptr(ids.ptr(g)?),
-                Arg::I32(t as i32),
-                Arg::I32(c as i32),
-                Arg::I32(v as i32),
-            ];
-            g.launch("embedding", &kname(op, dt), launch_cfg(t, c, dt, g.sm_count), &args)
+            api::embedding::EmbeddingBwd {
+                dtable: dtable.ptr(g)?,
+                dout: dout.ptr(g)?,
+                ids: ids.ptr(g)?,
+                tokens: t as i32,
+                cols: c as i32,
+                vocab: v as i32,
+            }
+            .launch(g, dt, launch_cfg(t, c, dt, g.sm_count))
         }
     }
 }

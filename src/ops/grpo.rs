@@ -14,12 +14,11 @@
 
 use super::logprob::{self, GradChunk, Tuning};
 use super::{check, check_dtype};
-use crate::cuda::{cfg_1d, cfg_rows, Arg, Gpu};
+use crate::cuda::api;
+use crate::cuda::{cfg_1d, cfg_rows, Gpu};
 use crate::tensor::{Buf, DType, Device};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashMap;
-
-const MODULE: &str = "grpo";
 
 /// The method's hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -153,24 +152,24 @@ pub fn rewards(
             if p == 0 {
                 return Ok(());
             }
-            let args = [
-                Arg::Ptr(out.turn_mean.ptr(g)?),
-                Arg::Ptr(out.turn_var.ptr(g)?),
-                Arg::Ptr(out.turn_importance.ptr(g)?),
-                Arg::Ptr(out.turn_weight.ptr(g)?),
-                Arg::Ptr(out.reward.ptr(g)?),
-                Arg::Ptr(out.advantage.ptr(g)?),
-                Arg::Ptr(safe.ptr(g)?),
-                Arg::Ptr(help.ptr(g)?),
-                Arg::I32(p as i32),
-                Arg::I32(n as i32),
-                Arg::I32(t as i32),
-                Arg::F32(hp.lambda as f32),
-                Arg::F32(hp.tau as f32),
-                Arg::F32(hp.beta_help as f32),
-                Arg::F32(hp.adv_eps as f32),
-            ];
-            g.launch(MODULE, "grpo_rewards_f32", cfg_rows(p, 128, 0), &args)
+            api::grpo::GrpoRewardsF32 {
+                turn_mean: out.turn_mean.ptr(g)?,
+                turn_var: out.turn_var.ptr(g)?,
+                turn_imp: out.turn_importance.ptr(g)?,
+                turn_w: out.turn_weight.ptr(g)?,
+                reward: out.reward.ptr(g)?,
+                adv: out.advantage.ptr(g)?,
+                safe: safe.ptr(g)?,
+                help: help.ptr(g)?,
+                p: p as i32,
+                n: n as i32,
+                t: t as i32,
+                lambda: hp.lambda as f32,
+                tau: hp.tau as f32,
+                beta_help: hp.beta_help as f32,
+                adv_eps: hp.adv_eps as f32,
+            }
+            .launch(g, cfg_rows(p, 128, 0))
         }
     }
 }
@@ -366,15 +365,15 @@ impl GpuLoss {
             tok_kl: dev.zeros_f32(t)?,
             bytes: 4 * (rows.max(1) + 1 + 3 * t.max(1)),
         };
-        let args = [
-            Arg::Ptr(s.wrow.ptr(g)?),
-            Arg::Ptr(s.total.ptr(g)?),
-            Arg::Ptr(mask.ptr(g)?),
-            Arg::I32(rows as i32),
-            Arg::I32(l as i32),
-            Arg::I32((agg == Aggregation::SeqMean) as i32),
-        ];
-        g.launch(MODULE, "grpo_weights_f32", cfg_rows(1, 1024, 0), &args)?;
+        api::grpo::GrpoWeightsF32 {
+            wrow: s.wrow.ptr(g)?,
+            total: s.total.ptr(g)?,
+            mask: mask.ptr(g)?,
+            rows: rows as i32,
+            l: l as i32,
+            seq_mean: (agg == Aggregation::SeqMean) as i32,
+        }
+        .launch(g, cfg_rows(1, 1024, 0))?;
         Ok(s)
     }
 
@@ -395,42 +394,42 @@ impl GpuLoss {
                 dlogp.len()
             );
         }
-        let args = [
-            Arg::Ptr(dlogp.ptr(g)?),
-            Arg::Ptr(self.tok_loss.ptr(g)?),
-            Arg::Ptr(self.tok_clip.ptr(g)?),
-            Arg::Ptr(self.tok_kl.ptr(g)?),
-            Arg::Ptr(logp.ptr(g)?),
-            Arg::Ptr(old_logp.ptr(g)?),
-            Arg::Ptr(ref_logp.ptr(g)?),
-            Arg::Ptr(mask.ptr(g)?),
-            Arg::Ptr(adv.ptr(g)?),
-            Arg::Ptr(self.wrow.ptr(g)?),
-            Arg::Ptr(match idx {
+        api::grpo::GrpoLossF32 {
+            dlogp: dlogp.ptr(g)?,
+            tok_loss: self.tok_loss.ptr(g)?,
+            tok_clip: self.tok_clip.ptr(g)?,
+            tok_kl: self.tok_kl.ptr(g)?,
+            logp: logp.ptr(g)?,
+            old_logp: old_logp.ptr(g)?,
+            ref_logp: ref_logp.ptr(g)?,
+            mask: mask.ptr(g)?,
+            adv: adv.ptr(g)?,
+            wrow: self.wrow.ptr(g)?,
+            idx: match idx {
                 Some(b) => b.ptr(g)?,
                 None => 0,
-            }),
-            Arg::I32(p0 as i32),
-            Arg::I32(n as i32),
-            Arg::I32(l as i32),
-            Arg::F32(hp.eps_low as f32),
-            Arg::F32(hp.eps_high as f32),
-            Arg::F32(hp.beta_kl as f32),
-        ];
-        g.launch(MODULE, "grpo_loss_f32", cfg_1d(n, 256), &args)
+            },
+            p0: p0 as i32,
+            n: n as i32,
+            l: l as i32,
+            eps_low: hp.eps_low as f32,
+            eps_high: hp.eps_high as f32,
+            beta_kl: hp.beta_kl as f32,
+        }
+        .launch(g, cfg_1d(n, 256))
     }
 
     fn finish(&self, g: &Gpu, dev: &Device) -> Result<LossStats> {
         let stats = dev.zeros_f32(3)?;
-        let args = [
-            Arg::Ptr(stats.ptr(g)?),
-            Arg::Ptr(self.tok_loss.ptr(g)?),
-            Arg::Ptr(self.tok_clip.ptr(g)?),
-            Arg::Ptr(self.tok_kl.ptr(g)?),
-            Arg::Ptr(self.total.ptr(g)?),
-            Arg::I32(self.tok_loss.len() as i32),
-        ];
-        g.launch(MODULE, "grpo_stats_f32", cfg_rows(1, 1024, 0), &args)?;
+        api::grpo::GrpoStatsF32 {
+            stats: stats.ptr(g)?,
+            tok_loss: self.tok_loss.ptr(g)?,
+            tok_clip: self.tok_clip.ptr(g)?,
+            tok_kl: self.tok_kl.ptr(g)?,
+            total: self.total.ptr(g)?,
+            n: self.tok_loss.len() as i32,
+        }
+        .launch(g, cfg_rows(1, 1024, 0))?;
         let s = dev.to_vec(&stats)?;
         Ok(LossStats { loss: s[0] as f64, clip_frac: s[1] as f64, mean_kl: s[2] as f64 })
     }

@@ -2,9 +2,9 @@
 //! (seed, i) alone, the same on the GPU and the CPU (up to float rounding), and independent of
 //! how the work is split. Used to build large random models (benches) without host traffic.
 
-use super::elementwise::{cfg_stream, i64_arg};
-use super::{kname, same_float_dtype};
-use crate::cuda::Arg;
+use super::elementwise::cfg_stream;
+use super::same_float_dtype;
+use crate::cuda::api;
 use crate::tensor::{Buf, Device};
 use anyhow::Result;
 
@@ -18,8 +18,7 @@ pub fn normal(dev: &Device, x: &mut Buf, n: usize, seed: u64, mean: f32, std: f3
         }
         Device::Cuda(g) => {
             let dt = same_float_dtype("init_normal", &[x])?;
-            let args = [Arg::Ptr(x.ptr(g)?), i64_arg(n), Arg::I64(seed as i64), Arg::F32(mean), Arg::F32(std)];
-            g.launch("init", &kname("init_normal", dt), cfg_stream(g, n), &args)
+            api::init::InitNormal { out: x.ptr(g)?, n: n as i64, seed, mean, std }.launch(g, dt, cfg_stream(g, n))
         }
     }
 }

@@ -3,8 +3,9 @@
 //! Forward saves mean and rstd [rows] (f32). Kernel: kernels/layernorm.cu.
 
 use super::rmsnorm::{aligned16, check_vec16, colsum_reduce, vec16_vpt, VecLaunch};
-use super::{check, check_dtype, kname, same_float_dtype};
-use crate::cuda::{cfg_1d, cfg_rows, dptr, Arg};
+use super::{check, check_dtype, same_float_dtype};
+use crate::cuda::api;
+use crate::cuda::{cfg_1d, cfg_rows, dptr};
 use crate::tensor::{Buf, DType, Device};
 use anyhow::Result;
 
@@ -19,7 +20,7 @@ const BWD_MAX_THREADS: u32 = 512;
 pub enum LayerNormFwdKernel {
     /// layernorm_fwd: one block per row, any row length and alignment.
     Rows,
-    /// layernorm_fwd_v2x{vpt}: persistent blocks, each thread holding `vpt` 16-byte column vectors
+    /// layernorm_fwd_vec16_vpt{vpt}: persistent blocks, each thread holding `vpt` 16-byte column vectors
     /// of a row in registers (x read once, the next row prefetched). Rows of whole 16-byte
     /// vectors, at most 4 per thread, 16-byte aligned y, x, w, b.
     Vec16 { vpt: usize },
@@ -31,7 +32,7 @@ pub enum LayerNormBwdKernel {
     /// layernorm_bwd: one block per run of rows, dw/db running sums in shared memory (rows up to
     /// 12 Ki columns) or in the partial buffer; any row length and alignment.
     Rows,
-    /// layernorm_bwd_v2x{vpt}: as rmsnorm's Vec16 (one pass over x and dy, rows in registers),
+    /// layernorm_bwd_vec16_vpt{vpt}: as rmsnorm's Vec16 (one pass over x and dy, rows in registers),
     /// dw/db partials in a cached scratch. Rows of whole 16-byte vectors, at most 4 per thread,
     /// 16-byte aligned dx, dy, x, w.
     Vec16 { vpt: usize },
@@ -110,25 +111,27 @@ pub fn fwd_with(
         }
         Device::Cuda(g) => {
             let dt = same_float_dtype(op, &[y, x, w, b])?;
-            // Rows and Vec16 take the same arguments.
-            let args = [
-                Arg::Ptr(y.ptr(g)?),
-                Arg::Ptr(mean.ptr(g)?),
-                Arg::Ptr(rstd.ptr(g)?),
-                Arg::Ptr(x.ptr(g)?),
-                Arg::Ptr(w.ptr(g)?),
-                Arg::Ptr(b.ptr(g)?),
-                Arg::I32(rows as i32),
-                Arg::I32(cols as i32),
-                Arg::F32(eps),
-            ];
+            let (yp, mp, rp, xp, wp, bp) = (y.ptr(g)?, mean.ptr(g)?, rstd.ptr(g)?, x.ptr(g)?, w.ptr(g)?, b.ptr(g)?);
+            let (r, c) = (rows as i32, cols as i32);
             if let LayerNormFwdKernel::Vec16 { vpt } = kernel {
                 check_vec16(op, kernel, dt, rows, cols, vpt, aligned16(g, &[y, x, w, b])?)?;
                 let plan = VecLaunch::new(g, rows, vpt, cols / (16 / dt.size()), 4);
-                let name = format!("layernorm_fwd_v2x{vpt}_{}", dt.suffix());
-                return g.launch("layernorm", &name, plan.cfg(0), &args);
+                let a = api::layernorm::LayernormFwdVec16 {
+                    y: yp,
+                    mean: mp,
+                    rstd: rp,
+                    x: xp,
+                    w: wp,
+                    b: bp,
+                    rows: r,
+                    cols: c,
+                    eps,
+                };
+                return a.launch(g, vpt as u32, dt, plan.cfg(0));
             }
-            g.launch("layernorm", &kname(op, dt), cfg_rows(rows, block_for(cols, dt), 0), &args)
+            let a =
+                api::layernorm::LayernormFwd { y: yp, mean: mp, rstd: rp, x: xp, w: wp, b: bp, rows: r, cols: c, eps };
+            a.launch(g, dt, cfg_rows(rows, block_for(cols, dt), 0))
         }
     }
 }
@@ -197,20 +200,19 @@ pub fn bwd_with(
                 let plan = VecLaunch::new(g, rows, vpt, cols / (16 / dt.size()), 3);
                 let part = g.scratch_f32(plan.nblocks * 2 * cols)?;
                 let pp = dptr(&*part, &g.stream);
-                let args = [
-                    Arg::Ptr(dx.ptr(g)?),
-                    Arg::Ptr(pp),
-                    Arg::Ptr(dy.ptr(g)?),
-                    Arg::Ptr(x.ptr(g)?),
-                    Arg::Ptr(w.ptr(g)?),
-                    Arg::Ptr(mean.ptr(g)?),
-                    Arg::Ptr(rstd.ptr(g)?),
-                    Arg::I32(rows as i32),
-                    Arg::I32(cols as i32),
-                ];
-                let name = format!("layernorm_bwd_v2x{vpt}_{}", dt.suffix());
+                let a = api::layernorm::LayernormBwdVec16 {
+                    dx: dx.ptr(g)?,
+                    part: pp,
+                    dy: dy.ptr(g)?,
+                    x: x.ptr(g)?,
+                    w: w.ptr(g)?,
+                    mean: mean.ptr(g)?,
+                    rstd: rstd.ptr(g)?,
+                    rows: rows as i32,
+                    cols: cols as i32,
+                };
                 // db running sums in shared memory: cols f32 (<= 32 KiB: cols <= 1024 vectors).
-                g.launch("layernorm", &name, plan.cfg((cols * 4) as u32), &args)?;
+                a.launch(g, vpt as u32, dt, plan.cfg((cols * 4) as u32))?;
                 return colsum_reduce(g, dw.ptr(g)?, db.ptr(g)?, pp, plan.nblocks, 2 * cols, cols);
             }
             // Enough blocks to fill the GPU; each owns a run of rows and writes one partial [dw; db] row.
@@ -223,28 +225,28 @@ pub fn bwd_with(
             // Running dw/db column sums in shared memory when they fit, else in `part` itself.
             let use_smem = cols <= SMEM_MAX_COLS;
             let smem = if use_smem { (2 * cols * 4) as u32 } else { 0 };
-            let args = [
-                Arg::Ptr(dx.ptr(g)?),
-                Arg::Ptr(part.ptr(g)?),
-                Arg::Ptr(dy.ptr(g)?),
-                Arg::Ptr(x.ptr(g)?),
-                Arg::Ptr(w.ptr(g)?),
-                Arg::Ptr(mean.ptr(g)?),
-                Arg::Ptr(rstd.ptr(g)?),
-                Arg::I32(rows as i32),
-                Arg::I32(cols as i32),
-                Arg::I32(rpb as i32),
-                Arg::I32(use_smem as i32),
-            ];
-            g.launch("layernorm", &kname(op, dt), cfg_rows(nblocks, block, smem), &args)?;
-            let args = [
-                Arg::Ptr(dw.ptr(g)?),
-                Arg::Ptr(db.ptr(g)?),
-                Arg::Ptr(part.ptr(g)?),
-                Arg::I32(nblocks as i32),
-                Arg::I32(cols as i32),
-            ];
-            g.launch("layernorm", "layernorm_param_reduce", cfg_1d(2 * cols, 256), &args)
+            api::layernorm::LayernormBwd {
+                dx: dx.ptr(g)?,
+                part: part.ptr(g)?,
+                dy: dy.ptr(g)?,
+                x: x.ptr(g)?,
+                w: w.ptr(g)?,
+                mean: mean.ptr(g)?,
+                rstd: rstd.ptr(g)?,
+                rows: rows as i32,
+                cols: cols as i32,
+                rows_per_block: rpb as i32,
+                use_smem: use_smem as i32,
+            }
+            .launch(g, dt, cfg_rows(nblocks, block, smem))?;
+            api::layernorm::LayernormParamReduce {
+                dw: dw.ptr(g)?,
+                db: db.ptr(g)?,
+                part: part.ptr(g)?,
+                nparts: nblocks as i32,
+                cols: cols as i32,
+            }
+            .launch(g, cfg_1d(2 * cols, 256))
         }
     }
 }

@@ -34,11 +34,6 @@ pub mod sample;
 use crate::tensor::{Buf, DType};
 use anyhow::{bail, Result};
 
-/// Kernel symbol for a float dtype: `<base>_bf16` or `<base>_f32`.
-pub fn kname(base: &str, dtype: DType) -> String {
-    format!("{base}_{}", dtype.suffix())
-}
-
 /// All buffers given must share one float dtype; returns it.
 pub fn same_float_dtype(what: &str, bufs: &[&Buf]) -> Result<DType> {
     let d = bufs[0].dtype();

@@ -8,9 +8,10 @@
 //! Also the row moves that carry vision rows around (window order ↔ image order ↔ the
 //! `<|image_pad|>` positions of the text): `gather_rows`, `scatter_rows` and `take_rows`.
 
-use super::{check, check_dtype, kname, same_float_dtype};
+use super::{check, check_dtype, same_float_dtype};
+use crate::cuda::api;
 use crate::cuda::blas::{Gemm, GemmType};
-use crate::cuda::{cfg_rows, Arg, Gpu};
+use crate::cuda::{cfg_rows, Gpu};
 use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
 
@@ -163,15 +164,15 @@ fn gather(
         Some(p) => p.dev.ptr(g)?,
         None => 0,
     };
-    let args = [
-        Arg::Ptr(out.ptr(g)?),
-        Arg::Ptr(x.ptr(g)?),
-        Arg::Ptr(pptr),
-        Arg::I32(n as i32),
-        Arg::I32(n_src as i32),
-        Arg::I32(k as i32),
-    ];
-    g.launch("patch_embed", &kname("patch_embed_gather", dt), cfg_rows(n, 256, 0), &args)?;
+    api::patch_embed::PatchEmbedGather {
+        out: out.ptr(g)?,
+        x: x.ptr(g)?,
+        perm: pptr,
+        n: n as i32,
+        n_src: n_src as i32,
+        k: k as i32,
+    }
+    .launch(g, dt, cfg_rows(n, 256, 0))?;
     Ok(out)
 }
 
@@ -237,18 +238,15 @@ fn rows_launch(
     if idx.is_empty() || cols == 0 {
         return Ok(());
     }
-    let mut args = vec![
-        Arg::Ptr(out.ptr(g)?),
-        Arg::Ptr(x.ptr(g)?),
-        Arg::Ptr(idx.dev.ptr(g)?),
-        Arg::I32(idx.len() as i32),
-        Arg::I32(idx.bound as i32),
-        Arg::I32(cols as i32),
-    ];
-    if let Some(z) = zero_src {
-        args.push(Arg::I32(z));
+    let (o, xp, ip) = (out.ptr(g)?, x.ptr(g)?, idx.dev.ptr(g)?);
+    let (n, bound, cols) = (idx.len() as i32, idx.bound as i32, cols as i32);
+    let cfg = cfg_rows(idx.len(), 128, 0);
+    match zero_src {
+        Some(zero_src) => {
+            api::patch_embed::RowsGather { out: o, x: xp, idx: ip, n, n_src: bound, cols, zero_src }.launch(g, dt, cfg)
+        }
+        None => api::patch_embed::RowsScatter { out: o, x: xp, idx: ip, n, n_out: bound, cols }.launch(g, dt, cfg),
     }
-    g.launch("patch_embed", &kname(base, dt), cfg_rows(idx.len(), 128, 0), &args)
 }
 
 pub mod cpu {

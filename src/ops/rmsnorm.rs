@@ -1,8 +1,9 @@
 //! RMSNorm (Qwen2, Llama, Mistral, the Qwen vision tower): y = x · rsqrt(mean(x²) + eps) · w.
 //! Forward saves rstd [rows] (f32). Kernel: kernels/rmsnorm.cu.
 
-use super::{check, check_dtype, kname, same_float_dtype};
-use crate::cuda::{cfg_1d, cfg_rows, dptr, Arg, Gpu};
+use super::{check, check_dtype, same_float_dtype};
+use crate::cuda::api;
+use crate::cuda::{cfg_1d, cfg_rows, dptr, Gpu};
 use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
 use cudarc::driver::LaunchConfig;
@@ -25,16 +26,16 @@ pub fn fwd(
         }
         Device::Cuda(g) => {
             let dt = same_float_dtype(op, &[y, x, w])?;
-            let args = [
-                Arg::Ptr(y.ptr(g)?),
-                Arg::Ptr(rstd.ptr(g)?),
-                Arg::Ptr(x.ptr(g)?),
-                Arg::Ptr(w.ptr(g)?),
-                Arg::I32(rows as i32),
-                Arg::I32(cols as i32),
-                Arg::F32(eps),
-            ];
-            g.launch("rmsnorm", &kname(op, dt), cfg_rows(rows, block_for(cols, dt), 0), &args)
+            api::rmsnorm::RmsnormFwd {
+                y: y.ptr(g)?,
+                rstd: rstd.ptr(g)?,
+                x: x.ptr(g)?,
+                w: w.ptr(g)?,
+                rows: rows as i32,
+                cols: cols as i32,
+                eps,
+            }
+            .launch(g, dt, cfg_rows(rows, block_for(cols, dt), 0))
         }
     }
 }
@@ -45,7 +46,7 @@ pub enum RmsNormBwdKernel {
     /// rmsnorm_bwd: one block per run of rows, x and dy read twice with scalar loads, dw partials
     /// in a fresh [blocks, cols] buffer; any row length and alignment.
     Rows,
-    /// rmsnorm_bwd_v2x{vpt}: persistent blocks, each thread holding `vpt` 16-byte column vectors
+    /// rmsnorm_bwd_vec16_vpt{vpt}: persistent blocks, each thread holding `vpt` 16-byte column vectors
     /// of a row in registers (one pass over x and dy), dw partials in a cached scratch. Rows of
     /// whole 16-byte vectors, at most 4 per thread (1024 vectors: 8192 bf16 / 4096 f32 columns),
     /// 16-byte aligned dx, dy, x, w.
@@ -111,26 +112,26 @@ pub fn bwd_with(
             let rpb = rows.div_ceil(nblocks).max(1);
             let nblocks = rows.div_ceil(rpb).max(1);
             let part = dev.zeros_f32(nblocks * cols)?;
-            let args = [
-                Arg::Ptr(dx.ptr(g)?),
-                Arg::Ptr(part.ptr(g)?),
-                Arg::Ptr(dy.ptr(g)?),
-                Arg::Ptr(x.ptr(g)?),
-                Arg::Ptr(w.ptr(g)?),
-                Arg::Ptr(rstd.ptr(g)?),
-                Arg::I32(rows as i32),
-                Arg::I32(cols as i32),
-                Arg::I32(rpb as i32),
-            ];
-            g.launch("rmsnorm", &kname(op, dt), cfg_rows(nblocks, block_for(cols, dt), 0), &args)?;
-            let args = [
-                Arg::Ptr(dw.ptr(g)?),
-                Arg::Ptr(part.ptr(g)?),
-                Arg::I32(nblocks as i32),
-                Arg::I32(cols as i32),
-                Arg::I32(1),
-            ];
-            g.launch("rmsnorm", "rmsnorm_dw_reduce", cfg_1d(cols, 256), &args)
+            api::rmsnorm::RmsnormBwd {
+                dx: dx.ptr(g)?,
+                dw_part: part.ptr(g)?,
+                dy: dy.ptr(g)?,
+                x: x.ptr(g)?,
+                w: w.ptr(g)?,
+                rstd: rstd.ptr(g)?,
+                rows: rows as i32,
+                cols: cols as i32,
+                rows_per_block: rpb as i32,
+            }
+            .launch(g, dt, cfg_rows(nblocks, block_for(cols, dt), 0))?;
+            api::rmsnorm::RmsnormDwReduce {
+                dw: dw.ptr(g)?,
+                part: part.ptr(g)?,
+                nparts: nblocks as i32,
+                cols: cols as i32,
+                accumulate: 1,
+            }
+            .launch(g, cfg_1d(cols, 256))
         }
     }
 }
@@ -207,15 +208,15 @@ pub(crate) fn colsum_reduce(
         block_dim: (32, 16, 1),
         shared_mem_bytes: 0,
     };
-    let args = [
-        Arg::Ptr(out0),
-        Arg::Ptr(out1),
-        Arg::Ptr(part),
-        Arg::I32(nparts as i32),
-        Arg::I32(ncols as i32),
-        Arg::I32(split as i32),
-    ];
-    g.launch("rmsnorm", "param_colsum_reduce", cfg, &args)
+    api::rmsnorm::ParamColsumReduce {
+        out0,
+        out1,
+        part,
+        nparts: nparts as i32,
+        ncols: ncols as i32,
+        split: split as i32,
+    }
+    .launch(g, cfg)
 }
 
 /// Vec16 backward: one pass over x and dy (rows held in registers), dw partials in a cached scratch.
@@ -227,18 +228,17 @@ fn bwd_vec16(
     let dt = dx.dtype();
     let part = g.scratch_f32(plan.nblocks * cols)?; // [nblocks, cols]
     let pp = dptr(&*part, &g.stream);
-    let args = [
-        Arg::Ptr(dx.ptr(g)?),
-        Arg::Ptr(pp),
-        Arg::Ptr(dy.ptr(g)?),
-        Arg::Ptr(x.ptr(g)?),
-        Arg::Ptr(w.ptr(g)?),
-        Arg::Ptr(rstd.ptr(g)?),
-        Arg::I32(rows as i32),
-        Arg::I32(cols as i32),
-    ];
-    let name = format!("rmsnorm_bwd_v2x{}_{}", plan.vpt, dt.suffix());
-    g.launch("rmsnorm", &name, plan.cfg(0), &args)?;
+    let a = api::rmsnorm::RmsnormBwdVec16 {
+        dx: dx.ptr(g)?,
+        part: pp,
+        dy: dy.ptr(g)?,
+        x: x.ptr(g)?,
+        w: w.ptr(g)?,
+        rstd: rstd.ptr(g)?,
+        rows: rows as i32,
+        cols: cols as i32,
+    };
+    a.launch(g, plan.vpt as u32, dt, plan.cfg(0))?;
     let dwp = dw.ptr(g)?;
     colsum_reduce(g, dwp, dwp, pp, plan.nblocks, cols, cols)
 }

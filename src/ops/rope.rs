@@ -9,8 +9,8 @@
 //! Forward: (a, b) → (a·cos − b·sin, b·cos + a·sin); backward is the inverse rotation (−θ).
 //! Kernel: kernels/rope.cu.
 
-use super::{check, check_dtype, kname, same_float_dtype};
-use crate::cuda::Arg;
+use super::{check, check_dtype, same_float_dtype};
+use crate::cuda::api;
 use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
 use cudarc::driver::LaunchConfig;
@@ -178,15 +178,13 @@ fn apply(
             let block = 256u32;
             let blocks = pairs.div_ceil(per_thread).div_ceil(block as usize).clamp(1, 32 * g.sm_count as usize) as u32;
             let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
-            let args = [
-                Arg::Ptr(x.ptr(g)?),
-                Arg::Ptr(cos.ptr(g)?),
-                Arg::Ptr(sin.ptr(g)?),
-                Arg::I32(tokens as i32),
-                Arg::I32(heads as i32),
-                Arg::I32(head_dim as i32),
-            ];
-            g.launch("rope", &kname(op, dt), cfg, &args)
+            let (xp, cp, sp) = (x.ptr(g)?, cos.ptr(g)?, sin.ptr(g)?);
+            let (tokens, heads, head_dim) = (tokens as i32, heads as i32, head_dim as i32);
+            if inverse {
+                api::rope::RopeBwd { dx: xp, cosv: cp, sinv: sp, tokens, heads, head_dim }.launch(g, dt, cfg)
+            } else {
+                api::rope::RopeFwd { x: xp, cosv: cp, sinv: sp, tokens, heads, head_dim }.launch(g, dt, cfg)
+            }
         }
     }
 }

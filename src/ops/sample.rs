@@ -30,13 +30,12 @@
 //! a token whose x + 17 is below the thread's best cannot win), plus up to 32 counting passes for
 //! top-k and up to 32 mass passes for top-p, each only when that filter is on.
 
-use super::kname;
-use crate::cuda::{cfg_rows, dptr, Arg};
+use crate::cuda::api;
+use crate::cuda::{cfg_rows, dptr};
 use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Context, Result};
 use cudarc::driver::CudaSlice;
 
-const MODULE: &str = "sample";
 /// The kernel's block width (SAMPLE_THREADS in kernels/sample.cu).
 const THREADS: u32 = 1024;
 /// Smallest temperature: 1/T must stay finite in f32.
@@ -210,16 +209,16 @@ impl Sampler {
                 g.stream.memcpy_htod(&hp, &mut b.params).context("sample: uploading params")?;
                 g.stream.memcpy_htod(keys, &mut b.keys).context("sample: uploading keys")?;
                 let s = &g.stream;
-                let args = [
-                    Arg::Ptr(dptr(&b.out, s)),
-                    Arg::Ptr(dptr(&b.thr, s)),
-                    Arg::Ptr(logits.ptr(g)?),
-                    Arg::Ptr(dptr(&b.params, s)),
-                    Arg::Ptr(dptr(&b.keys, s)),
-                    Arg::I32(rows as i32),
-                    Arg::I32(v as i32),
-                ];
-                g.launch(MODULE, &kname(op, dt), cfg_rows(rows, THREADS, 0), &args)?;
+                api::sample::Sample {
+                    out: dptr(&b.out, s),
+                    thr: dptr(&b.thr, s),
+                    logits: logits.ptr(g)?,
+                    params: dptr(&b.params, s),
+                    keys: dptr(&b.keys, s),
+                    rows: rows as i32,
+                    v: v as i32,
+                }
+                .launch(g, dt, cfg_rows(rows, THREADS, 0))?;
                 let mut h = vec![0u32; 2 * rows];
                 g.stream.memcpy_dtoh(&b.out.slice(0..2 * rows), &mut h).context("sample: downloading tokens")?;
                 g.sync()?;

@@ -16,11 +16,12 @@
 //! Simple: D as QHead, then one warp per dq row and one per dk/dv row.
 
 use super::{
-    aligned16, cfg_warps, check, check_dtype, check_grid, check_packed, check_tc, cpu, simple_dims, AttnBwdKernel,
-    AttnShape, Varlen, TILE,
+    aligned16, cfg_warps, check, check_dtype, check_grid, check_packed, check_tc, cpu, AttnBwdKernel, AttnShape,
+    Varlen, TILE,
 };
-use crate::cuda::{cfg_1d, Arg, Gpu};
-use crate::ops::{kname, same_float_dtype};
+use crate::cuda::api;
+use crate::cuda::{cfg_1d, Gpu};
+use crate::ops::same_float_dtype;
 use crate::tensor::{Buf, DType, Device};
 use anyhow::Result;
 use cudarc::driver::LaunchConfig;
@@ -76,24 +77,18 @@ pub fn bwd_with(
             let nseq = seqs.nseq();
             // D[h, t] = dout·out per row, the softmax-backward correction term.
             let dvec = dev.zeros_f32(s.hq * t)?;
-            let args = [
-                Arg::Ptr(dvec.ptr(g)?),
-                Arg::Ptr(dout.ptr(g)?),
-                Arg::Ptr(out.ptr(g)?),
-                Arg::I32(t as i32),
-                Arg::I32(s.hq as i32),
-                Arg::I32(s.d as i32),
-            ];
-            g.launch("attention_simple", &kname("attention_bwd_dot", dt), cfg_warps(t * s.hq), &args)?;
-            let inputs = [
-                Arg::Ptr(q.ptr(g)?),
-                Arg::Ptr(k.ptr(g)?),
-                Arg::Ptr(v.ptr(g)?),
-                Arg::Ptr(dout.ptr(g)?),
-                Arg::Ptr(lse.ptr(g)?),
-                Arg::Ptr(dvec.ptr(g)?),
-                Arg::Ptr(seqs.buf.ptr(g)?),
-            ];
+            api::attention_simple::AttentionBwdDot {
+                dvec: dvec.ptr(g)?,
+                dout: dout.ptr(g)?,
+                out: out.ptr(g)?,
+                t: t as i32,
+                hq: s.hq as i32,
+                d: s.d as i32,
+            }
+            .launch(g, dt, cfg_warps(t * s.hq))?;
+            let (qp, kp, vp, dop, lp, dvp, cu) =
+                (q.ptr(g)?, k.ptr(g)?, v.ptr(g)?, dout.ptr(g)?, lse.ptr(g)?, dvec.ptr(g)?, seqs.buf.ptr(g)?);
+            let (hq, hkv, scale, causal) = (s.hq as i32, s.hkv as i32, s.scale, s.causal as i32);
             if kernel == AttnBwdKernel::QHead {
                 check_tc(op, kernel, dt, s.d, aligned16(g, &[dq, dk, dv, dout, q, k, v])?)?;
                 check_grid(op, seqs, s)?;
@@ -107,49 +102,88 @@ pub fn bwd_with(
                     Some((a, b)) => (a.ptr(g)?, b.ptr(g)?),
                     None => (dk.ptr(g)?, dv.ptr(g)?),
                 };
-                let mut args = vec![Arg::Ptr(dq_acc.ptr(g)?), Arg::Ptr(dk_dst), Arg::Ptr(dv_dst)];
-                args.extend(inputs);
-                args.extend([
-                    Arg::I32(t as i32),
-                    Arg::I32(s.hq as i32),
-                    Arg::I32(s.hkv as i32),
-                    Arg::F32(s.scale),
-                    Arg::F32(s.scale * std::f32::consts::LOG2_E),
-                    Arg::I32(s.causal as i32),
-                ]);
+                let sl2 = s.scale * std::f32::consts::LOG2_E;
                 let cfg = LaunchConfig {
                     grid_dim: (seqs.max_len.div_ceil(TILE) as u32, s.hq as u32, nseq as u32),
                     block_dim: (128, 1, 1),
                     shared_mem_bytes: qhead_smem(s.d),
                 };
-                g.launch("attention_bwd", &format!("attention_bwd_qhead_bf16_d{}", s.d), cfg, &args)?;
+                api::attention_bwd::AttentionBwdQheadBf16 {
+                    dq_acc: dq_acc.ptr(g)?,
+                    dk_out: dk_dst,
+                    dv_out: dv_dst,
+                    q: qp,
+                    k: kp,
+                    v: vp,
+                    dout: dop,
+                    lse: lp,
+                    dvec: dvp,
+                    cu,
+                    t: t as i32,
+                    hq,
+                    hkv,
+                    scale,
+                    sl2,
+                    causal,
+                }
+                .launch(g, s.d as u32, cfg)?;
                 let (pk, pv) = match &parts {
                     Some((a, b)) => (a.ptr(g)?, b.ptr(g)?),
                     None => (0, 0),
                 };
-                let args = [
-                    Arg::Ptr(dq.ptr(g)?),
-                    Arg::Ptr(dk.ptr(g)?),
-                    Arg::Ptr(dv.ptr(g)?),
-                    Arg::Ptr(dq_acc.ptr(g)?),
-                    Arg::Ptr(pk),
-                    Arg::Ptr(pv),
-                    Arg::I32(t as i32),
-                    Arg::I32(s.hq as i32),
-                    Arg::I32(s.hkv as i32),
-                    Arg::I32(s.d as i32),
-                    Arg::I32(parts.is_some() as i32),
-                ];
-                g.launch("attention_bwd", "attention_bwd_finish_bf16", cfg_1d(t * s.hq * s.d, 256), &args)
+                api::attention_bwd::AttentionBwdFinishBf16 {
+                    dq: dq.ptr(g)?,
+                    dk: dk.ptr(g)?,
+                    dv: dv.ptr(g)?,
+                    dq_acc: dq_acc.ptr(g)?,
+                    dk_part: pk,
+                    dv_part: pv,
+                    t: t as i32,
+                    hq: s.hq as i32,
+                    hkv: s.hkv as i32,
+                    d: s.d as i32,
+                    partials: parts.is_some() as i32,
+                }
+                .launch(g, cfg_1d(t * s.hq * s.d, 256))
             } else {
-                let mut args = vec![Arg::Ptr(dq.ptr(g)?)];
-                args.extend(inputs);
-                args.extend(simple_dims(nseq, t, s));
-                g.launch("attention_simple", &kname("attention_simple_bwd_dq", dt), cfg_warps(t * s.hq), &args)?;
-                let mut args = vec![Arg::Ptr(dk.ptr(g)?), Arg::Ptr(dv.ptr(g)?)];
-                args.extend(inputs);
-                args.extend(simple_dims(nseq, t, s));
-                g.launch("attention_simple", &kname("attention_simple_bwd_dkv", dt), cfg_warps(t * s.hkv), &args)
+                let (nseq, t, d) = (nseq as i32, t as i32, s.d as i32);
+                api::attention_simple::AttentionSimpleBwdDq {
+                    dq: dq.ptr(g)?,
+                    q: qp,
+                    k: kp,
+                    v: vp,
+                    dout: dop,
+                    lse: lp,
+                    dvec: dvp,
+                    cu,
+                    nseq,
+                    t,
+                    hq,
+                    hkv,
+                    d,
+                    scale,
+                    causal,
+                }
+                .launch(g, dt, cfg_warps(t as usize * s.hq))?;
+                api::attention_simple::AttentionSimpleBwdDkv {
+                    dk: dk.ptr(g)?,
+                    dv: dv.ptr(g)?,
+                    q: qp,
+                    k: kp,
+                    v: vp,
+                    dout: dop,
+                    lse: lp,
+                    dvec: dvp,
+                    cu,
+                    nseq,
+                    t,
+                    hq,
+                    hkv,
+                    d,
+                    scale,
+                    causal,
+                }
+                .launch(g, dt, cfg_warps(t as usize * s.hkv))
             }
         }
     }
@@ -167,35 +201,17 @@ fn bwd_kvhead(
     let nseq = seqs.nseq();
     // dvec [hq, T] (f32): D[h, t] = dout·out of row (t, h), the softmax-backward correction term.
     let dvec = dev.zeros_f32(s.hq * t)?;
-    let args = [
-        Arg::Ptr(dvec.ptr(g)?),
-        Arg::Ptr(dout.ptr(g)?),
-        Arg::Ptr(out.ptr(g)?),
-        Arg::I32(t as i32),
-        Arg::I32(s.hq as i32),
-        Arg::I32(s.d as i32),
-    ];
-    g.launch("attention_bwd", "attention_bwd_rowdot_bf16", cfg_1d(t * s.hq, 256), &args)?;
+    api::attention_bwd::AttentionBwdRowdotBf16 {
+        dvec: dvec.ptr(g)?,
+        dout: dout.ptr(g)?,
+        out: out.ptr(g)?,
+        t: t as i32,
+        hq: s.hq as i32,
+        d: s.d as i32,
+    }
+    .launch(g, cfg_1d(t * s.hq, 256))?;
 
     let dq_acc = dev.zeros_f32(t * s.hq * s.d)?; // [T, hq, d] f32, summed by atomics
-    let args = [
-        Arg::Ptr(dq_acc.ptr(g)?),
-        Arg::Ptr(dk.ptr(g)?),
-        Arg::Ptr(dv.ptr(g)?),
-        Arg::Ptr(q.ptr(g)?),
-        Arg::Ptr(k.ptr(g)?),
-        Arg::Ptr(v.ptr(g)?),
-        Arg::Ptr(dout.ptr(g)?),
-        Arg::Ptr(lse.ptr(g)?),
-        Arg::Ptr(dvec.ptr(g)?),
-        Arg::Ptr(seqs.buf.ptr(g)?),
-        Arg::I32(t as i32),
-        Arg::I32(s.hq as i32),
-        Arg::I32(s.hkv as i32),
-        Arg::F32(s.scale),
-        Arg::F32(s.scale * std::f32::consts::LOG2_E),
-        Arg::I32(s.causal as i32),
-    ];
     let tiles = seqs.max_len.div_ceil(TILE) as u32;
     let cfg = LaunchConfig {
         // Causal: (kv heads, sequences, key tiles): blocks start in linear order, so every key tile
@@ -205,12 +221,30 @@ fn bwd_kvhead(
         block_dim: (128, 1, 1),
         shared_mem_bytes: kvhead_smem(s.d),
     };
-    g.launch("attention_bwd", &format!("attention_bwd_kvhead_bf16_d{}", s.d), cfg, &args)?;
+    api::attention_bwd::AttentionBwdKvheadBf16 {
+        dq_acc: dq_acc.ptr(g)?,
+        dk: dk.ptr(g)?,
+        dv: dv.ptr(g)?,
+        q: q.ptr(g)?,
+        k: k.ptr(g)?,
+        v: v.ptr(g)?,
+        dout: dout.ptr(g)?,
+        lse: lse.ptr(g)?,
+        dvec: dvec.ptr(g)?,
+        cu: seqs.buf.ptr(g)?,
+        t: t as i32,
+        hq: s.hq as i32,
+        hkv: s.hkv as i32,
+        scale: s.scale,
+        sl2: s.scale * std::f32::consts::LOG2_E,
+        causal: s.causal as i32,
+    }
+    .launch(g, s.d as u32, cfg)?;
 
     // dq [T, hq, d] (bf16, =) = dq_acc rounded; d is a multiple of 8.
     let n8 = t * s.hq * s.d / 8;
-    let args = [Arg::Ptr(dq.ptr(g)?), Arg::Ptr(dq_acc.ptr(g)?), Arg::I64(n8 as i64)];
-    g.launch("attention_bwd", "attention_bwd_dq_round_bf16", cfg_1d(n8, 256), &args)
+    api::attention_bwd::AttentionBwdDqRoundBf16 { dq: dq.ptr(g)?, dq_acc: dq_acc.ptr(g)?, n8: n8 as i64 }
+        .launch(g, cfg_1d(n8, 256))
 }
 
 #[cfg(test)]

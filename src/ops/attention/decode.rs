@@ -11,8 +11,8 @@
 //! partial buffers kept in the cache across calls (no per-call allocation).
 
 use super::{aligned16, check_tc, cpu, plan_decode, AttnDecodeKernel, AttnShape, Varlen, TILE};
-use crate::cuda::{cfg_1d, cfg_rows, Arg};
-use crate::ops::kname;
+use crate::cuda::api;
+use crate::cuda::{cfg_1d, cfg_rows};
 use crate::ops::{check, check_dtype, same_float_dtype};
 use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
@@ -140,19 +140,19 @@ impl KvCache {
                         Some(b) => b.ptr(g)?,
                         None => self.lens_buf.ptr(g)?, // unused when uniform_n > 0
                     };
-                    let args = [
-                        Arg::Ptr(self.k.ptr(g)?),
-                        Arg::Ptr(self.v.ptr(g)?),
-                        Arg::Ptr(self.lens_buf.ptr(g)?),
-                        Arg::Ptr(k_new.ptr(g)?),
-                        Arg::Ptr(v_new.ptr(g)?),
-                        Arg::Ptr(cu_ptr),
-                        Arg::I32(self.batch as i32),
-                        Arg::I32(uniform_n as i32),
-                        Arg::I32(self.max_len as i32),
-                        Arg::I32(row as i32),
-                    ];
-                    g.launch("attention_simple", &kname("attention_kv_append", dt), cfg_rows(total, 128, 0), &args)?;
+                    api::attention_simple::AttentionKvAppend {
+                        kc: self.k.ptr(g)?,
+                        vc: self.v.ptr(g)?,
+                        lens: self.lens_buf.ptr(g)?,
+                        knew: k_new.ptr(g)?,
+                        vnew: v_new.ptr(g)?,
+                        cu: cu_ptr,
+                        nseq: self.batch as i32,
+                        uniform_n: uniform_n as i32,
+                        max_len: self.max_len as i32,
+                        row: row as i32,
+                    }
+                    .launch(g, dt, cfg_rows(total, 128, 0))?;
                 }
             }
         }
@@ -260,22 +260,22 @@ pub fn decode_varlen(
         }
         Device::Cuda(g) => {
             let dt = same_float_dtype(op, &[out, q, &cache.k, &cache.v])?;
-            let args = [
-                Arg::Ptr(out.ptr(g)?),
-                Arg::Ptr(q.ptr(g)?),
-                Arg::Ptr(cache.k.ptr(g)?),
-                Arg::Ptr(cache.v.ptr(g)?),
-                Arg::Ptr(cache.lens_buf.ptr(g)?),
-                Arg::Ptr(cu_new.buf.ptr(g)?),
-                Arg::I32(cache.batch as i32),
-                Arg::I32(s.hq as i32),
-                Arg::I32(s.hkv as i32),
-                Arg::I32(s.d as i32),
-                Arg::I32(cache.max_len as i32),
-                Arg::F32(s.scale),
-                Arg::I32(s.causal as i32),
-            ];
-            g.launch("attention_simple", &kname("attention_simple_decode_varlen", dt), cfg_1d(rows * 32, 128), &args)
+            api::attention_simple::AttentionSimpleDecodeVarlen {
+                out: out.ptr(g)?,
+                q: q.ptr(g)?,
+                kc: cache.k.ptr(g)?,
+                vc: cache.v.ptr(g)?,
+                lens: cache.lens_buf.ptr(g)?,
+                cu: cu_new.buf.ptr(g)?,
+                b: cache.batch as i32,
+                hq: s.hq as i32,
+                hkv: s.hkv as i32,
+                d: s.d as i32,
+                max_len: cache.max_len as i32,
+                scale: s.scale,
+                causal: s.causal as i32,
+            }
+            .launch(g, dt, cfg_1d(rows * 32, 128))
         }
     }
 }
@@ -337,27 +337,22 @@ pub fn decode_with(
             check_dtype(&cache.lens_buf, DType::I32, op, "lens")?;
             let grp = hq / s.hkv;
             if kernel == AttnDecodeKernel::Simple {
-                let args = [
-                    Arg::Ptr(out.ptr(g)?),
-                    Arg::Ptr(q.ptr(g)?),
-                    Arg::Ptr(cache.k.ptr(g)?),
-                    Arg::Ptr(cache.v.ptr(g)?),
-                    Arg::Ptr(cache.lens_buf.ptr(g)?),
-                    Arg::I32(b as i32),
-                    Arg::I32(n_new as i32),
-                    Arg::I32(hq as i32),
-                    Arg::I32(s.hkv as i32),
-                    Arg::I32(d as i32),
-                    Arg::I32(cache.max_len as i32),
-                    Arg::F32(s.scale),
-                    Arg::I32(s.causal as i32),
-                ];
-                return g.launch(
-                    "attention_simple",
-                    &kname("attention_simple_decode", dt),
-                    cfg_1d(rows * 32, 128),
-                    &args,
-                );
+                return api::attention_simple::AttentionSimpleDecode {
+                    out: out.ptr(g)?,
+                    q: q.ptr(g)?,
+                    kc: cache.k.ptr(g)?,
+                    vc: cache.v.ptr(g)?,
+                    lens: cache.lens_buf.ptr(g)?,
+                    b: b as i32,
+                    n_new: n_new as i32,
+                    hq: hq as i32,
+                    hkv: s.hkv as i32,
+                    d: d as i32,
+                    max_len: cache.max_len as i32,
+                    scale: s.scale,
+                    causal: s.causal as i32,
+                }
+                .launch(g, dt, cfg_1d(rows * 32, 128));
             }
             check_tc(op, kernel, dt, d, aligned16(g, &[out, q, &cache.k, &cache.v])?)?;
             if kernel == AttnDecodeKernel::Rows16 {
@@ -378,38 +373,38 @@ pub fn decode_with(
             }
             let part_o = dev.zeros_f32(nsplit * rows * d)?; // [nsplit, rows, d] unnormalised outputs
             let part_ml = dev.zeros_f32(nsplit * rows * 2)?; // [nsplit, rows, (max, sum)] in log2 units
-            let args = [
-                Arg::Ptr(part_o.ptr(g)?),
-                Arg::Ptr(part_ml.ptr(g)?),
-                Arg::Ptr(q.ptr(g)?),
-                Arg::Ptr(cache.k.ptr(g)?),
-                Arg::Ptr(cache.v.ptr(g)?),
-                Arg::Ptr(cache.lens_buf.ptr(g)?),
-                Arg::I32(n_new as i32),
-                Arg::I32(hq as i32),
-                Arg::I32(s.hkv as i32),
-                Arg::I32(cache.max_len as i32),
-                Arg::I32(chunk as i32),
-                Arg::I32(nsplit as i32),
-                Arg::F32(s.scale * std::f32::consts::LOG2_E),
-                Arg::I32(s.causal as i32),
-            ];
             let cfg = LaunchConfig {
                 grid_dim: (nsplit as u32, (s.hkv * mtiles) as u32, b as u32),
                 block_dim: (128, 1, 1),
                 // Q tile plus two stages of K and V tiles, rows padded by 8.
                 shared_mem_bytes: (5 * TILE * (d + 8) * 2) as u32,
             };
-            g.launch("attention_decode", &format!("attention_decode_bf16_d{d}"), cfg, &args)?;
-            let args = [
-                Arg::Ptr(out.ptr(g)?),
-                Arg::Ptr(part_o.ptr(g)?),
-                Arg::Ptr(part_ml.ptr(g)?),
-                Arg::I32(rows as i32),
-                Arg::I32(nsplit as i32),
-                Arg::I32(d as i32),
-            ];
-            g.launch("attention_decode", "attention_decode_combine_bf16", cfg_rows(rows, 128, 0), &args)
+            api::attention_decode::AttentionDecodeBf16 {
+                part_o: part_o.ptr(g)?,
+                part_ml: part_ml.ptr(g)?,
+                q: q.ptr(g)?,
+                kc: cache.k.ptr(g)?,
+                vc: cache.v.ptr(g)?,
+                lens: cache.lens_buf.ptr(g)?,
+                n_new: n_new as i32,
+                hq: hq as i32,
+                hkv: s.hkv as i32,
+                max_len: cache.max_len as i32,
+                chunk: chunk as i32,
+                nsplit: nsplit as i32,
+                sl2: s.scale * std::f32::consts::LOG2_E,
+                causal: s.causal as i32,
+            }
+            .launch(g, d as u32, cfg)?;
+            api::attention_decode::AttentionDecodeCombineBf16 {
+                out: out.ptr(g)?,
+                part_o: part_o.ptr(g)?,
+                part_ml: part_ml.ptr(g)?,
+                rows: rows as i32,
+                nsplit: nsplit as i32,
+                d: d as i32,
+            }
+            .launch(g, cfg_rows(rows, 128, 0))
         }
     }
 }
@@ -440,36 +435,36 @@ fn decode_v2(
         *guard = Some((dev.zeros_f32(no)?, dev.zeros_f32(nml)?));
     }
     let Some((part_o, part_ml)) = guard.as_ref() else { bail!("{op}: partial buffers missing") };
-    let args = [
-        Arg::Ptr(part_o.ptr(g)?),
-        Arg::Ptr(part_ml.ptr(g)?),
-        Arg::Ptr(q.ptr(g)?),
-        Arg::Ptr(cache.k.ptr(g)?),
-        Arg::Ptr(cache.v.ptr(g)?),
-        Arg::Ptr(cache.lens_buf.ptr(g)?),
-        Arg::I32(n_new as i32),
-        Arg::I32(s.hq as i32),
-        Arg::I32(s.hkv as i32),
-        Arg::I32(cache.max_len as i32),
-        Arg::I32(chunk as i32),
-        Arg::I32(nsplit as i32),
-        Arg::F32(s.scale * std::f32::consts::LOG2_E),
-        Arg::I32(s.causal as i32),
-    ];
     let cfg = LaunchConfig {
         grid_dim: (nsplit as u32, s.hkv as u32, b as u32),
         block_dim: (128, 1, 1),
         // a 16-row Q tile plus three stages of K and V tiles, rows padded by 8
         shared_mem_bytes: ((16 + 6 * TILE) * (d + 8) * 2) as u32,
     };
-    g.launch("attention_decode", &format!("attention_decode16_bf16_d{d}"), cfg, &args)?;
-    let args = [
-        Arg::Ptr(out.ptr(g)?),
-        Arg::Ptr(part_o.ptr(g)?),
-        Arg::Ptr(part_ml.ptr(g)?),
-        Arg::I32(rows as i32),
-        Arg::I32(nsplit as i32),
-        Arg::I32(d as i32),
-    ];
-    g.launch("attention_decode", "attention_decode_combine_bf16", cfg_rows(rows, 128, 0), &args)
+    api::attention_decode::AttentionDecode16Bf16 {
+        part_o: part_o.ptr(g)?,
+        part_ml: part_ml.ptr(g)?,
+        q: q.ptr(g)?,
+        kc: cache.k.ptr(g)?,
+        vc: cache.v.ptr(g)?,
+        lens: cache.lens_buf.ptr(g)?,
+        n_new: n_new as i32,
+        hq: s.hq as i32,
+        hkv: s.hkv as i32,
+        max_len: cache.max_len as i32,
+        chunk: chunk as i32,
+        nsplit: nsplit as i32,
+        sl2: s.scale * std::f32::consts::LOG2_E,
+        causal: s.causal as i32,
+    }
+    .launch(g, d as u32, cfg)?;
+    api::attention_decode::AttentionDecodeCombineBf16 {
+        out: out.ptr(g)?,
+        part_o: part_o.ptr(g)?,
+        part_ml: part_ml.ptr(g)?,
+        rows: rows as i32,
+        nsplit: nsplit as i32,
+        d: d as i32,
+    }
+    .launch(g, cfg_rows(rows, 128, 0))
 }

@@ -13,11 +13,11 @@
 //! backward takes their lse.
 
 use super::{
-    cfg_warps, check, check_dtype, check_grid, check_packed, check_tc, cpu, simple_dims, AttnFwdKernel, AttnShape,
-    Varlen, TILE,
+    cfg_warps, check, check_dtype, check_grid, check_packed, check_tc, cpu, AttnFwdKernel, AttnShape, Varlen, TILE,
 };
-use crate::cuda::{Arg, Gpu};
-use crate::ops::{kname, same_float_dtype};
+use crate::cuda::api;
+use crate::cuda::Gpu;
+use crate::ops::same_float_dtype;
 use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
 use cudarc::driver::LaunchConfig;
@@ -61,44 +61,57 @@ pub fn fwd_with(
                 return Ok(());
             }
             let nseq = seqs.nseq();
-            let mut args = vec![
-                Arg::Ptr(out.ptr(g)?),
-                Arg::Ptr(lse.ptr(g)?),
-                Arg::Ptr(q.ptr(g)?),
-                Arg::Ptr(k.ptr(g)?),
-                Arg::Ptr(v.ptr(g)?),
-                Arg::Ptr(seqs.buf.ptr(g)?),
-            ];
             if kernel == AttnFwdKernel::Simple {
-                args.extend(simple_dims(nseq, t, s));
-                return g.launch("attention_simple", &kname("attention_simple_fwd", dt), cfg_warps(t * s.hq), &args);
+                let cfg = cfg_warps(t * s.hq);
+                return api::attention_simple::AttentionSimpleFwd {
+                    out: out.ptr(g)?,
+                    lse: lse.ptr(g)?,
+                    q: q.ptr(g)?,
+                    k: k.ptr(g)?,
+                    v: v.ptr(g)?,
+                    cu: seqs.buf.ptr(g)?,
+                    nseq: nseq as i32,
+                    t: t as i32,
+                    hq: s.hq as i32,
+                    hkv: s.hkv as i32,
+                    d: s.d as i32,
+                    scale: s.scale,
+                    causal: s.causal as i32,
+                }
+                .launch(g, dt, cfg);
             }
             check_tc(op, kernel, dt, s.d, super::aligned16(g, &[out, q, k, v])?)?;
             check_grid(op, seqs, s)?;
-            args.extend([
-                Arg::I32(t as i32),
-                Arg::I32(s.hq as i32),
-                Arg::I32(s.hkv as i32),
-                Arg::F32(s.scale * std::f32::consts::LOG2_E),
-                Arg::I32(s.causal as i32),
-            ]);
+            let args = api::attention_fwd::AttentionFwdQ64Bf16 {
+                out: out.ptr(g)?,
+                lse: lse.ptr(g)?,
+                q: q.ptr(g)?,
+                k: k.ptr(g)?,
+                v: v.ptr(g)?,
+                cu: seqs.buf.ptr(g)?,
+                t: t as i32,
+                hq: s.hq as i32,
+                hkv: s.hkv as i32,
+                sl2: s.scale * std::f32::consts::LOG2_E,
+                causal: s.causal as i32,
+            };
             if kernel == AttnFwdKernel::Q128 {
-                return launch_q128(g, &args, seqs, s);
+                return launch_q128(g, args, seqs, s);
             }
             let cfg = LaunchConfig {
                 grid_dim: (seqs.max_len.div_ceil(TILE) as u32, s.hq as u32, nseq as u32),
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: q64_smem(s.d),
             };
-            g.launch("attention_fwd", &format!("attention_fwd_q64_bf16_d{}", s.d), cfg, &args)
+            args.launch(g, s.d as u32, cfg)
         }
     }
 }
 
-/// Launches `attention_fwd_q128_bf16_d{d}`; `args` = out, lse, q, k, v, cu_seqlens, T, hq, hkv,
-/// scale·log2(e), causal. The caller has checked the buffers, the dtype (bf16), the head dim
+/// Launches `attention_fwd_q128_bf16_d{d}` with the Q64 kernel's arguments (the two share their
+/// parameter list). The caller has checked the buffers, the dtype (bf16), the head dim
 /// (64/80/128), the alignment and T·hq·d < 2^31 (the kernel indexes with 32-bit offsets).
-fn launch_q128(g: &Gpu, args: &[Arg], seqs: &Varlen, s: &AttnShape) -> Result<()> {
+fn launch_q128(g: &Gpu, a: api::attention_fwd::AttentionFwdQ64Bf16, seqs: &Varlen, s: &AttnShape) -> Result<()> {
     let tiles = seqs.max_len.div_ceil(BM);
     if tiles > 65535 || seqs.nseq() > 65535 {
         bail!(
@@ -112,5 +125,7 @@ fn launch_q128(g: &Gpu, args: &[Arg], seqs: &Varlen, s: &AttnShape) -> Result<()
         block_dim: (128, 1, 1),
         shared_mem_bytes: q128_smem(s.d),
     };
-    g.launch("attention_fwd", &format!("attention_fwd_q128_bf16_d{}", s.d), cfg, args)
+    let api::attention_fwd::AttentionFwdQ64Bf16 { out, lse, q, k, v, cu, t, hq, hkv, sl2, causal } = a;
+    api::attention_fwd::AttentionFwdQ128Bf16 { out, lse, q, k, v, cu, t, hq, hkv, sl2, causal }
+        .launch(g, s.d as u32, cfg)
 }

@@ -25,7 +25,7 @@ pub use decode::{decode, decode_varlen, decode_with, KvCache};
 pub use fwd::fwd_with;
 
 use super::{check, check_dtype};
-use crate::cuda::{cfg_1d, Arg, Gpu};
+use crate::cuda::{cfg_1d, Gpu};
 use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
 use cudarc::driver::LaunchConfig;
@@ -301,19 +301,6 @@ pub fn bwd(
         }
     };
     bwd_with(dev, dq, dk, dv, dout, q, k, v, out, lse, seqs, s, kernel)
-}
-
-/// The trailing scalar arguments of the simple kernels: nseq, T, hq, hkv, d, scale, causal.
-fn simple_dims(nseq: usize, t: usize, s: &AttnShape) -> [Arg; 7] {
-    [
-        Arg::I32(nseq as i32),
-        Arg::I32(t as i32),
-        Arg::I32(s.hq as i32),
-        Arg::I32(s.hkv as i32),
-        Arg::I32(s.d as i32),
-        Arg::F32(s.scale),
-        Arg::I32(s.causal as i32),
-    ]
 }
 
 /// Grid limits of the tensor-core launches (y = heads, z = sequences).

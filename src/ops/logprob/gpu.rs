@@ -7,6 +7,7 @@
 use super::arena::{self, Layout};
 use super::splitk::{self, SplitGemm, Splits};
 use super::*;
+use crate::cuda::api;
 
 fn gemm_type(dt: DType) -> GemmType {
     match dt {
@@ -64,14 +65,14 @@ fn active_tokens(g: &Gpu, dev: &Device, flags: &Buf, t: usize, meter: &mut usize
     let idx = scratch(dev, DType::I32, t, meter)?;
     let pos = scratch(dev, DType::I32, t, meter)?;
     let cnt = scratch(dev, DType::I32, 1, meter)?;
-    let args = [
-        Arg::Ptr(idx.ptr(g)?),
-        Arg::Ptr(pos.ptr(g)?),
-        Arg::Ptr(cnt.ptr(g)?),
-        Arg::Ptr(flags.ptr(g)?),
-        Arg::I32(t as i32),
-    ];
-    g.launch(MODULE, "logprob_scan_nonzero", cfg_rows(1, 1024, 0), &args)?;
+    api::logprob::LogprobScanNonzero {
+        idx: idx.ptr(g)?,
+        pos: pos.ptr(g)?,
+        count: cnt.ptr(g)?,
+        flags: flags.ptr(g)?,
+        n: t as i32,
+    }
+    .launch(g, cfg_rows(1, 1024, 0))?;
     let n = dev.to_vec_i32(&cnt)?.first().copied().unwrap_or(0).max(0) as usize;
     Ok(if n == t { None } else { Some(Active { n, idx, pos }) })
 }
@@ -84,24 +85,24 @@ fn gather_inputs(
     let hp = scratch(dev, dt, a.n * h, meter)?;
     let tp = scratch(dev, DType::I32, a.n, meter)?;
     if a.n > 0 {
-        let args = [
-            Arg::Ptr(hp.ptr(g)?),
-            Arg::Ptr(hidden.ptr(g)?),
-            Arg::Ptr(a.idx.ptr(g)?),
-            Arg::I32(a.n as i32),
-            Arg::I32(h as i32),
-        ];
-        g.launch(MODULE, &kname("logprob_gather_rows", dt), cfg_rows(a.n, BLOCK, 0), &args)?;
-        let args = [Arg::Ptr(tp.ptr(g)?), Arg::Ptr(targets.ptr(g)?), Arg::Ptr(a.idx.ptr(g)?), Arg::I32(a.n as i32)];
-        g.launch(MODULE, "logprob_gather_vec_i32", cfg_1d(a.n, 256), &args)?;
+        api::logprob::LogprobGatherRows {
+            dst: hp.ptr(g)?,
+            src: hidden.ptr(g)?,
+            idx: a.idx.ptr(g)?,
+            n: a.n as i32,
+            cols: h as i32,
+        }
+        .launch(g, dt, cfg_rows(a.n, BLOCK, 0))?;
+        api::logprob::LogprobGatherVecI32 { dst: tp.ptr(g)?, src: targets.ptr(g)?, idx: a.idx.ptr(g)?, n: a.n as i32 }
+            .launch(g, cfg_1d(a.n, 256))?;
     }
     Ok((hp, tp))
 }
 
 /// dst [t] f32 = src [ta] at active tokens, 0 elsewhere.
 fn expand(g: &Gpu, dst: &Buf, src: &Buf, a: &Active, t: usize) -> Result<()> {
-    let args = [Arg::Ptr(dst.ptr(g)?), Arg::Ptr(src.ptr(g)?), Arg::Ptr(a.pos.ptr(g)?), Arg::I32(t as i32)];
-    g.launch(MODULE, "logprob_expand_vec_f32", cfg_1d(t, 256), &args)
+    api::logprob::LogprobExpandVecF32 { dst: dst.ptr(g)?, src: src.ptr(g)?, pos: a.pos.ptr(g)?, n: t as i32 }
+        .launch(g, cfg_1d(t, 256))
 }
 
 /// Shapes and pointers shared by the passes over one token chunk.
@@ -147,33 +148,31 @@ impl Pass {
         &self, g: &Gpu, tile: u64, stats: u64, store: u64, moff: u64, hid: u64, tgt: u64, n: usize, vc: usize,
     ) -> Result<()> {
         let nsub = self.v.div_ceil(vc);
-        let name = kname("logprob_fold", self.dt);
         for j in 0..nsub {
             let v0 = j * vc;
             let nv = vc.min(self.v - v0);
             self.logits(g, tile, hid, n, v0, nv)?;
-            let args = [
-                Arg::Ptr(stats),
-                Arg::Ptr(store),
-                Arg::Ptr(moff),
-                Arg::Ptr(tile),
-                Arg::Ptr(tgt),
-                Arg::I32(n as i32),
-                Arg::I32(nv as i32),
-                Arg::I32(v0 as i32),
-                Arg::I32(self.v as i32),
-                Arg::I32(j as i32),
-                Arg::I32(nsub as i32),
-                Arg::I32((j == 0) as i32),
-            ];
-            g.launch(MODULE, &name, cfg_rows(n, BLOCK, 0), &args)?;
+            api::logprob::LogprobFold {
+                stats,
+                store,
+                moff,
+                logits: tile,
+                targets: tgt,
+                n: n as i32,
+                nv: nv as i32,
+                v0: v0 as i32,
+                v: self.v as i32,
+                sub: j as i32,
+                nsub: nsub as i32,
+                first: (j == 0) as i32,
+            }
+            .launch(g, self.dt, cfg_rows(n, BLOCK, 0))?;
         }
         Ok(())
     }
 
     fn finalize(&self, g: &Gpu, logp: u64, lse: u64, ent: u64, stats: u64, n: usize) -> Result<()> {
-        let args = [Arg::Ptr(logp), Arg::Ptr(lse), Arg::Ptr(ent), Arg::Ptr(stats), Arg::I32(n as i32)];
-        g.launch(MODULE, "logprob_finalize", cfg_1d(n, 256), &args)
+        api::logprob::LogprobFinalize { logp, lse, ent, stats, n: n as i32 }.launch(g, cfg_1d(n, 256))
     }
 
     /// dst rows (idx[i], or row0 + i) = gs[i] · Σ_p src[p] [n, h] (f32 partials `pstride`
@@ -182,18 +181,18 @@ impl Pass {
     fn scatter_sum(
         &self, g: &Gpu, dst: u64, src: u64, gs: u64, idx: u64, row0: usize, n: usize, nsplit: usize, pstride: usize,
     ) -> Result<()> {
-        let args = [
-            Arg::Ptr(dst),
-            Arg::Ptr(src),
-            Arg::Ptr(gs),
-            Arg::Ptr(idx),
-            Arg::I32(row0 as i32),
-            Arg::I32(n as i32),
-            Arg::I32(self.h as i32),
-            Arg::I32(nsplit as i32),
-            Arg::I64(pstride as i64),
-        ];
-        g.launch(MODULE, &kname("logprob_scatter_sum", self.dt), cfg_rows(n, BLOCK, 0), &args)
+        api::logprob::LogprobScatterSum {
+            dst,
+            src,
+            g: gs,
+            idx,
+            row0: row0 as i32,
+            n: n as i32,
+            cols: self.h as i32,
+            nsplit: nsplit as i32,
+            pstride: pstride as i64,
+        }
+        .launch(g, self.dt, cfg_rows(n, BLOCK, 0))
     }
 
     /// logits [n, v] at the storage dtype into `store` (row stride v) = hidden rows [n, h] at
@@ -382,18 +381,18 @@ fn fwd_kept(
         let en_t0 = if en == 0 { 0 } else { at(en, t0, DType::F32) };
         ps.logits_kept(g, store, hid_t0, n)?;
         let cfg = LaunchConfig { grid_dim: (n_blocks(n), 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
-        let args = [
-            Arg::Ptr(store),
-            Arg::Ptr(lp_t0),
-            Arg::Ptr(ls_t0),
-            Arg::Ptr(en_t0),
-            Arg::Ptr(tgt_t0),
-            Arg::I32(n as i32),
-            Arg::I32(v as i32),
-            Arg::I32(0),
-            Arg::I32(0),
-        ];
-        g.launch(MODULE, &kname("logprob_fold_u", ps.dt), cfg, &args)?;
+        api::logprob::LogprobFoldU {
+            buf: store,
+            logp: lp_t0,
+            lse: ls_t0,
+            ent: en_t0,
+            targets: tgt_t0,
+            n: n as i32,
+            v: v as i32,
+            cache: 0,
+            write_u: 0,
+        }
+        .launch(g, ps.dt, cfg)?;
     }
     Ok(())
 }
@@ -421,15 +420,15 @@ pub(super) fn bwd(
             let lp = scratch(dev, DType::F32, a.n, meter)?;
             if a.n > 0 {
                 for (dst, src) in [(&dp, dlogp), (&lp, lse)] {
-                    let args = [
-                        Arg::Ptr(dst.ptr(g)?),
-                        Arg::Ptr(src.ptr(g)?),
-                        Arg::Ptr(a.idx.ptr(g)?),
-                        Arg::I32(0),
-                        Arg::I32(a.n as i32),
-                        Arg::F32(1.0),
-                    ];
-                    g.launch(MODULE, "logprob_gather_vec_f32", cfg_1d(a.n, 256), &args)?;
+                    api::logprob::LogprobGatherVecF32 {
+                        dst: dst.ptr(g)?,
+                        src: src.ptr(g)?,
+                        idx: a.idx.ptr(g)?,
+                        p0: 0,
+                        n: a.n as i32,
+                        scale: 1.0,
+                    }
+                    .launch(g, cfg_1d(a.n, 256))?;
                 }
             }
             Some((hp, tp, dp, lp))
@@ -466,8 +465,6 @@ pub(super) fn bwd(
     let (tile, dl, dh) = (sc.at(o_tile), sc.at(o_dl), sc.at(o_dh));
     // A frozen head (None) skips the dW GEMM: the largest of the step at 7B.
     let (dhid, dw) = (dhidden.ptr(g)?, dlm_head.as_deref().map(|b| b.ptr(g)).transpose()?);
-    let name = kname("logprob_dlogits", ps.dt);
-    let name_kept = kname("logprob_dlogits_inplace", ps.dt);
     for t0 in (0..ta).step_by(tc) {
         let n = tc.min(ta - t0);
         let hid_t0 = at(hid, t0 * h, ps.dt);
@@ -476,29 +473,29 @@ pub(super) fn bwd(
             let nv = vc.min(v - v0);
             if kept {
                 ps.logits_as(g, dl, hid_t0, n, v0, nv, ps.gt)?;
-                let args = [
-                    Arg::Ptr(dl),
-                    Arg::Ptr(ls_t0),
-                    Arg::Ptr(dlp_t0),
-                    Arg::Ptr(tgt_t0),
-                    Arg::I32(n as i32),
-                    Arg::I32(nv as i32),
-                    Arg::I32(v0 as i32),
-                ];
-                g.launch(MODULE, &name_kept, cfg_cols(nv, vec_n(ps.dt), n), &args)?;
+                api::logprob::LogprobDlogitsInplace {
+                    buf: dl,
+                    lse: ls_t0,
+                    dlogp: dlp_t0,
+                    targets: tgt_t0,
+                    n: n as i32,
+                    nv: nv as i32,
+                    v0: v0 as i32,
+                }
+                .launch(g, ps.dt, cfg_cols(nv, vec_n(ps.dt), n))?;
             } else {
                 ps.logits(g, tile, hid_t0, n, v0, nv)?;
-                let args = [
-                    Arg::Ptr(dl),
-                    Arg::Ptr(tile),
-                    Arg::Ptr(ls_t0),
-                    Arg::Ptr(dlp_t0),
-                    Arg::Ptr(tgt_t0),
-                    Arg::I32(n as i32),
-                    Arg::I32(nv as i32),
-                    Arg::I32(v0 as i32),
-                ];
-                g.launch(MODULE, &name, cfg_cols(nv, vec_n(ps.dt), n), &args)?;
+                api::logprob::LogprobDlogits {
+                    out: dl,
+                    logits: tile,
+                    lse: ls_t0,
+                    dlogp: dlp_t0,
+                    targets: tgt_t0,
+                    n: n as i32,
+                    nv: nv as i32,
+                    v0: v0 as i32,
+                }
+                .launch(g, ps.dt, cfg_cols(nv, vec_n(ps.dt), n))?;
             }
             // dh partials [n, h] (+)= dl [n, nv] · W[v0 .. v0 + nv, :], slice by slice. The first
             // tile (the widest) writes every partial; a shorter last tile may touch fewer.
@@ -577,7 +574,6 @@ pub(super) fn fwd_bwd_exact(
             (Some((_, e)), Some(_)) => e.ptr(g)?,
             (None, Some(e)) => e.ptr(g)?,
         };
-        let name = kname("logprob_dlogits_stored", ps.dt);
         for t0 in (0..ta).step_by(tc) {
             let n = tc.min(ta - t0);
             let hid_t0 = at(hid, t0 * h, ps.dt);
@@ -586,18 +582,18 @@ pub(super) fn fwd_bwd_exact(
             let en_t0 = if en == 0 { 0 } else { at(en, t0, DType::F32) };
             ps.finalize(g, at(lp, t0, DType::F32), lse, en_t0, stats, n)?;
             grad(GradChunk { p0: t0, n, idx: act.as_ref().map(|a| &a.idx), logp: logp_p, dlogp: &mut dlogp_p })?;
-            let args = [
-                Arg::Ptr(store),
-                Arg::Ptr(moff),
-                Arg::Ptr(lse),
-                Arg::Ptr(at(dlp, t0, DType::F32)),
-                Arg::Ptr(tgt_t0),
-                Arg::I32(n as i32),
-                Arg::I32(v as i32),
-                Arg::I32(vc as i32),
-                Arg::I32(nsub as i32),
-            ];
-            g.launch(MODULE, &name, cfg_cols(v, vec_n(ps.dt), n), &args)?;
+            api::logprob::LogprobDlogitsStored {
+                buf: store,
+                moff,
+                lse,
+                dlogp: at(dlp, t0, DType::F32),
+                targets: tgt_t0,
+                n: n as i32,
+                v: v as i32,
+                vc: vc as i32,
+                nsub: nsub as i32,
+            }
+            .launch(g, ps.dt, cfg_cols(v, vec_n(ps.dt), n))?;
             // dh partials [n, h] = dlogits [n, v slice] · W [v slice, h] (split-K over V)
             ps.dhidden(g, dh, store, v, 0, v, n, 0.0, splits)?;
             // dW [v, h] (+)= dlogitsᵀ [v, n] · hidden [n, h]
@@ -697,8 +693,6 @@ pub(super) fn fwd_bwd_bf16(
             block_dim: (1024, 1, 1),
             shared_mem_bytes: (cache * ps.dt.size()) as u32,
         };
-        let fold = kname("logprob_fold_u", ps.dt);
-        let scale = kname("logprob_scale_rows", ps.dt);
         for t0 in (0..ta).step_by(tc) {
             let n = tc.min(ta - t0);
             let hid_t0 = at(hid, t0 * h, ps.dt);
@@ -707,25 +701,24 @@ pub(super) fn fwd_bwd_bf16(
             // logits [n, v] = hidden rows [n, h] · W [v, h]ᵀ, rounded once to the storage dtype.
             ps.logits_kept(g, store, hid_t0, n)?;
             let en_t0 = if en == 0 { 0 } else { at(en, t0, DType::F32) };
-            let args = [
-                Arg::Ptr(store),
-                Arg::Ptr(at(lp, t0, DType::F32)),
-                Arg::Ptr(lse),
-                Arg::Ptr(en_t0),
-                Arg::Ptr(tgt_t0),
-                Arg::I32(n as i32),
-                Arg::I32(v as i32),
-                Arg::I32(cache as i32),
-                Arg::I32(1),
-            ];
-            g.launch(MODULE, &fold, LaunchConfig { grid_dim: (n_blocks(n), 1, 1), ..fold_cfg }, &args)?;
+            api::logprob::LogprobFoldU {
+                buf: store,
+                logp: at(lp, t0, DType::F32),
+                lse,
+                ent: en_t0,
+                targets: tgt_t0,
+                n: n as i32,
+                v: v as i32,
+                cache: cache as i32,
+                write_u: 1,
+            }
+            .launch(g, ps.dt, LaunchConfig { grid_dim: (n_blocks(n), 1, 1), ..fold_cfg })?;
             grad(GradChunk { p0: t0, n, idx: act.as_ref().map(|a| &a.idx), logp: logp_p, dlogp: &mut dlogp_p })?;
             // hg = diag(g) · hidden rows
-            g.launch(
-                MODULE,
-                &scale,
+            api::logprob::LogprobScaleRows { dst: hg, src: hid_t0, g: dlp_t0, n: n as i32, cols: h as i32 }.launch(
+                g,
+                ps.dt,
                 cfg_rows(n, BLOCK, 0),
-                &[Arg::Ptr(hg), Arg::Ptr(hid_t0), Arg::Ptr(dlp_t0), Arg::I32(n as i32), Arg::I32(h as i32)],
             )?;
             // dh partials [n, h] = U [n, v slice] · W [v slice, h] (split-K over V)
             ps.dhidden(g, dh, store, v, 0, v, n, 0.0, splits)?;

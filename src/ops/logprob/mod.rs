@@ -21,15 +21,15 @@
 //! dW += dlogitsᵀ · hidden. Extra memory is bounded by `Tuning` (under 1 GiB by default); the
 //! large part is cached between calls (arena.rs). The entropy has no backward.
 
-use super::{check, check_dtype, kname, same_float_dtype};
+use super::{check, check_dtype, same_float_dtype};
+use crate::cuda::api;
 use crate::cuda::blas::{Gemm, GemmType};
-use crate::cuda::{cfg_1d, cfg_rows, Arg, Gpu};
+use crate::cuda::{cfg_1d, cfg_rows, Gpu};
 use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
 use cudarc::driver::LaunchConfig;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-const MODULE: &str = "logprob";
 /// Threads per block of the row kernels.
 const BLOCK: u32 = 256;
 /// cuBLAS-free grid limit on the row dimension of the 2-D kernels (grid.y).
@@ -421,15 +421,15 @@ pub fn gather_scaled(
                 Some(b) => b.ptr(g)?,
                 None => 0,
             };
-            let args = [
-                Arg::Ptr(dst.ptr(g)?),
-                Arg::Ptr(src.ptr(g)?),
-                Arg::Ptr(ip),
-                Arg::I32(p0 as i32),
-                Arg::I32(n as i32),
-                Arg::F32(scale),
-            ];
-            g.launch(MODULE, "logprob_gather_vec_f32", cfg_1d(n, 256), &args)
+            api::logprob::LogprobGatherVecF32 {
+                dst: dst.ptr(g)?,
+                src: src.ptr(g)?,
+                idx: ip,
+                p0: p0 as i32,
+                n: n as i32,
+                scale,
+            }
+            .launch(g, cfg_1d(n, 256))
         }
     }
 }
