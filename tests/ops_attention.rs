@@ -7,7 +7,8 @@
 //! and the Q128 forward alone (out and lse).
 mod common;
 use am3safety::ops::attention::{
-    self, cpu, AttnBwdKernel, AttnDecodeKernel, AttnFwdKernel, AttnShape, KvCache, Varlen,
+    self, cpu, AttnBwdKernel, AttnDecodeKernel, AttnFwdKernel, AttnShape, FwdOut, FwdSaved, KvCache, Qkv, QkvGrads,
+    Varlen,
 };
 use am3safety::tensor::{DType, Device};
 use common::*;
@@ -20,7 +21,7 @@ fn shape(hq: usize, hkv: usize, d: usize, causal: bool) -> AttnShape {
 fn loss64(q: &[f64], k: &[f64], v: &[f64], g: &[f64], cu: &[i32], s: &AttnShape) -> f64 {
     let t = *cu.last().unwrap() as usize;
     let (mut out, mut lse) = (vec![0.0; t * s.hq * s.d], vec![0.0; s.hq * t]);
-    cpu::fwd(&mut out, &mut lse, q, k, v, cu, s);
+    cpu::fwd(FwdOut { out: &mut out, lse: &mut lse }, Qkv { q, k, v }, cu, s);
     dot(&out, g)
 }
 
@@ -42,9 +43,10 @@ fn attention_cpu_gradcheck() {
         let v = probe(&mut rng, t * hkv * d);
         let g = probe(&mut rng, t * hq * d);
         let (mut out, mut lse) = (vec![0.0; t * hq * d], vec![0.0; hq * t]);
-        cpu::fwd(&mut out, &mut lse, &q, &k, &v, cu, &s);
+        cpu::fwd(FwdOut { out: &mut out, lse: &mut lse }, Qkv { q: &q, k: &k, v: &v }, cu, &s);
         let (mut dq, mut dk, mut dv) = (vec![9.0; q.len()], vec![9.0; k.len()], vec![9.0; v.len()]);
-        cpu::bwd(&mut dq, &mut dk, &mut dv, &g, &q, &k, &v, &out, &lse, cu, &s);
+        let saved = FwdSaved { q: &q[..], k: &k, v: &v, out: &out, lse: &lse };
+        cpu::bwd(QkvGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv }, &g, saved, cu, &s);
         let tag = format!("cu {cu:?} hq {hq} hkv {hkv} d {d} causal {causal}");
         gradcheck(&format!("attention dq [{tag}]"), &q, &dq, &mut |x| loss64(x, &k, &v, &g, cu, &s), 64, 1e-6);
         gradcheck(&format!("attention dk [{tag}]"), &k, &dk, &mut |x| loss64(&q, x, &v, &g, cu, &s), 64, 1e-6);
@@ -61,7 +63,7 @@ fn attention_cpu_lse_and_single_key() {
     let v = [1.0f64, 2.0, 3.0, -3.0, -2.0, -1.0];
     let cu = [0, 2];
     let (mut out, mut lse) = (vec![0.0; 12], vec![0.0; 4]);
-    cpu::fwd(&mut out, &mut lse, &q, &k, &v, &cu, &s);
+    cpu::fwd(FwdOut { out: &mut out, lse: &mut lse }, Qkv { q: &q, k: &k, v: &v }, &cu, &s);
     // Token 0 sees only key 0: out = v_0 exactly, lse = scale·q·k_0.
     let sc = s.scale as f64;
     assert!((lse[0] - sc * (0.5 - 1.0 + 0.5)).abs() < Tol::F64Reference.value());
@@ -87,19 +89,13 @@ fn attention_cpu_varlen_is_per_sequence() {
         let t = *cu.last().unwrap() as usize;
         let (q, k, v) = (probe(&mut rng, t * hq * d), probe(&mut rng, t * hkv * d), probe(&mut rng, t * hkv * d));
         let (mut out, mut lse) = (vec![0.0; t * hq * d], vec![0.0; hq * t]);
-        cpu::fwd(&mut out, &mut lse, &q, &k, &v, &cu, &s);
+        cpu::fwd(FwdOut { out: &mut out, lse: &mut lse }, Qkv { q: &q, k: &k, v: &v }, &cu, &s);
         for (b, w) in cu.windows(2).enumerate() {
             let (a, n) = (w[0] as usize, (w[1] - w[0]) as usize);
             let (mut o1, mut l1) = (vec![0.0; n * hq * d], vec![0.0; hq * n]);
-            cpu::fwd(
-                &mut o1,
-                &mut l1,
-                &q[a * hq * d..(a + n) * hq * d],
-                &k[a * hkv * d..(a + n) * hkv * d],
-                &v[a * hkv * d..(a + n) * hkv * d],
-                &[0, n as i32],
-                &s,
-            );
+            let (kv, e) = (a * hkv * d, (a + n) * hkv * d);
+            let x = Qkv { q: &q[a * hq * d..(a + n) * hq * d], k: &k[kv..e], v: &v[kv..e] };
+            cpu::fwd(FwdOut { out: &mut o1, lse: &mut l1 }, x, &[0, n as i32], &s);
             assert_eq!(&out[a * hq * d..(a + n) * hq * d], &o1[..], "sequence {b} out (causal {causal})");
             for h in 0..hq {
                 assert_eq!(&lse[h * t + a..h * t + a + n], &l1[h * n..(h + 1) * n], "sequence {b} lse head {h}");
@@ -150,7 +146,8 @@ fn attention_cpu_decode_matches_fwd() {
     for (i, &p) in prompt.iter().enumerate() {
         let n = p + n_new;
         let (mut o, mut l) = (vec![0f32; n * hq * d], vec![0f32; hq * n]);
-        cpu::fwd(&mut o, &mut l, &full[i].0, &full[i].1, &full[i].2, &[0, n as i32], &s);
+        let x = Qkv { q: &full[i].0[..], k: &full[i].1[..], v: &full[i].2[..] };
+        cpu::fwd(FwdOut { out: &mut o, lse: &mut l }, x, &[0, n as i32], &s);
         let got = &out[i * n_new * hq * d..(i + 1) * n_new * hq * d];
         let e = rel_err(got, &o[p * hq * d..]);
         println!("decode vs fwd, sequence {i}: rel err {e:.2e}");
@@ -176,13 +173,16 @@ fn attention_rejects_bad_input() {
     let kv = dev.zeros_act(5 * 2 * 8).unwrap();
     let mut out = dev.zeros_act(5 * 4 * 8).unwrap();
     let mut lse = dev.zeros_f32(4 * 5).unwrap();
-    let e = attention::fwd(&dev, &mut out, &mut lse, &q, &q, &kv, &seqs, &s).unwrap_err();
+    let (x, wrong_k) = (Qkv { q: &q, k: &kv, v: &kv }, Qkv { q: &q, k: &q, v: &kv });
+    let e = attention::fwd(&dev, FwdOut { out: &mut out, lse: &mut lse }, wrong_k, &seqs, &s).unwrap_err();
     assert!(format!("{e}").contains("attention_fwd: k"), "{e}");
     let bad = shape(4, 3, 8, true);
-    assert!(attention::fwd(&dev, &mut out, &mut lse, &q, &kv, &kv, &seqs, &bad).is_err(), "hq not a multiple of hkv");
+    let o = FwdOut { out: &mut out, lse: &mut lse };
+    assert!(attention::fwd(&dev, o, x, &seqs, &bad).is_err(), "hq not a multiple of hkv");
     let mut short_lse = dev.zeros_f32(3).unwrap();
-    assert!(attention::fwd(&dev, &mut out, &mut short_lse, &q, &kv, &kv, &seqs, &s).is_err(), "short lse");
-    attention::fwd(&dev, &mut out, &mut lse, &q, &kv, &kv, &seqs, &s).unwrap();
+    let o = FwdOut { out: &mut out, lse: &mut short_lse };
+    assert!(attention::fwd(&dev, o, x, &seqs, &s).is_err(), "short lse");
+    attention::fwd(&dev, FwdOut { out: &mut out, lse: &mut lse }, x, &seqs, &s).unwrap();
     let mut cache = KvCache::new(&dev, 2, 4, 2, 8).unwrap();
     let one = dev.zeros_act(2 * 2 * 8).unwrap();
     let mut o = dev.zeros_act(2 * 4 * 8).unwrap();
@@ -198,11 +198,12 @@ fn attention_rejects_bad_input() {
 /// The kernels of one run: None = the plain calls (`fwd`/`bwd`, the plans), else explicit ones.
 type Kernels = Option<(AttnFwdKernel, AttnBwdKernel)>;
 
-/// One forward + backward on `dev` in `dt`: (out, lse, dq, dk, dv), every output NaN-poisoned first.
-#[allow(clippy::too_many_arguments)]
+/// One forward + backward of `x` on `dev` in `dt`: (out, lse, dq, dk, dv), every output
+/// NaN-poisoned first.
 fn run_fwd_bwd(
-    dev: &Device, dt: DType, q: &[f32], k: &[f32], v: &[f32], dout: &[f32], cu: &[i32], s: &AttnShape, kernels: Kernels,
+    dev: &Device, dt: DType, x: Qkv<[f32]>, dout: &[f32], cu: &[i32], s: &AttnShape, kernels: Kernels,
 ) -> [Vec<f32>; 5] {
+    let (q, k, v) = (x.q, x.k, x.v);
     let t = *cu.last().unwrap() as usize;
     let seqs = Varlen::new(dev, cu).unwrap();
     let up = |x: &[f32]| dev.upload(x, dt).unwrap();
@@ -211,16 +212,17 @@ fn run_fwd_bwd(
     let mut out = nan(q.len(), dt);
     let mut lse = nan(s.hq * t, DType::F32);
     let (mut dq, mut dk, mut dv) = (nan(q.len(), dt), nan(k.len(), dt), nan(v.len(), dt));
+    let xb = Qkv { q: &qb, k: &kb, v: &vb };
+    let o = FwdOut { out: &mut out, lse: &mut lse };
     match kernels {
-        None => {
-            attention::fwd(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, s).unwrap();
-            attention::bwd(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, s).unwrap();
-        }
-        Some((kf, kbw)) => {
-            attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, s, kf).unwrap();
-            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, s, kbw)
-                .unwrap();
-        }
+        None => attention::fwd(dev, o, xb, &seqs, s).unwrap(),
+        Some((kf, _)) => attention::fwd_with(dev, o, xb, &seqs, s, kf).unwrap(),
+    }
+    let saved = FwdSaved { q: &qb, k: &kb, v: &vb, out: &out, lse: &lse };
+    let grads = QkvGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv };
+    match kernels {
+        None => attention::bwd(dev, grads, &dob, saved, &seqs, s).unwrap(),
+        Some((_, kbw)) => attention::bwd_with(dev, grads, &dob, saved, &seqs, s, kbw).unwrap(),
     }
     [&out, &lse, &dq, &dk, &dv].map(|b| dev.to_vec(b).unwrap())
 }
@@ -266,7 +268,7 @@ fn attention_cuda_matches_cpu() {
             let k = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
             let v = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
             let dout = bf16_round(&rng.normal_vec(t * hq * d, 1.0));
-            let want = run_fwd_bwd(&Device::Cpu, DType::F32, &q, &k, &v, &dout, &cu, &s, None);
+            let want = run_fwd_bwd(&Device::Cpu, DType::F32, Qkv { q: &q, k: &k, v: &v }, &dout, &cu, &s, None);
             let tc = matches!(d, 64 | 80 | 128);
             let mut runs: Vec<(DType, Kernels)> = vec![(DType::BF16, None), (DType::F32, None)];
             if tc {
@@ -274,7 +276,7 @@ fn attention_cuda_matches_cpu() {
                 runs.push((DType::BF16, Some((AttnFwdKernel::Q128, AttnBwdKernel::KvHead))));
             }
             for (dt, kernels) in runs {
-                let got = run_fwd_bwd(&gpu, dt, &q, &k, &v, &dout, &cu, &s, kernels);
+                let got = run_fwd_bwd(&gpu, dt, Qkv { q: &q, k: &k, v: &v }, &dout, &cu, &s, kernels);
                 let tol = if dt == DType::BF16 { Tol::AttentionBf16.value() } else { Tol::F32Reference.value() };
                 let path = match kernels {
                     None if dt == DType::BF16 && tc => "tensor cores, planned".to_string(),
@@ -360,14 +362,15 @@ fn attention_cuda_fwd_q128_matches_cpu() {
             let k = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
             let v = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
             let (mut o_ref, mut l_ref) = (vec![0f32; q.len()], vec![0f32; hq * t]);
-            cpu::fwd(&mut o_ref, &mut l_ref, &q, &k, &v, &cu, &s);
+            cpu::fwd(FwdOut { out: &mut o_ref, lse: &mut l_ref }, Qkv { q: &q, k: &k, v: &v }, &cu, &s);
             let dev = &gpu;
             let seqs = Varlen::new(dev, &cu).unwrap();
             let up = |x: &[f32]| dev.upload(x, DType::BF16).unwrap();
             let mut out = dev.upload(&vec![f32::NAN; q.len()], DType::BF16).unwrap();
             let mut lse = dev.upload(&vec![f32::NAN; hq * t], DType::F32).unwrap();
-            attention::fwd_with(dev, &mut out, &mut lse, &up(&q), &up(&k), &up(&v), &seqs, &s, AttnFwdKernel::Q128)
-                .unwrap();
+            let (qb, kb, vb) = (up(&q), up(&k), up(&v));
+            let o = FwdOut { out: &mut out, lse: &mut lse };
+            attention::fwd_with(dev, o, Qkv { q: &qb, k: &kb, v: &vb }, &seqs, &s, AttnFwdKernel::Q128).unwrap();
             let (out, lse) = (dev.to_vec(&out).unwrap(), dev.to_vec(&lse).unwrap());
             for (name, got, want, tol) in
                 [("out", &out, &o_ref, Tol::AttentionBf16), ("lse", &lse, &l_ref, Tol::AttentionLseBf16)]
@@ -384,13 +387,20 @@ fn attention_cuda_fwd_q128_matches_cpu() {
 /// One decode turn: (q, k_new, v_new, n_new), q [B, n_new, hq, d], k/v [B, n_new, hkv, d].
 type Turn = (Vec<f32>, Vec<f32>, Vec<f32>, usize);
 
+/// The prompts prefilled before the turns: their lengths and packed keys and values [T, hkv, d].
+struct Prefill<'a> {
+    lens: &'a [usize],
+    k: &'a [f32],
+    v: &'a [f32],
+}
+
 /// Decode on `dev` in `dt` through a prefill (varlen append), then two turns: n_new tokens and
 /// then one more; returns both turns' outputs (NaN-poisoned before each).
-#[allow(clippy::too_many_arguments)]
 fn run_decode(
-    dev: &Device, dt: DType, prompt: &[usize], kp: &[f32], vp: &[f32], turns: &[Turn], max_len: usize, s: &AttnShape,
+    dev: &Device, dt: DType, pre: &Prefill, turns: &[Turn], max_len: usize, s: &AttnShape,
     kernel: Option<AttnDecodeKernel>,
 ) -> Vec<Vec<f32>> {
+    let (prompt, kp, vp) = (pre.lens, pre.k, pre.v);
     let mut cache = KvCache::with_dtype(dev, dt, prompt.len(), max_len, s.hkv, s.d).unwrap();
     let seqs = Varlen::new(dev, &cu_of(prompt)).unwrap();
     cache.append_varlen(dev, &dev.upload(kp, dt).unwrap(), &dev.upload(vp, dt).unwrap(), &seqs).unwrap();
@@ -450,14 +460,15 @@ fn attention_cuda_decode_matches_cpu() {
                     (q, k, v, n)
                 })
                 .collect();
-            let want = run_decode(&Device::Cpu, DType::F32, prompt, &kp, &vp, &turns, max_len, &s, None);
+            let pre = Prefill { lens: prompt, k: &kp, v: &vp };
+            let want = run_decode(&Device::Cpu, DType::F32, &pre, &turns, max_len, &s, None);
             let mut runs: Vec<(DType, Option<AttnDecodeKernel>)> = vec![(DType::BF16, None), (DType::F32, None)];
             if matches!(d, 64 | 80 | 128) {
                 runs.push((DType::BF16, Some(AttnDecodeKernel::Rows64)));
                 runs.push((DType::BF16, Some(AttnDecodeKernel::Rows16)));
             }
             for (dt, kernel) in runs {
-                let got = run_decode(&gpu, dt, prompt, &kp, &vp, &turns, max_len, &s, kernel);
+                let got = run_decode(&gpu, dt, &pre, &turns, max_len, &s, kernel);
                 let tol = if dt == DType::BF16 { Tol::AttentionBf16.value() } else { Tol::F32Reference.value() };
                 for (turn, (a, w)) in got.iter().zip(&want).enumerate() {
                     let e = rel_err(a, w);
@@ -489,7 +500,7 @@ fn bwd_alone_matches_cpu(gpu: &Device, rng: &mut Rng, cases: &[BwdCase], kernel:
             let k = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
             let v = bf16_round(&rng.normal_vec(t * hkv * d, 1.0));
             let dout = bf16_round(&rng.normal_vec(t * hq * d, 1.0));
-            let want = run_fwd_bwd(&Device::Cpu, DType::F32, &q, &k, &v, &dout, &cu, &s, None);
+            let want = run_fwd_bwd(&Device::Cpu, DType::F32, Qkv { q: &q, k: &k, v: &v }, &dout, &cu, &s, None);
             let dev = gpu;
             let seqs = Varlen::new(dev, &cu).unwrap();
             let up = |x: &[f32]| dev.upload(x, DType::BF16).unwrap();
@@ -497,11 +508,13 @@ fn bwd_alone_matches_cpu(gpu: &Device, rng: &mut Rng, cases: &[BwdCase], kernel:
             let (qb, kb, vb, dob) = (up(&q), up(&k), up(&v), up(&dout));
             let mut out = nan(q.len(), DType::BF16);
             let mut lse = nan(hq * t, DType::F32);
-            attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, AttnFwdKernel::Q64).unwrap();
+            let o = FwdOut { out: &mut out, lse: &mut lse };
+            attention::fwd_with(dev, o, Qkv { q: &qb, k: &kb, v: &vb }, &seqs, &s, AttnFwdKernel::Q64).unwrap();
             let (mut dq, mut dk, mut dv) =
                 (nan(q.len(), DType::BF16), nan(k.len(), DType::BF16), nan(v.len(), DType::BF16));
-            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, kernel)
-                .unwrap();
+            let saved = FwdSaved { q: &qb, k: &kb, v: &vb, out: &out, lse: &lse };
+            let grads = QkvGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv };
+            attention::bwd_with(dev, grads, &dob, saved, &seqs, &s, kernel).unwrap();
             let got = [&dq, &dk, &dv].map(|b| dev.to_vec(b).unwrap());
             for (i, name) in ["dq", "dk", "dv"].iter().enumerate() {
                 // As in attention_cuda_matches_cpu: dq and dk are also measured against ‖dv‖.

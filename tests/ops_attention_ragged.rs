@@ -3,7 +3,7 @@
 //! over each full sequence; the KV-cache prefix copy; and CUDA (bf16, f32) against the CPU,
 //! outputs poisoned with NaN first.
 mod common;
-use am3safety::ops::attention::{self, cpu, AttnShape, KvCache, Varlen};
+use am3safety::ops::attention::{self, cpu, AttnShape, FwdOut, KvCache, Qkv, Varlen};
 use am3safety::tensor::{DType, Device};
 use common::*;
 
@@ -77,7 +77,9 @@ fn reference(all: &[Seq], prompt: &[usize], new: &[usize], s: &AttnShape) -> Vec
     for (b, x) in all.iter().enumerate() {
         let n = prompt[b] + new[b];
         let (mut o, mut lse) = (vec![0f32; n * hq * d], vec![0f32; hq * n]);
-        cpu::fwd(&mut o, &mut lse, &x.0[..n * hq * d], &x.1[..n * s.hkv * d], &x.2[..n * s.hkv * d], &[0, n as i32], s);
+        let (nq, nkv) = (n * hq * d, n * s.hkv * d);
+        let xn = Qkv { q: &x.0[..nq], k: &x.1[..nkv], v: &x.2[..nkv] };
+        cpu::fwd(FwdOut { out: &mut o, lse: &mut lse }, xn, &[0, n as i32], s);
         out.extend_from_slice(&o[prompt[b] * hq * d..]);
     }
     out

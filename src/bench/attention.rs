@@ -19,7 +19,10 @@
 
 use super::{time_gpu, BenchRow};
 use crate::check::rel_err;
-use crate::ops::attention::{self, cpu, AttnBwdKernel, AttnDecodeKernel, AttnFwdKernel, AttnShape, KvCache, Varlen};
+use crate::ops::attention::{
+    self, cpu, AttnBwdKernel, AttnDecodeKernel, AttnFwdKernel, AttnShape, FwdOut, FwdSaved, KvCache, Qkv, QkvGrads,
+    Varlen,
+};
 use crate::rng::Rng;
 use crate::tensor::{DType, Device};
 use anyhow::Result;
@@ -68,7 +71,6 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
 }
 
 /// Forward, backward and forward+backward over `nseq` packed sequences of `len` tokens.
-#[allow(clippy::too_many_arguments)]
 fn train_case(
     dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize), nseq: usize, len: usize, s: AttnShape,
     note: &str,
@@ -89,9 +91,11 @@ fn train_case(
 
     let pf = attention::plan_fwd(DType::BF16, s.d, len, true);
     let pb = attention::plan_bwd(DType::BF16, s.d, len, true);
+    let x = Qkv { q: &qb, k: &kb, v: &vb };
     let both_ms = time_gpu(g, warm, iters, &mut || {
-        attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, pf)?;
-        attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, pb)
+        attention::fwd_with(dev, FwdOut { out: &mut out, lse: &mut lse }, x, &seqs, &s, pf)?;
+        let saved = FwdSaved { q: &qb, k: &kb, v: &vb, out: &out, lse: &lse };
+        attention::bwd_with(dev, QkvGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv }, &dob, saved, &seqs, &s, pb)
     })?;
 
     // CPU check on the first min(64, len) tokens of sequence 0 (causal: they see only each
@@ -100,24 +104,15 @@ fn train_case(
     let cs = [0, c as i32];
     let (cq, ckv) = (c * s.hq * s.d, c * s.hkv * s.d);
     let (mut o_ref, mut l_ref) = (vec![0f32; cq], vec![0f32; s.hq * c]);
-    cpu::fwd(&mut o_ref, &mut l_ref, &q[..cq], &k[..ckv], &v[..ckv], &cs, &s);
+    let xc = Qkv { q: &q[..cq], k: &k[..ckv], v: &v[..ckv] };
+    cpu::fwd(FwdOut { out: &mut o_ref, lse: &mut l_ref }, xc, &cs, &s);
     let mut dq_err = None;
     let mut dq_ref = None;
     if s.causal {
         let (mut dqr, mut dk_ref, mut dv_ref) = (vec![0f32; cq], vec![0f32; ckv], vec![0f32; ckv]);
-        cpu::bwd(
-            &mut dqr,
-            &mut dk_ref,
-            &mut dv_ref,
-            &dout[..cq],
-            &q[..cq],
-            &k[..ckv],
-            &v[..ckv],
-            &o_ref,
-            &l_ref,
-            &cs,
-            &s,
-        );
+        let grads = QkvGrads { dq: &mut dqr[..], dk: &mut dk_ref[..], dv: &mut dv_ref[..] };
+        let saved = FwdSaved { q: xc.q, k: xc.k, v: xc.v, out: &o_ref, lse: &l_ref };
+        cpu::bwd(grads, &dout[..cq], saved, &cs, &s);
         dq_err = Some(rel_err(&dev.to_vec(&dq)?[..cq], &dqr));
         dq_ref = Some(dqr);
     }
@@ -131,16 +126,17 @@ fn train_case(
     let mut fwd_rows = Vec::new();
     for kernel in [AttnFwdKernel::Q64, AttnFwdKernel::Q128] {
         let ms = time_gpu(g, warm, iters, &mut || {
-            attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, kernel)
+            attention::fwd_with(dev, FwdOut { out: &mut out, lse: &mut lse }, x, &seqs, &s, kernel)
         })?;
         fwd_rows.push((kernel, ms, rel_err(&dev.to_vec(&out)?[..cq], &o_ref)));
     }
     // The backward rows read the planned forward's out and lse.
-    attention::fwd_with(dev, &mut out, &mut lse, &qb, &kb, &vb, &seqs, &s, pf)?;
+    attention::fwd_with(dev, FwdOut { out: &mut out, lse: &mut lse }, x, &seqs, &s, pf)?;
     let mut bwd_rows = Vec::new();
+    let saved = FwdSaved { q: &qb, k: &kb, v: &vb, out: &out, lse: &lse };
     for kernel in [AttnBwdKernel::QHead, AttnBwdKernel::KvHead] {
         let ms = time_gpu(g, warm, iters, &mut || {
-            attention::bwd_with(dev, &mut dq, &mut dk, &mut dv, &dob, &qb, &kb, &vb, &out, &lse, &seqs, &s, kernel)
+            attention::bwd_with(dev, QkvGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv }, &dob, saved, &seqs, &s, kernel)
         })?;
         bwd_rows.push((kernel, ms, dq_err_now(&dq)?));
     }
@@ -176,7 +172,6 @@ fn train_case(
 
 /// Decode of n_new tokens per sequence against caches of `len` tokens (the new ones included),
 /// with Rows64 and then Rows16 (only where it applies: n_new · group ≤ 16).
-#[allow(clippy::too_many_arguments)]
 fn decode_case(
     dev: &Device, g: &crate::cuda::Gpu, (warm, iters): (usize, usize), b: usize, len: usize, n_new: usize, s: AttnShape,
 ) -> Result<Vec<BenchRow>> {
@@ -194,7 +189,8 @@ fn decode_case(
     let qb = dev.upload(&q, DType::BF16)?;
     let per = n_new * s.hq * s.d;
     let mut o_ref = vec![0f32; per];
-    cpu::decode(&mut o_ref, &q[..per], &kc[..len * row], &vc[..len * row], &[len as i32], len, n_new, &s);
+    let host = cpu::HostCache { k: &kc[..len * row], v: &vc[..len * row], lens: &[len as i32], max_len: len };
+    cpu::decode(&mut o_ref, &q[..per], host, n_new, &s);
     let kv_bytes = (2 * b * len * row) as f64 * BF;
     let qo_bytes = 2.0 * q.len() as f64 * BF;
     let flops = 4.0 * (b * n_new * len * s.hq * s.d) as f64;

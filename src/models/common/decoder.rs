@@ -409,7 +409,8 @@ impl Block<'_> {
     pub fn forward(&self, dev: &Device, out: &mut Buf, x: &Buf, acts: &mut LayerActs) -> Result<()> {
         let t = self.segs.total();
         self.qkv(dev, x, acts, t)?;
-        attention::fwd(dev, &mut acts.att, &mut acts.lse, &acts.q, &acts.k, &acts.v, self.segs, &self.shape())?;
+        let o = attention::FwdOut { out: &mut acts.att, lse: &mut acts.lse };
+        attention::fwd(dev, o, attention::Qkv { q: &acts.q, k: &acts.k, v: &acts.v }, self.segs, &self.shape())?;
         let mut tmp = dev.zeros(self.dt(), t * self.dims.d)?;
         self.finish(dev, out, x, acts, &mut tmp, t)
     }
@@ -437,20 +438,9 @@ impl Block<'_> {
         self.proj_bwd(dev, g, Slot::Wo, &mut datt, &dmid, &a.att, t, d.q_dim(), d.d)?;
         let mut dq = dev.zeros(dt, t * d.q_dim())?;
         let (mut dk, mut dv) = (dev.zeros(dt, t * d.kv_dim())?, dev.zeros(dt, t * d.kv_dim())?);
-        attention::bwd(
-            dev,
-            &mut dq,
-            &mut dk,
-            &mut dv,
-            &datt,
-            &a.q,
-            &a.k,
-            &a.v,
-            &a.att,
-            &a.lse,
-            self.segs,
-            &self.shape(),
-        )?;
+        let saved = attention::FwdSaved { q: &a.q, k: &a.k, v: &a.v, out: &a.att, lse: &a.lse };
+        let grads = attention::QkvGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv };
+        attention::bwd(dev, grads, &datt, saved, self.segs, &self.shape())?;
         rope::bwd(dev, &mut dq, &self.rope.cos, &self.rope.sin, t, d.heads, d.head_dim)?;
         rope::bwd(dev, &mut dk, &self.rope.cos, &self.rope.sin, t, d.kv_heads, d.head_dim)?;
         self.proj_bwd(dev, g, Slot::Wq, &mut dy, &dq, &a.y1, t, d.d, d.q_dim())?;

@@ -329,7 +329,8 @@ impl Layer<'_> {
         matmul::linear_fwd(dev, &mut a.q, &a.y1, &w.wq, Some(&w.bq), t, d, d)?;
         matmul::linear_fwd(dev, &mut a.k, &a.y1, &w.wk, Some(&w.bk), t, d, d)?;
         matmul::linear_fwd(dev, &mut a.v, &a.y1, &w.wv, Some(&w.bv), t, d, d)?;
-        attention::fwd(dev, &mut a.att, &mut a.lse, &a.q, &a.k, &a.v, self.segs, &self.shape())?;
+        let o = attention::FwdOut { out: &mut a.att, lse: &mut a.lse };
+        attention::fwd(dev, o, attention::Qkv { q: &a.q, k: &a.k, v: &a.v }, self.segs, &self.shape())?;
         matmul::linear_fwd(dev, &mut a.mid, &a.att, &w.wo, Some(&w.bo), t, d, d)?;
         elementwise::add_inplace(dev, &mut a.mid, x, t * d)?;
         layernorm::fwd(dev, &mut a.y2, &mut a.mean2, &mut a.rstd2, &a.mid, &w.ln2_w, &w.ln2_b, t, d, dm.eps)?;
@@ -359,20 +360,9 @@ impl Layer<'_> {
         let mut datt = dev.zeros(dt, t * d)?;
         matmul::linear_bwd(dev, Some(&mut datt), &mut g.wo, Some(&mut g.bo), &dmid, &a.att, &w.wo, t, d, d)?;
         let (mut dq, mut dk, mut dv) = (dev.zeros(dt, t * d)?, dev.zeros(dt, t * d)?, dev.zeros(dt, t * d)?);
-        attention::bwd(
-            dev,
-            &mut dq,
-            &mut dk,
-            &mut dv,
-            &datt,
-            &a.q,
-            &a.k,
-            &a.v,
-            &a.att,
-            &a.lse,
-            self.segs,
-            &self.shape(),
-        )?;
+        let saved = attention::FwdSaved { q: &a.q, k: &a.k, v: &a.v, out: &a.att, lse: &a.lse };
+        let grads = attention::QkvGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv };
+        attention::bwd(dev, grads, &datt, saved, self.segs, &self.shape())?;
         let mut tmp = datt; // reuse [T, D]
         matmul::linear_bwd(dev, Some(&mut dy), &mut g.wq, Some(&mut g.bq), &dq, &a.y1, &w.wq, t, d, d)?;
         matmul::linear_bwd(dev, Some(&mut tmp), &mut g.wk, Some(&mut g.bk), &dk, &a.y1, &w.wk, t, d, d)?;

@@ -17,7 +17,7 @@
 
 use super::{
     aligned16, cfg_warps, check, check_dtype, check_grid, check_packed, check_tc, cpu, AttnBwdKernel, AttnShape,
-    Varlen, TILE,
+    FwdSaved, QkvGrads, Varlen, TILE,
 };
 use crate::cuda::api;
 use crate::cuda::{cfg_1d, Gpu};
@@ -40,13 +40,12 @@ fn kvhead_smem(d: usize) -> u32 {
 
 /// `bwd` with an explicit kernel (the bench and tests run each); an error when a tensor-core kernel
 /// cannot take the call (dtype, head dim, alignment). On the CPU the kernel is ignored.
-#[allow(clippy::too_many_arguments)]
 pub fn bwd_with(
-    dev: &Device, dq: &mut Buf, dk: &mut Buf, dv: &mut Buf, dout: &Buf, q: &Buf, k: &Buf, v: &Buf, out: &Buf,
-    lse: &Buf, seqs: &Varlen, s: &AttnShape, kernel: AttnBwdKernel,
+    dev: &Device, grads: QkvGrads, dout: &Buf, x: FwdSaved, seqs: &Varlen, s: &AttnShape, kernel: AttnBwdKernel,
 ) -> Result<()> {
     let op = "attention_bwd";
-    let t = check_packed(op, q, k, v, seqs, s)?;
+    let (QkvGrads { dq, dk, dv }, FwdSaved { q, k, v, out, lse }) = (grads, x);
+    let t = check_packed(op, x.qkv(), seqs, s)?;
     for (b, n, a) in [
         (&*dq, t * s.hq * s.d, "dq"),
         (&*dk, t * s.hkv * s.d, "dk"),
@@ -60,8 +59,9 @@ pub fn bwd_with(
     check_dtype(lse, DType::F32, op, "lse")?;
     match dev {
         Device::Cpu => {
-            let (q, k, v, o, l, d_o) = (q.host()?, k.host()?, v.host()?, out.host()?, lse.host()?, dout.host()?);
-            cpu::bwd(dq.host_mut()?, dk.host_mut()?, dv.host_mut()?, d_o, q, k, v, o, l, &seqs.host, s);
+            let (q, k, v, out, lse, d_o) = (q.host()?, k.host()?, v.host()?, out.host()?, lse.host()?, dout.host()?);
+            let grads = QkvGrads { dq: dq.host_mut()?, dk: dk.host_mut()?, dv: dv.host_mut()? };
+            cpu::bwd(grads, d_o, FwdSaved { q, k, v, out, lse }, &seqs.host, s);
             Ok(())
         }
         Device::Cuda(g) => {
@@ -72,7 +72,7 @@ pub fn bwd_with(
             if kernel == AttnBwdKernel::KvHead {
                 check_tc(op, kernel, dt, s.d, aligned16(g, &[dq, dk, dv, dout, q, k, v, out])?)?;
                 check_grid(op, seqs, s)?;
-                return bwd_kvhead(dev, g, dq, dk, dv, dout, q, k, v, out, lse, seqs, s, t);
+                return bwd_kvhead(dev, g, QkvGrads { dq, dk, dv }, dout, x, seqs, s);
             }
             let nseq = seqs.nseq();
             // D[h, t] = dout·out per row, the softmax-backward correction term.
@@ -193,12 +193,11 @@ pub fn bwd_with(
 /// The caller (`bwd_with`) has checked the buffer sizes and dtypes, d ∈ {64, 80, 128}, 16-byte
 /// alignment of every bf16 buffer (out included), T > 0, T·hq·d < 2^31 and the grid limits
 /// (sequences, heads and 64-token tiles ≤ 65535).
-#[allow(clippy::too_many_arguments)]
 fn bwd_kvhead(
-    dev: &Device, g: &Gpu, dq: &mut Buf, dk: &mut Buf, dv: &mut Buf, dout: &Buf, q: &Buf, k: &Buf, v: &Buf, out: &Buf,
-    lse: &Buf, seqs: &Varlen, s: &AttnShape, t: usize,
+    dev: &Device, g: &Gpu, grads: QkvGrads, dout: &Buf, x: FwdSaved, seqs: &Varlen, s: &AttnShape,
 ) -> Result<()> {
-    let nseq = seqs.nseq();
+    let (QkvGrads { dq, dk, dv }, FwdSaved { q, k, v, out, lse }) = (grads, x);
+    let (nseq, t) = (seqs.nseq(), seqs.total());
     // dvec [hq, T] (f32): D[h, t] = dout·out of row (t, h), the softmax-backward correction term.
     let dvec = dev.zeros_f32(s.hq * t)?;
     api::attention_bwd::AttentionBwdRowdotBf16 {

@@ -5,8 +5,17 @@
 //! Layouts: q/out [T, hq, d], k/v [T, hkv, d] packed by `cu` (cumulative sequence offsets,
 //! `cu[0] = 0`, `cu[nseq] = T`), lse [hq, T] natural log. Query head h reads kv head h / (hq/hkv).
 
-use super::AttnShape;
+use super::{AttnShape, FwdOut, FwdSaved, Qkv, QkvGrads};
 use crate::real::Real;
+
+/// A KV cache on the host: k, v [B, max_len, hkv, d] (`K` = `&[R]`, or `&mut [R]` to append);
+/// sequence b holds lens[b] tokens.
+pub struct HostCache<'a, K> {
+    pub k: K,
+    pub v: K,
+    pub lens: &'a [i32],
+    pub max_len: usize,
+}
 
 /// Allowed keys (sequence positions 0..n) for query position `i` of a sequence of `len` tokens.
 fn n_keys(causal: bool, i: usize, len: usize) -> usize {
@@ -43,7 +52,8 @@ fn probs<R: Real>(p: &mut Vec<R>, q: &[R], n: usize, scale: R, key: &dyn Fn(usiz
 }
 
 /// out [T, hq, d], lse [hq, T] = attention(q [T, hq, d], k, v [T, hkv, d]) over the sequences of `cu`.
-pub fn fwd<R: Real>(out: &mut [R], lse: &mut [R], q: &[R], k: &[R], v: &[R], cu: &[i32], s: &AttnShape) {
+pub fn fwd<R: Real>(o: FwdOut<[R]>, x: Qkv<[R]>, cu: &[i32], s: &AttnShape) {
+    let (FwdOut { out, lse }, Qkv { q, k, v }) = (o, x);
     let (hq, hkv, d) = (s.hq, s.hkv, s.d);
     let t_all = *cu.last().unwrap_or(&0) as usize;
     let grp = hq / hkv;
@@ -74,11 +84,8 @@ pub fn fwd<R: Real>(out: &mut [R], lse: &mut [R], q: &[R], k: &[R], v: &[R], cu:
 /// dq [T, hq, d], dk, dv [T, hkv, d] (all =) from dout and the forward's out and lse.
 /// With p = softmax row, dp_j = dout·v_j, D = dout·out: ds_j = p_j (dp_j − D),
 /// dq = scale Σ ds_j k_j, dk_j += scale ds_j q, dv_j += p_j dout.
-#[allow(clippy::too_many_arguments)]
-pub fn bwd<R: Real>(
-    dq: &mut [R], dk: &mut [R], dv: &mut [R], dout: &[R], q: &[R], k: &[R], v: &[R], out: &[R], lse: &[R], cu: &[i32],
-    s: &AttnShape,
-) {
+pub fn bwd<R: Real>(grads: QkvGrads<[R]>, dout: &[R], x: FwdSaved<[R]>, cu: &[i32], s: &AttnShape) {
+    let (QkvGrads { dq, dk, dv }, FwdSaved { q, k, v, out, lse }) = (grads, x);
     let (hq, hkv, d) = (s.hq, s.hkv, s.d);
     let t_all = *cu.last().unwrap_or(&0) as usize;
     let grp = hq / hkv;
@@ -114,21 +121,16 @@ pub fn bwd<R: Real>(
 /// Decode: out [B, n_new, hq, d] for queries q [B, n_new, hq, d] against a cache k/v
 /// [B, max_len, hkv, d] holding lens[b] tokens, the last n_new of which are the new tokens.
 /// New token i sits at position lens[b] − n_new + i and (causal) attends to positions 0..=that.
-#[allow(clippy::too_many_arguments)]
-pub fn decode<R: Real>(
-    out: &mut [R], q: &[R], kc: &[R], vc: &[R], lens: &[i32], max_len: usize, n_new: usize, s: &AttnShape,
-) {
-    let cu: Vec<i32> = (0..=lens.len()).map(|b| (b * n_new) as i32).collect();
-    decode_varlen(out, q, kc, vc, lens, &cu, max_len, s)
+pub fn decode<R: Real>(out: &mut [R], q: &[R], cache: HostCache<&[R]>, n_new: usize, s: &AttnShape) {
+    let cu: Vec<i32> = (0..=cache.lens.len()).map(|b| (b * n_new) as i32).collect();
+    decode_varlen(out, q, cache, &cu, s)
 }
 
 /// Ragged decode: out/q [T_new, hq, d] packed by `cu` (sequence b has cu[b+1] − cu[b] new
 /// tokens, possibly none) against a cache holding lens[b] tokens, the new ones last. Same
 /// arithmetic, in the same order, as `fwd`.
-#[allow(clippy::too_many_arguments)]
-pub fn decode_varlen<R: Real>(
-    out: &mut [R], q: &[R], kc: &[R], vc: &[R], lens: &[i32], cu: &[i32], max_len: usize, s: &AttnShape,
-) {
+pub fn decode_varlen<R: Real>(out: &mut [R], q: &[R], cache: HostCache<&[R]>, cu: &[i32], s: &AttnShape) {
+    let HostCache { k: kc, v: vc, lens, max_len } = cache;
     let (hq, hkv, d) = (s.hq, s.hkv, s.d);
     let grp = hq / hkv;
     let scale = R::from_f64(s.scale as f64);
@@ -157,10 +159,8 @@ pub fn decode_varlen<R: Real>(
 
 /// Appends packed rows k_new/v_new [T_new, hkv, d] (sequence b owns rows cu[b]..cu[b+1]) to the
 /// cache k/v [B, max_len, hkv, d] at positions lens[b].. (lens is not changed here).
-#[allow(clippy::too_many_arguments)]
-pub fn kv_append<R: Real>(
-    kc: &mut [R], vc: &mut [R], lens: &[i32], k_new: &[R], v_new: &[R], cu: &[i32], max_len: usize, row: usize,
-) {
+pub fn kv_append<R: Real>(cache: HostCache<&mut [R]>, k_new: &[R], v_new: &[R], cu: &[i32], row: usize) {
+    let HostCache { k: kc, v: vc, lens, max_len } = cache;
     for (b, w) in cu.windows(2).enumerate() {
         for t in w[0] as usize..w[1] as usize {
             let pos = lens[b] as usize + t - w[0] as usize;

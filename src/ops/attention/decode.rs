@@ -130,8 +130,9 @@ impl KvCache {
         }
         match dev {
             Device::Cpu => {
-                let (kc, vc) = (self.k.host_mut()?, self.v.host_mut()?);
-                cpu::kv_append(kc, vc, &self.lens, k_new.host()?, v_new.host()?, cu, self.max_len, row);
+                let (k, v) = (self.k.host_mut()?, self.v.host_mut()?);
+                let cache = cpu::HostCache { k, v, lens: &self.lens, max_len: self.max_len };
+                cpu::kv_append(cache, k_new.host()?, v_new.host()?, cu, row);
             }
             Device::Cuda(g) => {
                 let dt = same_float_dtype(op, &[&self.k, &self.v, k_new, v_new])?;
@@ -160,6 +161,11 @@ impl KvCache {
             self.lens[b] += w[1] - w[0];
         }
         self.upload_lens(dev)
+    }
+
+    /// The host view of a CPU cache (the CPU reference's arguments).
+    fn host(&self) -> Result<cpu::HostCache<'_, &[f32]>> {
+        Ok(cpu::HostCache { k: self.k.host()?, v: self.v.host()?, lens: &self.lens, max_len: self.max_len })
     }
 
     /// Copies the host lengths to the device copy (stream-ordered after earlier kernels).
@@ -246,16 +252,7 @@ pub fn decode_varlen(
     }
     match dev {
         Device::Cpu => {
-            cpu::decode_varlen(
-                out.host_mut()?,
-                q.host()?,
-                cache.k.host()?,
-                cache.v.host()?,
-                &cache.lens,
-                &cu_new.host,
-                cache.max_len,
-                s,
-            );
+            cpu::decode_varlen(out.host_mut()?, q.host()?, cache.host()?, &cu_new.host, s);
             Ok(())
         }
         Device::Cuda(g) => {
@@ -320,16 +317,7 @@ pub fn decode_with(
     }
     match dev {
         Device::Cpu => {
-            cpu::decode(
-                out.host_mut()?,
-                q.host()?,
-                cache.k.host()?,
-                cache.v.host()?,
-                &cache.lens,
-                cache.max_len,
-                n_new,
-                s,
-            );
+            cpu::decode(out.host_mut()?, q.host()?, cache.host()?, n_new, s);
             Ok(())
         }
         Device::Cuda(g) => {
@@ -359,7 +347,7 @@ pub fn decode_with(
                 if n_new * grp > 16 {
                     bail!("{op}: kernel Rows16 takes at most 16 query rows per kv head, got {n_new} × {grp}");
                 }
-                return decode_v2(g, dev, out, q, cache, n_new, s, rows);
+                return decode_v2(g, dev, out, q, cache, n_new, s);
             }
             // Split the longest cache so that the grid covers the GPU about three times.
             let mtiles = (n_new * grp).div_ceil(TILE);
@@ -411,13 +399,12 @@ pub fn decode_with(
 
 /// Rows16 decode for n_new · group ≤ 16 query rows per (sequence, kv head): grid (chunks, hkv, batch)
 /// sized to one wave of two blocks per SM, partials cached in `cache`, then the combine kernel.
-#[allow(clippy::too_many_arguments)]
 fn decode_v2(
     g: &crate::cuda::Gpu, dev: &Device, out: &mut Buf, q: &Buf, cache: &KvCache, n_new: usize, s: &AttnShape,
-    rows: usize,
 ) -> Result<()> {
     let op = "attention_decode";
     let (b, d) = (cache.batch, s.d);
+    let rows = b * n_new * s.hq; // query rows, as in `decode_with`
     let base = b * s.hkv;
     let longest = cache.lens.iter().copied().max().unwrap_or(1).max(1) as usize;
     // Two resident blocks per SM (smem-bound): as many chunks as fill one wave.

@@ -13,12 +13,13 @@
 //! backward takes their lse.
 
 use super::{
-    cfg_warps, check, check_dtype, check_grid, check_packed, check_tc, cpu, AttnFwdKernel, AttnShape, Varlen, TILE,
+    cfg_warps, check, check_dtype, check_grid, check_packed, check_tc, cpu, AttnFwdKernel, AttnShape, FwdOut, Qkv,
+    Varlen, TILE,
 };
 use crate::cuda::api;
 use crate::cuda::Gpu;
 use crate::ops::same_float_dtype;
-use crate::tensor::{Buf, DType, Device};
+use crate::tensor::{DType, Device};
 use anyhow::{bail, Result};
 use cudarc::driver::LaunchConfig;
 
@@ -40,19 +41,17 @@ fn q128_smem(d: usize) -> u32 {
 
 /// `fwd` with an explicit kernel (the bench and tests run each); an error when a tensor-core
 /// kernel cannot take the call (dtype, head dim, alignment). On the CPU the kernel is ignored.
-#[allow(clippy::too_many_arguments)]
-pub fn fwd_with(
-    dev: &Device, out: &mut Buf, lse: &mut Buf, q: &Buf, k: &Buf, v: &Buf, seqs: &Varlen, s: &AttnShape,
-    kernel: AttnFwdKernel,
-) -> Result<()> {
+pub fn fwd_with(dev: &Device, o: FwdOut, x: Qkv, seqs: &Varlen, s: &AttnShape, kernel: AttnFwdKernel) -> Result<()> {
     let op = "attention_fwd";
-    let t = check_packed(op, q, k, v, seqs, s)?;
+    let (FwdOut { out, lse }, Qkv { q, k, v }) = (o, x);
+    let t = check_packed(op, x, seqs, s)?;
     check(out, t * s.hq * s.d, op, "out")?;
     check(lse, s.hq * t, op, "lse")?;
     check_dtype(lse, DType::F32, op, "lse")?;
     match dev {
         Device::Cpu => {
-            cpu::fwd(out.host_mut()?, lse.host_mut()?, q.host()?, k.host()?, v.host()?, &seqs.host, s);
+            let o = FwdOut { out: out.host_mut()?, lse: lse.host_mut()? };
+            cpu::fwd(o, Qkv { q: q.host()?, k: k.host()?, v: v.host()? }, &seqs.host, s);
             Ok(())
         }
         Device::Cuda(g) => {

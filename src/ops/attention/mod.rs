@@ -14,6 +14,9 @@
 //! one plan function per op (`plan_fwd`, `plan_bwd`, `plan_decode`) from the dtype, head dim,
 //! lengths and alignment alone, by the H200 measurements in PERF-attention.md; the plain calls
 //! take the plan, the `*_with` calls (tests, bench) an explicit kernel.
+//!
+//! Buffers travel grouped by role (`Qkv`, `FwdOut`, `FwdSaved`, `QkvGrads`; `cpu::HostCache` for a
+//! cache's host view), the same structs over `Buf` for the ops and over slices for the CPU reference.
 
 mod bwd;
 pub mod cpu;
@@ -57,6 +60,57 @@ impl AttnShape {
             bail!("{op}: scale must be finite and positive (got {})", self.scale);
         }
         Ok(())
+    }
+}
+
+/// A forward's inputs: q [T, hq, d], k, v [T, hkv, d]. `B` is `Buf` for the ops and `[R]` for the
+/// CPU reference (as in the other structs below).
+pub struct Qkv<'a, B: ?Sized = Buf> {
+    pub q: &'a B,
+    pub k: &'a B,
+    pub v: &'a B,
+}
+
+/// A forward's outputs: out [T, hq, d], lse [hq, T] (f32).
+pub struct FwdOut<'a, B: ?Sized = Buf> {
+    pub out: &'a mut B,
+    pub lse: &'a mut B,
+}
+
+/// What the backward reads of its forward: the inputs and the saved out and lse.
+pub struct FwdSaved<'a, B: ?Sized = Buf> {
+    pub q: &'a B,
+    pub k: &'a B,
+    pub v: &'a B,
+    pub out: &'a B,
+    pub lse: &'a B,
+}
+
+/// A backward's outputs: dq [T, hq, d], dk, dv [T, hkv, d].
+pub struct QkvGrads<'a, B: ?Sized = Buf> {
+    pub dq: &'a mut B,
+    pub dk: &'a mut B,
+    pub dv: &'a mut B,
+}
+
+// Copy by hand: a derive would require `B: Copy`, which `[R]` is not.
+impl<B: ?Sized> Clone for Qkv<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: ?Sized> Copy for Qkv<'_, B> {}
+impl<B: ?Sized> Clone for FwdSaved<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: ?Sized> Copy for FwdSaved<'_, B> {}
+
+impl<'a, B: ?Sized> FwdSaved<'a, B> {
+    /// The forward's inputs.
+    pub fn qkv(&self) -> Qkv<'a, B> {
+        Qkv { q: self.q, k: self.k, v: self.v }
     }
 }
 
@@ -255,7 +309,8 @@ fn cfg_warps(rows: usize) -> LaunchConfig {
 }
 
 /// Checks the packed-batch buffers shared by fwd and bwd; returns T.
-fn check_packed(op: &str, q: &Buf, k: &Buf, v: &Buf, seqs: &Varlen, s: &AttnShape) -> Result<usize> {
+fn check_packed(op: &str, x: Qkv, seqs: &Varlen, s: &AttnShape) -> Result<usize> {
+    let Qkv { q, k, v } = x;
     s.validate(op)?;
     let t = seqs.total();
     check(q, t * s.hq * s.d, op, "q")?;
@@ -273,34 +328,28 @@ fn check_packed(op: &str, q: &Buf, k: &Buf, v: &Buf, seqs: &Varlen, s: &AttnShap
 }
 
 /// out [T, hq, d] (=), lse [hq, T] (f32, =) = softmax(q·kᵀ·scale)·v over each sequence of `seqs`.
-#[allow(clippy::too_many_arguments)]
-pub fn fwd(
-    dev: &Device, out: &mut Buf, lse: &mut Buf, q: &Buf, k: &Buf, v: &Buf, seqs: &Varlen, s: &AttnShape,
-) -> Result<()> {
+pub fn fwd(dev: &Device, o: FwdOut, x: Qkv, seqs: &Varlen, s: &AttnShape) -> Result<()> {
     let kernel = match dev {
         Device::Cpu => AttnFwdKernel::Simple,
-        Device::Cuda(g) => plan_fwd(q.dtype(), s.d, seqs.max_len, aligned16(g, &[out, q, k, v])?),
+        Device::Cuda(g) => plan_fwd(x.q.dtype(), s.d, seqs.max_len, aligned16(g, &[&*o.out, x.q, x.k, x.v])?),
     };
-    fwd_with(dev, out, lse, q, k, v, seqs, s, kernel)
+    fwd_with(dev, o, x, seqs, s, kernel)
 }
 
 /// dq [T, hq, d], dk, dv [T, hkv, d] (all activation dtype, =) from dout and the forward's out and lse.
-#[allow(clippy::too_many_arguments)]
-pub fn bwd(
-    dev: &Device, dq: &mut Buf, dk: &mut Buf, dv: &mut Buf, dout: &Buf, q: &Buf, k: &Buf, v: &Buf, out: &Buf,
-    lse: &Buf, seqs: &Varlen, s: &AttnShape,
-) -> Result<()> {
+pub fn bwd(dev: &Device, grads: QkvGrads, dout: &Buf, x: FwdSaved, seqs: &Varlen, s: &AttnShape) -> Result<()> {
     let kernel = match dev {
         Device::Cpu => AttnBwdKernel::Simple,
         Device::Cuda(g) => {
-            let aligned = aligned16(g, &[dq, dk, dv, dout, q, k, v])?;
-            match plan_bwd(q.dtype(), s.d, seqs.max_len, aligned && aligned16(g, &[out])?) {
-                AttnBwdKernel::Simple if tc_ok(q.dtype(), s.d, aligned) => AttnBwdKernel::QHead,
+            let (dq, dk, dv) = (&*grads.dq, &*grads.dk, &*grads.dv);
+            let aligned = aligned16(g, &[dq, dk, dv, dout, x.q, x.k, x.v])?;
+            match plan_bwd(x.q.dtype(), s.d, seqs.max_len, aligned && aligned16(g, &[x.out])?) {
+                AttnBwdKernel::Simple if tc_ok(x.q.dtype(), s.d, aligned) => AttnBwdKernel::QHead,
                 k => k,
             }
         }
     };
-    bwd_with(dev, dq, dk, dv, dout, q, k, v, out, lse, seqs, s, kernel)
+    bwd_with(dev, grads, dout, x, seqs, s, kernel)
 }
 
 /// Grid limits of the tensor-core launches (y = heads, z = sequences).
