@@ -27,7 +27,7 @@ const AGGS: [(Aggregation, &str, &str, &str); 2] = [
 fn grpo_vectors_cpu_f64() {
     let vx = load();
     let (p, n, t, rows, l) = vx.dims();
-    let r = cpu::turn_rewards::<f64>(vx.get("safe"), vx.get("help"), p, n, t, &vx.hp).unwrap();
+    let r = cpu::turn_rewards::<f64>(vx.get("safe"), vx.get("help"), grpo::RewardDims { p, n, t }, &vx.hp).unwrap();
     let mut worst = 0f64;
     for (name, got) in [
         ("turn_mean", &r.turn_mean),
@@ -47,12 +47,14 @@ fn grpo_vectors_cpu_f64() {
         let s = cpu::loss_fwd_bwd::<f64>(
             &mut d,
             vx.get("logp"),
-            vx.get("old_logp"),
-            vx.get("ref_logp"),
-            vx.get("mask"),
-            vx.get("advantage"),
-            rows,
-            l,
+            &grpo::GrpoBatch {
+                old_logp: vx.get("old_logp"),
+                ref_logp: vx.get("ref_logp"),
+                mask: vx.get("mask"),
+                adv: vx.get("advantage"),
+                rows,
+                l,
+            },
             &vx.hp,
             agg,
         );
@@ -92,7 +94,7 @@ fn check_device_f32(dev: &Device, vx: &Vectors, label: &str) {
     for b in [&mut out.reward, &mut out.advantage] {
         *b = dev.upload(&vec![f32::NAN; p * n], DType::F32).unwrap();
     }
-    grpo::rewards(dev, &mut out, &up("safe"), &up("help"), p, n, t, &vx.hp).unwrap();
+    grpo::rewards(dev, &mut out, &up("safe"), &up("help"), grpo::RewardDims { p, n, t }, &vx.hp).unwrap();
     let mut fails = Vec::new();
     for (name, b) in [
         ("turn_mean", &out.turn_mean),
@@ -111,17 +113,27 @@ fn check_device_f32(dev: &Device, vx: &Vectors, label: &str) {
     let (logp, old, rf, mask, adv) = (up("logp"), up("old_logp"), up("ref_logp"), up("mask"), up("advantage"));
     for (agg, lname, gname, what) in AGGS {
         let mut d = dev.upload(&vec![f32::NAN; rows * l], DType::F32).unwrap();
-        let s = grpo::loss_fwd_bwd(dev, &mut d, &logp, &old, &rf, &mask, &adv, rows, l, &vx.hp, agg).unwrap();
+        let s = grpo::loss_fwd_bwd(
+            dev,
+            &mut d,
+            &logp,
+            &grpo::GrpoBatch { old_logp: &old, ref_logp: &rf, mask: &mask, adv: &adv, rows, l },
+            &vx.hp,
+            agg,
+        )
+        .unwrap();
         let mut d64 = vec![0f64; rows * l];
         let s64 = cpu::loss_fwd_bwd::<f64>(
             &mut d64,
             vx.get("logp"),
-            vx.get("old_logp"),
-            vx.get("ref_logp"),
-            vx.get("mask"),
-            vx.get("advantage"),
-            rows,
-            l,
+            &grpo::GrpoBatch {
+                old_logp: vx.get("old_logp"),
+                ref_logp: vx.get("ref_logp"),
+                mask: vx.get("mask"),
+                adv: vx.get("advantage"),
+                rows,
+                l,
+            },
             &vx.hp,
             agg,
         );
@@ -147,13 +159,28 @@ fn grpo_loss_cpu_gradcheck() {
     for (agg, _, _, what) in AGGS {
         let (old, rf, mask, adv) = (vx.get("old_logp"), vx.get("ref_logp"), vx.get("mask"), vx.get("advantage"));
         let mut d = vec![0f64; rows * l];
-        cpu::loss_fwd_bwd::<f64>(&mut d, vx.get("logp"), old, rf, mask, adv, rows, l, &vx.hp, agg);
+        cpu::loss_fwd_bwd::<f64>(
+            &mut d,
+            vx.get("logp"),
+            &grpo::GrpoBatch { old_logp: old, ref_logp: rf, mask, adv, rows, l },
+            &vx.hp,
+            agg,
+        );
         let mut scratch = vec![0f64; rows * l];
         gradcheck(
             &format!("grpo loss {what} dlogp"),
             vx.get("logp"),
             &d,
-            &mut |lp| cpu::loss_fwd_bwd::<f64>(&mut scratch, lp, old, rf, mask, adv, rows, l, &vx.hp, agg).loss,
+            &mut |lp| {
+                cpu::loss_fwd_bwd::<f64>(
+                    &mut scratch,
+                    lp,
+                    &grpo::GrpoBatch { old_logp: old, ref_logp: rf, mask, adv, rows, l },
+                    &vx.hp,
+                    agg,
+                )
+                .loss
+            },
             400,
             1e-4,
         );
@@ -161,11 +188,8 @@ fn grpo_loss_cpu_gradcheck() {
 }
 
 /// Σ over tokens of |weighted per-token loss| (f64), the scale of the loss's rounding error.
-#[allow(clippy::too_many_arguments)]
-fn loss_scale(
-    logp: &[f32], old: &[f32], rf: &[f32], mask: &[f32], adv: &[f32], rows: usize, l: usize, hp: &GrpoHyper,
-    agg: Aggregation,
-) -> f64 {
+fn loss_scale(logp: &[f32], batch: &grpo::GrpoBatch<[f32]>, hp: &GrpoHyper, agg: Aggregation) -> f64 {
+    let grpo::GrpoBatch { old_logp: old, ref_logp: rf, mask, adv, rows, l } = *batch;
     let (w, _) = cpu::row_weights::<f64>(&to64(mask), rows, l, agg);
     (0..rows * l)
         .filter(|&i| mask[i] != 0.0)
@@ -203,12 +227,13 @@ fn grpo_metadata_errors_and_edges() {
     m.remove("tau");
     assert!(GrpoHyper::from_metadata(&m).is_err());
     // One rollout: no group to compare against, advantage 0.
-    let r = cpu::turn_rewards::<f64>(&[0.2, 0.9], &[0.5, 0.5], 1, 1, 2, &hyper()).unwrap();
+    let r =
+        cpu::turn_rewards::<f64>(&[0.2, 0.9], &[0.5, 0.5], grpo::RewardDims { p: 1, n: 1, t: 2 }, &hyper()).unwrap();
     assert_eq!(r.advantage, vec![0.0]);
     // Identical rollouts: advantage 0.
-    let r = cpu::turn_rewards::<f64>(&[0.3; 6], &[0.1; 6], 1, 3, 2, &hyper()).unwrap();
+    let r = cpu::turn_rewards::<f64>(&[0.3; 6], &[0.1; 6], grpo::RewardDims { p: 1, n: 3, t: 2 }, &hyper()).unwrap();
     assert!(r.advantage.iter().all(|&a| a.abs() < 1e-12), "{:?}", r.advantage);
-    assert!(cpu::turn_rewards::<f64>(&[0.3; 5], &[0.1; 6], 1, 3, 2, &hyper()).is_err());
+    assert!(cpu::turn_rewards::<f64>(&[0.3; 5], &[0.1; 6], grpo::RewardDims { p: 1, n: 3, t: 2 }, &hyper()).is_err());
     // Seq-mean skips empty sequences; an all-masked batch has zero loss and gradient.
     let (rows, l) = (3, 4);
     let mask = [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0];
@@ -218,12 +243,14 @@ fn grpo_metadata_errors_and_edges() {
     let s = cpu::loss_fwd_bwd::<f64>(
         &mut d,
         &[-1.0; 12],
-        &[-1.1; 12],
-        &[-0.9; 12],
-        &[0.0; 12],
-        &[1.0, -1.0, 0.5],
-        rows,
-        l,
+        &grpo::GrpoBatch {
+            old_logp: &[-1.1; 12],
+            ref_logp: &[-0.9; 12],
+            mask: &[0.0; 12],
+            adv: &[1.0, -1.0, 0.5],
+            rows,
+            l,
+        },
         &hyper(),
         Aggregation::TokenMean,
     );
@@ -236,12 +263,7 @@ fn grpo_metadata_errors_and_edges() {
         &dev,
         &mut b(12),
         &b(12),
-        &b(12),
-        &b(11),
-        &b(12),
-        &b(3),
-        rows,
-        l,
+        &grpo::GrpoBatch { old_logp: &b(12), ref_logp: &b(11), mask: &b(12), adv: &b(3), rows, l },
         &hyper(),
         Aggregation::TokenMean,
     )
@@ -261,7 +283,7 @@ fn grpo_cuda_matches_cpu_random() {
     for &(p, n, t) in &[(1usize, 1usize, 1usize), (5, 3, 7), (2, 16, 3), (7, 33, 5)] {
         let safe = rng.uniform_vec(p * n * t, 0.0, 1.0);
         let help = rng.uniform_vec(p * n * t, 0.0, 1.0);
-        let r64 = cpu::turn_rewards::<f64>(&to64(&safe), &to64(&help), p, n, t, &hp).unwrap();
+        let r64 = cpu::turn_rewards::<f64>(&to64(&safe), &to64(&help), grpo::RewardDims { p, n, t }, &hp).unwrap();
         let mut out = RewardBufs::new(&gpu, p, n, t).unwrap();
         out.advantage = gpu.upload(&vec![f32::NAN; p * n], DType::F32).unwrap();
         out.turn_weight = gpu.upload(&vec![f32::NAN; p * t], DType::F32).unwrap();
@@ -270,9 +292,7 @@ fn grpo_cuda_matches_cpu_random() {
             &mut out,
             &gpu.upload(&safe, DType::F32).unwrap(),
             &gpu.upload(&help, DType::F32).unwrap(),
-            p,
-            n,
-            t,
+            grpo::RewardDims { p, n, t },
             &hp,
         )
         .unwrap();
@@ -305,25 +325,36 @@ fn grpo_cuda_matches_cpu_random() {
         let (bl, bo, br, bm, ba) = (up(&logp), up(&old), up(&rf), up(&mask), up(&adv));
         for agg in [Aggregation::TokenMean, Aggregation::SeqMean] {
             let mut d = up(&vec![f32::NAN; rows * l]);
-            let s = grpo::loss_fwd_bwd(&gpu, &mut d, &bl, &bo, &br, &bm, &ba, rows, l, &hp, agg).unwrap();
+            let s = grpo::loss_fwd_bwd(
+                &gpu,
+                &mut d,
+                &bl,
+                &grpo::GrpoBatch { old_logp: &bo, ref_logp: &br, mask: &bm, adv: &ba, rows, l },
+                &hp,
+                agg,
+            )
+            .unwrap();
             let mut d64 = vec![0f64; rows * l];
             let s64 = cpu::loss_fwd_bwd::<f64>(
                 &mut d64,
                 &to64(&logp),
-                &to64(&old),
-                &to64(&rf),
-                &to64(&mask),
-                &to64(&adv),
-                rows,
-                l,
+                &grpo::GrpoBatch {
+                    old_logp: &to64(&old),
+                    ref_logp: &to64(&rf),
+                    mask: &to64(&mask),
+                    adv: &to64(&adv),
+                    rows,
+                    l,
+                },
                 &hp,
                 agg,
             );
             let want: Vec<f32> = d64.iter().map(|&x| x as f32).collect();
             let eg = rel_err(&gpu.to_vec(&d).unwrap(), &want);
             // The loss can be a small difference of large terms: measure it against Σ|terms|.
-            let el =
-                (s.loss - s64.loss).abs() / loss_scale(&logp, &old, &rf, &mask, &adv, rows, l, &hp, agg).max(1e-30);
+            let host =
+                grpo::GrpoBatch { old_logp: &old[..], ref_logp: &rf[..], mask: &mask[..], adv: &adv[..], rows, l };
+            let el = (s.loss - s64.loss).abs() / loss_scale(&logp, &host, &hp, agg).max(1e-30);
             let ec = (s.clip_frac - s64.clip_frac).abs();
             let ek = rel_scalar(s.mean_kl, s64.mean_kl);
             println!("grpo loss cuda [{rows}x{l}] {agg:?}: loss rel {el:.2e}, grad rel {eg:.2e}, clip frac {:.4} vs {:.4}, kl rel {ek:.2e}", s.clip_frac, s64.clip_frac);
@@ -396,17 +427,26 @@ fn grpo_fused_variants_cuda() {
                     let s64 = cpu::loss_fwd_bwd::<f64>(
                         &mut d64,
                         &to64(&got_lp),
-                        &to64(&old),
-                        &to64(&rf),
-                        &to64(&mask),
-                        &to64(&adv),
-                        rows,
-                        l,
+                        &grpo::GrpoBatch {
+                            old_logp: &to64(&old),
+                            ref_logp: &to64(&rf),
+                            mask: &to64(&mask),
+                            adv: &to64(&adv),
+                            rows,
+                            l,
+                        },
                         &hp,
                         agg,
                     );
-                    let el = (s.loss - s64.loss).abs()
-                        / loss_scale(&got_lp, &old, &rf, &mask, &adv, rows, l, &hp, agg).max(1e-30);
+                    let host = grpo::GrpoBatch {
+                        old_logp: &old[..],
+                        ref_logp: &rf[..],
+                        mask: &mask[..],
+                        adv: &adv[..],
+                        rows,
+                        l,
+                    };
+                    let el = (s.loss - s64.loss).abs() / loss_scale(&got_lp, &host, &hp, agg).max(1e-30);
                     let ec = (s.clip_frac - s64.clip_frac).abs();
                     let ek = rel_scalar(s.mean_kl, s64.mean_kl);
                     let what =

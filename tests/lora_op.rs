@@ -2,6 +2,7 @@
 //! reference, CUDA against the CPU.
 mod common;
 use am3safety::ops::lora::{self, cpu, Adapter};
+use am3safety::ops::matmul::Linear;
 use am3safety::tensor::{DType, Device};
 use common::*;
 
@@ -17,8 +18,9 @@ fn normal64(rng: &mut Rng, n: usize) -> Vec<f64> {
 }
 
 /// s·(x·Aᵀ)·Bᵀ by the definition, f64.
-#[allow(clippy::too_many_arguments)]
-fn explicit(x: &[f64], a: &[f64], b: &[f64], t: usize, din: usize, dout: usize, r: usize, s: f64) -> Vec<f64> {
+fn explicit(x: &[f64], ad: Adapter<[f64]>, dims: Linear) -> Vec<f64> {
+    let (Adapter { a, b, rank: r, scale }, Linear { t, din, dout }) = (ad, dims);
+    let s = scale as f64;
     let mut u = vec![0f64; t * r];
     for i in 0..t {
         for k in 0..r {
@@ -45,8 +47,12 @@ fn lora_op_forward_matches_explicit_product() {
             normal64(&mut rng, t * dout),
         );
         let mut y = y0.clone();
-        cpu::fwd(&mut y, &x, &a, &b, t, din, dout, r, 0.75);
-        let want: Vec<f64> = explicit(&x, &a, &b, t, din, dout, r, 0.75).iter().zip(&y0).map(|(d, y)| y + d).collect();
+        cpu::fwd(&mut y, &x, lora::Adapter { a: &a, b: &b, rank: r, scale: 0.75 }, Linear { t, din, dout });
+        let want: Vec<f64> = explicit(&x, Adapter { a: &a, b: &b, rank: r, scale: 0.75 }, Linear { t, din, dout })
+            .iter()
+            .zip(&y0)
+            .map(|(d, y)| y + d)
+            .collect();
         let e = rel_err64(&y, &want);
         println!("lora fwd {t}x{din}->{dout} r{r}: rel err {e:.2e} (y += branch)");
         assert!(e < 1e-13, "lora fwd {t}x{din}->{dout} r{r}: {e:.2e}");
@@ -62,18 +68,30 @@ fn lora_op_gradcheck() {
         let g = probe(&mut rng, t * dout);
         let loss = |x: &[f64], a: &[f64], b: &[f64]| {
             let mut y = vec![0f64; t * dout];
-            cpu::fwd(&mut y, x, a, b, t, din, dout, r, s);
+            cpu::fwd(&mut y, x, lora::Adapter { a, b, rank: r, scale: s }, Linear { t, din, dout });
             dot(&y, &g)
         };
         let (mut dx, mut da, mut db) = (vec![0f64; t * din], vec![0f64; r * din], vec![0f64; dout * r]);
-        cpu::bwd(Some(&mut dx), Some(&mut da), Some(&mut db), &g, &x, &a, &b, t, din, dout, r, s);
+        cpu::bwd(
+            lora::Grads { dx: Some(&mut dx), da: Some(&mut da), db: Some(&mut db) },
+            &g,
+            &x,
+            lora::Adapter { a: &a, b: &b, rank: r, scale: s },
+            Linear { t, din, dout },
+        );
         let tag = format!("{t}x{din}->{dout} r{r}");
         gradcheck(&format!("lora dx {tag}"), &x, &dx, &mut |xp| loss(xp, &a, &b), 64, 1e-5);
         gradcheck(&format!("lora dA {tag}"), &a, &da, &mut |ap| loss(&x, ap, &b), 64, 1e-5);
         gradcheck(&format!("lora dB {tag}"), &b, &db, &mut |bp| loss(&x, &a, bp), 64, 1e-5);
         // Every output accumulates: a second call adds the same again.
         let (mut dx2, mut da2, mut db2) = (dx.clone(), da.clone(), db.clone());
-        cpu::bwd(Some(&mut dx2), Some(&mut da2), Some(&mut db2), &g, &x, &a, &b, t, din, dout, r, s);
+        cpu::bwd(
+            lora::Grads { dx: Some(&mut dx2), da: Some(&mut da2), db: Some(&mut db2) },
+            &g,
+            &x,
+            lora::Adapter { a: &a, b: &b, rank: r, scale: s },
+            Linear { t, din, dout },
+        );
         for (two, one) in [(&dx2, &dx), (&da2, &da), (&db2, &db)] {
             let want: Vec<f64> = one.iter().map(|v| 2.0 * v).collect();
             assert!(rel_err64(two, &want) < 1e-14, "lora bwd {tag}: outputs must accumulate");
@@ -96,25 +114,41 @@ fn lora_op_cpu_dispatch_matches_reference() {
     let (bx, ba, bb, bdy) = (up(&x), up(&a), up(&b), up(&dy));
     let ad = Adapter { a: &ba, b: &bb, rank: r, scale: 2.0 };
     let mut y = dev.zeros_f32(t * dout).unwrap();
-    lora::fwd(&dev, &mut y, &bx, &ad, t, din, dout).unwrap();
+    lora::fwd(&dev, &mut y, &bx, &ad, Linear { t, din, dout }).unwrap();
     let mut want = vec![0f32; t * dout];
-    cpu::fwd(&mut want, &x, &a, &b, t, din, dout, r, 2.0);
+    cpu::fwd(&mut want, &x, lora::Adapter { a: &a, b: &b, rank: r, scale: 2.0 }, Linear { t, din, dout });
     assert_eq!(dev.to_vec(&y).unwrap(), want);
     // A frozen adapter (no dA, dB) gives the same dx.
     let (mut dx1, mut dx2) = (dev.zeros_f32(t * din).unwrap(), dev.zeros_f32(t * din).unwrap());
     let (mut da, mut db) = (dev.zeros_f32(r * din).unwrap(), dev.zeros_f32(dout * r).unwrap());
-    lora::bwd(&dev, Some(&mut dx1), Some(&mut da), Some(&mut db), &bdy, &bx, &ad, t, din, dout).unwrap();
-    lora::bwd(&dev, Some(&mut dx2), None, None, &bdy, &bx, &ad, t, din, dout).unwrap();
+    lora::bwd(
+        &dev,
+        lora::Grads { dx: Some(&mut dx1), da: Some(&mut da), db: Some(&mut db) },
+        &bdy,
+        &bx,
+        &ad,
+        Linear { t, din, dout },
+    )
+    .unwrap();
+    lora::bwd(&dev, lora::Grads { dx: Some(&mut dx2), da: None, db: None }, &bdy, &bx, &ad, Linear { t, din, dout })
+        .unwrap();
     assert_eq!(dev.to_vec(&dx1).unwrap(), dev.to_vec(&dx2).unwrap());
     // Bad shapes and ranks are errors naming the op and argument.
-    let e = lora::fwd(&dev, &mut y, &bx, &ad, t, din + 1, dout).unwrap_err().to_string();
+    let e = lora::fwd(&dev, &mut y, &bx, &ad, Linear { t, din: din + 1, dout }).unwrap_err().to_string();
     assert!(e.contains("lora_fwd") && e.contains(" a "), "{e}");
-    let e = lora::bwd(&dev, None, Some(&mut dev.zeros_f32(3).unwrap()), None, &bdy, &bx, &ad, t, din, dout)
-        .unwrap_err()
-        .to_string();
+    let e = lora::bwd(
+        &dev,
+        lora::Grads { dx: None, da: Some(&mut dev.zeros_f32(3).unwrap()), db: None },
+        &bdy,
+        &bx,
+        &ad,
+        Linear { t, din, dout },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("lora_bwd") && e.contains("da"), "{e}");
     let bad = Adapter { rank: 0, ..ad };
-    assert!(lora::fwd(&dev, &mut y, &bx, &bad, t, din, dout).is_err());
+    assert!(lora::fwd(&dev, &mut y, &bx, &bad, Linear { t, din, dout }).is_err());
 }
 
 /// The GPU against the CPU for both dtypes. Outputs accumulate (+=), so instead of NaN poison
@@ -140,21 +174,14 @@ fn lora_op_cuda_matches_cpu() {
                 let scale = 0.8f32;
                 // CPU reference (f32).
                 let mut want_y = y0.clone();
-                cpu::fwd(&mut want_y, &x, &a, &b, t, din, dout, r, scale);
+                cpu::fwd(&mut want_y, &x, lora::Adapter { a: &a, b: &b, rank: r, scale }, Linear { t, din, dout });
                 let (mut want_dx, mut want_da, mut want_db) = (dx0.clone(), da0.clone(), db0.clone());
                 cpu::bwd(
-                    Some(&mut want_dx),
-                    Some(&mut want_da),
-                    Some(&mut want_db),
+                    lora::Grads { dx: Some(&mut want_dx), da: Some(&mut want_da), db: Some(&mut want_db) },
                     &dy,
                     &x,
-                    &a,
-                    &b,
-                    t,
-                    din,
-                    dout,
-                    r,
-                    scale,
+                    lora::Adapter { a: &a, b: &b, rank: r, scale },
+                    Linear { t, din, dout },
                 );
                 // GPU.
                 let upd = |v: &[f32]| gpu.upload(v, dt).unwrap();
@@ -162,8 +189,16 @@ fn lora_op_cuda_matches_cpu() {
                 let (mut gy, mut gdx) = (upd(&y0), upd(&dx0));
                 let (mut gda, mut gdb) = (gpu.upload(&da0, DType::F32).unwrap(), gpu.upload(&db0, DType::F32).unwrap());
                 let ad = Adapter { a: &ga, b: &gb, rank: r, scale };
-                lora::fwd(&gpu, &mut gy, &gx, &ad, t, din, dout).unwrap();
-                lora::bwd(&gpu, Some(&mut gdx), Some(&mut gda), Some(&mut gdb), &gdy, &gx, &ad, t, din, dout).unwrap();
+                lora::fwd(&gpu, &mut gy, &gx, &ad, Linear { t, din, dout }).unwrap();
+                lora::bwd(
+                    &gpu,
+                    lora::Grads { dx: Some(&mut gdx), da: Some(&mut gda), db: Some(&mut gdb) },
+                    &gdy,
+                    &gx,
+                    &ad,
+                    Linear { t, din, dout },
+                )
+                .unwrap();
                 let tag = format!(
                     "lora {} {t}x{din}->{dout} r{r} {}",
                     dt.suffix(),

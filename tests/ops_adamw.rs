@@ -40,11 +40,13 @@ fn adamw_cpu_matches_f64_rule() {
             reference_step(&mut w, &mut m, &mut v, &to64(&g), &HP, t as i32, gs as f64);
             adamw::step(
                 &d,
-                &mut param,
-                &mut master,
-                &d.upload(&g, DType::F32).unwrap(),
-                &mut mb,
-                &mut vb,
+                adamw::Bufs {
+                    param: &mut param,
+                    master: &mut master,
+                    grad: &d.upload(&g, DType::F32).unwrap(),
+                    m: &mut mb,
+                    v: &mut vb,
+                },
                 n,
                 &HP,
                 t,
@@ -80,8 +82,21 @@ fn adamw_first_step_is_sign_like() {
     let mut master = d.upload(&w0, DType::F32).unwrap();
     let mut param = d.zeros_f32(3).unwrap();
     let (mut m, mut v) = (d.zeros_f32(3).unwrap(), d.zeros_f32(3).unwrap());
-    adamw::step(&d, &mut param, &mut master, &d.upload(&g, DType::F32).unwrap(), &mut m, &mut v, 3, &HP, 1, 1.0)
-        .unwrap();
+    adamw::step(
+        &d,
+        adamw::Bufs {
+            param: &mut param,
+            master: &mut master,
+            grad: &d.upload(&g, DType::F32).unwrap(),
+            m: &mut m,
+            v: &mut v,
+        },
+        3,
+        &HP,
+        1,
+        1.0,
+    )
+    .unwrap();
     let got = d.to_vec(&master).unwrap();
     let decay = 1.0 - 1e-2 * 0.1;
     let want = [2.0 * decay - 0.01, -decay + 0.01, 0.5 * decay];
@@ -96,10 +111,22 @@ fn adamw_errors() {
     let d = Device::Cpu;
     let mk = |n| d.zeros_f32(n).unwrap();
     let (mut p, mut w, g, mut m, mut v) = (mk(4), mk(4), mk(4), mk(4), mk(4));
-    let e = adamw::step(&d, &mut p, &mut w, &g, &mut m, &mut v, 4, &HP, 0, 1.0).unwrap_err().to_string();
+    let e =
+        adamw::step(&d, adamw::Bufs { param: &mut p, master: &mut w, grad: &g, m: &mut m, v: &mut v }, 4, &HP, 0, 1.0)
+            .unwrap_err()
+            .to_string();
     println!("step 0: {e}");
     assert!(e.contains("1-based"), "{e}");
-    let e = adamw::step(&d, &mut p, &mut w, &mk(3), &mut m, &mut v, 4, &HP, 1, 1.0).unwrap_err().to_string();
+    let e = adamw::step(
+        &d,
+        adamw::Bufs { param: &mut p, master: &mut w, grad: &mk(3), m: &mut m, v: &mut v },
+        4,
+        &HP,
+        1,
+        1.0,
+    )
+    .unwrap_err()
+    .to_string();
     println!("short grad: {e}");
     assert!(e.contains("adamw_step") && e.contains("grad"), "{e}");
     let e = adamw::sum_squares(&d, &mk(3), 4).unwrap_err().to_string();
@@ -143,7 +170,7 @@ fn adamw_cuda_matches_cpu() {
                 let gs = [1.0f32, 0.25, 0.7][t as usize - 1];
                 for (dev, (p, w, m, v)) in [&cpu, &gpu].into_iter().zip(state.iter_mut()) {
                     let gb = dev.upload(&g, if dev.is_cuda() { gdt } else { DType::F32 }).unwrap();
-                    adamw::step(dev, p, w, &gb, m, v, n, &HP, t, gs).unwrap();
+                    adamw::step(dev, adamw::Bufs { param: p, master: w, grad: &gb, m, v }, n, &HP, t, gs).unwrap();
                 }
             }
             let read = |i: usize, dev: &Device| -> Vec<Vec<f32>> {

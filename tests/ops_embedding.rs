@@ -51,7 +51,8 @@ fn expect_id_errors(dev: &Device) {
         let id = bad[pos];
         for host in [Some(bad.as_slice()), None] {
             let mut out = dev.zeros_act(t * c).unwrap();
-            let e = embedding::fwd(dev, &mut out, &table, &ids, host, t, c, v).unwrap_err().to_string();
+            let e =
+                embedding::fwd(dev, &mut out, &table, &ids, host, embedding::Dims { t, c, v }).unwrap_err().to_string();
             println!("embedding fwd {} ids {bad:?} host {}: {e}", dev.name(), host.is_some());
             assert!(
                 e.contains("embedding_fwd")
@@ -61,20 +62,24 @@ fn expect_id_errors(dev: &Device) {
             );
             let dout = dev.zeros_act(t * c).unwrap();
             let mut dtable = dev.zeros_f32(v * c).unwrap();
-            let e = embedding::bwd(dev, &mut dtable, &dout, &ids, host, t, c, v).unwrap_err().to_string();
+            let e = embedding::bwd(dev, &mut dtable, &dout, &ids, host, embedding::Dims { t, c, v })
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("embedding_bwd") && e.contains(&format!("position {pos}")), "{e}");
         }
     }
     // Length and dtype errors.
     let ids = dev.upload_i32(&[0, 1, 2]).unwrap();
     let mut out = dev.zeros_act(t * c).unwrap();
-    let e = embedding::fwd(dev, &mut out, &table, &ids, None, t, c, v).unwrap_err().to_string();
+    let e = embedding::fwd(dev, &mut out, &table, &ids, None, embedding::Dims { t, c, v }).unwrap_err().to_string();
     assert!(e.contains("ids"), "{e}");
     let fids = dev.upload(&[0.0; 4], DType::F32).unwrap();
-    let e = embedding::fwd(dev, &mut out, &table, &fids, None, t, c, v).unwrap_err().to_string();
+    let e = embedding::fwd(dev, &mut out, &table, &fids, None, embedding::Dims { t, c, v }).unwrap_err().to_string();
     assert!(e.contains("ids") && e.contains("i32"), "{e}");
     let ids = dev.upload_i32(&[0, 1, 2, 3]).unwrap();
-    let e = embedding::fwd(dev, &mut out, &table, &ids, Some(&[0, 1]), t, c, v).unwrap_err().to_string();
+    let e = embedding::fwd(dev, &mut out, &table, &ids, Some(&[0, 1]), embedding::Dims { t, c, v })
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("ids_host"), "{e}");
 }
 
@@ -100,14 +105,14 @@ fn embedding_cuda_kernel_guards_stale_ids_host() {
         let table = gpu.upload(&tab, dt).unwrap();
         let ids = gpu.upload_i32(&[1, 1_000_000, 3]).unwrap();
         let mut out = gpu.zeros(dt, t * c).unwrap();
-        embedding::fwd(&gpu, &mut out, &table, &ids, Some(&[1, 2, 3]), t, c, v).unwrap();
+        embedding::fwd(&gpu, &mut out, &table, &ids, Some(&[1, 2, 3]), embedding::Dims { t, c, v }).unwrap();
         let o = gpu.to_vec(&out).unwrap();
         assert!(o[c..2 * c].iter().all(|x| x.is_nan()), "row with a bad id should be NaN: {:?}", &o[c..2 * c]);
         let want: Vec<f32> = bf16_round(&[&tab[c..2 * c], &tab[3 * c..4 * c]].concat());
         assert_eq!([&o[..c], &o[2 * c..]].concat(), want, "{}: valid rows", dt.suffix());
         let dout = gpu.upload(&vec![1.0; t * c], dt).unwrap();
         let mut dtable = gpu.zeros_f32(v * c).unwrap();
-        embedding::bwd(&gpu, &mut dtable, &dout, &ids, Some(&[1, 2, 3]), t, c, v).unwrap();
+        embedding::bwd(&gpu, &mut dtable, &dout, &ids, Some(&[1, 2, 3]), embedding::Dims { t, c, v }).unwrap();
         let d = gpu.to_vec(&dtable).unwrap();
         let want: Vec<f32> = (0..v * c).map(|i| if i / c == 1 || i / c == 3 { 1.0 } else { 0.0 }).collect();
         assert_eq!(d, want, "{}: dtable", dt.suffix());
@@ -144,10 +149,10 @@ fn embedding_cuda_matches_cpu() {
                 let idb = dev.upload_i32(&ids).unwrap();
                 let ih = if host { Some(ids.as_slice()) } else { None };
                 let mut out = dev.upload(&vec![f32::NAN; t * c], dt).unwrap();
-                embedding::fwd(dev, &mut out, &tb, &idb, ih, t, c, v).unwrap();
+                embedding::fwd(dev, &mut out, &tb, &idb, ih, embedding::Dims { t, c, v }).unwrap();
                 let db = dev.upload(&dout, dt).unwrap();
                 let mut dtable = dev.upload(&dtable0, DType::F32).unwrap();
-                embedding::bwd(dev, &mut dtable, &db, &idb, ih, t, c, v).unwrap();
+                embedding::bwd(dev, &mut dtable, &db, &idb, ih, embedding::Dims { t, c, v }).unwrap();
                 (dev.to_vec(&out).unwrap(), dev.to_vec(&dtable).unwrap())
             };
             let (out0, dt0) = run(&cpu_dev, DType::F32, true);

@@ -15,7 +15,7 @@ fn layernorm_cpu_matches_direct_formula() {
     let b = probe(&mut rng, cols);
     let eps = 1e-5f32;
     let (mut y, mut m, mut r) = (vec![0.0; rows * cols], vec![0.0; rows], vec![0.0; rows]);
-    cpu::fwd(&mut y, &mut m, &mut r, &x, &w, &b, rows, cols, eps);
+    cpu::fwd(layernorm::Fwd { y: &mut y, mean: &mut m, rstd: &mut r, x: &x, w: &w, b: &b }, rows, cols, eps);
     let mut want = vec![0.0; rows * cols];
     for row in 0..rows {
         let xr = &x[row * cols..(row + 1) * cols];
@@ -42,13 +42,17 @@ fn layernorm_cpu_gradcheck() {
         let eps = 1e-5;
         let loss = |x: &[f64], w: &[f64], b: &[f64]| {
             let (mut y, mut m, mut r) = (vec![0.0; rows * cols], vec![0.0; rows], vec![0.0; rows]);
-            cpu::fwd(&mut y, &mut m, &mut r, x, w, b, rows, cols, eps);
+            cpu::fwd(layernorm::Fwd { y: &mut y, mean: &mut m, rstd: &mut r, x, w, b }, rows, cols, eps);
             dot(&y, &g)
         };
         let (mut y, mut m, mut r) = (vec![0.0; rows * cols], vec![0.0; rows], vec![0.0; rows]);
-        cpu::fwd(&mut y, &mut m, &mut r, &x, &w, &b, rows, cols, eps);
+        cpu::fwd(layernorm::Fwd { y: &mut y, mean: &mut m, rstd: &mut r, x: &x, w: &w, b: &b }, rows, cols, eps);
         let (mut dx, mut dw, mut db) = (vec![0.0; rows * cols], vec![0.0; cols], vec![0.0; cols]);
-        cpu::bwd(&mut dx, &mut dw, &mut db, &g, &x, &w, &m, &r, rows, cols);
+        cpu::bwd(
+            layernorm::Bwd { dx: &mut dx, dw: &mut dw, db: &mut db, dy: &g, x: &x, w: &w, mean: &m, rstd: &r },
+            rows,
+            cols,
+        );
         println!("layernorm gradcheck [{rows}x{cols}]");
         gradcheck("layernorm dx", &x, &dx, &mut |xp| loss(xp, &w, &b), 64, 1e-6);
         gradcheck("layernorm dw", &w, &dw, &mut |wp| loss(&x, wp, &b), 64, 1e-6);
@@ -65,16 +69,39 @@ fn layernorm_bad_arguments_are_errors() {
     let b = dev.upload(&[0.0; 2], DType::F32).unwrap(); // wrong length
     let mut y = dev.zeros_f32(6).unwrap();
     let (mut m, mut r) = (dev.zeros_f32(rows).unwrap(), dev.zeros_f32(rows).unwrap());
-    let e = layernorm::fwd(&dev, &mut y, &mut m, &mut r, &x, &w, &b, rows, cols, 1e-5).unwrap_err().to_string();
+    let e = layernorm::fwd(
+        &dev,
+        layernorm::Fwd { y: &mut y, mean: &mut m, rstd: &mut r, x: &x, w: &w, b: &b },
+        rows,
+        cols,
+        1e-5,
+    )
+    .unwrap_err()
+    .to_string();
     println!("layernorm bad b: {e}");
     assert!(e.contains("layernorm_fwd") && e.contains("b"), "{e}");
     let mut m1 = dev.zeros_f32(1).unwrap();
-    let e = layernorm::fwd(&dev, &mut y, &mut m1, &mut r, &x, &w, &w, rows, cols, 1e-5).unwrap_err().to_string();
+    let e = layernorm::fwd(
+        &dev,
+        layernorm::Fwd { y: &mut y, mean: &mut m1, rstd: &mut r, x: &x, w: &w, b: &w },
+        rows,
+        cols,
+        1e-5,
+    )
+    .unwrap_err()
+    .to_string();
     println!("layernorm bad mean: {e}");
     assert!(e.contains("mean"), "{e}");
     let mut di = dev.zeros(DType::I32, cols).unwrap();
     let (mut dx, mut db) = (dev.zeros_f32(6).unwrap(), dev.zeros_f32(cols).unwrap());
-    let e = layernorm::bwd(&dev, &mut dx, &mut di, &mut db, &x, &x, &w, &m, &r, rows, cols).unwrap_err().to_string();
+    let e = layernorm::bwd(
+        &dev,
+        layernorm::Bwd { dx: &mut dx, dw: &mut di, db: &mut db, dy: &x, x: &x, w: &w, mean: &m, rstd: &r },
+        rows,
+        cols,
+    )
+    .unwrap_err()
+    .to_string();
     println!("layernorm bad dw dtype: {e}");
     assert!(e.contains("layernorm_bwd") && e.contains("dw"), "{e}");
 }
@@ -134,18 +161,60 @@ fn check_cuda(gpu: &Device, force_rows: bool) {
                 let rows_kernel = force_rows && dev.gpu().is_some();
                 if rows_kernel {
                     let k = layernorm::LayerNormFwdKernel::Rows;
-                    layernorm::fwd_with(dev, k, &mut y, &mut m, &mut r, &xb, &wb, &bb, rows, cols, 1e-5)
+                    layernorm::fwd_with(
+                        dev,
+                        k,
+                        layernorm::Fwd { y: &mut y, mean: &mut m, rstd: &mut r, x: &xb, w: &wb, b: &bb },
+                        rows,
+                        cols,
+                        1e-5,
+                    )
                 } else {
-                    layernorm::fwd(dev, &mut y, &mut m, &mut r, &xb, &wb, &bb, rows, cols, 1e-5)
+                    layernorm::fwd(
+                        dev,
+                        layernorm::Fwd { y: &mut y, mean: &mut m, rstd: &mut r, x: &xb, w: &wb, b: &bb },
+                        rows,
+                        cols,
+                        1e-5,
+                    )
                 }
                 .unwrap();
                 let mut dx = up(&vec![f32::NAN; rows * cols], dt);
                 let (mut dw, mut db) = (up(&dw0, DType::F32), up(&db0, DType::F32));
                 if rows_kernel {
                     let k = layernorm::LayerNormBwdKernel::Rows;
-                    layernorm::bwd_with(dev, k, &mut dx, &mut dw, &mut db, &dyb, &xb, &wb, &m, &r, rows, cols)
+                    layernorm::bwd_with(
+                        dev,
+                        k,
+                        layernorm::Bwd {
+                            dx: &mut dx,
+                            dw: &mut dw,
+                            db: &mut db,
+                            dy: &dyb,
+                            x: &xb,
+                            w: &wb,
+                            mean: &m,
+                            rstd: &r,
+                        },
+                        rows,
+                        cols,
+                    )
                 } else {
-                    layernorm::bwd(dev, &mut dx, &mut dw, &mut db, &dyb, &xb, &wb, &m, &r, rows, cols)
+                    layernorm::bwd(
+                        dev,
+                        layernorm::Bwd {
+                            dx: &mut dx,
+                            dw: &mut dw,
+                            db: &mut db,
+                            dy: &dyb,
+                            x: &xb,
+                            w: &wb,
+                            mean: &m,
+                            rstd: &r,
+                        },
+                        rows,
+                        cols,
+                    )
                 }
                 .unwrap();
                 [&y, &m, &r, &dx, &dw, &db].map(|b| dev.to_vec(b).unwrap())

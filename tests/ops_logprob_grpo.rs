@@ -53,7 +53,13 @@ fn check_grpo_fused(dev: &Device, dtypes: &[(DType, Tol)]) -> Vec<String> {
                     _ => (&lp, &ls),
                 };
                 let mut dl = vec![0f64; t];
-                let s64 = grpo::cpu::loss_fwd_bwd::<f64>(&mut dl, lp, &old, &rf, &m64, &adv, rows, l, &hp, agg);
+                let s64 = grpo::cpu::loss_fwd_bwd::<f64>(
+                    &mut dl,
+                    lp,
+                    &grpo::GrpoBatch { old_logp: &old, ref_logp: &rf, mask: &m64, adv: &adv, rows, l },
+                    &hp,
+                    agg,
+                );
                 let (dh, dw) = if rounded.is_some() && bf {
                     bwd_bf16_logits(&dl, &x64, &w64, &p.tg, ls, t, h, v)
                 } else {

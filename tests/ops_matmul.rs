@@ -32,7 +32,7 @@ fn cpu_gemm_matches_naive() {
             let b = rng.normal_vec(k * n, 1.0);
             let c0 = rng.normal_vec(m * n, 1.0);
             let mut c = c0.clone();
-            cpu::gemm(&mut c, &a, &b, m, n, k, ta, tb, 0.5, 1.0);
+            cpu::gemm(&mut c, &a, &b, matmul::Mm { m, n, k, trans_a: ta, trans_b: tb, alpha: 0.5, beta: 1.0 });
             let want: Vec<f32> = naive(&a, &b, m, n, k, ta, tb).iter().zip(&c0).map(|(x, y)| 0.5 * x + y).collect();
             let e = rel_err(&c, &want);
             assert!(e < 1e-6, "gemm {m}x{n}x{k} ta={ta} tb={tb}: rel err {e:.2e}");
@@ -54,10 +54,17 @@ fn cuda_gemm_matches_cpu() {
                 let b = round(rng.normal_vec(k * n, 1.0));
                 let c0 = round(rng.normal_vec(m * n, 1.0));
                 let mut want = c0.clone();
-                cpu::gemm(&mut want, &a, &b, m, n, k, ta, tb, 1.0, 1.0);
+                cpu::gemm(&mut want, &a, &b, matmul::Mm { m, n, k, trans_a: ta, trans_b: tb, alpha: 1.0, beta: 1.0 });
                 let (ga, gb) = (gpu.upload(&a, ab).unwrap(), gpu.upload(&b, ab).unwrap());
                 let mut gc = gpu.upload(&c0, ct).unwrap();
-                matmul::fwd(&gpu, &mut gc, &ga, &gb, m, n, k, ta, tb, 1.0, 1.0).unwrap();
+                matmul::fwd(
+                    &gpu,
+                    &mut gc,
+                    &ga,
+                    &gb,
+                    matmul::Mm { m, n, k, trans_a: ta, trans_b: tb, alpha: 1.0, beta: 1.0 },
+                )
+                .unwrap();
                 let got = gpu.to_vec(&gc).unwrap();
                 let e = rel_err(&got, &want);
                 // bf16 output rounds the result: allow bf16 resolution; f32 output: only accumulation order.
@@ -88,13 +95,7 @@ fn cuda_gemm_matches_cpu() {
         &mut Device::Cpu.upload(&want, DType::F32).unwrap(),
         &Device::Cpu.upload(&a, DType::F32).unwrap(),
         &Device::Cpu.upload(&b, DType::F32).unwrap(),
-        m,
-        n,
-        k,
-        false,
-        true,
-        1.0,
-        0.0,
+        matmul::Mm::new(m, n, k).trans_b(),
         cnt,
     )
     .unwrap();
@@ -104,13 +105,7 @@ fn cuda_gemm_matches_cpu() {
         &mut wc,
         &Device::Cpu.upload(&a, DType::F32).unwrap(),
         &Device::Cpu.upload(&b, DType::F32).unwrap(),
-        m,
-        n,
-        k,
-        false,
-        true,
-        1.0,
-        0.0,
+        matmul::Mm::new(m, n, k).trans_b(),
         cnt,
     )
     .unwrap();
@@ -121,13 +116,7 @@ fn cuda_gemm_matches_cpu() {
         &mut gc,
         &gpu.upload(&a, DType::BF16).unwrap(),
         &gpu.upload(&b, DType::BF16).unwrap(),
-        m,
-        n,
-        k,
-        false,
-        true,
-        1.0,
-        0.0,
+        matmul::Mm::new(m, n, k).trans_b(),
         cnt,
     )
     .unwrap();
@@ -142,6 +131,6 @@ fn matmul_rejects_bad_shapes() {
     let a = d.upload(&[1.0; 6], DType::F32).unwrap();
     let b = d.upload(&[1.0; 6], DType::F32).unwrap();
     let mut c = d.zeros_f32(5).unwrap();
-    let err = matmul::fwd(&d, &mut c, &a, &b, 2, 2, 3, false, false, 1.0, 0.0).unwrap_err();
+    let err = matmul::fwd(&d, &mut c, &a, &b, matmul::Mm::new(2, 2, 3)).unwrap_err();
     assert!(format!("{err}").contains("c has 5 elements"), "{err}");
 }

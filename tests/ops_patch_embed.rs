@@ -24,11 +24,11 @@ fn patch_embed_cpu_gradcheck() {
         let perm: Vec<i32> = shuffled(&mut rng, n).into_iter().map(|p| p as i32).collect();
         let loss = |w: &[f64]| {
             let mut y = vec![0.0; n * d];
-            cpu::fwd(&mut y, &x, w, Some(&perm), n, k, d);
+            cpu::fwd(&mut y, &x, w, Some(&perm), patch_embed::Dims { n, k, d });
             dot(&y, &g)
         };
         let mut dw = vec![0.0; d * k];
-        cpu::bwd(&mut dw, &g, &x, Some(&perm), n, k, d);
+        cpu::bwd(&mut dw, &g, &x, Some(&perm), patch_embed::Dims { n, k, d });
         gradcheck(&format!("patch_embed dw [{n}x{k}->{d}]"), &w, &dw, &mut |wp| loss(wp), 64, 1e-6);
     }
 }
@@ -66,7 +66,7 @@ fn patch_embed_matches_conv3d() {
     }
     let n = gh * gw;
     let mut y = vec![0.0; n * d];
-    cpu::fwd(&mut y, &rows, &wt, None, n, k, d);
+    cpu::fwd(&mut y, &rows, &wt, None, patch_embed::Dims { n, k, d });
     let mut want = vec![0.0; n * d];
     for (i, &(r, col)) in coords.iter().enumerate() {
         for o in 0..d {
@@ -109,9 +109,9 @@ fn patch_embed_cuda_matches_cpu() {
                     let xb = dev.upload(&x, DType::F32).unwrap();
                     let (wb, dyb) = (dev.upload(&w, dt).unwrap(), dev.upload(&dy, dt).unwrap());
                     let mut y = dev.upload(&vec![f32::NAN; n * d], dt).unwrap();
-                    patch_embed::fwd(dev, &mut y, &xb, &wb, perm.as_ref(), n, k, d).unwrap();
+                    patch_embed::fwd(dev, &mut y, &xb, &wb, perm.as_ref(), patch_embed::Dims { n, k, d }).unwrap();
                     let mut dw = dev.upload(&dw0, DType::F32).unwrap();
-                    patch_embed::bwd(dev, &mut dw, &dyb, &xb, perm.as_ref(), n, k, d).unwrap();
+                    patch_embed::bwd(dev, &mut dw, &dyb, &xb, perm.as_ref(), patch_embed::Dims { n, k, d }).unwrap();
                     (dev.to_vec(&y).unwrap(), dev.to_vec(&dw).unwrap())
                 };
                 // The CPU reference sees what the GPU sees: bf16-rounded weights, pixels and dy.
@@ -119,9 +119,9 @@ fn patch_embed_cuda_matches_cpu() {
                     let (xr, wr, dyr) = (bf16_round(&x), bf16_round(&w), bf16_round(&dy));
                     let perm: Option<Vec<i32>> = use_perm.then(|| order.iter().map(|&p| p as i32).collect());
                     let mut y = vec![0f32; n * d];
-                    cpu::fwd(&mut y, &xr, &wr, perm.as_deref(), n, k, d);
+                    cpu::fwd(&mut y, &xr, &wr, perm.as_deref(), patch_embed::Dims { n, k, d });
                     let mut dw = dw0.clone();
-                    cpu::bwd(&mut dw, &dyr, &xr, perm.as_deref(), n, k, d);
+                    cpu::bwd(&mut dw, &dyr, &xr, perm.as_deref(), patch_embed::Dims { n, k, d });
                     (y, dw)
                 } else {
                     run(&cpu_dev, DType::F32)

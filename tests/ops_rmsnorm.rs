@@ -14,13 +14,13 @@ fn rmsnorm_cpu_gradcheck() {
         let eps = 1e-6;
         let loss = |x: &[f64], w: &[f64]| {
             let (mut y, mut r) = (vec![0.0; rows * cols], vec![0.0; rows]);
-            cpu::fwd(&mut y, &mut r, x, w, rows, cols, eps);
+            cpu::fwd(rmsnorm::Fwd { y: &mut y, rstd: &mut r, x, w }, rows, cols, eps);
             dot(&y, &g)
         };
         let (mut y, mut r) = (vec![0.0; rows * cols], vec![0.0; rows]);
-        cpu::fwd(&mut y, &mut r, &x, &w, rows, cols, eps);
+        cpu::fwd(rmsnorm::Fwd { y: &mut y, rstd: &mut r, x: &x, w: &w }, rows, cols, eps);
         let (mut dx, mut dw) = (vec![0.0; rows * cols], vec![0.0; cols]);
-        cpu::bwd(&mut dx, &mut dw, &g, &x, &w, &r, rows, cols);
+        cpu::bwd(rmsnorm::Bwd { dx: &mut dx, dw: &mut dw, dy: &g, x: &x, w: &w, rstd: &r }, rows, cols);
         gradcheck("rmsnorm dx", &x, &dx, &mut |xp| loss(xp, &w), 64, 1e-6);
         gradcheck("rmsnorm dw", &w, &dw, &mut |wp| loss(&x, wp), 64, 1e-6);
     }
@@ -59,10 +59,15 @@ fn rmsnorm_bwd_forced_vec16_errors_when_it_cannot_run() {
     let (mut dx, dy, x, w) = (up(rows * cols), up(rows * cols), up(rows * cols), up(cols));
     let rstd = gpu.upload(&vec![1.0; rows], DType::F32).unwrap();
     let mut dw = gpu.zeros_f32(cols).unwrap();
-    let e =
-        rmsnorm::bwd_with(&gpu, RmsNormBwdKernel::Vec16 { vpt: 4 }, &mut dx, &mut dw, &dy, &x, &w, &rstd, rows, cols)
-            .unwrap_err()
-            .to_string();
+    let e = rmsnorm::bwd_with(
+        &gpu,
+        RmsNormBwdKernel::Vec16 { vpt: 4 },
+        rmsnorm::Bwd { dx: &mut dx, dw: &mut dw, dy: &dy, x: &x, w: &w, rstd: &rstd },
+        rows,
+        cols,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("rmsnorm_bwd") && e.contains("Vec16"), "{e}");
 }
 
@@ -86,13 +91,24 @@ fn check_cuda(gpu: &Device, force_rows: bool) {
                     (dev.upload(&x, dt).unwrap(), dev.upload(&w, dt).unwrap(), dev.upload(&dy, dt).unwrap());
                 let mut y = dev.upload(&vec![f32::NAN; rows * cols], dt).unwrap();
                 let mut r = dev.upload(&vec![f32::NAN; rows], DType::F32).unwrap();
-                rmsnorm::fwd(dev, &mut y, &mut r, &xb, &wb, rows, cols, 1e-6).unwrap();
+                rmsnorm::fwd(dev, rmsnorm::Fwd { y: &mut y, rstd: &mut r, x: &xb, w: &wb }, rows, cols, 1e-6).unwrap();
                 let mut dx = dev.upload(&vec![f32::NAN; rows * cols], dt).unwrap();
                 let mut dw = dev.zeros_f32(cols).unwrap();
                 if force_rows && dev.gpu().is_some() {
-                    rmsnorm::bwd_with(dev, RmsNormBwdKernel::Rows, &mut dx, &mut dw, &dyb, &xb, &wb, &r, rows, cols)
+                    rmsnorm::bwd_with(
+                        dev,
+                        RmsNormBwdKernel::Rows,
+                        rmsnorm::Bwd { dx: &mut dx, dw: &mut dw, dy: &dyb, x: &xb, w: &wb, rstd: &r },
+                        rows,
+                        cols,
+                    )
                 } else {
-                    rmsnorm::bwd(dev, &mut dx, &mut dw, &dyb, &xb, &wb, &r, rows, cols)
+                    rmsnorm::bwd(
+                        dev,
+                        rmsnorm::Bwd { dx: &mut dx, dw: &mut dw, dy: &dyb, x: &xb, w: &wb, rstd: &r },
+                        rows,
+                        cols,
+                    )
                 }
                 .unwrap();
                 (dev.to_vec(&y).unwrap(), dev.to_vec(&dx).unwrap(), dev.to_vec(&dw).unwrap())
@@ -108,7 +124,14 @@ fn check_cuda(gpu: &Device, force_rows: bool) {
                         (Device::Cpu.upload(&x, DType::F32).unwrap(), Device::Cpu.upload(&w, DType::F32).unwrap());
                     let (mut y, mut r) =
                         (Device::Cpu.zeros_f32(rows * cols).unwrap(), Device::Cpu.zeros_f32(rows).unwrap());
-                    rmsnorm::fwd(&Device::Cpu, &mut y, &mut r, &xb, &wb, rows, cols, 1e-6).unwrap();
+                    rmsnorm::fwd(
+                        &Device::Cpu,
+                        rmsnorm::Fwd { y: &mut y, rstd: &mut r, x: &xb, w: &wb },
+                        rows,
+                        cols,
+                        1e-6,
+                    )
+                    .unwrap();
                     r
                 })
                 .unwrap();

@@ -119,7 +119,16 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     let mut v = dev.upload(&random(&mut rng, n, 1e-3).iter().map(|x| x * x).collect::<Vec<f32>>(), DType::F32)?;
     let mut param = dev.zeros(bf, n)?;
     let hp = AdamW { lr: 1e-5, weight_decay: 0.1, ..AdamW::default() };
-    let ms = time(&mut || adamw::step(dev, &mut param, &mut master, &grad, &mut m, &mut v, n, &hp, 10, 0.5))?;
+    let ms = time(&mut || {
+        adamw::step(
+            dev,
+            adamw::Bufs { param: &mut param, master: &mut master, grad: &grad, m: &mut m, v: &mut v },
+            n,
+            &hp,
+            10,
+            0.5,
+        )
+    })?;
     rows.push(row("adamw_step", &shape, ms, 30.0 * nf, None, "f32 master/m/v/grad, bf16 param"));
 
     let ms = time(&mut || adamw::sum_squares(dev, &grad, n).map(|_| ()))?;

@@ -37,7 +37,9 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
         let (mut y, mut dx) = (dev.zeros(bf, t * dout)?, dev.zeros(bf, t * din)?);
         let (ti, di, dof) = (t as f64, din as f64, dout as f64);
         let shape = format!("{name} [{t}x{din}]->{dout} bf16");
-        let ms = time_gpu(g, warm, iters, &mut || matmul::linear_fwd(dev, &mut y, &xb, &wb, None, t, din, dout))?;
+        let ms = time_gpu(g, warm, iters, &mut || {
+            matmul::linear_fwd(dev, &mut y, &xb, &wb, None, matmul::Linear { t, din, dout })
+        })?;
         out.push(BenchRow {
             op: "linear_fwd (base)".into(),
             shape: shape.clone(),
@@ -46,9 +48,7 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
             flops: 2.0 * ti * di * dof,
             ..Default::default()
         });
-        let ms = time_gpu(g, warm, iters, &mut || {
-            matmul::fwd(dev, &mut dx, &dyb, &wb, t, din, dout, false, false, 1.0, 0.0)
-        })?;
+        let ms = time_gpu(g, warm, iters, &mut || matmul::fwd(dev, &mut dx, &dyb, &wb, matmul::Mm::new(t, din, dout)))?;
         out.push(BenchRow {
             op: "linear_bwd dx (frozen)".into(),
             shape: shape.clone(),
@@ -66,12 +66,18 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
             let tag = format!("{shape} r{r}");
             // Check the first rows of one branch forward from zero.
             let mut y0 = dev.zeros(bf, t * dout)?;
-            lora::fwd(dev, &mut y0, &xb, &ad, t, din, dout)?;
+            lora::fwd(dev, &mut y0, &xb, &ad, matmul::Linear { t, din, dout })?;
             let k = CHECK_ROWS.min(t);
             let mut want = vec![0f32; k * dout];
-            lora::cpu::fwd(&mut want, &x[..k * din], &a, &b, k, din, dout, r, 2.0);
+            lora::cpu::fwd(
+                &mut want,
+                &x[..k * din],
+                lora::Adapter { a: &a, b: &b, rank: r, scale: 2.0 },
+                matmul::Linear { t: k, din, dout },
+            );
             let err = rel_err(&dev.to_vec(&y0)?[..k * dout], &want);
-            let ms = time_gpu(g, warm, iters, &mut || lora::fwd(dev, &mut y, &xb, &ad, t, din, dout))?;
+            let ms =
+                time_gpu(g, warm, iters, &mut || lora::fwd(dev, &mut y, &xb, &ad, matmul::Linear { t, din, dout }))?;
             let bytes = BF * ti * di + ab_bytes + 2.0 * BF * ti * dof + 2.0 * BF * ti * rf;
             out.push(BenchRow {
                 op: "lora_fwd (branch, y +=)".into(),
@@ -84,7 +90,14 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
             });
             let (mut da, mut db) = (dev.zeros_f32(r * din)?, dev.zeros_f32(dout * r)?);
             let ms = time_gpu(g, warm, iters, &mut || {
-                lora::bwd(dev, Some(&mut dx), Some(&mut da), Some(&mut db), &dyb, &xb, &ad, t, din, dout)
+                lora::bwd(
+                    dev,
+                    lora::Grads { dx: Some(&mut dx), da: Some(&mut da), db: Some(&mut db) },
+                    &dyb,
+                    &xb,
+                    &ad,
+                    matmul::Linear { t, din, dout },
+                )
             })?;
             let bytes = 2.0 * BF * ti * di
                 + BF * ti * dof

@@ -39,16 +39,18 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     // RMSNorm.
     let mut y = dev.zeros(bf, n)?;
     let mut rstd = dev.zeros_f32(rows)?;
-    let ms = time_gpu(g, warm, iters, &mut || rmsnorm::fwd(dev, &mut y, &mut rstd, &xb, &wb, rows, cols, 1e-6))?;
+    let ms = time_gpu(g, warm, iters, &mut || {
+        rmsnorm::fwd(dev, rmsnorm::Fwd { y: &mut y, rstd: &mut rstd, x: &xb, w: &wb }, rows, cols, 1e-6)
+    })?;
     let (mut yr, mut rr) = (vec![0f32; k * cols], vec![0f32; k]);
-    rmsnorm::cpu::fwd(&mut yr, &mut rr, xk, &w, k, cols, 1e-6);
+    rmsnorm::cpu::fwd(rmsnorm::Fwd { y: &mut yr, rstd: &mut rr, x: xk, w: &w }, k, cols, 1e-6);
     let err = rel_err(&dev.to_vec(&y)?[..k * cols], &yr);
     out.push(row("rmsnorm_fwd", &shape, ms, 2.0 * BF * r * c + BF * c + F4 * r, err));
 
     let mut dx = dev.zeros(bf, n)?;
     let mut dw = dev.zeros_f32(cols)?;
     let (mut dxr, mut dwr) = (vec![0f32; k * cols], vec![0f32; cols]);
-    rmsnorm::cpu::bwd(&mut dxr, &mut dwr, dyk, xk, &w, &rr, k, cols);
+    rmsnorm::cpu::bwd(rmsnorm::Bwd { dx: &mut dxr, dw: &mut dwr, dy: dyk, x: xk, w: &w, rstd: &rr }, k, cols);
     // The Rows kernel (verified) and the plan's (Vec16 at this shape) side by side; the plan's dw
     // is compared with Rows' after one call from zero.
     let mut dw_rows = Vec::new();
@@ -56,11 +58,23 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     for kernel in [rmsnorm::RmsNormBwdKernel::Rows, planned] {
         let vec = kernel != rmsnorm::RmsNormBwdKernel::Rows;
         let ms = time_gpu(g, warm, iters, &mut || {
-            rmsnorm::bwd_with(dev, kernel, &mut dx, &mut dw, &dyb, &xb, &wb, &rstd, rows, cols)
+            rmsnorm::bwd_with(
+                dev,
+                kernel,
+                rmsnorm::Bwd { dx: &mut dx, dw: &mut dw, dy: &dyb, x: &xb, w: &wb, rstd: &rstd },
+                rows,
+                cols,
+            )
         })?;
         let err = rel_err(&dev.to_vec(&dx)?[..k * cols], &dxr);
         let mut dw1 = dev.zeros_f32(cols)?;
-        rmsnorm::bwd_with(dev, kernel, &mut dx, &mut dw1, &dyb, &xb, &wb, &rstd, rows, cols)?;
+        rmsnorm::bwd_with(
+            dev,
+            kernel,
+            rmsnorm::Bwd { dx: &mut dx, dw: &mut dw1, dy: &dyb, x: &xb, w: &wb, rstd: &rstd },
+            rows,
+            cols,
+        )?;
         let dwv = dev.to_vec(&dw1)?;
         let note = if vec { format!("{kernel:?}; dw vs Rows {:.1e}", rel_err(&dwv, &dw_rows)) } else { String::new() };
         dw_rows = dwv;
@@ -78,12 +92,24 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     // LayerNorm.
     let mut mean = dev.zeros_f32(rows)?;
     let (mut yr, mut mr, mut rr) = (vec![0f32; k * cols], vec![0f32; k], vec![0f32; k]);
-    layernorm::cpu::fwd(&mut yr, &mut mr, &mut rr, xk, &w, &b, k, cols, 1e-5);
+    layernorm::cpu::fwd(
+        layernorm::Fwd { y: &mut yr, mean: &mut mr, rstd: &mut rr, x: xk, w: &w, b: &b },
+        k,
+        cols,
+        1e-5,
+    );
     for kernel in [layernorm::plan_fwd(bf, rows, cols, true), layernorm::LayerNormFwdKernel::Rows] {
         // Rows last, so the backward below uses its mean/rstd.
         let vec = kernel != layernorm::LayerNormFwdKernel::Rows;
         let ms = time_gpu(g, warm, iters, &mut || {
-            layernorm::fwd_with(dev, kernel, &mut y, &mut mean, &mut rstd, &xb, &wb, &bb, rows, cols, 1e-5)
+            layernorm::fwd_with(
+                dev,
+                kernel,
+                layernorm::Fwd { y: &mut y, mean: &mut mean, rstd: &mut rstd, x: &xb, w: &wb, b: &bb },
+                rows,
+                cols,
+                1e-5,
+            )
         })?;
         let err = rel_err(&dev.to_vec(&y)?[..k * cols], &yr)
             .max(rel_err(&dev.to_vec(&mean)?[..k], &mr))
@@ -101,16 +127,50 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
 
     let mut db = dev.zeros_f32(cols)?;
     let (mut dxr, mut dwr, mut dbr) = (vec![0f32; k * cols], vec![0f32; cols], vec![0f32; cols]);
-    layernorm::cpu::bwd(&mut dxr, &mut dwr, &mut dbr, dyk, xk, &w, &mr, &rr, k, cols);
+    layernorm::cpu::bwd(
+        layernorm::Bwd { dx: &mut dxr, dw: &mut dwr, db: &mut dbr, dy: dyk, x: xk, w: &w, mean: &mr, rstd: &rr },
+        k,
+        cols,
+    );
     let mut p_rows = (Vec::new(), Vec::new());
     for kernel in [layernorm::LayerNormBwdKernel::Rows, layernorm::plan_bwd(bf, rows, cols, true)] {
         let vec = kernel != layernorm::LayerNormBwdKernel::Rows;
         let ms = time_gpu(g, warm, iters, &mut || {
-            layernorm::bwd_with(dev, kernel, &mut dx, &mut dw, &mut db, &dyb, &xb, &wb, &mean, &rstd, rows, cols)
+            layernorm::bwd_with(
+                dev,
+                kernel,
+                layernorm::Bwd {
+                    dx: &mut dx,
+                    dw: &mut dw,
+                    db: &mut db,
+                    dy: &dyb,
+                    x: &xb,
+                    w: &wb,
+                    mean: &mean,
+                    rstd: &rstd,
+                },
+                rows,
+                cols,
+            )
         })?;
         let err = rel_err(&dev.to_vec(&dx)?[..k * cols], &dxr);
         let (mut dw1, mut db1) = (dev.zeros_f32(cols)?, dev.zeros_f32(cols)?);
-        layernorm::bwd_with(dev, kernel, &mut dx, &mut dw1, &mut db1, &dyb, &xb, &wb, &mean, &rstd, rows, cols)?;
+        layernorm::bwd_with(
+            dev,
+            kernel,
+            layernorm::Bwd {
+                dx: &mut dx,
+                dw: &mut dw1,
+                db: &mut db1,
+                dy: &dyb,
+                x: &xb,
+                w: &wb,
+                mean: &mean,
+                rstd: &rstd,
+            },
+            rows,
+            cols,
+        )?;
         let p = (dev.to_vec(&dw1)?, dev.to_vec(&db1)?);
         let note = if vec {
             format!("{kernel:?}; dw, db vs Rows {:.1e}, {:.1e}", rel_err(&p.0, &p_rows.0), rel_err(&p.1, &p_rows.1))
@@ -162,7 +222,9 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     let ids: Vec<i32> = (0..rows).map(|_| rng.below(vocab) as i32).collect();
     let idb = dev.upload_i32(&ids)?;
     let mut e = dev.zeros(bf, n)?;
-    let ms = time_gpu(g, warm, iters, &mut || embedding::fwd(dev, &mut e, &tb, &idb, Some(&ids), rows, cols, vocab))?;
+    let ms = time_gpu(g, warm, iters, &mut || {
+        embedding::fwd(dev, &mut e, &tb, &idb, Some(&ids), embedding::Dims { t: rows, c: cols, v: vocab })
+    })?;
     let mut er = vec![0f32; k * cols];
     embedding::cpu::fwd(&mut er, &table, &ids[..k], k, cols);
     let err = rel_err(&dev.to_vec(&e)?[..k * cols], &er);

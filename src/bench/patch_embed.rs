@@ -27,14 +27,18 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     let (xb, wb, dyb) = (dev.upload(&x, DType::F32)?, dev.upload(&w, DType::BF16)?, dev.upload(&dy, DType::BF16)?);
     let mut y = dev.zeros(DType::BF16, n * d)?;
     let mut dw = dev.zeros_f32(d * k)?;
-    let fwd_ms = time_gpu(g, warm, iters, &mut || patch_embed::fwd(dev, &mut y, &xb, &wb, Some(&p), n, k, d))?;
-    let bwd_ms = time_gpu(g, warm, iters, &mut || patch_embed::bwd(dev, &mut dw, &dyb, &xb, Some(&p), n, k, d))?;
+    let fwd_ms = time_gpu(g, warm, iters, &mut || {
+        patch_embed::fwd(dev, &mut y, &xb, &wb, Some(&p), patch_embed::Dims { n, k, d })
+    })?;
+    let bwd_ms = time_gpu(g, warm, iters, &mut || {
+        patch_embed::bwd(dev, &mut dw, &dyb, &xb, Some(&p), patch_embed::Dims { n, k, d })
+    })?;
 
     // CPU check of the first 4 output rows (bf16-rounded pixels, as the gather casts them).
     let c = 4.min(n);
     let xs: Vec<f32> = perm[..c].iter().flat_map(|&r| bf16_round(&x[r * k..(r + 1) * k])).collect();
     let mut y_ref = vec![0f32; c * d];
-    cpu::fwd(&mut y_ref, &xs, &w, None, c, k, d);
+    cpu::fwd(&mut y_ref, &xs, &w, None, patch_embed::Dims { n: c, k, d });
     let err = rel_err(&dev.to_vec(&y)?[..c * d], &y_ref);
 
     let flops = 2.0 * (n * k * d) as f64;

@@ -171,7 +171,14 @@ impl ModelJudge {
         let last: Vec<i32> = packed.cu_seqlens[1..].iter().map(|&e| e - 1).collect();
         let (k, d) = (last.len(), dims.layer.d);
         let mut rows: Buf = dev.zeros(hidden.dtype(), k * d)?;
-        embedding::fwd(dev, &mut rows, hidden, &dev.upload_i32(&last)?, Some(&last), k, d, packed.tokens())?;
+        embedding::fwd(
+            dev,
+            &mut rows,
+            hidden,
+            &dev.upload_i32(&last)?,
+            Some(&last),
+            embedding::Dims { t: k, c: d, v: packed.tokens() },
+        )?;
         let logits = dev.to_vec(&lm::logits(dev, dims, text, &rows, k)?)?;
         let v = dims.vocab;
         Ok(group.iter().enumerate().map(|(i, p)| candidate_probs(&logits[i * v..(i + 1) * v], &p.candidates)).collect())

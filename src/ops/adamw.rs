@@ -52,14 +52,21 @@ impl AdamW {
     }
 }
 
+/// The buffers of one AdamW step: the parameter, its f32 master copy, its gradient and the f32
+/// moments m, v. `B` is `Buf` for the op and a slice for the CPU reference.
+pub struct Bufs<'a, B: ?Sized = Buf> {
+    pub param: &'a mut B,
+    pub master: &'a mut B,
+    pub grad: &'a B,
+    pub m: &'a mut B,
+    pub v: &'a mut B,
+}
+
 /// One AdamW step on n parameters. grad (f32, or bf16 on CUDA) is multiplied by `grad_scale` first (clipping and
 /// accumulation averaging); master, m, v (f32) are updated in place, and `param` (bf16 on the GPU,
 /// or f32; f32 on the CPU) receives the new master rounded to its dtype. `step` is 1-based.
-#[allow(clippy::too_many_arguments)]
-pub fn step(
-    dev: &Device, param: &mut Buf, master: &mut Buf, grad: &Buf, m: &mut Buf, v: &mut Buf, n: usize, hp: &AdamW,
-    step: u64, grad_scale: f32,
-) -> Result<()> {
+pub fn step(dev: &Device, bufs: Bufs, n: usize, hp: &AdamW, step: u64, grad_scale: f32) -> Result<()> {
+    let Bufs { param, master, grad, m, v } = bufs;
     let op = "adamw_step";
     for (b, a) in [(&*param, "param"), (&*master, "master"), (grad, "grad"), (&*m, "m"), (&*v, "v")] {
         check(b, n, op, a)?;
@@ -76,7 +83,8 @@ pub fn step(
     match dev {
         Device::Cpu => {
             let hp64 = Hp64::new(hp, &sc, grad_scale);
-            cpu::step(param.host_mut()?, master.host_mut()?, grad.host()?, m.host_mut()?, v.host_mut()?, &hp64);
+            let (param, master, grad) = (param.host_mut()?, master.host_mut()?, grad.host()?);
+            cpu::step(Bufs { param, master, grad, m: m.host_mut()?, v: v.host_mut()? }, &hp64);
             Ok(())
         }
         Device::Cuda(g) => {
@@ -197,11 +205,12 @@ impl Hp64 {
 }
 
 pub mod cpu {
-    use super::Hp64;
+    use super::{Bufs, Hp64};
     use crate::real::Real;
 
     /// The kernel's arithmetic, in `R`: decay, moments (m by lerp as torch), bias-corrected update.
-    pub fn step<R: Real>(param: &mut [R], master: &mut [R], grad: &[R], m: &mut [R], v: &mut [R], hp: &Hp64) {
+    pub fn step<R: Real>(bufs: Bufs<[R]>, hp: &Hp64) {
+        let Bufs { param, master, grad, m, v } = bufs;
         let f = R::from_f64;
         let (b1, b2, eps, decay, step_size, sqrt_bc2, gs) =
             (f(hp.beta1), f(hp.beta2), f(hp.eps), f(hp.decay), f(hp.step_size), f(hp.sqrt_bc2), f(hp.grad_scale));

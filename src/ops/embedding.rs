@@ -24,11 +24,17 @@ pub fn validate_ids(op: &str, ids: &[i32], v: usize) -> Result<()> {
     Ok(())
 }
 
+/// The sizes of an embedding: t tokens (ids), c columns per row, v rows of the table (the vocabulary).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dims {
+    pub t: usize,
+    pub c: usize,
+    pub v: usize,
+}
+
 /// out [t, c] (=) = table [v, c] rows at ids [t] (i32).
-#[allow(clippy::too_many_arguments)]
-pub fn fwd(
-    dev: &Device, out: &mut Buf, table: &Buf, ids: &Buf, ids_host: Option<&[i32]>, t: usize, c: usize, v: usize,
-) -> Result<()> {
+pub fn fwd(dev: &Device, out: &mut Buf, table: &Buf, ids: &Buf, ids_host: Option<&[i32]>, dims: Dims) -> Result<()> {
+    let Dims { t, c, v } = dims;
     let op = "embedding_fwd";
     check(out, t * c, op, "out")?;
     check(table, v * c, op, "table")?;
@@ -57,10 +63,8 @@ pub fn fwd(
 }
 
 /// dtable [v, c] (f32, +=) gets dout [t, c] rows added at ids [t].
-#[allow(clippy::too_many_arguments)]
-pub fn bwd(
-    dev: &Device, dtable: &mut Buf, dout: &Buf, ids: &Buf, ids_host: Option<&[i32]>, t: usize, c: usize, v: usize,
-) -> Result<()> {
+pub fn bwd(dev: &Device, dtable: &mut Buf, dout: &Buf, ids: &Buf, ids_host: Option<&[i32]>, dims: Dims) -> Result<()> {
+    let Dims { t, c, v } = dims;
     let op = "embedding_bwd";
     check(dtable, v * c, op, "dtable")?;
     check_dtype(dtable, DType::F32, op, "dtable")?;

@@ -115,11 +115,19 @@ impl RewardBufs {
     }
 }
 
+/// The sizes of a reward computation: p dialogues × n rollouts × t assistant turns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RewardDims {
+    pub p: usize,
+    pub n: usize,
+    pub t: usize,
+}
+
 /// Turn rewards and group advantages from safe, help [p, n, t] (f32) into `out`.
-#[allow(clippy::too_many_arguments)]
 pub fn rewards(
-    dev: &Device, out: &mut RewardBufs, safe: &Buf, help: &Buf, p: usize, n: usize, t: usize, hp: &GrpoHyper,
+    dev: &Device, out: &mut RewardBufs, safe: &Buf, help: &Buf, dims: RewardDims, hp: &GrpoHyper,
 ) -> Result<()> {
+    let RewardDims { p, n, t } = dims;
     let op = "grpo_rewards";
     if n == 0 || t == 0 {
         bail!("{op}: need at least one rollout and one turn (n={n}, t={t})");
@@ -139,7 +147,7 @@ pub fn rewards(
     }
     match dev {
         Device::Cpu => {
-            let r = cpu::turn_rewards::<f32>(safe.host()?, help.host()?, p, n, t, hp)?;
+            let r = cpu::turn_rewards::<f32>(safe.host()?, help.host()?, dims, hp)?;
             out.turn_mean.host_mut()?.copy_from_slice(&r.turn_mean);
             out.turn_var.host_mut()?.copy_from_slice(&r.turn_var);
             out.turn_importance.host_mut()?.copy_from_slice(&r.turn_importance);
@@ -174,14 +182,13 @@ pub fn rewards(
     }
 }
 
-/// The loss over logp, old_logp, ref_logp, mask [rows, l] and adv [rows] (all f32); writes
-/// dlogp [rows, l] = d loss / d logp (0 on masked tokens).
-#[allow(clippy::too_many_arguments)]
+/// The loss over logp [rows, l] and the batch's old_logp, ref_logp, mask [rows, l] and adv [rows]
+/// (all f32); writes dlogp [rows, l] = d loss / d logp (0 on masked tokens).
 pub fn loss_fwd_bwd(
-    dev: &Device, dlogp: &mut Buf, logp: &Buf, old_logp: &Buf, ref_logp: &Buf, mask: &Buf, adv: &Buf, rows: usize,
-    l: usize, hp: &GrpoHyper, agg: Aggregation,
+    dev: &Device, dlogp: &mut Buf, logp: &Buf, batch: &GrpoBatch, hp: &GrpoHyper, agg: Aggregation,
 ) -> Result<LossStats> {
     let op = "grpo_loss";
+    let GrpoBatch { old_logp, ref_logp, mask, adv, rows, l } = *batch;
     check_loss_inputs(op, old_logp, ref_logp, mask, adv, rows, l)?;
     for (b, a) in [(&*dlogp, "dlogp"), (logp, "logp")] {
         check(b, rows * l, op, a)?;
@@ -189,41 +196,55 @@ pub fn loss_fwd_bwd(
     }
     match dev {
         Device::Cpu => {
-            let s = cpu::loss_fwd_bwd::<f32>(
-                dlogp.host_mut()?,
-                logp.host()?,
-                old_logp.host()?,
-                ref_logp.host()?,
-                mask.host()?,
-                adv.host()?,
-                rows,
-                l,
-                hp,
-                agg,
-            );
-            Ok(s)
+            let (old_logp, ref_logp, mask, adv) = (old_logp.host()?, ref_logp.host()?, mask.host()?, adv.host()?);
+            let slices = GrpoBatch { old_logp, ref_logp, mask, adv, rows, l };
+            Ok(cpu::loss_fwd_bwd::<f32>(dlogp.host_mut()?, logp.host()?, &slices, hp, agg))
         }
         Device::Cuda(g) => {
             let plan = GpuLoss::new(g, dev, mask, rows, l, agg)?;
-            plan.tokens(g, dlogp, logp, None, 0, rows * l, old_logp, ref_logp, mask, adv, l, hp)?;
+            plan.tokens(g, dlogp, logp, Packed { idx: None, p0: 0, n: rows * l }, batch, hp)?;
             plan.finish(g, dev)
         }
     }
 }
 
-/// What the fused GRPO loss reads besides the lm_head op's own inputs.
-#[derive(Clone, Copy)]
-pub struct GrpoBatch<'a> {
+/// What the GRPO loss reads besides the policy's log-probs (and, fused, the lm_head op's own
+/// inputs). `B` is `Buf` for the ops and a slice for the CPU reference.
+pub struct GrpoBatch<'a, B: ?Sized = Buf> {
     /// [rows, l] f32: the sampling policy's and the frozen reference's log-probs.
-    pub old_logp: &'a Buf,
-    pub ref_logp: &'a Buf,
+    pub old_logp: &'a B,
+    pub ref_logp: &'a B,
     /// [rows, l] f32: 1 on the completion tokens that enter the loss.
-    pub mask: &'a Buf,
+    pub mask: &'a B,
     /// [rows] f32: the advantage of each rollout.
-    pub adv: &'a Buf,
+    pub adv: &'a B,
     pub rows: usize,
     pub l: usize,
 }
+
+impl<B: ?Sized> Clone for GrpoBatch<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: ?Sized> Copy for GrpoBatch<'_, B> {}
+
+/// Packed tokens p0 .. p0 + n of a log-prob chunk: packed row p is token idx[p] of the
+/// [rows, l] batch (token p without idx). `I` is `Buf` (i32) on CUDA, `[i32]` on the CPU.
+pub struct Packed<'a, I: ?Sized = Buf> {
+    pub idx: Option<&'a I>,
+    pub p0: usize,
+    pub n: usize,
+}
+
+impl<I: ?Sized> Clone for Packed<'_, I> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<I: ?Sized> Copy for Packed<'_, I> {}
 
 /// The GRPO step on the policy, fused with the lm_head: from hidden [rows·l, h], lm_head [v, h]
 /// and targets [rows·l] (i32), writes logp [rows·l] (f32, 0 on masked tokens), dhidden
@@ -252,6 +273,7 @@ pub fn fused_loss_with(
     match dev {
         Device::Cpu => {
             let (old, rf, mk, ad) = (old_logp.host()?, ref_logp.host()?, mask.host()?, adv.host()?);
+            let slices = GrpoBatch { old_logp: old, ref_logp: rf, mask: mk, adv: ad, rows, l };
             let wrow = cpu::row_weights::<f32>(mk, rows, l, agg);
             let mut acc = [0f32; 3];
             let mut grad = |c: GradChunk<'_>| -> Result<()> {
@@ -259,21 +281,8 @@ pub fn fused_loss_with(
                     Some(b) => Some(b.host_i32()?),
                     None => None,
                 };
-                cpu::loss_tokens(
-                    c.dlogp.host_mut()?,
-                    &mut acc,
-                    c.logp.host()?,
-                    idx,
-                    c.p0,
-                    c.n,
-                    old,
-                    rf,
-                    mk,
-                    ad,
-                    &wrow.0,
-                    l,
-                    hp,
-                );
+                let packed = Packed { idx, p0: c.p0, n: c.n };
+                cpu::loss_tokens(c.dlogp.host_mut()?, &mut acc, c.logp.host()?, packed, &slices, &wrow.0, hp);
                 Ok(())
             };
             logprob::fwd_bwd_with(
@@ -297,7 +306,7 @@ pub fn fused_loss_with(
         Device::Cuda(g) => {
             let plan = GpuLoss::new(g, dev, mask, rows, l, agg)?;
             let mut grad = |c: GradChunk<'_>| -> Result<()> {
-                plan.tokens(g, c.dlogp, c.logp, c.idx, c.p0, c.n, old_logp, ref_logp, mask, adv, l, hp)
+                plan.tokens(g, c.dlogp, c.logp, Packed { idx: c.idx, p0: c.p0, n: c.n }, batch, hp)
             };
             logprob::fwd_bwd_with(
                 dev,
@@ -378,11 +387,10 @@ impl GpuLoss {
     }
 
     /// Packed tokens p0 .. p0 + n: dlogp[p] and the per-token terms of token idx[p] (or p).
-    #[allow(clippy::too_many_arguments)]
     fn tokens(
-        &self, g: &Gpu, dlogp: &Buf, logp: &Buf, idx: Option<&Buf>, p0: usize, n: usize, old_logp: &Buf,
-        ref_logp: &Buf, mask: &Buf, adv: &Buf, l: usize, hp: &GrpoHyper,
+        &self, g: &Gpu, dlogp: &Buf, logp: &Buf, packed: Packed, batch: &GrpoBatch, hp: &GrpoHyper,
     ) -> Result<()> {
+        let (Packed { idx, p0, n }, GrpoBatch { old_logp, ref_logp, mask, adv, l, .. }) = (packed, *batch);
         if n == 0 {
             return Ok(());
         }
@@ -437,14 +445,13 @@ impl GpuLoss {
 
 pub mod cpu {
     //! The references, in `R` (f64 for the reference vectors).
-    use super::{Aggregation, GrpoHyper, LossStats, TurnRewards};
+    use super::{Aggregation, GrpoBatch, GrpoHyper, LossStats, Packed, RewardDims, TurnRewards};
     use crate::real::Real;
     use anyhow::{bail, Result};
 
     /// Turn statistics, weights, rewards and advantages from safe, help [p, n, t].
-    pub fn turn_rewards<R: Real>(
-        safe: &[R], help: &[R], p: usize, n: usize, t: usize, hp: &GrpoHyper,
-    ) -> Result<TurnRewards<R>> {
+    pub fn turn_rewards<R: Real>(safe: &[R], help: &[R], dims: RewardDims, hp: &GrpoHyper) -> Result<TurnRewards<R>> {
+        let RewardDims { p, n, t } = dims;
         if safe.len() != p * n * t || help.len() != p * n * t {
             bail!("grpo turn_rewards: safe/help have {}/{} elements, expected {p}×{n}×{t}", safe.len(), help.len());
         }
@@ -528,12 +535,13 @@ pub mod cpu {
     }
 
     /// Packed tokens p0 .. p0 + n (token idx[p], or p): writes dlogp[p] and adds
-    /// [weighted loss, clipped mask, mask · k3] into `acc`. old, rf, mask: [rows, l]; adv, wrow: [rows].
-    #[allow(clippy::too_many_arguments)]
+    /// [weighted loss, clipped mask, mask · k3] into `acc`. wrow: [rows].
     pub fn loss_tokens<R: Real>(
-        dlogp: &mut [R], acc: &mut [R; 3], logp: &[R], idx: Option<&[i32]>, p0: usize, n: usize, old: &[R], rf: &[R],
-        mask: &[R], adv: &[R], wrow: &[R], l: usize, hp: &GrpoHyper,
+        dlogp: &mut [R], acc: &mut [R; 3], logp: &[R], packed: Packed<[i32]>, batch: &GrpoBatch<[R]>, wrow: &[R],
+        hp: &GrpoHyper,
     ) {
+        let Packed { idx, p0, n } = packed;
+        let GrpoBatch { old_logp: old, ref_logp: rf, mask, adv, l, .. } = *batch;
         for p in p0..p0 + n {
             let tok = idx.map_or(p, |ix| ix[p] as usize);
             let m = mask[tok];
@@ -560,14 +568,13 @@ pub mod cpu {
     }
 
     /// The whole loss over [rows, l]: dlogp (=) and the statistics.
-    #[allow(clippy::too_many_arguments)]
     pub fn loss_fwd_bwd<R: Real>(
-        dlogp: &mut [R], logp: &[R], old: &[R], rf: &[R], mask: &[R], adv: &[R], rows: usize, l: usize, hp: &GrpoHyper,
-        agg: Aggregation,
+        dlogp: &mut [R], logp: &[R], batch: &GrpoBatch<[R]>, hp: &GrpoHyper, agg: Aggregation,
     ) -> LossStats {
+        let GrpoBatch { mask, rows, l, .. } = *batch;
         let (wrow, total) = row_weights(mask, rows, l, agg);
         let mut acc = [R::ZERO; 3];
-        loss_tokens(dlogp, &mut acc, logp, None, 0, rows * l, old, rf, mask, adv, &wrow, l, hp);
+        loss_tokens(dlogp, &mut acc, logp, Packed { idx: None, p0: 0, n: rows * l }, batch, &wrow, hp);
         stats(&acc, total)
     }
 }

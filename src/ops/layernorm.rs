@@ -57,26 +57,43 @@ pub fn plan_bwd(dtype: DType, rows: usize, cols: usize, aligned: bool) -> LayerN
     }
 }
 
+/// The buffers of a forward: y [rows, cols] and the saved mean, rstd [rows] (f32) from
+/// x [rows, cols], w [cols] and b [cols]. `B` is `Buf` for the op and a slice for the CPU reference.
+pub struct Fwd<'a, B: ?Sized = Buf> {
+    pub y: &'a mut B,
+    pub mean: &'a mut B,
+    pub rstd: &'a mut B,
+    pub x: &'a B,
+    pub w: &'a B,
+    pub b: &'a B,
+}
+
+/// The buffers of a backward: dx [rows, cols] (=), dw [cols] and db [cols] (f32, +=) from dy, x,
+/// w and the saved mean, rstd. `B` is `Buf` for the op and a slice for the CPU reference.
+pub struct Bwd<'a, B: ?Sized = Buf> {
+    pub dx: &'a mut B,
+    pub dw: &'a mut B,
+    pub db: &'a mut B,
+    pub dy: &'a B,
+    pub x: &'a B,
+    pub w: &'a B,
+    pub mean: &'a B,
+    pub rstd: &'a B,
+}
+
 /// y [rows, cols], mean [rows] (f32), rstd [rows] (f32) = layernorm(x [rows, cols], w [cols], b [cols]).
-#[allow(clippy::too_many_arguments)]
-pub fn fwd(
-    dev: &Device, y: &mut Buf, mean: &mut Buf, rstd: &mut Buf, x: &Buf, w: &Buf, b: &Buf, rows: usize, cols: usize,
-    eps: f32,
-) -> Result<()> {
+pub fn fwd(dev: &Device, bufs: Fwd, rows: usize, cols: usize, eps: f32) -> Result<()> {
     let kernel = match dev {
         Device::Cpu => LayerNormFwdKernel::Rows,
-        Device::Cuda(g) => plan_fwd(y.dtype(), rows, cols, aligned16(g, &[y, x, w, b])?),
+        Device::Cuda(g) => plan_fwd(bufs.y.dtype(), rows, cols, aligned16(g, &[&*bufs.y, bufs.x, bufs.w, bufs.b])?),
     };
-    fwd_with(dev, kernel, y, mean, rstd, x, w, b, rows, cols, eps)
+    fwd_with(dev, kernel, bufs, rows, cols, eps)
 }
 
 /// `fwd` with an explicit kernel (the bench and tests run each); an error when Vec16 cannot take
 /// the call. On the CPU the kernel is ignored.
-#[allow(clippy::too_many_arguments)]
-pub fn fwd_with(
-    dev: &Device, kernel: LayerNormFwdKernel, y: &mut Buf, mean: &mut Buf, rstd: &mut Buf, x: &Buf, w: &Buf, b: &Buf,
-    rows: usize, cols: usize, eps: f32,
-) -> Result<()> {
+pub fn fwd_with(dev: &Device, kernel: LayerNormFwdKernel, bufs: Fwd, rows: usize, cols: usize, eps: f32) -> Result<()> {
+    let Fwd { y, mean, rstd, x, w, b } = bufs;
     let op = "layernorm_fwd";
     for (buf, n, a) in [
         (&*y, rows * cols, "y"),
@@ -96,17 +113,9 @@ pub fn fwd_with(
     }
     match dev {
         Device::Cpu => {
-            cpu::fwd(
-                y.host_mut()?,
-                mean.host_mut()?,
-                rstd.host_mut()?,
-                x.host()?,
-                w.host()?,
-                b.host()?,
-                rows,
-                cols,
-                eps,
-            );
+            let (y, mean, rstd) = (y.host_mut()?, mean.host_mut()?, rstd.host_mut()?);
+            let (x, w, b) = (x.host()?, w.host()?, b.host()?);
+            cpu::fwd(Fwd { y, mean, rstd, x, w, b }, rows, cols, eps);
             Ok(())
         }
         Device::Cuda(g) => {
@@ -137,25 +146,18 @@ pub fn fwd_with(
 }
 
 /// dx [rows, cols] (=), dw [cols] and db [cols] (f32, +=) from dy, x, w and the saved mean, rstd.
-#[allow(clippy::too_many_arguments)]
-pub fn bwd(
-    dev: &Device, dx: &mut Buf, dw: &mut Buf, db: &mut Buf, dy: &Buf, x: &Buf, w: &Buf, mean: &Buf, rstd: &Buf,
-    rows: usize, cols: usize,
-) -> Result<()> {
+pub fn bwd(dev: &Device, bufs: Bwd, rows: usize, cols: usize) -> Result<()> {
     let kernel = match dev {
         Device::Cpu => LayerNormBwdKernel::Rows,
-        Device::Cuda(g) => plan_bwd(dx.dtype(), rows, cols, aligned16(g, &[dx, dy, x, w])?),
+        Device::Cuda(g) => plan_bwd(bufs.dx.dtype(), rows, cols, aligned16(g, &[&*bufs.dx, bufs.dy, bufs.x, bufs.w])?),
     };
-    bwd_with(dev, kernel, dx, dw, db, dy, x, w, mean, rstd, rows, cols)
+    bwd_with(dev, kernel, bufs, rows, cols)
 }
 
 /// `bwd` with an explicit kernel (the bench and tests run each); an error when Vec16 cannot take
 /// the call. On the CPU the kernel is ignored.
-#[allow(clippy::too_many_arguments)]
-pub fn bwd_with(
-    dev: &Device, kernel: LayerNormBwdKernel, dx: &mut Buf, dw: &mut Buf, db: &mut Buf, dy: &Buf, x: &Buf, w: &Buf,
-    mean: &Buf, rstd: &Buf, rows: usize, cols: usize,
-) -> Result<()> {
+pub fn bwd_with(dev: &Device, kernel: LayerNormBwdKernel, bufs: Bwd, rows: usize, cols: usize) -> Result<()> {
+    let Bwd { dx, dw, db, dy, x, w, mean, rstd } = bufs;
     let op = "layernorm_bwd";
     for (buf, n, a) in [
         (&*dx, rows * cols, "dx"),
@@ -177,18 +179,9 @@ pub fn bwd_with(
     }
     match dev {
         Device::Cpu => {
-            cpu::bwd(
-                dx.host_mut()?,
-                dw.host_mut()?,
-                db.host_mut()?,
-                dy.host()?,
-                x.host()?,
-                w.host()?,
-                mean.host()?,
-                rstd.host()?,
-                rows,
-                cols,
-            );
+            let (dx, dw, db) = (dx.host_mut()?, dw.host_mut()?, db.host_mut()?);
+            let (dy, x, w, mean, rstd) = (dy.host()?, x.host()?, w.host()?, mean.host()?, rstd.host()?);
+            cpu::bwd(Bwd { dx, dw, db, dy, x, w, mean, rstd }, rows, cols);
             Ok(())
         }
         Device::Cuda(g) => {
@@ -258,13 +251,12 @@ fn block_for(cols: usize, dt: DType) -> u32 {
 }
 
 pub mod cpu {
+    use super::{Bwd, Fwd};
     use crate::real::Real;
 
     /// Two-pass statistics (mean, then the centred sum of squares), as the kernel does.
-    #[allow(clippy::too_many_arguments)]
-    pub fn fwd<R: Real>(
-        y: &mut [R], mean: &mut [R], rstd: &mut [R], x: &[R], w: &[R], b: &[R], rows: usize, cols: usize, eps: f32,
-    ) {
+    pub fn fwd<R: Real>(bufs: Fwd<[R]>, rows: usize, cols: usize, eps: f32) {
+        let Fwd { y, mean, rstd, x, w, b } = bufs;
         let n = R::from_f64(cols as f64);
         for r in 0..rows {
             let xr = &x[r * cols..(r + 1) * cols];
@@ -279,11 +271,8 @@ pub mod cpu {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn bwd<R: Real>(
-        dx: &mut [R], dw: &mut [R], db: &mut [R], dy: &[R], x: &[R], w: &[R], mean: &[R], rstd: &[R], rows: usize,
-        cols: usize,
-    ) {
+    pub fn bwd<R: Real>(bufs: Bwd<[R]>, rows: usize, cols: usize) {
+        let Bwd { dx, dw, db, dy, x, w, mean, rstd } = bufs;
         let n = R::from_f64(cols as f64);
         for r in 0..rows {
             let o = r * cols;

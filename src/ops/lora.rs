@@ -9,17 +9,34 @@
 //! keeps the block's saved activations unchanged. On CUDA u (and dy·B) are held in the
 //! activation dtype, as PEFT's bf16 forward does. The CPU runs the generic reference below.
 
-use super::{check, check_dtype, matmul, same_float_dtype};
+use super::matmul::{self, Linear, Mm};
+use super::{check, check_dtype, same_float_dtype};
 use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
 
 /// One adapter: A [rank, din], B [dout, rank] (the model's dtype) and scale = alpha / rank.
-#[derive(Clone, Copy)]
-pub struct Adapter<'a> {
-    pub a: &'a Buf,
-    pub b: &'a Buf,
+/// `B` is `Buf` for the op and a slice for the CPU reference.
+pub struct Adapter<'a, B: ?Sized = Buf> {
+    pub a: &'a B,
+    pub b: &'a B,
     pub rank: usize,
     pub scale: f32,
+}
+
+impl<B: ?Sized> Clone for Adapter<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: ?Sized> Copy for Adapter<'_, B> {}
+
+/// The gradients a backward adds to, each skipped when None: dx [t, din] (+=), dA [r, din] and
+/// dB [dout, r] (f32, +=). `B` is `Buf` for the op and a slice for the CPU reference.
+pub struct Grads<'a, B: ?Sized = Buf> {
+    pub dx: Option<&'a mut B>,
+    pub da: Option<&'a mut B>,
+    pub db: Option<&'a mut B>,
 }
 
 fn check_adapter(op: &str, ad: &Adapter, din: usize, dout: usize) -> Result<()> {
@@ -31,7 +48,8 @@ fn check_adapter(op: &str, ad: &Adapter, din: usize, dout: usize) -> Result<()> 
 }
 
 /// y [t, dout] += scale·(x [t, din]·Aᵀ)·Bᵀ.
-pub fn fwd(dev: &Device, y: &mut Buf, x: &Buf, ad: &Adapter, t: usize, din: usize, dout: usize) -> Result<()> {
+pub fn fwd(dev: &Device, y: &mut Buf, x: &Buf, ad: &Adapter, dims: Linear) -> Result<()> {
+    let Linear { t, din, dout } = dims;
     let op = "lora_fwd";
     check_adapter(op, ad, din, dout)?;
     check(x, t * din, op, "x")?;
@@ -39,7 +57,8 @@ pub fn fwd(dev: &Device, y: &mut Buf, x: &Buf, ad: &Adapter, t: usize, din: usiz
     let r = ad.rank;
     match dev {
         Device::Cpu => {
-            cpu::fwd(y.host_mut()?, x.host()?, ad.a.host()?, ad.b.host()?, t, din, dout, r, ad.scale);
+            let slices = Adapter { a: ad.a.host()?, b: ad.b.host()?, rank: r, scale: ad.scale };
+            cpu::fwd(y.host_mut()?, x.host()?, slices, dims);
             Ok(())
         }
         Device::Cuda(_) => {
@@ -48,8 +67,8 @@ pub fn fwd(dev: &Device, y: &mut Buf, x: &Buf, ad: &Adapter, t: usize, din: usiz
                 return Ok(());
             }
             let mut u = dev.zeros(dt, t * r)?; // [t, r]
-            matmul::fwd(dev, &mut u, x, ad.a, t, r, din, false, true, 1.0, 0.0)?;
-            matmul::fwd(dev, y, &u, ad.b, t, dout, r, false, true, ad.scale, 1.0)
+            matmul::fwd(dev, &mut u, x, ad.a, Mm::new(t, r, din).trans_b())?;
+            matmul::fwd(dev, y, &u, ad.b, Mm::new(t, dout, r).trans_b().alpha(ad.scale).beta(1.0))
         }
     }
 }
@@ -57,11 +76,8 @@ pub fn fwd(dev: &Device, y: &mut Buf, x: &Buf, ad: &Adapter, t: usize, din: usiz
 /// Backward of `fwd` from dy [t, dout]: dx [t, din] += scale·(dy·B)·A (when given);
 /// dA [r, din] (f32, +=) = scale·(dy·B)ᵀ·x; dB [dout, r] (f32, +=) = scale·dyᵀ·(x·Aᵀ).
 /// A frozen adapter passes `da`/`db` as None and still contributes to dx.
-#[allow(clippy::too_many_arguments)]
-pub fn bwd(
-    dev: &Device, dx: Option<&mut Buf>, da: Option<&mut Buf>, db: Option<&mut Buf>, dy: &Buf, x: &Buf, ad: &Adapter,
-    t: usize, din: usize, dout: usize,
-) -> Result<()> {
+pub fn bwd(dev: &Device, grads: Grads, dy: &Buf, x: &Buf, ad: &Adapter, dims: Linear) -> Result<()> {
+    let (Grads { dx, da, db }, Linear { t, din, dout }) = (grads, dims);
     let op = "lora_bwd";
     check_adapter(op, ad, din, dout)?;
     let r = ad.rank;
@@ -92,7 +108,8 @@ pub fn bwd(
                 Some(b) => Some(b.host_mut()?),
                 None => None,
             };
-            cpu::bwd(dx, da, db, dy.host()?, x.host()?, ad.a.host()?, ad.b.host()?, t, din, dout, r, ad.scale);
+            let slices = Adapter { a: ad.a.host()?, b: ad.b.host()?, rank: r, scale: ad.scale };
+            cpu::bwd(Grads { dx, da, db }, dy.host()?, x.host()?, slices, dims);
             Ok(())
         }
         Device::Cuda(_) => {
@@ -105,19 +122,19 @@ pub fn bwd(
             }
             if let Some(db) = db {
                 let mut u = dev.zeros(dt, t * r)?; // [t, r] = x·Aᵀ
-                matmul::fwd(dev, &mut u, x, ad.a, t, r, din, false, true, 1.0, 0.0)?;
-                matmul::fwd(dev, db, dy, &u, dout, r, t, true, false, ad.scale, 1.0)?;
+                matmul::fwd(dev, &mut u, x, ad.a, Mm::new(t, r, din).trans_b())?;
+                matmul::fwd(dev, db, dy, &u, Mm::new(dout, r, t).trans_a().alpha(ad.scale).beta(1.0))?;
             }
             if dx.is_none() && da.is_none() {
                 return Ok(());
             }
             let mut v = dev.zeros(dt, t * r)?; // [t, r] = dy·B
-            matmul::fwd(dev, &mut v, dy, ad.b, t, r, dout, false, false, 1.0, 0.0)?;
+            matmul::fwd(dev, &mut v, dy, ad.b, Mm::new(t, r, dout))?;
             if let Some(da) = da {
-                matmul::fwd(dev, da, &v, x, r, din, t, true, false, ad.scale, 1.0)?;
+                matmul::fwd(dev, da, &v, x, Mm::new(r, din, t).trans_a().alpha(ad.scale).beta(1.0))?;
             }
             if let Some(dx) = dx {
-                matmul::fwd(dev, dx, &v, ad.a, t, din, r, false, false, ad.scale, 1.0)?;
+                matmul::fwd(dev, dx, &v, ad.a, Mm::new(t, din, r).alpha(ad.scale).beta(1.0))?;
             }
             Ok(())
         }
@@ -125,6 +142,8 @@ pub fn bwd(
 }
 
 pub mod cpu {
+    use super::{Adapter, Grads};
+    use crate::ops::matmul::Linear;
     use crate::real::Real;
 
     /// u = x_i·Aᵀ for one row (length r).
@@ -135,10 +154,8 @@ pub mod cpu {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn fwd<R: Real>(
-        y: &mut [R], x: &[R], a: &[R], b: &[R], t: usize, din: usize, dout: usize, r: usize, scale: f32,
-    ) {
+    pub fn fwd<R: Real>(y: &mut [R], x: &[R], ad: Adapter<[R]>, dims: Linear) {
+        let (Adapter { a, b, rank: r, scale }, Linear { t, din, dout }) = (ad, dims);
         let s = R::from_f64(scale as f64);
         let mut u = vec![R::ZERO; r];
         for i in 0..t {
@@ -151,11 +168,9 @@ pub mod cpu {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn bwd<R: Real>(
-        mut dx: Option<&mut [R]>, mut da: Option<&mut [R]>, mut db: Option<&mut [R]>, dy: &[R], x: &[R], a: &[R],
-        b: &[R], t: usize, din: usize, dout: usize, r: usize, scale: f32,
-    ) {
+    pub fn bwd<R: Real>(grads: Grads<[R]>, dy: &[R], x: &[R], ad: Adapter<[R]>, dims: Linear) {
+        let Grads { mut dx, mut da, mut db } = grads;
+        let (Adapter { a, b, rank: r, scale }, Linear { t, din, dout }) = (ad, dims);
         let s = R::from_f64(scale as f64);
         let (mut u, mut v) = (vec![R::ZERO; r], vec![R::ZERO; r]);
         for i in 0..t {

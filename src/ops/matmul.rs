@@ -18,21 +18,69 @@ fn gemm_type(d: DType, what: &str) -> Result<GemmType> {
     }
 }
 
+/// The shape and scalars of C [m, n] = alpha·op(A) [m, k]·op(B) [k, n] + beta·C; `trans_a`: A is
+/// stored [k, m], `trans_b`: B is stored [n, k].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Mm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+impl Mm {
+    /// C [m, n] = A [m, k]·B [k, n]: no transposes, alpha = 1, beta = 0.
+    pub fn new(m: usize, n: usize, k: usize) -> Mm {
+        Mm { m, n, k, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 }
+    }
+
+    /// A stored transposed ([k, m]).
+    pub fn trans_a(self) -> Mm {
+        Mm { trans_a: true, ..self }
+    }
+
+    /// B stored transposed ([n, k]).
+    pub fn trans_b(self) -> Mm {
+        Mm { trans_b: true, ..self }
+    }
+
+    pub fn alpha(self, alpha: f32) -> Mm {
+        Mm { alpha, ..self }
+    }
+
+    /// beta = 1 accumulates into C.
+    pub fn beta(self, beta: f32) -> Mm {
+        Mm { beta, ..self }
+    }
+}
+
+/// The sizes of a linear layer: x [t, din], W [dout, din], y [t, dout].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Linear {
+    pub t: usize,
+    pub din: usize,
+    pub dout: usize,
+}
+
+/// The gradients a linear backward writes: dx [t, din] (=, skipped when None), dw [dout, din]
+/// (+=), db [dout] (f32, +=, skipped when None).
+pub struct LinearGrads<'a> {
+    pub dx: Option<&'a mut Buf>,
+    pub dw: &'a mut Buf,
+    pub db: Option<&'a mut Buf>,
+}
+
 /// C = alpha·op(A)·op(B) + beta·C (row-major; see the module doc).
-#[allow(clippy::too_many_arguments)]
-pub fn fwd(
-    dev: &Device, c: &mut Buf, a: &Buf, b: &Buf, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool,
-    alpha: f32, beta: f32,
-) -> Result<()> {
-    batched(dev, c, a, b, m, n, k, trans_a, trans_b, alpha, beta, 1)
+pub fn fwd(dev: &Device, c: &mut Buf, a: &Buf, b: &Buf, mm: Mm) -> Result<()> {
+    batched(dev, c, a, b, mm, 1)
 }
 
 /// `count` independent products over consecutive [m,k]/[k,n]/[m,n] blocks of a, b and c.
-#[allow(clippy::too_many_arguments)]
-pub fn batched(
-    dev: &Device, c: &mut Buf, a: &Buf, b: &Buf, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool,
-    alpha: f32, beta: f32, count: usize,
-) -> Result<()> {
+pub fn batched(dev: &Device, c: &mut Buf, a: &Buf, b: &Buf, mm: Mm, count: usize) -> Result<()> {
+    let Mm { m, n, k, trans_a, trans_b, alpha, beta } = mm;
     let op = "matmul";
     check(a, count * m * k, op, "a")?;
     check(b, count * k * n, op, "b")?;
@@ -45,13 +93,7 @@ pub fn batched(
                     &mut c[i * m * n..(i + 1) * m * n],
                     &a[i * m * k..(i + 1) * m * k],
                     &b[i * k * n..(i + 1) * k * n],
-                    m,
-                    n,
-                    k,
-                    trans_a,
-                    trans_b,
-                    alpha,
-                    beta,
+                    mm,
                 );
             }
             Ok(())
@@ -85,11 +127,9 @@ pub fn batched(
 }
 
 /// y [t, dout] = x [t, din] · w[dout, din]ᵀ (+ bias [dout]).
-#[allow(clippy::too_many_arguments)]
-pub fn linear_fwd(
-    dev: &Device, y: &mut Buf, x: &Buf, w: &Buf, bias: Option<&Buf>, t: usize, din: usize, dout: usize,
-) -> Result<()> {
-    fwd(dev, y, x, w, t, dout, din, false, true, 1.0, 0.0)?;
+pub fn linear_fwd(dev: &Device, y: &mut Buf, x: &Buf, w: &Buf, bias: Option<&Buf>, dims: Linear) -> Result<()> {
+    let Linear { t, din, dout } = dims;
+    fwd(dev, y, x, w, Mm::new(t, dout, din).trans_b())?;
     if let Some(b) = bias {
         elementwise::bias_add(dev, y, b, t, dout)?;
     }
@@ -99,18 +139,15 @@ pub fn linear_fwd(
 /// dx [t, din] (=) = dy·w; dw [dout, din] (+=) = dyᵀ·x; db [dout] (f32, +=) = Σ_t dy.
 /// dw is f32, or bf16 on CUDA (`GradStore::Bf16Linear`: cuBLAS reads the bf16 dw, adds the
 /// product in f32 and rounds once).
-#[allow(clippy::too_many_arguments)]
-pub fn linear_bwd(
-    dev: &Device, dx: Option<&mut Buf>, dw: &mut Buf, db: Option<&mut Buf>, dy: &Buf, x: &Buf, w: &Buf, t: usize,
-    din: usize, dout: usize,
-) -> Result<()> {
+pub fn linear_bwd(dev: &Device, grads: LinearGrads, dy: &Buf, x: &Buf, w: &Buf, dims: Linear) -> Result<()> {
+    let (LinearGrads { dx, dw, db }, Linear { t, din, dout }) = (grads, dims);
     if !(dw.dtype() == DType::F32 || (dw.dtype() == DType::BF16 && dy.dtype() == DType::BF16)) {
         check_dtype(dw, DType::F32, "linear_bwd", "dw")?;
     }
     if let Some(dx) = dx {
-        fwd(dev, dx, dy, w, t, din, dout, false, false, 1.0, 0.0)?;
+        fwd(dev, dx, dy, w, Mm::new(t, din, dout))?;
     }
-    fwd(dev, dw, dy, x, dout, din, t, true, false, 1.0, 1.0)?;
+    fwd(dev, dw, dy, x, Mm::new(dout, din, t).trans_a().beta(1.0))?;
     if let Some(db) = db {
         elementwise::bias_bwd(dev, db, dy, t, dout)?;
     }
@@ -118,13 +155,12 @@ pub fn linear_bwd(
 }
 
 pub mod cpu {
+    use super::Mm;
+
     /// C = alpha·op(A)·op(B) + beta·C in f32. Operands are first brought to the "A rows · B rows"
     /// form ([m,k] and [n,k]) so every output is a dot product of two contiguous rows.
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemm(
-        c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool, alpha: f32,
-        beta: f32,
-    ) {
+    pub fn gemm(c: &mut [f32], a: &[f32], b: &[f32], mm: Mm) {
+        let Mm { m, n, k, trans_a, trans_b, alpha, beta } = mm;
         let at;
         let a_rows: &[f32] = if trans_a {
             at = transpose(a, k, m);

@@ -54,23 +54,29 @@ impl RowIndex {
     }
 }
 
+/// The sizes of a patch embedding: n patches (output rows) of k pixel values each, embedded in d.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dims {
+    pub n: usize,
+    pub k: usize,
+    pub d: usize,
+}
+
 /// y [n, d] = x[perm] · wᵀ, with x [n_src, k] f32 pixel rows (n_src = n without perm), w [d, k].
-#[allow(clippy::too_many_arguments)]
-pub fn fwd(
-    dev: &Device, y: &mut Buf, x: &Buf, w: &Buf, perm: Option<&RowIndex>, n: usize, k: usize, d: usize,
-) -> Result<()> {
+pub fn fwd(dev: &Device, y: &mut Buf, x: &Buf, w: &Buf, perm: Option<&RowIndex>, dims: Dims) -> Result<()> {
+    let Dims { n, k, d } = dims;
     let op = "patch_embed_fwd";
     let n_src = check_inputs(op, x, perm, n, k)?;
     check(y, n * d, op, "y")?;
     check(w, d * k, op, "w")?;
     match dev {
         Device::Cpu => {
-            cpu::fwd(y.host_mut()?, x.host()?, w.host()?, perm.map(|p| p.host.as_slice()), n, k, d);
+            cpu::fwd(y.host_mut()?, x.host()?, w.host()?, perm.map(|p| p.host.as_slice()), dims);
             Ok(())
         }
         Device::Cuda(g) => {
             let dt = same_float_dtype(op, &[y, w])?;
-            let xg = gather(dev, g, x, perm, n, n_src, k, dt)?;
+            let xg = gather(dev, g, x, perm, n_src, dims, dt)?;
             g.blas.gemm(&Gemm {
                 m: n,
                 n: d,
@@ -91,10 +97,8 @@ pub fn fwd(
 }
 
 /// dw [d, k] (f32, +=) = dyᵀ · x[perm], dy [n, d].
-#[allow(clippy::too_many_arguments)]
-pub fn bwd(
-    dev: &Device, dw: &mut Buf, dy: &Buf, x: &Buf, perm: Option<&RowIndex>, n: usize, k: usize, d: usize,
-) -> Result<()> {
+pub fn bwd(dev: &Device, dw: &mut Buf, dy: &Buf, x: &Buf, perm: Option<&RowIndex>, dims: Dims) -> Result<()> {
+    let Dims { n, k, d } = dims;
     let op = "patch_embed_bwd";
     let n_src = check_inputs(op, x, perm, n, k)?;
     check(dy, n * d, op, "dy")?;
@@ -102,7 +106,7 @@ pub fn bwd(
     check_dtype(dw, DType::F32, op, "dw")?;
     match dev {
         Device::Cpu => {
-            cpu::bwd(dw.host_mut()?, dy.host()?, x.host()?, perm.map(|p| p.host.as_slice()), n, k, d);
+            cpu::bwd(dw.host_mut()?, dy.host()?, x.host()?, perm.map(|p| p.host.as_slice()), dims);
             Ok(())
         }
         Device::Cuda(g) => {
@@ -110,7 +114,7 @@ pub fn bwd(
             if dt == DType::I32 {
                 bail!("{op}: dy must be a float buffer");
             }
-            let xg = gather(dev, g, x, perm, n, n_src, k, dt)?;
+            let xg = gather(dev, g, x, perm, n_src, dims, dt)?;
             g.blas.gemm(&Gemm {
                 m: d,
                 n: k,
@@ -154,11 +158,9 @@ fn gemm_type(dt: DType) -> GemmType {
     }
 }
 
-/// The window-ordered GEMM operand [n, k] in `dt`.
-#[allow(clippy::too_many_arguments)]
-fn gather(
-    dev: &Device, g: &Gpu, x: &Buf, perm: Option<&RowIndex>, n: usize, n_src: usize, k: usize, dt: DType,
-) -> Result<Buf> {
+/// The window-ordered GEMM operand [n, k] in `dt`, from x [n_src, k].
+fn gather(dev: &Device, g: &Gpu, x: &Buf, perm: Option<&RowIndex>, n_src: usize, dims: Dims, dt: DType) -> Result<Buf> {
+    let Dims { n, k, .. } = dims;
     let out = dev.zeros(dt, n * k)?;
     let pptr = match perm {
         Some(p) => p.dev.ptr(g)?,
@@ -250,6 +252,7 @@ fn rows_launch(
 }
 
 pub mod cpu {
+    use super::Dims;
     use crate::real::Real;
 
     fn src(perm: Option<&[i32]>, i: usize) -> usize {
@@ -257,7 +260,8 @@ pub mod cpu {
     }
 
     /// y [n, d] = x[perm] [n, k] · w [d, k]ᵀ.
-    pub fn fwd<R: Real>(y: &mut [R], x: &[R], w: &[R], perm: Option<&[i32]>, n: usize, k: usize, d: usize) {
+    pub fn fwd<R: Real>(y: &mut [R], x: &[R], w: &[R], perm: Option<&[i32]>, dims: Dims) {
+        let Dims { n, k, d } = dims;
         for i in 0..n {
             let xr = &x[src(perm, i) * k..][..k];
             for o in 0..d {
@@ -268,7 +272,8 @@ pub mod cpu {
     }
 
     /// dw [d, k] += dy [n, d]ᵀ · x[perm] [n, k].
-    pub fn bwd<R: Real>(dw: &mut [R], dy: &[R], x: &[R], perm: Option<&[i32]>, n: usize, k: usize, d: usize) {
+    pub fn bwd<R: Real>(dw: &mut [R], dy: &[R], x: &[R], perm: Option<&[i32]>, dims: Dims) {
+        let Dims { n, k, d } = dims;
         for i in 0..n {
             let xr = &x[src(perm, i) * k..][..k];
             for o in 0..d {

@@ -8,11 +8,29 @@ use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
 use cudarc::driver::LaunchConfig;
 
+/// The buffers of a forward: y [rows, cols] and the saved rstd [rows] (f32) from x [rows, cols]
+/// and w [cols]. `B` is `Buf` for the op and a slice for the CPU reference.
+pub struct Fwd<'a, B: ?Sized = Buf> {
+    pub y: &'a mut B,
+    pub rstd: &'a mut B,
+    pub x: &'a B,
+    pub w: &'a B,
+}
+
+/// The buffers of a backward: dx [rows, cols] (=) and dw [cols] (f32, +=) from dy, x, w and the
+/// saved rstd. `B` is `Buf` for the op and a slice for the CPU reference.
+pub struct Bwd<'a, B: ?Sized = Buf> {
+    pub dx: &'a mut B,
+    pub dw: &'a mut B,
+    pub dy: &'a B,
+    pub x: &'a B,
+    pub w: &'a B,
+    pub rstd: &'a B,
+}
+
 /// y [rows, cols], rstd [rows] (f32) = rmsnorm(x [rows, cols], w [cols]).
-#[allow(clippy::too_many_arguments)]
-pub fn fwd(
-    dev: &Device, y: &mut Buf, rstd: &mut Buf, x: &Buf, w: &Buf, rows: usize, cols: usize, eps: f32,
-) -> Result<()> {
+pub fn fwd(dev: &Device, bufs: Fwd, rows: usize, cols: usize, eps: f32) -> Result<()> {
+    let Fwd { y, rstd, x, w } = bufs;
     let op = "rmsnorm_fwd";
     check(x, rows * cols, op, "x")?;
     check(y, rows * cols, op, "y")?;
@@ -21,7 +39,8 @@ pub fn fwd(
     check_dtype(rstd, DType::F32, op, "rstd")?;
     match dev {
         Device::Cpu => {
-            cpu::fwd(y.host_mut()?, rstd.host_mut()?, x.host()?, w.host()?, rows, cols, eps);
+            let (y, rstd, x, w) = (y.host_mut()?, rstd.host_mut()?, x.host()?, w.host()?);
+            cpu::fwd(Fwd { y, rstd, x, w }, rows, cols, eps);
             Ok(())
         }
         Device::Cuda(g) => {
@@ -64,25 +83,19 @@ pub fn plan_bwd(dtype: DType, rows: usize, cols: usize, aligned: bool) -> RmsNor
 }
 
 /// dx [rows, cols] (=), dw [cols] (f32, +=) from dy, x, w and the saved rstd.
-#[allow(clippy::too_many_arguments)]
-pub fn bwd(
-    dev: &Device, dx: &mut Buf, dw: &mut Buf, dy: &Buf, x: &Buf, w: &Buf, rstd: &Buf, rows: usize, cols: usize,
-) -> Result<()> {
+pub fn bwd(dev: &Device, bufs: Bwd, rows: usize, cols: usize) -> Result<()> {
     let kernel = match dev {
         Device::Cpu => RmsNormBwdKernel::Rows,
-        Device::Cuda(g) => plan_bwd(dx.dtype(), rows, cols, aligned16(g, &[dx, dy, x, w])?),
+        Device::Cuda(g) => plan_bwd(bufs.dx.dtype(), rows, cols, aligned16(g, &[&*bufs.dx, bufs.dy, bufs.x, bufs.w])?),
     };
-    bwd_with(dev, kernel, dx, dw, dy, x, w, rstd, rows, cols)
+    bwd_with(dev, kernel, bufs, rows, cols)
 }
 
 /// `bwd` with an explicit kernel (the bench and tests run each); an error when Vec16 cannot take
 /// the call (row length, alignment, or a `vpt` other than the one the row needs). On the CPU the
 /// kernel is ignored.
-#[allow(clippy::too_many_arguments)]
-pub fn bwd_with(
-    dev: &Device, kernel: RmsNormBwdKernel, dx: &mut Buf, dw: &mut Buf, dy: &Buf, x: &Buf, w: &Buf, rstd: &Buf,
-    rows: usize, cols: usize,
-) -> Result<()> {
+pub fn bwd_with(dev: &Device, kernel: RmsNormBwdKernel, bufs: Bwd, rows: usize, cols: usize) -> Result<()> {
+    let Bwd { dx, dw, dy, x, w, rstd } = bufs;
     let op = "rmsnorm_bwd";
     for (b, n, a) in [
         (&*dx, rows * cols, "dx"),
@@ -97,7 +110,9 @@ pub fn bwd_with(
     check_dtype(dw, DType::F32, op, "dw")?;
     match dev {
         Device::Cpu => {
-            cpu::bwd(dx.host_mut()?, dw.host_mut()?, dy.host()?, x.host()?, w.host()?, rstd.host()?, rows, cols);
+            let (dx, dw) = (dx.host_mut()?, dw.host_mut()?);
+            let (dy, x, w, rstd) = (dy.host()?, x.host()?, w.host()?, rstd.host()?);
+            cpu::bwd(Bwd { dx, dw, dy, x, w, rstd }, rows, cols);
             Ok(())
         }
         Device::Cuda(g) => {
@@ -105,7 +120,7 @@ pub fn bwd_with(
             if let RmsNormBwdKernel::Vec16 { vpt } = kernel {
                 check_vec16(op, kernel, dt, rows, cols, vpt, aligned16(g, &[dx, dy, x, w])?)?;
                 let plan = VecLaunch::new(g, rows, vpt, cols / (16 / dt.size()), 3);
-                return bwd_vec16(g, &plan, dx, dw, dy, x, w, rstd, rows, cols);
+                return bwd_vec16(g, &plan, Bwd { dx, dw, dy, x, w, rstd }, rows, cols);
             }
             // Enough blocks to fill the GPU; each owns a run of rows and writes one partial dw row.
             let nblocks = rows.clamp(1, 2 * g.sm_count as usize);
@@ -220,11 +235,8 @@ pub(crate) fn colsum_reduce(
 }
 
 /// Vec16 backward: one pass over x and dy (rows held in registers), dw partials in a cached scratch.
-#[allow(clippy::too_many_arguments)]
-fn bwd_vec16(
-    g: &Gpu, plan: &VecLaunch, dx: &mut Buf, dw: &mut Buf, dy: &Buf, x: &Buf, w: &Buf, rstd: &Buf, rows: usize,
-    cols: usize,
-) -> Result<()> {
+fn bwd_vec16(g: &Gpu, plan: &VecLaunch, bufs: Bwd, rows: usize, cols: usize) -> Result<()> {
+    let Bwd { dx, dw, dy, x, w, rstd } = bufs;
     let dt = dx.dtype();
     let part = g.scratch_f32(plan.nblocks * cols)?; // [nblocks, cols]
     let pp = dptr(&*part, &g.stream);
@@ -250,9 +262,11 @@ fn block_for(cols: usize, dt: DType) -> u32 {
 }
 
 pub mod cpu {
+    use super::{Bwd, Fwd};
     use crate::real::Real;
 
-    pub fn fwd<R: Real>(y: &mut [R], rstd: &mut [R], x: &[R], w: &[R], rows: usize, cols: usize, eps: f32) {
+    pub fn fwd<R: Real>(bufs: Fwd<[R]>, rows: usize, cols: usize, eps: f32) {
+        let Fwd { y, rstd, x, w } = bufs;
         for r in 0..rows {
             let xr = &x[r * cols..(r + 1) * cols];
             let ss = xr.iter().fold(R::ZERO, |a, &v| a + v * v);
@@ -264,8 +278,8 @@ pub mod cpu {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn bwd<R: Real>(dx: &mut [R], dw: &mut [R], dy: &[R], x: &[R], w: &[R], rstd: &[R], rows: usize, cols: usize) {
+    pub fn bwd<R: Real>(bufs: Bwd<[R]>, rows: usize, cols: usize) {
+        let Bwd { dx, dw, dy, x, w, rstd } = bufs;
         for (r, &rs) in rstd.iter().enumerate().take(rows) {
             let o = r * cols;
             let mut dot = R::ZERO;

@@ -134,21 +134,26 @@ pub fn upload_table(dev: &Device, cos: &[f32], sin: &[f32]) -> Result<(Buf, Buf)
 pub fn fwd(
     dev: &Device, x: &mut Buf, cos: &Buf, sin: &Buf, tokens: usize, heads: usize, head_dim: usize,
 ) -> Result<()> {
-    apply(dev, "rope_fwd", x, cos, sin, tokens, heads, head_dim, false)
+    apply(dev, "rope_fwd", x, cos, sin, Shape { tokens, heads, head_dim }, false)
 }
 
 /// Backward of `fwd`, in place on dx [tokens, heads, head_dim]: the inverse rotation (by −θ).
 pub fn bwd(
     dev: &Device, dx: &mut Buf, cos: &Buf, sin: &Buf, tokens: usize, heads: usize, head_dim: usize,
 ) -> Result<()> {
-    apply(dev, "rope_bwd", dx, cos, sin, tokens, heads, head_dim, true)
+    apply(dev, "rope_bwd", dx, cos, sin, Shape { tokens, heads, head_dim }, true)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn apply(
-    dev: &Device, op: &str, x: &mut Buf, cos: &Buf, sin: &Buf, tokens: usize, heads: usize, head_dim: usize,
-    inverse: bool,
-) -> Result<()> {
+/// x [tokens, heads, head_dim].
+#[derive(Clone, Copy)]
+struct Shape {
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+}
+
+fn apply(dev: &Device, op: &str, x: &mut Buf, cos: &Buf, sin: &Buf, shape: Shape, inverse: bool) -> Result<()> {
+    let Shape { tokens, heads, head_dim } = shape;
     if !head_dim.is_multiple_of(2) {
         bail!("{op}: head_dim {head_dim} must be even");
     }

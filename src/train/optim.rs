@@ -154,8 +154,15 @@ impl Optimizer {
         let Some(i) = self.find(&slot_key(r)) else { return Ok(false) };
         let hp = adamw::AdamW { lr: lr as f32, ..self.hp };
         let s = &mut self.slots[i];
-        adamw::step(dev, p, &mut s.master, g, &mut s.m, &mut s.v, s.n, &hp, self.step, scale as f32)
-            .with_context(|| format!("AdamW step on `{}`", r.name))?;
+        adamw::step(
+            dev,
+            adamw::Bufs { param: p, master: &mut s.master, grad: g, m: &mut s.m, v: &mut s.v },
+            s.n,
+            &hp,
+            self.step,
+            scale as f32,
+        )
+        .with_context(|| format!("AdamW step on `{}`", r.name))?;
         Ok(true)
     }
 

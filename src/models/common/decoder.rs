@@ -456,9 +456,9 @@ impl Block<'_> {
     #[allow(clippy::too_many_arguments)]
     fn proj(&self, dev: &Device, s: Slot, y: &mut Buf, x: &Buf, t: usize, din: usize, dout: usize) -> Result<()> {
         let (w, b) = self.w.linear(s)?;
-        matmul::linear_fwd(dev, y, x, w, b, t, din, dout)?;
+        matmul::linear_fwd(dev, y, x, w, b, matmul::Linear { t, din, dout })?;
         match self.lora.and_then(|l| l.adapter(s)) {
-            Some(ad) => lora_op::fwd(dev, y, x, &ad, t, din, dout),
+            Some(ad) => lora_op::fwd(dev, y, x, &ad, matmul::Linear { t, din, dout }),
             None => Ok(()),
         }
     }
@@ -474,16 +474,23 @@ impl Block<'_> {
         match g.base.as_deref_mut() {
             Some(gp) => {
                 let (dw, db) = gp.linear_mut(s)?;
-                matmul::linear_bwd(dev, Some(&mut *dx), dw, db, dy, x, w, t, din, dout)?;
+                matmul::linear_bwd(
+                    dev,
+                    matmul::LinearGrads { dx: Some(&mut *dx), dw, db },
+                    dy,
+                    x,
+                    w,
+                    matmul::Linear { t, din, dout },
+                )?;
             }
-            None => matmul::fwd(dev, dx, dy, w, t, din, dout, false, false, 1.0, 0.0)?,
+            None => matmul::fwd(dev, dx, dy, w, matmul::Mm::new(t, din, dout))?,
         }
         let Some(ad) = self.lora.and_then(|l| l.adapter(s)) else { return Ok(()) };
         let (da, db) = match g.lora.as_deref_mut().and_then(|l| l.grads_mut(s)) {
             Some((da, db)) => (Some(da), Some(db)),
             None => (None, None),
         };
-        lora_op::bwd(dev, Some(dx), da, db, dy, x, &ad, t, din, dout)
+        lora_op::bwd(dev, lora_op::Grads { dx: Some(dx), da, db }, dy, x, &ad, matmul::Linear { t, din, dout })
     }
 
     /// Inference step for `cache.batch` sequences of `n_new` new tokens each: out, x
@@ -520,7 +527,7 @@ impl Block<'_> {
     /// y1 = RMSNorm(x), q/k/v projections, RoPE on q and k.
     fn qkv(&self, dev: &Device, x: &Buf, a: &mut LayerActs, t: usize) -> Result<()> {
         let (d, w) = (self.dims, self.w);
-        rmsnorm::fwd(dev, &mut a.y1, &mut a.rstd1, x, &w.ln1, t, d.d, d.eps)?;
+        rmsnorm::fwd(dev, rmsnorm::Fwd { y: &mut a.y1, rstd: &mut a.rstd1, x, w: &w.ln1 }, t, d.d, d.eps)?;
         self.proj(dev, Slot::Wq, &mut a.q, &a.y1, t, d.d, d.q_dim())?;
         self.proj(dev, Slot::Wk, &mut a.k, &a.y1, t, d.d, d.kv_dim())?;
         self.proj(dev, Slot::Wv, &mut a.v, &a.y1, t, d.d, d.kv_dim())?;
@@ -535,7 +542,7 @@ impl Block<'_> {
         let (d, w) = (self.dims, self.w);
         self.proj(dev, Slot::Wo, tmp, &a.att, t, d.q_dim(), d.d)?;
         elementwise::add_into(dev, &mut a.mid, x, tmp, t * d.d)?;
-        rmsnorm::fwd(dev, &mut a.y2, &mut a.rstd2, &a.mid, &w.ln2, t, d.d, d.eps)?;
+        rmsnorm::fwd(dev, rmsnorm::Fwd { y: &mut a.y2, rstd: &mut a.rstd2, x: &a.mid, w: &w.ln2 }, t, d.d, d.eps)?;
         self.proj(dev, Slot::Wg, &mut a.gate, &a.y2, t, d.d, d.inter)?;
         self.proj(dev, Slot::Wu, &mut a.up, &a.y2, t, d.d, d.inter)?;
         act::swiglu_fwd(dev, &mut a.h, &a.gate, &a.up, t * d.inter)?;
@@ -663,7 +670,7 @@ fn norm_bwd(
     dev: &Device, dw: Option<&mut Buf>, dx: &mut Buf, dy: &Buf, x: &Buf, w: &Buf, rstd: &Buf, t: usize, d: usize,
 ) -> Result<()> {
     match dw {
-        Some(dw) => rmsnorm::bwd(dev, dx, dw, dy, x, w, rstd, t, d),
-        None => rmsnorm::bwd(dev, dx, &mut dev.zeros_f32(d)?, dy, x, w, rstd, t, d),
+        Some(dw) => rmsnorm::bwd(dev, rmsnorm::Bwd { dx, dw, dy, x, w, rstd }, t, d),
+        None => rmsnorm::bwd(dev, rmsnorm::Bwd { dx, dw: &mut dev.zeros_f32(d)?, dy, x, w, rstd }, t, d),
     }
 }

@@ -198,7 +198,7 @@ pub(super) fn embed_into(
     inject: Option<(&Buf, &RowIndex)>,
 ) -> Result<()> {
     let (s, d) = (ids_host.len(), dims.layer.d);
-    embedding::fwd(dev, x, &p.embed, ids, Some(ids_host), s, d, dims.vocab)?;
+    embedding::fwd(dev, x, &p.embed, ids, Some(ids_host), embedding::Dims { t: s, c: d, v: dims.vocab })?;
     if let Some((rows, at)) = inject {
         scatter_rows(dev, x, rows, at, d)?;
     }
@@ -240,14 +240,27 @@ pub fn forward(
     let (rope, segs) = (&f.rope, &f.seqs);
     let block = |l: usize| Block { dims: &dims.layer, w: &p.layers[l], rope, segs, causal: true, lora: lora.get(l) };
     f.acts = stack_forward(dev, dims.n_layers, &block, &mut f.hs, &|l| recompute.get(l).copied().unwrap_or(false))?;
-    rmsnorm::fwd(dev, &mut f.xf, &mut f.rstd_f, &f.hs[dims.n_layers], &p.norm, s, d, dims.layer.eps)?;
+    rmsnorm::fwd(
+        dev,
+        rmsnorm::Fwd { y: &mut f.xf, rstd: &mut f.rstd_f, x: &f.hs[dims.n_layers], w: &p.norm },
+        s,
+        d,
+        dims.layer.eps,
+    )?;
     Ok(f)
 }
 
 /// logits [t, V] = hidden [t, D] · lm_headᵀ (f32 on the CPU, the activation dtype on CUDA).
 pub fn logits(dev: &Device, dims: &LmDims, p: &LmParams, hidden: &Buf, t: usize) -> Result<Buf> {
     let mut out = dev.zeros(hidden.dtype(), t * dims.vocab)?;
-    matmul::linear_fwd(dev, &mut out, hidden, p.head(), None, t, dims.layer.d, dims.vocab)?;
+    matmul::linear_fwd(
+        dev,
+        &mut out,
+        hidden,
+        p.head(),
+        None,
+        matmul::Linear { t, din: dims.layer.d, dout: dims.vocab },
+    )?;
     Ok(out)
 }
 
@@ -268,7 +281,12 @@ pub fn backward(
         Some(g) => &mut g.norm,
         None => norm_sink.insert(dev.zeros_f32(d)?),
     };
-    rmsnorm::bwd(dev, &mut dx, dnorm, dxf, &f.hs[dims.n_layers], &p.norm, &f.rstd_f, s, d)?;
+    rmsnorm::bwd(
+        dev,
+        rmsnorm::Bwd { dx: &mut dx, dw: dnorm, dy: dxf, x: &f.hs[dims.n_layers], w: &p.norm, rstd: &f.rstd_f },
+        s,
+        d,
+    )?;
     let block = |l: usize| Block {
         dims: &dims.layer,
         w: &p.layers[l],
@@ -289,7 +307,14 @@ pub fn backward(
         None => None,
     };
     if let Some(g) = g {
-        embedding::bwd(dev, &mut g.embed, &dx, &f.ids, Some(&f.ids_host), s, d, dims.vocab)?;
+        embedding::bwd(
+            dev,
+            &mut g.embed,
+            &dx,
+            &f.ids,
+            Some(&f.ids_host),
+            embedding::Dims { t: s, c: d, v: dims.vocab },
+        )?;
     }
     Ok(d_inject)
 }
@@ -312,7 +337,12 @@ pub fn backward_stepped(
     }
     let (s, d, dt) = (f.tokens(), dims.layer.d, p.embed.dtype());
     let mut dx = dev.zeros(dt, s * d)?;
-    rmsnorm::bwd(dev, &mut dx, &mut g.norm, dxf, &f.hs[dims.n_layers], &p.norm, &f.rstd_f, s, d)?;
+    rmsnorm::bwd(
+        dev,
+        rmsnorm::Bwd { dx: &mut dx, dw: &mut g.norm, dy: dxf, x: &f.hs[dims.n_layers], w: &p.norm, rstd: &f.rstd_f },
+        s,
+        d,
+    )?;
     let ctx = StackCtx { dims: &dims.layer, rope: &f.rope, segs: &f.seqs, causal: true };
     let mut per_layer = |l: usize, w: &mut LayerParams, gr: &LayerParams| {
         let pg = w.all_mut().into_iter().zip(gr.all()).map(|((sl, pw), (_, gb))| (names.layer(dims, l, sl), pw, gb));
@@ -327,7 +357,7 @@ pub fn backward_stepped(
         }
         None => None,
     };
-    embedding::bwd(dev, &mut g.embed, &dx, &f.ids, Some(&f.ids_host), s, d, dims.vocab)?;
+    embedding::bwd(dev, &mut g.embed, &dx, &f.ids, Some(&f.ids_host), embedding::Dims { t: s, c: d, v: dims.vocab })?;
     Ok(d_inject)
 }
 
@@ -385,7 +415,7 @@ pub fn extend(
         std::mem::swap(&mut x, &mut out);
     }
     let mut rstd = dev.zeros_f32(t)?;
-    rmsnorm::fwd(dev, &mut out, &mut rstd, &x, &p.norm, t, d, dims.layer.eps)?;
+    rmsnorm::fwd(dev, rmsnorm::Fwd { y: &mut out, rstd: &mut rstd, x: &x, w: &p.norm }, t, d, dims.layer.eps)?;
     Ok(out)
 }
 

@@ -388,7 +388,12 @@ impl LoraState {
                     );
                 }
                 // W[rows] [rows, in] += scale · B [rows, r] · A [r, in]
-                matmul::cpu::gemm(&mut w[r0..r0 + rows], &b, &a, bt.base.rows, din, l.rank, false, false, l.scale, 1.0);
+                matmul::cpu::gemm(
+                    &mut w[r0..r0 + rows],
+                    &b,
+                    &a,
+                    matmul::Mm::new(bt.base.rows, din, l.rank).alpha(l.scale).beta(1.0),
+                );
             }
         }
         Ok(())

@@ -185,8 +185,8 @@ pub fn step_logits<'s>(
     // The final norm over the n gathered rows (row-wise: the same as norming all, then gathering).
     out.set_len(n * d)?;
     rstd.set_len(n)?;
-    rmsnorm::fwd(dev, out, rstd, &rb.hidden, &p.norm, n, d, dims.layer.eps)?;
+    rmsnorm::fwd(dev, rmsnorm::Fwd { y: out, rstd, x: &rb.hidden, w: &p.norm }, n, d, dims.layer.eps)?;
     rb.logits.set_len(n * dims.vocab)?;
-    matmul::linear_fwd(dev, &mut rb.logits, out, p.head(), None, n, d, dims.vocab)?;
+    matmul::linear_fwd(dev, &mut rb.logits, out, p.head(), None, matmul::Linear { t: n, din: d, dout: dims.vocab })?;
     Ok(&mut rb.logits)
 }

@@ -356,9 +356,9 @@ impl LlavaNext {
         let (n, dv, dtx) = (tiles * vd.g * vd.g, vd.d, self.tdims.layer.d);
         let p = &self.params.proj;
         let (mut h1, mut a1, mut proj) = (dev.zeros(dt, n * dtx)?, dev.zeros(dt, n * dtx)?, dev.zeros(dt, n * dtx)?);
-        matmul::linear_fwd(dev, &mut h1, &feats, &p.w1, p.b1.as_ref(), n, dv, dtx)?;
+        matmul::linear_fwd(dev, &mut h1, &feats, &p.w1, p.b1.as_ref(), matmul::Linear { t: n, din: dv, dout: dtx })?;
         act::gelu_fwd(dev, &mut a1, &h1, n * dtx, self.gelu)?;
-        matmul::linear_fwd(dev, &mut proj, &a1, &p.w2, p.b2.as_ref(), n, dtx, dtx)?;
+        matmul::linear_fwd(dev, &mut proj, &a1, &p.w2, p.b2.as_ref(), matmul::Linear { t: n, din: dtx, dout: dtx })?;
         let pack = packing(dev, &geos, vd.g, n)?;
         let mut out = dev.zeros(dt, pack.tokens * dtx)?;
         let mut sel = dev.zeros(dt, pack.src.len() * dtx)?;
@@ -382,21 +382,24 @@ impl LlavaNext {
         gather_rows(dev, &mut dnl, dout, &pk.newline, dtx)?;
         elementwise::bias_bwd(dev, &mut g.newline, &dnl, pk.newline.len(), dtx)?;
         let mut da1 = dev.zeros(dt, n * dtx)?;
-        matmul::linear_bwd(dev, Some(&mut da1), &mut g.proj.w2, g.proj.b2.as_mut(), &dproj, &f.a1, &p.w2, n, dtx, dtx)?;
+        matmul::linear_bwd(
+            dev,
+            matmul::LinearGrads { dx: Some(&mut da1), dw: &mut g.proj.w2, db: g.proj.b2.as_mut() },
+            &dproj,
+            &f.a1,
+            &p.w2,
+            matmul::Linear { t: n, din: dtx, dout: dtx },
+        )?;
         let mut dh1 = dproj; // reuse [n, Dt]
         act::gelu_bwd(dev, &mut dh1, &da1, &f.h1, n * dtx, self.gelu)?;
         let mut dfeat = dev.zeros(dt, n * vd.d)?;
         matmul::linear_bwd(
             dev,
-            Some(&mut dfeat),
-            &mut g.proj.w1,
-            g.proj.b1.as_mut(),
+            matmul::LinearGrads { dx: Some(&mut dfeat), dw: &mut g.proj.w1, db: g.proj.b1.as_mut() },
             &dh1,
             &f.feats,
             &p.w1,
-            n,
-            vd.d,
-            dtx,
+            matmul::Linear { t: n, din: vd.d, dout: dtx },
         )?;
         vision::backward(dev, vd, &self.params.vision, &mut g.vision, &f.clip, &dfeat)
     }

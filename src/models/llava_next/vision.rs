@@ -325,18 +325,37 @@ impl Layer<'_> {
     fn forward(&self, dev: &Device, out: &mut Buf, x: &Buf, a: &mut ClipActs) -> Result<()> {
         let (dm, w, t) = (self.dims, self.w, self.segs.total());
         let (d, i) = (dm.d, dm.inter);
-        layernorm::fwd(dev, &mut a.y1, &mut a.mean1, &mut a.rstd1, x, &w.ln1_w, &w.ln1_b, t, d, dm.eps)?;
-        matmul::linear_fwd(dev, &mut a.q, &a.y1, &w.wq, Some(&w.bq), t, d, d)?;
-        matmul::linear_fwd(dev, &mut a.k, &a.y1, &w.wk, Some(&w.bk), t, d, d)?;
-        matmul::linear_fwd(dev, &mut a.v, &a.y1, &w.wv, Some(&w.bv), t, d, d)?;
+        layernorm::fwd(
+            dev,
+            layernorm::Fwd { y: &mut a.y1, mean: &mut a.mean1, rstd: &mut a.rstd1, x, w: &w.ln1_w, b: &w.ln1_b },
+            t,
+            d,
+            dm.eps,
+        )?;
+        matmul::linear_fwd(dev, &mut a.q, &a.y1, &w.wq, Some(&w.bq), matmul::Linear { t, din: d, dout: d })?;
+        matmul::linear_fwd(dev, &mut a.k, &a.y1, &w.wk, Some(&w.bk), matmul::Linear { t, din: d, dout: d })?;
+        matmul::linear_fwd(dev, &mut a.v, &a.y1, &w.wv, Some(&w.bv), matmul::Linear { t, din: d, dout: d })?;
         let o = attention::FwdOut { out: &mut a.att, lse: &mut a.lse };
         attention::fwd(dev, o, attention::Qkv { q: &a.q, k: &a.k, v: &a.v }, self.segs, &self.shape())?;
-        matmul::linear_fwd(dev, &mut a.mid, &a.att, &w.wo, Some(&w.bo), t, d, d)?;
+        matmul::linear_fwd(dev, &mut a.mid, &a.att, &w.wo, Some(&w.bo), matmul::Linear { t, din: d, dout: d })?;
         elementwise::add_inplace(dev, &mut a.mid, x, t * d)?;
-        layernorm::fwd(dev, &mut a.y2, &mut a.mean2, &mut a.rstd2, &a.mid, &w.ln2_w, &w.ln2_b, t, d, dm.eps)?;
-        matmul::linear_fwd(dev, &mut a.h, &a.y2, &w.fc1_w, Some(&w.fc1_b), t, d, i)?;
+        layernorm::fwd(
+            dev,
+            layernorm::Fwd {
+                y: &mut a.y2,
+                mean: &mut a.mean2,
+                rstd: &mut a.rstd2,
+                x: &a.mid,
+                w: &w.ln2_w,
+                b: &w.ln2_b,
+            },
+            t,
+            d,
+            dm.eps,
+        )?;
+        matmul::linear_fwd(dev, &mut a.h, &a.y2, &w.fc1_w, Some(&w.fc1_b), matmul::Linear { t, din: d, dout: i })?;
         act::gelu_fwd(dev, &mut a.a, &a.h, t * i, dm.act)?;
-        matmul::linear_fwd(dev, out, &a.a, &w.fc2_w, Some(&w.fc2_b), t, i, d)?;
+        matmul::linear_fwd(dev, out, &a.a, &w.fc2_w, Some(&w.fc2_b), matmul::Linear { t, din: i, dout: d })?;
         elementwise::add_inplace(dev, out, &a.mid, t * d)
     }
 
@@ -346,30 +365,100 @@ impl Layer<'_> {
         let (d, i) = (dm.d, dm.inter);
         // MLP.
         let mut da = dev.zeros(dt, t * i)?;
-        matmul::linear_bwd(dev, Some(&mut da), &mut g.fc2_w, Some(&mut g.fc2_b), dout, &a.a, &w.fc2_w, t, i, d)?;
+        matmul::linear_bwd(
+            dev,
+            matmul::LinearGrads { dx: Some(&mut da), dw: &mut g.fc2_w, db: Some(&mut g.fc2_b) },
+            dout,
+            &a.a,
+            &w.fc2_w,
+            matmul::Linear { t, din: i, dout: d },
+        )?;
         let mut dh = dev.zeros(dt, t * i)?;
         act::gelu_bwd(dev, &mut dh, &da, &a.h, t * i, dm.act)?;
         drop(da);
         let mut dy = dev.zeros(dt, t * d)?;
-        matmul::linear_bwd(dev, Some(&mut dy), &mut g.fc1_w, Some(&mut g.fc1_b), &dh, &a.y2, &w.fc1_w, t, d, i)?;
+        matmul::linear_bwd(
+            dev,
+            matmul::LinearGrads { dx: Some(&mut dy), dw: &mut g.fc1_w, db: Some(&mut g.fc1_b) },
+            &dh,
+            &a.y2,
+            &w.fc1_w,
+            matmul::Linear { t, din: d, dout: i },
+        )?;
         drop(dh);
         let mut dmid = dev.zeros(dt, t * d)?;
-        layernorm::bwd(dev, &mut dmid, &mut g.ln2_w, &mut g.ln2_b, &dy, &a.mid, &w.ln2_w, &a.mean2, &a.rstd2, t, d)?;
+        layernorm::bwd(
+            dev,
+            layernorm::Bwd {
+                dx: &mut dmid,
+                dw: &mut g.ln2_w,
+                db: &mut g.ln2_b,
+                dy: &dy,
+                x: &a.mid,
+                w: &w.ln2_w,
+                mean: &a.mean2,
+                rstd: &a.rstd2,
+            },
+            t,
+            d,
+        )?;
         elementwise::add_inplace(dev, &mut dmid, dout, t * d)?;
         // Attention.
         let mut datt = dev.zeros(dt, t * d)?;
-        matmul::linear_bwd(dev, Some(&mut datt), &mut g.wo, Some(&mut g.bo), &dmid, &a.att, &w.wo, t, d, d)?;
+        matmul::linear_bwd(
+            dev,
+            matmul::LinearGrads { dx: Some(&mut datt), dw: &mut g.wo, db: Some(&mut g.bo) },
+            &dmid,
+            &a.att,
+            &w.wo,
+            matmul::Linear { t, din: d, dout: d },
+        )?;
         let (mut dq, mut dk, mut dv) = (dev.zeros(dt, t * d)?, dev.zeros(dt, t * d)?, dev.zeros(dt, t * d)?);
         let saved = attention::FwdSaved { q: &a.q, k: &a.k, v: &a.v, out: &a.att, lse: &a.lse };
         let grads = attention::QkvGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv };
         attention::bwd(dev, grads, &datt, saved, self.segs, &self.shape())?;
         let mut tmp = datt; // reuse [T, D]
-        matmul::linear_bwd(dev, Some(&mut dy), &mut g.wq, Some(&mut g.bq), &dq, &a.y1, &w.wq, t, d, d)?;
-        matmul::linear_bwd(dev, Some(&mut tmp), &mut g.wk, Some(&mut g.bk), &dk, &a.y1, &w.wk, t, d, d)?;
+        matmul::linear_bwd(
+            dev,
+            matmul::LinearGrads { dx: Some(&mut dy), dw: &mut g.wq, db: Some(&mut g.bq) },
+            &dq,
+            &a.y1,
+            &w.wq,
+            matmul::Linear { t, din: d, dout: d },
+        )?;
+        matmul::linear_bwd(
+            dev,
+            matmul::LinearGrads { dx: Some(&mut tmp), dw: &mut g.wk, db: Some(&mut g.bk) },
+            &dk,
+            &a.y1,
+            &w.wk,
+            matmul::Linear { t, din: d, dout: d },
+        )?;
         elementwise::add_inplace(dev, &mut dy, &tmp, t * d)?;
-        matmul::linear_bwd(dev, Some(&mut tmp), &mut g.wv, Some(&mut g.bv), &dv, &a.y1, &w.wv, t, d, d)?;
+        matmul::linear_bwd(
+            dev,
+            matmul::LinearGrads { dx: Some(&mut tmp), dw: &mut g.wv, db: Some(&mut g.bv) },
+            &dv,
+            &a.y1,
+            &w.wv,
+            matmul::Linear { t, din: d, dout: d },
+        )?;
         elementwise::add_inplace(dev, &mut dy, &tmp, t * d)?;
-        layernorm::bwd(dev, dx, &mut g.ln1_w, &mut g.ln1_b, &dy, x, &w.ln1_w, &a.mean1, &a.rstd1, t, d)?;
+        layernorm::bwd(
+            dev,
+            layernorm::Bwd {
+                dx,
+                dw: &mut g.ln1_w,
+                db: &mut g.ln1_b,
+                dy: &dy,
+                x,
+                w: &w.ln1_w,
+                mean: &a.mean1,
+                rstd: &a.rstd1,
+            },
+            t,
+            d,
+        )?;
         elementwise::add_inplace(dev, dx, &dmid, t * d)
     }
 }
@@ -436,7 +525,7 @@ pub fn forward(
     // Embeddings: patch GEMM rows and the class token placed per tile, plus positions.
     let mut emb = dev.zeros(dt, t * d)?;
     let mut pe = dev.zeros(dt, n * d)?;
-    patch_embed::fwd(dev, &mut pe, &patches, &p.patch, None, n, k, d)?;
+    patch_embed::fwd(dev, &mut pe, &patches, &p.patch, None, patch_embed::Dims { n, k, d })?;
     scatter_rows(dev, &mut emb, &pe, &patch_rows, d)?;
     let mut cls = dev.zeros(dt, tiles * d)?;
     elementwise::bias_add(dev, &mut cls, &p.class_emb, tiles, d)?;
@@ -444,7 +533,13 @@ pub fn forward(
     elementwise::bias_add(dev, &mut emb, &p.pos, tiles, seq * d)?;
     let mut h0 = dev.zeros(dt, t * d)?;
     let (mut pre_mean, mut pre_rstd) = (dev.zeros_f32(t)?, dev.zeros_f32(t)?);
-    layernorm::fwd(dev, &mut h0, &mut pre_mean, &mut pre_rstd, &emb, &p.pre_w, &p.pre_b, t, d, dims.eps)?;
+    layernorm::fwd(
+        dev,
+        layernorm::Fwd { y: &mut h0, mean: &mut pre_mean, rstd: &mut pre_rstd, x: &emb, w: &p.pre_w, b: &p.pre_b },
+        t,
+        d,
+        dims.eps,
+    )?;
     let segs = Varlen::uniform(dev, tiles, seq)?;
     let mut f =
         ClipFwd { tiles, patches, patch_rows, cls_rows, segs, emb, pre_mean, pre_rstd, hs: vec![h0], acts: Vec::new() };
@@ -494,12 +589,26 @@ pub fn backward(
         std::mem::swap(&mut dx, &mut din);
     }
     let mut demb = din; // reuse [T, D]
-    layernorm::bwd(dev, &mut demb, &mut g.pre_w, &mut g.pre_b, &dx, &f.emb, &p.pre_w, &f.pre_mean, &f.pre_rstd, t, d)?;
+    layernorm::bwd(
+        dev,
+        layernorm::Bwd {
+            dx: &mut demb,
+            dw: &mut g.pre_w,
+            db: &mut g.pre_b,
+            dy: &dx,
+            x: &f.emb,
+            w: &p.pre_w,
+            mean: &f.pre_mean,
+            rstd: &f.pre_rstd,
+        },
+        t,
+        d,
+    )?;
     elementwise::bias_bwd(dev, &mut g.pos, &demb, tiles, seq * d)?;
     let mut dcls = dev.zeros(dt, tiles * d)?;
     gather_rows(dev, &mut dcls, &demb, &f.cls_rows, d)?;
     elementwise::bias_bwd(dev, &mut g.class_emb, &dcls, tiles, d)?;
     let mut dpe = dev.zeros(dt, n * d)?;
     gather_rows(dev, &mut dpe, &demb, &f.patch_rows, d)?;
-    patch_embed::bwd(dev, &mut g.patch, &dpe, &f.patches, None, n, k, d)
+    patch_embed::bwd(dev, &mut g.patch, &dpe, &f.patches, None, patch_embed::Dims { n, k, d })
 }

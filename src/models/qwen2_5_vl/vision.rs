@@ -338,7 +338,14 @@ pub fn forward(
     let rope = RopeKind::Vision2d { theta: VISION_ROPE_THETA }.upload(dev, &layout.pos, n, bd.head_dim)?;
     let (win, full) = (Varlen::new(dev, &layout.cu_window)?, Varlen::new(dev, &layout.cu_full)?);
     let mut h0 = dev.zeros(dt, n * d)?;
-    patch_embed::fwd(dev, &mut h0, &pixels, &p.patch, Some(&patch_perm), n, dims.patch_dim, d)?;
+    patch_embed::fwd(
+        dev,
+        &mut h0,
+        &pixels,
+        &p.patch,
+        Some(&patch_perm),
+        patch_embed::Dims { n, k: dims.patch_dim, d },
+    )?;
     let mut f = VisionFwd {
         layout,
         pixels,
@@ -358,11 +365,24 @@ pub fn forward(
     f.acts = stack_forward(dev, dims.depth, &|i| block(dims, p, lora, rope, win, full, i), &mut f.hs, &|_| recompute)?;
     // Merger, in window order; then rows back to image order.
     let md = dims.merged_dim();
-    rmsnorm::fwd(dev, &mut f.yq, &mut f.rstd_q, &f.hs[dims.depth], &p.ln_q, n, d, VISION_EPS)?;
-    matmul::linear_fwd(dev, &mut f.h1, &f.yq, &p.mlp0_w, Some(&p.mlp0_b), nm, md, md)?;
+    rmsnorm::fwd(
+        dev,
+        rmsnorm::Fwd { y: &mut f.yq, rstd: &mut f.rstd_q, x: &f.hs[dims.depth], w: &p.ln_q },
+        n,
+        d,
+        VISION_EPS,
+    )?;
+    matmul::linear_fwd(dev, &mut f.h1, &f.yq, &p.mlp0_w, Some(&p.mlp0_b), matmul::Linear { t: nm, din: md, dout: md })?;
     act::gelu_fwd(dev, &mut f.g1, &f.h1, nm * md, Gelu::Erf)?;
     let mut merged = dev.zeros(dt, nm * dims.out)?;
-    matmul::linear_fwd(dev, &mut merged, &f.g1, &p.mlp2_w, Some(&p.mlp2_b), nm, md, dims.out)?;
+    matmul::linear_fwd(
+        dev,
+        &mut merged,
+        &f.g1,
+        &p.mlp2_w,
+        Some(&p.mlp2_b),
+        matmul::Linear { t: nm, din: md, dout: dims.out },
+    )?;
     let mut embeds = dev.zeros(dt, nm * dims.out)?;
     patch_embed::gather_rows(dev, &mut embeds, &merged, &to_image, dims.out)?;
     Ok((embeds, f))
@@ -382,17 +402,13 @@ pub fn backward(
     match g.as_deref_mut() {
         Some(g) => matmul::linear_bwd(
             dev,
-            Some(&mut dg1),
-            &mut g.mlp2_w,
-            Some(&mut g.mlp2_b),
+            matmul::LinearGrads { dx: Some(&mut dg1), dw: &mut g.mlp2_w, db: Some(&mut g.mlp2_b) },
             &dmerged,
             &f.g1,
             &p.mlp2_w,
-            nm,
-            md,
-            dims.out,
+            matmul::Linear { t: nm, din: md, dout: dims.out },
         )?,
-        None => matmul::fwd(dev, &mut dg1, &dmerged, &p.mlp2_w, nm, md, dims.out, false, false, 1.0, 0.0)?,
+        None => matmul::fwd(dev, &mut dg1, &dmerged, &p.mlp2_w, matmul::Mm::new(nm, md, dims.out))?,
     }
     let mut dh1 = dev.zeros(dt, nm * md)?;
     act::gelu_bwd(dev, &mut dh1, &dg1, &f.h1, nm * md, Gelu::Erf)?;
@@ -400,17 +416,13 @@ pub fn backward(
     match g.as_deref_mut() {
         Some(g) => matmul::linear_bwd(
             dev,
-            Some(&mut dyq),
-            &mut g.mlp0_w,
-            Some(&mut g.mlp0_b),
+            matmul::LinearGrads { dx: Some(&mut dyq), dw: &mut g.mlp0_w, db: Some(&mut g.mlp0_b) },
             &dh1,
             &f.yq,
             &p.mlp0_w,
-            nm,
-            md,
-            md,
+            matmul::Linear { t: nm, din: md, dout: md },
         )?,
-        None => matmul::fwd(dev, &mut dyq, &dh1, &p.mlp0_w, nm, md, md, false, false, 1.0, 0.0)?,
+        None => matmul::fwd(dev, &mut dyq, &dh1, &p.mlp0_w, matmul::Mm::new(nm, md, md))?,
     }
     let mut dx = dev.zeros(dt, n * d)?;
     let mut lnq_sink = None;
@@ -418,7 +430,12 @@ pub fn backward(
         Some(g) => &mut g.ln_q,
         None => lnq_sink.insert(dev.zeros_f32(d)?),
     };
-    rmsnorm::bwd(dev, &mut dx, dlnq, &dyq, &f.hs[dims.depth], &p.ln_q, &f.rstd_q, n, d)?;
+    rmsnorm::bwd(
+        dev,
+        rmsnorm::Bwd { dx: &mut dx, dw: dlnq, dy: &dyq, x: &f.hs[dims.depth], w: &p.ln_q, rstd: &f.rstd_q },
+        n,
+        d,
+    )?;
     let blocks = g.as_deref_mut().map(|g| &mut g.blocks[..]);
     let dx = stack_backward(
         dev,
@@ -430,7 +447,14 @@ pub fn backward(
         dx,
     )?;
     match g {
-        Some(g) => patch_embed::bwd(dev, &mut g.patch, &dx, &f.pixels, Some(&f.patch_perm), n, dims.patch_dim, d),
+        Some(g) => patch_embed::bwd(
+            dev,
+            &mut g.patch,
+            &dx,
+            &f.pixels,
+            Some(&f.patch_perm),
+            patch_embed::Dims { n, k: dims.patch_dim, d },
+        ),
         None => Ok(()),
     }
 }
