@@ -399,7 +399,13 @@ fn grpo_fused_variants_cuda() {
                 (up(&x, dt), up(&w, dt), gpu.upload_i32(&tg).unwrap(), up(&mask, DType::F32), up(&adv, DType::F32));
             // Old / reference log-probs near the policy's (from the split forward).
             let (mut lp0, mut ls0) = (up(&vec![0.0; t], DType::F32), up(&vec![0.0; t], DType::F32));
-            logprob::fwd(&gpu, &mut lp0, &mut ls0, None, &bx, &bw, &btg, None, t, h, v).unwrap();
+            logprob::fwd(
+                &gpu,
+                logprob::FwdOut { logp: &mut lp0, lse: &mut ls0, entropy: None },
+                logprob::Inputs { hidden: &bx, lm_head: &bw, targets: &btg, dims: logprob::Dims { t, h, v } },
+                None,
+            )
+            .unwrap();
             let lp0 = gpu.to_vec(&lp0).unwrap();
             let old: Vec<f32> = lp0.iter().zip(&offs).map(|(a, b)| a - b).collect();
             let rf: Vec<f32> = lp0.iter().zip(&kl).map(|(a, b)| a + b).collect();

@@ -66,16 +66,43 @@ fn logprob_bwd_without_dw_gives_the_same_dhidden() {
     let g: Vec<f32> = (0..t).map(|i| if i % 4 == 1 { 0.0 } else { rng.normal() as f32 }).collect();
     let g = dev.upload(&g, DType::F32).unwrap();
     let (mut lp, mut ls) = (dev.zeros_f32(t).unwrap(), dev.zeros_f32(t).unwrap());
-    logprob::fwd(&dev, &mut lp, &mut ls, None, &x, &w, &tg, None, t, h, v).unwrap();
+    logprob::fwd(
+        &dev,
+        logprob::FwdOut { logp: &mut lp, lse: &mut ls, entropy: None },
+        logprob::Inputs { hidden: &x, lm_head: &w, targets: &tg, dims: logprob::Dims { t, h, v } },
+        None,
+    )
+    .unwrap();
     let (mut dh1, mut dh2) = (dev.zeros_f32(t * h).unwrap(), dev.zeros_f32(t * h).unwrap());
     let mut dw = dev.zeros_f32(v * h).unwrap();
-    logprob::bwd(&dev, &mut dh1, Some(&mut dw), &g, &x, &w, &tg, &ls, t, h, v).unwrap();
-    logprob::bwd(&dev, &mut dh2, None, &g, &x, &w, &tg, &ls, t, h, v).unwrap();
+    logprob::bwd(
+        &dev,
+        logprob::BwdOut { dhidden: &mut dh1, dlm_head: Some(&mut dw) },
+        logprob::Inputs { hidden: &x, lm_head: &w, targets: &tg, dims: logprob::Dims { t, h, v } },
+        &g,
+        &ls,
+    )
+    .unwrap();
+    logprob::bwd(
+        &dev,
+        logprob::BwdOut { dhidden: &mut dh2, dlm_head: None },
+        logprob::Inputs { hidden: &x, lm_head: &w, targets: &tg, dims: logprob::Dims { t, h, v } },
+        &g,
+        &ls,
+    )
+    .unwrap();
     assert_eq!(bits(dh1.host().unwrap()), bits(dh2.host().unwrap()), "d hidden depends on the dW path");
     assert!(dw.host().unwrap().iter().any(|&x| x != 0.0), "the Some path should still write dW");
     // A dW of the wrong size is still an error, not a panic.
     let mut bad = dev.zeros_f32(v * h - 1).unwrap();
-    let e = logprob::bwd(&dev, &mut dh1, Some(&mut bad), &g, &x, &w, &tg, &ls, t, h, v).unwrap_err();
+    let e = logprob::bwd(
+        &dev,
+        logprob::BwdOut { dhidden: &mut dh1, dlm_head: Some(&mut bad) },
+        logprob::Inputs { hidden: &x, lm_head: &w, targets: &tg, dims: logprob::Dims { t, h, v } },
+        &g,
+        &ls,
+    )
+    .unwrap_err();
     assert!(format!("{e:#}").contains("dlm_head"), "{e:#}");
 }
 
@@ -107,7 +134,19 @@ fn old_head_path(
     let (s, dm, v) = (f.tokens(), m.tdims.layer.d, m.tdims.vocab);
     let mut sink = dev.zeros_f32(v * dm).unwrap();
     let mut dxf = dev.zeros(m.dtype(), s * dm).unwrap();
-    logprob::bwd(dev, &mut dxf, Some(&mut sink), d, f.final_hidden(), m.params.text.head(), tb, lse, s, dm, v).unwrap();
+    logprob::bwd(
+        dev,
+        logprob::BwdOut { dhidden: &mut dxf, dlm_head: Some(&mut sink) },
+        logprob::Inputs {
+            hidden: f.final_hidden(),
+            lm_head: m.params.text.head(),
+            targets: tb,
+            dims: logprob::Dims { t: s, h: dm, v },
+        },
+        d,
+        lse,
+    )
+    .unwrap();
     if scale != 1.0 {
         elementwise::scale_inplace(dev, &mut dxf, scale, s * dm).unwrap();
     }
@@ -184,8 +223,19 @@ fn lora_llava_frozen_head_grads_match_the_sink_path() {
         let (s, dm) = (f.tokens(), m.tdims.layer.d);
         let mut sink = dev.zeros_f32(v * dm).unwrap();
         let mut dxf = dev.zeros(m.dtype(), s * dm).unwrap();
-        logprob::bwd(&dev, &mut dxf, Some(&mut sink), &d, f.final_hidden(), m.params.text.head(), &tb, &lse, s, dm, v)
-            .unwrap();
+        logprob::bwd(
+            &dev,
+            logprob::BwdOut { dhidden: &mut dxf, dlm_head: Some(&mut sink) },
+            logprob::Inputs {
+                hidden: f.final_hidden(),
+                lm_head: m.params.text.head(),
+                targets: &tb,
+                dims: logprob::Dims { t: s, h: dm, v },
+            },
+            &d,
+            &lse,
+        )
+        .unwrap();
         if scale != 1.0 {
             elementwise::scale_inplace(&dev, &mut dxf, scale, s * dm).unwrap();
         }

@@ -21,14 +21,31 @@ fn logprob_cpu_gradcheck() {
         let g: Vec<f64> = (0..t).map(|i| p.g[i] as f64 * m64[i]).collect();
         let loss = |x: &[f64], w: &[f64]| {
             let (mut lp, mut ls) = (vec![0.0; t], vec![0.0; t]);
-            cpu::fwd(&mut lp, &mut ls, None, x, w, &p.tg, Some(&m64), t, h, v).unwrap();
+            cpu::fwd(
+                cpu::FwdOut { logp: &mut lp, lse: &mut ls, entropy: None },
+                cpu::Inputs { hidden: x, lm_head: w, targets: &p.tg, dims: logprob::Dims { t, h, v } },
+                Some(&m64),
+            )
+            .unwrap();
             dot(&lp, &g)
         };
         let (mut lp, mut ls) = (vec![0.0; t], vec![0.0; t]);
-        cpu::fwd(&mut lp, &mut ls, None, &x, &w, &p.tg, Some(&m64), t, h, v).unwrap();
+        cpu::fwd(
+            cpu::FwdOut { logp: &mut lp, lse: &mut ls, entropy: None },
+            cpu::Inputs { hidden: &x, lm_head: &w, targets: &p.tg, dims: logprob::Dims { t, h, v } },
+            Some(&m64),
+        )
+        .unwrap();
         let mut dh = vec![f64::NAN; t * h];
         let mut dw = vec![0.0; v * h];
-        cpu::bwd(&mut dh, &mut dw, &g, &x, &w, &p.tg, &ls, t, h, v).unwrap();
+        cpu::bwd(
+            &mut dh,
+            &mut dw,
+            cpu::Inputs { hidden: &x, lm_head: &w, targets: &p.tg, dims: logprob::Dims { t, h, v } },
+            &g,
+            &ls,
+        )
+        .unwrap();
         gradcheck(&format!("logprob dhidden [{t}x{h}x{v}]"), &x, &dh, &mut |xp| loss(xp, &w), 64, 1e-6);
         gradcheck(&format!("logprob dlm_head [{t}x{h}x{v}]"), &w, &dw, &mut |wp| loss(&x, wp), 64, 1e-6);
     }
@@ -41,7 +58,12 @@ fn logprob_cpu_forward_matches_formula() {
     let p = problem(&mut rng, t, h, v, 3.0);
     let (x, w) = (to64(&p.x), to64(&p.w));
     let (mut lp, mut ls, mut en) = (vec![0.0; t], vec![0.0; t], vec![0.0; t]);
-    cpu::fwd(&mut lp, &mut ls, Some(&mut en), &x, &w, &p.tg, None, t, h, v).unwrap();
+    cpu::fwd(
+        cpu::FwdOut { logp: &mut lp, lse: &mut ls, entropy: Some(&mut en) },
+        cpu::Inputs { hidden: &x, lm_head: &w, targets: &p.tg, dims: logprob::Dims { t, h, v } },
+        None,
+    )
+    .unwrap();
     let mut worst = 0f64;
     for i in 0..t {
         let logits: Vec<f64> = (0..v).map(|j| (0..h).map(|k| x[i * h + k] * w[j * h + k]).sum()).collect();
@@ -55,27 +77,36 @@ fn logprob_cpu_forward_matches_formula() {
     assert!(worst < Tol::F64Reference.value());
     // Masked tokens read as 0; a bad target on an active token is an error naming it.
     let m = vec![0.0; t];
-    cpu::fwd(&mut lp, &mut ls, Some(&mut en), &x, &w, &p.tg, Some(&m), t, h, v).unwrap();
+    cpu::fwd(
+        cpu::FwdOut { logp: &mut lp, lse: &mut ls, entropy: Some(&mut en) },
+        cpu::Inputs { hidden: &x, lm_head: &w, targets: &p.tg, dims: logprob::Dims { t, h, v } },
+        Some(&m),
+    )
+    .unwrap();
     assert!(lp.iter().chain(&ls).chain(&en).all(|&z| z == 0.0));
     let mut bad = p.tg.clone();
     bad[2] = v as i32;
-    let e = cpu::fwd(&mut lp, &mut ls, None, &x, &w, &bad, None, t, h, v).unwrap_err().to_string();
+    let e = cpu::fwd(
+        cpu::FwdOut { logp: &mut lp, lse: &mut ls, entropy: None },
+        cpu::Inputs { hidden: &x, lm_head: &w, targets: &bad, dims: logprob::Dims { t, h, v } },
+        None,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("token 2"), "{e}");
     // Shape errors name the op and argument.
     let dev = Device::Cpu;
     let z = |n| dev.zeros_f32(n).unwrap();
     let e = logprob::fwd(
         &dev,
-        &mut z(t),
-        &mut z(t),
+        logprob::FwdOut { logp: &mut z(t), lse: &mut z(t), entropy: None },
+        logprob::Inputs {
+            hidden: &z(t * h),
+            lm_head: &z(v * h + 1),
+            targets: &dev.upload_i32(&p.tg).unwrap(),
+            dims: logprob::Dims { t, h, v },
+        },
         None,
-        &z(t * h),
-        &z(v * h + 1),
-        &dev.upload_i32(&p.tg).unwrap(),
-        None,
-        t,
-        h,
-        v,
     )
     .unwrap_err()
     .to_string();
@@ -110,17 +141,9 @@ fn logprob_cpu_fused_matches_split() {
         };
         logprob::fwd_bwd(
             &dev,
-            &mut lp,
-            Some(&mut en),
-            &mut dh,
-            &mut dw,
-            &x,
-            &w,
-            &tg,
+            logprob::FusedOut { logp: &mut lp, entropy: Some(&mut en), dhidden: &mut dh, dlm_head: &mut dw },
+            logprob::Inputs { hidden: &x, lm_head: &w, targets: &tg, dims: logprob::Dims { t, h, v } },
             masked.then_some(&mk),
-            t,
-            h,
-            v,
             &mut grad,
         )
         .unwrap();
@@ -149,12 +172,29 @@ fn bf16_logit_reference_matches_exact_when_representable() {
     let w: Vec<f64> = (0..v * h).map(|_| (rng.below(5) as f64 - 2.0) * 0.25).collect();
     let tg: Vec<i32> = (0..t).map(|_| rng.below(v) as i32).collect();
     let g: Vec<f64> = (0..t).map(|i| if i == 2 { 0.0 } else { rng.normal() }).collect();
-    let (lp, ls, en) = fwd_bf16_logits(&x, &w, &tg, None, t, h, v);
+    let (lp, ls, en) =
+        fwd_bf16_logits(cpu::Inputs { hidden: &x, lm_head: &w, targets: &tg, dims: logprob::Dims { t, h, v } }, None);
     let (mut lp0, mut ls0, mut en0) = (vec![0f64; t], vec![0f64; t], vec![0f64; t]);
-    cpu::fwd(&mut lp0, &mut ls0, Some(&mut en0), &x, &w, &tg, None, t, h, v).unwrap();
-    let (dh, dw) = bwd_bf16_logits(&g, &x, &w, &tg, &ls, t, h, v);
+    cpu::fwd(
+        cpu::FwdOut { logp: &mut lp0, lse: &mut ls0, entropy: Some(&mut en0) },
+        cpu::Inputs { hidden: &x, lm_head: &w, targets: &tg, dims: logprob::Dims { t, h, v } },
+        None,
+    )
+    .unwrap();
+    let (dh, dw) = bwd_bf16_logits(
+        cpu::Inputs { hidden: &x, lm_head: &w, targets: &tg, dims: logprob::Dims { t, h, v } },
+        &g,
+        &ls,
+    );
     let (mut dh0, mut dw0) = (vec![0f64; t * h], vec![0f64; v * h]);
-    cpu::bwd(&mut dh0, &mut dw0, &g, &x, &w, &tg, &ls0, t, h, v).unwrap();
+    cpu::bwd(
+        &mut dh0,
+        &mut dw0,
+        cpu::Inputs { hidden: &x, lm_head: &w, targets: &tg, dims: logprob::Dims { t, h, v } },
+        &g,
+        &ls0,
+    )
+    .unwrap();
     let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
     for (name, a, b) in [
         ("logp", &lp, &lp0),
@@ -170,9 +210,17 @@ fn bf16_logit_reference_matches_exact_when_representable() {
     // Generic values: the references differ by the rounding alone.
     let p = problem(&mut rng, 7, 33, 1000, 4.0).rounded(DType::BF16);
     let (x, w) = (to64(&p.x), to64(&p.w));
-    let (lp, _, _) = fwd_bf16_logits(&x, &w, &p.tg, None, p.t, p.h, p.v);
+    let (lp, _, _) = fwd_bf16_logits(
+        cpu::Inputs { hidden: &x, lm_head: &w, targets: &p.tg, dims: logprob::Dims { t: p.t, h: p.h, v: p.v } },
+        None,
+    );
     let (mut lp0, mut ls0) = (vec![0f64; p.t], vec![0f64; p.t]);
-    cpu::fwd(&mut lp0, &mut ls0, None, &x, &w, &p.tg, None, p.t, p.h, p.v).unwrap();
+    cpu::fwd(
+        cpu::FwdOut { logp: &mut lp0, lse: &mut ls0, entropy: None },
+        cpu::Inputs { hidden: &x, lm_head: &w, targets: &p.tg, dims: logprob::Dims { t: p.t, h: p.h, v: p.v } },
+        None,
+    )
+    .unwrap();
     let worst = lp.iter().zip(&lp0).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max);
     println!("bf16-logit reference vs exact, logits of spread 4: max |logp diff| {worst:.2e}");
     assert!(worst > 0.0 && worst < 0.1, "bf16 rounding of logits moved logp by {worst:.2e}");
@@ -197,12 +245,26 @@ fn logprob_fwd_matches_fused_cpu() {
         for masked in [false, true] {
             let mask = masked.then_some(&mk);
             let (mut lp, mut ls) = (dev.zeros_f32(t).unwrap(), dev.zeros_f32(t).unwrap());
-            logprob::fwd_with(&dev, &tune, &mut lp, &mut ls, None, &x, &w, &tg, mask, t, h, v).unwrap();
+            logprob::fwd_with(
+                &dev,
+                &tune,
+                logprob::FwdOut { logp: &mut lp, lse: &mut ls, entropy: None },
+                logprob::Inputs { hidden: &x, lm_head: &w, targets: &tg, dims: logprob::Dims { t, h, v } },
+                mask,
+            )
+            .unwrap();
             let (mut lp2, mut dh, mut dw) =
                 (dev.zeros_f32(t).unwrap(), dev.zeros_act(t * h).unwrap(), dev.zeros_f32(v * h).unwrap());
             let mut grad = |c: GradChunk<'_>| logprob::gather_scaled(&dev, c.dlogp, &g, c.idx, c.p0, c.n, 1.0);
-            logprob::fwd_bwd_with(&dev, &tune, &mut lp2, None, &mut dh, &mut dw, &x, &w, &tg, mask, t, h, v, &mut grad)
-                .unwrap();
+            logprob::fwd_bwd_with(
+                &dev,
+                &tune,
+                logprob::FusedOut { logp: &mut lp2, entropy: None, dhidden: &mut dh, dlm_head: &mut dw },
+                logprob::Inputs { hidden: &x, lm_head: &w, targets: &tg, dims: logprob::Dims { t, h, v } },
+                mask,
+                &mut grad,
+            )
+            .unwrap();
             let e = max_abs(lp.host().unwrap(), lp2.host().unwrap());
             println!("logprob cpu fwd vs fused logp {name} masked={masked}: max abs diff {e:.2e}");
             assert!(e <= Tol::CpuOpSelf.value(), "logprob cpu fwd vs fused {name} masked={masked}: {e:.2e}");
@@ -230,29 +292,36 @@ fn logprob_cpu_dw_overwrite() {
     let (mut lp, mut dh) = (dev.zeros_f32(t).unwrap(), dev.zeros_act(t * h).unwrap());
     let mut dw = dev.upload(&vec![7.0; v * h], DType::F32).unwrap();
     let mut grad = |c: GradChunk<'_>| logprob::gather_scaled(&dev, c.dlogp, &g, c.idx, c.p0, c.n, 1.0);
-    logprob::fwd_bwd_with(&dev, &tune, &mut lp, None, &mut dh, &mut dw, &x, &w, &tg, Some(&mk), t, h, v, &mut grad)
-        .unwrap();
+    logprob::fwd_bwd_with(
+        &dev,
+        &tune,
+        logprob::FusedOut { logp: &mut lp, entropy: None, dhidden: &mut dh, dlm_head: &mut dw },
+        logprob::Inputs { hidden: &x, lm_head: &w, targets: &tg, dims: logprob::Dims { t, h, v } },
+        Some(&mk),
+        &mut grad,
+    )
+    .unwrap();
     let e = rel_err(dw.host().unwrap(), &r.dw);
     println!("logprob cpu fused dw_overwrite dlm_head: rel err {e:.2e}");
     assert!(e < Tol::F32Reference.value(), "fused dw_overwrite: {e:.2e}");
     // bwd: dlogp = g · mask, lse from fwd.
     let (mut lp, mut ls) = (dev.zeros_f32(t).unwrap(), dev.zeros_f32(t).unwrap());
-    logprob::fwd(&dev, &mut lp, &mut ls, None, &x, &w, &tg, Some(&mk), t, h, v).unwrap();
+    logprob::fwd(
+        &dev,
+        logprob::FwdOut { logp: &mut lp, lse: &mut ls, entropy: None },
+        logprob::Inputs { hidden: &x, lm_head: &w, targets: &tg, dims: logprob::Dims { t, h, v } },
+        Some(&mk),
+    )
+    .unwrap();
     let gm: Vec<f32> = (0..t).map(|i| p.g[i] * p.mask[i]).collect();
     let mut dw = dev.upload(&vec![7.0; v * h], DType::F32).unwrap();
     logprob::bwd_with(
         &dev,
         &tune,
-        &mut dh,
-        Some(&mut dw),
+        logprob::BwdOut { dhidden: &mut dh, dlm_head: Some(&mut dw) },
+        logprob::Inputs { hidden: &x, lm_head: &w, targets: &tg, dims: logprob::Dims { t, h, v } },
         &dev.upload(&gm, DType::F32).unwrap(),
-        &x,
-        &w,
-        &tg,
         &ls,
-        t,
-        h,
-        v,
     )
     .unwrap();
     let e = rel_err(dw.host().unwrap(), &r.dw);
@@ -261,7 +330,14 @@ fn logprob_cpu_dw_overwrite() {
     // Every token masked: dlm_head becomes 0.
     let none = dev.upload(&vec![0.0; t], DType::F32).unwrap();
     let mut dw = dev.upload(&vec![7.0; v * h], DType::F32).unwrap();
-    logprob::fwd_bwd_with(&dev, &tune, &mut lp, None, &mut dh, &mut dw, &x, &w, &tg, Some(&none), t, h, v, &mut grad)
-        .unwrap();
+    logprob::fwd_bwd_with(
+        &dev,
+        &tune,
+        logprob::FusedOut { logp: &mut lp, entropy: None, dhidden: &mut dh, dlm_head: &mut dw },
+        logprob::Inputs { hidden: &x, lm_head: &w, targets: &tg, dims: logprob::Dims { t, h, v } },
+        Some(&none),
+        &mut grad,
+    )
+    .unwrap();
     assert!(dw.host().unwrap().iter().all(|&z| z == 0.0));
 }

@@ -120,7 +120,14 @@ fn check_gpu(gpu: &Device, base: &Problem, dt: DType, tunes: &[(&str, Tuning)], 
             };
             // Forward.
             let (mut lp, mut ls, mut en) = (nan(t, DType::F32), nan(t, DType::F32), nan(t, DType::F32));
-            logprob::fwd_with(gpu, tune, &mut lp, &mut ls, Some(&mut en), &x, &w, &tg, mask, t, h, v).unwrap();
+            logprob::fwd_with(
+                gpu,
+                tune,
+                logprob::FwdOut { logp: &mut lp, lse: &mut ls, entropy: Some(&mut en) },
+                logprob::Inputs { hidden: &x, lm_head: &w, targets: &tg, dims: logprob::Dims { t, h, v } },
+                mask,
+            )
+            .unwrap();
             cmp(format!("fwd logp {shape} masked={masked}{tag}"), dl(&lp), &want.logp);
             cmp(format!("fwd lse {shape} masked={masked}{tag}"), dl(&ls), &want.lse);
             cmp(format!("fwd entropy {shape} masked={masked}{tag}"), dl(&en), &want.ent);
@@ -128,8 +135,15 @@ fn check_gpu(gpu: &Device, base: &Problem, dt: DType, tunes: &[(&str, Tuning)], 
             let gm: Vec<f32> = (0..t).map(|i| if masked && p.mask[i] == 0.0 { 0.0 } else { p.g[i] }).collect();
             let mut dh = nan(t * h, dt);
             let mut dw = up(&dw_init, DType::F32);
-            logprob::bwd_with(gpu, tune, &mut dh, Some(&mut dw), &up(&gm, DType::F32), &x, &w, &tg, &ls, t, h, v)
-                .unwrap();
+            logprob::bwd_with(
+                gpu,
+                tune,
+                logprob::BwdOut { dhidden: &mut dh, dlm_head: Some(&mut dw) },
+                logprob::Inputs { hidden: &x, lm_head: &w, targets: &tg, dims: logprob::Dims { t, h, v } },
+                &up(&gm, DType::F32),
+                &ls,
+            )
+            .unwrap();
             cmp(format!("bwd dhidden {shape} masked={masked}{tag}"), dl(&dh), &want.dh);
             cmp(format!("bwd dlm_head {shape} masked={masked}{tag}"), minus(&dl(&dw), &dw0), &want.dw);
             // Fused, the callback gathering g for the packed tokens.
@@ -143,17 +157,9 @@ fn check_gpu(gpu: &Device, base: &Problem, dt: DType, tunes: &[(&str, Tuning)], 
             logprob::fwd_bwd_with(
                 gpu,
                 tune,
-                &mut lp2,
-                Some(&mut en2),
-                &mut dh2,
-                &mut dw2,
-                &x,
-                &w,
-                &tg,
+                logprob::FusedOut { logp: &mut lp2, entropy: Some(&mut en2), dhidden: &mut dh2, dlm_head: &mut dw2 },
+                logprob::Inputs { hidden: &x, lm_head: &w, targets: &tg, dims: logprob::Dims { t, h, v } },
                 mask,
-                t,
-                h,
-                v,
                 &mut grad,
             )
             .unwrap();
@@ -279,8 +285,14 @@ fn logprob_fwd_matches_fused_bitwise_cuda() {
                         up(&vec![f32::NAN; t], DType::F32),
                         up(&vec![f32::NAN; t], DType::F32),
                     );
-                    logprob::fwd_with(&gpu, &tune, &mut lp, &mut ls, Some(&mut en), &x, &w, &tg, mask, t, h, v)
-                        .unwrap();
+                    logprob::fwd_with(
+                        &gpu,
+                        &tune,
+                        logprob::FwdOut { logp: &mut lp, lse: &mut ls, entropy: Some(&mut en) },
+                        logprob::Inputs { hidden: &x, lm_head: &w, targets: &tg, dims: logprob::Dims { t, h, v } },
+                        mask,
+                    )
+                    .unwrap();
                     let (mut lp2, mut en2, mut dh, mut dw) = (
                         up(&vec![f32::NAN; t], DType::F32),
                         up(&vec![f32::NAN; t], DType::F32),
@@ -291,17 +303,14 @@ fn logprob_fwd_matches_fused_bitwise_cuda() {
                     logprob::fwd_bwd_with(
                         &gpu,
                         &tune,
-                        &mut lp2,
-                        Some(&mut en2),
-                        &mut dh,
-                        &mut dw,
-                        &x,
-                        &w,
-                        &tg,
+                        logprob::FusedOut {
+                            logp: &mut lp2,
+                            entropy: Some(&mut en2),
+                            dhidden: &mut dh,
+                            dlm_head: &mut dw,
+                        },
+                        logprob::Inputs { hidden: &x, lm_head: &w, targets: &tg, dims: logprob::Dims { t, h, v } },
                         mask,
-                        t,
-                        h,
-                        v,
                         &mut grad,
                     )
                     .unwrap();
@@ -322,7 +331,14 @@ fn logprob_fwd_matches_fused_bitwise_cuda() {
                 // For scale: the exact `fwd` against the Bf16 pass (no bit identity expected in bf16).
                 let exact = Tuning::exact();
                 let (mut lp, mut ls) = (up(&vec![f32::NAN; t], DType::F32), up(&vec![f32::NAN; t], DType::F32));
-                logprob::fwd_with(&gpu, &exact, &mut lp, &mut ls, None, &x, &w, &tg, mask, t, h, v).unwrap();
+                logprob::fwd_with(
+                    &gpu,
+                    &exact,
+                    logprob::FwdOut { logp: &mut lp, lse: &mut ls, entropy: None },
+                    logprob::Inputs { hidden: &x, lm_head: &w, targets: &tg, dims: logprob::Dims { t, h, v } },
+                    mask,
+                )
+                .unwrap();
                 if let Some(b) = fused_bf16 {
                     let e = max_abs(&gpu.to_vec(&lp).unwrap(), &b);
                     println!("logprob exact fwd vs fused bf16 {} [t={t} h={h} v={v}] masked={masked}: max |logp diff| {e:.2e} (info: what a ratio would see without item 4)", dt.suffix());
@@ -385,24 +401,24 @@ fn logprob_cuda_dw_overwrite_all_masked() {
         logprob::fwd_bwd_with(
             &gpu,
             &tune,
-            &mut lp,
-            None,
-            &mut dh,
-            &mut dw,
-            &x,
-            &w,
-            &tg,
+            logprob::FusedOut { logp: &mut lp, entropy: None, dhidden: &mut dh, dlm_head: &mut dw },
+            logprob::Inputs { hidden: &x, lm_head: &w, targets: &tg, dims: logprob::Dims { t, h, v } },
             Some(&none),
-            t,
-            h,
-            v,
             &mut grad,
         )
         .unwrap();
         let ok = [&lp, &dh, &dw].iter().all(|b| gpu.to_vec(b).unwrap().iter().all(|&z| z == 0.0));
         // bwd with dlogp = 0 everywhere.
         let mut dw2 = up(&vec![f32::NAN; v * h], DType::F32);
-        logprob::bwd_with(&gpu, &tune, &mut dh, Some(&mut dw2), &none, &x, &w, &tg, &none, t, h, v).unwrap();
+        logprob::bwd_with(
+            &gpu,
+            &tune,
+            logprob::BwdOut { dhidden: &mut dh, dlm_head: Some(&mut dw2) },
+            logprob::Inputs { hidden: &x, lm_head: &w, targets: &tg, dims: logprob::Dims { t, h, v } },
+            &none,
+            &none,
+        )
+        .unwrap();
         let ok2 =
             gpu.to_vec(&dw2).unwrap().iter().all(|&z| z == 0.0) && gpu.to_vec(&dh).unwrap().iter().all(|&z| z == 0.0);
         println!("logprob cuda dw_overwrite all masked v{var}: fused outputs zero {ok}, bwd outputs zero {ok2}");

@@ -3,7 +3,7 @@
 //! and on CUDA at policy == old == reference, where the ratio must be exactly 1.
 mod common;
 use am3safety::ops::grpo::{self, Aggregation, GrpoBatch, GrpoHyper};
-use am3safety::ops::logprob::{self, LogitPrecision, Tuning};
+use am3safety::ops::logprob::{self, cpu, LogitPrecision, Tuning};
 use am3safety::tensor::{DType, Device};
 use common::*;
 
@@ -31,7 +31,12 @@ fn check_grpo_fused(dev: &Device, dtypes: &[(DType, Tol)]) -> Vec<String> {
             let (x64, w64) = (to64(&p.x), to64(&p.w));
             let (mut lp, mut ls) = (vec![0f64; t], vec![0f64; t]);
             let m64 = to64(&mask);
-            logprob::cpu::fwd(&mut lp, &mut ls, None, &x64, &w64, &p.tg, Some(&m64), t, h, v).unwrap();
+            cpu::fwd(
+                cpu::FwdOut { logp: &mut lp, lse: &mut ls, entropy: None },
+                cpu::Inputs { hidden: &x64, lm_head: &w64, targets: &p.tg, dims: logprob::Dims { t, h, v } },
+                Some(&m64),
+            )
+            .unwrap();
             let old: Vec<f64> = lp.iter().map(|&x| x - [0.0, 0.05, -0.05, 0.6, -0.6][rng.below(5)]).collect();
             let rf: Vec<f64> = lp.iter().map(|&x| x + rng.range(-0.5, 0.5)).collect();
             let adv: Vec<f64> = (0..rows).map(|_| rng.normal()).collect();
@@ -41,8 +46,12 @@ fn check_grpo_fused(dev: &Device, dtypes: &[(DType, Tol)]) -> Vec<String> {
             // The Bf16 pass on the GPU too; in bf16 it is held to the bf16-rounded-logit reference.
             // var: 1 = ExactF32, 3 = Bf16 (rounds the logits to bf16).
             let variants: &[u8] = if matches!(dev, Device::Cuda(_)) { &[1, 3] } else { &[1] };
-            let rounded = (dt == DType::BF16 && variants.len() > 1)
-                .then(|| fwd_bf16_logits(&x64, &w64, &p.tg, Some(&m64), t, h, v));
+            let rounded = (dt == DType::BF16 && variants.len() > 1).then(|| {
+                fwd_bf16_logits(
+                    cpu::Inputs { hidden: &x64, lm_head: &w64, targets: &p.tg, dims: logprob::Dims { t, h, v } },
+                    Some(&m64),
+                )
+            });
             for (agg, &var) in [Aggregation::TokenMean, Aggregation::SeqMean]
                 .into_iter()
                 .flat_map(|a| variants.iter().map(move |b| (a, b)))
@@ -61,11 +70,22 @@ fn check_grpo_fused(dev: &Device, dtypes: &[(DType, Tol)]) -> Vec<String> {
                     agg,
                 );
                 let (dh, dw) = if rounded.is_some() && bf {
-                    bwd_bf16_logits(&dl, &x64, &w64, &p.tg, ls, t, h, v)
+                    bwd_bf16_logits(
+                        cpu::Inputs { hidden: &x64, lm_head: &w64, targets: &p.tg, dims: logprob::Dims { t, h, v } },
+                        &dl,
+                        ls,
+                    )
                 } else {
                     let mut dh = vec![0f64; t * h];
                     let mut dw = vec![0f64; v * h];
-                    logprob::cpu::bwd(&mut dh, &mut dw, &dl, &x64, &w64, &p.tg, ls, t, h, v).unwrap();
+                    cpu::bwd(
+                        &mut dh,
+                        &mut dw,
+                        cpu::Inputs { hidden: &x64, lm_head: &w64, targets: &p.tg, dims: logprob::Dims { t, h, v } },
+                        &dl,
+                        ls,
+                    )
+                    .unwrap();
                     (dh, dw)
                 };
                 let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
@@ -166,7 +186,14 @@ fn grpo_ratio_exactly_one_cuda() {
         for (name, tune) in kept_tunings(v, DType::BF16) {
             // The old policy and the reference: the same weights, through `fwd` of this mode.
             let (mut old, mut ls) = (up(&vec![0.0; t], DType::F32), up(&vec![0.0; t], DType::F32));
-            logprob::fwd_with(&gpu, &tune, &mut old, &mut ls, None, &x, &w, &tg, Some(&bm), t, h, v).unwrap();
+            logprob::fwd_with(
+                &gpu,
+                &tune,
+                logprob::FwdOut { logp: &mut old, lse: &mut ls, entropy: None },
+                logprob::Inputs { hidden: &x, lm_head: &w, targets: &tg, dims: logprob::Dims { t, h, v } },
+                Some(&bm),
+            )
+            .unwrap();
             let batch = GrpoBatch { old_logp: &old, ref_logp: &old, mask: &bm, adv: &ba, rows, l };
             for agg in [Aggregation::TokenMean, Aggregation::SeqMean] {
                 let (mut lp, mut dh, mut dw) = (

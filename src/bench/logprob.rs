@@ -18,11 +18,11 @@
 //! loss: 45 ms with ≤ 1 GiB extra; goal ≤ 1.15 × 34.8 ms (three GEMMs at 770 TFLOP/s) = 40 ms.
 
 use super::{time_gpu, BenchRow};
-use crate::cuda::api;
 use crate::cuda::blas::{Gemm, GemmType};
 use crate::cuda::Gpu;
 use crate::ops::grpo::{self, Aggregation, GrpoBatch, GrpoHyper};
-use crate::ops::logprob::{self, LogitPrecision, Tuning};
+use crate::ops::logprob::stages::{self, Chunk, Cols, Fold, Pass, RowOut};
+use crate::ops::logprob::{self, Dims, FwdOut, Inputs, LogitPrecision, Tuning};
 use crate::rng::Rng;
 use crate::tensor::{Buf, DType, Device};
 use anyhow::Result;
@@ -60,6 +60,8 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     let mut dw = dev.zeros_f32(v * h)?;
     let mut rows = Vec::new();
     let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
+    let x = Inputs { hidden: &hidden, lm_head: &lm_head, targets: &targets, dims: Dims { t, h, v } };
+    let host = Host { x: &x_host, w: &w_host, tg: &tg_host, h, v };
 
     // 1. Forward only (reference policy, old policy).
     // `tune*` reproduce round 3 (dhidden in one GEMM, scratch allocated per call), so the existing
@@ -81,10 +83,9 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
         logprob::fused_plan(dev, tn, t, h, v, bf).map_or("-".to_string(), |(tc, s)| format!("tc={tc} S={s}"))
     };
     let ms = time_gpu(g, it.0, it.1, &mut || {
-        logprob::fwd_with(dev, &tune, &mut logp, &mut lse, None, &hidden, &lm_head, &targets, None, t, h, v)
+        logprob::fwd_with(dev, &tune, FwdOut { logp: &mut logp, lse: &mut lse, entropy: None }, x, None)
     })?;
-    let err =
-        if quick { None } else { Some(check_logp(dev, &logp, &x_host, &w_host, &tg_host, h, v, &[0, 1, t - 1])?) };
+    let err = if quick { None } else { Some(check_logp(dev, &logp, &host, &[0, 1, t - 1])?) };
     rows.push(BenchRow {
         op: "logprob fwd".into(),
         shape: shape.clone(),
@@ -103,10 +104,9 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     // computed exactly as the fused bf16 pass computes the policy's, so the ratio is
     // exactly 1 at policy == old. One logits GEMM per 2,048-token chunk + fold_u without the u pass.
     let ms = time_gpu(g, it.0, it.1, &mut || {
-        logprob::fwd_with(dev, &r4bf, &mut logp, &mut lse, None, &hidden, &lm_head, &targets, None, t, h, v)
+        logprob::fwd_with(dev, &r4bf, FwdOut { logp: &mut logp, lse: &mut lse, entropy: None }, x, None)
     })?;
-    let err =
-        if quick { None } else { Some(check_logp(dev, &logp, &x_host, &w_host, &tg_host, h, v, &[0, 1, t - 1])?) };
+    let err = if quick { None } else { Some(check_logp(dev, &logp, &host, &[0, 1, t - 1])?) };
     rows.push(BenchRow {
         op: "logprob fwd bf16 r4".into(),
         shape: shape.clone(),
@@ -125,9 +125,10 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     let dlogp = dev.upload(&rng.normal_vec(t, 1.0 / t as f64), DType::F32)?;
     let mut extra = 0usize;
     let ms = time_gpu(g, it.0, it.1, &mut || {
-        logprob::fwd_with(dev, &tune, &mut logp, &mut lse, None, &hidden, &lm_head, &targets, None, t, h, v)?;
+        logprob::fwd_with(dev, &tune, FwdOut { logp: &mut logp, lse: &mut lse, entropy: None }, x, None)?;
         let a = logprob::last_scratch_bytes();
-        logprob::bwd_with(dev, &tune, &mut dhidden, Some(&mut dw), &dlogp, &hidden, &lm_head, &targets, &lse, t, h, v)?;
+        let out = logprob::BwdOut { dhidden: &mut dhidden, dlm_head: Some(&mut dw) };
+        logprob::bwd_with(dev, &tune, out, x, &dlogp, &lse)?;
         extra = a.max(logprob::last_scratch_bytes());
         Ok(())
     })?;
@@ -142,7 +143,7 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     });
 
     // 3. The fused GRPO loss (3 GEMMs): old/ref log-probs near the policy's, per-rollout advantages.
-    logprob::fwd(dev, &mut logp, &mut lse, None, &hidden, &lm_head, &targets, None, t, h, v)?;
+    logprob::fwd(dev, FwdOut { logp: &mut logp, lse: &mut lse, entropy: None }, x, None)?;
     let lp = dev.to_vec(&logp)?;
     let old: Vec<f32> = lp.iter().map(|&x| x + (0.15 * rng.normal()) as f32).collect();
     let rf: Vec<f32> = lp.iter().map(|&x| x + (0.1 * rng.normal()) as f32).collect();
@@ -228,11 +229,7 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
             || name.starts_with("grpo fused r4 (")
             || name.starts_with("grpo fused bf16 r4 (")
             || name.starts_with("grpo fused bf16 900M r4 (");
-        let err = if quick || frac < 1.0 || !checked {
-            None
-        } else {
-            Some(check_logp(dev, &logp, &x_host, &w_host, &tg_host, h, v, &[0, 4097])?)
-        };
+        let err = if quick || frac < 1.0 || !checked { None } else { Some(check_logp(dev, &logp, &host, &[0, 4097])?) };
         rows.push(BenchRow {
             op: name,
             shape: shape.clone(),
@@ -296,13 +293,32 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     }
 
     // Where the time goes: each stage of one 2,048-token chunk alone (the fused pass runs 4).
+    let setup = Setup { dev, g, it, x, shape: &shape };
     if !quick {
-        rows.extend(stages(dev, g, it, &hidden, &lm_head, &targets, &mut dw, t, h, v, &shape)?);
+        rows.extend(stages(&setup, &mut dw)?);
     }
 
     // Reference: the three full-size GEMMs alone (cuBLAS, bf16 in, [T, V] bf16 logits).
-    rows.push(gemm_reference(dev, g, it, &hidden, &lm_head, &mut dhidden, &mut dw, t, h, v, gemm_flops, &shape)?);
+    rows.push(gemm_reference(&setup, &mut dhidden, &mut dw, gemm_flops)?);
     Ok(rows)
+}
+
+/// The bench's problem on the device: iterations (warm-up, timed), the inputs and the rows' shape.
+struct Setup<'a> {
+    dev: &'a Device,
+    g: &'a Gpu,
+    it: (usize, usize),
+    x: Inputs<'a>,
+    shape: &'a str,
+}
+
+/// The inputs on the host (bf16-representable f32), for the f64 check.
+struct Host<'a> {
+    x: &'a [f32],
+    w: &'a [f32],
+    tg: &'a [i32],
+    h: usize,
+    v: usize,
 }
 
 /// ‖a − b‖ / ‖b‖ in f64 (inf when a has a non-finite value).
@@ -320,14 +336,12 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
 
 /// Times the stages of one token chunk (tc = 2,048, the default) of both fused variants, each
 /// alone, with its HBM floor bytes, so PERF-logprob.md can say where the time beyond the three
-/// GEMMs goes. The launches mirror src/ops/logprob.rs (same kernels, same argument lists).
-#[allow(clippy::too_many_arguments)]
-fn stages(
-    dev: &Device, g: &Gpu, it: (usize, usize), hidden: &Buf, w: &Buf, targets: &Buf, dw: &mut Buf, t: usize, h: usize,
-    v: usize, shape: &str,
-) -> Result<Vec<BenchRow>> {
-    use crate::cuda::cfg_rows;
-    use cudarc::driver::LaunchConfig;
+/// GEMMs goes. The kernels and GEMMs are launched by the op's own stage launchers
+/// (`ops::logprob::stages`), so they are the op's calls with the same arguments.
+fn stages(s: &Setup, dw: &mut Buf) -> Result<Vec<BenchRow>> {
+    let (dev, g, it, shape) = (s.dev, s.g, s.it, s.shape);
+    let Dims { t, h, v } = s.x.dims;
+    let (hidden, w, targets) = (s.x.hidden, s.x.lm_head, s.x.targets);
     let tc = 2048usize.min(t);
     let vc = 8192usize;
     let nsub = v.div_ceil(vc);
@@ -353,62 +367,14 @@ fn stages(
         dh.ptr(g)?,
         dw.ptr(g)?,
     );
-    let gm = |m, n, k, ta, tb, a, b, c, beta, c_type| Gemm {
-        m,
-        n,
-        k,
-        trans_a: ta,
-        trans_b: tb,
-        alpha: 1.0,
-        beta,
-        a,
-        b,
-        c,
-        ab_type: GemmType::Bf16,
-        c_type,
-        batch: (1, 0, 0, 0),
-    };
-    let tile_gemm = |j: usize| {
-        let nv = vc.min(v - j * vc);
-        gm(tc, nv, h, false, true, x, wp + (j * vc * h * 2) as u64, tile, 0.0, GemmType::F32)
-    };
-    let fold_v1 = |j: usize| -> Result<()> {
-        let nv = vc.min(v - j * vc);
-        api::logprob::LogprobFold {
-            stats,
-            store,
-            moff,
-            logits: tile,
-            targets: tg,
-            n: tc as i32,
-            nv: nv as i32,
-            v0: (j * vc) as i32,
-            v: v as i32,
-            sub: j as i32,
-            nsub: nsub as i32,
-            first: (j == 0) as i32,
-        }
-        .launch(g, DType::BF16, cfg_rows(tc, 256, 0))
-    };
-    let dlogits = |off: u64, vcol: usize, ns: usize| {
-        let cfg = LaunchConfig {
-            grid_dim: (v.div_ceil(256 * 8) as u32, tc as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        api::logprob::LogprobDlogitsStored {
-            buf: store,
-            moff: off,
-            lse,
-            dlogp,
-            targets: tg,
-            n: tc as i32,
-            v: v as i32,
-            vc: vcol as i32,
-            nsub: ns as i32,
-        }
-        .launch(g, DType::BF16, cfg)
-    };
+    let ps = Pass::new(g, w, h, v)?;
+    let chunk = Chunk { t0: 0, n: tc, hid: x, tgt: tg, idx: 0 };
+    let fold = Fold { tile, stats, store, moff };
+    let tile_gemm = |j: usize| ps.logits(tile, x, tc, Cols { v0: j * vc, nv: vc.min(v - j * vc) });
+    let fold_v1 = |j: usize| ps.fold_tile(&fold, &chunk, j, vc);
+    let dlogits = |off: u64, vcol: usize| ps.dlogits_stored(store, off, lse, dlogp, &chunk, vcol);
+    let logits_bf16 = || ps.logits_kept(store, x, tc);
+    let fold_out = RowOut { logp: lp, lse, ent: 0 };
     let chunk_flops = 2.0 * (tc * h * v) as f64;
     let (wb, sb) = ((2 * v * h) as f64, (2 * tc * v) as f64);
     let mut out = Vec::new();
@@ -425,38 +391,22 @@ fn stages(
         out.push(BenchRow { op: op.into(), shape: shape.into(), ms, bytes, flops, rel_err: None, note });
     };
     // v1 forward: 19 f32 tile GEMMs, each followed by the fold of that tile into the bf16 store.
-    let ms = time_gpu(g, it.0, it.1, &mut || (0..nsub).try_for_each(|j| g.blas.gemm(&tile_gemm(j))))?;
+    let ms = time_gpu(g, it.0, it.1, &mut || (0..nsub).try_for_each(&tile_gemm))?;
     row("stage v1 logits tiles f32", ms, 2.0 * sb + wb, chunk_flops, "19 GEMMs [2048 x 8192] f32 out");
     let ms = time_gpu(g, it.0, it.1, &mut || (0..nsub).try_for_each(&fold_v1))?;
     row("stage v1 fold tiles", ms, 3.0 * sb, 0.0, "19 launches: read f32 tile, write bf16 l - m");
-    let ms = time_gpu(g, it.0, it.1, &mut || {
-        (0..nsub).try_for_each(|j| g.blas.gemm(&tile_gemm(j)).and_then(|_| fold_v1(j)))
-    })?;
+    let ms = time_gpu(g, it.0, it.1, &mut || (0..nsub).try_for_each(|j| tile_gemm(j).and_then(|_| fold_v1(j))))?;
     row("stage v1 logits+fold", ms, 3.0 * sb + wb, chunk_flops, "interleaved as in the op");
     // bf16 forward: one GEMM writing bf16 logits into the store.
-    let logits_bf16 = gm(tc, v, h, false, true, x, wp, store, 0.0, GemmType::Bf16);
-    let ms = time_gpu(g, it.0, it.1, &mut || g.blas.gemm(&logits_bf16))?;
+    let ms = time_gpu(g, it.0, it.1, &mut || logits_bf16())?;
     row("stage bf16 logits GEMM", ms, sb + wb, chunk_flops, "one GEMM [2048 x V] bf16 out into the store");
     // fold + u in one kernel (each call rewrites the row with u; timing only). 160 KiB of
     // each row cached in shared memory, as in the op.
-    g.blas.gemm(&logits_bf16)?;
-    let cache = (160usize << 10) / 2;
-    let cfg_u =
-        LaunchConfig { grid_dim: (tc as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: (cache * 2) as u32 };
+    logits_bf16()?;
+    let cache = ps.fold_u_cache();
     let ms = time_gpu(g, it.0, it.1, &mut || {
-        g.blas.gemm(&logits_bf16)?;
-        api::logprob::LogprobFoldU {
-            buf: store,
-            logp: lp,
-            lse,
-            ent: 0,
-            targets: tg,
-            n: tc as i32,
-            v: v as i32,
-            cache: cache as i32,
-            write_u: 1,
-        }
-        .launch(g, DType::BF16, cfg_u)
+        logits_bf16()?;
+        ps.fold_u(store, fold_out, &chunk, Some(cache))
     })?;
     row(
         "stage bf16 logits GEMM + fold_u",
@@ -466,21 +416,9 @@ fn stages(
         "GEMM, then read each logit once (+ L2 re-read past 160 KiB), write u",
     );
     // Round 4: `fwd` at bf16 precision runs the same kernel with write_u = 0 and no shared memory.
-    let cfg_f = LaunchConfig { shared_mem_bytes: 0, ..cfg_u };
     let ms = time_gpu(g, it.0, it.1, &mut || {
-        g.blas.gemm(&logits_bf16)?;
-        api::logprob::LogprobFoldU {
-            buf: store,
-            logp: lp,
-            lse,
-            ent: 0,
-            targets: tg,
-            n: tc as i32,
-            v: v as i32,
-            cache: 0,
-            write_u: 0,
-        }
-        .launch(g, DType::BF16, cfg_f)
+        logits_bf16()?;
+        ps.fold_u(store, fold_out, &chunk, None)
     })?;
     row(
         "stage bf16 logits GEMM + fold (fwd)",
@@ -489,23 +427,27 @@ fn stages(
         chunk_flops,
         "fwd at bf16 precision: GEMM, fold_u with write_u = 0 (one read of the chunk)",
     );
-    g.blas.gemm(&logits_bf16)?;
-    api::logprob::LogprobFoldU {
-        buf: store,
-        logp: lp,
-        lse,
-        ent: 0,
-        targets: tg,
-        n: tc as i32,
-        v: v as i32,
-        cache: 0,
-        write_u: 0,
-    }
-    .launch(g, DType::BF16, cfg_f)?;
+    logits_bf16()?;
+    ps.fold_u(store, fold_out, &chunk, None)?;
     // Shared backward stages (the store now holds logits; dlogits in place keeps it finite).
-    let ms = time_gpu(g, it.0, it.1, &mut || dlogits(zoff, v, 1))?;
+    let ms = time_gpu(g, it.0, it.1, &mut || dlogits(zoff, v))?;
     row("stage dlogits in place", ms, 2.0 * sb, 0.0, "read + write the bf16 [2048 x V] chunk");
-    let dh_gemm = gm(tc, h, v, false, false, store, wp, dh, 0.0, GemmType::F32);
+    // The round-3 dhidden: one plain GEMM (no split), f32 out.
+    let dh_gemm = Gemm {
+        m: tc,
+        n: h,
+        k: v,
+        trans_a: false,
+        trans_b: false,
+        alpha: 1.0,
+        beta: 0.0,
+        a: store,
+        b: wp,
+        c: dh,
+        ab_type: GemmType::Bf16,
+        c_type: GemmType::F32,
+        batch: (1, 0, 0, 0),
+    };
     let ms = time_gpu(g, it.0, it.1, &mut || g.blas.gemm(&dh_gemm))?;
     row("stage dhidden GEMM", ms, sb + wb + (4 * tc * h) as f64, chunk_flops, "m=2048 n=3584 k=V, f32 out");
     // Round 4: the dhidden GEMM split over S vocabulary slices (one strided-batched GEMM into S
@@ -515,7 +457,7 @@ fn stages(
         let tc9 = 2731usize.min(t);
         let store9 = dev.zeros(bf, tc9 * v)?;
         let s9 = store9.ptr(g)?;
-        g.blas.gemm(&gm(tc9, v, h, false, true, x, wp, s9, 0.0, GemmType::Bf16))?; // logits: realistic values
+        ps.logits_kept(s9, x, tc9)?; // logits: realistic values
         let part = dev.zeros(f4, 4 * tc9 * h)?;
         let dhb = dev.zeros(bf, tc9 * h)?;
         let (part, dhb) = (part.ptr(g)?, dhb.ptr(g)?);
@@ -523,23 +465,12 @@ fn stages(
             for sp in 1..=4usize {
                 let mut count = 0;
                 let gemm_ms = time_gpu(g, it.0, it.1, &mut || {
-                    count = logprob::dhidden_split_gemm(g, w, u, part, rows, h, v, sp)?;
+                    count = logprob::dhidden_split_gemm(g, w, Dims { t: rows, h, v }, u, part, sp)?;
                     Ok(())
                 })?;
                 let ms = time_gpu(g, it.0, it.1, &mut || {
-                    logprob::dhidden_split_gemm(g, w, u, part, rows, h, v, sp)?;
-                    api::logprob::LogprobScatterSum {
-                        dst: dhb,
-                        src: part,
-                        g: 0,
-                        idx: 0,
-                        row0: 0,
-                        n: rows as i32,
-                        cols: h as i32,
-                        nsplit: count as i32,
-                        pstride: (rows * h) as i64,
-                    }
-                    .launch(g, DType::BF16, cfg_rows(rows, 256, 0))
+                    logprob::dhidden_split_gemm(g, w, Dims { t: rows, h, v }, u, part, sp)?;
+                    ps.scatter_sum(dhb, part, count, 0, &Chunk { t0: 0, n: rows, hid: x, tgt: tg, idx: 0 })
                 })?;
                 let tiles = rows.div_ceil(128) * h.div_ceil(256) * count;
                 let op = if rows == tc {
@@ -565,8 +496,7 @@ fn stages(
             }
         }
     }
-    let dw_gemm = gm(v, h, tc, true, false, store, x, dwp, 1.0, GemmType::F32);
-    let ms = time_gpu(g, it.0, it.1, &mut || g.blas.gemm(&dw_gemm))?;
+    let ms = time_gpu(g, it.0, it.1, &mut || ps.dw(dwp, store, x, tc, Cols { v0: 0, nv: v }, 1.0))?;
     row(
         "stage dW GEMM k=2048",
         ms,
@@ -609,14 +539,7 @@ fn stages(
     let flags = dev.upload(&vec![1.0; t], DType::F32)?;
     let (idx, pos, cnt) = (dev.zeros(DType::I32, t)?, dev.zeros(DType::I32, t)?, dev.zeros(DType::I32, 1)?);
     let ms = time_gpu(g, it.0, it.1, &mut || {
-        api::logprob::LogprobScanNonzero {
-            idx: idx.ptr(g)?,
-            pos: pos.ptr(g)?,
-            count: cnt.ptr(g)?,
-            flags: flags.ptr(g)?,
-            n: t as i32,
-        }
-        .launch(g, cfg_rows(1, 1024, 0))?;
+        stages::scan_nonzero(g, &flags, &idx, &pos, &cnt, t)?;
         dev.to_vec_i32(&cnt).map(|_| ())
     })?;
     row(
@@ -631,10 +554,8 @@ fn stages(
 }
 
 /// Relative error of logp at the given tokens against an f64 computation on the host.
-#[allow(clippy::too_many_arguments)]
-fn check_logp(
-    dev: &Device, logp: &Buf, x: &[f32], w: &[f32], tg: &[i32], h: usize, v: usize, toks: &[usize],
-) -> Result<f64> {
+fn check_logp(dev: &Device, logp: &Buf, host: &Host, toks: &[usize]) -> Result<f64> {
+    let Host { x, w, tg, h, v } = *host;
     let got = dev.to_vec(logp)?;
     let (mut num, mut den) = (0f64, 0f64);
     for &i in toks {
@@ -654,11 +575,10 @@ fn check_logp(
 }
 
 /// logits [T, V] = hidden · Wᵀ (bf16 out), dhidden = logits · W, dW += logitsᵀ · hidden (f32).
-#[allow(clippy::too_many_arguments)]
-fn gemm_reference(
-    dev: &Device, g: &Gpu, it: (usize, usize), hidden: &Buf, w: &Buf, dh: &mut Buf, dw: &mut Buf, t: usize, h: usize,
-    v: usize, gemm_flops: f64, shape: &str,
-) -> Result<BenchRow> {
+fn gemm_reference(s: &Setup, dh: &mut Buf, dw: &mut Buf, gemm_flops: f64) -> Result<BenchRow> {
+    let (dev, g, it, shape) = (s.dev, s.g, s.it, s.shape);
+    let Dims { t, h, v } = s.x.dims;
+    let (hidden, w) = (s.x.hidden, s.x.lm_head);
     let logits = dev.zeros(DType::BF16, t * v)?;
     let (x, wp, l, dhp, dwp) = (hidden.ptr(g)?, w.ptr(g)?, logits.ptr(g)?, dh.ptr(g)?, dw.ptr(g)?);
     let gm = |m, n, k, ta, tb, a, b, c, beta, c_type| Gemm {

@@ -288,17 +288,9 @@ pub fn fused_loss_with(
             logprob::fwd_bwd_with(
                 dev,
                 tune,
-                logp,
-                None,
-                dhidden,
-                dlm_head,
-                hidden,
-                lm_head,
-                targets,
+                logprob::FusedOut { logp, entropy: None, dhidden, dlm_head },
+                logprob::Inputs { hidden, lm_head, targets, dims: logprob::Dims { t, h, v } },
                 Some(mask),
-                t,
-                h,
-                v,
                 &mut grad,
             )?;
             Ok(cpu::stats(&acc, wrow.1))
@@ -311,17 +303,9 @@ pub fn fused_loss_with(
             logprob::fwd_bwd_with(
                 dev,
                 tune,
-                logp,
-                None,
-                dhidden,
-                dlm_head,
-                hidden,
-                lm_head,
-                targets,
+                logprob::FusedOut { logp, entropy: None, dhidden, dlm_head },
+                logprob::Inputs { hidden, lm_head, targets, dims: logprob::Dims { t, h, v } },
                 Some(mask),
-                t,
-                h,
-                v,
                 &mut grad,
             )?;
             logprob::add_scratch_bytes(plan.bytes);

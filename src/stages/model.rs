@@ -290,7 +290,10 @@ impl VlModel {
             Net::Llava(m) => m.params.text.head(),
         };
         let (mut logp, mut lse, mut ent) = (dev.zeros_f32(s)?, dev.zeros_f32(s)?, dev.zeros_f32(s)?);
-        crate::ops::logprob::fwd(dev, &mut logp, &mut lse, Some(&mut ent), h, head, targets, mask, s, d, v)?;
+        use crate::ops::logprob::{Dims, FwdOut, Inputs};
+        let out = FwdOut { logp: &mut logp, lse: &mut lse, entropy: Some(&mut ent) };
+        let head_in = Inputs { hidden: h, lm_head: head, targets, dims: Dims { t: s, h: d, v } };
+        crate::ops::logprob::fwd(dev, out, head_in, mask)?;
         Ok((logp, lse, ent))
     }
 

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use super::common::*;
-use am3safety::ops::logprob::{cpu, LogitPrecision, Tuning};
+use am3safety::ops::logprob::{self, cpu, LogitPrecision, Tuning};
 use am3safety::tensor::DType;
 
 /// A random problem: hidden [t, h], w [v, h] (logits of spread ~`scale`), targets, mask, dlogp.
@@ -69,11 +69,23 @@ pub fn reference(p: &Problem, masked: bool, dw0: &[f32]) -> Ref {
     let m64 = to64(&p.mask);
     let mask = if masked { Some(&m64[..]) } else { None };
     let (mut logp, mut lse, mut ent) = (vec![0f64; t], vec![0f64; t], vec![0f64; t]);
-    cpu::fwd(&mut logp, &mut lse, Some(&mut ent), &x, &w, &p.tg, mask, t, h, v).unwrap();
+    cpu::fwd(
+        cpu::FwdOut { logp: &mut logp, lse: &mut lse, entropy: Some(&mut ent) },
+        cpu::Inputs { hidden: &x, lm_head: &w, targets: &p.tg, dims: logprob::Dims { t, h, v } },
+        mask,
+    )
+    .unwrap();
     let g: Vec<f64> = (0..t).map(|i| if masked && p.mask[i] == 0.0 { 0.0 } else { p.g[i] as f64 }).collect();
     let mut dh = vec![0f64; t * h];
     let mut dw = to64(dw0);
-    cpu::bwd(&mut dh, &mut dw, &g, &x, &w, &p.tg, &lse, t, h, v).unwrap();
+    cpu::bwd(
+        &mut dh,
+        &mut dw,
+        cpu::Inputs { hidden: &x, lm_head: &w, targets: &p.tg, dims: logprob::Dims { t, h, v } },
+        &g,
+        &lse,
+    )
+    .unwrap();
     let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
     Ref { logp: f(logp), lse: f(lse), ent: f(ent), dh: f(dh), dw: f(dw) }
 }
@@ -92,9 +104,8 @@ pub fn logits_bf16(x: &[f64], w: &[f64], i: usize, h: usize, v: usize) -> Vec<f6
 }
 
 /// (logp, lse, entropy) [t] from bf16-rounded logits; masked tokens 0.
-pub fn fwd_bf16_logits(
-    x: &[f64], w: &[f64], tg: &[i32], mask: Option<&[f64]>, t: usize, h: usize, v: usize,
-) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+pub fn fwd_bf16_logits(inp: cpu::Inputs<f64>, mask: Option<&[f64]>) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let cpu::Inputs { hidden: x, lm_head: w, targets: tg, dims: logprob::Dims { t, h, v } } = inp;
     let (mut lp, mut ls, mut en) = (vec![0f64; t], vec![0f64; t], vec![0f64; t]);
     for i in 0..t {
         if mask.is_some_and(|m| m[i] == 0.0) {
@@ -111,10 +122,8 @@ pub fn fwd_bf16_logits(
 }
 
 /// (dhidden [t, h], dW delta [v, h]) for upstream g [t], from bf16-rounded logits and `lse`.
-#[allow(clippy::too_many_arguments)]
-pub fn bwd_bf16_logits(
-    g: &[f64], x: &[f64], w: &[f64], tg: &[i32], lse: &[f64], t: usize, h: usize, v: usize,
-) -> (Vec<f64>, Vec<f64>) {
+pub fn bwd_bf16_logits(inp: cpu::Inputs<f64>, g: &[f64], lse: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    let cpu::Inputs { hidden: x, lm_head: w, targets: tg, dims: logprob::Dims { t, h, v } } = inp;
     let (mut dh, mut dw) = (vec![0f64; t * h], vec![0f64; v * h]);
     for i in 0..t {
         if g[i] == 0.0 {
@@ -139,9 +148,10 @@ pub fn reference_bf16_logits(p: &Problem, masked: bool) -> Ref {
     let (x, w) = (to64(&p.x), to64(&p.w));
     let m64 = to64(&p.mask);
     let mask = if masked { Some(&m64[..]) } else { None };
-    let (logp, lse, ent) = fwd_bf16_logits(&x, &w, &p.tg, mask, t, h, v);
+    let inp = cpu::Inputs { hidden: &x, lm_head: &w, targets: &p.tg, dims: logprob::Dims { t, h, v } };
+    let (logp, lse, ent) = fwd_bf16_logits(inp, mask);
     let g: Vec<f64> = (0..t).map(|i| if masked && p.mask[i] == 0.0 { 0.0 } else { p.g[i] as f64 }).collect();
-    let (dh, dw) = bwd_bf16_logits(&g, &x, &w, &p.tg, &lse, t, h, v);
+    let (dh, dw) = bwd_bf16_logits(inp, &g, &lse);
     let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
     Ref { logp: f(logp), lse: f(lse), ent: f(ent), dh: f(dh), dw: f(dw) }
 }

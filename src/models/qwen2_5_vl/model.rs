@@ -318,19 +318,13 @@ impl QwenVl {
     pub fn logprobs(&self, dev: &Device, f: &QwenFwd, targets: &Buf, mask: Option<&Buf>) -> Result<(Buf, Buf)> {
         let (s, d, v) = (f.tokens(), self.tdims.layer.d, self.tdims.vocab);
         let (mut logp, mut lse) = (dev.zeros_f32(s)?, dev.zeros_f32(s)?);
-        logprob::fwd(
-            dev,
-            &mut logp,
-            &mut lse,
-            None,
-            f.final_hidden(),
-            self.params.text.head(),
+        let head_in = logprob::Inputs {
+            hidden: f.final_hidden(),
+            lm_head: self.params.text.head(),
             targets,
-            mask,
-            s,
-            d,
-            v,
-        )?;
+            dims: logprob::Dims { t: s, h: d, v },
+        };
+        logprob::fwd(dev, logprob::FwdOut { logp: &mut logp, lse: &mut lse, entropy: None }, head_in, mask)?;
         Ok((logp, lse))
     }
 
@@ -350,7 +344,13 @@ impl QwenVl {
         self.ensure_grads(dev)?;
         let mut dxf = dev.zeros(dt, s * d)?;
         let dhead = head_grad(&mut self.grads, &self.lora)?;
-        logprob::bwd(dev, &mut dxf, dhead, dlogp, f.final_hidden(), self.params.text.head(), targets, lse, s, d, v)?;
+        let head_in = logprob::Inputs {
+            hidden: f.final_hidden(),
+            lm_head: self.params.text.head(),
+            targets,
+            dims: logprob::Dims { t: s, h: d, v },
+        };
+        logprob::bwd(dev, logprob::BwdOut { dhidden: &mut dxf, dlm_head: dhead }, head_in, dlogp, lse)?;
         if hidden_scale != 1.0 {
             crate::ops::elementwise::scale_inplace(dev, &mut dxf, hidden_scale, s * d)?;
         }
@@ -379,7 +379,15 @@ impl QwenVl {
         let Some(g) = self.grads.as_mut() else { bail!("gradients not allocated") };
         let mut dxf = dev.zeros(dt, s * d)?;
         let head = self.params.text.head();
-        logprob::bwd(dev, &mut dxf, Some(g.text.head_mut()), dlogp, f.final_hidden(), head, targets, lse, s, d, v)?;
+        let head_in =
+            logprob::Inputs { hidden: f.final_hidden(), lm_head: head, targets, dims: logprob::Dims { t: s, h: d, v } };
+        logprob::bwd(
+            dev,
+            logprob::BwdOut { dhidden: &mut dxf, dlm_head: Some(g.text.head_mut()) },
+            head_in,
+            dlogp,
+            lse,
+        )?;
         if hidden_scale != 1.0 {
             crate::ops::elementwise::scale_inplace(dev, &mut dxf, hidden_scale, s * d)?;
         }

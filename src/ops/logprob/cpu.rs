@@ -1,4 +1,5 @@
 //! The naive reference: one full logits row per token, in `R`.
+use super::Dims;
 use crate::real::Real;
 use anyhow::{bail, Result};
 
@@ -17,12 +18,33 @@ fn logits_row<R: Real>(row: &mut [R], x: &[R], w: &[R], h: usize) {
     }
 }
 
-/// logp, lse, entropy [t] from hidden [t, h], w [v, h], targets [t]; masked tokens get 0.
-#[allow(clippy::too_many_arguments)]
-pub fn fwd<R: Real>(
-    logp: &mut [R], lse: &mut [R], mut entropy: Option<&mut [R]>, hidden: &[R], w: &[R], targets: &[i32],
-    mask: Option<&[R]>, t: usize, h: usize, v: usize,
-) -> Result<()> {
+/// What the references read: hidden [t, h], lm_head [v, h], targets [t], of the shape `dims`.
+pub struct Inputs<'a, R> {
+    pub hidden: &'a [R],
+    pub lm_head: &'a [R],
+    pub targets: &'a [i32],
+    pub dims: Dims,
+}
+
+impl<R> Clone for Inputs<'_, R> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<R> Copy for Inputs<'_, R> {}
+
+/// The outputs of `fwd`, [t] each: logp, lse and the entropy (optional).
+pub struct FwdOut<'a, R> {
+    pub logp: &'a mut [R],
+    pub lse: &'a mut [R],
+    pub entropy: Option<&'a mut [R]>,
+}
+
+/// logp, lse, entropy [t] from hidden [t, h], lm_head [v, h], targets [t]; masked tokens get 0.
+pub fn fwd<R: Real>(out: FwdOut<'_, R>, x: Inputs<'_, R>, mask: Option<&[R]>) -> Result<()> {
+    let FwdOut { logp, lse, mut entropy } = out;
+    let Inputs { hidden, lm_head: w, targets, dims: Dims { t, h, v } } = x;
     let mut row = vec![R::ZERO; v];
     for i in 0..t {
         if mask.is_some_and(|m| m[i] == R::ZERO) {
@@ -50,20 +72,15 @@ pub fn fwd<R: Real>(
 }
 
 /// dhidden [t, h] (=), dw [v, h] (+=) from dlogp [t] and lse [t]; tokens with dlogp == 0 are skipped.
-#[allow(clippy::too_many_arguments)]
-pub fn bwd<R: Real>(
-    dhidden: &mut [R], dw: &mut [R], dlogp: &[R], hidden: &[R], w: &[R], targets: &[i32], lse: &[R], t: usize,
-    h: usize, v: usize,
-) -> Result<()> {
-    bwd_head(dhidden, Some(dw), dlogp, hidden, w, targets, lse, t, h, v)
+pub fn bwd<R: Real>(dhidden: &mut [R], dw: &mut [R], x: Inputs<'_, R>, dlogp: &[R], lse: &[R]) -> Result<()> {
+    bwd_head(dhidden, Some(dw), x, dlogp, lse)
 }
 
 /// `bwd` with dw optional: None (a frozen head) skips its accumulation; dhidden is unchanged.
-#[allow(clippy::too_many_arguments)]
 pub fn bwd_head<R: Real>(
-    dhidden: &mut [R], mut dw: Option<&mut [R]>, dlogp: &[R], hidden: &[R], w: &[R], targets: &[i32], lse: &[R],
-    t: usize, h: usize, v: usize,
+    dhidden: &mut [R], mut dw: Option<&mut [R]>, x: Inputs<'_, R>, dlogp: &[R], lse: &[R],
 ) -> Result<()> {
+    let Inputs { hidden, lm_head: w, targets, dims: Dims { t, h, v } } = x;
     let mut row = vec![R::ZERO; v];
     // dhidden sums over the vocabulary: accumulated in f64 (see fwd).
     let mut acc = vec![0f64; h];

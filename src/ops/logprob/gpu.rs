@@ -2,29 +2,14 @@
 //! either `LogitPrecision` (see PERF-logprob.md). Pointers are raw device addresses. The large scratch
 //! (kept logits, f32 tiles, dhidden partials) comes from the per-process cache in arena.rs and is
 //! never zeroed: each part is fully written by a GEMM or kernel before anything reads it. The
-//! dhidden GEMMs run split over vocabulary slices (splitk.rs).
+//! dhidden GEMMs run split over vocabulary slices (splitk.rs); the stages of a chunk are launched by
+//! `stages::Pass`.
 
 use super::arena::{self, Layout};
-use super::splitk::{self, SplitGemm, Splits};
+use super::splitk::{self, Splits};
+use super::stages::*;
 use super::*;
 use crate::cuda::api;
-
-fn gemm_type(dt: DType) -> GemmType {
-    match dt {
-        DType::BF16 => GemmType::Bf16,
-        _ => GemmType::F32,
-    }
-}
-
-/// Address of element `i` of a buffer whose elements are `dt`.
-fn at(p: u64, i: usize, dt: DType) -> u64 {
-    p + (i * dt.size()) as u64
-}
-
-fn scratch(dev: &Device, dt: DType, n: usize, meter: &mut usize) -> Result<Buf> {
-    *meter += n.max(1) * dt.size();
-    dev.zeros(dt, n)
-}
 
 fn opt_ptr(g: &Gpu, b: Option<&Buf>) -> Result<u64> {
     Ok(match b {
@@ -43,15 +28,26 @@ fn zero(g: &Gpu, b: &mut Buf) -> Result<()> {
     r.map_err(|e| anyhow::anyhow!("logprob: zeroing a buffer: {e}"))
 }
 
-/// A 2-D grid: `cols` columns covered by blocks of BLOCK threads × `per` columns, one grid row per token.
-fn cfg_cols(cols: usize, per: usize, rows: usize) -> LaunchConfig {
-    let x = cols.div_ceil(BLOCK as usize * per).max(1) as u32;
-    LaunchConfig { grid_dim: (x, rows.max(1) as u32, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+/// A GPU call's context: the device, the tuning and `meter`, the bytes of scratch allocated.
+pub(super) struct Call<'a> {
+    pub g: &'a Gpu,
+    pub dev: &'a Device,
+    pub tune: &'a Tuning,
+    pub meter: usize,
 }
 
-/// Columns per thread of the 16-byte vector paths.
-fn vec_n(dt: DType) -> usize {
-    16 / dt.size()
+impl Call<'_> {
+    /// A zeroed device buffer of n elements of `dt`, counted.
+    fn scratch(&mut self, dt: DType, n: usize) -> Result<Buf> {
+        self.meter += n.max(1) * dt.size();
+        self.dev.zeros(dt, n)
+    }
+
+    /// Takes the cached scratch for `lay` and counts it.
+    fn take(&mut self, lay: &Layout) -> Result<arena::Scratch> {
+        self.meter += lay.bytes;
+        arena::take(self.dev, lay.bytes, self.tune.cache_scratch)
+    }
 }
 
 /// The tokens with flags != 0, when some are not: (count, idx [t] i32, pos [t] i32).
@@ -61,29 +57,21 @@ pub(super) struct Active {
     pub pos: Buf,
 }
 
-fn active_tokens(g: &Gpu, dev: &Device, flags: &Buf, t: usize, meter: &mut usize) -> Result<Option<Active>> {
-    let idx = scratch(dev, DType::I32, t, meter)?;
-    let pos = scratch(dev, DType::I32, t, meter)?;
-    let cnt = scratch(dev, DType::I32, 1, meter)?;
-    api::logprob::LogprobScanNonzero {
-        idx: idx.ptr(g)?,
-        pos: pos.ptr(g)?,
-        count: cnt.ptr(g)?,
-        flags: flags.ptr(g)?,
-        n: t as i32,
-    }
-    .launch(g, cfg_rows(1, 1024, 0))?;
-    let n = dev.to_vec_i32(&cnt)?.first().copied().unwrap_or(0).max(0) as usize;
+fn active_tokens(cx: &mut Call, flags: &Buf, t: usize) -> Result<Option<Active>> {
+    let idx = cx.scratch(DType::I32, t)?;
+    let pos = cx.scratch(DType::I32, t)?;
+    let cnt = cx.scratch(DType::I32, 1)?;
+    scan_nonzero(cx.g, flags, &idx, &pos, &cnt, t)?;
+    let n = cx.dev.to_vec_i32(&cnt)?.first().copied().unwrap_or(0).max(0) as usize;
     Ok(if n == t { None } else { Some(Active { n, idx, pos }) })
 }
 
 /// The packed copies of hidden [ta, h] and targets [ta] when tokens were compacted.
-fn gather_inputs(
-    g: &Gpu, dev: &Device, a: &Active, hidden: &Buf, targets: &Buf, h: usize, meter: &mut usize,
-) -> Result<(Buf, Buf)> {
+fn gather_inputs(cx: &mut Call, a: &Active, hidden: &Buf, targets: &Buf, h: usize) -> Result<(Buf, Buf)> {
+    let g = cx.g;
     let dt = hidden.dtype();
-    let hp = scratch(dev, dt, a.n * h, meter)?;
-    let tp = scratch(dev, DType::I32, a.n, meter)?;
+    let hp = cx.scratch(dt, a.n * h)?;
+    let tp = cx.scratch(DType::I32, a.n)?;
     if a.n > 0 {
         api::logprob::LogprobGatherRows {
             dst: hp.ptr(g)?,
@@ -103,152 +91,6 @@ fn gather_inputs(
 fn expand(g: &Gpu, dst: &Buf, src: &Buf, a: &Active, t: usize) -> Result<()> {
     api::logprob::LogprobExpandVecF32 { dst: dst.ptr(g)?, src: src.ptr(g)?, pos: a.pos.ptr(g)?, n: t as i32 }
         .launch(g, cfg_1d(t, 256))
-}
-
-/// Shapes and pointers shared by the passes over one token chunk.
-struct Pass {
-    dt: DType,
-    gt: GemmType,
-    h: usize,
-    v: usize,
-    /// lm_head [v, h].
-    w: u64,
-}
-
-impl Pass {
-    /// f32 logits [n, nv] at `out` = hidden rows [n, h] at `hid` · lm_head rows v0 .. v0 + nv, transposed.
-    fn logits(&self, g: &Gpu, out: u64, hid: u64, n: usize, v0: usize, nv: usize) -> Result<()> {
-        self.logits_as(g, out, hid, n, v0, nv, GemmType::F32)
-    }
-
-    /// `logits` with the output type `ct` (the storage type: logits rounded as at LogitPrecision::Bf16).
-    #[allow(clippy::too_many_arguments)]
-    fn logits_as(&self, g: &Gpu, out: u64, hid: u64, n: usize, v0: usize, nv: usize, ct: GemmType) -> Result<()> {
-        g.blas.gemm(&Gemm {
-            m: n,
-            n: nv,
-            k: self.h,
-            trans_a: false,
-            trans_b: true,
-            alpha: 1.0,
-            beta: 0.0,
-            a: hid,
-            b: at(self.w, v0 * self.h, self.dt),
-            c: out,
-            ab_type: self.gt,
-            c_type: ct,
-            batch: (1, 0, 0, 0),
-        })
-    }
-
-    /// Folds every vocab tile of the chunk's rows into `stats` [n, 4]; with `store`, also keeps
-    /// the tiles ([n, v] at the storage dtype, values relative to `moff` [n, nsub]).
-    #[allow(clippy::too_many_arguments)]
-    fn fold_rows(
-        &self, g: &Gpu, tile: u64, stats: u64, store: u64, moff: u64, hid: u64, tgt: u64, n: usize, vc: usize,
-    ) -> Result<()> {
-        let nsub = self.v.div_ceil(vc);
-        for j in 0..nsub {
-            let v0 = j * vc;
-            let nv = vc.min(self.v - v0);
-            self.logits(g, tile, hid, n, v0, nv)?;
-            api::logprob::LogprobFold {
-                stats,
-                store,
-                moff,
-                logits: tile,
-                targets: tgt,
-                n: n as i32,
-                nv: nv as i32,
-                v0: v0 as i32,
-                v: self.v as i32,
-                sub: j as i32,
-                nsub: nsub as i32,
-                first: (j == 0) as i32,
-            }
-            .launch(g, self.dt, cfg_rows(n, BLOCK, 0))?;
-        }
-        Ok(())
-    }
-
-    fn finalize(&self, g: &Gpu, logp: u64, lse: u64, ent: u64, stats: u64, n: usize) -> Result<()> {
-        api::logprob::LogprobFinalize { logp, lse, ent, stats, n: n as i32 }.launch(g, cfg_1d(n, 256))
-    }
-
-    /// dst rows (idx[i], or row0 + i) = gs[i] · Σ_p src[p] [n, h] (f32 partials `pstride`
-    /// elements apart; gs null = 1), converted to the storage dtype.
-    #[allow(clippy::too_many_arguments)]
-    fn scatter_sum(
-        &self, g: &Gpu, dst: u64, src: u64, gs: u64, idx: u64, row0: usize, n: usize, nsplit: usize, pstride: usize,
-    ) -> Result<()> {
-        api::logprob::LogprobScatterSum {
-            dst,
-            src,
-            g: gs,
-            idx,
-            row0: row0 as i32,
-            n: n as i32,
-            cols: self.h as i32,
-            nsplit: nsplit as i32,
-            pstride: pstride as i64,
-        }
-        .launch(g, self.dt, cfg_rows(n, BLOCK, 0))
-    }
-
-    /// logits [n, v] at the storage dtype into `store` (row stride v) = hidden rows [n, h] at
-    /// `hid` · Wᵀ, rounded once. The Bf16 fused pass and `fwd` at that precision both call this, so the
-    /// same chunk gives the same bits.
-    fn logits_kept(&self, g: &Gpu, store: u64, hid: u64, n: usize) -> Result<()> {
-        g.blas.gemm(&Gemm {
-            m: n,
-            n: self.v,
-            k: self.h,
-            trans_a: false,
-            trans_b: true,
-            alpha: 1.0,
-            beta: 0.0,
-            a: hid,
-            b: self.w,
-            c: store,
-            ab_type: self.gt,
-            c_type: self.gt,
-            batch: (1, 0, 0, 0),
-        })
-    }
-
-    /// partial[p] [n, h] f32 (β)= U[:, slice p] · W[v0 + slice p, :]; U [n, k] at `u`, row stride `ldu`.
-    #[allow(clippy::too_many_arguments)]
-    fn dhidden(
-        &self, g: &Gpu, part: u64, u: u64, ldu: usize, v0: usize, k: usize, n: usize, beta: f32, splits: Splits,
-    ) -> Result<()> {
-        let sg = SplitGemm { u, ldu, w: at(self.w, v0 * self.h, self.dt), part, m: n, h: self.h, k, ab: self.gt, beta };
-        splitk::gemm(g, &sg, splits)
-    }
-
-    /// dW rows v0 .. v0 + nv (f32, β = 0 or 1) = U [n, nv]ᵀ (row stride nv) · x [n, h].
-    #[allow(clippy::too_many_arguments)]
-    fn dw(&self, g: &Gpu, dw: u64, u: u64, x: u64, n: usize, v0: usize, nv: usize, beta: f32) -> Result<()> {
-        g.blas.gemm(&Gemm {
-            m: nv,
-            n: self.h,
-            k: n,
-            trans_a: true,
-            trans_b: false,
-            alpha: 1.0,
-            beta,
-            a: u,
-            b: x,
-            c: at(dw, v0 * self.h, DType::F32),
-            ab_type: self.gt,
-            c_type: GemmType::F32,
-            batch: (1, 0, 0, 0),
-        })
-    }
-}
-
-fn pass(g: &Gpu, lm_head: &Buf, h: usize, v: usize) -> Result<Pass> {
-    let dt = lm_head.dtype();
-    Ok(Pass { dt, gt: gemm_type(dt), h, v, w: lm_head.ptr(g)? })
 }
 
 /// Even split of `total` rows into chunks of at most `max` rows.
@@ -282,49 +124,46 @@ pub(super) fn fused_splits(g: &Gpu, tune: &Tuning, ta: usize, h: usize, v: usize
     (tc, dh_splits(g, tune, tc, h, v, 8.0 * (tc * h) as f64))
 }
 
-/// The fused pass's dhidden GEMM for one chunk of n rows (see `super::dhidden_split_gemm`).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn dhidden_stage(
-    g: &Gpu, tune: &Tuning, lm_head: &Buf, u: u64, part: u64, n: usize, h: usize, v: usize,
-) -> Result<usize> {
-    let ps = pass(g, lm_head, h, v)?;
-    let splits = dh_splits(g, tune, n, h, v, 8.0 * (n * h) as f64);
-    ps.dhidden(g, part, u, v, 0, v, n, 0.0, splits)?;
+/// The fused pass's dhidden GEMM for one chunk of n rows (see `super::dhidden_split_gemm`): U
+/// [n, v] at `u`, f32 partials at `part`. Returns the number of partials written.
+pub(super) fn dhidden_stage(ps: &Pass, tune: &Tuning, u: u64, part: u64, n: usize) -> Result<usize> {
+    let (h, v) = (ps.h, ps.v);
+    let splits = dh_splits(ps.g, tune, n, h, v, 8.0 * (n * h) as f64);
+    ps.dhidden(part, u, n, Cols { v0: 0, nv: v }, 0.0, splits)?;
     Ok(splits.count)
 }
 
-/// Takes the cached scratch for `lay` and counts it.
-fn take(dev: &Device, tune: &Tuning, lay: &Layout, meter: &mut usize) -> Result<arena::Scratch> {
-    *meter += lay.bytes;
-    arena::take(dev, lay.bytes, tune.cache_scratch)
+/// The entropy of packed row t0 (0 when there is none).
+fn ent_at(en: u64, t0: usize) -> u64 {
+    if en == 0 {
+        0
+    } else {
+        at(en, t0, DType::F32)
+    }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn fwd(
-    g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, logp: &mut Buf, lse: &mut Buf, entropy: Option<&mut Buf>,
-    hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize, h: usize, v: usize,
-) -> Result<()> {
-    let ps = pass(g, lm_head, h, v)?;
+pub(super) fn fwd(cx: &mut Call, out: FwdOut, x: Inputs, mask: Option<&Buf>) -> Result<()> {
+    let (g, tune) = (cx.g, cx.tune);
+    let FwdOut { logp, lse, entropy } = out;
+    let Inputs { hidden, lm_head, targets, dims: Dims { t, h, v } } = x;
+    let ps = Pass::new(g, lm_head, h, v)?;
     let act = match mask {
-        Some(m) if t > 0 => active_tokens(g, dev, m, t, meter)?,
+        Some(m) if t > 0 => active_tokens(cx, m, t)?,
         _ => None,
     };
     let ta = act.as_ref().map_or(t, |a| a.n);
     let packed = match &act {
-        Some(a) => Some(gather_inputs(g, dev, a, hidden, targets, h, meter)?),
+        Some(a) => Some(gather_inputs(cx, a, hidden, targets, h)?),
         None => None,
     };
     let (hid, tgt) = match &packed {
         Some((hp, tp)) => (hp.ptr(g)?, tp.ptr(g)?),
         None => (hidden.ptr(g)?, targets.ptr(g)?),
     };
+    let rows = Packed { hid, tgt, idx: 0 };
     // Packed outputs: the outputs themselves unless tokens were compacted.
     let tmp = match &act {
-        Some(_) => Some((
-            scratch(dev, DType::F32, ta, meter)?,
-            scratch(dev, DType::F32, ta, meter)?,
-            scratch(dev, DType::F32, ta, meter)?,
-        )),
+        Some(_) => Some((cx.scratch(DType::F32, ta)?, cx.scratch(DType::F32, ta)?, cx.scratch(DType::F32, ta)?)),
         None => None,
     };
     let (lp, ls, en) = match &tmp {
@@ -332,21 +171,22 @@ pub(super) fn fwd(
         None => (logp.ptr(g)?, lse.ptr(g)?, opt_ptr(g, entropy.as_deref())?),
     };
     if ta > 0 && tune.precision == LogitPrecision::Bf16 {
-        fwd_kept(g, dev, tune, meter, &ps, hid, tgt, lp, ls, en, ta)?;
+        fwd_kept(cx, &ps, rows, RowOut { logp: lp, lse: ls, ent: en }, ta)?;
     } else if ta > 0 {
         let tc = chunk_rows(ta, tune.fwd_tokens);
         let vc = tune.fwd_vocab.clamp(1, v);
         let mut lay = Layout::default();
         let o_tile = lay.part(tc * vc * 4);
-        let sc = take(dev, tune, &lay, meter)?;
+        let sc = cx.take(&lay)?;
         let tile = sc.at(o_tile);
-        let stats = scratch(dev, DType::F32, tc * 4, meter)?;
+        let stats = cx.scratch(DType::F32, tc * 4)?;
         let stats = stats.ptr(g)?;
+        let fold = Fold { tile, stats, store: 0, moff: 0 };
         for t0 in (0..ta).step_by(tc) {
-            let n = tc.min(ta - t0);
-            ps.fold_rows(g, tile, stats, 0, 0, at(hid, t0 * h, ps.dt), at(tgt, t0, DType::I32), n, vc)?;
-            let en_t0 = if en == 0 { 0 } else { at(en, t0, DType::F32) };
-            ps.finalize(g, at(lp, t0, DType::F32), at(ls, t0, DType::F32), en_t0, stats, n)?;
+            let c = rows.chunk(&ps, t0, tc.min(ta - t0));
+            ps.fold_rows(&fold, &c, vc)?;
+            let out = RowOut { logp: at(lp, t0, DType::F32), lse: at(ls, t0, DType::F32), ent: ent_at(en, t0) };
+            ps.finalize(out, stats, c.n)?;
         }
     }
     if let (Some(a), Some((tl, ts, te))) = (&act, &tmp) {
@@ -361,48 +201,30 @@ pub(super) fn fwd(
 
 /// `fwd` at `LogitPrecision::Bf16`: per chunk of the fused pass's size, the same logits GEMM into
 /// a kept [tc, v] buffer and the same fold kernel as `fwd_bwd_bf16` (fold_u, stopped before it
-/// writes u), so logp, lse and the entropy equal the fused pass's bit for bit. lp, ls, en: packed
-/// outputs [ta] (en may be 0).
-#[allow(clippy::too_many_arguments)]
-fn fwd_kept(
-    g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, ps: &Pass, hid: u64, tgt: u64, lp: u64, ls: u64, en: u64,
-    ta: usize,
-) -> Result<()> {
-    let (h, v) = (ps.h, ps.v);
-    let tc = fused_rows(ta, v, ps.dt, tune);
+/// writes u), so logp, lse and the entropy equal the fused pass's bit for bit. `out`: packed
+/// outputs [ta] (ent may be 0).
+fn fwd_kept(cx: &mut Call, ps: &Pass, rows: Packed, out: RowOut, ta: usize) -> Result<()> {
+    let v = ps.v;
+    let tc = fused_rows(ta, v, ps.dt, cx.tune);
     let mut lay = Layout::default();
     let o_store = lay.part(tc * v * ps.dt.size());
-    let sc = take(dev, tune, &lay, meter)?;
+    let sc = cx.take(&lay)?;
     let store = sc.at(o_store);
     for t0 in (0..ta).step_by(tc) {
-        let n = tc.min(ta - t0);
-        let (hid_t0, tgt_t0) = (at(hid, t0 * h, ps.dt), at(tgt, t0, DType::I32));
-        let (lp_t0, ls_t0) = (at(lp, t0, DType::F32), at(ls, t0, DType::F32));
-        let en_t0 = if en == 0 { 0 } else { at(en, t0, DType::F32) };
-        ps.logits_kept(g, store, hid_t0, n)?;
-        let cfg = LaunchConfig { grid_dim: (n_blocks(n), 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
-        api::logprob::LogprobFoldU {
-            buf: store,
-            logp: lp_t0,
-            lse: ls_t0,
-            ent: en_t0,
-            targets: tgt_t0,
-            n: n as i32,
-            v: v as i32,
-            cache: 0,
-            write_u: 0,
-        }
-        .launch(g, ps.dt, cfg)?;
+        let c = rows.chunk(ps, t0, tc.min(ta - t0));
+        let out_t0 =
+            RowOut { logp: at(out.logp, t0, DType::F32), lse: at(out.lse, t0, DType::F32), ent: ent_at(out.ent, t0) };
+        ps.logits_kept(store, c.hid, c.n)?;
+        ps.fold_u(store, out_t0, &c, None)?;
     }
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn bwd(
-    g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, dhidden: &mut Buf, dlm_head: Option<&mut Buf>,
-    dlogp: &Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, lse: &Buf, t: usize, h: usize, v: usize,
-) -> Result<()> {
-    let ps = pass(g, lm_head, h, v)?;
+pub(super) fn bwd(cx: &mut Call, out: BwdOut, x: Inputs, dlogp: &Buf, lse: &Buf) -> Result<()> {
+    let (g, tune) = (cx.g, cx.tune);
+    let BwdOut { dhidden, dlm_head } = out;
+    let Inputs { hidden, lm_head, targets, dims: Dims { t, h, v } } = x;
+    let ps = Pass::new(g, lm_head, h, v)?;
     if t == 0 {
         return match dlm_head {
             Some(dw) if tune.dw_overwrite => zero(g, dw),
@@ -410,14 +232,14 @@ pub(super) fn bwd(
         };
     }
     // Only tokens with a non-zero upstream gradient contribute.
-    let act = active_tokens(g, dev, dlogp, t, meter)?;
+    let act = active_tokens(cx, dlogp, t)?;
     let ta = act.as_ref().map_or(t, |a| a.n);
     let packed = match &act {
         Some(a) => {
             zero(g, dhidden)?;
-            let (hp, tp) = gather_inputs(g, dev, a, hidden, targets, h, meter)?;
-            let dp = scratch(dev, DType::F32, a.n, meter)?;
-            let lp = scratch(dev, DType::F32, a.n, meter)?;
+            let (hp, tp) = gather_inputs(cx, a, hidden, targets, h)?;
+            let dp = cx.scratch(DType::F32, a.n)?;
+            let lp = cx.scratch(DType::F32, a.n)?;
             if a.n > 0 {
                 for (dst, src) in [(&dp, dlogp), (&lp, lse)] {
                     api::logprob::LogprobGatherVecF32 {
@@ -449,6 +271,7 @@ pub(super) fn bwd(
         Some(a) => a.idx.ptr(g)?,
         None => 0,
     };
+    let rows = Packed { hid, tgt, idx };
     let tc = chunk_rows(ta, tune.bwd_tokens);
     let vc = tune.bwd_vocab.clamp(1, v);
     // dhidden per vocabulary tile, split into slices: S f32 accumulators [n, h], each re-read by
@@ -461,36 +284,37 @@ pub(super) fn bwd(
     let o_tile = lay.part(if kept { 0 } else { tc * vc * 4 });
     let o_dl = lay.part(tc * vc * ps.dt.size());
     let o_dh = lay.part(splits.count * tc * h * 4);
-    let sc = take(dev, tune, &lay, meter)?;
+    let sc = cx.take(&lay)?;
     let (tile, dl, dh) = (sc.at(o_tile), sc.at(o_dl), sc.at(o_dh));
     // A frozen head (None) skips the dW GEMM: the largest of the step at 7B.
     let (dhid, dw) = (dhidden.ptr(g)?, dlm_head.as_deref().map(|b| b.ptr(g)).transpose()?);
     for t0 in (0..ta).step_by(tc) {
-        let n = tc.min(ta - t0);
-        let hid_t0 = at(hid, t0 * h, ps.dt);
-        let (ls_t0, dlp_t0, tgt_t0) = (at(lsp, t0, DType::F32), at(dlp, t0, DType::F32), at(tgt, t0, DType::I32));
+        let c = rows.chunk(&ps, t0, tc.min(ta - t0));
+        let n = c.n;
+        let (ls_t0, dlp_t0) = (at(lsp, t0, DType::F32), at(dlp, t0, DType::F32));
         for v0 in (0..v).step_by(vc) {
-            let nv = vc.min(v - v0);
+            let cols = Cols { v0, nv: vc.min(v - v0) };
+            let nv = cols.nv;
             if kept {
-                ps.logits_as(g, dl, hid_t0, n, v0, nv, ps.gt)?;
+                ps.logits_as(dl, c.hid, n, cols, ps.gt)?;
                 api::logprob::LogprobDlogitsInplace {
                     buf: dl,
                     lse: ls_t0,
                     dlogp: dlp_t0,
-                    targets: tgt_t0,
+                    targets: c.tgt,
                     n: n as i32,
                     nv: nv as i32,
                     v0: v0 as i32,
                 }
                 .launch(g, ps.dt, cfg_cols(nv, vec_n(ps.dt), n))?;
             } else {
-                ps.logits(g, tile, hid_t0, n, v0, nv)?;
+                ps.logits(tile, c.hid, n, cols)?;
                 api::logprob::LogprobDlogits {
                     out: dl,
                     logits: tile,
                     lse: ls_t0,
                     dlogp: dlp_t0,
-                    targets: tgt_t0,
+                    targets: c.tgt,
                     n: n as i32,
                     nv: nv as i32,
                     v0: v0 as i32,
@@ -499,29 +323,28 @@ pub(super) fn bwd(
             }
             // dh partials [n, h] (+)= dl [n, nv] · W[v0 .. v0 + nv, :], slice by slice. The first
             // tile (the widest) writes every partial; a shorter last tile may touch fewer.
-            ps.dhidden(g, dh, dl, nv, v0, nv, n, if v0 == 0 { 0.0 } else { 1.0 }, splits)?;
+            ps.dhidden(dh, dl, n, cols, if v0 == 0 { 0.0 } else { 1.0 }, splits)?;
             // dW[v0 .. v0 + nv, :] (+)= dlᵀ [nv, n] · hidden [n, h]
             if let Some(dw) = dw {
-                ps.dw(g, dw, dl, hid_t0, n, v0, nv, if tune.dw_overwrite && t0 == 0 { 0.0 } else { 1.0 })?;
+                ps.dw(dw, dl, c.hid, n, cols, if tune.dw_overwrite && t0 == 0 { 0.0 } else { 1.0 })?;
             }
         }
-        let idx_t0 = if idx == 0 { 0 } else { at(idx, t0, DType::I32) };
-        ps.scatter_sum(g, dhid, dh, 0, idx_t0, t0, n, splits.count, n * h)?;
+        ps.scatter_sum(dhid, dh, splits.count, 0, &c)?;
     }
     Ok(())
 }
 
 /// `fwd_bwd` at `LogitPrecision::ExactF32`: f32 logit tiles folded into the kept chunk relative
 /// to the running max (see the module doc of `logprob`).
-#[allow(clippy::too_many_arguments)]
 pub(super) fn fwd_bwd_exact(
-    g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, logp: &mut Buf, entropy: Option<&mut Buf>,
-    dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize,
-    h: usize, v: usize, grad: &mut GradFn,
+    cx: &mut Call, out: FusedOut, x: Inputs, mask: Option<&Buf>, grad: &mut GradFn,
 ) -> Result<()> {
-    let ps = pass(g, lm_head, h, v)?;
+    let (g, tune) = (cx.g, cx.tune);
+    let FusedOut { logp, entropy, dhidden, dlm_head } = out;
+    let Inputs { hidden, lm_head, targets, dims: Dims { t, h, v } } = x;
+    let ps = Pass::new(g, lm_head, h, v)?;
     let act = match mask {
-        Some(m) if t > 0 => active_tokens(g, dev, m, t, meter)?,
+        Some(m) if t > 0 => active_tokens(cx, m, t)?,
         _ => None,
     };
     let ta = act.as_ref().map_or(t, |a| a.n);
@@ -529,7 +352,7 @@ pub(super) fn fwd_bwd_exact(
         zero(g, dhidden)?;
     }
     let packed = match &act {
-        Some(a) => Some(gather_inputs(g, dev, a, hidden, targets, h, meter)?),
+        Some(a) => Some(gather_inputs(cx, a, hidden, targets, h)?),
         None => None,
     };
     let (hid, tgt) = match &packed {
@@ -540,11 +363,12 @@ pub(super) fn fwd_bwd_exact(
         Some(a) => a.idx.ptr(g)?,
         None => 0,
     };
+    let rows = Packed { hid, tgt, idx };
     let tmp = match &act {
-        Some(_) => Some((scratch(dev, DType::F32, ta, meter)?, scratch(dev, DType::F32, ta, meter)?)),
+        Some(_) => Some((cx.scratch(DType::F32, ta)?, cx.scratch(DType::F32, ta)?)),
         None => None,
     };
-    let mut dlogp_p = scratch(dev, DType::F32, ta, meter)?;
+    let mut dlogp_p = cx.scratch(DType::F32, ta)?;
     if ta == 0 && tune.dw_overwrite {
         zero(g, dlm_head)?;
     }
@@ -557,12 +381,13 @@ pub(super) fn fwd_bwd_exact(
         let mut lay = Layout::default();
         let (o_tile, o_store, o_dh) =
             (lay.part(tc * vc * 4), lay.part(tc * v * ps.dt.size()), lay.part(splits.count * tc * h * 4));
-        let sc = take(dev, tune, &lay, meter)?;
+        let sc = cx.take(&lay)?;
         let (tile, store, dh) = (sc.at(o_tile), sc.at(o_store), sc.at(o_dh));
-        let moff = scratch(dev, DType::F32, tc * nsub, meter)?;
-        let stats = scratch(dev, DType::F32, tc * 4, meter)?;
-        let lse = scratch(dev, DType::F32, tc, meter)?;
+        let moff = cx.scratch(DType::F32, tc * nsub)?;
+        let stats = cx.scratch(DType::F32, tc * 4)?;
+        let lse = cx.scratch(DType::F32, tc)?;
         let (moff, stats, lse) = (moff.ptr(g)?, stats.ptr(g)?, lse.ptr(g)?);
+        let fold = Fold { tile, stats, store, moff };
         let (dhid, dw, dlp) = (dhidden.ptr(g)?, dlm_head.ptr(g)?, dlogp_p.ptr(g)?);
         let logp_p: &Buf = match &tmp {
             Some((l, _)) => l,
@@ -575,32 +400,19 @@ pub(super) fn fwd_bwd_exact(
             (None, Some(e)) => e.ptr(g)?,
         };
         for t0 in (0..ta).step_by(tc) {
-            let n = tc.min(ta - t0);
-            let hid_t0 = at(hid, t0 * h, ps.dt);
-            let tgt_t0 = at(tgt, t0, DType::I32);
-            ps.fold_rows(g, tile, stats, store, moff, hid_t0, tgt_t0, n, vc)?;
-            let en_t0 = if en == 0 { 0 } else { at(en, t0, DType::F32) };
-            ps.finalize(g, at(lp, t0, DType::F32), lse, en_t0, stats, n)?;
+            let c = rows.chunk(&ps, t0, tc.min(ta - t0));
+            let n = c.n;
+            ps.fold_rows(&fold, &c, vc)?;
+            ps.finalize(RowOut { logp: at(lp, t0, DType::F32), lse, ent: ent_at(en, t0) }, stats, n)?;
             grad(GradChunk { p0: t0, n, idx: act.as_ref().map(|a| &a.idx), logp: logp_p, dlogp: &mut dlogp_p })?;
-            api::logprob::LogprobDlogitsStored {
-                buf: store,
-                moff,
-                lse,
-                dlogp: at(dlp, t0, DType::F32),
-                targets: tgt_t0,
-                n: n as i32,
-                v: v as i32,
-                vc: vc as i32,
-                nsub: nsub as i32,
-            }
-            .launch(g, ps.dt, cfg_cols(v, vec_n(ps.dt), n))?;
+            ps.dlogits_stored(store, moff, lse, at(dlp, t0, DType::F32), &c, vc)?;
             // dh partials [n, h] = dlogits [n, v slice] · W [v slice, h] (split-K over V)
-            ps.dhidden(g, dh, store, v, 0, v, n, 0.0, splits)?;
+            let all = Cols { v0: 0, nv: v };
+            ps.dhidden(dh, store, n, all, 0.0, splits)?;
             // dW [v, h] (+)= dlogitsᵀ [v, n] · hidden [n, h]
-            ps.dw(g, dw, store, hid_t0, n, 0, v, if tune.dw_overwrite && t0 == 0 { 0.0 } else { 1.0 })?;
+            ps.dw(dw, store, c.hid, n, all, if tune.dw_overwrite && t0 == 0 { 0.0 } else { 1.0 })?;
             // dhidden rows = Σ partials
-            let idx_t0 = if idx == 0 { 0 } else { at(idx, t0, DType::I32) };
-            ps.scatter_sum(g, dhid, dh, 0, idx_t0, t0, n, splits.count, n * h)?;
+            ps.scatter_sum(dhid, dh, splits.count, 0, &c)?;
         }
     }
     if let (Some(a), Some((tl, te))) = (&act, &tmp) {
@@ -611,10 +423,6 @@ pub(super) fn fwd_bwd_exact(
     }
     Ok(())
 }
-
-/// Bytes of a row cached in shared memory by `logprob_fold_u` (the rest is re-read). Over half an
-/// SM's shared memory, so one block runs per SM and the re-read rows stay in L2; under A100's 164 KiB.
-const FOLD_U_SMEM: usize = 160 << 10;
 
 /// `fwd_bwd` at `LogitPrecision::Bf16`. Per token chunk of n rows:
 /// 1. one GEMM writes logits [n, v] at the storage dtype straight into the kept buffer (row
@@ -627,15 +435,15 @@ const FOLD_U_SMEM: usize = 160 << 10;
 /// 4. hg [n, h] = diag(g)·hidden rows, dh = U·W (f32), dW += Uᵀ·hg, dhidden rows = diag(g)·dh.
 ///
 /// HBM per chunk: the GEMM's write, one read and one write of the buffer.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn fwd_bwd_bf16(
-    g: &Gpu, dev: &Device, tune: &Tuning, meter: &mut usize, logp: &mut Buf, entropy: Option<&mut Buf>,
-    dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize,
-    h: usize, v: usize, grad: &mut GradFn,
+    cx: &mut Call, out: FusedOut, x: Inputs, mask: Option<&Buf>, grad: &mut GradFn,
 ) -> Result<()> {
-    let ps = pass(g, lm_head, h, v)?;
+    let (g, tune) = (cx.g, cx.tune);
+    let FusedOut { logp, entropy, dhidden, dlm_head } = out;
+    let Inputs { hidden, lm_head, targets, dims: Dims { t, h, v } } = x;
+    let ps = Pass::new(g, lm_head, h, v)?;
     let act = match mask {
-        Some(m) if t > 0 => active_tokens(g, dev, m, t, meter)?,
+        Some(m) if t > 0 => active_tokens(cx, m, t)?,
         _ => None,
     };
     let ta = act.as_ref().map_or(t, |a| a.n);
@@ -643,7 +451,7 @@ pub(super) fn fwd_bwd_bf16(
         zero(g, dhidden)?;
     }
     let packed = match &act {
-        Some(a) => Some(gather_inputs(g, dev, a, hidden, targets, h, meter)?),
+        Some(a) => Some(gather_inputs(cx, a, hidden, targets, h)?),
         None => None,
     };
     let (hid, tgt) = match &packed {
@@ -654,11 +462,12 @@ pub(super) fn fwd_bwd_bf16(
         Some(a) => a.idx.ptr(g)?,
         None => 0,
     };
+    let rows = Packed { hid, tgt, idx };
     let tmp = match &act {
-        Some(_) => Some((scratch(dev, DType::F32, ta, meter)?, scratch(dev, DType::F32, ta, meter)?)),
+        Some(_) => Some((cx.scratch(DType::F32, ta)?, cx.scratch(DType::F32, ta)?)),
         None => None,
     };
-    let mut dlogp_p = scratch(dev, DType::F32, ta, meter)?;
+    let mut dlogp_p = cx.scratch(DType::F32, ta)?;
     if ta == 0 && tune.dw_overwrite {
         zero(g, dlm_head)?;
     }
@@ -669,9 +478,9 @@ pub(super) fn fwd_bwd_bf16(
         let mut lay = Layout::default();
         let (o_store, o_hg, o_dh) =
             (lay.part(tc * v * ps.dt.size()), lay.part(tc * h * ps.dt.size()), lay.part(splits.count * tc * h * 4));
-        let sc = take(dev, tune, &lay, meter)?;
+        let sc = cx.take(&lay)?;
         let (store, hg, dh) = (sc.at(o_store), sc.at(o_hg), sc.at(o_dh));
-        let lse = scratch(dev, DType::F32, tc, meter)?;
+        let lse = cx.scratch(DType::F32, tc)?;
         let lse = lse.ptr(g)?;
         let (dhid, dw, dlp) = (dhidden.ptr(g)?, dlm_head.ptr(g)?, dlogp_p.ptr(g)?);
         let logp_p: &Buf = match &tmp {
@@ -684,49 +493,28 @@ pub(super) fn fwd_bwd_bf16(
             (Some((_, e)), Some(_)) => e.ptr(g)?,
             (None, Some(e)) => e.ptr(g)?,
         };
-        // Cached values per row: a multiple of the 16-byte vector, at most the row.
-        let vn = vec_n(ps.dt);
-        let cache = (FOLD_U_SMEM / ps.dt.size()).min(v) / vn * vn;
-        let cache = if cache == 0 { v.min(FOLD_U_SMEM / ps.dt.size()) } else { cache };
-        let fold_cfg = LaunchConfig {
-            grid_dim: (n_blocks(tc), 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: (cache * ps.dt.size()) as u32,
-        };
+        let cache = ps.fold_u_cache();
         for t0 in (0..ta).step_by(tc) {
-            let n = tc.min(ta - t0);
-            let hid_t0 = at(hid, t0 * h, ps.dt);
-            let tgt_t0 = at(tgt, t0, DType::I32);
+            let c = rows.chunk(&ps, t0, tc.min(ta - t0));
+            let n = c.n;
             let dlp_t0 = at(dlp, t0, DType::F32);
             // logits [n, v] = hidden rows [n, h] · W [v, h]ᵀ, rounded once to the storage dtype.
-            ps.logits_kept(g, store, hid_t0, n)?;
-            let en_t0 = if en == 0 { 0 } else { at(en, t0, DType::F32) };
-            api::logprob::LogprobFoldU {
-                buf: store,
-                logp: at(lp, t0, DType::F32),
-                lse,
-                ent: en_t0,
-                targets: tgt_t0,
-                n: n as i32,
-                v: v as i32,
-                cache: cache as i32,
-                write_u: 1,
-            }
-            .launch(g, ps.dt, LaunchConfig { grid_dim: (n_blocks(n), 1, 1), ..fold_cfg })?;
+            ps.logits_kept(store, c.hid, n)?;
+            ps.fold_u(store, RowOut { logp: at(lp, t0, DType::F32), lse, ent: ent_at(en, t0) }, &c, Some(cache))?;
             grad(GradChunk { p0: t0, n, idx: act.as_ref().map(|a| &a.idx), logp: logp_p, dlogp: &mut dlogp_p })?;
             // hg = diag(g) · hidden rows
-            api::logprob::LogprobScaleRows { dst: hg, src: hid_t0, g: dlp_t0, n: n as i32, cols: h as i32 }.launch(
+            api::logprob::LogprobScaleRows { dst: hg, src: c.hid, g: dlp_t0, n: n as i32, cols: h as i32 }.launch(
                 g,
                 ps.dt,
                 cfg_rows(n, BLOCK, 0),
             )?;
             // dh partials [n, h] = U [n, v slice] · W [v slice, h] (split-K over V)
-            ps.dhidden(g, dh, store, v, 0, v, n, 0.0, splits)?;
+            let all = Cols { v0: 0, nv: v };
+            ps.dhidden(dh, store, n, all, 0.0, splits)?;
             // dW [v, h] (+)= Uᵀ [v, n] · hg [n, h]
-            ps.dw(g, dw, store, hg, n, 0, v, if tune.dw_overwrite && t0 == 0 { 0.0 } else { 1.0 })?;
+            ps.dw(dw, store, hg, n, all, if tune.dw_overwrite && t0 == 0 { 0.0 } else { 1.0 })?;
             // dhidden rows = diag(g) · Σ partials
-            let idx_t0 = if idx == 0 { 0 } else { at(idx, t0, DType::I32) };
-            ps.scatter_sum(g, dhid, dh, dlp_t0, idx_t0, t0, n, splits.count, n * h)?;
+            ps.scatter_sum(dhid, dh, splits.count, dlp_t0, &c)?;
         }
     }
     if let (Some(a), Some((tl, te))) = (&act, &tmp) {
@@ -736,8 +524,4 @@ pub(super) fn fwd_bwd_bf16(
         }
     }
     Ok(())
-}
-
-fn n_blocks(rows: usize) -> u32 {
-    rows.max(1) as u32
 }

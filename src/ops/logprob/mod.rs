@@ -23,11 +23,9 @@
 
 use super::{check, check_dtype, same_float_dtype};
 use crate::cuda::api;
-use crate::cuda::blas::{Gemm, GemmType};
 use crate::cuda::{cfg_1d, cfg_rows, Gpu};
 use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
-use cudarc::driver::LaunchConfig;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Threads per block of the row kernels.
@@ -150,25 +148,60 @@ pub struct GradChunk<'a> {
 /// The `fwd_bwd` callback: writes `chunk.dlogp[p0 .. p0 + n]` from `chunk.logp`.
 pub type GradFn<'f> = dyn FnMut(GradChunk<'_>) -> Result<()> + 'f;
 
+/// The shape of a call: `t` tokens, hidden size `h`, vocabulary `v`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dims {
+    pub t: usize,
+    pub h: usize,
+    pub v: usize,
+}
+
+/// What every pass reads: hidden [t, h] and lm_head [v, h] (the same float dtype), targets [t]
+/// (i32), of the shape `dims`.
+#[derive(Clone, Copy)]
+pub struct Inputs<'a> {
+    pub hidden: &'a Buf,
+    pub lm_head: &'a Buf,
+    pub targets: &'a Buf,
+    pub dims: Dims,
+}
+
+/// The outputs of `fwd`, all f32 [t]: logp, lse (saved for `bwd`) and the entropy (optional).
+pub struct FwdOut<'a> {
+    pub logp: &'a mut Buf,
+    pub lse: &'a mut Buf,
+    pub entropy: Option<&'a mut Buf>,
+}
+
+/// The outputs of `bwd`: dhidden [t, h] (=, hidden's dtype) and dlm_head [v, h] (f32, +=; None: a
+/// frozen head).
+pub struct BwdOut<'a> {
+    pub dhidden: &'a mut Buf,
+    pub dlm_head: Option<&'a mut Buf>,
+}
+
+/// The outputs of `fwd_bwd`: logp [t] and the entropy [t] (optional, f32), dhidden [t, h] (=) and
+/// dlm_head [v, h] (f32, +=).
+pub struct FusedOut<'a> {
+    pub logp: &'a mut Buf,
+    pub entropy: Option<&'a mut Buf>,
+    pub dhidden: &'a mut Buf,
+    pub dlm_head: &'a mut Buf,
+}
+
 /// logp [t], lse [t] (saved for `bwd`), entropy [t] (optional), all f32, from hidden [t, h],
 /// lm_head [v, h] and targets [t] (i32). Tokens with mask [t] == 0 are skipped: their logp, lse
 /// and entropy are 0. A target outside [0, v) is an error on the CPU and gives NaN on the GPU.
-#[allow(clippy::too_many_arguments)]
-pub fn fwd(
-    dev: &Device, logp: &mut Buf, lse: &mut Buf, entropy: Option<&mut Buf>, hidden: &Buf, lm_head: &Buf, targets: &Buf,
-    mask: Option<&Buf>, t: usize, h: usize, v: usize,
-) -> Result<()> {
-    fwd_with(dev, &Tuning::default(), logp, lse, entropy, hidden, lm_head, targets, mask, t, h, v)
+pub fn fwd(dev: &Device, out: FwdOut, x: Inputs, mask: Option<&Buf>) -> Result<()> {
+    fwd_with(dev, &Tuning::default(), out, x, mask)
 }
 
 /// `fwd` with explicit chunk sizes.
-#[allow(clippy::too_many_arguments)]
-pub fn fwd_with(
-    dev: &Device, tune: &Tuning, logp: &mut Buf, lse: &mut Buf, mut entropy: Option<&mut Buf>, hidden: &Buf,
-    lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize, h: usize, v: usize,
-) -> Result<()> {
+pub fn fwd_with(dev: &Device, tune: &Tuning, out: FwdOut, x: Inputs, mask: Option<&Buf>) -> Result<()> {
     let op = "logprob_fwd";
-    check_head(op, hidden, lm_head, targets, t, h, v)?;
+    check_head(op, &x)?;
+    let t = x.dims.t;
+    let FwdOut { logp, lse, mut entropy } = out;
     for (b, a) in [(&*logp, "logp"), (&*lse, "lse")] {
         check(b, t, op, a)?;
         check_dtype(b, DType::F32, op, a)?;
@@ -182,28 +215,21 @@ pub fn fwd_with(
         check_dtype(m, DType::F32, op, "mask")?;
     }
     match dev {
-        Device::Cpu => cpu::fwd(
-            logp.host_mut()?,
-            lse.host_mut()?,
-            match entropy.as_deref_mut() {
+        Device::Cpu => {
+            let entropy = match entropy.as_deref_mut() {
                 Some(e) => Some(e.host_mut()?),
                 None => None,
-            },
-            hidden.host()?,
-            lm_head.host()?,
-            targets.host_i32()?,
-            match mask {
+            };
+            let mask = match mask {
                 Some(m) => Some(m.host()?),
                 None => None,
-            },
-            t,
-            h,
-            v,
-        ),
+            };
+            cpu::fwd(cpu::FwdOut { logp: logp.host_mut()?, lse: lse.host_mut()?, entropy }, cpu_inputs(&x)?, mask)
+        }
         Device::Cuda(g) => {
-            let mut meter = 0;
-            let r = gpu::fwd(g, dev, tune, &mut meter, logp, lse, entropy, hidden, lm_head, targets, mask, t, h, v);
-            LAST_SCRATCH.store(meter, Ordering::Relaxed);
+            let mut cx = gpu::Call { g, dev, tune, meter: 0 };
+            let r = gpu::fwd(&mut cx, FwdOut { logp, lse, entropy }, x, mask);
+            LAST_SCRATCH.store(cx.meter, Ordering::Relaxed);
             r
         }
     }
@@ -213,24 +239,18 @@ pub fn fwd_with(
 /// `fwd`. Tokens with dlogp == 0 are skipped (their dhidden rows are 0), so masked tokens cost
 /// nothing. Recomputes the logits tile by tile. `dlm_head` None: the head is frozen (LoRA), the
 /// dW GEMM is skipped and dhidden is bit-identical to the Some case.
-#[allow(clippy::too_many_arguments)]
-pub fn bwd(
-    dev: &Device, dhidden: &mut Buf, dlm_head: Option<&mut Buf>, dlogp: &Buf, hidden: &Buf, lm_head: &Buf,
-    targets: &Buf, lse: &Buf, t: usize, h: usize, v: usize,
-) -> Result<()> {
-    bwd_with(dev, &Tuning::default(), dhidden, dlm_head, dlogp, hidden, lm_head, targets, lse, t, h, v)
+pub fn bwd(dev: &Device, out: BwdOut, x: Inputs, dlogp: &Buf, lse: &Buf) -> Result<()> {
+    bwd_with(dev, &Tuning::default(), out, x, dlogp, lse)
 }
 
 /// `bwd` with explicit chunk sizes.
-#[allow(clippy::too_many_arguments)]
-pub fn bwd_with(
-    dev: &Device, tune: &Tuning, dhidden: &mut Buf, mut dlm_head: Option<&mut Buf>, dlogp: &Buf, hidden: &Buf,
-    lm_head: &Buf, targets: &Buf, lse: &Buf, t: usize, h: usize, v: usize,
-) -> Result<()> {
+pub fn bwd_with(dev: &Device, tune: &Tuning, out: BwdOut, x: Inputs, dlogp: &Buf, lse: &Buf) -> Result<()> {
     let op = "logprob_bwd";
-    check_head(op, hidden, lm_head, targets, t, h, v)?;
+    check_head(op, &x)?;
+    let Dims { t, h, v } = x.dims;
+    let BwdOut { dhidden, mut dlm_head } = out;
     check(dhidden, t * h, op, "dhidden")?;
-    check_dtype(dhidden, hidden.dtype(), op, "dhidden")?;
+    check_dtype(dhidden, x.hidden.dtype(), op, "dhidden")?;
     if let Some(dw) = dlm_head.as_deref() {
         check(dw, v * h, op, "dlm_head")?;
         check_dtype(dw, DType::F32, op, "dlm_head")?;
@@ -252,24 +272,12 @@ pub fn bwd_with(
                 }
                 w => w,
             };
-            cpu::bwd_head(
-                dhidden.host_mut()?,
-                dw,
-                dlogp.host()?,
-                hidden.host()?,
-                lm_head.host()?,
-                targets.host_i32()?,
-                lse.host()?,
-                t,
-                h,
-                v,
-            )
+            cpu::bwd_head(dhidden.host_mut()?, dw, cpu_inputs(&x)?, dlogp.host()?, lse.host()?)
         }
         Device::Cuda(g) => {
-            let mut meter = 0;
-            let r =
-                gpu::bwd(g, dev, tune, &mut meter, dhidden, dlm_head, dlogp, hidden, lm_head, targets, lse, t, h, v);
-            LAST_SCRATCH.store(meter, Ordering::Relaxed);
+            let mut cx = gpu::Call { g, dev, tune, meter: 0 };
+            let r = gpu::bwd(&mut cx, BwdOut { dhidden, dlm_head }, x, dlogp, lse);
+            LAST_SCRATCH.store(cx.meter, Ordering::Relaxed);
             r
         }
     }
@@ -278,37 +286,18 @@ pub fn bwd_with(
 /// Forward and backward in one pass: logp [t] (masked tokens 0), entropy [t] (optional),
 /// dhidden [t, h] (=) and dlm_head [v, h] (f32, +=), where `grad` supplies d loss / d logp for
 /// each chunk of finished log-probs (see `GradChunk`). Masked tokens get dlogp = 0 and dhidden 0.
-#[allow(clippy::too_many_arguments)]
-pub fn fwd_bwd(
-    dev: &Device, logp: &mut Buf, entropy: Option<&mut Buf>, dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf,
-    lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize, h: usize, v: usize, grad: &mut GradFn,
-) -> Result<()> {
-    fwd_bwd_with(
-        dev,
-        &Tuning::default(),
-        logp,
-        entropy,
-        dhidden,
-        dlm_head,
-        hidden,
-        lm_head,
-        targets,
-        mask,
-        t,
-        h,
-        v,
-        grad,
-    )
+pub fn fwd_bwd(dev: &Device, out: FusedOut, x: Inputs, mask: Option<&Buf>, grad: &mut GradFn) -> Result<()> {
+    fwd_bwd_with(dev, &Tuning::default(), out, x, mask, grad)
 }
 
 /// `fwd_bwd` with explicit chunk sizes.
-#[allow(clippy::too_many_arguments)]
 pub fn fwd_bwd_with(
-    dev: &Device, tune: &Tuning, logp: &mut Buf, mut entropy: Option<&mut Buf>, dhidden: &mut Buf, dlm_head: &mut Buf,
-    hidden: &Buf, lm_head: &Buf, targets: &Buf, mask: Option<&Buf>, t: usize, h: usize, v: usize, grad: &mut GradFn,
+    dev: &Device, tune: &Tuning, out: FusedOut, x: Inputs, mask: Option<&Buf>, grad: &mut GradFn,
 ) -> Result<()> {
     let op = "logprob_fwd_bwd";
-    check_head(op, hidden, lm_head, targets, t, h, v)?;
+    check_head(op, &x)?;
+    let Dims { t, h, v } = x.dims;
+    let FusedOut { logp, entropy, dhidden, dlm_head } = out;
     check(logp, t, op, "logp")?;
     check_dtype(logp, DType::F32, op, "logp")?;
     if let Some(e) = entropy.as_deref() {
@@ -320,29 +309,24 @@ pub fn fwd_bwd_with(
         check_dtype(m, DType::F32, op, "mask")?;
     }
     check(dhidden, t * h, op, "dhidden")?;
-    check_dtype(dhidden, hidden.dtype(), op, "dhidden")?;
+    check_dtype(dhidden, x.hidden.dtype(), op, "dhidden")?;
     check(dlm_head, v * h, op, "dlm_head")?;
     check_dtype(dlm_head, DType::F32, op, "dlm_head")?;
+    let out = FusedOut { logp, entropy, dhidden, dlm_head };
     match dev {
         Device::Cpu => {
             if tune.dw_overwrite {
-                dlm_head.host_mut()?.iter_mut().for_each(|x| *x = 0.0);
+                out.dlm_head.host_mut()?.iter_mut().for_each(|x| *x = 0.0);
             }
-            cpu_fwd_bwd(logp, entropy.as_deref_mut(), dhidden, dlm_head, hidden, lm_head, targets, mask, t, h, v, grad)
+            cpu_fwd_bwd(out, x, mask, grad)
         }
         Device::Cuda(g) => {
-            let mut meter = 0;
+            let mut cx = gpu::Call { g, dev, tune, meter: 0 };
             let r = match tune.precision {
-                LogitPrecision::Bf16 => gpu::fwd_bwd_bf16(
-                    g, dev, tune, &mut meter, logp, entropy, dhidden, dlm_head, hidden, lm_head, targets, mask, t, h,
-                    v, grad,
-                ),
-                LogitPrecision::ExactF32 => gpu::fwd_bwd_exact(
-                    g, dev, tune, &mut meter, logp, entropy, dhidden, dlm_head, hidden, lm_head, targets, mask, t, h,
-                    v, grad,
-                ),
+                LogitPrecision::Bf16 => gpu::fwd_bwd_bf16(&mut cx, out, x, mask, grad),
+                LogitPrecision::ExactF32 => gpu::fwd_bwd_exact(&mut cx, out, x, mask, grad),
             };
-            LAST_SCRATCH.store(meter, Ordering::Relaxed);
+            LAST_SCRATCH.store(cx.meter, Ordering::Relaxed);
             r
         }
     }
@@ -363,16 +347,14 @@ pub fn fused_plan(dev: &Device, tune: &Tuning, ta: usize, h: usize, v: usize, dt
 
 /// One chunk's split-K dhidden GEMM as `fwd_bwd` runs it, for the bench's stage rows: f32
 /// partials [S, n, h] at `part` from U [n, v] at `u` (row stride v, lm_head's dtype) · lm_head,
-/// cut into `splits` vocabulary slices (0 = automatic). Raw device pointers to buffers of those
-/// sizes. Returns S, the number of partials written (fewer than asked when v is short);
-/// `logprob_scatter_sum_<dtype>` adds them up.
-#[allow(clippy::too_many_arguments)]
-pub fn dhidden_split_gemm(
-    g: &Gpu, lm_head: &Buf, u: u64, part: u64, n: usize, h: usize, v: usize, splits: usize,
-) -> Result<usize> {
+/// with n = `d.t` rows, cut into `splits` vocabulary slices (0 = automatic). Raw device pointers
+/// to buffers of those sizes. Returns S, the number of partials written (fewer than asked when v
+/// is short); `logprob_scatter_sum_<dtype>` adds them up.
+pub fn dhidden_split_gemm(g: &Gpu, lm_head: &Buf, d: Dims, u: u64, part: u64, splits: usize) -> Result<usize> {
+    let Dims { t: n, h, v } = d;
     check(lm_head, v * h, "logprob_dhidden_split_gemm", "lm_head")?;
     let tune = Tuning { dhidden_splits: splits, ..Tuning::default() };
-    gpu::dhidden_stage(g, &tune, lm_head, u, part, n, h, v)
+    gpu::dhidden_stage(&stages::Pass::new(g, lm_head, h, v)?, &tune, u, part, n)
 }
 
 /// dst[p] = scale · src[idx[p]] (src[p] when idx is None) for p in p0 .. p0 + n: the building
@@ -434,27 +416,36 @@ pub fn gather_scaled(
     }
 }
 
-fn check_head(op: &str, hidden: &Buf, lm_head: &Buf, targets: &Buf, t: usize, h: usize, v: usize) -> Result<()> {
+fn check_head(op: &str, x: &Inputs) -> Result<()> {
+    let Dims { t, h, v } = x.dims;
     if h == 0 || v == 0 {
         bail!("{op}: hidden size ({h}) and vocabulary ({v}) must be positive");
     }
     if t.max(h).max(v) > i32::MAX as usize {
         bail!("{op}: shape t={t} h={h} v={v} too large for 32-bit kernel indices");
     }
-    check(hidden, t * h, op, "hidden")?;
-    check(lm_head, v * h, op, "lm_head")?;
-    check(targets, t, op, "targets")?;
-    check_dtype(targets, DType::I32, op, "targets")?;
-    same_float_dtype(op, &[hidden, lm_head])?;
+    check(x.hidden, t * h, op, "hidden")?;
+    check(x.lm_head, v * h, op, "lm_head")?;
+    check(x.targets, t, op, "targets")?;
+    check_dtype(x.targets, DType::I32, op, "targets")?;
+    same_float_dtype(op, &[x.hidden, x.lm_head])?;
     Ok(())
 }
 
+/// The host slices of `x` (CPU buffers).
+fn cpu_inputs<'a>(x: &Inputs<'a>) -> Result<cpu::Inputs<'a, f32>> {
+    Ok(cpu::Inputs {
+        hidden: x.hidden.host()?,
+        lm_head: x.lm_head.host()?,
+        targets: x.targets.host_i32()?,
+        dims: x.dims,
+    })
+}
+
 /// CPU `fwd_bwd`: the forward, one callback over every active token, the backward.
-#[allow(clippy::too_many_arguments)]
-fn cpu_fwd_bwd(
-    logp: &mut Buf, entropy: Option<&mut Buf>, dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf,
-    targets: &Buf, mask: Option<&Buf>, t: usize, h: usize, v: usize, grad: &mut GradFn,
-) -> Result<()> {
+fn cpu_fwd_bwd(out: FusedOut, x: Inputs, mask: Option<&Buf>, grad: &mut GradFn) -> Result<()> {
+    let FusedOut { logp, entropy, dhidden, dlm_head } = out;
+    let t = x.dims.t;
     let mask = match mask {
         Some(m) => Some(m.host()?),
         None => None,
@@ -464,7 +455,7 @@ fn cpu_fwd_bwd(
         Some(e) => Some(e.host_mut()?),
         None => None,
     };
-    cpu::fwd(logp.host_mut()?, &mut lse, ent, hidden.host()?, lm_head.host()?, targets.host_i32()?, mask, t, h, v)?;
+    cpu::fwd(cpu::FwdOut { logp: logp.host_mut()?, lse: &mut lse, entropy: ent }, cpu_inputs(&x)?, mask)?;
     let active: Vec<usize> = (0..t).filter(|&i| mask.is_none_or(|m| m[i] != 0.0)).collect();
     let ta = active.len();
     let mut dlogp_p = Buf::HostF32(vec![0.0; ta]);
@@ -480,25 +471,16 @@ fn cpu_fwd_bwd(
     for (p, &i) in active.iter().enumerate() {
         dlogp[i] = dlogp_p.host()?[p];
     }
-    cpu::bwd(
-        dhidden.host_mut()?,
-        dlm_head.host_mut()?,
-        &dlogp,
-        hidden.host()?,
-        lm_head.host()?,
-        targets.host_i32()?,
-        &lse,
-        t,
-        h,
-        v,
-    )
+    cpu::bwd(dhidden.host_mut()?, dlm_head.host_mut()?, cpu_inputs(&x)?, &dlogp, &lse)
 }
 
 /// The per-process cache of the large device scratch.
 mod arena;
-/// The CUDA launchers (gpu.rs). Pointers are raw device addresses; `meter` sums the scratch allocated.
+/// The CUDA launchers (gpu.rs). Pointers are raw device addresses; `Call::meter` sums the scratch allocated.
 mod gpu;
 /// The split-K dhidden GEMM.
 mod splitk;
+/// The stage launchers of one token chunk, shared by gpu.rs and the bench.
+pub(crate) mod stages;
 
 pub mod cpu;
