@@ -10,7 +10,7 @@ use am3safety::bench::plan::{Plan, PlanInput};
 use am3safety::bench::shape::Subject;
 use am3safety::bench::synth::{self, TempDir};
 use am3safety::data::dataset::{load_jsonl_with, LoadOptions, Purpose};
-use am3safety::grpo::memory::MemoryPlan;
+use am3safety::grpo::memory::{MemoryInput, MemoryPlan};
 use am3safety::models::common::params::GradStore;
 use am3safety::rollout::engine::cache_plan;
 use am3safety::rollout::DialogueSpec;
@@ -153,7 +153,15 @@ fn plan_agrees_with_grpo_memory_plan() {
     assert_eq!(plan.params, n);
     for rc in [false, true] {
         let kv = am3safety::rollout::engine::kv_bytes(&dev, &l.model, slots, len);
-        let mp = MemoryPlan::new(&dev, &l.model, n, true, kv, seq, rc, GradStore::F32);
+        let input = MemoryInput {
+            trainable: n,
+            reference: true,
+            kv_cache: kv,
+            batch_tokens: seq,
+            recompute: rc,
+            store: GradStore::F32,
+        };
+        let mp = MemoryPlan::new(&dev, &l.model, input);
         let c = &plan.cpu;
         assert_eq!(mp.weights, c.weights);
         assert_eq!(mp.optimizer, c.master + c.adamw);

@@ -6,7 +6,7 @@ mod common;
 mod vectors;
 
 use am3safety::grpo::reward::{group_reward, RewardHyper, TurnWeighting};
-use am3safety::grpo::update::{row_loss, PassStats};
+use am3safety::grpo::update::{row_loss, PassStats, RowTokens};
 use am3safety::judge::{Judge, JudgeDialogue, JudgeOutput, PairQuery, PairVerdict, TurnScore};
 use am3safety::stages::grpo::{self, GrpoArgs, Trainer};
 use am3safety::stages::sft::{self, SftArgs};
@@ -62,16 +62,8 @@ fn reward_and_loss_match_the_reference_vectors() {
         for r in 0..rows {
             let w = if agg == "token" { 1.0 / total as f64 } else { 1.0 / (count(r).max(1) * nonempty) as f64 };
             let sl = r * l..(r + 1) * l;
-            grad.extend(row_loss(
-                &logp[sl.clone()],
-                &old[sl.clone()],
-                &rf[sl.clone()],
-                &mask[sl],
-                adv[r],
-                w,
-                &v.hp,
-                &mut st,
-            ));
+            let x = RowTokens { logp: &logp[sl.clone()], old: &old[sl.clone()], rf: &rf[sl.clone()], mask: &mask[sl] };
+            grad.extend(row_loss(x, adv[r], w, &v.hp, &mut st));
         }
         let le = (st.loss - v.get(lname)[0]).abs() / v.get(lname)[0].abs();
         let ge = rel_err64(&grad, v.get(gname));

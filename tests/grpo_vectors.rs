@@ -424,10 +424,11 @@ fn grpo_fused_variants_cuda() {
                         up(&vec![f32::NAN; t * h], dt),
                         up(&vec![0.0; v * h], DType::F32),
                     );
-                    let s = grpo::fused_loss_with(
-                        &gpu, &tune, &mut blp, &mut bdh, &mut bdw, &bx, &bw, &btg, &batch, h, v, &hp, agg,
-                    )
-                    .unwrap();
+                    let out =
+                        logprob::FusedOut { logp: &mut blp, entropy: None, dhidden: &mut bdh, dlm_head: &mut bdw };
+                    let x =
+                        logprob::Inputs { hidden: &bx, lm_head: &bw, targets: &btg, dims: logprob::Dims { t, h, v } };
+                    let s = grpo::fused_loss_with(&gpu, &tune, out, x, &batch, &hp, agg).unwrap();
                     let got_lp = gpu.to_vec(&blp).unwrap();
                     let mut d64 = vec![0f64; t];
                     let s64 = cpu::loss_fwd_bwd::<f64>(

@@ -14,7 +14,7 @@ mod common;
 #[path = "support/tiny_llava.rs"]
 mod tiny_llava;
 use am3safety::bench::plan::{Plan, PlanInput};
-use am3safety::grpo::memory::MemoryPlan;
+use am3safety::grpo::memory::{MemoryInput, MemoryPlan};
 use am3safety::models::common::decoder::LayerParams;
 use am3safety::models::common::lora::LoraConfig;
 use am3safety::models::common::params::{GradStore, NamedTensors};
@@ -372,7 +372,15 @@ fn per_layer_gradients_hold_no_layer_and_the_plan_counts_one() {
     assert_eq!(plan.cpu.grads_f32 - plan.cpu.grads_per_layer_f32, (td.n_layers - 1) * layer_f32);
     // The GRPO stage's plan (grpo::memory) likewise.
     let n_train: usize = m.trainable_entries().iter().map(|(r, _)| r.numel()).sum();
-    let mp = MemoryPlan::new(&dev, &m, n_train, true, 0, 256, true, GradStore::F32);
+    let input = MemoryInput {
+        trainable: n_train,
+        reference: true,
+        kv_cache: 0,
+        batch_tokens: 256,
+        recompute: true,
+        store: GradStore::F32,
+    };
+    let mp = MemoryPlan::new(&dev, &m, input);
     assert_eq!(mp.grads, whole);
     let mp_l = mp.clone().per_layer(&dev, &m);
     assert_eq!(mp_l.grads, outer + layer_f32, "the GRPO plan with the per-layer step");

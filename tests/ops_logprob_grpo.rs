@@ -108,10 +108,9 @@ fn check_grpo_fused(dev: &Device, dtypes: &[(DType, Tol)]) -> Vec<String> {
                     precision: if var == 3 { LogitPrecision::Bf16 } else { LogitPrecision::ExactF32 },
                     ..Tuning::exact()
                 };
-                let s = grpo::fused_loss_with(
-                    dev, &tune, &mut blp, &mut bdh, &mut bdw, &bx, &bw, &btg, &batch, h, v, &hp, agg,
-                )
-                .unwrap();
+                let out = logprob::FusedOut { logp: &mut blp, entropy: None, dhidden: &mut bdh, dlm_head: &mut bdw };
+                let x = logprob::Inputs { hidden: &bx, lm_head: &bw, targets: &btg, dims: logprob::Dims { t, h, v } };
+                let s = grpo::fused_loss_with(dev, &tune, out, x, &batch, &hp, agg).unwrap();
                 let tag = match (var, rounded.is_some()) {
                     (1, _) => String::new(),
                     (_, false) => " bf16".to_string(),
@@ -201,9 +200,9 @@ fn grpo_ratio_exactly_one_cuda() {
                     up(&vec![f32::NAN; t * h], DType::BF16),
                     up(&vec![0.0; v * h], DType::F32),
                 );
-                let s =
-                    grpo::fused_loss_with(&gpu, &tune, &mut lp, &mut dh, &mut dw, &x, &w, &tg, &batch, h, v, &hp, agg)
-                        .unwrap();
+                let out = logprob::FusedOut { logp: &mut lp, entropy: None, dhidden: &mut dh, dlm_head: &mut dw };
+                let xs = logprob::Inputs { hidden: &x, lm_head: &w, targets: &tg, dims: logprob::Dims { t, h, v } };
+                let s = grpo::fused_loss_with(&gpu, &tune, out, xs, &batch, &hp, agg).unwrap();
                 let (nl, dl) = bit_diff(&gpu.to_vec(&lp).unwrap(), &gpu.to_vec(&old).unwrap());
                 // loss = −Σ_tokens w_row · mask · A_row at ρ = 1 and k3 = 0.
                 let m64 = to64(&mask);

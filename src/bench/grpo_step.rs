@@ -14,7 +14,7 @@ use super::shape::grad_refs;
 use super::synth;
 use super::workloads::{gib, Ctx};
 use crate::data::dataset::{load_jsonl_with, LoadOptions, Purpose};
-use crate::grpo::memory::MemoryPlan;
+use crate::grpo::memory::{MemoryInput, MemoryPlan};
 use crate::rollout::engine::cache_plan;
 use crate::rollout::DialogueSpec;
 use crate::stages::grpo::{demo_prompts, GrpoArgs, Trainer};
@@ -92,12 +92,14 @@ fn variant(c: &Ctx, v: &Variant, big: bool, dir: &std::path::Path) -> Result<Vec
     let mem = MemoryPlan::new(
         dev,
         &tr.l.model,
-        trainable,
-        plan.beta_kl > 0.0 && plan.lora_rank == 0,
-        kv,
-        plan.batch_tokens.max(max_len),
-        plan.recompute,
-        tr.l.model.grad_store(),
+        MemoryInput {
+            trainable,
+            reference: plan.beta_kl > 0.0 && plan.lora_rank == 0,
+            kv_cache: kv,
+            batch_tokens: plan.batch_tokens.max(max_len),
+            recompute: plan.recompute,
+            store: tr.l.model.grad_store(),
+        },
     );
     let mem = if plan.per_layer() { mem.per_layer(dev, &tr.l.model) } else { mem };
 

@@ -22,7 +22,7 @@ use crate::cuda::blas::{Gemm, GemmType};
 use crate::cuda::Gpu;
 use crate::ops::grpo::{self, Aggregation, GrpoBatch, GrpoHyper};
 use crate::ops::logprob::stages::{self, Chunk, Cols, Fold, Pass, RowOut};
-use crate::ops::logprob::{self, Dims, FwdOut, Inputs, LogitPrecision, Tuning};
+use crate::ops::logprob::{self, Dims, FusedOut, FwdOut, Inputs, LogitPrecision, Tuning};
 use crate::rng::Rng;
 use crate::tensor::{Buf, DType, Device};
 use anyhow::Result;
@@ -206,21 +206,8 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
         let batch = GrpoBatch { old_logp: &old_b, ref_logp: &ref_b, mask, adv: &adv_b, rows: nroll, l: len };
         let mut stats = Default::default();
         let ms = time_gpu(g, it.0, it.1, &mut || {
-            stats = grpo::fused_loss_with(
-                dev,
-                &tn,
-                &mut logp,
-                &mut dhidden,
-                &mut dw,
-                &hidden,
-                &lm_head,
-                &targets,
-                &batch,
-                h,
-                v,
-                &hp,
-                Aggregation::TokenMean,
-            )?;
+            let out = FusedOut { logp: &mut logp, entropy: None, dhidden: &mut dhidden, dlm_head: &mut dw };
+            stats = grpo::fused_loss_with(dev, &tn, out, x, &batch, &hp, Aggregation::TokenMean)?;
             Ok(())
         })?;
         let extra = logprob::last_scratch_bytes();
@@ -256,21 +243,8 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
         let mut outs = Vec::new();
         for tn in [tune, tune_bf, r4, r4bf] {
             let mut dw0 = dev.zeros_f32(v * h)?;
-            let s = grpo::fused_loss_with(
-                dev,
-                &tn,
-                &mut logp,
-                &mut dhidden,
-                &mut dw0,
-                &hidden,
-                &lm_head,
-                &targets,
-                &batch,
-                h,
-                v,
-                &hp,
-                Aggregation::TokenMean,
-            )?;
+            let out = FusedOut { logp: &mut logp, entropy: None, dhidden: &mut dhidden, dlm_head: &mut dw0 };
+            let s = grpo::fused_loss_with(dev, &tn, out, x, &batch, &hp, Aggregation::TokenMean)?;
             outs.push((dev.to_vec(&logp)?, dev.to_vec(&dhidden)?, dev.to_vec(&dw0)?, s.loss));
         }
         // r4 rows: split-K changes only the order of dhidden's f32 sums (logp and dlm_head exact).

@@ -189,12 +189,20 @@ pub fn gib(b: u64) -> f64 {
     b as f64 / (1u64 << 30) as f64
 }
 
+/// One timed workload for `throughput`: `work` units of `unit` and `flops` model FLOPs per run,
+/// the seconds of each run and the peak bytes in use.
+struct Run<'a> {
+    name: &'a str,
+    unit: &'a str,
+    work: f64,
+    flops: f64,
+    secs: &'a [f64],
+    peak: u64,
+}
+
 /// Throughput, model TFLOP/s, MFU (on a GPU: against the H200 ceilings) and peak memory.
-#[allow(clippy::too_many_arguments)]
-fn throughput(
-    c: &Ctx, suite: &str, name: &str, unit: &str, work: f64, flops: f64, secs: &[f64], peak: u64,
-    base: Option<Baseline>, mem_base: Option<Baseline>,
-) -> Vec<Figure> {
+fn throughput(c: &Ctx, suite: &str, run: Run, base: Option<Baseline>, mem_base: Option<Baseline>) -> Vec<Figure> {
+    let Run { name, unit, work, flops, secs, peak } = run;
     let mut v = vec![
         Figure::rate(suite, &format!("{name}: {unit}"), unit, work, secs).with_baseline(base),
         Figure::of(suite, &format!("{name}: ms"), "ms", &secs.iter().map(|s| s * 1e3).collect::<Vec<_>>()),
@@ -280,12 +288,7 @@ pub fn train(c: &Ctx) -> Result<Vec<Figure>> {
             Ok((secs, peak)) => out.extend(throughput(
                 c,
                 "train",
-                &name,
-                "tok/s",
-                s as f64,
-                lm,
-                &secs,
-                peak,
+                Run { name: &name, unit: "tok/s", work: s as f64, flops: lm, secs: &secs, peak },
                 c.baseline(at_4096, base.0, base.1, &src),
                 None,
             )),
@@ -303,12 +306,7 @@ pub fn train(c: &Ctx) -> Result<Vec<Figure>> {
         Ok((secs, peak)) => out.extend(throughput(
             c,
             "train",
-            &name,
-            "tok/s",
-            s as f64,
-            lm + vis,
-            &secs,
-            peak,
+            Run { name: &name, unit: "tok/s", work: s as f64, flops: lm + vis, secs: &secs, peak },
             c.baseline(imgs_448, 6852.0, "6,852", B_FULL),
             c.baseline(imgs_448, 67.5, "67.5", B_FULL),
         )),
@@ -360,12 +358,7 @@ pub fn train(c: &Ctx) -> Result<Vec<Figure>> {
                     let figs = throughput(
                         c,
                         "train",
-                        &name,
-                        "tok/s",
-                        s as f64,
-                        lm + vis,
-                        &secs,
-                        peak,
+                        Run { name: &name, unit: "tok/s", work: s as f64, flops: lm + vis, secs: &secs, peak },
                         c.baseline(applies, 8377.0, "8,377", B_SFT),
                         c.baseline(applies, 58.2, "58.2", B_SFT),
                     );
@@ -451,12 +444,7 @@ pub fn vision(c: &Ctx) -> Result<Vec<Figure>> {
                 Ok((secs, peak)) => out.extend(throughput(
                     c,
                     "vision",
-                    &name,
-                    "img/s",
-                    b as f64,
-                    flops,
-                    &secs,
-                    peak,
+                    Run { name: &name, unit: "img/s", work: b as f64, flops, secs: &secs, peak },
                     base(is_fwd),
                     None,
                 )),
@@ -499,12 +487,7 @@ pub fn prefill(c: &Ctx) -> Result<Vec<Figure>> {
             Ok((secs, peak)) => out.extend(throughput(
                 c,
                 "prefill",
-                &name,
-                "tok/s",
-                n as f64,
-                c.flops.lm_fwd(&[n], 1),
-                &secs,
-                peak,
+                Run { name: &name, unit: "tok/s", work: n as f64, flops: c.flops.lm_fwd(&[n], 1), secs: &secs, peak },
                 None,
                 None,
             )),

@@ -23,15 +23,29 @@ fn gib(b: usize) -> f64 {
     b as f64 / (1u64 << 30) as f64
 }
 
+/// What a GRPO run's memory depends on besides the model: see `MemoryPlan::new`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MemoryInput {
+    /// Trainable parameters (they get f32 masters, AdamW moments and gradients).
+    pub trainable: usize,
+    /// A frozen reference copy of the weights is kept.
+    pub reference: bool,
+    /// Bytes of the rollout engine's KV cache.
+    pub kv_cache: usize,
+    /// Tokens of one update micro-batch.
+    pub batch_tokens: usize,
+    /// Activations recomputed in the backward (one layer's kept instead of every layer's).
+    pub recompute: bool,
+    /// The gradients' storage dtype.
+    pub store: GradStore,
+}
+
 impl MemoryPlan {
     /// `trainable` parameters get masters, moments and gradients; `kv_cache` bytes come from the
     /// engine's plan; activations are those of `batch_tokens` tokens (one layer's with
     /// recompute, every layer's without).
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        dev: &Device, model: &VlModel, trainable: usize, reference: bool, kv_cache: usize, batch_tokens: usize,
-        recompute: bool, store: GradStore,
-    ) -> MemoryPlan {
+    pub fn new(dev: &Device, model: &VlModel, input: MemoryInput) -> MemoryPlan {
+        let MemoryInput { trainable, reference, kv_cache, batch_tokens, recompute, store } = input;
         let elem = if dev.is_cuda() { 2 } else { 4 };
         let weights: usize = model.param_entries().iter().map(|(r, b)| r.numel() * b.dtype().size()).sum();
         let refs: Vec<_> = model.trainable_entries().iter().map(|(r, _)| r.clone()).collect();

@@ -77,13 +77,21 @@ pub fn logprobs(
     Ok(out)
 }
 
-/// One row's share of the loss: each masked token's clipped surrogate + k3 term times `weight`
-/// (its aggregation weight in the whole mini-batch) is added to `st.loss`; returns d loss /
-/// d logp per position (0 off the mask).
-#[allow(clippy::too_many_arguments)]
-pub fn row_loss(
-    logp: &[f64], old: &[f64], rf: &[f64], mask: &[f64], adv: f64, weight: f64, hp: &GrpoHyper, st: &mut PassStats,
-) -> Vec<f64> {
+/// One row's tokens, per position: the policy's, the old policy's and the reference's log-probs
+/// and the loss mask (all of one length).
+#[derive(Clone, Copy, Debug)]
+pub struct RowTokens<'a> {
+    pub logp: &'a [f64],
+    pub old: &'a [f64],
+    pub rf: &'a [f64],
+    pub mask: &'a [f64],
+}
+
+/// One row's share of the loss: each masked token's clipped surrogate + k3 term (advantage
+/// `adv`) times `weight` (its aggregation weight in the whole mini-batch) is added to `st.loss`;
+/// returns d loss / d logp per position (0 off the mask).
+pub fn row_loss(x: RowTokens, adv: f64, weight: f64, hp: &GrpoHyper, st: &mut PassStats) -> Vec<f64> {
+    let RowTokens { logp, old, rf, mask } = x;
     let mut d = vec![0.0; logp.len()];
     for t in 0..logp.len() {
         if mask[t] == 0.0 {
@@ -102,15 +110,25 @@ pub fn row_loss(
     d
 }
 
+/// How `pass` computes the loss: the head's temperature, the method's hyper-parameters, the
+/// aggregation over tokens and the activation recompute of the forward.
+#[derive(Clone, Copy, Debug)]
+pub struct PassCfg<'a> {
+    pub temp: f32,
+    pub hp: &'a GrpoHyper,
+    pub agg: Aggregation,
+    pub rc: &'a Recompute,
+}
+
 /// Forward, loss and backward over one mini-batch (gradients accumulate into the model). With
 /// `step` (`--optim-step per-layer`) the backward runs the optimizer step layer by layer; the
 /// mini-batch must then be one micro-batch, and it runs even without a generated token (zero
 /// gradients), as the whole-model step would.
-#[allow(clippy::too_many_arguments)]
 pub fn pass(
-    dev: &Device, model: &mut VlModel, rows: &[TrainRow], mbs: &[Vec<usize>], temp: f32, hp: &GrpoHyper,
-    agg: Aggregation, rc: &Recompute, mut step: Option<&mut StepFn>,
+    dev: &Device, model: &mut VlModel, rows: &[TrainRow], mbs: &[Vec<usize>], cfg: &PassCfg,
+    mut step: Option<&mut StepFn>,
 ) -> Result<PassStats> {
+    let PassCfg { temp, hp, agg, rc } = *cfg;
     if step.is_some() && mbs.len() != 1 {
         bail!(
             "--optim-step per-layer needs each mini-batch in one micro-batch, but this one takes {}: raise --batch-tokens or lower --mini-batch",
@@ -142,7 +160,8 @@ pub fn pass(
             let old: Vec<f64> = r.old_logp.iter().map(|&x| x as f64).collect();
             let rf: Vec<f64> = r.ref_logp.iter().map(|&x| x as f64).collect();
             let mask: Vec<f64> = r.example.weights.iter().map(|&w| w as f64).collect();
-            let dl = row_loss(&lo, &old, &rf, &mask, r.advantage, weight, hp, &mut st);
+            let dl =
+                row_loss(RowTokens { logp: &lo, old: &old, rf: &rf, mask: &mask }, r.advantage, weight, hp, &mut st);
             for t in 0..n {
                 dlogp[off + t] = dl[t] as f32;
                 if mask[t] != 0.0 {

@@ -12,7 +12,7 @@
 //! masked tokens (`SeqMean`). `fused_loss` runs it inside the lm_head log-prob op, so the policy's
 //! [tokens × vocab] logits never exist.
 
-use super::logprob::{self, GradChunk, Tuning};
+use super::logprob::{self, FusedOut, GradChunk, Inputs, Tuning};
 use super::{check, check_dtype};
 use crate::cuda::api;
 use crate::cuda::{cfg_1d, cfg_rows, Gpu};
@@ -246,30 +246,29 @@ impl<I: ?Sized> Clone for Packed<'_, I> {
 
 impl<I: ?Sized> Copy for Packed<'_, I> {}
 
-/// The GRPO step on the policy, fused with the lm_head: from hidden [rows·l, h], lm_head [v, h]
-/// and targets [rows·l] (i32), writes logp [rows·l] (f32, 0 on masked tokens), dhidden
-/// [rows·l, h] (=) and dlm_head [v, h] (f32, +=; = with `Tuning::dw_overwrite`) and returns the
+/// The GRPO step on the policy, fused with the lm_head: from `x` (hidden [rows·l, h], lm_head
+/// [v, h] and targets [rows·l] (i32); `x.dims.t` must be rows·l), writes `out`: logp [rows·l]
+/// (f32, 0 on masked tokens), the entropy (optional, as in `logprob::fwd_bwd`), dhidden
+/// [rows·l, h] (=) and dlm_head [v, h] (f32, +=; = with `Tuning::dw_overwrite`), and returns the
 /// loss statistics. Masked tokens cost no GEMM work. Three GEMMs of 2·T·H·V in all. With
 /// `LogitPrecision::Bf16` (the default), compute old_logp and ref_logp with `logprob::fwd_with` and the
 /// same `Tuning` and mask: they then match the policy's log-probs bit for bit at equal weights.
-#[allow(clippy::too_many_arguments)]
 pub fn fused_loss(
-    dev: &Device, logp: &mut Buf, dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf, targets: &Buf,
-    batch: &GrpoBatch, h: usize, v: usize, hp: &GrpoHyper, agg: Aggregation,
+    dev: &Device, out: FusedOut, x: Inputs, batch: &GrpoBatch, hp: &GrpoHyper, agg: Aggregation,
 ) -> Result<LossStats> {
-    fused_loss_with(dev, &Tuning::default(), logp, dhidden, dlm_head, hidden, lm_head, targets, batch, h, v, hp, agg)
+    fused_loss_with(dev, &Tuning::default(), out, x, batch, hp, agg)
 }
 
 /// `fused_loss` with explicit chunk sizes for the lm_head op.
-#[allow(clippy::too_many_arguments)]
 pub fn fused_loss_with(
-    dev: &Device, tune: &Tuning, logp: &mut Buf, dhidden: &mut Buf, dlm_head: &mut Buf, hidden: &Buf, lm_head: &Buf,
-    targets: &Buf, batch: &GrpoBatch, h: usize, v: usize, hp: &GrpoHyper, agg: Aggregation,
+    dev: &Device, tune: &Tuning, out: FusedOut, x: Inputs, batch: &GrpoBatch, hp: &GrpoHyper, agg: Aggregation,
 ) -> Result<LossStats> {
     let op = "grpo_fused_loss";
     let GrpoBatch { old_logp, ref_logp, mask, adv, rows, l } = *batch;
     check_loss_inputs(op, old_logp, ref_logp, mask, adv, rows, l)?;
-    let t = rows * l;
+    if x.dims.t != rows * l {
+        bail!("{op}: {} tokens in the inputs, {rows} × {l} in the batch", x.dims.t);
+    }
     match dev {
         Device::Cpu => {
             let (old, rf, mk, ad) = (old_logp.host()?, ref_logp.host()?, mask.host()?, adv.host()?);
@@ -285,14 +284,7 @@ pub fn fused_loss_with(
                 cpu::loss_tokens(c.dlogp.host_mut()?, &mut acc, c.logp.host()?, packed, &slices, &wrow.0, hp);
                 Ok(())
             };
-            logprob::fwd_bwd_with(
-                dev,
-                tune,
-                logprob::FusedOut { logp, entropy: None, dhidden, dlm_head },
-                logprob::Inputs { hidden, lm_head, targets, dims: logprob::Dims { t, h, v } },
-                Some(mask),
-                &mut grad,
-            )?;
+            logprob::fwd_bwd_with(dev, tune, out, x, Some(mask), &mut grad)?;
             Ok(cpu::stats(&acc, wrow.1))
         }
         Device::Cuda(g) => {
@@ -300,14 +292,7 @@ pub fn fused_loss_with(
             let mut grad = |c: GradChunk<'_>| -> Result<()> {
                 plan.tokens(g, c.dlogp, c.logp, Packed { idx: c.idx, p0: c.p0, n: c.n }, batch, hp)
             };
-            logprob::fwd_bwd_with(
-                dev,
-                tune,
-                logprob::FusedOut { logp, entropy: None, dhidden, dlm_head },
-                logprob::Inputs { hidden, lm_head, targets, dims: logprob::Dims { t, h, v } },
-                Some(mask),
-                &mut grad,
-            )?;
+            logprob::fwd_bwd_with(dev, tune, out, x, Some(mask), &mut grad)?;
             logprob::add_scratch_bytes(plan.bytes);
             plan.finish(g, dev)
         }

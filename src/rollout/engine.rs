@@ -121,16 +121,23 @@ pub fn generate(
     dev: &Device, model: &VlModel, tok: &Tokenizer, pp: &Processor, dialogues: &[DialogueSpec], cfg: &RolloutConfig,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Vec<Rollout>, ImageBank, RolloutStats)> {
-    generate_with(dev, model, tok, pp, dialogues, cfg, progress, &mut |_| Ok(()))
+    generate_with(dev, model, tok, pp, dialogues, cfg, Hooks { progress, on_done: &mut |_| Ok(()) })
 }
 
-/// `generate`, calling `on_done` with each rollout as it finishes (GRPO hands finished
+/// What `generate_with` calls as rollouts finish: `progress(done, total)`, and `on_done` with
+/// each finished rollout (before `progress`).
+pub struct Hooks<'a> {
+    pub progress: &'a mut dyn FnMut(usize, usize),
+    pub on_done: &'a mut dyn FnMut(&Rollout) -> Result<()>,
+}
+
+/// `generate`, calling `hooks.on_done` with each rollout as it finishes (GRPO hands finished
 /// dialogues to the judge while the others are still decoding).
-#[allow(clippy::too_many_arguments)]
 pub fn generate_with(
     dev: &Device, model: &VlModel, tok: &Tokenizer, pp: &Processor, dialogues: &[DialogueSpec], cfg: &RolloutConfig,
-    progress: &mut dyn FnMut(usize, usize), on_done: &mut dyn FnMut(&Rollout) -> Result<()>,
+    hooks: Hooks,
 ) -> Result<(Vec<Rollout>, ImageBank, RolloutStats)> {
+    let Hooks { progress, on_done } = hooks;
     let t0 = Instant::now();
     if cfg.n == 0 || cfg.max_new_tokens == 0 {
         bail!("rollouts: n and max_new_tokens must be at least 1 (got {} and {})", cfg.n, cfg.max_new_tokens);

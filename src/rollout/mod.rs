@@ -17,7 +17,7 @@ pub mod positions;
 pub mod spec;
 pub mod template;
 
-pub use engine::{generate, generate_with, RolloutConfig, RolloutStats};
+pub use engine::{generate, generate_with, Hooks, RolloutConfig, RolloutStats};
 pub use images::ImageBank;
 pub use spec::DialogueSpec;
 

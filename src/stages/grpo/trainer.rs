@@ -6,7 +6,7 @@ use super::args::{agg_of, GrpoPlan};
 use crate::checkpoint::safetensors_io::SaveDtype;
 use crate::data::dataset::{load_jsonl_with, LoadOptions, Purpose, Sample};
 use crate::grpo::judged::judged_rollouts;
-use crate::grpo::memory::MemoryPlan;
+use crate::grpo::memory::{MemoryInput, MemoryPlan};
 use crate::grpo::reward::{group_reward, weight_stats};
 use crate::grpo::update::{self, TrainRow};
 use crate::judge::stream::Streaming;
@@ -17,7 +17,7 @@ use crate::models::qwen2_5_vl::model::Recompute;
 use crate::ops::adamw::AdamW;
 use crate::rng::Rng;
 use crate::rollout::engine::cache_plan;
-use crate::rollout::{generate_with, DialogueSpec, Rollout, RolloutConfig};
+use crate::rollout::{generate_with, DialogueSpec, Hooks, Rollout, RolloutConfig};
 use crate::stages::lora::LoraSave;
 use crate::stages::model::VlModel;
 use crate::stages::sft::{load_model, memory_in_use, save_side_files, Loaded};
@@ -139,12 +139,14 @@ impl Trainer {
         let mem = MemoryPlan::new(
             dev,
             &l.model,
-            trainable,
-            reference.is_some(),
-            kv,
-            plan.batch_tokens.max(max_len),
-            plan.recompute,
-            l.model.grad_store(),
+            MemoryInput {
+                trainable,
+                reference: reference.is_some(),
+                kv_cache: kv,
+                batch_tokens: plan.batch_tokens.max(max_len),
+                recompute: plan.recompute,
+                store: l.model.grad_store(),
+            },
         );
         let mem = if plan.per_layer() { mem.per_layer(dev, &l.model) } else { mem };
         eprintln!("am3 grpo: memory plan ({slots} slots × {max_len} tokens): {}", mem.describe());
@@ -184,17 +186,19 @@ impl Trainer {
             &self.l.pp,
             &specs,
             &cfg,
-            &mut |_, _| {},
-            &mut |r: &Rollout| {
-                done[r.dialogue].push(r.clone());
-                if done[r.dialogue].len() == p.n {
-                    let g = &mut done[r.dialogue];
-                    g.sort_by_key(|r| r.index);
-                    let refs: Vec<&Rollout> = g.iter().collect();
-                    stream.push(judged_rollouts(&samples[picked[r.dialogue]], &refs))?;
-                    order.push(r.dialogue);
-                }
-                Ok(())
+            Hooks {
+                progress: &mut |_, _| {},
+                on_done: &mut |r: &Rollout| {
+                    done[r.dialogue].push(r.clone());
+                    if done[r.dialogue].len() == p.n {
+                        let g = &mut done[r.dialogue];
+                        g.sort_by_key(|r| r.index);
+                        let refs: Vec<&Rollout> = g.iter().collect();
+                        stream.push(judged_rollouts(&samples[picked[r.dialogue]], &refs))?;
+                        order.push(r.dialogue);
+                    }
+                    Ok(())
+                },
             },
         )?;
         let t_roll = t0.elapsed().as_secs_f64();
@@ -335,24 +339,15 @@ impl Trainer {
         for _epoch in 0..p.ppo_epochs {
             for mbs in &minis {
                 self.l.model.zero_grads(dev)?;
-                let (hp, model, rc) = (p.hyper(), &mut self.l.model, &self.rc);
+                let (hp, model) = (p.hyper(), &mut self.l.model);
+                let cfg = update::PassCfg { temp: p.temperature, hp: &hp, agg, rc: &self.rc };
                 let (st, rep) = if p.per_layer() {
                     // The backward of the mini-batch's one micro-batch runs the optimizer step.
                     let mut ls = self.opt.begin_layered(p.lr, 1.0);
-                    let st = update::pass(
-                        dev,
-                        model,
-                        &rows,
-                        mbs,
-                        p.temperature,
-                        &hp,
-                        agg,
-                        rc,
-                        Some(&mut |pg| ls.apply(dev, pg)),
-                    )?;
+                    let st = update::pass(dev, model, &rows, mbs, &cfg, Some(&mut |pg| ls.apply(dev, pg)))?;
                     (st, ls.finish()?)
                 } else {
-                    let st = update::pass(dev, model, &rows, mbs, p.temperature, &hp, agg, rc, None)?;
+                    let st = update::pass(dev, model, &rows, mbs, &cfg, None)?;
                     (st, self.opt.step(dev, self.l.model.params_and_grads(), p.lr, 1.0, p.clip)?)
                 };
                 if first_dev.is_nan() {

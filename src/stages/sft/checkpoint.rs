@@ -47,14 +47,24 @@ pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
     run_dir::latest_checkpoint(out)
 }
 
+/// What a run was started with, as every checkpoint's `trainer_state.json` records it: the plan,
+/// the data and model (None: the embedded tiny model) and their identities.
+#[derive(Clone, Copy)]
+pub(super) struct RunOrigin<'a> {
+    pub(super) plan: &'a SftPlan,
+    pub(super) data: &'a Path,
+    pub(super) model_dir: Option<&'a Path>,
+    pub(super) data_id: &'a Identity,
+    pub(super) model_id: &'a Identity,
+}
+
 /// Writes `out/checkpoint-NNNNNN` atomically: the HF layout (sharded safetensors + index,
 /// config, tokenizer and processor files) plus `train_state/`, `trainer_state.json` and the
 /// checksums of both; then points `out/latest` at it.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn save_checkpoint(
-    dev: &Device, rd: &RunDir, step: u64, l: &Loaded, opt: &Optimizer, plan: &SftPlan, data: &Path,
-    model_dir: Option<&Path>, ids: (&Identity, &Identity),
+    dev: &Device, rd: &RunDir, step: u64, l: &Loaded, opt: &Optimizer, origin: &RunOrigin,
 ) -> Result<PathBuf> {
+    let RunOrigin { plan, data, model_dir, data_id, model_id } = *origin;
     rd.save_checkpoint(step, &RESUME_STATE, |tmp| {
         let how: LoraSave = if plan.lora_rank > 0 { plan.lora_save.parse()? } else { LoraSave::Merged };
         let base = if how == LoraSave::Adapter {
@@ -70,8 +80,8 @@ pub(super) fn save_checkpoint(
             plan: plan.clone(),
             data: data.to_path_buf(),
             model: model_dir.map(Path::to_path_buf),
-            data_id: ids.0.clone(),
-            model_id: ids.1.clone(),
+            data_id: data_id.clone(),
+            model_id: model_id.clone(),
         };
         write_atomic(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(&st)?.as_bytes())
     })

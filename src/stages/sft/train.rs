@@ -2,7 +2,7 @@
 //! the step loop with its metrics and checkpoints.
 
 use super::args::SftArgs;
-use super::checkpoint::{save_checkpoint, tiny_identity, TrainerState};
+use super::checkpoint::{save_checkpoint, tiny_identity, RunOrigin, TrainerState};
 use super::data::{demo_data, encode_data_within, plan_micro_batches};
 use super::loss::{eval_nll, nll_micro_batch, nll_micro_batch_stepped};
 use super::model_io::load_model;
@@ -195,7 +195,13 @@ pub fn run(args: SftArgs) -> Result<PathBuf> {
     let bar = Progress::new(plan.steps, "sft");
     let end = args.stop_after.map_or(plan.steps, |k| (start + k).min(plan.steps));
     let mut last_ck = None;
-    let ids = (&data_id, &model_id);
+    let origin = RunOrigin {
+        plan: &plan,
+        data: &data,
+        model_dir: args.model.as_deref(),
+        data_id: &data_id,
+        model_id: &model_id,
+    };
     for step in start..end {
         let t0 = Instant::now();
         l.model.zero_grads(&dev)?;
@@ -241,7 +247,7 @@ pub fn run(args: SftArgs) -> Result<PathBuf> {
         bar.update(step + 1, &format!("loss {loss:.4} lr {lr:.2e} |g| {:.3}", rep.grad_norm));
         if (step + 1) % plan.save_every == 0 || step + 1 == plan.steps {
             metrics.sync()?;
-            last_ck = Some(save_checkpoint(&dev, &rd, step + 1, &l, &opt, &plan, &data, args.model.as_deref(), ids)?);
+            last_ck = Some(save_checkpoint(&dev, &rd, step + 1, &l, &opt, &origin)?);
         }
     }
     if end == plan.steps {
