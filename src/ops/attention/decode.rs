@@ -367,32 +367,8 @@ pub fn decode_with(
                 // Q tile plus two stages of K and V tiles, rows padded by 8.
                 shared_mem_bytes: (5 * TILE * (d + 8) * 2) as u32,
             };
-            api::attention_decode::AttentionDecodeBf16 {
-                part_o: part_o.ptr(g)?,
-                part_ml: part_ml.ptr(g)?,
-                q: q.ptr(g)?,
-                kc: cache.k.ptr(g)?,
-                vc: cache.v.ptr(g)?,
-                lens: cache.lens_buf.ptr(g)?,
-                n_new: n_new as i32,
-                hq: hq as i32,
-                hkv: s.hkv as i32,
-                max_len: cache.max_len as i32,
-                chunk: chunk as i32,
-                nsplit: nsplit as i32,
-                sl2: s.scale * std::f32::consts::LOG2_E,
-                causal: s.causal as i32,
-            }
-            .launch(g, d as u32, cfg)?;
-            api::attention_decode::AttentionDecodeCombineBf16 {
-                out: out.ptr(g)?,
-                part_o: part_o.ptr(g)?,
-                part_ml: part_ml.ptr(g)?,
-                rows: rows as i32,
-                nsplit: nsplit as i32,
-                d: d as i32,
-            }
-            .launch(g, cfg_rows(rows, 128, 0))
+            let split = Split { q, cache, part_o: &part_o, part_ml: &part_ml, n_new, chunk, nsplit };
+            split.launch(g, AttnDecodeKernel::Rows64, out, s, cfg)
         }
     }
 }
@@ -428,30 +404,62 @@ fn decode_v2(
         // a 16-row Q tile plus three stages of K and V tiles, rows padded by 8
         shared_mem_bytes: ((16 + 6 * TILE) * (d + 8) * 2) as u32,
     };
-    api::attention_decode::AttentionDecode16Bf16 {
-        part_o: part_o.ptr(g)?,
-        part_ml: part_ml.ptr(g)?,
-        q: q.ptr(g)?,
-        kc: cache.k.ptr(g)?,
-        vc: cache.v.ptr(g)?,
-        lens: cache.lens_buf.ptr(g)?,
-        n_new: n_new as i32,
-        hq: s.hq as i32,
-        hkv: s.hkv as i32,
-        max_len: cache.max_len as i32,
-        chunk: chunk as i32,
-        nsplit: nsplit as i32,
-        sl2: s.scale * std::f32::consts::LOG2_E,
-        causal: s.causal as i32,
+    Split { q, cache, part_o, part_ml, n_new, chunk, nsplit }.launch(g, AttnDecodeKernel::Rows16, out, s, cfg)
+}
+
+/// A split-KV decode launch: the partial kernel over `nsplit` chunks of `chunk` cached tokens,
+/// then the combine into `out`. Rows64 and Rows16 take the same arguments.
+struct Split<'a> {
+    q: &'a Buf,
+    cache: &'a KvCache,
+    part_o: &'a Buf,
+    part_ml: &'a Buf,
+    n_new: usize,
+    chunk: usize,
+    nsplit: usize,
+}
+
+impl Split<'_> {
+    fn launch(
+        self, g: &crate::cuda::Gpu, kernel: AttnDecodeKernel, out: &mut Buf, s: &AttnShape, cfg: LaunchConfig,
+    ) -> Result<()> {
+        let Split { q, cache, part_o, part_ml, n_new, chunk, nsplit } = self;
+        let rows = cache.batch * n_new * s.hq;
+        let a = api::attention_decode::AttentionDecodeBf16 {
+            part_o: part_o.ptr(g)?,
+            part_ml: part_ml.ptr(g)?,
+            q: q.ptr(g)?,
+            kc: cache.k.ptr(g)?,
+            vc: cache.v.ptr(g)?,
+            lens: cache.lens_buf.ptr(g)?,
+            n_new: n_new as i32,
+            hq: s.hq as i32,
+            hkv: s.hkv as i32,
+            max_len: cache.max_len as i32,
+            chunk: chunk as i32,
+            nsplit: nsplit as i32,
+            sl2: s.scale * std::f32::consts::LOG2_E,
+            causal: s.causal as i32,
+        };
+        if kernel == AttnDecodeKernel::Rows16 {
+            let api::attention_decode::AttentionDecodeBf16 {
+                part_o, part_ml, q, kc, vc, lens, n_new, hq, hkv, max_len, chunk, nsplit, sl2, causal,
+            } = a;
+            let a16 = api::attention_decode::AttentionDecode16Bf16 {
+                part_o, part_ml, q, kc, vc, lens, n_new, hq, hkv, max_len, chunk, nsplit, sl2, causal,
+            };
+            a16.launch(g, s.d as u32, cfg)?;
+        } else {
+            a.launch(g, s.d as u32, cfg)?;
+        }
+        api::attention_decode::AttentionDecodeCombineBf16 {
+            out: out.ptr(g)?,
+            part_o: part_o.ptr(g)?,
+            part_ml: part_ml.ptr(g)?,
+            rows: rows as i32,
+            nsplit: nsplit as i32,
+            d: s.d as i32,
+        }
+        .launch(g, cfg_rows(rows, 128, 0))
     }
-    .launch(g, d as u32, cfg)?;
-    api::attention_decode::AttentionDecodeCombineBf16 {
-        out: out.ptr(g)?,
-        part_o: part_o.ptr(g)?,
-        part_ml: part_ml.ptr(g)?,
-        rows: rows as i32,
-        nsplit: nsplit as i32,
-        d: d as i32,
-    }
-    .launch(g, cfg_rows(rows, 128, 0))
 }
