@@ -443,10 +443,36 @@ impl Split<'_> {
         };
         if kernel == AttnDecodeKernel::Rows16 {
             let api::attention_decode::AttentionDecodeBf16 {
-                part_o, part_ml, q, kc, vc, lens, n_new, hq, hkv, max_len, chunk, nsplit, sl2, causal,
+                part_o,
+                part_ml,
+                q,
+                kc,
+                vc,
+                lens,
+                n_new,
+                hq,
+                hkv,
+                max_len,
+                chunk,
+                nsplit,
+                sl2,
+                causal,
             } = a;
             let a16 = api::attention_decode::AttentionDecode16Bf16 {
-                part_o, part_ml, q, kc, vc, lens, n_new, hq, hkv, max_len, chunk, nsplit, sl2, causal,
+                part_o,
+                part_ml,
+                q,
+                kc,
+                vc,
+                lens,
+                n_new,
+                hq,
+                hkv,
+                max_len,
+                chunk,
+                nsplit,
+                sl2,
+                causal,
             };
             a16.launch(g, s.d as u32, cfg)?;
         } else {

@@ -334,6 +334,76 @@ pub(super) fn bwd(cx: &mut Call, out: BwdOut, x: Inputs, dlogp: &Buf, lse: &Buf)
     Ok(())
 }
 
+/// The rows a fused pass works on: all t, or (with a mask) the active ones gathered and packed,
+/// with their f32 logp / entropy temporaries and the callback's dlogp; zeroes what the pass then
+/// writes only in part (dhidden when rows are skipped, dW when there are no rows at all).
+struct FusedRows {
+    act: Option<Active>,
+    /// The gathered hidden rows and targets that `rows` points into (kept alive).
+    packed: Option<(Buf, Buf)>,
+    rows: Packed,
+    tmp: Option<(Buf, Buf)>,
+    dlogp_p: Buf,
+    ta: usize,
+}
+
+impl FusedRows {
+    fn new(cx: &mut Call, x: &Inputs, mask: Option<&Buf>, dhidden: &mut Buf, dlm_head: &mut Buf) -> Result<Self> {
+        let (g, t, h) = (cx.g, x.dims.t, x.dims.h);
+        let act = match mask {
+            Some(m) if t > 0 => active_tokens(cx, m, t)?,
+            _ => None,
+        };
+        let ta = act.as_ref().map_or(t, |a| a.n);
+        if act.is_some() {
+            zero(g, dhidden)?;
+        }
+        let packed = match &act {
+            Some(a) => Some(gather_inputs(cx, a, x.hidden, x.targets, h)?),
+            None => None,
+        };
+        let (hid, tgt) = match &packed {
+            Some((hp, tp)) => (hp.ptr(g)?, tp.ptr(g)?),
+            None => (x.hidden.ptr(g)?, x.targets.ptr(g)?),
+        };
+        let idx = match &act {
+            Some(a) => a.idx.ptr(g)?,
+            None => 0,
+        };
+        let tmp = match &act {
+            Some(_) => Some((cx.scratch(DType::F32, ta)?, cx.scratch(DType::F32, ta)?)),
+            None => None,
+        };
+        let dlogp_p = cx.scratch(DType::F32, ta)?;
+        if ta == 0 && cx.tune.dw_overwrite {
+            zero(g, dlm_head)?;
+        }
+        Ok(FusedRows { act, packed, rows: Packed { hid, tgt, idx }, tmp, dlogp_p, ta })
+    }
+}
+
+/// Where the pass writes entropies: the packed temporary, the output itself, or nowhere (0).
+fn entropy_ptr(g: &Gpu, tmp: &Option<(Buf, Buf)>, entropy: Option<&Buf>) -> Result<u64> {
+    match (tmp, entropy) {
+        (_, None) => Ok(0),
+        (Some((_, e)), Some(_)) => e.ptr(g),
+        (None, Some(e)) => e.ptr(g),
+    }
+}
+
+/// Scatters the packed logp (and entropy) back to their t positions (zeros elsewhere).
+fn expand_outputs(
+    g: &Gpu, act: &Option<Active>, tmp: &Option<(Buf, Buf)>, logp: &Buf, entropy: Option<&Buf>, t: usize,
+) -> Result<()> {
+    if let (Some(a), Some((tl, te))) = (act, tmp) {
+        expand(g, logp, tl, a, t)?;
+        if let Some(e) = entropy {
+            expand(g, e, te, a, t)?;
+        }
+    }
+    Ok(())
+}
+
 /// `fwd_bwd` at `LogitPrecision::ExactF32`: f32 logit tiles folded into the kept chunk relative
 /// to the running max (see the module doc of `logprob`).
 pub(super) fn fwd_bwd_exact(
@@ -341,37 +411,10 @@ pub(super) fn fwd_bwd_exact(
 ) -> Result<()> {
     let (g, tune) = (cx.g, cx.tune);
     let FusedOut { logp, entropy, dhidden, dlm_head } = out;
-    let Inputs { hidden, lm_head, targets, dims: Dims { t, h, v } } = x;
+    let (lm_head, Dims { t, h, v }) = (x.lm_head, x.dims);
     let ps = Pass::new(g, lm_head, h, v)?;
-    let act = match mask {
-        Some(m) if t > 0 => active_tokens(cx, m, t)?,
-        _ => None,
-    };
-    let ta = act.as_ref().map_or(t, |a| a.n);
-    if act.is_some() {
-        zero(g, dhidden)?;
-    }
-    let packed = match &act {
-        Some(a) => Some(gather_inputs(cx, a, hidden, targets, h)?),
-        None => None,
-    };
-    let (hid, tgt) = match &packed {
-        Some((hp, tp)) => (hp.ptr(g)?, tp.ptr(g)?),
-        None => (hidden.ptr(g)?, targets.ptr(g)?),
-    };
-    let idx = match &act {
-        Some(a) => a.idx.ptr(g)?,
-        None => 0,
-    };
-    let rows = Packed { hid, tgt, idx };
-    let tmp = match &act {
-        Some(_) => Some((cx.scratch(DType::F32, ta)?, cx.scratch(DType::F32, ta)?)),
-        None => None,
-    };
-    let mut dlogp_p = cx.scratch(DType::F32, ta)?;
-    if ta == 0 && tune.dw_overwrite {
-        zero(g, dlm_head)?;
-    }
+    let FusedRows { act, packed: _packed, rows, tmp, mut dlogp_p, ta } =
+        FusedRows::new(cx, &x, mask, dhidden, dlm_head)?;
     if ta > 0 {
         let (tc, splits) = fused_splits(g, tune, ta, h, v, ps.dt);
         let vc = tune.fused_vocab.clamp(1, v);
@@ -389,16 +432,9 @@ pub(super) fn fwd_bwd_exact(
         let (moff, stats, lse) = (moff.ptr(g)?, stats.ptr(g)?, lse.ptr(g)?);
         let fold = Fold { tile, stats, store, moff };
         let (dhid, dw, dlp) = (dhidden.ptr(g)?, dlm_head.ptr(g)?, dlogp_p.ptr(g)?);
-        let logp_p: &Buf = match &tmp {
-            Some((l, _)) => l,
-            None => &*logp,
-        };
+        let logp_p: &Buf = tmp.as_ref().map_or(&*logp, |(l, _)| l);
         let lp = logp_p.ptr(g)?;
-        let en = match (&tmp, entropy.as_deref()) {
-            (_, None) => 0,
-            (Some((_, e)), Some(_)) => e.ptr(g)?,
-            (None, Some(e)) => e.ptr(g)?,
-        };
+        let en = entropy_ptr(g, &tmp, entropy.as_deref())?;
         for t0 in (0..ta).step_by(tc) {
             let c = rows.chunk(&ps, t0, tc.min(ta - t0));
             let n = c.n;
@@ -415,13 +451,7 @@ pub(super) fn fwd_bwd_exact(
             ps.scatter_sum(dhid, dh, splits.count, 0, &c)?;
         }
     }
-    if let (Some(a), Some((tl, te))) = (&act, &tmp) {
-        expand(g, logp, tl, a, t)?;
-        if let Some(e) = entropy.as_deref() {
-            expand(g, e, te, a, t)?;
-        }
-    }
-    Ok(())
+    expand_outputs(g, &act, &tmp, logp, entropy.as_deref(), t)
 }
 
 /// `fwd_bwd` at `LogitPrecision::Bf16`. Per token chunk of n rows:
@@ -440,37 +470,10 @@ pub(super) fn fwd_bwd_bf16(
 ) -> Result<()> {
     let (g, tune) = (cx.g, cx.tune);
     let FusedOut { logp, entropy, dhidden, dlm_head } = out;
-    let Inputs { hidden, lm_head, targets, dims: Dims { t, h, v } } = x;
+    let (lm_head, Dims { t, h, v }) = (x.lm_head, x.dims);
     let ps = Pass::new(g, lm_head, h, v)?;
-    let act = match mask {
-        Some(m) if t > 0 => active_tokens(cx, m, t)?,
-        _ => None,
-    };
-    let ta = act.as_ref().map_or(t, |a| a.n);
-    if act.is_some() {
-        zero(g, dhidden)?;
-    }
-    let packed = match &act {
-        Some(a) => Some(gather_inputs(cx, a, hidden, targets, h)?),
-        None => None,
-    };
-    let (hid, tgt) = match &packed {
-        Some((hp, tp)) => (hp.ptr(g)?, tp.ptr(g)?),
-        None => (hidden.ptr(g)?, targets.ptr(g)?),
-    };
-    let idx = match &act {
-        Some(a) => a.idx.ptr(g)?,
-        None => 0,
-    };
-    let rows = Packed { hid, tgt, idx };
-    let tmp = match &act {
-        Some(_) => Some((cx.scratch(DType::F32, ta)?, cx.scratch(DType::F32, ta)?)),
-        None => None,
-    };
-    let mut dlogp_p = cx.scratch(DType::F32, ta)?;
-    if ta == 0 && tune.dw_overwrite {
-        zero(g, dlm_head)?;
-    }
+    let FusedRows { act, packed: _packed, rows, tmp, mut dlogp_p, ta } =
+        FusedRows::new(cx, &x, mask, dhidden, dlm_head)?;
     if ta > 0 {
         let (tc, splits) = fused_splits(g, tune, ta, h, v, ps.dt);
         // Cached, not zeroed: [tc, v] storage dtype (the chunk's logits, then u), [tc, h] g-scaled
@@ -483,16 +486,9 @@ pub(super) fn fwd_bwd_bf16(
         let lse = cx.scratch(DType::F32, tc)?;
         let lse = lse.ptr(g)?;
         let (dhid, dw, dlp) = (dhidden.ptr(g)?, dlm_head.ptr(g)?, dlogp_p.ptr(g)?);
-        let logp_p: &Buf = match &tmp {
-            Some((l, _)) => l,
-            None => &*logp,
-        };
+        let logp_p: &Buf = tmp.as_ref().map_or(&*logp, |(l, _)| l);
         let lp = logp_p.ptr(g)?;
-        let en = match (&tmp, entropy.as_deref()) {
-            (_, None) => 0,
-            (Some((_, e)), Some(_)) => e.ptr(g)?,
-            (None, Some(e)) => e.ptr(g)?,
-        };
+        let en = entropy_ptr(g, &tmp, entropy.as_deref())?;
         let cache = ps.fold_u_cache();
         for t0 in (0..ta).step_by(tc) {
             let c = rows.chunk(&ps, t0, tc.min(ta - t0));
@@ -517,11 +513,5 @@ pub(super) fn fwd_bwd_bf16(
             ps.scatter_sum(dhid, dh, splits.count, dlp_t0, &c)?;
         }
     }
-    if let (Some(a), Some((tl, te))) = (&act, &tmp) {
-        expand(g, logp, tl, a, t)?;
-        if let Some(e) = entropy.as_deref() {
-            expand(g, e, te, a, t)?;
-        }
-    }
-    Ok(())
+    expand_outputs(g, &act, &tmp, logp, entropy.as_deref(), t)
 }
