@@ -533,6 +533,20 @@ pub fn render(modules: &[ModuleApi]) -> Result<String, String> {
                 "            gpu.launch_kernel(id, cfg, &[{}])\n        }}\n    }}\n",
                 args.join(", ")
             ));
+            // Families of one module with the same parameters convert into each other, so a
+            // launcher that picks between them builds the arguments once.
+            for (gi, other) in m.families.iter().enumerate().take(fi) {
+                if m.kernels.iter().find(|k| k.family == gi).is_none_or(|k| k.params != ks[0].params) {
+                    continue;
+                }
+                let oname = camel(&other.base);
+                let list = ks[0].params.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ");
+                for (a, b) in [(&oname, &sname), (&sname, &oname)] {
+                    o.push_str(&format!(
+                        "\n    impl From<{a}> for {b} {{\n        fn from(x: {a}) -> {b} {{\n            let {a} {{ {list} }} = x;\n            {b} {{ {list} }}\n        }}\n    }}\n"
+                    ));
+                }
+            }
         }
         o.push_str("}\n");
     }

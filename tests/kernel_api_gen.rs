@@ -69,6 +69,19 @@ fn renders_one_struct_and_launcher_per_family() {
 }
 
 #[test]
+fn families_with_the_same_parameters_convert() {
+    let src = r#"
+extern "C" __global__ void q64(float* out, int n) {}
+extern "C" __global__ void q128(float* out, int n) {}
+extern "C" __global__ void other(float* dst, int n) {}
+"#;
+    let code = render(&[parse_module("toy", src).unwrap()]).unwrap();
+    assert!(code.contains("impl From<Q64> for Q128"), "{code}");
+    assert!(code.contains("impl From<Q128> for Q64"));
+    assert!(!code.contains("for Other"), "different parameter names: no conversion");
+}
+
+#[test]
 fn rejects_what_the_launcher_cannot_pass() {
     let e = parse_module("toy", r#"extern "C" __global__ void k(double x) {}"#).unwrap_err();
     assert!(e.contains("k: parameter x has type \"double\""), "{e}");

@@ -110,37 +110,7 @@ pub fn step(dev: &Device, bufs: Bufs, n: usize, hp: &AdamW, step: u64, grad_scal
             };
             if grad_bf16 {
                 // The same parameters, with the gradient read as bf16.
-                let api::adamw::AdamwStep {
-                    param,
-                    master,
-                    grad,
-                    m,
-                    v,
-                    n,
-                    b1,
-                    b2,
-                    eps,
-                    decay,
-                    step_size,
-                    sqrt_bc2,
-                    grad_scale,
-                } = a;
-                let a = api::adamw::AdamwStepG16 {
-                    param,
-                    master,
-                    grad,
-                    m,
-                    v,
-                    n,
-                    b1,
-                    b2,
-                    eps,
-                    decay,
-                    step_size,
-                    sqrt_bc2,
-                    grad_scale,
-                };
-                return a.launch(g, dt, cfg);
+                return api::adamw::AdamwStepG16::from(a).launch(g, dt, cfg);
             }
             a.launch(g, dt, cfg)
         }

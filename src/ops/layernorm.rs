@@ -122,24 +122,13 @@ pub fn fwd_with(dev: &Device, kernel: LayerNormFwdKernel, bufs: Fwd, rows: usize
             let dt = same_float_dtype(op, &[y, x, w, b])?;
             let (yp, mp, rp, xp, wp, bp) = (y.ptr(g)?, mean.ptr(g)?, rstd.ptr(g)?, x.ptr(g)?, w.ptr(g)?, b.ptr(g)?);
             let (r, c) = (rows as i32, cols as i32);
+            let a =
+                api::layernorm::LayernormFwd { y: yp, mean: mp, rstd: rp, x: xp, w: wp, b: bp, rows: r, cols: c, eps };
             if let LayerNormFwdKernel::Vec16 { vpt } = kernel {
                 check_vec16(op, kernel, dt, rows, cols, vpt, aligned16(g, &[y, x, w, b])?)?;
                 let plan = VecLaunch::new(g, rows, vpt, cols / (16 / dt.size()), 4);
-                let a = api::layernorm::LayernormFwdVec16 {
-                    y: yp,
-                    mean: mp,
-                    rstd: rp,
-                    x: xp,
-                    w: wp,
-                    b: bp,
-                    rows: r,
-                    cols: c,
-                    eps,
-                };
-                return a.launch(g, vpt as u32, dt, plan.cfg(0));
+                return api::layernorm::LayernormFwdVec16::from(a).launch(g, vpt as u32, dt, plan.cfg(0));
             }
-            let a =
-                api::layernorm::LayernormFwd { y: yp, mean: mp, rstd: rp, x: xp, w: wp, b: bp, rows: r, cols: c, eps };
             a.launch(g, dt, cfg_rows(rows, block_for(cols, dt), 0))
         }
     }

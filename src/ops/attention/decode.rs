@@ -442,39 +442,7 @@ impl Split<'_> {
             causal: s.causal as i32,
         };
         if kernel == AttnDecodeKernel::Rows16 {
-            let api::attention_decode::AttentionDecodeBf16 {
-                part_o,
-                part_ml,
-                q,
-                kc,
-                vc,
-                lens,
-                n_new,
-                hq,
-                hkv,
-                max_len,
-                chunk,
-                nsplit,
-                sl2,
-                causal,
-            } = a;
-            let a16 = api::attention_decode::AttentionDecode16Bf16 {
-                part_o,
-                part_ml,
-                q,
-                kc,
-                vc,
-                lens,
-                n_new,
-                hq,
-                hkv,
-                max_len,
-                chunk,
-                nsplit,
-                sl2,
-                causal,
-            };
-            a16.launch(g, s.d as u32, cfg)?;
+            api::attention_decode::AttentionDecode16Bf16::from(a).launch(g, s.d as u32, cfg)?;
         } else {
             a.launch(g, s.d as u32, cfg)?;
         }

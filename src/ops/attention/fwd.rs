@@ -124,7 +124,5 @@ fn launch_q128(g: &Gpu, a: api::attention_fwd::AttentionFwdQ64Bf16, seqs: &Varle
         block_dim: (128, 1, 1),
         shared_mem_bytes: q128_smem(s.d),
     };
-    let api::attention_fwd::AttentionFwdQ64Bf16 { out, lse, q, k, v, cu, t, hq, hkv, sl2, causal } = a;
-    api::attention_fwd::AttentionFwdQ128Bf16 { out, lse, q, k, v, cu, t, hq, hkv, sl2, causal }
-        .launch(g, s.d as u32, cfg)
+    api::attention_fwd::AttentionFwdQ128Bf16::from(a).launch(g, s.d as u32, cfg)
 }
