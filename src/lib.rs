@@ -6,7 +6,7 @@
 pub mod bench; // defines: kernel suites (CUDA-event timing, GB/s and TFLOP/s table) and workload suites (train, vision, prefill, rollout, grpo)
 pub mod check; // defines: error norms, the per-op tolerance table (Tol), assert_close, the fixture finder
 pub mod checkpoint; // defines: Checkpoint (memory-mapped safetensors model dirs), atomic sharded saving, fixture reading
-pub mod cuda; // defines: Gpu (context, stream, module cache, launch), blas (cuBLAS GEMM), kernels (embedded modules)
+pub mod cuda; // defines: Gpu (context, stream, module cache), api (typed launchers generated from kernels/*.cu), blas (cuBLAS GEMM), kernels (embedded modules)
 pub mod data; // defines: image decoding and Pillow-compatible bicubic resize, the JSONL dataset, converters (SafeMT), the demo dataset
 pub mod eval; // defines: am3 eval metrics (ASR, over-refusal, win rates, bootstrap CIs), report and chart
 pub mod grpo; // defines: turn-aware GRPO rewards/advantages and the clipped-surrogate update over rollouts
