@@ -153,7 +153,17 @@ pub fn pass(
         }
         let d = dev.upload(&dlogp, DType::F32)?;
         match step.as_deref_mut() {
-            Some(s) => model.backward_logprobs_stepped(dev, &f, &targets, &lse, &d, 1.0 / temp, s)?,
+            Some(s) => model.backward_logprobs_stepped(
+                dev,
+                &f,
+                &crate::models::common::head::LogpGrad {
+                    targets: &targets,
+                    lse: &lse,
+                    dlogp: &d,
+                    hidden_scale: 1.0 / temp,
+                },
+                s,
+            )?,
             None => model.backward_logprobs_scaled(dev, &f, &targets, &lse, &d, 1.0 / temp)?,
         }
     }
