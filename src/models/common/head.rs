@@ -21,6 +21,13 @@ pub struct LogpGrad<'a> {
     pub hidden_scale: f32,
 }
 
+impl<'a> LogpGrad<'a> {
+    /// The fields in order: targets, lse, dlogp, hidden_scale.
+    pub fn new(targets: &'a Buf, lse: &'a Buf, dlogp: &'a Buf, hidden_scale: f32) -> Self {
+        LogpGrad { targets, lse, dlogp, hidden_scale }
+    }
+}
+
 /// (logp, lse), each [S] f32: log p(targets[t]) at every position of `f` with mask[t] ≠ 0 (0
 /// elsewhere), without materialising the logits. `targets` [S] i32, mask [S] f32.
 pub fn logprobs(
