@@ -333,18 +333,8 @@ pub fn kv_cache_check(dev: &Device, model: &LlavaNext, x: &Inputs, splits: &[usi
                 pixels[off * tile_len..(off + tiles[k]) * tile_len].to_vec()
             })
             .collect();
-        let logits = dev
-            .to_vec(
-                &model
-                    .extend(
-                        dev,
-                        &mut sess,
-                        Extend { ids: &ids[a..b], n_new: b - a, pixels: &px, image_sizes: &sz },
-                        false,
-                    )
-                    .unwrap_or_else(|e| panic!("{e:#}")),
-            )
-            .unwrap();
+        let x = Extend { ids: &ids[a..b], n_new: b - a, pixels: &px, image_sizes: &sz };
+        let logits = dev.to_vec(&model.extend(dev, &mut sess, x, false).unwrap_or_else(|e| panic!("{e:#}"))).unwrap();
         let e = rel_err(&logits, &full[a * v..b * v]);
         if b - a > 1 || !imgs.is_empty() || b == s {
             println!("{tag} kv-cache chunk {a}..{b} (images {imgs:?}): logits rel err {e:.2e}");
@@ -353,9 +343,8 @@ pub fn kv_cache_check(dev: &Device, model: &LlavaNext, x: &Inputs, splits: &[usi
     }
     report(tag, "kv-cache prefill + append + decode logits vs full forward", rel_err(&got, &full), tol);
     let mut sess2 = model.new_session(dev, 1, s).unwrap();
-    let last = dev
-        .to_vec(&model.extend(dev, &mut sess2, Extend { ids, n_new: s, pixels, image_sizes: sizes }, true).unwrap())
-        .unwrap();
+    let x = Extend { ids, n_new: s, pixels, image_sizes: sizes };
+    let last = dev.to_vec(&model.extend(dev, &mut sess2, x, true).unwrap()).unwrap();
     report(tag, "last_only logits vs full forward's last row", rel_err(&last, &full[(s - 1) * v..]), tol);
 }
 

@@ -680,16 +680,16 @@ struct Proj<'a> {
 }
 
 /// An RMSNorm backward's buffers but dw: dx [t, d] (=) from dy, x, w and the saved rstd.
-struct NormBwd<'a> {
-    dx: &'a mut Buf,
-    dy: &'a Buf,
-    x: &'a Buf,
-    w: &'a Buf,
-    rstd: &'a Buf,
+pub(crate) struct NormBwd<'a> {
+    pub dx: &'a mut Buf,
+    pub dy: &'a Buf,
+    pub x: &'a Buf,
+    pub w: &'a Buf,
+    pub rstd: &'a Buf,
 }
 
 /// RMSNorm backward into `dw` (+=), or into a throw-away buffer when the norm is frozen.
-fn norm_bwd(dev: &Device, dw: Option<&mut Buf>, b: NormBwd, t: usize, d: usize) -> Result<()> {
+pub(crate) fn norm_bwd(dev: &Device, dw: Option<&mut Buf>, b: NormBwd, t: usize, d: usize) -> Result<()> {
     let NormBwd { dx, dy, x, w, rstd } = b;
     match dw {
         Some(dw) => rmsnorm::bwd(dev, rmsnorm::Bwd { dx, dw, dy, x, w, rstd }, t, d),

@@ -13,8 +13,8 @@
 //! (`g` None in `backward`) only the adapters get gradients.
 
 use super::decoder::{
-    stack_backward, stack_backward_stepped, stack_forward, Block, LayerActs, LayerDims, LayerFlags, LayerParams,
-    RopeKind, RopeTable, Saved, Slot, StackCtx,
+    norm_bwd, stack_backward, stack_backward_stepped, stack_forward, Block, LayerActs, LayerDims, LayerFlags,
+    LayerParams, NormBwd, RopeKind, RopeTable, Saved, Slot, StackCtx,
 };
 use super::lora::LayerLora;
 use super::params::ParamRef;
@@ -210,6 +210,18 @@ impl LmFwd {
     pub fn final_hidden(&self) -> &Buf {
         &self.xf
     }
+    /// Injected rows replaced their token embeddings: takes their rows [n, D] out of dx [S, D]
+    /// (their gradient goes to the vision side only); None without injection.
+    fn take_injected(&self, dev: &Device, dx: &mut Buf, dt: DType, d: usize) -> Result<Option<Buf>> {
+        match &self.inject {
+            Some(at) => {
+                let mut rows = dev.zeros(dt, at.len() * d)?;
+                take_rows(dev, &mut rows, dx, at, d)?;
+                Ok(Some(rows))
+            }
+            None => Ok(None),
+        }
+    }
     /// Scales the final hidden states (by 1/T for log-probs at temperature T); the backward
     /// reads the residual streams, not these, so it stays valid.
     pub fn scale_final_hidden(&mut self, dev: &Device, s: f32) -> Result<()> {
@@ -314,17 +326,8 @@ impl Lm<'_> {
         let (Lm { dims, p, lora }, LmGrads { base: mut g, lora: lora_grads }) = (*self, g);
         let (s, d, dt) = (f.tokens(), dims.layer.d, p.embed.dtype());
         let mut dx = dev.zeros(dt, s * d)?;
-        let mut norm_sink = None;
-        let dnorm = match g.as_deref_mut() {
-            Some(g) => &mut g.norm,
-            None => norm_sink.insert(dev.zeros_f32(d)?),
-        };
-        rmsnorm::bwd(
-            dev,
-            rmsnorm::Bwd { dx: &mut dx, dw: dnorm, dy: dxf, x: &f.hs[dims.n_layers], w: &p.norm, rstd: &f.rstd_f },
-            s,
-            d,
-        )?;
+        let norm = NormBwd { dx: &mut dx, dy: dxf, x: &f.hs[dims.n_layers], w: &p.norm, rstd: &f.rstd_f };
+        norm_bwd(dev, g.as_deref_mut().map(|g| &mut g.norm), norm, s, d)?;
         let block = |l: usize| Block {
             dims: &dims.layer,
             w: &p.layers[l],
@@ -335,15 +338,7 @@ impl Lm<'_> {
         };
         let mut dx =
             stack_backward(dev, &block, &f.hs, &f.acts, g.as_deref_mut().map(|g| &mut g.layers[..]), lora_grads, dx)?;
-        // Injected rows replaced their token embeddings: their gradient goes to the vision side only.
-        let d_inject = match &f.inject {
-            Some(at) => {
-                let mut rows = dev.zeros(dt, at.len() * d)?;
-                take_rows(dev, &mut rows, &mut dx, at, d)?;
-                Some(rows)
-            }
-            None => None,
-        };
+        let d_inject = f.take_injected(dev, &mut dx, dt, d)?;
         if let Some(g) = g {
             embedding::bwd(
                 dev,
@@ -389,14 +384,7 @@ pub fn backward_stepped(
     };
     let saved = Saved { hs: &f.hs, acts: &f.acts };
     let mut dx = stack_backward_stepped(dev, &ctx, saved, &mut p.layers, gl, &mut per_layer, dx)?;
-    let d_inject = match &f.inject {
-        Some(at) => {
-            let mut rows = dev.zeros(dt, at.len() * d)?;
-            take_rows(dev, &mut rows, &mut dx, at, d)?;
-            Some(rows)
-        }
-        None => None,
-    };
+    let d_inject = f.take_injected(dev, &mut dx, dt, d)?;
     embedding::bwd(dev, &mut g.embed, &dx, &f.ids, Some(&f.ids_host), embedding::Dims { t: s, c: d, v: dims.vocab })?;
     Ok(d_inject)
 }

@@ -16,7 +16,8 @@
 
 use super::config::VisionConfig;
 use crate::models::common::decoder::{
-    stack_backward, stack_forward, Block, LayerActs, LayerDims, LayerFlags, LayerParams, RopeKind, RopeTable, Slot,
+    norm_bwd, stack_backward, stack_forward, Block, LayerActs, LayerDims, LayerFlags, LayerParams, NormBwd, RopeKind,
+    RopeTable, Slot,
 };
 use crate::models::common::lora::LayerLora;
 use crate::models::common::params::ParamRef;
@@ -439,17 +440,8 @@ pub fn backward(dev: &Device, tw: Tower, g: VisionGrads, f: &VisionFwd, d_embeds
         None => matmul::fwd(dev, &mut dyq, &dh1, &p.mlp0_w, matmul::Mm::new(nm, md, md))?,
     }
     let mut dx = dev.zeros(dt, n * d)?;
-    let mut lnq_sink = None;
-    let dlnq = match g.as_deref_mut() {
-        Some(g) => &mut g.ln_q,
-        None => lnq_sink.insert(dev.zeros_f32(d)?),
-    };
-    rmsnorm::bwd(
-        dev,
-        rmsnorm::Bwd { dx: &mut dx, dw: dlnq, dy: &dyq, x: &f.hs[dims.depth], w: &p.ln_q, rstd: &f.rstd_q },
-        n,
-        d,
-    )?;
+    let lnq = NormBwd { dx: &mut dx, dy: &dyq, x: &f.hs[dims.depth], w: &p.ln_q, rstd: &f.rstd_q };
+    norm_bwd(dev, g.as_deref_mut().map(|g| &mut g.ln_q), lnq, n, d)?;
     let blocks = g.as_deref_mut().map(|g| &mut g.blocks[..]);
     let dx = stack_backward(dev, &|i| block(tw, &f.rope, &f.win, &f.full, i), &f.hs, &f.acts, blocks, lora_grads, dx)?;
     match g {
