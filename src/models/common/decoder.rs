@@ -576,32 +576,15 @@ pub fn stack_backward<'a>(
     dev: &Device, block: &dyn Fn(usize) -> Block<'a>, hs: &[Buf], acts: &[Option<LayerActs>],
     mut grads: Option<&mut [LayerParams]>, mut lora_grads: Option<&mut [LayerLora]>, dout: Buf,
 ) -> Result<Buf> {
+    let saved = Saved { hs, acts };
     let mut dx = dout;
     let mut din: Option<Buf> = None;
     for l in (0..acts.len()).rev() {
-        let blk = block(l);
-        let (t, dt) = (blk.segs.total(), blk.dt());
-        let recomputed;
-        let a = match &acts[l] {
-            Some(a) => a,
-            None => {
-                let mut a = LayerActs::new(dev, blk.dims, t, dt)?;
-                let mut scratch = dev.zeros(dt, t * blk.dims.d)?;
-                blk.forward(dev, &mut scratch, &hs[l], &mut a)?;
-                recomputed = a;
-                &recomputed
-            }
-        };
-        let mut next = match din.take() {
-            Some(b) => b,
-            None => dev.zeros(dt, t * blk.dims.d)?,
-        };
         let mut g = LayerGrads {
             base: grads.as_deref_mut().and_then(|v| v.get_mut(l)),
             lora: lora_grads.as_deref_mut().and_then(|v| v.get_mut(l)),
         };
-        blk.backward(dev, &mut next, &mut g, &dx, &hs[l], a)?;
-        din = Some(std::mem::replace(&mut dx, next));
+        block_backward(dev, &block(l), &saved, l, &mut g, &mut dx, &mut din)?;
     }
     Ok(dx)
 }
@@ -629,7 +612,7 @@ pub fn stack_backward_stepped(
     dev: &Device, ctx: &StackCtx, saved: Saved, layers: &mut [LayerParams], gl: &mut LayerParams,
     step: &mut dyn FnMut(usize, &mut LayerParams, &LayerParams) -> Result<()>, dout: Buf,
 ) -> Result<Buf> {
-    let Saved { hs, acts } = saved;
+    let acts = saved.acts;
     if layers.len() != acts.len() {
         bail!("stepped backward: {} layers of weights but {} of activations", layers.len(), acts.len());
     }
@@ -639,25 +622,8 @@ pub fn stack_backward_stepped(
         {
             let blk =
                 Block { dims: ctx.dims, w: &layers[l], rope: ctx.rope, segs: ctx.segs, causal: ctx.causal, lora: None };
-            let (t, dt) = (blk.segs.total(), blk.dt());
-            let recomputed;
-            let a = match &acts[l] {
-                Some(a) => a,
-                None => {
-                    let mut a = LayerActs::new(dev, blk.dims, t, dt)?;
-                    let mut scratch = dev.zeros(dt, t * blk.dims.d)?;
-                    blk.forward(dev, &mut scratch, &hs[l], &mut a)?;
-                    recomputed = a;
-                    &recomputed
-                }
-            };
-            let mut next = match din.take() {
-                Some(b) => b,
-                None => dev.zeros(dt, t * blk.dims.d)?,
-            };
             let mut g = LayerGrads { base: Some(&mut *gl), lora: None };
-            blk.backward(dev, &mut next, &mut g, &dx, &hs[l], a)?;
-            din = Some(std::mem::replace(&mut dx, next));
+            block_backward(dev, &blk, &saved, l, &mut g, &mut dx, &mut din)?;
         }
         step(l, &mut layers[l], gl)?;
         if l > 0 {
@@ -668,6 +634,32 @@ pub fn stack_backward_stepped(
         }
     }
     Ok(dx)
+}
+
+/// Block l's backward within a stack: reruns its forward from hs[l] when its activations were
+/// not kept, then replaces dx (d of its output) by d hs[l]; `din` holds the buffer to reuse.
+fn block_backward(
+    dev: &Device, blk: &Block, saved: &Saved, l: usize, g: &mut LayerGrads, dx: &mut Buf, din: &mut Option<Buf>,
+) -> Result<()> {
+    let (t, dt) = (blk.segs.total(), blk.dt());
+    let recomputed;
+    let a = match &saved.acts[l] {
+        Some(a) => a,
+        None => {
+            let mut a = LayerActs::new(dev, blk.dims, t, dt)?;
+            let mut scratch = dev.zeros(dt, t * blk.dims.d)?;
+            blk.forward(dev, &mut scratch, &saved.hs[l], &mut a)?;
+            recomputed = a;
+            &recomputed
+        }
+    };
+    let mut next = match din.take() {
+        Some(b) => b,
+        None => dev.zeros(dt, t * blk.dims.d)?,
+    };
+    blk.backward(dev, &mut next, g, dx, &saved.hs[l], a)?;
+    *din = Some(std::mem::replace(dx, next));
+    Ok(())
 }
 
 /// One projection of a block: slot `s` on x [t, din], out [t, dout].
