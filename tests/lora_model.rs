@@ -5,7 +5,7 @@ use am3safety::models::common::lora::DEFAULT_TARGETS;
 use am3safety::models::common::params::assemble;
 use am3safety::models::common::train_state::TrainState;
 use am3safety::models::llava_next::model::{Batch as LlavaBatch, LlavaNext};
-use am3safety::models::qwen2_5_vl::model::{QwenVl, Recompute};
+use am3safety::models::qwen2_5_vl::model::{Extend, QwenVl, Recompute};
 use am3safety::tensor::{DType, Device};
 use common::*;
 
@@ -149,13 +149,33 @@ fn lora_kv_cache_matches_full_forward() {
     let rows = |a: usize, b: usize| (0..3).flat_map(|r| p.pos3[r * s + a..r * s + b].to_vec()).collect::<Vec<i32>>();
     let mut got = dev
         .to_vec(
-            &m.extend(&dev, &mut sess, &p.ids[..split], &rows(0, split), split, &p.pixels, &p.grids, false).unwrap(),
+            &m.extend(
+                &dev,
+                &mut sess,
+                Extend {
+                    ids: &p.ids[..split],
+                    pos3: &rows(0, split),
+                    n_new: split,
+                    pixels: &p.pixels,
+                    grids: &p.grids,
+                },
+                false,
+            )
+            .unwrap(),
         )
         .unwrap();
     for t in split..s {
         got.extend(
-            dev.to_vec(&m.extend(&dev, &mut sess, &p.ids[t..t + 1], &rows(t, t + 1), 1, &[], &[], false).unwrap())
+            dev.to_vec(
+                &m.extend(
+                    &dev,
+                    &mut sess,
+                    Extend { ids: &p.ids[t..t + 1], pos3: &rows(t, t + 1), n_new: 1, pixels: &[], grids: &[] },
+                    false,
+                )
                 .unwrap(),
+            )
+            .unwrap(),
         );
     }
     let e = rel_err(&got, &want);

@@ -6,6 +6,7 @@
 //! step stores the linear weights' gradients in bf16 (`GradStore::Bf16Linear`).
 
 use super::{time_gpu, BenchRow};
+use crate::models::common::head::LogpGrad;
 use crate::models::common::params::{GradStore, ParamRef};
 use crate::models::common::train_state::TrainState;
 use crate::models::qwen2_5_vl::config::QwenVlConfig;
@@ -152,7 +153,12 @@ pub fn run(dev: &Device, quick: bool) -> Result<Vec<BenchRow>> {
             peak = peak.max(used());
             if per_layer {
                 let mut ls = opt.begin_layered(1e-5, 1.0);
-                model.backward_logprobs_stepped(dev, &f, &tb, &lse, &dl, 1.0, &mut |pg| ls.apply(dev, pg))?;
+                model.backward_logprobs_stepped(
+                    dev,
+                    &f,
+                    &LogpGrad { targets: &tb, lse: &lse, dlogp: &dl, hidden_scale: 1.0 },
+                    &mut |pg| ls.apply(dev, pg),
+                )?;
                 ls.finish()?;
                 peak = peak.max(used());
                 return Ok(());

@@ -413,7 +413,13 @@ pub fn vision(c: &Ctx) -> Result<Vec<Figure>> {
                         .and_then(|mut g| {
                             measure(dev, set.warmup, set.vision_iters, &mut || {
                                 let (_, f) = qvision::forward(dev, vd, &q.params.vision, &[], &pixels, &grids, false)?;
-                                qvision::backward(dev, vd, &q.params.vision, &[], Some(&mut g), None, &f, &dout)
+                                qvision::backward(
+                                    dev,
+                                    qvision::Tower { dims: vd, p: &q.params.vision, lora: &[] },
+                                    qvision::VisionGrads { base: Some(&mut g), lora: None },
+                                    &f,
+                                    &dout,
+                                )
                             })
                         });
                 (fwd, bwd, grids)

@@ -7,6 +7,7 @@
 //! the whole mini-batch (all its generated tokens, or all its rollouts for the sequence mean),
 //! so the micro-batch split does not change the loss or the gradient.
 
+use crate::models::common::head::LogpGrad;
 use crate::models::common::lm::StepFn;
 use crate::models::qwen2_5_vl::model::Recompute;
 use crate::ops::grpo::{cpu::token, Aggregation, GrpoHyper};
@@ -172,7 +173,7 @@ pub fn pass(
         }
         let d = dev.upload(&dlogp, DType::F32)?;
         match step.as_deref_mut() {
-            Some(s) => model.backward_logprobs_stepped(dev, &f, &targets, &lse, &d, 1.0 / temp, s)?,
+            Some(s) => model.backward_logprobs_stepped(dev, &f, &LogpGrad::new(&targets, &lse, &d, 1.0 / temp), s)?,
             None => model.backward_logprobs_scaled(dev, &f, &targets, &lse, &d, 1.0 / temp)?,
         }
     }

@@ -11,6 +11,7 @@ use super::examples::{encode, encode_llava, Example, Packed};
 use crate::checkpoint::safetensors_io::{save_sharded_with, SaveDtype};
 use crate::checkpoint::Checkpoint;
 use crate::data::dataset::Sample;
+use crate::models::common::head::LogpGrad;
 use crate::models::common::lm::LmDims;
 use crate::models::common::params::{assemble, GradStore, NamedTensors, ParamRef};
 use crate::models::common::train_state::TrainState;
@@ -248,14 +249,12 @@ impl VlModel {
     /// `backward_logprobs_scaled` with the per-layer optimizer step (full fine-tune, after
     /// `set_per_layer_grads(true)` and `zero_grads`): `step` receives each text layer's
     /// (piece, weight, gradient) as soon as that gradient is final, then the rest.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward_logprobs_stepped(
-        &mut self, dev: &Device, f: &VlFwd, targets: &Buf, lse: &Buf, dlogp: &Buf, s: f32,
-        step: &mut crate::models::common::lm::StepFn,
+        &mut self, dev: &Device, f: &VlFwd, h: &LogpGrad, step: &mut crate::models::common::lm::StepFn,
     ) -> Result<()> {
         match (&mut self.net, f) {
-            (Net::Qwen(m), VlFwd::Qwen(f)) => m.backward_logprobs_stepped(dev, f, targets, lse, dlogp, s, step),
-            (Net::Llava(m), VlFwd::Llava(f)) => m.backward_logprobs_stepped(dev, f, targets, lse, dlogp, s, step),
+            (Net::Qwen(m), VlFwd::Qwen(f)) => m.backward_logprobs_stepped(dev, f, h, step),
+            (Net::Llava(m), VlFwd::Llava(f)) => m.backward_logprobs_stepped(dev, f, h, step),
             _ => bail!("a forward of one model family was given to the other"),
         }
     }

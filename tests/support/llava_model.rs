@@ -10,7 +10,7 @@ use am3safety::checkpoint::{read_tensor_file, Checkpoint};
 use am3safety::models::common::params::NamedTensors;
 use am3safety::models::common::train_state::TrainState;
 use am3safety::models::llava_next::config::{LlavaNextConfig, TextFamily};
-use am3safety::models::llava_next::model::{strip_tile_padding, Batch, LlavaNext, Recompute};
+use am3safety::models::llava_next::model::{strip_tile_padding, Batch, Extend, LlavaNext, Recompute};
 use am3safety::stages::model::VlModel;
 use am3safety::tensor::{DType, Device};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -333,11 +333,8 @@ pub fn kv_cache_check(dev: &Device, model: &LlavaNext, x: &Inputs, splits: &[usi
                 pixels[off * tile_len..(off + tiles[k]) * tile_len].to_vec()
             })
             .collect();
-        let logits = dev
-            .to_vec(
-                &model.extend(dev, &mut sess, &ids[a..b], b - a, &px, &sz, false).unwrap_or_else(|e| panic!("{e:#}")),
-            )
-            .unwrap();
+        let x = Extend { ids: &ids[a..b], n_new: b - a, pixels: &px, image_sizes: &sz };
+        let logits = dev.to_vec(&model.extend(dev, &mut sess, x, false).unwrap_or_else(|e| panic!("{e:#}"))).unwrap();
         let e = rel_err(&logits, &full[a * v..b * v]);
         if b - a > 1 || !imgs.is_empty() || b == s {
             println!("{tag} kv-cache chunk {a}..{b} (images {imgs:?}): logits rel err {e:.2e}");
@@ -346,7 +343,8 @@ pub fn kv_cache_check(dev: &Device, model: &LlavaNext, x: &Inputs, splits: &[usi
     }
     report(tag, "kv-cache prefill + append + decode logits vs full forward", rel_err(&got, &full), tol);
     let mut sess2 = model.new_session(dev, 1, s).unwrap();
-    let last = dev.to_vec(&model.extend(dev, &mut sess2, ids, s, pixels, sizes, true).unwrap()).unwrap();
+    let x = Extend { ids, n_new: s, pixels, image_sizes: sizes };
+    let last = dev.to_vec(&model.extend(dev, &mut sess2, x, true).unwrap()).unwrap();
     report(tag, "last_only logits vs full forward's last row", rel_err(&last, &full[(s - 1) * v..]), tol);
 }
 

@@ -9,7 +9,7 @@ use am3safety::checkpoint::{read_tensor_file, Checkpoint};
 use am3safety::models::common::params::NamedTensors;
 use am3safety::models::common::train_state::TrainState;
 use am3safety::models::qwen2_5_vl::config::QwenVlConfig;
-use am3safety::models::qwen2_5_vl::model::{Batch, QwenVl, Recompute};
+use am3safety::models::qwen2_5_vl::model::{Batch, Extend, QwenVl, Recompute};
 use am3safety::models::qwen2_5_vl::positions::{mrope_positions, MropeState};
 use am3safety::stages::model::VlModel;
 use am3safety::tensor::{DType, Device};
@@ -302,7 +302,8 @@ pub fn kv_cache_check(
         for r in 0..3 {
             assert_eq!(&pos[r * n..(r + 1) * n], &pos_full[r * s + a..r * s + b], "chunk {a}..{b}: positions row {r}");
         }
-        let logits = dev.to_vec(&model.extend(dev, &mut sess, &ids[a..b], &pos, n, &px, &g, false).unwrap()).unwrap();
+        let x = Extend { ids: &ids[a..b], pos3: &pos, n_new: n, pixels: &px, grids: &g };
+        let logits = dev.to_vec(&model.extend(dev, &mut sess, x, false).unwrap()).unwrap();
         let e = rel_err(&logits, &full[a * v..b * v]);
         if n > 1 || !imgs.is_empty() || b == s {
             println!("{tag} kv-cache chunk {a}..{b} (images {imgs:?}): logits rel err {e:.2e}");
@@ -312,7 +313,8 @@ pub fn kv_cache_check(
     report(tag, "kv-cache prefill + append + decode logits vs full forward", rel_err(&got, &full), tol);
     // Sampling path: only the last row.
     let mut sess2 = model.new_session(dev, 1, s).unwrap();
-    let last = dev.to_vec(&model.extend(dev, &mut sess2, ids, pos_full, s, pixels, grids, true).unwrap()).unwrap();
+    let x = Extend { ids, pos3: pos_full, n_new: s, pixels, grids };
+    let last = dev.to_vec(&model.extend(dev, &mut sess2, x, true).unwrap()).unwrap();
     report(tag, "last_only logits vs full forward's last row", rel_err(&last, &full[(s - 1) * v..]), tol);
 }
 

@@ -422,20 +422,21 @@ impl Block<'_> {
         let (d, w, t, dt) = (self.dims, self.w, self.segs.total(), self.dt());
         // MLP.
         let mut dh = dev.zeros(dt, t * d.inter)?;
-        self.proj_bwd(dev, g, Slot::Wd, &mut dh, dout, &a.h, t, d.inter, d.d)?;
+        self.proj_bwd(dev, g, &mut dh, dout, Proj { s: Slot::Wd, x: &a.h, t, din: d.inter, dout: d.d })?;
         let (mut dgate, mut dup) = (dev.zeros(dt, t * d.inter)?, dev.zeros(dt, t * d.inter)?);
         act::swiglu_bwd(dev, &mut dgate, &mut dup, &dh, &a.gate, &a.up, t * d.inter)?;
         drop(dh);
         let (mut dy, mut dy_b) = (dev.zeros(dt, t * d.d)?, dev.zeros(dt, t * d.d)?);
-        self.proj_bwd(dev, g, Slot::Wg, &mut dy, &dgate, &a.y2, t, d.d, d.inter)?;
-        self.proj_bwd(dev, g, Slot::Wu, &mut dy_b, &dup, &a.y2, t, d.d, d.inter)?;
+        self.proj_bwd(dev, g, &mut dy, &dgate, Proj { s: Slot::Wg, x: &a.y2, t, din: d.d, dout: d.inter })?;
+        self.proj_bwd(dev, g, &mut dy_b, &dup, Proj { s: Slot::Wu, x: &a.y2, t, din: d.d, dout: d.inter })?;
         elementwise::add_inplace(dev, &mut dy, &dy_b, t * d.d)?;
         let mut dmid = dev.zeros(dt, t * d.d)?;
-        norm_bwd(dev, g.base.as_deref_mut().map(|p| &mut p.ln2), &mut dmid, &dy, &a.mid, &w.ln2, &a.rstd2, t, d.d)?;
+        let ln2 = NormBwd { dx: &mut dmid, dy: &dy, x: &a.mid, w: &w.ln2, rstd: &a.rstd2 };
+        norm_bwd(dev, g.base.as_deref_mut().map(|p| &mut p.ln2), ln2, t, d.d)?;
         elementwise::add_inplace(dev, &mut dmid, dout, t * d.d)?;
         // Attention.
         let mut datt = dev.zeros(dt, t * d.q_dim())?;
-        self.proj_bwd(dev, g, Slot::Wo, &mut datt, &dmid, &a.att, t, d.q_dim(), d.d)?;
+        self.proj_bwd(dev, g, &mut datt, &dmid, Proj { s: Slot::Wo, x: &a.att, t, din: d.q_dim(), dout: d.d })?;
         let mut dq = dev.zeros(dt, t * d.q_dim())?;
         let (mut dk, mut dv) = (dev.zeros(dt, t * d.kv_dim())?, dev.zeros(dt, t * d.kv_dim())?);
         let saved = attention::FwdSaved { q: &a.q, k: &a.k, v: &a.v, out: &a.att, lse: &a.lse };
@@ -443,18 +444,19 @@ impl Block<'_> {
         attention::bwd(dev, grads, &datt, saved, self.segs, &self.shape())?;
         rope::bwd(dev, &mut dq, &self.rope.cos, &self.rope.sin, t, d.heads, d.head_dim)?;
         rope::bwd(dev, &mut dk, &self.rope.cos, &self.rope.sin, t, d.kv_heads, d.head_dim)?;
-        self.proj_bwd(dev, g, Slot::Wq, &mut dy, &dq, &a.y1, t, d.d, d.q_dim())?;
-        self.proj_bwd(dev, g, Slot::Wk, &mut dy_b, &dk, &a.y1, t, d.d, d.kv_dim())?;
+        self.proj_bwd(dev, g, &mut dy, &dq, Proj { s: Slot::Wq, x: &a.y1, t, din: d.d, dout: d.q_dim() })?;
+        self.proj_bwd(dev, g, &mut dy_b, &dk, Proj { s: Slot::Wk, x: &a.y1, t, din: d.d, dout: d.kv_dim() })?;
         elementwise::add_inplace(dev, &mut dy, &dy_b, t * d.d)?;
-        self.proj_bwd(dev, g, Slot::Wv, &mut dy_b, &dv, &a.y1, t, d.d, d.kv_dim())?;
+        self.proj_bwd(dev, g, &mut dy_b, &dv, Proj { s: Slot::Wv, x: &a.y1, t, din: d.d, dout: d.kv_dim() })?;
         elementwise::add_inplace(dev, &mut dy, &dy_b, t * d.d)?;
-        norm_bwd(dev, g.base.as_deref_mut().map(|p| &mut p.ln1), dx, &dy, x, &w.ln1, &a.rstd1, t, d.d)?;
+        let ln1 = NormBwd { dx: &mut *dx, dy: &dy, x, w: &w.ln1, rstd: &a.rstd1 };
+        norm_bwd(dev, g.base.as_deref_mut().map(|p| &mut p.ln1), ln1, t, d.d)?;
         elementwise::add_inplace(dev, dx, &dmid, t * d.d)
     }
 
     /// y [t, dout] = x·Wᵀ (+b) (+ the adapter's branch) for projection `s`.
-    #[allow(clippy::too_many_arguments)]
-    fn proj(&self, dev: &Device, s: Slot, y: &mut Buf, x: &Buf, t: usize, din: usize, dout: usize) -> Result<()> {
+    fn proj(&self, dev: &Device, y: &mut Buf, pj: Proj) -> Result<()> {
+        let Proj { s, x, t, din, dout } = pj;
         let (w, b) = self.w.linear(s)?;
         matmul::linear_fwd(dev, y, x, w, b, matmul::Linear { t, din, dout })?;
         match self.lora.and_then(|l| l.adapter(s)) {
@@ -465,11 +467,8 @@ impl Block<'_> {
 
     /// Backward of `proj`: dx (=) from dy; dW, db (+=) unless the base is frozen; dA, dB (+=)
     /// when the projection is adapted and its adapter trains.
-    #[allow(clippy::too_many_arguments)]
-    fn proj_bwd(
-        &self, dev: &Device, g: &mut LayerGrads, s: Slot, dx: &mut Buf, dy: &Buf, x: &Buf, t: usize, din: usize,
-        dout: usize,
-    ) -> Result<()> {
+    fn proj_bwd(&self, dev: &Device, g: &mut LayerGrads, dx: &mut Buf, dy: &Buf, pj: Proj) -> Result<()> {
+        let Proj { s, x, t, din, dout } = pj;
         let (w, _) = self.w.linear(s)?;
         match g.base.as_deref_mut() {
             Some(gp) => {
@@ -528,9 +527,9 @@ impl Block<'_> {
     fn qkv(&self, dev: &Device, x: &Buf, a: &mut LayerActs, t: usize) -> Result<()> {
         let (d, w) = (self.dims, self.w);
         rmsnorm::fwd(dev, rmsnorm::Fwd { y: &mut a.y1, rstd: &mut a.rstd1, x, w: &w.ln1 }, t, d.d, d.eps)?;
-        self.proj(dev, Slot::Wq, &mut a.q, &a.y1, t, d.d, d.q_dim())?;
-        self.proj(dev, Slot::Wk, &mut a.k, &a.y1, t, d.d, d.kv_dim())?;
-        self.proj(dev, Slot::Wv, &mut a.v, &a.y1, t, d.d, d.kv_dim())?;
+        self.proj(dev, &mut a.q, Proj { s: Slot::Wq, x: &a.y1, t, din: d.d, dout: d.q_dim() })?;
+        self.proj(dev, &mut a.k, Proj { s: Slot::Wk, x: &a.y1, t, din: d.d, dout: d.kv_dim() })?;
+        self.proj(dev, &mut a.v, Proj { s: Slot::Wv, x: &a.y1, t, din: d.d, dout: d.kv_dim() })?;
         rope::fwd(dev, &mut a.q, &self.rope.cos, &self.rope.sin, t, d.heads, d.head_dim)?;
         rope::fwd(dev, &mut a.k, &self.rope.cos, &self.rope.sin, t, d.kv_heads, d.head_dim)
     }
@@ -540,13 +539,13 @@ impl Block<'_> {
     /// `tmp` [T, D] is scratch for the o_proj output.
     fn finish(&self, dev: &Device, out: &mut Buf, x: &Buf, a: &mut LayerActs, tmp: &mut Buf, t: usize) -> Result<()> {
         let (d, w) = (self.dims, self.w);
-        self.proj(dev, Slot::Wo, tmp, &a.att, t, d.q_dim(), d.d)?;
+        self.proj(dev, tmp, Proj { s: Slot::Wo, x: &a.att, t, din: d.q_dim(), dout: d.d })?;
         elementwise::add_into(dev, &mut a.mid, x, tmp, t * d.d)?;
         rmsnorm::fwd(dev, rmsnorm::Fwd { y: &mut a.y2, rstd: &mut a.rstd2, x: &a.mid, w: &w.ln2 }, t, d.d, d.eps)?;
-        self.proj(dev, Slot::Wg, &mut a.gate, &a.y2, t, d.d, d.inter)?;
-        self.proj(dev, Slot::Wu, &mut a.up, &a.y2, t, d.d, d.inter)?;
+        self.proj(dev, &mut a.gate, Proj { s: Slot::Wg, x: &a.y2, t, din: d.d, dout: d.inter })?;
+        self.proj(dev, &mut a.up, Proj { s: Slot::Wu, x: &a.y2, t, din: d.d, dout: d.inter })?;
         act::swiglu_fwd(dev, &mut a.h, &a.gate, &a.up, t * d.inter)?;
-        self.proj(dev, Slot::Wd, out, &a.h, t, d.inter, d.d)?;
+        self.proj(dev, out, Proj { s: Slot::Wd, x: &a.h, t, din: d.inter, dout: d.d })?;
         elementwise::add_inplace(dev, out, &a.mid, t * d.d)
     }
 }
@@ -577,34 +576,24 @@ pub fn stack_backward<'a>(
     dev: &Device, block: &dyn Fn(usize) -> Block<'a>, hs: &[Buf], acts: &[Option<LayerActs>],
     mut grads: Option<&mut [LayerParams]>, mut lora_grads: Option<&mut [LayerLora]>, dout: Buf,
 ) -> Result<Buf> {
+    let saved = Saved { hs, acts };
     let mut dx = dout;
     let mut din: Option<Buf> = None;
     for l in (0..acts.len()).rev() {
-        let blk = block(l);
-        let (t, dt) = (blk.segs.total(), blk.dt());
-        let recomputed;
-        let a = match &acts[l] {
-            Some(a) => a,
-            None => {
-                let mut a = LayerActs::new(dev, blk.dims, t, dt)?;
-                let mut scratch = dev.zeros(dt, t * blk.dims.d)?;
-                blk.forward(dev, &mut scratch, &hs[l], &mut a)?;
-                recomputed = a;
-                &recomputed
-            }
-        };
-        let mut next = match din.take() {
-            Some(b) => b,
-            None => dev.zeros(dt, t * blk.dims.d)?,
-        };
         let mut g = LayerGrads {
             base: grads.as_deref_mut().and_then(|v| v.get_mut(l)),
             lora: lora_grads.as_deref_mut().and_then(|v| v.get_mut(l)),
         };
-        blk.backward(dev, &mut next, &mut g, &dx, &hs[l], a)?;
-        din = Some(std::mem::replace(&mut dx, next));
+        block_backward(dev, &block(l), &saved, l, &mut g, &mut dx, &mut din)?;
     }
     Ok(dx)
+}
+
+/// What the forward of a stack kept: the residual streams (hs[l]: block l's input) and each
+/// block's activations (None: recompute).
+pub struct Saved<'a> {
+    pub hs: &'a [Buf],
+    pub acts: &'a [Option<LayerActs>],
 }
 
 /// What `stack_backward_stepped` builds each block from (full fine-tune: no adapters).
@@ -619,11 +608,11 @@ pub struct StackCtx<'a> {
 /// reused for every layer; as soon as layer l's backward has filled it, `step(l, weights,
 /// gradient)` updates that layer, then `gl` is zeroed for layer l − 1. Layer l's weights are not
 /// read again in this backward, so updating them here changes nothing below.
-#[allow(clippy::too_many_arguments)]
 pub fn stack_backward_stepped(
-    dev: &Device, ctx: &StackCtx, layers: &mut [LayerParams], hs: &[Buf], acts: &[Option<LayerActs>],
-    gl: &mut LayerParams, step: &mut dyn FnMut(usize, &mut LayerParams, &LayerParams) -> Result<()>, dout: Buf,
+    dev: &Device, ctx: &StackCtx, saved: Saved, layers: &mut [LayerParams], gl: &mut LayerParams,
+    step: &mut dyn FnMut(usize, &mut LayerParams, &LayerParams) -> Result<()>, dout: Buf,
 ) -> Result<Buf> {
+    let acts = saved.acts;
     if layers.len() != acts.len() {
         bail!("stepped backward: {} layers of weights but {} of activations", layers.len(), acts.len());
     }
@@ -633,25 +622,8 @@ pub fn stack_backward_stepped(
         {
             let blk =
                 Block { dims: ctx.dims, w: &layers[l], rope: ctx.rope, segs: ctx.segs, causal: ctx.causal, lora: None };
-            let (t, dt) = (blk.segs.total(), blk.dt());
-            let recomputed;
-            let a = match &acts[l] {
-                Some(a) => a,
-                None => {
-                    let mut a = LayerActs::new(dev, blk.dims, t, dt)?;
-                    let mut scratch = dev.zeros(dt, t * blk.dims.d)?;
-                    blk.forward(dev, &mut scratch, &hs[l], &mut a)?;
-                    recomputed = a;
-                    &recomputed
-                }
-            };
-            let mut next = match din.take() {
-                Some(b) => b,
-                None => dev.zeros(dt, t * blk.dims.d)?,
-            };
             let mut g = LayerGrads { base: Some(&mut *gl), lora: None };
-            blk.backward(dev, &mut next, &mut g, &dx, &hs[l], a)?;
-            din = Some(std::mem::replace(&mut dx, next));
+            block_backward(dev, &blk, &saved, l, &mut g, &mut dx, &mut din)?;
         }
         step(l, &mut layers[l], gl)?;
         if l > 0 {
@@ -664,11 +636,53 @@ pub fn stack_backward_stepped(
     Ok(dx)
 }
 
-/// RMSNorm backward into `dw` (+=), or into a throw-away buffer when the norm is frozen.
-#[allow(clippy::too_many_arguments)]
-fn norm_bwd(
-    dev: &Device, dw: Option<&mut Buf>, dx: &mut Buf, dy: &Buf, x: &Buf, w: &Buf, rstd: &Buf, t: usize, d: usize,
+/// Block l's backward within a stack: reruns its forward from hs[l] when its activations were
+/// not kept, then replaces dx (d of its output) by d hs[l]; `din` holds the buffer to reuse.
+fn block_backward(
+    dev: &Device, blk: &Block, saved: &Saved, l: usize, g: &mut LayerGrads, dx: &mut Buf, din: &mut Option<Buf>,
 ) -> Result<()> {
+    let (t, dt) = (blk.segs.total(), blk.dt());
+    let recomputed;
+    let a = match &saved.acts[l] {
+        Some(a) => a,
+        None => {
+            let mut a = LayerActs::new(dev, blk.dims, t, dt)?;
+            let mut scratch = dev.zeros(dt, t * blk.dims.d)?;
+            blk.forward(dev, &mut scratch, &saved.hs[l], &mut a)?;
+            recomputed = a;
+            &recomputed
+        }
+    };
+    let mut next = match din.take() {
+        Some(b) => b,
+        None => dev.zeros(dt, t * blk.dims.d)?,
+    };
+    blk.backward(dev, &mut next, g, dx, &saved.hs[l], a)?;
+    *din = Some(std::mem::replace(dx, next));
+    Ok(())
+}
+
+/// One projection of a block: slot `s` on x [t, din], out [t, dout].
+struct Proj<'a> {
+    s: Slot,
+    x: &'a Buf,
+    t: usize,
+    din: usize,
+    dout: usize,
+}
+
+/// An RMSNorm backward's buffers but dw: dx [t, d] (=) from dy, x, w and the saved rstd.
+pub(crate) struct NormBwd<'a> {
+    pub dx: &'a mut Buf,
+    pub dy: &'a Buf,
+    pub x: &'a Buf,
+    pub w: &'a Buf,
+    pub rstd: &'a Buf,
+}
+
+/// RMSNorm backward into `dw` (+=), or into a throw-away buffer when the norm is frozen.
+pub(crate) fn norm_bwd(dev: &Device, dw: Option<&mut Buf>, b: NormBwd, t: usize, d: usize) -> Result<()> {
+    let NormBwd { dx, dy, x, w, rstd } = b;
     match dw {
         Some(dw) => rmsnorm::bwd(dev, rmsnorm::Bwd { dx, dw, dy, x, w, rstd }, t, d),
         None => rmsnorm::bwd(dev, rmsnorm::Bwd { dx, dw: &mut dev.zeros_f32(d)?, dy, x, w, rstd }, t, d),

@@ -13,8 +13,8 @@
 //! (`g` None in `backward`) only the adapters get gradients.
 
 use super::decoder::{
-    stack_backward, stack_backward_stepped, stack_forward, Block, LayerActs, LayerDims, LayerFlags, LayerParams,
-    RopeKind, RopeTable, Slot, StackCtx,
+    norm_bwd, stack_backward, stack_backward_stepped, stack_forward, Block, LayerActs, LayerDims, LayerFlags,
+    LayerParams, NormBwd, RopeKind, RopeTable, Saved, Slot, StackCtx,
 };
 use super::lora::LayerLora;
 use super::params::ParamRef;
@@ -153,6 +153,41 @@ pub struct Inject<'a> {
     pub at: &'a [usize],
 }
 
+/// What every LM call passes the same way: sizes, weights and the layers' adapters (an empty
+/// slice: none).
+#[derive(Clone, Copy)]
+pub struct Lm<'a> {
+    pub dims: &'a LmDims,
+    pub p: &'a LmParams,
+    pub lora: &'a [LayerLora],
+}
+
+/// Tokens into the LM: ids, their RoPE positions (layout per `dims.rope`) and the rows written
+/// over their placeholder positions.
+pub struct Tokens<'a> {
+    pub ids: &'a [i32],
+    pub pos: &'a [i32],
+    pub inject: Option<Inject<'a>>,
+}
+
+/// Where `Lm::backward` accumulates: the base gradients (None: the base is frozen and no base
+/// gradient is computed) and the adapters' (None: no trained adapters).
+#[derive(Default)]
+pub struct LmGrads<'g> {
+    pub base: Option<&'g mut LmParams>,
+    pub lora: Option<&'g mut [LayerLora]>,
+}
+
+/// The LM of a full fine-tune with the per-layer optimizer step (`backward_stepped`): weights
+/// `p` (updated layer by layer) and `g`, the embedding, final-norm and head gradients
+/// (`LmParams::build_outer`).
+pub struct Stepped<'a> {
+    pub dims: &'a LmDims,
+    pub names: &'a LmNames,
+    pub p: &'a mut LmParams,
+    pub g: &'a mut LmParams,
+}
+
 /// What the LM forward keeps for its backward.
 pub struct LmFwd {
     ids: Buf, // [S] i32
@@ -174,6 +209,18 @@ impl LmFwd {
     /// The final-norm hidden states [S, D] that the lm_head reads.
     pub fn final_hidden(&self) -> &Buf {
         &self.xf
+    }
+    /// Injected rows replaced their token embeddings: takes their rows [n, D] out of dx [S, D]
+    /// (their gradient goes to the vision side only); None without injection.
+    fn take_injected(&self, dev: &Device, dx: &mut Buf, dt: DType, d: usize) -> Result<Option<Buf>> {
+        match &self.inject {
+            Some(at) => {
+                let mut rows = dev.zeros(dt, at.len() * d)?;
+                take_rows(dev, &mut rows, dx, at, d)?;
+                Ok(Some(rows))
+            }
+            None => Ok(None),
+        }
     }
     /// Scales the final hidden states (by 1/T for log-probs at temperature T); the backward
     /// reads the residual streams, not these, so it stays valid.
@@ -209,45 +256,50 @@ pub(super) fn inject_index(dev: &Device, inject: &Option<Inject>, s: usize) -> R
     inject.as_ref().map(|i| RowIndex::new(dev, i.at, s)).transpose()
 }
 
-/// Forward over packed sequences: ids [S], RoPE positions `pos` (layout per `dims.rope`),
-/// `cu_seqlens` [nseq + 1]. `recompute[l]` (missing = false) keeps only layer l's input.
-/// `lora`: the layers' adapters (empty: none).
-#[allow(clippy::too_many_arguments)]
-pub fn forward(
-    dev: &Device, dims: &LmDims, p: &LmParams, lora: &[LayerLora], ids: &[i32], pos: &[i32], cu_seqlens: &[i32],
-    inject: Option<Inject>, recompute: &[bool],
-) -> Result<LmFwd> {
-    let (s, d, dt) = (ids.len(), dims.layer.d, p.embed.dtype());
-    let seqs = Varlen::new(dev, cu_seqlens)?;
-    if seqs.total() != s {
-        bail!("LM forward: cu_seqlens covers {} tokens, ids has {s}", seqs.total());
+impl Lm<'_> {
+    /// Forward over packed sequences: ids [S], RoPE positions `pos` (layout per `dims.rope`),
+    /// `cu_seqlens` [nseq + 1]. `recompute[l]` (missing = false) keeps only layer l's input.
+    pub fn forward(&self, dev: &Device, x: Tokens, cu_seqlens: &[i32], recompute: &[bool]) -> Result<LmFwd> {
+        let (Lm { dims, p, lora }, Tokens { ids, pos, inject }) = (*self, x);
+        let (s, d, dt) = (ids.len(), dims.layer.d, p.embed.dtype());
+        let seqs = Varlen::new(dev, cu_seqlens)?;
+        if seqs.total() != s {
+            bail!("LM forward: cu_seqlens covers {} tokens, ids has {s}", seqs.total());
+        }
+        let rope = dims.rope.upload(dev, pos, s, dims.layer.head_dim)?;
+        let inject_idx = inject_index(dev, &inject, s)?;
+        let ids_buf = dev.upload_i32(ids)?;
+        let x0 =
+            embed(dev, dims, p, &ids_buf, ids, inject.as_ref().zip(inject_idx.as_ref()).map(|(i, r)| (i.rows, r)))?;
+        let mut f = LmFwd {
+            ids: ids_buf,
+            ids_host: ids.to_vec(),
+            seqs,
+            rope,
+            inject: inject_idx,
+            hs: vec![x0],
+            acts: Vec::new(),
+            rstd_f: dev.zeros_f32(s)?,
+            xf: dev.zeros(dt, s * d)?,
+        };
+        let (rope, segs) = (&f.rope, &f.seqs);
+        let block =
+            |l: usize| Block { dims: &dims.layer, w: &p.layers[l], rope, segs, causal: true, lora: lora.get(l) };
+        f.acts = stack_forward(dev, dims.n_layers, &block, &mut f.hs, &|l| recompute.get(l).copied().unwrap_or(false))?;
+        rmsnorm::fwd(
+            dev,
+            rmsnorm::Fwd { y: &mut f.xf, rstd: &mut f.rstd_f, x: &f.hs[dims.n_layers], w: &p.norm },
+            s,
+            d,
+            dims.layer.eps,
+        )?;
+        Ok(f)
     }
-    let rope = dims.rope.upload(dev, pos, s, dims.layer.head_dim)?;
-    let inject_idx = inject_index(dev, &inject, s)?;
-    let ids_buf = dev.upload_i32(ids)?;
-    let x0 = embed(dev, dims, p, &ids_buf, ids, inject.as_ref().zip(inject_idx.as_ref()).map(|(i, r)| (i.rows, r)))?;
-    let mut f = LmFwd {
-        ids: ids_buf,
-        ids_host: ids.to_vec(),
-        seqs,
-        rope,
-        inject: inject_idx,
-        hs: vec![x0],
-        acts: Vec::new(),
-        rstd_f: dev.zeros_f32(s)?,
-        xf: dev.zeros(dt, s * d)?,
-    };
-    let (rope, segs) = (&f.rope, &f.seqs);
-    let block = |l: usize| Block { dims: &dims.layer, w: &p.layers[l], rope, segs, causal: true, lora: lora.get(l) };
-    f.acts = stack_forward(dev, dims.n_layers, &block, &mut f.hs, &|l| recompute.get(l).copied().unwrap_or(false))?;
-    rmsnorm::fwd(
-        dev,
-        rmsnorm::Fwd { y: &mut f.xf, rstd: &mut f.rstd_f, x: &f.hs[dims.n_layers], w: &p.norm },
-        s,
-        d,
-        dims.layer.eps,
-    )?;
-    Ok(f)
+
+    /// `logits` of this LM.
+    pub fn logits(&self, dev: &Device, hidden: &Buf, t: usize) -> Result<Buf> {
+        logits(dev, self.dims, self.p, hidden, t)
+    }
 }
 
 /// logits [t, V] = hidden [t, D] · lm_headᵀ (f32 on the CPU, the activation dtype on CUDA).
@@ -264,74 +316,56 @@ pub fn logits(dev: &Device, dims: &LmDims, p: &LmParams, hidden: &Buf, t: usize)
     Ok(out)
 }
 
-/// Accumulates every parameter gradient into `g` from d final_hidden [S, D]; returns the
-/// gradient of the injected rows [n, D] (None without injection). The lm_head's own gradient
-/// comes from the head op (e.g. `ops::logprob::bwd` into `g.head_mut()`). With `g` None the
-/// base is frozen (no base gradient is computed); `lora_grads` takes the adapters' (`lora` as
-/// in the forward).
-#[allow(clippy::too_many_arguments)]
-pub fn backward(
-    dev: &Device, dims: &LmDims, p: &LmParams, lora: &[LayerLora], mut g: Option<&mut LmParams>,
-    lora_grads: Option<&mut [LayerLora]>, f: &LmFwd, dxf: &Buf,
-) -> Result<Option<Buf>> {
-    let (s, d, dt) = (f.tokens(), dims.layer.d, p.embed.dtype());
-    let mut dx = dev.zeros(dt, s * d)?;
-    let mut norm_sink = None;
-    let dnorm = match g.as_deref_mut() {
-        Some(g) => &mut g.norm,
-        None => norm_sink.insert(dev.zeros_f32(d)?),
-    };
-    rmsnorm::bwd(
-        dev,
-        rmsnorm::Bwd { dx: &mut dx, dw: dnorm, dy: dxf, x: &f.hs[dims.n_layers], w: &p.norm, rstd: &f.rstd_f },
-        s,
-        d,
-    )?;
-    let block = |l: usize| Block {
-        dims: &dims.layer,
-        w: &p.layers[l],
-        rope: &f.rope,
-        segs: &f.seqs,
-        causal: true,
-        lora: lora.get(l),
-    };
-    let mut dx =
-        stack_backward(dev, &block, &f.hs, &f.acts, g.as_deref_mut().map(|g| &mut g.layers[..]), lora_grads, dx)?;
-    // Injected rows replaced their token embeddings: their gradient goes to the vision side only.
-    let d_inject = match &f.inject {
-        Some(at) => {
-            let mut rows = dev.zeros(dt, at.len() * d)?;
-            take_rows(dev, &mut rows, &mut dx, at, d)?;
-            Some(rows)
+impl Lm<'_> {
+    /// Accumulates every parameter gradient into `g.base` from d final_hidden [S, D]; returns the
+    /// gradient of the injected rows [n, D] (None without injection). The lm_head's own gradient
+    /// comes from the head op (e.g. `ops::logprob::bwd` into `head_mut()`). With `g.base` None
+    /// the base is frozen (no base gradient is computed); `g.lora` takes the adapters' (`lora` as
+    /// in the forward).
+    pub fn backward(&self, dev: &Device, g: LmGrads, f: &LmFwd, dxf: &Buf) -> Result<Option<Buf>> {
+        let (Lm { dims, p, lora }, LmGrads { base: mut g, lora: lora_grads }) = (*self, g);
+        let (s, d, dt) = (f.tokens(), dims.layer.d, p.embed.dtype());
+        let mut dx = dev.zeros(dt, s * d)?;
+        let norm = NormBwd { dx: &mut dx, dy: dxf, x: &f.hs[dims.n_layers], w: &p.norm, rstd: &f.rstd_f };
+        norm_bwd(dev, g.as_deref_mut().map(|g| &mut g.norm), norm, s, d)?;
+        let block = |l: usize| Block {
+            dims: &dims.layer,
+            w: &p.layers[l],
+            rope: &f.rope,
+            segs: &f.seqs,
+            causal: true,
+            lora: lora.get(l),
+        };
+        let mut dx =
+            stack_backward(dev, &block, &f.hs, &f.acts, g.as_deref_mut().map(|g| &mut g.layers[..]), lora_grads, dx)?;
+        let d_inject = f.take_injected(dev, &mut dx, dt, d)?;
+        if let Some(g) = g {
+            embedding::bwd(
+                dev,
+                &mut g.embed,
+                &dx,
+                &f.ids,
+                Some(&f.ids_host),
+                embedding::Dims { t: s, c: d, v: dims.vocab },
+            )?;
         }
-        None => None,
-    };
-    if let Some(g) = g {
-        embedding::bwd(
-            dev,
-            &mut g.embed,
-            &dx,
-            &f.ids,
-            Some(&f.ids_host),
-            embedding::Dims { t: s, c: d, v: dims.vocab },
-        )?;
+        Ok(d_inject)
     }
-    Ok(d_inject)
 }
 
 /// What the per-layer step receives: (checkpoint piece, weight, final gradient) of some tensors.
 pub type StepFn<'f> = dyn FnMut(Vec<(ParamRef, &mut Buf, &Buf)>) -> Result<()> + 'f;
 
-/// `backward` of a full fine-tune with the per-layer optimizer step: `g` holds the embedding,
-/// final-norm and head gradients (`build_outer`), `gl` one layer's gradient (zeroed), reused
-/// for every layer; `step` updates each layer as soon as its backward is done. The same ops in
-/// the same order as `backward`, so every gradient is bit-identical to the whole-model one.
-/// Stepping `g` is the caller's (after the vision side). Returns the injected rows' gradient.
-#[allow(clippy::too_many_arguments)]
+/// `Lm::backward` of a full fine-tune with the per-layer optimizer step: `s.g` holds the
+/// embedding, final-norm and head gradients (`build_outer`), `gl` one layer's gradient (zeroed),
+/// reused for every layer; `step` updates each layer as soon as its backward is done. The same
+/// ops in the same order as `backward`, so every gradient is bit-identical to the whole-model
+/// one. Stepping `s.g` is the caller's (after the vision side). Returns the injected rows'
+/// gradient.
 pub fn backward_stepped(
-    dev: &Device, dims: &LmDims, names: &LmNames, p: &mut LmParams, g: &mut LmParams, gl: &mut LayerParams, f: &LmFwd,
-    dxf: &Buf, step: &mut StepFn,
+    dev: &Device, s: Stepped, gl: &mut LayerParams, f: &LmFwd, dxf: &Buf, step: &mut StepFn,
 ) -> Result<Option<Buf>> {
+    let Stepped { dims, names, p, g } = s;
     if !g.layers.is_empty() {
         bail!("per-layer step: the gradient set holds every layer (zero the gradients in the per-layer layout)");
     }
@@ -348,15 +382,9 @@ pub fn backward_stepped(
         let pg = w.all_mut().into_iter().zip(gr.all()).map(|((sl, pw), (_, gb))| (names.layer(dims, l, sl), pw, gb));
         step(pg.collect())
     };
-    let mut dx = stack_backward_stepped(dev, &ctx, &mut p.layers, &f.hs, &f.acts, gl, &mut per_layer, dx)?;
-    let d_inject = match &f.inject {
-        Some(at) => {
-            let mut rows = dev.zeros(dt, at.len() * d)?;
-            take_rows(dev, &mut rows, &mut dx, at, d)?;
-            Some(rows)
-        }
-        None => None,
-    };
+    let saved = Saved { hs: &f.hs, acts: &f.acts };
+    let mut dx = stack_backward_stepped(dev, &ctx, saved, &mut p.layers, gl, &mut per_layer, dx)?;
+    let d_inject = f.take_injected(dev, &mut dx, dt, d)?;
     embedding::bwd(dev, &mut g.embed, &dx, &f.ids, Some(&f.ids_host), embedding::Dims { t: s, c: d, v: dims.vocab })?;
     Ok(d_inject)
 }
@@ -390,33 +418,39 @@ impl LmCache {
     }
 }
 
-/// Runs `n_new` new tokens of each cached sequence (ids [batch·n_new], sequence-major, with
-/// RoPE positions `pos` for them) through the LM, appending their keys and values; returns the
-/// final-norm hidden states [batch·n_new, D]. Used for prefill, appended turns and decoding.
-#[allow(clippy::too_many_arguments)]
-pub fn extend(
-    dev: &Device, dims: &LmDims, p: &LmParams, lora: &[LayerLora], cache: &mut LmCache, ids: &[i32], pos: &[i32],
-    n_new: usize, inject: Option<Inject>,
-) -> Result<Buf> {
-    let (t, d, dt) = (ids.len(), dims.layer.d, p.embed.dtype());
-    if n_new == 0 || t != cache.batch * n_new {
-        bail!("LM extend: {t} ids for {} sequences of {n_new} new tokens", cache.batch);
+impl Lm<'_> {
+    /// Runs `n_new` new tokens of each cached sequence (ids [batch·n_new], sequence-major, with
+    /// RoPE positions `pos` for them) through the LM, appending their keys and values; returns the
+    /// final-norm hidden states [batch·n_new, D]. Used for prefill, appended turns and decoding.
+    pub fn extend(&self, dev: &Device, cache: &mut LmCache, x: Tokens, n_new: usize) -> Result<Buf> {
+        let (Lm { dims, p, lora }, Tokens { ids, pos, inject }) = (*self, x);
+        let (t, d, dt) = (ids.len(), dims.layer.d, p.embed.dtype());
+        if n_new == 0 || t != cache.batch * n_new {
+            bail!("LM extend: {t} ids for {} sequences of {n_new} new tokens", cache.batch);
+        }
+        let rope = dims.rope.upload(dev, pos, t, dims.layer.head_dim)?;
+        let inject_idx = inject_index(dev, &inject, t)?;
+        let ids_buf = dev.upload_i32(ids)?;
+        let mut x =
+            embed(dev, dims, p, &ids_buf, ids, inject.as_ref().zip(inject_idx.as_ref()).map(|(i, r)| (i.rows, r)))?;
+        let no_segs = Varlen::new(dev, &[0, t as i32])?;
+        let mut out = dev.zeros(dt, t * d)?;
+        for (l, kv) in cache.layers.iter_mut().enumerate() {
+            let blk = Block {
+                dims: &dims.layer,
+                w: &p.layers[l],
+                rope: &rope,
+                segs: &no_segs,
+                causal: true,
+                lora: lora.get(l),
+            };
+            blk.forward_cached(dev, &mut out, &x, kv, n_new)?;
+            std::mem::swap(&mut x, &mut out);
+        }
+        let mut rstd = dev.zeros_f32(t)?;
+        rmsnorm::fwd(dev, rmsnorm::Fwd { y: &mut out, rstd: &mut rstd, x: &x, w: &p.norm }, t, d, dims.layer.eps)?;
+        Ok(out)
     }
-    let rope = dims.rope.upload(dev, pos, t, dims.layer.head_dim)?;
-    let inject_idx = inject_index(dev, &inject, t)?;
-    let ids_buf = dev.upload_i32(ids)?;
-    let mut x = embed(dev, dims, p, &ids_buf, ids, inject.as_ref().zip(inject_idx.as_ref()).map(|(i, r)| (i.rows, r)))?;
-    let no_segs = Varlen::new(dev, &[0, t as i32])?;
-    let mut out = dev.zeros(dt, t * d)?;
-    for (l, kv) in cache.layers.iter_mut().enumerate() {
-        let blk =
-            Block { dims: &dims.layer, w: &p.layers[l], rope: &rope, segs: &no_segs, causal: true, lora: lora.get(l) };
-        blk.forward_cached(dev, &mut out, &x, kv, n_new)?;
-        std::mem::swap(&mut x, &mut out);
-    }
-    let mut rstd = dev.zeros_f32(t)?;
-    rmsnorm::fwd(dev, rmsnorm::Fwd { y: &mut out, rstd: &mut rstd, x: &x, w: &p.norm }, t, d, dims.layer.eps)?;
-    Ok(out)
 }
 
 impl LmCache {

@@ -7,8 +7,7 @@
 //! Steps that inject image rows (a prefill) still build their row index per step.
 
 use super::decoder::{Block, RopeTable, StepActs};
-use super::lm::{embed_into, inject_index, Inject, LmCache, LmDims, LmParams};
-use super::lora::LayerLora;
+use super::lm::{embed_into, inject_index, Lm, LmCache, LmDims, Tokens};
 use crate::ops::attention::Varlen;
 use crate::ops::patch_embed::{gather_rows, RowIndex};
 use crate::ops::{matmul, rmsnorm};
@@ -132,61 +131,69 @@ fn rows<'a>(
     slot.as_mut().ok_or_else(|| anyhow!("step scratch: no row buffers"))
 }
 
-/// A ragged step over the cached sequences: sequence b gets ids[cu_new[b]..cu_new[b+1]] (none
-/// for an idle slot), with RoPE positions `pos` for the packed new tokens. Prefill of one
-/// sequence and decoding of the others share the step. Returns the logits [active, V] at each
-/// non-empty sequence's last new token, in sequence order (active = sequences with new tokens).
-#[allow(clippy::too_many_arguments)]
-pub fn step_logits<'s>(
-    dev: &Device, dims: &LmDims, p: &LmParams, lora: &[LayerLora], cache: &mut LmCache, scratch: &'s mut StepScratch,
-    ids: &[i32], pos: &[i32], cu_new: &[i32], inject: Option<Inject>,
-) -> Result<&'s mut Buf> {
-    let (t, d, dt) = (ids.len(), dims.layer.d, p.embed.dtype());
-    if cu_new.len() != cache.batch + 1 || cu_new.last().copied() != Some(t as i32) {
-        bail!(
-            "LM step: cu_new has {} entries ending at {:?} for {} sequences and {t} ids",
-            cu_new.len(),
-            cu_new.last(),
-            cache.batch
-        );
+impl Lm<'_> {
+    /// A ragged step over the cached sequences: sequence b gets ids[cu_new[b]..cu_new[b+1]] (none
+    /// for an idle slot), with RoPE positions `pos` for the packed new tokens. Prefill of one
+    /// sequence and decoding of the others share the step. Returns the logits [active, V] at each
+    /// non-empty sequence's last new token, in sequence order (active = sequences with new tokens).
+    pub fn step_logits<'s>(
+        &self, dev: &Device, cache: &mut LmCache, scratch: &'s mut StepScratch, x: Tokens, cu_new: &[i32],
+    ) -> Result<&'s mut Buf> {
+        let (Lm { dims, p, lora }, Tokens { ids, pos, inject }) = (*self, x);
+        let (t, d, dt) = (ids.len(), dims.layer.d, p.embed.dtype());
+        if cu_new.len() != cache.batch + 1 || cu_new.last().copied() != Some(t as i32) {
+            bail!(
+                "LM step: cu_new has {} entries ending at {:?} for {} sequences and {t} ids",
+                cu_new.len(),
+                cu_new.last(),
+                cache.batch
+            );
+        }
+        if t == 0 {
+            bail!("LM step: no new tokens");
+        }
+        let (cos, sin) = dims.rope.table(pos, t, dims.layer.head_dim)?;
+        let inject_idx = inject_index(dev, &inject, t)?;
+        let StepScratch { tok, rows: row_slot } = scratch;
+        let tb = tokens(tok, dev, dims, dt, t, cache.batch)?;
+        tb.cu.refill(dev, cu_new)?;
+        tb.rope.cos.write_f32(dev, &cos)?;
+        tb.rope.sin.write_f32(dev, &sin)?;
+        tb.ids.write_i32(dev, ids)?;
+        for b in [&mut tb.x, &mut tb.out] {
+            b.set_len(t * d)?;
+        }
+        let TokenBufs { ids: ids_buf, cu, rope, x, out, rstd, acts } = tb;
+        embed_into(dev, dims, p, x, ids_buf, ids, inject.as_ref().zip(inject_idx.as_ref()).map(|(i, r)| (i.rows, r)))?;
+        for (l, kv) in cache.layers.iter_mut().enumerate() {
+            let blk = Block { dims: &dims.layer, w: &p.layers[l], rope, segs: cu, causal: true, lora: lora.get(l) };
+            blk.forward_cached_varlen(dev, out, x, kv, cu, acts)?;
+            std::mem::swap(x, out);
+        }
+        // The final norm writes only the last rows: the head reads nothing else.
+        let last: Vec<i32> = cu_new.windows(2).filter(|w| w[1] > w[0]).map(|w| w[1] - 1).collect();
+        let n = last.len();
+        // Capacity for every sequence of the cache at once: decode steps never grow it.
+        let rb = rows(row_slot, dev, dims, dt, cache.batch)?;
+        rb.last.host.clear();
+        rb.last.host.extend_from_slice(&last);
+        rb.last.dev.write_i32(dev, &last)?;
+        rb.last.bound = t;
+        rb.hidden.set_len(n * d)?;
+        gather_rows(dev, &mut rb.hidden, x, &rb.last, d)?;
+        // The final norm over the n gathered rows (row-wise: the same as norming all, then gathering).
+        out.set_len(n * d)?;
+        rstd.set_len(n)?;
+        rmsnorm::fwd(dev, rmsnorm::Fwd { y: out, rstd, x: &rb.hidden, w: &p.norm }, n, d, dims.layer.eps)?;
+        rb.logits.set_len(n * dims.vocab)?;
+        matmul::linear_fwd(
+            dev,
+            &mut rb.logits,
+            out,
+            p.head(),
+            None,
+            matmul::Linear { t: n, din: d, dout: dims.vocab },
+        )?;
+        Ok(&mut rb.logits)
     }
-    if t == 0 {
-        bail!("LM step: no new tokens");
-    }
-    let (cos, sin) = dims.rope.table(pos, t, dims.layer.head_dim)?;
-    let inject_idx = inject_index(dev, &inject, t)?;
-    let StepScratch { tok, rows: row_slot } = scratch;
-    let tb = tokens(tok, dev, dims, dt, t, cache.batch)?;
-    tb.cu.refill(dev, cu_new)?;
-    tb.rope.cos.write_f32(dev, &cos)?;
-    tb.rope.sin.write_f32(dev, &sin)?;
-    tb.ids.write_i32(dev, ids)?;
-    for b in [&mut tb.x, &mut tb.out] {
-        b.set_len(t * d)?;
-    }
-    let TokenBufs { ids: ids_buf, cu, rope, x, out, rstd, acts } = tb;
-    embed_into(dev, dims, p, x, ids_buf, ids, inject.as_ref().zip(inject_idx.as_ref()).map(|(i, r)| (i.rows, r)))?;
-    for (l, kv) in cache.layers.iter_mut().enumerate() {
-        let blk = Block { dims: &dims.layer, w: &p.layers[l], rope, segs: cu, causal: true, lora: lora.get(l) };
-        blk.forward_cached_varlen(dev, out, x, kv, cu, acts)?;
-        std::mem::swap(x, out);
-    }
-    // The final norm writes only the last rows: the head reads nothing else.
-    let last: Vec<i32> = cu_new.windows(2).filter(|w| w[1] > w[0]).map(|w| w[1] - 1).collect();
-    let n = last.len();
-    // Capacity for every sequence of the cache at once: decode steps never grow it.
-    let rb = rows(row_slot, dev, dims, dt, cache.batch)?;
-    rb.last.host.clear();
-    rb.last.host.extend_from_slice(&last);
-    rb.last.dev.write_i32(dev, &last)?;
-    rb.last.bound = t;
-    rb.hidden.set_len(n * d)?;
-    gather_rows(dev, &mut rb.hidden, x, &rb.last, d)?;
-    // The final norm over the n gathered rows (row-wise: the same as norming all, then gathering).
-    out.set_len(n * d)?;
-    rstd.set_len(n)?;
-    rmsnorm::fwd(dev, rmsnorm::Fwd { y: out, rstd, x: &rb.hidden, w: &p.norm }, n, d, dims.layer.eps)?;
-    rb.logits.set_len(n * dims.vocab)?;
-    matmul::linear_fwd(dev, &mut rb.logits, out, p.head(), None, matmul::Linear { t: n, din: d, dout: dims.vocab })?;
-    Ok(&mut rb.logits)
 }

@@ -23,15 +23,18 @@ use super::config::{spellings, LlavaNextConfig};
 use super::packing::AnyresGeometry;
 use super::vision::{self, ClipDims, ClipFwd, ClipParams};
 use crate::checkpoint::Checkpoint;
-use crate::models::common::decoder::{LayerDims, LayerFlags, LayerParams, RopeKind, Slot};
-use crate::models::common::lm::{self, Inject, LmCache, LmDims, LmFwd, LmNames, LmParams};
+use crate::models::common::decoder::{LayerDims, LayerFlags, RopeKind, Slot};
+use crate::models::common::head::{self, LogpGrad};
+use crate::models::common::lm::{
+    self, Inject, Lm, LmCache, LmDims, LmFwd, LmGrads, LmNames, LmParams, Stepped, Tokens,
+};
 use crate::models::common::lora::{LayerLora, LoraConfig, LoraState, StackSpec};
 use crate::models::common::params::{read_piece, GradStore, ParamRef};
-use crate::models::common::step::{self, StepInput, StepScratch};
+use crate::models::common::step::{StepInput, StepScratch};
 use crate::models::common::train_state::{pair_grads, TrainState};
 use crate::ops::act::{self, Gelu};
 use crate::ops::patch_embed::{gather_rows, scatter_rows, RowIndex};
-use crate::ops::{elementwise, logprob, matmul};
+use crate::ops::{elementwise, matmul};
 use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
 use std::path::Path;
@@ -64,6 +67,16 @@ pub struct Batch<'a> {
     /// [Σ tiles, 3, S, S]: every image's real tiles (base first), images in token order.
     pub pixels: &'a [f32],
     /// Original (height, width) per image.
+    pub image_sizes: &'a [(usize, usize)],
+}
+
+/// New tokens for `LlavaNext::extend`: `n_new` of each session sequence (ids [batch·n_new],
+/// sequence-major; their positions continue each sequence's cache), and the images among them
+/// as compact pixels and (height, width) sizes.
+pub struct Extend<'a> {
+    pub ids: &'a [i32],
+    pub n_new: usize,
+    pub pixels: &'a [f32],
     pub image_sizes: &'a [(usize, usize)],
 }
 
@@ -451,37 +464,18 @@ impl LlavaNext {
             (Some(e), Some(f))
         };
         let inject = embeds.as_ref().map(|rows| Inject { rows, at: &at });
-        let text = lm::forward(
-            dev,
-            &self.tdims,
-            &self.params.text,
-            self.lora_text(),
-            &ids,
-            &pos,
-            b.cu_seqlens,
-            inject,
-            &rc.text,
-        )?;
+        let text = self.lm().forward(dev, Tokens { ids: &ids, pos: &pos, inject }, b.cu_seqlens, &rc.text)?;
         Ok(LlavaFwd { image, text })
     }
 
     /// logits [S, V] of every position (a plain lm_head GEMM).
     pub fn logits(&self, dev: &Device, f: &LlavaFwd) -> Result<Buf> {
-        lm::logits(dev, &self.tdims, &self.params.text, f.final_hidden(), f.tokens())
+        self.lm().logits(dev, f.final_hidden(), f.tokens())
     }
 
     /// (logp, lse), each [S] f32: log p(targets[t]) where mask[t] ≠ 0 (0 elsewhere).
     pub fn logprobs(&self, dev: &Device, f: &LlavaFwd, targets: &Buf, mask: Option<&Buf>) -> Result<(Buf, Buf)> {
-        let (s, d, v) = (f.tokens(), self.tdims.layer.d, self.tdims.vocab);
-        let (mut logp, mut lse) = (dev.zeros_f32(s)?, dev.zeros_f32(s)?);
-        let head_in = logprob::Inputs {
-            hidden: f.final_hidden(),
-            lm_head: self.params.text.head(),
-            targets,
-            dims: logprob::Dims { t: s, h: d, v },
-        };
-        logprob::fwd(dev, logprob::FwdOut { logp: &mut logp, lse: &mut lse, entropy: None }, head_in, mask)?;
-        Ok((logp, lse))
+        head::logprobs(dev, &self.tdims, &self.params.text, &f.text, targets, mask)
     }
 
     /// Backward from d objective / d logp [S] (f32) of `logprobs`: accumulates every gradient.
@@ -496,20 +490,10 @@ impl LlavaNext {
     pub fn backward_logprobs_scaled(
         &mut self, dev: &Device, f: &LlavaFwd, targets: &Buf, lse: &Buf, dlogp: &Buf, hidden_scale: f32,
     ) -> Result<()> {
-        let (s, d, v) = (f.tokens(), self.tdims.layer.d, self.tdims.vocab);
         self.ensure_grads(dev)?;
-        let mut dxf = dev.zeros(self.dtype(), s * d)?;
-        let dhead = head_grad(&mut self.grads, &self.lora)?;
-        let head_in = logprob::Inputs {
-            hidden: f.final_hidden(),
-            lm_head: self.params.text.head(),
-            targets,
-            dims: logprob::Dims { t: s, h: d, v },
-        };
-        logprob::bwd(dev, logprob::BwdOut { dhidden: &mut dxf, dlm_head: dhead }, head_in, dlogp, lse)?;
-        if hidden_scale != 1.0 {
-            crate::ops::elementwise::scale_inplace(dev, &mut dxf, hidden_scale, s * d)?;
-        }
+        let dhead = head::head_grad(self.grads.as_mut().map(|g| &mut g.text), &self.lora)?;
+        let h = LogpGrad { targets, lse, dlogp, hidden_scale };
+        let dxf = head::logprobs_bwd(dev, &self.tdims, &self.params.text, &f.text, dhead, &h)?;
         self.backward(dev, f, &dxf)
     }
 
@@ -517,50 +501,25 @@ impl LlavaNext {
     /// (`per_layer_grads` set before `zero_grads`): each text layer is handed to `step` as soon
     /// as its gradient is final and that gradient's storage is reused for the next layer; the
     /// rest (tower, projector, newline, embedding, final norm, head) goes to `step` at the end.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward_logprobs_stepped(
-        &mut self, dev: &Device, f: &LlavaFwd, targets: &Buf, lse: &Buf, dlogp: &Buf, hidden_scale: f32,
-        step: &mut lm::StepFn,
+        &mut self, dev: &Device, f: &LlavaFwd, h: &LogpGrad, step: &mut lm::StepFn,
     ) -> Result<()> {
         if self.lora.is_some() {
             bail!("the per-layer optimizer step is for a full fine-tune (under LoRA only the adapters train)");
         }
-        let (s, d, v, dt) = (f.tokens(), self.tdims.layer.d, self.tdims.vocab, self.dtype());
         self.ensure_grads(dev)?;
         let Some(mut g) = self.grads.take() else { bail!("gradients not allocated") };
-        let r = self.stepped_into(dev, &mut g, f, targets, lse, dlogp, hidden_scale, (s, d, v, dt), step);
+        let r = self.stepped_into(dev, &mut g, f, h, step);
         self.grads = Some(g);
         r?;
         step(self.params_and_grads())
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn stepped_into(
-        &mut self, dev: &Device, g: &mut LlavaParams, f: &LlavaFwd, targets: &Buf, lse: &Buf, dlogp: &Buf,
-        hidden_scale: f32, (s, d, v, dt): (usize, usize, usize, DType), step: &mut lm::StepFn,
+        &mut self, dev: &Device, g: &mut LlavaParams, f: &LlavaFwd, h: &LogpGrad, step: &mut lm::StepFn,
     ) -> Result<()> {
-        let (td, names, store) = (&self.tdims, &self.names, self.grad_store);
-        let mut gl = LayerParams::build(&td.layer, td.flags, &mut |sl, _| {
-            let r = names.layer(td, 0, sl);
-            dev.zeros(store.dtype(dev, &r), r.numel())
-        })?;
-        let mut dxf = dev.zeros(dt, s * d)?;
-        let head = self.params.text.head();
-        let head_in =
-            logprob::Inputs { hidden: f.final_hidden(), lm_head: head, targets, dims: logprob::Dims { t: s, h: d, v } };
-        logprob::bwd(
-            dev,
-            logprob::BwdOut { dhidden: &mut dxf, dlm_head: Some(g.text.head_mut()) },
-            head_in,
-            dlogp,
-            lse,
-        )?;
-        if hidden_scale != 1.0 {
-            elementwise::scale_inplace(dev, &mut dxf, hidden_scale, s * d)?;
-        }
-        let d_img =
-            lm::backward_stepped(dev, td, names, &mut self.params.text, &mut g.text, &mut gl, &f.text, &dxf, step)?;
-        drop(gl);
+        let s = Stepped { dims: &self.tdims, names: &self.names, p: &mut self.params.text, g: &mut g.text };
+        let d_img = head::backward_stepped(dev, s, self.grad_store, &f.text, h, step)?;
         match (&f.image, d_img) {
             (Some(img), Some(d_img)) => self.image_backward(dev, g, img, &d_img),
             _ => Ok(()),
@@ -575,7 +534,8 @@ impl LlavaNext {
             // Frozen base and tower: only the text adapters' gradients.
             let LoraState { text, grads, .. } = l;
             let Some(lg) = grads.as_mut() else { bail!("gradients not allocated") };
-            lm::backward(dev, &self.tdims, &self.params.text, text, None, Some(&mut lg.text), &f.text, dxf)?;
+            let text_lm = Lm { dims: &self.tdims, p: &self.params.text, lora: text };
+            text_lm.backward(dev, LmGrads { base: None, lora: Some(&mut lg.text) }, &f.text, dxf)?;
             return Ok(());
         }
         let Some(mut g) = self.grads.take() else { bail!("gradients not allocated") };
@@ -585,7 +545,8 @@ impl LlavaNext {
     }
 
     fn backward_into(&self, dev: &Device, g: &mut LlavaParams, f: &LlavaFwd, dxf: &Buf) -> Result<()> {
-        let d_img = lm::backward(dev, &self.tdims, &self.params.text, &[], Some(&mut g.text), None, &f.text, dxf)?;
+        let base_lm = Lm { dims: &self.tdims, p: &self.params.text, lora: &[] };
+        let d_img = base_lm.backward(dev, LmGrads { base: Some(&mut g.text), lora: None }, &f.text, dxf)?;
         match (&f.image, d_img) {
             (Some(img), Some(d_img)) => self.image_backward(dev, g, img, &d_img),
             _ => Ok(()),
@@ -596,7 +557,7 @@ impl LlavaNext {
     /// None under LoRA: the head is frozen and has no gradient (pass None to the head op).
     pub fn lm_head_grad(&mut self, dev: &Device) -> Result<Option<&mut Buf>> {
         self.ensure_grads(dev)?;
-        head_grad(&mut self.grads, &self.lora)
+        head::head_grad(self.grads.as_mut().map(|g| &mut g.text), &self.lora)
     }
 
     /// Empty KV caches for `batch` sequences of up to `max_len` tokens.
@@ -604,15 +565,11 @@ impl LlavaNext {
         Ok(Session { lm: LmCache::new(dev, &self.tdims, self.dtype(), batch, max_len)? })
     }
 
-    /// Feeds `n_new` tokens of each session sequence (ids [batch·n_new], sequence-major; their
-    /// positions continue each sequence's cache). Images of the new tokens come as compact
-    /// pixels and sizes. Returns logits [batch·n_new, V], or with `last_only` [batch, V] for
-    /// each sequence's last new token (sampling).
-    #[allow(clippy::too_many_arguments)]
-    pub fn extend(
-        &self, dev: &Device, s: &mut Session, ids: &[i32], n_new: usize, pixels: &[f32],
-        image_sizes: &[(usize, usize)], last_only: bool,
-    ) -> Result<Buf> {
+    /// Feeds `x.n_new` tokens of each session sequence (see `Extend`). Returns logits
+    /// [batch·n_new, V], or with `last_only` [batch, V] for each sequence's last new token
+    /// (sampling).
+    pub fn extend(&self, dev: &Device, s: &mut Session, x: Extend, last_only: bool) -> Result<Buf> {
+        let Extend { ids, n_new, pixels, image_sizes } = x;
         let (at, ids) = self.placeholders(ids, image_sizes)?;
         let lens = s.lm.lens().to_vec();
         if n_new == 0 || ids.len() != lens.len() * n_new {
@@ -625,17 +582,12 @@ impl LlavaNext {
         }
         let embeds = if image_sizes.is_empty() { None } else { Some(self.image_embeds(dev, pixels, image_sizes)?) };
         let inject = embeds.as_ref().map(|rows| Inject { rows, at: &at });
-        let hidden =
-            lm::extend(dev, &self.tdims, &self.params.text, self.lora_text(), &mut s.lm, &ids, &pos, n_new, inject)?;
-        let (t, d) = (ids.len(), self.tdims.layer.d);
-        if !last_only {
-            return lm::logits(dev, &self.tdims, &self.params.text, &hidden, t);
-        }
-        let last: Vec<usize> = (0..lens.len()).map(|b| b * n_new + n_new - 1).collect();
-        let idx = RowIndex::new(dev, &last, t)?;
-        let mut rows = dev.zeros(self.dtype(), last.len() * d)?;
-        gather_rows(dev, &mut rows, &hidden, &idx, d)?;
-        lm::logits(dev, &self.tdims, &self.params.text, &rows, last.len())
+        self.lm().extend_logits(dev, &mut s.lm, Tokens { ids: &ids, pos: &pos, inject }, n_new, last_only)
+    }
+
+    /// The text decoder with its adapters (none while `adapters_off`).
+    fn lm(&self) -> Lm<'_> {
+        Lm { dims: &self.tdims, p: &self.params.text, lora: self.lora_text() }
     }
 }
 
@@ -654,18 +606,7 @@ impl LlavaNext {
             self.check_window(l as usize + (cu_new[b + 1] - cu_new[b]) as usize)?;
         }
         let inject = lm::inject_checked(&at, image_rows, self.tdims.layer.d)?;
-        step::step_logits(
-            dev,
-            &self.tdims,
-            &self.params.text,
-            self.lora_text(),
-            cache,
-            scratch,
-            &ids,
-            pos,
-            cu_new,
-            inject,
-        )
+        self.lm().step_logits(dev, cache, scratch, Tokens { ids: &ids, pos, inject }, cu_new)
     }
 }
 
@@ -710,7 +651,6 @@ fn head_refs(cfg: &LlavaNextConfig) -> [ParamRef; 5] {
 }
 
 /// `text_layers` false: the decoder layers are left out (the per-layer step's gradient set).
-#[allow(clippy::too_many_arguments)]
 fn build_params(
     cfg: &LlavaNextConfig, vd: &ClipDims, td: &LmDims, names: &LmNames, grads: bool, text_layers: bool,
     make: &mut dyn FnMut(&ParamRef) -> Result<Buf>,
@@ -757,19 +697,4 @@ fn entries<'a>(
     v.extend(head_entries(&p.proj, &p.newline, cfg));
     v.extend(p.text.entries(td, names));
     v
-}
-
-/// Where the head's backward writes d lm_head: the base gradient, or None under LoRA (the head
-/// is frozen, so the op skips its dW GEMM and nothing [V, D] is allocated).
-fn head_grad<'a>(grads: &'a mut Option<LlavaParams>, lora: &'a Option<LoraState>) -> Result<Option<&'a mut Buf>> {
-    if let Some(l) = lora.as_ref() {
-        return match l.grads {
-            Some(_) => Ok(None),
-            None => bail!("gradients not allocated"),
-        };
-    }
-    match grads.as_mut() {
-        Some(g) => Ok(Some(g.text.head_mut())),
-        None => bail!("gradients not allocated"),
-    }
 }

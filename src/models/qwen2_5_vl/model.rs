@@ -14,17 +14,17 @@
 
 use super::config::QwenVlConfig;
 use super::text::{aliases, image_positions, lm_dims, lm_names};
-use super::vision::{self, VisionDims, VisionFwd, VisionParams};
+use super::vision::{self, Tower, VisionDims, VisionFwd, VisionGrads, VisionParams};
 use crate::checkpoint::Checkpoint;
-use crate::models::common::decoder::LayerParams;
 use crate::models::common::decoder::Slot;
-use crate::models::common::lm::{self, Inject, LmCache, LmDims, LmFwd, LmNames, LmParams};
+use crate::models::common::head::{self, LogpGrad};
+use crate::models::common::lm::{
+    self, Inject, Lm, LmCache, LmDims, LmFwd, LmGrads, LmNames, LmParams, Stepped, Tokens,
+};
 use crate::models::common::lora::{LayerLora, LoraConfig, LoraState, StackSpec};
 use crate::models::common::params::{read_piece, GradStore, ParamRef};
-use crate::models::common::step::{self, StepInput, StepScratch};
+use crate::models::common::step::{StepInput, StepScratch};
 use crate::models::common::train_state::{pair_grads, TrainState};
-use crate::ops::logprob;
-use crate::ops::patch_embed::{gather_rows, RowIndex};
 use crate::tensor::{Buf, DType, Device};
 use anyhow::{bail, Result};
 use std::path::Path;
@@ -57,6 +57,18 @@ pub struct Batch<'a> {
     pub cu_seqlens: &'a [i32], // [nseq + 1]
     pub pos3: &'a [i32],       // [3, S] M-RoPE rows t, h, w
     pub pixels: &'a [f32],     // [N, patch_dim], every image of the batch in order
+    pub grids: &'a [[usize; 3]],
+}
+
+/// New tokens for `QwenVl::extend`: `n_new` of each session sequence (ids [batch·n_new],
+/// sequence-major; M-RoPE positions `pos3` [3, batch·n_new], e.g. from
+/// `positions::MropeState::append`, which continues after earlier turns and images), and the
+/// images among them as pixels and grids.
+pub struct Extend<'a> {
+    pub ids: &'a [i32],
+    pub pos3: &'a [i32],
+    pub n_new: usize,
+    pub pixels: &'a [f32],
     pub grids: &'a [[usize; 3]],
 }
 
@@ -294,38 +306,19 @@ impl QwenVl {
             (Some(e), Some(f))
         };
         let inject = embeds.as_ref().map(|rows| Inject { rows, at: &at });
-        let text = lm::forward(
-            dev,
-            &self.tdims,
-            &self.params.text,
-            self.lora_text(),
-            b.ids,
-            b.pos3,
-            b.cu_seqlens,
-            inject,
-            &rc.text,
-        )?;
+        let text = self.lm().forward(dev, Tokens { ids: b.ids, pos: b.pos3, inject }, b.cu_seqlens, &rc.text)?;
         Ok(QwenFwd { vision: vfwd, text })
     }
 
     /// logits [S, V] of every position (a plain lm_head GEMM).
     pub fn logits(&self, dev: &Device, f: &QwenFwd) -> Result<Buf> {
-        lm::logits(dev, &self.tdims, &self.params.text, f.final_hidden(), f.tokens())
+        self.lm().logits(dev, f.final_hidden(), f.tokens())
     }
 
     /// (logp, lse), each [S] f32: log p(targets[t]) at every position with mask[t] ≠ 0 (0
     /// elsewhere), without materialising the logits. `targets` [S] i32, mask [S] f32.
     pub fn logprobs(&self, dev: &Device, f: &QwenFwd, targets: &Buf, mask: Option<&Buf>) -> Result<(Buf, Buf)> {
-        let (s, d, v) = (f.tokens(), self.tdims.layer.d, self.tdims.vocab);
-        let (mut logp, mut lse) = (dev.zeros_f32(s)?, dev.zeros_f32(s)?);
-        let head_in = logprob::Inputs {
-            hidden: f.final_hidden(),
-            lm_head: self.params.text.head(),
-            targets,
-            dims: logprob::Dims { t: s, h: d, v },
-        };
-        logprob::fwd(dev, logprob::FwdOut { logp: &mut logp, lse: &mut lse, entropy: None }, head_in, mask)?;
-        Ok((logp, lse))
+        head::logprobs(dev, &self.tdims, &self.params.text, &f.text, targets, mask)
     }
 
     /// Backward from d objective / d logp [S] (f32) of `logprobs`: accumulates every gradient.
@@ -340,20 +333,10 @@ impl QwenVl {
     pub fn backward_logprobs_scaled(
         &mut self, dev: &Device, f: &QwenFwd, targets: &Buf, lse: &Buf, dlogp: &Buf, hidden_scale: f32,
     ) -> Result<()> {
-        let (s, d, v, dt) = (f.tokens(), self.tdims.layer.d, self.tdims.vocab, self.dtype());
         self.ensure_grads(dev)?;
-        let mut dxf = dev.zeros(dt, s * d)?;
-        let dhead = head_grad(&mut self.grads, &self.lora)?;
-        let head_in = logprob::Inputs {
-            hidden: f.final_hidden(),
-            lm_head: self.params.text.head(),
-            targets,
-            dims: logprob::Dims { t: s, h: d, v },
-        };
-        logprob::bwd(dev, logprob::BwdOut { dhidden: &mut dxf, dlm_head: dhead }, head_in, dlogp, lse)?;
-        if hidden_scale != 1.0 {
-            crate::ops::elementwise::scale_inplace(dev, &mut dxf, hidden_scale, s * d)?;
-        }
+        let dhead = head::head_grad(self.grads.as_mut().map(|g| &mut g.text), &self.lora)?;
+        let h = LogpGrad { targets, lse, dlogp, hidden_scale };
+        let dxf = head::logprobs_bwd(dev, &self.tdims, &self.params.text, &f.text, dhead, &h)?;
         self.backward(dev, f, &dxf)
     }
 
@@ -361,41 +344,19 @@ impl QwenVl {
     /// (`per_layer_grads` set before `zero_grads`): each text layer is handed to `step` as soon
     /// as its gradient is final and that gradient's storage is reused for the next layer; the
     /// rest (vision tower, embedding, final norm, head) goes to `step` at the end.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward_logprobs_stepped(
-        &mut self, dev: &Device, f: &QwenFwd, targets: &Buf, lse: &Buf, dlogp: &Buf, hidden_scale: f32,
-        step: &mut lm::StepFn,
+        &mut self, dev: &Device, f: &QwenFwd, h: &LogpGrad, step: &mut lm::StepFn,
     ) -> Result<()> {
         if self.lora.is_some() {
             bail!("the per-layer optimizer step is for a full fine-tune (under LoRA only the adapters train)");
         }
-        let (s, d, v, dt) = (f.tokens(), self.tdims.layer.d, self.tdims.vocab, self.dtype());
         self.ensure_grads(dev)?;
-        let (td, names, store) = (&self.tdims, &self.names, self.grad_store);
-        let mut gl = LayerParams::build(&td.layer, td.flags, &mut |sl, _| {
-            let r = names.layer(td, 0, sl);
-            dev.zeros(store.dtype(dev, &r), r.numel())
-        })?;
         let Some(g) = self.grads.as_mut() else { bail!("gradients not allocated") };
-        let mut dxf = dev.zeros(dt, s * d)?;
-        let head = self.params.text.head();
-        let head_in =
-            logprob::Inputs { hidden: f.final_hidden(), lm_head: head, targets, dims: logprob::Dims { t: s, h: d, v } };
-        logprob::bwd(
-            dev,
-            logprob::BwdOut { dhidden: &mut dxf, dlm_head: Some(g.text.head_mut()) },
-            head_in,
-            dlogp,
-            lse,
-        )?;
-        if hidden_scale != 1.0 {
-            crate::ops::elementwise::scale_inplace(dev, &mut dxf, hidden_scale, s * d)?;
-        }
-        let d_img =
-            lm::backward_stepped(dev, td, names, &mut self.params.text, &mut g.text, &mut gl, &f.text, &dxf, step)?;
-        drop(gl);
+        let s = Stepped { dims: &self.tdims, names: &self.names, p: &mut self.params.text, g: &mut g.text };
+        let d_img = head::backward_stepped(dev, s, self.grad_store, &f.text, h, step)?;
         if let (Some(vf), Some(d_img)) = (&f.vision, d_img) {
-            vision::backward(dev, &self.vdims, &self.params.vision, &[], Some(&mut g.vision), None, vf, &d_img)?;
+            let tw = Tower { dims: &self.vdims, p: &self.params.vision, lora: &[] };
+            vision::backward(dev, tw, VisionGrads { base: Some(&mut g.vision), lora: None }, vf, &d_img)?;
         }
         step(self.params_and_grads())
     }
@@ -408,17 +369,20 @@ impl QwenVl {
             // Frozen base: only the adapters' gradients; the tower only when it has adapters.
             let LoraState { text, vision: vlora, grads, .. } = l;
             let Some(lg) = grads.as_mut() else { bail!("gradients not allocated") };
-            let d_img =
-                lm::backward(dev, &self.tdims, &self.params.text, text, None, Some(&mut lg.text), &f.text, dxf)?;
+            let text_lm = Lm { dims: &self.tdims, p: &self.params.text, lora: text };
+            let d_img = text_lm.backward(dev, LmGrads { base: None, lora: Some(&mut lg.text) }, &f.text, dxf)?;
             if let (false, Some(vf), Some(d_img)) = (vlora.is_empty(), &f.vision, d_img) {
-                vision::backward(dev, &self.vdims, &self.params.vision, vlora, None, Some(&mut lg.vision), vf, &d_img)?;
+                let tw = Tower { dims: &self.vdims, p: &self.params.vision, lora: vlora };
+                vision::backward(dev, tw, VisionGrads { base: None, lora: Some(&mut lg.vision) }, vf, &d_img)?;
             }
             return Ok(());
         }
         let Some(g) = self.grads.as_mut() else { bail!("gradients not allocated") };
-        let d_img = lm::backward(dev, &self.tdims, &self.params.text, &[], Some(&mut g.text), None, &f.text, dxf)?;
+        let base_lm = Lm { dims: &self.tdims, p: &self.params.text, lora: &[] };
+        let d_img = base_lm.backward(dev, LmGrads { base: Some(&mut g.text), lora: None }, &f.text, dxf)?;
         if let (Some(vf), Some(d_img)) = (&f.vision, d_img) {
-            vision::backward(dev, &self.vdims, &self.params.vision, &[], Some(&mut g.vision), None, vf, &d_img)?;
+            let tw = Tower { dims: &self.vdims, p: &self.params.vision, lora: &[] };
+            vision::backward(dev, tw, VisionGrads { base: Some(&mut g.vision), lora: None }, vf, &d_img)?;
         }
         Ok(())
     }
@@ -427,7 +391,7 @@ impl QwenVl {
     /// None under LoRA: the head is frozen and has no gradient (pass None to the head op).
     pub fn lm_head_grad(&mut self, dev: &Device) -> Result<Option<&mut Buf>> {
         self.ensure_grads(dev)?;
-        head_grad(&mut self.grads, &self.lora)
+        head::head_grad(self.grads.as_mut().map(|g| &mut g.text), &self.lora)
     }
 
     /// Empty KV caches for `batch` sequences of up to `max_len` tokens.
@@ -435,30 +399,20 @@ impl QwenVl {
         Ok(Session { lm: LmCache::new(dev, &self.tdims, self.dtype(), batch, max_len)? })
     }
 
-    /// Feeds `n_new` tokens of each session sequence (ids [batch·n_new], sequence-major; M-RoPE
-    /// positions `pos3` [3, batch·n_new], e.g. from `positions::MropeState::append`, which
-    /// continues after earlier turns and images). Images of the new tokens come as pixels and
-    /// grids. Returns logits [batch·n_new, V], or with `last_only` [batch, V] for each sequence's
-    /// last new token (sampling).
-    #[allow(clippy::too_many_arguments)]
-    pub fn extend(
-        &self, dev: &Device, s: &mut Session, ids: &[i32], pos3: &[i32], n_new: usize, pixels: &[f32],
-        grids: &[[usize; 3]], last_only: bool,
-    ) -> Result<Buf> {
+    /// Feeds `x.n_new` tokens of each session sequence (see `Extend`). Returns logits
+    /// [batch·n_new, V], or with `last_only` [batch, V] for each sequence's last new token
+    /// (sampling).
+    pub fn extend(&self, dev: &Device, s: &mut Session, x: Extend, last_only: bool) -> Result<Buf> {
+        let Extend { ids, pos3, n_new, pixels, grids } = x;
         let at = self.placeholders(ids, grids)?;
         let embeds = if grids.is_empty() { None } else { Some(self.image_embeds(dev, pixels, grids)?) };
         let inject = embeds.as_ref().map(|rows| Inject { rows, at: &at });
-        let hidden =
-            lm::extend(dev, &self.tdims, &self.params.text, self.lora_text(), &mut s.lm, ids, pos3, n_new, inject)?;
-        let (t, d, dt) = (ids.len(), self.tdims.layer.d, self.dtype());
-        if !last_only {
-            return lm::logits(dev, &self.tdims, &self.params.text, &hidden, t);
-        }
-        let last: Vec<usize> = (0..s.lm.batch).map(|b| b * n_new + n_new - 1).collect();
-        let idx = RowIndex::new(dev, &last, t)?;
-        let mut rows = dev.zeros(dt, last.len() * d)?;
-        gather_rows(dev, &mut rows, &hidden, &idx, d)?;
-        lm::logits(dev, &self.tdims, &self.params.text, &rows, last.len())
+        self.lm().extend_logits(dev, &mut s.lm, Tokens { ids, pos: pos3, inject }, n_new, last_only)
+    }
+
+    /// The text decoder with its adapters (none while `adapters_off`).
+    fn lm(&self) -> Lm<'_> {
+        Lm { dims: &self.tdims, p: &self.params.text, lora: self.lora_text() }
     }
 }
 
@@ -473,18 +427,7 @@ impl QwenVl {
         let StepInput { ids, pos: pos3, cu_new, image_rows } = input;
         let at = image_positions(ids, self.cfg.image_token_id);
         let inject = lm::inject_checked(&at, image_rows, self.tdims.layer.d)?;
-        step::step_logits(
-            dev,
-            &self.tdims,
-            &self.params.text,
-            self.lora_text(),
-            cache,
-            scratch,
-            ids,
-            pos3,
-            cu_new,
-            inject,
-        )
+        self.lm().step_logits(dev, cache, scratch, Tokens { ids, pos: pos3, inject }, cu_new)
     }
 }
 
@@ -494,19 +437,4 @@ fn entries<'a>(
     let mut v = p.vision.entries(vd, ps);
     v.extend(p.text.entries(td, names));
     v
-}
-
-/// Where the head's backward writes d lm_head: the base gradient, or None under LoRA (the head
-/// is frozen, so the op skips its dW GEMM and nothing [V, D] is allocated).
-fn head_grad<'a>(grads: &'a mut Option<QwenParams>, lora: &'a Option<LoraState>) -> Result<Option<&'a mut Buf>> {
-    if let Some(l) = lora.as_ref() {
-        return match l.grads {
-            Some(_) => Ok(None),
-            None => bail!("gradients not allocated"),
-        };
-    }
-    match grads.as_mut() {
-        Some(g) => Ok(Some(g.text.head_mut())),
-        None => bail!("gradients not allocated"),
-    }
 }

@@ -16,7 +16,8 @@
 
 use super::config::VisionConfig;
 use crate::models::common::decoder::{
-    stack_backward, stack_forward, Block, LayerActs, LayerDims, LayerFlags, LayerParams, RopeKind, RopeTable, Slot,
+    norm_bwd, stack_backward, stack_forward, Block, LayerActs, LayerDims, LayerFlags, LayerParams, NormBwd, RopeKind,
+    RopeTable, Slot,
 };
 use crate::models::common::lora::LayerLora;
 use crate::models::common::params::ParamRef;
@@ -304,12 +305,26 @@ pub struct VisionFwd {
     g1: Buf,                      // [Nm, 4D] after GELU
 }
 
+/// What every tower call passes the same way: sizes, weights and the blocks' adapters (an
+/// empty slice: none).
+#[derive(Clone, Copy)]
+pub struct Tower<'a> {
+    pub dims: &'a VisionDims,
+    pub p: &'a VisionParams,
+    pub lora: &'a [LayerLora],
+}
+
+/// Where `backward` accumulates: the base gradients (None: the base is frozen) and the
+/// adapters' (None: no trained adapters).
+#[derive(Default)]
+pub struct VisionGrads<'g> {
+    pub base: Option<&'g mut VisionParams>,
+    pub lora: Option<&'g mut [LayerLora]>,
+}
+
 /// Block i of the tower: window attention, or whole-frame attention on `fullatt` blocks.
-#[allow(clippy::too_many_arguments)]
-fn block<'a>(
-    dims: &'a VisionDims, p: &'a VisionParams, lora: &'a [LayerLora], rope: &'a RopeTable, win: &'a Varlen,
-    full: &'a Varlen, i: usize,
-) -> Block<'a> {
+fn block<'a>(tw: Tower<'a>, rope: &'a RopeTable, win: &'a Varlen, full: &'a Varlen, i: usize) -> Block<'a> {
+    let Tower { dims, p, lora } = tw;
     let segs = if dims.fullatt.contains(&i) { full } else { win };
     Block { dims: &dims.block, w: &p.blocks[i], rope, segs, causal: false, lora: lora.get(i) }
 }
@@ -362,7 +377,10 @@ pub fn forward(
         g1: dev.zeros(dt, nm * dims.merged_dim())?,
     };
     let (rope, win, full) = (&f.rope, &f.win, &f.full);
-    f.acts = stack_forward(dev, dims.depth, &|i| block(dims, p, lora, rope, win, full, i), &mut f.hs, &|_| recompute)?;
+    f.acts =
+        stack_forward(dev, dims.depth, &|i| block(Tower { dims, p, lora }, rope, win, full, i), &mut f.hs, &|_| {
+            recompute
+        })?;
     // Merger, in window order; then rows back to image order.
     let md = dims.merged_dim();
     rmsnorm::fwd(
@@ -388,13 +406,10 @@ pub fn forward(
     Ok((embeds, f))
 }
 
-/// Accumulates the tower's parameter gradients into `g` (None: the base is frozen) and the
-/// adapters' into `lora_grads` from d(image embeddings) [Nm, out] (image order).
-#[allow(clippy::too_many_arguments)]
-pub fn backward(
-    dev: &Device, dims: &VisionDims, p: &VisionParams, lora: &[LayerLora], mut g: Option<&mut VisionParams>,
-    lora_grads: Option<&mut [LayerLora]>, f: &VisionFwd, d_embeds: &Buf,
-) -> Result<()> {
+/// Accumulates the tower's parameter gradients into `g.base` (None: the base is frozen) and
+/// the adapters' into `g.lora` from d(image embeddings) [Nm, out] (image order).
+pub fn backward(dev: &Device, tw: Tower, g: VisionGrads, f: &VisionFwd, d_embeds: &Buf) -> Result<()> {
+    let (Tower { dims, p, lora: _ }, VisionGrads { base: mut g, lora: lora_grads }) = (tw, g);
     let (n, nm, d, md, dt) = (f.layout.n_patches, f.layout.n_merged, dims.block.d, dims.merged_dim(), p.patch.dtype());
     let mut dmerged = dev.zeros(dt, nm * dims.out)?;
     patch_embed::gather_rows(dev, &mut dmerged, d_embeds, &f.to_window, dims.out)?;
@@ -425,27 +440,10 @@ pub fn backward(
         None => matmul::fwd(dev, &mut dyq, &dh1, &p.mlp0_w, matmul::Mm::new(nm, md, md))?,
     }
     let mut dx = dev.zeros(dt, n * d)?;
-    let mut lnq_sink = None;
-    let dlnq = match g.as_deref_mut() {
-        Some(g) => &mut g.ln_q,
-        None => lnq_sink.insert(dev.zeros_f32(d)?),
-    };
-    rmsnorm::bwd(
-        dev,
-        rmsnorm::Bwd { dx: &mut dx, dw: dlnq, dy: &dyq, x: &f.hs[dims.depth], w: &p.ln_q, rstd: &f.rstd_q },
-        n,
-        d,
-    )?;
+    let lnq = NormBwd { dx: &mut dx, dy: &dyq, x: &f.hs[dims.depth], w: &p.ln_q, rstd: &f.rstd_q };
+    norm_bwd(dev, g.as_deref_mut().map(|g| &mut g.ln_q), lnq, n, d)?;
     let blocks = g.as_deref_mut().map(|g| &mut g.blocks[..]);
-    let dx = stack_backward(
-        dev,
-        &|i| block(dims, p, lora, &f.rope, &f.win, &f.full, i),
-        &f.hs,
-        &f.acts,
-        blocks,
-        lora_grads,
-        dx,
-    )?;
+    let dx = stack_backward(dev, &|i| block(tw, &f.rope, &f.win, &f.full, i), &f.hs, &f.acts, blocks, lora_grads, dx)?;
     match g {
         Some(g) => patch_embed::bwd(
             dev,

@@ -2,6 +2,7 @@
 //! its backward, whole or with the per-layer optimizer step), and the evaluation NLL.
 
 use crate::data::dataset::Kind;
+use crate::models::common::head::LogpGrad;
 use crate::models::qwen2_5_vl::model::Recompute;
 use crate::stages::examples::{micro_batches, pack, Example, Packed};
 use crate::stages::model::VlModel;
@@ -42,7 +43,12 @@ pub fn nll_micro_batch_stepped(
     let n: f64 = p.weights.iter().map(|&w| w as f64).sum();
     let neg: Vec<f32> = p.weights.iter().map(|&w| -w).collect();
     let dlogp = dev.upload(&neg, crate::tensor::DType::F32)?;
-    model.backward_logprobs_stepped(dev, &fwd, &targets, &lse, &dlogp, 1.0, step)?;
+    model.backward_logprobs_stepped(
+        dev,
+        &fwd,
+        &LogpGrad { targets: &targets, lse: &lse, dlogp: &dlogp, hidden_scale: 1.0 },
+        step,
+    )?;
     Ok((nll, n))
 }
 
