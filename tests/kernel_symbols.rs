@@ -123,3 +123,39 @@ fn table_is_consistent() {
         assert_eq!(first.params, k.params, "{} and {} differ in parameters", first.name, k.name);
     }
 }
+
+/// `a_{x,y}_d{1,2}` → a_x_d1, a_x_d2, a_y_d1, a_y_d2.
+fn expand(pat: &str) -> Vec<String> {
+    let Some(open) = pat.find('{') else { return vec![pat.to_string()] };
+    let close = open + pat[open..].find('}').expect("unclosed '{'");
+    let rest = expand(&pat[close + 1..]);
+    pat[open + 1..close]
+        .split(',')
+        .flat_map(|alt| rest.iter().map(move |r| format!("{}{alt}{r}", &pat[..open])))
+        .collect()
+}
+
+/// kernels/README.md has one row per kernel family: its symbols (with `{a,b}` groups) and its
+/// .cu file are exactly the generated table's, so the table cannot go stale.
+#[test]
+fn readme_table_lists_every_kernel() {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels/README.md")).unwrap();
+    let mut listed = BTreeSet::new();
+    for row in text.lines().filter(|l| l.starts_with("| `")) {
+        let cols: Vec<&str> = row.split(" | ").collect();
+        let module = cols[1].trim().trim_end_matches(".cu");
+        for sym in cols[0].trim_start_matches("| ").split(", ") {
+            for name in expand(sym.trim_matches('`')) {
+                assert!(listed.insert((module.to_string(), name.clone())), "kernels/README.md lists {name} twice");
+            }
+        }
+    }
+    let table: BTreeSet<(String, String)> =
+        KERNELS.iter().map(|k| (k.module.name().to_string(), k.name.to_string())).collect();
+    let stale: Vec<_> = listed.difference(&table).collect();
+    let missing: Vec<_> = table.difference(&listed).collect();
+    assert!(
+        stale.is_empty() && missing.is_empty(),
+        "README rows with no kernel: {stale:?}; kernels with no row: {missing:?}"
+    );
+}
