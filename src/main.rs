@@ -30,6 +30,9 @@ enum Cmd {
     Info {
         #[arg(long, value_enum, default_value = "auto")]
         device: DevicePref,
+        /// Also list every kernel family: its launch struct, instances and parameters.
+        #[arg(long)]
+        kernels: bool,
     },
     /// Kernel benchmarks on the GPU; with --shape or --model the workload suites (train, vision,
     /// prefill, rollout, grpo) on any device; --plan prints the memory plan; --compare A B.
@@ -106,7 +109,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("exported: {}", am3safety::stages::export::run(&args)?.display());
             Ok(())
         }
-        Cmd::Info { device } => {
+        Cmd::Info { device, kernels } => {
             let dev = Device::pick(device)?;
             println!("backend: {}", dev.name());
             if let Some(g) = dev.gpu() {
@@ -126,7 +129,14 @@ fn run(cli: Cli) -> Result<()> {
             };
             println!("kernels: {} modules embedded as {how}", KERNEL_MODULES.len());
             for m in KERNEL_MODULES {
-                println!("  {}", m.name);
+                let n = am3safety::cuda::api::KERNELS.iter().filter(|k| k.module.name() == m.name).count();
+                println!("  {} ({n} kernels)", m.name);
+            }
+            if kernels {
+                println!("kernel families (src/cuda/api.rs, generated from kernels/*.cu):");
+                for line in am3safety::cuda::api::family_lines() {
+                    println!("  {line}");
+                }
             }
             // The kernel each op's plan takes at the 7B shapes (bf16, 16-byte aligned buffers).
             println!("kernel plans (bf16, 4096-token training sequences):");

@@ -159,3 +159,14 @@ fn readme_table_lists_every_kernel() {
         "README rows with no kernel: {stale:?}; kernels with no row: {missing:?}"
     );
 }
+
+/// `am3 info --kernels` prints one line per family, each naming its launch struct.
+#[test]
+fn info_lists_one_line_per_family() {
+    let lines = am3safety::cuda::api::family_lines();
+    let families: BTreeSet<(&str, &str)> = KERNELS.iter().map(|k| (k.module.name(), k.family)).collect();
+    assert_eq!(lines.len(), families.len());
+    for (m, f) in &families {
+        assert_eq!(lines.iter().filter(|l| l.starts_with(&format!("{m}::{f} ["))).count(), 1, "{m}::{f}");
+    }
+}

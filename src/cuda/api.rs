@@ -48,6 +48,24 @@ pub fn find(module: Module, name: &str) -> Option<usize> {
     KERNELS.iter().position(|k| k.module == module && k.name == name)
 }
 
+/// One line per kernel family: module, argument struct, instances and parameters (`am3 info
+/// --kernels`).
+pub fn family_lines() -> Vec<String> {
+    let mut fams: Vec<(&KernelInfo, Vec<&str>)> = Vec::new();
+    for k in KERNELS {
+        match fams.iter_mut().find(|(f, _)| f.module == k.module && f.family == k.family) {
+            Some((_, names)) => names.push(k.name),
+            None => fams.push((k, vec![k.name])),
+        }
+    }
+    fams.iter()
+        .map(|(k, names)| {
+            let params: Vec<String> = k.params.iter().map(|(n, kind)| format!("{n}: {kind:?}")).collect();
+            format!("{}::{} [{}] ({})", k.module.name(), k.family, names.join(", "), params.join(", "))
+        })
+        .collect()
+}
+
 fn no_instance(family: &str, given: &str) -> anyhow::Error {
     anyhow!("kernel family {family} has no instance for {given} (see its macro instantiations in kernels/)")
 }
