@@ -29,12 +29,29 @@ pub struct KvCache {
     pub d: usize,
     lens: Vec<i32>, // [batch], the host copy
     lens_buf: Buf,  // [batch] i32, the device copy the kernels read
-    /// V2 decode's split-K partials (o [n, rows, d], (max, sum) [n, rows, 2] f32), grown on
-    /// demand and reused: every element a call reads is written by that call's first kernel.
+    /// The split-K decode partials of Rows64 and Rows16 (o [n, rows, d], (max, sum) [n, rows, 2]
+    /// f32), grown on demand and reused: every element a call reads is written by that call's
+    /// first kernel.
     partials: Mutex<Option<(Buf, Buf)>>,
 }
 
 impl KvCache {
+    /// The split-K decode partials, o [nsplit, rows, d] (`no` f32) and (max, sum) [nsplit, rows, 2]
+    /// in log2 units (`nml`), kept across calls and grown when a step needs more. Not zeroed:
+    /// every block of the split launch writes the partials of all its real rows (empty chunks
+    /// write m = -inf, which the combine skips), and the combine reads no others.
+    fn partials_for(
+        &self, dev: &Device, no: usize, nml: usize,
+    ) -> Result<std::sync::MutexGuard<'_, Option<(Buf, Buf)>>> {
+        let mut guard =
+            self.partials.lock().map_err(|_| anyhow::anyhow!("attention_decode: partial-buffer lock poisoned"))?;
+        if !matches!(&*guard, Some((po, pml)) if po.len() >= no && pml.len() >= nml) {
+            *guard = None; // free the smaller pair first
+            *guard = Some((dev.zeros_f32(no)?, dev.zeros_f32(nml)?));
+        }
+        Ok(guard)
+    }
+
     /// An empty cache in the device's activation dtype.
     pub fn new(dev: &Device, batch: usize, max_len: usize, hkv: usize, d: usize) -> Result<Self> {
         Self::with_dtype(dev, dev.act_dtype(), batch, max_len, hkv, d)
@@ -359,16 +376,15 @@ pub fn decode_with(
             if s.hkv * mtiles > 65535 || b > 65535 {
                 bail!("{op}: grid of {} kv-head tiles × {b} sequences exceeds the launch limits", s.hkv * mtiles);
             }
-            let part_o = dev.zeros_f32(nsplit * rows * d)?; // [nsplit, rows, d] unnormalised outputs
-            let part_ml = dev.zeros_f32(nsplit * rows * 2)?; // [nsplit, rows, (max, sum)] in log2 units
             let cfg = LaunchConfig {
                 grid_dim: (nsplit as u32, (s.hkv * mtiles) as u32, b as u32),
                 block_dim: (128, 1, 1),
                 // Q tile plus two stages of K and V tiles, rows padded by 8.
                 shared_mem_bytes: (5 * TILE * (d + 8) * 2) as u32,
             };
-            let split = Split { q, cache, part_o: &part_o, part_ml: &part_ml, n_new, chunk, nsplit };
-            split.launch(g, AttnDecodeKernel::Rows64, out, s, cfg)
+            let guard = cache.partials_for(dev, nsplit * rows * d, nsplit * rows * 2)?;
+            let Some((part_o, part_ml)) = guard.as_ref() else { bail!("{op}: partial buffers missing") };
+            Split { q, cache, part_o, part_ml, n_new, chunk, nsplit }.launch(g, AttnDecodeKernel::Rows64, out, s, cfg)
         }
     }
 }
@@ -391,12 +407,7 @@ fn decode_v2(
     if s.hkv > 65535 || b > 65535 {
         bail!("{op}: grid of {} kv heads × {b} sequences exceeds the launch limits", s.hkv);
     }
-    let (no, nml) = (nsplit * rows * d, nsplit * rows * 2);
-    let mut guard = cache.partials.lock().map_err(|_| anyhow::anyhow!("{op}: partial-buffer lock poisoned"))?;
-    let fits = matches!(&*guard, Some((po, pml)) if po.len() >= no && pml.len() >= nml);
-    if !fits {
-        *guard = Some((dev.zeros_f32(no)?, dev.zeros_f32(nml)?));
-    }
+    let guard = cache.partials_for(dev, nsplit * rows * d, nsplit * rows * 2)?;
     let Some((part_o, part_ml)) = guard.as_ref() else { bail!("{op}: partial buffers missing") };
     let cfg = LaunchConfig {
         grid_dim: (nsplit as u32, s.hkv as u32, b as u32),
