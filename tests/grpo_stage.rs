@@ -303,3 +303,23 @@ fn a_used_out_needs_resume_or_overwrite_and_resume_checks_the_data() {
         format!("{:#}", grpo::run(GrpoArgs { resume: true, data: Some(other), ..grpo_args(&out, 1) }).unwrap_err());
     assert!(err.contains("--data"), "{err}");
 }
+
+#[test]
+fn freeze_vision_keeps_the_tower_and_trains_the_rest() {
+    let dev = Device::Cpu;
+    let out = tmp("freeze-vision");
+    let (args, plan, jcfg) = GrpoArgs { freeze_vision: Some(true), ..grpo_args(&out, 2) }.resolve().unwrap();
+    let mut tr = Trainer::new(&dev, plan, args.model.as_ref().unwrap(), &grpo::demo_prompts(), &jcfg).unwrap();
+    let snapshot = |m: &am3safety::stages::model::VlModel, vision: bool| -> Vec<(String, Vec<f32>)> {
+        let mine = m.param_entries().into_iter().filter(|(r, _)| m.is_vision(&r.name) == vision);
+        mine.map(|(r, b)| (r.name.clone(), dev.to_vec(b).unwrap())).collect()
+    };
+    let (vision0, text0) = (snapshot(&tr.l.model, true), snapshot(&tr.l.model, false));
+    assert!(!vision0.is_empty(), "the tiny model has a vision tower");
+    for step in 0..2 {
+        tr.step(&dev, step).unwrap();
+    }
+    // (assert!, not assert_eq!: a failure would print every weight)
+    assert!(vision0 == snapshot(&tr.l.model, true), "--freeze-vision changed a vision weight");
+    assert!(text0 != snapshot(&tr.l.model, false), "the language model did not train");
+}

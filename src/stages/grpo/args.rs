@@ -90,6 +90,9 @@ pub struct GrpoArgs {
     pub clip: Option<f64>,
     #[arg(long)]
     pub recompute: Option<bool>,
+    /// Do not update the vision tower (no AdamW state for it; default false, as in `am3 sft`).
+    #[arg(long)]
+    pub freeze_vision: Option<bool>,
     /// Rollouts decoded at once (KV-cache slots).
     #[arg(long)]
     pub max_batch: Option<usize>,
@@ -155,6 +158,8 @@ pub struct GrpoPlan {
     pub save_every: u64,
     pub clip: f64,
     pub recompute: bool,
+    #[serde(default)]
+    pub freeze_vision: bool,
     pub max_batch: usize,
     #[serde(default)]
     pub lora_rank: usize,
@@ -223,6 +228,7 @@ impl GrpoArgs {
                 save_every,
                 clip,
                 recompute,
+                freeze_vision,
                 max_batch,
                 lora_rank,
                 lora_alpha,
@@ -273,6 +279,7 @@ impl GrpoArgs {
             save_every: int_in("--save-every", self.save_every.unwrap_or(steps), 1, u64::MAX)?,
             clip: float_in("--clip", self.clip.unwrap_or(1.0), 0.0, End::Closed, 1e9, End::Closed)?,
             recompute: self.recompute.unwrap_or(false),
+            freeze_vision: self.freeze_vision.unwrap_or(false),
             max_batch: int_in("--max-batch", self.max_batch.unwrap_or(64).max(n), 1, 1 << 20)?,
             lora_rank,
             lora_alpha,

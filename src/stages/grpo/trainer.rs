@@ -128,7 +128,20 @@ impl Trainer {
             l.model.set_per_layer_grads(true);
             l.model.zero_grads(dev)?;
         }
-        let trainable = move |r: &crate::models::common::params::ParamRef| has_grad.contains(&slot_key(r));
+        // --freeze-vision: the tower's weights get no optimizer state and are never stepped.
+        let vision: std::collections::BTreeSet<String> = if plan.freeze_vision {
+            l.model
+                .param_entries()
+                .iter()
+                .filter(|(r, _)| l.model.is_vision(&r.name))
+                .map(|(r, _)| slot_key(r))
+                .collect()
+        } else {
+            Default::default()
+        };
+        let trainable = move |r: &crate::models::common::params::ParamRef| {
+            has_grad.contains(&slot_key(r)) && !vision.contains(&slot_key(r))
+        };
         let hp = AdamW { lr: plan.lr as f32, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
         let opt = Optimizer::new(dev, hp, &l.model.trainable_entries(), &trainable)?;
         let rc = if plan.recompute { Recompute::all(l.model.tdims().n_layers) } else { Recompute::default() };
