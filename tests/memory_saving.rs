@@ -10,6 +10,8 @@
 //!   no decoder layer, and the memory plan's gradient bytes drop by n_layers − 1 layers. The same
 //!   for `am3 grpo` (2 steps × 2 epochs × 3 mini-batches = 12 AdamW steps, resume included), and
 //!   its refusal of a mini-batch that spans several micro-batches.
+//! - `--freeze-vision`: the backward skips the tower; every other gradient is bit-identical to the
+//!   full backward's (tiny Qwen and tiny LLaVA, with images).
 mod common;
 #[path = "support/tiny_llava.rs"]
 mod tiny_llava;
@@ -323,6 +325,63 @@ fn per_layer_step_is_bit_identical_llava() {
     let src = root.join("src");
     tiny_llava::write_tiny_dir(&src, "mistral", 11);
     per_layer_matches_whole("tiny llava sft", Some(&src), &root);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// `--freeze-vision`: the backward skips the tower. Every other gradient is bit-identical to the
+/// full backward's, and the tower's are zero (the full backward's are not).
+fn frozen_vision_skips_only_the_tower(tag: &str, model: Option<&Path>) {
+    let dev = Device::Cpu;
+    let mut l = sft::load_model(&dev, model, 0).unwrap();
+    let ex = sft::load_examples_for(&sft::demo_data(), &l).unwrap();
+    let refs: Vec<_> = ex.iter().filter(|e| !e.pixels.is_empty()).take(2).collect();
+    assert_eq!(refs.len(), 2, "{tag}: the demo set should have examples with images");
+    let p = pack(&refs);
+    let f = l.model.forward(&dev, &p, &Recompute::default()).unwrap();
+    let (tb, wb) = (dev.upload_i32(&p.targets).unwrap(), dev.upload(&p.weights, DType::F32).unwrap());
+    let (_, lse) = l.model.logprobs(&dev, &f, &tb, Some(&wb)).unwrap();
+    let neg: Vec<f32> = p.weights.iter().map(|&w| -w).collect();
+    let d = dev.upload(&neg, DType::F32).unwrap();
+    let mut grads = |frozen: bool| {
+        l.model.set_frozen_vision(frozen);
+        l.model.zero_grads(&dev).unwrap();
+        l.model.backward_logprobs(&dev, &f, &tb, &lse, &d).unwrap();
+        l.model.grads_by_name(&dev).unwrap()
+    };
+    let (full, frozen) = (grads(false), grads(true));
+    // grads_by_name uses the checkpoint's names; is_vision the canonical ones.
+    let m = &l.model;
+    let vision: std::collections::BTreeSet<String> = m
+        .param_entries()
+        .iter()
+        .filter(|(r, _)| m.is_vision(&r.name))
+        .map(|(r, _)| m.stored_name(&r.name).to_string())
+        .collect();
+    let (mut tower, mut rest) = (0, 0);
+    for (name, (_, g)) in &full {
+        let h = &frozen[name].1;
+        if vision.contains(name) {
+            tower += 1;
+            assert!(h.iter().all(|&x| x == 0.0), "{tag}: frozen tower gradient {name} is not zero");
+        } else {
+            rest += 1;
+            assert!(bits(g) == bits(h), "{tag}: {name} differs with the tower frozen");
+        }
+    }
+    let moved = full.iter().any(|(n, (_, g))| vision.contains(n) && g.iter().any(|&x| x != 0.0));
+    assert!(tower > 0 && rest > 0 && moved, "{tag}: {tower} tower and {rest} other gradients (tower moved: {moved})");
+}
+
+#[test]
+fn frozen_vision_skips_only_the_tower_qwen() {
+    frozen_vision_skips_only_the_tower("tiny qwen", None);
+}
+
+#[test]
+fn frozen_vision_skips_only_the_tower_llava() {
+    let root = fresh_tmp_dir("memsave-frozen-llava");
+    tiny_llava::write_tiny_dir(&root, "mistral", 11);
+    frozen_vision_skips_only_the_tower("tiny llava", Some(&root));
     let _ = std::fs::remove_dir_all(&root);
 }
 

@@ -319,6 +319,7 @@ pub fn train(c: &Ctx) -> Result<Vec<Figure>> {
     for (rc_label, rc) in [("recompute", Recompute::all(n_layers)), ("kept activations", Recompute::default())] {
         for (vis_label, freeze) in [("vision trained", false), ("vision frozen", true)] {
             let name = format!("sft step S={s} with {img_desc}, {rc_label}, {vis_label}");
+            l.model.set_frozen_vision(freeze);
             let has_grad = l.model.grad_keys(dev)?;
             if c.measured.borrow().grads.is_none() {
                 let g = l.model.params_and_grads().iter().map(|(_, _, g)| g.len() * g.dtype().size()).sum();

@@ -267,6 +267,15 @@ impl VlModel {
         }
     }
 
+    /// `--freeze-vision`: the base backward skips the vision tower (its gradients stay zero; the
+    /// optimizer has no state for it). What else trains is bit-identical.
+    pub fn set_frozen_vision(&mut self, on: bool) {
+        match &mut self.net {
+            Net::Qwen(m) => m.frozen_vision = on,
+            Net::Llava(m) => m.frozen_vision = on,
+        }
+    }
+
     /// Every parameter tensor, mutably (frozen ones included).
     pub fn params_mut(&mut self) -> Vec<(ParamRef, &mut Buf)> {
         match &mut self.net {

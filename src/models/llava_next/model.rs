@@ -134,6 +134,9 @@ pub struct LlavaNext {
     /// `zero_grads` leaves the text layers out (the per-layer optimizer step keeps one layer's
     /// gradient, in `backward_logprobs_stepped`).
     pub per_layer_grads: bool,
+    /// `--freeze-vision`: the base backward stops below the projector (the CLIP tower's
+    /// gradients stay zero and are not computed; the projector and newline still train).
+    pub frozen_vision: bool,
 }
 
 /// Decoder sizes from the config.
@@ -261,6 +264,7 @@ impl LlavaNext {
             adapters_off: std::cell::Cell::new(false),
             grad_store: GradStore::F32,
             per_layer_grads: false,
+            frozen_vision: false,
         })
     }
 
@@ -405,16 +409,20 @@ impl LlavaNext {
         )?;
         let mut dh1 = dproj; // reuse [n, Dt]
         act::gelu_bwd(dev, &mut dh1, &da1, &f.h1, n * dtx, self.gelu)?;
-        let mut dfeat = dev.zeros(dt, n * vd.d)?;
+        // Frozen tower: the projector's input gradient is not needed either.
+        let mut dfeat = if self.frozen_vision { None } else { Some(dev.zeros(dt, n * vd.d)?) };
         matmul::linear_bwd(
             dev,
-            matmul::LinearGrads { dx: Some(&mut dfeat), dw: &mut g.proj.w1, db: g.proj.b1.as_mut() },
+            matmul::LinearGrads { dx: dfeat.as_mut(), dw: &mut g.proj.w1, db: g.proj.b1.as_mut() },
             &dh1,
             &f.feats,
             &p.w1,
             matmul::Linear { t: n, din: vd.d, dout: dtx },
         )?;
-        vision::backward(dev, vd, &self.params.vision, &mut g.vision, &f.clip, &dfeat)
+        match &dfeat {
+            Some(dfeat) => vision::backward(dev, vd, &self.params.vision, &mut g.vision, &f.clip, dfeat),
+            None => Ok(()),
+        }
     }
 
     /// Placeholder positions of `ids`, checked against the images' token count, and the ids the

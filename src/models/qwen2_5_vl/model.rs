@@ -109,6 +109,9 @@ pub struct QwenVl {
     /// `zero_grads` leaves the text layers out (the per-layer optimizer step keeps one layer's
     /// gradient, in `backward_logprobs_stepped`).
     pub per_layer_grads: bool,
+    /// `--freeze-vision`: the base backward stops at the image embeddings (the tower's
+    /// gradients stay zero and are not computed).
+    pub frozen_vision: bool,
 }
 
 impl TrainState for QwenVl {
@@ -184,6 +187,7 @@ impl QwenVl {
             adapters_off: std::cell::Cell::new(false),
             grad_store: GradStore::F32,
             per_layer_grads: false,
+            frozen_vision: false,
         })
     }
 
@@ -354,7 +358,7 @@ impl QwenVl {
         let Some(g) = self.grads.as_mut() else { bail!("gradients not allocated") };
         let s = Stepped { dims: &self.tdims, names: &self.names, p: &mut self.params.text, g: &mut g.text };
         let d_img = head::backward_stepped(dev, s, self.grad_store, &f.text, h, step)?;
-        if let (Some(vf), Some(d_img)) = (&f.vision, d_img) {
+        if let (false, Some(vf), Some(d_img)) = (self.frozen_vision, &f.vision, d_img) {
             let tw = Tower { dims: &self.vdims, p: &self.params.vision, lora: &[] };
             vision::backward(dev, tw, VisionGrads { base: Some(&mut g.vision), lora: None }, vf, &d_img)?;
         }
@@ -380,7 +384,7 @@ impl QwenVl {
         let Some(g) = self.grads.as_mut() else { bail!("gradients not allocated") };
         let base_lm = Lm { dims: &self.tdims, p: &self.params.text, lora: &[] };
         let d_img = base_lm.backward(dev, LmGrads { base: Some(&mut g.text), lora: None }, &f.text, dxf)?;
-        if let (Some(vf), Some(d_img)) = (&f.vision, d_img) {
+        if let (false, Some(vf), Some(d_img)) = (self.frozen_vision, &f.vision, d_img) {
             let tw = Tower { dims: &self.vdims, p: &self.params.vision, lora: &[] };
             vision::backward(dev, tw, VisionGrads { base: Some(&mut g.vision), lora: None }, vf, &d_img)?;
         }

@@ -128,7 +128,9 @@ impl Trainer {
             l.model.set_per_layer_grads(true);
             l.model.zero_grads(dev)?;
         }
-        // --freeze-vision: the tower's weights get no optimizer state and are never stepped.
+        // --freeze-vision: the tower's weights get no optimizer state, are never stepped, and the
+        // backward skips the tower.
+        l.model.set_frozen_vision(plan.freeze_vision);
         let vision: std::collections::BTreeSet<String> = if plan.freeze_vision {
             l.model
                 .param_entries()

@@ -84,7 +84,7 @@ pub struct SftArgs {
     /// Recompute every layer's activations in backward (less memory, one extra forward).
     #[arg(long)]
     pub recompute: Option<bool>,
-    /// Do not update the vision tower.
+    /// Do not update the vision tower (no AdamW state for it, and the backward skips it).
     #[arg(long)]
     pub freeze_vision: Option<bool>,
     /// Gradient storage: f32 | bf16 (linear-layer weight gradients in bf16 on the GPU, the rest

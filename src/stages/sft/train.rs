@@ -74,6 +74,8 @@ pub fn run(args: SftArgs) -> Result<PathBuf> {
         weight_decay: plan.weight_decay as f32,
     };
     let freeze = plan.freeze_vision;
+    // A frozen tower is not back-propagated through at all (its gradients stay zero).
+    l.model.set_frozen_vision(freeze);
     // Only tensors that receive gradients (LLaVA's vision layers past the feature layer don't).
     // CPU: the gradients, AdamW state and a micro-batch's activations must fit before they are
     // allocated (the GPU is checked below, after the gradients).
