@@ -201,8 +201,9 @@ pub fn bwd_with(dev: &Device, kernel: LayerNormBwdKernel, bufs: Bwd, rows: usize
             let nblocks = rows.clamp(1, 2 * g.sm_count as usize);
             let rpb = rows.div_ceil(nblocks).max(1);
             let nblocks = rows.div_ceil(rpb).max(1);
-            let part = dev.zeros_f32(nblocks * 2 * cols)?; // [nblocks, 2, cols]
-                                                           // The kernel is built for <= 512 threads (two blocks per SM at <= 64 registers).
+            // [nblocks, 2, cols]
+            let part = dev.zeros_f32(nblocks * 2 * cols)?;
+            // The kernel is built for <= 512 threads (two blocks per SM at <= 64 registers).
             let block = block_for(cols, dt).min(BWD_MAX_THREADS);
             // Running dw/db column sums in shared memory when they fit, else in `part` itself.
             let use_smem = cols <= SMEM_MAX_COLS;

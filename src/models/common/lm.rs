@@ -300,23 +300,7 @@ impl Lm<'_> {
     pub fn logits(&self, dev: &Device, hidden: &Buf, t: usize) -> Result<Buf> {
         logits(dev, self.dims, self.p, hidden, t)
     }
-}
 
-/// logits [t, V] = hidden [t, D] · lm_headᵀ (f32 on the CPU, the activation dtype on CUDA).
-pub fn logits(dev: &Device, dims: &LmDims, p: &LmParams, hidden: &Buf, t: usize) -> Result<Buf> {
-    let mut out = dev.zeros(hidden.dtype(), t * dims.vocab)?;
-    matmul::linear_fwd(
-        dev,
-        &mut out,
-        hidden,
-        p.head(),
-        None,
-        matmul::Linear { t, din: dims.layer.d, dout: dims.vocab },
-    )?;
-    Ok(out)
-}
-
-impl Lm<'_> {
     /// Accumulates every parameter gradient into `g.base` from d final_hidden [S, D]; returns the
     /// gradient of the injected rows [n, D] (None without injection). The lm_head's own gradient
     /// comes from the head op (e.g. `ops::logprob::bwd` into `head_mut()`). With `g.base` None
@@ -351,6 +335,53 @@ impl Lm<'_> {
         }
         Ok(d_inject)
     }
+
+    /// Runs `n_new` new tokens of each cached sequence (ids [batch·n_new], sequence-major, with
+    /// RoPE positions `pos` for them) through the LM, appending their keys and values; returns the
+    /// final-norm hidden states [batch·n_new, D]. Used for prefill, appended turns and decoding.
+    pub fn extend(&self, dev: &Device, cache: &mut LmCache, x: Tokens, n_new: usize) -> Result<Buf> {
+        let (Lm { dims, p, lora }, Tokens { ids, pos, inject }) = (*self, x);
+        let (t, d, dt) = (ids.len(), dims.layer.d, p.embed.dtype());
+        if n_new == 0 || t != cache.batch * n_new {
+            bail!("LM extend: {t} ids for {} sequences of {n_new} new tokens", cache.batch);
+        }
+        let rope = dims.rope.upload(dev, pos, t, dims.layer.head_dim)?;
+        let inject_idx = inject_index(dev, &inject, t)?;
+        let ids_buf = dev.upload_i32(ids)?;
+        let mut x =
+            embed(dev, dims, p, &ids_buf, ids, inject.as_ref().zip(inject_idx.as_ref()).map(|(i, r)| (i.rows, r)))?;
+        let no_segs = Varlen::new(dev, &[0, t as i32])?;
+        let mut out = dev.zeros(dt, t * d)?;
+        for (l, kv) in cache.layers.iter_mut().enumerate() {
+            let blk = Block {
+                dims: &dims.layer,
+                w: &p.layers[l],
+                rope: &rope,
+                segs: &no_segs,
+                causal: true,
+                lora: lora.get(l),
+            };
+            blk.forward_cached(dev, &mut out, &x, kv, n_new)?;
+            std::mem::swap(&mut x, &mut out);
+        }
+        let mut rstd = dev.zeros_f32(t)?;
+        rmsnorm::fwd(dev, rmsnorm::Fwd { y: &mut out, rstd: &mut rstd, x: &x, w: &p.norm }, t, d, dims.layer.eps)?;
+        Ok(out)
+    }
+}
+
+/// logits [t, V] = hidden [t, D] · lm_headᵀ (f32 on the CPU, the activation dtype on CUDA).
+pub fn logits(dev: &Device, dims: &LmDims, p: &LmParams, hidden: &Buf, t: usize) -> Result<Buf> {
+    let mut out = dev.zeros(hidden.dtype(), t * dims.vocab)?;
+    matmul::linear_fwd(
+        dev,
+        &mut out,
+        hidden,
+        p.head(),
+        None,
+        matmul::Linear { t, din: dims.layer.d, dout: dims.vocab },
+    )?;
+    Ok(out)
 }
 
 /// What the per-layer step receives: (checkpoint piece, weight, final gradient) of some tensors.
@@ -416,44 +447,6 @@ impl LmCache {
     pub fn lens(&self) -> &[i32] {
         self.layers.first().map_or(&[], |c| c.lens())
     }
-}
-
-impl Lm<'_> {
-    /// Runs `n_new` new tokens of each cached sequence (ids [batch·n_new], sequence-major, with
-    /// RoPE positions `pos` for them) through the LM, appending their keys and values; returns the
-    /// final-norm hidden states [batch·n_new, D]. Used for prefill, appended turns and decoding.
-    pub fn extend(&self, dev: &Device, cache: &mut LmCache, x: Tokens, n_new: usize) -> Result<Buf> {
-        let (Lm { dims, p, lora }, Tokens { ids, pos, inject }) = (*self, x);
-        let (t, d, dt) = (ids.len(), dims.layer.d, p.embed.dtype());
-        if n_new == 0 || t != cache.batch * n_new {
-            bail!("LM extend: {t} ids for {} sequences of {n_new} new tokens", cache.batch);
-        }
-        let rope = dims.rope.upload(dev, pos, t, dims.layer.head_dim)?;
-        let inject_idx = inject_index(dev, &inject, t)?;
-        let ids_buf = dev.upload_i32(ids)?;
-        let mut x =
-            embed(dev, dims, p, &ids_buf, ids, inject.as_ref().zip(inject_idx.as_ref()).map(|(i, r)| (i.rows, r)))?;
-        let no_segs = Varlen::new(dev, &[0, t as i32])?;
-        let mut out = dev.zeros(dt, t * d)?;
-        for (l, kv) in cache.layers.iter_mut().enumerate() {
-            let blk = Block {
-                dims: &dims.layer,
-                w: &p.layers[l],
-                rope: &rope,
-                segs: &no_segs,
-                causal: true,
-                lora: lora.get(l),
-            };
-            blk.forward_cached(dev, &mut out, &x, kv, n_new)?;
-            std::mem::swap(&mut x, &mut out);
-        }
-        let mut rstd = dev.zeros_f32(t)?;
-        rmsnorm::fwd(dev, rmsnorm::Fwd { y: &mut out, rstd: &mut rstd, x: &x, w: &p.norm }, t, d, dims.layer.eps)?;
-        Ok(out)
-    }
-}
-
-impl LmCache {
     /// Gives sequence `dst` the first `len` cached tokens of `src`, in every layer.
     pub fn copy_prefix(&mut self, dev: &Device, src: usize, dst: usize, len: usize) -> Result<()> {
         self.layers.iter_mut().try_for_each(|c| c.copy_prefix(dev, src, dst, len))
